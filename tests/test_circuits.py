@@ -1,0 +1,97 @@
+"""CircuitSet storage (dense, float16, sparse), compatibility checks and the selection rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitdyn.circuits import CircuitSet, select_threshold, select_top_n, select_top_n_paths
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.graph import Graph
+
+META = {"method": "eap-ig", "ig_steps": 5, "metric": "logprob", "seed": 0, "architecture": "LlamaForCausalLM",
+        "probe_set_hash": "sha256:abc", "epoch": 1, "corruption": ["entity", "noise", "entity"]}
+
+
+def _set(graph: Graph | None = None, seed: int = 0, meta: dict | None = None) -> CircuitSet:
+    g = graph or Graph(2, 2)
+    scores = torch.randn(3, g.n_edges, generator=torch.Generator().manual_seed(seed))
+    return CircuitSet(scores, g.edges, ["f1", "f2", "f3"], dict(meta or META))
+
+
+def test_dense_round_trip_exact(tmp_path):
+    cs = _set()
+    path = cs.save(tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors.tmp").exists()
+    back = CircuitSet.load(path)
+    assert torch.equal(back.scores, cs.scores)
+    assert back.edges == cs.edges and back.fact_ids == cs.fact_ids and back.meta == cs.meta
+    assert torch.equal(back.fact("f2"), cs.scores[1])
+    assert torch.allclose(back.mean(), cs.scores.mean(0))
+    half = CircuitSet.load(cs.save(tmp_path / "h.safetensors", dtype="float16"))
+    assert half.scores.dtype == torch.float16
+    assert torch.equal(half.scores, cs.scores.half())
+    assert torch.equal(CircuitSet.load(half.save(tmp_path / "h2.safetensors", dtype="float16")).scores, half.scores)
+
+
+def test_sparse_keeps_top_k_and_node_totals(tmp_path):
+    cs = _set()
+    sp = CircuitSet.load(cs.save(tmp_path / "s.safetensors", top_k=10))
+    assert sp.sparse and sp.meta["sparse_top_k"] == 10
+    assert torch.equal(sp.top_n(10), cs.top_n(10))
+    assert ((sp.scores != 0).sum(1) == 10).all()
+    assert torch.allclose(sp.scores[sp.top_n(10)], cs.scores[cs.top_n(10)])
+    assert torch.allclose(sp.node_totals("out"), cs.node_totals("out"), atol=1e-5)
+    assert torch.allclose(sp.node_totals("in"), cs.node_totals("in"), atol=1e-5)
+    assert torch.allclose(cs.node_totals("in").sum(1), cs.scores.sum(1), atol=1e-4)
+
+
+def test_check_compatible():
+    a, b = _set(seed=0), _set(seed=1)
+    a.check_compatible(b, same_facts=True)
+    with pytest.raises(CircuitdynError, match="different graphs"):
+        a.check_compatible(_set(Graph(3, 2)))
+    with pytest.raises(CircuitdynError, match="'metric'"):
+        a.check_compatible(_set(meta={**META, "metric": "logit-diff"}))
+    c = a.subset(["f3", "f1"])
+    assert c.meta["corruption"] == ["entity", "entity"] and torch.equal(c.scores[0], a.scores[2])
+    with pytest.raises(CircuitdynError, match="different facts"):
+        a.check_compatible(c, same_facts=True)
+
+
+def test_bad_inputs(tmp_path):
+    g = Graph(2, 2)
+    with pytest.raises(CircuitdynError, match="does not match"):
+        CircuitSet(torch.zeros(2, g.n_edges), g.edges, ["a"], {})
+    with pytest.raises(CircuitdynError, match="unique"):
+        CircuitSet(torch.zeros(2, g.n_edges), g.edges, ["a", "a"], {})
+    with pytest.raises(CircuitdynError, match="unknown fact id 'zz'"):
+        _set().fact("zz")
+    with pytest.raises(CircuitdynError, match="does not exist"):
+        CircuitSet.load(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(CircuitdynError, match="not a readable safetensors"):
+        CircuitSet.load(bad)
+    path = _set().save(tmp_path / "t.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CircuitdynError, match=str(path.name)):
+        CircuitSet.load(path)
+
+
+def test_selection_rules():
+    g = Graph(2, 2)
+    scores = torch.zeros(g.n_edges)
+    scores[g.edge_index["a0.h0->m0"]] = -5.0  # dangling: m0 has no way on to logits in this circuit
+    for name, v in [("input->a0.h1<q>", 3.0), ("a0.h1->logits", -2.0), ("input->m1", 0.5), ("m1->logits", 0.4)]:
+        scores[g.edge_index[name]] = v
+    top2 = select_top_n(scores, 2)
+    assert {g.edges[i] for i in top2.nonzero().flatten()} == {"a0.h0->m0", "input->a0.h1<q>"}
+    assert select_threshold(scores, 2.0).sum() == 3
+    on = select_top_n_paths(scores, g, 2)
+    assert {g.edges[i] for i in on.nonzero().flatten()} == {"input->a0.h1<q>", "a0.h1->logits"}
+    on4 = select_top_n_paths(scores, g, 4)
+    assert int(on4.sum()) == 4 and not on4[g.edge_index["a0.h0->m0"]]
+    batch = torch.stack([scores, -scores])
+    assert torch.equal(select_top_n_paths(batch, g, 2)[1], on)
+    assert select_top_n(batch, 0).sum() == 0
