@@ -297,7 +297,10 @@ def validate_manifest(manifest: Any, where: Path) -> None:
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
     if errors:
         err = errors[0]
-        field_path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        parts = [str(p) for p in err.absolute_path]
+        if err.validator == "required" and (m := re.match(r"'(.+)' is a required property", err.message)):
+            parts.append(m.group(1))
+        field_path = ".".join(parts) or "(top level)"
         raise CircuitdynError(f"{where}: field '{field_path}' is invalid: {err.message}")
 
 
@@ -428,7 +431,10 @@ def _neutral_config_dir(hf_dir: Path):
     with tempfile.TemporaryDirectory(prefix="circuitdyn-") as tmp:
         neutral = Path(tmp) / "model"
         neutral.mkdir()
-        shutil.copy(hf_dir / "config.json", neutral / "config.json")
+        config = _read_config(hf_dir)
+        if config.get("model_type") == "gpt2":
+            config.setdefault("n_ctx", config.get("n_positions", 1024))  # TL reads n_ctx; newer HF omits it
+        (neutral / "config.json").write_text(json.dumps(config))
         yield neutral
 
 

@@ -1,0 +1,145 @@
+"""Shared fixtures: tiny random checkpoints and a small tokenizer, built inside the tests (no hub)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = Path(os.environ.get("CIRCUITDYN_SEED_DATA", REPO.parent / "shared" / "seed-data"))
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def seed_sentences(limit: int = 400) -> list[str]:
+    """Real text for the tiny tokenizer's vocabulary: the seed probes' questions, answers and chunks."""
+    data = json.loads((SEED / "validation_probes.json").read_text())
+    out: list[str] = []
+    for entity, groups in data.items():
+        out.append(entity)
+        for probes in groups.values():
+            if isinstance(probes, list):
+                for p in probes:
+                    if isinstance(p, dict):
+                        out += [str(p.get(k, "")) for k in ("question", "answer", "chunk")]
+        if len(out) >= limit:
+            break
+    return out
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
+    """A small byte-level BPE tokenizer trained on seed text, saved as an HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(seed_sentences(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_hf_config(arch: str, vocab_size: int):
+    """A 2-layer model config: `llama` has grouped-query attention (4 heads, 2 KV heads)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+        )
+    raise ValueError(arch)
+
+
+def save_tiny_model(out_dir: Path, arch: str, tokenizer_dir: Path, seed: int) -> Path:
+    """Save a randomly initialised tiny model (+ tokenizer files) as an HF folder."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(arch, vocab), dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def make_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Callable[..., Path]:
+    """Factory: a run folder of `n_epochs + 1` tiny random checkpoints (epoch_0 ... epoch_N) with run.json."""
+
+    def make(arch: str = "llama", n_epochs: int = 2, manifest: bool = True, name: str | None = None) -> Path:
+        from circuitdyn.checkpoints import write_manifest
+
+        root = tmp_path_factory.mktemp(name or f"run-{arch}")
+        for e in range(n_epochs + 1):
+            save_tiny_model(root / f"epoch_{e}", arch, tokenizer_dir, seed=e)
+        if manifest:
+            write_manifest(
+                root,
+                base_model=f"tiny-{arch}",
+                epochs=[{"epoch": e, "path": f"epoch_{e}", "step": 10 * e, "train_loss": None if e == 0 else 3.0 / e}
+                        for e in range(n_epochs + 1)],
+            )
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_run(make_run: Callable[..., Path]) -> Path:
+    return make_run("llama", 2)
+
+
+@pytest.fixture(scope="session")
+def gpt2_run(make_run: Callable[..., Path]) -> Path:
+    return make_run("gpt2", 1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real embedded default model (integration tests only)."""
+    from circuitdyn.checkpoints import default_model_dir
+
+    return default_model_dir()
