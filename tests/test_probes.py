@@ -1,0 +1,214 @@
+"""Probe readers, the attribution inputs built from probes, and generation scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes import (
+    INSTRUCTION,
+    PROBES_SCHEMA_PATH,
+    Probe,
+    build_fact_prompts,
+    corruption_counts,
+    entities,
+    entity_documents,
+    find_mention,
+    load_math_probes,
+    load_probes,
+    load_reasoning_probes,
+    math_correct,
+    prompt_text,
+    reasoning_correct,
+    rouge1,
+    sample,
+    seed_data_dir,
+    select_entities,
+    write_probes_jsonl,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def seed_probes() -> list[Probe]:
+    return load_probes()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def test_seed_data_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert (seed_data_dir() / "validation_probes.json").is_file()
+    monkeypatch.setenv("CIRCUITDYN_SEED_DATA", str(tmp_path))
+    with pytest.raises(CircuitdynError, match="CIRCUITDYN_SEED_DATA"):
+        seed_data_dir()
+
+
+def test_seed_probes_ids_and_fields(seed_probes: list[Probe]) -> None:
+    assert len(seed_probes) == 1000
+    assert len({p.id for p in seed_probes}) == 1000
+    first = seed_probes[0]
+    assert first.id == "herbie-hancock/factual/0"
+    assert first.answer == "Trumpeter Donald Byrd's group"
+    assert (first.ne_label, first.ne_frequency, first.group) == ("PERSON", "low", "original")
+    assert len(entities(seed_probes)) == 100
+    rephrased = [p for p in seed_probes if p.group == "rephrased"]
+    assert rephrased and all(p.question_type in {"factual", "time-sensitive", "temporal", "entity-linking"}
+                             for p in rephrased)
+    assert sum(p.chunk is not None for p in rephrased) > 0.9 * len(rephrased)
+    assert load_probes() == seed_probes  # deterministic
+    assert len(load_probes(rephrased=False)) == 1000 - len(rephrased)
+
+
+def test_control_probes() -> None:
+    math = load_math_probes()
+    assert len(math) == 264 and math[0].question == "What is 5 + 1?" and math[0].answer == "6"
+    siqa = load_reasoning_probes()
+    assert len(siqa) == 100 and siqa[0].answer == 2 and len(siqa[0].options) == 3
+    assert sample(math, 5) == sample(math, 5) and len(sample(math, 5)) == 5
+    assert sample(math, None) == math
+
+
+def test_jsonl_roundtrip(tmp_path: Path, seed_probes: list[Probe]) -> None:
+    path = write_probes_jsonl(seed_probes[:20], tmp_path / "p.jsonl")
+    assert load_probes(path) == seed_probes[:20]
+    cloze = Probe("c1", "Herbie Hancock", "Who?", "Donald Byrd", prompt="Hancock started with")
+    path = write_probes_jsonl([cloze], tmp_path / "c.jsonl")
+    assert load_probes(path) == [cloze]
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ('{"id": "a", "entity": "X", "question": "Q?", "answer": ""}', "answer"),
+        ('{"id": "a", "entity": "X", "question": "Q?", "answer": "   "}', "answer"),
+        ('{"id": "a", "entity": "X", "question": "Q?"}', "answer"),
+        ('{"id": "a", "entity": "", "question": "Q?", "answer": "A"}', "entity"),
+        ('{"id": "a", "entity": "X", "question": "Q?", "answer": "A", "colour": 1}', "colour"),
+        ("{not json", "invalid JSON"),
+    ],
+)
+def test_jsonl_bad_records(tmp_path: Path, line: str, match: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "ok", "entity": "X", "question": "Q?", "answer": "A"}\n' + line + "\n")
+    with pytest.raises(CircuitdynError, match=match) as err:
+        load_probes(path)
+    assert "bad.jsonl:2" in str(err.value)
+
+
+def test_probe_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(CircuitdynError, match="no such probe file"):
+        load_probes(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(CircuitdynError, match="no probes"):
+        load_probes(tmp_path / "empty.jsonl")
+    rec = '{"id": "a", "entity": "X", "question": "Q?", "answer": "A"}\n'
+    (tmp_path / "dup.jsonl").write_text(rec + rec)
+    with pytest.raises(CircuitdynError, match="duplicate probe id 'a'"):
+        load_probes(tmp_path / "dup.jsonl")
+
+
+def test_schema_copies_agree() -> None:
+    assert json.loads((REPO / "checkpoints_spec" / "probes.schema.json").read_text()) == json.loads(
+        PROBES_SCHEMA_PATH.read_text()
+    )
+
+
+def test_select_entities(seed_probes: list[Probe]) -> None:
+    sel = select_entities(seed_probes, n=8)
+    names = entities(sel)
+    assert len(names) == 8
+    cells = {(p.ne_label, p.ne_frequency) for p in sel}
+    assert len(cells) == 4  # balanced over PERSON/GPE x low/high
+    assert select_entities(seed_probes, n=8) == sel
+    assert entities(select_entities(seed_probes, ["Russia", "Patna"])) == ["Russia", "Patna"]
+    assert {p.ne_label for p in select_entities(seed_probes, n=3, ne_label="GPE")} == {"GPE"}
+    with pytest.raises(CircuitdynError, match="unknown entity 'Atlantis'"):
+        select_entities(seed_probes, ["Russia", "Atlantis"])
+    docs = entity_documents(sel)
+    assert set(docs) == set(names)
+    assert "Donald Byrd's group" in docs["Herbie Hancock"]
+
+
+def test_find_mention() -> None:
+    form, spans = find_mention("What is Hancock's role at the Herbie Hancock Institute?", "Herbie Hancock")
+    assert form == "Herbie Hancock" and len(spans) == 2
+    assert find_mention("What is the capital of Bihar?", "Patna") is None
+
+
+def test_prompt_text_templates(tokenizer, seed_probes: list[Probe]) -> None:
+    p = seed_probes[0]
+    chat = prompt_text(p, tokenizer, template="chat")
+    assert chat.startswith("<|im_start|>user " + INSTRUCTION) and chat.endswith("<|im_start|>assistant ")
+    assert prompt_text(p, tokenizer) == chat  # auto -> chat when the tokenizer has a template
+    assert prompt_text(p, tokenizer, template="plain").endswith(f"Question: {p.question}\nAnswer:")
+    cloze = Probe("c", p.entity, p.question, p.answer, prompt="Hancock started his career with")
+    assert prompt_text(cloze, tokenizer) == "Hancock started his career with"
+    with pytest.raises(CircuitdynError, match="unknown template"):
+        prompt_text(p, tokenizer, template="fancy")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_build_fact_prompts(tokenizer, seed_probes: list[Probe], template: str) -> None:
+    probes = select_entities(seed_probes, n=8)
+    facts = build_fact_prompts(probes, tokenizer, template=template)
+    assert [f.fact_id for f in facts] == [p.id for p in probes]
+    counts = corruption_counts(facts)
+    assert sum(counts.values()) == len(probes) and counts.get("swap", 0) > len(probes) // 2
+    by_id = {p.id: p for p in probes}
+    for f in facts:
+        p = by_id[f.fact_id]
+        assert len(f.clean_tokens) == len(f.corrupted_tokens)
+        assert tokenizer.decode(f.answer_tokens).strip() == p.answer
+        clean_text = tokenizer.decode(f.clean_tokens)
+        assert p.question in clean_text
+        if f.corruption.startswith("swap:"):
+            other = f.corruption.split(":", 1)[1]
+            assert other not in p.entity and f.noise_positions == ()
+            assert other in tokenizer.decode(f.corrupted_tokens)
+            assert f.clean_tokens != f.corrupted_tokens
+        else:
+            assert f.corruption in {"noise", "noise-question"}
+            assert f.clean_tokens == f.corrupted_tokens and f.noise_positions
+            assert max(f.noise_positions) < len(f.clean_tokens)
+    assert build_fact_prompts(probes, tokenizer, template=template) == facts  # deterministic
+
+
+def test_noise_fallbacks(tokenizer, seed_probes: list[Probe]) -> None:
+    hancock = [p for p in seed_probes if p.entity == "Herbie Hancock"][:2]
+    facts = build_fact_prompts(hancock, tokenizer)  # only one entity in the set: nothing to swap with
+    assert corruption_counts(facts) == {"noise": 2}
+    mention = tokenizer.decode([facts[0].clean_tokens[i] for i in facts[0].noise_positions])
+    assert "Hancock" in mention
+    bihar = [p for p in seed_probes if p.question == "What is the capital of Bihar?"]
+    facts = build_fact_prompts(bihar, tokenizer, pool=seed_probes)
+    assert facts[0].corruption == "noise-question"
+    assert "capital of Bihar" in tokenizer.decode([facts[0].clean_tokens[i] for i in facts[0].noise_positions])
+
+
+def test_build_fact_prompts_bad_input(tokenizer) -> None:
+    with pytest.raises(CircuitdynError, match="empty or missing 'answer'"):
+        build_fact_prompts([Probe("x", "Russia", "What is Russia?", "")], tokenizer)
+    plain_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    plain_tok.chat_template = None
+    with pytest.raises(CircuitdynError, match="no chat template"):
+        build_fact_prompts([Probe("x", "Russia", "What is Russia?", "A")], plain_tok, template="chat")
+
+
+def test_scoring() -> None:
+    recall, f1 = rouge1("Donald Byrd's group", "Trumpeter Donald Byrd's group")
+    assert recall == pytest.approx(0.8) and 0.8 < f1 < 1
+    assert rouge1("", "Chairman") == (0.0, 0.0)
+    assert math_correct("The answer is 62.", "62") and not math_correct("6 2", "62")
+    assert math_correct("1,200", "1200") and not math_correct("none", "3")
+    item = load_reasoning_probes()[0]
+    assert reasoning_correct("2", item) and not reasoning_correct("Option 1", item)
+    assert reasoning_correct("get a job next", item)
