@@ -1,0 +1,101 @@
+"""The naive reference for edge attribution: TransformerLens split-input hooks + autograd.
+
+The textbook implementation the engine is checked against (tests) and timed against (benchmark):
+`use_split_qkv_input` gives each head its own copy of the residual per q/k/v input, `use_attn_result`
+gives per-head outputs, `use_hook_mlp_in` each MLP's own input, and GQA is ungrouped in TransformerLens.
+Gradients are taken with respect to those hooked tensors, the `input` node is replaced at
+`blocks.0.hook_resid_pre` by the IG interpolation, and scores are contracted over positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from circuitdyn.attribution import FactBatch, embed_inputs
+from circuitdyn.graph import Graph
+
+_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in", "ungroup_grouped_query_attention")
+
+
+def _metric(logits: torch.Tensor, batch: FactBatch, metric: str) -> torch.Tensor:
+    b = torch.arange(logits.shape[0])
+    if metric == "logit-diff":
+        first = logits[b, batch.target_pos[:, 0]]
+        return first[b, batch.target_tok[:, 0]] - first[b, batch.contrast]
+    lp = logits.log_softmax(-1)[b[:, None], batch.target_pos].gather(-1, batch.target_tok[..., None])[..., 0]
+    total = (lp * batch.target_mask).sum(-1)
+    return total.exp() if metric == "prob" else total
+
+
+def _run(model, x0: torch.Tensor, batch: FactBatch, metric: str):
+    """Hooked forward from input x0; returns metric and the dict of hooked activations (kept in graph)."""
+    cfg = model.cfg
+    acts: dict[str, torch.Tensor] = {}
+    names = ["blocks.0.hook_resid_pre", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+    for layer in range(cfg.n_layers):
+        names += [f"blocks.{layer}.hook_{p}_input" for p in "qkv"] + [f"blocks.{layer}.attn.hook_result"]
+        if not cfg.attn_only:
+            names += [f"blocks.{layer}.hook_mlp_in", f"blocks.{layer}.hook_mlp_out"]
+
+    def hook(t, hook):
+        if hook.name == "blocks.0.hook_resid_pre":
+            t = x0.detach().clone().requires_grad_(torch.is_grad_enabled())
+        acts[hook.name] = t
+        return t
+
+    logits = model.run_with_hooks(batch.clean, fwd_hooks=[(n, hook) for n in names])
+    return _metric(logits, batch, metric), acts
+
+
+def reference_scores(model, batch: FactBatch, steps: int = 1, metric: str = "logprob") -> torch.Tensor:
+    """EAP (steps=1) / EAP-IG scores [fact, edge] the textbook way (alpha = k/steps, k = 1..steps)."""
+    cfg = model.cfg
+    saved = {f: getattr(cfg, f) for f in _FLAGS}
+    try:
+        model.set_use_split_qkv_input(True)
+        model.set_use_attn_result(True)
+        if not cfg.attn_only:
+            model.set_use_hook_mlp_in(True)
+        model.set_ungroup_grouped_query_attention(True)
+        graph = Graph.from_model(model)
+        clean_in, corr_in = embed_inputs(model, batch)
+        L = cfg.n_layers
+        src_acts = []
+        with torch.no_grad():
+            for x0 in (clean_in, corr_in):
+                _, acts = _run(model, x0, batch, metric)
+                parts = [acts["blocks.0.hook_resid_pre"][:, :, None]]
+                for layer in range(L):
+                    parts.append(acts[f"blocks.{layer}.attn.hook_result"])
+                    if not cfg.attn_only:
+                        parts.append(acts[f"blocks.{layer}.hook_mlp_out"][:, :, None])
+                src_acts.append(torch.cat(parts, dim=2))  # [B, P, S, D]
+        delta = src_acts[1] - src_acts[0]
+        grad_sum = None
+        for k in range(1, steps + 1):
+            x0 = corr_in + (k / steps) * (clean_in - corr_in)
+            value, acts = _run(model, x0, batch, metric)
+            wanted = []
+            for layer in range(L):
+                wanted += [acts[f"blocks.{layer}.hook_{p}_input"] for p in "qkv"]
+                if not cfg.attn_only:
+                    wanted.append(acts[f"blocks.{layer}.hook_mlp_in"])
+            wanted.append(acts[f"blocks.{L - 1}.hook_resid_post"])
+            grads = torch.autograd.grad(value.sum(), wanted)
+            parts, i = [], 0
+            for layer in range(L):
+                q, k_, v = grads[i:i + 3]
+                i += 3
+                parts.append(torch.stack([q, k_, v], dim=3).flatten(2, 3))  # [B, P, H*3, D] head-major
+                if not cfg.attn_only:
+                    parts.append(grads[i][:, :, None])
+                    i += 1
+            parts.append(grads[i][:, :, None])
+            g = torch.cat(parts, dim=2)  # [B, P, n_dst, D]
+            grad_sum = g if grad_sum is None else grad_sum + g
+        valid = batch.valid[:, :, None, None].float()
+        dense = torch.einsum("bpsd,bpnd->bsn", delta * valid, grad_sum / steps)
+        return dense[:, graph.valid]
+    finally:
+        for f, v in saved.items():
+            setattr(cfg, f, v)
