@@ -143,3 +143,60 @@ def smollm2_dir() -> Path:
     from circuitdyn.checkpoints import default_model_dir
 
     return default_model_dir()
+
+
+# --- tiny HookedTransformers for the attribution engine (built directly from a config, random weights) ---
+def tiny_tl_model(arch: str = "llama", seed: int = 0, n_layers: int = 2, d_vocab: int = 50):
+    """A random HookedTransformer: `llama` = RMSNorm, rotary, gated SiLU MLP, GQA (4 heads, 2 KV heads);
+    `gpt2` = LayerNorm, learned positions, GELU MLP. Biases and norm weights are randomized too."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    common = dict(n_layers=n_layers, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=d_vocab, seed=seed,
+                  init_weights=True, device="cpu")
+    if arch == "llama":
+        cfg = HookedTransformerConfig(**common, d_mlp=48, act_fn="silu", normalization_type="RMS",
+                                      positional_embedding_type="rotary", gated_mlp=True, n_key_value_heads=2,
+                                      final_rms=True, original_architecture="LlamaForCausalLM")
+    elif arch == "gpt2":
+        cfg = HookedTransformerConfig(**common, d_mlp=64, act_fn="gelu_new", normalization_type="LN",
+                                      positional_embedding_type="standard", original_architecture="GPT2LMHeadModel")
+    else:
+        raise ValueError(arch)
+    model = HookedTransformer(cfg, move_to_device=False)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith("b") or name.endswith(".w"):
+                base = 1.0 if name.endswith(".w") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    return model
+
+
+def tiny_facts(n: int = 4, d_vocab: int = 50, seed: int = 0, noise_every: int = 2):
+    """Random FactPrompts of varied lengths (some entity-swap, some noise corruption, multi-token answers)."""
+    from circuitdyn.probes import FactPrompt
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 4 + (i * 3) % 5
+        clean = torch.randint(1, d_vocab, (length,), generator=gen).tolist()
+        answer = torch.randint(1, d_vocab, (1 + i % 3,), generator=gen).tolist()
+        contrast = int(torch.randint(1, d_vocab, (1,), generator=gen))
+        if noise_every and i % noise_every == 1:
+            out.append(FactPrompt(f"f{i}", tuple(clean), tuple(clean), tuple(answer), "noise",
+                                  noise_positions=(1, 2), contrast_token=contrast))
+        else:
+            corrupted = list(clean)
+            corrupted[1] = (corrupted[1] % (d_vocab - 1)) + 1
+            corrupted[2] = (corrupted[2] * 7 % (d_vocab - 1)) + 1
+            out.append(FactPrompt(f"f{i}", tuple(clean), tuple(corrupted), tuple(answer), "entity",
+                                  contrast_token=contrast))
+    return out
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny_tl(request):
+    """Each tiny attribution model in turn (session-scoped: do not modify its weights)."""
+    return tiny_tl_model(request.param)
