@@ -530,7 +530,8 @@ class CircuitDiff:
         }
 
 
-def _floor_tensor(noise: float | pd.Series | None, fact_ids: list[str]) -> Tensor:
+def per_fact_floor(noise: float | pd.Series | None, fact_ids: list[str]) -> Float[Tensor, "fact"]:
+    """The noise floor of each fact: 0 (None), a scalar for all, or a per-fact Series (`noise_floor`)."""
     if noise is None:
         return torch.zeros(len(fact_ids))
     if isinstance(noise, pd.Series):
@@ -572,7 +573,7 @@ def diff_circuits(
         if f not in b.fact_ids:
             raise CircuitdynError(f"fact id {f!r} has a circuit in {labels[0]} but not in {labels[1]}")
     a, b = a.subset(facts), b.subset(facts)
-    floor = _floor_tensor(noise, facts)
+    floor = per_fact_floor(noise, facts)
     faith_a = faith_b = None
     if sel.rule == "faith":
         if faithfulness_a is None or faithfulness_b is None:
