@@ -1,0 +1,708 @@
+"""Continual pre-training (CPT) with the paper's strategies, probing the model before and after every epoch.
+
+Training follows the paper's code: causal-LM loss on the documents, AdamW, constant learning rate
+(no scheduler); LoRA via `peft` (r=32, alpha=64 on q_proj/v_proj, input embeddings trainable,
+lr 1e-4) or full fine-tuning. Strategies:
+
+- `plain`: the causal-LM loss only.
+- `stepwise-kl`: plus `kl_weight` x KL(previous epoch's model || model) on the training tokens.
+- `pretrain-kl`: plus `kl_weight` x KL(frozen base model || model).
+- `annotated`: entity mentions in the documents are tagged `<entity>...</entity>`.
+- `curriculum`: each epoch trains only on documents of entities not learned at the last probe
+  evaluation (learned entities drop out, forgotten ones come back).
+
+The run folder follows `checkpoints_spec/`: `run.json` and `epoch_0/` (the untouched base) ...
+`epoch_N/`, each holding the merged model in `merged_model/` beside the epoch's results:
+`probe_results.jsonl` (per probe: generation, ROUGE-1 recall/F1, teacher-forced answer log-prob),
+`validation_probes_results.json` (per entity, the paper's format), `control_probes_results.json`
+(math and SocialIQA exact match), `train_log.jsonl` (loss per step) and `epoch.json`. The run-level
+table is `results.csv`. An epoch folder appears only when complete (built as `epoch_N.partial/`
+then renamed); the last epoch also keeps the trainer state (`trainer_state/`: trainable weights and
+AdamW moments, safetensors) so a killed run resumes from the last finished epoch with identical results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes import (
+    INSTRUCTION,
+    LEARNED_THRESHOLD,
+    MathProbe,
+    Probe,
+    ReasoningProbe,
+    answer_text,
+    entities,
+    entity_documents,
+    find_mention,
+    load_math_probes,
+    load_probes,
+    load_reasoning_probes,
+    math_correct,
+    mention_forms,
+    prompt_text,
+    reasoning_correct,
+    reasoning_prompt,
+    rouge1,
+    sample,
+    select_entities,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from circuitdyn.dynamics import Dynamics
+
+STRATEGIES = ("plain", "stepwise-kl", "pretrain-kl", "annotated", "curriculum")
+METHODS = ("lora", "full")
+STATE_DIR = "trainer_state"
+MODEL_DIR = "merged_model"
+RESULTS_TABLE = "results.csv"
+
+
+@dataclass
+class CPTConfig:
+    """Everything that defines a CPT run (stored in run.json; a resumed run must match it, except `epochs`)."""
+
+    base_model: str | None = None
+    """Checkpoint folder, run folder or `RUN:EPOCH`; None = the embedded SmolLM2-135M-Instruct."""
+    corpus: str | None = None
+    """Text file (documents separated by blank lines) or JSONL (`text`, optional `entity`); None = the
+    seed `chunk` sentences of the chosen entities, one document per entity."""
+    probes: str | None = None
+    """Probe file (seed JSON or our JSONL); None = the seed validation probes."""
+    entities: list[str] | None = None
+    n_entities: int = 8
+    rephrased: bool = False
+    epochs: int = 4
+    lr: float = 1e-4
+    batch_size: int = 1
+    seed: int = 0
+    strategy: str = "plain"
+    method: str = "lora"
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    train_embeddings: bool = True
+    kl_weight: float = 1.0
+    max_length: int = 512
+    template: Literal["auto", "chat", "plain"] = "auto"
+    instruction: str = INSTRUCTION
+    threshold: float = LEARNED_THRESHOLD
+    max_new_tokens: int = 25
+    n_math: int | None = 32
+    n_reasoning: int | None = 16
+    eval_batch_size: int = 16
+
+    def validate(self) -> None:
+        """Reject bad settings before anything is loaded or written."""
+        checks = [
+            (self.epochs >= 1, "epochs", self.epochs, "must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be > 0"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1"),
+            (self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}"),
+            (self.method in METHODS, "method", self.method, f"must be one of {', '.join(METHODS)}"),
+            (self.n_entities >= 1, "n_entities", self.n_entities, "must be >= 1"),
+            (self.max_length >= 8, "max_length", self.max_length, "must be >= 8"),
+            (self.kl_weight >= 0, "kl_weight", self.kl_weight, "must be >= 0"),
+            (0 < self.threshold <= 1, "threshold", self.threshold, "must be in (0, 1]"),
+            (self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1"),
+            (self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1"),
+        ]
+        for ok, name, value, why in checks:
+            if not ok:
+                raise CircuitdynError(f"CPT setting '{name}' = {value!r} {why}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share (all but the number of epochs)."""
+        d = asdict(self)
+        d.pop("epochs")
+        return d
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training document, optionally tied to the entity it is about (for curriculum/annotation)."""
+
+    text: str
+    entity: str | None = None
+
+
+@dataclass
+class CPTResult:
+    """What a finished (or resumed) run returns."""
+
+    run_dir: Path
+    dynamics: Dynamics
+    wall_s: float
+    trained_epochs: list[int]
+
+
+# --------------------------------------------------------------------------- corpus and probes
+
+
+def load_corpus(path: str | Path) -> list[Document]:
+    """Documents from a text file (blank-line separated) or JSONL (`text`, optional `entity`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CircuitdynError(f"{path}: no such corpus file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CircuitdynError(f"{path}: not UTF-8 text ({err})") from None
+    docs: list[Document] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CircuitdynError(f"{path}:{n}: invalid JSON ({err})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise CircuitdynError(f"{path}:{n}: field 'text' is missing or not a string")
+            if rec["text"].strip():
+                docs.append(Document(rec["text"].strip(), rec.get("entity")))
+    else:
+        docs = [Document(block.strip()) for block in raw.split("\n\n") if block.strip()]
+    if not docs:
+        raise CircuitdynError(f"{path}: empty corpus (no non-empty documents)")
+    return docs
+
+
+def annotate(doc: Document, names: Sequence[str]) -> Document:
+    """Tag every mention of the named entities (full name or a name word) as `<entity>...</entity>`."""
+    text = doc.text
+    spans: list[tuple[int, int]] = []
+    for name in names:
+        found = find_mention(text, name)
+        if found:
+            spans += [s for s in found[1] if all(s[1] <= a or s[0] >= b for a, b in spans)]
+    for s, e in sorted(spans, reverse=True):
+        text = f"{text[:s]}<entity>{text[s:e]}</entity>{text[e:]}"
+    return Document(text, doc.entity)
+
+
+def resolve_inputs(cfg: CPTConfig) -> tuple[list[Document], list[Probe]]:
+    """The corpus and the probes of a run, checked against each other."""
+    all_probes = load_probes(cfg.probes, rephrased=cfg.rephrased)
+    docs = load_corpus(cfg.corpus) if cfg.corpus else None
+    if cfg.entities:
+        probes = select_entities(all_probes, cfg.entities)
+    elif docs and any(d.entity for d in docs):
+        names = list(dict.fromkeys(d.entity for d in docs if d.entity))
+        known = set(entities(all_probes))
+        probes = select_entities(all_probes, [n for n in names if n in known]) if known & set(names) else []
+    elif docs:
+        probes = all_probes
+    else:
+        probes = select_entities(all_probes, n=cfg.n_entities)
+    if docs is None:
+        by_entity = entity_documents(probes)
+        docs = [Document(by_entity[e], e) for e in entities(probes) if e in by_entity]
+        if not docs:
+            raise CircuitdynError("empty corpus: the chosen entities' probes have no 'chunk' sentences")
+    if not probes:
+        raise CircuitdynError(f"{cfg.corpus}: no probe of {cfg.probes or 'the seed probes'} is about an entity of the corpus")
+    doc_entities = {d.entity for d in docs if d.entity}
+    for name in entities(probes):
+        if name in doc_entities:
+            continue
+        if not any(find_mention(d.text, name) for d in docs):
+            raise CircuitdynError(f"unknown entity {name!r}: probes ask about it but no corpus document covers it")
+    if cfg.strategy == "annotated":
+        names = entities(probes)
+        docs = [annotate(d, [d.entity, *names] if d.entity else names) for d in docs]
+    return docs, probes
+
+
+def _tokenize_docs(docs: Sequence[Document], tok: PreTrainedTokenizerBase, max_length: int) -> list[tuple[int, list[int]]]:
+    """(document index, token ids) windows of at most max_length tokens, EOS-terminated."""
+    out = []
+    for i, d in enumerate(docs):
+        ids = tok(d.text)["input_ids"]
+        if tok.eos_token_id is not None:
+            ids = ids + [tok.eos_token_id]
+        for s in range(0, len(ids), max_length):
+            window = ids[s : s + max_length]
+            if len(window) >= 2:
+                out.append((i, window))
+    return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _load_base(spec: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, Path]:
+    from circuitdyn.checkpoints import default_model_dir, resolve
+
+    try:
+        run, epoch = resolve(str(spec) if spec else str(default_model_dir()))
+        model = run.hf_model(epoch)
+        tok = run.tokenizer()
+        hf_dir = run.checkpoint(epoch).path
+    except CircuitdynError as err:
+        raise CircuitdynError(f"cannot load the base model {spec or 'SmolLM2 (default)'}: {err}") from None
+    except Exception as err:  # anything transformers raises on a broken folder
+        raise CircuitdynError(f"cannot load the base model {spec or 'SmolLM2 (default)'}: {err}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, str(spec) if spec else "SmolLM2-135M-Instruct", hf_dir
+
+
+def _wrap_lora(model: PreTrainedModel, cfg: CPTConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.lora_targets if t not in names]
+    if missing:
+        raise CircuitdynError(f"LoRA target module {missing[0]!r} does not exist in this model")
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                   target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM"),
+    )
+    if cfg.train_embeddings:
+        peft_model.get_base_model().get_input_embeddings().weight.requires_grad_(True)
+    return peft_model
+
+
+def merged_state_dict(train_model: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """The plain-architecture weights of the training model (LoRA deltas merged in, out of place)."""
+    if method == "full":
+        return {k: v.detach().clone() for k, v in train_model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    base = train_model.get_base_model()
+    merged: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            w = module.get_base_layer().weight
+            merged[f"{name}.weight"] = (w + module.get_delta_weight("default")).detach().clone()
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        merged.setdefault(plain, value.detach().clone())
+    return merged
+
+
+def _load_weights(model: torch.nn.Module, hf_dir: Path) -> None:
+    """Copy a saved HF folder's safetensors weights into a model of the same architecture."""
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        sd.update(load_file(f))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise CircuitdynError(f"{hf_dir}: weights do not fit the model (e.g. {unexpected[0]})")
+    model.tie_weights()
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Trainable weights + AdamW state as safetensors (no pickle), settings as JSON."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().contiguous() for n, p in _trainable(model).items()}, path / "trainable.safetensors")
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    save_file(tensors, path / "optimizer.safetensors")
+    (path / "state.json").write_text(json.dumps({**meta, "param_groups": sd["param_groups"]}, indent=2))
+
+
+def _load_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    params = _trainable(model)
+    saved = load_file(path / "trainable.safetensors")
+    if set(saved) != set(params):
+        raise CircuitdynError(f"{path}: trainer state does not match this model's trainable weights")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(path / "optimizer.safetensors").items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+# --------------------------------------------------------------------------- probing
+
+
+class Prober:
+    """Scores a model on the run's probes (greedy generation + ROUGE-1, answer log-prob) and controls."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase, probes: Sequence[Probe], cfg: CPTConfig, progress: bool) -> None:
+        self.tok, self.probes, self.cfg, self.progress = tok, list(probes), cfg, progress
+        self.prompts = [prompt_text(p, tok, template=cfg.template, instruction=cfg.instruction) for p in probes]
+        self.chat = bool(getattr(tok, "chat_template", None)) and cfg.template != "plain"
+        # Templated prompts already hold their special tokens; plain and cloze prompts get the usual ones.
+        self.verbatim = {text for p, text in zip(probes, self.prompts) if p.prompt or not self.chat}
+        self.math: list[MathProbe] = sample(load_math_probes(), cfg.n_math) if cfg.n_math else []
+        self.siqa: list[ReasoningProbe] = sample(load_reasoning_probes(), cfg.n_reasoning) if cfg.n_reasoning else []
+        ctrl = lambda q, instr: prompt_text(Probe("ctrl", "-", q, "-"), tok, template=cfg.template, instruction=instr)  # noqa: E731
+        self.math_prompts = [ctrl(m.question, cfg.instruction) for m in self.math]
+        self.siqa_prompts = [ctrl(reasoning_prompt(r), "") for r in self.siqa]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=not self.chat or text in self.verbatim)["input_ids"]
+
+    @torch.no_grad()
+    def generate(self, model: PreTrainedModel, prompts: Sequence[str], max_new: int, desc: str) -> list[str]:
+        """Greedy generations for prompts, batched with left padding."""
+        from transformers import GenerationConfig
+
+        pad = self.tok.pad_token_id
+        gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, pad_token_id=pad,
+                                   eos_token_id=self.tok.eos_token_id)
+        out: list[str] = []
+        bs = self.cfg.eval_batch_size
+        for s in tqdm(range(0, len(prompts), bs), desc=desc, disable=not self.progress, leave=False):
+            enc = [self._encode(p) for p in prompts[s : s + bs]]
+            width = max(map(len, enc))
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+            out += [self.tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
+        return out
+
+    @torch.no_grad()
+    def answer_logprobs(self, model: PreTrainedModel) -> list[tuple[float, int]]:
+        """Teacher-forced sum of log-probs of each gold answer's tokens after its prompt (and the token count)."""
+        pad = self.tok.pad_token_id
+        rows = []
+        for prompt, p in zip(self.prompts, self.probes):
+            ans = self.tok(answer_text(prompt, p.answer), add_special_tokens=False)["input_ids"]
+            rows.append((self._encode(prompt), ans))
+        out: list[tuple[float, int]] = []
+        bs = self.cfg.eval_batch_size
+        for s in range(0, len(rows), bs):
+            chunk = rows[s : s + bs]
+            seqs = [q + a for q, a in chunk]
+            width = max(map(len, seqs))
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs])
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            for b, (q, a) in enumerate(chunk):
+                pos = torch.arange(len(q) - 1, len(q) + len(a) - 1)
+                out.append((float(logp[b, pos, torch.tensor(a)].sum()), len(a)))
+        return out
+
+    def evaluate(self, model: PreTrainedModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per-probe rows and the control-probe summary for one model."""
+        model.eval()
+        gens = self.generate(model, self.prompts, self.cfg.max_new_tokens, "probes")
+        lps = self.answer_logprobs(model)
+        rows = []
+        for p, g, (lp, n) in zip(self.probes, gens, lps):
+            recall, f1 = rouge1(g, p.answer)
+            rows.append({"probe_id": p.id, "entity": p.entity, "question_type": p.question_type, "group": p.group,
+                         "ne_label": p.ne_label, "ne_frequency": p.ne_frequency, "question": p.question,
+                         "answer": p.answer, "generation": g, "recall": recall, "f1": f1,
+                         "logprob": lp, "answer_tokens": n})
+        control: dict[str, Any] = {}
+        if self.math:
+            gens = self.generate(model, self.math_prompts, 10, "math")
+            hits = [math_correct(g, m.answer) for g, m in zip(gens, self.math)]
+            control["math"] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
+                               "items": [{"id": m.id, "generation": g, "correct": h}
+                                         for m, g, h in zip(self.math, gens, hits)]}
+        if self.siqa:
+            gens = self.generate(model, self.siqa_prompts, 5, "SocialIQA")
+            hits = [reasoning_correct(g, r) for g, r in zip(gens, self.siqa)]
+            control["SocialIQA"] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
+                                    "items": [{"id": r.id, "generation": g, "correct": h}
+                                              for r, g, h in zip(self.siqa, gens, hits)]}
+        return rows, control
+
+
+def _write_results(epoch_dir: Path, rows: list[dict[str, Any]], control: dict[str, Any], threshold: float) -> None:
+    import pandas as pd
+
+    from circuitdyn.dynamics import CONTROL_RESULTS, ENTITY_RESULTS, PROBE_RESULTS, entity_results_json, entity_scores_from_probes
+
+    (epoch_dir / PROBE_RESULTS).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    df = pd.DataFrame(rows).assign(epoch=0)
+    (epoch_dir / ENTITY_RESULTS).write_text(json.dumps(entity_results_json(entity_scores_from_probes(df), threshold), indent=1))
+    (epoch_dir / CONTROL_RESULTS).write_text(json.dumps(control, indent=1))
+
+
+def training_windows(
+    windows: Sequence[tuple[int, list[int]]], docs: Sequence[Document], strategy: str, learned: set[str]
+) -> list[tuple[int, list[int]]]:
+    """The token windows an epoch trains on: all, or for `curriculum` those of documents whose entity is
+    not learned at the last probe evaluation (documents without an entity always stay)."""
+    if strategy != "curriculum":
+        return list(windows)
+    return [(i, w) for i, w in windows if docs[i].entity is None or docs[i].entity not in learned]
+
+
+def _learned(rows: list[dict[str, Any]], threshold: float) -> set[str]:
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        per.setdefault(r["entity"], []).append(r["recall"])
+    return {e for e, rs in per.items() if sum(rs) / len(rs) >= threshold}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _check_out_dir(out: Path, cfg: CPTConfig) -> dict[str, Any] | None:
+    """None for a fresh folder; the existing manifest when it holds this same run (resume)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise CircuitdynError(f"{out}: exists and is not a folder")
+    entries = [p for p in out.iterdir() if not p.name.endswith(".partial")]
+    if not entries:
+        return None
+    manifest = out / "run.json"
+    if not manifest.is_file():
+        raise CircuitdynError(f"{out}: the output folder already holds other files (no run.json); choose another --out")
+    try:
+        existing = json.loads(manifest.read_text())
+    except json.JSONDecodeError as err:
+        raise CircuitdynError(f"{manifest}: invalid JSON ({err}); choose another --out") from None
+    theirs = (existing.get("config") or {}).copy()
+    theirs.pop("epochs", None)
+    ours = json.loads(json.dumps(cfg.identity()))
+    if existing.get("created_by", "").split(" ")[0] != "circuitdyn" or theirs != ours:
+        diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        detail = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in diff[:3]) or "not a circuitdyn cpt run"
+        raise CircuitdynError(f"{out}: the output folder already holds a different run ({detail}); choose another --out")
+    return existing
+
+
+def _completed_epochs(out: Path) -> list[int]:
+    return sorted(
+        int(p.name.split("_", 1)[1])
+        for p in out.glob("epoch_*")
+        if p.is_dir() and p.name.split("_", 1)[1].isdigit() and (p / "epoch.json").is_file()
+    )
+
+
+def _finish_epoch(partial: Path, final: Path) -> None:
+    os.replace(partial, final)
+
+
+def _write_manifest(out: Path, base_name: str, cfg: CPTConfig, done: list[int]) -> None:
+    from circuitdyn.checkpoints import write_manifest
+
+    epochs = []
+    history = []
+    for e in done:
+        info = json.loads((out / f"epoch_{e}" / "epoch.json").read_text())
+        epochs.append({"epoch": e, "path": f"epoch_{e}", "step": info["step"], "train_loss": info["train_loss"],
+                       "content_hash": info["content_hash"]})
+        history.append({"epoch": e, "learned": info["learned"], "math": info.get("math"), "SocialIQA": info.get("SocialIQA")})
+    write_manifest(out, base_name, epochs, strategy=cfg.strategy, config=asdict(cfg), probe_history=history)
+
+
+def _kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of KL(ref || model)."""
+    lp = logits.log_softmax(-1)
+    lq = ref_logits.log_softmax(-1)
+    kl = (lq.exp() * (lq - lp)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def run_cpt(
+    cfg: CPTConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    on_epoch_end: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> CPTResult:
+    """Run (or resume) CPT into `out_dir` and return its learning dynamics.
+
+    Epoch 0 is the base model, probed before training. Re-running with the same settings skips finished
+    epochs and continues from the last one (a larger `epochs` extends the run); a folder holding a
+    different run or other files is refused, and nothing in it is touched.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return _run_cpt(cfg, Path(out_dir), progress, on_epoch_end, log or (lambda _m: None))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run_cpt(
+    cfg: CPTConfig, out: Path, progress: bool, on_epoch_end: Callable[[int], None] | None, say: Callable[[str], None]
+) -> CPTResult:
+    from circuitdyn.checkpoints import content_hash
+    from circuitdyn.dynamics import format_table, load_dynamics
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    resume = _check_out_dir(out, cfg)
+    docs, probes = resolve_inputs(cfg)
+    model, tok, base_name, base_dir = _load_base(cfg.base_model)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("epoch_*.partial"):
+        shutil.rmtree(stale)
+    say(f"CPT {cfg.strategy}/{cfg.method}: {len(docs)} documents, {len(probes)} probes about "
+        f"{len(entities(probes))} entities, {cfg.epochs} epochs -> {out}")
+
+    torch.manual_seed(cfg.seed)
+    eval_model = model
+    if cfg.method == "lora":
+        from transformers import AutoModelForCausalLM
+
+        eval_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+        train_model = _wrap_lora(model, cfg)
+    else:
+        train_model = model
+    opt = torch.optim.AdamW([p for p in train_model.parameters() if p.requires_grad], lr=cfg.lr)
+    prober = Prober(tok, probes, cfg, progress)
+    windows = _tokenize_docs(docs, tok, cfg.max_length)
+    if not windows:
+        raise CircuitdynError("empty corpus: the documents tokenize to nothing")
+
+    done = _completed_epochs(out) if resume is not None else []
+    # Resume: the last finished epoch holds the trainer state; earlier finished epochs stay as they are.
+    start = 0
+    step = 0
+    last_rows: list[dict[str, Any]] | None = None
+    if done:
+        last = done[-1]
+        state = out / f"epoch_{last}" / STATE_DIR
+        if last > 0 and not state.is_dir():
+            raise CircuitdynError(f"{state}: trainer state missing; cannot resume this run (choose another --out)")
+        if last > 0:
+            meta = _load_state(state, train_model, opt)
+            step = int(meta["step"])
+        else:
+            step = 0
+        if cfg.method == "lora":
+            _load_weights(eval_model, out / f"epoch_{last}" / MODEL_DIR)
+        last_rows = [json.loads(x) for x in (out / f"epoch_{last}" / "probe_results.jsonl").read_text().splitlines()]
+        start = last + 1
+        say(f"resuming after epoch {last} (step {step})")
+
+    trained: list[int] = []
+    for epoch in range(start, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
+        partial = out / f"epoch_{epoch}.partial"
+        partial.mkdir()
+        losses: list[float] = []
+        trained_entities: list[str] = []
+        log_lines: list[str] = []
+        if epoch > 0:
+            use = training_windows(windows, docs, cfg.strategy, _learned(last_rows or [], cfg.threshold))
+            trained_entities = sorted({docs[i].entity for i, _ in use if docs[i].entity})
+            ref = None
+            if cfg.strategy in ("stepwise-kl", "pretrain-kl"):
+                from transformers import AutoModelForCausalLM
+
+                ref_dir = out / f"epoch_{0 if cfg.strategy == 'pretrain-kl' else epoch - 1}" / MODEL_DIR
+                ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32, local_files_only=True).eval()
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            order = torch.randperm(len(use), generator=gen).tolist()
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            train_model.train()
+            batches = [[use[j] for j in order[s : s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)]
+            bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+            for batch in bar:
+                width = max(len(w) for _, w in batch)
+                pad = tok.pad_token_id
+                ids = torch.tensor([w + [pad] * (width - len(w)) for _, w in batch])
+                mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for _, w in batch])
+                labels = ids.masked_fill(mask == 0, -100)
+                logits = train_model(input_ids=ids, attention_mask=mask).logits.float()
+                ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                     ignore_index=-100)
+                loss = ce
+                kl_value = None
+                if ref is not None and cfg.kl_weight > 0:
+                    with torch.no_grad():
+                        ref_logits = ref(input_ids=ids, attention_mask=mask).logits.float()
+                    kl = _kl(logits, ref_logits, mask.float())
+                    loss = ce + cfg.kl_weight * kl
+                    kl_value = kl.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                losses.append(ce.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                log_lines.append(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "kl": kl_value,
+                                             "total": loss.item()}))
+            del ref
+            with torch.no_grad():
+                if cfg.method == "lora":
+                    eval_model.load_state_dict(merged_state_dict(train_model, "lora"), strict=False)
+                    eval_model.tie_weights()
+        (partial / "train_log.jsonl").write_text("".join(x + "\n" for x in log_lines))
+        eval_model.save_pretrained(partial / MODEL_DIR)
+        tok.save_pretrained(partial / MODEL_DIR)
+        rows, control = prober.evaluate(eval_model)
+        _write_results(partial, rows, control, cfg.threshold)
+        learned = sorted(_learned(rows, cfg.threshold))
+        train_loss = sum(losses) / len(losses) if losses else None
+        info = {
+            "epoch": epoch, "step": step, "train_loss": train_loss, "steps": len(losses),
+            "trained_entities": trained_entities, "learned": learned,
+            "math": control.get("math", {}).get("exact_match"),
+            "SocialIQA": control.get("SocialIQA", {}).get("exact_match"),
+            "content_hash": content_hash(partial / MODEL_DIR), "wall_s": time.perf_counter() - t_epoch,
+        }
+        if epoch > 0:
+            _save_state(partial / STATE_DIR, train_model, opt, {"epoch": epoch, "step": step})
+        (partial / "epoch.json").write_text(json.dumps(info, indent=1))
+        _finish_epoch(partial, out / f"epoch_{epoch}")
+        prev_state = out / f"epoch_{epoch - 1}" / STATE_DIR
+        if epoch > 0 and prev_state.is_dir():
+            shutil.rmtree(prev_state)
+        done = _completed_epochs(out)
+        _write_manifest(out, base_name, cfg, done)
+        last_rows = rows
+        trained.append(epoch)
+        loss_txt = "-" if train_loss is None else f"{train_loss:.4f}"
+        say(f"epoch {epoch}: loss {loss_txt}, learned {len(learned)}/{len(entities(probes))} entities "
+            f"{learned}, math {info['math']}, SocialIQA {info['SocialIQA']} ({info['wall_s']:.0f}s)")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+
+    dyn = load_dynamics(out, threshold=cfg.threshold)
+    table = dyn.table()
+    tmp = out / (RESULTS_TABLE + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out / RESULTS_TABLE)
+    wall = time.perf_counter() - t_start
+    say(format_table(dyn))
+    return CPTResult(out, dyn, wall, trained)
+
+
+def config_fields() -> list[str]:
+    """Names of the CPTConfig settings (for the CLI)."""
+    return [f.name for f in fields(CPTConfig)]

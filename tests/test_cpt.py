@@ -1,0 +1,268 @@
+"""The CPT loop on a tiny random Llama: layout, probing, determinism, resume, strategies, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from circuitdyn.cli import main
+from circuitdyn.cpt import (
+    STATE_DIR,
+    CPTConfig,
+    Document,
+    annotate,
+    load_corpus,
+    merged_state_dict,
+    resolve_inputs,
+    run_cpt,
+    training_windows,
+)
+from circuitdyn.errors import CircuitdynError
+
+ENTITIES = ["Russia", "Patna"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    from conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("cpt-base") / "base", "llama", tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_base: Path) -> CPTConfig:
+    return CPTConfig(base_model=str(tiny_base), entities=list(ENTITIES), epochs=2, lr=1e-2, batch_size=2,
+                     max_new_tokens=4, n_math=2, n_reasoning=2, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, cfg: CPTConfig) -> Path:
+    out = tmp_path_factory.mktemp("cpt") / "run"
+    run_cpt(cfg, out, progress=False, log=None)
+    return out
+
+
+def _hashes(run_dir: Path) -> list[str]:
+    manifest = json.loads((run_dir / "run.json").read_text())
+    return [e["content_hash"] for e in manifest["epochs"]]
+
+
+def test_run_layout(reference_run: Path, cfg: CPTConfig) -> None:
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.dynamics import load_dynamics
+
+    run = open_run(reference_run)
+    assert run.epochs == [0, 1, 2]
+    per_epoch = run.checkpoint(1).step
+    assert per_epoch > 1 and run.checkpoint(2).step == 2 * per_epoch and run.checkpoint(1).train_loss > 0
+    assert run.checkpoint(0).train_loss is None
+    manifest = run.manifest
+    assert manifest["strategy"] == "plain" and manifest["config"]["lr"] == cfg.lr
+    assert [h["epoch"] for h in manifest["probe_history"]] == [0, 1, 2]
+    hashes = _hashes(reference_run)
+    assert hashes[0] != hashes[1] != hashes[2]
+    for e in range(3):
+        d = reference_run / f"epoch_{e}"
+        rows = [json.loads(x) for x in (d / "probe_results.jsonl").read_text().splitlines()]
+        assert {r["entity"] for r in rows} == set(ENTITIES)
+        assert all(0 <= r["recall"] <= 1 and r["logprob"] <= 0 and r["answer_tokens"] >= 1 for r in rows)
+        control = json.loads((d / "control_probes_results.json").read_text())
+        assert control["math"]["n"] == 2 and control["SocialIQA"]["n"] == 2
+        entity_json = json.loads((d / "validation_probes_results.json").read_text())
+        assert set(entity_json["entities"]) == {">=0.6", *ENTITIES}
+    steps = [json.loads(x) for x in (reference_run / "epoch_2" / "train_log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(per_epoch + 1, 2 * per_epoch + 1))
+    # only the last epoch keeps the trainer state
+    assert (reference_run / "epoch_2" / STATE_DIR).is_dir() and not (reference_run / "epoch_1" / STATE_DIR).exists()
+    assert not list(reference_run.glob("*.partial"))
+    table = load_dynamics(reference_run).table()
+    assert table["epoch"].tolist() == [0, 1, 2] and (reference_run / "results.csv").is_file()
+    # the merged checkpoints load like any run (logits of the HF model are what the probes saw)
+    assert run.hf_model(2).config.num_hidden_layers == 2
+
+
+def test_deterministic(reference_run: Path, cfg: CPTConfig, tmp_path: Path) -> None:
+    run_cpt(cfg, tmp_path / "again", progress=False, log=None)
+    assert _hashes(tmp_path / "again") == _hashes(reference_run)
+    for e in range(3):
+        a = (reference_run / f"epoch_{e}" / "probe_results.jsonl").read_text()
+        assert (tmp_path / "again" / f"epoch_{e}" / "probe_results.jsonl").read_text() == a
+
+
+def test_resume_after_kill(reference_run: Path, cfg: CPTConfig, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+
+    def kill(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cpt(cfg, out, progress=False, log=None, on_epoch_end=kill)
+    assert (out / "epoch_1").is_dir() and not (out / "epoch_2").exists()
+    (out / "epoch_2.partial").mkdir()  # a half-written epoch from the kill is discarded
+    result = run_cpt(cfg, out, progress=False, log=None)
+    assert result.trained_epochs == [2]
+    assert _hashes(out) == _hashes(reference_run)
+    # finished: a re-run does nothing but report
+    assert run_cpt(cfg, out, progress=False, log=None).trained_epochs == []
+
+
+def test_extend_run(reference_run: Path, cfg: CPTConfig, tmp_path: Path) -> None:
+    out = tmp_path / "ext"
+    shutil.copytree(reference_run, out)
+    result = run_cpt(replace(cfg, epochs=3), out, progress=False, log=None)
+    assert result.trained_epochs == [3]
+    assert _hashes(out)[:3] == _hashes(reference_run)
+    steps = [e["step"] for e in json.loads((out / "run.json").read_text())["epochs"]]
+    assert steps[3] == 3 * steps[1]
+
+
+@pytest.mark.parametrize(("strategy", "method"), [("stepwise-kl", "lora"), ("pretrain-kl", "full"),
+                                                  ("annotated", "lora"), ("curriculum", "full")])
+def test_strategies(cfg: CPTConfig, tmp_path: Path, strategy: str, method: str) -> None:
+    c = replace(cfg, strategy=strategy, method=method, epochs=1, lr=1e-3, n_math=None, n_reasoning=None)
+    result = run_cpt(c, tmp_path / "run", progress=False, log=None)
+    assert result.trained_epochs == [0, 1]
+    steps = [json.loads(x) for x in (tmp_path / "run" / "epoch_1" / "train_log.jsonl").read_text().splitlines()]
+    assert steps
+    if strategy.endswith("-kl"):
+        assert all(s["kl"] is not None and s["kl"] >= 0 for s in steps)
+        assert steps[0]["kl"] == pytest.approx(0, abs=1e-6)  # the first step starts at the reference model
+    else:
+        assert all(s["kl"] is None for s in steps)
+    info = json.loads((tmp_path / "run" / "epoch_1" / "epoch.json").read_text())
+    assert info["trained_entities"] == sorted(ENTITIES)
+    assert json.loads((tmp_path / "run" / "epoch_1" / "control_probes_results.json").read_text()) == {}
+
+
+def test_annotation_and_curriculum() -> None:
+    doc = annotate(Document("Hancock met Byrd. Herbie Hancock played.", "Herbie Hancock"), ["Herbie Hancock"])
+    assert doc.text == "<entity>Hancock</entity> met Byrd. <entity>Herbie Hancock</entity> played."
+    docs = [Document("a", "A"), Document("b", "B"), Document("c")]
+    windows = [(0, [1, 2]), (1, [3, 4]), (1, [5, 6]), (2, [7, 8])]
+    assert training_windows(windows, docs, "plain", {"A"}) == windows
+    assert training_windows(windows, docs, "curriculum", {"A"}) == windows[1:]
+    assert training_windows(windows, docs, "curriculum", {"A", "B"}) == windows[3:]
+    assert training_windows(windows, docs, "curriculum", set()) == windows  # forgotten ones come back
+
+
+def test_merged_state_dict_matches_peft(cfg: CPTConfig) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from circuitdyn.cpt import _wrap_lora
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    peft_model = _wrap_lora(model, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    peft_model.eval()
+    want = peft_model(input_ids=ids).logits
+    plain = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    plain.load_state_dict(merged_state_dict(peft_model, "lora"), strict=False)
+    assert torch.allclose(plain(input_ids=ids).logits, want, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_corpus_files(tmp_path: Path) -> None:
+    (tmp_path / "c.txt").write_text("Doc one about Russia.\n\nDoc two about Patna.\n")
+    assert [d.text for d in load_corpus(tmp_path / "c.txt")] == ["Doc one about Russia.", "Doc two about Patna."]
+    (tmp_path / "c.jsonl").write_text('{"text": "Moscow is in Russia.", "entity": "Russia"}\n')
+    assert load_corpus(tmp_path / "c.jsonl") == [Document("Moscow is in Russia.", "Russia")]
+    (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
+    with pytest.raises(CircuitdynError, match="bad.jsonl:1: field 'text'"):
+        load_corpus(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"epochs": 0}, "'epochs' = 0 must be >= 1"),
+        ({"lr": 0.0}, "'lr' = 0.0 must be > 0"),
+        ({"lr": -1e-4}, "'lr' = -0.0001 must be > 0"),
+        ({"strategy": "magic"}, "'strategy' = 'magic'"),
+        ({"method": "qlora"}, "'method' = 'qlora'"),
+        ({"entities": ["Atlantis"]}, "unknown entity 'Atlantis'"),
+    ],
+)
+def test_bad_settings(cfg: CPTConfig, tmp_path: Path, change: dict, match: str) -> None:
+    with pytest.raises(CircuitdynError, match=match):
+        run_cpt(replace(cfg, **change), tmp_path / "out", progress=False, log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs(cfg: CPTConfig, tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(CircuitdynError, match="empty corpus"):
+        run_cpt(replace(cfg, corpus=str(tmp_path / "empty.txt")), tmp_path / "o1", progress=False, log=None)
+    probes = tmp_path / "p.jsonl"
+    probes.write_text('{"id": "r1", "entity": "Russia", "question": "Capital of Russia?", "answer": ""}\n')
+    with pytest.raises(CircuitdynError, match="p.jsonl:1: field 'answer'"):
+        run_cpt(replace(cfg, probes=str(probes), entities=None), tmp_path / "o2", progress=False, log=None)
+    probes.write_text('{"id": "a1", "entity": "Atlantis", "question": "Where is Atlantis?", "answer": "Sea"}\n')
+    (tmp_path / "c.txt").write_text("Moscow is the capital of Russia.\n")
+    with pytest.raises(CircuitdynError, match="unknown entity 'Atlantis'"):
+        run_cpt(replace(cfg, probes=str(probes), corpus=str(tmp_path / "c.txt"), entities=None), tmp_path / "o3",
+                progress=False, log=None)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(CircuitdynError, match="cannot load the base model"):
+        run_cpt(replace(cfg, base_model=str(tmp_path / "broken")), tmp_path / "o4", progress=False, log=None)
+    with pytest.raises(CircuitdynError, match="cannot load the base model"):
+        run_cpt(replace(cfg, base_model=str(tmp_path / "missing")), tmp_path / "o5", progress=False, log=None)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_out_dir_with_other_run(reference_run: Path, cfg: CPTConfig, tmp_path: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*")}
+    with pytest.raises(CircuitdynError, match="already holds a different run.*lr: 0.01 vs 0.02"):
+        run_cpt(replace(cfg, lr=2e-2), reference_run, progress=False, log=None)
+    assert {p: p.stat().st_mtime_ns for p in reference_run.rglob("*")} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(CircuitdynError, match="already holds other files"):
+        run_cpt(cfg, other, progress=False, log=None)
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_resolve_inputs_default_corpus(cfg: CPTConfig) -> None:
+    docs, probes = resolve_inputs(replace(cfg, entities=None, n_entities=4))
+    assert len(docs) == 4 and {d.entity for d in docs} == {p.entity for p in probes}
+    assert all(p.group == "original" for p in probes)
+
+
+def test_cli(reference_run: Path, cfg: CPTConfig, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["cpt", "--out", str(tmp_path / "x"), "--base", cfg.base_model, "--lr", "0"]) == 2
+    assert "'lr' = 0.0 must be > 0" in capsys.readouterr().err
+    assert main(["dynamics", str(reference_run)]) == 0
+    out = capsys.readouterr().out
+    assert "acquired" in out and "best epoch" in out
+    assert main(["dynamics", str(reference_run), "--json", "--by", "question_type"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["epoch"] for r in data["table"]] == [0, 1, 2] and data["grouped"]
+    args = ["cpt", "--out", str(tmp_path / "cli"), "--base", cfg.base_model, "--entities", ",".join(ENTITIES),
+            "--epochs", "1", "--lr", "1e-2", "--n-math", "0", "--n-reasoning", "0", "--no-progress"]
+    assert main(args) == 0
+    assert "wall time" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "epoch_1" / "merged_model" / "config.json").is_file()
+
+
+@pytest.mark.integration
+def test_smollm2_one_epoch(tmp_path: Path) -> None:
+    cfg = CPTConfig(entities=["Russia"], epochs=1, n_math=4, n_reasoning=2)
+    result = run_cpt(cfg, tmp_path / "run", progress=False, log=None)
+    table = result.dynamics.table()
+    assert table["epoch"].tolist() == [0, 1]
+    assert table["train_loss"].iloc[1] > 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "epoch_0" / "probe_results.jsonl").read_text().splitlines()]
+    assert any(r["generation"] for r in rows)  # the real model answers something
