@@ -1,0 +1,144 @@
+"""Viewers: figure contents, offline and escaped HTML, and a real headless-Chromium render of each page."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from circuitdyn import viz
+from circuitdyn.diff import MEAN, diff_circuits
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.graph import Graph
+from circuitdyn.timeline import build_timeline
+from test_timeline import circuits_over_epochs, outcomes
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts" / "browser"
+GRAPH = Graph(4, 4)
+EVIL = "fl<script>alert('x')</script>&"
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+    """The three viewer pages built from synthetic circuits, with a fact id that is an HTML injection."""
+    out = tmp_path_factory.mktemp("viewers")
+    circuits = circuits_over_epochs(GRAPH, facts=["stable", EVIL], n_epochs=4)
+    oc = outcomes()
+    oc["fact_id"] = oc["fact_id"].replace("flaky", EVIL)
+    epochs = pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.5], "math": [0.5, 0.4, 0.3, 0.35]})
+    tl = build_timeline(circuits, "top:10", outcomes=oc, epochs=epochs)
+    d = diff_circuits(circuits[0], circuits[3], "top:10", labels=("epoch 0", "epoch 3"))
+    labels = {"stable": "Who <b>founded</b> X & Y?"}
+    return {
+        "circuit": (viz.write_circuit_html(circuits[0], out / "circuit.html", labels=labels, sizes=(5, 10, 40)), circuits[0]),
+        "diff": (viz.write_diff_html(d, out / "diff.html", labels=labels), d),
+        "timeline": (viz.write_timeline_html(tl, out / "timeline.html", labels=labels), tl),
+    }
+
+
+def test_circuit_figure():
+    cs = circuits_over_epochs(GRAPH, facts=["stable", EVIL])[0]
+    fig = viz.circuit_figure(cs, "stable", n=10)
+    nodes = fig.data[-1]
+    assert len(nodes.x) == len(GRAPH.nodes)
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert lines and {t.line.color for t in lines} <= set(viz.SIGN_COLOURS.values())
+    hover = fig.data[-2].hovertext
+    assert sum(text.count("-&gt;") for text in hover) == 10  # every selected port-level edge is listed (escaped)
+    assert "top 10 edges" in fig.layout.title.text
+    evil = viz.circuit_figure(cs, EVIL, n=5)
+    assert "<script>" not in evil.layout.title.text and "&lt;script&gt;" in evil.layout.title.text
+    with pytest.raises(CircuitdynError, match="unknown fact id"):
+        viz.circuit_figure(cs, "nope")
+    assert len(viz.circuit_figure(cs, MEAN, n=3).data) >= 2
+
+
+def test_diff_and_timeline_figures():
+    cs = circuits_over_epochs(GRAPH)
+    d = diff_circuits(cs[0], cs[3], "top:10")
+    fig = viz.diff_figure(d, "flaky")
+    colours = {t.line.color for t in fig.data if t.mode == "lines"}
+    assert colours == {viz.STATUS_COLOURS["added"], viz.STATUS_COLOURS["removed"]}
+    sankey = viz.sankey_figure(d, "flaky").data[0]
+    assert sum(sankey.link.value) > 0 and set(sankey.link.label) <= {"added", "removed"}
+    assert len(viz.layer_shift_figure(d, "flaky").data) == 2
+    tl = build_timeline(cs, "top:10", outcomes=outcomes(),
+                        epochs=pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.0], "math": [1, 0.5, 0.5, 0.4]}))
+    names = {t.name for t in viz.timeline_figure(tl, "flaky").data}
+    assert {"train loss", "facts recalled", "math", "Jaccard to previous"} <= names
+    assert viz.heatmap_figure(tl).data[0].type == "heatmap"
+
+
+def test_pages_are_offline_and_escaped(pages):
+    from plotly.offline import get_plotlyjs
+
+    bundle = get_plotlyjs()
+    for name, (path, _) in pages.items():
+        text = path.read_text()
+        assert bundle in text, f"{name} does not embed plotly.js"
+        ours = text.replace(bundle, "")
+        assert "<script>alert" not in ours, name
+        assert not re.search(r"<script[^>]+src=", ours), f"{name} loads an external script"
+        assert not re.search(r"https?://", ours), f"{name} refers to the network"
+        assert "Who <b>founded" not in ours
+    with pytest.raises(CircuitdynError, match="unknown fact id"):
+        viz.write_circuit_html(pages["circuit"][1], pages["circuit"][0].parent / "x.html", facts=["nope"])
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _run_chromium(binary: str, url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+             "--virtual-time-budget=20000", "--hide-scrollbars", "--window-size=1400,1800"]
+    return subprocess.run([binary, *flags, *extra, url], capture_output=True, text=True, timeout=180)
+
+
+def _attr(dom: str, name: str) -> int | None:
+    m = re.search(rf'<html[^>]*\s{name}="(\d+)"', dom)
+    return int(m.group(1)) if m else None
+
+
+@pytest.mark.browser
+def test_pages_render_in_headless_chromium(pages, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed (Debian package `chromium`); the browser test needs it")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    expected_plots = {"circuit": 1, "diff": 3, "timeline": 3}
+    for name, (path, obj) in pages.items():
+        run = _run_chromium(binary, path.as_uri(), tmp_path / f"profile-{name}", "--dump-dom")
+        dom = run.stdout
+        assert run.returncode == 0 and "<html" in dom, run.stderr[-2000:]
+        assert _attr(dom, "data-js-errors") == 0, re.search(r'<pre id="js-errors">([^<]*)', dom)
+        assert _attr(dom, "data-rendered") == expected_plots[name]
+        drawn_traces = len(re.findall(r'class="trace (?:scatter|bars)', dom))
+        assert drawn_traces >= 3, f"{name}: only {drawn_traces} traces drawn"
+        if name == "circuit":
+            points = len(re.findall(r'class="point"', dom))
+            assert points >= len(GRAPH.nodes), f"{name}: {points} markers for {len(GRAPH.nodes)} components"
+        if name == "diff":
+            assert len(re.findall(r'class="sankey-link"', dom)) >= 2
+        if name == "timeline":
+            assert _attr(dom, "data-traces") >= 6
+        shot = ARTIFACTS / f"{name}.png"
+        shot.unlink(missing_ok=True)
+        run = _run_chromium(binary, path.as_uri(), tmp_path / f"profile-shot-{name}", f"--screenshot={shot}")
+        assert shot.is_file() and shot.stat().st_size > 10_000, run.stderr[-2000:]
+
+
+@pytest.mark.browser
+def test_browser_check_catches_javascript_errors(tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed (Debian package `chromium`); the browser test needs it")
+    page = viz._write_page(tmp_path / "broken.html", "broken", "", "<div id=\"x\"></div>", {}, "undefinedFunction();")
+    dom = _run_chromium(binary, page.as_uri(), tmp_path / "profile", "--dump-dom").stdout
+    assert _attr(dom, "data-js-errors") == 1 and _attr(dom, "data-rendered") is None
