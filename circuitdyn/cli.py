@@ -156,6 +156,176 @@ def _run_dynamics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selection_arg(args: argparse.Namespace) -> str:
+    return args.select if args.select else f"top:{args.top_n}"
+
+
+def _probe_labels(path: str | None) -> dict[str, str]:
+    """fact id -> question of a probe file (for the viewers' fact selectors)."""
+    if not path:
+        return {}
+    from circuitdyn.probes import load_probes
+
+    return {p.id: p.question for p in load_probes(path)}
+
+
+def _check_probes_match(circuits, labels: dict[str, str], probes: str | None, where: str) -> None:
+    """Circuits loaded from a cache must cover facts of the given probe file."""
+    if not probes:
+        return
+    missing = [f for f in circuits.fact_ids if f not in labels]
+    if len(missing) == len(circuits.fact_ids):
+        raise CircuitdynError(
+            f"probe file {probes} does not match the circuits of {where}: none of its fact ids "
+            f"(e.g. {circuits.fact_ids[:3]}) is a probe id of the file"
+        )
+
+
+def _load_circuits(spec: str, args: argparse.Namespace, labels: dict[str, str]):
+    """A circuit file, or the cached circuits of checkpoint `RUN:EPOCH` / DIR (under `--circuits` or RUN/circuits)."""
+    from pathlib import Path
+
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.checkpoints import resolve
+    from circuitdyn.timeline import find_circuits
+
+    if spec.endswith(".safetensors"):
+        cs = CircuitSet.load(spec)
+        _check_probes_match(cs, labels, args.probes, spec)
+        return cs
+    run, epoch = resolve(spec)
+    folder = Path(args.circuits) if args.circuits else Path(run.path) / "circuits"
+    if not folder.is_dir():
+        raise CircuitdynError(f"{spec}: no circuit folder {folder}; run `circuitdyn extract` for this checkpoint "
+                              f"or pass --circuits DIR")
+    want_hash = run.checkpoint(epoch).content_hash
+    path = find_circuits(folder, [epoch], args.method, {epoch: want_hash})[epoch]
+    cs = CircuitSet.load(path)
+    _check_probes_match(cs, labels, args.probes, spec)
+    return cs
+
+
+@command
+def _add_diff(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diff", help="how the per-fact circuits changed between two checkpoints")
+    p.add_argument("a", metavar="CKPT_A", help="RUN:EPOCH, a checkpoint folder, or a circuit .safetensors file")
+    p.add_argument("b", metavar="CKPT_B", help="RUN:EPOCH, a checkpoint folder, or a circuit .safetensors file")
+    p.add_argument("--probes", help="probe file the circuits were extracted for (labels and a match check)")
+    p.add_argument("--method", default=None, help="attribution method of the circuits to use (eap, eap-ig)")
+    p.add_argument("--circuits", help="folder holding cached circuit files (default: RUN/circuits)")
+    p.add_argument("--top-n", type=int, default=200, help="compare the top-N edges of each circuit (default 200)")
+    p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N or abs:T")
+    p.add_argument("--noise-floor", type=float, default=0.0, help="count an edge as changed only if its score moved more")
+    p.add_argument("--fact", action="append", help="compare only this fact id (repeatable)")
+    p.add_argument("--out", default="diff.html", help="HTML viewer to write (default diff.html)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=_run_diff)
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from circuitdyn.diff import MEAN, diff_circuits
+    from circuitdyn.viz import write_diff_html
+
+    labels = _probe_labels(args.probes)
+    a, b = _load_circuits(args.a, args, labels), _load_circuits(args.b, args, labels)
+    d = diff_circuits(a, b, _selection_arg(args), noise=args.noise_floor, fact_ids=args.fact, labels=(args.a, args.b))
+    out = write_diff_html(d, args.out, labels=labels)
+    if args.json:
+        print(json.dumps({**d.to_dict(), "html": str(out)}, indent=1))
+        return 0
+    cols = {"n_a": "n_A", "n_b": "n_B", "added": "+", "removed": "-", "changed": "moved", "kept": "kept",
+            "sign_flips": "flips", "edge_jaccard": "J", "weighted_jaccard": "wJ", "spearman": "rho", "rbo": "RBO",
+            "deep_shift": "deep+"}
+    table = d.facts[list(cols)].rename(columns=cols)
+    table.index = [f if len(f) <= 40 else f[:37] + "..." for f in table.index]
+    print(f"circuit diff {args.a} -> {args.b}: {len(a.fact_ids) if not args.fact else len(args.fact)} facts, "
+          f"selection {d.selection}, noise floor {args.noise_floor:g}")
+    print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+    s = d.summary
+    print(f"\nmean over facts: edge Jaccard {s['edge_jaccard']:.3f}, weighted Jaccard {s['weighted_jaccard']:.3f}, "
+          f"Spearman {s['spearman']:.3f}, RBO {s['rbo']:.3f}; +{s['added']:.1f} / -{s['removed']:.1f} edges, "
+          f"{s['sign_flips']:.1f} sign flips; attention share {s['attn_shift']:+.3f}, deep-layer share {s['deep_shift']:+.3f}")
+    paths = d.paths(MEAN)
+    if len(paths):
+        print("\nstrongest input->logits paths of the mean circuit:")
+        print(paths[["path", "rank_a", "rank_b", "status"]].to_string(index=False, na_rep="-"))
+    print(f"\nviewer: {out}")
+    return 0
+
+
+@command
+def _add_timeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("timeline", help="circuits across all epochs of a run, with recall and loss")
+    p.add_argument("run", metavar="RUN", help="run folder with circuits for every epoch")
+    p.add_argument("--circuits", help="folder holding the circuit files (default: RUN/circuits)")
+    p.add_argument("--method", default=None, help="attribution method of the circuits to use (eap, eap-ig)")
+    p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
+    p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N or abs:T")
+    p.add_argument("--probes", help="probe file (labels the facts in the viewer)")
+    p.add_argument("--out", help="HTML viewer to write (default RUN/timeline.html)")
+    p.add_argument("--json", action="store_true", help="print the summary and per-epoch table as JSON")
+    p.set_defaults(func=_run_timeline)
+
+
+def _run_timeline(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from circuitdyn.timeline import load_run_timeline
+    from circuitdyn.viz import write_timeline_html
+
+    tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method)
+    out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=_probe_labels(args.probes))
+    summary = tl.summary()
+    if args.json:
+        per_epoch = json.loads(tl.per_epoch.to_json(orient="records"))
+        print(json.dumps({"summary": summary, "per_epoch": per_epoch, "html": str(out)}, indent=1, default=str))
+        return 0
+    cols = [c for c in ("epoch", "train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev",
+                        "jaccard_first", "changed_frac_prev") if c in tl.per_epoch]
+    print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, selection {tl.selection}")
+    print(tl.per_epoch[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    print(f"\nreconfiguration rate {summary['reconfiguration_rate']:.3f} of a circuit per epoch; "
+          f"Jaccard of the last epoch to the first {summary['mean_jaccard_first_at_last']:.3f}")
+    st = summary.get("stability")
+    if st:
+        print(f"stay put while recalled? Jaccard to previous epoch: retained {st['mean_retained']:.3f} "
+              f"(n={st['n_retained']}), forgotten {st['mean_forgotten']:.3f} (n={st['n_forgotten']}), "
+              f"acquired {st['mean_acquired']:.3f} (n={st['n_acquired']}); gap {st['gap']:+.3f}, AUC {st['auc']:.3f}")
+    else:
+        print("no per-probe outcomes in the run: circuits are not joined with recall")
+    print(f"\nviewer: {out}")
+    return 0
+
+
+@command
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("view", help="the circuit viewer for a circuit file")
+    p.add_argument("file", metavar="CIRCUIT_FILE", help="a circuit .safetensors file")
+    p.add_argument("--probes", help="probe file (labels the facts with their questions)")
+    p.add_argument("--fact", action="append", help="show only this fact id (repeatable)")
+    p.add_argument("--out", help="HTML file to write (default: CIRCUIT_FILE with .html)")
+    p.set_defaults(func=_run_view)
+
+
+def _run_view(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.diff import MEAN
+    from circuitdyn.viz import write_circuit_html
+
+    cs = CircuitSet.load(args.file)
+    labels = _probe_labels(args.probes)
+    _check_probes_match(cs, labels, args.probes, args.file)
+    facts = [MEAN, *args.fact] if args.fact else None
+    out = write_circuit_html(cs, args.out or Path(args.file).with_suffix(".html"), facts=facts, labels=labels)
+    print(f"{cs}\nviewer: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitdyn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

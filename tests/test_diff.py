@@ -223,3 +223,56 @@ def test_transfer_matrix():
     assert not math.isnan(transfer_pivot(table, "f1").loc[0, 2])
     with pytest.raises(CircuitdynError, match="unknown fact id"):
         transfer_pivot(table, "zz")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def write_probes(path, ids):
+    import json
+
+    path.write_text("".join(json.dumps({"id": i, "entity": "Ada Lovelace", "question": f"Who is {i}?", "answer": "x"}) + "\n"
+                            for i in ids))
+    return path
+
+
+def test_cli_diff_on_circuit_files(tmp_path, capsys):
+    import json
+
+    from circuitdyn.cli import main
+
+    a = make_set(random_scores(seed=1), epoch=0).save(tmp_path / "a.safetensors")
+    b = make_set(random_scores(seed=2), epoch=1).save(tmp_path / "b.safetensors")
+    probes = write_probes(tmp_path / "probes.jsonl", ["f0", "f1", "f2"])
+    out = tmp_path / "d.html"
+    assert main(["diff", str(a), str(b), "--probes", str(probes), "--top-n", "15", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "selection top:15" in text and "f1" in text and MEAN in text and "viewer:" in text
+    assert out.is_file() and "Who is f1?" in out.read_text()
+    assert main(["diff", str(a), str(b), "--select", "paths:10", "--json", "--out", str(out)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["selection"] == "paths:10" and set(data["facts"]) == {"f0", "f1", "f2", MEAN}
+
+
+def test_cli_diff_bad_inputs(tmp_path, capsys, make_run):
+    from circuitdyn.cli import main
+
+    a = make_set(random_scores()).save(tmp_path / "a.safetensors")
+    other = Graph(2, 2)
+    b = make_set(random_scores(graph=other), graph=other).save(tmp_path / "b.safetensors")
+    out = str(tmp_path / "d.html")
+    assert main(["diff", str(a), str(b), "--out", out]) == 2
+    assert "different architectures" in capsys.readouterr().err
+    wrong = write_probes(tmp_path / "wrong.jsonl", ["other/0", "other/1"])
+    assert main(["diff", str(a), str(a), "--probes", str(wrong), "--out", out]) == 2
+    assert "does not match the circuits" in capsys.readouterr().err
+    assert main(["diff", str(a), str(a), "--fact", "nope", "--out", out]) == 2
+    assert "unknown fact id 'nope'" in capsys.readouterr().err
+    run = make_run("llama", 2, name="diff-run")
+    graph = Graph(2, 4)
+    for e in (0, 1):
+        make_set(random_scores(graph=graph, seed=e), graph=graph, epoch=e).save(run / "circuits" / f"e{e}.safetensors")
+    assert main(["diff", f"{run}:0", f"{run}:1", "--out", out]) == 0
+    assert "selection top:200" in capsys.readouterr().out
+    assert main(["diff", f"{run}:0", f"{run}:2", "--out", out]) == 2
+    assert "no circuits for epoch(s) [2]" in capsys.readouterr().err

@@ -135,3 +135,19 @@ def test_load_run_timeline(make_run):
     assert find_circuits(run / "circuits", method="eap-ig")[1].name == "epoch_1.safetensors"
     with pytest.raises(CircuitdynError, match="no circuits for epoch"):
         find_circuits(run / "circuits", [0], method="eap")
+
+
+def test_cli_timeline(make_run, capsys):
+    from circuitdyn.cli import main
+
+    run = make_run("llama", 2, name="timeline-cli-run")
+    write_run_results(run, Graph(2, 4), [0, 1, 2])
+    assert main(["timeline", str(run), "--top-n", str(N)]) == 0
+    text = capsys.readouterr().out
+    assert "stay put while recalled?" in text and "forgotten 0.000 (n=1)" in text
+    assert (run / "timeline.html").is_file()
+    assert main(["timeline", str(run), "--json", "--out", str(run / "t.html")]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["facts"] == 2
+    (run / "circuits" / "epoch_1.safetensors").unlink()
+    assert main(["timeline", str(run)]) == 2
+    assert "no circuits for epoch(s) [1]" in capsys.readouterr().err

@@ -142,3 +142,16 @@ def test_browser_check_catches_javascript_errors(tmp_path):
     page = viz._write_page(tmp_path / "broken.html", "broken", "", "<div id=\"x\"></div>", {}, "undefinedFunction();")
     dom = _run_chromium(binary, page.as_uri(), tmp_path / "profile", "--dump-dom").stdout
     assert _attr(dom, "data-js-errors") == 1 and _attr(dom, "data-rendered") is None
+
+
+def test_cli_view(tmp_path, capsys):
+    from circuitdyn.cli import main
+
+    path = circuits_over_epochs(GRAPH)[0].save(tmp_path / "c.safetensors")
+    assert main(["view", str(path), "--fact", "flaky"]) == 0
+    assert "viewer:" in capsys.readouterr().out
+    assert (tmp_path / "c.html").is_file()
+    assert main(["view", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["view", str(path), "--fact", "nope", "--out", str(tmp_path / "x.html")]) == 2
+    assert "unknown fact id 'nope'" in capsys.readouterr().err
