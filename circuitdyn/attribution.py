@@ -81,7 +81,7 @@ class _Layer:
 
     W_qkv: Tensor  # [d_model, (H + 2 Hkv) d_head]
     b_qkv: Tensor  # [(H + 2 Hkv) d_head]
-    W3: Tensor  # [H, 3, d_model, d_head]: W_Q, and W_K / W_V expanded to query heads
+    W3: Tensor  # [H, 3, d_head, d_model]: W_Q, and W_K / W_V expanded to query heads (transposed)
     b3: Tensor  # [H, 3, d_head]
     W_O: Tensor  # [H, d_head, d_model]
     b_O: Tensor  # [d_model]
@@ -89,6 +89,9 @@ class _Layer:
     ln_w: Tensor | None
     ln_b: Tensor | None
     ln_eps: float
+    Wf: Tensor  # W3 with ln1's weight folded in (and centred over d_model for LN): maps d q/k/v to d x_hat
+    offset3: Tensor  # [H, 3, d_head]: b3 + ln1's bias projected, so (q/k/v - offset3) = Wf x_hat
+    mlp_t: tuple[Tensor, ...] | None  # gated MLP (W_gate^T, W_in^T, W_out^T) contiguous, else None
 
 
 def _ln_kind(module: Any) -> str:
@@ -117,9 +120,18 @@ def _layers(model: Any) -> list[_Layer]:
         W3 = W3.permute(0, 1, 3, 2).contiguous()  # [H, 3, d_head, d_model]
         b3 = torch.stack([attn.b_Q, b_K.repeat_interleave(rep, 0), b_V.repeat_interleave(rep, 0)], dim=1)
         ln = block.ln1
-        out.append(_Layer(W_qkv.detach(), b_qkv.detach(), W3.detach(), b3.detach(), attn.W_O.detach(),
-                          attn.b_O.detach(), _ln_kind(ln), getattr(ln, "w", None), getattr(ln, "b", None),
-                          float(getattr(ln, "eps", cfg.eps))))
+        kind, w, b = _ln_kind(ln), getattr(ln, "w", None), getattr(ln, "b", None)
+        W3, b3 = W3.detach(), b3.detach()
+        Wf = W3 if w is None else W3 * w.detach()
+        if kind == "LN":
+            Wf = Wf - Wf.mean(-1, keepdim=True)
+        offset3 = b3 if b is None else b3 + W3 @ b.detach()
+        mlp = getattr(block, "mlp", None)
+        mlp_t = None
+        if type(mlp).__name__ == "GatedMLP" and not cfg.is_layer_norm_activation():
+            mlp_t = tuple(t.detach().T.contiguous() for t in (mlp.W_gate, mlp.W_in, mlp.W_out))
+        out.append(_Layer(W_qkv.detach(), b_qkv.detach(), W3, b3, attn.W_O.detach(), attn.b_O.detach(), kind,
+                          w, b, float(getattr(ln, "eps", cfg.eps)), Wf.contiguous(), offset3, mlp_t))
     return out
 
 
@@ -135,18 +147,6 @@ def _norm(layer: _Layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if layer.ln_b is not None:
         out = out + layer.ln_b
     return out, xhat, scale
-
-
-def _norm_vjp(layer: _Layer, g: Tensor, xhat: Tensor, scale: Tensor) -> Tensor:
-    """d(norm(x)) / dx applied to upstream gradients g [..., d_model] (linear in g; xhat/scale broadcast)."""
-    if layer.ln_kind == "none":
-        return g
-    gn = g if layer.ln_w is None else g * layer.ln_w
-    dot = (gn * xhat).mean(-1, keepdim=True)
-    out = gn - xhat * dot
-    if layer.ln_kind == "LN":
-        out = out - gn.mean(-1, keepdim=True)
-    return out / scale
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -269,6 +269,17 @@ def _attend(model: Any, block: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return z.transpose(1, 2)
 
 
+def _mlp(block: Any, layer: _Layer, x: Tensor) -> Tensor:
+    """block.mlp(block.ln2(x)), with a gated MLP's transposed weights prepared once (TL copies them per call)."""
+    n = block.ln2(x)
+    if layer.mlp_t is None:
+        return block.mlp(n)
+    mlp = block.mlp
+    W_gate_t, W_in_t, W_out_t = layer.mlp_t
+    post = mlp.act_fn(F.linear(n, W_gate_t)) * F.linear(n, W_in_t) + mlp.b_in
+    return F.linear(post, W_out_t, mlp.b_out)
+
+
 def _qkv(layer: _Layer, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Project a normalized residual to q [B,P,H,dh] and k, v expanded to the query heads."""
     B, P, _ = n.shape
@@ -302,7 +313,7 @@ def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str, layers: l
         x = x + z.flatten(2) @ layer.W_O.flatten(0, 1) + layer.b_O
         if not cfg.attn_only:
             mlp_in = x.clone()
-            m = block.mlp(block.ln2(mlp_in))
+            m = _mlp(block, layer, mlp_in)
             store["mlp_in"].append(mlp_in)
             store["mlp_out"].append(m)
             x = x + m
@@ -347,10 +358,9 @@ def attribute_batch(model: Any, batch: FactBatch, method: str = "eap-ig", steps:
         delta = _sources(model, corr_in, st_corr, layers).sub_(delta)
         del st_corr
     B, P, D = clean_in.shape
-    H, L = cfg.n_heads, cfg.n_layers
-    has_mlp = not cfg.attn_only
-    g_attn = [torch.zeros(B, P, H, 3, D) for _ in range(L)]
-    g_mlp = [torch.zeros(B, P, D) for _ in range(L if has_mlp else 0)]
+    L = cfg.n_layers
+    acc = [_PortGrads() for _ in range(L)]
+    g_mlp = [torch.zeros(B, P, D) for _ in range(0 if cfg.attn_only else L)]
     g_logits = torch.zeros(B, P, D)
     for k in range(1, m + 1):
         alpha = k / m
@@ -359,21 +369,69 @@ def attribute_batch(model: Any, batch: FactBatch, method: str = "eap-ig", steps:
             values, st = run_capture(model, x0, batch, metric, layers)
             wrt = st["q"] + st["k"] + st["v"] + st["mlp_in"] + st["final"]
             grads = torch.autograd.grad(values.sum(), wrt)
-        dq, dk, dv = grads[:L], grads[L:2 * L], grads[2 * L:3 * L]
         with torch.no_grad():
             for i, layer in enumerate(layers):
-                d3 = torch.stack([dq[i], dk[i], dv[i]], dim=3)  # [B,P,H,3,dh]
-                g = torch.einsum("bphce,hced->bphcd", d3, layer.W3)
-                g_attn[i] += _norm_vjp(layer, g, st["xhat"][i][:, :, None, None], st["scale"][i][:, :, None, None])
+                d3 = torch.stack([grads[i], grads[L + i], grads[2 * L + i]], dim=3)  # [B,P,H,3,dh]
+                qkv3 = torch.stack([st["q"][i], st["k"][i], st["v"][i]], dim=3).detach()
+                acc[i].add(layer, d3, qkv3, st["xhat"][i].detach(), st["scale"][i].detach())
             for i in range(len(g_mlp)):
                 g_mlp[i] += grads[3 * L + i]
             g_logits += grads[-1]
         del st, grads, wrt, values
-    return _contract(graph, delta, g_attn, g_mlp, g_logits, batch.valid, m)
+    with torch.no_grad():
+        return _contract(graph, layers, delta, acc, g_mlp, g_logits, batch.valid, m)
 
 
-def _contract(graph: Graph, delta: Tensor, g_attn: list[Tensor], g_mlp: list[Tensor], g_logits: Tensor,
-              valid: Tensor, m: int) -> Float[Tensor, "batch edge"]:
+class _PortGrads:
+    """Running sum over IG steps of d metric / d(residual) for every head's q/k/v input of one layer.
+
+    The per-head residual gradient is the ln1 vector-Jacobian product of W^T dq: with Wf (ln weight folded
+    in, centred for LN), g = (dq Wf - x_hat * <dq, q - offset> / D) / scale, where <dq, q - offset> =
+    <dq Wf, x_hat> comes for free from the forward's q. The first term is linear in dq/scale, so it is
+    summed in d_head space and expanded once; the second is a rank-one outer product per position,
+    buffered and folded in with one batched matmul every few steps. Nothing [B, P, H, 3, d_model]-sized
+    is touched per step.
+    """
+
+    FLUSH = 8
+
+    def __init__(self) -> None:
+        self.d3: Tensor | None = None
+        self.outer: Tensor | None = None
+        self.pending: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, layer: _Layer, d3: Tensor, qkv3: Tensor, xhat: Tensor, scale: Tensor) -> None:
+        d3s = d3 / scale[..., None, None]
+        self.d3 = d3s if self.d3 is None else self.d3 + d3s
+        if layer.ln_kind != "none":
+            c = (d3s * (qkv3 - layer.offset3)).sum(-1) / xhat.shape[-1]  # [B,P,H,3]
+            self.pending.append((xhat, c))
+            if len(self.pending) >= self.FLUSH:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        xs = torch.stack([x for x, _ in self.pending], dim=2)  # [B,P,S,D]
+        cs = torch.stack([c.flatten(2) for _, c in self.pending], dim=3)  # [B,P,H*3,S]
+        B, P, S, D = xs.shape
+        part = torch.bmm(cs.reshape(B * P, -1, S), xs.reshape(B * P, S, D))
+        self.outer = part if self.outer is None else self.outer.add_(part)
+        self.pending = []
+
+    def total(self, layer: _Layer) -> Float[Tensor, "batch head3 pos d_model"]:
+        """The summed gradients as [B, H*3 (head-major, q/k/v), P, D]."""
+        assert self.d3 is not None
+        self._flush()
+        B, P, H, _, _ = self.d3.shape
+        g = torch.einsum("bphce,hced->bhcpd", self.d3, layer.Wf).reshape(B, H * 3, P, -1)
+        if self.outer is not None:
+            g -= self.outer.reshape(B, P, H * 3, -1).transpose(1, 2)
+        return g
+
+
+def _contract(graph: Graph, layers: list[_Layer], delta: Tensor, acc: list[_PortGrads], g_mlp: list[Tensor],
+              g_logits: Tensor, valid: Tensor, m: int) -> Float[Tensor, "batch edge"]:
     """scores[b, src, dst] = sum_p delta[b, src, p] . g_dst[b, p] / m, for valid (src upstream of dst) only."""
     B, S, P, D = delta.shape
     keep = valid.to(delta.dtype)[:, :, None]
@@ -381,9 +439,9 @@ def _contract(graph: Graph, delta: Tensor, g_attn: list[Tensor], g_mlp: list[Ten
     per_layer = graph.n_heads + int(graph.has_mlp)
     dense = torch.zeros(B, S, len(graph.destinations))
     col = 0
-    for i, g in enumerate(g_attn):
+    for i, layer in enumerate(layers):
         n_src = 1 + i * per_layer
-        gd = g.permute(0, 2, 3, 1, 4).reshape(B, -1, P * D)  # [B, H*3, P*D] head-major, then q/k/v
+        gd = acc[i].total(layer).reshape(B, -1, P * D)  # [B, H*3, P*D] head-major, then q/k/v
         dense[:, :n_src, col:col + gd.shape[1]] = torch.bmm(flat[:, :n_src], gd.transpose(1, 2))
         col += gd.shape[1]
         if graph.has_mlp:
@@ -465,7 +523,7 @@ def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], 
             if graph.has_mlp:
                 mlp_in = read(x, s0 + H, slice(col, col + 1))[:, :, 0]
                 col += 1
-                out = block.mlp(block.ln2(mlp_in))
+                out = _mlp(block, layer, mlp_in)
                 x = x + out
                 diffs[:, s0 + H] = out - corrupted_sources[:, s0 + H]
         final = read(x, len(graph.sources), slice(col, col + 1))[:, :, 0]

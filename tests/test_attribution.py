@@ -34,7 +34,8 @@ def test_functional_forward_matches_transformer_lens(tiny_tl):
 
 
 @pytest.mark.parametrize("method, steps, metric", [("eap", 1, "logprob"), ("eap-ig", 4, "logprob"),
-                                                   ("eap-ig", 3, "logit-diff"), ("eap", 1, "prob")])
+                                                   ("eap-ig", 3, "logit-diff"), ("eap", 1, "prob"),
+                                                   ("eap-ig", 11, "logprob")])
 def test_scores_equal_naive_reference(tiny_tl, method, steps, metric):
     batch = A.make_batch(tiny_tl, tiny_facts(4))
     ours = A.attribute_batch(tiny_tl, batch, method, steps, metric)
