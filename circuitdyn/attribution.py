@@ -22,7 +22,9 @@ pads get zero gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
@@ -473,6 +476,43 @@ def attribute(model: Any, facts: Sequence[FactPrompt], method: str = "eap-ig", s
         for j, i in enumerate(chunk):
             out[i] = scores[j]
     return torch.stack(out)  # type: ignore[arg-type]
+
+
+def facts_hash(facts: Sequence[FactPrompt]) -> str:
+    """A content hash of the attribution inputs (ids, tokens, corruptions), stored as `probe_set_hash`."""
+    blob = json.dumps([dataclasses.asdict(f) for f in facts], sort_keys=True)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: str = "eap-ig", steps: int = 5,
+                     metric: str = "logprob", seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE,
+                     meta: dict[str, Any] | None = None, progress: bool = False) -> CircuitSet:
+    """Attribute every fact and wrap the scores with their provenance in a `CircuitSet`.
+
+    `meta` adds checkpoint provenance (checkpoint_hash, step, epoch, model...); the settings
+    (method, ig_steps, metric, seed, noise_scale, corruption per fact, probe_set_hash, architecture)
+    are filled in here.
+    """
+    scores = attribute(model, facts, method, steps, metric, seed, batch_size, noise_scale, progress)
+    cfg = model.cfg
+    info: dict[str, Any] = {
+        "model": cfg.model_name,
+        "architecture": cfg.original_architecture,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_key_value_heads": cfg.n_key_value_heads,
+        "d_model": cfg.d_model,
+        "method": method,
+        "ig_steps": 1 if method == "eap" else int(steps),
+        "metric": metric,
+        "seed": seed,
+        "noise_scale": noise_scale,
+        "corruption": [f.corruption for f in facts],
+        "probe_set_hash": facts_hash(facts),
+        "sign": "score(e) ~ m(clean with e patched to corrupted) - m(clean)",
+    }
+    info.update(meta or {})
+    return CircuitSet(scores, Graph.from_model(model).edges, [f.fact_id for f in facts], info)
 
 
 # --- exact patching -------------------------------------------------------------------------------
