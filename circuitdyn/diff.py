@@ -147,6 +147,18 @@ def smallest_faithful(
     return rank < chosen[:, None], best_f
 
 
+def restrict(circuits: CircuitSet, fact_ids: list[str], graph: Graph | None = None) -> CircuitSet:
+    """`circuits` limited to `fact_ids` (itself when nothing changes), sharing an already rebuilt graph.
+
+    Rebuilding a graph from ~10^5 edge names takes a noticeable moment, and compatible sets (same edge
+    list) have the same graph, so it is passed on instead of rebuilt.
+    """
+    out = circuits if list(fact_ids) == circuits.fact_ids else circuits.subset(list(fact_ids))
+    if graph is not None and "graph" not in out.__dict__:
+        out.__dict__["graph"] = graph  # fills the cached_property
+    return out
+
+
 # --------------------------------------------------------------------------- noise floor
 
 
@@ -177,16 +189,59 @@ def _rows(x: Tensor) -> Tensor:
     return x.float().reshape(-1, x.shape[-1])
 
 
+def rank_rows(x: Float[Tensor, "*fact edge"]) -> np.ndarray:
+    """Per row, average ranks (ties share their mean rank), centred and scaled to unit norm.
+
+    Spearman's rho of two rows is the dot product of their `rank_rows` (NaN for a constant row).
+    """
+    rows = _rows(x).numpy().astype(np.float64)
+    out = np.empty_like(rows)
+    n = rows.shape[1]
+    for i, row in enumerate(rows):
+        order = np.argsort(row, kind="stable")
+        sorted_row = row[order]
+        starts = np.concatenate(([True], sorted_row[1:] != sorted_row[:-1]))
+        dense = np.cumsum(starts) - 1
+        bounds = np.concatenate((np.nonzero(starts)[0], [n]))
+        avg = (bounds[:-1] + bounds[1:] - 1) / 2.0
+        out[i, order] = avg[dense]
+    out -= out.mean(1, keepdims=True)
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, out / np.where(norm > 0, norm, 1), np.nan)
+
+
 def spearman(a: Float[Tensor, "*fact edge"], b: Float[Tensor, "*fact edge"]) -> Float[Tensor, "*fact"]:
     """Spearman rank correlation of two score vectors (per row; ties get average ranks). NaN if constant."""
-    ra = pd.DataFrame(_rows(a).numpy()).rank(axis=1).to_numpy(dtype=np.float64, copy=True)
-    rb = pd.DataFrame(_rows(b).numpy()).rank(axis=1).to_numpy(dtype=np.float64, copy=True)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
-    denom = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where(denom > 0, (ra * rb).sum(1) / np.where(denom > 0, denom, 1), np.nan)
+    rho = (rank_rows(a) * rank_rows(b)).sum(1)
     return torch.from_numpy(rho).float().reshape(a.shape[:-1])
+
+
+def rbo_depth(n_edges: int, p: float = RBO_P) -> int:
+    """Evaluation depth of RBO: where the weight left beyond it, p^d, drops below 1e-6."""
+    return min(n_edges, max(1, int(math.ceil(math.log(1e-6) / math.log(p)))))
+
+
+def top_positions(x: Float[Tensor, "*fact edge"], depth: int) -> Tensor:
+    """Per row, the indices of the `depth` largest |x| in descending order (ties broken by index)."""
+    rows = _rows(x).abs()
+    return rows.topk(depth, dim=1, sorted=True).indices
+
+
+def rbo_from_top(top_a: Tensor, top_b: Tensor, n_edges: int, p: float = RBO_P) -> Float[Tensor, "fact"]:
+    """Extrapolated RBO from two `top_positions` results of the same depth."""
+    n_rows, depth = top_a.shape
+    ar = torch.arange(depth)
+    pos_a = torch.full((n_rows, n_edges), depth, dtype=torch.long).scatter_(1, top_a, ar.expand(n_rows, -1))
+    pos_b = torch.full((n_rows, n_edges), depth, dtype=torch.long).scatter_(1, top_b, ar.expand(n_rows, -1))
+    both = torch.maximum(pos_a, pos_b).clamp_max(depth)  # depth at which an edge is in both prefixes
+    counts = torch.zeros(n_rows, depth + 1).scatter_add_(1, both, torch.ones(n_rows, n_edges))[:, :depth]
+    overlap = counts.cumsum(1).double()
+    ks = torch.arange(1, depth + 1, dtype=torch.float64)
+    agree = overlap / ks
+    weights = p**ks
+    rbo = (1 - p) / p * (agree * weights).sum(1) + agree[:, -1] * p**depth
+    return rbo.float()
 
 
 def rank_biased_overlap(
@@ -195,25 +250,12 @@ def rank_biased_overlap(
     """Extrapolated rank-biased overlap (Webber et al. 2010) of the |score| orderings, per row.
 
     1 = same top ranking, 0 = disjoint tops; agreement at depth d weighs p^(d-1), so the top edges
-    dominate. Evaluated to `depth` (default: where the remaining weight p^d drops below 1e-6).
+    dominate. Evaluated to `depth` (default `rbo_depth`: where the remaining weight drops below 1e-6).
     """
-    xa, xb = _rows(a).abs(), _rows(b).abs()
-    n = xa.shape[1]
-    depth = min(n, depth or max(1, int(math.ceil(math.log(1e-6) / math.log(p)))))
-    out = []
-    ks = np.arange(1, depth + 1)
-    for ra_, rb_ in zip(xa, xb):
-        rank_a = torch.empty(n, dtype=torch.long)
-        rank_a[ra_.argsort(descending=True, stable=True)] = torch.arange(n)
-        rank_b = torch.empty(n, dtype=torch.long)
-        rank_b[rb_.argsort(descending=True, stable=True)] = torch.arange(n)
-        both = torch.maximum(rank_a, rank_b)
-        both = both[both < depth].numpy()
-        overlap = np.cumsum(np.bincount(both, minlength=depth)[:depth])
-        agree = overlap / ks
-        rbo = (1 - p) / p * float((agree * p**ks).sum()) + agree[-1] * p**depth
-        out.append(rbo)
-    return torch.tensor(out).float().reshape(a.shape[:-1])
+    n = a.shape[-1]
+    depth = min(n, depth or rbo_depth(n, p))
+    out = rbo_from_top(top_positions(a, depth), top_positions(b, depth), n, p)
+    return out.reshape(a.shape[:-1])
 
 
 def weighted_jaccard(a: Float[Tensor, "*fact edge"], b: Float[Tensor, "*fact edge"]) -> Float[Tensor, "*fact"]:
@@ -572,7 +614,8 @@ def diff_circuits(
         a.index(f)
         if f not in b.fact_ids:
             raise CircuitdynError(f"fact id {f!r} has a circuit in {labels[0]} but not in {labels[1]}")
-    a, b = a.subset(facts), b.subset(facts)
+    a = restrict(a, facts)
+    b = restrict(b, facts, a.graph)
     floor = per_fact_floor(noise, facts)
     faith_a = faith_b = None
     if sel.rule == "faith":
@@ -629,7 +672,7 @@ def transfer_matrix(
         raise CircuitdynError(f"epochs {epochs} share no fact ids")
     records = []
     for i in epochs:
-        cs = circuits[i].subset(facts)
+        cs = restrict(circuits[i], facts, first.graph)
         faith = own_faithfulness(i) if (own_faithfulness and sel.rule == "faith") else None
         masks = sel.masks(cs, faith)
         for j in epochs:

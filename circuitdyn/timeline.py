@@ -41,9 +41,12 @@ from circuitdyn.diff import (
     jaccard,
     layer_shares,
     per_fact_floor,
-    rank_biased_overlap,
+    rank_rows,
+    rbo_depth,
+    rbo_from_top,
+    restrict,
     smallest_faithful,
-    spearman,
+    top_positions,
     weighted_jaccard,
 )
 from circuitdyn.errors import CircuitdynError
@@ -93,16 +96,25 @@ class Timeline:
             self._cache[key] = torch.cat([s, s.mean(0, keepdim=True)])
         return self._cache[key]
 
+    def _ranks(self, epoch: int) -> tuple[np.ndarray, Tensor]:
+        """Cached per epoch: normalised average ranks (for Spearman) and top-|score| positions (for RBO)."""
+        key = f"ranks{epoch}"
+        if key not in self._cache:
+            s = self.scores(epoch)
+            self._cache[key] = (rank_rows(s), top_positions(s, rbo_depth(s.shape[1])))
+        return self._cache[key]
+
     def _pair(self, e0: int, e1: int) -> dict[str, np.ndarray]:
         sa, sb, ma, mb = self.scores(e0), self.scores(e1), self.masks[e0], self.masks[e1]
+        (ra, ta), (rb, tb) = self._ranks(e0), self._ranks(e1)
         union = ma | mb
         moved = union & ~(ma & mb) & ((sb - sa).abs() > self.floor[:, None])
         n_union = union.sum(1).float()
         return {
             "jaccard": jaccard(ma, mb).numpy(),
             "weighted_jaccard": weighted_jaccard(sa, sb).numpy(),
-            "rbo": rank_biased_overlap(sa, sb).numpy(),
-            "spearman": spearman(sa, sb).numpy(),
+            "rbo": rbo_from_top(ta, tb, sa.shape[1]).numpy(),
+            "spearman": (ra * rb).sum(1),
             "changed_frac": torch.where(n_union > 0, moved.sum(1) / n_union.clamp_min(1), 0.0).numpy(),
         }
 
@@ -321,7 +333,8 @@ def build_timeline(
     facts = [f for f in first.fact_ids if all(f in circuits[e].fact_ids for e in order)]
     if not facts:
         raise CircuitdynError(f"the circuit sets of epochs {order} share no fact ids")
-    circuits = {e: circuits[e].subset(facts) for e in order}
+    graph = first.graph
+    circuits = {e: restrict(circuits[e], facts, graph) for e in order}
     if outcomes is not None:
         missing_cols = {"fact_id", "epoch", "correct"} - set(outcomes.columns)
         if missing_cols:

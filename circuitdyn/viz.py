@@ -30,12 +30,10 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.io as pio
 import torch
-from plotly.subplots import make_subplots
 
-from circuitdyn.circuits import CircuitSet, select_top_n
-from circuitdyn.diff import MEAN, STATUSES, CircuitDiff, node_importance
+from circuitdyn.circuits import CircuitSet
+from circuitdyn.diff import MEAN, STATUSES, CircuitDiff
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 
@@ -51,6 +49,9 @@ MAX_FACTS = 40
 
 
 # --------------------------------------------------------------------------- layout and traces
+
+Spec = dict[str, Any]
+"""A figure as plain data: {"data": [trace dicts], "layout": dict} (what Plotly.js and go.Figure take)."""
 
 
 def node_positions(graph: Graph) -> dict[str, tuple[float, float]]:
@@ -70,14 +71,24 @@ def _esc(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _fold(graph: Graph, scores: torch.Tensor, mask: torch.Tensor) -> dict[tuple[str, str], list[tuple[str, float]]]:
-    """Selected port-level edges grouped into component-level edges: (src, dst) -> [(name, score)]."""
+def _fold(graph: Graph, scores: torch.Tensor, idx: list[int]) -> dict[tuple[str, str], list[tuple[str, float]]]:
+    """Port-level edges `idx` grouped into component-level edges: (src, dst) -> [(name, score)]."""
     out: dict[tuple[str, str], list[tuple[str, float]]] = {}
-    for i in mask.nonzero().flatten().tolist():
+    values = scores[idx].tolist()
+    for i, v in zip(idx, values):
         name = graph.edges[i]
         src, dst = name.split("->")
-        out.setdefault((src, graph.component(dst)), []).append((name, float(scores[i])))
+        out.setdefault((src, graph.component(dst)), []).append((name, float(v)))
     return out
+
+
+def _importance(graph: Graph, weights: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Node importance (half of in- plus out-edge |weight|) from the edges `idx` only."""
+    src, dst = graph.edge_node_ids
+    sel = torch.tensor(idx, dtype=torch.long)
+    w = weights[sel].abs().float() / 2
+    out = torch.zeros(len(graph.nodes))
+    return out.index_add_(0, src[sel], w).index_add_(0, dst[sel], w)
 
 
 def _width(w: float, wmax: float) -> float:
@@ -87,7 +98,7 @@ def _width(w: float, wmax: float) -> float:
 
 def _edge_traces(
     pos: dict[str, tuple[float, float]], items: list[tuple[str, str, float, str, str]], colours: dict[str, str],
-) -> list[go.Scatter]:
+) -> list[dict[str, Any]]:
     """Line traces for edges (src, dst, magnitude, colour key, hover text), one per colour x width bin,
     plus one invisible-marker trace at the midpoints carrying the hover text."""
     wmax = max((abs(w) for _, _, w, _, _ in items), default=0.0)
@@ -97,44 +108,49 @@ def _edge_traces(
         xs, ys = groups.setdefault((key, _width(abs(w), wmax)), ([], []))
         xs += [x0, x1, None]
         ys += [y0, y1, None]
-    traces: list[go.Scatter] = []
-    shown: set[str] = set()
+    traces: list[dict[str, Any]] = []
     for key in colours:
+        shown = False
         for (k, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][1]):
             if k != key:
                 continue
-            traces.append(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colours[key], "width": width},
-                                     opacity=0.75, hoverinfo="skip", name=key, legendgroup=key,
-                                     showlegend=key not in shown))
-            shown.add(key)
+            traces.append({"type": "scatter", "x": xs, "y": ys, "mode": "lines", "opacity": 0.75,
+                           "line": {"color": colours[key], "width": width}, "hoverinfo": "skip", "name": key,
+                           "legendgroup": key, "showlegend": not shown})
+            shown = True
     if items:
-        traces.append(go.Scatter(
-            x=[(pos[s][0] + pos[d][0]) / 2 for s, d, *_ in items], y=[(pos[s][1] + pos[d][1]) / 2 for s, d, *_ in items],
-            mode="markers", marker={"size": 7, "color": "rgba(0,0,0,0)"}, hovertext=[t for *_, t in items],
-            hoverinfo="text", showlegend=False, name="edges"))
+        traces.append({
+            "type": "scatter", "mode": "markers", "name": "edges", "showlegend": False, "hoverinfo": "text",
+            "x": [(pos[s][0] + pos[d][0]) / 2 for s, d, *_ in items],
+            "y": [(pos[s][1] + pos[d][1]) / 2 for s, d, *_ in items],
+            "marker": {"size": 7, "color": "rgba(0,0,0,0)"}, "hovertext": [t for *_, t in items]})
     return traces
 
 
 def _node_trace(graph: Graph, pos: dict[str, tuple[float, float]], importance: torch.Tensor,
-                active: set[str]) -> go.Scatter:
+                active: set[str]) -> dict[str, Any]:
     imax = float(importance.max()) or 1.0
+    imp = importance.tolist()
     names = graph.nodes
     kinds = ["input" if n == "input" else "logits" if n == "logits" else "attn" if n[0] == "a" else "mlp" for n in names]
-    return go.Scatter(
-        x=[pos[n][0] for n in names], y=[pos[n][1] for n in names], mode="markers", name="components",
-        marker={"size": [6 + 14 * float(importance[i]) / imax if n in active else 5 for i, n in enumerate(names)],
-                "color": [KIND_COLOURS[k] if n in active else "#e5e5e5" for n, k in zip(names, kinds)],
-                "line": {"width": 0.5, "color": "#333"}, "symbol": ["square" if k == "mlp" else "circle" for k in kinds]},
-        hovertext=[f"{_esc(n)}<br>importance {float(importance[i]):.4g}" for i, n in enumerate(names)],
-        hoverinfo="text", showlegend=False)
+    return {
+        "type": "scatter", "mode": "markers", "name": "components", "showlegend": False, "hoverinfo": "text",
+        "x": [pos[n][0] for n in names], "y": [pos[n][1] for n in names],
+        "marker": {"size": [round(6 + 14 * imp[i] / imax, 2) if n in active else 5 for i, n in enumerate(names)],
+                   "color": [KIND_COLOURS[k] if n in active else "#e5e5e5" for n, k in zip(names, kinds)],
+                   "line": {"width": 0.5, "color": "#333"},
+                   "symbol": ["square" if k == "mlp" else "circle" for k in kinds]},
+        "hovertext": [f"{_esc(n)}<br>importance {imp[i]:.4g}" for i, n in enumerate(names)],
+    }
 
 
 def _circuit_layout(graph: Graph, title: str) -> dict[str, Any]:
     ticks = [0.0] + [2.0 * L + 1.5 for L in range(graph.n_layers)] + [2.0 * graph.n_layers + 1]
     labels = ["input"] + [f"L{L}" for L in range(graph.n_layers)] + ["logits"]
     return {
-        "title": {"text": title}, "template": "plotly_white", "hovermode": "closest", "height": 560,
-        "xaxis": {"tickvals": ticks, "ticktext": labels, "title": {"text": "layer"}, "zeroline": False},
+        "title": {"text": title}, "hovermode": "closest", "height": 560, "plot_bgcolor": "white",
+        "xaxis": {"tickvals": ticks, "ticktext": labels, "title": {"text": "layer"}, "zeroline": False,
+                  "gridcolor": "#eee"},
         "yaxis": {"title": {"text": "head (MLP centred)"}, "zeroline": False, "showgrid": False},
         "legend": {"orientation": "h", "y": -0.15}, "margin": {"l": 50, "r": 20, "t": 60, "b": 60},
     }
@@ -144,39 +160,43 @@ def _hover(names_scores: list[tuple[str, float]], fmt: str = "{:.4g}") -> str:
     return "<br>".join(f"{_esc(n)}: {fmt.format(s)}" for n, s in names_scores)
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def circuit_figure(circuits: CircuitSet, fact_id: str = MEAN, n: int = 100, label: str | None = None) -> go.Figure:
-    """One fact's circuit (or the mean circuit, `MEAN`): the n edges with the largest |score|."""
-    graph = circuits.graph
-    scores = circuits.mean() if fact_id == MEAN else circuits.fact(fact_id).float()
-    mask = select_top_n(scores, n)
+def _signed_circuit(graph: Graph, scores: torch.Tensor, idx: list[int], title: str) -> Spec:
+    """The edges `idx` of one score vector, coloured by sign, widths by |summed port score|."""
     pos = node_positions(graph)
-    folded = _fold(graph, scores, mask)
+    folded = _fold(graph, scores, idx)
     items = []
     for (src, dst), ports in folded.items():
         total = sum(s for _, s in ports)
         items.append((src, dst, total, "negative" if total < 0 else "positive",
                       f"{_esc(src)} → {_esc(dst)}: {total:.4g}<br>{_hover(ports)}"))
     active = {s for s, _ in folded} | {d for _, d in folded}
-    fig = go.Figure(_edge_traces(pos, items, SIGN_COLOURS) + [_node_trace(graph, pos, node_importance(graph, scores * mask), active)])
-    title = f"{_esc(label or fact_id)}: top {int(mask.sum())} edges"
-    fig.update_layout(_circuit_layout(graph, title))
-    return fig
+    data = _edge_traces(pos, items, SIGN_COLOURS) + [_node_trace(graph, pos, _importance(graph, scores, idx), active)]
+    return {"data": data, "layout": _circuit_layout(graph, title)}
 
 
-def diff_figure(diff: CircuitDiff, fact_id: str = MEAN) -> go.Figure:
-    """Both circuits of one fact on one canvas: edges coloured by status (added, removed, changed, kept, noise)."""
+# --------------------------------------------------------------------------- figure specs
+
+
+def circuit_spec(circuits: CircuitSet, fact_id: str = MEAN, n: int = 100, label: str | None = None) -> Spec:
+    """`circuit_figure` as plain data."""
+    scores = circuits.mean() if fact_id == MEAN else circuits.fact(fact_id).float()
+    n = max(1, min(int(n), scores.shape[0]))
+    idx = scores.abs().topk(n).indices.tolist()
+    return _signed_circuit(circuits.graph, scores, idx, f"{_esc(label or fact_id)}: top {n} edges")
+
+
+def diff_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
+    """`diff_figure` as plain data."""
     r = diff.row(fact_id)
     graph = diff.graph
     code = diff.status_codes[r]
-    sa, sb = diff.scores_a[r], diff.scores_b[r]
+    idx = (code >= 0).nonzero().flatten().tolist()
+    sa, sb, codes = diff.scores_a[r, idx].tolist(), diff.scores_b[r, idx].tolist(), code[idx].tolist()
     groups: dict[tuple[str, str, str], list[tuple[str, float, float]]] = {}
-    for i in (code >= 0).nonzero().flatten().tolist():
+    for i, a, b, c in zip(idx, sa, sb, codes):
         name = graph.edges[i]
         src, dst = name.split("->")
-        groups.setdefault((src, graph.component(dst), STATUSES[int(code[i])]), []).append((name, float(sa[i]), float(sb[i])))
+        groups.setdefault((src, graph.component(dst), STATUSES[c]), []).append((name, a, b))
     items = []
     for (src, dst, status), ports in groups.items():
         mag = max(max(abs(a), abs(b)) for _, a, b in ports)
@@ -184,51 +204,52 @@ def diff_figure(diff: CircuitDiff, fact_id: str = MEAN) -> go.Figure:
         items.append((src, dst, mag, status, f"<b>{status}</b> {_esc(src)} → {_esc(dst)}<br>{text}"))
     pos = node_positions(graph)
     active = {s for s, _, _ in groups} | {d for _, d, _ in groups}
-    union = (code >= 0).float()
-    imp = node_importance(graph, torch.maximum(sa.abs(), sb.abs()) * union)
-    fig = go.Figure(_edge_traces(pos, items, STATUS_COLOURS) + [_node_trace(graph, pos, imp, active)])
+    imp = _importance(graph, torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs()), idx)
     row = diff.facts.loc[fact_id]
     title = (f"{_esc(fact_id)}: {_esc(diff.label_a)} → {_esc(diff.label_b)} — +{int(row['added'])} / "
              f"−{int(row['removed'])} / kept {int(row['kept'])} (changed {int(row['changed'])}), "
              f"Jaccard {row['edge_jaccard']:.2f}")
-    fig.update_layout(_circuit_layout(graph, title))
-    return fig
+    return {"data": _edge_traces(pos, items, STATUS_COLOURS) + [_node_trace(graph, pos, imp, active)],
+            "layout": _circuit_layout(graph, title)}
 
 
-def sankey_figure(diff: CircuitDiff, fact_id: str = MEAN) -> go.Figure:
-    """Layer-to-layer flow of |score| in the union of both circuits, links coloured by status."""
+def sankey_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
+    """`sankey_figure` as plain data."""
     r = diff.row(fact_id)
     graph = diff.graph
     code = diff.status_codes[r]
-    mag = torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs())
-    labels = ["input"] + [f"L{L}" for L in range(graph.n_layers)] + ["logits"]
+    idx = (code >= 0).nonzero().flatten().tolist()
+    mag = torch.maximum(diff.scores_a[r, idx].abs(), diff.scores_b[r, idx].abs()).tolist()
+    src_node, dst_node = graph.edge_node_ids
+    layer_of = [graph.layer_of(n) + 1 for n in graph.nodes]
     flows: dict[tuple[int, int, str], float] = {}
-    for i in (code >= 0).nonzero().flatten().tolist():
-        src, dst = graph.edges[i].split("->")
-        key = (graph.layer_of(src) + 1, graph.layer_of(dst) + 1, STATUSES[int(code[i])])
-        flows[key] = flows.get(key, 0.0) + float(mag[i])
+    for i, m, c in zip(idx, mag, code[idx].tolist()):
+        key = (layer_of[int(src_node[i])], layer_of[int(dst_node[i])], STATUSES[c])
+        flows[key] = flows.get(key, 0.0) + m
     keys = sorted(flows)
-    fig = go.Figure(go.Sankey(
-        arrangement="snap",
-        node={"label": labels, "pad": 12, "thickness": 14, "color": "#888"},
-        link={"source": [k[0] for k in keys], "target": [k[1] for k in keys], "value": [flows[k] for k in keys],
-              "color": [STATUS_COLOURS[k[2]] for k in keys], "label": [k[2] for k in keys]},
-    ))
-    fig.update_layout(title={"text": f"{_esc(fact_id)}: layer-to-layer flow of |score| by status"},
-                      template="plotly_white", height=380, margin={"l": 20, "r": 20, "t": 50, "b": 20})
-    return fig
+    labels = ["input"] + [f"L{L}" for L in range(graph.n_layers)] + ["logits"]
+    data = [{"type": "sankey", "arrangement": "snap",
+             "node": {"label": labels, "pad": 12, "thickness": 14, "color": "#888"},
+             "link": {"source": [k[0] for k in keys], "target": [k[1] for k in keys], "value": [flows[k] for k in keys],
+                      "color": [STATUS_COLOURS[k[2]] for k in keys], "label": [k[2] for k in keys]}}]
+    layout = {"title": {"text": f"{_esc(fact_id)}: layer-to-layer flow of |score| by status"}, "height": 380,
+              "margin": {"l": 20, "r": 20, "t": 50, "b": 20}}
+    return {"data": data, "layout": layout}
 
 
-def layer_shift_figure(diff: CircuitDiff, fact_id: str = MEAN) -> go.Figure:
-    """Share of importance per layer in A and in B for one fact."""
+def layer_shift_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
+    """`layer_shift_figure` as plain data."""
     diff.row(fact_id)
     df = diff.layers[diff.layers["fact_id"] == fact_id]
-    fig = go.Figure([go.Bar(x=df["layer"], y=df["share_a"], name=_esc(diff.label_a), marker_color="#9ecae1"),
-                     go.Bar(x=df["layer"], y=df["share_b"], name=_esc(diff.label_b), marker_color="#3182bd")])
-    fig.update_layout(title={"text": f"{_esc(fact_id)}: importance share per layer"}, barmode="group",
-                      template="plotly_white", height=320, xaxis={"title": {"text": "layer"}, "dtick": 1},
-                      yaxis={"title": {"text": "share of |score|"}}, margin={"l": 50, "r": 20, "t": 50, "b": 40})
-    return fig
+    data = [{"type": "bar", "x": df["layer"].tolist(), "y": df["share_a"].tolist(), "name": _esc(diff.label_a),
+             "marker": {"color": "#9ecae1"}},
+            {"type": "bar", "x": df["layer"].tolist(), "y": df["share_b"].tolist(), "name": _esc(diff.label_b),
+             "marker": {"color": "#3182bd"}}]
+    layout = {"title": {"text": f"{_esc(fact_id)}: importance share per layer"}, "barmode": "group", "height": 320,
+              "plot_bgcolor": "white", "xaxis": {"title": {"text": "layer"}, "dtick": 1},
+              "yaxis": {"title": {"text": "share of |score|"}, "gridcolor": "#eee"},
+              "margin": {"l": 50, "r": 20, "t": 50, "b": 40}}
+    return {"data": data, "layout": layout}
 
 
 def _ood_columns(per_epoch: Any) -> list[str]:
@@ -238,16 +259,27 @@ def _ood_columns(per_epoch: Any) -> list[str]:
     return [c for c in per_epoch.columns if c not in known and per_epoch[c].dtype.kind in "fi"]
 
 
-def timeline_figure(timeline: Any, fact_id: str | None = None) -> go.Figure:
-    """Line charts over epochs: training loss, knowledge accuracy, OOD accuracy, circuit similarity."""
-    pe = timeline.per_epoch
-    fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.05,
-                        subplot_titles=("training loss", "knowledge accuracy", "OOD accuracy", "circuit similarity"))
-    x = pe["epoch"].tolist()
+def _series(values: Any) -> list[Any]:
+    return [None if v is None or pd.isna(v) else float(v) for v in values]
 
-    def line(col: str, row: int, name: str, **kw: Any) -> None:
+
+def _fact_similarity_trace(timeline: Any, fact_id: str) -> dict[str, Any]:
+    f = timeline.fact(fact_id)
+    return {"type": "scatter", "mode": "lines+markers", "x": f["epoch"].tolist(), "y": _series(f["jaccard_prev"]),
+            "name": f"{_esc(fact_id)}: Jaccard to previous", "line": {"dash": "dot"}, "xaxis": "x4", "yaxis": "y4"}
+
+
+def timeline_spec(timeline: Any, fact_id: str | None = None) -> Spec:
+    """`timeline_figure` as plain data (four stacked panels sharing the epoch axis)."""
+    pe = timeline.per_epoch
+    x = pe["epoch"].tolist()
+    panels = ("training loss", "knowledge accuracy", "OOD accuracy", "circuit similarity")
+    data: list[dict[str, Any]] = []
+
+    def line(col: str, row: int, name: str) -> None:
         if col in pe and pe[col].notna().any():
-            fig.add_trace(go.Scatter(x=x, y=pe[col].tolist(), mode="lines+markers", name=name, **kw), row=row, col=1)
+            data.append({"type": "scatter", "mode": "lines+markers", "x": x, "y": _series(pe[col]), "name": name,
+                         "xaxis": f"x{row}", "yaxis": f"y{row}"})
 
     line("train_loss", 1, "train loss")
     line("knowledge_accuracy", 2, "entities learned")
@@ -258,32 +290,89 @@ def timeline_figure(timeline: Any, fact_id: str | None = None) -> go.Figure:
     line("jaccard_first", 4, "Jaccard to first")
     line("weighted_jaccard_prev", 4, "weighted Jaccard to previous")
     if fact_id is not None and fact_id != MEAN:
-        f = timeline.fact(fact_id)
-        fig.add_trace(go.Scatter(x=f["epoch"].tolist(), y=f["jaccard_prev"].tolist(), mode="lines+markers",
-                                 name=f"{_esc(fact_id)}: Jaccard to previous", line={"dash": "dot"}), row=4, col=1)
-    fig.update_layout(template="plotly_white", height=760, hovermode="x unified",
-                      margin={"l": 50, "r": 20, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.06})
-    fig.update_xaxes(title_text="epoch", dtick=1, row=4, col=1)
-    return fig
+        data.append(_fact_similarity_trace(timeline, fact_id))
+    gap, h = 0.05, (1 - 3 * 0.05) / 4
+    layout: dict[str, Any] = {"height": 760, "hovermode": "x unified", "plot_bgcolor": "white",
+                              "margin": {"l": 50, "r": 20, "t": 40, "b": 40},
+                              "legend": {"orientation": "h", "y": -0.1}, "annotations": []}
+    for i, title in enumerate(panels, 1):
+        top = round(1 - (i - 1) * (h + gap), 4)
+        layout[f"yaxis{i}"] = {"domain": [max(0.0, round(top - h, 4)), top], "anchor": f"x{i}", "gridcolor": "#eee"}
+        layout[f"xaxis{i}"] = {"anchor": f"y{i}", "showticklabels": i == 4, "dtick": 1, "gridcolor": "#eee",
+                               **({"matches": "x4"} if i < 4 else {"title": {"text": "epoch"}})}
+        layout["annotations"].append({"text": title, "xref": "paper", "yref": "paper", "x": 0.5, "y": top,
+                                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
+    return {"data": data, "layout": layout}
+
+
+def heatmap_spec(timeline: Any) -> Spec:
+    """`heatmap_figure` as plain data."""
+    le = timeline.layer_epoch
+    data = [{"type": "heatmap", "z": le.to_numpy().tolist(), "x": [str(c) for c in le.columns],
+             "y": [f"L{i}" for i in le.index], "colorscale": "Viridis", "colorbar": {"title": {"text": "share"}},
+             "hovertemplate": "epoch %{x}, %{y}: %{z:.3f}<extra></extra>"}]
+    layout = {"title": {"text": "importance share per layer and epoch"}, "height": 360,
+              "xaxis": {"title": {"text": "epoch"}, "type": "category"}, "yaxis": {"title": {"text": "layer"}},
+              "margin": {"l": 50, "r": 20, "t": 50, "b": 40}}
+    return {"data": data, "layout": layout}
+
+
+def timeline_circuit_spec(timeline: Any, fact_id: str, epoch: int, label: str | None = None) -> Spec:
+    """One fact's circuit at one epoch of a timeline (the timeline's selection), with its recall state."""
+    if fact_id not in timeline.rows:
+        raise CircuitdynError(f"unknown fact id {fact_id!r}; the timeline has e.g. {timeline.fact_ids[:3]}")
+    r = timeline.rows.index(fact_id)
+    scores = timeline.scores(epoch)[r]
+    idx = timeline.masks[epoch][r].nonzero().flatten().tolist()
+    state = ""
+    if timeline.outcomes is not None and fact_id != MEAN:
+        row = timeline.fact(fact_id).set_index("epoch")
+        correct = row.loc[epoch, "correct"] if epoch in row.index else None
+        if correct is not None and not pd.isna(correct):
+            state = " — recalled" if bool(correct) else " — not recalled"
+    title = f"{_esc(label or fact_id)} at epoch {epoch}: {len(idx)} edges{state}"
+    return _signed_circuit(timeline.graph, scores, idx, title)
+
+
+# --------------------------------------------------------------------------- figures (notebooks)
+
+
+def circuit_figure(circuits: CircuitSet, fact_id: str = MEAN, n: int = 100, label: str | None = None) -> go.Figure:
+    """One fact's circuit (or the mean circuit, `MEAN`): the n edges with the largest |score|."""
+    return go.Figure(circuit_spec(circuits, fact_id, n, label))
+
+
+def diff_figure(diff: CircuitDiff, fact_id: str = MEAN) -> go.Figure:
+    """Both circuits of one fact on one canvas: edges coloured by status (added, removed, changed, kept, noise)."""
+    return go.Figure(diff_spec(diff, fact_id))
+
+
+def sankey_figure(diff: CircuitDiff, fact_id: str = MEAN) -> go.Figure:
+    """Layer-to-layer flow of |score| in the union of both circuits, links coloured by status."""
+    return go.Figure(sankey_spec(diff, fact_id))
+
+
+def layer_shift_figure(diff: CircuitDiff, fact_id: str = MEAN) -> go.Figure:
+    """Share of importance per layer in A and in B for one fact."""
+    return go.Figure(layer_shift_spec(diff, fact_id))
+
+
+def timeline_figure(timeline: Any, fact_id: str | None = None) -> go.Figure:
+    """Line charts over epochs: training loss, knowledge accuracy, OOD accuracy, circuit similarity."""
+    return go.Figure(timeline_spec(timeline, fact_id))
 
 
 def heatmap_figure(timeline: Any) -> go.Figure:
     """layer x epoch heatmap of the share of importance (mean over facts)."""
-    le = timeline.layer_epoch
-    fig = go.Figure(go.Heatmap(z=le.to_numpy().tolist(), x=[str(c) for c in le.columns], y=[f"L{i}" for i in le.index],
-                               colorscale="Viridis", colorbar={"title": {"text": "share"}},
-                               hovertemplate="epoch %{x}, %{y}: %{z:.3f}<extra></extra>"))
-    fig.update_layout(title={"text": "importance share per layer and epoch"}, template="plotly_white", height=360,
-                      xaxis={"title": {"text": "epoch"}}, yaxis={"title": {"text": "layer"}},
-                      margin={"l": 50, "r": 20, "t": 50, "b": 40})
-    return fig
+    return go.Figure(heatmap_spec(timeline))
+
+
+def timeline_circuit_figure(timeline: Any, fact_id: str = MEAN, epoch: int | None = None) -> go.Figure:
+    """One fact's circuit at one epoch of a timeline (default: the last epoch)."""
+    return go.Figure(timeline_circuit_spec(timeline, fact_id, timeline.epochs[-1] if epoch is None else epoch))
 
 
 # --------------------------------------------------------------------------- pages
-
-
-def _fig_json(fig: go.Figure) -> dict[str, Any]:
-    return json.loads(pio.to_json(fig, validate=False))
 
 
 def _safe_json(obj: Any) -> str:
@@ -409,7 +498,7 @@ def write_circuit_html(
     sizes = sorted({min(int(n), len(circuits.edges)) for n in sizes if int(n) >= 1})
     if not sizes:
         raise CircuitdynError("the circuit viewer needs at least one edge count >= 1")
-    variants = {f"{f}|{n}": _fig_json(circuit_figure(circuits, f, n, (labels or {}).get(f))) for f in chosen for n in sizes}
+    variants = {f"{f}|{n}": circuit_spec(circuits, f, n, (labels or {}).get(f)) for f in chosen for n in sizes}
     meta = circuits.meta
     subtitle = " · ".join(f"{k} {meta[k]}" for k in ("model", "epoch", "method", "metric") if k in meta)
     body = ("<div class=\"controls\"><label>fact <select id=\"fact\"></select></label>"
@@ -436,8 +525,8 @@ def write_diff_html(
     variants = {}
     for f in chosen:
         paths = diff.paths(f).set_index("path")
-        variants[f] = {"circuit": _fig_json(diff_figure(diff, f)), "sankey": _fig_json(sankey_figure(diff, f)),
-                       "layers": _fig_json(layer_shift_figure(diff, f)), "paths": _table_html(paths)}
+        variants[f] = {"circuit": diff_spec(diff, f), "sankey": sankey_spec(diff, f),
+                       "layers": layer_shift_spec(diff, f), "paths": _table_html(paths)}
     summary = diff.summary.to_frame("mean over facts")
     cols = ["n_a", "n_b", "added", "removed", "changed", "kept", "sign_flips", "edge_jaccard", "node_jaccard",
             "weighted_jaccard", "spearman", "rbo", "attn_shift", "deep_shift", "paths_lost"]
@@ -467,29 +556,6 @@ update();
     return _write_page(path, title or f"circuit diff: {diff.label_a} → {diff.label_b}", sub, body, data, script)
 
 
-def _timeline_circuit(timeline: Any, fact_id: str, epoch: int, label: str | None) -> dict[str, Any]:
-    graph = timeline.graph
-    r = timeline.rows.index(fact_id)
-    scores, mask = timeline.scores(epoch)[r], timeline.masks[epoch][r]
-    pos = node_positions(graph)
-    folded = _fold(graph, scores, mask)
-    items = []
-    for (src, dst), ports in folded.items():
-        total = sum(s for _, s in ports)
-        items.append((src, dst, total, "negative" if total < 0 else "positive",
-                      f"{_esc(src)} → {_esc(dst)}: {total:.4g}<br>{_hover(ports)}"))
-    active = {s for s, _ in folded} | {d for _, d in folded}
-    fig = go.Figure(_edge_traces(pos, items, SIGN_COLOURS) + [_node_trace(graph, pos, node_importance(graph, scores * mask), active)])
-    state = ""
-    if timeline.outcomes is not None and fact_id != MEAN:
-        row = timeline.fact(fact_id).set_index("epoch")
-        correct = row.loc[epoch, "correct"] if epoch in row.index else None
-        if correct is not None and not pd.isna(correct):
-            state = " — recalled" if bool(correct) else " — not recalled"
-    fig.update_layout(_circuit_layout(graph, f"{_esc(label or fact_id)} at epoch {epoch}: {int(mask.sum())} edges{state}"))
-    return _fig_json(fig)
-
-
 def write_timeline_html(
     timeline: Any, path: str | Path, *, facts: Sequence[str] | None = None, labels: dict[str, str] | None = None,
     max_facts: int = 20, title: str | None = None,
@@ -498,8 +564,9 @@ def write_timeline_html(
     (a marker follows the slider; clicking a chart point moves it) and the layer x epoch heatmap."""
     chosen = _pick_facts(timeline.fact_ids, facts, max_facts)
     epochs = timeline.epochs
-    circuits = {f"{f}|{e}": _timeline_circuit(timeline, f, e, (labels or {}).get(f)) for f in chosen for e in epochs}
-    lines = {f: _fig_json(timeline_figure(timeline, f)) for f in chosen}
+    circuits = {f"{f}|{e}": timeline_circuit_spec(timeline, f, e, (labels or {}).get(f)) for f in chosen for e in epochs}
+    lines = timeline_spec(timeline)
+    fact_lines = {f: _fact_similarity_trace(timeline, f) for f in chosen if f != MEAN}
     summary = timeline.summary()
     stab = summary.pop("stability", None)
     rows = {k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in summary.items()}
@@ -517,21 +584,22 @@ def write_timeline_html(
         "</label><span id=\"epoch-label\"></span></div>"
         "<div class=\"row\"><div id=\"circuit\"></div><div id=\"lines\"></div></div><div id=\"heatmap\"></div>"
     )
-    data = {"circuits": circuits, "lines": lines, "heatmap": _fig_json(heatmap_figure(timeline)),
+    data = {"circuits": circuits, "lines": lines, "fact_lines": fact_lines, "heatmap": heatmap_spec(timeline),
             "epochs": epochs, "facts": _options(chosen, labels)}
     script = """
 var fact = fillSelect("fact", DATA.facts), slider = document.getElementById("epoch");
 function epoch() { return DATA.epochs[Number(slider.value)]; }
-function marker(fig) {
-  var layout = Object.assign({}, fig.layout);
-  layout.shapes = [{type: "line", xref: "x", yref: "paper", x0: epoch(), x1: epoch(), y0: 0, y1: 1,
+function lines() {
+  var layout = Object.assign({}, DATA.lines.layout);
+  layout.shapes = [{type: "line", xref: "x4", yref: "paper", x0: epoch(), x1: epoch(), y0: 0, y1: 1,
                     line: {color: "#d62728", width: 2, dash: "dot"}}];
-  return {data: fig.data, layout: layout};
+  var extra = DATA.fact_lines[fact.value];
+  return {data: extra ? DATA.lines.data.concat([extra]) : DATA.lines.data, layout: layout};
 }
 function update() {
   document.getElementById("epoch-label").textContent = "epoch " + epoch();
   return Promise.all([draw("circuit", DATA.circuits[fact.value + "|" + epoch()]),
-                      draw("lines", marker(DATA.lines[fact.value]))]).then(markRendered);
+                      draw("lines", lines())]).then(markRendered);
 }
 fact.addEventListener("change", update); slider.addEventListener("input", update);
 draw("heatmap", DATA.heatmap).then(update).then(function () {
