@@ -27,6 +27,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -513,6 +514,76 @@ def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: str = "eap
     }
     info.update(meta or {})
     return CircuitSet(scores, Graph.from_model(model).edges, [f.fact_id for f in facts], info)
+
+
+@dataclass
+class Extracted:
+    """One epoch's result of `extract_run`: the circuit file and the faithfulness printed for it."""
+
+    epoch: int
+    path: Path
+    skipped: bool
+    faithfulness: dict[str, float]
+    selection: str
+
+
+def circuit_filename(epoch: int, method: str, steps: int, metric: str) -> str:
+    """`epoch_3.eap-ig5.logprob.safetensors` (settings are in the metadata too; this keeps runs apart)."""
+    return f"epoch_{epoch}.{method}{'' if method == 'eap' else steps}.{metric}.safetensors"
+
+
+def _settings_match(path: Path, want: dict[str, Any]) -> bool:
+    """Does the circuit file at `path` hold exactly these settings (header only, no tensors read)?"""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    except Exception:
+        return False
+    return all(meta.get(k) == v for k, v in want.items())
+
+
+def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
+                method: str = "eap-ig", steps: int = 5, metric: str = "logprob", seed: int = 0, batch_size: int = 8,
+                top_n: int = 1000, dtype: str = "float32", sparse_top_k: int | None = None,
+                extra_meta: dict[str, Any] | None = None, progress: bool = False) -> list[Extracted]:
+    """One circuit file per epoch of a `checkpoints.Run` under `out_dir`, skipping finished ones.
+
+    A file is reused when it holds the same checkpoint content hash and settings (method, IG steps,
+    metric, seed, probe-set hash). Each new file's metadata also records the faithfulness of every
+    fact's top-`top_n` circuit (`faithfulness`, `faithfulness_selection`).
+    """
+    from tqdm.auto import tqdm
+
+    from circuitdyn.faithfulness import faithfulness as faith_of
+
+    out = Path(out_dir)
+    epochs = list(run.epochs if epochs is None else epochs)
+    steps = 1 if method == "eap" else int(steps)
+    results = []
+    for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
+        ck = run.checkpoint(epoch)
+        path = out / circuit_filename(epoch, method, steps, metric)
+        want = {"checkpoint_hash": ck.content_hash, "method": method, "ig_steps": steps, "metric": metric,
+                "seed": seed, "probe_set_hash": facts_hash(facts)}
+        selection = f"top:{top_n}"
+        if path.exists() and _settings_match(path, want):
+            cs = CircuitSet.load(path)
+            faith = dict(zip(cs.fact_ids, cs.meta.get("faithfulness") or [float("nan")] * len(cs.fact_ids)))
+            results.append(Extracted(epoch, path, True, faith, cs.meta.get("faithfulness_selection", selection)))
+            continue
+        model = run.load_model(epoch)
+        meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
+                "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
+        cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress)
+        masks = cs.top_n(min(top_n, len(cs.edges)))
+        faith = faith_of(model, facts, masks, metric, seed, batch_size)
+        cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
+        cs.meta["faithfulness_selection"] = selection
+        cs.save(path, dtype=dtype, top_k=sparse_top_k)
+        results.append(Extracted(epoch, path, False, dict(zip(cs.fact_ids, faith.tolist())), selection))
+    return results
 
 
 # --- exact patching -------------------------------------------------------------------------------

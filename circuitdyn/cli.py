@@ -206,6 +206,89 @@ def _load_circuits(spec: str, args: argparse.Namespace, labels: dict[str, str]):
 
 
 @command
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="per-fact knowledge circuits (EAP / EAP-IG edge scores) for every epoch of a run",
+        description="Attribute every probe fact on each epoch's model and write one circuit file per epoch "
+        "(safetensors scores [fact, edge] + provenance). Re-running skips epochs whose file already holds the "
+        "same checkpoint hash and settings. Prints each fact's faithfulness at the top-N selection.",
+    )
+    p.add_argument("ckpt", metavar="CKPT_OR_RUN", help="run folder (all epochs), RUN:EPOCH or a checkpoint folder")
+    p.add_argument("--probes", required=True, help="probe file: seed JSON or circuitdyn JSONL")
+    p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
+    p.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps (default 5; the paper used 30)")
+    p.add_argument("--metric", default="logprob", choices=["logprob", "logit-diff", "prob"])
+    p.add_argument("--epochs", help="comma-separated epochs (default: all epochs of a run, or the one given)")
+    p.add_argument("--limit", type=int, help="only the first N probes of the file")
+    p.add_argument("--rephrased", action="store_true", help="also use the seed's rephrased questions")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top-n", type=int, default=1000, help="selection whose faithfulness is printed (default 1000)")
+    p.add_argument("--float16", action="store_true", help="store scores as float16 (2 bytes/edge)")
+    p.add_argument("--sparse", type=int, metavar="K", help="store only each fact's top-K edges + node totals")
+    p.add_argument("--out", required=True, help="folder for the circuit files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    import hashlib
+    import math
+    import re
+    import time
+    from pathlib import Path
+
+    from circuitdyn.attribution import extract_run
+    from circuitdyn.checkpoints import open_run, resolve
+    from circuitdyn.probes import build_fact_prompts, corruption_counts, load_probes
+
+    t0 = time.perf_counter()
+    if re.fullmatch(r".+:\d+", args.ckpt) and not Path(args.ckpt).exists():
+        run, epoch = resolve(args.ckpt)
+        epochs = [epoch]
+    else:
+        run = open_run(args.ckpt)
+        epochs = run.epochs
+    if args.epochs:
+        try:
+            epochs = [int(e) for e in args.epochs.split(",") if e.strip()]
+        except ValueError:
+            raise CircuitdynError(f"--epochs must be comma-separated integers, got {args.epochs!r}") from None
+        for e in epochs:
+            run.checkpoint(e)
+    if args.steps < 1:
+        raise CircuitdynError(f"--steps must be >= 1, got {args.steps}")
+    probes = load_probes(args.probes, rephrased=args.rephrased)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise CircuitdynError(f"--limit must be >= 1, got {args.limit}")
+        probes = probes[: args.limit]
+    facts = build_fact_prompts(probes, run.tokenizer(), template=args.template)
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
+    print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
+          f"{'' if args.method == 'eap' else f' M={args.steps}'}, metric {args.metric}")
+    probe_hash = "sha256:" + hashlib.sha256(Path(args.probes).read_bytes()).hexdigest()
+    results = extract_run(
+        run, facts, args.out, epochs, method=args.method, steps=args.steps, metric=args.metric, seed=args.seed,
+        batch_size=args.batch_size, top_n=args.top_n, dtype="float16" if args.float16 else "float32",
+        sparse_top_k=args.sparse, extra_meta={"probe_file": str(args.probes), "probe_file_hash": probe_hash},
+        progress=not args.no_progress,
+    )
+    for r in results:
+        vals = [v for v in r.faithfulness.values() if v is not None and not math.isnan(v)]
+        mean = sum(vals) / len(vals) if vals else float("nan")
+        status = "cached" if r.skipped else "written"
+        print(f"\nepoch {r.epoch}: {r.path} ({status}); faithfulness of the {r.selection} circuit, mean {mean:.3f}")
+        for fid, v in r.faithfulness.items():
+            shown = "   nan" if v is None or math.isnan(v) else f"{v:6.3f}"
+            print(f"  {shown}  {fid}")
+    print(f"\nwall time {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+@command
 def _add_diff(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diff", help="how the per-fact circuits changed between two checkpoints")
     p.add_argument("a", metavar="CKPT_A", help="RUN:EPOCH, a checkpoint folder, or a circuit .safetensors file")

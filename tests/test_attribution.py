@@ -128,3 +128,26 @@ def test_unsupported_architecture_is_refused():
                                   positional_embedding_type="alibi")
     with pytest.raises(CircuitdynError, match="alibi"):
         A.check_supported(HookedTransformer(cfg, move_to_device=False))
+
+
+def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.cli import main
+    from circuitdyn.probes import seed_data_dir
+
+    probes = str(seed_data_dir() / "validation_probes.json")
+    out = tmp_path / "circuits"
+    argv = [str(llama_run), "--probes", probes, "--limit", "3", "--steps", "2", "--epochs", "0,2", "--top-n", "50",
+            "--out", str(out), "--no-progress"]
+    assert main(["extract", *argv]) == 0
+    text = capsys.readouterr().out
+    assert "3 facts" in text and text.count("(written)") == 2
+    files = sorted(out.glob("*.safetensors"))
+    assert [f.name for f in files] == ["epoch_0.eap-ig2.logprob.safetensors", "epoch_2.eap-ig2.logprob.safetensors"]
+    cs = CircuitSet.load(files[1])
+    assert cs.meta["epoch"] == 2 and cs.meta["checkpoint_hash"].startswith("sha256:")
+    assert cs.meta["step"] == 20 and len(cs.meta["faithfulness"]) == 3 and cs.meta["ig_steps"] == 2
+    assert main(["extract", *argv]) == 0
+    assert capsys.readouterr().out.count("(cached)") == 2
+    assert main(["extract", str(llama_run), "--probes", probes, "--epochs", "x", "--out", str(out)]) == 2
+    assert "--epochs" in capsys.readouterr().err
