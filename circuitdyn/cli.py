@@ -170,39 +170,72 @@ def _probe_labels(path: str | None) -> dict[str, str]:
 
 
 def _check_probes_match(circuits, labels: dict[str, str], probes: str | None, where: str) -> None:
-    """Circuits loaded from a cache must cover facts of the given probe file."""
+    """Circuits read from a file must be circuits of the probe file's facts."""
     if not probes:
         return
     missing = [f for f in circuits.fact_ids if f not in labels]
-    if len(missing) == len(circuits.fact_ids):
+    if missing:
         raise CircuitdynError(
-            f"probe file {probes} does not match the circuits of {where}: none of its fact ids "
-            f"(e.g. {circuits.fact_ids[:3]}) is a probe id of the file"
+            f"probe file {probes} does not match the circuits of {where}: {len(missing)} of its "
+            f"{len(circuits.fact_ids)} fact ids are not probe ids of the file (e.g. {missing[:3]})"
         )
 
 
-def _load_circuits(spec: str, args: argparse.Namespace, labels: dict[str, str]):
-    """A circuit file, or the cached circuits of checkpoint `RUN:EPOCH` / DIR (under `--circuits` or RUN/circuits)."""
+def _circuit_folder(run, args: argparse.Namespace):
+    """Where a checkpoint's circuits are cached: --circuits, RUN/circuits, or the cache for a plain HF folder."""
     from pathlib import Path
 
-    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.checkpoints import cache_dir
+
+    if args.circuits:
+        return Path(args.circuits)
+    if (Path(run.path) / "config.json").is_file():
+        return cache_dir() / "circuits" / run.checkpoint(run.epochs[0]).content_hash.split(":")[-1][:16]
+    return Path(run.path) / "circuits"
+
+
+def _load_circuits(spec: str, args: argparse.Namespace, labels: dict[str, str], steps: int | None = None):
+    """(circuits, run, epoch, facts) of CKPT: a circuit file (run/epoch/facts None), or checkpoint `RUN:EPOCH` /
+    DIR whose circuits are computed with --probes through `attribution.extract_run` (reused when cached
+    with the same checkpoint hash and settings) or, without --probes, read from the cache."""
     from circuitdyn.checkpoints import resolve
+    from circuitdyn.circuits import CircuitSet
     from circuitdyn.timeline import find_circuits
 
     if spec.endswith(".safetensors"):
         cs = CircuitSet.load(spec)
         _check_probes_match(cs, labels, args.probes, spec)
-        return cs
+        return cs, None, None, None
     run, epoch = resolve(spec)
-    folder = Path(args.circuits) if args.circuits else Path(run.path) / "circuits"
+    folder = _circuit_folder(run, args)
+    method = args.method or "eap-ig"
+    if args.probes:
+        from circuitdyn.attribution import extract_run
+        from circuitdyn.probes import build_fact_prompts, load_probes
+
+        probes = load_probes(args.probes)
+        if args.limit:
+            probes = probes[: args.limit]
+        facts = build_fact_prompts(probes, run.tokenizer())
+        done = extract_run(run, facts, folder, [epoch], method=method, steps=steps or args.steps, metric=args.metric,
+                           seed=args.seed, progress=not args.json)[0]
+        return CircuitSet.load(done.path), run, epoch, facts
     if not folder.is_dir():
-        raise CircuitdynError(f"{spec}: no circuit folder {folder}; run `circuitdyn extract` for this checkpoint "
-                              f"or pass --circuits DIR")
-    want_hash = run.checkpoint(epoch).content_hash
-    path = find_circuits(folder, [epoch], args.method, {epoch: want_hash})[epoch]
-    cs = CircuitSet.load(path)
-    _check_probes_match(cs, labels, args.probes, spec)
-    return cs
+        raise CircuitdynError(f"{spec}: no cached circuits in {folder}; pass --probes FILE to compute them "
+                              f"(or --circuits DIR)")
+    path = find_circuits(folder, [epoch], args.method, {epoch: run.checkpoint(epoch).content_hash})[epoch]
+    return CircuitSet.load(path), run, epoch, None
+
+
+def _smallest_faithful_masks(cs, run, epoch, facts, fact_ids, target: float):
+    from circuitdyn.faithfulness import smallest_faithful
+
+    by_id = {f.fact_id: f for f in facts}
+    sub = cs.subset(fact_ids)
+    model = run.load_model(epoch)
+    _, masks, reached = smallest_faithful(model, [by_id[f] for f in fact_ids], sub.scores.float(), target,
+                                          metric=cs.meta.get("metric", "logprob"), seed=int(cs.meta.get("seed", 0)))
+    return masks, reached
 
 
 @command
@@ -293,12 +326,19 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diff", help="how the per-fact circuits changed between two checkpoints")
     p.add_argument("a", metavar="CKPT_A", help="RUN:EPOCH, a checkpoint folder, or a circuit .safetensors file")
     p.add_argument("b", metavar="CKPT_B", help="RUN:EPOCH, a checkpoint folder, or a circuit .safetensors file")
-    p.add_argument("--probes", help="probe file the circuits were extracted for (labels and a match check)")
-    p.add_argument("--method", default=None, help="attribution method of the circuits to use (eap, eap-ig)")
-    p.add_argument("--circuits", help="folder holding cached circuit files (default: RUN/circuits)")
+    p.add_argument("--probes", help="probe file: circuits are computed for its facts (or reused when cached)")
+    p.add_argument("--limit", type=int, help="only the first N probes of the file")
+    p.add_argument("--method", default=None, choices=["eap", "eap-ig"], help="attribution method (default eap-ig)")
+    p.add_argument("--steps", type=int, default=5, help="EAP-IG steps when computing circuits (default 5)")
+    p.add_argument("--metric", default="logprob", choices=["logprob", "logit-diff", "prob"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption")
+    p.add_argument("--circuits", help="folder of cached circuit files (default: RUN/circuits)")
     p.add_argument("--top-n", type=int, default=200, help="compare the top-N edges of each circuit (default 200)")
-    p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N or abs:T")
-    p.add_argument("--noise-floor", type=float, default=0.0, help="count an edge as changed only if its score moved more")
+    p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N, abs:T or faith:F "
+                   "(smallest circuit reaching faithfulness F; needs checkpoints and --probes)")
+    p.add_argument("--noise-floor", type=float, help="count an edge as changed only if its score moved more")
+    p.add_argument("--noise-steps", type=int, help="estimate the noise floor: re-extract CKPT_A with this many "
+                   "EAP-IG steps and take how far scores move (needs --probes)")
     p.add_argument("--fact", action="append", help="compare only this fact id (repeatable)")
     p.add_argument("--out", default="diff.html", help="HTML viewer to write (default diff.html)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -308,23 +348,48 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
 def _run_diff(args: argparse.Namespace) -> int:
     import json
 
-    from circuitdyn.diff import MEAN, diff_circuits
+    from circuitdyn.diff import MEAN, Selection, diff_circuits, noise_floor
     from circuitdyn.viz import write_diff_html
 
     labels = _probe_labels(args.probes)
-    a, b = _load_circuits(args.a, args, labels), _load_circuits(args.b, args, labels)
-    d = diff_circuits(a, b, _selection_arg(args), noise=args.noise_floor, fact_ids=args.fact, labels=(args.a, args.b))
+    sel = Selection.parse(_selection_arg(args))
+    a, run_a, epoch_a, facts_a = _load_circuits(args.a, args, labels)
+    b, run_b, epoch_b, facts_b = _load_circuits(args.b, args, labels)
+    noise, noise_text = args.noise_floor, "none (see --noise-steps)"
+    if args.noise_floor is not None:
+        noise_text = f"{args.noise_floor:g}"
+    if args.noise_steps is not None:
+        if run_a is None or not args.probes or (args.method or "eap-ig") != "eap-ig":
+            raise CircuitdynError("--noise-steps needs checkpoints (not circuit files), --probes and --method eap-ig")
+        if args.noise_steps == args.steps:
+            raise CircuitdynError(f"--noise-steps must differ from --steps ({args.steps})")
+        repeat = _load_circuits(args.a, args, labels, steps=args.noise_steps)[0]
+        noise = noise_floor([a, repeat])
+        noise_text = f"per fact, median {noise.median():.3g} (EAP-IG {args.steps} vs {args.noise_steps} steps on {args.a})"
+    fact_ids = args.fact or a.fact_ids
+    selected = reached = None
+    if sel.rule == "faith":
+        if run_a is None or run_b is None or facts_a is None or facts_b is None:
+            raise CircuitdynError(f"selection {sel} needs checkpoints (not circuit files) and --probes to evaluate circuits")
+        for f in fact_ids:
+            a.index(f)
+        ma, fa = _smallest_faithful_masks(a, run_a, epoch_a, facts_a, fact_ids, sel.value)
+        mb, fb = _smallest_faithful_masks(b, run_b, epoch_b, facts_b, fact_ids, sel.value)
+        selected, reached = (ma, mb), (fa, fb)
+    d = diff_circuits(a, b, sel, noise=noise, fact_ids=fact_ids, labels=(args.a, args.b),
+                      selected=selected, reached=reached)
     out = write_diff_html(d, args.out, labels=labels)
     if args.json:
-        print(json.dumps({**d.to_dict(), "html": str(out)}, indent=1))
+        print(json.dumps({**d.to_dict(), "noise_floor": noise_text, "html": str(out)}, indent=1))
         return 0
     cols = {"n_a": "n_A", "n_b": "n_B", "added": "+", "removed": "-", "changed": "moved", "kept": "kept",
             "sign_flips": "flips", "edge_jaccard": "J", "weighted_jaccard": "wJ", "spearman": "rho", "rbo": "RBO",
             "deep_shift": "deep+"}
+    if selected is not None:
+        cols.update({"faith_a": "faith_A", "faith_b": "faith_B"})
     table = d.facts[list(cols)].rename(columns=cols)
     table.index = [f if len(f) <= 40 else f[:37] + "..." for f in table.index]
-    print(f"circuit diff {args.a} -> {args.b}: {len(a.fact_ids) if not args.fact else len(args.fact)} facts, "
-          f"selection {d.selection}, noise floor {args.noise_floor:g}")
+    print(f"circuit diff {args.a} -> {args.b}: {len(fact_ids)} facts, selection {d.selection}, noise floor {noise_text}")
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
     s = d.summary
     print(f"\nmean over facts: edge Jaccard {s['edge_jaccard']:.3f}, weighted Jaccard {s['weighted_jaccard']:.3f}, "

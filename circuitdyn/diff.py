@@ -597,13 +597,17 @@ def diff_circuits(
     fact_ids: list[str] | None = None,
     labels: tuple[str, str] = ("A", "B"),
     k_paths: int = 5,
+    selected: tuple[Tensor, Tensor] | None = None,
+    reached: tuple[Tensor, Tensor] | None = None,
 ) -> CircuitDiff:
     """Compare two circuit sets fact by fact (and their mean circuits).
 
     `a` and `b` must share the graph and settings (`CircuitSet.check_compatible`) and the facts
     compared (`fact_ids`, default: all of `a`'s, which `b` must also hold). `noise`: a scalar floor or
     a per-fact Series from `noise_floor`. `faithfulness_a/b` evaluate masks on each set's model and
-    are needed only for the `faith:` rule.
+    are needed only for the `faith:` rule. `selected`: masks [fact, edge] for `a` and `b` chosen
+    elsewhere (e.g. by `circuitdyn.faithfulness.smallest_faithful`), in `fact_ids` order, replacing the
+    rule's own selection; `reached`: the faithfulness each of those circuits reached.
     """
     a.check_compatible(b)
     sel = Selection.parse(selection)
@@ -618,7 +622,14 @@ def diff_circuits(
     b = restrict(b, facts, a.graph)
     floor = per_fact_floor(noise, facts)
     faith_a = faith_b = None
-    if sel.rule == "faith":
+    if selected is not None:
+        mask_a, mask_b = (m.bool() for m in selected)
+        if mask_a.shape != a.scores.shape or mask_b.shape != b.scores.shape:
+            raise CircuitdynError(f"selected masks have shapes {tuple(mask_a.shape)}, {tuple(mask_b.shape)}; "
+                                  f"expected {tuple(a.scores.shape)}")
+        if reached is not None:
+            faith_a, faith_b = (r.float() for r in reached)
+    elif sel.rule == "faith":
         if faithfulness_a is None or faithfulness_b is None:
             raise CircuitdynError(f"selection {sel} needs a faithfulness evaluator for both circuit sets")
         mask_a, faith_a = smallest_faithful(a.scores.float(), faithfulness_a, sel.value)
@@ -670,16 +681,39 @@ def transfer_matrix(
     facts = [f for f in first.fact_ids if all(f in circuits[e].fact_ids for e in epochs)]
     if not facts:
         raise CircuitdynError(f"epochs {epochs} share no fact ids")
-    records = []
+    masks = {}
     for i in epochs:
         cs = restrict(circuits[i], facts, first.graph)
         faith = own_faithfulness(i) if (own_faithfulness and sel.rule == "faith") else None
-        masks = sel.masks(cs, faith)
-        for j in epochs:
-            f = evaluate(j, cs, masks).float().reshape(len(facts))
+        masks[i] = (cs, sel.masks(cs, faith))
+    records = []
+    for j in epochs:  # model epoch outermost: an evaluator can keep one model loaded for a whole row
+        for i in epochs:
+            cs, m = masks[i]
+            f = evaluate(j, cs, m).float().reshape(len(facts))
             records += [{"fact_id": fid, "circuit_epoch": i, "model_epoch": j, "faithfulness": float(v)}
                         for fid, v in zip(facts, f.tolist())]
     return pd.DataFrame(records)
+
+
+def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, seed: int | None = None,
+                  batch_size: int = 8) -> Evaluator:
+    """An `Evaluator` for `transfer_matrix` on a `checkpoints.Run`: loads the model epoch (weights are
+    swapped in place) and runs `circuitdyn.faithfulness.faithfulness` on the facts (`FactPrompt`s) of
+    the circuit set, with the set's own metric and seed unless given."""
+    from circuitdyn.faithfulness import faithfulness
+
+    by_id = {f.fact_id: f for f in facts}
+
+    def evaluate(model_epoch: int, cs: CircuitSet, masks: Tensor) -> Tensor:
+        missing = [f for f in cs.fact_ids if f not in by_id]
+        if missing:
+            raise CircuitdynError(f"the probe facts do not match the circuits: no prompt for fact id(s) {missing[:3]}")
+        model = run.load_model(model_epoch)
+        return faithfulness(model, [by_id[f] for f in cs.fact_ids], masks, metric or cs.meta.get("metric", "logprob"),
+                            int(cs.meta.get("seed", 0) if seed is None else seed), batch_size)
+
+    return evaluate
 
 
 def transfer_pivot(table: pd.DataFrame, fact_id: str | None = None) -> pd.DataFrame:

@@ -276,3 +276,54 @@ def test_cli_diff_bad_inputs(tmp_path, capsys, make_run):
     assert "selection top:200" in capsys.readouterr().out
     assert main(["diff", f"{run}:0", f"{run}:2", "--out", out]) == 2
     assert "no circuits for epoch(s) [2]" in capsys.readouterr().err
+
+
+def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path, capsys):
+    """On a tiny run: circuits are computed through the attribution engine, cached, reused; noise floor
+    from a second IG step count; the faith: selection evaluates circuits on each checkpoint."""
+    from circuitdyn.cli import main
+    from circuitdyn.probes import load_probes, write_probes_jsonl
+
+    run = make_run("llama", 2, name="diff-compute-run")
+    probes = write_probes_jsonl(load_probes()[:3], tmp_path / "probes.jsonl")
+    out = tmp_path / "d.html"
+    args = ["diff", f"{run}:0", f"{run}:2", "--probes", str(probes), "--steps", "2", "--top-n", "20", "--out", str(out)]
+    assert main([*args, "--noise-steps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "noise floor per fact" in text and "(mean circuit)" in text and out.is_file()
+    files = sorted((run / "circuits").glob("*.safetensors"))
+    assert len(files) == 3  # epoch 0 and 2 at 2 steps, epoch 0 at 1 step
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert main([*args, "--select", "faith:0.5", "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["selection"] == "faith:0.5"
+    per_fact = [v for k, v in data["facts"].items() if k != MEAN]
+    assert all("faith_a" in v and "faith_b" in v for v in per_fact)
+    assert all(v[k] is None or v[k] >= 0.5 for v in per_fact for k in ("faith_a", "faith_b"))  # None: undefined
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not recomputed
+    # the cached circuits are found without --probes too
+    assert main(["diff", f"{run}:0", f"{run}:2", "--method", "eap-ig", "--circuits", str(run / "circuits"),
+                 "--out", str(out)]) == 2
+    assert "several circuit files for epoch 0" in capsys.readouterr().err
+
+
+def test_transfer_matrix_on_a_run(make_run):
+    from circuitdyn.attribution import extract_run
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.diff import run_evaluator
+    from circuitdyn.probes import build_fact_prompts, load_probes
+
+    run = open_run(make_run("llama", 1, name="transfer-run"))
+    facts = build_fact_prompts(load_probes()[:2], run.tokenizer())
+    done = extract_run(run, facts, run.path / "circuits", steps=1, method="eap")
+    circuits = {r.epoch: CircuitSet.load(r.path) for r in done}
+    n = len(circuits[0].edges)
+    table = transfer_matrix(circuits, run_evaluator(run, facts), f"top:{n}")
+    assert table.shape == (2 * 2 * 2, 4)
+    full = table["faithfulness"].dropna()
+    assert full.to_numpy() == pytest.approx(1.0, abs=1e-4)  # the full graph is faithful on every model
+    pivot = transfer_pivot(table)
+    assert list(pivot.index) == [0, 1] and list(pivot.columns) == [0, 1]
