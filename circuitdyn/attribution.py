@@ -262,11 +262,24 @@ def _metric(model: Any, resid: Tensor, batch: FactBatch, metric: str) -> Float[T
 
 
 # --- the functional forward -----------------------------------------------------------------------
+def _rotary(attn: Any, x: Tensor) -> Tensor:
+    """TransformerLens' rotary embedding (same tables and arithmetic) without its clone-and-assign rotation."""
+    cfg, P = attn.cfg, x.shape[1]
+    if cfg.rotary_adjacent_pairs or P > attn.rotary_cos.shape[0]:
+        return attn.apply_rotary(x)
+    rd = cfg.rotary_dim
+    x_rot = x[..., :rd]
+    half = rd // 2
+    flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = x_rot * attn.rotary_cos[None, :P, None, :] + flip * attn.rotary_sin[None, :P, None, :]
+    return out if rd == x.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
+
+
 def _attend(model: Any, block: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention on [B, P, H, d_head] q/k/v (k/v already per query head); returns z [B, P, H, d_head]."""
     if model.cfg.positional_embedding_type == "rotary":
-        q = block.attn.apply_rotary(q)
-        k = block.attn.apply_rotary(k)
+        q = _rotary(block.attn, q)
+        k = _rotary(block.attn, k)
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / block.attn.attn_scale
     )
@@ -375,9 +388,9 @@ def attribute_batch(model: Any, batch: FactBatch, method: str = "eap-ig", steps:
             grads = torch.autograd.grad(values.sum(), wrt)
         with torch.no_grad():
             for i, layer in enumerate(layers):
-                d3 = torch.stack([grads[i], grads[L + i], grads[2 * L + i]], dim=3)  # [B,P,H,3,dh]
-                qkv3 = torch.stack([st["q"][i], st["k"][i], st["v"][i]], dim=3).detach()
-                acc[i].add(layer, d3, qkv3, st["xhat"][i].detach(), st["scale"][i].detach())
+                d = (grads[i], grads[L + i], grads[2 * L + i])
+                qkv = (st["q"][i].detach(), st["k"][i].detach(), st["v"][i].detach())
+                acc[i].add(layer, d, qkv, st["xhat"][i].detach(), st["scale"][i].detach())
             for i in range(len(g_mlp)):
                 g_mlp[i] += grads[3 * L + i]
             g_logits += grads[-1]
@@ -400,16 +413,18 @@ class _PortGrads:
     FLUSH = 8
 
     def __init__(self) -> None:
-        self.d3: Tensor | None = None
+        self.d: list[Tensor] = []
         self.outer: Tensor | None = None
         self.pending: list[tuple[Tensor, Tensor]] = []
 
-    def add(self, layer: _Layer, d3: Tensor, qkv3: Tensor, xhat: Tensor, scale: Tensor) -> None:
-        d3s = d3 / scale[..., None, None]
-        self.d3 = d3s if self.d3 is None else self.d3 + d3s
+    def add(self, layer: _Layer, d: tuple[Tensor, ...], qkv: tuple[Tensor, ...], xhat: Tensor, scale: Tensor) -> None:
+        """One step's gradients wrt q, k, v [B,P,H,dh] (pre-rotary; k/v per query head) and the forward's q/k/v."""
+        inv = 1.0 / scale[..., None]  # [B,P,1,1]
+        ds = [g * inv for g in d]
+        self.d = ds if not self.d else [a.add_(b) for a, b in zip(self.d, ds)]
         if layer.ln_kind != "none":
-            c = (d3s * (qkv3 - layer.offset3)).sum(-1) / xhat.shape[-1]  # [B,P,H,3]
-            self.pending.append((xhat, c))
+            c = torch.stack([(g * (x - layer.offset3[:, j])).sum(-1) for j, (g, x) in enumerate(zip(ds, qkv))], 3)
+            self.pending.append((xhat, c / xhat.shape[-1]))  # c: [B,P,H,3]
             if len(self.pending) >= self.FLUSH:
                 self._flush()
 
@@ -425,10 +440,10 @@ class _PortGrads:
 
     def total(self, layer: _Layer) -> Float[Tensor, "batch head3 pos d_model"]:
         """The summed gradients as [B, H*3 (head-major, q/k/v), P, D]."""
-        assert self.d3 is not None
         self._flush()
-        B, P, H, _, _ = self.d3.shape
-        g = torch.einsum("bphce,hced->bhcpd", self.d3, layer.Wf).reshape(B, H * 3, P, -1)
+        d3 = torch.stack(self.d, dim=3)  # [B,P,H,3,dh]
+        B, P, H, _, _ = d3.shape
+        g = torch.einsum("bphce,hced->bhcpd", d3, layer.Wf).reshape(B, H * 3, P, -1)
         if self.outer is not None:
             g -= self.outer.reshape(B, P, H * 3, -1).transpose(1, 2)
         return g
