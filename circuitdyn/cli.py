@@ -217,13 +217,14 @@ def _load_circuits(spec: str, args: argparse.Namespace, labels: dict[str, str], 
         if args.limit:
             probes = probes[: args.limit]
         facts = build_fact_prompts(probes, run.tokenizer())
-        done = extract_run(run, facts, folder, [epoch], method=method, steps=steps or args.steps, metric=args.metric,
+        done = extract_run(run, facts, folder, [epoch], method=method, steps=steps or args.steps or 5, metric=args.metric,
                            seed=args.seed, progress=not args.json)[0]
         return CircuitSet.load(done.path), run, epoch, facts
     if not folder.is_dir():
         raise CircuitdynError(f"{spec}: no cached circuits in {folder}; pass --probes FILE to compute them "
                               f"(or --circuits DIR)")
-    path = find_circuits(folder, [epoch], args.method, {epoch: run.checkpoint(epoch).content_hash})[epoch]
+    hashes = {epoch: run.checkpoint(epoch).content_hash}
+    path = find_circuits(folder, [epoch], args.method, hashes, args.steps)[epoch]
     return CircuitSet.load(path), run, epoch, None
 
 
@@ -329,7 +330,7 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probes", help="probe file: circuits are computed for its facts (or reused when cached)")
     p.add_argument("--limit", type=int, help="only the first N probes of the file")
     p.add_argument("--method", default=None, choices=["eap", "eap-ig"], help="attribution method (default eap-ig)")
-    p.add_argument("--steps", type=int, default=5, help="EAP-IG steps when computing circuits (default 5)")
+    p.add_argument("--steps", type=int, help="EAP-IG steps (computing: default 5; cached: pick these settings)")
     p.add_argument("--metric", default="logprob", choices=["logprob", "logit-diff", "prob"])
     p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption")
     p.add_argument("--circuits", help="folder of cached circuit files (default: RUN/circuits)")
@@ -361,11 +362,12 @@ def _run_diff(args: argparse.Namespace) -> int:
     if args.noise_steps is not None:
         if run_a is None or not args.probes or (args.method or "eap-ig") != "eap-ig":
             raise CircuitdynError("--noise-steps needs checkpoints (not circuit files), --probes and --method eap-ig")
-        if args.noise_steps == args.steps:
-            raise CircuitdynError(f"--noise-steps must differ from --steps ({args.steps})")
+        if args.noise_steps == (args.steps or 5):
+            raise CircuitdynError(f"--noise-steps must differ from --steps ({args.steps or 5})")
         repeat = _load_circuits(args.a, args, labels, steps=args.noise_steps)[0]
         noise = noise_floor([a, repeat])
-        noise_text = f"per fact, median {noise.median():.3g} (EAP-IG {args.steps} vs {args.noise_steps} steps on {args.a})"
+        noise_text = (f"per fact, median {noise.median():.3g} (EAP-IG {args.steps or 5} vs {args.noise_steps} steps "
+                      f"on {args.a})")
     fact_ids = args.fact or a.fact_ids
     selected = reached = None
     if sel.rule == "faith":
@@ -409,6 +411,7 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="run folder with circuits for every epoch")
     p.add_argument("--circuits", help="folder holding the circuit files (default: RUN/circuits)")
     p.add_argument("--method", default=None, help="attribution method of the circuits to use (eap, eap-ig)")
+    p.add_argument("--steps", type=int, help="EAP-IG steps of the circuits to use (when several were extracted)")
     p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
     p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N or abs:T")
     p.add_argument("--probes", help="probe file (labels the facts in the viewer)")
@@ -424,7 +427,7 @@ def _run_timeline(args: argparse.Namespace) -> int:
     from circuitdyn.timeline import load_run_timeline
     from circuitdyn.viz import write_timeline_html
 
-    tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method)
+    tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method, args.steps)
     out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=_probe_labels(args.probes))
     summary = tl.summary()
     if args.json:

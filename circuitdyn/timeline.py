@@ -396,41 +396,54 @@ def circuit_files(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
+GROUP_KEYS = ("method", "ig_steps", "metric", "seed", "probe_set_hash")
+"""Circuit files with equal values here are one extraction (comparable across epochs)."""
+
+
 def find_circuits(
     folder: str | Path, epochs: Sequence[int] | None = None, method: str | None = None,
-    checkpoint_hashes: dict[int, str] | None = None,
+    checkpoint_hashes: dict[int, str] | None = None, ig_steps: int | None = None,
 ) -> dict[int, Path]:
-    """Epoch -> circuit file under `folder`, by each file's metadata (`epoch`, `method`, `checkpoint_hash`).
+    """Epoch -> circuit file under `folder`, by each file's metadata (never by its name).
 
-    With `epochs`, each must have a file (else CircuitdynError naming the epoch). With
-    `checkpoint_hashes`, a file must match its epoch's weights (stale circuits are not used). Several
-    matching files for one epoch (other settings) are an error unless `method` disambiguates.
+    Files are grouped by their settings (`GROUP_KEYS`); the group used must cover every epoch of
+    `epochs` (default: the epochs of the largest group). `method` / `ig_steps` filter the groups;
+    with `checkpoint_hashes`, a file must match its epoch's weights (stale circuits are skipped).
+    Errors name the epochs without circuits, or the competing settings when several groups fit.
     """
-    found: dict[int, list[Path]] = {}
+    groups: dict[tuple, dict[int, list[tuple[float, Path]]]] = {}
     for path, meta in circuit_files(folder):
         e = meta.get("epoch")
-        if e is None or (method and meta.get("method") != method):
+        if e is None or (method and meta.get("method") != method) or (ig_steps and meta.get("ig_steps") != ig_steps):
             continue
         if checkpoint_hashes and int(e) in checkpoint_hashes and meta.get("checkpoint_hash") not in (
                 None, checkpoint_hashes[int(e)]):
             continue
-        found.setdefault(int(e), []).append(path)
-    wanted = sorted(found) if epochs is None else list(epochs)
-    missing = [e for e in wanted if e not in found]
-    if missing:
+        key = tuple(json.dumps(meta.get(k), sort_keys=True) for k in GROUP_KEYS)
+        groups.setdefault(key, {}).setdefault(int(e), []).append((path.stat().st_mtime, path))
+    what = "".join(f" with {k} {v}" for k, v in (("method", method), ("ig_steps", ig_steps)) if v)
+    if not groups:
+        raise CircuitdynError(f"{folder}: no circuit files{what} found; run `circuitdyn extract` first")
+    if epochs is None:
+        largest = max(len(g) for g in groups.values())
+        fitting = [k for k, g in groups.items() if len(g) == largest]
+        wanted = sorted(groups[fitting[0]])
+    else:
+        wanted = list(epochs)
+        fitting = [k for k, g in groups.items() if all(e in g for e in wanted)]
+    if not fitting:
+        have = sorted({e for g in groups.values() for e in g})
+        best = max(groups.values(), key=lambda g: sum(e in g for e in wanted))
+        missing = [e for e in wanted if e not in best]
         raise CircuitdynError(
-            f"{folder}: no circuits for epoch(s) {missing}{f' with method {method}' if method else ''} "
-            f"(have epochs {sorted(found)}); run `circuitdyn extract` for them"
+            f"{folder}: no circuits for epoch(s) {missing}{what} (have epochs {have}); run `circuitdyn extract` for them"
         )
-    if not wanted:
-        raise CircuitdynError(f"{folder}: no circuit files found")
-    out = {}
-    for e in wanted:
-        if len(found[e]) > 1:
-            raise CircuitdynError(f"{folder}: several circuit files for epoch {e} ({[p.name for p in found[e]]}); "
-                                  f"choose one with --method")
-        out[e] = found[e][0]
-    return out
+    if len(fitting) > 1:
+        options = "; ".join(", ".join(f"{k}={json.loads(v)}" for k, v in zip(GROUP_KEYS[:3], key)) for key in fitting)
+        raise CircuitdynError(f"{folder}: several circuit files for epoch {wanted[0]} with different settings "
+                              f"({options}); choose with --method / --steps")
+    group = groups[fitting[0]]
+    return {e: max(group[e])[1] for e in wanted}
 
 
 def load_run_timeline(
@@ -438,6 +451,7 @@ def load_run_timeline(
     circuits_dir: str | Path | None = None,
     selection: str | Selection = "top:200",
     method: str | None = None,
+    ig_steps: int | None = None,
 ) -> Timeline:
     """The timeline of a run folder: circuits from `circuits_dir` (default `RUN/circuits`) for every epoch
     of the run, probe outcomes and loss from `circuitdyn.dynamics` when the run has probe results."""
@@ -445,7 +459,8 @@ def load_run_timeline(
 
     run = open_run(run_dir)
     folder = Path(circuits_dir) if circuits_dir is not None else Path(run.path) / "circuits"
-    files = find_circuits(folder, run.epochs, method)
+    hashes = {e: run.checkpoint(e).content_hash for e in run.epochs}
+    files = find_circuits(folder, run.epochs, method, hashes, ig_steps)
     circuits = {e: CircuitSet.load(p) for e, p in files.items()}
     outcomes = epochs_table = None
     try:

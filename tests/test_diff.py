@@ -306,7 +306,9 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
     # the cached circuits are found without --probes too
     assert main(["diff", f"{run}:0", f"{run}:2", "--method", "eap-ig", "--circuits", str(run / "circuits"),
                  "--out", str(out)]) == 2
-    assert "several circuit files for epoch 0" in capsys.readouterr().err
+    assert "several circuit files for epoch 0 with different settings" in capsys.readouterr().err
+    assert main(["diff", f"{run}:0", f"{run}:2", "--steps", "2", "--out", str(out)]) == 0
+    assert "selection top:200" in capsys.readouterr().out
 
 
 def test_transfer_matrix_on_a_run(make_run):

@@ -133,8 +133,10 @@ def test_load_run_timeline(make_run):
     assert tl.per_epoch.set_index("epoch").loc[2, "train_loss"] == pytest.approx(1.5)
     assert "knowledge_accuracy" in tl.per_epoch
     assert find_circuits(run / "circuits", method="eap-ig")[1].name == "epoch_1.safetensors"
-    with pytest.raises(CircuitdynError, match="no circuits for epoch"):
+    with pytest.raises(CircuitdynError, match="no circuit files with method eap"):
         find_circuits(run / "circuits", [0], method="eap")
+    with pytest.raises(CircuitdynError, match=r"no circuits for epoch\(s\) \[7\]"):
+        find_circuits(run / "circuits", [0, 7])
 
 
 def test_cli_timeline(make_run, capsys):
