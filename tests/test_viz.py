@@ -155,3 +155,27 @@ def test_cli_view(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["view", str(path), "--fact", "nope", "--out", str(tmp_path / "x.html")]) == 2
     assert "unknown fact id 'nope'" in capsys.readouterr().err
+
+
+def test_walkthrough_runs_on_a_tiny_run(make_run, tmp_path, monkeypatch, capsys):
+    """examples/walkthrough.py end to end on a tiny run with per-probe results (keeps the example honest)."""
+    import json
+    import runpy
+
+    from circuitdyn.probes import load_probes, write_probes_jsonl
+
+    run = make_run("llama", 2, name="walkthrough-run")
+    probes = load_probes()[:3]
+    write_probes_jsonl(probes, tmp_path / "probes.jsonl")
+    for e in range(3):
+        rows = [{"probe_id": p.id, "entity": p.entity, "recall": float((i + e) % 2), "f1": 0.5}
+                for i, p in enumerate(probes)]
+        (run / f"epoch_{e}" / "probe_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("CIRCUITDYN_RUN", str(run))
+    monkeypatch.setenv("CIRCUITDYN_PROBES", str(tmp_path / "probes.jsonl"))
+    monkeypatch.setenv("CIRCUITDYN_OUT", str(tmp_path / "out"))
+    runpy.run_path(str(REPO / "examples" / "walkthrough.py"), run_name="__main__")
+    text = capsys.readouterr().out
+    assert "reconfiguration rate" in text and "'gap'" in text
+    for name in ("circuit", "diff", "timeline"):
+        assert (tmp_path / "out" / f"{name}.html").is_file()
