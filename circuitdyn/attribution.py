@@ -677,16 +677,31 @@ def exact_edge_effects(model: Any, batch: FactBatch, edges: Sequence[int] | None
     """True effect of patching each single edge: m(clean with e corrupted) - m(clean), [fact, len(edges)]."""
     graph = Graph.from_model(model)
     idx = list(range(graph.n_edges)) if edges is None else list(edges)
+    return _exact_effects(model, batch, [[i] for i in idx], metric, chunk)
+
+
+def exact_node_effects(model: Any, batch: FactBatch, metric: str = "logprob", chunk: int = 64
+                       ) -> Float[Tensor, "batch source"]:
+    """True effect of patching each source node (all its outgoing edges), in `Graph.sources` order."""
+    graph = Graph.from_model(model)
+    src, _ = graph.edge_src_dst
+    groups = [(src == s).nonzero().flatten().tolist() for s in range(len(graph.sources))]
+    return _exact_effects(model, batch, groups, metric, chunk)
+
+
+def _exact_effects(model: Any, batch: FactBatch, groups: list[list[int]], metric: str, chunk: int) -> Tensor:
+    graph = Graph.from_model(model)
     B = batch.clean.shape[0]
     m_clean, _ = clean_and_corrupted_metric(model, batch, metric)
     corr = corrupted_sources(model, batch, metric)
-    out = torch.zeros(B, len(idx))
+    out = torch.zeros(B, len(groups))
     per = max(1, chunk // B)
-    for start in range(0, len(idx), per):
-        part = idx[start:start + per]
-        rep = _repeat_batch(batch, len(part))
+    for start in range(0, len(groups), per):
+        part = groups[start:start + per]
         keep = torch.ones(len(part), B, graph.n_edges, dtype=torch.bool)
-        keep[torch.arange(len(part)), :, torch.tensor(part)] = False
+        for j, edges in enumerate(part):
+            keep[j, :, edges] = False
+        rep = _repeat_batch(batch, len(part))
         vals = run_patched(model, rep, keep.reshape(-1, graph.n_edges), metric, corr.repeat(len(part), 1, 1, 1))
         out[:, start:start + len(part)] = (vals.reshape(len(part), B) - m_clean).T
     return out

@@ -151,3 +151,40 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
     assert capsys.readouterr().out.count("(cached)") == 2
     assert main(["extract", str(llama_run), "--probes", probes, "--epochs", "x", "--out", str(out)]) == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_smollm2_scores_match_forward_and_full_circuit(smollm2_dir):
+    """On the real SmolLM2-135M-Instruct: the functional forward equals TransformerLens, EAP-IG scores are
+    finite over all 123,211 edges, and the full graph is exactly faithful."""
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.faithfulness import faithfulness
+    from circuitdyn.probes import build_fact_prompts, load_probes
+
+    run = open_run(smollm2_dir)
+    model = run.load_model(0)
+    facts = build_fact_prompts(load_probes()[:2], model.tokenizer, template="plain")
+    batch = A.make_batch(model, facts)
+    m_clean, m_corr = A.clean_and_corrupted_metric(model, batch)
+    for b, f in enumerate(facts):
+        with torch.no_grad():
+            lp = model(torch.tensor([[*f.clean_tokens, *f.answer_tokens[:-1]]])).log_softmax(-1)[0]
+        n = len(f.clean_tokens)
+        assert abs(float(m_clean[b]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-3
+    scores = A.attribute(model, facts, "eap-ig", steps=2)
+    assert scores.shape == (2, 123211) and torch.isfinite(scores).all()
+    full = faithfulness(model, facts, torch.ones_like(scores, dtype=torch.bool))
+    assert torch.allclose(full, torch.ones(2), atol=1e-3)
+
+
+def test_node_effects_are_grouped_edge_patching(tiny_tl):
+    batch = A.make_batch(tiny_tl, tiny_facts(2))
+    nodes = A.exact_node_effects(tiny_tl, batch)
+    graph = Graph.from_model(tiny_tl)
+    assert nodes.shape == (2, len(graph.sources))
+    # patching `input` everywhere is the corrupted run
+    m_clean, m_corr = A.clean_and_corrupted_metric(tiny_tl, batch)
+    assert torch.allclose(nodes[:, 0], m_corr - m_clean, atol=1e-5)
+    last = graph.sources.index(f"m{graph.n_layers - 1}")
+    only = A.exact_edge_effects(tiny_tl, batch, edges=[graph.edge_index[f"m{graph.n_layers - 1}->logits"]])
+    assert torch.allclose(nodes[:, last], only[:, 0], atol=1e-6)
