@@ -353,86 +353,150 @@ def _load_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) 
 # --------------------------------------------------------------------------- probing
 
 
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix shared by all sequences, leaving at least one token of each."""
+    n = min(len(x) for x in seqs) - 1
+    first = seqs[0]
+    for i in range(max(n, 0)):
+        if any(x[i] != first[i] for x in seqs):
+            return i
+    return max(n, 0)
+
+
+@torch.no_grad()
+def greedy_with_answers(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]] | None,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generate",
+) -> tuple[list[list[int]], list[float | None]]:
+    """Greedy continuations of each prompt and (when answers are given) the teacher-forced sum of the
+    answer tokens' log-probs, sharing work: the prompts' common prefix (chat template and instruction)
+    is run once, and one pass over prompt + answer gives both the answer log-prob and the first
+    generated token; decoding then continues from the prompt's cache with the answer slots masked out.
+    Equal to `generate(do_sample=False)` on each prompt alone, up to floating-point ties.
+    """
+    import copy
+    import inspect
+
+    # transformers 5 names the KV cache `cache`; 4.x names it `past_key_values`
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def cache_of(out: Any) -> Any:
+        return out.cache if key == "cache" else out.past_key_values
+
+    n0 = _common_prefix(prompts)
+    prefix_cache = None
+    if n0:
+        prefix_cache = cache_of(model(input_ids=torch.tensor([list(prompts[0][:n0])]), use_cache=True))
+    gens: list[list[int]] = []
+    logprobs: list[float | None] = []
+    order = range(0, len(prompts), batch_size)
+    for s in tqdm(order, desc=desc, disable=not progress, leave=False):
+        suffixes = [list(p[n0:]) for p in prompts[s : s + batch_size]]
+        ans = [list(a) for a in answers[s : s + batch_size]] if answers is not None else [[] for _ in suffixes]
+        b = len(suffixes)
+        seqs = [x + a for x, a in zip(suffixes, ans)]
+        width = max(map(len, seqs))
+        ids = torch.tensor([x + [pad_token_id] * (width - len(x)) for x in seqs])
+        cur = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(b)
+        ones = torch.ones(b, n0, dtype=torch.long)
+        pos = (n0 + torch.arange(width)).expand(b, width)
+        out = model(input_ids=ids, attention_mask=torch.cat([ones, cur], 1), position_ids=pos,
+                    use_cache=True, **{key: cache})
+        cache = cache_of(out)
+        logits = out.logits.float()
+        ends = torch.tensor([len(x) for x in suffixes])
+        for row, (x, a) in enumerate(zip(suffixes, ans)):
+            if answers is None:
+                logprobs.append(None)
+            else:
+                lp = logits[row, len(x) - 1 : len(x) + len(a) - 1].log_softmax(-1)
+                logprobs.append(float(lp[torch.arange(len(a)), torch.tensor(a)].sum()))
+        nxt = logits[torch.arange(b), ends - 1].argmax(-1)
+        # for decoding, only the prefix and each row's own prompt are visible (answer slots masked)
+        mask = torch.cat([ones, (torch.arange(width)[None, :] < ends[:, None]).long()], 1)
+        out_tokens = [[int(t)] for t in nxt]
+        done = torch.tensor([eos_token_id is not None and int(t) == eos_token_id for t in nxt])
+        positions = n0 + ends
+        for _ in range(max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions[:, None],
+                        use_cache=True, **{key: cache})
+            cache = cache_of(out)
+            nxt = out.logits[:, -1].float().argmax(-1)
+            positions = positions + 1
+            for row in range(b):
+                if not done[row]:
+                    out_tokens[row].append(int(nxt[row]))
+                    if eos_token_id is not None and int(nxt[row]) == eos_token_id:
+                        done[row] = True
+        gens += out_tokens
+    return gens, logprobs
+
+
 class Prober:
     """Scores a model on the run's probes (greedy generation + ROUGE-1, answer log-prob) and controls."""
 
     def __init__(self, tok: PreTrainedTokenizerBase, probes: Sequence[Probe], cfg: CPTConfig, progress: bool) -> None:
         self.tok, self.probes, self.cfg, self.progress = tok, list(probes), cfg, progress
-        self.prompts = [prompt_text(p, tok, template=cfg.template, instruction=cfg.instruction) for p in probes]
-        self.chat = bool(getattr(tok, "chat_template", None)) and cfg.template != "plain"
+        chat = bool(getattr(tok, "chat_template", None)) and cfg.template != "plain"
+        prompts = [prompt_text(p, tok, template=cfg.template, instruction=cfg.instruction) for p in probes]
         # Templated prompts already hold their special tokens; plain and cloze prompts get the usual ones.
-        self.verbatim = {text for p, text in zip(probes, self.prompts) if p.prompt or not self.chat}
+        self.prompt_ids = [tok(t, add_special_tokens=not chat or bool(p.prompt))["input_ids"]
+                           for p, t in zip(probes, prompts)]
+        self.answer_ids = [tok(answer_text(t, p.answer), add_special_tokens=False)["input_ids"]
+                           for p, t in zip(probes, prompts)]
         self.math: list[MathProbe] = sample(load_math_probes(), cfg.n_math) if cfg.n_math else []
         self.siqa: list[ReasoningProbe] = sample(load_reasoning_probes(), cfg.n_reasoning) if cfg.n_reasoning else []
-        ctrl = lambda q, instr: prompt_text(Probe("ctrl", "-", q, "-"), tok, template=cfg.template, instruction=instr)  # noqa: E731
-        self.math_prompts = [ctrl(m.question, cfg.instruction) for m in self.math]
-        self.siqa_prompts = [ctrl(reasoning_prompt(r), "") for r in self.siqa]
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=not self.chat or text in self.verbatim)["input_ids"]
+        def control(question: str, instruction: str) -> list[int]:
+            text = prompt_text(Probe("ctrl", "-", question, "-"), tok, template=cfg.template, instruction=instruction)
+            return tok(text, add_special_tokens=not chat)["input_ids"]
 
-    @torch.no_grad()
-    def generate(self, model: PreTrainedModel, prompts: Sequence[str], max_new: int, desc: str) -> list[str]:
-        """Greedy generations for prompts, batched with left padding."""
-        from transformers import GenerationConfig
+        self.math_ids = [control(m.question, cfg.instruction) for m in self.math]
+        self.siqa_ids = [control(reasoning_prompt(r), "") for r in self.siqa]
 
-        pad = self.tok.pad_token_id
-        gen_cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, pad_token_id=pad,
-                                   eos_token_id=self.tok.eos_token_id)
-        out: list[str] = []
-        bs = self.cfg.eval_batch_size
-        for s in tqdm(range(0, len(prompts), bs), desc=desc, disable=not self.progress, leave=False):
-            enc = [self._encode(p) for p in prompts[s : s + bs]]
-            width = max(map(len, enc))
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-            out += [self.tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
-        return out
-
-    @torch.no_grad()
-    def answer_logprobs(self, model: PreTrainedModel) -> list[tuple[float, int]]:
-        """Teacher-forced sum of log-probs of each gold answer's tokens after its prompt (and the token count)."""
-        pad = self.tok.pad_token_id
-        rows = []
-        for prompt, p in zip(self.prompts, self.probes):
-            ans = self.tok(answer_text(prompt, p.answer), add_special_tokens=False)["input_ids"]
-            rows.append((self._encode(prompt), ans))
-        out: list[tuple[float, int]] = []
-        bs = self.cfg.eval_batch_size
-        for s in range(0, len(rows), bs):
-            chunk = rows[s : s + bs]
-            seqs = [q + a for q, a in chunk]
-            width = max(map(len, seqs))
-            ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
-            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            for b, (q, a) in enumerate(chunk):
-                pos = torch.arange(len(q) - 1, len(q) + len(a) - 1)
-                out.append((float(logp[b, pos, torch.tensor(a)].sum()), len(a)))
-        return out
+    def _run(self, model: PreTrainedModel, prompts: list[list[int]], answers: list[list[int]] | None,
+             max_new: int, desc: str) -> tuple[list[str], list[float | None]]:
+        gens, lps = greedy_with_answers(
+            model, prompts, answers, max_new_tokens=max_new, eos_token_id=self.tok.eos_token_id,
+            pad_token_id=self.tok.pad_token_id, batch_size=self.cfg.eval_batch_size, progress=self.progress, desc=desc,
+        )
+        return [self.tok.decode(g, skip_special_tokens=True).strip() for g in gens], lps
 
     def evaluate(self, model: PreTrainedModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-probe rows and the control-probe summary for one model."""
         model.eval()
-        gens = self.generate(model, self.prompts, self.cfg.max_new_tokens, "probes")
-        lps = self.answer_logprobs(model)
+        gens, lps = self._run(model, self.prompt_ids, self.answer_ids, self.cfg.max_new_tokens, "probes")
         rows = []
-        for p, g, (lp, n) in zip(self.probes, gens, lps):
+        for p, g, lp, a in zip(self.probes, gens, lps, self.answer_ids):
             recall, f1 = rouge1(g, p.answer)
             rows.append({"probe_id": p.id, "entity": p.entity, "question_type": p.question_type, "group": p.group,
                          "ne_label": p.ne_label, "ne_frequency": p.ne_frequency, "question": p.question,
                          "answer": p.answer, "generation": g, "recall": recall, "f1": f1,
-                         "logprob": lp, "answer_tokens": n})
+                         "logprob": lp, "answer_tokens": len(a)})
         control: dict[str, Any] = {}
         if self.math:
-            gens = self.generate(model, self.math_prompts, 10, "math")
+            gens, _ = self._run(model, self.math_ids, None, 8, "math")
             hits = [math_correct(g, m.answer) for g, m in zip(gens, self.math)]
             control["math"] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
                                "items": [{"id": m.id, "generation": g, "correct": h}
                                          for m, g, h in zip(self.math, gens, hits)]}
         if self.siqa:
-            gens = self.generate(model, self.siqa_prompts, 5, "SocialIQA")
+            gens, _ = self._run(model, self.siqa_ids, None, 4, "SocialIQA")
             hits = [reasoning_correct(g, r) for g, r in zip(gens, self.siqa)]
             control["SocialIQA"] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
                                     "items": [{"id": r.id, "generation": g, "correct": h}

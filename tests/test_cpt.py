@@ -266,3 +266,26 @@ def test_smollm2_one_epoch(tmp_path: Path) -> None:
     assert table["train_loss"].iloc[1] > 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "epoch_0" / "probe_results.jsonl").read_text().splitlines()]
     assert any(r["generation"] for r in rows)  # the real model answers something
+
+
+def test_greedy_with_answers_equals_generate(cfg: CPTConfig) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from circuitdyn.cpt import Prober, greedy_with_answers
+
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32).eval()
+    _, probes = resolve_inputs(cfg)
+    prober = Prober(tok, probes[:6], cfg, progress=False)
+    gens, lps = greedy_with_answers(model, prober.prompt_ids, prober.answer_ids, max_new_tokens=6,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, batch_size=4)
+    gen_cfg = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)
+    for prompt, answer, g, lp in zip(prober.prompt_ids, prober.answer_ids, gens, lps):
+        ids = torch.tensor([prompt])
+        want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+        assert g == want[0, len(prompt):].tolist()
+        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+        ref = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
+        assert lp == pytest.approx(ref, abs=1e-4)
