@@ -228,6 +228,16 @@ def _load_circuits(spec: str, args: argparse.Namespace, labels: dict[str, str], 
     return CircuitSet.load(path), run, epoch, None
 
 
+def _short(spec: str) -> str:
+    """A short label for a checkpoint spec: `run:3` for `path/to/run:3`, the folder or file name otherwise."""
+    from pathlib import Path
+
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit() and not Path(spec).exists():
+        return f"{Path(head).name}:{tail}"
+    return Path(spec).name or spec
+
+
 def _smallest_faithful_masks(cs, run, epoch, facts, fact_ids, target: float):
     from circuitdyn.faithfulness import smallest_faithful
 
@@ -378,7 +388,7 @@ def _run_diff(args: argparse.Namespace) -> int:
         ma, fa = _smallest_faithful_masks(a, run_a, epoch_a, facts_a, fact_ids, sel.value)
         mb, fb = _smallest_faithful_masks(b, run_b, epoch_b, facts_b, fact_ids, sel.value)
         selected, reached = (ma, mb), (fa, fb)
-    d = diff_circuits(a, b, sel, noise=noise, fact_ids=fact_ids, labels=(args.a, args.b),
+    d = diff_circuits(a, b, sel, noise=noise, fact_ids=fact_ids, labels=(_short(args.a), _short(args.b)),
                       selected=selected, reached=reached)
     out = write_diff_html(d, args.out, labels=labels)
     if args.json:
@@ -414,7 +424,9 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="EAP-IG steps of the circuits to use (when several were extracted)")
     p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
     p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N or abs:T")
-    p.add_argument("--probes", help="probe file (labels the facts in the viewer)")
+    p.add_argument("--probes", help="probe file: extract circuits for its facts at every epoch where missing "
+                   "(reused when cached), and label the facts in the viewer")
+    p.add_argument("--limit", type=int, help="only the first N probes of the file")
     p.add_argument("--out", help="HTML viewer to write (default RUN/timeline.html)")
     p.add_argument("--json", action="store_true", help="print the summary and per-epoch table as JSON")
     p.set_defaults(func=_run_timeline)
@@ -427,8 +439,24 @@ def _run_timeline(args: argparse.Namespace) -> int:
     from circuitdyn.timeline import load_run_timeline
     from circuitdyn.viz import write_timeline_html
 
-    tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method, args.steps)
-    out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=_probe_labels(args.probes))
+    labels = _probe_labels(args.probes)
+    steps, where = args.steps, None
+    if args.probes:
+        from circuitdyn.attribution import extract_run, facts_hash
+        from circuitdyn.checkpoints import open_run
+        from circuitdyn.probes import build_fact_prompts, load_probes
+
+        run = open_run(args.run)
+        probes = load_probes(args.probes)[: args.limit] if args.limit else load_probes(args.probes)
+        facts = build_fact_prompts(probes, run.tokenizer())
+        steps = steps or 5
+        folder = Path(args.circuits) if args.circuits else Path(run.path) / "circuits"
+        extract_run(run, facts, folder, run.epochs, method=args.method or "eap-ig", steps=steps, progress=not args.json)
+        where = {"probe_set_hash": facts_hash(facts)}
+    tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method, steps, where)
+    if args.probes:
+        _check_probes_match(tl.circuits[tl.epochs[0]], labels, args.probes, args.run)
+    out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=labels)
     summary = tl.summary()
     if args.json:
         per_epoch = json.loads(tl.per_epoch.to_json(orient="records"))

@@ -402,12 +402,13 @@ GROUP_KEYS = ("method", "ig_steps", "metric", "seed", "probe_set_hash")
 
 def find_circuits(
     folder: str | Path, epochs: Sequence[int] | None = None, method: str | None = None,
-    checkpoint_hashes: dict[int, str] | None = None, ig_steps: int | None = None,
+    checkpoint_hashes: dict[int, str] | None = None, ig_steps: int | None = None, where: dict[str, Any] | None = None,
 ) -> dict[int, Path]:
     """Epoch -> circuit file under `folder`, by each file's metadata (never by its name).
 
     Files are grouped by their settings (`GROUP_KEYS`); the group used must cover every epoch of
-    `epochs` (default: the epochs of the largest group). `method` / `ig_steps` filter the groups;
+    `epochs` (default: the epochs of the largest group). `method` / `ig_steps` / `where` (metadata
+    field -> required value, e.g. `probe_set_hash`) filter the groups;
     with `checkpoint_hashes`, a file must match its epoch's weights (stale circuits are skipped).
     Errors name the epochs without circuits, or the competing settings when several groups fit.
     """
@@ -415,6 +416,8 @@ def find_circuits(
     for path, meta in circuit_files(folder):
         e = meta.get("epoch")
         if e is None or (method and meta.get("method") != method) or (ig_steps and meta.get("ig_steps") != ig_steps):
+            continue
+        if where and any(meta.get(k) != v for k, v in where.items()):
             continue
         if checkpoint_hashes and int(e) in checkpoint_hashes and meta.get("checkpoint_hash") not in (
                 None, checkpoint_hashes[int(e)]):
@@ -452,6 +455,7 @@ def load_run_timeline(
     selection: str | Selection = "top:200",
     method: str | None = None,
     ig_steps: int | None = None,
+    where: dict[str, Any] | None = None,
 ) -> Timeline:
     """The timeline of a run folder: circuits from `circuits_dir` (default `RUN/circuits`) for every epoch
     of the run, probe outcomes and loss from `circuitdyn.dynamics` when the run has probe results."""
@@ -460,7 +464,7 @@ def load_run_timeline(
     run = open_run(run_dir)
     folder = Path(circuits_dir) if circuits_dir is not None else Path(run.path) / "circuits"
     hashes = {e: run.checkpoint(e).content_hash for e in run.epochs}
-    files = find_circuits(folder, run.epochs, method, hashes, ig_steps)
+    files = find_circuits(folder, run.epochs, method, hashes, ig_steps, where)
     circuits = {e: CircuitSet.load(p) for e, p in files.items()}
     outcomes = epochs_table = None
     try:

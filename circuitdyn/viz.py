@@ -213,27 +213,44 @@ def diff_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
             "layout": _circuit_layout(graph, title)}
 
 
+def layer_bands(n_layers: int, max_bands: int = 8) -> list[tuple[int, int]]:
+    """Contiguous layer ranges (first, last) for the Sankey: one per layer up to `max_bands` layers."""
+    size = max(1, math.ceil(n_layers / max_bands))
+    return [(lo, min(lo + size, n_layers) - 1) for lo in range(0, n_layers, size)]
+
+
 def sankey_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
-    """`sankey_figure` as plain data."""
+    """`sankey_figure` as plain data: writers (left: input and layer bands) to readers (right: layer bands
+    and logits), link width = summed max(|score A|, |score B|), colour = status."""
     r = diff.row(fact_id)
     graph = diff.graph
     code = diff.status_codes[r]
     idx = (code >= 0).nonzero().flatten().tolist()
     mag = torch.maximum(diff.scores_a[r, idx].abs(), diff.scores_b[r, idx].abs()).tolist()
+    bands = layer_bands(graph.n_layers)
+    band_of = {L: i for i, (lo, hi) in enumerate(bands) for L in range(lo, hi + 1)}
+    names = [f"L{lo}" if lo == hi else f"L{lo}–{hi}" for lo, hi in bands]
+    left = ["input"] + [f"{n} writes" for n in names]
+    right = [f"{n} reads" for n in names] + ["logits"]
     src_node, dst_node = graph.edge_node_ids
-    layer_of = [graph.layer_of(n) + 1 for n in graph.nodes]
+    layer_of = [graph.layer_of(n) for n in graph.nodes]
     flows: dict[tuple[int, int, str], float] = {}
     for i, m, c in zip(idx, mag, code[idx].tolist()):
-        key = (layer_of[int(src_node[i])], layer_of[int(dst_node[i])], STATUSES[c])
+        ls, ld = layer_of[int(src_node[i])], layer_of[int(dst_node[i])]
+        s_ = 0 if ls < 0 else 1 + band_of[ls]
+        d_ = len(left) + (len(bands) if ld >= graph.n_layers else band_of[ld])
+        key = (s_, d_, STATUSES[c])
         flows[key] = flows.get(key, 0.0) + m
     keys = sorted(flows)
-    labels = ["input"] + [f"L{L}" for L in range(graph.n_layers)] + ["logits"]
-    data = [{"type": "sankey", "arrangement": "snap",
-             "node": {"label": labels, "pad": 12, "thickness": 14, "color": "#888"},
+    n_left, n_right = len(left), len(right)
+    data = [{"type": "sankey", "arrangement": "fixed",
+             "node": {"label": left + right, "pad": 10, "thickness": 14, "color": "#888",
+                      "x": [0.01] * n_left + [0.99] * n_right,
+                      "y": [(i + 0.5) / n_left for i in range(n_left)] + [(i + 0.5) / n_right for i in range(n_right)]},
              "link": {"source": [k[0] for k in keys], "target": [k[1] for k in keys], "value": [flows[k] for k in keys],
                       "color": [STATUS_COLOURS[k[2]] for k in keys], "label": [k[2] for k in keys]}}]
-    layout = {"title": {"text": f"{_esc(fact_id)}: layer-to-layer flow of |score| by status"}, "height": 380,
-              "margin": {"l": 20, "r": 20, "t": 50, "b": 20}}
+    layout = {"title": {"text": f"{_esc(fact_id)}: flow of |score| from writer to reader layers, by status"},
+              "height": 420, "margin": {"l": 20, "r": 20, "t": 50, "b": 20}}
     return {"data": data, "layout": layout}
 
 
@@ -246,7 +263,7 @@ def layer_shift_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
             {"type": "bar", "x": df["layer"].tolist(), "y": df["share_b"].tolist(), "name": _esc(diff.label_b),
              "marker": {"color": "#3182bd"}}]
     layout = {"title": {"text": f"{_esc(fact_id)}: importance share per layer"}, "barmode": "group", "height": 320,
-              "plot_bgcolor": "white", "xaxis": {"title": {"text": "layer"}, "dtick": 1},
+              "plot_bgcolor": "white", "xaxis": {"title": {"text": "layer"}, "dtick": 1 if diff.graph.n_layers <= 16 else 2},
               "yaxis": {"title": {"text": "share of |score|"}, "gridcolor": "#eee"},
               "margin": {"l": 50, "r": 20, "t": 50, "b": 40}}
     return {"data": data, "layout": layout}

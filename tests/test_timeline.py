@@ -153,3 +153,22 @@ def test_cli_timeline(make_run, capsys):
     (run / "circuits" / "epoch_1.safetensors").unlink()
     assert main(["timeline", str(run)]) == 2
     assert "no circuits for epoch(s) [1]" in capsys.readouterr().err
+
+
+def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
+    from circuitdyn.cli import main
+    from circuitdyn.probes import load_probes, write_probes_jsonl
+
+    run = make_run("llama", 2, name="timeline-extract-run")
+    probes = load_probes()[:2]
+    write_probes_jsonl(probes, tmp_path / "p.jsonl")
+    for e in range(3):
+        rows = [{"probe_id": p.id, "entity": p.entity, "recall": float(e != 1 or i), "f1": 1.0} for i, p in enumerate(probes)]
+        (run / f"epoch_{e}" / "probe_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["timeline", str(run), "--probes", str(tmp_path / "p.jsonl"), "--steps", "1", "--top-n", "30"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "stay put while recalled?" in text and "forgotten" in text
+    assert len(list((run / "circuits").glob("*.safetensors"))) == 3
+    html = (run / "timeline.html").read_text()
+    assert probes[0].question.split()[0] in html
