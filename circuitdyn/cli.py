@@ -214,9 +214,7 @@ def _load_circuits(spec: str, args: argparse.Namespace, labels: dict[str, str], 
         from circuitdyn.probes import build_fact_prompts, load_probes
 
         probes = load_probes(args.probes)
-        if args.limit:
-            probes = probes[: args.limit]
-        facts = build_fact_prompts(probes, run.tokenizer())
+        facts = build_fact_prompts(probes[: args.limit] if args.limit else probes, run.tokenizer(), pool=probes)
         done = extract_run(run, facts, folder, [epoch], method=method, steps=steps or args.steps or 5, metric=args.metric,
                            seed=args.seed, progress=not args.json)[0]
         return CircuitSet.load(done.path), run, epoch, facts
@@ -447,8 +445,8 @@ def _run_timeline(args: argparse.Namespace) -> int:
         from circuitdyn.probes import build_fact_prompts, load_probes
 
         run = open_run(args.run)
-        probes = load_probes(args.probes)[: args.limit] if args.limit else load_probes(args.probes)
-        facts = build_fact_prompts(probes, run.tokenizer())
+        probes = load_probes(args.probes)
+        facts = build_fact_prompts(probes[: args.limit] if args.limit else probes, run.tokenizer(), pool=probes)
         steps = steps or 5
         folder = Path(args.circuits) if args.circuits else Path(run.path) / "circuits"
         extract_run(run, facts, folder, run.epochs, method=args.method or "eap-ig", steps=steps, progress=not args.json)

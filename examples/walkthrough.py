@@ -36,8 +36,9 @@ print(f"{run.path}: epochs {run.epochs}, base model {run.base_model}")
 # swapped for another of the same token length, or noise on its embeddings).
 
 # %%
-probes = load_probes(PROBES)[:N_FACTS]
-facts = build_fact_prompts(probes, run.tokenizer())
+all_probes = load_probes(PROBES)
+probes = all_probes[:N_FACTS]
+facts = build_fact_prompts(probes, run.tokenizer(), pool=all_probes)  # swap partners from the whole set
 questions = {p.id: p.question for p in probes}
 print(f"{len(facts)} facts, corruption kinds {corruption_counts(facts)}")
 
