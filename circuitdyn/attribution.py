@@ -57,7 +57,7 @@ def check_supported(model: Any) -> None:
         problems.append(f"normalization_type={cfg.normalization_type!r}")
     for flag in ("parallel_attn_mlp", "use_local_attn", "use_qk_norm", "use_normalization_before_and_after",
                  "post_embedding_ln", "use_attention_sinks", "use_logn_attn", "use_dynamic_ntk_rope",
-                 "use_split_qkv_input", "use_attn_in", "use_attn_result", "load_in_4bit"):
+                 "load_in_4bit"):
         if getattr(cfg, flag, False):
             problems.append(f"{flag}=True")
     for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
@@ -73,6 +73,8 @@ def check_supported(model: Any) -> None:
         problems.append(f"original_architecture={cfg.original_architecture!r}")
     if getattr(cfg, "attn_types", None) and any(t != "global" for t in cfg.attn_types):
         problems.append("local attention layers (attn_types)")
+    if cfg.dtype != torch.float32:
+        problems.append(f"dtype={cfg.dtype} (load the model in float32)")
     if problems:
         raise CircuitdynError(
             f"model {cfg.model_name!r} uses features the attribution engine does not support: {', '.join(problems)}"
@@ -538,8 +540,11 @@ class Extracted:
     epoch: int
     path: Path
     skipped: bool
-    faithfulness: dict[str, float]
+    fact_ids: list[str]
+    faithfulness: list[float]  # of each fact's `selection` circuit (NaN where m_clean == m_corrupted)
     selection: str
+    m_clean: list[float]
+    m_corrupted: list[float]
 
 
 def circuit_filename(epoch: int, method: str, steps: int, metric: str) -> str:
@@ -567,11 +572,12 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
 
     A file is reused when it holds the same checkpoint content hash and settings (method, IG steps,
     metric, seed, probe-set hash). Each new file's metadata also records the faithfulness of every
-    fact's top-`top_n` circuit (`faithfulness`, `faithfulness_selection`).
+    fact's top-`top_n` circuit (`faithfulness`, `faithfulness_selection`) and the metric of the clean and
+    corrupted runs (`m_clean`, `m_corrupted`): faithfulness is only meaningful where they differ clearly.
     """
     from tqdm.auto import tqdm
 
-    from circuitdyn.faithfulness import faithfulness as faith_of
+    from circuitdyn.faithfulness import CircuitEvaluator
 
     out = Path(out_dir)
     epochs = list(run.epochs if epochs is None else epochs)
@@ -585,20 +591,28 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
         selection = f"top:{top_n}"
         if path.exists() and _settings_match(path, want):
             cs = CircuitSet.load(path)
-            faith = dict(zip(cs.fact_ids, cs.meta.get("faithfulness") or [float("nan")] * len(cs.fact_ids)))
-            results.append(Extracted(epoch, path, True, faith, cs.meta.get("faithfulness_selection", selection)))
+            results.append(Extracted(epoch, path, True, cs.fact_ids, _nan_list(cs.meta.get("faithfulness"), cs),
+                                     cs.meta.get("faithfulness_selection", selection),
+                                     _nan_list(cs.meta.get("m_clean"), cs), _nan_list(cs.meta.get("m_corrupted"), cs)))
             continue
         model = run.load_model(epoch)
         meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
                 "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
         cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress)
-        masks = cs.top_n(min(top_n, len(cs.edges)))
-        faith = faith_of(model, facts, masks, metric, seed, batch_size)
+        ev = CircuitEvaluator(model, facts, metric, seed, batch_size, NOISE_SCALE)
+        faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
         cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
         cs.meta["faithfulness_selection"] = selection
+        cs.meta["m_clean"] = [round(float(v), 6) for v in ev.m_clean.tolist()]
+        cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
         cs.save(path, dtype=dtype, top_k=sparse_top_k)
-        results.append(Extracted(epoch, path, False, dict(zip(cs.fact_ids, faith.tolist())), selection))
+        results.append(Extracted(epoch, path, False, cs.fact_ids, faith.tolist(), selection, ev.m_clean.tolist(),
+                                 ev.m_corr.tolist()))
     return results
+
+
+def _nan_list(values: list[float | None] | None, cs: CircuitSet) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in (values or [None] * len(cs.fact_ids))]
 
 
 # --- exact patching -------------------------------------------------------------------------------

@@ -306,8 +306,8 @@ def _run_extract(args: argparse.Namespace) -> int:
     if args.limit is not None:
         if args.limit < 1:
             raise CircuitdynError(f"--limit must be >= 1, got {args.limit}")
-        probes = probes[: args.limit]
-    facts = build_fact_prompts(probes, run.tokenizer(), template=args.template)
+    facts = build_fact_prompts(probes[: args.limit] if args.limit else probes, run.tokenizer(),
+                               template=args.template, pool=probes)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
           f"{'' if args.method == 'eap' else f' M={args.steps}'}, metric {args.metric}")
@@ -319,13 +319,14 @@ def _run_extract(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     for r in results:
-        vals = [v for v in r.faithfulness.values() if v is not None and not math.isnan(v)]
+        vals = [v for v in r.faithfulness if not math.isnan(v)]
         mean = sum(vals) / len(vals) if vals else float("nan")
         status = "cached" if r.skipped else "written"
-        print(f"\nepoch {r.epoch}: {r.path} ({status}); faithfulness of the {r.selection} circuit, mean {mean:.3f}")
-        for fid, v in r.faithfulness.items():
-            shown = "   nan" if v is None or math.isnan(v) else f"{v:6.3f}"
-            print(f"  {shown}  {fid}")
+        print(f"\nepoch {r.epoch}: {r.path} ({status})\nfaithfulness of each fact's {r.selection} circuit "
+              f"(mean {mean:.3f}); m = {args.metric} of the clean / corrupted run")
+        print(f"  {'faith':>7} {'m_clean':>9} {'m_corr':>9}  fact")
+        for fid, v, mc, mx in zip(r.fact_ids, r.faithfulness, r.m_clean, r.m_corrupted):
+            print(f"  {v:7.3f} {mc:9.3f} {mx:9.3f}  {fid}")
     print(f"\nwall time {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -23,8 +23,9 @@ from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
 
 
-class _Evaluator:
-    """Per batch of facts: clean/corrupted metrics and corrupted activations, reused across many circuits."""
+class CircuitEvaluator:
+    """Evaluates many circuits of the same facts on one model: m_clean / m_corr per fact are computed once,
+    corrupted activations once per batch (on first use). `metric_of(masks)`, `faithfulness(masks)`."""
 
     def __init__(self, model: Any, facts: Sequence[FactPrompt], metric: str, seed: int, batch_size: int,
                  noise_scale: float) -> None:
@@ -64,13 +65,13 @@ class _Evaluator:
 def circuit_metric(model: Any, facts: Sequence[FactPrompt], masks: Bool[Tensor, "fact edge"], metric: str = "logprob",
                    seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> Float[Tensor, "fact"]:
     """m_circuit per fact: the metric with every edge outside `masks[fact]` patched to its corrupted value."""
-    return _Evaluator(model, facts, metric, seed, batch_size, noise_scale).metric_of(masks)
+    return CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale).metric_of(masks)
 
 
 def faithfulness(model: Any, facts: Sequence[FactPrompt], masks: Bool[Tensor, "fact edge"], metric: str = "logprob",
                  seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> Float[Tensor, "fact"]:
     """Faithfulness per fact of the circuits `masks` [fact, edge] (same facts, seed and metric as attribution)."""
-    return _Evaluator(model, facts, metric, seed, batch_size, noise_scale).faithfulness(masks)
+    return CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale).faithfulness(masks)
 
 
 def _select(scores: Tensor, graph: Graph, n: Tensor, paths: bool) -> Tensor:
@@ -89,7 +90,7 @@ def faithfulness_curve(model: Any, facts: Sequence[FactPrompt], scores: Float[Te
     """
     from tqdm.auto import tqdm
 
-    ev = _Evaluator(model, facts, metric, seed, batch_size, noise_scale)
+    ev = CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale)
     E = ev.graph.n_edges
     if scores.shape != (len(facts), E):
         raise CircuitdynError(f"scores have shape {tuple(scores.shape)}, expected ({len(facts)}, {E})")
@@ -118,7 +119,7 @@ def smallest_faithful(model: Any, facts: Sequence[FactPrompt], scores: Float[Ten
     """
     from tqdm.auto import tqdm
 
-    ev = _Evaluator(model, facts, metric, seed, batch_size, noise_scale)
+    ev = CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale)
     E = ev.graph.n_edges
     if scores.shape != (len(facts), E):
         raise CircuitdynError(f"scores have shape {tuple(scores.shape)}, expected ({len(facts)}, {E})")

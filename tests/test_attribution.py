@@ -147,6 +147,7 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
     cs = CircuitSet.load(files[1])
     assert cs.meta["epoch"] == 2 and cs.meta["checkpoint_hash"].startswith("sha256:")
     assert cs.meta["step"] == 20 and len(cs.meta["faithfulness"]) == 3 and cs.meta["ig_steps"] == 2
+    assert len(cs.meta["m_clean"]) == len(cs.meta["m_corrupted"]) == 3
     assert main(["extract", *argv]) == 0
     assert capsys.readouterr().out.count("(cached)") == 2
     assert main(["extract", str(llama_run), "--probes", probes, "--epochs", "x", "--out", str(out)]) == 2
