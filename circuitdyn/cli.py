@@ -426,6 +426,8 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probes", help="probe file: extract circuits for its facts at every epoch where missing "
                    "(reused when cached), and label the facts in the viewer")
     p.add_argument("--limit", type=int, help="only the first N probes of the file")
+    p.add_argument("--transfer", action="store_true", help="also evaluate every epoch's circuit on every epoch's "
+                   "model (faithfulness matrix; needs --probes)")
     p.add_argument("--out", help="HTML viewer to write (default RUN/timeline.html)")
     p.add_argument("--json", action="store_true", help="print the summary and per-epoch table as JSON")
     p.set_defaults(func=_run_timeline)
@@ -439,7 +441,9 @@ def _run_timeline(args: argparse.Namespace) -> int:
     from circuitdyn.viz import write_timeline_html
 
     labels = _probe_labels(args.probes)
-    steps, where = args.steps, None
+    steps, where, transfer = args.steps, None, None
+    if args.transfer and not args.probes:
+        raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
     if args.probes:
         from circuitdyn.attribution import extract_run, facts_hash
         from circuitdyn.checkpoints import open_run
@@ -455,11 +459,16 @@ def _run_timeline(args: argparse.Namespace) -> int:
     tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method, steps, where)
     if args.probes:
         _check_probes_match(tl.circuits[tl.epochs[0]], labels, args.probes, args.run)
-    out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=labels)
+    if args.transfer:
+        from circuitdyn.diff import run_evaluator, transfer_matrix, transfer_pivot
+
+        transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection)
+    out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=labels, transfer=transfer)
     summary = tl.summary()
     if args.json:
         per_epoch = json.loads(tl.per_epoch.to_json(orient="records"))
-        print(json.dumps({"summary": summary, "per_epoch": per_epoch, "html": str(out)}, indent=1, default=str))
+        extra = {} if transfer is None else {"transfer": json.loads(transfer.to_json(orient="records"))}
+        print(json.dumps({"summary": summary, "per_epoch": per_epoch, **extra, "html": str(out)}, indent=1, default=str))
         return 0
     cols = [c for c in ("epoch", "train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev",
                         "jaccard_first", "changed_frac_prev") if c in tl.per_epoch]
@@ -474,6 +483,9 @@ def _run_timeline(args: argparse.Namespace) -> int:
               f"acquired {st['mean_acquired']:.3f} (n={st['n_acquired']}); gap {st['gap']:+.3f}, AUC {st['auc']:.3f}")
     else:
         print("no per-probe outcomes in the run: circuits are not joined with recall")
+    if transfer is not None:
+        print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), mean over facts:")
+        print(transfer_pivot(transfer).to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"\nviewer: {out}")
     return 0
 

@@ -334,6 +334,24 @@ def heatmap_spec(timeline: Any) -> Spec:
     return {"data": data, "layout": layout}
 
 
+def transfer_spec(table: pd.DataFrame, fact_id: str | None = None) -> Spec:
+    """`transfer_figure` as plain data: circuit epoch x model epoch faithfulness (mean over facts, or one fact)."""
+    from circuitdyn.diff import transfer_pivot
+
+    pivot = transfer_pivot(table, fact_id)
+    z = [[None if pd.isna(v) else float(v) for v in row] for row in pivot.to_numpy()]
+    data = [{"type": "heatmap", "z": z, "x": [str(c) for c in pivot.columns], "y": [str(i) for i in pivot.index],
+             "colorscale": "Viridis", "colorbar": {"title": {"text": "faithfulness"}},
+             "text": [["" if v is None else f"{v:.2f}" for v in row] for row in z], "texttemplate": "%{text}",
+             "hovertemplate": "circuit of epoch %{y} on the model of epoch %{x}: %{z:.3f}<extra></extra>"}]
+    who = "mean over facts" if fact_id is None else _esc(fact_id)
+    layout = {"title": {"text": f"circuit transfer, {who}: epoch i's circuit on epoch j's model"},
+              "height": 380, "xaxis": {"title": {"text": "model epoch j"}, "type": "category"},
+              "yaxis": {"title": {"text": "circuit epoch i"}, "type": "category", "autorange": "reversed"},
+              "margin": {"l": 60, "r": 20, "t": 50, "b": 40}}
+    return {"data": data, "layout": layout}
+
+
 def timeline_circuit_spec(timeline: Any, fact_id: str, epoch: int, label: str | None = None) -> Spec:
     """One fact's circuit at one epoch of a timeline (the timeline's selection), with its recall state."""
     if fact_id not in timeline.rows:
@@ -382,6 +400,11 @@ def timeline_figure(timeline: Any, fact_id: str | None = None) -> go.Figure:
 def heatmap_figure(timeline: Any) -> go.Figure:
     """layer x epoch heatmap of the share of importance (mean over facts)."""
     return go.Figure(heatmap_spec(timeline))
+
+
+def transfer_figure(table: pd.DataFrame, fact_id: str | None = None) -> go.Figure:
+    """Heatmap of a `diff.transfer_matrix` table: rows = circuit epoch, columns = model epoch."""
+    return go.Figure(transfer_spec(table, fact_id))
 
 
 def timeline_circuit_figure(timeline: Any, fact_id: str = MEAN, epoch: int | None = None) -> go.Figure:
@@ -575,10 +598,11 @@ update();
 
 def write_timeline_html(
     timeline: Any, path: str | Path, *, facts: Sequence[str] | None = None, labels: dict[str, str] | None = None,
-    max_facts: int = 20, title: str | None = None,
+    max_facts: int = 20, title: str | None = None, transfer: pd.DataFrame | None = None,
 ) -> Path:
     """Timeline viewer page: epoch slider over the chosen fact's circuit, linked with the line charts
-    (a marker follows the slider; clicking a chart point moves it) and the layer x epoch heatmap."""
+    (a marker follows the slider; clicking a chart point moves it) and the layer x epoch heatmap;
+    with `transfer` (a `diff.transfer_matrix` table) also the cross-epoch faithfulness heatmap."""
     chosen = _pick_facts(timeline.fact_ids, facts, max_facts)
     epochs = timeline.epochs
     circuits = {f"{f}|{e}": timeline_circuit_spec(timeline, f, e, (labels or {}).get(f)) for f in chosen for e in epochs}
@@ -599,10 +623,13 @@ def write_timeline_html(
         "<div class=\"controls\"><label>fact <select id=\"fact\"></select></label>"
         f"<label>epoch <input type=\"range\" id=\"epoch\" min=\"0\" max=\"{len(epochs) - 1}\" step=\"1\" value=\"0\">"
         "</label><span id=\"epoch-label\"></span></div>"
-        "<div class=\"row\"><div id=\"circuit\"></div><div id=\"lines\"></div></div><div id=\"heatmap\"></div>"
+        "<div class=\"row\"><div id=\"circuit\"></div><div id=\"lines\"></div></div>"
+        "<div class=\"row\"><div id=\"heatmap\"></div>" + ("<div id=\"transfer\"></div>" if transfer is not None else "")
+        + "</div>"
     )
     data = {"circuits": circuits, "lines": lines, "fact_lines": fact_lines, "heatmap": heatmap_spec(timeline),
-            "epochs": epochs, "facts": _options(chosen, labels)}
+            "epochs": epochs, "facts": _options(chosen, labels),
+            "transfer": None if transfer is None else transfer_spec(transfer)}
     script = """
 var fact = fillSelect("fact", DATA.facts), slider = document.getElementById("epoch");
 function epoch() { return DATA.epochs[Number(slider.value)]; }
@@ -619,7 +646,8 @@ function update() {
                       draw("lines", lines())]).then(markRendered);
 }
 fact.addEventListener("change", update); slider.addEventListener("input", update);
-draw("heatmap", DATA.heatmap).then(update).then(function () {
+var first = DATA.transfer ? draw("transfer", DATA.transfer) : Promise.resolve();
+first.then(function () { return draw("heatmap", DATA.heatmap); }).then(update).then(function () {
   document.getElementById("lines").on("plotly_click", function (ev) {
     var i = DATA.epochs.indexOf(ev.points[0].x);
     if (i >= 0) { slider.value = String(i); update(); }

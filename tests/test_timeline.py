@@ -166,9 +166,12 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
         rows = [{"probe_id": p.id, "entity": p.entity, "recall": float(e != 1 or i), "f1": 1.0} for i, p in enumerate(probes)]
         (run / f"epoch_{e}" / "probe_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["timeline", str(run), "--probes", str(tmp_path / "p.jsonl"), "--steps", "1", "--top-n", "30"]
-    assert main(args) == 0
+    assert main([*args, "--transfer"]) == 0
     text = capsys.readouterr().out
     assert "stay put while recalled?" in text and "forgotten" in text
+    assert "faithfulness of epoch i's circuit (rows)" in text
+    assert main(["timeline", str(run), "--transfer"]) == 2
+    assert "--transfer needs --probes" in capsys.readouterr().err
     assert len(list((run / "circuits").glob("*.safetensors"))) == 3
     html = (run / "timeline.html").read_text()
     assert probes[0].question.split()[0] in html

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from circuitdyn import viz
-from circuitdyn.diff import MEAN, diff_circuits
+from circuitdyn.diff import MEAN, diff_circuits, transfer_matrix
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.timeline import build_timeline
@@ -34,10 +34,16 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, obj
     tl = build_timeline(circuits, "top:10", outcomes=oc, epochs=epochs)
     d = diff_circuits(circuits[0], circuits[3], "top:10", labels=("epoch 0", "epoch 3"))
     labels = {"stable": "Who <b>founded</b> X & Y?"}
+
+    def evaluate(model_epoch, cs, masks):  # share of the model epoch's own |score| the circuit covers
+        own = circuits[model_epoch].subset(cs.fact_ids).scores.abs()
+        return (own * masks).sum(1) / own.sum(1)
+
+    transfer = transfer_matrix(circuits, evaluate, "top:10")
     return {
         "circuit": (viz.write_circuit_html(circuits[0], out / "circuit.html", labels=labels, sizes=(5, 10, 40)), circuits[0]),
         "diff": (viz.write_diff_html(d, out / "diff.html", labels=labels), d),
-        "timeline": (viz.write_timeline_html(tl, out / "timeline.html", labels=labels), tl),
+        "timeline": (viz.write_timeline_html(tl, out / "timeline.html", labels=labels, transfer=transfer), tl),
     }
 
 
@@ -72,6 +78,9 @@ def test_diff_and_timeline_figures():
     names = {t.name for t in viz.timeline_figure(tl, "flaky").data}
     assert {"train loss", "facts recalled", "math", "Jaccard to previous"} <= names
     assert viz.heatmap_figure(tl).data[0].type == "heatmap"
+    table = transfer_matrix(cs, lambda j, c, m: m.float().mean(1), "top:10")
+    z = viz.transfer_figure(table).data[0].z
+    assert len(z) == 4 and len(z[0]) == 4
 
 
 def test_pages_are_offline_and_escaped(pages):
@@ -112,7 +121,7 @@ def test_pages_render_in_headless_chromium(pages, tmp_path):
     if binary is None:
         pytest.skip("chromium is not installed (Debian package `chromium`); the browser test needs it")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    expected_plots = {"circuit": 1, "diff": 3, "timeline": 3}
+    expected_plots = {"circuit": 1, "diff": 3, "timeline": 4}
     for name, (path, obj) in pages.items():
         run = _run_chromium(binary, path.as_uri(), tmp_path / f"profile-{name}", "--dump-dom")
         dom = run.stdout
