@@ -699,19 +699,30 @@ def transfer_matrix(
 def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, seed: int | None = None,
                   batch_size: int = 8) -> Evaluator:
     """An `Evaluator` for `transfer_matrix` on a `checkpoints.Run`: loads the model epoch (weights are
-    swapped in place) and runs `circuitdyn.faithfulness.faithfulness` on the facts (`FactPrompt`s) of
-    the circuit set, with the set's own metric and seed unless given."""
-    from circuitdyn.faithfulness import faithfulness
+    swapped in place) and evaluates circuits with `circuitdyn.faithfulness.CircuitEvaluator` on the facts
+    (`FactPrompt`s) of the circuit set, with the set's own metric, seed and noise scale unless given.
+    The evaluator of the current model epoch is kept, so a row of the matrix costs one clean and one
+    corrupted run plus one patched run per circuit."""
+    from circuitdyn.attribution import NOISE_SCALE
+    from circuitdyn.faithfulness import CircuitEvaluator
 
     by_id = {f.fact_id: f for f in facts}
+    current: dict[tuple, Any] = {}
 
     def evaluate(model_epoch: int, cs: CircuitSet, masks: Tensor) -> Tensor:
         missing = [f for f in cs.fact_ids if f not in by_id]
         if missing:
             raise CircuitdynError(f"the probe facts do not match the circuits: no prompt for fact id(s) {missing[:3]}")
-        model = run.load_model(model_epoch)
-        return faithfulness(model, [by_id[f] for f in cs.fact_ids], masks, metric or cs.meta.get("metric", "logprob"),
-                            int(cs.meta.get("seed", 0) if seed is None else seed), batch_size)
+        m = metric or cs.meta.get("metric", "logprob")
+        sd = int(cs.meta.get("seed", 0) if seed is None else seed)
+        noise = float(cs.meta.get("noise_scale", NOISE_SCALE))
+        key = (model_epoch, tuple(cs.fact_ids), m, sd, noise)
+        if key not in current:
+            current.clear()
+            model = run.load_model(model_epoch)
+            current[key] = CircuitEvaluator(model, [by_id[f] for f in cs.fact_ids], m, sd, batch_size, noise)
+        run.load_model(model_epoch)  # no-op unless another caller swapped the weights meanwhile
+        return current[key].faithfulness(masks)
 
     return evaluate
 
