@@ -480,7 +480,8 @@ def _run_timeline(args: argparse.Namespace) -> int:
     if st:
         print(f"stay put while recalled? Jaccard to previous epoch: retained {st['mean_retained']:.3f} "
               f"(n={st['n_retained']}), forgotten {st['mean_forgotten']:.3f} (n={st['n_forgotten']}), "
-              f"acquired {st['mean_acquired']:.3f} (n={st['n_acquired']}); gap {st['gap']:+.3f}, AUC {st['auc']:.3f}")
+              f"acquired {st['mean_acquired']:.3f} (n={st['n_acquired']}); gap {st['gap']:+.3f} "
+              f"(vs forgotten only {st['gap_forgotten']:+.3f}), AUC {st['auc']:.3f}")
     else:
         print("no per-probe outcomes in the run: circuits are not joined with recall")
     if transfer is not None:

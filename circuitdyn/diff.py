@@ -52,6 +52,9 @@ Faithfulness = Callable[[Bool[Tensor, "fact edge"]], Float[Tensor, "fact"]]
 """Given per-fact edge masks of one circuit set, the faithfulness of each circuit on that set's model."""
 
 STATUSES = ("added", "removed", "changed", "kept", "noise")
+"""Edge status in a diff (edges in either circuit): added / removed = entered / left the circuit and its
+score moved by more than the noise floor; changed = in both, moved more than the floor; kept = in both,
+within the floor; noise = crossed the selection cut while moving less than the floor."""
 
 
 # --------------------------------------------------------------------------- selection
@@ -430,7 +433,14 @@ class CircuitDiff:
 
     @cached_property
     def facts(self) -> pd.DataFrame:
-        """One row per fact (+ `MEAN`): circuit sizes, edge counts by status and similarity measures."""
+        """One row per fact (+ `MEAN`), indexed by fact id.
+
+        n_a, n_b: circuit sizes; added, removed, changed, kept, noise: edge counts by `STATUSES`;
+        sign_flips; edge_jaccard, node_jaccard: of the selected circuits; weighted_jaccard, spearman,
+        rbo: of all edge scores; changed_frac: (added + removed) / |A or B|; attn_shift, mlp_shift,
+        deep_shift: share of importance in B minus in A; noise_floor; paths_kept, paths_lost: of A's
+        strongest paths (`paths`); faith_a, faith_b: faithfulness reached, with the `faith:` rule.
+        """
         code = self.status_codes
         count = {s: (code == i).sum(1).numpy() for i, s in enumerate(STATUSES)}
         g = self.graph

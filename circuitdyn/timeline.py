@@ -50,6 +50,7 @@ from circuitdyn.diff import (
     weighted_jaccard,
 )
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.graph import Graph
 
 TRANSITIONS = ("retained", "forgotten", "acquired", "unknown")
 """Per (fact, epoch > first): correct before and now / before only / now only / neither."""
@@ -83,7 +84,7 @@ class Timeline:
         return [*self.fact_ids, MEAN]
 
     @property
-    def graph(self):
+    def graph(self) -> Graph:
         return self.circuits[self.epochs[0]].graph
 
     def scores(self, epoch: int) -> Float[Tensor, "row edge"]:
@@ -213,8 +214,9 @@ class Timeline:
 
         Groups per-fact transitions by retained / forgotten / acquired / unknown and reports the mean
         of `measure` (a similarity to the previous epoch) and the count in each, plus `gap` = retained
-        minus flipped (forgotten + acquired) and `auc` = P(similarity of a retained transition >
-        similarity of a flipped one), ties counted half. Positive gap / auc > 0.5 = yes.
+        minus flipped (forgotten + acquired), `gap_forgotten` = retained minus forgotten only, and
+        `auc` = P(similarity of a retained transition > similarity of a flipped one), ties counted
+        half. Positive gaps / auc > 0.5 = yes.
         """
         if self.outcomes is None:
             raise CircuitdynError("the timeline has no probe outcomes; pass outcomes= to build_timeline")
@@ -227,6 +229,8 @@ class Timeline:
             out[f"mean_{name}"] = float(vals.mean()) if len(vals) else float("nan")
         kept = t.loc[t["transition"] == "retained", measure].to_numpy(float)
         flipped = t.loc[t["transition"].isin(["forgotten", "acquired"]), measure].to_numpy(float)
+        forgotten = t.loc[t["transition"] == "forgotten", measure].to_numpy(float)
+        out["gap_forgotten"] = float(kept.mean() - forgotten.mean()) if len(kept) and len(forgotten) else float("nan")
         if len(kept) and len(flipped):
             out["gap"] = float(kept.mean() - flipped.mean())
             greater = (kept[:, None] > flipped[None, :]).mean()

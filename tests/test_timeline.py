@@ -79,7 +79,7 @@ def test_join_with_outcomes_and_stability_summary():
     st = tl.stability()
     assert st["n_retained"] == 4 and st["n_forgotten"] == 1 and st["n_acquired"] == 1
     assert st["mean_retained"] == 1.0 and st["mean_forgotten"] == 0.0
-    assert st["gap"] == 1.0 and st["auc"] == 1.0
+    assert st["gap"] == 1.0 and st["auc"] == 1.0 and st["gap_forgotten"] == 1.0
     per_epoch = tl.per_epoch.set_index("epoch")
     assert per_epoch.loc[2, "fact_accuracy"] == 0.5 and per_epoch.loc[3, "train_loss"] == 1.5
     assert tl.layer_epoch.shape == (GRAPH.n_layers, 4)
