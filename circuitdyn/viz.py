@@ -56,15 +56,26 @@ Spec = dict[str, Any]
 
 def node_positions(graph: Graph) -> dict[str, tuple[float, float]]:
     """Layered layout: x = 0 for input, 2L+1 for block L's heads, 2L+2 for its MLP, 2n+1 for logits;
-    y = head index (MLP, input and logits centred)."""
+    y = head index for heads, a row above the heads for MLPs, input and logits centred."""
     mid = (graph.n_heads - 1) / 2
     pos = {"input": (0.0, mid), "logits": (2.0 * graph.n_layers + 1, mid)}
     for layer in range(graph.n_layers):
         for h in range(graph.n_heads):
             pos[f"a{layer}.h{h}"] = (2.0 * layer + 1, float(h))
         if graph.has_mlp:
-            pos[f"m{layer}"] = (2.0 * layer + 2, mid)
+            pos[f"m{layer}"] = (2.0 * layer + 2, graph.n_heads + 0.5)
     return pos
+
+
+def _segment(p0: tuple[float, float], p1: tuple[float, float]) -> tuple[list[float], list[float]]:
+    """Points of one edge: a straight line, or an arc bowed upwards between nodes of the same row (so
+    that MLP -> MLP edges do not hide each other)."""
+    (x0, y0), (x1, y1) = p0, p1
+    if abs(y0 - y1) > 1e-9:
+        return [x0, x1], [y0, y1]
+    bow = min(2.0, 0.15 * abs(x1 - x0))
+    ts = [i / 8 for i in range(9)]
+    return ([x0 + (x1 - x0) * t for t in ts], [y0 + 4 * bow * t * (1 - t) for t in ts])
 
 
 def _esc(text: Any) -> str:
@@ -103,11 +114,14 @@ def _edge_traces(
     plus one invisible-marker trace at the midpoints carrying the hover text."""
     wmax = max((abs(w) for _, _, w, _, _ in items), default=0.0)
     groups: dict[tuple[str, float], tuple[list, list]] = {}
+    mids: list[tuple[float, float]] = []
     for src, dst, w, key, _ in items:
-        (x0, y0), (x1, y1) = pos[src], pos[dst]
+        sx, sy = _segment(pos[src], pos[dst])
         xs, ys = groups.setdefault((key, _width(abs(w), wmax)), ([], []))
-        xs += [x0, x1, None]
-        ys += [y0, y1, None]
+        xs += [*sx, None]
+        ys += [*sy, None]
+        k = len(sx) // 2
+        mids.append(((sx[0] + sx[-1]) / 2, sy[k] if len(sx) > 2 else (sy[0] + sy[-1]) / 2))
     traces: list[dict[str, Any]] = []
     for key in colours:
         shown = False
@@ -121,8 +135,7 @@ def _edge_traces(
     if items:
         traces.append({
             "type": "scatter", "mode": "markers", "name": "edges", "showlegend": False, "hoverinfo": "text",
-            "x": [(pos[s][0] + pos[d][0]) / 2 for s, d, *_ in items],
-            "y": [(pos[s][1] + pos[d][1]) / 2 for s, d, *_ in items],
+            "x": [x for x, _ in mids], "y": [y for _, y in mids],
             "marker": {"size": 7, "color": "rgba(0,0,0,0)"}, "hovertext": [t for *_, t in items]})
     return traces
 
@@ -151,7 +164,9 @@ def _circuit_layout(graph: Graph, title: str) -> dict[str, Any]:
         "title": {"text": title}, "hovermode": "closest", "height": 560, "plot_bgcolor": "white",
         "xaxis": {"tickvals": ticks, "ticktext": labels, "title": {"text": "layer"}, "zeroline": False,
                   "gridcolor": "#eee"},
-        "yaxis": {"title": {"text": "head (MLP centred)"}, "zeroline": False, "showgrid": False},
+        "yaxis": {"tickvals": [*range(graph.n_heads), graph.n_heads + 0.5],
+                  "ticktext": [*(f"h{h}" for h in range(graph.n_heads)), "MLP"], "zeroline": False,
+                  "showgrid": False, "range": [-0.7, graph.n_heads + 2.8]},
         "legend": {"orientation": "h", "y": -0.15}, "margin": {"l": 50, "r": 20, "t": 60, "b": 60},
     }
 
