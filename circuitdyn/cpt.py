@@ -490,7 +490,7 @@ class Prober:
                          "logprob": lp, "answer_tokens": len(a)})
         control: dict[str, Any] = {}
         if self.math:
-            gens, _ = self._run(model, self.math_ids, None, 8, "math")
+            gens, _ = self._run(model, self.math_ids, None, 16, "math")
             hits = [math_correct(g, m.answer) for g, m in zip(gens, self.math)]
             control["math"] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
                                "items": [{"id": m.id, "generation": g, "correct": h}

@@ -555,11 +555,12 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def math_correct(generation: str, answer: str) -> bool:
-    """Exact match of the first number in the generation with the gold number."""
-    m = _NUMBER.search(generation)
-    if not m:
+    """Exact match of the generation's final number with the gold number (models often restate the
+    question first, as in "5 + 1 = 6")."""
+    found = _NUMBER.findall(generation)
+    if not found:
         return False
-    got, gold = m.group(0).replace(",", ""), answer.replace(",", "").strip()
+    got, gold = found[-1].replace(",", ""), answer.replace(",", "").strip()
     try:
         return float(got) == float(gold)
     except ValueError:

@@ -208,6 +208,7 @@ def test_scoring() -> None:
     assert recall == pytest.approx(0.8) and 0.8 < f1 < 1
     assert rouge1("", "Chairman") == (0.0, 0.0)
     assert math_correct("The answer is 62.", "62") and not math_correct("6 2", "62")
+    assert math_correct("16 + 46 = 62", "62") and not math_correct("16 + 46 =", "62")
     assert math_correct("1,200", "1200") and not math_correct("none", "3")
     item = load_reasoning_probes()[0]
     assert reasoning_correct("2", item) and not reasoning_correct("Option 1", item)
