@@ -208,6 +208,9 @@ def resolve_inputs(cfg: CPTConfig) -> tuple[list[Document], list[Probe]]:
         names = list(dict.fromkeys(d.entity for d in docs if d.entity))
         known = set(entities(all_probes))
         probes = select_entities(all_probes, [n for n in names if n in known]) if known & set(names) else []
+    elif docs and cfg.probes is None:
+        # plain-text corpus, seed probes: the entities the corpus mentions
+        probes = [p for p in all_probes if any(find_mention(d.text, p.entity) for d in docs)]
     elif docs:
         probes = all_probes
     else:

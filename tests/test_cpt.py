@@ -235,6 +235,12 @@ def test_out_dir_with_other_run(reference_run: Path, cfg: CPTConfig, tmp_path: P
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
 
+def test_resolve_inputs_text_corpus(cfg: CPTConfig, tmp_path: Path) -> None:
+    (tmp_path / "c.txt").write_text("Patna is the capital of Bihar.\n\nThe Ganges flows past Patna.\n")
+    docs, probes = resolve_inputs(replace(cfg, corpus=str(tmp_path / "c.txt"), entities=None))
+    assert len(docs) == 2 and {p.entity for p in probes} == {"Patna"}
+
+
 def test_resolve_inputs_default_corpus(cfg: CPTConfig) -> None:
     docs, probes = resolve_inputs(replace(cfg, entities=None, n_entities=4))
     assert len(docs) == 4 and {d.entity for d in docs} == {p.entity for p in probes}
