@@ -157,14 +157,15 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
 @pytest.mark.integration
 def test_smollm2_scores_match_forward_and_full_circuit(smollm2_dir):
     """On the real SmolLM2-135M-Instruct: the functional forward equals TransformerLens, EAP-IG scores are
-    finite over all 123,211 edges, and the full graph is exactly faithful."""
+    finite over all 123,211 edges, and patching with the full graph / no edge gives the clean / corrupted run."""
     from circuitdyn.checkpoints import open_run
-    from circuitdyn.faithfulness import faithfulness
+    from circuitdyn.faithfulness import circuit_metric
     from circuitdyn.probes import build_fact_prompts, load_probes
 
     run = open_run(smollm2_dir)
     model = run.load_model(0)
-    facts = build_fact_prompts(load_probes()[:2], model.tokenizer, template="plain")
+    probes = load_probes()
+    facts = build_fact_prompts(probes[:2], model.tokenizer, template="plain", pool=probes)
     batch = A.make_batch(model, facts)
     m_clean, m_corr = A.clean_and_corrupted_metric(model, batch)
     for b, f in enumerate(facts):
@@ -174,8 +175,9 @@ def test_smollm2_scores_match_forward_and_full_circuit(smollm2_dir):
         assert abs(float(m_clean[b]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-3
     scores = A.attribute(model, facts, "eap-ig", steps=2)
     assert scores.shape == (2, 123211) and torch.isfinite(scores).all()
-    full = faithfulness(model, facts, torch.ones_like(scores, dtype=torch.bool))
-    assert torch.allclose(full, torch.ones(2), atol=1e-3)
+    full = circuit_metric(model, facts, torch.ones_like(scores, dtype=torch.bool))
+    empty = circuit_metric(model, facts, torch.zeros_like(scores, dtype=torch.bool))
+    assert torch.allclose(full, m_clean, atol=1e-3) and torch.allclose(empty, m_corr, atol=1e-3)
 
 
 def test_node_effects_are_grouped_edge_patching(tiny_tl):
