@@ -329,3 +329,23 @@ def test_transfer_matrix_on_a_run(make_run):
     assert full.to_numpy() == pytest.approx(1.0, abs=1e-4)  # the full graph is faithful on every model
     pivot = transfer_pivot(table)
     assert list(pivot.index) == [0, 1] and list(pivot.columns) == [0, 1]
+
+
+@pytest.mark.integration
+def test_cli_diff_on_smollm2(smollm2_dir, tmp_path, capsys):
+    """The real model against itself: circuits computed once and reused, and identical (Jaccard 1)."""
+    from circuitdyn.cli import main
+
+    out = tmp_path / "diff.html"
+    from circuitdyn.probes import seed_data_dir
+
+    args = ["diff", str(smollm2_dir), str(smollm2_dir), "--probes", str(seed_data_dir() / "validation_probes.json"),
+            "--limit", "1", "--method", "eap", "--top-n", "100",
+            "--circuits", str(tmp_path / "circuits"), "--out", str(out), "--json"]
+    assert main(args) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["edge_jaccard"] == 1.0 and data["summary"]["added"] == 0
+    assert len(list((tmp_path / "circuits").glob("*.safetensors"))) == 1
+    assert out.is_file()
