@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import torch
 from jaxtyping import Bool
 from torch import Tensor
@@ -197,17 +198,22 @@ class Graph:
 
     def on_path(self, mask: Bool[Tensor, "edge"]) -> Bool[Tensor, "edge"]:
         """Keep only selected edges that lie on some input -> logits path of selected edges."""
-        src_node, dst_node = self.edge_node_ids
+        src_node, dst_node = self.edge_node_ids_np
+        sel = mask.cpu().numpy().astype(bool)
         n = len(self.nodes)
-        sel = mask.nonzero().flatten()
-        adj = torch.zeros(n, n, dtype=torch.bool)
+        adj = np.zeros((n, n), dtype=bool)
         adj[src_node[sel], dst_node[sel]] = True
-        fwd = torch.zeros(n, dtype=torch.bool)
+        fwd = np.zeros(n, dtype=bool)
         fwd[0] = True
-        for j in range(1, n):
-            fwd[j] = bool((adj[:, j] & fwd).any())
-        bwd = torch.zeros(n, dtype=torch.bool)
+        for j in range(1, n):  # nodes are in topological order
+            fwd[j] = adj[fwd, j].any()
+        bwd = np.zeros(n, dtype=bool)
         bwd[n - 1] = True
         for j in range(n - 2, -1, -1):
-            bwd[j] = bool((adj[j, :] & bwd).any())
-        return mask & fwd[src_node] & bwd[dst_node]
+            bwd[j] = adj[j, bwd].any()
+        return mask & torch.from_numpy(fwd[src_node] & bwd[dst_node])
+
+    @cached_property
+    def edge_node_ids_np(self) -> tuple[np.ndarray, np.ndarray]:
+        src, dst = self.edge_node_ids
+        return src.numpy(), dst.numpy()
