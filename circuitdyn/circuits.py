@@ -25,6 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from safetensors import safe_open
@@ -252,23 +253,22 @@ def select_top_n_paths(scores: Float[Tensor, "*fact edge"], graph: Graph, n: int
     """
     if scores.ndim == 2:
         return torch.stack([select_top_n_paths(row, graph, n) for row in scores])
-    order = scores.float().abs().argsort(descending=True)
+    order = scores.float().abs().argsort(descending=True).numpy()
     n_total = scores.shape[-1]
 
-    def pruned(k: int) -> Tensor:
-        mask = torch.zeros(n_total, dtype=torch.bool)
+    def pruned(k: int) -> np.ndarray:
+        mask = np.zeros(n_total, dtype=bool)
         mask[order[:k]] = True
-        return graph.on_path(mask)
+        return graph.on_path_np(mask)
 
     if n <= 0:
         return torch.zeros(n_total, dtype=torch.bool)
     lo, hi = min(n, n_total), n_total
-    if int(pruned(hi).sum()) < n:
-        return pruned(hi)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if int(pruned(mid).sum()) >= n:
-            hi = mid
-        else:
-            lo = mid + 1
-    return pruned(lo)
+    if int(pruned(hi).sum()) >= n:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(pruned(mid).sum()) >= n:
+                hi = mid
+            else:
+                lo = mid + 1
+    return torch.from_numpy(pruned(hi))

@@ -198,8 +198,11 @@ class Graph:
 
     def on_path(self, mask: Bool[Tensor, "edge"]) -> Bool[Tensor, "edge"]:
         """Keep only selected edges that lie on some input -> logits path of selected edges."""
+        return torch.from_numpy(self.on_path_np(mask.cpu().numpy().astype(bool)))
+
+    def on_path_np(self, sel: np.ndarray) -> np.ndarray:
+        """`on_path` on a numpy bool mask (no torch overhead; used in selection loops)."""
         src_node, dst_node = self.edge_node_ids_np
-        sel = mask.cpu().numpy().astype(bool)
         n = len(self.nodes)
         adj = np.zeros((n, n), dtype=bool)
         adj[src_node[sel], dst_node[sel]] = True
@@ -211,7 +214,7 @@ class Graph:
         bwd[n - 1] = True
         for j in range(n - 2, -1, -1):
             bwd[j] = adj[j, bwd].any()
-        return mask & torch.from_numpy(fwd[src_node] & bwd[dst_node])
+        return sel & fwd[src_node] & bwd[dst_node]
 
     @cached_property
     def edge_node_ids_np(self) -> tuple[np.ndarray, np.ndarray]:
