@@ -517,6 +517,8 @@ def _write_page(path: str | Path, title: str, subtitle: str, body: str, data: An
 def _table_html(df: Any, float_fmt: str = "{:.3f}") -> str:
     """An escaped HTML table of a DataFrame (index included)."""
     def cell(v: Any) -> str:
+        if v is None or v is pd.NA:
+            return "–"
         if isinstance(v, float):
             return "" if math.isnan(v) else float_fmt.format(v)
         return _esc(v)
@@ -623,6 +625,14 @@ def write_timeline_html(
     circuits = {f"{f}|{e}": timeline_circuit_spec(timeline, f, e, (labels or {}).get(f)) for f in chosen for e in epochs}
     lines = timeline_spec(timeline)
     fact_lines = {f: _fact_similarity_trace(timeline, f) for f in chosen if f != MEAN}
+    life = timeline.lifetimes
+    lifetimes = {}
+    for f in chosen:
+        rows = life[life["fact_id"] == f].drop(columns="fact_id")
+        rows = rows.sort_values(["persistence", "epochs_present"], ascending=False, kind="stable")
+        head = pd.concat([rows.head(8), rows.tail(8)]).drop_duplicates("edge").set_index("edge")
+        lifetimes[f] = (f"<p>{len(rows)} edges were ever in this circuit; {int((rows['segments'] > 1).sum())} "
+                        f"left and came back. Most and least persistent:</p>" + _table_html(head))
     summary = timeline.summary()
     stab = summary.pop("stability", None)
     rows = {k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in summary.items()}
@@ -640,10 +650,10 @@ def write_timeline_html(
         "</label><span id=\"epoch-label\"></span></div>"
         "<div class=\"row\"><div id=\"circuit\"></div><div id=\"lines\"></div></div>"
         "<div class=\"row\"><div id=\"heatmap\"></div>" + ("<div id=\"transfer\"></div>" if transfer is not None else "")
-        + "</div>"
+        + "</div><h3>edge lifetimes</h3><div id=\"lifetimes\"></div>"
     )
     data = {"circuits": circuits, "lines": lines, "fact_lines": fact_lines, "heatmap": heatmap_spec(timeline),
-            "epochs": epochs, "facts": _options(chosen, labels),
+            "epochs": epochs, "facts": _options(chosen, labels), "lifetimes": lifetimes,
             "transfer": None if transfer is None else transfer_spec(transfer)}
     script = """
 var fact = fillSelect("fact", DATA.facts), slider = document.getElementById("epoch");
@@ -657,6 +667,7 @@ function lines() {
 }
 function update() {
   document.getElementById("epoch-label").textContent = "epoch " + epoch();
+  document.getElementById("lifetimes").innerHTML = DATA.lifetimes[fact.value];  // escaped server-side
   return Promise.all([draw("circuit", DATA.circuits[fact.value + "|" + epoch()]),
                       draw("lines", lines())]).then(markRendered);
 }

@@ -106,7 +106,7 @@ def _chromium() -> str | None:
 def _run_chromium(binary: str, url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-             "--virtual-time-budget=20000", "--hide-scrollbars", "--window-size=1400,1800"]
+             "--virtual-time-budget=20000", "--hide-scrollbars", "--window-size=1400,2400"]
     return subprocess.run([binary, *flags, *extra, url], capture_output=True, text=True, timeout=180)
 
 
