@@ -44,6 +44,8 @@ SIGN_COLOURS = {"negative": "#1f77b4", "positive": "#d62728"}
 KIND_COLOURS = {"input": "#444444", "attn": "#9467bd", "mlp": "#17becf", "logits": "#444444"}
 WIDTHS = (1.0, 2.0, 3.5, 6.0)
 DEFAULT_SIZES = (25, 50, 100, 200, 500)
+MAX_EDGES = 600
+"""Drawn port-level edges per circuit at most (the strongest); larger circuits say how many are shown."""
 MAX_FACTS = 40
 """Pages carry at most this many facts (plus the mean circuit) to stay small; pass `facts=` to choose."""
 
@@ -100,6 +102,17 @@ def _importance(graph: Graph, weights: torch.Tensor, idx: list[int]) -> torch.Te
     w = weights[sel].abs().float() / 2
     out = torch.zeros(len(graph.nodes))
     return out.index_add_(0, src[sel], w).index_add_(0, dst[sel], w)
+
+
+def _strongest(idx: list[int], weight: torch.Tensor, limit: int | None = None) -> tuple[list[int], str]:
+    """At most `limit` (default `MAX_EDGES`) of the edges `idx`, largest |weight| first, and a note when
+    some were left out."""
+    limit = MAX_EDGES if limit is None else limit
+    if len(idx) <= limit:
+        return idx, ""
+    sel = torch.tensor(idx)
+    keep = sel[weight[sel].abs().topk(limit).indices].tolist()
+    return keep, f" (strongest {limit} of {len(idx)} drawn)"
 
 
 def _width(w: float, wmax: float) -> float:
@@ -205,7 +218,8 @@ def diff_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
     r = diff.row(fact_id)
     graph = diff.graph
     code = diff.status_codes[r]
-    idx = (code >= 0).nonzero().flatten().tolist()
+    idx, note = _strongest((code >= 0).nonzero().flatten().tolist(),
+                           torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs()))
     sa, sb, codes = diff.scores_a[r, idx].tolist(), diff.scores_b[r, idx].tolist(), code[idx].tolist()
     groups: dict[tuple[str, str, str], list[tuple[str, float, float]]] = {}
     for i, a, b, c in zip(idx, sa, sb, codes):
@@ -223,7 +237,7 @@ def diff_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
     row = diff.facts.loc[fact_id]
     title = (f"{_esc(fact_id)}: {_esc(diff.label_a)} → {_esc(diff.label_b)} — +{int(row['added'])} / "
              f"−{int(row['removed'])} / kept {int(row['kept'])} (changed {int(row['changed'])}), "
-             f"Jaccard {row['edge_jaccard']:.2f}")
+             f"Jaccard {row['edge_jaccard']:.2f}{note}")
     return {"data": _edge_traces(pos, items, STATUS_COLOURS) + [_node_trace(graph, pos, imp, active)],
             "layout": _circuit_layout(graph, title)}
 
@@ -374,13 +388,15 @@ def timeline_circuit_spec(timeline: Any, fact_id: str, epoch: int, label: str | 
     r = timeline.rows.index(fact_id)
     scores = timeline.scores(epoch)[r]
     idx = timeline.masks[epoch][r].nonzero().flatten().tolist()
+    n_edges = len(idx)
+    idx, note = _strongest(idx, scores)
     state = ""
     if timeline.outcomes is not None and fact_id != MEAN:
         row = timeline.fact(fact_id).set_index("epoch")
         correct = row.loc[epoch, "correct"] if epoch in row.index else None
         if correct is not None and not pd.isna(correct):
             state = " — recalled" if bool(correct) else " — not recalled"
-    title = f"{_esc(label or fact_id)} at epoch {epoch}: {len(idx)} edges{state}"
+    title = f"{_esc(label or fact_id)} at epoch {epoch}: {n_edges} edges{state}{note}"
     return _signed_circuit(timeline.graph, scores, idx, title)
 
 

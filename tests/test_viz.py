@@ -188,3 +188,13 @@ def test_walkthrough_runs_on_a_tiny_run(make_run, tmp_path, monkeypatch, capsys)
     assert "reconfiguration rate" in text and "'gap'" in text
     for name in ("circuit", "diff", "timeline"):
         assert (tmp_path / "out" / f"{name}.html").is_file()
+
+
+def test_large_circuits_are_drawn_capped(monkeypatch):
+    monkeypatch.setattr(viz, "MAX_EDGES", 50)
+    cs = circuits_over_epochs(GRAPH)
+    d = diff_circuits(cs[0], cs[3], "abs:0.0")  # every edge selected
+    title = viz.diff_figure(d, "flaky").layout.title.text
+    assert f"strongest {viz.MAX_EDGES} of {GRAPH.n_edges} drawn" in title
+    hover = viz.diff_figure(d, "flaky").data[-2].hovertext
+    assert sum(t.count("-&gt;") for t in hover) == viz.MAX_EDGES
