@@ -370,11 +370,8 @@ def attribute_batch(model: Any, batch: FactBatch, method: str = "eap-ig", steps:
     layers = _layers(model)
     clean_in, corr_in = embed_inputs(model, batch)
     with torch.no_grad():
-        _, st_clean = run_capture(model, clean_in, batch, metric, layers)
-        delta = _sources(model, clean_in, st_clean, layers)
-        del st_clean
         _, st_corr = run_capture(model, corr_in, batch, metric, layers)
-        delta = _sources(model, corr_in, st_corr, layers).sub_(delta)
+        delta = _sources(model, corr_in, st_corr, layers)
         del st_corr
     B, P, D = clean_in.shape
     L = cfg.n_layers
@@ -383,12 +380,15 @@ def attribute_batch(model: Any, batch: FactBatch, method: str = "eap-ig", steps:
     g_logits = torch.zeros(B, P, D)
     for k in range(1, m + 1):
         alpha = k / m
-        x0 = corr_in + alpha * (clean_in - corr_in) if m > 1 else clean_in
+        x0 = clean_in if k == m else corr_in + alpha * (clean_in - corr_in)
         with torch.enable_grad():
             values, st = run_capture(model, x0, batch, metric, layers)
             wrt = st["q"] + st["k"] + st["v"] + st["mlp_in"] + st["final"]
             grads = torch.autograd.grad(values.sum(), wrt)
         with torch.no_grad():
+            if k == m:  # alpha = 1 is the clean run: its node outputs complete delta = corrupted - clean
+                clean = {key: [t.detach() for t in st[key]] for key in ("z", "mlp_out")}
+                delta.sub_(_sources(model, clean_in, clean, layers))
             for i, layer in enumerate(layers):
                 d = (grads[i], grads[L + i], grads[2 * L + i])
                 qkv = (st["q"][i].detach(), st["k"][i].detach(), st["v"][i].detach())
