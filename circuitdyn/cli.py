@@ -482,6 +482,8 @@ def _run_timeline(args: argparse.Namespace) -> int:
               f"(n={st['n_retained']}), forgotten {st['mean_forgotten']:.3f} (n={st['n_forgotten']}), "
               f"acquired {st['mean_acquired']:.3f} (n={st['n_acquired']}); gap {st['gap']:+.3f} "
               f"(vs forgotten only {st['gap_forgotten']:+.3f}), AUC {st['auc']:.3f}")
+        if not st["n_retained"] or not (st["n_forgotten"] + st["n_acquired"]):
+            print("  (not answerable on this run: it needs facts that stayed recalled and facts whose recall flipped)")
     else:
         print("no per-probe outcomes in the run: circuits are not joined with recall")
     if transfer is not None:
