@@ -349,3 +349,15 @@ def test_cli_diff_on_smollm2(smollm2_dir, tmp_path, capsys):
     assert data["summary"]["edge_jaccard"] == 1.0 and data["summary"]["added"] == 0
     assert len(list((tmp_path / "circuits").glob("*.safetensors"))) == 1
     assert out.is_file()
+
+
+def test_cli_diff_checkpoints_of_different_architectures(make_run, tmp_path, capsys):
+    from circuitdyn.cli import main
+    from circuitdyn.probes import load_probes, write_probes_jsonl
+
+    llama, gpt2 = make_run("llama", 1, name="arch-llama"), make_run("gpt2", 1, name="arch-gpt2")
+    probes = write_probes_jsonl(load_probes()[:1], tmp_path / "p.jsonl")
+    args = ["diff", f"{llama}:1", f"{gpt2}:1", "--probes", str(probes), "--method", "eap", "--out", str(tmp_path / "d.html")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "architecture" in err and "LlamaForCausalLM" in err and "GPT2LMHeadModel" in err
