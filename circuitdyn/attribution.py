@@ -4,7 +4,8 @@ Sign convention: score(e) estimates m(clean run with edge e patched to its corru
 where m is the per-fact metric (teacher-forced answer log-prob by default). EAP scores
 (a_src(corrupted) - a_src(clean)) . dm/d(input of dst), summed over positions; EAP-IG averages that
 gradient over m inputs interpolated from corrupted to clean embeddings, alpha = k/m for k = 1..m (the
-EAP-IG paper's activation-IG loop; its newer code uses k = 0..m-1). With m = 1, EAP-IG is EAP.
+right Riemann sum of the EAP-IG code's earlier `range(1, steps + 1)` loop; later versions of hannamw/EAP-IG
+use k = 0..m-1, which includes the corrupted end instead of the clean one). With m = 1, EAP-IG is EAP.
 
 Why it is fast: instead of TransformerLens' split-input hooks (a [batch, pos, head, d_model] copy of the
 residual per q/k/v input and per head output in the forward pass), we run our own functional forward
