@@ -422,7 +422,8 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=None, help="attribution method of the circuits to use (eap, eap-ig)")
     p.add_argument("--steps", type=int, help="EAP-IG steps of the circuits to use (when several were extracted)")
     p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
-    p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N or abs:T")
+    p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N, abs:T or faith:F "
+                   "(smallest circuit reaching faithfulness F on each epoch's model; needs --probes)")
     p.add_argument("--probes", help="probe file: extract circuits for its facts at every epoch where missing "
                    "(reused when cached), and label the facts in the viewer")
     p.add_argument("--limit", type=int, help="only the first N probes of the file")
@@ -441,9 +442,11 @@ def _run_timeline(args: argparse.Namespace) -> int:
     from circuitdyn.viz import write_timeline_html
 
     labels = _probe_labels(args.probes)
-    steps, where, transfer = args.steps, None, None
+    steps, where, transfer, facts = args.steps, None, None, None
     if args.transfer and not args.probes:
         raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
+    if _selection_arg(args).startswith("faith") and not args.probes:
+        raise CircuitdynError(f"--select {args.select} needs --probes (the facts to evaluate the circuits on)")
     if args.probes:
         from circuitdyn.attribution import extract_run, facts_hash
         from circuitdyn.checkpoints import open_run
@@ -456,7 +459,8 @@ def _run_timeline(args: argparse.Namespace) -> int:
         folder = Path(args.circuits) if args.circuits else Path(run.path) / "circuits"
         extract_run(run, facts, folder, run.epochs, method=args.method or "eap-ig", steps=steps, progress=not args.json)
         where = {"probe_set_hash": facts_hash(facts)}
-    tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method, steps, where)
+    tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method, steps, where,
+                           facts if args.probes else None)
     if args.probes:
         _check_probes_match(tl.circuits[tl.epochs[0]], labels, args.probes, args.run)
     if args.transfer:

@@ -460,9 +460,11 @@ def load_run_timeline(
     method: str | None = None,
     ig_steps: int | None = None,
     where: dict[str, Any] | None = None,
+    facts: Sequence[Any] | None = None,
 ) -> Timeline:
     """The timeline of a run folder: circuits from `circuits_dir` (default `RUN/circuits`) for every epoch
-    of the run, probe outcomes and loss from `circuitdyn.dynamics` when the run has probe results."""
+    of the run, probe outcomes and loss from `circuitdyn.dynamics` when the run has probe results.
+    `facts` (the circuits' `FactPrompt`s) let the `faith:` selection evaluate circuits on each epoch's model."""
     from circuitdyn.checkpoints import open_run
 
     run = open_run(run_dir)
@@ -484,4 +486,10 @@ def load_run_timeline(
     if epochs_table is None:
         epochs_table = pd.DataFrame([{"epoch": e, "step": run.checkpoint(e).step,
                                       "train_loss": run.checkpoint(e).train_loss} for e in run.epochs])
-    return build_timeline(circuits, selection, outcomes=outcomes, epochs=epochs_table)
+    faithfulness = None
+    if Selection.parse(selection).rule == "faith" and facts is not None:
+        from circuitdyn.diff import run_evaluator
+
+        evaluate = run_evaluator(run, facts)
+        faithfulness = {e: (lambda masks, e=e, cs=cs: evaluate(e, cs, masks)) for e, cs in circuits.items()}
+    return build_timeline(circuits, selection, outcomes=outcomes, epochs=epochs_table, faithfulness=faithfulness)
