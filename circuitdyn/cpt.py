@@ -106,7 +106,7 @@ class CPTConfig:
     max_new_tokens: int = 25
     n_math: int | None = 32
     n_reasoning: int | None = 16
-    eval_batch_size: int = 16
+    eval_batch_size: int = 64
 
     def validate(self) -> None:
         """Reject bad settings before anything is loaded or written."""
@@ -383,21 +383,25 @@ def greedy_with_answers(
     answer tokens' log-probs, sharing work: the prompts' common prefix (chat template and instruction)
     is run once, and one pass over prompt + answer gives both the answer log-prob and the first
     generated token; decoding then continues from the prompt's cache with the answer slots masked out.
-    Equal to `generate(do_sample=False)` on each prompt alone, up to floating-point ties.
+    Equal to `generate(do_sample=False)` on each prompt alone, up to floating-point ties (for models
+    whose logits are the output head applied to the decoder's last hidden state).
     """
     import copy
     import inspect
 
+    # Run the decoder stack and apply the output head only where logits are needed.
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     # transformers 5 names the KV cache `cache`; 4.x names it `past_key_values`
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
-    def cache_of(out: Any) -> Any:
-        return out.cache if key == "cache" else out.past_key_values
+    def run(ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, Any]:
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
+        return out.last_hidden_state, (out.cache if key == "cache" else out.past_key_values)
 
     n0 = _common_prefix(prompts)
     prefix_cache = None
     if n0:
-        prefix_cache = cache_of(model(input_ids=torch.tensor([list(prompts[0][:n0])]), use_cache=True))
+        _, prefix_cache = run(torch.tensor([list(prompts[0][:n0])]), None, None, None)
     gens: list[list[int]] = []
     logprobs: list[float | None] = []
     order = range(0, len(prompts), batch_size)
@@ -415,18 +419,15 @@ def greedy_with_answers(
             cache.batch_repeat_interleave(b)
         ones = torch.ones(b, n0, dtype=torch.long)
         pos = (n0 + torch.arange(width)).expand(b, width)
-        out = model(input_ids=ids, attention_mask=torch.cat([ones, cur], 1), position_ids=pos,
-                    use_cache=True, **{key: cache})
-        cache = cache_of(out)
-        logits = out.logits.float()
+        hidden, cache = run(ids, torch.cat([ones, cur], 1), pos, cache)
         ends = torch.tensor([len(x) for x in suffixes])
         for row, (x, a) in enumerate(zip(suffixes, ans)):
             if answers is None:
                 logprobs.append(None)
             else:
-                lp = logits[row, len(x) - 1 : len(x) + len(a) - 1].log_softmax(-1)
+                lp = head(hidden[row, len(x) - 1 : len(x) + len(a) - 1]).float().log_softmax(-1)
                 logprobs.append(float(lp[torch.arange(len(a)), torch.tensor(a)].sum()))
-        nxt = logits[torch.arange(b), ends - 1].argmax(-1)
+        nxt = head(hidden[torch.arange(b), ends - 1]).float().argmax(-1)
         # for decoding, only the prefix and each row's own prompt are visible (answer slots masked)
         mask = torch.cat([ones, (torch.arange(width)[None, :] < ends[:, None]).long()], 1)
         out_tokens = [[int(t)] for t in nxt]
@@ -436,10 +437,8 @@ def greedy_with_answers(
             if bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions[:, None],
-                        use_cache=True, **{key: cache})
-            cache = cache_of(out)
-            nxt = out.logits[:, -1].float().argmax(-1)
+            hidden, cache = run(nxt[:, None], mask, positions[:, None], cache)
+            nxt = head(hidden[:, -1]).float().argmax(-1)
             positions = positions + 1
             for row in range(b):
                 if not done[row]:
