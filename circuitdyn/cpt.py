@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,7 +52,6 @@ from circuitdyn.probes import (
     load_probes,
     load_reasoning_probes,
     math_correct,
-    mention_forms,
     prompt_text,
     reasoning_correct,
     reasoning_prompt,
@@ -767,8 +766,3 @@ def _run_cpt(
     wall = time.perf_counter() - t_start
     say(format_table(dyn))
     return CPTResult(out, dyn, wall, trained)
-
-
-def config_fields() -> list[str]:
-    """Names of the CPTConfig settings (for the CLI)."""
-    return [f.name for f in fields(CPTConfig)]
