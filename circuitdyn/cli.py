@@ -358,7 +358,7 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
 def _run_diff(args: argparse.Namespace) -> int:
     import json
 
-    from circuitdyn.diff import MEAN, Selection, diff_circuits, noise_floor
+    from circuitdyn.diff import Selection, diff_circuits, noise_floor
     from circuitdyn.viz import write_diff_html
 
     labels = _probe_labels(args.probes)
@@ -393,14 +393,23 @@ def _run_diff(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**d.to_dict(), "noise_floor": noise_text, "html": str(out)}, indent=1))
         return 0
+    print(f"circuit diff {args.a} -> {args.b}: {len(fact_ids)} facts, selection {d.selection}, noise floor {noise_text}")
+    print_diff(d, with_faithfulness=selected is not None)
+    print(f"\nviewer: {out}")
+    return 0
+
+
+def print_diff(d, with_faithfulness: bool = False) -> None:
+    """The readable summary of a `CircuitDiff`: per-fact table, means, strongest paths of the mean circuit."""
+    from circuitdyn.diff import MEAN
+
     cols = {"n_a": "n_A", "n_b": "n_B", "added": "+", "removed": "-", "changed": "moved", "kept": "kept",
             "sign_flips": "flips", "edge_jaccard": "J", "weighted_jaccard": "wJ", "spearman": "rho", "rbo": "RBO",
             "deep_shift": "deep+"}
-    if selected is not None:
+    if with_faithfulness:
         cols.update({"faith_a": "faith_A", "faith_b": "faith_B"})
     table = d.facts[list(cols)].rename(columns=cols)
     table.index = [f if len(f) <= 40 else f[:37] + "..." for f in table.index]
-    print(f"circuit diff {args.a} -> {args.b}: {len(fact_ids)} facts, selection {d.selection}, noise floor {noise_text}")
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
     s = d.summary
     print(f"\nmean over facts: edge Jaccard {s['edge_jaccard']:.3f}, weighted Jaccard {s['weighted_jaccard']:.3f}, "
@@ -410,8 +419,6 @@ def _run_diff(args: argparse.Namespace) -> int:
     if len(paths):
         print("\nstrongest input->logits paths of the mean circuit:")
         print(paths[["path", "rank_a", "rank_b", "status"]].to_string(index=False, na_rep="-"))
-    print(f"\nviewer: {out}")
-    return 0
 
 
 @command
@@ -474,9 +481,20 @@ def _run_timeline(args: argparse.Namespace) -> int:
         extra = {} if transfer is None else {"transfer": json.loads(transfer.to_json(orient="records"))}
         print(json.dumps({"summary": summary, "per_epoch": per_epoch, **extra, "html": str(out)}, indent=1, default=str))
         return 0
+    print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, selection {tl.selection}")
+    print_timeline(tl)
+    if transfer is not None:
+        print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), mean over facts:")
+        print(transfer_pivot(transfer).to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"\nviewer: {out}")
+    return 0
+
+
+def print_timeline(tl) -> None:
+    """The readable summary of a `Timeline`: per-epoch table, reconfiguration, and the stay-put answer."""
+    summary = tl.summary()
     cols = [c for c in ("epoch", "train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev",
                         "jaccard_first", "changed_frac_prev") if c in tl.per_epoch]
-    print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, selection {tl.selection}")
     print(tl.per_epoch[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
     print(f"\nreconfiguration rate {summary['reconfiguration_rate']:.3f} of a circuit per epoch; "
           f"Jaccard of the last epoch to the first {summary['mean_jaccard_first_at_last']:.3f}")
@@ -490,11 +508,6 @@ def _run_timeline(args: argparse.Namespace) -> int:
             print("  (not answerable on this run: it needs facts that stayed recalled and facts whose recall flipped)")
     else:
         print("no per-probe outcomes in the run: circuits are not joined with recall")
-    if transfer is not None:
-        print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), mean over facts:")
-        print(transfer_pivot(transfer).to_string(float_format=lambda x: f"{x:.3f}"))
-    print(f"\nviewer: {out}")
-    return 0
 
 
 @command
@@ -520,6 +533,48 @@ def _run_view(args: argparse.Namespace) -> int:
     facts = [MEAN, *args.fact] if args.fact else None
     out = write_circuit_html(cs, args.out or Path(args.file).with_suffix(".html"), facts=facts, labels=labels)
     print(f"{cs}\nviewer: {out}")
+    return 0
+
+
+@command
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded SmolLM2-135M-Instruct: CPT, probes and circuits every epoch, viewers",
+        description="Continually pre-train the embedded default model on a few seed entities with probes every "
+        "epoch, extract every probe fact's circuit at every epoch, then print and write (HTML) the timeline and "
+        "the diff of the first and last epochs. A second run reuses all finished work.",
+    )
+    p.add_argument("--out", default="circuitdyn-demo", help="output folder (default ./circuitdyn-demo)")
+    p.add_argument("--entities", type=int, default=4, help="seed entities to train on (default 4)")
+    p.add_argument("--epochs", type=int, default=3, help="CPT epochs (default 3)")
+    p.add_argument("--facts-per-entity", type=int, default=2, help="probe facts per entity to attribute (default 2)")
+    p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
+    p.add_argument("--steps", type=int, default=3, help="EAP-IG steps (default 3; the paper used 30)")
+    p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
+    p.add_argument("--base-model", help="start from this checkpoint instead of the embedded SmolLM2")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from circuitdyn.demo import run_demo
+    from circuitdyn.dynamics import format_table
+
+    r = run_demo(args.out, n_entities=args.entities, epochs=args.epochs, facts_per_entity=args.facts_per_entity,
+                 method=args.method, steps=args.steps, top_n=args.top_n, base_model=args.base_model,
+                 progress=not args.no_progress)
+    print("\n== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch")
+    print(format_table(r.dynamics))
+    print(f"\n== how the facts' circuits moved across epochs ({r.timeline.selection})")
+    print_timeline(r.timeline)
+    print(f"\n== circuit diff {r.diff.label_a} -> {r.diff.label_b}")
+    print_diff(r.diff)
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in r.stage_s.items())
+    print(f"\nwall time {r.wall_s:.0f}s ({stages})")
+    print(f"run (checkpoints, probe results, circuits): {r.run_dir}")
+    print(f"probes: {r.probes_file}")
+    print(f"viewers: {r.timeline_html}\n         {r.diff_html}\n         {r.circuit_html}")
     return 0
 
 
