@@ -266,16 +266,20 @@ def _metric(model: Any, resid: Tensor, batch: FactBatch, metric: str) -> Float[T
 
 # --- the functional forward -----------------------------------------------------------------------
 def _rotary(attn: Any, x: Tensor) -> Tensor:
-    """TransformerLens' rotary embedding (same tables and arithmetic) without its clone-and-assign rotation."""
+    """TransformerLens' rotary embedding (same tables, bit-identical result), cheaper to differentiate:
+    the half-rotation [-x2, x1] is a roll of x with the sign folded into the sine table."""
     cfg, P = attn.cfg, x.shape[1]
     if cfg.rotary_adjacent_pairs or P > attn.rotary_cos.shape[0]:
         return attn.apply_rotary(x)
     rd = cfg.rotary_dim
-    x_rot = x[..., :rd]
     half = rd // 2
-    flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    out = x_rot * attn.rotary_cos[None, :P, None, :] + flip * attn.rotary_sin[None, :P, None, :]
-    return out if rd == x.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
+    sign = torch.cat([-torch.ones(half, dtype=x.dtype), torch.ones(rd - half, dtype=x.dtype)])
+    cos = attn.rotary_cos[None, :P, None, :]
+    sin = (attn.rotary_sin[:P] * sign)[None, :, None, :]
+    if rd == x.shape[-1]:
+        return x * cos + x.roll(half, dims=-1) * sin
+    x_rot = x[..., :rd]
+    return torch.cat([x_rot * cos + x_rot.roll(half, dims=-1) * sin, x[..., rd:]], dim=-1)
 
 
 def _attend(model: Any, block: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

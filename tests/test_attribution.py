@@ -191,3 +191,22 @@ def test_node_effects_are_grouped_edge_patching(tiny_tl):
     last = graph.sources.index(f"m{graph.n_layers - 1}")
     only = A.exact_edge_effects(tiny_tl, batch, edges=[graph.edge_index[f"m{graph.n_layers - 1}->logits"]])
     assert torch.allclose(nodes[:, last], only[:, 0], atol=1e-6)
+
+
+def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    for extra in ({"normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 4},
+                  {"normalization_type": "LNPre", "positional_embedding_type": "standard"}):
+        cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=50, d_mlp=48,
+                                      act_fn="silu", seed=1, **extra)
+        model = HookedTransformer(cfg, move_to_device=False)
+        facts = tiny_facts(2)
+        m_clean, _ = A.clean_and_corrupted_metric(model, A.make_batch(model, facts))
+        f = facts[0]
+        with torch.no_grad():
+            lp = model(torch.tensor([[*f.clean_tokens, *f.answer_tokens[:-1]]])).log_softmax(-1)[0]
+        n = len(f.clean_tokens)
+        assert abs(float(m_clean[0]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-4
+        batch = A.make_batch(model, facts)
+        assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2), reference_scores(model, batch, 2), atol=1e-4)
