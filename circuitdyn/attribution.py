@@ -128,11 +128,13 @@ def _layers(model: Any) -> list[_Layer]:
         b3 = torch.stack([attn.b_Q, b_K.repeat_interleave(rep, 0), b_V.repeat_interleave(rep, 0)], dim=1)
         ln = block.ln1
         kind, w, b = _ln_kind(ln), getattr(ln, "w", None), getattr(ln, "b", None)
+        w = None if w is None else w.detach()
+        b = None if b is None else b.detach()
         W3, b3 = W3.detach(), b3.detach()
-        Wf = W3 if w is None else W3 * w.detach()
+        Wf = W3 if w is None else W3 * w
         if kind == "LN":
             Wf = Wf - Wf.mean(-1, keepdim=True)
-        offset3 = b3 if b is None else b3 + W3 @ b.detach()
+        offset3 = b3 if b is None else b3 + W3 @ b
         mlp = getattr(block, "mlp", None)
         mlp_t = None
         if type(mlp).__name__ == "GatedMLP" and not cfg.is_layer_norm_activation():
@@ -387,7 +389,7 @@ def attribute_batch(model: Any, batch: FactBatch, method: str = "eap-ig", steps:
         alpha = k / m
         x0 = clean_in if k == m else corr_in + alpha * (clean_in - corr_in)
         with torch.enable_grad():
-            values, st = run_capture(model, x0, batch, metric, layers)
+            values, st = run_capture(model, x0.detach().requires_grad_(), batch, metric, layers)
             wrt = st["q"] + st["k"] + st["v"] + st["mlp_in"] + st["final"]
             grads = torch.autograd.grad(values.sum(), wrt)
         with torch.no_grad():
