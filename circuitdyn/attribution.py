@@ -11,9 +11,11 @@ Why it is fast: instead of TransformerLens' split-input hooks (a [batch, pos, he
 residual per q/k/v input and per head output in the forward pass), we run our own functional forward
 over the HookedTransformer's weights, take autograd gradients only with respect to small tensors
 (per-head q/k/v after projection, each MLP's input, the final residual), and map the q/k/v gradients back
-to per-head residual gradients through the (linear) layer-norm vector-Jacobian product once per step.
-Key/value heads of GQA models are expanded to the query heads before attention, so autograd hands us one
-gradient per query head ("ungrouped" at no extra cost). Score contraction with the activation
+to per-head residual gradients through the layer-norm vector-Jacobian product, which is linear in the
+upstream gradient: its main term is summed over IG steps in d_head space and expanded once, its rank-one
+correction is buffered (`_PortGrads`). Key/value heads of GQA models are expanded to the query heads
+before attention, so autograd hands us one gradient per query head ("ungrouped" at no extra cost). The
+clean run's activations come from the alpha = 1 step, and the score contraction with the activation
 differences happens once at the end.
 
 Facts in a batch do not interact, so the gradient of the summed metric yields per-fact gradients and the
@@ -84,7 +86,7 @@ def check_supported(model: Any) -> None:
 
 @dataclass
 class _Layer:
-    """Per-block weights in the shapes the functional forward uses (views of the model's parameters)."""
+    """Per-block weights (detached from autograd) in the shapes the functional forward uses."""
 
     W_qkv: Tensor  # [d_model, (H + 2 Hkv) d_head]
     b_qkv: Tensor  # [(H + 2 Hkv) d_head]
