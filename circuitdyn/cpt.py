@@ -53,6 +53,7 @@ from circuitdyn.probes import (
     load_reasoning_probes,
     math_correct,
     prompt_text,
+    read_jsonl,
     reasoning_correct,
     reasoning_prompt,
     rouge1,
@@ -166,13 +167,7 @@ def load_corpus(path: str | Path) -> list[Document]:
         raise CircuitdynError(f"{path}: not UTF-8 text ({err})") from None
     docs: list[Document] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CircuitdynError(f"{path}:{n}: invalid JSON ({err})") from None
+        for n, rec in read_jsonl(path):
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise CircuitdynError(f"{path}:{n}: field 'text' is missing or not a string")
             if rec["text"].strip():

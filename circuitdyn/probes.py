@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -199,11 +199,8 @@ def _probe_schema() -> dict[str, Any]:
     return json.loads(PROBES_SCHEMA_PATH.read_text())
 
 
-def _jsonl_probes(path: Path) -> list[Probe]:
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(_probe_schema())
-    probes: list[Probe] = []
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a UTF-8 JSONL file; errors name file and line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
@@ -212,9 +209,17 @@ def _jsonl_probes(path: Path) -> list[Probe]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as err:
             raise CircuitdynError(f"{path}:{n}: invalid JSON ({err})") from None
+
+
+def _jsonl_probes(path: Path) -> list[Probe]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_probe_schema())
+    probes: list[Probe] = []
+    for n, rec in read_jsonl(path):
         errors = sorted(validator.iter_errors(rec), key=lambda e: list(e.path))
         if errors:
             field = ".".join(str(p) for p in errors[0].absolute_path) or "(record)"
