@@ -161,10 +161,6 @@ def load_corpus(path: str | Path) -> list[Document]:
     path = Path(path)
     if not path.is_file():
         raise CircuitdynError(f"{path}: no such corpus file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CircuitdynError(f"{path}: not UTF-8 text ({err})") from None
     docs: list[Document] = []
     if path.suffix == ".jsonl":
         for n, rec in read_jsonl(path):
@@ -173,6 +169,10 @@ def load_corpus(path: str | Path) -> list[Document]:
             if rec["text"].strip():
                 docs.append(Document(rec["text"].strip(), rec.get("entity")))
     else:
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CircuitdynError(f"{path}: not UTF-8 text ({err})") from None
         docs = [Document(block.strip()) for block in raw.split("\n\n") if block.strip()]
     if not docs:
         raise CircuitdynError(f"{path}: empty corpus (no non-empty documents)")
