@@ -547,8 +547,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="circuitdyn-demo", help="output folder (default ./circuitdyn-demo)")
     p.add_argument("--entities", type=int, default=4, help="seed entities to train on (default 4)")
-    p.add_argument("--epochs", type=int, default=3, help="CPT epochs (default 3)")
-    p.add_argument("--facts-per-entity", type=int, default=2, help="probe facts per entity to attribute (default 2)")
+    p.add_argument("--epochs", type=int, default=5, help="CPT epochs (default 5)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="LoRA learning rate (default 1e-3: the 135M default model needs it to learn and forget facts)")
+    p.add_argument("--facts-per-entity", type=int, default=2,
+                   help="probe facts per entity to attribute, those whose recall changed most first (default 2)")
     p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
     p.add_argument("--steps", type=int, default=3, help="EAP-IG steps (default 3; the paper used 30)")
     p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
@@ -561,14 +564,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     from circuitdyn.demo import run_demo
     from circuitdyn.dynamics import format_table
 
-    r = run_demo(args.out, n_entities=args.entities, epochs=args.epochs, facts_per_entity=args.facts_per_entity,
-                 method=args.method, steps=args.steps, top_n=args.top_n, base_model=args.base_model,
-                 progress=not args.no_progress)
+    r = run_demo(args.out, n_entities=args.entities, epochs=args.epochs, lr=args.lr,
+                 facts_per_entity=args.facts_per_entity, method=args.method, steps=args.steps, top_n=args.top_n,
+                 base_model=args.base_model, progress=not args.no_progress)
     print("\n== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch")
     print(format_table(r.dynamics))
     print(f"\n== how the facts' circuits moved across epochs ({r.timeline.selection})")
     print_timeline(r.timeline)
-    print(f"\n== circuit diff {r.diff.label_a} -> {r.diff.label_b}")
+    floor = "none" if r.noise_floor is None else f"per fact, median {r.noise_floor.median():.3g}"
+    print(f"\n== circuit diff {r.diff.label_a} -> {r.diff.label_b} (noise floor {floor})")
     print_diff(r.diff)
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in r.stage_s.items())
     print(f"\nwall time {r.wall_s:.0f}s ({stages})")

@@ -461,10 +461,12 @@ def load_run_timeline(
     ig_steps: int | None = None,
     where: dict[str, Any] | None = None,
     facts: Sequence[Any] | None = None,
+    noise: float | pd.Series | None = None,
 ) -> Timeline:
     """The timeline of a run folder: circuits from `circuits_dir` (default `RUN/circuits`) for every epoch
     of the run, probe outcomes and loss from `circuitdyn.dynamics` when the run has probe results.
-    `facts` (the circuits' `FactPrompt`s) let the `faith:` selection evaluate circuits on each epoch's model."""
+    `facts` (the circuits' `FactPrompt`s) let the `faith:` selection evaluate circuits on each epoch's model;
+    `noise` is the floor of `build_timeline`."""
     from circuitdyn.checkpoints import open_run
 
     run = open_run(run_dir)
@@ -492,4 +494,5 @@ def load_run_timeline(
 
         evaluate = run_evaluator(run, facts)
         faithfulness = {e: (lambda masks, e=e, cs=cs: evaluate(e, cs, masks)) for e, cs in circuits.items()}
-    return build_timeline(circuits, selection, outcomes=outcomes, epochs=epochs_table, faithfulness=faithfulness)
+    return build_timeline(circuits, selection, outcomes=outcomes, epochs=epochs_table, faithfulness=faithfulness,
+                          noise=noise)

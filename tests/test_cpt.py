@@ -292,6 +292,7 @@ def test_greedy_with_answers_equals_generate(cfg: CPTConfig) -> None:
         ids = torch.tensor([prompt])
         want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
         assert g == want[0, len(prompt):].tolist()
-        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
         ref = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
         assert lp == pytest.approx(ref, abs=1e-4)

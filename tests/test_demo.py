@@ -1,0 +1,95 @@
+"""The demo pipeline end to end on a tiny random Llama (the SmolLM2 run is timed in the closing notes)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from plotly.offline import get_plotlyjs
+
+from circuitdyn.cli import main
+from circuitdyn.demo import pick_facts, run_demo
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes import Probe
+
+
+def _probe(entity: str, i: int) -> Probe:
+    return Probe(id=f"{entity}/q/{i}", entity=entity, question=f"q{i}", answer=f"a{i}")
+
+
+def test_pick_facts_prefers_flipping_facts() -> None:
+    probes = [_probe(e, i) for e in ("x", "y") for i in range(4)]
+    history = {  # correct at epochs 0..3
+        "x/q/0": [0, 0, 0, 0],
+        "x/q/1": [1, 1, 1, 1],
+        "x/q/2": [0, 1, 0, 1],
+        "x/q/3": [0, 1, 1, 1],
+        "y/q/0": [0, 0, 0, 0],
+        "y/q/1": [0, 0, 0, 0],
+        "y/q/2": [0, 0, 1, 1],
+        "y/q/3": [1, 1, 0, 0],
+    }
+    outcomes = pd.DataFrame(
+        [(f, e, bool(c)) for f, flags in history.items() for e, c in enumerate(flags)],
+        columns=["fact_id", "epoch", "correct"],
+    ).sample(frac=1, random_state=0)  # epoch order must not matter
+    chosen = [p.id for p in pick_facts(probes, 2, outcomes)]
+    # x: q/2 flips 3 times, then q/3 (1 flip); y: q/2 and q/3 flip once each; probe-file order kept.
+    assert chosen == ["x/q/2", "x/q/3", "y/q/2", "y/q/3"]
+    assert [p.id for p in pick_facts(probes, 1, outcomes)] == ["x/q/2", "y/q/2"]
+    assert [p.id for p in pick_facts(probes, 2)] == ["x/q/0", "x/q/1", "y/q/0", "y/q/1"]
+    assert len(pick_facts(probes, 9, outcomes)) == len(probes)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    from conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("demo-base") / "base", "llama", tokenizer_dir, seed=0)
+
+
+def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    settings = dict(n_entities=2, epochs=2, lr=1e-2, facts_per_entity=1, method="eap-ig", steps=2, top_n=20)
+    r = run_demo(tmp_path / "demo", base_model=str(tiny_base), progress=False, log=None, **settings)
+    assert r.timeline.epochs == [0, 1, 2]
+    assert len(r.timeline.fact_ids) == 2
+    assert (r.diff.label_a, r.diff.label_b) == ("epoch 0", "epoch 2")
+    assert set(r.stage_s) == {"cpt", "circuits", "analysis"}
+    assert list(r.noise_floor.index) == r.timeline.fact_ids and (r.noise_floor >= 0).all()
+    assert (r.diff.floor.numpy()[:-1] == r.noise_floor.to_numpy()).all()  # the last row is the mean circuit
+    bundle = get_plotlyjs()[:2000]
+    for html in (r.timeline_html, r.diff_html, r.circuit_html):
+        text = html.read_text()
+        assert bundle in text and not re.search(r"<script[^>]+src=", text), html
+    circuit_files = sorted((r.run_dir / "circuits").rglob("*.safetensors"))
+    assert len(circuit_files) == 3
+    circuit_files += sorted((r.out_dir / "noise-floor").glob("*.safetensors"))
+    assert len(circuit_files) == 4
+    stamps = {f: f.stat().st_mtime_ns for f in [*circuit_files, *r.run_dir.glob("epoch_*/model.safetensors")]}
+
+    # A second run (from the shell) reuses every checkpoint and circuit and prints the summary.
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--base-model", str(tiny_base), "--entities", "2",
+                 "--epochs", "2", "--lr", "1e-2", "--facts-per-entity", "1", "--steps", "2", "--top-n", "20",
+                 "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    for heading in ("what CPT taught", "how the facts' circuits moved", "circuit diff epoch 0 -> epoch 2 (noise floor per",
+                    "viewers:", str(r.timeline_html)):
+        assert heading in out
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+
+
+def test_demo_bad_settings(tiny_base: Path, tmp_path: Path) -> None:
+    with pytest.raises(CircuitdynError, match="facts_per_entity"):
+        run_demo(tmp_path / "d", base_model=str(tiny_base), facts_per_entity=0, log=None)
+    with pytest.raises(CircuitdynError, match="'exact'"):
+        run_demo(tmp_path / "d", base_model=str(tiny_base), method="exact", log=None)
+    assert not (tmp_path / "d").exists()
+    run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-2, facts_per_entity=1,
+             method="eap", top_n=10, progress=False, log=None)
+    # Resuming with another learning rate is another run: refused, naming the setting.
+    with pytest.raises(CircuitdynError, match="lr"):
+        run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-3, facts_per_entity=1,
+                 method="eap", top_n=10, progress=False, log=None)
