@@ -5,8 +5,9 @@
 # the circuits across the run next to recall and training loss. Runs as a script
 # (`python examples/walkthrough.py`) or cell by cell (`# %%`) in VS Code / Jupyter.
 #
-# Settings come from the environment: `CIRCUITDYN_RUN` (a run folder, default `runs/demo`, as written
-# by `circuitdyn cpt` or `circuitdyn demo`), `CIRCUITDYN_PROBES` (probe file, default: the seed
+# Settings come from the environment: `CIRCUITDYN_RUN` (a run folder as written by `circuitdyn cpt` or
+# `circuitdyn demo`; default `circuitdyn-demo/run`, what `make demo` leaves), `CIRCUITDYN_PROBES`
+# (probe file; default: the demo's `probes.jsonl` beside the run when there is one, else the seed
 # probes), `CIRCUITDYN_FACTS` (how many facts, default 8), `CIRCUITDYN_OUT` (where HTML goes).
 
 # %%
@@ -19,8 +20,9 @@ from circuitdyn.checkpoints import open_run
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.probes import build_fact_prompts, corruption_counts, load_probes
 
-RUN = os.environ.get("CIRCUITDYN_RUN", "runs/demo")
-PROBES = os.environ.get("CIRCUITDYN_PROBES") or None
+RUN = os.environ.get("CIRCUITDYN_RUN", "circuitdyn-demo/run")
+DEMO_PROBES = Path(RUN).parent / "probes.jsonl"
+PROBES = os.environ.get("CIRCUITDYN_PROBES") or (str(DEMO_PROBES) if DEMO_PROBES.is_file() else None)
 N_FACTS = int(os.environ.get("CIRCUITDYN_FACTS", "8"))
 OUT = Path(os.environ.get("CIRCUITDYN_OUT", "walkthrough-out"))
 SHOW = "ipykernel" in sys.modules  # fig.show() in notebooks; files only when run as a script
