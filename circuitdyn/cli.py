@@ -484,7 +484,7 @@ def _run_timeline(args: argparse.Namespace) -> int:
     print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, selection {tl.selection}")
     print_timeline(tl)
     if transfer is not None:
-        print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), mean over facts:")
+        print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), median over facts:")
         print(transfer_pivot(transfer).to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"\nviewer: {out}")
     return 0

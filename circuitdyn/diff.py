@@ -677,7 +677,7 @@ def transfer_matrix(
     """Faithfulness of the circuit found at epoch i when run on the model of epoch j, for all i, j.
 
     Returns a long table (fact_id, circuit_epoch, model_epoch, faithfulness) for the facts common to
-    all epochs; `transfer_pivot` gives the facts-averaged i x j matrix. The diagonal is each circuit
+    all epochs; `transfer_pivot` gives the i x j matrix (median over facts). The diagonal is each circuit
     on its own model; an old circuit that still carries a forgotten-and-relearned fact shows up as a
     high value off the diagonal.
     """
@@ -738,9 +738,12 @@ def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, see
 
 
 def transfer_pivot(table: pd.DataFrame, fact_id: str | None = None) -> pd.DataFrame:
-    """circuit_epoch x model_epoch matrix of faithfulness (mean over facts, or one fact)."""
+    """circuit_epoch x model_epoch matrix of faithfulness (median over facts, or one fact).
+
+    The median, because faithfulness is a ratio: on a model where a fact's clean and corrupted runs
+    nearly agree it takes values like +-15 that would swamp a mean over facts."""
     if fact_id is not None:
         if fact_id not in set(table["fact_id"]):
             raise CircuitdynError(f"unknown fact id {fact_id!r} in the transfer table")
         table = table[table["fact_id"] == fact_id]
-    return table.pivot_table(index="circuit_epoch", columns="model_epoch", values="faithfulness", aggfunc="mean")
+    return table.pivot_table(index="circuit_epoch", columns="model_epoch", values="faithfulness", aggfunc="median")

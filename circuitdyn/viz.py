@@ -364,7 +364,7 @@ def heatmap_spec(timeline: Any) -> Spec:
 
 
 def transfer_spec(table: pd.DataFrame, fact_id: str | None = None) -> Spec:
-    """`transfer_figure` as plain data: circuit epoch x model epoch faithfulness (mean over facts, or one fact)."""
+    """`transfer_figure` as plain data: circuit epoch x model epoch faithfulness (median over facts, or one fact)."""
     from circuitdyn.diff import transfer_pivot
 
     pivot = transfer_pivot(table, fact_id)
@@ -373,7 +373,7 @@ def transfer_spec(table: pd.DataFrame, fact_id: str | None = None) -> Spec:
              "colorscale": "Viridis", "colorbar": {"title": {"text": "faithfulness"}},
              "text": [["" if v is None else f"{v:.2f}" for v in row] for row in z], "texttemplate": "%{text}",
              "hovertemplate": "circuit of epoch %{y} on the model of epoch %{x}: %{z:.3f}<extra></extra>"}]
-    who = "mean over facts" if fact_id is None else _esc(fact_id)
+    who = "median over facts" if fact_id is None else _esc(fact_id)
     layout = {"title": {"text": f"circuit transfer, {who}: epoch i's circuit on epoch j's model"},
               "height": 380, "xaxis": {"title": {"text": "model epoch j"}, "type": "category"},
               "yaxis": {"title": {"text": "circuit epoch i"}, "type": "category", "autorange": "reversed"},

@@ -223,6 +223,10 @@ def test_transfer_matrix():
     assert not math.isnan(transfer_pivot(table, "f1").loc[0, 2])
     with pytest.raises(CircuitdynError, match="unknown fact id"):
         transfer_pivot(table, "zz")
+    # One fact whose clean and corrupted runs nearly agree on a model does not swamp the matrix.
+    spiked = table.copy()
+    spiked.loc[(spiked["fact_id"] == "f1") & (spiked["model_epoch"] == 1), "faithfulness"] = 15.0
+    assert transfer_pivot(spiked).loc[0, 1] <= table.loc[table["model_epoch"] == 1, "faithfulness"].max()
 
 
 # --------------------------------------------------------------------------- CLI
