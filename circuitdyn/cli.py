@@ -435,7 +435,7 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
                    "(reused when cached), and label the facts in the viewer")
     p.add_argument("--limit", type=int, help="only the first N probes of the file")
     p.add_argument("--transfer", action="store_true", help="also evaluate every epoch's circuit on every epoch's "
-                   "model (faithfulness matrix; needs --probes)")
+                   "model (faithfulness matrix; needs --probes; cached in the circuits folder)")
     p.add_argument("--out", help="HTML viewer to write (default RUN/timeline.html)")
     p.add_argument("--json", action="store_true", help="print the summary and per-epoch table as JSON")
     p.set_defaults(func=_run_timeline)
@@ -471,9 +471,10 @@ def _run_timeline(args: argparse.Namespace) -> int:
     if args.probes:
         _check_probes_match(tl.circuits[tl.epochs[0]], labels, args.probes, args.run)
     if args.transfer:
-        from circuitdyn.diff import run_evaluator, transfer_matrix, transfer_pivot
+        from circuitdyn.diff import run_evaluator, transfer_matrix
 
-        transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection)
+        transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection,
+                                   cache=folder / "transfer.json")
     out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=labels, transfer=transfer)
     summary = tl.summary()
     if args.json:
@@ -484,10 +485,22 @@ def _run_timeline(args: argparse.Namespace) -> int:
     print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, selection {tl.selection}")
     print_timeline(tl)
     if transfer is not None:
-        print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), median over facts:")
-        print(transfer_pivot(transfer).to_string(float_format=lambda x: f"{x:.3f}"))
+        print_transfer(transfer)
     print(f"\nviewer: {out}")
     return 0
+
+
+def print_transfer(table) -> None:
+    """The transfer matrix, and how the first epoch's circuit fares on the last model against the last's own."""
+    from circuitdyn.diff import transfer_pivot
+
+    pivot = transfer_pivot(table)
+    print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), median over facts:")
+    print(pivot.to_string(float_format=lambda x: f"{x:.3f}"))
+    first, last = pivot.index[0], pivot.index[-1]
+    if first != last:
+        print(f"old pathway still there? epoch {first}'s circuit on epoch {last}'s model: {pivot.loc[first, last]:.3f}, "
+              f"epoch {last}'s own circuit: {pivot.loc[last, last]:.3f}")
 
 
 def print_timeline(tl) -> None:
@@ -555,6 +568,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
     p.add_argument("--steps", type=int, default=3, help="EAP-IG steps (default 3; the paper used 30)")
     p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
+    p.add_argument("--no-transfer", action="store_true",
+                   help="skip evaluating every epoch's circuit on every epoch's model (saves about 3 minutes)")
     p.add_argument("--base-model", help="start from this checkpoint instead of the embedded SmolLM2")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
@@ -566,11 +581,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     r = run_demo(args.out, n_entities=args.entities, epochs=args.epochs, lr=args.lr,
                  facts_per_entity=args.facts_per_entity, method=args.method, steps=args.steps, top_n=args.top_n,
-                 base_model=args.base_model, progress=not args.no_progress)
+                 transfer=not args.no_transfer, base_model=args.base_model, progress=not args.no_progress)
     print("\n== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch")
     print(format_table(r.dynamics))
     print(f"\n== how the facts' circuits moved across epochs ({r.timeline.selection})")
     print_timeline(r.timeline)
+    if r.transfer is not None:
+        print_transfer(r.transfer)
     floor = "none" if r.noise_floor is None else f"per fact, median {r.noise_floor.median():.3g}"
     print(f"\n== circuit diff {r.diff.label_a} -> {r.diff.label_b} (noise floor {floor})")
     print_diff(r.diff)

@@ -32,6 +32,8 @@ class DemoResult:
     diff: Any
     noise_floor: pd.Series | None
     """Per-fact score noise (EAP-IG only) below which a change does not count."""
+    transfer: pd.DataFrame | None
+    """`diff.transfer_matrix` table (None when not asked for)."""
     wall_s: float
     stage_s: dict[str, float] = field(default_factory=dict)
 
@@ -70,13 +72,15 @@ def run_demo(
     method: str = "eap-ig",
     steps: int = 3,
     top_n: int = 200,
+    transfer: bool = True,
     base_model: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> DemoResult:
     """CPT `n_entities` seed entities for `epochs` epochs (LoRA at `lr`), extract circuits of
     `facts_per_entity` probes per entity at every epoch, and write the timeline, diff and circuit viewers
-    under `out_dir`.
+    under `out_dir`. With `transfer`, every epoch's circuit is also evaluated on every epoch's model
+    (`diff.transfer_matrix`: does an old pathway still carry the fact?), cached in `transfer.json`.
 
     The default lr (1e-3, ten times `circuitdyn cpt`'s) is what makes the 135M default model acquire and
     forget single facts within 5 epochs of 4 short documents; at 1e-4 no probe's recall changes, and the
@@ -87,7 +91,7 @@ def run_demo(
     from circuitdyn.checkpoints import open_run
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.cpt import CPTConfig, resolve_inputs, run_cpt
-    from circuitdyn.diff import diff_circuits, noise_floor
+    from circuitdyn.diff import diff_circuits, noise_floor, run_evaluator, transfer_matrix
     from circuitdyn.probes import build_fact_prompts, corruption_counts, load_probes, write_probes_jsonl
     from circuitdyn.timeline import load_run_timeline, outcomes_from_dynamics
     from circuitdyn.viz import write_circuit_html, write_diff_html, write_timeline_html
@@ -133,14 +137,21 @@ def run_demo(
     say("[3/3] timeline, diff and viewers")
     labels = {p.id: f"{p.entity}: {p.question}" for p in chosen}
     timeline = load_run_timeline(run.path, selection=f"top:{top_n}", method=method, ig_steps=steps, noise=noise)
-    timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=labels)
+    table = None
+    if transfer:
+        say(f"      circuit transfer: each epoch's top-{top_n} circuit on each epoch's model")
+        tt = time.perf_counter()
+        table = transfer_matrix(timeline.circuits, run_evaluator(run, facts), timeline.selection,
+                                cache=out / "transfer.json")
+        stage["transfer"] = time.perf_counter() - tt
+    timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=labels, transfer=table)
     first, last = extracted[0], extracted[-1]
     a, b = CircuitSet.load(first.path), CircuitSet.load(last.path)
     diff = diff_circuits(a, b, f"top:{top_n}", noise=noise, labels=(f"epoch {first.epoch}", f"epoch {last.epoch}"))
     diff_html = write_diff_html(diff, out / "diff.html", labels=labels)
     circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last.epoch}.html", labels=labels)
-    stage["analysis"] = time.perf_counter() - t
+    stage["analysis"] = time.perf_counter() - t - stage.get("transfer", 0.0)
     return DemoResult(
         out, run.path, probes_file, timeline_html, diff_html, circuit_html, cpt.dynamics, timeline, diff, noise,
-        time.perf_counter() - t0, stage,
+        table, time.perf_counter() - t0, stage,
     )

@@ -24,11 +24,14 @@ different epochs at equal faithfulness rather than at equal size.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -673,6 +676,7 @@ def transfer_matrix(
     selection: str | Selection = "top:200",
     *,
     own_faithfulness: Callable[[int], Faithfulness] | None = None,
+    cache: str | Path | None = None,
 ) -> pd.DataFrame:
     """Faithfulness of the circuit found at epoch i when run on the model of epoch j, for all i, j.
 
@@ -680,6 +684,9 @@ def transfer_matrix(
     all epochs; `transfer_pivot` gives the i x j matrix (median over facts). The diagonal is each circuit
     on its own model; an old circuit that still carries a forgotten-and-relearned fact shows up as a
     high value off the diagonal.
+
+    `cache`: a JSON file holding the table, reused when it was computed from the same circuits (by
+    score content and checkpoint hash), facts and selection, and (re)written atomically otherwise.
     """
     if not circuits:
         raise CircuitdynError("transfer matrix needs circuits for at least one epoch")
@@ -691,6 +698,14 @@ def transfer_matrix(
     facts = [f for f in first.fact_ids if all(f in circuits[e].fact_ids for e in epochs)]
     if not facts:
         raise CircuitdynError(f"epochs {epochs} share no fact ids")
+    key = _transfer_key(circuits, facts, sel)
+    if cache is not None and Path(cache).is_file():
+        try:
+            stored = json.loads(Path(cache).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            stored = None  # a damaged cache is recomputed and replaced
+        if isinstance(stored, dict) and stored.get("key") == key:
+            return pd.DataFrame(stored["table"], columns=TRANSFER_COLUMNS)
     masks = {}
     for i in epochs:
         cs = restrict(circuits[i], facts, first.graph)
@@ -703,7 +718,28 @@ def transfer_matrix(
             f = evaluate(j, cs, m).float().reshape(len(facts))
             records += [{"fact_id": fid, "circuit_epoch": i, "model_epoch": j, "faithfulness": float(v)}
                         for fid, v in zip(facts, f.tolist())]
-    return pd.DataFrame(records)
+    table = pd.DataFrame(records, columns=TRANSFER_COLUMNS)
+    if cache is not None:
+        from circuitdyn.checkpoints import write_json_atomic
+
+        rows = [[r.fact_id, int(r.circuit_epoch), int(r.model_epoch), None if math.isnan(r.faithfulness)
+                 else r.faithfulness] for r in table.itertuples(index=False)]
+        write_json_atomic(Path(cache), {"key": key, "table": rows})
+    return table
+
+
+TRANSFER_COLUMNS = ["fact_id", "circuit_epoch", "model_epoch", "faithfulness"]
+
+
+def _transfer_key(circuits: dict[int, CircuitSet], facts: list[str], sel: Selection) -> dict[str, Any]:
+    """What a cached transfer table depends on: the selection, the facts, and each epoch's scores and weights."""
+    per_epoch = {}
+    for e in sorted(circuits):
+        cs = circuits[e]
+        digest = hashlib.sha256(cs.scores.detach().float().contiguous().numpy().tobytes()).hexdigest()
+        per_epoch[str(e)] = {"scores_sha256": digest, "fact_ids": list(cs.fact_ids),
+                             **{k: cs.meta.get(k) for k in ("checkpoint_hash", "metric", "seed", "noise_scale")}}
+    return {"selection": str(sel), "facts": facts, "circuits": per_epoch}
 
 
 def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, seed: int | None = None,

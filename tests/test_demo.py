@@ -56,7 +56,8 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
     assert r.timeline.epochs == [0, 1, 2]
     assert len(r.timeline.fact_ids) == 2
     assert (r.diff.label_a, r.diff.label_b) == ("epoch 0", "epoch 2")
-    assert set(r.stage_s) == {"cpt", "circuits", "analysis"}
+    assert set(r.stage_s) == {"cpt", "circuits", "transfer", "analysis"}
+    assert len(r.transfer) == 2 * 3 * 3 and (r.out_dir / "transfer.json").is_file()
     assert list(r.noise_floor.index) == r.timeline.fact_ids and (r.noise_floor >= 0).all()
     assert (r.diff.floor.numpy()[:-1] == r.noise_floor.to_numpy()).all()  # the last row is the mean circuit
     bundle = get_plotlyjs()[:2000]
@@ -67,7 +68,8 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
     assert len(circuit_files) == 3
     circuit_files += sorted((r.out_dir / "noise-floor").glob("*.safetensors"))
     assert len(circuit_files) == 4
-    stamps = {f: f.stat().st_mtime_ns for f in [*circuit_files, *r.run_dir.glob("epoch_*/model.safetensors")]}
+    reused = [*circuit_files, *r.run_dir.glob("epoch_*/model.safetensors"), r.out_dir / "transfer.json"]
+    stamps = {f: f.stat().st_mtime_ns for f in reused}
 
     # A second run (from the shell) reuses every checkpoint and circuit and prints the summary.
     code = main(["demo", "--out", str(tmp_path / "demo"), "--base-model", str(tiny_base), "--entities", "2",
@@ -76,7 +78,7 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
     assert code == 0
     out = capsys.readouterr().out
     for heading in ("what CPT taught", "how the facts' circuits moved", "circuit diff epoch 0 -> epoch 2 (noise floor per",
-                    "viewers:", str(r.timeline_html)):
+                    "old pathway still there? epoch 0's circuit on epoch 2's model", "viewers:", str(r.timeline_html)):
         assert heading in out
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
 
@@ -87,8 +89,9 @@ def test_demo_bad_settings(tiny_base: Path, tmp_path: Path) -> None:
     with pytest.raises(CircuitdynError, match="'exact'"):
         run_demo(tmp_path / "d", base_model=str(tiny_base), method="exact", log=None)
     assert not (tmp_path / "d").exists()
-    run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-2, facts_per_entity=1,
-             method="eap", top_n=10, progress=False, log=None)
+    r = run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-2, facts_per_entity=1,
+                 method="eap", top_n=10, transfer=False, progress=False, log=None)
+    assert r.transfer is None and r.noise_floor is None and "transfer" not in r.stage_s
     # Resuming with another learning rate is another run: refused, naming the setting.
     with pytest.raises(CircuitdynError, match="lr"):
         run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-3, facts_per_entity=1,

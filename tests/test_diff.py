@@ -208,7 +208,7 @@ def test_to_dict_is_json():
     assert isinstance(d, CircuitDiff)
 
 
-def test_transfer_matrix():
+def test_transfer_matrix(tmp_path):
     circuits = {e: make_set(random_scores(seed=e)) for e in range(3)}
 
     def evaluate(model_epoch: int, cs: CircuitSet, masks: torch.Tensor) -> torch.Tensor:
@@ -223,6 +223,26 @@ def test_transfer_matrix():
     assert not math.isnan(transfer_pivot(table, "f1").loc[0, 2])
     with pytest.raises(CircuitdynError, match="unknown fact id"):
         transfer_pivot(table, "zz")
+    # A cached table is reused for the same circuits and selection, and recomputed otherwise.
+    calls = []
+
+    def counting(model_epoch: int, cs: CircuitSet, masks: torch.Tensor) -> torch.Tensor:
+        calls.append(model_epoch)
+        return evaluate(model_epoch, cs, masks)
+
+    cache = tmp_path / "transfer.json"
+    pd.testing.assert_frame_equal(transfer_matrix(circuits, counting, "top:30", cache=cache), table)
+    assert len(calls) == 9
+    pd.testing.assert_frame_equal(transfer_matrix(circuits, counting, "top:30", cache=cache), table)
+    assert len(calls) == 9
+    transfer_matrix(circuits, counting, "top:31", cache=cache)
+    assert len(calls) == 18
+    changed = {**circuits, 2: make_set(random_scores(seed=7))}
+    transfer_matrix(changed, counting, "top:31", cache=cache)
+    assert len(calls) == 27
+    cache.write_text("{not json")
+    transfer_matrix(changed, counting, "top:31", cache=cache)
+    assert len(calls) == 36
     # One fact whose clean and corrupted runs nearly agree on a model does not swamp the matrix.
     spiked = table.copy()
     spiked.loc[(spiked["fact_id"] == "f1") & (spiked["model_epoch"] == 1), "faithfulness"] = 15.0
