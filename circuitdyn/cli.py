@@ -474,7 +474,7 @@ def _run_timeline(args: argparse.Namespace) -> int:
         from circuitdyn.diff import run_evaluator, transfer_matrix
 
         transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection,
-                                   cache=folder / "transfer.json")
+                                   cache=folder / "transfer.json", progress=not args.json)
     out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=labels, transfer=transfer)
     summary = tl.summary()
     if args.json:

@@ -142,7 +142,7 @@ def run_demo(
         say(f"      circuit transfer: each epoch's top-{top_n} circuit on each epoch's model")
         tt = time.perf_counter()
         table = transfer_matrix(timeline.circuits, run_evaluator(run, facts), timeline.selection,
-                                cache=out / "transfer.json")
+                                cache=out / "transfer.json", progress=progress)
         stage["transfer"] = time.perf_counter() - tt
     timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=labels, transfer=table)
     first, last = extracted[0], extracted[-1]

@@ -677,6 +677,7 @@ def transfer_matrix(
     *,
     own_faithfulness: Callable[[int], Faithfulness] | None = None,
     cache: str | Path | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Faithfulness of the circuit found at epoch i when run on the model of epoch j, for all i, j.
 
@@ -711,13 +712,15 @@ def transfer_matrix(
         cs = restrict(circuits[i], facts, first.graph)
         faith = own_faithfulness(i) if (own_faithfulness and sel.rule == "faith") else None
         masks[i] = (cs, sel.masks(cs, faith))
+    from tqdm.auto import tqdm
+
     records = []
-    for j in epochs:  # model epoch outermost: an evaluator can keep one model loaded for a whole row
-        for i in epochs:
-            cs, m = masks[i]
-            f = evaluate(j, cs, m).float().reshape(len(facts))
-            records += [{"fact_id": fid, "circuit_epoch": i, "model_epoch": j, "faithfulness": float(v)}
-                        for fid, v in zip(facts, f.tolist())]
+    pairs = [(j, i) for j in epochs for i in epochs]  # model epoch outermost: one model loaded per row
+    for j, i in tqdm(pairs, desc="circuit transfer", unit="pair", disable=not progress):
+        cs, m = masks[i]
+        f = evaluate(j, cs, m).float().reshape(len(facts))
+        records += [{"fact_id": fid, "circuit_epoch": i, "model_epoch": j, "faithfulness": float(v)}
+                    for fid, v in zip(facts, f.tolist())]
     table = pd.DataFrame(records, columns=TRANSFER_COLUMNS)
     if cache is not None:
         from circuitdyn.checkpoints import write_json_atomic
