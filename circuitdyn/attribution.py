@@ -625,6 +625,10 @@ def _nan_list(values: list[float | None] | None, cs: CircuitSet) -> list[float]:
 
 
 # --- exact patching -------------------------------------------------------------------------------
+SPARSE_PATCH_FACTOR = 8
+"""A patched read sums only the kept (or only the patched) edges when that side holds under 1/8 of them."""
+
+
 def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], metric: str = "logprob",
                 corrupted_sources: Tensor | None = None) -> Float[Tensor, "batch"]:
     """Metric with every edge outside `keep` patched to its corrupted value (exact, no approximation).
@@ -652,9 +656,30 @@ def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], 
         per_layer = H + int(graph.has_mlp)
         diffs = torch.empty_like(corrupted_sources)  # per source: this run's output - the corrupted run's
         diffs[:, 0] = clean_in - corrupted_sources[:, 0]
+        diff_sum = diffs[:, 0].clone()  # over the sources written so far: x - diff_sum = the corrupted residual
 
         def read(x: Tensor, n_src: int, cols: slice) -> Tensor:
-            return x[:, :, None] - torch.einsum("bspd,bsn->bpnd", diffs[:, :n_src], drop[:, :n_src, cols])
+            """What each destination in `cols` (reading all `n_src` sources written so far) reads:
+            x - sum_s drop[s] * diff[s], as [B, P, n_dest, D]."""
+            d = drop[:, :n_src, cols]
+            n_drop = int(d.sum())
+            n_keep = d.numel() - n_drop
+            if min(n_drop, n_keep) * SPARSE_PATCH_FACTOR >= d.numel():  # both sides dense: one contraction
+                return x[:, :, None] - torch.einsum("bspd,bsn->bpnd", diffs[:, :n_src], d)
+            # Sum over the sparser side only: a small circuit keeps few edges, so
+            # x - sum_s diff[s] + sum_{kept s} diff[s] touches just the kept (fact, source, destination) triples.
+            if n_drop <= n_keep:
+                base, triples, sign = x, d, -1.0
+            else:
+                base, triples, sign = x - diff_sum, 1 - d, 1.0
+            N = d.shape[-1]
+            out = base.unsqueeze(1).repeat(1, N, 1, 1)  # new memory: index_add_ must not write into x
+            b, src, dst = triples.nonzero(as_tuple=True)
+            flat = out.view(B * N, P, D)
+            for i in range(0, len(b), 1024):  # bounded memory for the gathered source outputs
+                j = slice(i, i + 1024)
+                flat.index_add_(0, b[j] * N + dst[j], diffs[b[j], src[j]], alpha=sign)
+            return out.permute(0, 2, 1, 3)
 
         x = clean_in
         col = 0
@@ -669,12 +694,14 @@ def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], 
             x = x + heads.sum(1) + layer.b_O
             s0 = 1 + i * per_layer
             diffs[:, s0:s0 + H] = heads - corrupted_sources[:, s0:s0 + H]
+            diff_sum = diff_sum + diffs[:, s0:s0 + H].sum(1)
             if graph.has_mlp:
                 mlp_in = read(x, s0 + H, slice(col, col + 1))[:, :, 0]
                 col += 1
                 out = _mlp(block, layer, mlp_in)
                 x = x + out
                 diffs[:, s0 + H] = out - corrupted_sources[:, s0 + H]
+                diff_sum = diff_sum + diffs[:, s0 + H]
         final = read(x, len(graph.sources), slice(col, col + 1))[:, :, 0]
         return _metric(model, final, batch, metric)
 

@@ -193,6 +193,22 @@ def test_node_effects_are_grouped_edge_patching(tiny_tl):
     assert torch.allclose(nodes[:, last], only[:, 0], atol=1e-6)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0])
+def test_sparse_patching_equals_dense(tiny_tl, monkeypatch, density):
+    """run_patched sums only the sparser side of the mask; it must equal the one dense contraction."""
+    batch = A.make_batch(tiny_tl, tiny_facts(3))
+    n_edges = Graph.from_model(tiny_tl).n_edges
+    keep = torch.rand(3, n_edges, generator=torch.Generator().manual_seed(1)) < density
+    monkeypatch.setattr(A, "SPARSE_PATCH_FACTOR", 10**9)  # always dense
+    dense = A.run_patched(tiny_tl, batch, keep)
+    monkeypatch.setattr(A, "SPARSE_PATCH_FACTOR", 0)  # always sparse
+    sparse = A.run_patched(tiny_tl, batch, keep)
+    assert torch.allclose(sparse, dense, atol=1e-5), (sparse, dense)
+    m_clean, m_corr = A.clean_and_corrupted_metric(tiny_tl, batch)
+    if density in (0.0, 1.0):
+        assert torch.allclose(sparse, m_corr if density == 0.0 else m_clean, atol=1e-5)
+
+
 def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

@@ -350,7 +350,9 @@ def test_transfer_matrix_on_a_run(make_run):
     table = transfer_matrix(circuits, run_evaluator(run, facts), f"top:{n}")
     assert table.shape == (2 * 2 * 2, 4)
     full = table["faithfulness"].dropna()
-    assert full.to_numpy() == pytest.approx(1.0, abs=1e-4)  # the full graph is faithful on every model
+    # The full graph is faithful on every model. The random model's clean and corrupted log-probs (~-118)
+    # differ by only ~0.004 nats, so one float32 rounding step (7.6e-6) already moves the ratio by 0.2 %.
+    assert full.to_numpy() == pytest.approx(1.0, abs=5e-3)
     pivot = transfer_pivot(table)
     assert list(pivot.index) == [0, 1] and list(pivot.columns) == [0, 1]
 
