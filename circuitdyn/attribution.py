@@ -363,6 +363,11 @@ def _sources(model: Any, x0: Tensor, store: dict[str, list[Tensor]], layers: lis
 
 
 # --- attribution ----------------------------------------------------------------------------------
+def steps_taken(method: str | None, steps: int) -> int:
+    """The interpolation steps a method really takes (and records as `ig_steps`): EAP is one gradient."""
+    return 1 if method == "eap" else int(steps)
+
+
 def attribute_batch(model: Any, batch: FactBatch, method: str = "eap-ig", steps: int = 5,
                     metric: str = "logprob") -> Float[Tensor, "batch edge"]:
     """Scores [fact, edge] for one padded batch (see the module docstring for method and sign)."""
@@ -370,7 +375,7 @@ def attribute_batch(model: Any, batch: FactBatch, method: str = "eap-ig", steps:
         raise CircuitdynError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if metric not in METRICS:
         raise CircuitdynError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    m = 1 if method == "eap" else int(steps)
+    m = steps_taken(method, steps)
     if m < 1:
         raise CircuitdynError(f"IG steps must be >= 1, got {steps}")
     check_supported(model)
@@ -530,7 +535,7 @@ def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: str = "eap
         "n_key_value_heads": cfg.n_key_value_heads,
         "d_model": cfg.d_model,
         "method": method,
-        "ig_steps": 1 if method == "eap" else int(steps),
+        "ig_steps": steps_taken(method, steps),
         "metric": metric,
         "seed": seed,
         "noise_scale": noise_scale,
@@ -590,7 +595,7 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
 
     out = Path(out_dir)
     epochs = list(run.epochs if epochs is None else epochs)
-    steps = 1 if method == "eap" else int(steps)
+    steps = steps_taken(method, steps)
     results = []
     for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
         ck = run.checkpoint(epoch)

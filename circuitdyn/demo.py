@@ -87,7 +87,7 @@ def run_demo(
     stay-put question has nothing to compare. The attributed facts are those whose recall changed most
     (`pick_facts`), chosen after CPT from the probe results.
     """
-    from circuitdyn.attribution import extract_run
+    from circuitdyn.attribution import extract_run, steps_taken
     from circuitdyn.checkpoints import open_run
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.cpt import CPTConfig, resolve_inputs, run_cpt
@@ -100,7 +100,7 @@ def run_demo(
         raise CircuitdynError(f"facts_per_entity must be >= 1, got {facts_per_entity}")
     if method not in ("eap", "eap-ig"):
         raise CircuitdynError(f"method must be 'eap' or 'eap-ig', got {method!r}")
-    steps = 1 if method == "eap" else steps
+    steps = steps_taken(method, steps)
     say = log or (lambda _m: None)
     out = Path(out_dir)
     t0 = time.perf_counter()

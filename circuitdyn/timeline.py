@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from circuitdyn.attribution import steps_taken
 from circuitdyn.circuits import FORMAT, CircuitSet, select_threshold, select_top_n, select_top_n_paths
 from circuitdyn.diff import (
     MEAN,
@@ -419,7 +420,9 @@ def find_circuits(
     groups: dict[tuple, dict[int, list[tuple[float, Path]]]] = {}
     for path, meta in circuit_files(folder):
         e = meta.get("epoch")
-        if e is None or (method and meta.get("method") != method) or (ig_steps and meta.get("ig_steps") != ig_steps):
+        # An EAP file records 1 step whatever was asked, so `ig_steps` only tells EAP-IG files apart.
+        steps_ok = not ig_steps or meta.get("ig_steps") == steps_taken(meta.get("method"), ig_steps)
+        if e is None or (method and meta.get("method") != method) or not steps_ok:
             continue
         if where and any(meta.get(k) != v for k, v in where.items()):
             continue

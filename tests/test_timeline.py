@@ -179,3 +179,6 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     assert len(list((run / "circuits").glob("*.safetensors"))) == 3
     html = (run / "timeline.html").read_text()
     assert probes[0].question.split()[0] in html
+    # EAP circuits record 1 step, whatever --steps (default 5) asked for: they are still found.
+    assert main(["timeline", str(run), "--probes", str(tmp_path / "p.jsonl"), "--method", "eap", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["epochs"] == [0, 1, 2]
