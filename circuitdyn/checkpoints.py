@@ -75,12 +75,19 @@ def atomic_dir(target: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a reader never sees half a file."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a UTF-8 text file so that a reader never sees half of it (a temporary sibling, then a rename)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # --------------------------------------------------------------------------- weights on disk

@@ -619,7 +619,7 @@ def run_cpt(
 def _run_cpt(
     cfg: CPTConfig, out: Path, progress: bool, on_epoch_end: Callable[[int], None] | None, say: Callable[[str], None]
 ) -> CPTResult:
-    from circuitdyn.checkpoints import content_hash
+    from circuitdyn.checkpoints import content_hash, write_text_atomic
     from circuitdyn.dynamics import format_table, load_dynamics
 
     t_start = time.perf_counter()
@@ -755,9 +755,7 @@ def _run_cpt(
 
     dyn = load_dynamics(out, threshold=cfg.threshold)
     table = dyn.table()
-    tmp = out / (RESULTS_TABLE + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out / RESULTS_TABLE)
+    write_text_atomic(out / RESULTS_TABLE, table.to_csv(index=False))
     wall = time.perf_counter() - t_start
     say(format_table(dyn))
     return CPTResult(out, dyn, wall, trained)

@@ -255,11 +255,9 @@ def load_probes(path: str | Path | None = None, *, rephrased: bool = True) -> li
 
 def write_probes_jsonl(probes: Iterable[Probe], path: str | Path) -> Path:
     """Write probes in our JSONL format (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in probes), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from circuitdyn.checkpoints import write_text_atomic
+
+    return write_text_atomic(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in probes))
 
 
 def load_math_probes(path: str | Path | None = None) -> list[MathProbe]:

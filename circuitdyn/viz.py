@@ -23,7 +23,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from circuitdyn.checkpoints import write_text_atomic
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, STATUSES, CircuitDiff
 from circuitdyn.errors import CircuitdynError
@@ -523,11 +523,7 @@ def _write_page(path: str | Path, title: str, subtitle: str, body: str, data: An
         + f"<script id=\"circuitdyn-data\" type=\"application/json\">{_safe_json(_nan_to_none(data))}</script>\n"
         + f"<script>{_COMMON_JS}\n{script}</script>\n</body></html>\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, page)
 
 
 def _table_html(df: Any, float_fmt: str = "{:.3f}") -> str:
