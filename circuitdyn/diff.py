@@ -38,6 +38,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -706,32 +707,29 @@ def transfer_matrix(
         except (json.JSONDecodeError, UnicodeDecodeError):
             stored = None  # a damaged cache is recomputed and replaced
         if isinstance(stored, dict) and stored.get("key") == key:
-            return pd.DataFrame(stored["table"], columns=TRANSFER_COLUMNS)
+            return _transfer_table(stored["table"])
     masks = {}
     for i in epochs:
         cs = restrict(circuits[i], facts, first.graph)
         faith = own_faithfulness(i) if (own_faithfulness and sel.rule == "faith") else None
         masks[i] = (cs, sel.masks(cs, faith))
-    from tqdm.auto import tqdm
-
-    records = []
+    rows: list[list[Any]] = []
     pairs = [(j, i) for j in epochs for i in epochs]  # model epoch outermost: one model loaded per row
     for j, i in tqdm(pairs, desc="circuit transfer", unit="pair", disable=not progress):
         cs, m = masks[i]
         f = evaluate(j, cs, m).float().reshape(len(facts))
-        records += [{"fact_id": fid, "circuit_epoch": i, "model_epoch": j, "faithfulness": float(v)}
-                    for fid, v in zip(facts, f.tolist())]
-    table = pd.DataFrame(records, columns=TRANSFER_COLUMNS)
+        rows += [[fid, i, j, None if math.isnan(v) else v] for fid, v in zip(facts, f.tolist())]
     if cache is not None:
         from circuitdyn.checkpoints import write_json_atomic
 
-        rows = [[r.fact_id, int(r.circuit_epoch), int(r.model_epoch), None if math.isnan(r.faithfulness)
-                 else r.faithfulness] for r in table.itertuples(index=False)]
         write_json_atomic(Path(cache), {"key": key, "table": rows})
-    return table
+    return _transfer_table(rows)
 
 
-TRANSFER_COLUMNS = ["fact_id", "circuit_epoch", "model_epoch", "faithfulness"]
+def _transfer_table(rows: list[list[Any]]) -> pd.DataFrame:
+    """The long transfer table from [fact_id, circuit_epoch, model_epoch, faithfulness or None] rows."""
+    table = pd.DataFrame(rows, columns=["fact_id", "circuit_epoch", "model_epoch", "faithfulness"])
+    return table.astype({"faithfulness": float})  # None = undefined (NaN), even when every value is
 
 
 def _transfer_key(circuits: dict[int, CircuitSet], facts: list[str], sel: Selection) -> dict[str, Any]:
