@@ -87,7 +87,7 @@ def run_demo(
     stay-put question has nothing to compare. The attributed facts are those whose recall changed most
     (`pick_facts`), chosen after CPT from the probe results.
     """
-    from circuitdyn.attribution import extract_run, steps_taken
+    from circuitdyn.attribution import extract_run, facts_hash, steps_taken
     from circuitdyn.checkpoints import open_run
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.cpt import CPTConfig, resolve_inputs, run_cpt
@@ -136,7 +136,8 @@ def run_demo(
     t = time.perf_counter()
     say("[3/3] timeline, diff and viewers")
     labels = {p.id: f"{p.entity}: {p.question}" for p in chosen}
-    timeline = load_run_timeline(run.path, selection=f"top:{top_n}", method=method, ig_steps=steps, noise=noise)
+    timeline = load_run_timeline(run.path, selection=f"top:{top_n}", method=method, ig_steps=steps,
+                                 where={"probe_set_hash": facts_hash(facts)}, noise=noise)
     table = None
     if transfer:
         say(f"      circuit transfer: each epoch's top-{top_n} circuit on each epoch's model")
@@ -145,11 +146,11 @@ def run_demo(
                                 cache=out / "transfer.json", progress=progress)
         stage["transfer"] = time.perf_counter() - tt
     timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=labels, transfer=table)
-    first, last = extracted[0], extracted[-1]
-    a, b = CircuitSet.load(first.path), CircuitSet.load(last.path)
-    diff = diff_circuits(a, b, f"top:{top_n}", noise=noise, labels=(f"epoch {first.epoch}", f"epoch {last.epoch}"))
+    first, last = timeline.epochs[0], timeline.epochs[-1]
+    a, b = timeline.circuits[first], timeline.circuits[last]
+    diff = diff_circuits(a, b, timeline.selection, noise=noise, labels=(f"epoch {first}", f"epoch {last}"))
     diff_html = write_diff_html(diff, out / "diff.html", labels=labels)
-    circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last.epoch}.html", labels=labels)
+    circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last}.html", labels=labels)
     stage["analysis"] = time.perf_counter() - t - stage.get("transfer", 0.0)
     return DemoResult(
         out, run.path, probes_file, timeline_html, diff_html, circuit_html, cpt.dynamics, timeline, diff, noise,
