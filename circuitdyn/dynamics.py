@@ -14,7 +14,6 @@ optionally `epoch_N/probe_results.jsonl` (per probe) and `epoch_N/control_probes
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.probes import LEARNED_THRESHOLD
+from circuitdyn.probes import LEARNED_THRESHOLD, read_json, seed_data_dir
 
 ENTITY_RESULTS = "validation_probes_results.json"
 PROBE_RESULTS = "probe_results.jsonl"
@@ -220,20 +219,11 @@ class Dynamics:
 
 def _entity_meta() -> dict[str, dict[str, Any]]:
     """ne_label / ne_frequency of the seed entities (empty when the seed data is not available)."""
-    from circuitdyn.probes import seed_data_dir
-
     try:
-        data = json.loads((seed_data_dir() / "validation_probes.json").read_text())
-    except (CircuitdynError, OSError, json.JSONDecodeError):
+        data = read_json(seed_data_dir() / "validation_probes.json")
+    except (CircuitdynError, OSError):
         return {}
     return {e: {"ne_label": v.get("ne_label"), "ne_frequency": v.get("ne_frequency")} for e, v in data.items()}
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CircuitdynError(f"{path}: invalid JSON ({err})") from None
 
 
 def _epoch_dirs(root: Path) -> dict[int, Path]:
@@ -249,7 +239,7 @@ def _epoch_dirs(root: Path) -> dict[int, Path]:
 
 
 def _entity_rows(path: Path, epoch: int, meta: dict[str, dict[str, Any]], threshold: float) -> list[dict]:
-    data = _read_json(path)
+    data = read_json(path)
     ents = data.get("entities") if isinstance(data, dict) else None
     if not isinstance(ents, dict):
         raise CircuitdynError(f"{path}: field 'entities' is missing or not an object")
@@ -291,7 +281,7 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD) -> 
         elif (d / ENTITY_RESULTS).is_file():
             entity_rows += _entity_rows(d / ENTITY_RESULTS, epoch, meta, threshold)
         if (d / CONTROL_RESULTS).is_file():
-            ctrl = _read_json(d / CONTROL_RESULTS)
+            ctrl = read_json(d / CONTROL_RESULTS)
             control_rows.append({"epoch": epoch, **{k: v.get("exact_match") for k, v in ctrl.items() if isinstance(v, dict)}})
     probe_scores = None
     if probe_frames:
@@ -306,7 +296,7 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD) -> 
     manifest = root / "run.json"
     if manifest.is_file():
         rows = [{"epoch": e["epoch"], "step": e.get("step"), "train_loss": e.get("train_loss")}
-                for e in _read_json(manifest).get("epochs", [])]
+                for e in read_json(manifest).get("epochs", [])]
         loss = pd.DataFrame(rows)
     control = pd.DataFrame(control_rows)
     return Dynamics(root, entity_scores, probe_scores, control, loss, threshold)

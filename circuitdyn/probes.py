@@ -127,7 +127,8 @@ def seed_data_dir() -> Path:
     return path
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a missing file or bad JSON is a CircuitdynError naming the file."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -241,7 +242,7 @@ def load_probes(path: str | Path | None = None, *, rephrased: bool = True) -> li
     if path.suffix == ".jsonl":
         probes = _jsonl_probes(path)
     else:
-        probes = _seed_probes(_read_json(path), path, rephrased)
+        probes = _seed_probes(read_json(path), path, rephrased)
     if not probes:
         raise CircuitdynError(f"{path}: holds no probes")
     seen: set[str] = set()
@@ -263,7 +264,7 @@ def write_probes_jsonl(probes: Iterable[Probe], path: str | Path) -> Path:
 def load_math_probes(path: str | Path | None = None) -> list[MathProbe]:
     """The seed's arithmetic control probes (`{id: {question, answer, type}}`), in file order."""
     path = Path(path) if path is not None else seed_data_dir() / "math_probes.json"
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CircuitdynError(f"{path}: expected an object mapping id -> probe")
     out = []
@@ -277,7 +278,7 @@ def load_math_probes(path: str | Path | None = None) -> list[MathProbe]:
 def load_reasoning_probes(path: str | Path | None = None) -> list[ReasoningProbe]:
     """The seed's SocialIQA control probes (context, question, answerA/B/C, answer '1'/'2'/'3')."""
     path = Path(path) if path is not None else seed_data_dir() / "reasoning_probes.json"
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise CircuitdynError(f"{path}: expected a list of SocialIQA items")
     out = []
