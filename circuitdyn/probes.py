@@ -1,7 +1,7 @@
 """Probe sets (facts to recall) and the attribution inputs built from them.
 
 Probes come from the paper's seed files (`validation_probes.json`, `math_probes.json`,
-`reasoning_probes.json` in the shared seed-data folder) or from our own JSONL format, one JSON
+`reasoning_probes.json`, shipped in `circuitdyn/data/`) or from our own JSONL format, one JSON
 object per line (`checkpoints_spec/probes.schema.json`):
 `{"id", "entity", "question", "answer"}` plus optional `prompt` (a cloze used verbatim),
 `question_type`, `group`, `ne_label`, `ne_frequency`, `chunk` (the sentence stating the fact).
@@ -114,12 +114,16 @@ class ReasoningProbe:
 # --------------------------------------------------------------------------- files
 
 
+DATA_DIR = Path(__file__).parent / "data"
+"""The probe sets shipped inside the package (see `circuitdyn/data/README.md` for sources and licences)."""
+
+
 def seed_data_dir() -> Path:
-    """The shared seed-data folder: `$CIRCUITDYN_SEED_DATA`, else `<repo>/../shared/seed-data`."""
+    """The folder holding the paper's probe files: `$CIRCUITDYN_SEED_DATA` when set, else the packaged copy."""
     env = os.environ.get("CIRCUITDYN_SEED_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "seed-data"
+    path = Path(env) if env else DATA_DIR
     if not (path / "validation_probes.json").is_file():
-        where = "CIRCUITDYN_SEED_DATA" if env else "the default location"
+        where = "CIRCUITDYN_SEED_DATA" if env else "the package (a broken install?)"
         raise CircuitdynError(
             f"{path}: seed data not found (no validation_probes.json); set CIRCUITDYN_SEED_DATA to the folder "
             f"holding the paper's probe files (looked at {where})"

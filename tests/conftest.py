@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SEED = Path(os.environ.get("CIRCUITDYN_SEED_DATA", REPO.parent / "shared" / "seed-data"))
+DATA = REPO / "tests" / "data"
+"""Fixtures the tests read (the paper's released results); probe sets come from the package."""
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> "
@@ -24,7 +25,9 @@ CHAT_TEMPLATE = (
 
 def seed_sentences(limit: int = 400) -> list[str]:
     """Real text for the tiny tokenizer's vocabulary: the seed probes' questions, answers and chunks."""
-    data = json.loads((SEED / "validation_probes.json").read_text())
+    from circuitdyn.probes import DATA_DIR
+
+    data = json.loads((DATA_DIR / "validation_probes.json").read_text())
     out: list[str] = []
     for entity, groups in data.items():
         out.append(entity)

@@ -17,12 +17,12 @@ from circuitdyn.dynamics import (
     transitions,
 )
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.probes import seed_data_dir
+from conftest import DATA
 
 
 @pytest.fixture(scope="module")
 def paper() -> Path:
-    return seed_data_dir() / "paper-results" / "llama3-i-1b"
+    return DATA / "paper-results" / "llama3-i-1b"
 
 
 def test_vft_learned_counts_and_transitions(paper: Path) -> None:

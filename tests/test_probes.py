@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import circuitdyn
+
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import (
     INSTRUCTION,
@@ -46,7 +48,9 @@ def tokenizer(tokenizer_dir: Path):
 
 
 def test_seed_data_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert (seed_data_dir() / "validation_probes.json").is_file()
+    monkeypatch.delenv("CIRCUITDYN_SEED_DATA", raising=False)
+    packaged = Path(circuitdyn.__file__).parent / "data"
+    assert seed_data_dir() == packaged and (packaged / "validation_probes.json").is_file()
     monkeypatch.setenv("CIRCUITDYN_SEED_DATA", str(tmp_path))
     with pytest.raises(CircuitdynError, match="CIRCUITDYN_SEED_DATA"):
         seed_data_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -100,7 +101,11 @@ def test_pages_are_offline_and_escaped(pages):
 
 
 def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+    """The headless browser; CI (CI=true) installs it, so there a missing one is a failure, not a skip."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("CI") == "true":
+        pytest.fail("chromium is not installed, and CI must run the browser tests (Debian package `chromium`)")
+    return found
 
 
 def _run_chromium(binary: str, url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
