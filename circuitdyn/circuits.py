@@ -20,24 +20,50 @@ E = 386,713) with 1,000 facts x 10 epochs is 15.5 GB dense float32 vs. 81 MB spa
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from circuitdyn.attribution import steps_taken
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.io import atomic_path
+from circuitdyn.selection import select_threshold, select_top_n, select_top_n_paths
 
 FORMAT = "circuitdyn-circuits/1"
-SETTINGS = ("architecture", "method", "ig_steps", "metric", "seed", "probe_set_hash", "noise_scale")
-"""Metadata fields that must agree before two circuit files are compared."""
+SETTINGS = ("architecture", "method", "ig_steps", "metric", "seed", "noise_scale", "probe_set_hash")
+"""What "the same settings" means: circuit sets (or files) that agree on these fields were extracted the
+same way from the same facts, so they can be compared across checkpoints or reused instead of recomputed.
+`probe_set_hash` is the fact set's identity (`circuitdyn.facts.FactSet.identity`)."""
+
+
+def settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The `SETTINGS` fields of a circuit set's metadata (the one notion of "same settings")."""
+    return {k: meta.get(k) for k in SETTINGS}
+
+
+def settings_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first `SETTINGS` field on which two metadata dicts differ, described; None when they agree."""
+    for key in SETTINGS:
+        if a.get(key) != b.get(key):
+            return f"{key!r}: {a.get(key)!r} vs {b.get(key)!r}"
+    return None
+
+
+def circuit_filename(epoch: int, meta: dict[str, Any]) -> str:
+    """`epoch_3.eap-ig5.answer-logprob.s0.1a2b3c4d.safetensors`: the epoch and the settings (method, steps,
+    metric, seed and the fact set's hash), so that circuits of other facts or settings live side by side."""
+    method, steps = meta.get("method"), meta.get("ig_steps")
+    facts = str(meta.get("probe_set_hash", "")).split(":")[-1][:8] or "nofacts"
+    return (f"epoch_{epoch}.{method}{'' if method == 'eap' else steps}.{meta.get('metric')}"
+            f".s{meta.get('seed')}.{facts}.safetensors")
 
 
 class CircuitSet:
@@ -151,10 +177,9 @@ class CircuitSet:
                 i = next(i for i, (a, b) in enumerate(zip(self.edges, other.edges)) if a != b)
                 what = f"edge {i} is {self.edges[i]!r} vs {other.edges[i]!r}"
             raise CircuitdynError(f"circuit sets have different graphs ({what}); they come from different architectures")
-        for key in SETTINGS:
-            a, b = self.meta.get(key), other.meta.get(key)
-            if a != b:
-                raise CircuitdynError(f"circuit sets differ in setting {key!r}: {a!r} vs {b!r}")
+        differ = settings_mismatch(self.meta, other.meta)
+        if differ:
+            raise CircuitdynError(f"circuit sets differ in setting {differ}")
         if same_facts and set(self.fact_ids) != set(other.fact_ids):
             only = sorted(set(self.fact_ids) ^ set(other.fact_ids))[:3]
             raise CircuitdynError(f"circuit sets cover different facts (e.g. {only} is in only one)")
@@ -191,10 +216,8 @@ class CircuitSet:
             }
         except TypeError as err:
             raise CircuitdynError(f"circuit metadata is not JSON-serialisable: {err}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
         return path
 
     @classmethod
@@ -228,47 +251,77 @@ class CircuitSet:
         return cls(scores, edges, fact_ids, meta, totals)
 
 
-# --- selection rules (work on one fact [edge] or a batch [fact, edge]) ------------------------------
-def select_top_n(scores: Float[Tensor, "*fact edge"], n: int) -> Bool[Tensor, "*fact edge"]:
-    """Mask of the n edges with the largest |score| (per fact)."""
-    n = max(0, min(int(n), scores.shape[-1]))
-    mask = torch.zeros(scores.shape, dtype=torch.bool)
-    if n:
-        mask.scatter_(-1, scores.float().abs().topk(n, dim=-1).indices, True)
-    return mask
+# --- circuit files on disk ------------------------------------------------------------------------
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The metadata of a circuit file, read from its header only (None if it is not a circuit file)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if header.get("format") != FORMAT:
+            return None
+        meta = json.loads(header.get("meta", "{}"))
+        meta["n_facts"] = len(json.loads(header.get("fact_ids", "[]")))
+        return meta
+    except Exception:  # safetensors raises several types for foreign or damaged files
+        return None
 
 
-def select_threshold(scores: Float[Tensor, "*fact edge"], t: float) -> Bool[Tensor, "*fact edge"]:
-    """Mask of the edges with |score| >= t."""
-    return scores.float().abs() >= t
+def circuit_files(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every circuit file under `folder` (recursively) with its metadata, read from the header only."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CircuitdynError(f"circuit folder {folder} does not exist")
+    found = ((path, read_meta(path)) for path in sorted(folder.rglob("*.safetensors")))
+    return [(path, meta) for path, meta in found if meta is not None]
 
 
-def select_top_n_paths(scores: Float[Tensor, "*fact edge"], graph: Graph, n: int) -> Bool[Tensor, "*fact edge"]:
-    """Top edges by |score| restricted to input->logits paths, about n of them (per fact).
+def find_circuits(
+    folder: str | Path, epochs: Sequence[int] | None = None, method: str | None = None,
+    checkpoint_hashes: dict[int, str] | None = None, ig_steps: int | None = None, where: dict[str, Any] | None = None,
+) -> dict[int, Path]:
+    """Epoch -> circuit file under `folder`, by each file's metadata (never by its name).
 
-    Takes the smallest k such that the top-k edges, pruned of those not on a path from `input` to
-    `logits`, keep at least n edges (pruning is monotone in k, so k is found by bisection). The result
-    has >= n edges unless the whole graph has fewer; it can exceed n slightly when the k-th edge
-    completes several paths at once.
+    Files are grouped by their `settings`; the group used must cover every epoch of
+    `epochs` (default: the epochs of the largest group). `method` / `ig_steps` / `where` (metadata
+    field -> required value, e.g. `probe_set_hash`) filter the groups;
+    with `checkpoint_hashes`, a file must match its epoch's weights (stale circuits are skipped).
+    Errors name the epochs without circuits, or the competing settings when several groups fit.
     """
-    if scores.ndim == 2:
-        return torch.stack([select_top_n_paths(row, graph, n) for row in scores])
-    order = scores.float().abs().argsort(descending=True).numpy()
-    n_total = scores.shape[-1]
-
-    def pruned(k: int) -> np.ndarray:
-        mask = np.zeros(n_total, dtype=bool)
-        mask[order[:k]] = True
-        return graph.on_path_np(mask)
-
-    if n <= 0:
-        return torch.zeros(n_total, dtype=torch.bool)
-    lo, hi = min(n, n_total), n_total
-    if int(pruned(hi).sum()) >= n:
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if int(pruned(mid).sum()) >= n:
-                hi = mid
-            else:
-                lo = mid + 1
-    return torch.from_numpy(pruned(hi))
+    groups: dict[str, dict[int, list[tuple[float, Path]]]] = {}
+    for path, meta in circuit_files(folder):
+        e = meta.get("epoch")
+        # An EAP file records 1 step whatever was asked, so `ig_steps` only tells EAP-IG files apart.
+        steps_ok = not ig_steps or meta.get("ig_steps") == steps_taken(meta.get("method"), ig_steps)
+        if e is None or (method and meta.get("method") != method) or not steps_ok:
+            continue
+        if where and any(meta.get(k) != v for k, v in where.items()):
+            continue
+        if checkpoint_hashes and int(e) in checkpoint_hashes and meta.get("checkpoint_hash") not in (
+                None, checkpoint_hashes[int(e)]):
+            continue
+        key = json.dumps(settings(meta), sort_keys=True)
+        groups.setdefault(key, {}).setdefault(int(e), []).append((path.stat().st_mtime, path))
+    what = "".join(f" with {k} {v}" for k, v in (("method", method), ("ig_steps", ig_steps)) if v)
+    if not groups:
+        raise CircuitdynError(f"{folder}: no circuit files{what} found; run `circuitdyn extract` first")
+    if epochs is None:
+        largest = max(len(g) for g in groups.values())
+        fitting = [k for k, g in groups.items() if len(g) == largest]
+        wanted = sorted(groups[fitting[0]])
+    else:
+        wanted = list(epochs)
+        fitting = [k for k, g in groups.items() if all(e in g for e in wanted)]
+    if not fitting:
+        have = sorted({e for g in groups.values() for e in g})
+        best = max(groups.values(), key=lambda g: sum(e in g for e in wanted))
+        missing = [e for e in wanted if e not in best]
+        raise CircuitdynError(
+            f"{folder}: no circuits for epoch(s) {missing}{what} (have epochs {have}); run `circuitdyn extract` for them"
+        )
+    if len(fitting) > 1:
+        options = "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(key).items() if k in ("method", "ig_steps", "metric"))
+                            for key in fitting)
+        raise CircuitdynError(f"{folder}: several circuit files for epoch {wanted[0]} with different settings "
+                              f"({options}); choose with --method / --steps")
+    group = groups[fitting[0]]
+    return {e: max(group[e])[1] for e in wanted}

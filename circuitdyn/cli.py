@@ -160,91 +160,44 @@ def _selection_arg(args: argparse.Namespace) -> str:
     return args.select if args.select else f"top:{args.top_n}"
 
 
-def _probe_labels(path: str | None) -> dict[str, str]:
-    """fact id -> question of a probe file (for the viewers' fact selectors)."""
-    if not path:
-        return {}
-    from circuitdyn.probes import load_probes
-
-    return {p.id: p.question for p in load_probes(path)}
-
-
-def _check_probes_match(circuits, labels: dict[str, str], probes: str | None, where: str) -> None:
-    """Circuits read from a file must be circuits of the probe file's facts."""
-    if not probes:
-        return
-    missing = [f for f in circuits.fact_ids if f not in labels]
-    if missing:
-        raise CircuitdynError(
-            f"probe file {probes} does not match the circuits of {where}: {len(missing)} of its "
-            f"{len(circuits.fact_ids)} fact ids are not probe ids of the file (e.g. {missing[:3]})"
-        )
+def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: str = "") -> None:
+    """The options of `circuitdyn.facts.load_facts`: which probe file, and which of its facts."""
+    p.add_argument("--probes", required=required, help=f"probe file: seed JSON or circuitdyn JSONL{what}")
+    p.add_argument("--limit", type=int, help="only the first N probes of the file")
+    p.add_argument("--sample", type=int, metavar="N", help="a fixed seeded sample of N probes (chosen before any outcome)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (default 0)")
+    p.add_argument("--rephrased", action="store_true", help="also use the seed's rephrased questions")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
 
 
-def _circuit_folder(run, args: argparse.Namespace):
-    """Where a checkpoint's circuits are cached: --circuits, RUN/circuits, or the cache for a plain HF folder."""
-    from pathlib import Path
+def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None = "eap-ig",
+                          steps_default: int | None = 5) -> None:
+    from circuitdyn.attribution import METHODS
+    from circuitdyn.forward import METRICS
 
-    from circuitdyn.checkpoints import cache_dir
-
-    if args.circuits:
-        return Path(args.circuits)
-    if (Path(run.path) / "config.json").is_file():
-        return cache_dir() / "circuits" / run.checkpoint(run.epochs[0]).content_hash.split(":")[-1][:16]
-    return Path(run.path) / "circuits"
-
-
-def _load_circuits(spec: str, args: argparse.Namespace, labels: dict[str, str], steps: int | None = None):
-    """(circuits, run, epoch, facts) of CKPT: a circuit file (run/epoch/facts None), or checkpoint `RUN:EPOCH` /
-    DIR whose circuits are computed with --probes through `attribution.extract_run` (reused when cached
-    with the same checkpoint hash and settings) or, without --probes, read from the cache."""
-    from circuitdyn.checkpoints import resolve
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.timeline import find_circuits
-
-    if spec.endswith(".safetensors"):
-        cs = CircuitSet.load(spec)
-        _check_probes_match(cs, labels, args.probes, spec)
-        return cs, None, None, None
-    run, epoch = resolve(spec)
-    folder = _circuit_folder(run, args)
-    method = args.method or "eap-ig"
-    if args.probes:
-        from circuitdyn.attribution import extract_run
-        from circuitdyn.probes import build_fact_prompts, load_probes
-
-        probes = load_probes(args.probes)
-        facts = build_fact_prompts(probes[: args.limit] if args.limit else probes, run.tokenizer(), pool=probes)
-        done = extract_run(run, facts, folder, [epoch], method=method, steps=steps or args.steps or 5, metric=args.metric,
-                           seed=args.seed, progress=not args.json)[0]
-        return CircuitSet.load(done.path), run, epoch, facts
-    if not folder.is_dir():
-        raise CircuitdynError(f"{spec}: no cached circuits in {folder}; pass --probes FILE to compute them "
-                              f"(or --circuits DIR)")
-    hashes = {epoch: run.checkpoint(epoch).content_hash}
-    path = find_circuits(folder, [epoch], args.method, hashes, args.steps)[epoch]
-    return CircuitSet.load(path), run, epoch, None
+    p.add_argument("--method", default=method_default, choices=METHODS, help="attribution method (default eap-ig)")
+    p.add_argument("--steps", type=int, default=steps_default,
+                   help="EAP-IG interpolation steps (default 5; the paper used 30)")
+    p.add_argument("--metric", default="answer-logprob", choices=list(METRICS),
+                   help="what a circuit must carry (default answer-logprob; logit-diff contrasts the corrupted "
+                   "prompt's answer)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption")
 
 
-def _short(spec: str) -> str:
-    """A short label for a checkpoint spec: `run:3` for `path/to/run:3`, the folder or file name otherwise."""
-    from pathlib import Path
-
-    head, sep, tail = spec.rpartition(":")
-    if sep and tail.isdigit() and not Path(spec).exists():
-        return f"{Path(head).name}:{tail}"
-    return Path(spec).name or spec
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="precision of the model (attribution scores are accumulated in float32)")
 
 
-def _smallest_faithful_masks(cs, run, epoch, facts, fact_ids, target: float):
-    from circuitdyn.faithfulness import smallest_faithful
+def _facts(args: argparse.Namespace, run):
+    """The facts of --probes (None without it), through the one road `load_facts`."""
+    if not args.probes:
+        return None
+    from circuitdyn.facts import load_facts
 
-    by_id = {f.fact_id: f for f in facts}
-    sub = cs.subset(fact_ids)
-    model = run.load_model(epoch)
-    _, masks, reached = smallest_faithful(model, [by_id[f] for f in fact_ids], sub.scores.float(), target,
-                                          metric=cs.meta.get("metric", "logprob"), seed=int(cs.meta.get("seed", 0)))
-    return masks, reached
+    return load_facts(args.probes, run.tokenizer(), limit=args.limit, sample_n=args.sample, seed=args.sample_seed,
+                      rephrased=args.rephrased, template=args.template)
 
 
 @command
@@ -257,65 +210,38 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "same checkpoint hash and settings. Prints each fact's faithfulness at the top-N selection.",
     )
     p.add_argument("ckpt", metavar="CKPT_OR_RUN", help="run folder (all epochs), RUN:EPOCH or a checkpoint folder")
-    p.add_argument("--probes", required=True, help="probe file: seed JSON or circuitdyn JSONL")
-    p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
-    p.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps (default 5; the paper used 30)")
-    p.add_argument("--metric", default="logprob", choices=["logprob", "logit-diff", "prob"])
+    _add_facts_args(p, required=True)
+    _add_attribution_args(p)
+    _add_device_args(p)
     p.add_argument("--epochs", help="comma-separated epochs (default: all epochs of a run, or the one given)")
-    p.add_argument("--limit", type=int, help="only the first N probes of the file")
-    p.add_argument("--rephrased", action="store_true", help="also use the seed's rephrased questions")
-    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-n", type=int, default=1000, help="selection whose faithfulness is printed (default 1000)")
     p.add_argument("--float16", action="store_true", help="store scores as float16 (2 bytes/edge)")
     p.add_argument("--sparse", type=int, metavar="K", help="store only each fact's top-K edges + node totals")
-    p.add_argument("--out", required=True, help="folder for the circuit files")
+    p.add_argument("--out", help="folder for the circuit files (default: the run's circuits folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace circuit files of another checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_extract)
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    import hashlib
     import math
-    import re
     import time
-    from pathlib import Path
 
-    from circuitdyn.attribution import extract_run
-    from circuitdyn.checkpoints import open_run, resolve
-    from circuitdyn.probes import build_fact_prompts, corruption_counts, load_probes
+    from circuitdyn.checkpoints import resolve_epochs
+    from circuitdyn.extraction import circuits_dir, extract_run
+    from circuitdyn.probes import corruption_counts
 
     t0 = time.perf_counter()
-    if re.fullmatch(r".+:\d+", args.ckpt) and not Path(args.ckpt).exists():
-        run, epoch = resolve(args.ckpt)
-        epochs = [epoch]
-    else:
-        run = open_run(args.ckpt)
-        epochs = run.epochs
-    if args.epochs:
-        try:
-            epochs = [int(e) for e in args.epochs.split(",") if e.strip()]
-        except ValueError:
-            raise CircuitdynError(f"--epochs must be comma-separated integers, got {args.epochs!r}") from None
-        for e in epochs:
-            run.checkpoint(e)
-    if args.steps < 1:
-        raise CircuitdynError(f"--steps must be >= 1, got {args.steps}")
-    probes = load_probes(args.probes, rephrased=args.rephrased)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise CircuitdynError(f"--limit must be >= 1, got {args.limit}")
-    facts = build_fact_prompts(probes[: args.limit] if args.limit else probes, run.tokenizer(),
-                               template=args.template, pool=probes)
+    run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype)
+    facts = _facts(args, run)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
           f"{'' if args.method == 'eap' else f' M={args.steps}'}, metric {args.metric}")
-    probe_hash = "sha256:" + hashlib.sha256(Path(args.probes).read_bytes()).hexdigest()
     results = extract_run(
-        run, facts, args.out, epochs, method=args.method, steps=args.steps, metric=args.metric, seed=args.seed,
-        batch_size=args.batch_size, top_n=args.top_n, dtype="float16" if args.float16 else "float32",
-        sparse_top_k=args.sparse, extra_meta={"probe_file": str(args.probes), "probe_file_hash": probe_hash},
+        run, facts, args.out or circuits_dir(run), epochs, method=args.method, steps=args.steps, metric=args.metric,
+        seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float16" if args.float16 else "float32",
+        sparse_top_k=args.sparse, extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     for r in results:
@@ -336,19 +262,14 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diff", help="how the per-fact circuits changed between two checkpoints")
     p.add_argument("a", metavar="CKPT_A", help="RUN:EPOCH, a checkpoint folder, or a circuit .safetensors file")
     p.add_argument("b", metavar="CKPT_B", help="RUN:EPOCH, a checkpoint folder, or a circuit .safetensors file")
-    p.add_argument("--probes", help="probe file: circuits are computed for its facts (or reused when cached)")
-    p.add_argument("--limit", type=int, help="only the first N probes of the file")
-    p.add_argument("--method", default=None, choices=["eap", "eap-ig"], help="attribution method (default eap-ig)")
-    p.add_argument("--steps", type=int, help="EAP-IG steps (computing: default 5; cached: pick these settings)")
-    p.add_argument("--metric", default="logprob", choices=["logprob", "logit-diff", "prob"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption")
+    _add_facts_args(p, what=": circuits are computed for its facts (or reused when cached)")
+    _add_attribution_args(p, method_default=None, steps_default=None)
+    _add_device_args(p)
     p.add_argument("--circuits", help="folder of cached circuit files (default: RUN/circuits)")
     p.add_argument("--top-n", type=int, default=200, help="compare the top-N edges of each circuit (default 200)")
     p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N, abs:T or faith:F "
                    "(smallest circuit reaching faithfulness F; needs checkpoints and --probes)")
     p.add_argument("--noise-floor", type=float, help="count an edge as changed only if its score moved more")
-    p.add_argument("--noise-steps", type=int, help="estimate the noise floor: re-extract CKPT_A with this many "
-                   "EAP-IG steps and take how far scores move (needs --probes)")
     p.add_argument("--fact", action="append", help="compare only this fact id (repeatable)")
     p.add_argument("--out", default="diff.html", help="HTML viewer to write (default diff.html)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -358,43 +279,23 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
 def _run_diff(args: argparse.Namespace) -> int:
     import json
 
-    from circuitdyn.diff import Selection, diff_circuits, noise_floor
+    from circuitdyn.diff import diff_checkpoints
     from circuitdyn.viz import write_diff_html
 
-    labels = _probe_labels(args.probes)
-    sel = Selection.parse(_selection_arg(args))
-    a, run_a, epoch_a, facts_a = _load_circuits(args.a, args, labels)
-    b, run_b, epoch_b, facts_b = _load_circuits(args.b, args, labels)
-    noise, noise_text = args.noise_floor, "none (see --noise-steps)"
-    if args.noise_floor is not None:
-        noise_text = f"{args.noise_floor:g}"
-    if args.noise_steps is not None:
-        if run_a is None or not args.probes or (args.method or "eap-ig") != "eap-ig":
-            raise CircuitdynError("--noise-steps needs checkpoints (not circuit files), --probes and --method eap-ig")
-        if args.noise_steps == (args.steps or 5):
-            raise CircuitdynError(f"--noise-steps must differ from --steps ({args.steps or 5})")
-        repeat = _load_circuits(args.a, args, labels, steps=args.noise_steps)[0]
-        noise = noise_floor([a, repeat])
-        noise_text = (f"per fact, median {noise.median():.3g} (EAP-IG {args.steps or 5} vs {args.noise_steps} steps "
-                      f"on {args.a})")
-    fact_ids = args.fact or a.fact_ids
-    selected = reached = None
-    if sel.rule == "faith":
-        if run_a is None or run_b is None or facts_a is None or facts_b is None:
-            raise CircuitdynError(f"selection {sel} needs checkpoints (not circuit files) and --probes to evaluate circuits")
-        for f in fact_ids:
-            a.index(f)
-        ma, fa = _smallest_faithful_masks(a, run_a, epoch_a, facts_a, fact_ids, sel.value)
-        mb, fb = _smallest_faithful_masks(b, run_b, epoch_b, facts_b, fact_ids, sel.value)
-        selected, reached = (ma, mb), (fa, fb)
-    d = diff_circuits(a, b, sel, noise=noise, fact_ids=fact_ids, labels=(_short(args.a), _short(args.b)),
-                      selected=selected, reached=reached)
-    out = write_diff_html(d, args.out, labels=labels)
+    d = diff_checkpoints(
+        args.a, args.b, args.probes, limit=args.limit, sample_n=args.sample, rephrased=args.rephrased,
+        template=args.template, selection=_selection_arg(args), method=args.method, steps=args.steps,
+        metric=args.metric, seed=args.seed, circuits_dir=args.circuits, fact_ids=args.fact, noise=args.noise_floor,
+        device=args.device, dtype=args.dtype, progress=not args.json,
+    )
+    out = write_diff_html(d, args.out, labels=d.labels)
+    noise_text = "none" if args.noise_floor is None else f"{args.noise_floor:g}"
     if args.json:
         print(json.dumps({**d.to_dict(), "noise_floor": noise_text, "html": str(out)}, indent=1))
         return 0
-    print(f"circuit diff {args.a} -> {args.b}: {len(fact_ids)} facts, selection {d.selection}, noise floor {noise_text}")
-    print_diff(d, with_faithfulness=selected is not None)
+    print(f"circuit diff {args.a} -> {args.b}: {len(d.a.fact_ids)} facts, selection {d.selection}, "
+          f"noise floor {noise_text}")
+    print_diff(d, with_faithfulness=d.faith_a is not None)
     print(f"\nviewer: {out}")
     return 0
 
@@ -424,16 +325,14 @@ def print_diff(d, with_faithfulness: bool = False) -> None:
 @command
 def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("timeline", help="circuits across all epochs of a run, with recall and loss")
-    p.add_argument("run", metavar="RUN", help="run folder with circuits for every epoch")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    _add_facts_args(p, what=": extract circuits for its facts at every epoch where missing (reused when cached)")
+    _add_attribution_args(p, method_default=None, steps_default=None)
+    _add_device_args(p)
     p.add_argument("--circuits", help="folder holding the circuit files (default: RUN/circuits)")
-    p.add_argument("--method", default=None, help="attribution method of the circuits to use (eap, eap-ig)")
-    p.add_argument("--steps", type=int, help="EAP-IG steps of the circuits to use (when several were extracted)")
     p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
     p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N, abs:T or faith:F "
                    "(smallest circuit reaching faithfulness F on each epoch's model; needs --probes)")
-    p.add_argument("--probes", help="probe file: extract circuits for its facts at every epoch where missing "
-                   "(reused when cached), and label the facts in the viewer")
-    p.add_argument("--limit", type=int, help="only the first N probes of the file")
     p.add_argument("--transfer", action="store_true", help="also evaluate every epoch's circuit on every epoch's "
                    "model (faithfulness matrix; needs --probes; cached in the circuits folder)")
     p.add_argument("--out", help="HTML viewer to write (default RUN/timeline.html)")
@@ -445,36 +344,24 @@ def _run_timeline(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.extraction import circuits_dir, run_evaluator
     from circuitdyn.timeline import load_run_timeline
+    from circuitdyn.transfer import transfer_matrix
     from circuitdyn.viz import write_timeline_html
 
-    labels = _probe_labels(args.probes)
-    steps, where, transfer, facts = args.steps, None, None, None
     if args.transfer and not args.probes:
         raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
-    if _selection_arg(args).startswith("faith") and not args.probes:
-        raise CircuitdynError(f"--select {args.select} needs --probes (the facts to evaluate the circuits on)")
-    if args.probes:
-        from circuitdyn.attribution import extract_run, facts_hash
-        from circuitdyn.checkpoints import open_run
-        from circuitdyn.probes import build_fact_prompts, load_probes
-
-        run = open_run(args.run)
-        probes = load_probes(args.probes)
-        facts = build_fact_prompts(probes[: args.limit] if args.limit else probes, run.tokenizer(), pool=probes)
-        steps = steps or 5
-        folder = Path(args.circuits) if args.circuits else Path(run.path) / "circuits"
-        extract_run(run, facts, folder, run.epochs, method=args.method or "eap-ig", steps=steps, progress=not args.json)
-        where = {"probe_set_hash": facts_hash(facts)}
-    tl = load_run_timeline(args.run, args.circuits, _selection_arg(args), args.method, steps, where,
-                           facts if args.probes else None)
-    if args.probes:
-        _check_probes_match(tl.circuits[tl.epochs[0]], labels, args.probes, args.run)
+    run = open_run(args.run, device=args.device, dtype=args.dtype)
+    facts = _facts(args, run)
+    folder = Path(args.circuits) if args.circuits else circuits_dir(run)
+    tl = load_run_timeline(run, facts, selection=_selection_arg(args), circuits_dir=folder, method=args.method,
+                           steps=args.steps, metric=args.metric, seed=args.seed, progress=not args.json)
+    transfer = None
     if args.transfer:
-        from circuitdyn.diff import run_evaluator, transfer_matrix
-
-        transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection,
+        transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
                                    cache=folder / "transfer.json", progress=not args.json)
+    labels = facts.labels if facts is not None else {}
     out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=labels, transfer=transfer)
     summary = tl.summary()
     if args.json:
@@ -492,7 +379,7 @@ def _run_timeline(args: argparse.Namespace) -> int:
 
 def print_transfer(table) -> None:
     """The transfer matrix, and how the first epoch's circuit fares on the last model against the last's own."""
-    from circuitdyn.diff import transfer_pivot
+    from circuitdyn.transfer import transfer_pivot
 
     pivot = transfer_pivot(table)
     print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), median over facts:")
@@ -541,8 +428,16 @@ def _run_view(args: argparse.Namespace) -> int:
     from circuitdyn.viz import write_circuit_html
 
     cs = CircuitSet.load(args.file)
-    labels = _probe_labels(args.probes)
-    _check_probes_match(cs, labels, args.probes, args.file)
+    labels = {}
+    if args.probes:
+        from circuitdyn.probes import load_probes
+
+        labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(args.probes)}
+        missing = [f for f in cs.fact_ids if f not in labels]
+        if missing:
+            raise CircuitdynError(f"probe file {args.probes} does not match the circuits of {args.file}: "
+                                  f"{len(missing)} of its {len(cs.fact_ids)} fact ids are not probe ids of the file "
+                                  f"(e.g. {missing[:3]})")
     facts = [MEAN, *args.fact] if args.fact else None
     out = write_circuit_html(cs, args.out or Path(args.file).with_suffix(".html"), facts=facts, labels=labels)
     print(f"{cs}\nviewer: {out}")

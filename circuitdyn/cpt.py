@@ -619,7 +619,8 @@ def run_cpt(
 def _run_cpt(
     cfg: CPTConfig, out: Path, progress: bool, on_epoch_end: Callable[[int], None] | None, say: Callable[[str], None]
 ) -> CPTResult:
-    from circuitdyn.checkpoints import content_hash, write_text_atomic
+    from circuitdyn.checkpoints import content_hash
+    from circuitdyn.io import write_text_atomic
     from circuitdyn.dynamics import format_table, load_dynamics
 
     t_start = time.perf_counter()

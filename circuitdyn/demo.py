@@ -87,19 +87,21 @@ def run_demo(
     stay-put question has nothing to compare. The attributed facts are those whose recall changed most
     (`pick_facts`), chosen after CPT from the probe results.
     """
-    from circuitdyn.attribution import extract_run, facts_hash, steps_taken
+    from circuitdyn.attribution import check_method, steps_taken
     from circuitdyn.checkpoints import open_run
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.cpt import CPTConfig, resolve_inputs, run_cpt
-    from circuitdyn.diff import diff_circuits, noise_floor, run_evaluator, transfer_matrix
+    from circuitdyn.diff import diff_circuits, noise_floor
+    from circuitdyn.extraction import extract_run, run_evaluator
+    from circuitdyn.facts import FactSet
     from circuitdyn.probes import build_fact_prompts, corruption_counts, load_probes, write_probes_jsonl
     from circuitdyn.timeline import load_run_timeline, outcomes_from_dynamics
+    from circuitdyn.transfer import transfer_matrix
     from circuitdyn.viz import write_circuit_html, write_diff_html, write_timeline_html
 
     if facts_per_entity < 1:
         raise CircuitdynError(f"facts_per_entity must be >= 1, got {facts_per_entity}")
-    if method not in ("eap", "eap-ig"):
-        raise CircuitdynError(f"method must be 'eap' or 'eap-ig', got {method!r}")
+    check_method(method)
     steps = steps_taken(method, steps)
     say = log or (lambda _m: None)
     out = Path(out_dir)
@@ -117,7 +119,8 @@ def run_demo(
     probes_file = write_probes_jsonl(chosen, out / "probes.jsonl")
     run = open_run(cpt.run_dir)
     # Corrupt by swapping in another seed entity of the same token length: the whole probe set is the pool.
-    facts = build_fact_prompts(chosen, run.tokenizer(), pool=load_probes(cfg.probes))
+    facts = FactSet(tuple(build_fact_prompts(chosen, run.tokenizer(), pool=load_probes(cfg.probes))), tuple(chosen),
+                    str(probes_file))
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}), {method} with {steps} steps, epochs {run.epochs}")
     extracted = extract_run(
@@ -136,14 +139,13 @@ def run_demo(
     t = time.perf_counter()
     say("[3/3] timeline, diff and viewers")
     labels = {p.id: f"{p.entity}: {p.question}" for p in chosen}
-    timeline = load_run_timeline(run.path, selection=f"top:{top_n}", method=method, ig_steps=steps,
-                                 where={"probe_set_hash": facts_hash(facts)}, noise=noise)
+    timeline = load_run_timeline(run, facts, selection=f"top:{top_n}", method=method, steps=steps, noise=noise)
     table = None
     if transfer:
         say(f"      circuit transfer: each epoch's top-{top_n} circuit on each epoch's model")
         tt = time.perf_counter()
         table = transfer_matrix(timeline.circuits, run_evaluator(run, facts), timeline.selection,
-                                cache=out / "transfer.json", progress=progress)
+                                selected=timeline.fact_masks, cache=out / "transfer.json", progress=progress)
         stage["transfer"] = time.perf_counter() - tt
     timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=labels, transfer=table)
     first, last = timeline.epochs[0], timeline.epochs[-1]

@@ -24,11 +24,8 @@ different epochs at equal faithfulness rather than at equal size.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,13 +35,13 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.circuits import CircuitSet, select_threshold, select_top_n, select_top_n_paths
+from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.selection import Faithfulness, Selection
 
 MEAN = "(mean circuit)"
 """Fact id of the aggregate row: the diff of the facts' mean circuits."""
@@ -52,106 +49,10 @@ MEAN = "(mean circuit)"
 RBO_P = 0.99
 """RBO persistence: the top 1/(1-p) = 100 edges carry about 63 % of the weight."""
 
-Faithfulness = Callable[[Bool[Tensor, "fact edge"]], Float[Tensor, "fact"]]
-"""Given per-fact edge masks of one circuit set, the faithfulness of each circuit on that set's model."""
-
 STATUSES = ("added", "removed", "changed", "kept", "noise")
 """Edge status in a diff (edges in either circuit): added / removed = entered / left the circuit and its
 score moved by more than the noise floor; changed = in both, moved more than the floor; kept = in both,
 within the floor; noise = crossed the selection cut while moving less than the floor."""
-
-
-# --------------------------------------------------------------------------- selection
-
-
-@dataclass(frozen=True)
-class Selection:
-    """A rule that turns scores into circuits (per-fact edge masks). Parse one with `Selection.parse`."""
-
-    rule: str
-    value: float
-
-    RULES = {"top": "top-n edges", "paths": "top-n edges on input->logits paths",
-             "abs": "|score| threshold", "faith": "smallest circuit reaching a faithfulness"}
-
-    def __post_init__(self) -> None:
-        if self.rule not in self.RULES:
-            raise CircuitdynError(f"selection rule {self.rule!r} is unknown; use one of {sorted(self.RULES)}")
-        if self.rule in ("top", "paths") and (self.value < 1 or self.value != int(self.value)):
-            raise CircuitdynError(f"selection {self.rule}:{self.value} needs a whole number of edges >= 1")
-        if self.rule == "abs" and self.value < 0:
-            raise CircuitdynError(f"selection abs:{self.value} needs a threshold >= 0")
-        if self.rule == "faith" and not 0 < self.value <= 1.5:
-            raise CircuitdynError(f"selection faith:{self.value} needs a target faithfulness in (0, 1.5]")
-
-    @classmethod
-    def parse(cls, spec: str | Selection) -> Selection:
-        """`top:200`, `paths:200`, `abs:0.01`, `faith:0.8` (or `faith:80%`); a bare number means `top:N`."""
-        if isinstance(spec, Selection):
-            return spec
-        text = str(spec).strip()
-        m = re.fullmatch(r"(?:(top|paths|abs|faith):)?\s*([0-9.eE+-]+)(%?)", text)
-        if not m:
-            raise CircuitdynError(f"selection {text!r} is not RULE:VALUE with RULE in {sorted(cls.RULES)}")
-        rule = m[1] or "top"
-        try:
-            value = float(m[2]) / (100 if m[3] else 1)
-        except ValueError:
-            raise CircuitdynError(f"selection {text!r}: {m[2]!r} is not a number") from None
-        return cls(rule, value)
-
-    def __str__(self) -> str:
-        return f"{self.rule}:{int(self.value) if self.rule in ('top', 'paths') else self.value:g}"
-
-    def masks(self, circuits: CircuitSet, faithfulness: Faithfulness | None = None) -> Bool[Tensor, "fact edge"]:
-        """The circuits of every fact of `circuits` under this rule."""
-        scores = circuits.scores.float()
-        if self.rule == "top":
-            return select_top_n(scores, int(self.value))
-        if self.rule == "paths":
-            return select_top_n_paths(scores, circuits.graph, int(self.value))
-        if self.rule == "abs":
-            return select_threshold(scores, self.value)
-        if faithfulness is None:
-            raise CircuitdynError(f"selection {self} needs a model to evaluate faithfulness; none was given")
-        return smallest_faithful(scores, faithfulness, self.value)[0]
-
-
-def size_grid(n_edges: int, start: int = 5, factor: float = 1.5) -> list[int]:
-    """Circuit sizes tried when searching for the smallest faithful circuit (geometric, ends at all edges)."""
-    sizes, n = [], float(start)
-    while n < n_edges:
-        sizes.append(int(n))
-        n = max(n * factor, n + 1)
-    return sorted(set(sizes)) + [n_edges]
-
-
-def smallest_faithful(
-    scores: Float[Tensor, "fact edge"], faithfulness: Faithfulness, target: float, sizes: Sequence[int] | None = None
-) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, "fact"]]:
-    """Per fact, the smallest top-n circuit (n on `sizes`) whose faithfulness reaches `target`.
-
-    Calls `faithfulness` once per size with all facts' top-n masks. A fact that never reaches the
-    target gets the size with its best faithfulness. Returns the masks and the faithfulness reached.
-    """
-    n_fact, n_edges = scores.shape
-    sizes = list(sizes) if sizes is not None else size_grid(n_edges)
-    best_n = torch.full((n_fact,), -1, dtype=torch.long)
-    best_f = torch.full((n_fact,), -math.inf)
-    fallback_n = torch.full((n_fact,), sizes[-1], dtype=torch.long)
-    for n in sizes:
-        todo = best_n < 0
-        if not todo.any():
-            break
-        f = faithfulness(select_top_n(scores, n)).float().reshape(n_fact)
-        better = todo & (f > best_f)
-        fallback_n[better], best_f[better] = n, f[better]
-        best_n[todo & (f >= target)] = n
-    chosen = torch.where(best_n >= 0, best_n, fallback_n)
-    order = scores.float().abs().argsort(dim=1, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n_edges).expand(n_fact, -1))
-    return rank < chosen[:, None], best_f
 
 
 def restrict(circuits: CircuitSet, fact_ids: list[str], graph: Graph | None = None) -> CircuitSet:
@@ -392,6 +293,8 @@ class CircuitDiff:
     label_a: str = "A"
     label_b: str = "B"
     k_paths: int = 5
+    labels: dict[str, str] = field(default_factory=dict)
+    """fact id -> readable label (entity: question), for viewers."""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -643,20 +546,13 @@ def diff_circuits(
                                   f"expected {tuple(a.scores.shape)}")
         if reached is not None:
             faith_a, faith_b = (r.float() for r in reached)
-    elif sel.rule == "faith":
-        if faithfulness_a is None or faithfulness_b is None:
+    else:
+        if sel.needs_model and (faithfulness_a is None or faithfulness_b is None):
             raise CircuitdynError(f"selection {sel} needs a faithfulness evaluator for both circuit sets")
-        mask_a, faith_a = smallest_faithful(a.scores.float(), faithfulness_a, sel.value)
-        mask_b, faith_b = smallest_faithful(b.scores.float(), faithfulness_b, sel.value)
-    else:
-        mask_a, mask_b = sel.masks(a), sel.masks(b)
+        mask_a, faith_a = sel.select(a.scores, a.graph, faithfulness_a)
+        mask_b, faith_b = sel.select(b.scores, a.graph, faithfulness_b)
     n_mean = max(1, int(round(float(torch.cat([mask_a, mask_b]).sum(1).float().mean()))))
-    if sel.rule == "abs":
-        mean_a, mean_b = (select_threshold(x.scores.float().mean(0), sel.value) for x in (a, b))
-    elif sel.rule == "paths":
-        mean_a, mean_b = (select_top_n_paths(x.scores.float().mean(0), a.graph, n_mean) for x in (a, b))
-    else:
-        mean_a, mean_b = (select_top_n(x.scores.float().mean(0), n_mean) for x in (a, b))
+    mean_a, mean_b = (sel.mean_circuit(x.scores.float().mean(0), a.graph, n_mean) for x in (a, b))
     return CircuitDiff(
         a, b, sel,
         torch.cat([mask_a, mean_a[None]]), torch.cat([mask_b, mean_b[None]]),
@@ -665,122 +561,95 @@ def diff_circuits(
     )
 
 
-# --------------------------------------------------------------------------- cross-epoch transfer
-
-Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, "fact"]]
-"""(model epoch, circuit set, its per-fact masks) -> faithfulness of each circuit on that epoch's model."""
-
-
-def transfer_matrix(
-    circuits: dict[int, CircuitSet],
-    evaluate: Evaluator,
-    selection: str | Selection = "top:200",
+def diff_checkpoints(
+    a: str,
+    b: str,
+    probes: str | Path | None = None,
     *,
-    own_faithfulness: Callable[[int], Faithfulness] | None = None,
-    cache: str | Path | None = None,
+    limit: int | None = None,
+    sample_n: int | None = None,
+    rephrased: bool = False,
+    template: str = "auto",
+    selection: str | Selection = "top:200",
+    method: str | None = None,
+    steps: int | None = None,
+    metric: str = "answer-logprob",
+    seed: int = 0,
+    circuits_dir: str | Path | None = None,
+    fact_ids: list[str] | None = None,
+    noise: float | pd.Series | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
     progress: bool = False,
-) -> pd.DataFrame:
-    """Faithfulness of the circuit found at epoch i when run on the model of epoch j, for all i, j.
+) -> CircuitDiff:
+    """`diff_circuits` of two checkpoints (`RUN:EPOCH` or a model folder) or circuit files (`.safetensors`).
 
-    Returns a long table (fact_id, circuit_epoch, model_epoch, faithfulness) for the facts common to
-    all epochs; `transfer_pivot` gives the i x j matrix (median over facts). The diagonal is each circuit
-    on its own model; an old circuit that still carries a forgotten-and-relearned fact shows up as a
-    high value off the diagonal.
-
-    `cache`: a JSON file holding the table, reused when it was computed from the same circuits (by
-    score content and checkpoint hash), facts and selection, and (re)written atomically otherwise.
+    With `probes`, the facts come from `circuitdyn.facts.load_facts` (`limit`, `sample_n`, `rephrased`,
+    `template`) and their circuits are computed on each checkpoint, or reused from `circuits_dir` (default
+    `extraction.circuits_dir`) when cached with the same settings; without, cached circuits are read.
+    The `faith:` selection needs checkpoints and probes (circuits are evaluated on each model).
     """
-    if not circuits:
-        raise CircuitdynError("transfer matrix needs circuits for at least one epoch")
+    from circuitdyn.checkpoints import resolve
+    from circuitdyn.extraction import checkpoint_circuits, run_evaluator
+    from circuitdyn.facts import load_facts
+
+    from circuitdyn.probes import load_probes
+
     sel = Selection.parse(selection)
-    epochs = sorted(circuits)
-    first = circuits[epochs[0]]
-    for e in epochs[1:]:
-        first.check_compatible(circuits[e])
-    facts = [f for f in first.fact_ids if all(f in circuits[e].fact_ids for e in epochs)]
-    if not facts:
-        raise CircuitdynError(f"epochs {epochs} share no fact ids")
-    key = _transfer_key(circuits, facts, sel)
-    if cache is not None and Path(cache).is_file():
-        try:
-            stored = json.loads(Path(cache).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            stored = None  # a damaged cache is recomputed and replaced
-        if isinstance(stored, dict) and stored.get("key") == key:
-            return _transfer_table(stored["table"])
-    masks = {}
-    for i in epochs:
-        cs = restrict(circuits[i], facts, first.graph)
-        faith = own_faithfulness(i) if (own_faithfulness and sel.rule == "faith") else None
-        masks[i] = (cs, sel.masks(cs, faith))
-    rows: list[list[Any]] = []
-    pairs = [(j, i) for j in epochs for i in epochs]  # model epoch outermost: one model loaded per row
-    for j, i in tqdm(pairs, desc="circuit transfer", unit="pair", disable=not progress):
-        cs, m = masks[i]
-        f = evaluate(j, cs, m).float().reshape(len(facts))
-        rows += [[fid, i, j, None if math.isnan(v) else v] for fid, v in zip(facts, f.tolist())]
-    if cache is not None:
-        from circuitdyn.checkpoints import write_json_atomic
-
-        write_json_atomic(Path(cache), {"key": key, "table": rows})
-    return _transfer_table(rows)
-
-
-def _transfer_table(rows: list[list[Any]]) -> pd.DataFrame:
-    """The long transfer table from [fact_id, circuit_epoch, model_epoch, faithfulness or None] rows."""
-    table = pd.DataFrame(rows, columns=["fact_id", "circuit_epoch", "model_epoch", "faithfulness"])
-    return table.astype({"faithfulness": float})  # None = undefined (NaN), even when every value is
-
-
-def _transfer_key(circuits: dict[int, CircuitSet], facts: list[str], sel: Selection) -> dict[str, Any]:
-    """What a cached transfer table depends on: the selection, the facts, and each epoch's scores and weights."""
-    per_epoch = {}
-    for e in sorted(circuits):
-        cs = circuits[e]
-        digest = hashlib.sha256(cs.scores.detach().float().contiguous().numpy().tobytes()).hexdigest()
-        per_epoch[str(e)] = {"scores_sha256": digest, "fact_ids": list(cs.fact_ids),
-                             **{k: cs.meta.get(k) for k in ("checkpoint_hash", "metric", "seed", "noise_scale")}}
-    return {"selection": str(sel), "facts": facts, "circuits": per_epoch}
+    sides = []
+    labels: dict[str, str] = {}
+    for spec in (a, b):
+        if str(spec).endswith(".safetensors"):
+            if sel.needs_model:
+                raise CircuitdynError(f"selection {sel} evaluates circuits on their model: give checkpoints, not "
+                                      f"the circuit file {spec}")
+            cs = CircuitSet.load(spec)
+            if probes is not None:
+                labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(probes, rephrased=rephrased)}
+                _check_facts_match(cs, labels, probes, spec)
+            sides.append((cs, None, None, None))
+            continue
+        run, epoch = resolve(str(spec), device=device, dtype=dtype)
+        facts = None
+        if probes is not None:
+            facts = load_facts(probes, run.tokenizer(), limit=limit, sample_n=sample_n, rephrased=rephrased,
+                               template=template)  # type: ignore[arg-type]
+        elif sel.needs_model:
+            raise CircuitdynError(f"selection {sel} evaluates circuits on their model: it needs the facts (--probes)")
+        cs = checkpoint_circuits(run, epoch, facts, folder=circuits_dir, method=method, steps=steps,  # type: ignore[arg-type]
+                                 metric=metric, seed=seed, progress=progress)
+        sides.append((cs, run, epoch, facts))
+    (ca, run_a, epoch_a, facts_a), (cb, run_b, epoch_b, facts_b) = sides
+    for (cs, _, _, facts), spec in zip(sides, (a, b)):
+        if facts is not None:
+            _check_facts_match(cs, facts.labels, probes, spec)
+            labels = facts.labels
+    faith_a = faith_b = None
+    if sel.needs_model:
+        ids = fact_ids or ca.fact_ids
+        ev_a, ev_b = run_evaluator(run_a, facts_a), run_evaluator(run_b, facts_b)
+        sub_a, sub_b = ca.subset(ids), cb.subset(ids)
+        faith_a = lambda masks: ev_a(epoch_a, sub_a, masks)  # noqa: E731
+        faith_b = lambda masks: ev_b(epoch_b, sub_b, masks)  # noqa: E731
+    d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=fact_ids, labels=(short_label(a), short_label(b)),
+                      faithfulness_a=faith_a, faithfulness_b=faith_b)
+    d.labels = dict(labels)
+    return d
 
 
-def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, seed: int | None = None,
-                  batch_size: int = 8) -> Evaluator:
-    """An `Evaluator` for `transfer_matrix` on a `checkpoints.Run`: loads the model epoch (weights are
-    swapped in place) and evaluates circuits with `circuitdyn.faithfulness.CircuitEvaluator` on the facts
-    (`FactPrompt`s) of the circuit set, with the set's own metric, seed and noise scale unless given.
-    The evaluator of the current model epoch is kept, so a row of the matrix costs one clean and one
-    corrupted run plus one patched run per circuit."""
-    from circuitdyn.attribution import NOISE_SCALE
-    from circuitdyn.faithfulness import CircuitEvaluator
-
-    by_id = {f.fact_id: f for f in facts}
-    current: dict[tuple, Any] = {}
-
-    def evaluate(model_epoch: int, cs: CircuitSet, masks: Tensor) -> Tensor:
-        missing = [f for f in cs.fact_ids if f not in by_id]
-        if missing:
-            raise CircuitdynError(f"the probe facts do not match the circuits: no prompt for fact id(s) {missing[:3]}")
-        m = metric or cs.meta.get("metric", "logprob")
-        sd = int(cs.meta.get("seed", 0) if seed is None else seed)
-        noise = float(cs.meta.get("noise_scale", NOISE_SCALE))
-        key = (model_epoch, tuple(cs.fact_ids), m, sd, noise)
-        if key not in current:
-            current.clear()
-            model = run.load_model(model_epoch)
-            current[key] = CircuitEvaluator(model, [by_id[f] for f in cs.fact_ids], m, sd, batch_size, noise)
-        run.load_model(model_epoch)  # no-op unless another caller swapped the weights meanwhile
-        return current[key].faithfulness(masks)
-
-    return evaluate
+def _check_facts_match(cs: CircuitSet, labels: dict[str, str], probes: Any, where: str) -> None:
+    """Circuits read or computed for a probe file must be circuits of that file's facts."""
+    missing = [f for f in cs.fact_ids if f not in labels]
+    if missing:
+        raise CircuitdynError(
+            f"probe file {probes} does not match the circuits of {where}: {len(missing)} of its "
+            f"{len(cs.fact_ids)} fact ids are not probe ids of the file (e.g. {missing[:3]})"
+        )
 
 
-def transfer_pivot(table: pd.DataFrame, fact_id: str | None = None) -> pd.DataFrame:
-    """circuit_epoch x model_epoch matrix of faithfulness (median over facts, or one fact).
-
-    The median, because faithfulness is a ratio: on a model where a fact's clean and corrupted runs
-    nearly agree it takes values like +-15 that would swamp a mean over facts."""
-    if fact_id is not None:
-        if fact_id not in set(table["fact_id"]):
-            raise CircuitdynError(f"unknown fact id {fact_id!r} in the transfer table")
-        table = table[table["fact_id"] == fact_id]
-    return table.pivot_table(index="circuit_epoch", columns="model_epoch", values="faithfulness", aggfunc="median")
+def short_label(spec: str) -> str:
+    """A short label for a checkpoint spec: `run:3` for `path/to/run:3`, the folder or file name otherwise."""
+    head, sep, tail = str(spec).rpartition(":")
+    if sep and tail.isdigit() and not Path(spec).exists():
+        return f"{Path(head).name}:{tail}"
+    return Path(spec).name or str(spec)

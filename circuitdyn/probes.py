@@ -260,7 +260,7 @@ def load_probes(path: str | Path | None = None, *, rephrased: bool = True) -> li
 
 def write_probes_jsonl(probes: Iterable[Probe], path: str | Path) -> Path:
     """Write probes in our JSONL format (atomically)."""
-    from circuitdyn.checkpoints import write_text_atomic
+    from circuitdyn.io import write_text_atomic
 
     return write_text_atomic(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in probes))
 
@@ -448,13 +448,13 @@ def _positions(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
     return [i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans)]
 
 
-def _swap_candidates(fact_id: str, entity: str, form: str, pool: dict[str, str | None]) -> list[str]:
-    """Replacement strings from other entities, ordered deterministically: an entity of the same label
-    first, then the same kind of mention (full name vs. one word; a surname before a first name), then a
-    hash of (fact id, candidate)."""
+def _swap_candidates(fact_id: str, entity: str, form: str, pool: dict[str, str | None]) -> list[tuple[str, str]]:
+    """(replacement string, its entity) from other entities, ordered deterministically: an entity of the same
+    label first, then the same kind of mention (full name vs. one word; a surname before a first name), then
+    a hash of (fact id, candidate)."""
     full = form == entity
     label = pool.get(entity)
-    ranked: list[tuple[tuple, str]] = []
+    ranked: list[tuple[tuple, str, str]] = []
     for other, other_label in pool.items():
         if other == entity:
             continue
@@ -466,8 +466,41 @@ def _swap_candidates(fact_id: str, entity: str, form: str, pool: dict[str, str |
             kind = 0 if (cand == other) == full else 1
             surname = 0 if cand in (other, words[-1]) else 1
             h = hashlib.sha256(f"{fact_id}|{cand}".encode()).hexdigest()
-            ranked.append(((same, kind, surname, h), cand))
-    return list(dict.fromkeys(c for _, c in sorted(ranked)))
+            ranked.append(((same, kind, surname, h), cand, other))
+    return list(dict.fromkeys((c, o) for _, c, o in sorted(ranked)))
+
+
+def _first_token(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> int | None:
+    ids = tokenizer(answer_text(prompt, answer), add_special_tokens=False)["input_ids"]
+    return ids[0] if ids else None
+
+
+def _contrast_token(
+    probe: Probe, prompt: str, gold: int, swapped_in: str | None, answers: dict[str, list[Probe]],
+    tokenizer: PreTrainedTokenizerBase,
+) -> int | None:
+    """The corrupted prompt's answer as one token, for the `logit-diff` metric.
+
+    With an entity swap: the answer of the swapped-in entity's probe of the same question type (the first
+    such probe whose first answer token differs from the gold one), else any of its answers. With noise
+    (no entity to swap in): the answer of another entity's probe of the same question type, chosen by a
+    hash of the fact id. None when no answer of the pool starts with another token.
+    """
+    def ranked(ps: list[Probe]) -> list[Probe]:
+        same = [q for q in ps if q.question_type == probe.question_type]
+        return same + [q for q in ps if q.question_type != probe.question_type]
+
+    if swapped_in is not None:
+        candidates = ranked(answers.get(swapped_in, []))
+    else:
+        others = [q for e, ps in answers.items() if e != probe.entity for q in ps]
+        others.sort(key=lambda q: hashlib.sha256(f"{probe.id}|{q.id}".encode()).hexdigest())
+        candidates = ranked(others)
+    for q in candidates:
+        tok = _first_token(tokenizer, prompt, q.answer)
+        if tok is not None and tok != gold:
+            return tok
+    return None
 
 
 def build_fact_prompts(
@@ -478,7 +511,8 @@ def build_fact_prompts(
     instruction: str = INSTRUCTION,
     pool: Iterable[Probe | str] | None = None,
 ) -> list[FactPrompt]:
-    """Token-level attribution inputs for each probe (order kept).
+    """Token-level attribution inputs for each probe (order kept). Prefer `circuitdyn.facts.load_facts`,
+    the one road from a probe file to facts that every command takes.
 
     Clean prompt: `prompt_text(...)`. Answer: the gold answer's tokens as they continue the prompt.
     Corruption (recorded in `FactPrompt.corruption`):
@@ -487,16 +521,21 @@ def build_fact_prompts(
       mention's positions; the candidate is chosen deterministically (see `_swap_candidates`).
     - `noise`: no such entity; `noise_positions` are the mention's token positions (causal-tracing noise).
     - `noise-question`: the question does not name the entity; noise on all of the question's tokens.
+    `contrast_token` is the corrupted prompt's answer (`_contrast_token`), used by the `logit-diff` metric.
     `corruption_counts(facts)` reports how many facts got each kind.
     """
     pool_map: dict[str, str | None] = {}
+    answers: dict[str, list[Probe]] = {}
     for item in (probes if pool is None else pool):
         if isinstance(item, Probe):
             pool_map.setdefault(item.entity, item.ne_label)
+            answers.setdefault(item.entity, []).append(item)
         else:
             pool_map.setdefault(str(item), None)
     for p in probes:
         pool_map.setdefault(p.entity, p.ne_label)
+        if p not in answers.get(p.entity, []):
+            answers.setdefault(p.entity, []).append(p)
     facts = []
     for p in probes:
         _check_probe(p, "build_fact_prompts")
@@ -511,13 +550,15 @@ def build_fact_prompts(
             qstart = text.rfind(p.question)
             spans = [(qstart, qstart + len(p.question))] if qstart >= 0 else [(0, len(text))]
             positions = _positions(offsets, spans)
-            facts.append(FactPrompt(p.id, tuple(ids), tuple(ids), tuple(answer), "noise-question", tuple(positions)))
+            contrast = _contrast_token(p, text, answer[0], None, answers, tokenizer)
+            facts.append(FactPrompt(p.id, tuple(ids), tuple(ids), tuple(answer), "noise-question", tuple(positions),
+                                    contrast))
             continue
         form, spans = found
         positions = _positions(offsets, spans)
         outside = [i for i in range(len(ids)) if i not in set(positions)]
         chosen = None
-        for cand in _swap_candidates(p.id, p.entity, form, pool_map):
+        for cand, other in _swap_candidates(p.id, p.entity, form, pool_map):
             pieces, last = [], 0
             for s, e in spans:
                 pieces += [text[last:s], cand]
@@ -529,12 +570,15 @@ def build_fact_prompts(
                 and all(cids[i] == ids[i] for i in outside)
                 and any(cids[i] != ids[i] for i in positions)
             ):
-                chosen = (cand, cids)
+                chosen = (cand, other, cids)
                 break
         if chosen is None:
-            facts.append(FactPrompt(p.id, tuple(ids), tuple(ids), tuple(answer), "noise", tuple(positions)))
+            contrast = _contrast_token(p, text, answer[0], None, answers, tokenizer)
+            facts.append(FactPrompt(p.id, tuple(ids), tuple(ids), tuple(answer), "noise", tuple(positions), contrast))
         else:
-            facts.append(FactPrompt(p.id, tuple(ids), tuple(chosen[1]), tuple(answer), f"swap:{chosen[0]}"))
+            contrast = _contrast_token(p, text, answer[0], chosen[1], answers, tokenizer)
+            facts.append(FactPrompt(p.id, tuple(ids), tuple(chosen[2]), tuple(answer), f"swap:{chosen[0]}",
+                                    contrast_token=contrast))
     return facts
 
 

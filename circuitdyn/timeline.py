@@ -20,7 +20,6 @@ DataFrame with columns fact_id, epoch, correct.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,12 +32,10 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.attribution import steps_taken
-from circuitdyn.circuits import FORMAT, CircuitSet, select_threshold, select_top_n, select_top_n_paths
+from circuitdyn.attribution import Method
+from circuitdyn.circuits import CircuitSet, find_circuits
 from circuitdyn.diff import (
     MEAN,
-    Faithfulness,
-    Selection,
     jaccard,
     layer_shares,
     per_fact_floor,
@@ -46,12 +43,13 @@ from circuitdyn.diff import (
     rbo_depth,
     rbo_from_top,
     restrict,
-    smallest_faithful,
     top_positions,
     weighted_jaccard,
 )
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.probes import FactPrompt
+from circuitdyn.selection import Faithfulness, Selection
 
 TRANSITIONS = ("retained", "forgotten", "acquired", "unknown")
 """Per (fact, epoch > first): correct before and now / before only / now only / neither."""
@@ -70,6 +68,8 @@ class Timeline:
     floor: Float[Tensor, "row"]
     outcomes: pd.DataFrame | None = None
     epoch_table: pd.DataFrame | None = None
+    reached: dict[int, Tensor | None] = field(default_factory=dict)
+    """Per epoch, the faithfulness each fact's circuit reached (`faith:` selections; None otherwise)."""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -83,6 +83,11 @@ class Timeline:
     @property
     def rows(self) -> list[str]:
         return [*self.fact_ids, MEAN]
+
+    @property
+    def fact_masks(self) -> dict[int, Bool[Tensor, "fact edge"]]:
+        """Per epoch, the selected circuit of every fact (the mean circuit's row left out)."""
+        return {e: m[:-1] for e, m in self.masks.items()}
 
     @property
     def graph(self) -> Graph:
@@ -287,26 +292,17 @@ def _transition(prev: Any, cur: Any) -> str:
 
 def _common_masks(
     circuits: dict[int, CircuitSet], sel: Selection, faithfulness: dict[int, Faithfulness] | None
-) -> dict[int, Tensor]:
-    masks = {}
+) -> tuple[dict[int, Tensor], dict[int, Tensor | None]]:
+    """Per epoch, the selected circuits [fact + mean row, edge] and (for `faith:`) the faithfulness reached."""
+    masks, reached = {}, {}
     for e, cs in circuits.items():
-        if sel.rule == "faith":
-            if not faithfulness or e not in faithfulness:
-                raise CircuitdynError(f"selection {sel} needs a faithfulness evaluator for epoch {e}")
-            masks[e] = smallest_faithful(cs.scores.float(), faithfulness[e], sel.value)[0]
-        else:
-            masks[e] = sel.masks(cs)
+        if sel.needs_model and (not faithfulness or e not in faithfulness):
+            raise CircuitdynError(f"selection {sel} needs a faithfulness evaluator for epoch {e}")
+        masks[e], reached[e] = sel.select(cs.scores, cs.graph, (faithfulness or {}).get(e))
     n_mean = max(1, int(round(float(torch.cat(list(masks.values())).sum(1).float().mean()))))
     for e, cs in circuits.items():
-        mean = cs.scores.float().mean(0)
-        if sel.rule == "abs":
-            m = select_threshold(mean, sel.value)
-        elif sel.rule == "paths":
-            m = select_top_n_paths(mean, cs.graph, n_mean)
-        else:
-            m = select_top_n(mean, n_mean)
-        masks[e] = torch.cat([masks[e], m[None]])
-    return masks
+        masks[e] = torch.cat([masks[e], sel.mean_circuit(cs.scores.float().mean(0), cs.graph, n_mean)[None]])
+    return masks, reached
 
 
 def build_timeline(
@@ -352,7 +348,8 @@ def build_timeline(
             )
     floor = per_fact_floor(noise, facts)
     floor = torch.cat([floor, floor.mean(0, keepdim=True)])
-    return Timeline(circuits, sel, _common_masks(circuits, sel, faithfulness), floor, outcomes, epochs)
+    masks, reached = _common_masks(circuits, sel, faithfulness)
+    return Timeline(circuits, sel, masks, floor, outcomes, epochs, reached)
 
 
 # --------------------------------------------------------------------------- inputs from a run
@@ -380,102 +377,45 @@ def epochs_from_dynamics(dyn: Any) -> pd.DataFrame:
     return t.drop(columns=drop)
 
 
-def circuit_files(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every circuit file under `folder` (recursively) with its metadata, read from the header only."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CircuitdynError(f"circuit folder {folder} does not exist")
-    out = []
-    for path in sorted(folder.rglob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-        except Exception:
-            continue
-        if header.get("format") == FORMAT:
-            meta = json.loads(header.get("meta", "{}"))
-            meta["n_facts"] = len(json.loads(header.get("fact_ids", "[]")))
-            out.append((path, meta))
-    return out
-
-
-GROUP_KEYS = ("method", "ig_steps", "metric", "seed", "probe_set_hash")
-"""Circuit files with equal values here are one extraction (comparable across epochs)."""
-
-
-def find_circuits(
-    folder: str | Path, epochs: Sequence[int] | None = None, method: str | None = None,
-    checkpoint_hashes: dict[int, str] | None = None, ig_steps: int | None = None, where: dict[str, Any] | None = None,
-) -> dict[int, Path]:
-    """Epoch -> circuit file under `folder`, by each file's metadata (never by its name).
-
-    Files are grouped by their settings (`GROUP_KEYS`); the group used must cover every epoch of
-    `epochs` (default: the epochs of the largest group). `method` / `ig_steps` / `where` (metadata
-    field -> required value, e.g. `probe_set_hash`) filter the groups;
-    with `checkpoint_hashes`, a file must match its epoch's weights (stale circuits are skipped).
-    Errors name the epochs without circuits, or the competing settings when several groups fit.
-    """
-    groups: dict[tuple, dict[int, list[tuple[float, Path]]]] = {}
-    for path, meta in circuit_files(folder):
-        e = meta.get("epoch")
-        # An EAP file records 1 step whatever was asked, so `ig_steps` only tells EAP-IG files apart.
-        steps_ok = not ig_steps or meta.get("ig_steps") == steps_taken(meta.get("method"), ig_steps)
-        if e is None or (method and meta.get("method") != method) or not steps_ok:
-            continue
-        if where and any(meta.get(k) != v for k, v in where.items()):
-            continue
-        if checkpoint_hashes and int(e) in checkpoint_hashes and meta.get("checkpoint_hash") not in (
-                None, checkpoint_hashes[int(e)]):
-            continue
-        key = tuple(json.dumps(meta.get(k), sort_keys=True) for k in GROUP_KEYS)
-        groups.setdefault(key, {}).setdefault(int(e), []).append((path.stat().st_mtime, path))
-    what = "".join(f" with {k} {v}" for k, v in (("method", method), ("ig_steps", ig_steps)) if v)
-    if not groups:
-        raise CircuitdynError(f"{folder}: no circuit files{what} found; run `circuitdyn extract` first")
-    if epochs is None:
-        largest = max(len(g) for g in groups.values())
-        fitting = [k for k, g in groups.items() if len(g) == largest]
-        wanted = sorted(groups[fitting[0]])
-    else:
-        wanted = list(epochs)
-        fitting = [k for k, g in groups.items() if all(e in g for e in wanted)]
-    if not fitting:
-        have = sorted({e for g in groups.values() for e in g})
-        best = max(groups.values(), key=lambda g: sum(e in g for e in wanted))
-        missing = [e for e in wanted if e not in best]
-        raise CircuitdynError(
-            f"{folder}: no circuits for epoch(s) {missing}{what} (have epochs {have}); run `circuitdyn extract` for them"
-        )
-    if len(fitting) > 1:
-        options = "; ".join(", ".join(f"{k}={json.loads(v)}" for k, v in zip(GROUP_KEYS[:3], key)) for key in fitting)
-        raise CircuitdynError(f"{folder}: several circuit files for epoch {wanted[0]} with different settings "
-                              f"({options}); choose with --method / --steps")
-    group = groups[fitting[0]]
-    return {e: max(group[e])[1] for e in wanted}
-
-
 def load_run_timeline(
-    run_dir: str | Path,
-    circuits_dir: str | Path | None = None,
+    run: Any,
+    facts: Sequence[FactPrompt] | None = None,
+    *,
     selection: str | Selection = "top:200",
-    method: str | None = None,
-    ig_steps: int | None = None,
+    circuits_dir: str | Path | None = None,
+    method: Method | None = None,
+    steps: int | None = None,
+    metric: str = "answer-logprob",
+    seed: int = 0,
     where: dict[str, Any] | None = None,
-    facts: Sequence[Any] | None = None,
     noise: float | pd.Series | None = None,
+    progress: bool = False,
 ) -> Timeline:
-    """The timeline of a run folder: circuits from `circuits_dir` (default `RUN/circuits`) for every epoch
-    of the run, probe outcomes and loss from `circuitdyn.dynamics` when the run has probe results.
-    `facts` (the circuits' `FactPrompt`s) let the `faith:` selection evaluate circuits on each epoch's model;
-    `noise` is the floor of `build_timeline`."""
-    from circuitdyn.checkpoints import open_run
+    """The timeline of a run (a `checkpoints.Run` or its folder) over every epoch.
 
-    run = open_run(run_dir)
-    folder = Path(circuits_dir) if circuits_dir is not None else Path(run.path) / "circuits"
+    With `facts` (e.g. `circuitdyn.facts.load_facts`), the circuits of exactly these facts are used:
+    extracted where missing and reused where `circuits_dir` (default `extraction.circuits_dir(run)`) holds
+    them with the same settings; the `faith:` selection evaluates circuits on each epoch's model. Without
+    facts, the cached circuits of one extraction are read (`where` filters their metadata). Probe outcomes
+    and loss come from `circuitdyn.dynamics` when the run has probe results.
+    """
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.extraction import circuits_dir as default_dir
+    from circuitdyn.extraction import extract_run, run_evaluator
+    from circuitdyn.facts import facts_hash
+
+    run = open_run(run) if isinstance(run, (str, Path)) else run
+    folder = Path(circuits_dir) if circuits_dir is not None else default_dir(run)
+    sel = Selection.parse(selection)
+    if sel.needs_model and facts is None:
+        raise CircuitdynError(f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)")
+    where = dict(where or {})
+    if facts is not None:
+        extract_run(run, facts, folder, run.epochs, method=method or "eap-ig", steps=steps or 5, metric=metric,
+                    seed=seed, progress=progress)
+        where["probe_set_hash"] = facts_hash(facts)
     hashes = {e: run.checkpoint(e).content_hash for e in run.epochs}
-    files = find_circuits(folder, run.epochs, method, hashes, ig_steps, where)
+    files = find_circuits(folder, run.epochs, method, hashes, steps, where)
     circuits = {e: CircuitSet.load(p) for e, p in files.items()}
     outcomes = epochs_table = None
     try:
@@ -492,10 +432,8 @@ def load_run_timeline(
         epochs_table = pd.DataFrame([{"epoch": e, "step": run.checkpoint(e).step,
                                       "train_loss": run.checkpoint(e).train_loss} for e in run.epochs])
     faithfulness = None
-    if Selection.parse(selection).rule == "faith" and facts is not None:
-        from circuitdyn.diff import run_evaluator
-
+    if sel.needs_model and facts is not None:
         evaluate = run_evaluator(run, facts)
         faithfulness = {e: (lambda masks, e=e, cs=cs: evaluate(e, cs, masks)) for e, cs in circuits.items()}
-    return build_timeline(circuits, selection, outcomes=outcomes, epochs=epochs_table, faithfulness=faithfulness,
+    return build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, faithfulness=faithfulness,
                           noise=noise)

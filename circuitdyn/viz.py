@@ -31,7 +31,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from circuitdyn.checkpoints import write_text_atomic
+from circuitdyn.io import write_text_atomic
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, STATUSES, CircuitDiff
 from circuitdyn.errors import CircuitdynError
@@ -365,7 +365,7 @@ def heatmap_spec(timeline: Any) -> Spec:
 
 def transfer_spec(table: pd.DataFrame, fact_id: str | None = None) -> Spec:
     """`transfer_figure` as plain data: circuit epoch x model epoch faithfulness (median over facts, or one fact)."""
-    from circuitdyn.diff import transfer_pivot
+    from circuitdyn.transfer import transfer_pivot
 
     pivot = transfer_pivot(table, fact_id)
     z = [[None if pd.isna(v) else float(v) for v in row] for row in pivot.to_numpy()]

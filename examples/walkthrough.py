@@ -15,10 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from circuitdyn.attribution import extract_run
 from circuitdyn.checkpoints import open_run
 from circuitdyn.circuits import CircuitSet
-from circuitdyn.probes import build_fact_prompts, corruption_counts, load_probes
+from circuitdyn.extraction import extract_run
+from circuitdyn.facts import load_facts
+from circuitdyn.probes import corruption_counts
 
 RUN = os.environ.get("CIRCUITDYN_RUN", "circuitdyn-demo/run")
 DEMO_PROBES = Path(RUN).parent / "probes.jsonl"
@@ -38,10 +39,8 @@ print(f"{run.path}: epochs {run.epochs}, base model {run.base_model}")
 # swapped for another of the same token length, or noise on its embeddings).
 
 # %%
-all_probes = load_probes(PROBES)
-probes = all_probes[:N_FACTS]
-facts = build_fact_prompts(probes, run.tokenizer(), pool=all_probes)  # swap partners from the whole set
-questions = {p.id: p.question for p in probes}
+facts = load_facts(PROBES, run.tokenizer(), limit=N_FACTS)  # swap partners come from the whole set
+questions = facts.labels
 print(f"{len(facts)} facts, corruption kinds {corruption_counts(facts)}")
 
 # %% [markdown]
@@ -70,7 +69,9 @@ print("circuit viewer:", viz.write_circuit_html(circuits[first], OUT / "circuit.
 # with no training at all; edges count as changed only beyond it.
 
 # %%
-from circuitdyn.diff import diff_circuits, noise_floor, transfer_matrix, transfer_pivot, run_evaluator
+from circuitdyn.diff import diff_circuits, noise_floor
+from circuitdyn.extraction import run_evaluator
+from circuitdyn.transfer import transfer_matrix, transfer_pivot
 
 repeat = extract_run(run, facts, run.path / "circuits", [first], method="eap-ig", steps=max(1, STEPS // 2))[0]
 floor = noise_floor([circuits[first], CircuitSet.load(repeat.path)])
@@ -93,7 +94,7 @@ print("diff viewer:", viz.write_diff_html(diff, OUT / "diff.html", labels=questi
 # %%
 from circuitdyn.timeline import load_run_timeline
 
-timeline = load_run_timeline(run.path, selection="top:200", ig_steps=STEPS)
+timeline = load_run_timeline(run, facts, selection="top:200", steps=STEPS)
 print(timeline.per_epoch.round(3).to_string(index=False))
 print(f"reconfiguration rate {timeline.reconfiguration_rate:.3f} per epoch")
 print(timeline.lifetimes.sort_values("persistence").head())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from circuitdyn.attribution import FactBatch, embed_inputs
+from circuitdyn.forward import FactBatch, embed_inputs
 from circuitdyn.graph import Graph
 
 _FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in", "ungroup_grouped_query_attention")

@@ -10,6 +10,8 @@ from attribution_reference import reference_scores
 from conftest import tiny_facts, tiny_tl_model
 
 from circuitdyn import attribution as A
+from circuitdyn import forward as Fw
+from circuitdyn import patching as Pt
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 
@@ -22,8 +24,8 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_functional_forward_matches_transformer_lens(tiny_tl):
     facts = tiny_facts(4)
-    batch = A.make_batch(tiny_tl, facts)
-    m_clean, _ = A.clean_and_corrupted_metric(tiny_tl, batch)
+    batch = Fw.make_batch(tiny_tl, facts)
+    m_clean, _ = Pt.clean_and_corrupted_metric(tiny_tl, batch)
     for b, f in enumerate(facts):
         toks = torch.tensor([[*f.clean_tokens, *f.answer_tokens[:-1]]])
         with torch.no_grad():
@@ -37,7 +39,7 @@ def test_functional_forward_matches_transformer_lens(tiny_tl):
                                                    ("eap-ig", 3, "logit-diff"), ("eap", 1, "prob"),
                                                    ("eap-ig", 11, "logprob")])
 def test_scores_equal_naive_reference(tiny_tl, method, steps, metric):
-    batch = A.make_batch(tiny_tl, tiny_facts(4))
+    batch = Fw.make_batch(tiny_tl, tiny_facts(4))
     ours = A.attribute_batch(tiny_tl, batch, method, steps, metric)
     ref = reference_scores(tiny_tl, batch, steps if method == "eap-ig" else 1, metric)
     assert ours.shape == (4, Graph.from_model(tiny_tl).n_edges)
@@ -63,8 +65,8 @@ def test_eap_ig_ranks_edges_like_exact_patching():
     model = tiny_tl_model("llama", seed=3)
     facts = [dataclasses.replace(f, corrupted_tokens=f.clean_tokens, noise_positions=(1, 2), corruption="noise")
              for f in tiny_facts(4, seed=5, noise_every=0)]
-    batch = A.make_batch(model, facts)
-    true = A.exact_edge_effects(model, batch)
+    batch = Fw.make_batch(model, facts)
+    true = Pt.exact_edge_effects(model, batch)
     eap = A.attribute_batch(model, batch, "eap")
     ig = A.attribute_batch(model, batch, "eap-ig", steps=20)
     rho_ig, rho_eap, err_ig, err_eap = [], [], [], []
@@ -82,8 +84,8 @@ def test_eap_ig_ranks_edges_like_exact_patching():
 
 def test_sign_convention_matches_patching(tiny_tl):
     """score(e) ~ m(clean with e corrupted) - m(clean): same sign as the exact effect for big edges."""
-    batch = A.make_batch(tiny_tl, tiny_facts(2, noise_every=0))
-    true = A.exact_edge_effects(tiny_tl, batch)
+    batch = Fw.make_batch(tiny_tl, tiny_facts(2, noise_every=0))
+    true = Pt.exact_edge_effects(tiny_tl, batch)
     ig = A.attribute_batch(tiny_tl, batch, "eap-ig", steps=10)
     for b in range(2):
         top = true[b].abs().topk(5).indices
@@ -92,9 +94,9 @@ def test_sign_convention_matches_patching(tiny_tl):
 
 def test_noise_is_seeded_per_fact(tiny_tl):
     facts = tiny_facts(4)
-    a = A.make_batch(tiny_tl, facts, seed=1)
-    b = A.make_batch(tiny_tl, facts[1:2], seed=1)
-    c = A.make_batch(tiny_tl, facts, seed=2)
+    a = Fw.make_batch(tiny_tl, facts, seed=1)
+    b = Fw.make_batch(tiny_tl, facts[1:2], seed=1)
+    c = Fw.make_batch(tiny_tl, facts, seed=2)
     assert a.noise is not None and torch.equal(a.noise[1, :b.noise.shape[1]], b.noise[0])
     assert not torch.equal(a.noise, c.noise)
     assert a.noise[0].abs().sum() == 0  # entity-swap facts carry no noise
@@ -105,16 +107,16 @@ def test_noise_is_seeded_per_fact(tiny_tl):
 def test_bad_inputs(tiny_tl):
     f = tiny_facts(1)[0]
     with pytest.raises(CircuitdynError, match="must align"):
-        A.make_batch(tiny_tl, [dataclasses.replace(f, corrupted_tokens=f.clean_tokens[:-1])])
+        Fw.make_batch(tiny_tl, [dataclasses.replace(f, corrupted_tokens=f.clean_tokens[:-1])])
     with pytest.raises(CircuitdynError, match="noise_positions"):
-        A.make_batch(tiny_tl, [dataclasses.replace(f, noise_positions=(99,))])
+        Fw.make_batch(tiny_tl, [dataclasses.replace(f, noise_positions=(99,))])
     with pytest.raises(CircuitdynError, match="contrast_token"):
-        A.make_batch(tiny_tl, [dataclasses.replace(f, contrast_token=None)], metric="logit-diff")
+        Fw.make_batch(tiny_tl, [dataclasses.replace(f, contrast_token=None)], metric="logit-diff")
     with pytest.raises(CircuitdynError, match="vocabulary"):
-        A.make_batch(tiny_tl, [dataclasses.replace(f, answer_tokens=(10_000,))])
+        Fw.make_batch(tiny_tl, [dataclasses.replace(f, answer_tokens=(10_000,))])
     with pytest.raises(CircuitdynError, match="no facts"):
         A.attribute(tiny_tl, [])
-    batch = A.make_batch(tiny_tl, [f])
+    batch = Fw.make_batch(tiny_tl, [f])
     with pytest.raises(CircuitdynError, match="unknown method"):
         A.attribute_batch(tiny_tl, batch, "acdc")
     with pytest.raises(CircuitdynError, match="unknown metric"):
@@ -127,7 +129,7 @@ def test_unsupported_architecture_is_refused():
     cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=10, act_fn="gelu",
                                   positional_embedding_type="alibi")
     with pytest.raises(CircuitdynError, match="alibi"):
-        A.check_supported(HookedTransformer(cfg, move_to_device=False))
+        Fw.check_supported(HookedTransformer(cfg, move_to_device=False))
 
 
 def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
@@ -143,7 +145,8 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "3 facts" in text and text.count("(written)") == 2
     files = sorted(out.glob("*.safetensors"))
-    assert [f.name for f in files] == ["epoch_0.eap-ig2.logprob.safetensors", "epoch_2.eap-ig2.logprob.safetensors"]
+    short_hash = CircuitSet.load(files[0]).meta["probe_set_hash"].split(":")[1][:8]
+    assert [f.name for f in files] == [f"epoch_{e}.eap-ig2.answer-logprob.s0.{short_hash}.safetensors" for e in (0, 2)]
     cs = CircuitSet.load(files[1])
     assert cs.meta["epoch"] == 2 and cs.meta["checkpoint_hash"].startswith("sha256:")
     assert cs.meta["step"] == 20 and len(cs.meta["faithfulness"]) == 3 and cs.meta["ig_steps"] == 2
@@ -151,7 +154,7 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
     assert main(["extract", *argv]) == 0
     assert capsys.readouterr().out.count("(cached)") == 2
     assert main(["extract", str(llama_run), "--probes", probes, "--epochs", "x", "--out", str(out)]) == 2
-    assert "--epochs" in capsys.readouterr().err
+    assert "epochs must be comma-separated integers, got 'x'" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -166,8 +169,8 @@ def test_smollm2_scores_match_forward_and_full_circuit(smollm2_dir):
     model = run.load_model(0)
     probes = load_probes()
     facts = build_fact_prompts(probes[:2], model.tokenizer, template="plain", pool=probes)
-    batch = A.make_batch(model, facts)
-    m_clean, m_corr = A.clean_and_corrupted_metric(model, batch)
+    batch = Fw.make_batch(model, facts)
+    m_clean, m_corr = Pt.clean_and_corrupted_metric(model, batch)
     for b, f in enumerate(facts):
         with torch.no_grad():
             lp = model(torch.tensor([[*f.clean_tokens, *f.answer_tokens[:-1]]])).log_softmax(-1)[0]
@@ -181,30 +184,30 @@ def test_smollm2_scores_match_forward_and_full_circuit(smollm2_dir):
 
 
 def test_node_effects_are_grouped_edge_patching(tiny_tl):
-    batch = A.make_batch(tiny_tl, tiny_facts(2))
-    nodes = A.exact_node_effects(tiny_tl, batch)
+    batch = Fw.make_batch(tiny_tl, tiny_facts(2))
+    nodes = Pt.exact_node_effects(tiny_tl, batch)
     graph = Graph.from_model(tiny_tl)
     assert nodes.shape == (2, len(graph.sources))
     # patching `input` everywhere is the corrupted run
-    m_clean, m_corr = A.clean_and_corrupted_metric(tiny_tl, batch)
+    m_clean, m_corr = Pt.clean_and_corrupted_metric(tiny_tl, batch)
     assert torch.allclose(nodes[:, 0], m_corr - m_clean, atol=1e-5)
     last = graph.sources.index(f"m{graph.n_layers - 1}")
-    only = A.exact_edge_effects(tiny_tl, batch, edges=[graph.edge_index[f"m{graph.n_layers - 1}->logits"]])
+    only = Pt.exact_edge_effects(tiny_tl, batch, edges=[graph.edge_index[f"m{graph.n_layers - 1}->logits"]])
     assert torch.allclose(nodes[:, last], only[:, 0], atol=1e-6)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0])
 def test_sparse_patching_equals_dense(tiny_tl, monkeypatch, density):
     """run_patched sums only the sparser side of the mask; it must equal the one dense contraction."""
-    batch = A.make_batch(tiny_tl, tiny_facts(3))
+    batch = Fw.make_batch(tiny_tl, tiny_facts(3))
     n_edges = Graph.from_model(tiny_tl).n_edges
     keep = torch.rand(3, n_edges, generator=torch.Generator().manual_seed(1)) < density
-    monkeypatch.setattr(A, "SPARSE_PATCH_FACTOR", 10**9)  # always dense
-    dense = A.run_patched(tiny_tl, batch, keep)
-    monkeypatch.setattr(A, "SPARSE_PATCH_FACTOR", 0)  # always sparse
-    sparse = A.run_patched(tiny_tl, batch, keep)
+    monkeypatch.setattr(Pt, "SPARSE_PATCH_FACTOR", 10**9)  # always dense
+    dense = Pt.run_patched(tiny_tl, batch, keep)
+    monkeypatch.setattr(Pt, "SPARSE_PATCH_FACTOR", 0)  # always sparse
+    sparse = Pt.run_patched(tiny_tl, batch, keep)
     assert torch.allclose(sparse, dense, atol=1e-5), (sparse, dense)
-    m_clean, m_corr = A.clean_and_corrupted_metric(tiny_tl, batch)
+    m_clean, m_corr = Pt.clean_and_corrupted_metric(tiny_tl, batch)
     if density in (0.0, 1.0):
         assert torch.allclose(sparse, m_corr if density == 0.0 else m_clean, atol=1e-5)
 
@@ -218,11 +221,11 @@ def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
                                       act_fn="silu", seed=1, **extra)
         model = HookedTransformer(cfg, move_to_device=False)
         facts = tiny_facts(2)
-        m_clean, _ = A.clean_and_corrupted_metric(model, A.make_batch(model, facts))
+        m_clean, _ = Pt.clean_and_corrupted_metric(model, Fw.make_batch(model, facts))
         f = facts[0]
         with torch.no_grad():
             lp = model(torch.tensor([[*f.clean_tokens, *f.answer_tokens[:-1]]])).log_softmax(-1)[0]
         n = len(f.clean_tokens)
         assert abs(float(m_clean[0]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-4
-        batch = A.make_batch(model, facts)
+        batch = Fw.make_batch(model, facts)
         assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2), reference_scores(model, batch, 2), atol=1e-4)

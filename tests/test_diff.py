@@ -12,20 +12,18 @@ from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import (
     MEAN,
     CircuitDiff,
-    Selection,
+    circuit_graph,
     diff_circuits,
     noise_floor,
     rank_biased_overlap,
-    smallest_faithful,
     spearman,
     strongest_paths,
-    circuit_graph,
-    transfer_matrix,
-    transfer_pivot,
     weighted_jaccard,
 )
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.selection import Selection, smallest_faithful
+from circuitdyn.transfer import transfer_matrix, transfer_pivot
 
 GRAPH = Graph(3, 2)
 META = {"architecture": "LlamaForCausalLM", "method": "eap-ig", "ig_steps": 5, "metric": "logprob", "seed": 0}
@@ -155,12 +153,12 @@ def test_selection_parsing_and_masks():
         with pytest.raises(CircuitdynError):
             Selection.parse(bad)
     cs = make_set(random_scores())
-    assert (Selection.parse("top:7").masks(cs).sum(1) == 7).all()
-    paths = Selection.parse("paths:7").masks(cs)
+    assert (Selection.parse("top:7").select(cs.scores, cs.graph)[0].sum(1) == 7).all()
+    paths = Selection.parse("paths:7").select(cs.scores, cs.graph)[0]
     assert (paths.sum(1) >= 7).all()
     assert torch.equal(GRAPH.on_path(paths[0]), paths[0])
     with pytest.raises(CircuitdynError, match="faithfulness"):
-        Selection.parse("faith:0.8").masks(cs)
+        Selection.parse("faith:0.8").select(cs.scores, cs.graph)[0]
 
 
 def test_smallest_faithful_circuit():
@@ -169,13 +167,14 @@ def test_smallest_faithful_circuit():
     def faith(masks: torch.Tensor) -> torch.Tensor:
         return (s.abs() * masks).sum(1) / s.abs().sum(1)
 
-    masks, reached = smallest_faithful(s, faith, 0.8, sizes=[1, 5, 20, 60, GRAPH.n_edges])
-    assert (reached >= 0.8).all()
-    for row in range(2):
-        n = int(masks[row].sum())
-        smaller = [k for k in (1, 5, 20, 60) if k < n]
-        assert all(float(faith(torch.zeros_like(masks).index_fill_(1, s[row].abs().topk(k).indices, True))[row]) < 0.8
-                   for k in smaller)
+    n, masks, reached = smallest_faithful(s, faith, 0.8, rel_tol=0.0)
+    assert (reached >= 0.8).all() and torch.equal(masks.sum(1), n)
+    assert torch.allclose(faith(masks), reached)
+    for row in range(2):  # this fake faithfulness grows with n, so with no tolerance n is exactly the smallest
+        top = torch.zeros_like(masks).index_fill_(1, s[row].abs().topk(int(n[row]) - 1).indices, True)
+        assert float(faith(top)[row]) < 0.8
+    n_tol, _, _ = smallest_faithful(s, faith, 0.8, rel_tol=0.2)
+    assert (n_tol >= n).all() and (n_tol <= n / 0.8 + 1).all()
     d = diff_circuits(make_set(s), make_set(s * 0.5), "faith:0.8", faithfulness_a=faith, faithfulness_b=faith)
     assert "faith_a" in d.facts and (d.facts.drop(index=MEAN)["faith_a"] >= 0.8).all()
     with pytest.raises(CircuitdynError, match="faithfulness"):
@@ -312,11 +311,11 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
     probes = write_probes_jsonl(load_probes()[:3], tmp_path / "probes.jsonl")
     out = tmp_path / "d.html"
     args = ["diff", f"{run}:0", f"{run}:2", "--probes", str(probes), "--steps", "2", "--top-n", "20", "--out", str(out)]
-    assert main([*args, "--noise-steps", "1"]) == 0
+    assert main(args) == 0
     text = capsys.readouterr().out
-    assert "noise floor per fact" in text and "(mean circuit)" in text and out.is_file()
+    assert "(mean circuit)" in text and out.is_file()
     files = sorted((run / "circuits").glob("*.safetensors"))
-    assert len(files) == 3  # epoch 0 and 2 at 2 steps, epoch 0 at 1 step
+    assert len(files) == 2  # epochs 0 and 2
     stamps = [f.stat().st_mtime_ns for f in files]
     assert main([*args, "--select", "faith:0.5", "--json"]) == 0
     import json
@@ -327,7 +326,9 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
     assert all("faith_a" in v and "faith_b" in v for v in per_fact)
     assert all(v[k] is None or v[k] >= 0.5 for v in per_fact for k in ("faith_a", "faith_b"))  # None: undefined
     assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not recomputed
-    # the cached circuits are found without --probes too
+    # the cached circuits are found without --probes too; circuits of other settings are told apart
+    assert main([*args, "--steps", "1"]) == 0
+    capsys.readouterr()
     assert main(["diff", f"{run}:0", f"{run}:2", "--method", "eap-ig", "--circuits", str(run / "circuits"),
                  "--out", str(out)]) == 2
     assert "several circuit files for epoch 0 with different settings" in capsys.readouterr().err
@@ -336,14 +337,14 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
 
 
 def test_transfer_matrix_on_a_run(make_run):
-    from circuitdyn.attribution import extract_run
     from circuitdyn.checkpoints import open_run
     from circuitdyn.circuits import CircuitSet
-    from circuitdyn.diff import run_evaluator
-    from circuitdyn.probes import build_fact_prompts, load_probes
+    from circuitdyn.extraction import extract_run, run_evaluator
+    from circuitdyn.facts import load_facts
+    from circuitdyn.probes import load_probes
 
     run = open_run(make_run("llama", 1, name="transfer-run"))
-    facts = build_fact_prompts(load_probes()[:2], run.tokenizer())
+    facts = load_facts(load_probes()[:2], run.tokenizer())
     done = extract_run(run, facts, run.path / "circuits", steps=1, method="eap")
     circuits = {r.epoch: CircuitSet.load(r.path) for r in done}
     n = len(circuits[0].edges)

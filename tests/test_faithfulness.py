@@ -9,10 +9,15 @@ import torch
 from conftest import tiny_facts
 
 from circuitdyn import attribution as A
-from circuitdyn.circuits import CircuitSet, select_top_n
+from circuitdyn import forward as Fw
+from circuitdyn import patching as Pt
+from circuitdyn.extraction import extract_circuits
+from circuitdyn.facts import facts_hash
+from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.faithfulness import circuit_metric, faithfulness, faithfulness_curve, smallest_faithful
+from circuitdyn.faithfulness import CircuitEvaluator, circuit_metric, faithfulness, faithfulness_curve
 from circuitdyn.graph import Graph
+from circuitdyn.selection import select_top_n, smallest_faithful
 
 
 def test_full_graph_is_one_and_empty_is_zero(tiny_tl):
@@ -26,9 +31,9 @@ def test_full_graph_is_one_and_empty_is_zero(tiny_tl):
 
 def test_patching_one_edge_moves_the_metric_as_exact_effects_say(tiny_tl):
     facts = tiny_facts(2, noise_every=0)
-    batch = A.make_batch(tiny_tl, facts)
-    effects = A.exact_edge_effects(tiny_tl, batch, edges=[0, 5])
-    m_clean, _ = A.clean_and_corrupted_metric(tiny_tl, batch)
+    batch = Fw.make_batch(tiny_tl, facts)
+    effects = Pt.exact_edge_effects(tiny_tl, batch, edges=[0, 5])
+    m_clean, _ = Pt.clean_and_corrupted_metric(tiny_tl, batch)
     E = Graph.from_model(tiny_tl).n_edges
     keep = torch.ones(2, E, dtype=torch.bool)
     keep[:, 5] = False
@@ -47,7 +52,7 @@ def test_curve_and_smallest_circuit(tiny_tl):
     paths = faithfulness_curve(tiny_tl, facts, scores, sizes=[8], paths=True)
     assert (paths.n_edges >= 8).all()
 
-    n, masks, faith = smallest_faithful(tiny_tl, facts, scores, target=0.8)
+    n, masks, faith = smallest_faithful(scores, CircuitEvaluator(tiny_tl, facts).faithfulness, target=0.8)
     assert masks.shape == (3, E) and (masks.sum(1) == n).all()
     assert (faith >= 0.8).all()
     check = faithfulness(tiny_tl, facts, masks)
@@ -60,7 +65,7 @@ def test_undefined_faithfulness_is_nan(tiny_tl):
     same = type(f)(f.fact_id, f.clean_tokens, f.clean_tokens, f.answer_tokens, "none")
     E = Graph.from_model(tiny_tl).n_edges
     assert math.isnan(float(faithfulness(tiny_tl, [same], torch.ones(1, E, dtype=torch.bool))[0]))
-    n, _, faith = smallest_faithful(tiny_tl, [same], torch.randn(1, E))
+    n, _, faith = smallest_faithful(torch.randn(1, E), CircuitEvaluator(tiny_tl, [same]).faithfulness, 0.8)
     assert int(n[0]) == E and math.isnan(float(faith[0]))
 
 
@@ -71,10 +76,10 @@ def test_bad_mask_shape(tiny_tl):
 
 def test_extract_circuits_round_trip(tiny_tl, tmp_path):
     facts = tiny_facts(3)
-    cs = A.extract_circuits(tiny_tl, facts, "eap-ig", steps=2, meta={"epoch": 1, "checkpoint_hash": "sha256:x"})
+    cs = extract_circuits(tiny_tl, facts, "eap-ig", steps=2, meta={"epoch": 1, "checkpoint_hash": "sha256:x"})
     assert isinstance(cs, CircuitSet) and cs.edges == Graph.from_model(tiny_tl).edges
     assert cs.meta["ig_steps"] == 2 and cs.meta["corruption"] == ["entity", "noise", "entity"]
     back = CircuitSet.load(cs.save(tmp_path / "c.safetensors"))
     assert torch.equal(back.scores, cs.scores) and back.meta == cs.meta
     back.check_compatible(cs, same_facts=True)
-    assert cs.meta["probe_set_hash"] == A.facts_hash(facts) != A.facts_hash(facts[:2])
+    assert cs.meta["probe_set_hash"] == facts_hash(facts) != facts_hash(facts[:2])

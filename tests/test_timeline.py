@@ -175,7 +175,8 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     assert main([*args, "--select", "faith:0.5", "--out", str(tmp_path / "faith.html")]) == 0
     assert "selection faith:0.5" in capsys.readouterr().out
     assert main(["timeline", str(run), "--select", "faith:0.5", "--steps", "1"]) == 2
-    assert "--select faith:0.5 needs --probes" in capsys.readouterr().err
+    assert "selection faith:0.5 evaluates circuits on each epoch's model: it needs the facts (--probes)" in (
+        capsys.readouterr().err)
     assert len(list((run / "circuits").glob("*.safetensors"))) == 3
     html = (run / "timeline.html").read_text()
     assert probes[0].question.split()[0] in html

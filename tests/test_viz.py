@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from circuitdyn import viz
-from circuitdyn.diff import MEAN, diff_circuits, transfer_matrix
+from circuitdyn.diff import MEAN, diff_circuits
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.transfer import transfer_matrix
 from circuitdyn.graph import Graph
 from circuitdyn.timeline import build_timeline
 from test_timeline import circuits_over_epochs, outcomes

@@ -1,0 +1,209 @@
+"""Per-fact circuits for every checkpoint of a run: attribute, evaluate, store, and reuse what is stored.
+
+`extract_circuits(model, facts)` attributes every fact on one model and wraps the scores with their
+provenance in a `CircuitSet`. `extract_run(run, facts, out_dir)` does that for every epoch of a run and
+writes one circuit file per epoch, named by its settings (`circuits.circuit_filename`), so extractions of
+other facts or settings live side by side. A file that already holds the same checkpoint and settings
+(`circuits.settings`) is reused; one that holds another checkpoint's circuits is never replaced unless
+`overwrite=True`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from tqdm.auto import tqdm
+
+from circuitdyn.attribution import Method, attribute, check_method, steps_taken
+from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.facts import facts_hash
+from circuitdyn.faithfulness import CircuitEvaluator
+from circuitdyn.forward import NOISE_SCALE, metric_name
+from circuitdyn.graph import Graph
+from circuitdyn.probes import FactPrompt
+
+SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
+
+
+def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = 5,
+                        metric: str = "answer-logprob", seed: int = 0, noise_scale: float = NOISE_SCALE
+                        ) -> dict[str, Any]:
+    """The `circuits.SETTINGS` an extraction with these arguments records (known before any work is done)."""
+    return {
+        "architecture": architecture,
+        "method": check_method(method),
+        "ig_steps": steps_taken(method, steps),
+        "metric": metric_name(metric),
+        "seed": seed,
+        "noise_scale": noise_scale,
+        "probe_set_hash": facts_hash(facts),
+    }
+
+
+def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = 5,
+                     metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8,
+                     noise_scale: float = NOISE_SCALE, meta: dict[str, Any] | None = None,
+                     progress: bool = False) -> CircuitSet:
+    """Attribute every fact and wrap the scores with their provenance in a `CircuitSet`.
+
+    `meta` adds checkpoint provenance (checkpoint_hash, step, epoch, model...); the settings
+    (`extraction_settings`), the architecture's shape and each fact's corruption are filled in here.
+    """
+    info = extraction_settings(model.cfg.original_architecture, facts, method, steps, metric, seed, noise_scale)
+    scores = attribute(model, facts, method, steps, metric, seed, batch_size, noise_scale, progress)
+    cfg = model.cfg
+    info.update({
+        "model": cfg.model_name,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_key_value_heads": cfg.n_key_value_heads,
+        "d_model": cfg.d_model,
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "corruption": [f.corruption for f in facts],
+        "sign": SIGN,
+    })
+    info.update(meta or {})
+    return CircuitSet(scores, Graph.from_model(model).edges, [f.fact_id for f in facts], info)
+
+
+@dataclass
+class Extracted:
+    """One epoch's result of `extract_run`: the circuit file and the faithfulness printed for it."""
+
+    epoch: int
+    path: Path
+    skipped: bool
+    fact_ids: list[str]
+    faithfulness: list[float]  # of each fact's `selection` circuit (NaN where m_clean == m_corrupted)
+    selection: str
+    m_clean: list[float]
+    m_corrupted: list[float]
+
+    @classmethod
+    def from_file(cls, epoch: int, path: Path, skipped: bool, cs: CircuitSet) -> Extracted:
+        def floats(key: str) -> list[float]:
+            values = cs.meta.get(key) or [None] * len(cs.fact_ids)
+            return [float("nan") if v is None else float(v) for v in values]
+
+        return cls(epoch, path, skipped, cs.fact_ids, floats("faithfulness"), cs.meta.get("faithfulness_selection", ""),
+                   floats("m_clean"), floats("m_corrupted"))
+
+
+def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
+                method: Method = "eap-ig", steps: int = 5, metric: str = "answer-logprob", seed: int = 0,
+                batch_size: int = 8, top_n: int = 1000, store: str = "float32", sparse_top_k: int | None = None,
+                extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
+                progress: bool = False) -> list[Extracted]:
+    """One circuit file per epoch of a `checkpoints.Run` under `out_dir`, skipping finished ones.
+
+    A file is reused when it holds the same checkpoint content hash and `settings`. Each new file's
+    metadata also records the faithfulness of every fact's top-`top_n` circuit (`faithfulness`,
+    `faithfulness_selection`) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
+    faithfulness is only meaningful where they differ clearly. `store`: float32 or float16 scores.
+    """
+    if not facts:
+        raise CircuitdynError("no facts given to attribute")
+    out = Path(out_dir)
+    epochs = list(run.epochs if epochs is None else epochs)
+    for epoch in epochs:
+        run.checkpoint(epoch)
+    want = extraction_settings(run.architecture, facts, method, steps, metric, seed)
+    results = []
+    for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
+        ck = run.checkpoint(epoch)
+        path = out / circuit_filename(epoch, want)
+        if path.exists():
+            meta = read_meta(path)
+            if meta is not None and not settings_mismatch(meta, want) and meta.get("checkpoint_hash") == ck.content_hash:
+                results.append(Extracted.from_file(epoch, path, True, CircuitSet.load(path)))
+                continue
+            if not overwrite:
+                why = "is not a circuit file" if meta is None else (
+                    f"holds circuits of another checkpoint ({meta.get('checkpoint_hash')})"
+                    if not settings_mismatch(meta, want) else f"holds other settings ({settings_mismatch(meta, want)})")
+                raise CircuitdynError(f"{path} {why}; choose another output folder, or pass --overwrite "
+                                      "(overwrite=True) to replace it")
+        model = run.load_model(epoch)
+        meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
+                "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
+        cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress)
+        ev = CircuitEvaluator(model, facts, metric, seed, batch_size, NOISE_SCALE)
+        selection = f"top:{top_n}"
+        faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
+        cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
+        cs.meta["faithfulness_selection"] = selection
+        cs.meta["m_clean"] = [round(float(v), 6) for v in ev.m_clean.tolist()]
+        cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
+        cs.save(path, dtype=store, top_k=sparse_top_k)
+        results.append(Extracted.from_file(epoch, path, False, cs))
+    return results
+
+
+Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, "fact"]]
+"""(model epoch, circuit set, its per-fact masks) -> faithfulness of each circuit on that epoch's model."""
+
+
+def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, seed: int | None = None,
+                  batch_size: int = 8) -> Evaluator:
+    """An `Evaluator` for `transfer_matrix` on a `checkpoints.Run`: loads the model epoch (weights are
+    swapped in place) and evaluates circuits with `circuitdyn.faithfulness.CircuitEvaluator` on the facts
+    (`FactPrompt`s) of the circuit set, with the set's own metric, seed and noise scale unless given.
+    The evaluator of the current model epoch is kept, so a row of the matrix costs one clean and one
+    corrupted run plus one patched run per circuit."""
+    by_id = {f.fact_id: f for f in facts}
+    current: dict[tuple, Any] = {}
+
+    def evaluate(model_epoch: int, cs: CircuitSet, masks: Tensor) -> Tensor:
+        missing = [f for f in cs.fact_ids if f not in by_id]
+        if missing:
+            raise CircuitdynError(f"the probe facts do not match the circuits: no prompt for fact id(s) {missing[:3]}")
+        m = metric or cs.meta.get("metric", "answer-logprob")
+        sd = int(cs.meta.get("seed", 0) if seed is None else seed)
+        noise = float(cs.meta.get("noise_scale", NOISE_SCALE))
+        key = (model_epoch, tuple(cs.fact_ids), m, sd, noise)
+        if key not in current:
+            current.clear()
+            model = run.load_model(model_epoch)
+            current[key] = CircuitEvaluator(model, [by_id[f] for f in cs.fact_ids], m, sd, batch_size, noise)
+        run.load_model(model_epoch)  # no-op unless another caller swapped the weights meanwhile
+        return current[key].faithfulness(masks)
+
+    return evaluate
+
+
+def circuits_dir(run: Any) -> Path:
+    """Where a run's circuits are cached by default: `RUN/circuits` for a run folder; for a plain model folder
+    (which may be read-only or shared), `$CIRCUITDYN_CACHE/circuits/<its weight hash>`."""
+    from circuitdyn.checkpoints import cache_dir
+
+    if (Path(run.path) / "config.json").is_file():
+        return cache_dir() / "circuits" / run.checkpoint(run.epochs[0]).content_hash.split(":")[-1][:16]
+    return Path(run.path) / "circuits"
+
+
+def checkpoint_circuits(
+    run: Any, epoch: int, facts: Sequence[FactPrompt] | None = None, *, folder: str | Path | None = None,
+    method: Method | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
+    batch_size: int = 8, progress: bool = False,
+) -> CircuitSet:
+    """The circuits of one checkpoint: computed for `facts` (or reused when `folder` holds them with the same
+    settings), or, without facts, the cached circuits of that checkpoint in `folder` (default `circuits_dir`)."""
+    from circuitdyn.circuits import find_circuits
+
+    folder = Path(folder) if folder is not None else circuits_dir(run)
+    if facts is not None:
+        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or 5, metric=metric,
+                           seed=seed, batch_size=batch_size, progress=progress)[0]
+        return CircuitSet.load(done.path)
+    if not folder.is_dir():
+        raise CircuitdynError(f"{run.path} epoch {epoch}: no cached circuits in {folder}; pass probes (--probes FILE) "
+                              "to compute them, or the folder holding them (--circuits DIR)")
+    path = find_circuits(folder, [epoch], method, {epoch: run.checkpoint(epoch).content_hash}, steps)[epoch]
+    return CircuitSet.load(path)

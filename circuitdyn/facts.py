@@ -1,0 +1,123 @@
+"""The one road from a probe set to the facts that attribution, patching and every command consume.
+
+`load_facts(probes, tokenizer, ...)` reads a probe file (or the packaged validation probes), picks the
+facts to study, and builds each one's clean prompt, answer, corrupted prompt and contrast token
+(`circuitdyn.probes.build_fact_prompts`). Every command and the Python API go through it, so that
+`extract`, `diff`, `timeline` and `demo` build the same facts from the same file and settings.
+
+Facts are chosen **before** any outcome is seen: all of the file, its first `limit` probes, or a fixed
+seeded sample of `sample` probes (`probes.sample`). The swap pool of the corruption is always the whole
+file, so choosing fewer facts never changes a fact's corruption.
+
+A `FactSet`'s `identity` is a hash of its facts' ids, tokens, answers, corruptions and contrast tokens;
+every circuit file stores it (`probe_set_hash`), so a command reuses circuits of the same facts and
+refuses circuits of others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes import FactPrompt, Probe, Template, build_fact_prompts, load_probes, sample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def facts_hash(facts: Sequence[FactPrompt]) -> str:
+    """A content hash of attribution inputs (ids, tokens, answers, corruptions, contrast tokens)."""
+    blob = json.dumps([dataclasses.asdict(f) for f in facts], sort_keys=True)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FactSet:
+    """Facts ready for attribution, with the probes they come from (entities, questions) and their source."""
+
+    facts: tuple[FactPrompt, ...]
+    probes: tuple[Probe, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        if not self.facts:
+            raise CircuitdynError(f"{self.source}: no facts chosen")
+        if [f.fact_id for f in self.facts] != [p.id for p in self.probes]:
+            raise CircuitdynError("FactSet: facts and probes must be given in the same order")
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def __iter__(self):
+        return iter(self.facts)
+
+    def __getitem__(self, i: int) -> FactPrompt:
+        return self.facts[i]
+
+    @cached_property
+    def identity(self) -> str:
+        """`facts_hash` of the facts: what circuit files record as `probe_set_hash`."""
+        return facts_hash(self.facts)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f.fact_id for f in self.facts]
+
+    @cached_property
+    def entity_of(self) -> dict[str, str]:
+        """fact id -> entity (the unit a bootstrap resamples: facts of one entity are not independent)."""
+        return {p.id: p.entity for p in self.probes}
+
+    @cached_property
+    def labels(self) -> dict[str, str]:
+        """fact id -> "entity: question", for viewers and tables."""
+        return {p.id: f"{p.entity}: {p.question}" for p in self.probes}
+
+    def by_id(self, fact_ids: Sequence[str]) -> list[FactPrompt]:
+        """The facts of these ids, in that order; an unknown id is an error naming it."""
+        index = {f.fact_id: f for f in self.facts}
+        missing = [f for f in fact_ids if f not in index]
+        if missing:
+            raise CircuitdynError(f"{self.source}: no fact with id(s) {missing[:3]} (the facts do not match the circuits)")
+        return [index[f] for f in fact_ids]
+
+
+def load_facts(
+    probes: str | Path | Sequence[Probe] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    limit: int | None = None,
+    sample_n: int | None = None,
+    seed: int = 0,
+    rephrased: bool = False,
+    template: Template = "auto",
+) -> FactSet:
+    """The facts of a probe set: a probe file (seed JSON or JSONL), probes in memory, or None for the
+    packaged validation probes.
+
+    `limit` keeps the first N probes, `sample_n` a fixed seeded sample of N (file order kept); both are
+    chosen before any outcome is seen. `rephrased` adds the seed's rephrased questions (off: they restate
+    the original facts). The corruption's swap pool is the whole probe set.
+    """
+    if limit is not None and limit < 1:
+        raise CircuitdynError(f"limit must be >= 1, got {limit}")
+    if sample_n is not None and sample_n < 1:
+        raise CircuitdynError(f"sample must be >= 1, got {sample_n}")
+    if probes is None or isinstance(probes, (str, Path)):
+        source = str(probes) if probes is not None else "packaged validation probes"
+        pool = load_probes(probes, rephrased=rephrased)
+    else:
+        source, pool = "probes", list(probes)
+        if not pool:
+            raise CircuitdynError("no probes given")
+    chosen = pool[:limit] if limit else pool
+    chosen = sample(chosen, sample_n, seed) if sample_n else chosen
+    facts = build_fact_prompts(chosen, tokenizer, template=template, pool=pool)
+    return FactSet(tuple(facts), tuple(chosen), source)

@@ -1,0 +1,408 @@
+"""The functional forward pass the attribution engine differentiates and patches, and the metrics it scores.
+
+Instead of TransformerLens' split-input hooks (a [batch, pos, head, d_model] copy of the residual per
+q/k/v input and per head output), circuitdyn runs its own forward over a `HookedTransformer`'s weights
+(`run_capture`), keeping only what attribution and patching need. The node naming follows
+`circuitdyn.graph`: `input`, `a{L}.h{H}`, `m{L}`, `logits`.
+
+Facts in a batch do not interact, so per-fact results come from one batched pass. Prompts are
+right-padded: with causal attention, real tokens never see pads. Every tensor is created on the
+model's device (`model.cfg.device`), so the same code runs on CPU, CUDA and MPS.
+
+A metric is a callable (as in EAP-IG): `metric(logits, batch) -> [batch]`, where `logits` are the
+model's logits at each fact's scored positions ([batch, answer, vocab], teacher-forced). The named
+metrics are built from it: `answer-logprob` (sum of the answer tokens' log-probabilities, the default),
+`answer-prob` (its exp) and `logit-diff` (first answer token minus the fact's contrast token, the
+answer of the corrupted prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes import FactPrompt
+
+NOISE_SCALE = 3.0
+"""Noise corruption: Gaussian noise with std = NOISE_SCALE x std(W_E) added to the input embeddings."""
+
+MetricName = Literal["answer-logprob", "answer-prob", "logit-diff"]
+
+
+# --- model support -------------------------------------------------------------------------------
+def check_supported(model: Any) -> None:
+    """Raise CircuitdynError for architecture features the functional forward does not implement."""
+    cfg = model.cfg
+    problems = []
+    if cfg.positional_embedding_type not in ("standard", "rotary"):
+        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
+    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre", None):
+        problems.append(f"normalization_type={cfg.normalization_type!r}")
+    for flag in ("parallel_attn_mlp", "use_local_attn", "use_qk_norm", "use_normalization_before_and_after",
+                 "post_embedding_ln", "use_attention_sinks", "use_logn_attn", "use_dynamic_ntk_rope",
+                 "load_in_4bit"):
+        if getattr(cfg, flag, False):
+            problems.append(f"{flag}=True")
+    for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
+        if (getattr(cfg, cap, -1.0) or -1.0) > 0:
+            problems.append(f"{cap}={getattr(cfg, cap)}")
+    if getattr(cfg, "num_experts", None):
+        problems.append(f"num_experts={cfg.num_experts}")
+    if getattr(cfg, "clip_qkv", None) is not None:
+        problems.append(f"clip_qkv={cfg.clip_qkv}")
+    if cfg.attention_dir != "causal":
+        problems.append(f"attention_dir={cfg.attention_dir!r}")
+    if cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "BertForMaskedLM"):
+        problems.append(f"original_architecture={cfg.original_architecture!r}")
+    if getattr(cfg, "attn_types", None) and any(t != "global" for t in cfg.attn_types):
+        problems.append("local attention layers (attn_types)")
+    if cfg.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        problems.append(f"dtype={cfg.dtype} (use float32, bfloat16 or float16)")
+    if problems:
+        raise CircuitdynError(
+            f"model {cfg.model_name!r} uses features the attribution engine does not support: {', '.join(problems)}"
+        )
+
+
+@dataclass
+class LayerWeights:
+    """Per-block weights (detached from autograd) in the shapes the functional forward uses."""
+
+    W_qkv: Tensor  # [d_model, (H + 2 Hkv) d_head]
+    b_qkv: Tensor  # [(H + 2 Hkv) d_head]
+    W3: Tensor  # [H, 3, d_head, d_model]: W_Q, and W_K / W_V expanded to query heads (transposed)
+    b3: Tensor  # [H, 3, d_head]
+    W_O: Tensor  # [H, d_head, d_model]
+    b_O: Tensor  # [d_model]
+    ln_kind: str  # "LN" | "RMS" | "none"
+    ln_w: Tensor | None
+    ln_b: Tensor | None
+    ln_eps: float
+    Wf: Tensor  # W3 with ln1's weight folded in (and centred over d_model for LN): maps d q/k/v to d x_hat
+    offset3: Tensor  # [H, 3, d_head]: b3 + ln1's bias projected, so (q/k/v - offset3) = Wf x_hat
+    mlp_t: tuple[Tensor, ...] | None  # gated MLP (W_gate^T, W_in^T, W_out^T) contiguous, else None
+
+
+def _ln_kind(module: Any) -> str:
+    name = type(module).__name__
+    if name in ("LayerNorm", "LayerNormPre"):
+        return "LN"
+    if name in ("RMSNorm", "RMSNormPre"):
+        return "RMS"
+    return "none"
+
+
+def layer_weights(model: Any) -> list[LayerWeights]:
+    cfg = model.cfg
+    H, D = cfg.n_heads, cfg.d_model
+    out = []
+    for block in model.blocks:
+        attn = block.attn
+        if hasattr(attn, "_W_K"):
+            W_K, W_V, b_K, b_V = attn._W_K, attn._W_V, attn._b_K, attn._b_V
+        else:
+            W_K, W_V, b_K, b_V = attn.W_K, attn.W_V, attn.b_K, attn.b_V
+        rep = H // W_K.shape[0]
+        W_qkv = torch.cat([w.permute(1, 0, 2).reshape(D, -1) for w in (attn.W_Q, W_K, W_V)], dim=1)
+        b_qkv = torch.cat([attn.b_Q.reshape(-1), b_K.reshape(-1), b_V.reshape(-1)])
+        W3 = torch.stack([attn.W_Q, W_K.repeat_interleave(rep, 0), W_V.repeat_interleave(rep, 0)], dim=1)
+        W3 = W3.permute(0, 1, 3, 2).contiguous()  # [H, 3, d_head, d_model]
+        b3 = torch.stack([attn.b_Q, b_K.repeat_interleave(rep, 0), b_V.repeat_interleave(rep, 0)], dim=1)
+        ln = block.ln1
+        kind, w, b = _ln_kind(ln), getattr(ln, "w", None), getattr(ln, "b", None)
+        w = None if w is None else w.detach()
+        b = None if b is None else b.detach()
+        W3, b3 = W3.detach(), b3.detach()
+        Wf = W3 if w is None else W3 * w
+        if kind == "LN":
+            Wf = Wf - Wf.mean(-1, keepdim=True)
+        offset3 = b3 if b is None else b3 + W3 @ b
+        mlp = getattr(block, "mlp", None)
+        mlp_t = None
+        if type(mlp).__name__ == "GatedMLP" and not cfg.is_layer_norm_activation():
+            mlp_t = tuple(t.detach().T.contiguous() for t in (mlp.W_gate, mlp.W_in, mlp.W_out))
+        out.append(LayerWeights(W_qkv.detach(), b_qkv.detach(), W3, b3, attn.W_O.detach(), attn.b_O.detach(), kind,
+                          w, b, float(getattr(ln, "eps", cfg.eps)), Wf.contiguous(), offset3, mlp_t))
+    return out
+
+
+def ln1(layer: LayerWeights, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ln1 as TransformerLens computes it; returns (output, x_hat, scale) for the vector-Jacobian product."""
+    if layer.ln_kind == "none":
+        return x, x, torch.ones_like(x[..., :1])
+    if layer.ln_kind == "LN":
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + layer.ln_eps).sqrt()
+    xhat = x / scale
+    out = xhat if layer.ln_w is None else xhat * layer.ln_w
+    if layer.ln_b is not None:
+        out = out + layer.ln_b
+    return out, xhat, scale
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+@dataclass
+class FactBatch:
+    """Facts as padded tensors: inputs `clean + answer[:-1]` (the last answer token is never read)."""
+
+    facts: list[FactPrompt]
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"]
+    valid: Bool[Tensor, "batch pos"]
+    target_pos: Int[Tensor, "batch answer"]  # position whose prediction is scored (0 where padded)
+    target_tok: Int[Tensor, "batch answer"]
+    target_mask: Bool[Tensor, "batch answer"]
+    contrast: Int[Tensor, "batch"]
+    noise: Float[Tensor, "batch pos d_model"] | None
+
+    def to(self, device: torch.device | str) -> FactBatch:
+        """The batch with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device)
+        return FactBatch(**moved)
+
+    def repeat(self, n: int) -> FactBatch:
+        """The batch repeated n times along the fact axis (block-major)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.repeat(n, *([1] * (value.ndim - 1)))
+        moved["facts"] = self.facts * n
+        return FactBatch(**moved)
+
+
+def fact_seed(seed: int, fact_id: str) -> int:
+    """A per-fact RNG seed, so a fact's noise does not depend on which batch it is in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{fact_id}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_scale: float = NOISE_SCALE,
+               metric: str | Metric = "answer-logprob") -> FactBatch:
+    """Validate and pad facts into a `FactBatch` on the model's device (noise drawn per fact from `fact_seed`,
+    on the CPU, so a fact's corruption does not depend on the device)."""
+    if not facts:
+        raise CircuitdynError("no facts given to attribute")
+    cfg = model.cfg
+    seqs, corrs = [], []
+    for f in facts:
+        where = f"fact {f.fact_id!r}"
+        if not f.clean_tokens or not f.answer_tokens:
+            raise CircuitdynError(f"{where}: clean_tokens and answer_tokens must be non-empty")
+        if len(f.corrupted_tokens) != len(f.clean_tokens):
+            raise CircuitdynError(
+                f"{where}: corrupted prompt has {len(f.corrupted_tokens)} tokens, clean has {len(f.clean_tokens)}; "
+                "they must align position by position"
+            )
+        bad = [p for p in f.noise_positions if not 0 <= p < len(f.clean_tokens)]
+        if bad:
+            raise CircuitdynError(f"{where}: noise_positions {bad} outside the prompt (length {len(f.clean_tokens)})")
+        if get_metric(metric) is logit_diff and f.contrast_token is None:
+            raise CircuitdynError(f"{where}: metric 'logit-diff' needs a contrast_token (the corrupted prompt's answer)")
+        toks = [*f.clean_tokens, *f.corrupted_tokens, *f.answer_tokens]
+        if f.contrast_token is not None:
+            toks.append(f.contrast_token)
+        if max(toks) >= cfg.d_vocab or min(toks) < 0:
+            raise CircuitdynError(f"{where}: token id {max(toks)} outside the model's vocabulary ({cfg.d_vocab})")
+        seqs.append([*f.clean_tokens, *f.answer_tokens[:-1]])
+        corrs.append([*f.corrupted_tokens, *f.answer_tokens[:-1]])
+    B, P, T = len(facts), max(map(len, seqs)), max(len(f.answer_tokens) for f in facts)
+    if P > cfg.n_ctx:
+        raise CircuitdynError(f"a fact needs {P} positions, more than the model's context {cfg.n_ctx}")
+    clean = torch.zeros(B, P, dtype=torch.long)
+    corrupted = torch.zeros(B, P, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    target_pos = torch.zeros(B, T, dtype=torch.long)
+    target_tok = torch.zeros(B, T, dtype=torch.long)
+    target_mask = torch.zeros(B, T, dtype=torch.bool)
+    contrast = torch.zeros(B, dtype=torch.long)
+    noise = None
+    for b, f in enumerate(facts):
+        n = len(seqs[b])
+        clean[b, :n] = torch.tensor(seqs[b])
+        corrupted[b, :n] = torch.tensor(corrs[b])
+        valid[b, :n] = True
+        a = len(f.answer_tokens)
+        target_pos[b, :a] = torch.arange(len(f.clean_tokens) - 1, len(f.clean_tokens) - 1 + a)
+        target_tok[b, :a] = torch.tensor(f.answer_tokens)
+        target_mask[b, :a] = True
+        contrast[b] = f.contrast_token if f.contrast_token is not None else 0
+        if f.noise_positions:
+            if noise is None:
+                noise = torch.zeros(B, P, cfg.d_model)
+                std = noise_scale * float(model.W_E.detach().float().std())
+            gen = torch.Generator().manual_seed(fact_seed(seed, f.fact_id))
+            pos = torch.tensor(sorted(set(f.noise_positions)))
+            noise[b, pos] = torch.randn(len(pos), cfg.d_model, generator=gen) * std
+    return FactBatch(list(facts), clean, corrupted, valid, target_pos, target_tok, target_mask, contrast,
+                     noise).to(model.W_E.device)
+
+
+def embed_inputs(model: Any, batch: FactBatch) -> tuple[Tensor, Tensor]:
+    """The `input` node's output for the clean and the corrupted run (token + positional embeddings, + noise)."""
+    with torch.no_grad():
+        out = []
+        for toks in (batch.clean, batch.corrupted):
+            x = model.embed(toks)
+            if model.cfg.positional_embedding_type == "standard":
+                x = x + model.pos_embed(toks)
+            out.append(x)
+        if batch.noise is not None:
+            out[1] = out[1] + batch.noise.to(out[1].dtype)
+    return out[0], out[1]
+
+
+def answer_logprob(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, "batch"]:
+    """Sum over the answer tokens of their log-probability (teacher-forced): the default metric."""
+    logp = logits.float().log_softmax(-1).gather(-1, batch.target_tok[..., None])[..., 0]
+    return (logp * batch.target_mask).sum(-1)
+
+
+def answer_prob(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, "batch"]:
+    """Probability of the whole answer (exp of `answer_logprob`)."""
+    return answer_logprob(logits, batch).exp()
+
+
+def logit_diff(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, "batch"]:
+    """Logit of the first answer token minus that of the contrast token (the corrupted prompt's answer),
+    at the last prompt position: the paper's metric."""
+    first = logits[:, 0].float()
+    ar = torch.arange(first.shape[0], device=first.device)
+    return first[ar, batch.target_tok[:, 0]] - first[ar, batch.contrast]
+
+
+Metric = Callable[[Float[Tensor, "batch answer vocab"], FactBatch], Float[Tensor, "batch"]]
+"""`metric(logits at the scored positions, batch) -> one value per fact`."""
+
+METRICS: dict[str, Metric] = {"answer-logprob": answer_logprob, "answer-prob": answer_prob, "logit-diff": logit_diff}
+"""The named metrics (`--metric`)."""
+_ALIASES = {"logprob": "answer-logprob", "prob": "answer-prob"}
+
+
+def metric_name(metric: str | Metric) -> str:
+    """The canonical name of a metric (recorded in circuit files); a callable is named by its `__name__`."""
+    if callable(metric):
+        return next((k for k, v in METRICS.items() if v is metric), getattr(metric, "__name__", "custom"))
+    name = _ALIASES.get(metric, metric)
+    if name not in METRICS:
+        raise CircuitdynError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return name
+
+
+def get_metric(metric: str | Metric) -> Metric:
+    """The callable of a metric name (a callable is returned as it is)."""
+    return metric if callable(metric) else METRICS[metric_name(metric)]
+
+
+def metric_at_answers(model: Any, resid: Tensor, batch: FactBatch, metric: str | Metric) -> Float[Tensor, "batch"]:
+    """Per-fact metric from the final residual, unembedding only the scored positions."""
+    b_idx = torch.arange(resid.shape[0], device=resid.device)[:, None]
+    rows = resid[b_idx, batch.target_pos]  # [B, T, D]
+    logits = model.unembed(model.ln_final(rows) if hasattr(model, "ln_final") else rows)
+    return get_metric(metric)(logits, batch)
+
+
+# --- the functional forward -----------------------------------------------------------------------
+def _rotary(attn: Any, x: Tensor) -> Tensor:
+    """TransformerLens' rotary embedding (same tables, bit-identical result), cheaper to differentiate:
+    the half-rotation [-x2, x1] is a roll of x with the sign folded into the sine table."""
+    cfg, P = attn.cfg, x.shape[1]
+    if cfg.rotary_adjacent_pairs or P > attn.rotary_cos.shape[0]:
+        return attn.apply_rotary(x)
+    rd = cfg.rotary_dim
+    half = rd // 2
+    sign = torch.cat([-torch.ones(half, dtype=x.dtype, device=x.device),
+                      torch.ones(rd - half, dtype=x.dtype, device=x.device)])
+    cos = attn.rotary_cos[None, :P, None, :]
+    sin = (attn.rotary_sin[:P] * sign)[None, :, None, :]
+    if rd == x.shape[-1]:
+        return x * cos + x.roll(half, dims=-1) * sin
+    x_rot = x[..., :rd]
+    return torch.cat([x_rot * cos + x_rot.roll(half, dims=-1) * sin, x[..., rd:]], dim=-1)
+
+
+def attend(model: Any, block: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention on [B, P, H, d_head] q/k/v (k/v already per query head); returns z [B, P, H, d_head]."""
+    if model.cfg.positional_embedding_type == "rotary":
+        q = _rotary(block.attn, q)
+        k = _rotary(block.attn, k)
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / block.attn.attn_scale
+    )
+    return z.transpose(1, 2)
+
+
+def mlp(block: Any, layer: LayerWeights, x: Tensor) -> Tensor:
+    """block.mlp(block.ln2(x)), with a gated MLP's transposed weights prepared once (TL copies them per call)."""
+    n = block.ln2(x)
+    if layer.mlp_t is None:
+        return block.mlp(n)
+    mlp = block.mlp
+    W_gate_t, W_in_t, W_out_t = layer.mlp_t
+    post = mlp.act_fn(F.linear(n, W_gate_t)) * F.linear(n, W_in_t) + mlp.b_in
+    return F.linear(post, W_out_t, mlp.b_out)
+
+
+def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Project a normalized residual to q [B,P,H,dh] and k, v expanded to the query heads."""
+    B, P, _ = n.shape
+    H, dh = cfg.n_heads, cfg.d_head
+    Hkv = (layer.W_qkv.shape[1] // dh - H) // 2
+    qkv = n @ layer.W_qkv + layer.b_qkv
+    q, k, v = qkv.split([H * dh, Hkv * dh, Hkv * dh], dim=-1)
+    rep = H // Hkv
+    k = k.reshape(B, P, Hkv, dh).repeat_interleave(rep, 2)
+    v = v.reshape(B, P, Hkv, dh).repeat_interleave(rep, 2)
+    return q.reshape(B, P, H, dh), k, v
+
+
+def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, layers: list[LayerWeights] | None = None
+                ) -> tuple[Tensor, dict[str, list[Tensor]]]:
+    """Forward from the `input` node, keeping what attribution needs; no grad taken here.
+
+    Returns the per-fact metric and, per layer, z [B,P,H,dh] and the MLP output [B,P,D], plus (when grad is
+    enabled) the tensors to differentiate: q/k/v (pre-rotary), ln1 state, MLP inputs, final residual.
+    """
+    cfg = model.cfg
+    layers = layers or layer_weights(model)
+    store: dict[str, list[Tensor]] = {k: [] for k in ("q", "k", "v", "xhat", "scale", "z", "mlp_in", "mlp_out")}
+    x = x0
+    for block, layer in zip(model.blocks, layers):
+        n, xhat, scale = ln1(layer, x)
+        q, k, v = _qkv(layer, cfg, n)
+        z = attend(model, block, q, k, v)
+        for key, val in (("q", q), ("k", k), ("v", v), ("xhat", xhat), ("scale", scale), ("z", z)):
+            store[key].append(val)
+        x = x + z.flatten(2) @ layer.W_O.flatten(0, 1) + layer.b_O
+        if not cfg.attn_only:
+            mlp_in = x.clone()
+            m = mlp(block, layer, mlp_in)
+            store["mlp_in"].append(mlp_in)
+            store["mlp_out"].append(m)
+            x = x + m
+    store["final"] = [x]
+    return metric_at_answers(model, x, batch, metric), store
+
+
+def source_outputs(model: Any, x0: Tensor, store: dict[str, list[Tensor]], layers: list[LayerWeights]
+             ) -> Float[Tensor, "batch src pos d_model"]:
+    """Every source node's output, in `Graph.sources` order."""
+    B, P, D = x0.shape
+    parts = [x0[:, None]]
+    for i, layer in enumerate(layers):
+        heads = torch.einsum("bphe,hed->bhpd", store["z"][i], layer.W_O)
+        parts.append(heads)
+        if store["mlp_out"]:
+            parts.append(store["mlp_out"][i][:, None])
+    return torch.cat(parts, dim=1)
+
+

@@ -1,0 +1,198 @@
+"""Selection rules: how per-fact edge scores become circuits (per-fact edge masks).
+
+Rules (`Selection.parse`): `top:N` (the N edges with the largest |score|), `paths:N` (top edges on
+input->logits paths), `abs:T` (|score| >= T) and `faith:F`: the smallest circuit reaching faithfulness F
+(`smallest_faithful`), which compares circuits of different epochs at equal faithfulness rather than at
+equal size. `faith:` needs a faithfulness callable bound to a model (`circuitdyn.faithfulness`);
+the rest work on scores alone.
+
+This module knows nothing of models: a faithfulness callable maps masks [fact, edge] to one faithfulness
+per fact, as the metric callable does in EAP-IG.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.graph import Graph
+
+Faithfulness = Callable[[Bool[Tensor, "fact edge"]], Float[Tensor, "fact"]]
+"""Given per-fact edge masks, the faithfulness of each fact's circuit on one model (NaN where undefined)."""
+
+Rule = Literal["top", "paths", "abs", "faith"]
+
+
+def select_top_n(scores: Float[Tensor, "*fact edge"], n: int) -> Bool[Tensor, "*fact edge"]:
+    """Mask of the n edges with the largest |score| (per fact)."""
+    n = max(0, min(int(n), scores.shape[-1]))
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if n:
+        mask.scatter_(-1, scores.float().abs().topk(n, dim=-1).indices, True)
+    return mask
+
+
+def select_threshold(scores: Float[Tensor, "*fact edge"], t: float) -> Bool[Tensor, "*fact edge"]:
+    """Mask of the edges with |score| >= t."""
+    return scores.float().abs() >= t
+
+
+def select_top_n_paths(scores: Float[Tensor, "*fact edge"], graph: Graph, n: int) -> Bool[Tensor, "*fact edge"]:
+    """Top edges by |score| restricted to input->logits paths, about n of them (per fact).
+
+    Takes the smallest k such that the top-k edges, pruned of those not on a path from `input` to
+    `logits`, keep at least n edges (pruning is monotone in k, so k is found by bisection). The result
+    has >= n edges unless the whole graph has fewer; it can exceed n slightly when the k-th edge
+    completes several paths at once.
+    """
+    if scores.ndim == 2:
+        return torch.stack([select_top_n_paths(row, graph, n) for row in scores])
+    order = scores.float().abs().argsort(descending=True).numpy()
+    n_total = scores.shape[-1]
+
+    def pruned(k: int) -> np.ndarray:
+        mask = np.zeros(n_total, dtype=bool)
+        mask[order[:k]] = True
+        return graph.on_path_np(mask)
+
+    if n <= 0:
+        return torch.zeros(n_total, dtype=torch.bool)
+    lo, hi = min(n, n_total), n_total
+    if int(pruned(hi).sum()) >= n:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(pruned(mid).sum()) >= n:
+                hi = mid
+            else:
+                lo = mid + 1
+    return torch.from_numpy(pruned(hi))
+
+
+def top_n_by_fact(scores: Float[Tensor, "fact edge"], n: Int[Tensor, "fact"], graph: Graph | None = None,
+                  paths: bool = False) -> Bool[Tensor, "fact edge"]:
+    """Per-fact top-n masks for per-fact sizes n (`paths`: on input->logits paths, needs `graph`)."""
+    if paths:
+        if graph is None:
+            raise CircuitdynError("paths selection needs the graph")
+        return torch.stack([select_top_n_paths(s, graph, int(k)) for s, k in zip(scores, n)])
+    order = scores.float().abs().argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1))
+    return rank < n.to(scores.device)[:, None]
+
+
+def smallest_faithful(
+    scores: Float[Tensor, "fact edge"],
+    faithfulness: Faithfulness,
+    target: float,
+    *,
+    graph: Graph | None = None,
+    paths: bool = False,
+    rel_tol: float = 0.05,
+) -> tuple[Int[Tensor, "fact"], Bool[Tensor, "fact edge"], Float[Tensor, "fact"]]:
+    """The smallest circuit reaching faithfulness `target`, per fact: its top-n edges by |score| for the
+    smallest n whose faithfulness is >= target.
+
+    Searched by bisection over n for all facts at once (one `faithfulness` call per round, ~log2(E) rounds):
+    `hi` is the smallest n seen to reach the target (the full graph reaches 1 by definition), `lo` the
+    largest seen to fall short, and the search stops when hi - lo <= rel_tol x hi. Faithfulness is not
+    exactly monotone in n, so the size found reaches the target, and no size below `lo` was tested.
+    A fact whose faithfulness is undefined (NaN: clean and corrupted runs agree) keeps the full graph,
+    with NaN reached. Returns (n [fact], masks [fact, edge], faithfulness reached [fact]).
+    """
+    if not 0 < target <= 1.5:
+        raise CircuitdynError(f"target faithfulness must be in (0, 1.5], got {target}")
+    n_fact, n_edges = scores.shape
+    hi = torch.full((n_fact,), n_edges, dtype=torch.long)
+    full = faithfulness(torch.ones(n_fact, n_edges, dtype=torch.bool, device=scores.device)).float().cpu()
+    undefined = full.isnan()
+    lo = torch.where(undefined, hi, torch.zeros_like(hi))
+    reached = torch.where(undefined, float("nan"), full)
+    while True:
+        open_ = (hi - lo) > torch.clamp((hi.float() * rel_tol).long(), min=1)
+        if not open_.any():
+            break
+        mid = torch.where(open_, (lo + hi) // 2, hi)
+        faith = faithfulness(top_n_by_fact(scores, mid, graph, paths)).float().cpu()
+        ok = faith >= target
+        hi = torch.where(open_ & ok, mid, hi)
+        reached = torch.where(open_ & ok, faith, reached)
+        lo = torch.where(open_ & ~ok, mid, lo)
+    return hi, top_n_by_fact(scores, hi, graph, paths), reached
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A rule that turns scores into circuits (per-fact edge masks). Parse one with `Selection.parse`."""
+
+    rule: Rule
+    value: float
+
+    RULES = {"top": "top-n edges", "paths": "top-n edges on input->logits paths",
+             "abs": "|score| threshold", "faith": "smallest circuit reaching a faithfulness"}
+
+    def __post_init__(self) -> None:
+        if self.rule not in self.RULES:
+            raise CircuitdynError(f"selection rule {self.rule!r} is unknown; use one of {sorted(self.RULES)}")
+        if self.rule in ("top", "paths") and (self.value < 1 or self.value != int(self.value)):
+            raise CircuitdynError(f"selection {self.rule}:{self.value} needs a whole number of edges >= 1")
+        if self.rule == "abs" and self.value < 0:
+            raise CircuitdynError(f"selection abs:{self.value} needs a threshold >= 0")
+        if self.rule == "faith" and not 0 < self.value <= 1.5:
+            raise CircuitdynError(f"selection faith:{self.value} needs a target faithfulness in (0, 1.5]")
+
+    @classmethod
+    def parse(cls, spec: str | Selection) -> Selection:
+        """`top:200`, `paths:200`, `abs:0.01`, `faith:0.8` (or `faith:80%`); a bare number means `top:N`."""
+        if isinstance(spec, Selection):
+            return spec
+        text = str(spec).strip()
+        m = re.fullmatch(r"(?:(top|paths|abs|faith):)?\s*([0-9.eE+-]+)(%?)", text)
+        if not m:
+            raise CircuitdynError(f"selection {text!r} is not RULE:VALUE with RULE in {sorted(cls.RULES)}")
+        rule = m[1] or "top"
+        try:
+            value = float(m[2]) / (100 if m[3] else 1)
+        except ValueError:
+            raise CircuitdynError(f"selection {text!r}: {m[2]!r} is not a number") from None
+        return cls(rule, value)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.rule}:{int(self.value) if self.rule in ('top', 'paths') else self.value:g}"
+
+    @property
+    def needs_model(self) -> bool:
+        """True for rules that evaluate circuits on a model (`faith:`)."""
+        return self.rule == "faith"
+
+    def select(self, scores: Float[Tensor, "fact edge"], graph: Graph, faithfulness: Faithfulness | None = None
+               ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, "fact"] | None]:
+        """The circuits of every fact under this rule, and (for `faith:`) the faithfulness each reached."""
+        scores = scores.float()
+        if self.rule == "top":
+            return select_top_n(scores, int(self.value)), None
+        if self.rule == "paths":
+            return select_top_n_paths(scores, graph, int(self.value)), None
+        if self.rule == "abs":
+            return select_threshold(scores, self.value), None
+        if faithfulness is None:
+            raise CircuitdynError(f"selection {self} needs a model to evaluate faithfulness; none was given")
+        _, masks, reached = smallest_faithful(scores, faithfulness, self.value, graph=graph)
+        return masks, reached
+
+    def mean_circuit(self, mean_scores: Float[Tensor, "edge"], graph: Graph, n_mean: int) -> Bool[Tensor, "edge"]:
+        """The circuit of the facts' mean scores: by the rule's threshold for `abs:`, else the top `n_mean`
+        edges (on paths for `paths:`), n_mean being the mean per-fact circuit size."""
+        if self.rule == "abs":
+            return select_threshold(mean_scores.float(), self.value)
+        if self.rule == "paths":
+            return select_top_n_paths(mean_scores.float(), graph, n_mean)
+        return select_top_n(mean_scores.float(), n_mean)
