@@ -65,14 +65,13 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The torch device meant by `device` (`auto`: cuda if available, else mps, else cpu); an unknown or
-    unavailable device is a CircuitdynError naming it."""
+    """The torch device meant by `device` (`auto`: cuda if available, else mps, else cpu), with its index
+    (`cuda` is the current CUDA device, `cuda:0` say, as tensors report it); an unknown or unavailable device
+    is a CircuitdynError naming it."""
     name = "auto" if device is None else str(device)
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps is not None and mps.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -83,6 +82,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise CircuitdynError(f"device {name!r} is not available here")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise CircuitdynError(f"device {name!r} is not supported (use auto, cpu, cuda, cuda:N or mps)")
+    if dev.index is None and dev.type != "cpu":
+        dev = torch.device(dev.type, torch.cuda.current_device() if dev.type == "cuda" else 0)
     return dev
 
 
@@ -380,17 +381,18 @@ class Run:
             raise CircuitdynError(f"{path}: cannot load the tokenizer ({err})") from None
 
     def hf_model(self, epoch: int) -> PreTrainedModel:
-        """The epoch as a transformers model (float32, CPU): for generation and training."""
+        """The epoch as a transformers model on `self.device` in `self.dtype`: for generation and training."""
         from transformers import AutoModelForCausalLM
 
         ck = self.checkpoint(epoch)
         check_weight_headers(ck.weight_files)
         try:
-            return AutoModelForCausalLM.from_pretrained(
-                ck.path, dtype=torch.float32, local_files_only=True, use_safetensors=not ck.allow_pickle
+            model = AutoModelForCausalLM.from_pretrained(
+                ck.path, dtype=self.dtype, local_files_only=True, use_safetensors=not ck.allow_pickle
             )
         except Exception as err:
             raise CircuitdynError(f"{ck.path}: cannot load the model ({err})") from None
+        return model.to(self.device)
 
     def load_model(self, epoch: int) -> HookedTransformer:
         """The epoch as a HookedTransformer on `self.device` in `self.dtype` (no LN folding or centering).

@@ -25,6 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from safetensors import safe_open
@@ -38,6 +39,8 @@ from circuitdyn.io import atomic_path
 from circuitdyn.selection import select_threshold, select_top_n, select_top_n_paths
 
 FORMAT = "circuitdyn-circuits/1"
+PER_FACT_META = ("corruption", "faithfulness", "m_clean", "m_corrupted")
+"""Metadata lists with one value per fact (kept aligned by `CircuitSet.subset`)."""
 SETTINGS = ("architecture", "method", "ig_steps", "metric", "seed", "noise_scale", "probe_set_hash")
 """What "the same settings" means: circuit sets (or files) that agree on these fields were extracted the
 same way from the same facts, so they can be compared across checkpoints or reused instead of recomputed.
@@ -134,8 +137,9 @@ class CircuitSet:
         """The same circuits for a subset of facts (in the given order)."""
         rows = [self.index(f) for f in fact_ids]
         meta = dict(self.meta)
-        if isinstance(meta.get("corruption"), list):
-            meta["corruption"] = [self.meta["corruption"][i] for i in rows]
+        for key in PER_FACT_META:
+            if isinstance(meta.get(key), list) and len(meta[key]) == len(self.fact_ids):
+                meta[key] = [self.meta[key][i] for i in rows]
         totals = None if self._node_totals is None else {k: v[rows] for k, v in self._node_totals.items()}
         return CircuitSet(self.scores[rows], self.edges, list(fact_ids), meta, totals)
 
@@ -152,6 +156,14 @@ class CircuitSet:
         ids = src if direction == "out" else dst
         out = torch.zeros(len(self.fact_ids), len(self.graph.nodes))
         return out.index_add_(1, ids, self.scores.float())
+
+    @property
+    def gaps(self) -> np.ndarray:
+        """Per fact, m(clean) - m(corrupted) on the checkpoint the circuits come from (NaN when not recorded)."""
+        clean, corr = self.meta.get("m_clean"), self.meta.get("m_corrupted")
+        if not clean or not corr:
+            return np.full(len(self.fact_ids), np.nan)
+        return np.array([np.nan if a is None or b is None else a - b for a, b in zip(clean, corr)], dtype=float)
 
     # --- selection ---------------------------------------------------------------------------------
     def top_n(self, n: int, paths: bool = False) -> Bool[Tensor, "fact edge"]:

@@ -83,6 +83,7 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.6, help="mean ROUGE-1 recall at which an entity is learned")
     p.add_argument("--n-math", type=int, default=32, help="math control probes per evaluation (0 = none)")
     p.add_argument("--n-reasoning", type=int, default=16, help="SocialIQA control probes per evaluation (0 = none)")
+    _add_device_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_cpt)
 
@@ -99,7 +100,7 @@ def _run_cpt(args: argparse.Namespace) -> int:
         n_entities=args.n_entities, rephrased=args.rephrased, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, strategy=args.strategy, method=args.method,
         kl_weight=args.kl_weight, template=args.template, threshold=args.threshold,
-        n_math=args.n_math or None, n_reasoning=args.n_reasoning or None,
+        n_math=args.n_math or None, n_reasoning=args.n_reasoning or None, device=args.device, dtype=args.dtype,
     )
     result = run_cpt(cfg, args.out, progress=not args.no_progress)
     print(f"wall time {time.perf_counter() - t0:.1f}s; best epoch {result.dynamics.best_epoch()}; run folder {result.run_dir}")
@@ -157,7 +158,20 @@ def _run_dynamics(args: argparse.Namespace) -> int:
 
 
 def _selection_arg(args: argparse.Namespace) -> str:
-    return args.select if args.select else f"top:{args.top_n}"
+    """--select, else --top-n N as top:N, else the default (circuits sized to faithfulness 0.8)."""
+    from circuitdyn.diff import DEFAULT_SELECTION
+
+    if args.select:
+        return args.select
+    return f"top:{args.top_n}" if args.top_n else DEFAULT_SELECTION
+
+
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--select", help="how circuits are chosen from scores: faith:F (default faith:0.8: each fact's "
+                   "smallest top-|score| circuit carrying F of its metric gap on its own model; needs checkpoints and "
+                   "--probes), pruned:F (the same, then greedily pruned with patched evaluation: far smaller, slower), "
+                   "top:N, paths:N or abs:T")
+    p.add_argument("--top-n", type=int, help="shorthand for --select top:N")
 
 
 def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: str = "") -> None:
@@ -165,7 +179,9 @@ def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: st
     p.add_argument("--probes", required=required, help=f"probe file: seed JSON or circuitdyn JSONL{what}")
     p.add_argument("--limit", type=int, help="only the first N probes of the file")
     p.add_argument("--sample", type=int, metavar="N", help="a fixed seeded sample of N probes (chosen before any outcome)")
-    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (default 0)")
+    p.add_argument("--entities", help="comma-separated entity names: only their probes (the swap pool stays the file)")
+    p.add_argument("--per-entity", type=int, metavar="N", help="a fixed seeded sample of N probes of every entity")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample and --per-entity (default 0)")
     p.add_argument("--rephrased", action="store_true", help="also use the seed's rephrased questions")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
 
@@ -190,14 +206,21 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                    help="precision of the model (attribution scores are accumulated in float32)")
 
 
+def _names(text: str | None) -> list[str] | None:
+    """Comma-separated names as a list (None when not given)."""
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
 def _facts(args: argparse.Namespace, run):
     """The facts of --probes (None without it), through the one road `load_facts`."""
     if not args.probes:
         return None
     from circuitdyn.facts import load_facts
 
-    return load_facts(args.probes, run.tokenizer(), limit=args.limit, sample_n=args.sample, seed=args.sample_seed,
-                      rephrased=args.rephrased, template=args.template)
+    return load_facts(args.probes, run.tokenizer(), limit=args.limit, sample_n=args.sample,
+                      per_entity=args.per_entity, entities=_names(args.entities), seed=args.sample_seed,
+                      rephrased=args.rephrased,
+                      template=args.template)
 
 
 @command
@@ -266,10 +289,9 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     _add_attribution_args(p, method_default=None, steps_default=None)
     _add_device_args(p)
     p.add_argument("--circuits", help="folder of cached circuit files (default: RUN/circuits)")
-    p.add_argument("--top-n", type=int, default=200, help="compare the top-N edges of each circuit (default 200)")
-    p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N, abs:T or faith:F "
-                   "(smallest circuit reaching faithfulness F; needs checkpoints and --probes)")
-    p.add_argument("--noise-floor", type=float, help="count an edge as changed only if its score moved more")
+    _add_selection_args(p)
+    p.add_argument("--no-noise", action="store_true", help="do not measure method noise (re-attribution of both "
+                   "checkpoints with 2x IG steps and another corruption); changes are then not tested against it")
     p.add_argument("--fact", action="append", help="compare only this fact id (repeatable)")
     p.add_argument("--out", default="diff.html", help="HTML viewer to write (default diff.html)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -280,42 +302,42 @@ def _run_diff(args: argparse.Namespace) -> int:
     import json
 
     from circuitdyn.diff import diff_checkpoints
+    from circuitdyn.report import describe_diff
     from circuitdyn.viz import write_diff_html
 
     d = diff_checkpoints(
-        args.a, args.b, args.probes, limit=args.limit, sample_n=args.sample, rephrased=args.rephrased,
-        template=args.template, selection=_selection_arg(args), method=args.method, steps=args.steps,
-        metric=args.metric, seed=args.seed, circuits_dir=args.circuits, fact_ids=args.fact, noise=args.noise_floor,
-        device=args.device, dtype=args.dtype, progress=not args.json,
+        args.a, args.b, args.probes, limit=args.limit, sample_n=args.sample, per_entity=args.per_entity,
+        entities=_names(args.entities),
+        sample_seed=args.sample_seed,
+        rephrased=args.rephrased, template=args.template, selection=_selection_arg(args), method=args.method,
+        steps=args.steps, metric=args.metric, seed=args.seed, circuits_dir=args.circuits, fact_ids=args.fact,
+        method_noise=not args.no_noise, device=args.device, dtype=args.dtype, progress=not args.json,
     )
     out = write_diff_html(d, args.out, labels=d.labels)
-    noise_text = "none" if args.noise_floor is None else f"{args.noise_floor:g}"
     if args.json:
-        print(json.dumps({**d.to_dict(), "noise_floor": noise_text, "html": str(out)}, indent=1))
+        print(json.dumps({**d.to_dict(), "findings": describe_diff(d), "html": str(out)}, indent=1, default=str))
         return 0
-    print(f"circuit diff {args.a} -> {args.b}: {len(d.a.fact_ids)} facts, selection {d.selection}, "
-          f"noise floor {noise_text}")
-    print_diff(d, with_faithfulness=d.faith_a is not None)
+    print(f"circuit diff {args.a} -> {args.b}: {len(d.a.fact_ids)} facts, selection {d.selection}")
+    print_diff(d)
     print(f"\nviewer: {out}")
     return 0
 
 
-def print_diff(d, with_faithfulness: bool = False) -> None:
-    """The readable summary of a `CircuitDiff`: per-fact table, means, strongest paths of the mean circuit."""
+def print_diff(d) -> None:
+    """The readable summary of a `CircuitDiff`: per-fact table, the findings against method noise, and the
+    strongest paths of the mean circuit."""
     from circuitdyn.diff import MEAN
+    from circuitdyn.report import describe_diff
 
-    cols = {"n_a": "n_A", "n_b": "n_B", "added": "+", "removed": "-", "changed": "moved", "kept": "kept",
-            "sign_flips": "flips", "edge_jaccard": "J", "weighted_jaccard": "wJ", "spearman": "rho", "rbo": "RBO",
-            "deep_shift": "deep+"}
-    if with_faithfulness:
-        cols.update({"faith_a": "faith_A", "faith_b": "faith_B"})
-    table = d.facts[list(cols)].rename(columns=cols)
+    cols = {"n_a": "n_A", "n_b": "n_B", "faith_a": "faith_A", "faith_b": "faith_B", "gap_a": "gap_A",
+            "added": "+", "removed": "-", "changed": "moved", "sign_flips": "flips", "edge_jaccard": "J",
+            "noise_q": "noise_q95", "changed_beyond_noise": "beyond", "weighted_jaccard": "wJ", "spearman": "rho"}
+    table = d.facts[[c for c in cols if c in d.facts]].rename(columns=cols)
     table.index = [f if len(f) <= 40 else f[:37] + "..." for f in table.index]
-    print(table.to_string(float_format=lambda x: f"{x:.3f}"))
-    s = d.summary
-    print(f"\nmean over facts: edge Jaccard {s['edge_jaccard']:.3f}, weighted Jaccard {s['weighted_jaccard']:.3f}, "
-          f"Spearman {s['spearman']:.3f}, RBO {s['rbo']:.3f}; +{s['added']:.1f} / -{s['removed']:.1f} edges, "
-          f"{s['sign_flips']:.1f} sign flips; attention share {s['attn_shift']:+.3f}, deep-layer share {s['deep_shift']:+.3f}")
+    print(table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    print()
+    for line in describe_diff(d):
+        print(line)
     paths = d.paths(MEAN)
     if len(paths):
         print("\nstrongest input->logits paths of the mean circuit:")
@@ -330,9 +352,9 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
     _add_attribution_args(p, method_default=None, steps_default=None)
     _add_device_args(p)
     p.add_argument("--circuits", help="folder holding the circuit files (default: RUN/circuits)")
-    p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
-    p.add_argument("--select", help="selection rule instead of --top-n: top:N, paths:N, abs:T or faith:F "
-                   "(smallest circuit reaching faithfulness F on each epoch's model; needs --probes)")
+    _add_selection_args(p)
+    p.add_argument("--noise-epochs", default="ends", help="epochs re-attributed to measure method noise: ends "
+                   "(first and last, default), all, none, or comma-separated epochs (needs --probes)")
     p.add_argument("--transfer", action="store_true", help="also evaluate every epoch's circuit on every epoch's "
                    "model (faithfulness matrix; needs --probes; cached in the circuits folder)")
     p.add_argument("--out", help="HTML viewer to write (default RUN/timeline.html)")
@@ -355,59 +377,90 @@ def _run_timeline(args: argparse.Namespace) -> int:
     run = open_run(args.run, device=args.device, dtype=args.dtype)
     facts = _facts(args, run)
     folder = Path(args.circuits) if args.circuits else circuits_dir(run)
+    choice = ("seeded sample, chosen before outcomes" if args.sample or args.per_entity
+              else "the probe file's facts, in file order")
     tl = load_run_timeline(run, facts, selection=_selection_arg(args), circuits_dir=folder, method=args.method,
-                           steps=args.steps, metric=args.metric, seed=args.seed, progress=not args.json)
+                           steps=args.steps, metric=args.metric, seed=args.seed, noise_epochs=args.noise_epochs,
+                           fact_choice=choice, progress=not args.json)
     transfer = None
     if args.transfer:
         transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
                                    cache=folder / "transfer.json", progress=not args.json)
     labels = facts.labels if facts is not None else {}
     out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=labels, transfer=transfer)
-    summary = tl.summary()
     if args.json:
-        per_epoch = json.loads(tl.per_epoch.to_json(orient="records"))
-        extra = {} if transfer is None else {"transfer": json.loads(transfer.to_json(orient="records"))}
-        print(json.dumps({"summary": summary, "per_epoch": per_epoch, **extra, "html": str(out)}, indent=1, default=str))
+        print(json.dumps(timeline_json(tl, transfer, out), indent=1, default=str))
         return 0
+    summary = tl.summary()
     print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, selection {tl.selection}")
     print_timeline(tl)
     if transfer is not None:
-        print_transfer(transfer)
+        print_transfer(transfer, tl.entity_of)
     print(f"\nviewer: {out}")
     return 0
 
 
-def print_transfer(table) -> None:
-    """The transfer matrix, and how the first epoch's circuit fares on the last model against the last's own."""
-    from circuitdyn.transfer import transfer_pivot
+def timeline_json(tl, transfer, html) -> dict:
+    """`timeline --json`: summary (intervals, n, method noise, stability test), per-epoch and per-transition
+    tables, the findings as text, and the transfer table with its summary."""
+    import json
+
+    from circuitdyn.report import describe_timeline
+    from circuitdyn.transfer import transfer_summary
+
+    out = {
+        "summary": tl.summary(),
+        "selection": {"rule": tl.selection.rule, "value": tl.selection.value, "spec": str(tl.selection)},
+        "baseline": None if tl.noise is None else tl.noise.to_dict(),
+        "reconfiguration": json.loads(tl.reconfiguration.to_json(orient="records")),
+        "changes": json.loads(tl.changes.to_json(orient="records")),
+        "per_epoch": json.loads(tl.per_epoch.to_json(orient="records")),
+        "findings": describe_timeline(tl),
+        "html": str(html),
+    }
+    out["n_changed_beyond_noise"] = out["summary"]["n_changed_beyond_noise"]
+    out["ci"] = {"reconfiguration_rate": out["summary"]["reconfiguration_rate"],
+                 "excess_over_noise": out["summary"]["excess_over_noise"]}
+    if transfer is not None:
+        out["transfer"] = json.loads(transfer.to_json(orient="records"))
+        out["transfer_summary"] = transfer_summary(transfer, tl.entity_of)
+    return out
+
+
+def print_transfer(table, entity_of: dict[str, str] | None = None) -> None:
+    """The bounded transfer matrix, and how the first epoch's circuit fares on the last model."""
+    from circuitdyn.report import describe_transfer
+    from circuitdyn.transfer import transfer_pivot, transfer_summary
 
     pivot = transfer_pivot(table)
-    print("\nfaithfulness of epoch i's circuit (rows) on epoch j's model (columns), median over facts:")
-    print(pivot.to_string(float_format=lambda x: f"{x:.3f}"))
-    first, last = pivot.index[0], pivot.index[-1]
-    if first != last:
-        print(f"old pathway still there? epoch {first}'s circuit on epoch {last}'s model: {pivot.loc[first, last]:.3f}, "
-              f"epoch {last}'s own circuit: {pivot.loc[last, last]:.3f}")
+    print("\nshare of each fact's gap recovered by epoch i's circuit (rows) on epoch j's model (columns), "
+          "faithfulness clipped to [0, 1], median over included facts:")
+    print(pivot.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    for line in describe_transfer(transfer_summary(table, entity_of)):
+        print(line)
 
 
 def print_timeline(tl) -> None:
-    """The readable summary of a `Timeline`: per-epoch table, reconfiguration, and the stay-put answer."""
-    summary = tl.summary()
+    """The readable summary of a `Timeline`: per-epoch table, reconfiguration against noise, stay-put answer."""
+    import pandas as pd
+
+    from circuitdyn.report import describe_timeline
+
     cols = [c for c in ("epoch", "train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev",
-                        "jaccard_first", "changed_frac_prev") if c in tl.per_epoch]
+                        "jaccard_first") if c in tl.per_epoch]
     print(tl.per_epoch[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
-    print(f"\nreconfiguration rate {summary['reconfiguration_rate']:.3f} of a circuit per epoch; "
-          f"Jaccard of the last epoch to the first {summary['mean_jaccard_first_at_last']:.3f}")
-    st = summary.get("stability")
-    if st:
-        print(f"stay put while recalled? Jaccard to previous epoch: retained {st['mean_retained']:.3f} "
-              f"(n={st['n_retained']}), forgotten {st['mean_forgotten']:.3f} (n={st['n_forgotten']}), "
-              f"acquired {st['mean_acquired']:.3f} (n={st['n_acquired']}); gap {st['gap']:+.3f} "
-              f"(vs forgotten only {st['gap_forgotten']:+.3f}), AUC {st['auc']:.3f}")
-        if not st["n_retained"] or not (st["n_forgotten"] + st["n_acquired"]):
-            print("  (not answerable on this run: it needs facts that stayed recalled and facts whose recall flipped)")
-    else:
-        print("no per-probe outcomes in the run: circuits are not joined with recall")
+    rec = tl.reconfiguration
+    if len(rec):
+        print("\nper transition: share of the circuit replaced [95 % interval], method noise, facts beyond noise")
+        for _, r in rec.iterrows():
+            ci = "" if r["replaced_lo"] != r["replaced_lo"] else f" [{r['replaced_lo']:.3f}, {r['replaced_hi']:.3f}]"
+            noise = "-" if r["noise"] != r["noise"] else f"{r['noise']:.3f}"
+            beyond = "-" if pd.isna(r["n_changed_beyond_noise"]) else f"{r['n_changed_beyond_noise']}/{r['n_tested']}"
+            print(f"  epoch {r['epoch']}: {r['replaced']:.3f}{ci}  noise {noise}  beyond {beyond}  "
+                  f"(n={r['n']}, excluded {r['n_excluded']})")
+    print()
+    for line in describe_timeline(tl):
+        print(line)
 
 
 @command
@@ -432,12 +485,10 @@ def _run_view(args: argparse.Namespace) -> int:
     if args.probes:
         from circuitdyn.probes import load_probes
 
+        from circuitdyn.diff import check_facts_match
+
         labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(args.probes)}
-        missing = [f for f in cs.fact_ids if f not in labels]
-        if missing:
-            raise CircuitdynError(f"probe file {args.probes} does not match the circuits of {args.file}: "
-                                  f"{len(missing)} of its {len(cs.fact_ids)} fact ids are not probe ids of the file "
-                                  f"(e.g. {missing[:3]})")
+        check_facts_match(cs, labels, args.probes, args.file)
     facts = [MEAN, *args.fact] if args.fact else None
     out = write_circuit_html(cs, args.out or Path(args.file).with_suffix(".html"), facts=facts, labels=labels)
     print(f"{cs}\nviewer: {out}")
@@ -450,22 +501,28 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the whole pipeline on the embedded SmolLM2-135M-Instruct: CPT, probes and circuits every epoch, viewers",
         description="Continually pre-train the embedded default model on a few seed entities with probes every "
-        "epoch, extract every probe fact's circuit at every epoch, then print and write (HTML) the timeline and "
-        "the diff of the first and last epochs. A second run reuses all finished work.",
+        "epoch, extract a seeded sample of their probe facts' circuits at every epoch (sized to faithfulness "
+        "0.8), measure method noise at the first and last epoch, then print what the numbers support and write "
+        "(HTML) the timeline, the transfer matrix and the diff of the first and last epochs. A second run reuses "
+        "all finished work.",
     )
     p.add_argument("--out", default="circuitdyn-demo", help="output folder (default ./circuitdyn-demo)")
     p.add_argument("--entities", type=int, default=4, help="seed entities to train on (default 4)")
     p.add_argument("--epochs", type=int, default=5, help="CPT epochs (default 5)")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="LoRA learning rate (default 1e-3: the 135M default model needs it to learn and forget facts)")
-    p.add_argument("--facts-per-entity", type=int, default=2,
-                   help="probe facts per entity to attribute, those whose recall changed most first (default 2)")
+    p.add_argument("--facts-per-entity", type=int, default=3,
+                   help="probe facts per entity to attribute: a seeded sample, chosen before training (default 3)")
+    p.add_argument("--pick", default="sample", choices=["sample", "post-hoc"],
+                   help="sample (default): facts chosen before outcomes; post-hoc: those whose recall flipped most "
+                   "(exploratory, labelled so)")
     p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
     p.add_argument("--steps", type=int, default=3, help="EAP-IG steps (default 3; the paper used 30)")
-    p.add_argument("--top-n", type=int, default=200, help="circuit size compared across epochs (default 200)")
+    p.add_argument("--select", default="faith:0.8", help="how circuits are chosen (default faith:0.8)")
     p.add_argument("--no-transfer", action="store_true",
                    help="skip evaluating every epoch's circuit on every epoch's model (saves about 3 minutes)")
     p.add_argument("--base-model", help="start from this checkpoint instead of the embedded SmolLM2")
+    _add_device_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
@@ -475,16 +532,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     from circuitdyn.dynamics import format_table
 
     r = run_demo(args.out, n_entities=args.entities, epochs=args.epochs, lr=args.lr,
-                 facts_per_entity=args.facts_per_entity, method=args.method, steps=args.steps, top_n=args.top_n,
-                 transfer=not args.no_transfer, base_model=args.base_model, progress=not args.no_progress)
+                 facts_per_entity=args.facts_per_entity, pick=args.pick, method=args.method, steps=args.steps,
+                 selection=args.select, transfer=not args.no_transfer, base_model=args.base_model,
+                 device=args.device, dtype=args.dtype, progress=not args.no_progress)
     print("\n== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch")
     print(format_table(r.dynamics))
     print(f"\n== how the facts' circuits moved across epochs ({r.timeline.selection})")
     print_timeline(r.timeline)
     if r.transfer is not None:
-        print_transfer(r.transfer)
-    floor = "none" if r.noise_floor is None else f"per fact, median {r.noise_floor.median():.3g}"
-    print(f"\n== circuit diff {r.diff.label_a} -> {r.diff.label_b} (noise floor {floor})")
+        print_transfer(r.transfer, r.facts.entity_of)
+    print(f"\n== circuit diff {r.diff.label_a} -> {r.diff.label_b}")
     print_diff(r.diff)
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in r.stage_s.items())
     print(f"\nwall time {r.wall_s:.0f}s ({stages})")

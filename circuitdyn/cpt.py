@@ -19,6 +19,9 @@ The run folder follows `checkpoints_spec/`: `run.json` and `epoch_0/` (the untou
 table is `results.csv`. An epoch folder appears only when complete (built as `epoch_N.partial/`
 then renamed); the last epoch also keeps the trainer state (`trainer_state/`: trainable weights and
 AdamW moments, safetensors) so a killed run resumes from the last finished epoch with identical results.
+
+The model is trained and probed on `CPTConfig.device` in `CPTConfig.dtype` (the merged checkpoints are saved
+in that dtype). A run may resume on another device, not in another dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from circuitdyn.checkpoints import DTYPES, resolve_device, resolve_dtype
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import (
     INSTRUCTION,
@@ -107,6 +111,12 @@ class CPTConfig:
     n_math: int | None = 32
     n_reasoning: int | None = 16
     eval_batch_size: int = 64
+    device: str = "auto"
+    """Where the model is trained and probed: `auto` (cuda, else mps, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`.
+    Not part of `identity`: a run may resume on another device."""
+    dtype: str = "float32"
+    """Precision the model is trained and probed in (`float32`, `bfloat16`, `float16`); the merged
+    checkpoints are saved in it. Part of `identity`."""
 
     def validate(self) -> None:
         """Reject bad settings before anything is loaded or written."""
@@ -123,15 +133,19 @@ class CPTConfig:
             (self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1"),
             (self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1"),
+            (self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {', '.join(DTYPES)}"),
         ]
         for ok, name, value, why in checks:
             if not ok:
                 raise CircuitdynError(f"CPT setting '{name}' = {value!r} {why}")
+        resolve_device(self.device)
 
     def identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share (all but the number of epochs)."""
+        """The settings a resumed run must share (all but the number of epochs and the device: the same
+        run may continue on another machine, but not in another precision)."""
         d = asdict(self)
         d.pop("epochs")
+        d.pop("device")
         return d
 
 
@@ -245,11 +259,12 @@ def _tokenize_docs(docs: Sequence[Document], tok: PreTrainedTokenizerBase, max_l
 # --------------------------------------------------------------------------- models
 
 
-def _load_base(spec: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, Path]:
+def _load_base(spec: str | None, device: torch.device, dtype: torch.dtype
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, Path]:
     from circuitdyn.checkpoints import default_model_dir, resolve
 
     try:
-        run, epoch = resolve(str(spec) if spec else str(default_model_dir()))
+        run, epoch = resolve(str(spec) if spec else str(default_model_dir()), device=device, dtype=dtype)
         model = run.hf_model(epoch)
         tok = run.tokenizer()
         hf_dir = run.checkpoint(epoch).path
@@ -321,9 +336,10 @@ def _save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().contiguous() for n, p in _trainable(model).items()}, path / "trainable.safetensors")
+    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, path / "trainable.safetensors")
     sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()
+               if torch.is_tensor(v)}
     save_file(tensors, path / "optimizer.safetensors")
     (path / "state.json").write_text(json.dumps({**meta, "param_groups": sd["param_groups"]}, indent=2))
 
@@ -392,10 +408,11 @@ def greedy_with_answers(
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
         return out.last_hidden_state, (out.cache if key == "cache" else out.past_key_values)
 
+    dev = model.device
     n0 = _common_prefix(prompts)
     prefix_cache = None
     if n0:
-        _, prefix_cache = run(torch.tensor([list(prompts[0][:n0])]), None, None, None)
+        _, prefix_cache = run(torch.tensor([list(prompts[0][:n0])], device=dev), None, None, None)
     gens: list[list[int]] = []
     logprobs: list[float | None] = []
     order = range(0, len(prompts), batch_size)
@@ -405,40 +422,40 @@ def greedy_with_answers(
         b = len(suffixes)
         seqs = [x + a for x, a in zip(suffixes, ans)]
         width = max(map(len, seqs))
-        ids = torch.tensor([x + [pad_token_id] * (width - len(x)) for x in seqs])
-        cur = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+        ids = torch.tensor([x + [pad_token_id] * (width - len(x)) for x in seqs], device=dev)
+        cur = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=dev)
         cache = None
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(b)
-        ones = torch.ones(b, n0, dtype=torch.long)
-        pos = (n0 + torch.arange(width)).expand(b, width)
+        ones = torch.ones(b, n0, dtype=torch.long, device=dev)
+        pos = (n0 + torch.arange(width, device=dev)).expand(b, width)
         hidden, cache = run(ids, torch.cat([ones, cur], 1), pos, cache)
-        ends = torch.tensor([len(x) for x in suffixes])
+        ends = torch.tensor([len(x) for x in suffixes], device=dev)
         for row, (x, a) in enumerate(zip(suffixes, ans)):
             if answers is None:
                 logprobs.append(None)
             else:
                 lp = head(hidden[row, len(x) - 1 : len(x) + len(a) - 1]).float().log_softmax(-1)
-                logprobs.append(float(lp[torch.arange(len(a)), torch.tensor(a)].sum()))
-        nxt = head(hidden[torch.arange(b), ends - 1]).float().argmax(-1)
+                logprobs.append(float(lp[torch.arange(len(a), device=dev), torch.tensor(a, device=dev)].sum()))
+        nxt = head(hidden[torch.arange(b, device=dev), ends - 1]).float().argmax(-1)
         # for decoding, only the prefix and each row's own prompt are visible (answer slots masked)
-        mask = torch.cat([ones, (torch.arange(width)[None, :] < ends[:, None]).long()], 1)
-        out_tokens = [[int(t)] for t in nxt]
-        done = torch.tensor([eos_token_id is not None and int(t) == eos_token_id for t in nxt])
+        mask = torch.cat([ones, (torch.arange(width, device=dev)[None, :] < ends[:, None]).long()], 1)
+        first = nxt.tolist()
+        out_tokens = [[t] for t in first]
+        done = [eos_token_id is not None and t == eos_token_id for t in first]
         positions = n0 + ends
         for _ in range(max_new_tokens - 1):
-            if bool(done.all()):
+            if all(done):
                 break
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long, device=dev)], 1)
             hidden, cache = run(nxt[:, None], mask, positions[:, None], cache)
             nxt = head(hidden[:, -1]).float().argmax(-1)
             positions = positions + 1
-            for row in range(b):
+            for row, t in enumerate(nxt.tolist()):
                 if not done[row]:
-                    out_tokens[row].append(int(nxt[row]))
-                    if eos_token_id is not None and int(nxt[row]) == eos_token_id:
-                        done[row] = True
+                    out_tokens[row].append(t)
+                    done[row] = eos_token_id is not None and t == eos_token_id
         gens += out_tokens
     return gens, logprobs
 
@@ -549,6 +566,8 @@ def _check_out_dir(out: Path, cfg: CPTConfig) -> dict[str, Any] | None:
         raise CircuitdynError(f"{manifest}: invalid JSON ({err}); choose another --out") from None
     theirs = (existing.get("config") or {}).copy()
     theirs.pop("epochs", None)
+    theirs.pop("device", None)
+    theirs.setdefault("dtype", "float32")  # runs from before the setting existed trained in float32
     ours = json.loads(json.dumps(cfg.identity()))
     if existing.get("created_by", "").split(" ")[0] != "circuitdyn" or theirs != ours:
         diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
@@ -627,7 +646,8 @@ def _run_cpt(
     cfg.validate()
     resume = _check_out_dir(out, cfg)
     docs, probes = resolve_inputs(cfg)
-    model, tok, base_name, base_dir = _load_base(cfg.base_model)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    model, tok, base_name, base_dir = _load_base(cfg.base_model, device, dtype)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("epoch_*.partial"):
         shutil.rmtree(stale)
@@ -639,7 +659,7 @@ def _run_cpt(
     if cfg.method == "lora":
         from transformers import AutoModelForCausalLM
 
-        eval_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+        eval_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(device)
         train_model = _wrap_lora(model, cfg)
     else:
         train_model = model
@@ -686,9 +706,9 @@ def _run_cpt(
                 from transformers import AutoModelForCausalLM
 
                 ref_dir = out / f"epoch_{0 if cfg.strategy == 'pretrain-kl' else epoch - 1}" / MODEL_DIR
-                ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32, local_files_only=True).eval()
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            order = torch.randperm(len(use), generator=gen).tolist()
+                ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=dtype, local_files_only=True).to(device).eval()
+            gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
+            order = torch.randperm(len(use), generator=gen, device="cpu").tolist()
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             train_model.train()
             batches = [[use[j] for j in order[s : s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)]
@@ -696,8 +716,8 @@ def _run_cpt(
             for batch in bar:
                 width = max(len(w) for _, w in batch)
                 pad = tok.pad_token_id
-                ids = torch.tensor([w + [pad] * (width - len(w)) for _, w in batch])
-                mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for _, w in batch])
+                ids = torch.tensor([w + [pad] * (width - len(w)) for _, w in batch], device=device)
+                mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for _, w in batch], device=device)
                 labels = ids.masked_fill(mask == 0, -100)
                 logits = train_model(input_ids=ids, attention_mask=mask).logits.float()
                 ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),

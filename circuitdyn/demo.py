@@ -1,20 +1,27 @@
 """The whole pipeline on the embedded default: CPT with probes every epoch, per-fact circuits every epoch,
-then the timeline and the diff of the first and last epochs, as data and as HTML viewers.
+method noise, then the timeline, the transfer matrix and the diff of the first and last epochs, as data,
+findings (`circuitdyn.report`) and HTML viewers.
 
-Every stage resumes: a second run reuses the finished epochs, circuit files and probe results.
+Facts are chosen **before** training outcomes are seen: a fixed seeded sample of `facts_per_entity` probes
+of every trained entity (`facts.load_facts(per_entity=...)`). Choosing the facts whose recall flipped
+(`pick="post-hoc"`) is an explicit opt-in, and every output then labels the facts as chosen post hoc.
+
+Every stage resumes: a second run reuses the finished epochs, circuit files, selections and probe results.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
 from circuitdyn.errors import CircuitdynError
+
+Pick = Literal["sample", "post-hoc"]
 
 
 @dataclass
@@ -28,29 +35,24 @@ class DemoResult:
     diff_html: Path
     circuit_html: Path
     dynamics: Any
+    facts: Any
+    """The `facts.FactSet` the circuits were extracted for."""
     timeline: Any
     diff: Any
-    noise_floor: pd.Series | None
-    """Per-fact score noise (EAP-IG only) below which a change does not count."""
     transfer: pd.DataFrame | None
-    """`diff.transfer_matrix` table (None when not asked for)."""
+    """`transfer.transfer_matrix` table (None when not asked for)."""
     wall_s: float
     stage_s: dict[str, float] = field(default_factory=dict)
 
 
-def pick_facts(probes: list[Any], per_entity: int, outcomes: pd.DataFrame | None = None) -> list[Any]:
-    """`per_entity` probes of each entity, deterministic.
-
-    With `outcomes` (fact_id, epoch, correct per epoch, e.g. `outcomes_from_dynamics`), an entity's probes
-    are taken in order of how often their recall flipped across epochs, then of how many epochs they were
-    recalled, then probe-file order: the facts that were acquired or forgotten, whose circuits the
-    stay-put question is about, come first. Without it, probe-file order.
-    """
+def pick_facts(probes: list[Any], per_entity: int, outcomes: pd.DataFrame) -> list[Any]:
+    """Post hoc choice (opt-in): `per_entity` probes of each entity in order of how often their recall flipped
+    across epochs, then of how many epochs they were recalled, then probe-file order. Results about facts
+    chosen this way are exploratory: the choice looked at the outcome."""
     rank: dict[str, tuple[int, int]] = {}
-    if outcomes is not None:
-        for fact_id, df in outcomes.sort_values("epoch").groupby("fact_id"):
-            correct = df["correct"].astype(bool).to_numpy()
-            rank[str(fact_id)] = (-int((correct[1:] != correct[:-1]).sum()), -int(correct.sum()))
+    for fact_id, df in outcomes.sort_values("epoch").groupby("fact_id"):
+        correct = df["correct"].astype(bool).to_numpy()
+        rank[str(fact_id)] = (-int((correct[1:] != correct[:-1]).sum()), -int(correct.sum()))
     order = sorted(range(len(probes)), key=lambda i: (rank.get(probes[i].id, (0, 0)), i))
     taken: dict[str, int] = {}
     chosen = []
@@ -68,93 +70,105 @@ def run_demo(
     n_entities: int = 4,
     epochs: int = 5,
     lr: float = 1e-3,
-    facts_per_entity: int = 2,
+    facts_per_entity: int = 3,
+    pick: Pick = "sample",
     method: str = "eap-ig",
     steps: int = 3,
-    top_n: int = 200,
+    selection: str = "faith:0.8",
     transfer: bool = True,
     base_model: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> DemoResult:
     """CPT `n_entities` seed entities for `epochs` epochs (LoRA at `lr`), extract circuits of
-    `facts_per_entity` probes per entity at every epoch, and write the timeline, diff and circuit viewers
-    under `out_dir`. With `transfer`, every epoch's circuit is also evaluated on every epoch's model
-    (`diff.transfer_matrix`: does an old pathway still carry the fact?), cached in `transfer.json`.
+    `facts_per_entity` probes per entity at every epoch, measure method noise at the first and last epoch,
+    and write the timeline, diff and circuit viewers under `out_dir`. With `transfer`, every epoch's circuit
+    is also evaluated on every epoch's model (`transfer.transfer_matrix`: does an old pathway still carry the
+    fact?), cached in `transfer.json`.
 
     The default lr (1e-3, ten times `circuitdyn cpt`'s) is what makes the 135M default model acquire and
-    forget single facts within 5 epochs of 4 short documents; at 1e-4 no probe's recall changes, and the
-    stay-put question has nothing to compare. The attributed facts are those whose recall changed most
-    (`pick_facts`), chosen after CPT from the probe results.
+    forget single facts within 5 epochs of 4 short documents; at 1e-4 no probe's recall changes.
+    `pick="sample"` (default) takes a seeded sample of each entity's probes before looking at outcomes;
+    `pick="post-hoc"` takes those whose recall flipped most (exploratory, labelled so).
     """
     from circuitdyn.attribution import check_method, steps_taken
     from circuitdyn.checkpoints import open_run
-    from circuitdyn.circuits import CircuitSet
     from circuitdyn.cpt import CPTConfig, resolve_inputs, run_cpt
-    from circuitdyn.diff import diff_circuits, noise_floor
-    from circuitdyn.extraction import extract_run, run_evaluator
-    from circuitdyn.facts import FactSet
-    from circuitdyn.probes import build_fact_prompts, corruption_counts, load_probes, write_probes_jsonl
+    from circuitdyn.diff import diff_circuits
+    from circuitdyn.extraction import run_evaluator
+    from circuitdyn.facts import load_facts
+    from circuitdyn.probes import corruption_counts, load_probes, write_probes_jsonl
+    from circuitdyn.selection import Selection
     from circuitdyn.timeline import load_run_timeline, outcomes_from_dynamics
     from circuitdyn.transfer import transfer_matrix
     from circuitdyn.viz import write_circuit_html, write_diff_html, write_timeline_html
 
     if facts_per_entity < 1:
         raise CircuitdynError(f"facts_per_entity must be >= 1, got {facts_per_entity}")
+    if pick not in ("sample", "post-hoc"):
+        raise CircuitdynError(f"pick must be 'sample' or 'post-hoc', got {pick!r}")
     check_method(method)
+    Selection.parse(selection)
     steps = steps_taken(method, steps)
     say = log or (lambda _m: None)
     out = Path(out_dir)
     t0 = time.perf_counter()
     stage: dict[str, float] = {}
 
-    cfg = CPTConfig(base_model=base_model, n_entities=n_entities, epochs=epochs, lr=lr)
+    cfg = CPTConfig(base_model=base_model, n_entities=n_entities, epochs=epochs, lr=lr, device=device, dtype=dtype)
     say(f"[1/3] continual pre-training: {n_entities} seed entities, {epochs} epochs at lr {lr:g}, probes every epoch")
     cpt = run_cpt(cfg, out / "run", progress=progress, log=log)
     stage["cpt"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     _, probes = resolve_inputs(cfg)
-    chosen = pick_facts(probes, facts_per_entity, outcomes_from_dynamics(cpt.dynamics))
-    probes_file = write_probes_jsonl(chosen, out / "probes.jsonl")
-    run = open_run(cpt.run_dir)
-    # Corrupt by swapping in another seed entity of the same token length: the whole probe set is the pool.
-    facts = FactSet(tuple(build_fact_prompts(chosen, run.tokenizer(), pool=load_probes(cfg.probes))), tuple(chosen),
-                    str(probes_file))
+    trained = list(dict.fromkeys(p.entity for p in probes))
+    # The swap pool is the whole probe set (more partners of the same token length); facts are the trained
+    # entities'. `circuitdyn timeline RUN --probes probes.jsonl --entities ... --per-entity N` rebuilds them.
+    probes_file = write_probes_jsonl(load_probes(cfg.probes, rephrased=False), out / "probes.jsonl")
+    run = open_run(cpt.run_dir, device=device, dtype=dtype)
+    if pick == "sample":
+        facts = load_facts(probes_file, run.tokenizer(), entities=trained, per_entity=facts_per_entity)
+        choice = f"seeded sample of {facts_per_entity} probes per entity, chosen before outcomes"
+    else:
+        chosen = [p.id for p in pick_facts(probes, facts_per_entity, outcomes_from_dynamics(cpt.dynamics))]
+        facts = load_facts(probes_file, run.tokenizer(), ids=chosen)
+        choice = "post hoc: the probes whose recall flipped most"
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
-    say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}), {method} with {steps} steps, epochs {run.epochs}")
-    extracted = extract_run(
-        run, facts, run.path / "circuits", run.epochs, method=method, steps=steps, top_n=top_n, progress=progress
-    )
-    noise = None
-    if method == "eap-ig":
-        # How much scores move with no training at all: epoch 0 re-attributed with other IG step counts.
-        repeat = extract_run(run, facts, out / "noise-floor", run.epochs[:1], method=method, steps=steps + 2,
-                             top_n=top_n, progress=progress)[0]
-        noise = noise_floor([CircuitSet.load(extracted[0].path), CircuitSet.load(repeat.path)])
-        say(f"      noise floor (epoch {run.epochs[0]}, {steps} vs {steps + 2} IG steps): per-fact median "
-            f"{noise.median():.3g}; an edge counts as changed only above its fact's floor")
+    say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {method} with {steps} steps, "
+        f"epochs {run.epochs}; method noise at epochs {run.epochs[0]} and {run.epochs[-1]}; circuits {selection}")
+    timeline = load_run_timeline(run, facts, selection=selection, method=method, steps=steps,  # type: ignore[arg-type]
+                                 noise_epochs="ends", fact_choice=choice, progress=progress)
     stage["circuits"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say("[3/3] timeline, diff and viewers")
-    labels = {p.id: f"{p.entity}: {p.question}" for p in chosen}
-    timeline = load_run_timeline(run, facts, selection=f"top:{top_n}", method=method, steps=steps, noise=noise)
+    say("[3/3] timeline, transfer, diff and viewers")
     table = None
     if transfer:
-        say(f"      circuit transfer: each epoch's top-{top_n} circuit on each epoch's model")
+        say("      circuit transfer: each epoch's circuits on each epoch's model")
         tt = time.perf_counter()
         table = transfer_matrix(timeline.circuits, run_evaluator(run, facts), timeline.selection,
                                 selected=timeline.fact_masks, cache=out / "transfer.json", progress=progress)
         stage["transfer"] = time.perf_counter() - tt
-    timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=labels, transfer=table)
+    timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=facts.labels, transfer=table)
     first, last = timeline.epochs[0], timeline.epochs[-1]
     a, b = timeline.circuits[first], timeline.circuits[last]
-    diff = diff_circuits(a, b, timeline.selection, noise=noise, labels=(f"epoch {first}", f"epoch {last}"))
-    diff_html = write_diff_html(diff, out / "diff.html", labels=labels)
-    circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last}.html", labels=labels)
+    diff = diff_circuits(a, b, timeline.selection, noise=timeline.noise, labels=(f"epoch {first}", f"epoch {last}"),
+                         selected=(timeline.fact_masks[first], timeline.fact_masks[last]),
+                         reached=_reached(timeline, first, last), entity_of=facts.entity_of)
+    diff.labels = facts.labels
+    diff_html = write_diff_html(diff, out / "diff.html", labels=facts.labels)
+    circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last}.html", labels=facts.labels)
     stage["analysis"] = time.perf_counter() - t - stage.get("transfer", 0.0)
     return DemoResult(
-        out, run.path, probes_file, timeline_html, diff_html, circuit_html, cpt.dynamics, timeline, diff, noise,
+        out, run.path, probes_file, timeline_html, diff_html, circuit_html, cpt.dynamics, facts, timeline, diff,
         table, time.perf_counter() - t0, stage,
     )
+
+
+def _reached(timeline: Any, first: int, last: int) -> tuple[Any, Any] | None:
+    """The faithfulness each fact's circuit reached at the two epochs (None for rules that do not evaluate it)."""
+    a, b = timeline.reached.get(first), timeline.reached.get(last)
+    return None if a is None or b is None else (a, b)

@@ -1,25 +1,23 @@
-"""How two circuits differ: per fact and aggregated, counted above a noise floor.
+"""How two circuits differ: per fact and aggregated, measured against method noise.
 
 `diff_circuits(a, b, selection)` compares two `CircuitSet`s of the same graph and settings (e.g. two
-epochs of a run) at a selection rule and returns a `CircuitDiff`, whose pandas tables answer:
+epochs of a run) and returns a `CircuitDiff`, whose pandas tables answer:
 
-- which edges were added / removed / kept, and which kept edges moved or flipped sign;
-- how similar the circuits are: edge and node Jaccard of the selected circuits, weighted Jaccard on
-  |score| over all edges, Spearman correlation of all edge scores and rank-biased overlap (RBO, a
-  top-weighted rank similarity of the |score| orderings);
+- which edges were added / removed / kept, and which kept edges moved or flipped sign beyond their
+  method-noise band (`noise.MethodNoise.band`);
+- how different the circuits are, per fact: the distances of `similarity.DISTANCES` (edge Jaccard of the
+  selected circuits, weighted Jaccard and Spearman of all scores), each tested against that fact's
+  method-noise distribution (`changes`: `changed_beyond_noise`, effect size);
 - where importance moved: per layer and per component type (input / attention / MLP / logits,
   shallow vs deep half of the layers), as shares of the total |score|;
-- the strongest input->logits paths in each circuit and which of them survived.
+- the strongest input->logits paths in each circuit and which of them survived;
+- `summary`: means with 95 % intervals (cluster bootstrap over entities, `stats.bootstrap_ci`), the n
+  they rest on, and `n_changed_beyond_noise`.
 
-Noise floor: attribution scores move a little with no training at all (other IG step counts, other
-corruptions). `noise_floor(repeats)` estimates per fact how much, from circuit sets extracted on the
-same checkpoint with different settings; an edge counts as added/removed/changed only when its score
-moved by more than the floor. Edges that crossed the selection cut by less are status `noise`.
-
-Selection rules (`Selection`): `top:N` (N edges with largest |score|), `paths:N` (top edges on
-input->logits paths), `abs:T` (|score| >= T) and `faith:F` (the smallest top-n circuit reaching
-faithfulness F; needs a faithfulness callable bound to the model) - the last compares circuits of
-different epochs at equal faithfulness rather than at equal size.
+Facts whose clean-corrupted metric gap is below `faithfulness.MIN_GAP` at either checkpoint are excluded
+from the tests and aggregates (and counted): their circuits are not sized by anything meaningful.
+Selection rules (`circuitdyn.selection`): the default for comparisons is `faith:0.8`, circuits sized to
+carry 80 % of the fact's metric gap on their own model; `pruned:0.8` prunes those greedily (far smaller).
 """
 
 from __future__ import annotations
@@ -42,17 +40,33 @@ from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.selection import Faithfulness, Selection
+from circuitdyn.faithfulness import MIN_GAP
+from circuitdyn.noise import MethodNoise, change_table
+from circuitdyn.similarity import (
+    DISTANCES,
+    as_rows,
+    distances,
+    jaccard,
+    rank_biased_overlap,
+    spearman,
+    weighted_jaccard,
+)
+from circuitdyn.stats import bootstrap_ci
 
 MEAN = "(mean circuit)"
 """Fact id of the aggregate row: the diff of the facts' mean circuits."""
 
-RBO_P = 0.99
-"""RBO persistence: the top 1/(1-p) = 100 edges carry about 63 % of the weight."""
-
 STATUSES = ("added", "removed", "changed", "kept", "noise")
 """Edge status in a diff (edges in either circuit): added / removed = entered / left the circuit and its
-score moved by more than the noise floor; changed = in both, moved more than the floor; kept = in both,
-within the floor; noise = crossed the selection cut while moving less than the floor."""
+score moved by more than its method-noise band; changed = in both, moved more than the band; kept = in
+both, within the band; noise = crossed the selection cut while moving less than the band. Without method
+noise every band is 0."""
+
+PRIMARY = "edge_jaccard"
+"""The statistic of the headline `n_changed_beyond_noise`: how much of the selected circuits' edge sets differ."""
+
+DEFAULT_SELECTION = "faith:0.8"
+"""Circuits are compared at equal faithfulness on their own model, not at equal size."""
 
 
 def restrict(circuits: CircuitSet, fact_ids: list[str], graph: Graph | None = None) -> CircuitSet:
@@ -67,122 +81,10 @@ def restrict(circuits: CircuitSet, fact_ids: list[str], graph: Graph | None = No
     return out
 
 
-# --------------------------------------------------------------------------- noise floor
-
-
-def noise_floor(repeats: Sequence[CircuitSet], quantile: float = 0.99) -> pd.Series:
-    """Per fact, how far scores move without training: the `quantile` of |score_i - score_j| over all
-    edges and all pairs of `repeats` (circuit sets of ONE checkpoint with different IG steps, seeds or
-    corruptions). Returned as a Series indexed by fact id (facts common to all repeats)."""
-    if len(repeats) < 2:
-        raise CircuitdynError(f"a noise floor needs at least 2 repeated circuit sets, got {len(repeats)}")
-    hashes = {r.meta.get("checkpoint_hash") for r in repeats}
-    if len(hashes) > 1:
-        raise CircuitdynError(f"noise-floor repeats must come from one checkpoint, got hashes {sorted(map(str, hashes))}")
-    for r in repeats[1:]:
-        if r.edges != repeats[0].edges:
-            raise CircuitdynError("noise-floor repeats have different graphs (edge lists)")
-    facts = [f for f in repeats[0].fact_ids if all(f in r.fact_ids for r in repeats[1:])]
-    if not facts:
-        raise CircuitdynError("noise-floor repeats share no fact ids")
-    stack = torch.stack([r.subset(facts).scores.float() for r in repeats])
-    deltas = torch.cat([(stack[i] - stack[j]).abs() for i in range(len(repeats)) for j in range(i)], dim=1)
-    return pd.Series(torch.quantile(deltas, quantile, dim=1).numpy(), index=facts, name="noise_floor")
-
-
-# --------------------------------------------------------------------------- similarity measures
-
-
-def _rows(x: Tensor) -> Tensor:
-    return x.float().reshape(-1, x.shape[-1])
-
-
-def rank_rows(x: Float[Tensor, "*fact edge"]) -> np.ndarray:
-    """Per row, average ranks (ties share their mean rank), centred and scaled to unit norm.
-
-    Spearman's rho of two rows is the dot product of their `rank_rows` (NaN for a constant row).
-    """
-    rows = _rows(x).numpy().astype(np.float64)
-    out = np.empty_like(rows)
-    n = rows.shape[1]
-    for i, row in enumerate(rows):
-        order = np.argsort(row, kind="stable")
-        sorted_row = row[order]
-        starts = np.concatenate(([True], sorted_row[1:] != sorted_row[:-1]))
-        dense = np.cumsum(starts) - 1
-        bounds = np.concatenate((np.nonzero(starts)[0], [n]))
-        avg = (bounds[:-1] + bounds[1:] - 1) / 2.0
-        out[i, order] = avg[dense]
-    out -= out.mean(1, keepdims=True)
-    norm = np.linalg.norm(out, axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, out / np.where(norm > 0, norm, 1), np.nan)
-
-
-def spearman(a: Float[Tensor, "*fact edge"], b: Float[Tensor, "*fact edge"]) -> Float[Tensor, "*fact"]:
-    """Spearman rank correlation of two score vectors (per row; ties get average ranks). NaN if constant."""
-    rho = (rank_rows(a) * rank_rows(b)).sum(1)
-    return torch.from_numpy(rho).float().reshape(a.shape[:-1])
-
-
-def rbo_depth(n_edges: int, p: float = RBO_P) -> int:
-    """Evaluation depth of RBO: where the weight left beyond it, p^d, drops below 1e-6."""
-    return min(n_edges, max(1, int(math.ceil(math.log(1e-6) / math.log(p)))))
-
-
-def top_positions(x: Float[Tensor, "*fact edge"], depth: int) -> Tensor:
-    """Per row, the indices of the `depth` largest |x| in descending order (ties broken by index)."""
-    rows = _rows(x).abs()
-    return rows.topk(depth, dim=1, sorted=True).indices
-
-
-def rbo_from_top(top_a: Tensor, top_b: Tensor, n_edges: int, p: float = RBO_P) -> Float[Tensor, "fact"]:
-    """Extrapolated RBO from two `top_positions` results of the same depth."""
-    n_rows, depth = top_a.shape
-    ar = torch.arange(depth)
-    pos_a = torch.full((n_rows, n_edges), depth, dtype=torch.long).scatter_(1, top_a, ar.expand(n_rows, -1))
-    pos_b = torch.full((n_rows, n_edges), depth, dtype=torch.long).scatter_(1, top_b, ar.expand(n_rows, -1))
-    both = torch.maximum(pos_a, pos_b).clamp_max(depth)  # depth at which an edge is in both prefixes
-    counts = torch.zeros(n_rows, depth + 1).scatter_add_(1, both, torch.ones(n_rows, n_edges))[:, :depth]
-    overlap = counts.cumsum(1).double()
-    ks = torch.arange(1, depth + 1, dtype=torch.float64)
-    agree = overlap / ks
-    weights = p**ks
-    rbo = (1 - p) / p * (agree * weights).sum(1) + agree[:, -1] * p**depth
-    return rbo.float()
-
-
-def rank_biased_overlap(
-    a: Float[Tensor, "*fact edge"], b: Float[Tensor, "*fact edge"], p: float = RBO_P, depth: int | None = None
-) -> Float[Tensor, "*fact"]:
-    """Extrapolated rank-biased overlap (Webber et al. 2010) of the |score| orderings, per row.
-
-    1 = same top ranking, 0 = disjoint tops; agreement at depth d weighs p^(d-1), so the top edges
-    dominate. Evaluated to `depth` (default `rbo_depth`: where the remaining weight drops below 1e-6).
-    """
-    n = a.shape[-1]
-    depth = min(n, depth or rbo_depth(n, p))
-    out = rbo_from_top(top_positions(a, depth), top_positions(b, depth), n, p)
-    return out.reshape(a.shape[:-1])
-
-
-def weighted_jaccard(a: Float[Tensor, "*fact edge"], b: Float[Tensor, "*fact edge"]) -> Float[Tensor, "*fact"]:
-    """sum min(|a|, |b|) / sum max(|a|, |b|) over all edges (1 = same magnitudes everywhere)."""
-    xa, xb = a.float().abs(), b.float().abs()
-    num, den = torch.minimum(xa, xb).sum(-1), torch.maximum(xa, xb).sum(-1)
-    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(den, float("nan")))
-
-
-def jaccard(ma: Bool[Tensor, "*fact n"], mb: Bool[Tensor, "*fact n"]) -> Float[Tensor, "*fact"]:
-    """|A & B| / |A | B| of two masks (1.0 when both are empty)."""
-    inter, union = (ma & mb).sum(-1).float(), (ma | mb).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-
-
 def node_mask(graph: Graph, edges: Bool[Tensor, "*fact edge"]) -> Bool[Tensor, "*fact node"]:
     """Nodes (components of `graph.nodes`) touched by a selected edge."""
     src, dst = graph.edge_node_ids
-    rows = _rows(edges)
+    rows = as_rows(edges)
     out = torch.zeros(rows.shape[0], len(graph.nodes))
     out.index_add_(1, src, rows).index_add_(1, dst, rows)
     return (out > 0).reshape(*edges.shape[:-1], len(graph.nodes))
@@ -191,7 +93,7 @@ def node_mask(graph: Graph, edges: Bool[Tensor, "*fact edge"]) -> Bool[Tensor, "
 def node_importance(graph: Graph, scores: Float[Tensor, "*fact edge"]) -> Float[Tensor, "*fact node"]:
     """Importance of each node: half the |score| of its outgoing plus half of its incoming edges."""
     src, dst = graph.edge_node_ids
-    rows = _rows(scores).abs()
+    rows = as_rows(scores).abs()
     out = torch.zeros(rows.shape[0], len(graph.nodes))
     out.index_add_(1, src, rows / 2).index_add_(1, dst, rows / 2)
     return out.reshape(*scores.shape[:-1], len(graph.nodes))
@@ -272,14 +174,21 @@ def path_strength(g: nx.DiGraph, path: Sequence[str]) -> float:
 # --------------------------------------------------------------------------- the diff
 
 
+def entity_groups(fact_ids: list[str], entity_of: dict[str, str] | None = None) -> list[str]:
+    """The entity of each fact (the bootstrap's resampling unit): from `entity_of`, else the id's prefix
+    before the first `/` (probe ids are `<entity-slug>/<question type>/<index>`), else the id itself."""
+    entity_of = entity_of or {}
+    return [entity_of.get(f) or (f.split("/", 1)[0] if "/" in f else f) for f in fact_ids]
+
+
 @dataclass
 class CircuitDiff:
     """The comparison of circuit sets `a` and `b` (same graph and settings, same facts, in `a`'s order).
 
     Tensors are [fact, edge] with one extra last row for `MEAN`, the facts' mean circuits (selected
-    top-n with n = the mean per-fact circuit size, at the mean noise floor). Tables:
-    `facts` (one row per fact + `MEAN`), `summary` (mean over facts), `edges(fact)`, `layers`,
-    `components`, `paths(fact)`.
+    top-n with n = the mean per-fact circuit size). Tables: `facts` (one row per fact + `MEAN`),
+    `changes` (per fact and statistic, against method noise), `summary` (aggregates with intervals),
+    `edges(fact)`, `layers`, `components`, `paths(fact)`.
     """
 
     a: CircuitSet
@@ -287,7 +196,8 @@ class CircuitDiff:
     selection: Selection
     mask_a: Bool[Tensor, "row edge"]
     mask_b: Bool[Tensor, "row edge"]
-    floor: Float[Tensor, "row"]
+    band: Float[Tensor, "row edge"]
+    """Per edge, the method-noise band of its score (zeros without method noise)."""
     faith_a: Float[Tensor, "fact"] | None = None
     faith_b: Float[Tensor, "fact"] | None = None
     label_a: str = "A"
@@ -295,6 +205,9 @@ class CircuitDiff:
     k_paths: int = 5
     labels: dict[str, str] = field(default_factory=dict)
     """fact id -> readable label (entity: question), for viewers."""
+    noise: MethodNoise | None = None
+    entity_of: dict[str, str] = field(default_factory=dict)
+    min_gap: float = MIN_GAP
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -305,6 +218,18 @@ class CircuitDiff:
     def rows(self) -> list[str]:
         """Fact ids of the rows: every fact, then `MEAN`."""
         return [*self.a.fact_ids, MEAN]
+
+    @property
+    def entities(self) -> list[str]:
+        """The entity of each fact (in `a.fact_ids` order)."""
+        return entity_groups(self.a.fact_ids, self.entity_of)
+
+    @cached_property
+    def included(self) -> np.ndarray:
+        """Per fact: True when its clean-corrupted gap is at least `min_gap` at both checkpoints (a gap not
+        recorded counts as large enough)."""
+        ga, gb = self.a.gaps, self.b.gaps
+        return ~((np.abs(ga) < self.min_gap) | (np.abs(gb) < self.min_gap))
 
     @cached_property
     def scores_a(self) -> Float[Tensor, "row edge"]:
@@ -323,7 +248,7 @@ class CircuitDiff:
     def status_codes(self) -> torch.Tensor:
         """[row, edge] int8: index into STATUSES, or -1 for edges in neither circuit."""
         ma, mb = self.mask_a, self.mask_b
-        above = (self.scores_b - self.scores_a).abs() > self.floor[:, None]
+        above = (self.scores_b - self.scores_a).abs() > self.band
         code = torch.full(ma.shape, -1, dtype=torch.int8)
         code[(ma | mb) & ~(ma & mb)] = STATUSES.index("noise")
         code[ma & mb] = STATUSES.index("kept")
@@ -334,8 +259,8 @@ class CircuitDiff:
 
     @cached_property
     def sign_flips(self) -> Bool[Tensor, "row edge"]:
-        """Edges of either circuit whose score changed sign, both sides above the noise floor."""
-        sa, sb, f = self.scores_a, self.scores_b, self.floor[:, None]
+        """Edges of either circuit whose score changed sign, both sides beyond the edge's noise band."""
+        sa, sb, f = self.scores_a, self.scores_b, self.band
         return (self.mask_a | self.mask_b) & (sa.abs() > f) & (sb.abs() > f) & (torch.sign(sa) != torch.sign(sb))
 
     @cached_property
@@ -345,8 +270,10 @@ class CircuitDiff:
         n_a, n_b: circuit sizes; added, removed, changed, kept, noise: edge counts by `STATUSES`;
         sign_flips; edge_jaccard, node_jaccard: of the selected circuits; weighted_jaccard, spearman,
         rbo: of all edge scores; changed_frac: (added + removed) / |A or B|; attn_shift, mlp_shift,
-        deep_shift: share of importance in B minus in A; noise_floor; paths_kept, paths_lost: of A's
-        strongest paths (`paths`); faith_a, faith_b: faithfulness reached, with the `faith:` rule.
+        deep_shift: share of importance in B minus in A; paths_kept, paths_lost: of A's strongest paths
+        (`paths`); faith_a, faith_b: faithfulness reached (rules that evaluate it); gap_a, gap_b: the
+        clean-corrupted metric gap; included: gap >= `min_gap` at both; changed_beyond_noise, effect,
+        noise_q: the edge-Jaccard distance against the fact's method noise (`changes`).
         """
         code = self.status_codes
         count = {s: (code == i).sum(1).numpy() for i, s in enumerate(STATUSES)}
@@ -367,7 +294,6 @@ class CircuitDiff:
             "attn_shift": (sh_b["attn"] - sh_a["attn"]).numpy(),
             "mlp_shift": (sh_b["mlp"] - sh_a["mlp"]).numpy(),
             "deep_shift": (sh_b["deep"] - sh_a["deep"]).numpy(),
-            "noise_floor": self.floor.numpy(),
         })
         paths = [self._path_table(r) for r in range(len(self.rows))]
         df["paths_kept"] = [int((p["status"] == "kept").sum()) if len(p) else 0 for p in paths]
@@ -375,21 +301,85 @@ class CircuitDiff:
         if self.faith_a is not None and self.faith_b is not None:
             df["faith_a"] = [*self.faith_a.tolist(), float("nan")]
             df["faith_b"] = [*self.faith_b.tolist(), float("nan")]
+        df["gap_a"] = [*self.a.gaps, float("nan")]
+        df["gap_b"] = [*self.b.gaps, float("nan")]
+        df["included"] = [*self.included.tolist(), True]
+        primary = self.changes[self.changes["statistic"] == PRIMARY].set_index("fact_id")
+        df["changed_beyond_noise"] = pd.array([*primary["changed_beyond_noise"], pd.NA], dtype="boolean")
+        df["effect"] = [*primary["effect"], float("nan")]
+        df["noise_q"] = [*primary["noise_q"], float("nan")]
         return df.set_index("fact_id")
 
+    @cached_property
+    def changes(self) -> pd.DataFrame:
+        """Per fact and statistic of `similarity.DISTANCES`: the distance between A's and B's circuit, the
+        fact's method-noise median and quantile, `changed_beyond_noise`, effect size and `p_noise`
+        (`noise.change_table`); facts excluded for a small gap get NA."""
+        n = len(self.a.fact_ids)
+        observed = distances(self.scores_a[:n], self.scores_b[:n], self.mask_a[:n], self.mask_b[:n])
+        table = change_table(observed, self.a.fact_ids, self.noise)
+        excluded = set(np.asarray(self.a.fact_ids)[~self.included])
+        out = table["fact_id"].isin(excluded)
+        table.loc[out, "changed_beyond_noise"] = pd.NA
+        table["included"] = ~out
+        return table
+
     def _changed_frac(self) -> Float[Tensor, "row"]:
-        """Share of the union of both circuits that was added or removed above the noise floor."""
+        """Share of the union of both circuits that was added or removed beyond the edges' noise bands."""
         code = self.status_codes
         moved = ((code == STATUSES.index("added")) | (code == STATUSES.index("removed"))).sum(1).float()
         union = (code >= 0).sum(1).float()
         return torch.where(union > 0, moved / union.clamp_min(1), torch.zeros_like(union))
 
     @cached_property
-    def summary(self) -> pd.Series:
-        """Mean over facts of every column of `facts` (the `MEAN` row excluded), plus `n_facts`."""
+    def means(self) -> pd.Series:
+        """Mean over the included facts of every numeric column of `facts` (the `MEAN` row left out)."""
         per_fact = self.facts.drop(index=MEAN)
-        out = per_fact.mean(numeric_only=True).astype(float)
-        out["n_facts"] = float(len(per_fact))
+        return per_fact[per_fact["included"]].mean(numeric_only=True).astype(float)
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        """The aggregate numbers, each with the n it rests on.
+
+        n_facts / n_included / n_excluded_gap; `n_changed_beyond_noise` (edge-Jaccard distance beyond the
+        fact's method noise) out of `n_tested`, and the same per statistic; per statistic the mean distance,
+        mean noise median and mean effect (distance - noise median) with 95 % intervals from a cluster
+        bootstrap over entities; circuit sizes and faithfulness reached (median, range); `means` of the
+        edge counts and similarities.
+        """
+        facts = self.facts.drop(index=MEAN)
+        inc = facts["included"].to_numpy(bool)
+        groups = np.asarray(self.entities)[inc]
+        ch = self.changes[self.changes["included"]]
+        out: dict[str, Any] = {
+            "selection": str(self.selection),
+            "n_facts": len(facts),
+            "n_included": int(inc.sum()),
+            "n_excluded_gap": int((~inc).sum()),
+            "min_gap": self.min_gap,
+            "n_entities": len(set(groups)),
+            "method_noise": None if self.noise is None else self.noise.summary(),
+        }
+        for stat in DISTANCES:
+            rows = ch[ch["statistic"] == stat].set_index("fact_id").reindex(facts.index[inc])
+            tested = rows["changed_beyond_noise"].dropna()
+            out[stat] = {
+                "distance": bootstrap_ci(rows["distance"].to_numpy(float), groups).to_dict(),
+                "noise_median": _num(np.nanmean(rows["noise_median"])) if self.noise is not None and len(rows) else None,
+                "effect": bootstrap_ci(rows["effect"].to_numpy(float), groups).to_dict(),
+                "n_changed_beyond_noise": int(tested.sum()) if self.noise is not None else None,
+                "n_tested": int(len(tested)),
+            }
+        out["n_changed_beyond_noise"] = out[PRIMARY]["n_changed_beyond_noise"]
+        out["n_tested"] = out[PRIMARY]["n_tested"]
+        sizes = {"a": facts.loc[inc, "n_a"], "b": facts.loc[inc, "n_b"]}
+        out["circuit_size"] = {k: {"median": _num(v.median()), "min": _num(v.min()), "max": _num(v.max()),
+                                   "share_of_graph": _num(v.median() / len(self.a.edges))} for k, v in sizes.items()}
+        if "faith_a" in facts:
+            out["faithfulness_reached"] = {k: {"median": _num(facts.loc[inc, c].median()),
+                                               "min": _num(facts.loc[inc, c].min())}
+                                           for k, c in (("a", "faith_a"), ("b", "faith_b"))}
+        out["means"] = {k: _num(v) for k, v in self.means.items()}
         return out
 
     def edges(self, fact_id: str = MEAN, include: str = "union") -> pd.DataFrame:
@@ -476,39 +466,40 @@ class CircuitDiff:
     def to_dict(self) -> dict[str, Any]:
         """The numbers as plain JSON-able data (for `--json`)."""
         def clean(v: Any) -> Any:
+            if v is pd.NA:
+                return None
             if isinstance(v, (float, np.floating)):
                 return None if math.isnan(v) else round(float(v), 6)
-            if isinstance(v, np.integer):
-                return int(v)
+            if isinstance(v, (np.integer, np.bool_)):
+                return v.item()
             return v
+        changes = {f: {r["statistic"]: {k: clean(r[k]) for k in ("distance", "noise_median", "noise_q", "n_noise",
+                                                                  "changed_beyond_noise", "effect", "p_noise")}
+                       for _, r in g.iterrows()} for f, g in self.changes.groupby("fact_id", sort=False)}
         return {
-            "a": self.label_a, "b": self.label_b, "selection": str(self.selection),
-            "summary": {k: clean(v) for k, v in self.summary.items()},
+            "a": self.label_a, "b": self.label_b,
+            "selection": {"rule": self.selection.rule, "value": self.selection.value, "spec": str(self.selection)},
+            "summary": self.summary,
+            "n_changed_beyond_noise": self.summary["n_changed_beyond_noise"],
+            "baseline": None if self.noise is None else self.noise.to_dict(),
+            "ci": {stat: self.summary[stat] for stat in DISTANCES},
             "facts": {f: {k: clean(v) for k, v in row.items()} for f, row in self.facts.iterrows()},
+            "changes": changes,
             "paths": {f: self.paths(f).map(clean).to_dict(orient="records") for f in self.rows},
         }
 
 
-def per_fact_floor(noise: float | pd.Series | None, fact_ids: list[str]) -> Float[Tensor, "fact"]:
-    """The noise floor of each fact: 0 (None), a scalar for all, or a per-fact Series (`noise_floor`)."""
-    if noise is None:
-        return torch.zeros(len(fact_ids))
-    if isinstance(noise, pd.Series):
-        missing = [f for f in fact_ids if f not in noise.index]
-        if missing:
-            raise CircuitdynError(f"noise floor has no value for fact id(s) {missing[:3]}")
-        return torch.tensor([float(noise[f]) for f in fact_ids])
-    if noise < 0:
-        raise CircuitdynError(f"noise floor must be >= 0, got {noise}")
-    return torch.full((len(fact_ids),), float(noise))
+def _num(x: Any) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else round(x, 6)
 
 
 def diff_circuits(
     a: CircuitSet,
     b: CircuitSet,
-    selection: str | Selection = "top:200",
+    selection: str | Selection = DEFAULT_SELECTION,
     *,
-    noise: float | pd.Series | None = None,
+    noise: MethodNoise | None = None,
     faithfulness_a: Faithfulness | None = None,
     faithfulness_b: Faithfulness | None = None,
     fact_ids: list[str] | None = None,
@@ -516,15 +507,19 @@ def diff_circuits(
     k_paths: int = 5,
     selected: tuple[Tensor, Tensor] | None = None,
     reached: tuple[Tensor, Tensor] | None = None,
+    entity_of: dict[str, str] | None = None,
+    min_gap: float = MIN_GAP,
 ) -> CircuitDiff:
     """Compare two circuit sets fact by fact (and their mean circuits).
 
     `a` and `b` must share the graph and settings (`CircuitSet.check_compatible`) and the facts
-    compared (`fact_ids`, default: all of `a`'s, which `b` must also hold). `noise`: a scalar floor or
-    a per-fact Series from `noise_floor`. `faithfulness_a/b` evaluate masks on each set's model and
-    are needed only for the `faith:` rule. `selected`: masks [fact, edge] for `a` and `b` chosen
-    elsewhere (e.g. by `circuitdyn.faithfulness.smallest_faithful`), in `fact_ids` order, replacing the
-    rule's own selection; `reached`: the faithfulness each of those circuits reached.
+    compared (`fact_ids`, default: all of `a`'s, which `b` must also hold). `noise`: the facts' method
+    noise (`noise.measure_method_noise`), which change is tested against. `faithfulness_a/b` evaluate
+    masks on each set's model and are needed only for rules that evaluate circuits (`faith:`).
+    `selected`: masks [fact, edge] for `a` and `b` chosen elsewhere (e.g. `extraction.select_circuits`),
+    in `fact_ids` order, replacing the rule's own selection; `reached`: the faithfulness each reached.
+    `entity_of`: fact id -> entity, the bootstrap's resampling unit (`entity_groups`). `min_gap`: facts whose
+    clean-corrupted gap is below it at either checkpoint are excluded from tests and aggregates.
     """
     a.check_compatible(b)
     sel = Selection.parse(selection)
@@ -537,7 +532,7 @@ def diff_circuits(
             raise CircuitdynError(f"fact id {f!r} has a circuit in {labels[0]} but not in {labels[1]}")
     a = restrict(a, facts)
     b = restrict(b, facts, a.graph)
-    floor = per_fact_floor(noise, facts)
+    band = torch.zeros(len(facts), len(a.edges)) if noise is None else noise.band_for(facts)
     faith_a = faith_b = None
     if selected is not None:
         mask_a, mask_b = (m.bool() for m in selected)
@@ -556,8 +551,8 @@ def diff_circuits(
     return CircuitDiff(
         a, b, sel,
         torch.cat([mask_a, mean_a[None]]), torch.cat([mask_b, mean_b[None]]),
-        torch.cat([floor, floor.mean(0, keepdim=True)]),
-        faith_a, faith_b, labels[0], labels[1], k_paths,
+        torch.cat([band, band.mean(0, keepdim=True)]),
+        faith_a, faith_b, labels[0], labels[1], k_paths, noise=noise, entity_of=dict(entity_of or {}), min_gap=min_gap,
     )
 
 
@@ -568,16 +563,19 @@ def diff_checkpoints(
     *,
     limit: int | None = None,
     sample_n: int | None = None,
+    per_entity: int | None = None,
+    entities: list[str] | None = None,
+    sample_seed: int = 0,
     rephrased: bool = False,
     template: str = "auto",
-    selection: str | Selection = "top:200",
+    selection: str | Selection = DEFAULT_SELECTION,
     method: str | None = None,
     steps: int | None = None,
     metric: str = "answer-logprob",
     seed: int = 0,
     circuits_dir: str | Path | None = None,
     fact_ids: list[str] | None = None,
-    noise: float | pd.Series | None = None,
+    method_noise: bool = True,
     device: str = "cpu",
     dtype: str = "float32",
     progress: bool = False,
@@ -587,57 +585,74 @@ def diff_checkpoints(
     With `probes`, the facts come from `circuitdyn.facts.load_facts` (`limit`, `sample_n`, `rephrased`,
     `template`) and their circuits are computed on each checkpoint, or reused from `circuits_dir` (default
     `extraction.circuits_dir`) when cached with the same settings; without, cached circuits are read.
-    The `faith:` selection needs checkpoints and probes (circuits are evaluated on each model).
+    Rules that evaluate circuits (`faith:`, the default) need checkpoints and probes. With checkpoints,
+    probes and `method_noise`, both checkpoints are re-attributed with the method-noise replicates
+    (`noise.measure_method_noise`) and every change is tested against them.
     """
     from circuitdyn.checkpoints import resolve
-    from circuitdyn.extraction import checkpoint_circuits, run_evaluator
+    from circuitdyn.extraction import checkpoint_circuits, circuits_dir as default_dir, select_circuits
     from circuitdyn.facts import load_facts
-
+    from circuitdyn.noise import measure_method_noise, merge_noise
     from circuitdyn.probes import load_probes
 
     sel = Selection.parse(selection)
     sides = []
     labels: dict[str, str] = {}
+    entity_of: dict[str, str] = {}
     for spec in (a, b):
         if str(spec).endswith(".safetensors"):
             if sel.needs_model:
                 raise CircuitdynError(f"selection {sel} evaluates circuits on their model: give checkpoints, not "
-                                      f"the circuit file {spec}")
+                                      f"the circuit file {spec} (or choose --select top:N)")
             cs = CircuitSet.load(spec)
             if probes is not None:
-                labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(probes, rephrased=rephrased)}
-                _check_facts_match(cs, labels, probes, spec)
+                file_probes = load_probes(probes, rephrased=rephrased)
+                labels = {p.id: f"{p.entity}: {p.question}" for p in file_probes}
+                entity_of = {p.id: p.entity for p in file_probes}
+                check_facts_match(cs, labels, probes, spec)
             sides.append((cs, None, None, None))
             continue
         run, epoch = resolve(str(spec), device=device, dtype=dtype)
         facts = None
         if probes is not None:
-            facts = load_facts(probes, run.tokenizer(), limit=limit, sample_n=sample_n, rephrased=rephrased,
-                               template=template)  # type: ignore[arg-type]
+            facts = load_facts(probes, run.tokenizer(), limit=limit, sample_n=sample_n, per_entity=per_entity,
+                               entities=entities, seed=sample_seed,
+                               rephrased=rephrased, template=template)  # type: ignore[arg-type]
+            labels, entity_of = facts.labels, facts.entity_of
         elif sel.needs_model:
             raise CircuitdynError(f"selection {sel} evaluates circuits on their model: it needs the facts (--probes)")
         cs = checkpoint_circuits(run, epoch, facts, folder=circuits_dir, method=method, steps=steps,  # type: ignore[arg-type]
                                  metric=metric, seed=seed, progress=progress)
+        if facts is not None:
+            check_facts_match(cs, facts.labels, probes, spec)
         sides.append((cs, run, epoch, facts))
     (ca, run_a, epoch_a, facts_a), (cb, run_b, epoch_b, facts_b) = sides
-    for (cs, _, _, facts), spec in zip(sides, (a, b)):
-        if facts is not None:
-            _check_facts_match(cs, facts.labels, probes, spec)
-            labels = facts.labels
-    faith_a = faith_b = None
+    ids = list(fact_ids or ca.fact_ids)
+    selected = reached = None
     if sel.needs_model:
-        ids = fact_ids or ca.fact_ids
-        ev_a, ev_b = run_evaluator(run_a, facts_a), run_evaluator(run_b, facts_b)
-        sub_a, sub_b = ca.subset(ids), cb.subset(ids)
-        faith_a = lambda masks: ev_a(epoch_a, sub_a, masks)  # noqa: E731
-        faith_b = lambda masks: ev_b(epoch_b, sub_b, masks)  # noqa: E731
-    d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=fact_ids, labels=(short_label(a), short_label(b)),
-                      faithfulness_a=faith_a, faithfulness_b=faith_b)
+        picks = [select_circuits(run, epoch, cs.subset(ids), sel, facts,
+                                 cache_dir=circuits_dir or default_dir(run))
+                 for cs, run, epoch, facts in sides]
+        selected = (picks[0][0], picks[1][0])
+        reached = (picks[0][1], picks[1][1])
+    noise = None
+    if method_noise and facts_a is not None and facts_b is not None:
+        settings = dict(method=ca.meta.get("method", "eap-ig"), steps=int(ca.meta.get("ig_steps", steps or 5)),
+                        metric=metric, seed=seed, progress=progress)
+        if run_a.path == run_b.path:
+            noise = measure_method_noise(run_a, facts_a, sorted({epoch_a, epoch_b}), sel,
+                                         folder=circuits_dir or default_dir(run_a), **settings)
+        else:
+            noise = merge_noise([measure_method_noise(run, facts, [epoch], sel, folder=circuits_dir or default_dir(run),
+                                                      **settings)
+                                 for _, run, epoch, facts in sides])
+    d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=ids, labels=(short_label(a), short_label(b)),
+                      selected=selected, reached=reached, entity_of=entity_of)
     d.labels = dict(labels)
     return d
 
 
-def _check_facts_match(cs: CircuitSet, labels: dict[str, str], probes: Any, where: str) -> None:
+def check_facts_match(cs: CircuitSet, labels: dict[str, str], probes: Any, where: str) -> None:
     """Circuits read or computed for a probe file must be circuits of that file's facts."""
     missing = [f for f in cs.fact_ids if f not in labels]
     if missing:

@@ -28,6 +28,7 @@ from circuitdyn.faithfulness import CircuitEvaluator
 from circuitdyn.forward import NOISE_SCALE, metric_name
 from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
+from circuitdyn.selection import Selection
 
 SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
@@ -205,5 +206,83 @@ def checkpoint_circuits(
     if not folder.is_dir():
         raise CircuitdynError(f"{run.path} epoch {epoch}: no cached circuits in {folder}; pass probes (--probes FILE) "
                               "to compute them, or the folder holding them (--circuits DIR)")
-    path = find_circuits(folder, [epoch], method, {epoch: run.checkpoint(epoch).content_hash}, steps)[epoch]
+    path = find_circuits(folder, [epoch], method, {epoch: run.checkpoint(epoch).content_hash}, steps,
+                         {"seed": seed})[epoch]
     return CircuitSet.load(path)
+
+
+def select_circuits(
+    run: Any, epoch: int, circuits: CircuitSet, selection: str | Selection, facts: Sequence[FactPrompt] | None = None,
+    *, cache_dir: str | Path | None = None,
+) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, "fact"] | None]:
+    """Each fact's circuit under `selection` (and, for rules that evaluate on the model, the faithfulness
+    reached), for circuits of `run` at `epoch`.
+
+    Rules that need the model (`faith:`) evaluate circuits with the set's own metric, seed and corruption,
+    so `facts` must be the facts the circuits were extracted from. Their result is cached in `cache_dir`
+    (a small file per circuit set and rule, keyed by the scores' content, the checkpoint and the rule), so a
+    re-run does not search again.
+    """
+    sel = Selection.parse(selection)
+    if not sel.needs_model:
+        return sel.select(circuits.scores, circuits.graph)
+    if facts is None:
+        raise CircuitdynError(f"selection {sel} evaluates circuits on the model: it needs the facts (--probes)")
+    key = {"scores_sha256": _scores_digest(circuits), "selection": str(sel),
+           "checkpoint_hash": run.checkpoint(epoch).content_hash, "fact_ids": circuits.fact_ids}
+    path = None
+    if cache_dir is not None:
+        name = f"select.{_scores_digest(circuits)[:12]}.{str(sel).replace(':', '')}.e{epoch}.safetensors"
+        path = Path(cache_dir) / "selections" / name
+        hit = _read_selection(path, key, circuits)
+        if hit is not None:
+            return hit
+    evaluate = run_evaluator(run, facts)
+    masks, reached = sel.select(circuits.scores, circuits.graph, lambda m: evaluate(epoch, circuits, m))
+    if path is not None:
+        _write_selection(path, key, masks, reached)
+    return masks, reached
+
+
+def _scores_digest(circuits: CircuitSet) -> str:
+    import hashlib
+
+    return hashlib.sha256(circuits.scores.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _write_selection(path: Path, key: dict[str, Any], masks: Tensor, reached: Tensor | None) -> None:
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from circuitdyn.io import atomic_path
+
+    packed = torch.from_numpy(np.packbits(masks.cpu().numpy().astype(np.uint8), axis=1))
+    tensors = {"masks": packed}
+    if reached is not None:
+        tensors["reached"] = reached.float().cpu().contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
+
+
+def _read_selection(path: Path, key: dict[str, Any], circuits: CircuitSet) -> tuple[Tensor, Tensor | None] | None:
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if json.loads((f.metadata() or {}).get("key", "null")) != json.loads(json.dumps(key, sort_keys=True)):
+                return None
+            packed = f.get_tensor("masks").numpy()
+            reached = f.get_tensor("reached") if "reached" in f.keys() else None
+    except Exception:  # a damaged cache file is recomputed and replaced
+        return None
+    masks = np.unpackbits(packed, axis=1, count=len(circuits.edges)).astype(bool)
+    return torch.from_numpy(masks), reached

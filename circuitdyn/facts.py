@@ -20,13 +20,14 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import FactPrompt, Probe, Template, build_fact_prompts, load_probes, sample
+from circuitdyn.probes import entities as entity_names
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,6 +46,12 @@ class FactSet:
     facts: tuple[FactPrompt, ...]
     probes: tuple[Probe, ...]
     source: str
+    pool: tuple[Probe, ...] = ()
+    """The probe set the corruption's swap partners come from (the whole file)."""
+    template: Template = "auto"
+    variant: int = 0
+    """Which valid swap partner each fact's corruption uses (0 = the first; see `build_fact_prompts`)."""
+    tokenizer: PreTrainedTokenizerBase | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.facts:
@@ -80,6 +87,15 @@ class FactSet:
         """fact id -> "entity: question", for viewers and tables."""
         return {p.id: f"{p.entity}: {p.question}" for p in self.probes}
 
+    def with_variant(self, variant: int) -> FactSet:
+        """The same facts with another corruption of the same kind: the (variant+1)-th valid swap partner.
+        Facts corrupted by noise keep their positions; their noise changes with the extraction seed."""
+        if self.tokenizer is None:
+            raise CircuitdynError("this fact set was not built by load_facts (no tokenizer): no corruption variants")
+        facts = build_fact_prompts(self.probes, self.tokenizer, template=self.template, pool=self.pool or self.probes,
+                                   variant=variant)
+        return FactSet(tuple(facts), self.probes, self.source, self.pool, self.template, variant, self.tokenizer)
+
     def by_id(self, fact_ids: Sequence[str]) -> list[FactPrompt]:
         """The facts of these ids, in that order; an unknown id is an error naming it."""
         index = {f.fact_id: f for f in self.facts}
@@ -95,6 +111,9 @@ def load_facts(
     *,
     limit: int | None = None,
     sample_n: int | None = None,
+    per_entity: int | None = None,
+    entities: Sequence[str] | None = None,
+    ids: Sequence[str] | None = None,
     seed: int = 0,
     rephrased: bool = False,
     template: Template = "auto",
@@ -102,14 +121,18 @@ def load_facts(
     """The facts of a probe set: a probe file (seed JSON or JSONL), probes in memory, or None for the
     packaged validation probes.
 
-    `limit` keeps the first N probes, `sample_n` a fixed seeded sample of N (file order kept); both are
-    chosen before any outcome is seen. `rephrased` adds the seed's rephrased questions (off: they restate
+    `limit` keeps the first N probes, `sample_n` a fixed seeded sample of N, `per_entity` a fixed seeded
+    sample of N probes of every entity (file order kept); all are chosen before any outcome is seen.
+    `entities` keeps only these entities' probes, `ids` only these probe ids (an unknown one is an error);
+    the swap pool stays the whole probe set either way. `rephrased` adds the seed's rephrased questions (off: they restate
     the original facts). The corruption's swap pool is the whole probe set.
     """
     if limit is not None and limit < 1:
         raise CircuitdynError(f"limit must be >= 1, got {limit}")
     if sample_n is not None and sample_n < 1:
         raise CircuitdynError(f"sample must be >= 1, got {sample_n}")
+    if per_entity is not None and per_entity < 1:
+        raise CircuitdynError(f"per_entity must be >= 1, got {per_entity}")
     if probes is None or isinstance(probes, (str, Path)):
         source = str(probes) if probes is not None else "packaged validation probes"
         pool = load_probes(probes, rephrased=rephrased)
@@ -118,6 +141,22 @@ def load_facts(
         if not pool:
             raise CircuitdynError("no probes given")
     chosen = pool[:limit] if limit else pool
+    if entities is not None:
+        known_entities = set(entity_names(chosen))
+        missing = [e for e in entities if e not in known_entities]
+        if missing:
+            raise CircuitdynError(f"{source}: no probes of entity {missing[0]!r} (e.g. {sorted(known_entities)[:3]})")
+        chosen = [p for p in chosen if p.entity in set(entities)]
+    if ids is not None:
+        known = {p.id for p in chosen}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise CircuitdynError(f"{source}: no probe with id(s) {unknown[:3]}")
+        wanted = set(ids)
+        chosen = [p for p in chosen if p.id in wanted]
     chosen = sample(chosen, sample_n, seed) if sample_n else chosen
+    if per_entity:
+        keep = {p.id for e in entity_names(chosen) for p in sample([q for q in chosen if q.entity == e], per_entity, seed)}
+        chosen = [p for p in chosen if p.id in keep]
     facts = build_fact_prompts(chosen, tokenizer, template=template, pool=pool)
-    return FactSet(tuple(facts), tuple(chosen), source)
+    return FactSet(tuple(facts), tuple(chosen), source, tuple(pool), template, 0, tokenizer)

@@ -27,6 +27,13 @@ from circuitdyn.probes import FactPrompt
 from circuitdyn.selection import top_n_by_fact
 
 
+MIN_GAP = 1.0
+"""Smallest |m_clean - m_corrupted| (in metric units: nats for answer-logprob, logits for logit-diff) at
+which a fact's faithfulness is interpreted. Below it the corruption barely moves the metric, the ratio
+divides by a near-zero gap (values like -7 or 66 appear), and circuits sized by it mean nothing; such facts
+are excluded from comparisons and counted."""
+
+
 class CircuitEvaluator:
     """Evaluates many circuits of the same facts on one model: m_clean / m_corr per fact are computed once,
     corrupted activations once per batch (on first use). `metric_of(masks)`, `faithfulness(masks)`."""
@@ -96,7 +103,7 @@ def faithfulness_curve(model: Any, facts: Sequence[FactPrompt], scores: Float[Te
         sizes = sorted({max(1, int(round(E ** (i / 9)))) for i in range(10)})
     rows = []
     for n in tqdm(list(sizes), desc="faithfulness curve", unit="size", disable=not progress):
-        masks = top_n_by_fact(scores, torch.full((len(facts),), int(n)), ev.graph, paths)
+        masks = top_n_by_fact(scores, torch.full((len(facts),), int(n), device=scores.device), ev.graph, paths)
         faith = ev.faithfulness(masks)
         for i, f in enumerate(facts):
             rows.append({"fact_id": f.fact_id, "n": int(n), "n_edges": int(masks[i].sum()),

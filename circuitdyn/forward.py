@@ -6,8 +6,13 @@ q/k/v input and per head output), circuitdyn runs its own forward over a `Hooked
 `circuitdyn.graph`: `input`, `a{L}.h{H}`, `m{L}`, `logits`.
 
 Facts in a batch do not interact, so per-fact results come from one batched pass. Prompts are
-right-padded: with causal attention, real tokens never see pads. Every tensor is created on the
-model's device (`model.cfg.device`), so the same code runs on CPU, CUDA and MPS.
+right-padded: with causal attention, real tokens never see pads. Every tensor is created on the device
+of the model or of its inputs, or explicitly on the CPU and then moved (`make_batch`), so the same code runs
+on CPU, CUDA and MPS and nothing lands on a default device set with `torch.device(...)`.
+
+Precision: weights and matmuls are in the model's dtype (float32, bfloat16 or float16); the residual stream
+(input embeddings plus every source's output), the layer norms' statistics and the metric are float32.
+`run_capture(..., dtype=torch.float32)` runs a bf16/fp16 model's blocks in float32, a layer at a time.
 
 A metric is a callable (as in EAP-IG): `metric(logits, batch) -> [batch]`, where `logits` are the
 model's logits at each fact's scored positions ([batch, answer, vocab], teacher-forced). The named
@@ -20,9 +25,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -73,6 +79,48 @@ def check_supported(model: Any) -> None:
 
 
 @dataclass
+class Norm:
+    """A LayerNorm / RMSNorm (or none) as TransformerLens computes it: normalized in float32 (bf16/fp16 lose
+    too much in the mean of squares), then scaled by its weight and bias in their dtype."""
+
+    kind: str  # "LN" | "RMS" | "none"
+    w: Tensor | None
+    b: Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, module: Any, eps: float) -> Norm:
+        """The norm a TransformerLens module computes (LayerNorm(Pre), RMSNorm(Pre); anything else: none)."""
+        name = type(module).__name__
+        kind = "LN" if name in ("LayerNorm", "LayerNormPre") else "RMS" if name in ("RMSNorm", "RMSNormPre") else "none"
+        w, b = getattr(module, "w", None), getattr(module, "b", None)
+        return cls(kind, None if w is None else w.detach(), None if b is None else b.detach(),
+                   float(getattr(module, "eps", eps)))
+
+    def parts(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """(output in `dtype`, x_hat, scale), x_hat and scale in float32 (for the vector-Jacobian product)."""
+        if self.kind == "none":
+            return x.to(dtype), x, torch.ones_like(x[..., :1])
+        x = x.float()
+        if self.kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        xhat = x / scale
+        out = xhat.to(dtype) if self.w is None else xhat.to(dtype) * self.w.to(dtype)
+        if self.b is not None:
+            out = out + self.b.to(dtype)
+        return out, xhat, scale
+
+    def to(self, dtype: torch.dtype) -> Norm:
+        """The norm with its weight and bias cast to `dtype`."""
+        return replace(self, w=_cast(self.w, dtype), b=_cast(self.b, dtype))
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+@dataclass
 class LayerWeights:
     """Per-block weights (detached from autograd) in the shapes the functional forward uses."""
 
@@ -82,22 +130,29 @@ class LayerWeights:
     b3: Tensor  # [H, 3, d_head]
     W_O: Tensor  # [H, d_head, d_model]
     b_O: Tensor  # [d_model]
-    ln_kind: str  # "LN" | "RMS" | "none"
-    ln_w: Tensor | None
-    ln_b: Tensor | None
-    ln_eps: float
-    Wf: Tensor  # W3 with ln1's weight folded in (and centred over d_model for LN): maps d q/k/v to d x_hat
+    norm1: Norm
+    Wf: Tensor  # W3 with ln1's weight folded in (and centred for LN): maps d q/k/v to d x_hat
     offset3: Tensor  # [H, 3, d_head]: b3 + ln1's bias projected, so (q/k/v - offset3) = Wf x_hat
-    mlp_t: tuple[Tensor, ...] | None  # gated MLP (W_gate^T, W_in^T, W_out^T) contiguous, else None
+    norm2: Norm | None
+    mlp_t: tuple[Tensor | None, Tensor, Tensor] | None
+    """(W_gate^T or None, W_in^T, W_out^T), contiguous; None for MLPs with a layer-norm activation (run by
+    TransformerLens' module in the model's dtype)."""
+    b_in: Tensor | None
+    b_out: Tensor | None
 
+    @property
+    def ln_kind(self) -> str:
+        """ln1's kind: "LN", "RMS" or "none"."""
+        return self.norm1.kind
 
-def _ln_kind(module: Any) -> str:
-    name = type(module).__name__
-    if name in ("LayerNorm", "LayerNormPre"):
-        return "LN"
-    if name in ("RMSNorm", "RMSNormPre"):
-        return "RMS"
-    return "none"
+    def to(self, dtype: torch.dtype) -> LayerWeights:
+        """The weights `run_capture` reads, cast to `dtype` (the rest left as they are)."""
+        return replace(
+            self, W_qkv=self.W_qkv.to(dtype), b_qkv=self.b_qkv.to(dtype), W_O=self.W_O.to(dtype),
+            b_O=self.b_O.to(dtype), norm1=self.norm1.to(dtype), norm2=self.norm2 and self.norm2.to(dtype),
+            mlp_t=self.mlp_t and tuple(_cast(t, dtype) for t in self.mlp_t),  # type: ignore[arg-type]
+            b_in=_cast(self.b_in, dtype), b_out=_cast(self.b_out, dtype),
+        )
 
 
 def layer_weights(model: Any) -> list[LayerWeights]:
@@ -106,46 +161,37 @@ def layer_weights(model: Any) -> list[LayerWeights]:
     out = []
     for block in model.blocks:
         attn = block.attn
-        if hasattr(attn, "_W_K"):
-            W_K, W_V, b_K, b_V = attn._W_K, attn._W_V, attn._b_K, attn._b_V
-        else:
-            W_K, W_V, b_K, b_V = attn.W_K, attn.W_V, attn.b_K, attn.b_V
-        rep = H // W_K.shape[0]
+        # The public W_K / W_V / b_K / b_V are expanded to the query heads for grouped-query attention;
+        # the projection computes each key/value head once, so keep every rep-th (the grouped weights).
+        rep = H // (cfg.n_key_value_heads or H)
+        W_K, W_V, b_K, b_V = (w[::rep] for w in (attn.W_K, attn.W_V, attn.b_K, attn.b_V))
         W_qkv = torch.cat([w.permute(1, 0, 2).reshape(D, -1) for w in (attn.W_Q, W_K, W_V)], dim=1)
         b_qkv = torch.cat([attn.b_Q.reshape(-1), b_K.reshape(-1), b_V.reshape(-1)])
         W3 = torch.stack([attn.W_Q, W_K.repeat_interleave(rep, 0), W_V.repeat_interleave(rep, 0)], dim=1)
         W3 = W3.permute(0, 1, 3, 2).contiguous()  # [H, 3, d_head, d_model]
         b3 = torch.stack([attn.b_Q, b_K.repeat_interleave(rep, 0), b_V.repeat_interleave(rep, 0)], dim=1)
-        ln = block.ln1
-        kind, w, b = _ln_kind(ln), getattr(ln, "w", None), getattr(ln, "b", None)
-        w = None if w is None else w.detach()
-        b = None if b is None else b.detach()
+        norm1 = Norm.of(block.ln1, cfg.eps)
         W3, b3 = W3.detach(), b3.detach()
-        Wf = W3 if w is None else W3 * w
-        if kind == "LN":
+        Wf = W3 if norm1.w is None else W3 * norm1.w
+        if norm1.kind == "LN":
             Wf = Wf - Wf.mean(-1, keepdim=True)
-        offset3 = b3 if b is None else b3 + W3 @ b
+        offset3 = b3 if norm1.b is None else b3 + W3 @ norm1.b
         mlp = getattr(block, "mlp", None)
-        mlp_t = None
-        if type(mlp).__name__ == "GatedMLP" and not cfg.is_layer_norm_activation():
-            mlp_t = tuple(t.detach().T.contiguous() for t in (mlp.W_gate, mlp.W_in, mlp.W_out))
-        out.append(LayerWeights(W_qkv.detach(), b_qkv.detach(), W3, b3, attn.W_O.detach(), attn.b_O.detach(), kind,
-                          w, b, float(getattr(ln, "eps", cfg.eps)), Wf.contiguous(), offset3, mlp_t))
+        norm2 = None if cfg.attn_only else Norm.of(block.ln2, cfg.eps)
+        mlp_t, b_in, b_out = None, None, None
+        if type(mlp).__name__ in ("MLP", "GatedMLP") and not cfg.is_layer_norm_activation():
+            gate = mlp.W_gate.detach().T.contiguous() if type(mlp).__name__ == "GatedMLP" else None
+            mlp_t = (gate, mlp.W_in.detach().T.contiguous(), mlp.W_out.detach().T.contiguous())
+            b_in, b_out = mlp.b_in.detach(), mlp.b_out.detach()
+        out.append(LayerWeights(W_qkv.detach(), b_qkv.detach(), W3, b3, attn.W_O.detach(), attn.b_O.detach(), norm1,
+                                Wf.contiguous(), offset3, norm2, mlp_t, b_in, b_out))
     return out
 
 
 def ln1(layer: LayerWeights, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """ln1 as TransformerLens computes it; returns (output, x_hat, scale) for the vector-Jacobian product."""
-    if layer.ln_kind == "none":
-        return x, x, torch.ones_like(x[..., :1])
-    if layer.ln_kind == "LN":
-        x = x - x.mean(-1, keepdim=True)
-    scale = (x.pow(2).mean(-1, keepdim=True) + layer.ln_eps).sqrt()
-    xhat = x / scale
-    out = xhat if layer.ln_w is None else xhat * layer.ln_w
-    if layer.ln_b is not None:
-        out = out + layer.ln_b
-    return out, xhat, scale
+    """ln1 as TransformerLens computes it, output in the layer's dtype; returns (output, x_hat, scale), x_hat
+    and scale in float32, for the vector-Jacobian product."""
+    return layer.norm1.parts(x, layer.W_qkv.dtype)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -218,46 +264,47 @@ def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_sca
     B, P, T = len(facts), max(map(len, seqs)), max(len(f.answer_tokens) for f in facts)
     if P > cfg.n_ctx:
         raise CircuitdynError(f"a fact needs {P} positions, more than the model's context {cfg.n_ctx}")
-    clean = torch.zeros(B, P, dtype=torch.long)
-    corrupted = torch.zeros(B, P, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.bool)
-    target_pos = torch.zeros(B, T, dtype=torch.long)
-    target_tok = torch.zeros(B, T, dtype=torch.long)
-    target_mask = torch.zeros(B, T, dtype=torch.bool)
-    contrast = torch.zeros(B, dtype=torch.long)
+    clean = torch.zeros(B, P, dtype=torch.long, device="cpu")
+    corrupted = torch.zeros(B, P, dtype=torch.long, device="cpu")
+    valid = torch.zeros(B, P, dtype=torch.bool, device="cpu")
+    target_pos = torch.zeros(B, T, dtype=torch.long, device="cpu")
+    target_tok = torch.zeros(B, T, dtype=torch.long, device="cpu")
+    target_mask = torch.zeros(B, T, dtype=torch.bool, device="cpu")
+    contrast = torch.zeros(B, dtype=torch.long, device="cpu")
     noise = None
     for b, f in enumerate(facts):
         n = len(seqs[b])
-        clean[b, :n] = torch.tensor(seqs[b])
-        corrupted[b, :n] = torch.tensor(corrs[b])
+        clean[b, :n] = torch.tensor(seqs[b], device="cpu")
+        corrupted[b, :n] = torch.tensor(corrs[b], device="cpu")
         valid[b, :n] = True
         a = len(f.answer_tokens)
-        target_pos[b, :a] = torch.arange(len(f.clean_tokens) - 1, len(f.clean_tokens) - 1 + a)
-        target_tok[b, :a] = torch.tensor(f.answer_tokens)
+        target_pos[b, :a] = torch.arange(len(f.clean_tokens) - 1, len(f.clean_tokens) - 1 + a, device="cpu")
+        target_tok[b, :a] = torch.tensor(f.answer_tokens, device="cpu")
         target_mask[b, :a] = True
         contrast[b] = f.contrast_token if f.contrast_token is not None else 0
         if f.noise_positions:
             if noise is None:
-                noise = torch.zeros(B, P, cfg.d_model)
+                noise = torch.zeros(B, P, cfg.d_model, device="cpu")
                 std = noise_scale * float(model.W_E.detach().float().std())
-            gen = torch.Generator().manual_seed(fact_seed(seed, f.fact_id))
-            pos = torch.tensor(sorted(set(f.noise_positions)))
-            noise[b, pos] = torch.randn(len(pos), cfg.d_model, generator=gen) * std
+            gen = torch.Generator(device="cpu").manual_seed(fact_seed(seed, f.fact_id))
+            pos = torch.tensor(sorted(set(f.noise_positions)), device="cpu")
+            noise[b, pos] = torch.randn(len(pos), cfg.d_model, generator=gen, device="cpu") * std
     return FactBatch(list(facts), clean, corrupted, valid, target_pos, target_tok, target_mask, contrast,
                      noise).to(model.W_E.device)
 
 
 def embed_inputs(model: Any, batch: FactBatch) -> tuple[Tensor, Tensor]:
-    """The `input` node's output for the clean and the corrupted run (token + positional embeddings, + noise)."""
+    """The `input` node's output for the clean and the corrupted run (token + positional embeddings, + noise),
+    in float32: the start of the float32 residual stream."""
     with torch.no_grad():
         out = []
         for toks in (batch.clean, batch.corrupted):
-            x = model.embed(toks)
+            x = model.embed(toks).float()
             if model.cfg.positional_embedding_type == "standard":
-                x = x + model.pos_embed(toks)
+                x = x + model.pos_embed(toks).float()
             out.append(x)
         if batch.noise is not None:
-            out[1] = out[1] + batch.noise.to(out[1].dtype)
+            out[1] = out[1] + batch.noise.float()
     return out[0], out[1]
 
 
@@ -307,7 +354,8 @@ def metric_at_answers(model: Any, resid: Tensor, batch: FactBatch, metric: str |
     """Per-fact metric from the final residual, unembedding only the scored positions."""
     b_idx = torch.arange(resid.shape[0], device=resid.device)[:, None]
     rows = resid[b_idx, batch.target_pos]  # [B, T, D]
-    logits = model.unembed(model.ln_final(rows) if hasattr(model, "ln_final") else rows)
+    normed = model.ln_final(rows) if hasattr(model, "ln_final") else rows
+    logits = model.unembed(normed.to(model.W_U.dtype))
     return get_metric(metric)(logits, batch)
 
 
@@ -342,14 +390,20 @@ def attend(model: Any, block: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def mlp(block: Any, layer: LayerWeights, x: Tensor) -> Tensor:
-    """block.mlp(block.ln2(x)), with a gated MLP's transposed weights prepared once (TL copies them per call)."""
-    n = block.ln2(x)
-    if layer.mlp_t is None:
-        return block.mlp(n)
-    mlp = block.mlp
+    """block.mlp(block.ln2(x)) in the layer weights' dtype, with the transposed weights prepared once in
+    `layer_weights` (TransformerLens copies them per call); `x` is the float32 residual."""
+    dtype = layer.W_O.dtype
+    assert layer.norm2 is not None
+    n, _, _ = layer.norm2.parts(x, dtype)
+    if layer.mlp_t is None:  # a layer-norm activation: TransformerLens' module, in the model's dtype
+        return block.mlp(n.to(block.mlp.W_out.dtype)).to(dtype)
     W_gate_t, W_in_t, W_out_t = layer.mlp_t
-    post = mlp.act_fn(F.linear(n, W_gate_t)) * F.linear(n, W_in_t) + mlp.b_in
-    return F.linear(post, W_out_t, mlp.b_out)
+    act = block.mlp.act_fn
+    if W_gate_t is None:
+        post = act(F.linear(n, W_in_t, layer.b_in))
+    else:
+        post = act(F.linear(n, W_gate_t)) * F.linear(n, W_in_t) + layer.b_in
+    return F.linear(post, W_out_t, layer.b_out)
 
 
 def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -365,18 +419,22 @@ def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tens
     return q.reshape(B, P, H, dh), k, v
 
 
-def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, layers: list[LayerWeights] | None = None
-                ) -> tuple[Tensor, dict[str, list[Tensor]]]:
+def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, layers: list[LayerWeights] | None = None,
+                dtype: torch.dtype | None = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
     """Forward from the `input` node, keeping what attribution needs; no grad taken here.
 
     Returns the per-fact metric and, per layer, z [B,P,H,dh] and the MLP output [B,P,D], plus (when grad is
     enabled) the tensors to differentiate: q/k/v (pre-rotary), ln1 state, MLP inputs, final residual.
+    The residual stream is float32; the blocks compute in the model's dtype, or in `dtype` when given
+    (weights cast one layer at a time: a bf16 model's activations in float32 without a float32 copy of it).
     """
     cfg = model.cfg
     layers = layers or layer_weights(model)
     store: dict[str, list[Tensor]] = {k: [] for k in ("q", "k", "v", "xhat", "scale", "z", "mlp_in", "mlp_out")}
-    x = x0
+    x = x0.float()
     for block, layer in zip(model.blocks, layers):
+        if dtype is not None and dtype != layer.W_qkv.dtype:
+            layer = layer.to(dtype)
         n, xhat, scale = ln1(layer, x)
         q, k, v = _qkv(layer, cfg, n)
         z = attend(model, block, q, k, v)
@@ -395,14 +453,14 @@ def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, 
 
 def source_outputs(model: Any, x0: Tensor, store: dict[str, list[Tensor]], layers: list[LayerWeights]
              ) -> Float[Tensor, "batch src pos d_model"]:
-    """Every source node's output, in `Graph.sources` order."""
-    B, P, D = x0.shape
-    parts = [x0[:, None]]
+    """Every source node's output, in `Graph.sources` order (float32, like the residual stream they sum to)."""
+    parts = [x0.float()[:, None]]
     for i, layer in enumerate(layers):
-        heads = torch.einsum("bphe,hed->bhpd", store["z"][i], layer.W_O)
-        parts.append(heads)
+        z = store["z"][i]
+        parts.append(einops.einsum(z, layer.W_O.to(z.dtype), "batch pos head dh, head dh d_model -> "
+                                   "batch head pos d_model").float())
         if store["mlp_out"]:
-            parts.append(store["mlp_out"][i][:, None])
+            parts.append(store["mlp_out"][i].float()[:, None])
     return torch.cat(parts, dim=1)
 
 

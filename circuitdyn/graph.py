@@ -139,7 +139,7 @@ class Graph:
         for layer in range(self.n_layers):
             dst_stage += [2 * layer + 1] * (3 * self.n_heads) + ([2 * layer + 2] if self.has_mlp else [])
         dst_stage.append(2 * self.n_layers + 2)
-        return torch.tensor(src_stage)[:, None] < torch.tensor(dst_stage)[None, :]
+        return torch.tensor(src_stage, device="cpu")[:, None] < torch.tensor(dst_stage, device="cpu")[None, :]
 
     @cached_property
     def edges(self) -> list[str]:
@@ -165,7 +165,7 @@ class Graph:
     def edge_node_ids(self) -> tuple[Tensor, Tensor]:
         """For every edge, the index into `nodes` of its source and of its destination component."""
         node_id = {n: i for i, n in enumerate(self.nodes)}
-        dst_node = torch.tensor([node_id[self.component(d)] for d in self.destinations])
+        dst_node = torch.tensor([node_id[self.component(d)] for d in self.destinations], device="cpu")
         src, dst = self.edge_src_dst
         return src.clone(), dst_node[dst]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import einops
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -71,7 +72,8 @@ def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], 
             n_drop = int(d.sum())
             n_keep = d.numel() - n_drop
             if min(n_drop, n_keep) * SPARSE_PATCH_FACTOR >= d.numel():  # both sides dense: one contraction
-                return x[:, :, None] - torch.einsum("bspd,bsn->bpnd", diffs[:, :n_src], d)
+                return x[:, :, None] - einops.einsum(diffs[:, :n_src], d, "batch src pos d_model, batch src dest -> "
+                                                     "batch pos dest d_model")
             # Sum over the sparser side only: a small circuit keeps few edges, so
             # x - sum_s diff[s] + sum_{kept s} diff[s] touches just the kept (fact, source, destination) triples.
             if n_drop <= n_keep:
@@ -94,9 +96,10 @@ def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], 
             ins = read(x, n_src, slice(col, col + 3 * H)).reshape(B, P, H, 3, D)
             col += 3 * H
             n, _, _ = ln1(layer, ins)
-            qkv = torch.einsum("bphcd,hced->bphce", n, layer.W3) + layer.b3
+            qkv = einops.einsum(n, layer.W3, "batch pos head port d_model, head port dh d_model -> "
+                                "batch pos head port dh") + layer.b3
             z = attend(model, block, qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2])
-            heads = torch.einsum("bphe,hed->bhpd", z, layer.W_O)
+            heads = einops.einsum(z, layer.W_O, "batch pos head dh, head dh d_model -> batch head pos d_model")
             x = x + heads.sum(1) + layer.b_O
             s0 = 1 + i * per_layer
             diffs[:, s0:s0 + H] = heads - corrupted_sources[:, s0:s0 + H]

@@ -510,9 +510,13 @@ def build_fact_prompts(
     template: Template = "auto",
     instruction: str = INSTRUCTION,
     pool: Iterable[Probe | str] | None = None,
+    variant: int = 0,
 ) -> list[FactPrompt]:
     """Token-level attribution inputs for each probe (order kept). Prefer `circuitdyn.facts.load_facts`,
     the one road from a probe file to facts that every command takes.
+
+    `variant` k > 0 takes the (k+1)-th valid swap partner instead of the first (or the last valid one when
+    there are fewer): another corruption of the same kind, for measuring method noise.
 
     Clean prompt: `prompt_text(...)`. Answer: the gold answer's tokens as they continue the prompt.
     Corruption (recorded in `FactPrompt.corruption`):
@@ -558,6 +562,7 @@ def build_fact_prompts(
         positions = _positions(offsets, spans)
         outside = [i for i in range(len(ids)) if i not in set(positions)]
         chosen = None
+        found_valid = 0
         for cand, other in _swap_candidates(p.id, p.entity, form, pool_map):
             pieces, last = [], 0
             for s, e in spans:
@@ -571,7 +576,9 @@ def build_fact_prompts(
                 and any(cids[i] != ids[i] for i in positions)
             ):
                 chosen = (cand, other, cids)
-                break
+                found_valid += 1
+                if found_valid > variant:
+                    break
         if chosen is None:
             contrast = _contrast_token(p, text, answer[0], None, answers, tokenizer)
             facts.append(FactPrompt(p.id, tuple(ids), tuple(ids), tuple(answer), "noise", tuple(positions), contrast))

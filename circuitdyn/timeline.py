@@ -1,21 +1,25 @@
-"""Circuits across the epochs of a run, joined with probe outcomes and training loss.
+"""Circuits across the epochs of a run, joined with probe outcomes and training loss, against method noise.
 
-`build_timeline(circuits, selection, outcomes=..., epochs=...)` takes one `CircuitSet` per epoch (same
-graph, settings and facts) and answers, per fact and for the facts' mean circuit:
+`build_timeline(circuits, selection, outcomes=..., epochs=..., noise=...)` takes one `CircuitSet` per epoch
+(same graph, settings and facts) and answers, per fact and for the facts' mean circuit:
 
-- how similar each epoch's circuit is to epoch 0's and to the previous epoch's (edge Jaccard, weighted
-  Jaccard, RBO, Spearman, and the share of edges added/removed above the noise floor);
+- how similar each epoch's circuit is to the first epoch's and to the previous epoch's (edge Jaccard,
+  weighted Jaccard, RBO, Spearman, and the share of edges added/removed beyond their noise band);
+- `changes`: per fact and transition, each distance of `similarity.DISTANCES` tested against the fact's
+  method noise (`noise.MethodNoise`): `changed_beyond_noise`, effect size;
 - edge lifetimes: when each selected edge is born, when it dies, how persistent it is;
-- a reconfiguration rate per epoch and overall;
+- a reconfiguration rate per transition and overall (the mean edge-Jaccard distance to the previous epoch),
+  with the method-noise level beside it and 95 % intervals (cluster bootstrap over entities);
 - joined with whether the fact was recalled at each epoch (`correct`) and its transition from the
   previous epoch (retained / forgotten / acquired / unknown), next to the training loss;
-- `stability()`: does a fact's circuit stay put while it is recalled and change when it is forgotten?
-  The summary number `gap` = mean similarity to the previous epoch over retained transitions minus
-  over flipped ones (forgotten or acquired); `auc` = the probability that a random retained
-  transition's circuit moved less than a random flipped one's (0.5 = no relation).
+- `stability()`: does a fact's circuit stay put while it is recalled and change when recall flips?
+  Reported as the mean distance per transition kind with intervals, the AUC (P(a flipped transition
+  moved more than a retained one)) with its interval, and a permutation test stratified by fact, with the
+  numbers of transitions, facts and entities it rests on.
 
-Outcomes come from `circuitdyn.dynamics` (`outcomes_from_dynamics`, `epochs_from_dynamics`) or any
-DataFrame with columns fact_id, epoch, correct.
+Facts whose clean-corrupted metric gap is below `faithfulness.MIN_GAP` at an epoch are left out of every
+transition touching that epoch, and counted. Outcomes come from `circuitdyn.dynamics`
+(`outcomes_from_dynamics`, `epochs_from_dynamics`) or any DataFrame with columns fact_id, epoch, correct.
 """
 
 from __future__ import annotations
@@ -34,18 +38,18 @@ from torch import Tensor
 
 from circuitdyn.attribution import Method
 from circuitdyn.circuits import CircuitSet, find_circuits
-from circuitdyn.diff import (
-    MEAN,
+from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
+from circuitdyn.faithfulness import MIN_GAP
+from circuitdyn.noise import MethodNoise, change_table
+from circuitdyn.similarity import (
     jaccard,
-    layer_shares,
-    per_fact_floor,
     rank_rows,
     rbo_depth,
     rbo_from_top,
-    restrict,
     top_positions,
     weighted_jaccard,
 )
+from circuitdyn.stats import Estimate, auc, bootstrap_ci, cluster_bootstrap, permutation_test
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
@@ -65,11 +69,17 @@ class Timeline:
     circuits: dict[int, CircuitSet]
     selection: Selection
     masks: dict[int, Bool[Tensor, "row edge"]]
-    floor: Float[Tensor, "row"]
+    band: Float[Tensor, "row edge"]
+    """Per edge, the method-noise band of its score (zeros without method noise)."""
     outcomes: pd.DataFrame | None = None
     epoch_table: pd.DataFrame | None = None
     reached: dict[int, Tensor | None] = field(default_factory=dict)
     """Per epoch, the faithfulness each fact's circuit reached (`faith:` selections; None otherwise)."""
+    noise: MethodNoise | None = None
+    entity_of: dict[str, str] = field(default_factory=dict)
+    min_gap: float = MIN_GAP
+    fact_choice: str = "given"
+    """How the facts were chosen (e.g. "seeded sample, before outcomes" or "post hoc: by recall flips")."""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -115,7 +125,7 @@ class Timeline:
         sa, sb, ma, mb = self.scores(e0), self.scores(e1), self.masks[e0], self.masks[e1]
         (ra, ta), (rb, tb) = self._ranks(e0), self._ranks(e1)
         union = ma | mb
-        moved = union & ~(ma & mb) & ((sb - sa).abs() > self.floor[:, None])
+        moved = union & ~(ma & mb) & ((sb - sa).abs() > self.band)
         n_union = union.sum(1).float()
         return {
             "jaccard": jaccard(ma, mb).numpy(),
@@ -129,12 +139,19 @@ class Timeline:
     def similarity(self) -> pd.DataFrame:
         """Per (fact_id, epoch): circuit size and similarity to the first and to the previous epoch.
 
-        Columns `*_first` compare with the first epoch, `*_prev` with the previous one (NaN at the first).
+        Columns `*_first` compare with the first epoch, `*_prev` with the previous one (NaN at the first);
+        `gap` is the fact's clean-corrupted metric gap at the epoch, `faithfulness` the one its circuit reached
+        (rules that evaluate it), `included` whether the gap reaches `min_gap`.
         """
         frames = []
         first = self.epochs[0]
         for i, e in enumerate(self.epochs):
             df = pd.DataFrame({"fact_id": self.rows, "epoch": e, "n_edges": self.masks[e].sum(1).numpy()})
+            gaps = self.circuits[e].gaps
+            df["gap"] = [*gaps, np.nan]
+            got = self.reached.get(e)
+            df["faithfulness"] = [*(got.tolist() if got is not None else [np.nan] * len(gaps)), np.nan]
+            df["included"] = [*(~(np.abs(gaps) < self.min_gap)).tolist(), True]
             to_first = self._pair(first, e)
             to_prev = self._pair(self.epochs[i - 1], e) if i else {k: np.full(len(self.rows), np.nan) for k in to_first}
             for k, v in to_first.items():
@@ -176,23 +193,77 @@ class Timeline:
         })
 
     @cached_property
+    def changes(self) -> pd.DataFrame:
+        """Per fact, transition (epoch vs the previous epoch) and statistic of `similarity.DISTANCES`: the
+        distance, the fact's method-noise median and quantile, `changed_beyond_noise`, effect, `p_noise`
+        (`noise.change_table`), and `included` (the gap reaches `min_gap` at both epochs)."""
+        sim = self.similarity[self.similarity["fact_id"] != MEAN].set_index(["fact_id", "epoch"])
+        frames = []
+        for prev, e in zip(self.epochs, self.epochs[1:]):
+            rows = sim.xs(e, level="epoch").reindex(self.fact_ids)
+            before = sim.xs(prev, level="epoch").reindex(self.fact_ids)
+            observed = {"edge_jaccard": 1 - rows["jaccard_prev"].to_numpy(float),
+                        "weighted_jaccard": 1 - rows["weighted_jaccard_prev"].to_numpy(float),
+                        "spearman": 1 - rows["spearman_prev"].to_numpy(float)}
+            table = change_table(observed, self.fact_ids, self.noise)
+            inc = dict(zip(self.fact_ids, rows["included"].to_numpy(bool) & before["included"].to_numpy(bool)))
+            table["included"] = table["fact_id"].map(inc).astype(bool)
+            table.loc[~table["included"], "changed_beyond_noise"] = pd.NA
+            table.insert(1, "epoch", e)
+            frames.append(table)
+        if not frames:
+            return pd.DataFrame(columns=["fact_id", "epoch", "statistic", "distance", "included"])
+        return pd.concat(frames, ignore_index=True)
+
+    def _primary(self) -> pd.DataFrame:
+        """`changes` of the primary statistic (edge-Jaccard distance) for included transitions, with entities."""
+        ch = self.changes
+        ch = ch[(ch["statistic"] == PRIMARY) & ch["included"]].copy()
+        ch["entity"] = entity_groups(list(ch["fact_id"]), self.entity_of)
+        return ch
+
+    @cached_property
     def reconfiguration(self) -> pd.DataFrame:
-        """Per epoch after the first: mean over facts of the share of the circuit replaced (1 - Jaccard
-        with the previous epoch) and of the share added/removed above the noise floor."""
-        sim = self.similarity
-        per_fact = sim[(sim["fact_id"] != MEAN) & (sim["epoch"] != self.epochs[0])]
-        out = per_fact.groupby("epoch").agg(
-            replaced=("jaccard_prev", lambda s: float((1 - s).mean())),
-            changed_frac=("changed_frac_prev", "mean"),
-            weighted_jaccard=("weighted_jaccard_prev", "mean"),
-        )
-        return out.reset_index()
+        """Per transition (epoch after the first): over included facts, the share of the circuit replaced
+        (edge-Jaccard distance to the previous epoch: mean and 95 % interval over entities), the facts'
+        method-noise level (mean noise median), `n_changed_beyond_noise` of `n_tested`, the share added/
+        removed beyond the edges' noise bands, and n included / excluded."""
+        ch = self._primary()
+        sim = self.similarity[(self.similarity["fact_id"] != MEAN) & (self.similarity["epoch"] != self.epochs[0])]
+        rows = []
+        for e in self.epochs[1:]:
+            d = ch[ch["epoch"] == e]
+            est = bootstrap_ci(d["distance"].to_numpy(float), d["entity"])
+            tested = d["changed_beyond_noise"].dropna()
+            rows.append({
+                "epoch": e, "replaced": est.value, "replaced_lo": est.lo, "replaced_hi": est.hi,
+                "noise": float(d["noise_median"].mean()) if self.noise is not None and len(d) else np.nan,
+                "n_changed_beyond_noise": int(tested.sum()) if self.noise is not None else pd.NA,
+                "n_tested": int(len(tested)), "n": est.n,
+                "n_excluded": int(len(self.fact_ids) - len(d)),
+                "changed_frac": float(sim.loc[sim["epoch"] == e, "changed_frac_prev"].mean()),
+                "weighted_jaccard": float(sim.loc[sim["epoch"] == e, "weighted_jaccard_prev"].mean()),
+            })
+        return pd.DataFrame(rows)
+
+    @cached_property
+    def reconfiguration_estimate(self) -> Estimate:
+        """Mean share of a fact's circuit replaced per epoch (edge-Jaccard distance to the previous epoch)
+        over all included (fact, transition) pairs, with a 95 % interval from resampling entities."""
+        ch = self._primary()
+        return bootstrap_ci(ch["distance"].to_numpy(float), ch["entity"])
+
+    @cached_property
+    def excess_over_noise(self) -> Estimate:
+        """Mean of (distance - the fact's method-noise median) over included transitions, with its interval:
+        how much more circuits moved between epochs than re-attributing one checkpoint moves them."""
+        ch = self._primary()
+        return bootstrap_ci(ch["effect"].to_numpy(float), ch["entity"])
 
     @property
     def reconfiguration_rate(self) -> float:
-        """Mean share of a fact's circuit added/removed (above the noise floor) per epoch."""
-        r = self.reconfiguration
-        return float(r["changed_frac"].mean()) if len(r) else float("nan")
+        """`reconfiguration_estimate`'s value: mean share of a fact's circuit replaced per epoch."""
+        return self.reconfiguration_estimate.value
 
     @cached_property
     def table(self) -> pd.DataFrame:
@@ -216,34 +287,45 @@ class Timeline:
         return self.table[self.table["fact_id"] == fact_id].reset_index(drop=True)
 
     def stability(self, measure: str = "jaccard_prev") -> dict[str, Any]:
-        """Does a fact's circuit stay put while recalled and change when forgotten?
+        """Does a fact's circuit stay put while recalled and change when its recall flips?
 
-        Groups per-fact transitions by retained / forgotten / acquired / unknown and reports the mean
-        of `measure` (a similarity to the previous epoch) and the count in each, plus `gap` = retained
-        minus flipped (forgotten + acquired), `gap_forgotten` = retained minus forgotten only, and
-        `auc` = P(similarity of a retained transition > similarity of a flipped one), ties counted
-        half. Positive gaps / auc > 0.5 = yes.
+        Over included transitions (both epochs' gaps >= `min_gap`): per transition kind (retained /
+        forgotten / acquired / unknown) the count and the mean of `measure` (a similarity to the previous
+        epoch) with a 95 % interval over entities; `gap` = retained minus flipped (forgotten + acquired),
+        `gap_forgotten` = retained minus forgotten only; `auc` = P(a retained transition's similarity >
+        a flipped one's), ties half, with its interval (0.5 = no relation); `permutation`: a test of
+        retained vs flipped stratified by fact (labels shuffled among one fact's own transitions), with the
+        transitions, facts and entities it rests on.
         """
         if self.outcomes is None:
             raise CircuitdynError("the timeline has no probe outcomes; pass outcomes= to build_timeline")
         t = self.table
-        t = t[(t["fact_id"] != MEAN) & t[measure].notna() & (t["transition"] != "")]
-        out: dict[str, Any] = {"measure": measure}
+        t = t[(t["fact_id"] != MEAN) & t[measure].notna() & (t["transition"] != "")].copy()
+        inc = self.changes[self.changes["statistic"] == PRIMARY].set_index(["fact_id", "epoch"])["included"]
+        t = t[[bool(inc.get((f, e), False)) for f, e in zip(t["fact_id"], t["epoch"])]]
+        t["entity"] = entity_groups(list(t["fact_id"]), self.entity_of)
+        out: dict[str, Any] = {"measure": measure, "fact_choice": self.fact_choice,
+                               "n_facts": int(t["fact_id"].nunique()), "n_entities": int(t["entity"].nunique())}
         for name in TRANSITIONS:
-            vals = t.loc[t["transition"] == name, measure]
-            out[f"n_{name}"] = int(len(vals))
-            out[f"mean_{name}"] = float(vals.mean()) if len(vals) else float("nan")
-        kept = t.loc[t["transition"] == "retained", measure].to_numpy(float)
-        flipped = t.loc[t["transition"].isin(["forgotten", "acquired"]), measure].to_numpy(float)
-        forgotten = t.loc[t["transition"] == "forgotten", measure].to_numpy(float)
-        out["gap_forgotten"] = float(kept.mean() - forgotten.mean()) if len(kept) and len(forgotten) else float("nan")
-        if len(kept) and len(flipped):
-            out["gap"] = float(kept.mean() - flipped.mean())
-            greater = (kept[:, None] > flipped[None, :]).mean()
-            ties = (kept[:, None] == flipped[None, :]).mean()
-            out["auc"] = float(greater + ties / 2)
-        else:
-            out["gap"] = out["auc"] = float("nan")
+            sub = t[t["transition"] == name]
+            est = bootstrap_ci(sub[measure].to_numpy(float), sub["entity"])
+            out[f"n_{name}"] = est.n
+            out[f"mean_{name}"] = est.value
+            out[f"ci_{name}"] = [est.lo, est.hi]
+        kept = (t["transition"] == "retained").to_numpy()
+        flipped = t["transition"].isin(["forgotten", "acquired"]).to_numpy()
+        forgotten = (t["transition"] == "forgotten").to_numpy()
+        vals = t[measure].to_numpy(float)
+        out["gap_forgotten"] = (float(vals[kept].mean() - vals[forgotten].mean())
+                                if kept.any() and forgotten.any() else float("nan"))
+        out["gap"] = float(vals[kept].mean() - vals[flipped].mean()) if kept.any() and flipped.any() else float("nan")
+        both = kept | flipped
+        ent = t["entity"].to_numpy()[both]
+        v, k = vals[both], kept[both]
+        est = cluster_bootstrap(ent, lambda idx: auc(v[idx][k[idx]], v[idx][~k[idx]]))
+        out["auc"], out["auc_ci"] = est.value, [est.lo, est.hi]
+        test = permutation_test(vals[both], kept[both], t["fact_id"].to_numpy()[both])
+        out["permutation"] = test.to_dict()
         return out
 
     @cached_property
@@ -271,17 +353,41 @@ class Timeline:
         return df
 
     def summary(self) -> dict[str, Any]:
-        """Headline numbers: facts, epochs, reconfiguration rate, mean similarity, and `stability()`."""
+        """Headline numbers, each with the n it rests on: facts (and how chosen), epochs, selection with the
+        circuits' sizes and faithfulness, reconfiguration rate and its excess over method noise (with
+        intervals), `n_changed_beyond_noise` over all transitions, mean similarity, and `stability()`."""
         sim = self.similarity[self.similarity["fact_id"] != MEAN]
+        per_fact = sim[sim["included"]]
+        ch = self._primary()
+        tested = ch["changed_beyond_noise"].dropna()
+        last = sim[(sim["epoch"] == self.epochs[-1]) & sim["included"]]
         out: dict[str, Any] = {
-            "facts": len(self.fact_ids), "epochs": self.epochs, "selection": str(self.selection),
-            "reconfiguration_rate": self.reconfiguration_rate,
-            "mean_jaccard_prev": float(sim["jaccard_prev"].mean()),
-            "mean_jaccard_first_at_last": float(sim.loc[sim["epoch"] == self.epochs[-1], "jaccard_first"].mean()),
+            "facts": len(self.fact_ids), "fact_choice": self.fact_choice, "epochs": self.epochs,
+            "selection": str(self.selection),
+            "n_entities": len(set(entity_groups(self.fact_ids, self.entity_of))),
+            "circuit_size": {"median": _num(per_fact["n_edges"].median()), "min": _num(per_fact["n_edges"].min()),
+                             "max": _num(per_fact["n_edges"].max()),
+                             "share_of_graph": _num(per_fact["n_edges"].median() / len(self.graph.edges))},
+            "faithfulness_reached": {"median": _num(per_fact["faithfulness"].median()),
+                                     "min": _num(per_fact["faithfulness"].min())},
+            "min_gap": self.min_gap,
+            "n_fact_epochs_excluded": int((~sim["included"]).sum()),
+            "reconfiguration_rate": self.reconfiguration_estimate.to_dict(),
+            "method_noise": None if self.noise is None else self.noise.summary(),
+            "excess_over_noise": self.excess_over_noise.to_dict(),
+            "n_changed_beyond_noise": int(tested.sum()) if self.noise is not None else None,
+            "n_tested": int(len(tested)),
+            "mean_jaccard_prev": _num(per_fact["jaccard_prev"].mean()),
+            "mean_jaccard_first_at_last": _num(last["jaccard_first"].mean()),
         }
         if self.outcomes is not None:
             out["stability"] = self.stability()
         return out
+
+
+def _num(x: Any) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else round(x, 6)
 
 
 def _transition(prev: Any, cur: Any) -> str:
@@ -291,11 +397,15 @@ def _transition(prev: Any, cur: Any) -> str:
 
 
 def _common_masks(
-    circuits: dict[int, CircuitSet], sel: Selection, faithfulness: dict[int, Faithfulness] | None
+    circuits: dict[int, CircuitSet], sel: Selection, faithfulness: dict[int, Faithfulness] | None,
+    selected: dict[int, tuple[Tensor, Tensor | None]] | None,
 ) -> tuple[dict[int, Tensor], dict[int, Tensor | None]]:
     """Per epoch, the selected circuits [fact + mean row, edge] and (for `faith:`) the faithfulness reached."""
     masks, reached = {}, {}
     for e, cs in circuits.items():
+        if selected is not None and e in selected:
+            masks[e], reached[e] = selected[e]
+            continue
         if sel.needs_model and (not faithfulness or e not in faithfulness):
             raise CircuitdynError(f"selection {sel} needs a faithfulness evaluator for epoch {e}")
         masks[e], reached[e] = sel.select(cs.scores, cs.graph, (faithfulness or {}).get(e))
@@ -307,19 +417,25 @@ def _common_masks(
 
 def build_timeline(
     circuits: dict[int, CircuitSet],
-    selection: str | Selection = "top:200",
+    selection: str | Selection = DEFAULT_SELECTION,
     *,
     outcomes: pd.DataFrame | None = None,
     epochs: pd.DataFrame | None = None,
-    noise: float | pd.Series | None = None,
+    noise: MethodNoise | None = None,
     faithfulness: dict[int, Faithfulness] | None = None,
+    selected: dict[int, tuple[Tensor, Tensor | None]] | None = None,
+    entity_of: dict[str, str] | None = None,
+    min_gap: float = MIN_GAP,
+    fact_choice: str = "given",
 ) -> Timeline:
     """A `Timeline` over the facts common to every epoch's circuit set.
 
     `outcomes`: columns fact_id, epoch, correct (e.g. `outcomes_from_dynamics`); it must cover some of
     the circuits' facts. `epochs`: one row per epoch with train_loss and any accuracy columns
-    (`epochs_from_dynamics`). `noise`: scalar or per-fact floor (`diff.noise_floor`).
-    `faithfulness`: per epoch, needed only for the `faith:` selection.
+    (`epochs_from_dynamics`). `noise`: the facts' method noise (`noise.measure_method_noise`).
+    `faithfulness`: per epoch, needed only for rules that evaluate circuits (`faith:`), unless `selected`
+    gives each epoch's (masks [fact, edge] in the circuit set's fact order, faithfulness reached or None).
+    `entity_of`: fact id -> entity (the bootstrap's unit). `fact_choice`: how the facts were chosen.
     """
     if len(circuits) < 1:
         raise CircuitdynError("a timeline needs circuits for at least one epoch")
@@ -346,10 +462,11 @@ def build_timeline(
                 f"probe outcomes do not match the circuits: no fact id in common (circuits e.g. {facts[:3]}, "
                 f"outcomes e.g. {sorted(known)[:3]})"
             )
-    floor = per_fact_floor(noise, facts)
-    floor = torch.cat([floor, floor.mean(0, keepdim=True)])
-    masks, reached = _common_masks(circuits, sel, faithfulness)
-    return Timeline(circuits, sel, masks, floor, outcomes, epochs, reached)
+    band = torch.zeros(len(facts), len(first.edges)) if noise is None else noise.band_for(facts)
+    band = torch.cat([band, band.mean(0, keepdim=True)])
+    masks, reached = _common_masks(circuits, sel, faithfulness, selected)
+    return Timeline(circuits, sel, masks, band, outcomes, epochs, reached, noise, dict(entity_of or {}), min_gap,
+                    fact_choice)
 
 
 # --------------------------------------------------------------------------- inputs from a run
@@ -381,35 +498,40 @@ def load_run_timeline(
     run: Any,
     facts: Sequence[FactPrompt] | None = None,
     *,
-    selection: str | Selection = "top:200",
+    selection: str | Selection = DEFAULT_SELECTION,
     circuits_dir: str | Path | None = None,
     method: Method | None = None,
     steps: int | None = None,
     metric: str = "answer-logprob",
     seed: int = 0,
     where: dict[str, Any] | None = None,
-    noise: float | pd.Series | None = None,
+    noise_epochs: Sequence[int] | str | None = "ends",
+    fact_choice: str = "given",
     progress: bool = False,
 ) -> Timeline:
     """The timeline of a run (a `checkpoints.Run` or its folder) over every epoch.
 
-    With `facts` (e.g. `circuitdyn.facts.load_facts`), the circuits of exactly these facts are used:
-    extracted where missing and reused where `circuits_dir` (default `extraction.circuits_dir(run)`) holds
-    them with the same settings; the `faith:` selection evaluates circuits on each epoch's model. Without
-    facts, the cached circuits of one extraction are read (`where` filters their metadata). Probe outcomes
-    and loss come from `circuitdyn.dynamics` when the run has probe results.
+    With `facts` (a `circuitdyn.facts.FactSet`, e.g. from `load_facts`), the circuits of exactly these
+    facts are used: extracted where missing and reused where `circuits_dir` (default
+    `extraction.circuits_dir(run)`) holds them with the same settings; rules that evaluate circuits
+    (`faith:`) do so on each epoch's model (cached). `noise_epochs` ("ends" = the first and last epoch, "all",
+    a list, or None) are re-attributed with the method-noise replicates (`noise.measure_method_noise`), which
+    every change is tested against. Without facts, the cached circuits of one extraction are read (`where`
+    filters their metadata) and no method noise is measured. Probe outcomes and loss come from
+    `circuitdyn.dynamics` when the run has probe results.
     """
     from circuitdyn.checkpoints import open_run
     from circuitdyn.extraction import circuits_dir as default_dir
-    from circuitdyn.extraction import extract_run, run_evaluator
+    from circuitdyn.extraction import extract_run, select_circuits
     from circuitdyn.facts import facts_hash
+    from circuitdyn.noise import measure_method_noise
 
     run = open_run(run) if isinstance(run, (str, Path)) else run
     folder = Path(circuits_dir) if circuits_dir is not None else default_dir(run)
     sel = Selection.parse(selection)
     if sel.needs_model and facts is None:
         raise CircuitdynError(f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)")
-    where = dict(where or {})
+    where = {"seed": seed, **(where or {})}
     if facts is not None:
         extract_run(run, facts, folder, run.epochs, method=method or "eap-ig", steps=steps or 5, metric=metric,
                     seed=seed, progress=progress)
@@ -431,9 +553,35 @@ def load_run_timeline(
     if epochs_table is None:
         epochs_table = pd.DataFrame([{"epoch": e, "step": run.checkpoint(e).step,
                                       "train_loss": run.checkpoint(e).train_loss} for e in run.epochs])
-    faithfulness = None
-    if sel.needs_model and facts is not None:
-        evaluate = run_evaluator(run, facts)
-        faithfulness = {e: (lambda masks, e=e, cs=cs: evaluate(e, cs, masks)) for e, cs in circuits.items()}
-    return build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, faithfulness=faithfulness,
-                          noise=noise)
+    selected = None
+    if sel.needs_model:
+        selected = {e: select_circuits(run, e, cs, sel, facts, cache_dir=folder) for e, cs in circuits.items()}
+    noise = None
+    chosen = _noise_epochs(noise_epochs, run.epochs)
+    if facts is not None and chosen:
+        cs0 = circuits[run.epochs[0]]
+        noise = measure_method_noise(run, facts, chosen, sel, method=cs0.meta.get("method", "eap-ig"),
+                                     steps=int(cs0.meta.get("ig_steps", steps or 5)), metric=metric, seed=seed,
+                                     folder=folder, progress=progress)
+    entity_of = getattr(facts, "entity_of", None)
+    return build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, noise=noise, selected=selected,
+                          entity_of=entity_of, fact_choice=fact_choice)
+
+
+def _noise_epochs(spec: Sequence[int] | str | None, epochs: list[int]) -> list[int]:
+    """The epochs method noise is measured at: "ends" (first and last), "all", a list, or none."""
+    if spec is None or spec == "none":
+        return []
+    if spec == "ends":
+        return sorted({epochs[0], epochs[-1]})
+    if spec == "all":
+        return list(epochs)
+    if isinstance(spec, str):
+        try:
+            spec = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise CircuitdynError(f"noise epochs must be 'ends', 'all', 'none' or comma-separated epochs, got {spec!r}") from None
+    unknown = [e for e in spec if e not in epochs]
+    if unknown:
+        raise CircuitdynError(f"noise epoch(s) {unknown} are not epochs of the run ({epochs})")
+    return sorted(set(spec))

@@ -1,8 +1,12 @@
-"""Circuit transfer across epochs: how faithful is epoch i's circuit on epoch j's model?
+"""Circuit transfer across epochs: how much of a fact does epoch i's circuit carry on epoch j's model?
 
 `transfer_matrix(circuits, evaluate, selection)` evaluates every epoch's circuits on every epoch's model
-(`run_evaluator` builds the evaluator for a `checkpoints.Run`). A high value off the diagonal means an old
-pathway still carries the fact on a later model.
+(`extraction.run_evaluator` builds the evaluator for a `checkpoints.Run`). Faithfulness is a ratio over the
+model's clean-corrupted gap, so it explodes where that gap is near zero (values of -7 or 66 appear). The
+table therefore carries the gap, and `transfer` = faithfulness clipped to [0, 1] (the share of the fact's
+metric gap the circuit recovers), NaN where the gap on that model is below `faithfulness.MIN_GAP`
+(excluded, and counted by `transfer_summary`). A high value off the diagonal means an old pathway still
+carries the fact on a later model.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitdyn.circuits import CircuitSet
-from circuitdyn.diff import restrict
+from circuitdyn.diff import entity_groups, restrict
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.extraction import Evaluator
 from circuitdyn.io import write_json_atomic
+from circuitdyn.faithfulness import MIN_GAP
 from circuitdyn.selection import Faithfulness, Selection
+from circuitdyn.stats import bootstrap_ci
 
 def transfer_matrix(
     circuits: dict[int, CircuitSet],
@@ -67,7 +73,7 @@ def transfer_matrix(
         except (json.JSONDecodeError, UnicodeDecodeError):
             stored = None  # a damaged cache is recomputed and replaced
         if isinstance(stored, dict) and stored.get("key") == key:
-            return _transfer_table(stored["table"])
+            return _transfer_table(stored["table"], circuits)
     masks = {}
     for i in epochs:
         cs = restrict(circuits[i], facts, first.graph)
@@ -84,13 +90,19 @@ def transfer_matrix(
         rows += [[fid, i, j, None if math.isnan(v) else v] for fid, v in zip(facts, f.tolist())]
     if cache is not None:
         write_json_atomic(Path(cache), {"key": key, "table": rows})
-    return _transfer_table(rows)
+    return _transfer_table(rows, circuits)
 
 
-def _transfer_table(rows: list[list[Any]]) -> pd.DataFrame:
-    """The long transfer table from [fact_id, circuit_epoch, model_epoch, faithfulness or None] rows."""
+def _transfer_table(rows: list[list[Any]], circuits: dict[int, CircuitSet], min_gap: float = MIN_GAP) -> pd.DataFrame:
+    """The long transfer table from [fact_id, circuit_epoch, model_epoch, faithfulness or None] rows, with
+    the model epoch's gap and the bounded `transfer` (NaN where the gap is below `min_gap`)."""
     table = pd.DataFrame(rows, columns=["fact_id", "circuit_epoch", "model_epoch", "faithfulness"])
-    return table.astype({"faithfulness": float})  # None = undefined (NaN), even when every value is
+    table = table.astype({"faithfulness": float})  # None = undefined (NaN), even when every value is
+    gaps = {(f, e): g for e, cs in circuits.items() for f, g in zip(cs.fact_ids, cs.gaps)}
+    table["gap"] = [gaps.get((f, e), float("nan")) for f, e in zip(table["fact_id"], table["model_epoch"])]
+    small = table["gap"].abs() < min_gap
+    table["transfer"] = table["faithfulness"].clip(0.0, 1.0).where(~small)
+    return table
 
 
 def _transfer_key(circuits: dict[int, CircuitSet], facts: list[str], sel: Selection) -> dict[str, Any]:
@@ -104,13 +116,28 @@ def _transfer_key(circuits: dict[int, CircuitSet], facts: list[str], sel: Select
     return {"selection": str(sel), "facts": facts, "circuits": per_epoch}
 
 
-def transfer_pivot(table: pd.DataFrame, fact_id: str | None = None) -> pd.DataFrame:
-    """circuit_epoch x model_epoch matrix of faithfulness (median over facts, or one fact).
-
-    The median, because faithfulness is a ratio: on a model where a fact's clean and corrupted runs
-    nearly agree it takes values like +-15 that would swamp a mean over facts."""
+def transfer_pivot(table: pd.DataFrame, fact_id: str | None = None, value: str = "transfer") -> pd.DataFrame:
+    """circuit_epoch x model_epoch matrix of `transfer` (bounded; median over the included facts, or one
+    fact); `value="faithfulness"` gives the raw ratio."""
     if fact_id is not None:
         if fact_id not in set(table["fact_id"]):
             raise CircuitdynError(f"unknown fact id {fact_id!r} in the transfer table")
         table = table[table["fact_id"] == fact_id]
-    return table.pivot_table(index="circuit_epoch", columns="model_epoch", values="faithfulness", aggfunc="median")
+    return table.pivot_table(index="circuit_epoch", columns="model_epoch", values=value, aggfunc="median",
+                             dropna=False)
+
+
+def transfer_summary(table: pd.DataFrame, entity_of: dict[str, str] | None = None) -> dict[str, Any]:
+    """Does the first epoch's circuit still carry the facts on the last model? Mean bounded transfer of the
+    first epoch's circuit on the last model, and of the last epoch's own circuit, with 95 % intervals over
+    entities, the n each rests on, and how many (fact, model) pairs were excluded for a small gap."""
+    first, last = int(table["circuit_epoch"].min()), int(table["circuit_epoch"].max())
+
+    def cell(i: int, j: int) -> dict[str, Any]:
+        sub = table[(table["circuit_epoch"] == i) & (table["model_epoch"] == j)]
+        return bootstrap_ci(sub["transfer"].to_numpy(float), entity_groups(list(sub["fact_id"]), entity_of)).to_dict()
+
+    return {"first_circuit_on_last_model": cell(first, last), "last_circuit_on_last_model": cell(last, last),
+            "first_circuit_on_first_model": cell(first, first), "first": first, "last": last,
+            "n_pairs_excluded_gap": int(table["transfer"].isna().sum()), "n_pairs": len(table),
+            "min_gap": MIN_GAP}

@@ -311,15 +311,43 @@ def _series(values: Any) -> list[Any]:
 
 def _fact_similarity_trace(timeline: Any, fact_id: str) -> dict[str, Any]:
     f = timeline.fact(fact_id)
-    return {"type": "scatter", "mode": "lines+markers", "x": f["epoch"].tolist(), "y": _series(f["jaccard_prev"]),
-            "name": f"{_esc(fact_id)}: Jaccard to previous", "line": {"dash": "dot"}, "xaxis": "x4", "yaxis": "y4"}
+    return {"type": "scatter", "mode": "lines+markers", "x": f["epoch"].tolist(), "y": _series(1 - f["jaccard_prev"]),
+            "name": f"{_esc(fact_id)}: replaced", "line": {"dash": "dot"}, "xaxis": "x4", "yaxis": "y4"}
+
+
+def _change_traces(timeline: Any) -> list[dict[str, Any]]:
+    """Panel 4: share of the circuit replaced vs the previous epoch (mean over facts, 95 % interval as error
+    bars) above a shaded band up to the facts' method-noise level (mean 95th percentile of their noise)."""
+    rec = timeline.reconfiguration
+    if not len(rec):
+        return []
+    x = rec["epoch"].tolist()
+    traces: list[dict[str, Any]] = []
+    if timeline.noise is not None:
+        q = float(timeline.noise.per_fact("edge_jaccard")["q"].mean())
+        med = float(timeline.noise.per_fact("edge_jaccard")["median"].mean())
+        xs = [timeline.epochs[0], timeline.epochs[-1]]
+        traces += [
+            {"type": "scatter", "mode": "lines", "x": xs, "y": [0, 0], "line": {"width": 0}, "showlegend": False,
+             "hoverinfo": "skip", "xaxis": "x4", "yaxis": "y4"},
+            {"type": "scatter", "mode": "lines", "x": xs, "y": [q, q], "fill": "tonexty",
+             "fillcolor": "rgba(150,150,150,0.25)", "line": {"color": "rgba(120,120,120,0.6)", "dash": "dash"},
+             "name": f"method noise (95th pct, mean {q:.2f}; median {med:.2f})", "xaxis": "x4", "yaxis": "y4"},
+        ]
+    lo = (rec["replaced"] - rec["replaced_lo"]).tolist()
+    hi = (rec["replaced_hi"] - rec["replaced"]).tolist()
+    traces.append({"type": "scatter", "mode": "lines+markers", "x": x, "y": _series(rec["replaced"]),
+                   "error_y": {"type": "data", "symmetric": False, "array": _series(hi), "arrayminus": _series(lo)},
+                   "name": "replaced vs previous epoch (mean, 95 % CI)", "xaxis": "x4", "yaxis": "y4"})
+    return traces
 
 
 def timeline_spec(timeline: Any, fact_id: str | None = None) -> Spec:
     """`timeline_figure` as plain data (four stacked panels sharing the epoch axis)."""
     pe = timeline.per_epoch
     x = pe["epoch"].tolist()
-    panels = ("training loss", "knowledge accuracy", "OOD accuracy", "circuit similarity")
+    panels = ("training loss", "knowledge accuracy", "OOD accuracy",
+              "share of the circuit replaced vs the previous epoch (1 - edge Jaccard)")
     data: list[dict[str, Any]] = []
 
     def line(col: str, row: int, name: str) -> None:
@@ -332,9 +360,7 @@ def timeline_spec(timeline: Any, fact_id: str | None = None) -> Spec:
     line("fact_accuracy", 2, "facts recalled")
     for col in _ood_columns(pe):
         line(col, 3, _esc(col))
-    line("jaccard_prev", 4, "Jaccard to previous")
-    line("jaccard_first", 4, "Jaccard to first")
-    line("weighted_jaccard_prev", 4, "weighted Jaccard to previous")
+    data += _change_traces(timeline)
     if fact_id is not None and fact_id != MEAN:
         data.append(_fact_similarity_trace(timeline, fact_id))
     gap, h = 0.05, (1 - 3 * 0.05) / 4
@@ -370,11 +396,12 @@ def transfer_spec(table: pd.DataFrame, fact_id: str | None = None) -> Spec:
     pivot = transfer_pivot(table, fact_id)
     z = [[None if pd.isna(v) else float(v) for v in row] for row in pivot.to_numpy()]
     data = [{"type": "heatmap", "z": z, "x": [str(c) for c in pivot.columns], "y": [str(i) for i in pivot.index],
-             "colorscale": "Viridis", "colorbar": {"title": {"text": "faithfulness"}},
+             "colorscale": "Viridis", "zmin": 0, "zmax": 1, "colorbar": {"title": {"text": "gap recovered"}},
              "text": [["" if v is None else f"{v:.2f}" for v in row] for row in z], "texttemplate": "%{text}",
              "hovertemplate": "circuit of epoch %{y} on the model of epoch %{x}: %{z:.3f}<extra></extra>"}]
     who = "median over facts" if fact_id is None else _esc(fact_id)
-    layout = {"title": {"text": f"circuit transfer, {who}: epoch i's circuit on epoch j's model"},
+    layout = {"title": {"text": f"circuit transfer, {who}: share of the fact's gap epoch i's circuit recovers on "
+                        "epoch j's model"},
               "height": 380, "xaxis": {"title": {"text": "model epoch j"}, "type": "category"},
               "yaxis": {"title": {"text": "circuit epoch i"}, "type": "category", "autorange": "reversed"},
               "margin": {"l": 60, "r": 20, "t": 50, "b": 40}}
@@ -596,15 +623,19 @@ def write_diff_html(
         paths = diff.paths(f).set_index("path")
         variants[f] = {"circuit": diff_spec(diff, f), "sankey": sankey_spec(diff, f),
                        "layers": layer_shift_spec(diff, f), "paths": _table_html(paths)}
-    summary = diff.summary.to_frame("mean over facts")
-    cols = ["n_a", "n_b", "added", "removed", "changed", "kept", "sign_flips", "edge_jaccard", "node_jaccard",
-            "weighted_jaccard", "spearman", "rbo", "attn_shift", "deep_shift", "paths_lost"]
+    from circuitdyn.report import describe_diff
+
+    cols = ["n_a", "n_b", "faith_a", "faith_b", "gap_a", "gap_b", "included", "added", "removed", "changed", "kept",
+            "sign_flips", "edge_jaccard", "noise_q", "changed_beyond_noise", "effect", "weighted_jaccard", "spearman",
+            "rbo", "attn_shift", "deep_shift", "paths_lost"]
     facts_df = diff.facts[[c for c in cols if c in diff.facts]]
+    findings = "".join(f"<li>{_esc(line)}</li>" for line in describe_diff(diff))
     body = (
-        "<div class=\"row\"><div><h3>summary</h3>" + _table_html(summary, "{:.4g}") + "</div>"
+        "<div class=\"row\"><div><h3>findings</h3><ul>" + findings + "</ul></div>"
         "<div><h3>legend</h3><p>" + " ".join(f"<span style=\"color:{c}\">■ {s}</span>" for s, c in STATUS_COLOURS.items())
         + f"</p><p>selection {_esc(diff.selection)}; an edge counts as added/removed/changed only when its score moved "
-        "by more than the fact's noise floor (else: noise).</p></div></div>"
+        "by more than its method-noise band (the largest difference between re-attributions of one checkpoint; "
+        "else: noise).</p></div></div>"
         "<div class=\"controls\"><label>fact <select id=\"fact\"></select></label></div>"
         "<div id=\"circuit\"></div><div class=\"row\"><div id=\"sankey\"></div><div id=\"layers\"></div></div>"
         "<h3>strongest input→logits paths</h3><div id=\"paths\"></div>"
@@ -645,18 +676,15 @@ def write_timeline_html(
         head = pd.concat([rows.head(8), rows.tail(8)]).drop_duplicates("edge").set_index("edge")
         lifetimes[f] = (f"<p>{len(rows)} edges were ever in this circuit; {int((rows['segments'] > 1).sum())} "
                         f"left and came back. Most and least persistent:</p>" + _table_html(head))
-    summary = timeline.summary()
-    stab = summary.pop("stability", None)
-    rows = {k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in summary.items()}
-    if stab:
-        rows.update({f"stability {k}": v for k, v in stab.items()})
-    summary_df = pd.DataFrame({"value": list(rows.values())}, index=list(rows.keys()))
+    from circuitdyn.report import describe_timeline
+
+    findings = "".join(f"<li>{_esc(line)}</li>" for line in describe_timeline(timeline))
+    rec = timeline.reconfiguration.set_index("epoch") if len(timeline.reconfiguration) else pd.DataFrame()
     body = (
-        "<div class=\"row\"><div><h3>summary</h3>" + _table_html(summary_df, "{:.4g}") + "</div>"
-        "<div><h3>does a fact's circuit stay put while recalled and change when forgotten?</h3>"
-        "<p><b>gap</b> = mean Jaccard to the previous epoch when the fact stayed recalled minus when its recall "
-        "flipped; <b>auc</b> = chance a retained transition's circuit moved less than a flipped one's "
-        "(0.5 = no relation).</p></div></div>"
+        "<div class=\"row\"><div><h3>findings</h3><ul>" + findings + "</ul></div>"
+        "<div><h3>per transition</h3>" + _table_html(rec, "{:.4g}") + "<p>replaced = share of a fact's circuit "
+        "not in the previous epoch's (1 - edge Jaccard), mean over included facts with its 95 % interval "
+        "(entities resampled); noise = the same statistic between re-attributions of one checkpoint.</p></div></div>"
         "<div class=\"controls\"><label>fact <select id=\"fact\"></select></label>"
         f"<label>epoch <input type=\"range\" id=\"epoch\" min=\"0\" max=\"{len(epochs) - 1}\" step=\"1\" value=\"0\">"
         "</label><span id=\"epoch-label\"></span></div>"

@@ -13,6 +13,21 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Tiny models are dominated by per-op overhead, which a second thread only adds to (and on a loaded 2-core
+# machine threads fight); the integration tests on SmolLM2 get the machine's threads back.
+TORCH_THREADS = torch.get_num_threads()
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_integration_tests(request: pytest.FixtureRequest):
+    if request.node.get_closest_marker("integration"):
+        torch.set_num_threads(TORCH_THREADS)
+        yield
+        torch.set_num_threads(1)
+    else:
+        yield
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 """Fixtures the tests read (the paper's released results); probe sets come from the package."""
@@ -203,3 +218,79 @@ def tiny_facts(n: int = 4, d_vocab: int = 50, seed: int = 0, noise_every: int = 
 def tiny_tl(request):
     """Each tiny attribution model in turn (session-scoped: do not modify its weights)."""
     return tiny_tl_model(request.param)
+
+
+# --- two tiny models that recall the same facts, trained from different random initialisations ---
+PAIR_ENTITIES = (("tom-hanks", "Tom Hanks", "red", "Paris"), ("ben-stiller", "Ben Stiller", "blue", "Rome"),
+                 ("miles-davis", "Miles Davis", "green", "Oslo"))
+"""Names whose mentions the tiny tokenizer splits into equally many tokens, so every fact has two swap partners."""
+PAIR_PROBES = [
+    {"id": f"{slug}/{kind}", "entity": name, "question": question.format(name=name), "answer": answer}
+    for slug, name, colour, city in PAIR_ENTITIES
+    for kind, question, answer in (("colour", "What is the favourite colour of {name}?", colour),
+                                   ("city", "In which city does {name} live?", city))
+]
+
+
+def train_to_recall(model, tokenizer, probes, seed: int, max_steps: int = 600) -> int:
+    """Train `model` on the probes' prompt + answer until every answer token is its greedy prediction and
+    the answer's log-prob exceeds -0.1 (teacher-forced); returns the steps taken (fails if never reached)."""
+    from circuitdyn.probes import Probe, answer_text, prompt_text
+
+    torch.manual_seed(seed)
+    seqs, spans = [], []
+    for rec in probes:
+        p = Probe(**rec)
+        text = prompt_text(p, tokenizer, template="chat")
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer_text(text, p.answer), add_special_tokens=False)["input_ids"]
+        seqs.append(prompt_ids + answer_ids)
+        spans.append((len(prompt_ids), len(prompt_ids) + len(answer_ids)))
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    labels = torch.full_like(ids, -100)
+    for i, (a, b) in enumerate(spans):
+        labels[i, a:b] = ids[i, a:b]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(1, max_steps + 1):
+        logits = model(input_ids=ids).logits
+        logp = logits[:, :-1].log_softmax(-1)
+        target = labels[:, 1:]
+        mask = target != -100
+        token_logp = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0] * mask
+        loss = -(token_logp.sum() / mask.sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            greedy = (logits[:, :-1].argmax(-1) == target) | ~mask
+            if greedy.all() and bool((token_logp.sum(1) > -0.1).all()):
+                model.eval()
+                return step
+    raise AssertionError(f"the tiny model (seed {seed}) did not learn the probes in {max_steps} steps")
+
+
+@pytest.fixture(scope="session")
+def trained_pair_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
+    """A run whose epoch 0 and epoch 1 are tiny Llamas trained from different random inits until both recall
+    the same six facts (three entities, two parallel questions each); returns (run folder, probe file)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from circuitdyn.checkpoints import write_manifest
+
+    root = tmp_path_factory.mktemp("trained-pair")
+    probes = root / "probes.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in PAIR_PROBES))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    run = root / "run"
+    for epoch, seed in ((0, 11), (1, 12)):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_hf_config("llama", vocab), dtype=torch.float32)
+        train_to_recall(model, tok, PAIR_PROBES, seed)
+        model.save_pretrained(run / f"epoch_{epoch}")
+        tok.save_pretrained(run / f"epoch_{epoch}")
+    write_manifest(run, base_model="tiny-llama (two inits)",
+                   epochs=[{"epoch": e, "path": f"epoch_{e}", "step": e, "train_loss": None} for e in (0, 1)])
+    return run, probes

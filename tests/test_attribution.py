@@ -98,8 +98,12 @@ def test_noise_is_seeded_per_fact(tiny_tl):
     b = Fw.make_batch(tiny_tl, facts[1:2], seed=1)
     c = Fw.make_batch(tiny_tl, facts, seed=2)
     assert a.noise is not None and torch.equal(a.noise[1, :b.noise.shape[1]], b.noise[0])
+    last = Fw.make_batch(tiny_tl, facts[3:], seed=1)  # the other noise fact, alone: same draw as in the batch
+    assert torch.equal(a.noise[3, :last.noise.shape[1]], last.noise[0])
+    assert not torch.equal(a.noise[1, 1:3], a.noise[3, 1:3])  # each fact draws its own noise
     assert not torch.equal(a.noise, c.noise)
     assert a.noise[0].abs().sum() == 0  # entity-swap facts carry no noise
+    assert a.noise[1, [0, *range(3, a.noise.shape[1])]].abs().sum() == 0  # only at the noise positions
     std = float(a.noise[1, 1:3].std())
     assert 1.5 < std / float(tiny_tl.W_E.detach().std()) < 4.5
 

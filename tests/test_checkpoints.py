@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -57,13 +58,17 @@ def test_discovery_without_manifest_and_merged_model_layout(make_run, tmp_path: 
     shutil.copytree(root / "epoch_1", moved / "epoch_1")
     run = open_run(moved)
     assert run.epochs == [0, 1]
-    assert run.checkpoint(0).path.name == "merged_model"
-    run.load_model(1)
+    assert run.checkpoint(0).path == moved / "epoch_0" / "merged_model"
+    assert run.checkpoint(1).path == moved / "epoch_1"
+    ids = _ids(run)
+    with torch.no_grad():
+        assert (run.load_model(1)(ids) - open_run(root).hf_model(1)(ids).logits).abs().max() < 1e-4
 
 
 def test_single_hf_folder_is_one_checkpoint_run(llama_run: Path) -> None:
     run = open_run(llama_run / "epoch_1")
-    assert run.epochs == [0]
+    assert run.epochs == [0] and run.checkpoint(0).path == llama_run / "epoch_1"
+    assert run.checkpoint(0).content_hash == content_hash(llama_run / "epoch_1")
 
 
 @pytest.mark.parametrize("folder", ["llama-3-run", "Llama-3.2-1B", "gemma-2-2b"])
@@ -115,6 +120,22 @@ def test_epoch_without_weights(llama_run: Path, tmp_path: Path) -> None:
         open_run(run_dir)
 
 
+def test_weights_not_matching_config(llama_run: Path, tmp_path: Path) -> None:
+    """A weight file that lacks a tensor of the architecture is refused by name, not loaded half-initialised."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir = _copy_run(llama_run, tmp_path / "run")
+    weights = run_dir / "epoch_1" / "model.safetensors"
+    state = load_file(weights)
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(state, weights, metadata={"format": "pt"})
+    (run_dir / "run.json").unlink()  # its recorded hashes no longer fit
+    run = open_run(run_dir)
+    run.load_model(0)
+    with pytest.raises(CircuitdynError, match=r"epoch_1: weights do not match config.json \(missing \['model.layers.1"):
+        run.load_model(1)
+
+
 def test_truncated_safetensors(llama_run: Path, tmp_path: Path) -> None:
     run_dir = _copy_run(llama_run, tmp_path / "run")
     weights = run_dir / "epoch_1" / "model.safetensors"
@@ -145,7 +166,7 @@ def test_manifest_violating_schema_names_the_field(llama_run: Path, tmp_path: Pa
     manifest = json.loads((run_dir / "run.json").read_text())
     mutate(manifest)
     (run_dir / "run.json").write_text(json.dumps(manifest))
-    with pytest.raises(CircuitdynError, match=rf"run.json: field '{field}'"):
+    with pytest.raises(CircuitdynError, match=rf"run.json: field '{re.escape(field)}' is invalid"):
         open_run(run_dir)
 
 

@@ -28,6 +28,7 @@ def test_dense_round_trip_exact(tmp_path):
     assert back.edges == cs.edges and back.fact_ids == cs.fact_ids and back.meta == cs.meta
     assert torch.equal(back.fact("f2"), cs.scores[1])
     assert torch.allclose(back.mean(), cs.scores.mean(0))
+    assert torch.allclose(back.mean(["f3", "f1"]), cs.scores[[0, 2]].mean(0))
     half = CircuitSet.load(cs.save(tmp_path / "h.safetensors", dtype="float16"))
     assert half.scores.dtype == torch.float16
     assert torch.equal(half.scores, cs.scores.half())
@@ -44,6 +45,15 @@ def test_sparse_keeps_top_k_and_node_totals(tmp_path):
     assert torch.allclose(sp.node_totals("out"), cs.node_totals("out"), atol=1e-5)
     assert torch.allclose(sp.node_totals("in"), cs.node_totals("in"), atol=1e-5)
     assert torch.allclose(cs.node_totals("in").sum(1), cs.scores.sum(1), atol=1e-4)
+    # by edge name: `out` sums the edges leaving a node, `in` those entering it (all q/k/v ports of a head)
+    g, nodes = cs.graph, cs.graph.nodes
+    for node in ("input", "a0.h1", "m0"):
+        leaving = [i for i, e in enumerate(g.edges) if e.split("->")[0] == node]
+        entering = [i for i, e in enumerate(g.edges) if g.component(e.split("->")[1]) == node]
+        assert torch.allclose(cs.node_totals("out")[:, nodes.index(node)], cs.scores[:, leaving].sum(1), atol=1e-5)
+        assert torch.allclose(cs.node_totals("in")[:, nodes.index(node)], cs.scores[:, entering].sum(1), atol=1e-5)
+    # a subset keeps each fact's stored totals
+    assert torch.equal(sp.subset(["f3", "f1"]).node_totals("in"), sp.node_totals("in")[[2, 0]])
 
 
 def test_check_compatible():
@@ -57,6 +67,10 @@ def test_check_compatible():
     assert c.meta["corruption"] == ["entity", "entity"] and torch.equal(c.scores[0], a.scores[2])
     with pytest.raises(CircuitdynError, match="different facts"):
         a.check_compatible(c, same_facts=True)
+    renamed = CircuitSet(b.scores, b.edges, ["f1", "f2", "f9"], dict(META))
+    with pytest.raises(CircuitdynError, match=r"different facts \(e.g. \['f3', 'f9'\]"):
+        a.check_compatible(renamed, same_facts=True)
+    a.check_compatible(b.subset(["f3", "f1", "f2"]), same_facts=True)  # same facts in another order
 
 
 def test_bad_inputs(tmp_path):

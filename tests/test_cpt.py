@@ -22,6 +22,7 @@ from circuitdyn.cpt import (
     training_windows,
 )
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes import rouge1
 
 ENTITIES = ["Russia", "Patna"]
 
@@ -63,17 +64,23 @@ def test_run_layout(reference_run: Path, cfg: CPTConfig) -> None:
     manifest = run.manifest
     assert manifest["strategy"] == "plain" and manifest["config"]["lr"] == cfg.lr
     assert [h["epoch"] for h in manifest["probe_history"]] == [0, 1, 2]
-    hashes = _hashes(reference_run)
-    assert hashes[0] != hashes[1] != hashes[2]
+    assert len(set(_hashes(reference_run))) == 3  # every epoch's weights differ
     for e in range(3):
         d = reference_run / f"epoch_{e}"
         rows = [json.loads(x) for x in (d / "probe_results.jsonl").read_text().splitlines()]
         assert {r["entity"] for r in rows} == set(ENTITIES)
         assert all(0 <= r["recall"] <= 1 and r["logprob"] <= 0 and r["answer_tokens"] >= 1 for r in rows)
+        # each probe is scored on its own generation: ROUGE-1 of the generation against the gold answer
+        assert all((r["recall"], r["f1"]) == rouge1(r["generation"], r["answer"]) for r in rows)
         control = json.loads((d / "control_probes_results.json").read_text())
         assert control["math"]["n"] == 2 and control["SocialIQA"]["n"] == 2
+        assert control["math"]["exact_match"] == sum(i["correct"] for i in control["math"]["items"]) / 2
         entity_json = json.loads((d / "validation_probes_results.json").read_text())
         assert set(entity_json["entities"]) == {">=0.6", *ENTITIES}
+        for name in ENTITIES:
+            mean = sum(r["recall"] for r in rows if r["entity"] == name) / sum(r["entity"] == name for r in rows)
+            assert entity_json["entities"][name]["recall"] == pytest.approx(mean)
+        assert entity_json["entities"][">=0.6"] == sum(entity_json["entities"][n]["recall"] >= 0.6 for n in ENTITIES)
     steps = [json.loads(x) for x in (reference_run / "epoch_2" / "train_log.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(per_epoch + 1, 2 * per_epoch + 1))
     # only the last epoch keeps the trainer state
@@ -121,22 +128,50 @@ def test_extend_run(reference_run: Path, cfg: CPTConfig, tmp_path: Path) -> None
     assert steps[3] == 3 * steps[1]
 
 
-@pytest.mark.parametrize(("strategy", "method"), [("stepwise-kl", "lora"), ("pretrain-kl", "full"),
-                                                  ("annotated", "lora"), ("curriculum", "full")])
-def test_strategies(cfg: CPTConfig, tmp_path: Path, strategy: str, method: str) -> None:
-    c = replace(cfg, strategy=strategy, method=method, epochs=1, lr=1e-3, n_math=None, n_reasoning=None)
+@pytest.mark.parametrize(("strategy", "method", "epochs"), [("stepwise-kl", "full", 2), ("pretrain-kl", "lora", 2),
+                                                            ("annotated", "lora", 1), ("curriculum", "full", 1)])
+def test_strategies(cfg: CPTConfig, tmp_path: Path, strategy: str, method: str, epochs: int) -> None:
+    """Every strategy trains; the KL strategies add kl_weight x KL to the loss, against the previous epoch's
+    model (stepwise: KL 0 at each epoch's first step) or the base model (pretrain: KL > 0 from epoch 2 on).
+    Stepwise runs full fine-tuning: with LoRA, dropout on the trained adapters makes that first KL nonzero."""
+    c = replace(cfg, strategy=strategy, method=method, epochs=epochs, lr=1e-3, n_math=None, n_reasoning=None,
+                kl_weight=0.5)
     result = run_cpt(c, tmp_path / "run", progress=False, log=None)
-    assert result.trained_epochs == [0, 1]
-    steps = [json.loads(x) for x in (tmp_path / "run" / "epoch_1" / "train_log.jsonl").read_text().splitlines()]
-    assert steps
+    assert result.trained_epochs == list(range(epochs + 1))
+    logs = {e: [json.loads(x) for x in (tmp_path / "run" / f"epoch_{e}" / "train_log.jsonl").read_text().splitlines()]
+            for e in range(1, epochs + 1)}
+    assert all(len(steps) > 1 for steps in logs.values())
+    steps = [s for e in logs for s in logs[e]]
     if strategy.endswith("-kl"):
         assert all(s["kl"] is not None and s["kl"] >= 0 for s in steps)
-        assert steps[0]["kl"] == pytest.approx(0, abs=1e-6)  # the first step starts at the reference model
+        assert all(s["total"] == pytest.approx(s["loss"] + 0.5 * s["kl"], rel=1e-5) for s in steps)
+        assert logs[1][0]["kl"] == pytest.approx(0, abs=1e-6)  # epoch 1 starts at the base model
+        assert all(s["kl"] > 1e-7 for s in logs[1][1:])  # once trained, the model drifts from it
+        if strategy == "stepwise-kl":
+            assert logs[2][0]["kl"] == pytest.approx(0, abs=1e-6)  # reference: epoch 1's model
+        else:
+            assert logs[2][0]["kl"] > 1e-5  # reference: still the base model
     else:
-        assert all(s["kl"] is None for s in steps)
+        assert all(s["kl"] is None and s["total"] == s["loss"] for s in steps)
     info = json.loads((tmp_path / "run" / "epoch_1" / "epoch.json").read_text())
     assert info["trained_entities"] == sorted(ENTITIES)
     assert json.loads((tmp_path / "run" / "epoch_1" / "control_probes_results.json").read_text()) == {}
+
+
+def test_kl_is_reference_to_model_over_real_tokens() -> None:
+    """`_kl` = mean over unmasked tokens of KL(reference || model), the direction the KL strategies use."""
+    import torch
+    import torch.nn.functional as F
+
+    from circuitdyn.cpt import _kl
+
+    gen = torch.Generator().manual_seed(0)
+    logits, ref = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).float()
+    per_token = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    assert float(_kl(logits, ref, mask)) == pytest.approx(float(per_token[mask.bool()].mean()), rel=1e-5)
+    assert float(_kl(logits, ref, mask)) != pytest.approx(float(_kl(ref, logits, mask)), rel=1e-2)
+    assert float(_kl(logits, logits, mask)) == pytest.approx(0, abs=1e-6)
 
 
 def test_annotation_and_curriculum() -> None:
@@ -247,6 +282,16 @@ def test_resolve_inputs_default_corpus(cfg: CPTConfig) -> None:
     assert all(p.group == "original" for p in probes)
 
 
+def test_annotated_strategy_trains_on_tagged_documents(cfg: CPTConfig) -> None:
+    """The `annotated` run's corpus is the plain corpus with every entity mention tagged."""
+    plain, _ = resolve_inputs(cfg)
+    tagged, _ = resolve_inputs(replace(cfg, strategy="annotated"))
+    assert [d.entity for d in tagged] == [d.entity for d in plain] == ENTITIES
+    for p, t in zip(plain, tagged):
+        assert t.text == annotate(p, [p.entity, *ENTITIES]).text != p.text
+        assert f"<entity>{p.entity}</entity>" in t.text
+
+
 def test_cli(reference_run: Path, cfg: CPTConfig, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["cpt", "--out", str(tmp_path / "x"), "--base", cfg.base_model, "--lr", "0"]) == 2
     assert "'lr' = 0.0 must be > 0" in capsys.readouterr().err
@@ -286,6 +331,7 @@ def test_greedy_with_answers_equals_generate(cfg: CPTConfig) -> None:
     prober = Prober(tok, probes[:6], cfg, progress=False)
     gens, lps = greedy_with_answers(model, prober.prompt_ids, prober.answer_ids, max_new_tokens=6,
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, batch_size=4)
+    assert len(gens) == len(lps) == len(prober.prompt_ids) == 6
     gen_cfg = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)
     for prompt, answer, g, lp in zip(prober.prompt_ids, prober.answer_ids, gens, lps):

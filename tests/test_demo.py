@@ -19,7 +19,7 @@ def _probe(entity: str, i: int) -> Probe:
     return Probe(id=f"{entity}/q/{i}", entity=entity, question=f"q{i}", answer=f"a{i}")
 
 
-def test_pick_facts_prefers_flipping_facts() -> None:
+def test_pick_facts_post_hoc_prefers_flipping_facts() -> None:
     probes = [_probe(e, i) for e in ("x", "y") for i in range(4)]
     history = {  # correct at epochs 0..3
         "x/q/0": [0, 0, 0, 0],
@@ -39,7 +39,6 @@ def test_pick_facts_prefers_flipping_facts() -> None:
     # x: q/2 flips 3 times, then q/3 (1 flip); y: q/2 and q/3 flip once each; probe-file order kept.
     assert chosen == ["x/q/2", "x/q/3", "y/q/2", "y/q/3"]
     assert [p.id for p in pick_facts(probes, 1, outcomes)] == ["x/q/2", "y/q/2"]
-    assert [p.id for p in pick_facts(probes, 2)] == ["x/q/0", "x/q/1", "y/q/0", "y/q/1"]
     assert len(pick_facts(probes, 9, outcomes)) == len(probes)
 
 
@@ -51,35 +50,41 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 
 
 def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    settings = dict(n_entities=2, epochs=2, lr=1e-2, facts_per_entity=1, method="eap-ig", steps=2, top_n=20)
+    settings = dict(n_entities=2, epochs=2, lr=1e-2, facts_per_entity=2, method="eap-ig", steps=2)
     r = run_demo(tmp_path / "demo", base_model=str(tiny_base), progress=False, log=None, **settings)
     assert r.timeline.epochs == [0, 1, 2]
-    assert len(r.timeline.fact_ids) == 2
+    # facts: a seeded sample of 2 probes of each trained entity, chosen before training outcomes
+    entities = {r.facts.entity_of[f] for f in r.timeline.fact_ids}
+    assert len(r.timeline.fact_ids) == 4 and len(entities) == 2
+    assert "chosen before outcomes" in r.timeline.fact_choice
+    assert str(r.timeline.selection) == "faith:0.8" and r.timeline.noise is not None
+    assert r.timeline.noise.epochs == [0, 2]
     assert (r.diff.label_a, r.diff.label_b) == ("epoch 0", "epoch 2")
+    assert r.diff.noise is r.timeline.noise
     assert set(r.stage_s) == {"cpt", "circuits", "transfer", "analysis"}
-    assert len(r.transfer) == 2 * 3 * 3 and (r.out_dir / "transfer.json").is_file()
-    assert list(r.noise_floor.index) == r.timeline.fact_ids and (r.noise_floor >= 0).all()
-    assert (r.diff.floor.numpy()[:-1] == r.noise_floor.to_numpy()).all()  # the last row is the mean circuit
+    assert len(r.transfer) == 4 * 3 * 3 and (r.out_dir / "transfer.json").is_file()
     bundle = get_plotlyjs()[:2000]
     for html in (r.timeline_html, r.diff_html, r.circuit_html):
         text = html.read_text()
         assert bundle in text and not re.search(r"<script[^>]+src=", text), html
     circuit_files = sorted((r.run_dir / "circuits").rglob("*.safetensors"))
-    assert len(circuit_files) == 3
-    circuit_files += sorted((r.out_dir / "noise-floor").glob("*.safetensors"))
-    assert len(circuit_files) == 4
-    reused = [*circuit_files, *r.run_dir.glob("epoch_*/model.safetensors"), r.out_dir / "transfer.json"]
+    # 3 epochs, + 2 method-noise replicates at epochs 0 and 2, + the cached faith:0.8 selections of all of them
+    assert len([f for f in circuit_files if f.parent.name != "selections"]) == 3 + 2 * 2
+    assert len([f for f in circuit_files if f.parent.name == "selections"]) == 3 + 2 * 2
+    checkpoints = sorted(r.run_dir.glob("epoch_*/**/*.safetensors"))
+    assert len(checkpoints) >= 3  # one weight file per epoch at least
+    reused = [*circuit_files, *checkpoints, r.out_dir / "transfer.json"]
     stamps = {f: f.stat().st_mtime_ns for f in reused}
 
-    # A second run (from the shell) reuses every checkpoint and circuit and prints the summary.
+    # A second run (from the shell) reuses every checkpoint, circuit and selection, and prints the findings.
     code = main(["demo", "--out", str(tmp_path / "demo"), "--base-model", str(tiny_base), "--entities", "2",
-                 "--epochs", "2", "--lr", "1e-2", "--facts-per-entity", "1", "--steps", "2", "--top-n", "20",
-                 "--no-progress"])
+                 "--epochs", "2", "--lr", "1e-2", "--facts-per-entity", "2", "--steps", "2", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
-    for heading in ("what CPT taught", "how the facts' circuits moved", "circuit diff epoch 0 -> epoch 2 (noise floor per",
-                    "old pathway still there? epoch 0's circuit on epoch 2's model", "viewers:", str(r.timeline_html)):
-        assert heading in out
+    for heading in ("what CPT taught", "how the facts' circuits moved", "circuit diff epoch 0 -> epoch 2",
+                    "old pathway still there?", "method noise at epochs [0, 2]", "reconfiguration:",
+                    "viewers:", str(r.timeline_html)):
+        assert heading in out, heading
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
 
 
@@ -88,11 +93,17 @@ def test_demo_bad_settings(tiny_base: Path, tmp_path: Path) -> None:
         run_demo(tmp_path / "d", base_model=str(tiny_base), facts_per_entity=0, log=None)
     with pytest.raises(CircuitdynError, match="'exact'"):
         run_demo(tmp_path / "d", base_model=str(tiny_base), method="exact", log=None)
+    with pytest.raises(CircuitdynError, match="pick"):
+        run_demo(tmp_path / "d", base_model=str(tiny_base), pick="best", log=None)  # type: ignore[arg-type]
+    with pytest.raises(CircuitdynError, match="selection"):
+        run_demo(tmp_path / "d", base_model=str(tiny_base), selection="best:3", log=None)
     assert not (tmp_path / "d").exists()
     r = run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-2, facts_per_entity=1,
-                 method="eap", top_n=10, transfer=False, progress=False, log=None)
-    assert r.transfer is None and r.noise_floor is None and "transfer" not in r.stage_s
+                 pick="post-hoc", method="eap", selection="top:10", transfer=False, progress=False, log=None)
+    assert r.transfer is None and "transfer" not in r.stage_s
+    assert r.timeline.fact_choice.startswith("post hoc")
+    assert "post hoc" in r.timeline.stability()["fact_choice"]
     # Resuming with another learning rate is another run: refused, naming the setting.
     with pytest.raises(CircuitdynError, match="lr"):
         run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-3, facts_per_entity=1,
-                 method="eap", top_n=10, progress=False, log=None)
+                 method="eap", selection="top:10", progress=False, log=None)

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+import circuitdyn
+
 from circuitdyn.circuits import CircuitSet
-from circuitdyn.diff import (
-    MEAN,
-    CircuitDiff,
-    circuit_graph,
-    diff_circuits,
-    noise_floor,
-    rank_biased_overlap,
-    spearman,
-    strongest_paths,
-    weighted_jaccard,
-)
+from circuitdyn.diff import MEAN, circuit_graph, diff_circuits, strongest_paths
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.noise import MethodNoise, noise_from_replicates
 from circuitdyn.selection import Selection, smallest_faithful
-from circuitdyn.transfer import transfer_matrix, transfer_pivot
+from circuitdyn.similarity import rank_biased_overlap, spearman, weighted_jaccard
+from circuitdyn.transfer import transfer_matrix, transfer_pivot, transfer_summary
 
 GRAPH = Graph(3, 2)
 META = {"architecture": "LlamaForCausalLM", "method": "eap-ig", "ig_steps": 5, "metric": "logprob", "seed": 0}
@@ -39,6 +34,12 @@ def random_scores(n_facts: int = 3, seed: int = 0, graph: Graph = GRAPH) -> torc
     return torch.randn(n_facts, graph.n_edges, generator=g) * torch.rand(graph.n_edges, generator=g) ** 3
 
 
+def band_noise(fact_ids: list[str], band: float, graph: Graph = GRAPH) -> MethodNoise:
+    """Method noise with a constant per-edge band and no distance distribution (tests of edge statuses)."""
+    empty = pd.DataFrame(columns=["fact_id", "epoch", "pair", "statistic", "distance"])
+    return MethodNoise(fact_ids, [0], ["a", "b"], empty, torch.full((len(fact_ids), graph.n_edges), band), "top:4")
+
+
 def test_identical_sets_are_identical():
     s = random_scores()
     d = diff_circuits(make_set(s), make_set(s.clone()), "top:20")
@@ -48,7 +49,9 @@ def test_identical_sets_are_identical():
     for col in ("edge_jaccard", "node_jaccard", "weighted_jaccard", "spearman", "rbo"):
         assert f[col].to_numpy() == pytest.approx(1.0, abs=1e-5), col
     assert (f["paths_lost"] == 0).all() and (f["paths_kept"] > 0).all()
-    assert d.summary["n_facts"] == 3 and d.summary["edge_jaccard"] == pytest.approx(1.0)
+    assert d.summary["n_facts"] == 3 and d.summary["means"]["edge_jaccard"] == pytest.approx(1.0)
+    assert d.summary["edge_jaccard"]["distance"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert d.summary["n_changed_beyond_noise"] is None  # no method noise: nothing is tested
 
 
 def test_added_removed_kept_and_sign_flip_counts():
@@ -60,7 +63,7 @@ def test_added_removed_kept_and_sign_flip_counts():
     b[0, 10] = 3.0  # edge 10 enters
     b[0, 11] = 1.9  # within the floor of edge 3's score: crosses the cut by noise only
     a[0, 11] = 1.95
-    d = diff_circuits(make_set(a), make_set(b), "top:4", noise=0.5)
+    d = diff_circuits(make_set(a), make_set(b), "top:4", noise=band_noise(["f0"], 0.5))
     row = d.facts.loc["f0"]
     assert (row["added"], row["removed"], row["sign_flips"]) == (1, 1, 1)
     assert row["changed"] == 1  # edge 1 kept but moved by 8
@@ -70,8 +73,8 @@ def test_added_removed_kept_and_sign_flip_counts():
     assert edges.loc[GRAPH.edges[2], "status"] == "removed"
     assert bool(edges.loc[GRAPH.edges[1], "sign_flip"])
     assert row["edge_jaccard"] == pytest.approx(3 / 5)
-    # the same change under a floor larger than every move counts nothing as changed
-    quiet = diff_circuits(make_set(a), make_set(b), "top:4", noise=100.0).facts.loc["f0"]
+    # the same change under a band larger than every move counts nothing as changed
+    quiet = diff_circuits(make_set(a), make_set(b), "top:4", noise=band_noise(["f0"], 100.0)).facts.loc["f0"]
     assert quiet["added"] == quiet["removed"] == quiet["changed"] == quiet["sign_flips"] == 0
     assert quiet["noise"] == 2
 
@@ -93,7 +96,6 @@ def test_similarity_measures_against_hand_values():
 
 
 def test_layer_and_component_shift():
-    n = GRAPH.n_edges
     src, dst = GRAPH.edge_node_ids
     layer = torch.tensor([GRAPH.layer_of(node) for node in GRAPH.nodes])
     a = torch.where((layer[src] <= 0) & (layer[dst] == 0), 1.0, 0.0)[None]
@@ -105,7 +107,6 @@ def test_layer_and_component_shift():
     comp = d.components[d.components["fact_id"] == "f0"].set_index("component")
     assert comp.loc["deep", "shift"] > 0 and comp.loc["shallow", "shift"] < 0
     assert d.facts.loc["f0", "deep_shift"] == pytest.approx(comp.loc["deep", "shift"])
-    assert n == a.shape[1]
 
 
 def test_strongest_paths_and_path_changes():
@@ -129,20 +130,43 @@ def test_strongest_paths_and_path_changes():
     assert d.facts.loc["f0", "paths_lost"] == 1
 
 
-def test_noise_floor_from_repeats():
-    s = random_scores(2)
-    r1, r2 = make_set(s, checkpoint_hash="h"), make_set(s + 0.01 * torch.randn_like(s), checkpoint_hash="h")
-    floor = noise_floor([r1, r2], quantile=1.0)
-    assert list(floor.index) == ["f0", "f1"]
-    assert floor["f0"] == pytest.approx(float((r1.scores[0] - r2.scores[0]).abs().max()))
-    with pytest.raises(CircuitdynError, match="one checkpoint"):
-        noise_floor([r1, make_set(s, checkpoint_hash="other")])
-    with pytest.raises(CircuitdynError, match="at least 2"):
-        noise_floor([r1])
-    d = diff_circuits(r1, r2, "top:10", noise=floor)
-    assert (d.facts.drop(index=MEAN)[["added", "removed", "changed"]] == 0).all().all()
-    with pytest.raises(CircuitdynError, match="no value for fact"):
-        diff_circuits(r1, r2, noise=pd.Series({"f0": 0.1}))
+def test_method_noise_decides_what_counts_as_change():
+    """Replicates of one checkpoint define each fact's noise; a diff counts a fact as changed only beyond it."""
+    s = random_scores(3, seed=1)
+    sel = Selection.parse("top:20")
+    reps = [make_set(s, checkpoint_hash="h"), make_set(s + 0.02 * random_scores(3, seed=2), checkpoint_hash="h"),
+            make_set(s + 0.02 * random_scores(3, seed=3), checkpoint_hash="h")]
+    noise = noise_from_replicates({0: [(f"r{i}", r, sel.select(r.scores, GRAPH)[0], None) for i, r in enumerate(reps)]},
+                                  sel)
+    assert noise.band.shape == (3, GRAPH.n_edges)
+    assert torch.allclose(noise.band, torch.stack([(x.scores - y.scores).abs() for x, y in
+                                                   [(reps[0], reps[1]), (reps[0], reps[2]), (reps[1], reps[2])]]).amax(0))
+    per_fact = noise.per_fact("edge_jaccard")
+    assert list(per_fact.index) == ["f0", "f1", "f2"] and (per_fact["n"] == 3).all()
+    # the same checkpoint against itself: distance 0, never beyond noise
+    same = diff_circuits(reps[0], reps[0], sel, noise=noise)
+    assert same.summary["n_changed_beyond_noise"] == 0 and same.summary["n_tested"] == 3
+    # a replicate pair is the noise itself: it cannot exceed its own 95th percentile... unless it is the max
+    changed = diff_circuits(reps[0], make_set(random_scores(3, seed=9), checkpoint_hash="h2"), sel, noise=noise)
+    assert changed.summary["n_changed_beyond_noise"] == 3
+    ch = changed.changes
+    assert set(ch["statistic"]) == {"edge_jaccard", "weighted_jaccard", "spearman"}
+    row = ch[(ch["fact_id"] == "f0") & (ch["statistic"] == "edge_jaccard")].iloc[0]
+    assert row["effect"] == pytest.approx(row["distance"] - row["noise_median"])
+    assert row["p_noise"] == pytest.approx(1 / 4)  # none of its 3 noise distances reaches it
+    assert changed.summary["edge_jaccard"]["effect"]["n"] == 3
+    with pytest.raises(CircuitdynError, match="not measured for fact"):
+        diff_circuits(make_set(random_scores(4)), make_set(random_scores(4)), sel, noise=noise)
+
+
+def test_small_gap_facts_are_excluded_and_counted():
+    s = random_scores(3)
+    a = make_set(s, m_clean=[0.0, 0.0, 0.0], m_corrupted=[-5.0, -0.2, -3.0])
+    b = make_set(random_scores(3, seed=4), m_clean=[0.0, 0.0, 0.0], m_corrupted=[-5.0, -4.0, -0.5])
+    d = diff_circuits(a, b, "top:20")
+    assert d.facts.loc[["f0", "f1", "f2"], "included"].tolist() == [True, False, False]
+    assert d.summary["n_included"] == 1 and d.summary["n_excluded_gap"] == 2
+    assert d.summary["edge_jaccard"]["distance"]["n"] == 1
 
 
 def test_selection_parsing_and_masks():
@@ -150,7 +174,7 @@ def test_selection_parsing_and_masks():
     assert Selection.parse("faith:80%") == Selection("faith", 0.8)
     assert str(Selection.parse("paths:50")) == "paths:50"
     for bad in ("best:3", "top:0", "top:2.5", "faith:3", "abs:-1", "top:x"):
-        with pytest.raises(CircuitdynError):
+        with pytest.raises(CircuitdynError, match="selection"):
             Selection.parse(bad)
     cs = make_set(random_scores())
     assert (Selection.parse("top:7").select(cs.scores, cs.graph)[0].sum(1) == 7).all()
@@ -185,14 +209,14 @@ def test_bad_inputs():
     s = random_scores()
     other_arch = Graph(2, 2)
     with pytest.raises(CircuitdynError, match="different architectures"):
-        diff_circuits(make_set(s), make_set(random_scores(3, graph=other_arch), graph=other_arch))
+        diff_circuits(make_set(s), make_set(random_scores(3, graph=other_arch), graph=other_arch), "top:20")
     with pytest.raises(CircuitdynError, match="ig_steps"):
-        diff_circuits(make_set(s), make_set(s, ig_steps=30))
+        diff_circuits(make_set(s), make_set(s, ig_steps=30), "top:20")
     with pytest.raises(CircuitdynError, match="unknown fact id 'nope'"):
-        diff_circuits(make_set(s), make_set(s), fact_ids=["nope"])
+        diff_circuits(make_set(s), make_set(s), "top:20", fact_ids=["nope"])
     with pytest.raises(CircuitdynError, match="not in B"):
-        diff_circuits(make_set(s), make_set(s[:2]))
-    d = diff_circuits(make_set(s), make_set(s), labels=("epoch 0", "epoch 1"))
+        diff_circuits(make_set(s), make_set(s[:2]), "top:20")
+    d = diff_circuits(make_set(s), make_set(s), "top:20", labels=("epoch 0", "epoch 1"))
     with pytest.raises(CircuitdynError, match="unknown fact id"):
         d.edges("zzz")
 
@@ -203,8 +227,11 @@ def test_to_dict_is_json():
     d = diff_circuits(make_set(random_scores(seed=1)), make_set(random_scores(seed=2)), "top:15")
     out = json.loads(json.dumps(d.to_dict()))
     assert set(out["facts"]) == {"f0", "f1", "f2", MEAN}
-    assert 0 <= out["summary"]["edge_jaccard"] <= 1
-    assert isinstance(d, CircuitDiff)
+    assert 0 <= out["summary"]["means"]["edge_jaccard"] <= 1
+    assert out["selection"] == {"rule": "top", "value": 15.0, "spec": "top:15"}
+    assert out["n_changed_beyond_noise"] is None and out["baseline"] is None
+    assert set(out["ci"]) == {"edge_jaccard", "weighted_jaccard", "spearman"}
+    assert out["ci"]["edge_jaccard"]["distance"]["n"] == 3
 
 
 def test_transfer_matrix(tmp_path):
@@ -219,6 +246,9 @@ def test_transfer_matrix(tmp_path):
     pivot = transfer_pivot(table)
     assert pivot.shape == (3, 3)
     assert all(pivot.loc[i, i] >= pivot.loc[i].drop(i).max() for i in range(3))  # own circuit fits best
+    # rows are circuit epochs, columns model epochs
+    cell = table[(table["circuit_epoch"] == 0) & (table["model_epoch"] == 2)]["transfer"].median()
+    assert pivot.loc[0, 2] == pytest.approx(cell) and pivot.loc[2, 0] != pytest.approx(cell)
     assert not math.isnan(transfer_pivot(table, "f1").loc[0, 2])
     with pytest.raises(CircuitdynError, match="unknown fact id"):
         transfer_pivot(table, "zz")
@@ -242,10 +272,16 @@ def test_transfer_matrix(tmp_path):
     cache.write_text("{not json")
     transfer_matrix(changed, counting, "top:31", cache=cache)
     assert len(calls) == 36
-    # One fact whose clean and corrupted runs nearly agree on a model does not swamp the matrix.
-    spiked = table.copy()
-    spiked.loc[(spiked["fact_id"] == "f1") & (spiked["model_epoch"] == 1), "faithfulness"] = 15.0
-    assert transfer_pivot(spiked).loc[0, 1] <= table.loc[table["model_epoch"] == 1, "faithfulness"].max()
+    # Faithfulness explodes where a model's clean and corrupted runs nearly agree; the bounded transfer does not.
+    def spiky(model_epoch: int, cs: CircuitSet, masks: torch.Tensor) -> torch.Tensor:
+        out = evaluate(model_epoch, cs, masks)
+        out[cs.fact_ids.index("f1")] = 15.0 if model_epoch == 1 else -7.0
+        return out
+
+    spiked = transfer_matrix(circuits, spiky, "top:30")
+    assert spiked["faithfulness"].max() == 15.0 and spiked["faithfulness"].min() == -7.0
+    assert spiked["transfer"].between(0, 1).all()
+    assert (spiked.loc[spiked["fact_id"] == "f1", "transfer"].isin([0.0, 1.0])).all()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -274,7 +310,11 @@ def test_cli_diff_on_circuit_files(tmp_path, capsys):
     assert out.is_file() and "Who is f1?" in out.read_text()
     assert main(["diff", str(a), str(b), "--select", "paths:10", "--json", "--out", str(out)]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["selection"] == "paths:10" and set(data["facts"]) == {"f0", "f1", "f2", MEAN}
+    assert data["selection"]["spec"] == "paths:10" and set(data["facts"]) == {"f0", "f1", "f2", MEAN}
+    assert data["baseline"] is None and data["n_changed_beyond_noise"] is None  # circuit files: nothing to re-attribute
+    # the default selection sizes circuits by faithfulness on their model: circuit files cannot do that
+    assert main(["diff", str(a), str(b), "--out", str(out)]) == 2
+    assert "give checkpoints, not the circuit file" in capsys.readouterr().err
 
 
 def test_cli_diff_bad_inputs(tmp_path, capsys, make_run):
@@ -284,55 +324,68 @@ def test_cli_diff_bad_inputs(tmp_path, capsys, make_run):
     other = Graph(2, 2)
     b = make_set(random_scores(graph=other), graph=other).save(tmp_path / "b.safetensors")
     out = str(tmp_path / "d.html")
-    assert main(["diff", str(a), str(b), "--out", out]) == 2
+    assert main(["diff", str(a), str(b), "--top-n", "20", "--out", out]) == 2
     assert "different architectures" in capsys.readouterr().err
     wrong = write_probes(tmp_path / "wrong.jsonl", ["other/0", "other/1"])
-    assert main(["diff", str(a), str(a), "--probes", str(wrong), "--out", out]) == 2
+    assert main(["diff", str(a), str(a), "--probes", str(wrong), "--top-n", "20", "--out", out]) == 2
     assert "does not match the circuits" in capsys.readouterr().err
-    assert main(["diff", str(a), str(a), "--fact", "nope", "--out", out]) == 2
+    assert main(["diff", str(a), str(a), "--fact", "nope", "--top-n", "20", "--out", out]) == 2
     assert "unknown fact id 'nope'" in capsys.readouterr().err
     run = make_run("llama", 2, name="diff-run")
     graph = Graph(2, 4)
     for e in (0, 1):
         make_set(random_scores(graph=graph, seed=e), graph=graph, epoch=e).save(run / "circuits" / f"e{e}.safetensors")
-    assert main(["diff", f"{run}:0", f"{run}:1", "--out", out]) == 0
+    assert main(["diff", f"{run}:0", f"{run}:1", "--top-n", "200", "--out", out]) == 0
     assert "selection top:200" in capsys.readouterr().out
-    assert main(["diff", f"{run}:0", f"{run}:2", "--out", out]) == 2
+    assert main(["diff", f"{run}:0", f"{run}:1", "--out", out]) == 2
+    assert "faith:0.8 evaluates circuits on their model: it needs the facts (--probes)" in capsys.readouterr().err
+    assert main(["diff", f"{run}:0", f"{run}:2", "--top-n", "200", "--out", out]) == 2
     assert "no circuits for epoch(s) [2]" in capsys.readouterr().err
 
 
 def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path, capsys):
-    """On a tiny run: circuits are computed through the attribution engine, cached, reused; noise floor
-    from a second IG step count; the faith: selection evaluates circuits on each checkpoint."""
+    """On a tiny run: circuits are computed through the attribution engine, cached and reused; both checkpoints
+    are re-attributed for method noise; the faith: selection evaluates circuits on each checkpoint (cached)."""
+    import json
+
     from circuitdyn.cli import main
     from circuitdyn.probes import load_probes, write_probes_jsonl
 
     run = make_run("llama", 2, name="diff-compute-run")
     probes = write_probes_jsonl(load_probes()[:3], tmp_path / "probes.jsonl")
     out = tmp_path / "d.html"
-    args = ["diff", f"{run}:0", f"{run}:2", "--probes", str(probes), "--steps", "2", "--top-n", "20", "--out", str(out)]
-    assert main(args) == 0
+    args = ["diff", f"{run}:0", f"{run}:2", "--probes", str(probes), "--steps", "2", "--out", str(out)]
+    assert main([*args, "--top-n", "20", "--no-noise"]) == 0
     text = capsys.readouterr().out
-    assert "(mean circuit)" in text and out.is_file()
+    assert "(mean circuit)" in text and out.is_file() and "no method noise measured" in text
+    assert len(list((run / "circuits").glob("*.safetensors"))) == 2  # epochs 0 and 2, nothing else
+    assert main([*args, "--top-n", "20", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["baseline"]["replicates"] == ["as extracted", "4 IG steps", "other corruption"]
+    assert data["baseline"]["epochs"] == [0, 2]
+    assert isinstance(data["n_changed_beyond_noise"], int) and data["summary"]["n_tested"] <= 3
     files = sorted((run / "circuits").glob("*.safetensors"))
-    assert len(files) == 2  # epochs 0 and 2
+    assert len(files) == 6  # + 4 steps and another corruption, at both epochs
     stamps = [f.stat().st_mtime_ns for f in files]
     assert main([*args, "--select", "faith:0.5", "--json"]) == 0
-    import json
-
     data = json.loads(capsys.readouterr().out)
-    assert data["selection"] == "faith:0.5"
+    assert data["selection"]["spec"] == "faith:0.5"
     per_fact = [v for k, v in data["facts"].items() if k != MEAN]
     assert all("faith_a" in v and "faith_b" in v for v in per_fact)
-    assert all(v[k] is None or v[k] >= 0.5 for v in per_fact for k in ("faith_a", "faith_b"))  # None: undefined
-    assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not recomputed
+    reached = [v[k] for v in per_fact for k in ("faith_a", "faith_b")]
+    assert all(r is None or r >= 0.5 for r in reached) and any(r is not None for r in reached)  # None: undefined
+    assert [f.stat().st_mtime_ns for f in sorted((run / "circuits").glob("*.safetensors"))] == stamps  # reused
+    selections = sorted((run / "circuits" / "selections").glob("*.safetensors"))
+    assert len(selections) == 6  # the faith:0.5 circuits of every replicate at both epochs, cached
+    sel_stamps = [f.stat().st_mtime_ns for f in selections]
+    assert main([*args, "--select", "faith:0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"] == data["summary"]
+    assert [f.stat().st_mtime_ns for f in selections] == sel_stamps
     # the cached circuits are found without --probes too; circuits of other settings are told apart
-    assert main([*args, "--steps", "1"]) == 0
-    capsys.readouterr()
-    assert main(["diff", f"{run}:0", f"{run}:2", "--method", "eap-ig", "--circuits", str(run / "circuits"),
-                 "--out", str(out)]) == 2
+    assert main(["diff", f"{run}:0", f"{run}:2", "--method", "eap-ig", "--top-n", "20", "--circuits",
+                 str(run / "circuits"), "--out", str(out)]) == 2
     assert "several circuit files for epoch 0 with different settings" in capsys.readouterr().err
-    assert main(["diff", f"{run}:0", f"{run}:2", "--steps", "2", "--out", str(out)]) == 0
+    assert main(["diff", f"{run}:0", f"{run}:2", "--steps", "2", "--top-n", "200", "--out", str(out)]) == 0
     assert "selection top:200" in capsys.readouterr().out
 
 
@@ -349,7 +402,12 @@ def test_transfer_matrix_on_a_run(make_run):
     circuits = {r.epoch: CircuitSet.load(r.path) for r in done}
     n = len(circuits[0].edges)
     table = transfer_matrix(circuits, run_evaluator(run, facts), f"top:{n}")
-    assert table.shape == (2 * 2 * 2, 4)
+    assert table.shape == (2 * 2 * 2, 6)
+    assert list(table.columns) == ["fact_id", "circuit_epoch", "model_epoch", "faithfulness", "gap", "transfer"]
+    # A random model barely separates clean from corrupted: every gap is below MIN_GAP, so the bounded
+    # transfer is left undefined and counted as excluded, while the raw ratio is still reported.
+    assert (table["gap"].abs() < 1.0).all() and table["transfer"].isna().all()
+    assert transfer_summary(table)["n_pairs_excluded_gap"] == 8
     full = table["faithfulness"].dropna()
     # The full graph is faithful on every model. The random model's clean and corrupted log-probs (~-118)
     # differ by only ~0.004 nats, so one float32 rounding step (7.6e-6) already moves the ratio by 0.2 %.
@@ -360,21 +418,28 @@ def test_transfer_matrix_on_a_run(make_run):
 
 @pytest.mark.integration
 def test_cli_diff_on_smollm2(smollm2_dir, tmp_path, capsys):
-    """The real model against itself: circuits computed once and reused, and identical (Jaccard 1)."""
+    """The real model against itself, with method noise: nothing changes beyond noise, the circuits are identical,
+    the noise is real (re-attribution moves circuits), and each circuit is computed once. (Top-n circuits keep
+    this test to a few minutes on a 2-core CPU; the default faith:0.8 is covered on trained tiny models in
+    test_dynamics_noise.py.)"""
+    import json
+
     from circuitdyn.cli import main
 
     out = tmp_path / "diff.html"
-    from circuitdyn.probes import seed_data_dir
-
-    args = ["diff", str(smollm2_dir), str(smollm2_dir), "--probes", str(seed_data_dir() / "validation_probes.json"),
-            "--limit", "1", "--method", "eap", "--top-n", "100",
+    args = ["diff", str(smollm2_dir), str(smollm2_dir), "--sample", "1", "--probes",
+            str(Path(circuitdyn.__file__).parent / "data" / "validation_probes.json"), "--steps", "2", "--top-n", "200",
             "--circuits", str(tmp_path / "circuits"), "--out", str(out), "--json"]
     assert main(args) == 0
-    import json
-
     data = json.loads(capsys.readouterr().out)
-    assert data["summary"]["edge_jaccard"] == 1.0 and data["summary"]["added"] == 0
-    assert len(list((tmp_path / "circuits").glob("*.safetensors"))) == 1
+    s = data["summary"]
+    assert data["selection"]["spec"] == "top:200"
+    assert data["n_changed_beyond_noise"] == 0 and s["n_tested"] == s["n_included"] >= 1
+    assert s["means"]["edge_jaccard"] == 1.0 and s["means"]["added"] == 0
+    noise = data["baseline"]["edge_jaccard"]
+    assert noise["median_of_medians"] > 0  # re-attributing with other settings does move the circuit
+    # the extraction and its two noise replicates, each once
+    assert len(list((tmp_path / "circuits").glob("*.safetensors"))) == 3
     assert out.is_file()
 
 

@@ -12,6 +12,8 @@ from circuitdyn.dynamics import (
     entity_results_json,
     entity_scores_from_probes,
     format_table,
+    grouped,
+    item_dynamics,
     learned_sets,
     load_dynamics,
     transitions,
@@ -71,7 +73,7 @@ def test_entity_dynamics_and_groups(paper: Path) -> None:
 
 
 def _probe_rows() -> pd.DataFrame:
-    # two entities, two probes each, three epochs
+    # two entities (a: low frequency, b: high), two probes each, three epochs
     recall = {
         ("a", 0): [0.0, 0.2], ("a", 1): [1.0, 0.8], ("a", 2): [0.4, 0.4],
         ("b", 0): [1.0, 1.0], ("b", 1): [1.0, 0.0], ("b", 2): [1.0, 0.6],
@@ -80,7 +82,8 @@ def _probe_rows() -> pd.DataFrame:
     for (ent, epoch), rs in recall.items():
         for i, r in enumerate(rs):
             rows.append({"epoch": epoch, "probe_id": f"{ent}/{i}", "entity": ent, "recall": r, "f1": r / 2,
-                         "question_type": "factual" if i == 0 else "temporal", "ne_frequency": "low"})
+                         "question_type": "factual" if i == 0 else "temporal",
+                         "ne_frequency": "low" if ent == "a" else "high"})
     return pd.DataFrame(rows)
 
 
@@ -98,14 +101,32 @@ def test_definitions_on_probe_results(tmp_path: Path) -> None:
     assert tuple(t.loc[1, ["acquired", "retained", "forgotten"]]) == (1, 0, 1)
     assert t.loc[2, "acquired_names"] == ["b"] and t.loc[2, "forgotten_names"] == ["a"]
     assert dyn.table()["math"].tolist() == [0.5, 0.4, 0.3]
+    assert dyn.table()["mean_recall"].tolist() == pytest.approx([0.55, 0.7, 0.6])
+    assert dyn.best_epoch() == 0  # one entity learned at every epoch: the earliest wins the tie
     ents = dyn.entities().set_index("entity")
     assert ents.loc["a", "windows"] == [(1, 1)] and ents.loc["a", "first_acquired"] == 1
     assert ents.loc["b", "known_before"] and ents.loc["b", "flips"] == 2 and ents.loc["b", "consolidated_from"] == 2
+    assert (ents.loc["a", "best_epoch"], ents.loc["b", "best_epoch"]) == (1, 0)
+    assert ents.loc["a", "best_recall"] == pytest.approx(0.9)
     probes = dyn.probes().set_index("probe_id")
     assert probes.loc["a/0", "best_epoch"] == 1 and probes.loc["b/0", "flips"] == 0
     assert probes.loc["b/1", "windows"] == [(0, 0), (2, 2)]
-    qt = dyn.grouped("question_type", level="probe")
-    assert set(qt["question_type"]) == {"factual", "temporal"}
+    assert probes.loc["b/1", "best_epoch"] == 0 and probes.loc["a/1", "best_recall"] == pytest.approx(0.8)
+    qt = dyn.grouped("question_type", level="probe").set_index(["question_type", "epoch"])
+    assert set(qt.index.get_level_values(0)) == {"factual", "temporal"}
+    # factual: a/0 recalls 0.0, 1.0, 0.4 and b/0 1.0, 1.0, 1.0; temporal: a/1 0.2, 0.8, 0.4 and b/1 1.0, 0.0, 0.6
+    assert qt.loc["factual", "mean_recall"].tolist() == pytest.approx([0.5, 1.0, 0.7])
+    assert qt.loc["factual", "learned_frac"].tolist() == [0.5, 1.0, 0.5]
+    assert qt.loc[("factual", 2), ["acquired", "forgotten"]].tolist() == [0, 1]
+    assert qt.loc["temporal", "learned_frac"].tolist() == [0.5, 0.5, 0.5]
+    assert qt.loc[("temporal", 1), ["acquired", "forgotten"]].tolist() == [1, 1]
+    assert (qt.loc["factual", "items"] == 2).all()
+    # recall exactly at the threshold counts as recalled (b/1 at epoch 2); checked on the frame itself, since
+    # pd.read_json reads the 0.6 written above back as 0.6000000000000001
+    assert learned_sets(rows, key="probe_id")[2] == {"b/0", "b/1"}
+    assert item_dynamics(rows, "probe_id").set_index("probe_id").loc["b/1", "windows"] == [(0, 0), (2, 2)]
+    raw = grouped(rows, "question_type").set_index(["question_type", "epoch"])
+    assert raw.loc[("temporal", 2), "learned_frac"] == 0.5
     with pytest.raises(CircuitdynError, match="no such column"):
         dyn.grouped("colour")
 
@@ -116,9 +137,20 @@ def test_entity_results_json_roundtrip(tmp_path: Path) -> None:
         d = tmp_path / f"epoch_{epoch}"
         d.mkdir()
         out = entity_results_json(df)
-        assert out["entities"][">=0.6"] == len(learned_sets(df)[epoch])
+        assert out["entities"][">=0.6"] == len(learned_sets(df)[epoch]) == 1
         (d / "validation_probes_results.json").write_text(json.dumps(out))
-    assert load_dynamics(tmp_path).learned == {0: {"b"}, 1: {"a"}, 2: {"b"}}
+    # the paper's format by hand (F1 is half the recall here): at epoch 2 (`out`) a's probes recall 0.4 and 0.4;
+    # at epoch 0 a's recall 0.0 and 0.2 (a: low frequency), b's 1.0 and 1.0 (b: high)
+    assert out["entities"]["a"] == pytest.approx({"recall": 0.4, "f1": 0.2})
+    first = json.loads((tmp_path / "epoch_0" / "validation_probes_results.json").read_text())
+    assert first["entities"]["a"] == pytest.approx({"recall": 0.1, "f1": 0.05})
+    assert first["low"] == pytest.approx({"recall": 0.1, "f1": 0.05})
+    assert first["high"] == pytest.approx({"recall": 1.0, "f1": 0.5})
+    assert first["avg"] == pytest.approx({"recall": 0.55, "f1": 0.275})
+    back = load_dynamics(tmp_path)
+    assert back.learned == {0: {"b"}, 1: {"a"}, 2: {"b"}}
+    pd.testing.assert_frame_equal(back.entity_scores.set_index(["epoch", "entity"])[["recall", "f1"]],
+                                  ents.set_index(["epoch", "entity"])[["recall", "f1"]], check_like=True)
 
 
 def test_bad_results(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import CircuitEvaluator, circuit_metric, faithfulness, faithfulness_curve
 from circuitdyn.graph import Graph
-from circuitdyn.selection import select_top_n, smallest_faithful
+from circuitdyn.selection import select_top_n, select_top_n_paths, smallest_faithful
 
 
 def test_full_graph_is_one_and_empty_is_zero(tiny_tl):
@@ -29,15 +29,111 @@ def test_full_graph_is_one_and_empty_is_zero(tiny_tl):
     assert torch.allclose(empty, torch.zeros(5), atol=1e-4)
 
 
+def _patched_metric_with_hooks(model, fact, dropped: list[str]) -> float:
+    """m(clean run with the `dropped` edges patched to their corrupted values), the textbook way: with
+    TransformerLens split-input hooks each destination reads its own copy of the residual, from which
+    a_src(this run) - a_src(corrupted run) of each dropped edge into it is subtracted."""
+    flags = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in", "ungroup_grouped_query_attention")
+    saved = {f: getattr(model.cfg, f) for f in flags}
+    try:
+        model.set_use_split_qkv_input(True)
+        model.set_use_attn_result(True)
+        model.set_use_hook_mlp_in(True)
+        model.set_ungroup_grouped_query_attention(True)
+        L = model.cfg.n_layers
+        src_hook = {"input": ("blocks.0.hook_resid_pre", None)}
+        for layer in range(L):
+            src_hook[f"m{layer}"] = (f"blocks.{layer}.hook_mlp_out", None)
+            for h in range(model.cfg.n_heads):
+                src_hook[f"a{layer}.h{h}"] = (f"blocks.{layer}.attn.hook_result", h)
+
+        def dst_hook(dst: str) -> tuple[str, int | None]:
+            if dst == "logits":
+                return f"blocks.{L - 1}.hook_resid_post", None
+            if dst.startswith("m"):
+                return f"blocks.{dst[1:]}.hook_mlp_in", None
+            layer, head = (int(x) for x in dst[1:dst.index("<")].split(".h"))
+            return f"blocks.{layer}.hook_{dst[-2]}_input", head
+
+        into: dict[str, list[tuple[int | None, str]]] = {}
+        for edge in dropped:
+            src, dst = edge.split("->")
+            name, head = dst_hook(dst)
+            into.setdefault(name, []).append((head, src))
+
+        def out(acts, src: str) -> torch.Tensor:
+            name, head = src_hook[src]
+            return acts[name] if head is None else acts[name][:, :, head]
+
+        answer = list(fact.answer_tokens)
+        clean = torch.tensor([[*fact.clean_tokens, *answer[:-1]]])
+        corrupted = torch.tensor([[*fact.corrupted_tokens, *answer[:-1]]])
+        with torch.no_grad():
+            _, corr = model.run_with_cache(corrupted)
+            now: dict[str, torch.Tensor] = {}
+
+            def record(t, hook):
+                now[hook.name] = t
+                return t
+
+            def patch(t, hook):
+                t = t.clone()
+                for head, src in into[hook.name]:
+                    delta = out(now, src) - out(corr, src)
+                    if head is None:
+                        t -= delta
+                    else:
+                        t[:, :, head] -= delta
+                return t
+
+            hooks = [(name, record) for name in {n for n, _ in src_hook.values()}]
+            hooks += [(name, patch) for name in into]
+            logits = model.run_with_hooks(clean, fwd_hooks=hooks)
+        lp = logits.log_softmax(-1)[0]
+        n = len(fact.clean_tokens)
+        return float(sum(lp[n - 1 + t, a] for t, a in enumerate(answer)))
+    finally:
+        for f, v in saved.items():
+            setattr(model.cfg, f, v)
+
+
 def test_patching_one_edge_moves_the_metric_as_exact_effects_say(tiny_tl):
+    """Patching one edge (every kind: into q/k/v ports of a GQA head, an MLP, the logits) moves the metric
+    as TransformerLens hooks say, both through `circuit_metric` and `exact_edge_effects`."""
     facts = tiny_facts(2, noise_every=0)
     batch = Fw.make_batch(tiny_tl, facts)
-    effects = Pt.exact_edge_effects(tiny_tl, batch, edges=[0, 5])
+    graph = Graph.from_model(tiny_tl)
+    names = ["a0.h1->a1.h2<k>", "input->a1.h3<v>", "m0->a1.h0<q>", "a0.h3->m1", "a1.h2->logits", "m1->logits"]
+    edges = [graph.edge_index[name] for name in names]
+    effects = Pt.exact_edge_effects(tiny_tl, batch, edges=edges)
     m_clean, _ = Pt.clean_and_corrupted_metric(tiny_tl, batch)
-    E = Graph.from_model(tiny_tl).n_edges
-    keep = torch.ones(2, E, dtype=torch.bool)
-    keep[:, 5] = False
-    assert torch.allclose(circuit_metric(tiny_tl, facts, keep) - m_clean, effects[:, 1], atol=1e-5)
+    for j, (name, e) in enumerate(zip(names, edges)):
+        want = torch.tensor([_patched_metric_with_hooks(tiny_tl, f, [name]) for f in facts])
+        assert (want - m_clean).abs().max() > 1e-4, name  # the edge matters, so a wrong patch shows
+        keep = torch.ones(2, graph.n_edges, dtype=torch.bool)
+        keep[:, e] = False
+        assert torch.allclose(circuit_metric(tiny_tl, facts, keep), want, atol=1e-4), name
+        assert torch.allclose(effects[:, j], want - m_clean, atol=1e-4), name
+
+
+@pytest.mark.parametrize("circuit", ["few", "half", "most"])
+def test_circuit_metric_equals_patching_every_other_edge_with_hooks(tiny_tl, circuit):
+    """m_circuit equals patching every edge outside the circuit, for a small circuit on input->logits paths
+    (the sparse sum over kept edges), half the edges (one dense contraction) and most edges (sparse sum over
+    patched edges)."""
+    facts = tiny_facts(2, noise_every=0)
+    graph = Graph.from_model(tiny_tl)
+    if circuit == "few":
+        keep = select_top_n_paths(A.attribute(tiny_tl, facts, "eap"), graph, 6)
+    else:
+        density = 0.5 if circuit == "half" else 0.95
+        keep = torch.rand(2, graph.n_edges, generator=torch.Generator().manual_seed(3)) < density
+    ours = circuit_metric(tiny_tl, facts, keep)
+    m_clean, m_corr = Pt.clean_and_corrupted_metric(tiny_tl, Fw.make_batch(tiny_tl, facts))
+    assert ((ours - m_clean).abs() > 1e-3).all() and ((ours - m_corr).abs() > 1e-3).all()  # neither extreme
+    for b, f in enumerate(facts):
+        dropped = [graph.edges[i] for i in (~keep[b]).nonzero().flatten().tolist()]
+        assert abs(float(ours[b]) - _patched_metric_with_hooks(tiny_tl, f, dropped)) < 1e-4, (circuit, b)
 
 
 def test_curve_and_smallest_circuit(tiny_tl):
@@ -49,11 +145,17 @@ def test_curve_and_smallest_circuit(tiny_tl):
     assert len(curve) == 9
     assert curve[curve.n == E].faithfulness.sub(1).abs().max() < 1e-4
     assert curve[curve.n == 0].faithfulness.abs().max() < 1e-4
+    mid = curve[curve.n == 10].set_index("fact_id")
+    assert (mid.n_edges == 10).all()
+    want = faithfulness(tiny_tl, facts, select_top_n(scores, 10))
+    assert mid.loc[[f.fact_id for f in facts], "faithfulness"].to_numpy() == pytest.approx(want.numpy(), abs=1e-5)
     paths = faithfulness_curve(tiny_tl, facts, scores, sizes=[8], paths=True)
-    assert (paths.n_edges >= 8).all()
+    on_path = select_top_n_paths(scores, Graph.from_model(tiny_tl), 8)
+    assert paths.n_edges.tolist() == on_path.sum(1).tolist() and (paths.n_edges >= 8).all()
+    assert paths.faithfulness.to_numpy() == pytest.approx(faithfulness(tiny_tl, facts, on_path).numpy(), abs=1e-5)
 
     n, masks, faith = smallest_faithful(scores, CircuitEvaluator(tiny_tl, facts).faithfulness, target=0.8)
-    assert masks.shape == (3, E) and (masks.sum(1) == n).all()
+    assert masks.shape == (3, E) and (masks.sum(1) == n).all() and (n < E).all()
     assert (faith >= 0.8).all()
     check = faithfulness(tiny_tl, facts, masks)
     assert torch.allclose(check, faith, atol=1e-5)
@@ -78,6 +180,8 @@ def test_extract_circuits_round_trip(tiny_tl, tmp_path):
     facts = tiny_facts(3)
     cs = extract_circuits(tiny_tl, facts, "eap-ig", steps=2, meta={"epoch": 1, "checkpoint_hash": "sha256:x"})
     assert isinstance(cs, CircuitSet) and cs.edges == Graph.from_model(tiny_tl).edges
+    assert torch.equal(cs.scores, A.attribute(tiny_tl, facts, "eap-ig", steps=2))
+    assert cs.fact_ids == [f.fact_id for f in facts] and cs.meta["epoch"] == 1
     assert cs.meta["ig_steps"] == 2 and cs.meta["corruption"] == ["entity", "noise", "entity"]
     back = CircuitSet.load(cs.save(tmp_path / "c.safetensors"))
     assert torch.equal(back.scores, cs.scores) and back.meta == cs.meta

@@ -55,13 +55,17 @@ def test_parallel_attn_mlp_rejected():
 def test_on_path_prunes_dangling_edges_and_networkx():
     g = Graph(2, 2)
     mask = torch.zeros(g.n_edges, dtype=torch.bool)
-    for name in ["input->a0.h1<k>", "a0.h1->m1", "m1->logits", "a0.h0->m0", "input->a1.h0<q>"]:
+    # dangling: a0.h0->m0 (m0 reaches no logits), input->a1.h0<q> (a1.h0 neither), a1.h1->logits (nothing feeds a1.h1)
+    for name in ["input->a0.h1<k>", "a0.h1->m1", "m1->logits", "a0.h0->m0", "input->a1.h0<q>", "a1.h1->logits"]:
         mask[g.edge_index[name]] = True
     kept = {g.edges[i] for i in g.on_path(mask).nonzero().flatten()}
     assert kept == {"input->a0.h1<k>", "a0.h1->m1", "m1->logits"}
     scores = torch.arange(g.n_edges, dtype=torch.float)
     nxg = g.to_networkx(scores, mask)
     assert set(nxg.nodes) == set(g.nodes)
+    assert dict(nxg.nodes["a1.h0"]) == {"layer": 1, "kind": "attn", "head": 0}
+    assert dict(nxg.nodes["m0"]) == {"layer": 0, "kind": "mlp", "head": None}
+    assert nxg.nodes["logits"]["layer"] == 2 and nxg.nodes["input"]["kind"] == "input"
     assert nxg.edges["input", "a0.h1"]["ports"] == ["input->a0.h1<k>"]
     assert nxg.edges["m1", "logits"]["score"] == float(g.edge_index["m1->logits"])
     full = g.to_networkx()

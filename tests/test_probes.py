@@ -14,6 +14,7 @@ from circuitdyn.probes import (
     INSTRUCTION,
     PROBES_SCHEMA_PATH,
     Probe,
+    answer_text,
     build_fact_prompts,
     corruption_counts,
     entities,
@@ -23,6 +24,7 @@ from circuitdyn.probes import (
     load_probes,
     load_reasoning_probes,
     math_correct,
+    mention_forms,
     prompt_text,
     reasoning_correct,
     rouge1,
@@ -92,11 +94,11 @@ def test_jsonl_roundtrip(tmp_path: Path, seed_probes: list[Probe]) -> None:
 @pytest.mark.parametrize(
     ("line", "match"),
     [
-        ('{"id": "a", "entity": "X", "question": "Q?", "answer": ""}', "answer"),
-        ('{"id": "a", "entity": "X", "question": "Q?", "answer": "   "}', "answer"),
-        ('{"id": "a", "entity": "X", "question": "Q?"}', "answer"),
-        ('{"id": "a", "entity": "", "question": "Q?", "answer": "A"}', "entity"),
-        ('{"id": "a", "entity": "X", "question": "Q?", "answer": "A", "colour": 1}', "colour"),
+        ('{"id": "a", "entity": "X", "question": "Q?", "answer": ""}', "field 'answer' is invalid"),
+        ('{"id": "a", "entity": "X", "question": "Q?", "answer": "   "}', "field 'answer' is invalid"),
+        ('{"id": "a", "entity": "X", "question": "Q?"}', "'answer' is a required property"),
+        ('{"id": "a", "entity": "", "question": "Q?", "answer": "A"}', "field 'entity' is invalid"),
+        ('{"id": "a", "entity": "X", "question": "Q?", "answer": "A", "colour": 1}', "'colour' was unexpected"),
         ("{not json", "invalid JSON"),
     ],
 )
@@ -178,12 +180,48 @@ def test_build_fact_prompts(tokenizer, seed_probes: list[Probe], template: str) 
             other = f.corruption.split(":", 1)[1]
             assert other not in p.entity and f.noise_positions == ()
             assert other in tokenizer.decode(f.corrupted_tokens)
-            assert f.clean_tokens != f.corrupted_tokens
+            # the prompts differ exactly at tokens of the entity's mention (its positions: the noise fallback's)
+            mention = set(build_fact_prompts([p], tokenizer, template=template)[0].noise_positions)
+            changed = {i for i, (a, b) in enumerate(zip(f.clean_tokens, f.corrupted_tokens)) if a != b}
+            assert changed and changed <= mention
+            # logit-diff contrast: an answer of the swapped-in entity, never the gold answer's first token
+            (swapped_in,) = [e for e in entities(probes) if other in mention_forms(e)]
+            text = prompt_text(p, tokenizer, template=template)
+            theirs = {tokenizer(answer_text(text, q.answer), add_special_tokens=False)["input_ids"][0]
+                      for q in probes if q.entity == swapped_in}
+            assert f.contrast_token in theirs and f.contrast_token != f.answer_tokens[0]
         else:
             assert f.corruption in {"noise", "noise-question"}
             assert f.clean_tokens == f.corrupted_tokens and f.noise_positions
             assert max(f.noise_positions) < len(f.clean_tokens)
+            assert f.contrast_token != f.answer_tokens[0]
     assert build_fact_prompts(probes, tokenizer, template=template) == facts  # deterministic
+
+
+def test_variant_takes_another_swap_partner(tokenizer, seed_probes: list[Probe]) -> None:
+    """`variant=1` corrupts with the next valid swap partner: same kind of corruption, another entity."""
+    probes = select_entities(seed_probes, n=8)
+    first = build_fact_prompts(probes, tokenizer)
+    second = build_fact_prompts(probes, tokenizer, variant=1)
+    assert [f.corruption.split(":")[0] for f in second] == [f.corruption.split(":")[0] for f in first]
+    swaps = [(a, b) for a, b in zip(first, second) if a.corruption.startswith("swap:")]
+    assert sum(a.corruption != b.corruption for a, b in swaps) > len(swaps) // 2
+    assert all(a.clean_tokens == b.clean_tokens and len(b.corrupted_tokens) == len(b.clean_tokens) for a, b in swaps)
+
+
+def test_swap_candidates_prefer_same_label_and_same_kind_of_mention() -> None:
+    """Swap partners are ranked: same entity label first, then a mention of the same kind (full name for a
+    full name; a surname before a first name for a one-word mention)."""
+    from circuitdyn.probes import _swap_candidates
+
+    pool = {"Russia": "GPE", "Herbie Hancock": "PERSON", "Patna": "GPE", "Miles Davis": "PERSON"}
+    full = _swap_candidates("f", "Herbie Hancock", "Herbie Hancock", pool)
+    assert full[:3] == [("Miles Davis", "Miles Davis"), ("Davis", "Miles Davis"), ("Miles", "Miles Davis")]
+    assert set(full[3:]) == {("Russia", "Russia"), ("Patna", "Patna")}
+    one_word = _swap_candidates("f", "Herbie Hancock", "Hancock", pool)
+    assert one_word[:3] == [("Davis", "Miles Davis"), ("Miles", "Miles Davis"), ("Miles Davis", "Miles Davis")]
+    place = _swap_candidates("f", "Russia", "Russia", pool)
+    assert place[0] == ("Patna", "Patna")
 
 
 def test_noise_fallbacks(tokenizer, seed_probes: list[Probe]) -> None:

@@ -53,7 +53,11 @@ def test_similarity_and_reconfiguration():
     assert MEAN in set(tl.similarity["fact_id"])
     rec = tl.reconfiguration.set_index("epoch")
     assert rec.loc[1, "replaced"] == 0.0 and rec.loc[2, "replaced"] == pytest.approx(0.5)
+    assert (rec["n"] == 2).all() and (rec["n_excluded"] == 0).all()
     assert tl.reconfiguration_rate == pytest.approx((0 + 0.5 + 0.5) / 3)
+    est = tl.reconfiguration_estimate
+    assert est.n == 6 and est.n_groups == 2 and est.lo <= est.value <= est.hi
+    assert tl.summary()["n_changed_beyond_noise"] is None  # no method noise given: nothing is tested
 
 
 def test_lifetimes():
@@ -80,6 +84,10 @@ def test_join_with_outcomes_and_stability_summary():
     assert st["n_retained"] == 4 and st["n_forgotten"] == 1 and st["n_acquired"] == 1
     assert st["mean_retained"] == 1.0 and st["mean_forgotten"] == 0.0
     assert st["gap"] == 1.0 and st["auc"] == 1.0 and st["gap_forgotten"] == 1.0
+    # only 'flaky' has both kinds of transition, so the within-fact test rests on it alone
+    perm = st["permutation"]
+    assert (perm["n_strata"], perm["n_1"], perm["n_0"]) == (1, 1, 2) and perm["difference"] == pytest.approx(1.0)
+    assert perm["p_value"] == pytest.approx(1 / 3, abs=0.05)  # 1 of 3 label arrangements is as extreme
     per_epoch = tl.per_epoch.set_index("epoch")
     assert per_epoch.loc[2, "fact_accuracy"] == 0.5 and per_epoch.loc[3, "train_loss"] == 1.5
     assert tl.layer_epoch.shape == (GRAPH.n_layers, 4)
@@ -92,21 +100,35 @@ def test_join_with_outcomes_and_stability_summary():
 
 def test_bad_inputs():
     cs = circuits_over_epochs()
+    top = f"top:{N}"
     with pytest.raises(CircuitdynError, match="do not match the circuits"):
-        build_timeline(cs, outcomes=pd.DataFrame({"fact_id": ["x"], "epoch": [0], "correct": [True]}))
+        build_timeline(cs, top, outcomes=pd.DataFrame({"fact_id": ["x"], "epoch": [0], "correct": [True]}))
     with pytest.raises(CircuitdynError, match="lack column"):
-        build_timeline(cs, outcomes=pd.DataFrame({"fact_id": ["stable"], "epoch": [0]}))
+        build_timeline(cs, top, outcomes=pd.DataFrame({"fact_id": ["stable"], "epoch": [0]}))
     other = Graph(2, 2)
     mixed = {0: cs[0], 1: CircuitSet(torch.rand(2, other.n_edges), other.edges, FACTS, META)}
     with pytest.raises(CircuitdynError, match="epoch 0 vs epoch 1: .*different architectures"):
-        build_timeline(mixed)
+        build_timeline(mixed, top)
     disjoint = {0: cs[0], 1: CircuitSet(cs[1].scores, cs[1].edges, ["a", "b"], META)}
     with pytest.raises(CircuitdynError, match="share no fact ids"):
-        build_timeline(disjoint)
+        build_timeline(disjoint, top)
     with pytest.raises(CircuitdynError, match="no probe outcomes"):
-        build_timeline(cs).stability()
+        build_timeline(cs, top).stability()
     with pytest.raises(CircuitdynError, match="has no circuits"):
-        build_timeline(cs).scores(9)
+        build_timeline(cs, top).scores(9)
+    with pytest.raises(CircuitdynError, match="faith:0.8 needs a faithfulness evaluator for epoch 0"):
+        build_timeline(cs)  # the default sizes circuits by faithfulness on each epoch's model
+
+
+def test_small_gap_fact_epochs_are_excluded():
+    cs = circuits_over_epochs()
+    for e, c in cs.items():  # 'flaky' has no clean-corrupted gap at epoch 2
+        c.meta.update(m_clean=[0.0, 0.0], m_corrupted=[-3.0, -0.1 if e == 2 else -3.0])
+    tl = build_timeline(cs, f"top:{N}")
+    rec = tl.reconfiguration.set_index("epoch")
+    assert rec.loc[1, "n"] == 2 and rec.loc[2, "n"] == 1 and rec.loc[3, "n"] == 1
+    assert rec.loc[2, "n_excluded"] == 1 and rec.loc[2, "replaced"] == 0.0
+    assert tl.summary()["n_fact_epochs_excluded"] == 1
 
 
 def write_run_results(run: Path, graph: Graph, with_epochs: list[int]) -> None:
@@ -147,11 +169,16 @@ def test_cli_timeline(make_run, capsys):
     assert main(["timeline", str(run), "--top-n", str(N)]) == 0
     text = capsys.readouterr().out
     assert "stay put while recalled?" in text and "forgotten 0.000 (n=1)" in text
+    assert "no method noise measured" in text
     assert (run / "timeline.html").is_file()
-    assert main(["timeline", str(run), "--json", "--out", str(run / "t.html")]) == 0
-    assert json.loads(capsys.readouterr().out)["summary"]["facts"] == 2
+    assert main(["timeline", str(run), "--top-n", str(N), "--json", "--out", str(run / "t.html")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["facts"] == 2 and data["selection"]["spec"] == f"top:{N}"
+    assert data["ci"]["reconfiguration_rate"]["n"] == 4 and data["baseline"] is None
+    assert main(["timeline", str(run)]) == 2  # the default faith:0.8 needs the facts
+    assert "needs the facts (--probes)" in capsys.readouterr().err
     (run / "circuits" / "epoch_1.safetensors").unlink()
-    assert main(["timeline", str(run)]) == 2
+    assert main(["timeline", str(run), "--top-n", str(N)]) == 2
     assert "no circuits for epoch(s) [1]" in capsys.readouterr().err
 
 
@@ -169,7 +196,8 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     assert main([*args, "--transfer"]) == 0
     text = capsys.readouterr().out
     assert "stay put while recalled?" in text and "forgotten" in text
-    assert "faithfulness of epoch i's circuit (rows)" in text
+    assert "share of each fact's gap recovered by epoch i's circuit (rows)" in text
+    assert "method noise at epochs [0, 2]" in text
     assert main(["timeline", str(run), "--transfer"]) == 2
     assert "--transfer needs --probes" in capsys.readouterr().err
     assert main([*args, "--select", "faith:0.5", "--out", str(tmp_path / "faith.html")]) == 0
@@ -177,9 +205,29 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     assert main(["timeline", str(run), "--select", "faith:0.5", "--steps", "1"]) == 2
     assert "selection faith:0.5 evaluates circuits on each epoch's model: it needs the facts (--probes)" in (
         capsys.readouterr().err)
-    assert len(list((run / "circuits").glob("*.safetensors"))) == 3
+    assert len(list((run / "circuits").glob("*.safetensors"))) == 3 + 2 * 2  # + noise replicates at epochs 0, 2
     html = (run / "timeline.html").read_text()
     assert probes[0].question.split()[0] in html
     # EAP circuits record 1 step, whatever --steps (default 5) asked for: they are still found.
     assert main(["timeline", str(run), "--probes", str(tmp_path / "p.jsonl"), "--method", "eap", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["epochs"] == [0, 1, 2]
+
+
+def test_extract_then_timeline_computes_no_circuit_twice(make_run, tmp_path, capsys):
+    """The one road: `extract --probes F` and `timeline --probes F` build the same facts, so the timeline
+    reuses every circuit file extract wrote (unchanged on disk), and `--transfer` works with `faith:`."""
+    from circuitdyn.cli import main
+    from circuitdyn.probes import load_probes, write_probes_jsonl
+
+    run = make_run("llama", 1, name="one-road-run")
+    probes = write_probes_jsonl(load_probes()[:4], tmp_path / "p.jsonl")
+    assert main(["extract", str(run), "--probes", str(probes), "--steps", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    written = {f: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")}
+    assert len(written) == 2
+    assert main(["timeline", str(run), "--probes", str(probes), "--steps", "2", "--noise-epochs", "none",
+                 "--select", "faith:0.5", "--transfer", "--json", "--out", str(tmp_path / "t.html")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["selection"]["spec"] == "faith:0.5" and data["baseline"] is None
+    assert len(data["transfer"]) == 4 * 2 * 2 and "transfer_summary" in data
+    assert {f: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")} == written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -10,10 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from circuitdyn import viz
+from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, diff_circuits
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.noise import noise_from_replicates
+from circuitdyn.selection import Selection
 from circuitdyn.transfer import transfer_matrix
 from circuitdyn.graph import Graph
 from circuitdyn.timeline import build_timeline
@@ -63,7 +68,24 @@ def test_circuit_figure():
     assert "<script>" not in evil.layout.title.text and "&lt;script&gt;" in evil.layout.title.text
     with pytest.raises(CircuitdynError, match="unknown fact id"):
         viz.circuit_figure(cs, "nope")
-    assert len(viz.circuit_figure(cs, MEAN, n=3).data) >= 2
+    # the mean circuit's top edges are neither fact's: edges 0, 1, 3 (means 2.5, 3, 2)
+    two = torch.zeros(2, GRAPH.n_edges)
+    two[0, [0, 1, 2]] = torch.tensor([5.0, 3.0, 0.1])
+    two[1, [1, 3, 4]] = torch.tensor([3.0, 4.0, 0.2])
+    mean_hover = "".join(viz.circuit_figure(CircuitSet(two, GRAPH.edges, ["a", "b"]), MEAN, n=3).data[-2].hovertext)
+    assert all(html.escape(GRAPH.edges[i]) in mean_hover for i in (0, 1, 3)) and mean_hover.count("-&gt;") == 3
+
+
+def test_circuit_figure_colours_edges_by_sign():
+    """An edge whose score is negative (it supports recall) is drawn in the negative colour, and vice versa."""
+    scores = torch.zeros(1, GRAPH.n_edges)
+    scores[0, GRAPH.edge_index["input->a0.h0<q>"]] = -3.0
+    scores[0, GRAPH.edge_index["m3->logits"]] = 2.0
+    fig = viz.circuit_figure(CircuitSet(scores, GRAPH.edges, ["f"]), "f", n=2)
+    pos = viz.node_positions(GRAPH)
+    drawn = {t.line.color: [x for x in t.x if x is not None] for t in fig.data if t.mode == "lines"}
+    assert drawn == {viz.SIGN_COLOURS["negative"]: [pos["input"][0], pos["a0.h0"][0]],
+                     viz.SIGN_COLOURS["positive"]: [pos["m3"][0], pos["logits"][0]]}
 
 
 def test_diff_and_timeline_figures():
@@ -73,16 +95,33 @@ def test_diff_and_timeline_figures():
     colours = {t.line.color for t in fig.data if t.mode == "lines"}
     assert colours == {viz.STATUS_COLOURS["added"], viz.STATUS_COLOURS["removed"]}
     sankey = viz.sankey_figure(d, "flaky").data[0]
-    assert sum(sankey.link.value) > 0 and set(sankey.link.label) <= {"added", "removed"}
-    assert len(viz.layer_shift_figure(d, "flaky").data) == 2
+    assert set(sankey.link.label) == {"added", "removed"}
+    edges = d.edges("flaky")
+    for status in ("added", "removed"):  # link widths: max(|score A|, |score B|) summed over the edges
+        flow = sum(v for v, label in zip(sankey.link.value, sankey.link.label) if label == status)
+        want = edges.loc[edges.status == status, ["score_a", "score_b"]].abs().max(axis=1).sum()
+        assert flow == pytest.approx(want, rel=1e-5)
+    bars = viz.layer_shift_figure(d, "flaky").data
+    shares = d.layers[d.layers["fact_id"] == "flaky"]
+    assert len(bars) == 2 and list(bars[0].y) == pytest.approx(shares["share_a"].tolist())
+    assert list(bars[1].y) == pytest.approx(shares["share_b"].tolist())
     tl = build_timeline(cs, "top:10", outcomes=outcomes(),
                         epochs=pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.0], "math": [1, 0.5, 0.5, 0.4]}))
     names = {t.name for t in viz.timeline_figure(tl, "flaky").data}
-    assert {"train loss", "facts recalled", "math", "Jaccard to previous"} <= names
-    assert viz.heatmap_figure(tl).data[0].type == "heatmap"
-    table = transfer_matrix(cs, lambda j, c, m: m.float().mean(1), "top:10")
+    assert {"train loss", "facts recalled", "math", "replaced vs previous epoch (mean, 95 % CI)", "flaky: replaced"} <= names
+    assert not any(str(n).startswith("method noise") for n in names)  # no noise measured: no band drawn
+    sel = Selection.parse("top:10")
+    reps = [(f"r{i}", c, sel.select(c.scores, c.graph)[0], None) for i, c in enumerate([cs[0], cs[1]])]
+    noisy = build_timeline(cs, sel, outcomes=outcomes(), noise=noise_from_replicates({0: reps}, sel))
+    band = [t for t in viz.timeline_figure(noisy).data if str(t.name).startswith("method noise")]
+    assert len(band) == 1 and band[0].fill == "tonexty"
+    heat = viz.heatmap_figure(tl).data[0]
+    assert heat.type == "heatmap" and [list(r) for r in heat.z] == tl.layer_epoch.to_numpy().tolist()
+    assert list(heat.y) == [f"L{i}" for i in range(GRAPH.n_layers)]
+    # a fake faithfulness that grows with the model epoch: rows are circuit epochs, columns model epochs
+    table = transfer_matrix(cs, lambda j, c, m: torch.full((m.shape[0],), (j + 1) / 5), "top:10")
     z = viz.transfer_figure(table).data[0].z
-    assert len(z) == 4 and len(z[0]) == 4
+    assert len(z) == 4 and all(row[j] == pytest.approx((j + 1) / 5) for row in z for j in range(4))
 
 
 def test_pages_are_offline_and_escaped(pages):
@@ -94,6 +133,8 @@ def test_pages_are_offline_and_escaped(pages):
         assert bundle in text, f"{name} does not embed plotly.js"
         ours = text.replace(bundle, "")
         assert "<script>alert" not in ours, name
+        # the injected fact id and the label are in the page, escaped
+        assert "fl\\u003cscript\\u003ealert" in ours and "Who \\u003cb\\u003efounded" in ours, name
         assert not re.search(r"<script[^>]+src=", ours), f"{name} loads an external script"
         assert not re.search(r"https?://", ours), f"{name} refers to the network"
         assert "Who <b>founded" not in ours
@@ -191,7 +232,7 @@ def test_walkthrough_runs_on_a_tiny_run(make_run, tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("CIRCUITDYN_OUT", str(tmp_path / "out"))
     runpy.run_path(str(REPO / "examples" / "walkthrough.py"), run_name="__main__")
     text = capsys.readouterr().out
-    assert "reconfiguration rate" in text and "'gap'" in text
+    assert "reconfiguration:" in text and "stay put while recalled?" in text and "method noise" in text
     for name in ("circuit", "diff", "timeline"):
         assert (tmp_path / "out" / f"{name}.html").is_file()
 

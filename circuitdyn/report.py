@@ -1,0 +1,149 @@
+"""What the numbers of a diff or a timeline support, in sentences: the text the CLI, the demo and the
+viewers print.
+
+Every sentence names the statistic, its 95 % interval and the n it rests on, puts method noise beside
+every change, and says "no evidence" where an interval or a test does not clear it. Nothing here computes;
+it reads `CircuitDiff.summary`, `Timeline.summary()` / `stability()` and `transfer.transfer_summary`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from circuitdyn.diff import CircuitDiff
+from circuitdyn.similarity import DISTANCES
+from circuitdyn.timeline import Timeline
+
+ALPHA = 0.05
+"""Significance level of the tests quoted in the text."""
+
+NAMES = {"edge_jaccard": "edge-set distance (1 - Jaccard)", "weighted_jaccard": "weighted-Jaccard distance",
+         "spearman": "rank distance (1 - Spearman)"}
+
+
+def estimate(e: dict[str, Any] | None, digits: int = 3) -> str:
+    """`0.412 [0.350, 0.470] (n=14 in 4 entities)` from an `Estimate.to_dict()`."""
+    if not e or e.get("value") is None:
+        return f"- (n={0 if not e else e.get('n', 0)})"
+    ci = ("" if e.get("lo") is None else f" [{e['lo']:.{digits}f}, {e['hi']:.{digits}f}]")
+    groups = e.get("n_groups", 0)
+    return f"{e['value']:.{digits}f}{ci} (n={e['n']} in {groups} {'entity' if groups == 1 else 'entities'})"
+
+
+def _size(size: dict[str, Any], faith: dict[str, Any] | None) -> str:
+    if size.get("median") is None:
+        return "no circuits"
+    text = (f"median {size['median']:,.0f} edges ({size['share_of_graph']:.1%} of the graph; "
+            f"{size['min']:,.0f}-{size['max']:,.0f})")
+    if faith and faith.get("median") is not None:
+        text += f", faithfulness reached median {faith['median']:.2f} (min {faith['min']:.2f})"
+    return text
+
+
+def _excess_verdict(excess: dict[str, Any], changed: int | None, tested: int) -> str:
+    lo = excess.get("lo")
+    if excess.get("value") is None or tested == 0:
+        return "nothing to test"
+    if lo is not None and lo > 0:
+        return (f"circuits moved more than method noise (excess interval above 0); {changed} of {tested} "
+                f"fact-level changes clear the fact's own noise")
+    if lo is None:
+        return (f"{changed} of {tested} clear the fact's own noise; too few entities for an interval, "
+                "so no claim about the mean excess")
+    return (f"no evidence that circuits moved more than method noise on average (excess interval includes 0); "
+            f"{changed} of {tested} fact-level changes clear the fact's own noise")
+
+
+def describe_diff(d: CircuitDiff) -> list[str]:
+    """Sentences for a `CircuitDiff`: circuits compared, facts and exclusions, method noise, change per
+    statistic with intervals, and the verdict against noise."""
+    s = d.summary
+    lines = [f"circuits ({s['selection']}): {d.label_a} {_size(s['circuit_size']['a'], (s.get('faithfulness_reached') or {}).get('a'))}; "
+             f"{d.label_b} {_size(s['circuit_size']['b'], (s.get('faithfulness_reached') or {}).get('b'))}",
+             f"facts compared: {s['n_included']} of {s['n_facts']} in {s['n_entities']} entities "
+             f"({s['n_excluded_gap']} excluded: clean-corrupted metric gap below {s['min_gap']:g} at either checkpoint)"]
+    noise = s.get("method_noise")
+    if noise:
+        lines.append(f"method noise: the same checkpoints re-attributed ({', '.join(noise['replicates'])}); "
+                     f"{noise['edge_jaccard']['n_per_fact']}+ distances per fact; a change counts when it exceeds the "
+                     f"fact's {noise['quantile']:.0%} quantile")
+    for stat in DISTANCES:
+        st = s[stat]
+        text = f"{NAMES[stat]} {d.label_a} -> {d.label_b}: {estimate(st['distance'])}"
+        if st["noise_median"] is not None:
+            text += (f"; method noise {st['noise_median']:.3f}; excess {estimate(st['effect'])}; beyond noise for "
+                     f"{st['n_changed_beyond_noise']} of {st['n_tested']} facts")
+        lines.append(text)
+    if noise:
+        lines.append("verdict: " + _excess_verdict(s["edge_jaccard"]["effect"], s["n_changed_beyond_noise"],
+                                                   s["n_tested"]))
+    else:
+        lines.append("no method noise measured (needs checkpoints and --probes): changes are not tested against noise")
+    return lines
+
+
+def describe_timeline(tl: Timeline) -> list[str]:
+    """Sentences for a `Timeline`: circuits, facts and how they were chosen, reconfiguration against method
+    noise, and the stay-put question with its test."""
+    s = tl.summary()
+    lines = [f"circuits ({s['selection']}): {_size(s['circuit_size'], s['faithfulness_reached'])}",
+             f"facts: {s['facts']} ({s['fact_choice']}) in {s['n_entities']} entities; {s['n_fact_epochs_excluded']} "
+             f"fact-epochs excluded (clean-corrupted gap below {s['min_gap']:g})"]
+    noise = s.get("method_noise")
+    rate = f"reconfiguration: {estimate(s['reconfiguration_rate'])} of a circuit's edges replaced per epoch"
+    if noise:
+        lines.append(f"method noise at epochs {noise['epochs']} ({', '.join(noise['replicates'])}): edge-set "
+                     f"distance median {noise['edge_jaccard']['median_of_medians']:.3f} per fact")
+        lines.append(f"{rate}; excess over method noise {estimate(s['excess_over_noise'])}")
+        lines.append("verdict: " + _excess_verdict(s["excess_over_noise"], s["n_changed_beyond_noise"], s["n_tested"]))
+    else:
+        lines.append(f"{rate}; no method noise measured, so not tested against it")
+    st = s.get("stability")
+    if st:
+        lines += describe_stability(st)
+    else:
+        lines.append("no per-probe outcomes in the run: circuits are not joined with recall")
+    return lines
+
+
+def describe_stability(st: dict[str, Any]) -> list[str]:
+    """The stay-put answer: similarity per transition kind, AUC with interval, the stratified test, verdict."""
+    def kind(name: str) -> str:
+        m, (lo, hi) = st[f"mean_{name}"], st[f"ci_{name}"]
+        if m != m:
+            return f"{name} - (n=0)"
+        ci = "" if lo != lo else f" [{lo:.3f}, {hi:.3f}]"
+        return f"{name} {m:.3f}{ci} (n={st[f'n_{name}']})"
+
+    perm = st["permutation"]
+    lines = [f"stay put while recalled? edge Jaccard to the previous epoch: {kind('retained')}, {kind('forgotten')}, "
+             f"{kind('acquired')}; facts chosen: {st['fact_choice']}"]
+    if perm["n_strata"] == 0:
+        lines.append("  not answerable on this run: no fact has both retained and flipped transitions")
+        return lines
+    auc_lo, auc_hi = st["auc_ci"]
+    auc_ci = "" if auc_lo != auc_lo else f" [{auc_lo:.2f}, {auc_hi:.2f}]"
+    lines.append(f"  AUC {st['auc']:.2f}{auc_ci} (P(a retained transition's circuit is more similar than a flipped "
+                 f"one's)); permutation test within facts: difference {perm['difference']:+.3f}, p = {perm['p_value']:.3f} "
+                 f"on {perm['n_1']} retained vs {perm['n_0']} flipped transitions of {perm['n_strata']} facts "
+                 f"({st['n_entities']} entities)")
+    clear = perm["p_value"] < ALPHA and auc_lo == auc_lo and not (auc_lo <= 0.5 <= auc_hi)
+    post_hoc = "post hoc" in str(st["fact_choice"])
+    if clear:
+        verdict = "evidence that circuits stay more similar while a fact stays recalled"
+        if post_hoc:
+            verdict += " (facts were chosen after seeing outcomes: treat as exploratory)"
+    else:
+        verdict = "no evidence either way at this size (the interval includes 0.5 or p >= 0.05)"
+    lines.append("  verdict: " + verdict)
+    return lines
+
+
+def describe_transfer(summary: dict[str, Any]) -> list[str]:
+    """The old-pathway question from `transfer.transfer_summary`."""
+    first, last = summary["first"], summary["last"]
+    return [f"old pathway still there? share of the fact's gap recovered (faithfulness clipped to [0, 1]): epoch "
+            f"{first}'s circuit on epoch {last}'s model {estimate(summary['first_circuit_on_last_model'])}; epoch "
+            f"{last}'s own circuit {estimate(summary['last_circuit_on_last_model'])}; "
+            f"{summary['n_pairs_excluded_gap']} of {summary['n_pairs']} (fact, circuit, model) cells excluded "
+            f"(gap below {summary['min_gap']:g})"]
