@@ -273,7 +273,7 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD) -> 
     for epoch, d in dirs.items():
         if (d / PROBE_RESULTS).is_file():
             try:
-                pf = pd.read_json(d / PROBE_RESULTS, lines=True)
+                pf = pd.read_json(d / PROBE_RESULTS, lines=True, precise_float=True)
             except ValueError as err:
                 raise CircuitdynError(f"{d / PROBE_RESULTS}: unreadable ({err})") from None
             pf["epoch"] = epoch

@@ -121,9 +121,11 @@ def test_definitions_on_probe_results(tmp_path: Path) -> None:
     assert qt.loc["temporal", "learned_frac"].tolist() == [0.5, 0.5, 0.5]
     assert qt.loc[("temporal", 1), ["acquired", "forgotten"]].tolist() == [1, 1]
     assert (qt.loc["factual", "items"] == 2).all()
-    # recall exactly at the threshold counts as recalled (b/1 at epoch 2); checked on the frame itself, since
-    # pd.read_json reads the 0.6 written above back as 0.6000000000000001
+    # recall exactly at the threshold counts as recalled (b/1 at epoch 2), on the frame and as read back from disk
+    # (the reader keeps 0.6 exact; pandas' default float parser would give 0.6000000000000001)
     assert learned_sets(rows, key="probe_id")[2] == {"b/0", "b/1"}
+    on_disk = dyn.probe_scores
+    assert on_disk.loc[(on_disk["probe_id"] == "b/1") & (on_disk["epoch"] == 2), "recall"].tolist() == [0.6]
     assert item_dynamics(rows, "probe_id").set_index("probe_id").loc["b/1", "windows"] == [(0, 0), (2, 2)]
     raw = grouped(rows, "question_type").set_index(["question_type", "epoch"])
     assert raw.loc[("temporal", 2), "learned_frac"] == 0.5
