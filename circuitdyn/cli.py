@@ -455,9 +455,10 @@ def print_timeline(tl) -> None:
         for _, r in rec.iterrows():
             ci = "" if r["replaced_lo"] != r["replaced_lo"] else f" [{r['replaced_lo']:.3f}, {r['replaced_hi']:.3f}]"
             noise = "-" if r["noise"] != r["noise"] else f"{r['noise']:.3f}"
-            beyond = "-" if pd.isna(r["n_changed_beyond_noise"]) else f"{r['n_changed_beyond_noise']}/{r['n_tested']}"
-            print(f"  epoch {r['epoch']}: {r['replaced']:.3f}{ci}  noise {noise}  beyond {beyond}  "
-                  f"(n={r['n']}, excluded {r['n_excluded']})")
+            beyond = ("-" if pd.isna(r["n_changed_beyond_noise"])
+                      else f"{int(r['n_changed_beyond_noise'])}/{int(r['n_tested'])}")
+            print(f"  epoch {int(r['epoch'])}: {r['replaced']:.3f}{ci}  noise {noise}  beyond {beyond}  "
+                  f"(n={int(r['n'])}, excluded {int(r['n_excluded'])})")
     print()
     for line in describe_timeline(tl):
         print(line)

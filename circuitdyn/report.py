@@ -50,6 +50,10 @@ def _excess_verdict(excess: dict[str, Any], changed: int | None, tested: int) ->
     if lo is None:
         return (f"{changed} of {tested} clear the fact's own noise; too few entities for an interval, "
                 "so no claim about the mean excess")
+    if excess.get("hi") is not None and excess["hi"] < 0:
+        return (f"circuits moved less between epochs than re-attributing one checkpoint moves them (excess "
+                f"interval below 0): the change is within method noise; {changed} of {tested} fact-level changes "
+                "clear the fact's own noise")
     return (f"no evidence that circuits moved more than method noise on average (excess interval includes 0); "
             f"{changed} of {tested} fact-level changes clear the fact's own noise")
 
