@@ -19,6 +19,7 @@ E = 386,713) with 1,000 facts x 10 epochs is 15.5 GB dense float32 vs. 81 MB spa
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from functools import cached_property
@@ -156,6 +157,11 @@ class CircuitSet:
         ids = src if direction == "out" else dst
         out = torch.zeros(len(self.fact_ids), len(self.graph.nodes))
         return out.index_add_(1, ids, self.scores.float())
+
+    @cached_property
+    def scores_digest(self) -> str:
+        """SHA-256 of the scores' float32 bytes: what caches keyed by these circuits' content compare."""
+        return hashlib.sha256(self.scores.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
     @property
     def gaps(self) -> np.ndarray:

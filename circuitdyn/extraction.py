@@ -228,11 +228,11 @@ def select_circuits(
         return sel.select(circuits.scores, circuits.graph)
     if facts is None:
         raise CircuitdynError(f"selection {sel} evaluates circuits on the model: it needs the facts (--probes)")
-    key = {"scores_sha256": _scores_digest(circuits), "selection": str(sel),
+    key = {"scores_sha256": circuits.scores_digest, "selection": str(sel),
            "checkpoint_hash": run.checkpoint(epoch).content_hash, "fact_ids": circuits.fact_ids}
     path = None
     if cache_dir is not None:
-        name = f"select.{_scores_digest(circuits)[:12]}.{str(sel).replace(':', '')}.e{epoch}.safetensors"
+        name = f"select.{circuits.scores_digest[:12]}.{str(sel).replace(':', '')}.e{epoch}.safetensors"
         path = Path(cache_dir) / "selections" / name
         hit = _read_selection(path, key, circuits)
         if hit is not None:
@@ -242,12 +242,6 @@ def select_circuits(
     if path is not None:
         _write_selection(path, key, masks, reached)
     return masks, reached
-
-
-def _scores_digest(circuits: CircuitSet) -> str:
-    import hashlib
-
-    return hashlib.sha256(circuits.scores.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _write_selection(path: Path, key: dict[str, Any], masks: Tensor, reached: Tensor | None) -> None:

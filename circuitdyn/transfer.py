@@ -11,7 +11,6 @@ carries the fact on a later model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -110,8 +109,7 @@ def _transfer_key(circuits: dict[int, CircuitSet], facts: list[str], sel: Select
     per_epoch = {}
     for e in sorted(circuits):
         cs = circuits[e]
-        digest = hashlib.sha256(cs.scores.detach().float().contiguous().numpy().tobytes()).hexdigest()
-        per_epoch[str(e)] = {"scores_sha256": digest, "fact_ids": list(cs.fact_ids),
+        per_epoch[str(e)] = {"scores_sha256": cs.scores_digest, "fact_ids": list(cs.fact_ids),
                              **{k: cs.meta.get(k) for k in ("checkpoint_hash", "metric", "seed", "noise_scale")}}
     return {"selection": str(sel), "facts": facts, "circuits": per_epoch}
 
