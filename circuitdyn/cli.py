@@ -27,6 +27,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", nargs="?", help="run folder, HF model folder or .gguf (default: the embedded SmolLM2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle-only checkpoints (weights_only load)")
+    _add_base_arg(p)
     p.set_defaults(func=_run_info)
 
 
@@ -35,7 +36,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
     from circuitdyn.checkpoints import default_model_dir, describe, open_run
 
-    info = describe(open_run(args.path or default_model_dir(), allow_pickle=args.allow_pickle))
+    info = describe(open_run(args.path or default_model_dir(), allow_pickle=args.allow_pickle, base=args.base))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -46,10 +47,11 @@ def _run_info(args: argparse.Namespace) -> int:
           f"vocab {info['d_vocab']}, {info['normalization']} norm, {info['positional_embedding']} positions")
     tok = info["tokenizer"]
     print(f"tokenizer    {tok['class']} ({tok['vocab_size']} tokens, chat template: {'yes' if tok['chat_template'] else 'no'})")
-    print(f"epochs       {info['epochs']}")
+    print(f"epochs       {[e['epoch'] for e in info['epochs']]}")
     for ck in info["checkpoints"]:
         loss = "-" if ck["train_loss"] is None else f"{ck['train_loss']:.4f}"
         print(f"  epoch {ck['epoch']:>3}  step {ck['step'] if ck['step'] is not None else '-':>6}  loss {loss:>8}  "
+              f"{ck['kind']:>7}  "
               f"{ck['bytes'] / 2**20:8.1f} MiB  {ck['content_hash'][:19]}  {', '.join(ck['weight_files'])}")
     return 0
 
@@ -200,6 +202,11 @@ def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None
     p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption")
 
 
+def _add_base_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model folder of adapter-only (PEFT) checkpoints, and epoch 0 of a Trainer "
+                   "run (default: the adapter's base_model_name_or_path when it is a local folder)")
+
+
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -237,6 +244,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     _add_attribution_args(p)
     _add_device_args(p)
     p.add_argument("--epochs", help="comma-separated epochs (default: all epochs of a run, or the one given)")
+    _add_base_arg(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-n", type=int, default=1000, help="selection whose faithfulness is printed (default 1000)")
     p.add_argument("--float16", action="store_true", help="store scores as float16 (2 bytes/edge)")
@@ -256,7 +264,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     from circuitdyn.probes import corruption_counts
 
     t0 = time.perf_counter()
-    run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype)
+    run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype, base=args.base)
     facts = _facts(args, run)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
@@ -289,6 +297,7 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     _add_attribution_args(p, method_default=None, steps_default=None)
     _add_device_args(p)
     p.add_argument("--circuits", help="folder of cached circuit files (default: RUN/circuits)")
+    _add_base_arg(p)
     _add_selection_args(p)
     p.add_argument("--no-noise", action="store_true", help="do not measure method noise (re-attribution of both "
                    "checkpoints with 2x IG steps and another corruption); changes are then not tested against it")
@@ -312,6 +321,7 @@ def _run_diff(args: argparse.Namespace) -> int:
         rephrased=args.rephrased, template=args.template, selection=_selection_arg(args), method=args.method,
         steps=args.steps, metric=args.metric, seed=args.seed, circuits_dir=args.circuits, fact_ids=args.fact,
         method_noise=not args.no_noise, device=args.device, dtype=args.dtype, progress=not args.json,
+        base=args.base,
     )
     out = write_diff_html(d, args.out, labels=d.labels)
     if args.json:
@@ -352,6 +362,7 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
     _add_attribution_args(p, method_default=None, steps_default=None)
     _add_device_args(p)
     p.add_argument("--circuits", help="folder holding the circuit files (default: RUN/circuits)")
+    _add_base_arg(p)
     _add_selection_args(p)
     p.add_argument("--noise-epochs", default="ends", help="epochs re-attributed to measure method noise: ends "
                    "(first and last, default), all, none, or comma-separated epochs (needs --probes)")
@@ -374,7 +385,7 @@ def _run_timeline(args: argparse.Namespace) -> int:
 
     if args.transfer and not args.probes:
         raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
-    run = open_run(args.run, device=args.device, dtype=args.dtype)
+    run = open_run(args.run, device=args.device, dtype=args.dtype, base=args.base)
     facts = _facts(args, run)
     folder = Path(args.circuits) if args.circuits else circuits_dir(run)
     choice = ("seeded sample, chosen before outcomes" if args.sample or args.per_entity

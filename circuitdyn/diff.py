@@ -579,6 +579,7 @@ def diff_checkpoints(
     device: str = "cpu",
     dtype: str = "float32",
     progress: bool = False,
+    base: str | Path | None = None,
 ) -> CircuitDiff:
     """`diff_circuits` of two checkpoints (`RUN:EPOCH` or a model folder) or circuit files (`.safetensors`).
 
@@ -587,7 +588,8 @@ def diff_checkpoints(
     `extraction.circuits_dir`) when cached with the same settings; without, cached circuits are read.
     Rules that evaluate circuits (`faith:`, the default) need checkpoints and probes. With checkpoints,
     probes and `method_noise`, both checkpoints are re-attributed with the method-noise replicates
-    (`noise.measure_method_noise`) and every change is tested against them.
+    (`noise.measure_method_noise`) and every change is tested against them. `base`: the base model folder of
+    adapter-only checkpoints (`checkpoints.open_run`).
     """
     from circuitdyn.checkpoints import resolve
     from circuitdyn.extraction import checkpoint_circuits, circuits_dir as default_dir, select_circuits
@@ -612,7 +614,7 @@ def diff_checkpoints(
                 check_facts_match(cs, labels, probes, spec)
             sides.append((cs, None, None, None))
             continue
-        run, epoch = resolve(str(spec), device=device, dtype=dtype)
+        run, epoch = resolve(str(spec), device=device, dtype=dtype, base=base)
         facts = None
         if probes is not None:
             facts = load_facts(probes, run.tokenizer(), limit=limit, sample_n=sample_n, per_entity=per_entity,

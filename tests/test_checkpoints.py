@@ -210,7 +210,7 @@ def test_pickle_only_checkpoint_refused_unless_opted_in(llama_run: Path, tmp_pat
 def test_cli_info_json(llama_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(llama_run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["epochs"] == [0, 1, 2]
+    assert [e["epoch"] for e in info["epochs"]] == [0, 1, 2] and info["epochs"][2]["kind"] == "full"
     assert (info["n_layers"], info["n_heads"], info["d_model"], info["n_key_value_heads"]) == (2, 4, 32, 2)
     assert all(ck["content_hash"].startswith("sha256:") for ck in info["checkpoints"])
 
