@@ -81,6 +81,9 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
                    help="plain | stepwise-kl | pretrain-kl | annotated | curriculum (default: plain)")
     p.add_argument("--method", default="lora", help="lora (r=32, alpha=64, q/v + embeddings) | full")
     p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term of the -kl strategies")
+    p.add_argument("--save", default="adapter", choices=["adapter", "merged"],
+                   help="how LoRA epochs are stored: adapter (default: PEFT adapter + trained embeddings, epoch 0 "
+                   "refers to the base) or merged (a full merged model per epoch)")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
     p.add_argument("--threshold", type=float, default=0.6, help="mean ROUGE-1 recall at which an entity is learned")
     p.add_argument("--n-math", type=int, default=32, help="math control probes per evaluation (0 = none)")
@@ -103,6 +106,7 @@ def _run_cpt(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, strategy=args.strategy, method=args.method,
         kl_weight=args.kl_weight, template=args.template, threshold=args.threshold,
         n_math=args.n_math or None, n_reasoning=args.n_reasoning or None, device=args.device, dtype=args.dtype,
+        save=args.save,
     )
     result = run_cpt(cfg, args.out, progress=not args.no_progress)
     print(f"wall time {time.perf_counter() - t0:.1f}s; best epoch {result.dynamics.best_epoch()}; run folder {result.run_dir}")

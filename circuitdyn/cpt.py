@@ -12,7 +12,11 @@ lr 1e-4) or full fine-tuning. Strategies:
   evaluation (learned entities drop out, forgotten ones come back).
 
 The run folder follows `checkpoints_spec/`: `run.json` and `epoch_0/` (the untouched base) ...
-`epoch_N/`, each holding the merged model in `merged_model/` beside the epoch's results:
+`epoch_N/`, each holding its model beside the epoch's results. With LoRA, an epoch stores only what training
+changed, as people store PEFT runs (`save="adapter"`, the default): the adapter and the trained input embeddings
+in `adapter/` (peft format, `base_model_name_or_path` = the base folder), and epoch 0 is a reference to the base
+folder in `run.json`, not a copy; `save="merged"` (and full fine-tuning) writes the merged model to
+`merged_model/` in every epoch folder instead. Beside the model, each epoch folder holds:
 `probe_results.jsonl` (per probe: generation, ROUGE-1 recall/F1, teacher-forced answer log-prob),
 `validation_probes_results.json` (per entity, the paper's format), `control_probes_results.json`
 (math and SocialIQA exact match), `train_log.jsonl` (loss per step) and `epoch.json`. The run-level
@@ -74,6 +78,8 @@ STRATEGIES = ("plain", "stepwise-kl", "pretrain-kl", "annotated", "curriculum")
 METHODS = ("lora", "full")
 STATE_DIR = "trainer_state"
 MODEL_DIR = "merged_model"
+ADAPTER_DIR = "adapter"
+SAVES = ("adapter", "merged")
 RESULTS_TABLE = "results.csv"
 
 
@@ -117,6 +123,9 @@ class CPTConfig:
     dtype: str = "float32"
     """Precision the model is trained and probed in (`float32`, `bfloat16`, `float16`); the merged
     checkpoints are saved in it. Part of `identity`."""
+    save: Literal["adapter", "merged"] = "adapter"
+    """How LoRA epochs are stored: `adapter` (adapter + trained embeddings; epoch 0 refers to the base) or
+    `merged` (a full merged model per epoch). Full fine-tuning always stores full models."""
 
     def validate(self) -> None:
         """Reject bad settings before anything is loaded or written."""
@@ -134,6 +143,7 @@ class CPTConfig:
             (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1"),
             (self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1"),
             (self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {', '.join(DTYPES)}"),
+            (self.save in SAVES, "save", self.save, f"must be one of {', '.join(SAVES)}"),
         ]
         for ok, name, value, why in checks:
             if not ok:
@@ -312,6 +322,31 @@ def merged_state_dict(train_model: torch.nn.Module, method: str) -> dict[str, to
         plain = key.replace(".base_layer.", ".")
         merged.setdefault(plain, value.detach().clone())
     return merged
+
+
+def save_adapter(train_model: torch.nn.Module, folder: Path, base_dir: Path, embeddings: bool) -> None:
+    """Save a LoRA training model as a PEFT adapter folder that peft (and `checkpoints.open_run`) merges back
+    into exactly the trained model: the adapter weights, and with `embeddings` the trained input embeddings
+    (peft's `save_embedding_layers`). A tied output embedding is the same tensor and is not stored twice;
+    `base_model_name_or_path` is the base folder's absolute path."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(train_model, save_embedding_layers=embeddings)
+    base = train_model.get_base_model()
+    out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
+    if out_emb is not None and out_emb.weight is in_emb.weight:
+        tied = next(f"base_model.model.{n}.weight" for n, m in base.named_modules() if m is out_emb)
+        state.pop(tied, None)
+    config = copy.deepcopy(train_model.peft_config["default"])
+    config.base_model_name_or_path = str(Path(base_dir).resolve())
+    config.inference_mode = True
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors",
+              metadata={"format": "pt"})
 
 
 def _load_weights(model: torch.nn.Module, hf_dir: Path) -> None:
@@ -520,7 +555,13 @@ class Prober:
 def _write_results(epoch_dir: Path, rows: list[dict[str, Any]], control: dict[str, Any], threshold: float) -> None:
     import pandas as pd
 
-    from circuitdyn.dynamics import CONTROL_RESULTS, ENTITY_RESULTS, PROBE_RESULTS, entity_results_json, entity_scores_from_probes
+    from circuitdyn.dynamics import (
+        CONTROL_RESULTS,
+        ENTITY_RESULTS,
+        PROBE_RESULTS,
+        entity_results_json,
+        entity_scores_from_probes,
+    )
 
     (epoch_dir / PROBE_RESULTS).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     df = pd.DataFrame(rows).assign(epoch=0)
@@ -568,6 +609,7 @@ def _check_out_dir(out: Path, cfg: CPTConfig) -> dict[str, Any] | None:
     theirs.pop("epochs", None)
     theirs.pop("device", None)
     theirs.setdefault("dtype", "float32")  # runs from before the setting existed trained in float32
+    theirs.setdefault("save", "merged")  # and stored merged models
     ours = json.loads(json.dumps(cfg.identity()))
     if existing.get("created_by", "").split(" ")[0] != "circuitdyn" or theirs != ours:
         diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
@@ -596,7 +638,7 @@ def _write_manifest(out: Path, base_name: str, cfg: CPTConfig, done: list[int]) 
     for e in done:
         info = json.loads((out / f"epoch_{e}" / "epoch.json").read_text())
         epochs.append({"epoch": e, "path": f"epoch_{e}", "step": info["step"], "train_loss": info["train_loss"],
-                       "content_hash": info["content_hash"]})
+                       "content_hash": info["content_hash"], **({"model": info["model"]} if info.get("model") else {})})
         history.append({"epoch": e, "learned": info["learned"], "math": info.get("math"), "SocialIQA": info.get("SocialIQA")})
     write_manifest(out, base_name, epochs, strategy=cfg.strategy, config=asdict(cfg), probe_history=history)
 
@@ -639,8 +681,8 @@ def _run_cpt(
     cfg: CPTConfig, out: Path, progress: bool, on_epoch_end: Callable[[int], None] | None, say: Callable[[str], None]
 ) -> CPTResult:
     from circuitdyn.checkpoints import content_hash
-    from circuitdyn.io import write_text_atomic
     from circuitdyn.dynamics import format_table, load_dynamics
+    from circuitdyn.io import write_text_atomic
 
     t_start = time.perf_counter()
     cfg.validate()
@@ -648,6 +690,9 @@ def _run_cpt(
     docs, probes = resolve_inputs(cfg)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     model, tok, base_name, base_dir = _load_base(cfg.base_model, device, dtype)
+    if cfg.method == "lora" and cfg.save == "adapter" and not (base_dir / "config.json").is_file():
+        raise CircuitdynError(f"{cfg.base_model}: adapters are saved relative to a full base model folder, and this "
+                              "base is itself an adapter checkpoint; use --save merged")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("epoch_*.partial"):
         shutil.rmtree(stale)
@@ -684,8 +729,12 @@ def _run_cpt(
             step = int(meta["step"])
         else:
             step = 0
-        if cfg.method == "lora":
+        if cfg.method == "lora" and (out / f"epoch_{last}" / MODEL_DIR).is_dir():
             _load_weights(eval_model, out / f"epoch_{last}" / MODEL_DIR)
+        elif cfg.method == "lora" and last > 0:
+            with torch.no_grad():
+                eval_model.load_state_dict(merged_state_dict(train_model, "lora"), strict=False)
+                eval_model.tie_weights()
         last_rows = [json.loads(x) for x in (out / f"epoch_{last}" / "probe_results.jsonl").read_text().splitlines()]
         start = last + 1
         say(f"resuming after epoch {last} (step {step})")
@@ -705,8 +754,15 @@ def _run_cpt(
             if cfg.strategy in ("stepwise-kl", "pretrain-kl"):
                 from transformers import AutoModelForCausalLM
 
-                ref_dir = out / f"epoch_{0 if cfg.strategy == 'pretrain-kl' else epoch - 1}" / MODEL_DIR
-                ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=dtype, local_files_only=True).to(device).eval()
+                ref_epoch = 0 if cfg.strategy == "pretrain-kl" else epoch - 1
+                ref_dir = out / f"epoch_{ref_epoch}" / MODEL_DIR
+                if ref_dir.is_dir():
+                    ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=dtype, local_files_only=True)
+                else:
+                    from circuitdyn.checkpoints import open_run
+
+                    ref = open_run(out, dtype=dtype).hf_model(ref_epoch)
+                ref = ref.to(device).eval()
             gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
             order = torch.randperm(len(use), generator=gen, device="cpu").tolist()
             torch.manual_seed(cfg.seed * 100_003 + epoch)
@@ -744,8 +800,16 @@ def _run_cpt(
                     eval_model.load_state_dict(merged_state_dict(train_model, "lora"), strict=False)
                     eval_model.tie_weights()
         (partial / "train_log.jsonl").write_text("".join(x + "\n" for x in log_lines))
-        eval_model.save_pretrained(partial / MODEL_DIR)
-        tok.save_pretrained(partial / MODEL_DIR)
+        as_adapter = cfg.method == "lora" and cfg.save == "adapter"
+        if not as_adapter:
+            eval_model.save_pretrained(partial / MODEL_DIR)
+            tok.save_pretrained(partial / MODEL_DIR)
+            weights_hash = content_hash(partial / MODEL_DIR)
+        elif epoch == 0:
+            weights_hash = content_hash(base_dir)
+        else:
+            save_adapter(train_model, partial / ADAPTER_DIR, base_dir, cfg.train_embeddings)
+            weights_hash = content_hash(partial / ADAPTER_DIR, base=base_dir)
         rows, control = prober.evaluate(eval_model)
         _write_results(partial, rows, control, cfg.threshold)
         learned = sorted(_learned(rows, cfg.threshold))
@@ -755,7 +819,8 @@ def _run_cpt(
             "trained_entities": trained_entities, "learned": learned,
             "math": control.get("math", {}).get("exact_match"),
             "SocialIQA": control.get("SocialIQA", {}).get("exact_match"),
-            "content_hash": content_hash(partial / MODEL_DIR), "wall_s": time.perf_counter() - t_epoch,
+            "content_hash": weights_hash, "wall_s": time.perf_counter() - t_epoch,
+            **({"model": str(base_dir.resolve())} if as_adapter and epoch == 0 else {}),
         }
         if epoch > 0:
             _save_state(partial / STATE_DIR, train_model, opt, {"epoch": epoch, "step": step})

@@ -305,7 +305,8 @@ def test_cli(reference_run: Path, cfg: CPTConfig, tmp_path: Path, capsys: pytest
             "--epochs", "1", "--lr", "1e-2", "--n-math", "0", "--n-reasoning", "0", "--no-progress"]
     assert main(args) == 0
     assert "wall time" in capsys.readouterr().out
-    assert (tmp_path / "cli" / "epoch_1" / "merged_model" / "config.json").is_file()
+    assert (tmp_path / "cli" / "epoch_1" / "adapter" / "adapter_config.json").is_file()  # LoRA: adapters by default
+    assert not (tmp_path / "cli" / "epoch_1" / "merged_model").exists()
 
 
 @pytest.mark.integration
@@ -342,3 +343,60 @@ def test_greedy_with_answers_equals_generate(cfg: CPTConfig) -> None:
             logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
         ref = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
         assert lp == pytest.approx(ref, abs=1e-4)
+
+
+def test_adapter_saved_run_equals_the_merged_run(tiny_base: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """`save="adapter"` (the LoRA default) stores only the adapter and the trained embeddings, epoch 0 as a reference
+    to the base, and everything downstream (probe results, models, circuits) equals the merged run's. The base
+    ties its output embedding to the trained input embedding: stored once, and the tie survives the reload."""
+    import torch
+    from conftest import tiny_hf_config
+    from transformers import AutoModelForCausalLM
+
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.extraction import extract_run
+    from circuitdyn.facts import load_facts
+
+    tied = tmp_path / "tied-base"
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    torch.manual_seed(0)
+    config = tiny_hf_config("llama", vocab)
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tied)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, tied / f.name)
+    c = CPTConfig(base_model=str(tied), entities=list(ENTITIES), epochs=2, lr=1e-2, batch_size=2, max_new_tokens=4,
+                  n_math=None, n_reasoning=None, max_length=64)
+    runs = {save: tmp_path / save for save in ("adapter", "merged")}
+    for save, out in runs.items():
+        run_cpt(replace(c, save=save), out, progress=False, log=None)
+    adapter_dir = runs["adapter"] / "epoch_2" / "adapter"
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [p for p in (runs["adapter"] / "epoch_0").iterdir() if p.suffix == ".safetensors" or p.is_dir()]
+    assert json.loads((runs["adapter"] / "run.json").read_text())["epochs"][0]["model"] == str(tied.resolve())
+    from safetensors import safe_open
+
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as fh:
+        assert [k for k in fh.keys() if "lora_" not in k] == ["base_model.model.model.embed_tokens.weight"]
+    for e in range(3):
+        a, m = ((out / f"epoch_{e}" / "probe_results.jsonl").read_text() for out in runs.values())
+        assert a == m
+
+    opened = {save: open_run(out) for save, out in runs.items()}
+    assert [ck.kind for ck in opened["adapter"].checkpoints.values()] == ["full", "adapter", "adapter"]
+    ids = torch.tensor([[3, 17, 42, 9, 101, 7]])
+    for e in range(3):
+        with torch.no_grad():
+            hf = {s: r.hf_model(e) for s, r in opened.items()}
+            assert (hf["adapter"](ids).logits - hf["merged"](ids).logits).abs().max() < 1e-5
+            assert hf["adapter"].lm_head.weight.data_ptr() == hf["adapter"].get_input_embeddings().weight.data_ptr()
+    facts = load_facts(None, opened["merged"].tokenizer(), entities=list(ENTITIES), per_entity=2)
+    scores = {}
+    for save, run in opened.items():
+        results = extract_run(run, facts, tmp_path / f"circuits-{save}", [0, 2], steps=2, top_n=50)
+        scores[save] = [CircuitSet.load(r.path).scores for r in results]
+    for a, m in zip(scores["adapter"], scores["merged"]):
+        assert a.shape == m.shape and (a - m).abs().max() < 1e-5
+    size = {s: sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) for s, out in runs.items()}
+    assert size["adapter"] < size["merged"]

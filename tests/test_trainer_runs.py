@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_model, seed_sentences
 
 from circuitdyn.checkpoints import open_run, resolve
 from circuitdyn.cli import main
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import seed_data_dir
-from conftest import save_tiny_model, seed_sentences
 
 PROBES = str(seed_data_dir() / "validation_probes.json")
 
@@ -22,8 +22,13 @@ PROBES = str(seed_data_dir() / "validation_probes.json")
 def train_with_trainer(out: Path, base: Path, kind: str, epochs: int = 3, callbacks: list | None = None) -> Path:
     """A real Trainer run on the tiny base: `kind` lora (peft, q/v) or full, one checkpoint per epoch."""
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     tok = AutoTokenizer.from_pretrained(base)
     texts = seed_sentences(16)
