@@ -691,16 +691,28 @@ def _trainer_state(folder: Path) -> dict[str, Any] | None:
     return state
 
 
-def _discover_trainer(root: Path, allow_pickle: bool, base: str | Path | None) -> dict[int, Checkpoint]:
-    """The checkpoints of a `transformers.Trainer` output folder (`checkpoint-STEP/`), in step order.
+@dataclass(frozen=True)
+class TrainerCheckpoint:
+    """A `checkpoint-STEP/` folder of a Trainer output folder, as `trainer_state.json` describes it."""
+
+    epoch: int
+    """Its key in the run: the whole epoch it was saved at, or its rank (1, 2, ...) for step-based saves."""
+    step: int
+    folder: Path
+    trained_epochs: float | None
+    loss: float | None
+    """The last loss logged at or before its step."""
+
+
+def trainer_checkpoints(root: Path) -> list[TrainerCheckpoint]:
+    """The `checkpoint-STEP/` folders of a Trainer output folder, in step order ([] when there are none).
 
     Each is keyed by its epoch when every checkpoint sits at a distinct whole epoch (`save_strategy="epoch"`),
-    else by its rank (1, 2, ...); its loss is the last one logged at or before its step. Epoch 0 is the base
-    model when it is known (`base`, or the local base of the run's adapters).
+    else by its rank (1, 2, ...).
     """
     found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TRAINER_DIR.match(p.name)) and p.is_dir())
     if not found:
-        return {}
+        return []
     log = trainer_log(root)
     rows = []
     for step, folder in found:
@@ -711,8 +723,16 @@ def _discover_trainer(root: Path, allow_pickle: bool, base: str | Path | None) -
                      float(losses[-1]) if losses else None))
     whole = [round(e) for _, _, e, _ in rows if e is not None and abs(e - round(e)) < 1e-6 and round(e) >= 1]
     keys = whole if len(whole) == len(rows) and len(set(whole)) == len(whole) else list(range(1, len(rows) + 1))
-    checkpoints = {key: _checkpoint_in(key, folder, allow_pickle, base, step=step, train_loss=loss, trained_epochs=e)
-                   for key, (step, folder, e, loss) in zip(keys, rows)}
+    return [TrainerCheckpoint(key, step, folder, e, loss) for key, (step, folder, e, loss) in zip(keys, rows)]
+
+
+def _discover_trainer(root: Path, allow_pickle: bool, base: str | Path | None) -> dict[int, Checkpoint]:
+    """The checkpoints of a Trainer output folder (`trainer_checkpoints`); epoch 0 is the base model when it is
+    known (`base`, or the local base of the run's adapters)."""
+    checkpoints = {c.epoch: _checkpoint_in(c.epoch, c.folder, allow_pickle, base, step=c.step, train_loss=c.loss,
+                                           trained_epochs=c.trained_epochs) for c in trainer_checkpoints(root)}
+    if not checkpoints:
+        return {}
     base_dir = Path(base) if base is not None else next(
         (ck.base for ck in checkpoints.values() if ck.kind == "adapter"), None)
     if base_dir is not None:

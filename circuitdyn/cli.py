@@ -127,6 +127,12 @@ def _add_dynamics(sub: argparse._SubParsersAction) -> None:
                    help="also print the dynamics grouped by this field")
     p.add_argument("--entities", action="store_true", help="also print the per-entity trajectories")
     p.add_argument("--json", action="store_true", help="print one JSON object (table, best epoch, entities)")
+    p.add_argument("--baseline", help="folder of the base model's results, read as epoch 0 (default: a baseline/ "
+                   "folder inside or beside RUN)")
+    p.add_argument("--stop", nargs="?", const="combined", metavar="RULE",
+                   help="apply a stopping rule to the probe history: patience[:P], ood-bound[:D], combined[:W] "
+                   "(default) or loss-plateau[:R] (circuitdyn.stopping); prints stop_epoch, kept_epoch, best_epoch "
+                   "and regret")
     p.set_defaults(func=_run_dynamics)
 
 
@@ -135,7 +141,12 @@ def _run_dynamics(args: argparse.Namespace) -> int:
 
     from circuitdyn.dynamics import format_table, load_dynamics
 
-    dyn = load_dynamics(args.run, threshold=args.threshold)
+    dyn = load_dynamics(args.run, threshold=args.threshold, baseline=args.baseline)
+    stop = None
+    if args.stop:
+        from circuitdyn.stopping import apply_rule, history_from_dynamics
+
+        stop = apply_rule(args.stop, history_from_dynamics(dyn)).to_dict()
     if args.json:
         ents = dyn.entities()
         ents["windows"] = ents["windows"].map(lambda w: [list(x) for x in w])
@@ -146,6 +157,8 @@ def _run_dynamics(args: argparse.Namespace) -> int:
             "table": json.loads(dyn.table().to_json(orient="records")),
             "entities": json.loads(ents.to_json(orient="records")),
         }
+        if stop is not None:
+            out["stop"] = stop
         if args.by:
             out["grouped"] = json.loads(dyn.grouped(args.by, "probe" if args.by == "question_type" else "entity")
                                         .to_json(orient="records"))
@@ -154,6 +167,12 @@ def _run_dynamics(args: argparse.Namespace) -> int:
     groups = dyn.grouped(args.by, "probe" if args.by == "question_type" else "entity") if args.by else None
     print(format_table(dyn))
     print(f"best epoch: {dyn.best_epoch()} ({len(dyn.learned[dyn.best_epoch()])} learned)")
+    if stop is not None and stop["not_applicable"]:
+        print(f"stopping rule {stop['rule']}: does not apply ({stop['not_applicable']})")
+    elif stop is not None:
+        print(f"stopping rule {stop['rule']}: {'stops after' if stop['fired'] else 'never fires; runs to'} epoch "
+              f"{stop['stop_epoch']}, keeps epoch {stop['kept_epoch']}; best in hindsight epoch {stop['best_epoch']} "
+              f"(regret {stop['regret']:.3f})")
     if groups is not None:
         print(groups.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
     if args.entities:

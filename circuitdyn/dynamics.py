@@ -226,10 +226,20 @@ def _entity_meta() -> dict[str, dict[str, Any]]:
     return {e: {"ne_label": v.get("ne_label"), "ne_frequency": v.get("ne_frequency")} for e, v in data.items()}
 
 
-def _epoch_dirs(root: Path) -> dict[int, Path]:
-    """Epoch folders holding results: `epoch_N/` of root, plus a sibling `baseline/` as epoch 0 if needed."""
+def _epoch_dirs(root: Path, baseline: Path | None = None) -> dict[int, Path]:
+    """Epoch folders holding results: `epoch_N/` of root (or a Trainer run's `checkpoint-STEP/`, keyed as
+    `checkpoints.trainer_checkpoints` keys them), plus `baseline` (default: a `baseline/` inside or beside root)
+    as epoch 0 if needed."""
+    from circuitdyn.checkpoints import trainer_checkpoints
+
     found = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := _EPOCH.match(p.name))}
+    if not found:
+        found = {c.epoch: c.folder for c in trainer_checkpoints(root)}
     found = {e: p for e, p in found.items() if (p / ENTITY_RESULTS).is_file() or (p / PROBE_RESULTS).is_file()}
+    if baseline is not None:
+        if not ((baseline / ENTITY_RESULTS).is_file() or (baseline / PROBE_RESULTS).is_file()):
+            raise CircuitdynError(f"{baseline}: baseline folder holds no {ENTITY_RESULTS} or {PROBE_RESULTS}")
+        found[0] = baseline
     if 0 not in found:
         for base in (root / "baseline", root.parent / "baseline"):
             if (base / ENTITY_RESULTS).is_file():
@@ -254,16 +264,22 @@ def _entity_rows(path: Path, epoch: int, meta: dict[str, dict[str, Any]], thresh
     return rows
 
 
-def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD) -> Dynamics:
+def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
+                  baseline: str | Path | None = None) -> Dynamics:
     """Read a run's (or the paper's released) per-epoch probe results into a `Dynamics`.
 
-    `path` is a run folder written by `circuitdyn cpt`, or a strategy folder of the paper's release such
-    as `paper-results/llama3-i-1b/VFT` (its sibling `baseline/` is epoch 0).
+    `path` is a run folder written by `circuitdyn cpt`, a Trainer output folder whose checkpoints hold probe
+    results (`circuitdyn.integrations.ProbeCallback`), or a strategy folder of the paper's release such as
+    `paper-results/llama3-i-1b/VFT` (its sibling `baseline/` is epoch 0; `baseline` names another folder).
     """
+    from circuitdyn.checkpoints import trainer_checkpoints
+
     root = Path(path)
     if not root.is_dir():
         raise CircuitdynError(f"{root}: no such run folder")
-    dirs = _epoch_dirs(root)
+    if baseline is not None and not Path(baseline).is_dir():
+        raise CircuitdynError(f"{baseline}: no such baseline folder")
+    dirs = _epoch_dirs(root, None if baseline is None else Path(baseline))
     if not dirs:
         raise CircuitdynError(f"{root}: no epoch_N/{ENTITY_RESULTS} or epoch_N/{PROBE_RESULTS} results found")
     meta = _entity_meta()
@@ -292,12 +308,15 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD) -> 
     else:
         entity_scores = pd.DataFrame(entity_rows)
     entity_scores = entity_scores.sort_values(["epoch"], kind="stable").reset_index(drop=True)
+
     loss = pd.DataFrame()
     manifest = root / "run.json"
     if manifest.is_file():
         rows = [{"epoch": e["epoch"], "step": e.get("step"), "train_loss": e.get("train_loss")}
                 for e in read_json(manifest).get("epochs", [])]
         loss = pd.DataFrame(rows)
+    elif trainer := trainer_checkpoints(root):
+        loss = pd.DataFrame([{"epoch": c.epoch, "step": c.step, "train_loss": c.loss} for c in trainer])
     control = pd.DataFrame(control_rows)
     return Dynamics(root, entity_scores, probe_scores, control, loss, threshold)
 
