@@ -1,0 +1,129 @@
+"""circuitdyn inside someone else's training loop: a `transformers.TrainerCallback`.
+
+Add one line to a training script, `trainer.add_callback(ProbeCallback(entities=[...]))`, and the probe sets
+are scored on the model before training (written to `OUTPUT_DIR/baseline/`) and at every checkpoint save
+(written into `OUTPUT_DIR/checkpoint-STEP/` beside the weights), in the files `circuitdyn cpt` writes, so
+`circuitdyn dynamics OUTPUT_DIR`, `circuitdyn timeline OUTPUT_DIR` and the other commands read the Trainer run
+like one of ours. Optionally it extracts the per-fact circuits of every saved checkpoint (into
+`OUTPUT_DIR/circuits/`, where `timeline` finds them), and a stopping rule (`circuitdyn.stopping`) stops
+training when the probe history says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+from circuitdyn.cpt import CPTConfig, Prober, _learned, _write_results
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes import load_probes, select_entities
+from circuitdyn.stopping import StoppingRule, history_from_dynamics, parse_rule
+
+if TYPE_CHECKING:
+    from transformers import (
+        PreTrainedTokenizerBase,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+
+BASELINE_DIR = "baseline"
+
+
+class ProbeCallback(TrainerCallback):
+    """Score probes on the base model and at every checkpoint save; optionally extract circuits and stop early.
+
+    `probes`: probe file (seed JSON or circuitdyn JSONL; default the packaged seed probes), narrowed to
+    `entities` (default: `n_entities` balanced seed entities). `n_math` / `n_reasoning`: out-of-domain
+    control probes (0 = none). `circuits`: also extract each saved checkpoint's per-fact circuits for
+    `facts_per_entity` probes per entity (EAP-IG with `steps` steps). `stop`: a stopping rule (`NAME[:PARAM]`
+    or a `StoppingRule`) asked after every save. `base`: the base model folder of adapter checkpoints when
+    their `base_model_name_or_path` is not a local folder. `tokenizer`: default the Trainer's.
+    """
+
+    def __init__(self, probes: str | Path | None = None, *, entities: Sequence[str] | None = None,
+                 n_entities: int = 8, n_math: int = 32, n_reasoning: int = 16, threshold: float = 0.6,
+                 template: str = "auto", max_new_tokens: int = 25, eval_batch_size: int = 64,
+                 circuits: bool = False, facts_per_entity: int = 3, steps: int = 5,
+                 stop: str | StoppingRule | None = None, base: str | Path | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.cfg = CPTConfig(probes=None if probes is None else str(probes), n_entities=n_entities,
+                             n_math=n_math or None, n_reasoning=n_reasoning or None, threshold=threshold,
+                             template=template, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
+                             eval_batch_size=eval_batch_size)
+        self.cfg.validate()
+        self.probes = select_entities(load_probes(self.cfg.probes), list(entities) if entities else None,
+                                      n=n_entities)
+        self.entities = list(dict.fromkeys(p.entity for p in self.probes))
+        self.circuits, self.facts_per_entity, self.steps = circuits, facts_per_entity, steps
+        self.rule = parse_rule(stop) if stop is not None else None
+        self.base = base
+        self.tokenizer = tokenizer
+        self._prober: Prober | None = None
+        self.learned: dict[int, list[str]] = {}
+        """Global step -> the entities learned at that save (step 0: the base model)."""
+        self.stopped_at: int | None = None
+        """The global step at which the stopping rule stopped training (None while it has not)."""
+
+    def _score(self, model: Any, folder: Path, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
+        tok = self.tokenizer or tokenizer
+        if tok is None:
+            raise CircuitdynError("ProbeCallback needs a tokenizer: pass tokenizer=... or give the Trainer a "
+                                  "processing_class")
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        if self._prober is None:
+            self._prober = Prober(tok, self.probes, self.cfg, progress=False)
+        was_training = model.training
+        model.eval()
+        try:
+            rows, control = self._prober.evaluate(model)
+        finally:
+            model.train(was_training)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_results(folder, rows, control, self.cfg.threshold)
+        return sorted(_learned(rows, self.cfg.threshold))
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Any = None, processing_class: Any = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and state.global_step == 0:
+            folder = Path(args.output_dir) / BASELINE_DIR
+            self.learned[0] = self._score(model, folder, processing_class or kwargs.get("tokenizer"))
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                model: Any = None, processing_class: Any = None, **kwargs: Any) -> TrainerControl:
+        if not state.is_world_process_zero:
+            return control
+        out = Path(args.output_dir)
+        folder = out / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            raise CircuitdynError(f"{folder}: the Trainer saved no checkpoint folder here")
+        self.learned[state.global_step] = self._score(model, folder, processing_class or kwargs.get("tokenizer"))
+        if self.circuits:
+            self._extract(out, processing_class or kwargs.get("tokenizer"))
+        if self.rule is not None and self.should_stop(out):
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def should_stop(self, output_dir: str | Path) -> bool:
+        """The stopping rule on the probe history written so far (online)."""
+        from circuitdyn.dynamics import load_dynamics
+
+        if self.rule is None:
+            return False
+        return self.rule.should_stop(history_from_dynamics(load_dynamics(output_dir, threshold=self.cfg.threshold)))
+
+    def _extract(self, out: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Circuits of every checkpoint saved so far that has none yet (finished ones are reused)."""
+        from circuitdyn.checkpoints import open_run
+        from circuitdyn.extraction import circuits_dir, extract_run
+        from circuitdyn.facts import load_facts
+
+        run = open_run(out, base=self.base)
+        facts = load_facts(self.cfg.probes, self.tokenizer or tokenizer or run.tokenizer(), entities=self.entities,
+                           per_entity=self.facts_per_entity)
+        extract_run(run, facts, circuits_dir(run), run.epochs, steps=self.steps)
