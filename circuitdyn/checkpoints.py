@@ -579,7 +579,8 @@ class Run:
             raise CircuitdynError(f"{ck.path}: weights lack TransformerLens parameters {missing_tl[:3]}")
 
     def _adapter_merged(self, ck: Checkpoint) -> PreTrainedModel:
-        """The base model (float32, CPU) with `ck`'s adapter merged into its weights by peft.
+        """The base model (CPU, in the run's dtype, as training loads it) with `ck`'s adapter merged into its
+        weights by peft.
 
         The base is read from disk once per run; each call restores its pristine weights from memory and
         merges the next adapter, so the returned model is only valid until the next call.
@@ -592,7 +593,7 @@ class Run:
         if self._base_model is None or self._base_model.name_or_path != str(ck.base):
             check_weight_headers(weight_files(ck.base, allow_pickle=ck.allow_pickle))
             try:
-                base = AutoModelForCausalLM.from_pretrained(ck.base, dtype=torch.float32, local_files_only=True,
+                base = AutoModelForCausalLM.from_pretrained(ck.base, dtype=self.dtype, local_files_only=True,
                                                             use_safetensors=not ck.allow_pickle)
             except Exception as err:
                 raise CircuitdynError(f"{ck.base}: cannot load the adapter's base model ({err})") from None

@@ -316,7 +316,8 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
                 for e in read_json(manifest).get("epochs", [])]
         loss = pd.DataFrame(rows)
     elif trainer := trainer_checkpoints(root):
-        loss = pd.DataFrame([{"epoch": c.epoch, "step": c.step, "train_loss": c.loss} for c in trainer])
+        loss = pd.DataFrame([{"epoch": 0, "step": 0, "train_loss": None}]
+                            + [{"epoch": c.epoch, "step": c.step, "train_loss": c.loss} for c in trainer])
     control = pd.DataFrame(control_rows)
     return Dynamics(root, entity_scores, probe_scores, control, loss, threshold)
 

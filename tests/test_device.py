@@ -182,7 +182,7 @@ def test_cpt_trains_in_bf16_and_resumes_on_another_device(tmp_path: Path, tokeni
 
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer_dir, seed=0)
     cfg = CPTConfig(base_model=str(base), entities=["Russia"], epochs=1, lr=1e-2, max_new_tokens=2, n_math=None,
-                    n_reasoning=None, max_length=32, device="cpu", dtype="bfloat16")
+                    n_reasoning=None, max_length=32, device="cpu", dtype="bfloat16", save="merged")
     out = tmp_path / "run"
     run_cpt(cfg, out, progress=False, log=None)
     for epoch in (0, 1):
@@ -201,6 +201,14 @@ def test_cpt_trains_in_bf16_and_resumes_on_another_device(tmp_path: Path, tokeni
     assert _check_out_dir(out, replace(cfg, dtype="float32")) is not None
     with pytest.raises(CircuitdynError, match="dtype"):
         _check_out_dir(out, cfg)
+    # adapters (the LoRA default) are merged back in the run's dtype: the same bfloat16 model as the merged run's
+    from circuitdyn.checkpoints import open_run
+
+    run_cpt(replace(cfg, save="adapter"), tmp_path / "adapter", progress=False, log=None)
+    assert (tmp_path / "adapter" / "epoch_1" / "probe_results.jsonl").read_text() == \
+        (out / "epoch_1" / "probe_results.jsonl").read_text()
+    merged, adapter = (open_run(d, dtype="bfloat16").hf_model(1) for d in (out, tmp_path / "adapter"))
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), adapter.state_dict().values()))
 
 
 def test_cpt_and_demo_take_device_and_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
