@@ -61,7 +61,8 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cpt",
         help="continual pre-training with the paper's strategies, probing before and after every epoch",
-        description="Train on entity documents, save a merged checkpoint per epoch (checkpoints_spec layout) and "
+        description="Train on entity documents, save a checkpoint per epoch (checkpoints_spec layout; LoRA: the "
+        "adapter and trained embeddings, --save merged: the merged model) and "
         "score the probes (ROUGE-1 recall, answer log-prob, math/SocialIQA exact match) after every epoch. "
         "Re-running with the same settings resumes from the last finished epoch.",
     )
