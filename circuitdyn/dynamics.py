@@ -260,6 +260,9 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD) -> 
     `path` is a run folder written by `circuitdyn cpt`, or a strategy folder of the paper's release such
     as `paper-results/llama3-i-1b/VFT` (its sibling `baseline/` is epoch 0).
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise CircuitdynError(f"threshold (mean ROUGE-1 recall at which an entity is learned) must be in (0, 1], "
+                              f"got {threshold!r}")
     root = Path(path)
     if not root.is_dir():
         raise CircuitdynError(f"{root}: no such run folder")
