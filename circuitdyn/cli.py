@@ -162,12 +162,14 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="plain",
                    help="plain | stepwise-kl | pretrain-kl | annotated | curriculum (default: plain)")
     p.add_argument("--method", default="lora", help="lora (r=32, alpha=64, q/v + embeddings) | full")
-    p.add_argument("--kl-weight", type=nonnegative_float, default=1.0, help="weight of the KL term of the -kl strategies")
+    p.add_argument("--kl-weight", type=nonnegative_float, default=1.0,
+                   help="weight of the KL term of the -kl strategies")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
     p.add_argument("--threshold", type=probability, default=0.6,
                    help="mean ROUGE-1 recall at which an entity is learned")
     p.add_argument("--n-math", type=nonnegative_int, default=32, help="math control probes per evaluation (0 = none)")
-    p.add_argument("--n-reasoning", type=nonnegative_int, default=16, help="SocialIQA control probes per evaluation (0 = none)")
+    p.add_argument("--n-reasoning", type=nonnegative_int, default=16,
+                   help="SocialIQA control probes per evaluation (0 = none)")
     _add_device_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_cpt)
@@ -253,8 +255,9 @@ def _selection_arg(args: argparse.Namespace) -> str:
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--select", type=selection_spec, help="how circuits are chosen from scores: faith:F (default faith:0.8: each fact's "
-                   "smallest top-|score| circuit carrying F of its metric gap on its own model; needs checkpoints and "
+    p.add_argument("--select", type=selection_spec,
+                   help="how circuits are chosen from scores: faith:F (default faith:0.8: each fact's smallest"
+                   " top-|score| circuit carrying F of its metric gap on its own model; needs checkpoints and "
                    "--probes), pruned:F (the same, then greedily pruned with patched evaluation: far smaller, slower), "
                    "top:N, paths:N or abs:T")
     p.add_argument("--top-n", type=positive_int, help="shorthand for --select top:N")
