@@ -56,8 +56,13 @@ METHODS = ("eap", "eap-ig")
 
 
 def steps_taken(method: str | None, steps: int) -> int:
-    """The interpolation steps a method really takes (and records as `ig_steps`): EAP is one gradient."""
-    return 1 if method == "eap" else int(steps)
+    """The interpolation steps a method really takes (and records as `ig_steps`): EAP is one gradient.
+    EAP-IG needs a whole number of steps >= 1."""
+    if method == "eap":
+        return 1
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise CircuitdynError(f"steps must be a whole number >= 1 (EAP-IG interpolation steps), got {steps!r}")
+    return steps
 
 
 def check_method(method: str) -> Method:

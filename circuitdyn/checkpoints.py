@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from circuitdyn.errors import CircuitdynError
+from circuitdyn.errors import CircuitdynError, CircuitdynWarning
 from circuitdyn.io import atomic_dir, atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
@@ -63,6 +63,14 @@ _SHAPE_FIELDS = (
     "vocab_size",
     "head_dim",
 )
+_REQUIRED_FIELDS = {
+    "width": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "heads": ("num_attention_heads", "n_head", "num_heads"),
+    "vocabulary": ("vocab_size",),
+}
+"""Shape fields config.json must state (any one name of each group): transformers would fill in its defaults
+(a 4096-wide, 32-layer Llama), describing a model that is not on disk."""
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
 
 
@@ -188,7 +196,11 @@ def check_weight_headers(files: list[Path]) -> None:
                 if len(head) < 8:
                     raise ValueError("file shorter than its 8-byte header length")
                 n = int.from_bytes(head, "little")
+                if n > f.stat().st_size - 8:
+                    raise ValueError(f"header length {n} exceeds the file's {f.stat().st_size} bytes")
                 header = json.loads(fh.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if f.stat().st_size < 8 + n + end:
                 raise ValueError(f"file has {f.stat().st_size} bytes, header needs {8 + n + end}")
@@ -404,6 +416,40 @@ def check_adapter_fits(ck: Checkpoint) -> None:
             raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: {plain} is "
                                   f"{list(shape)} in the adapter, {list(params[plain])} in the base "
                                   f"(different {what})")
+def check_config(hf_dir: Path) -> dict[str, Any]:
+    """config.json of an HF folder, refused (naming the field) when it lacks `model_type` or a shape field, or
+    when a shape field is not a whole number >= 1."""
+    f = hf_dir / "config.json"
+    config = _read_config(hf_dir)
+    if not isinstance(config, dict):
+        raise CircuitdynError(f"{f}: expected a JSON object")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise CircuitdynError(f"{f}: field 'model_type' is missing or not a string ({config.get('model_type')!r})")
+    for what, names in _REQUIRED_FIELDS.items():
+        if not any(n in config for n in names):
+            raise CircuitdynError(f"{f}: field '{names[0]}' (the model's {what}) is missing")
+    for name in (*_SHAPE_FIELDS, *(n for names in _REQUIRED_FIELDS.values() for n in names)):
+        value = config.get(name)
+        if name == "model_type" or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CircuitdynError(f"{f}: field '{name}' must be a whole number >= 1, got {value!r}")
+    return config
+
+
+def architecture_difference(a: Checkpoint, b: Checkpoint) -> str | None:
+    """What makes two checkpoints' circuits incomparable: the shape-fixing config fields that differ (named,
+    with both values), or their tokenizers; None when they share both."""
+    ca, cb = a.config, b.config
+    diff = {k: (ca.get(k), cb.get(k)) for k in _SHAPE_FIELDS if ca.get(k) != cb.get(k)}
+    if diff:
+        names = [(c.get("architectures") or [c.get("model_type")])[0] for c in (ca, cb)]
+        arch = f"{names[0]} vs {names[1]}: " if names[0] != names[1] else ""
+        return f"different architectures ({arch}{', '.join(f'{k}: {x} vs {y}' for k, (x, y) in diff.items())})"
+    if _has_tokenizer(a.model_dir) and _has_tokenizer(b.model_dir) and \
+            tokenizer_fingerprint(a.model_dir) != tokenizer_fingerprint(b.model_dir):
+        return "different tokenizers"
+    return None
 
 
 def _hf_dir_of(epoch_dir: Path) -> Path:
@@ -460,6 +506,11 @@ class Run:
             self._architecture = tl_config(self.checkpoint(self.epochs[0]).model_dir).original_architecture
         return self._architecture
 
+    @property
+    def context_length(self) -> int:
+        """How many positions the run's model takes (TransformerLens `n_ctx`, read from config.json)."""
+        return int(tl_config(self.checkpoint(self.epochs[0]).path).n_ctx)
+
     def checkpoint(self, epoch: int) -> Checkpoint:
         if epoch not in self.checkpoints:
             raise CircuitdynError(f"{self.path}: no epoch {epoch} (epochs: {self.epochs})")
@@ -476,24 +527,13 @@ class Run:
     def check_consistent(self) -> None:
         """All epochs must share architecture (every shape-fixing config field) and tokenizer."""
         first = self.checkpoint(self.epochs[0])
-        ref = {k: first.config.get(k) for k in _SHAPE_FIELDS}
-        ref_tok = tokenizer_fingerprint(first.model_dir)
         for e in self.epochs:
             ck = self.checkpoint(e)
             if ck.kind == "adapter":
                 check_adapter_fits(ck)
-            if e == first.epoch:
-                continue
-            cfg = {k: ck.config.get(k) for k in _SHAPE_FIELDS}
-            diff = {k: (ref[k], cfg[k]) for k in _SHAPE_FIELDS if ref[k] != cfg[k]}
-            if diff:
-                detail = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items())
-                raise CircuitdynError(
-                    f"{self.path}: epoch {first.epoch} and epoch {e} have different architectures ({detail})"
-                )
-            if _has_tokenizer(ck.model_dir) and _has_tokenizer(first.model_dir) and \
-                    tokenizer_fingerprint(ck.model_dir) != ref_tok:
-                raise CircuitdynError(f"{self.path}: epoch {first.epoch} and epoch {e} have different tokenizers")
+            why = architecture_difference(first, ck) if e != first.epoch else None
+            if why:
+                raise CircuitdynError(f"{self.path}: epoch {first.epoch} and epoch {e} have {why}")
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
@@ -658,6 +698,20 @@ def _checkpoint_in(epoch: int, folder: Path, allow_pickle: bool, base: str | Pat
                           "model weights nor an adapter")
 
 
+def _warn_stray_epochs(run: Run) -> None:
+    """Warn of `epoch_*` folders beside a run's epochs that are not among them (`epoch_x`, `epoch_-1`, or a
+    folder run.json does not list); a CPT epoch still being written (`.partial`) is not warned of."""
+    import warnings
+
+    used = {p for ck in run.checkpoints.values() for p in (ck.path, ck.path.parent)}
+    used |= {run.path / f"epoch_{e}" for e in run.epochs}  # an epoch whose model is a reference keeps its results here
+    for child in sorted(run.path.glob("epoch_*")):
+        if child.is_dir() and child not in used and not child.name.endswith(".partial"):
+            why = "not an epoch_N name" if not _EPOCH_DIR.match(child.name) else f"not listed in {MANIFEST}"
+            warnings.warn(f"{child}: ignored ({why}); the run's epochs are {run.epochs}", CircuitdynWarning,
+                          stacklevel=3)
+
+
 def _discover_epochs(root: Path, allow_pickle: bool, base: str | Path | None = None) -> dict[int, Checkpoint]:
     found = {}
     for child in root.iterdir():
@@ -801,7 +855,10 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torc
             )
         run = Run(root, checkpoints, device=dev, dtype=dt)
     for ck in run.checkpoints.values():
+        check_config(ck.model_dir)
         check_weight_headers(ck.weight_files)
+    if not (root / "config.json").exists():
+        _warn_stray_epochs(run)
     return run
 
 
@@ -893,6 +950,7 @@ def write_manifest(
 
 def describe(run: Run) -> dict[str, Any]:
     """What `circuitdyn info` prints: epochs, architecture, tokenizer, weight files and hashes."""
+    run.check_consistent()
     first = run.checkpoint(run.epochs[0])
     cfg = tl_config(first.model_dir)
     tok = run.tokenizer()

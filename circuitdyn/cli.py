@@ -21,6 +21,90 @@ def command(add: Callable[[argparse._SubParsersAction], None]) -> Callable[[argp
     return add
 
 
+# --------------------------------------------------------------------------- option values
+# Each numeric option is checked here, at parse time, by its `type=`: argparse then names the option as typed
+# ("argument --batch-size: must be a whole number >= 1, got '0'") and exits 2 before any work.
+
+
+def _whole(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (counts, sizes, steps, epochs)."""
+    return _whole(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """A whole number >= 0 (seeds; counts where 0 means none)."""
+    return _whole(text, 0)
+
+
+def _finite(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (weights)."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A share in (0, 1] (recall thresholds)."""
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def selection_spec(text: str) -> str:
+    """A selection rule (`top:N`, `paths:N`, `abs:T`, `faith:F`, `pruned:F`), checked by `Selection.parse`."""
+    from circuitdyn.selection import Selection
+
+    try:
+        Selection.parse(text)
+    except CircuitdynError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _output(path: str, kind: str, flag: str, overwrite: bool = False) -> None:
+    """Check before any work that an output can be written where asked (`circuitdyn.io.check_writable`), and
+    that an existing file there is a circuitdyn viewer (regenerated) unless `--overwrite`."""
+    from circuitdyn.io import check_writable
+
+    check_writable(path, kind, flag=flag)
+    if kind == "file" and not overwrite:
+        from circuitdyn.viz import check_viewer_target
+
+        check_viewer_target(path, flag=flag)
+
+
 @command
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="epochs, architecture, tokenizer and weight hashes of a run or checkpoint")
@@ -72,23 +156,26 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
                    "(default: the seed chunk sentences of the chosen entities)")
     p.add_argument("--probes", help="probe file: seed JSON or circuitdyn JSONL (default: seed validation probes)")
     p.add_argument("--entities", help="comma-separated entity names (default: --n-entities balanced seed entities)")
-    p.add_argument("--n-entities", type=int, default=8)
+    p.add_argument("--n-entities", type=positive_int, default=8)
     p.add_argument("--rephrased", action="store_true", help="also score the seed's rephrased questions")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--strategy", default="plain",
                    help="plain | stepwise-kl | pretrain-kl | annotated | curriculum (default: plain)")
     p.add_argument("--method", default="lora", help="lora (r=32, alpha=64, q/v + embeddings) | full")
-    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term of the -kl strategies")
+    p.add_argument("--kl-weight", type=nonnegative_float, default=1.0,
+                   help="weight of the KL term of the -kl strategies")
     p.add_argument("--save", default="adapter", choices=["adapter", "merged"],
                    help="how LoRA epochs are stored: adapter (default: PEFT adapter + trained embeddings, epoch 0 "
                    "refers to the base) or merged (a full merged model per epoch)")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
-    p.add_argument("--threshold", type=float, default=0.6, help="mean ROUGE-1 recall at which an entity is learned")
-    p.add_argument("--n-math", type=int, default=32, help="math control probes per evaluation (0 = none)")
-    p.add_argument("--n-reasoning", type=int, default=16, help="SocialIQA control probes per evaluation (0 = none)")
+    p.add_argument("--threshold", type=probability, default=0.6,
+                   help="mean ROUGE-1 recall at which an entity is learned")
+    p.add_argument("--n-math", type=nonnegative_int, default=32, help="math control probes per evaluation (0 = none)")
+    p.add_argument("--n-reasoning", type=nonnegative_int, default=16,
+                   help="SocialIQA control probes per evaluation (0 = none)")
     _add_device_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_cpt)
@@ -123,7 +210,8 @@ def _add_dynamics(sub: argparse._SubParsersAction) -> None:
         "paper's release such as paper-results/llama3-i-1b/VFT) and print the learning dynamics.",
     )
     p.add_argument("run", help="run folder")
-    p.add_argument("--threshold", type=float, default=0.6, help="mean ROUGE-1 recall at which an entity is learned")
+    p.add_argument("--threshold", type=probability, default=0.6,
+                   help="mean ROUGE-1 recall at which an entity is learned")
     p.add_argument("--by", choices=["ne_frequency", "ne_label", "question_type"],
                    help="also print the dynamics grouped by this field")
     p.add_argument("--entities", action="store_true", help="also print the per-entity trajectories")
@@ -193,21 +281,22 @@ def _selection_arg(args: argparse.Namespace) -> str:
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--select", help="how circuits are chosen from scores: faith:F (default faith:0.8: each fact's "
-                   "smallest top-|score| circuit carrying F of its metric gap on its own model; needs checkpoints and "
+    p.add_argument("--select", type=selection_spec,
+                   help="how circuits are chosen from scores: faith:F (default faith:0.8: each fact's smallest"
+                   " top-|score| circuit carrying F of its metric gap on its own model; needs checkpoints and "
                    "--probes), pruned:F (the same, then greedily pruned with patched evaluation: far smaller, slower), "
                    "top:N, paths:N or abs:T")
-    p.add_argument("--top-n", type=int, help="shorthand for --select top:N")
+    p.add_argument("--top-n", type=positive_int, help="shorthand for --select top:N")
 
 
 def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: str = "") -> None:
     """The options of `circuitdyn.facts.load_facts`: which probe file, and which of its facts."""
     p.add_argument("--probes", required=required, help=f"probe file: seed JSON or circuitdyn JSONL{what}")
-    p.add_argument("--limit", type=int, help="only the first N probes of the file")
-    p.add_argument("--sample", type=int, metavar="N", help="a fixed seeded sample of N probes (chosen before any outcome)")
+    p.add_argument("--limit", type=positive_int, help="only the first N probes of the file")
+    p.add_argument("--sample", type=positive_int, metavar="N", help="a fixed seeded sample of N probes (chosen before any outcome)")
     p.add_argument("--entities", help="comma-separated entity names: only their probes (the swap pool stays the file)")
-    p.add_argument("--per-entity", type=int, metavar="N", help="a fixed seeded sample of N probes of every entity")
-    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample and --per-entity (default 0)")
+    p.add_argument("--per-entity", type=positive_int, metavar="N", help="a fixed seeded sample of N probes of every entity")
+    p.add_argument("--sample-seed", type=nonnegative_int, default=0, help="seed of --sample and --per-entity (default 0)")
     p.add_argument("--rephrased", action="store_true", help="also use the seed's rephrased questions")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
 
@@ -218,12 +307,12 @@ def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None
     from circuitdyn.forward import METRICS
 
     p.add_argument("--method", default=method_default, choices=METHODS, help="attribution method (default eap-ig)")
-    p.add_argument("--steps", type=int, default=steps_default,
+    p.add_argument("--steps", type=positive_int, default=steps_default,
                    help="EAP-IG interpolation steps (default 5; the paper used 30)")
     p.add_argument("--metric", default="answer-logprob", choices=list(METRICS),
                    help="what a circuit must carry (default answer-logprob; logit-diff contrasts the corrupted "
                    "prompt's answer)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the noise corruption")
 
 
 def _add_base_arg(p: argparse.ArgumentParser) -> None:
@@ -269,10 +358,10 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     _add_device_args(p)
     p.add_argument("--epochs", help="comma-separated epochs (default: all epochs of a run, or the one given)")
     _add_base_arg(p)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--top-n", type=int, default=1000, help="selection whose faithfulness is printed (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--top-n", type=positive_int, default=1000, help="selection whose faithfulness is printed (default 1000)")
     p.add_argument("--float16", action="store_true", help="store scores as float16 (2 bytes/edge)")
-    p.add_argument("--sparse", type=int, metavar="K", help="store only each fact's top-K edges + node totals")
+    p.add_argument("--sparse", type=positive_int, metavar="K", help="store only each fact's top-K edges + node totals")
     p.add_argument("--out", help="folder for the circuit files (default: the run's circuits folder)")
     p.add_argument("--overwrite", action="store_true", help="replace circuit files of another checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -327,6 +416,7 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
                    "checkpoints with 2x IG steps and another corruption); changes are then not tested against it")
     p.add_argument("--fact", action="append", help="compare only this fact id (repeatable)")
     p.add_argument("--out", default="diff.html", help="HTML viewer to write (default diff.html)")
+    p.add_argument("--overwrite", action="store_true", help="replace a file at --out that is not a circuitdyn viewer")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_run_diff)
 
@@ -338,6 +428,7 @@ def _run_diff(args: argparse.Namespace) -> int:
     from circuitdyn.report import describe_diff
     from circuitdyn.viz import write_diff_html
 
+    _output(args.out, "file", "--out", args.overwrite)
     d = diff_checkpoints(
         args.a, args.b, args.probes, limit=args.limit, sample_n=args.sample, per_entity=args.per_entity,
         entities=_names(args.entities),
@@ -347,7 +438,7 @@ def _run_diff(args: argparse.Namespace) -> int:
         method_noise=not args.no_noise, device=args.device, dtype=args.dtype, progress=not args.json,
         base=args.base,
     )
-    out = write_diff_html(d, args.out, labels=d.labels)
+    out = write_diff_html(d, args.out, labels=d.labels, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({**d.to_dict(), "findings": describe_diff(d), "html": str(out)}, indent=1, default=str))
         return 0
@@ -393,6 +484,7 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transfer", action="store_true", help="also evaluate every epoch's circuit on every epoch's "
                    "model (faithfulness matrix; needs --probes; cached in the circuits folder)")
     p.add_argument("--out", help="HTML viewer to write (default RUN/timeline.html)")
+    p.add_argument("--overwrite", action="store_true", help="replace a file at --out that is not a circuitdyn viewer")
     p.add_argument("--json", action="store_true", help="print the summary and per-epoch table as JSON")
     p.set_defaults(func=_run_timeline)
 
@@ -409,9 +501,14 @@ def _run_timeline(args: argparse.Namespace) -> int:
 
     if args.transfer and not args.probes:
         raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
+    html = args.out or Path(args.run) / "timeline.html"
+    if Path(args.run).is_dir():
+        _output(html, "file", "--out" if args.out else "", args.overwrite)
     run = open_run(args.run, device=args.device, dtype=args.dtype, base=args.base)
     facts = _facts(args, run)
     folder = Path(args.circuits) if args.circuits else circuits_dir(run)
+    if facts is not None:
+        _output(folder, "folder", "--circuits" if args.circuits else "")
     choice = ("seeded sample, chosen before outcomes" if args.sample or args.per_entity
               else "the probe file's facts, in file order")
     tl = load_run_timeline(run, facts, selection=_selection_arg(args), circuits_dir=folder, method=args.method,
@@ -422,7 +519,7 @@ def _run_timeline(args: argparse.Namespace) -> int:
         transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
                                    cache=folder / "transfer.json", progress=not args.json)
     labels = facts.labels if facts is not None else {}
-    out = write_timeline_html(tl, args.out or Path(args.run) / "timeline.html", labels=labels, transfer=transfer)
+    out = write_timeline_html(tl, html, labels=labels, transfer=transfer, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(timeline_json(tl, transfer, out), indent=1, default=str))
         return 0
@@ -506,6 +603,7 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probes", help="probe file (labels the facts with their questions)")
     p.add_argument("--fact", action="append", help="show only this fact id (repeatable)")
     p.add_argument("--out", help="HTML file to write (default: CIRCUIT_FILE with .html)")
+    p.add_argument("--overwrite", action="store_true", help="replace a file at --out that is not a circuitdyn viewer")
     p.set_defaults(func=_run_view)
 
 
@@ -516,7 +614,11 @@ def _run_view(args: argparse.Namespace) -> int:
     from circuitdyn.diff import MEAN
     from circuitdyn.viz import write_circuit_html
 
+    out = Path(args.out) if args.out else Path(args.file).with_suffix(".html")
+    if out.resolve() == Path(args.file).resolve():
+        raise CircuitdynError(f"--out {out}: is the circuit file itself; choose another output file")
     cs = CircuitSet.load(args.file)
+    _output(out, "file", "--out" if args.out else "", args.overwrite)
     labels = {}
     if args.probes:
         from circuitdyn.probes import load_probes
@@ -526,7 +628,7 @@ def _run_view(args: argparse.Namespace) -> int:
         labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(args.probes)}
         check_facts_match(cs, labels, args.probes, args.file)
     facts = [MEAN, *args.fact] if args.fact else None
-    out = write_circuit_html(cs, args.out or Path(args.file).with_suffix(".html"), facts=facts, labels=labels)
+    out = write_circuit_html(cs, out, facts=facts, labels=labels, overwrite=args.overwrite)
     print(f"{cs}\nviewer: {out}")
     return 0
 
@@ -543,18 +645,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "all finished work.",
     )
     p.add_argument("--out", default="circuitdyn-demo", help="output folder (default ./circuitdyn-demo)")
-    p.add_argument("--entities", type=int, default=4, help="seed entities to train on (default 4)")
-    p.add_argument("--epochs", type=int, default=5, help="CPT epochs (default 5)")
-    p.add_argument("--lr", type=float, default=1e-3,
+    p.add_argument("--entities", type=positive_int, default=4, help="seed entities to train on (default 4)")
+    p.add_argument("--epochs", type=positive_int, default=5, help="CPT epochs (default 5)")
+    p.add_argument("--lr", type=positive_float, default=1e-3,
                    help="LoRA learning rate (default 1e-3: the 135M default model needs it to learn and forget facts)")
-    p.add_argument("--facts-per-entity", type=int, default=3,
+    p.add_argument("--facts-per-entity", type=positive_int, default=3,
                    help="probe facts per entity to attribute: a seeded sample, chosen before training (default 3)")
     p.add_argument("--pick", default="sample", choices=["sample", "post-hoc"],
                    help="sample (default): facts chosen before outcomes; post-hoc: those whose recall flipped most "
                    "(exploratory, labelled so)")
     p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
-    p.add_argument("--steps", type=int, default=3, help="EAP-IG steps (default 3; the paper used 30)")
-    p.add_argument("--select", default="faith:0.8", help="how circuits are chosen (default faith:0.8)")
+    p.add_argument("--steps", type=positive_int, default=3, help="EAP-IG steps (default 3; the paper used 30)")
+    p.add_argument("--select", type=selection_spec, default="faith:0.8", help="how circuits are chosen (default faith:0.8)")
     p.add_argument("--no-transfer", action="store_true",
                    help="skip evaluating every epoch's circuit on every epoch's model (saves about 3 minutes)")
     p.add_argument("--base-model", help="start from this checkpoint instead of the embedded SmolLM2")
@@ -596,15 +698,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import warnings
+
+    from circuitdyn.errors import CircuitdynWarning
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage and the option at fault (or --help)
+        return int(exc.code or 0)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CircuitdynWarning):
+            print(f"circuitdyn {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         return int(args.func(args) or 0)
     except CircuitdynError as err:
         print(f"circuitdyn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an OS failure not met where the file is named (full disk, lost folder ...)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"circuitdyn {args.command}: error: {where}{err.strerror or err}; finished results are kept "
+              "(every file is written atomically), re-run to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"circuitdyn {args.command}: interrupted; finished work is kept, re-run to resume.", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -664,8 +664,22 @@ def run_cpt(
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
+    from circuitdyn.io import check_writable, file_lock, remove_stale_temps
+
     try:
-        return _run_cpt(cfg, Path(out_dir), progress, on_epoch_end, log or (lambda _m: None))
+        cfg.validate()
+        out = check_writable(out_dir, "folder")
+        if cfg.base_model:  # a missing or corrupt base is refused before anything is loaded or written
+            from circuitdyn.checkpoints import resolve
+
+            try:
+                resolve(str(cfg.base_model))
+            except CircuitdynError as err:
+                raise CircuitdynError(f"cannot load the base model {cfg.base_model}: {err}") from None
+        with file_lock(out, wait=False, what="a CPT run"):  # two runs into one folder would interleave epochs
+            for pattern in (".*.tmp", "epoch_*/.*.tmp"):  # left by a killed run: no live writer owns them
+                remove_stale_temps(out, pattern)
+            return _run_cpt(cfg, out, progress, on_epoch_end, log or (lambda _m: None))
     finally:
         if bars:
             hf_logging.enable_progress_bar()

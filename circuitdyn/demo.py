@@ -99,6 +99,7 @@ def run_demo(
     from circuitdyn.diff import diff_circuits
     from circuitdyn.extraction import run_evaluator
     from circuitdyn.facts import load_facts
+    from circuitdyn.io import check_writable
     from circuitdyn.probes import corruption_counts, load_probes, write_probes_jsonl
     from circuitdyn.selection import Selection
     from circuitdyn.timeline import load_run_timeline, outcomes_from_dynamics
@@ -113,7 +114,7 @@ def run_demo(
     Selection.parse(selection)
     steps = steps_taken(method, steps)
     say = log or (lambda _m: None)
-    out = Path(out_dir)
+    out = check_writable(out_dir, "folder")
     t0 = time.perf_counter()
     stage: dict[str, float] = {}
 

@@ -598,6 +598,13 @@ def diff_checkpoints(
     from circuitdyn.probes import load_probes
 
     sel = Selection.parse(selection)
+    if not str(a).endswith(".safetensors") and not str(b).endswith(".safetensors"):
+        from circuitdyn.checkpoints import architecture_difference
+
+        (run_a, ea), (run_b, eb) = (resolve(str(s), device=device, dtype=dtype) for s in (a, b))
+        why = architecture_difference(run_a.checkpoint(ea), run_b.checkpoint(eb))
+        if why:
+            raise CircuitdynError(f"{a} and {b} cannot be compared: {why}")
     sides = []
     labels: dict[str, str] = {}
     entity_of: dict[str, str] = {}

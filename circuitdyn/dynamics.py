@@ -274,6 +274,9 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
     """
     from circuitdyn.checkpoints import trainer_checkpoints
 
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise CircuitdynError(f"threshold (mean ROUGE-1 recall at which an entity is learned) must be in (0, 1], "
+                              f"got {threshold!r}")
     root = Path(path)
     if not root.is_dir():
         raise CircuitdynError(f"{root}: no such run folder")

@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from circuitdyn.attribution import Method, attribute, check_method, steps_taken
 from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.facts import facts_hash
+from circuitdyn.facts import check_context, facts_hash
 from circuitdyn.faithfulness import CircuitEvaluator
 from circuitdyn.forward import NOISE_SCALE, metric_name
 from circuitdyn.graph import Graph
+from circuitdyn.io import check_writable, file_lock, remove_stale_temps
 from circuitdyn.probes import FactPrompt
 from circuitdyn.selection import Selection
 
@@ -111,39 +112,49 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     """
     if not facts:
         raise CircuitdynError("no facts given to attribute")
-    out = Path(out_dir)
+    for name, value in (("batch_size", batch_size), ("top_n", top_n), ("sparse_top_k", sparse_top_k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CircuitdynError(f"{name} must be a whole number >= 1, got {value!r}")
+    if store not in ("float32", "float16"):
+        raise CircuitdynError(f"store must be float32 or float16, got {store!r}")
+    out = check_writable(out_dir, "folder")
     epochs = list(run.epochs if epochs is None else epochs)
     for epoch in epochs:
         run.checkpoint(epoch)
+    run.check_consistent()
     want = extraction_settings(run.architecture, facts, method, steps, metric, seed)
+    check_context(facts, run.context_length)
     results = []
     for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
         ck = run.checkpoint(epoch)
         path = out / circuit_filename(epoch, want)
-        if path.exists():
-            meta = read_meta(path)
-            if meta is not None and not settings_mismatch(meta, want) and meta.get("checkpoint_hash") == ck.content_hash:
-                results.append(Extracted.from_file(epoch, path, True, CircuitSet.load(path)))
-                continue
-            if not overwrite:
-                why = "is not a circuit file" if meta is None else (
-                    f"holds circuits of another checkpoint ({meta.get('checkpoint_hash')})"
-                    if not settings_mismatch(meta, want) else f"holds other settings ({settings_mismatch(meta, want)})")
-                raise CircuitdynError(f"{path} {why}; choose another output folder, or pass --overwrite "
-                                      "(overwrite=True) to replace it")
-        model = run.load_model(epoch)
-        meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
-                "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
-        cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress)
-        ev = CircuitEvaluator(model, facts, metric, seed, batch_size, NOISE_SCALE)
-        selection = f"top:{top_n}"
-        faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
-        cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
-        cs.meta["faithfulness_selection"] = selection
-        cs.meta["m_clean"] = [round(float(v), 6) for v in ev.m_clean.tolist()]
-        cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
-        cs.save(path, dtype=store, top_k=sparse_top_k)
-        results.append(Extracted.from_file(epoch, path, False, cs))
+        with file_lock(path):  # a second run extracting the same file waits here, then reuses the first's file
+            remove_stale_temps(path)
+            if path.exists():
+                meta = read_meta(path)
+                if (meta is not None and not settings_mismatch(meta, want)
+                        and meta.get("checkpoint_hash") == ck.content_hash):
+                    results.append(Extracted.from_file(epoch, path, True, CircuitSet.load(path)))
+                    continue
+                if not overwrite:
+                    why = "is not a circuit file" if meta is None else (
+                        f"holds circuits of another checkpoint ({meta.get('checkpoint_hash')})"
+                        if not settings_mismatch(meta, want) else f"holds other settings ({settings_mismatch(meta, want)})")
+                    raise CircuitdynError(f"{path} {why}; choose another output folder, or pass --overwrite "
+                                          "(overwrite=True) to replace it")
+            model = run.load_model(epoch)
+            meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
+                    "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
+            cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress)
+            ev = CircuitEvaluator(model, facts, metric, seed, batch_size, NOISE_SCALE)
+            selection = f"top:{top_n}"
+            faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
+            cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
+            cs.meta["faithfulness_selection"] = selection
+            cs.meta["m_clean"] = [round(float(v), 6) for v in ev.m_clean.tolist()]
+            cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
+            cs.save(path, dtype=store, top_k=sparse_top_k)
+            results.append(Extracted.from_file(epoch, path, False, cs))
     return results
 
 

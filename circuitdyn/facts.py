@@ -39,6 +39,20 @@ def facts_hash(facts: Sequence[FactPrompt]) -> str:
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
+def check_context(facts: Sequence[FactPrompt], n_ctx: int) -> None:
+    """Refuse, before any model is loaded, a fact whose prompt and answer need more positions than the
+    model's context; the message names the fact and its probe file."""
+    for f in facts:
+        need = len(f.clean_tokens) + len(f.answer_tokens) - 1
+        if need > n_ctx:
+            source = getattr(facts, "source", None)
+            raise CircuitdynError(
+                f"{source + ': ' if source else ''}fact {f.fact_id!r} needs {need} positions (prompt "
+                f"{len(f.clean_tokens)} + answer {len(f.answer_tokens)} tokens), more than the model's context "
+                f"of {n_ctx}; shorten it or leave it out (--entities, --limit)"
+            )
+
+
 @dataclass(frozen=True)
 class FactSet:
     """Facts ready for attribution, with the probes they come from (entities, questions) and their source."""
@@ -158,5 +172,8 @@ def load_facts(
     if per_entity:
         keep = {p.id for e in entity_names(chosen) for p in sample([q for q in chosen if q.entity == e], per_entity, seed)}
         chosen = [p for p in chosen if p.id in keep]
-    facts = build_fact_prompts(chosen, tokenizer, template=template, pool=pool)
+    try:
+        facts = build_fact_prompts(chosen, tokenizer, template=template, pool=pool)
+    except CircuitdynError as err:
+        raise CircuitdynError(f"{source}: {err}") from None
     return FactSet(tuple(facts), tuple(chosen), source, tuple(pool), template, 0, tokenizer)

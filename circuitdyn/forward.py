@@ -263,7 +263,8 @@ def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_sca
         corrs.append([*f.corrupted_tokens, *f.answer_tokens[:-1]])
     B, P, T = len(facts), max(map(len, seqs)), max(len(f.answer_tokens) for f in facts)
     if P > cfg.n_ctx:
-        raise CircuitdynError(f"a fact needs {P} positions, more than the model's context {cfg.n_ctx}")
+        longest = max(facts, key=lambda f: len(f.clean_tokens) + len(f.answer_tokens))
+        raise CircuitdynError(f"fact {longest.fact_id!r} needs {P} positions, more than the model's context {cfg.n_ctx}")
     clean = torch.zeros(B, P, dtype=torch.long, device="cpu")
     corrupted = torch.zeros(B, P, dtype=torch.long, device="cpu")
     valid = torch.zeros(B, P, dtype=torch.bool, device="cpu")

@@ -3,11 +3,16 @@
 A file is written to a uniquely named temporary sibling (so concurrent writers never share one), flushed
 to disk (fsync), then renamed over the target in one step; on any error the temporary file is removed and
 the target is left as it was. Folders are built the same way (`atomic_dir`).
+
+Where two runs could compute the same result, `file_lock` makes the second wait for the first (and then
+reuse its file); `check_writable` tells before any computing whether an output location can be written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -77,3 +82,75 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in (path, *path.parents):
+        if parent.exists() or parent.is_symlink():
+            return parent
+    return Path(".")
+
+
+def check_writable(path: str | Path, kind: str = "file", *, flag: str = "") -> Path:
+    """Check, before any work, that `path` can be written as a `kind` ("file" or "folder"): that it is not a
+    folder where a file is expected (or a file where a folder is), that no file blocks a parent folder, and
+    that a file can be created in its nearest existing folder (a trial file, removed at once). Creates
+    nothing that stays. `flag` names the option the path came from (e.g. "--out") in the message."""
+    path = Path(path).expanduser()
+    what = f"{flag} {path}" if flag else str(path)
+    if path.is_dir() and kind == "file":
+        raise CircuitdynError(f"{what}: is a folder; a file is expected here")
+    if path.exists() and not path.is_dir() and kind == "folder":
+        raise CircuitdynError(f"{what}: is a file; a folder is expected here")
+    base = _nearest_existing(path if kind == "folder" else path.parent)
+    if not base.is_dir():
+        raise CircuitdynError(f"{what}: cannot be created, {base} is a file, not a folder")
+    try:
+        fd, trial = tempfile.mkstemp(prefix=".circuitdyn-write-test.", dir=base)
+        os.close(fd)
+        os.unlink(trial)
+    except OSError as err:
+        raise CircuitdynError(f"{what}: cannot write in {base} ({err.strerror or err})") from None
+    return path
+
+
+def remove_stale_temps(path: str | Path, pattern: str | None = None) -> list[Path]:
+    """Remove the temporary files a killed writer left beside `path` (`.<name>.*.tmp`; or those matching
+    `pattern` in the folder `path`). Call it only while holding the lock of what they belong to: then no live
+    writer owns them."""
+    path = Path(path)
+    stale = sorted(path.glob(pattern) if pattern else path.parent.glob(f".{path.name}.*.tmp"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of a result path: a hidden sibling `.<name>.lock`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, wait: bool = True, what: str = "this result") -> Iterator[None]:
+    """Hold an exclusive lock (`fcntl.flock` on `lock_path(path)`) while computing and writing `path`, so two
+    processes never compute the same result at once: with `wait` the second blocks until the first is done
+    (then finds its file), without it the second fails at once with a CircuitdynError. The lock dies with its
+    process, so a killed run never leaves a stale lock; the empty lock file stays (removing it would race)."""
+    lock = lock_path(path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise CircuitdynError(f"{lock}: cannot create the lock file ({err.strerror or err})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise CircuitdynError(f"{path}: another circuitdyn process is writing {what} (lock {lock}); "
+                                      "wait for it to finish, or choose another output") from None
+            raise
+        yield
+    finally:
+        os.close(fd)

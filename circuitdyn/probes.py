@@ -549,6 +549,10 @@ def build_fact_prompts(
         answer = tokenizer(answer_text(text, p.answer), add_special_tokens=False)["input_ids"]
         if not answer:
             raise CircuitdynError(f"probe {p.id!r}: the answer {p.answer!r} tokenizes to nothing")
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and unk in answer:
+            raise CircuitdynError(f"probe {p.id!r}: the answer {p.answer!r} has text the tokenizer does not know "
+                                  f"(it would be scored as {tokenizer.unk_token!r}); fix the answer or leave it out")
         found = find_mention(text, p.entity)
         if found is None:
             qstart = text.rfind(p.question)

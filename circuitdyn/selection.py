@@ -14,6 +14,7 @@ per fact, as the metric callable does in EAP-IG.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +35,15 @@ Rule = Literal["top", "paths", "abs", "faith", "pruned"]
 
 
 def select_top_n(scores: Float[Tensor, "*fact edge"], n: int) -> Bool[Tensor, "*fact edge"]:
-    """Mask of the n edges with the largest |score| (per fact)."""
-    n = max(0, min(int(n), scores.shape[-1]))
+    """Mask of the n edges with the largest |score| (per fact); n must be a whole number >= 0 (more than
+    the edges there are selects them all)."""
+    try:
+        whole = not isinstance(n, bool) and float(n) >= 0 and float(n) == int(n)
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise CircuitdynError(f"top-n needs a whole number of edges >= 0, got {n!r}")
+    n = min(int(n), scores.shape[-1])
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if n:
         mask.scatter_(-1, scores.float().abs().topk(n, dim=-1).indices, True)
@@ -43,7 +51,9 @@ def select_top_n(scores: Float[Tensor, "*fact edge"], n: int) -> Bool[Tensor, "*
 
 
 def select_threshold(scores: Float[Tensor, "*fact edge"], t: float) -> Bool[Tensor, "*fact edge"]:
-    """Mask of the edges with |score| >= t."""
+    """Mask of the edges with |score| >= t (t a finite number >= 0)."""
+    if not (math.isfinite(t) and t >= 0):
+        raise CircuitdynError(f"threshold needs a finite number >= 0, got {t!r}")
     return scores.float().abs() >= t
 
 
@@ -65,7 +75,9 @@ def select_top_n_paths(scores: Float[Tensor, "*fact edge"], graph: Graph, n: int
         mask[order[:k]] = True
         return graph.on_path_np(mask)
 
-    if n <= 0:
+    if n < 0:
+        raise CircuitdynError(f"paths selection needs a whole number of edges >= 0, got {n!r}")
+    if n == 0:
         return torch.zeros(n_total, dtype=torch.bool, device="cpu")
     lo, hi = min(n, n_total), n_total
     if int(pruned(hi).sum()) >= n:
@@ -268,6 +280,8 @@ class Selection:
     def __post_init__(self) -> None:
         if self.rule not in self.RULES:
             raise CircuitdynError(f"selection rule {self.rule!r} is unknown; use one of {sorted(self.RULES)}")
+        if not math.isfinite(self.value):
+            raise CircuitdynError(f"selection {self.rule}:{self.value} needs a finite value")
         if self.rule in ("top", "paths") and (self.value < 1 or self.value != int(self.value)):
             raise CircuitdynError(f"selection {self.rule}:{self.value} needs a whole number of edges >= 1")
         if self.rule == "abs" and self.value < 0:

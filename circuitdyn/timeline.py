@@ -531,6 +531,7 @@ def load_run_timeline(
     sel = Selection.parse(selection)
     if sel.needs_model and facts is None:
         raise CircuitdynError(f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)")
+    _noise_epochs(noise_epochs, run.epochs)  # unknown epochs are refused before any work
     where = {"seed": seed, **(where or {})}
     if facts is not None:
         extract_run(run, facts, folder, run.epochs, method=method or "eap-ig", steps=steps or 5, metric=metric,

@@ -11,6 +11,7 @@ carries the fact on a later model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -67,10 +68,12 @@ def transfer_matrix(
         raise CircuitdynError(f"epochs {epochs} share no fact ids")
     key = _transfer_key(circuits, facts, sel)
     if cache is not None and Path(cache).is_file():
-        try:
-            stored = json.loads(Path(cache).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            stored = None  # a damaged cache is recomputed and replaced
+        stored = _read_cache(Path(cache))
+        if isinstance(stored, dict) and stored.get("key") != key:
+            # another table (other circuits, facts or selection) is kept: this one lives beside it
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+            cache = Path(cache).with_name(f"{Path(cache).stem}.{digest}{Path(cache).suffix}")
+            stored = _read_cache(cache) if cache.is_file() else None
         if isinstance(stored, dict) and stored.get("key") == key:
             return _transfer_table(stored["table"], circuits)
     masks = {}
@@ -90,6 +93,13 @@ def transfer_matrix(
     if cache is not None:
         write_json_atomic(Path(cache), {"key": key, "table": rows})
     return _transfer_table(rows, circuits)
+
+
+def _read_cache(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a damaged cache is recomputed and replaced
 
 
 def _transfer_table(rows: list[list[Any]], circuits: dict[int, CircuitSet], min_gap: float = MIN_GAP) -> pd.DataFrame:

@@ -538,10 +538,33 @@ function fillSelect(id, options) {
 """
 
 
-def _write_page(path: str | Path, title: str, subtitle: str, body: str, data: Any, script: str) -> Path:
+_VIEWER_MARK = b"window.__cdErrors = [];"
+"""Found near the top of every viewer page circuitdyn writes: what tells a viewer from any other file."""
+
+
+def check_viewer_target(path: str | Path, *, flag: str = "") -> None:
+    """A viewer may replace only an earlier circuitdyn viewer (it is regenerated from cached results); any other
+    existing file at `path` is refused unless overwriting was asked for (`overwrite=True`, `--overwrite`)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as err:
+        raise CircuitdynError(f"{flag + ' ' if flag else ''}{path}: cannot read ({err.strerror or err})") from None
+    if _VIEWER_MARK not in head:
+        raise CircuitdynError(f"{flag + ' ' if flag else ''}{path}: exists and is not a circuitdyn viewer; choose "
+                              "another output file, or pass --overwrite (overwrite=True) to replace it")
+
+
+def _write_page(path: str | Path, title: str, subtitle: str, body: str, data: Any, script: str,
+                overwrite: bool = False) -> Path:
     from plotly.offline import get_plotlyjs
 
     path = Path(path)
+    if not overwrite:
+        check_viewer_target(path)
     page = (
         _HEAD.format(title=_esc(title), plotly=get_plotlyjs())
         + f"<h1>{_esc(title)}</h1><div class=\"sub\">{_esc(subtitle)}</div>\n"
@@ -584,7 +607,7 @@ def _options(facts: Sequence[str], labels: dict[str, str] | None) -> list[dict[s
 def write_circuit_html(
     circuits: CircuitSet, path: str | Path, *, facts: Sequence[str] | None = None,
     sizes: Sequence[int] = DEFAULT_SIZES, labels: dict[str, str] | None = None, max_facts: int = MAX_FACTS,
-    title: str | None = None,
+    title: str | None = None, overwrite: bool = False,
 ) -> Path:
     """Circuit viewer page: choose the fact (or mean circuit) and the number of edges.
 
@@ -608,12 +631,13 @@ function update() { return draw("circuit", DATA.variants[fact.value + "|" + size
 fact.addEventListener("change", update); size.addEventListener("change", update);
 update();
 """
-    return _write_page(path, title or f"circuit viewer ({len(circuits.fact_ids)} facts)", subtitle, body, data, script)
+    return _write_page(path, title or f"circuit viewer ({len(circuits.fact_ids)} facts)", subtitle, body, data, script,
+                       overwrite)
 
 
 def write_diff_html(
     diff: CircuitDiff, path: str | Path, *, facts: Sequence[str] | None = None, labels: dict[str, str] | None = None,
-    max_facts: int = MAX_FACTS, title: str | None = None,
+    max_facts: int = MAX_FACTS, title: str | None = None, overwrite: bool = False,
 ) -> Path:
     """Diff viewer page: summary numbers, per-fact table, and for the chosen fact the two circuits
     coloured by status, the layer Sankey, the layer shift and the strongest paths."""
@@ -653,12 +677,13 @@ fact.addEventListener("change", update);
 update();
 """
     sub = f"{diff.label_a} → {diff.label_b} · {len(diff.a.fact_ids)} facts · selection {diff.selection}"
-    return _write_page(path, title or f"circuit diff: {diff.label_a} → {diff.label_b}", sub, body, data, script)
+    return _write_page(path, title or f"circuit diff: {diff.label_a} → {diff.label_b}", sub, body, data, script,
+                       overwrite)
 
 
 def write_timeline_html(
     timeline: Any, path: str | Path, *, facts: Sequence[str] | None = None, labels: dict[str, str] | None = None,
-    max_facts: int = 20, title: str | None = None, transfer: pd.DataFrame | None = None,
+    max_facts: int = 20, title: str | None = None, transfer: pd.DataFrame | None = None, overwrite: bool = False,
 ) -> Path:
     """Timeline viewer page: epoch slider over the chosen fact's circuit, linked with the line charts
     (a marker follows the slider; clicking a chart point moves it) and the layer x epoch heatmap;
@@ -721,4 +746,4 @@ first.then(function () { return draw("heatmap", DATA.heatmap); }).then(update).t
 });
 """
     sub = f"{len(timeline.fact_ids)} facts · epochs {epochs[0]}–{epochs[-1]} · selection {timeline.selection}"
-    return _write_page(path, title or "circuit timeline", sub, body, data, script)
+    return _write_page(path, title or "circuit timeline", sub, body, data, script, overwrite)

@@ -294,7 +294,7 @@ def test_annotated_strategy_trains_on_tagged_documents(cfg: CPTConfig) -> None:
 
 def test_cli(reference_run: Path, cfg: CPTConfig, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["cpt", "--out", str(tmp_path / "x"), "--base", cfg.base_model, "--lr", "0"]) == 2
-    assert "'lr' = 0.0 must be > 0" in capsys.readouterr().err
+    assert "argument --lr: must be > 0, got '0'" in capsys.readouterr().err
     assert main(["dynamics", str(reference_run)]) == 0
     out = capsys.readouterr().out
     assert "acquired" in out and "best epoch" in out
