@@ -244,7 +244,16 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="folder for the circuit files (default: the run's circuits folder)")
     p.add_argument("--overwrite", action="store_true", help="replace circuit files of another checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_ray_args(p, "tasks of one checkpoint x one shard of facts, assembled into the same files")
+    p.add_argument("--shard-size", type=int, metavar="N", help="facts per Ray task (rounded up to a multiple of "
+                   "--batch-size; default: an even split over the cluster)")
     p.set_defaults(func=_run_extract)
+
+
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help=f"run on Ray ({what}): auto starts a local cluster, ADDRESS joins one (needs circuitdyn[ray])")
+    p.add_argument("--max-retries", type=int, default=3, help="with --ray: retries of a task whose worker died")
 
 
 def _run_extract(args: argparse.Namespace) -> int:
@@ -265,7 +274,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         run, facts, args.out or circuits_dir(run), epochs, method=args.method, steps=args.steps, metric=args.metric,
         seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float16" if args.float16 else "float32",
         sparse_top_k=args.sparse, extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, ray=args.ray, shard_size=args.shard_size, max_retries=args.max_retries,
     )
     for r in results:
         vals = [v for v in r.faithfulness if not math.isnan(v)]
