@@ -76,7 +76,8 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", default="plain",
-                   help="plain | stepwise-kl | pretrain-kl | annotated | curriculum (default: plain)")
+                   help="plain | stepwise-kl | pretrain-kl | annotated | curriculum (default: plain); several, "
+                   "comma-separated, run a sweep")
     p.add_argument("--method", default="lora", help="lora (r=32, alpha=64, q/v + embeddings) | full")
     p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term of the -kl strategies")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
@@ -85,6 +86,9 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-reasoning", type=int, default=16, help="SocialIQA control probes per evaluation (0 = none)")
     _add_device_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seeds", help="comma-separated seeds: a sweep of one run per seed (and strategy) in "
+                   "OUT/<strategy>/seed_<seed>")
+    _add_ray_args(p, "one task per run of the sweep")
     p.set_defaults(func=_run_cpt)
 
 
@@ -98,12 +102,33 @@ def _run_cpt(args: argparse.Namespace) -> int:
         base_model=args.base, corpus=args.corpus, probes=args.probes,
         entities=[e.strip() for e in args.entities.split(",") if e.strip()] if args.entities else None,
         n_entities=args.n_entities, rephrased=args.rephrased, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, seed=args.seed, strategy=args.strategy, method=args.method,
+        batch_size=args.batch_size, seed=args.seed, strategy=(_names(args.strategy) or ["plain"])[0], method=args.method,
         kl_weight=args.kl_weight, template=args.template, threshold=args.threshold,
         n_math=args.n_math or None, n_reasoning=args.n_reasoning or None, device=args.device, dtype=args.dtype,
     )
+    strategies = _names(args.strategy) or ["plain"]
+    if args.seeds or args.ray or len(strategies) > 1:
+        return _run_sweep(args, cfg, strategies, t0)
     result = run_cpt(cfg, args.out, progress=not args.no_progress)
     print(f"wall time {time.perf_counter() - t0:.1f}s; best epoch {result.dynamics.best_epoch()}; run folder {result.run_dir}")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, cfg, strategies: list[str], t0: float) -> int:
+    import time
+
+    from circuitdyn.sweep import run_sweep
+
+    try:
+        seeds = [int(x) for x in _names(args.seeds)] if args.seeds else [args.seed]
+    except ValueError:
+        raise CircuitdynError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    runs = run_sweep(cfg, args.out, seeds, strategies, ray=args.ray, max_retries=args.max_retries,
+                     progress=not args.no_progress)
+    print(f"wall time {time.perf_counter() - t0:.1f}s; {len(runs)} runs:")
+    for path in runs:
+        print(f"  {path}")
+    print(f"per-epoch means across seeds: circuitdyn dynamics {' '.join(str(p) for p in runs)}")
     return 0
 
 
@@ -115,7 +140,8 @@ def _add_dynamics(sub: argparse._SubParsersAction) -> None:
         description="Read a run's per-epoch probe results (a `circuitdyn cpt` folder, or a strategy folder of the "
         "paper's release such as paper-results/llama3-i-1b/VFT) and print the learning dynamics.",
     )
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", nargs="+", help="run folder; several (e.g. the seeds of a sweep): per-epoch means with "
+                   "95 %% intervals across them")
     p.add_argument("--threshold", type=float, default=0.6, help="mean ROUGE-1 recall at which an entity is learned")
     p.add_argument("--by", choices=["ne_frequency", "ne_label", "question_type"],
                    help="also print the dynamics grouped by this field")
@@ -129,6 +155,9 @@ def _run_dynamics(args: argparse.Namespace) -> int:
 
     from circuitdyn.dynamics import format_table, load_dynamics
 
+    if len(args.run) > 1:
+        return _run_dynamics_across(args)
+    args.run = args.run[0]
     dyn = load_dynamics(args.run, threshold=args.threshold)
     if args.json:
         ents = dyn.entities()
@@ -154,6 +183,24 @@ def _run_dynamics(args: argparse.Namespace) -> int:
         cols = ["entity", "known_before", "first_acquired", "flips", "windows", "consolidated_from", "never_learned",
                 "best_recall", "best_epoch"]
         print(dyn.entities()[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    return 0
+
+
+def _run_dynamics_across(args: argparse.Namespace) -> int:
+    import json
+
+    from circuitdyn.dynamics import load_dynamics
+    from circuitdyn.sweep import across_runs, format_across_runs
+
+    if len(set(args.run)) != len(args.run):
+        raise CircuitdynError(f"a run folder is given twice: {args.run}")
+    table = across_runs({run: load_dynamics(run, threshold=args.threshold).table() for run in args.run})
+    if args.json:
+        print(json.dumps({"runs": args.run, "threshold": args.threshold,
+                          "across_runs": json.loads(table.to_json(orient="records"))}, indent=2))
+        return 0
+    print(f"learning dynamics of {len(args.run)} runs: per-epoch mean [95 % bootstrap interval over runs]")
+    print(format_across_runs(table))
     return 0
 
 
@@ -356,7 +403,8 @@ def print_diff(d) -> None:
 @command
 def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("timeline", help="circuits across all epochs of a run, with recall and loss")
-    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("run", metavar="RUN", nargs="+", help="run folder; several (e.g. the seeds of a sweep, each with "
+                   "its own circuits folder): per-epoch means with 95 %% intervals across them")
     _add_facts_args(p, what=": extract circuits for its facts at every epoch where missing (reused when cached)")
     _add_attribution_args(p, method_default=None, steps_default=None)
     _add_device_args(p)
@@ -383,6 +431,9 @@ def _run_timeline(args: argparse.Namespace) -> int:
 
     if args.transfer and not args.probes:
         raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
+    if len(args.run) > 1:
+        return _run_timeline_across(args)
+    args.run = args.run[0]
     run = open_run(args.run, device=args.device, dtype=args.dtype)
     facts = _facts(args, run)
     folder = Path(args.circuits) if args.circuits else circuits_dir(run)
@@ -406,6 +457,42 @@ def _run_timeline(args: argparse.Namespace) -> int:
     if transfer is not None:
         print_transfer(transfer, tl.entity_of)
     print(f"\nviewer: {out}")
+    return 0
+
+
+def _run_timeline_across(args: argparse.Namespace) -> int:
+    import json
+
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.sweep import across_runs, format_across_runs
+    from circuitdyn.timeline import load_run_timeline
+
+    if args.circuits or args.out or args.transfer:
+        raise CircuitdynError("--circuits, --out and --transfer take one run; with several runs each uses its own "
+                              "circuits folder")
+    if len(set(args.run)) != len(args.run):
+        raise CircuitdynError(f"a run folder is given twice: {args.run}")
+    per_epoch, changes = {}, {}
+    for path in args.run:
+        run = open_run(path, device=args.device, dtype=args.dtype)
+        tl = load_run_timeline(run, _facts(args, run), selection=_selection_arg(args), circuits_dir=circuits_dir(run),
+                               method=args.method, steps=args.steps, metric=args.metric, seed=args.seed,
+                               noise_epochs=args.noise_epochs, progress=not args.json)
+        per_epoch[path] = tl.per_epoch
+        changes[path] = tl.reconfiguration
+    table = across_runs(per_epoch)
+    rec = across_runs(changes, [c for c in ("replaced", "noise") if all(c in t for t in changes.values())])
+    if args.json:
+        print(json.dumps({"runs": args.run, "per_epoch": json.loads(table.to_json(orient="records")),
+                          "reconfiguration": json.loads(rec.to_json(orient="records"))}, indent=1))
+        return 0
+    print(f"circuit timelines of {len(args.run)} runs: per-epoch mean [95 % bootstrap interval over runs]")
+    shown = ("train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev", "jaccard_first")
+    print(format_across_runs(table[table["quantity"].isin(shown)]))
+    if len(rec):
+        print("\nshare of the circuit replaced per transition, and method noise, across runs:")
+        print(format_across_runs(rec))
     return 0
 
 

@@ -167,3 +167,31 @@ def test_cluster_runs_tasks_in_order_and_names_the_failed_one(cluster):
     assert run_tasks(cluster, [Task(f"t{i}", statistics.mean, ([i, 3 * i],)) for i in range(4)]) == [0, 2, 4, 6]
     with pytest.raises(CircuitdynError, match=r"^part b failed: StatisticsError: mean requires at least one"):
         run_tasks(cluster, [Task("part a", statistics.mean, ([1],)), Task("part b", statistics.mean, ([],))])
+
+
+def test_cpt_sweep_on_ray_and_dynamics_across_seeds(cluster, tokenizer_dir, tmp_path, capsys):
+    import json
+
+    from conftest import save_tiny_model
+
+    from circuitdyn.cli import main
+
+    base = save_tiny_model(tmp_path / "base", "llama", tokenizer_dir, seed=0)
+    args = ["cpt", "--out", str(tmp_path / "sweep"), "--base", str(base), "--entities", "Russia,Patna", "--epochs", "1",
+            "--lr", "1e-2", "--batch-size", "2", "--n-math", "0", "--n-reasoning", "0", "--no-progress",
+            "--seeds", "0,1", "--strategy", "plain,stepwise-kl", "--ray"]
+    assert main(args) == 0
+    runs = [tmp_path / "sweep" / s / f"seed_{k}" for s in ("plain", "stepwise-kl") for k in (0, 1)]
+    printed = capsys.readouterr().out
+    assert all(str(r) in printed for r in runs)
+    hashes = {str(r): [e["content_hash"] for e in json.loads((r / "run.json").read_text())["epochs"]] for r in runs}
+    assert len({h[0] for h in hashes.values()}) == 1  # the same base model
+    assert len({h[1] for h in hashes.values()}) == 4  # four different trainings
+    assert main(["dynamics", *map(str, runs[:2]), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["across_runs"]
+    recall = [r for r in table if r["quantity"] == "mean_recall"]
+    assert [r["epoch"] for r in recall] == [0, 1] and all(r["n"] == 2 for r in recall)
+    assert recall[0]["lo"] == recall[0]["hi"] == recall[0]["mean"]  # epoch 0 is the same base model in both runs
+    assert main(["dynamics", *map(str, runs)]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs" in out and "mean_recall" in out
