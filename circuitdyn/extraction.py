@@ -178,10 +178,22 @@ class Shard:
     start: int
     stop: int
     folder: Path
+    file: Path
+    """The shard's circuit file in `folder` (named by `extract_run` from its settings and facts)."""
 
     def label(self, run: Any, n_shards: int, index: int) -> str:
         return (f"checkpoint epoch {self.epoch} ({run.checkpoint(self.epoch).path}), shard {index + 1}/{n_shards} "
                 f"(facts {self.start}-{self.stop - 1})")
+
+
+def default_shard_size(n_facts: int, n_epochs: int, slots: int, batch_size: int) -> int:
+    """Facts per task so that the epochs' shards fill the cluster's `slots` in whole rounds: each epoch is split
+    into slots / gcd(slots, epochs) shards (2 slots, 3 epochs: 6 tasks in 3 full rounds, not 3 tasks in 2
+    rounds with a slot idle), but no shard is smaller than a batch."""
+    import math
+
+    per_epoch = min(slots // math.gcd(slots, n_epochs), math.ceil(n_facts / batch_size))
+    return math.ceil(n_facts / max(1, per_epoch))
 
 
 def extract_shard(run_path: str, allow_pickle: bool, device: str, dtype: str, epoch: int,
@@ -226,7 +238,7 @@ def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, e
     shard of an epoch is there, they are assembled into the same file a local run writes and removed.
     Shards are whole multiples of `batch_size` facts, so each fact is batched with the same neighbours as
     in a local run. `num_gpus` per task defaults to 1 on a cluster with GPUs (the task's model goes on its
-    GPU), else 0. `shard_size` defaults to an even split over the cluster's task slots.
+    GPU), else 0. `shard_size` defaults to `default_shard_size`.
     """
     import math
     import shutil
@@ -245,28 +257,26 @@ def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, e
         if todo:
             gpus = (1.0 if cluster.cluster_gpus(rt) else 0.0) if num_gpus is None else float(num_gpus)
             if shard_size is None:
-                per_epoch = math.ceil(cluster.task_slots(rt, gpus) / len(todo))
-                shard_size = math.ceil(len(facts) / per_epoch)
+                shard_size = default_shard_size(len(facts), len(todo), cluster.task_slots(rt, gpus), batch_size)
             if shard_size < 1:
                 raise CircuitdynError(f"shard_size must be >= 1, got {shard_size}")
             size = math.ceil(shard_size / batch_size) * batch_size
-            tasks, waiting = [], []
+            device = "cuda" if gpus else "cpu"
+            tasks = []
             for e in todo:
-                folder = out / SHARDS / finals[e].stem
-                shards[e] = [Shard(e, i, min(i + size, len(facts)), folder / f"facts_{i}-{min(i + size, len(facts)) - 1}")
-                             for i in range(0, len(facts), size)]
-                for k, sh in enumerate(shards[e]):
-                    part = facts[sh.start:sh.stop]
-                    done = sh.folder / circuit_filename(e, extraction_settings(run.architecture, part, method, steps,
-                                                                               metric, seed))
-                    if done.exists() and is_done(done, {**want, "probe_set_hash": facts_hash(part)},
-                                                 run.checkpoint(e).content_hash, overwrite=True):
+                starts = range(0, len(facts), size)
+                shards[e] = []
+                for k, i in enumerate(starts):
+                    part = facts[i:i + size]
+                    part_want = extraction_settings(run.architecture, part, method, steps, metric, seed)
+                    folder = out / SHARDS / finals[e].stem / f"facts_{i}-{i + len(part) - 1}"
+                    sh = Shard(e, i, i + len(part), folder, folder / circuit_filename(e, part_want))
+                    shards[e].append(sh)
+                    if is_done(sh.file, part_want, run.checkpoint(e).content_hash, overwrite=True):
                         continue
-                    device = "cuda" if gpus else "cpu"
                     args = (str(run.path), bool(getattr(run.checkpoint(e), "allow_pickle", False)), device,
-                            str(run.dtype).removeprefix("torch."), e, part, str(sh.folder), kwargs)
-                    tasks.append(cluster.Task(sh.label(run, len(shards[e]), k), extract_shard, args))
-                    waiting.append(sh)
+                            str(run.dtype).removeprefix("torch."), e, part, str(folder), kwargs)
+                    tasks.append(cluster.Task(sh.label(run, len(starts), k), extract_shard, args))
             cluster.run_tasks(rt, tasks, num_gpus=gpus, max_retries=max_retries, progress=progress,
                               desc="circuit shards")
     results = []
@@ -274,7 +284,7 @@ def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, e
         if e not in shards:
             results.append(Extracted.from_file(e, finals[e], True, CircuitSet.load(finals[e])))
             continue
-        parts = [CircuitSet.load(next(sh.folder.glob("epoch_*.safetensors"))) for sh in shards[e]]
+        parts = [CircuitSet.load(sh.file) for sh in shards[e]]
         cs = assemble(parts, facts)
         cs.save(finals[e], dtype=store, top_k=sparse_top_k)
         shutil.rmtree(shards[e][0].folder.parent, ignore_errors=True)

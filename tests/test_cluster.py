@@ -15,6 +15,7 @@ import pytest
 from circuitdyn.errors import CircuitdynError
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
 
 EXTRACT = {"method": "eap-ig", "steps": 2, "batch_size": 2, "top_n": 50}
 
@@ -96,12 +97,8 @@ def extract_killing_one_worker(run, facts, out: Path, **kw):
     return box, killed
 
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
-
-
 def test_cli_extract_on_ray_writes_the_local_files(cluster, run_and_facts, local, tmp_path, capsys):
     from circuitdyn.cli import main
-
     from circuitdyn.probes import load_probes, write_probes_jsonl
 
     run, _ = run_and_facts
