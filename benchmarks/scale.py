@@ -3,9 +3,14 @@
 1. ray_over_local: the same grid (a two-epoch run of the embedded SmolLM2-135M-Instruct, epoch_1 = epoch_0
    plus small noise; N seed facts; EAP-IG M steps) extracted with `extract_run(...)` and with
    `extract_run(..., ray="auto")` on a local cluster of this machine's CPUs, alternately, each into a fresh
-   folder; the ratio of the medians. The cluster is started once before the timing (its start-up time is
-   printed as ray_startup_s); one untimed round of each warms up the files and Ray's workers. The local run
-   uses all CPU threads in one process; Ray runs one task per CPU with one thread each. Ray starts its workers
+   folder; ray_over_local is the median over rounds of the ratio within a round (a round runs both back to
+   back, so load from other jobs hits both alike), ray_over_local_of_medians the ratio of the medians. The cluster is started once before the timing (its start-up time is
+   printed as ray_startup_s); one untimed round of each warms up the files and Ray's workers. Ray runs one
+   task per CPU with one thread each; the local run uses `--threads` torch threads (default 1: on this
+   shared 2-core machine two OpenMP threads ran one epoch 8x slower than one, 160 s vs. 21 s, because other
+   jobs keep a core busy and the threads wait on each other). Alongside, ray_over_local_one_task times epoch 0
+   as a single Ray task against the same epoch locally: what Ray costs without the parallelism it buys (a
+   worker, its own model load, the shard written and assembled). Ray starts its workers
    at niceness 15 (they yield to every other process); on a machine shared with other jobs that measures the
    other jobs, not Ray, so the cluster here runs them at niceness 0 like the local run (`worker_niceness`).
    Scores are checked equal (max_abs_diff). Target: ray_over_local <= 1.3 on 2 CPUs.
@@ -23,10 +28,10 @@
    splits them (`default_shard_size`) and run in whole rounds. Storage is computed from the file format
    (`circuitdyn.circuits`) and each model's edge count.
 
-Last line: `ray_over_local=X local_s=.. ray_s=.. ray_startup_s=.. max_abs_diff=.. fact_s=.. load_s=..
-bytes_per_fact=..`.
+Last line: `ray_over_local=X ray_over_local_one_task=Y ray_over_local_of_medians=Z local_s=.. ray_s=.. ray_startup_s=.. max_abs_diff=..
+fact_s=.. load_s=.. bytes_per_fact=..`.
 
-    .venv/bin/python benchmarks/scale.py [--facts 4] [--steps 2] [--repeats 3] [--table [--table-steps 5]]
+    .venv/bin/python benchmarks/scale.py [--facts 4] [--steps 2] [--batch-size 2] [--repeats 3] [--table [--table-steps 5]]
 """
 
 from __future__ import annotations
@@ -165,53 +170,71 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--table-steps", type=int, default=5, help="EAP-IG steps the cost table is for")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu-tflops", type=float, default=50.0, help="assumed effective TFLOP/s of one GPU")
     parser.add_argument("--table", action="store_true", help="print the README's cost table")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the local run (see above)")
     args = parser.parse_args()
     import ray
 
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "run").mkdir()
         root = make_run(Path(tmp) / "run")
         run = open_run(root)
         facts = load_facts(None, run.tokenizer(), limit=args.facts)
         tokens = statistics.mean(len(f.clean_tokens) + len(f.answer_tokens) for f in facts)
-        kw = {"steps": args.steps, "batch_size": args.batch_size}
+        # Ray's memory monitor kills workers when the *machine* is above 95 % memory; on a machine shared with
+        # other jobs that is their memory, and every kill restarts a task: this measurement leaves it off.
+        os.environ["RAY_memory_monitor_refresh_ms"] = "0"
         startup = timed(lambda: ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False,
                                          _system_config={"worker_niceness": 0}))
         load_s = statistics.median(timed(lambda e=e: open_run(root).load_model(e)) for e in (0, 1, 0))
-        local, remote, n = [], [], 0
+        walls: dict[tuple[str, bool], list[float]] = {}
+        n = 0
 
-        def once(on_ray: bool) -> tuple[float, Path]:
+        def once(grid: str, on_ray: bool, record: bool = True) -> Path:
+            """`grid` "all": both epochs (Ray: one task per CPU); "one": epoch 0 only, as one Ray task."""
             nonlocal n
             n += 1
             out = Path(tmp) / f"out{n}"
-            return timed(lambda: extract_run(open_run(root), facts, out, ray="auto" if on_ray else None, **kw)), out
+            epochs = [0, 1] if grid == "all" else [0]
+            kw = {"steps": args.steps, "batch_size": args.batch_size,
+                  "shard_size": None if grid == "all" else args.facts}
+            wall = timed(lambda: extract_run(open_run(root), facts, out, epochs, ray="auto" if on_ray else None, **kw))
+            if record:
+                walls.setdefault((grid, on_ray), []).append(wall)
+            return out
 
-        _, ref = once(False)
-        _, warm = once(True)
+        ref, warm = once("all", False, record=False), once("all", True, record=False)
         diff = max((CircuitSet.load(p).scores - CircuitSet.load(warm / p.name).scores).abs().max().item()
                    for p in ref.glob("*.safetensors"))
         bytes_per_fact = statistics.mean(p.stat().st_size for p in ref.glob("*.safetensors")) / args.facts
         for i in range(args.repeats):
-            for on_ray in ((False, True) if i % 2 == 0 else (True, False)):
-                wall, out = once(on_ray)
-                (remote if on_ray else local).append(wall)
-                shutil.rmtree(out)
+            for grid in ("all", "one"):
+                for on_ray in ((False, True) if i % 2 == 0 else (True, False)):
+                    shutil.rmtree(once(grid, on_ray))
         ray.shutdown()
-    local_s, ray_s = statistics.median(local), statistics.median(remote)
-    fact_s = (local_s / 2 - load_s) / args.facts  # two epochs, one model load each
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    fact_s = (med[("one", False)] - load_s) / args.facts  # one epoch: a fresh model load, then the facts
     print(f"grid: 2 epochs x {args.facts} facts of SmolLM2-135M, EAP-IG M={args.steps}, batch {args.batch_size}; "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
-    print(f"local runs {[round(x, 1) for x in local]} s, Ray runs {[round(x, 1) for x in remote]} s")
+          f"{os.cpu_count()} CPUs; local run: torch threads {torch.get_num_threads()}; Ray: one task per CPU")
+    for (grid, on_ray), v in walls.items():
+        what = "both epochs" if grid == "all" else "epoch 0 as one task"
+        print(f"{'Ray  ' if on_ray else 'local'} {what}: {[round(x, 1) for x in v]} s")
     if args.table:
         print()
         print(table(fact_s, load_s, tokens, args.steps, args.table_steps, args.gpu_tflops, 8))
         print()
-    print(f"ray_over_local={ray_s / local_s:.3f} local_s={local_s:.1f} ray_s={ray_s:.1f} ray_startup_s={startup:.1f} "
+    def paired(grid: str) -> float:
+        """Median over rounds of Ray's time over the local time of the same round (run back to back)."""
+        return statistics.median(r / loc for r, loc in zip(walls[(grid, True)], walls[(grid, False)]))
+
+    print(f"ray_over_local={paired('all'):.3f} ray_over_local_one_task={paired('one'):.3f} "
+          f"ray_over_local_of_medians={med[('all', True)] / med[('all', False)]:.3f} "
+          f"local_s={med[('all', False)]:.1f} ray_s={med[('all', True)]:.1f} ray_startup_s={startup:.1f} "
           f"max_abs_diff={diff:.2e} fact_s={fact_s:.3f} load_s={load_s:.2f} bytes_per_fact={bytes_per_fact:.0f}")
 
 
