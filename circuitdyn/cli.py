@@ -102,7 +102,7 @@ def _run_cpt(args: argparse.Namespace) -> int:
         base_model=args.base, corpus=args.corpus, probes=args.probes,
         entities=[e.strip() for e in args.entities.split(",") if e.strip()] if args.entities else None,
         n_entities=args.n_entities, rephrased=args.rephrased, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, seed=args.seed, strategy=(_names(args.strategy) or ["plain"])[0], method=args.method,
+        batch_size=args.batch_size, seed=args.seed, strategy=args.strategy, method=args.method,
         kl_weight=args.kl_weight, template=args.template, threshold=args.threshold,
         n_math=args.n_math or None, n_reasoning=args.n_reasoning or None, device=args.device, dtype=args.dtype,
     )
