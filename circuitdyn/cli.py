@@ -163,7 +163,8 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--strategy", default="plain",
-                   help="plain | stepwise-kl | pretrain-kl | annotated | curriculum (default: plain)")
+                   help="plain | stepwise-kl | pretrain-kl | annotated | curriculum (default: plain); several, "
+                   "comma-separated, run a sweep")
     p.add_argument("--method", default="lora", help="lora (r=32, alpha=64, q/v + embeddings) | full")
     p.add_argument("--kl-weight", type=nonnegative_float, default=1.0,
                    help="weight of the KL term of the -kl strategies")
@@ -178,6 +179,9 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
                    help="SocialIQA control probes per evaluation (0 = none)")
     _add_device_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seeds", help="comma-separated seeds: a sweep of one run per seed (and strategy) in "
+                   "OUT/<strategy>/seed_<seed>")
+    _add_ray_args(p, "one task per run of the sweep")
     p.set_defaults(func=_run_cpt)
 
 
@@ -196,8 +200,29 @@ def _run_cpt(args: argparse.Namespace) -> int:
         n_math=args.n_math or None, n_reasoning=args.n_reasoning or None, device=args.device, dtype=args.dtype,
         save=args.save,
     )
+    strategies = _names(args.strategy) or ["plain"]
+    if args.seeds or args.ray or len(strategies) > 1:
+        return _run_sweep(args, cfg, strategies, t0)
     result = run_cpt(cfg, args.out, progress=not args.no_progress)
     print(f"wall time {time.perf_counter() - t0:.1f}s; best epoch {result.dynamics.best_epoch()}; run folder {result.run_dir}")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, cfg, strategies: list[str], t0: float) -> int:
+    import time
+
+    from circuitdyn.sweep import run_sweep
+
+    try:
+        seeds = [int(x) for x in _names(args.seeds)] if args.seeds else [args.seed]
+    except ValueError:
+        raise CircuitdynError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    runs = run_sweep(cfg, args.out, seeds, strategies, ray=args.ray, max_retries=args.max_retries,
+                     progress=not args.no_progress)
+    print(f"wall time {time.perf_counter() - t0:.1f}s; {len(runs)} runs:")
+    for path in runs:
+        print(f"  {path}")
+    print(f"per-epoch means across seeds: circuitdyn dynamics {' '.join(str(p) for p in runs)}")
     return 0
 
 
@@ -209,7 +234,8 @@ def _add_dynamics(sub: argparse._SubParsersAction) -> None:
         description="Read a run's per-epoch probe results (a `circuitdyn cpt` folder, or a strategy folder of the "
         "paper's release such as paper-results/llama3-i-1b/VFT) and print the learning dynamics.",
     )
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", nargs="+", help="run folder; several (e.g. the seeds of a sweep): per-epoch means with "
+                   "95 %% intervals across them")
     p.add_argument("--threshold", type=probability, default=0.6,
                    help="mean ROUGE-1 recall at which an entity is learned")
     p.add_argument("--by", choices=["ne_frequency", "ne_label", "question_type"],
@@ -230,6 +256,9 @@ def _run_dynamics(args: argparse.Namespace) -> int:
 
     from circuitdyn.dynamics import format_table, load_dynamics
 
+    if len(args.run) > 1:
+        return _run_dynamics_across(args)
+    args.run = args.run[0]
     dyn = load_dynamics(args.run, threshold=args.threshold, baseline=args.baseline)
     stop = None
     if args.stop:
@@ -268,6 +297,27 @@ def _run_dynamics(args: argparse.Namespace) -> int:
         cols = ["entity", "known_before", "first_acquired", "flips", "windows", "consolidated_from", "never_learned",
                 "best_recall", "best_epoch"]
         print(dyn.entities()[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    return 0
+
+
+def _run_dynamics_across(args: argparse.Namespace) -> int:
+    import json
+
+    from circuitdyn.dynamics import load_dynamics
+    from circuitdyn.sweep import across_runs, format_across_runs
+
+    if len(set(args.run)) != len(args.run):
+        raise CircuitdynError(f"a run folder is given twice: {args.run}")
+    if args.stop:
+        raise CircuitdynError("--stop applies to one run; give one run folder (a stopping rule's epoch is per run)")
+    table = across_runs({run: load_dynamics(run, threshold=args.threshold, baseline=args.baseline).table()
+                         for run in args.run})
+    if args.json:
+        print(json.dumps({"runs": args.run, "threshold": args.threshold,
+                          "across_runs": json.loads(table.to_json(orient="records"))}, indent=2))
+        return 0
+    print(f"learning dynamics of {len(args.run)} runs: per-epoch mean [95 % bootstrap interval over runs]")
+    print(format_across_runs(table))
     return 0
 
 
@@ -365,7 +415,16 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="folder for the circuit files (default: the run's circuits folder)")
     p.add_argument("--overwrite", action="store_true", help="replace circuit files of another checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_ray_args(p, "tasks of one checkpoint x one shard of facts, assembled into the same files")
+    p.add_argument("--shard-size", type=int, metavar="N", help="facts per Ray task (rounded up to a multiple of "
+                   "--batch-size; default: an even split over the cluster)")
     p.set_defaults(func=_run_extract)
+
+
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help=f"run on Ray ({what}): auto starts a local cluster, ADDRESS joins one (needs circuitdyn[ray])")
+    p.add_argument("--max-retries", type=int, default=3, help="with --ray: retries of a task whose worker died")
 
 
 def _run_extract(args: argparse.Namespace) -> int:
@@ -386,7 +445,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         run, facts, args.out or circuits_dir(run), epochs, method=args.method, steps=args.steps, metric=args.metric,
         seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float16" if args.float16 else "float32",
         sparse_top_k=args.sparse, extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, ray=args.ray, shard_size=args.shard_size, max_retries=args.max_retries,
     )
     for r in results:
         vals = [v for v in r.faithfulness if not math.isnan(v)]
@@ -472,7 +531,8 @@ def print_diff(d) -> None:
 @command
 def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("timeline", help="circuits across all epochs of a run, with recall and loss")
-    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("run", metavar="RUN", nargs="+", help="run folder; several (e.g. the seeds of a sweep, each with "
+                   "its own circuits folder): per-epoch means with 95 %% intervals across them")
     _add_facts_args(p, what=": extract circuits for its facts at every epoch where missing (reused when cached)")
     _add_attribution_args(p, method_default=None, steps_default=None)
     _add_device_args(p)
@@ -501,6 +561,9 @@ def _run_timeline(args: argparse.Namespace) -> int:
 
     if args.transfer and not args.probes:
         raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
+    if len(args.run) > 1:
+        return _run_timeline_across(args)
+    args.run = args.run[0]
     html = args.out or Path(args.run) / "timeline.html"
     if Path(args.run).is_dir():
         _output(html, "file", "--out" if args.out else "", args.overwrite)
@@ -529,6 +592,42 @@ def _run_timeline(args: argparse.Namespace) -> int:
     if transfer is not None:
         print_transfer(transfer, tl.entity_of)
     print(f"\nviewer: {out}")
+    return 0
+
+
+def _run_timeline_across(args: argparse.Namespace) -> int:
+    import json
+
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.sweep import across_runs, format_across_runs
+    from circuitdyn.timeline import load_run_timeline
+
+    if args.circuits or args.out or args.transfer:
+        raise CircuitdynError("--circuits, --out and --transfer take one run; with several runs each uses its own "
+                              "circuits folder")
+    if len(set(args.run)) != len(args.run):
+        raise CircuitdynError(f"a run folder is given twice: {args.run}")
+    per_epoch, changes = {}, {}
+    for path in args.run:
+        run = open_run(path, device=args.device, dtype=args.dtype, base=args.base)
+        tl = load_run_timeline(run, _facts(args, run), selection=_selection_arg(args), circuits_dir=circuits_dir(run),
+                               method=args.method, steps=args.steps, metric=args.metric, seed=args.seed,
+                               noise_epochs=args.noise_epochs, progress=not args.json)
+        per_epoch[path] = tl.per_epoch
+        changes[path] = tl.reconfiguration
+    table = across_runs(per_epoch)
+    rec = across_runs(changes, [c for c in ("replaced", "noise") if all(c in t for t in changes.values())])
+    if args.json:
+        print(json.dumps({"runs": args.run, "per_epoch": json.loads(table.to_json(orient="records")),
+                          "reconfiguration": json.loads(rec.to_json(orient="records"))}, indent=1))
+        return 0
+    print(f"circuit timelines of {len(args.run)} runs: per-epoch mean [95 % bootstrap interval over runs]")
+    shown = ("train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev", "jaccard_first")
+    print(format_across_runs(table[table["quantity"].isin(shown)]))
+    if len(rec):
+        print("\nshare of the circuit replaced per transition, and method noise, across runs:")
+        print(format_across_runs(rec))
     return 0
 
 

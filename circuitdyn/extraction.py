@@ -10,6 +10,7 @@ other facts or settings live side by side. A file that already holds the same ch
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,17 +99,38 @@ class Extracted:
                    floats("m_clean"), floats("m_corrupted"))
 
 
+def is_done(path: Path, want: dict[str, Any], checkpoint_hash: str, overwrite: bool = False) -> bool:
+    """True when `path` holds circuits of this checkpoint with the settings `want` (reuse it); False when there
+    is nothing there, or something to replace with `overwrite`; else a CircuitdynError saying what is there."""
+    if not path.exists():
+        return False
+    meta = read_meta(path)
+    if meta is not None and not settings_mismatch(meta, want) and meta.get("checkpoint_hash") == checkpoint_hash:
+        return True
+    if not overwrite:
+        why = "is not a circuit file" if meta is None else (
+            f"holds circuits of another checkpoint ({meta.get('checkpoint_hash')})"
+            if not settings_mismatch(meta, want) else f"holds other settings ({settings_mismatch(meta, want)})")
+        raise CircuitdynError(f"{path} {why}; choose another output folder, or pass --overwrite "
+                              "(overwrite=True) to replace it")
+    return False
+
+
 def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
                 method: Method = "eap-ig", steps: int = 5, metric: str = "answer-logprob", seed: int = 0,
                 batch_size: int = 8, top_n: int = 1000, store: str = "float32", sparse_top_k: int | None = None,
                 extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
-                progress: bool = False) -> list[Extracted]:
+                progress: bool = False, ray: str | None = None, shard_size: int | None = None,
+                max_retries: int = 3, num_gpus: float | None = None) -> list[Extracted]:
     """One circuit file per epoch of a `checkpoints.Run` under `out_dir`, skipping finished ones.
 
     A file is reused when it holds the same checkpoint content hash and `settings`. Each new file's
     metadata also records the faithfulness of every fact's top-`top_n` circuit (`faithfulness`,
     `faithfulness_selection`) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
     faithfulness is only meaningful where they differ clearly. `store`: float32 or float16 scores.
+
+    `ray` (`"auto"` for a local cluster, or a cluster's address) runs the work as Ray tasks of one checkpoint
+    x one shard of `shard_size` facts each (`extract_on_ray`): the same files, the same scores.
     """
     if not facts:
         raise CircuitdynError("no facts given to attribute")
@@ -124,24 +146,20 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     run.check_consistent()
     want = extraction_settings(run.architecture, facts, method, steps, metric, seed)
     check_context(facts, run.context_length)
+    if ray is not None:
+        return extract_on_ray(run, facts, out, epochs, ray, method=method, steps=steps, metric=metric, seed=seed,
+                              batch_size=batch_size, top_n=top_n, store=store, sparse_top_k=sparse_top_k,
+                              extra_meta=extra_meta, overwrite=overwrite, progress=progress, shard_size=shard_size,
+                              max_retries=max_retries, num_gpus=num_gpus)
     results = []
     for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
         ck = run.checkpoint(epoch)
         path = out / circuit_filename(epoch, want)
         with file_lock(path):  # a second run extracting the same file waits here, then reuses the first's file
             remove_stale_temps(path)
-            if path.exists():
-                meta = read_meta(path)
-                if (meta is not None and not settings_mismatch(meta, want)
-                        and meta.get("checkpoint_hash") == ck.content_hash):
-                    results.append(Extracted.from_file(epoch, path, True, CircuitSet.load(path)))
-                    continue
-                if not overwrite:
-                    why = "is not a circuit file" if meta is None else (
-                        f"holds circuits of another checkpoint ({meta.get('checkpoint_hash')})"
-                        if not settings_mismatch(meta, want) else f"holds other settings ({settings_mismatch(meta, want)})")
-                    raise CircuitdynError(f"{path} {why}; choose another output folder, or pass --overwrite "
-                                          "(overwrite=True) to replace it")
+            if is_done(path, want, ck.content_hash, overwrite):
+                results.append(Extracted.from_file(epoch, path, True, CircuitSet.load(path)))
+                continue
             model = run.load_model(epoch)
             meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
                     "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
@@ -155,6 +173,136 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
             cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
             cs.save(path, dtype=store, top_k=sparse_top_k)
             results.append(Extracted.from_file(epoch, path, False, cs))
+    return results
+
+
+SHARDS = ".shards"
+"""The folder under `out_dir` where `extract_on_ray` keeps finished shards until their epoch's file is written."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One Ray task of `extract_on_ray`: the facts `start:stop` (in the given order) on one epoch's model."""
+
+    epoch: int
+    start: int
+    stop: int
+    folder: Path
+    file: Path
+    """The shard's circuit file in `folder` (named by `extract_run` from its settings and facts)."""
+
+    def label(self, run: Any, n_shards: int, index: int) -> str:
+        return (f"checkpoint epoch {self.epoch} ({run.checkpoint(self.epoch).path}), shard {index + 1}/{n_shards} "
+                f"(facts {self.start}-{self.stop - 1})")
+
+
+def default_shard_size(n_facts: int, n_epochs: int, slots: int, batch_size: int) -> int:
+    """Facts per task so that the epochs' shards fill the cluster's `slots` in whole rounds: each epoch is split
+    into slots / gcd(slots, epochs) shards (2 slots, 3 epochs: 6 tasks in 3 full rounds, not 3 tasks in 2
+    rounds with a slot idle), but no shard is smaller than a batch."""
+    import math
+
+    per_epoch = min(slots // math.gcd(slots, n_epochs), math.ceil(n_facts / batch_size))
+    return math.ceil(n_facts / max(1, per_epoch))
+
+
+def extract_shard(run_path: str, allow_pickle: bool, device: str, dtype: str, epoch: int,
+                  facts: list[FactPrompt], folder: str, kwargs: dict[str, Any], base: str | None = None) -> str:
+    """One task of `extract_on_ray`, on a worker: open the run (with the adapter's `base`, if any), load the
+    epoch's model once, extract the facts' circuits into `folder` (atomically, through `extract_run`) and
+    return the file's path."""
+    from circuitdyn.checkpoints import open_run
+
+    run = open_run(run_path, allow_pickle=allow_pickle, device=device, dtype=dtype, base=base)
+    return str(extract_run(run, facts, folder, [epoch], store="float32", overwrite=True, **kwargs)[0].path)
+
+
+def assemble(parts: Sequence[CircuitSet], facts: Sequence[FactPrompt]) -> CircuitSet:
+    """The circuit set of all `facts` from the circuit sets of consecutive shards of them (same checkpoint and
+    settings): scores and per-fact metadata concatenated in fact order, the fact set's hash recorded."""
+    import torch
+
+    from circuitdyn.circuits import PER_FACT_META
+
+    meta = dict(parts[0].meta)
+    for key in PER_FACT_META:
+        if all(isinstance(p.meta.get(key), list) for p in parts):
+            meta[key] = [v for p in parts for v in p.meta[key]]
+    meta["probe_set_hash"] = facts_hash(facts)
+    ids = [i for p in parts for i in p.fact_ids]
+    if ids != [f.fact_id for f in facts]:
+        raise CircuitdynError("the shards' facts do not add up to the facts asked for")
+    return CircuitSet(torch.cat([p.scores for p in parts]), parts[0].edges, ids, meta)
+
+
+def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int],
+                   ray: str = "auto", *, method: Method = "eap-ig", steps: int = 5, metric: str = "answer-logprob",
+                   seed: int = 0, batch_size: int = 8, top_n: int = 1000, store: str = "float32",
+                   sparse_top_k: int | None = None, extra_meta: dict[str, Any] | None = None,
+                   overwrite: bool = False, progress: bool = False, shard_size: int | None = None,
+                   max_retries: int = 3, num_gpus: float | None = None) -> list[Extracted]:
+    """`extract_run` on a Ray cluster (`ray`: "auto" starts a local one, else the address of one to join).
+
+    The work is split into tasks of one checkpoint x one shard of consecutive facts; each task loads its model
+    once and writes its shard atomically under `out_dir/.shards`, so a re-run skips finished shards and a
+    worker killed mid-task (retried by Ray up to `max_retries` times) leaves nothing half-written. When every
+    shard of an epoch is there, they are assembled into the same file a local run writes and removed.
+    Shards are whole multiples of `batch_size` facts, so each fact is batched with the same neighbours as
+    in a local run. `num_gpus` per task defaults to 1 on a cluster with GPUs (the task's model goes on its
+    GPU), else 0. `shard_size` defaults to `default_shard_size`.
+    """
+    import math
+    import shutil
+
+    from circuitdyn import cluster
+
+    out = Path(out_dir)
+    facts = list(facts)
+    want = extraction_settings(run.architecture, facts, method, steps, metric, seed)
+    finals = {e: out / circuit_filename(e, want) for e in epochs}
+    todo = [e for e in epochs if not is_done(finals[e], want, run.checkpoint(e).content_hash, overwrite)]
+    kwargs = {"method": method, "steps": steps, "metric": metric, "seed": seed, "batch_size": batch_size,
+              "top_n": top_n, "extra_meta": extra_meta}
+    with (cluster.connected(ray) if todo else contextlib.nullcontext()) as rt:
+        shards: dict[int, list[Shard]] = {}
+        if todo:
+            gpus = (1.0 if cluster.cluster_gpus(rt) else 0.0) if num_gpus is None else float(num_gpus)
+            if shard_size is None:
+                shard_size = default_shard_size(len(facts), len(todo), cluster.task_slots(rt, gpus), batch_size)
+            if shard_size < 1:
+                raise CircuitdynError(f"shard_size must be >= 1, got {shard_size}")
+            size = math.ceil(shard_size / batch_size) * batch_size
+            device = "cuda" if gpus else "cpu"
+            tasks = []
+            for e in todo:
+                starts = range(0, len(facts), size)
+                shards[e] = []
+                for k, i in enumerate(starts):
+                    part = facts[i:i + size]
+                    part_want = extraction_settings(run.architecture, part, method, steps, metric, seed)
+                    folder = out / SHARDS / finals[e].stem / f"facts_{i}-{i + len(part) - 1}"
+                    sh = Shard(e, i, i + len(part), folder, folder / circuit_filename(e, part_want))
+                    shards[e].append(sh)
+                    if is_done(sh.file, part_want, run.checkpoint(e).content_hash, overwrite=True):
+                        continue
+                    args = (str(run.path), bool(getattr(run.checkpoint(e), "allow_pickle", False)), device,
+                            str(run.dtype).removeprefix("torch."), e, part, str(folder), kwargs,
+                            str(ck.base) if (ck := run.checkpoint(e)).kind == "adapter" and ck.base else None)
+                    tasks.append(cluster.Task(sh.label(run, len(starts), k), extract_shard, args))
+            cluster.run_tasks(rt, tasks, num_gpus=gpus, max_retries=max_retries, progress=progress,
+                              desc="circuit shards")
+    results = []
+    for e in epochs:
+        if e not in shards:
+            results.append(Extracted.from_file(e, finals[e], True, CircuitSet.load(finals[e])))
+            continue
+        parts = [CircuitSet.load(sh.file) for sh in shards[e]]
+        cs = assemble(parts, facts)
+        cs.save(finals[e], dtype=store, top_k=sparse_top_k)
+        shutil.rmtree(shards[e][0].folder.parent, ignore_errors=True)
+        results.append(Extracted.from_file(e, finals[e], False, cs))
+    if (out / SHARDS).is_dir() and not any((out / SHARDS).iterdir()):
+        (out / SHARDS).rmdir()
     return results
 
 
