@@ -112,20 +112,48 @@ def buffer_torch_dtype(buffer_dtype: str) -> torch.dtype:
     return getattr(torch, buffer_dtype)
 
 
+PASS_ROWS = 512
+"""On a CPU, facts x positions of one forward and backward pass (matrix products are as efficient there as in
+larger ones, and a pass's autograd state is the bulk of the memory a fact needs)."""
+
+
+def default_pass_facts(device: torch.device | str, n_positions: int) -> int | None:
+    """Facts per pass by default: PASS_ROWS // positions on a CPU, the whole batch (None) on an accelerator."""
+    return max(1, PASS_ROWS // max(1, int(n_positions))) if torch.device(device).type == "cpu" else None
+
+
 def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", steps: int = 5,
                     metric: str | Metric = "answer-logprob", ig_grid: IGGrid = DEFAULT_IG_GRID,
-                    buffer_dtype: BufferDtype = "float32") -> Float[Tensor, "batch edge"]:
-    """Scores [fact, edge] (float32) for one padded batch (see the module docstring for method and sign)."""
+                    buffer_dtype: BufferDtype = "float32", pass_facts: int | None = None) -> Float[Tensor, "batch edge"]:
+    """Scores [fact, edge] (float32) for one padded batch (see the module docstring for method and sign).
+
+    The facts are attributed `pass_facts` at a time (default `default_pass_facts`): each pass runs the
+    corrupted, clean and IG forward and backward passes and the contraction of its facts, then frees them.
+    """
     check_method(method)
     get_metric(metric)
     m = steps_taken(method, steps)
     alphas, weights = ig_nodes(grid_taken(method, ig_grid), m)
-    # Relative weights: exactly 1.0 for the equal-weight rules, so the sums are what they always were.
-    rel = [1.0] * m if len(set(weights)) == 1 else [w * m for w in weights]
     buf = buffer_torch_dtype(buffer_dtype)
     check_supported(model)
     graph = Graph.from_model(model)
     layers = layer_weights(model)
+    B, P = batch.clean.shape
+    n = pass_facts or default_pass_facts(batch.clean.device, P) or B
+    if n < 1:
+        raise CircuitdynError(f"pass_facts must be >= 1, got {pass_facts}")
+    out = torch.empty(B, graph.n_edges, device=batch.clean.device)
+    for b0 in range(0, B, n):
+        out[b0:b0 + n] = _attribute_pass(model, batch.rows(b0, b0 + n), graph, layers, metric, alphas, weights, buf)
+    return out
+
+
+def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[LayerWeights], metric: str | Metric,
+                    alphas: list[float], weights: list[float], buf: torch.dtype) -> Float[Tensor, "batch edge"]:
+    """`attribute_batch` for the facts of one pass."""
+    m = len(alphas)
+    # Relative weights: exactly 1.0 for the equal-weight rules, so the sums are what they always were.
+    rel = [1.0] * m if len(set(weights)) == 1 else [w * m for w in weights]
     L = model.cfg.n_layers
     clean_in, corr_in = embed_inputs(model, batch)
     # A bf16/fp16 model's rounding differs between two runs by more than the small corrupted - clean
@@ -313,9 +341,9 @@ def attribute(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig"
     """Per-fact edge scores [len(facts), n_edges] (float32, on the CPU) in `Graph.from_model(model).edges` order.
 
     Facts are batched (sorted by length to limit padding); a fact's scores do not depend on its batch.
-    With `max_memory` (bytes or e.g. "8GiB"), the batch is chosen from the memory budget
-    (`circuitdyn.memory.fact_batch_for_memory`), capped by `batch_size` when that is given; a batch that runs
-    out of memory anyway is halved and retried (said once on stderr). `num_threads`: CPU threads (default:
+    With `max_memory` (bytes or e.g. "8GiB", weights included), the facts per pass are chosen from the budget
+    (`circuitdyn.memory.fact_batch_for_memory`; also the batch when `batch_size` is None); a batch that runs out
+    of memory anyway is halved and retried (said once on stderr). `num_threads`: CPU threads (default:
     torch's setting, one per physical core unless changed; `circuitdyn.memory.torch_threads`).
     """
     from tqdm.auto import tqdm
@@ -325,11 +353,11 @@ def attribute(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig"
     if not facts:
         raise CircuitdynError("no facts given to attribute")
     order = sorted(range(len(facts)), key=lambda i: len(facts[i].clean_tokens) + len(facts[i].answer_tokens))
-    size = batch_size
+    fit = None
     if max_memory is not None:
         longest = max(len(f.clean_tokens) + len(f.answer_tokens) - 1 for f in facts)
         fit = fact_batch_for_memory(model, longest, buffer_dtype, parse_memory(max_memory), steps_taken(method, steps))
-        size = fit if batch_size is None else min(fit, batch_size)
+    size = batch_size if batch_size is not None else fit
     if size is None or size < 1:
         raise CircuitdynError(f"batch_size must be >= 1 (or None with max_memory), got {batch_size}")
     out: list[Tensor | None] = [None] * len(facts)
@@ -340,7 +368,9 @@ def attribute(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig"
         while start < len(order):
             chunk = order[start:start + backoff.size]
             batch = make_batch(model, [facts[i] for i in chunk], seed, noise_scale, metric)
-            scores = backoff.run(lambda: attribute_batch(model, batch, method, steps, metric, ig_grid, buffer_dtype))
+            per_pass = None if fit is None and not backoff.halvings else min(fit or backoff.size, backoff.size)
+            scores = backoff.run(lambda: attribute_batch(model, batch, method, steps, metric, ig_grid, buffer_dtype,
+                                                         per_pass))
             if scores is None:
                 continue  # out of memory: the batch was halved, retry
             for j, i in enumerate(chunk):
