@@ -35,6 +35,7 @@ this). Scores are [fact, edge] in `Graph.edges` order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -369,8 +370,8 @@ def attribute(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig"
             chunk = order[start:start + backoff.size]
             batch = make_batch(model, [facts[i] for i in chunk], seed, noise_scale, metric)
             per_pass = None if fit is None and not backoff.halvings else min(fit or backoff.size, backoff.size)
-            scores = backoff.run(lambda: attribute_batch(model, batch, method, steps, metric, ig_grid, buffer_dtype,
-                                                         per_pass))
+            scores = backoff.run(partial(attribute_batch, model, batch, method, steps, metric, ig_grid, buffer_dtype,
+                                         per_pass))
             if scores is None:
                 continue  # out of memory: the batch was halved, retry
             for j, i in enumerate(chunk):

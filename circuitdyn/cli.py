@@ -239,12 +239,31 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", help="comma-separated epochs (default: all epochs of a run, or the one given)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-n", type=int, default=1000, help="selection whose faithfulness is printed (default 1000)")
-    p.add_argument("--float16", action="store_true", help="store scores as float16 (2 bytes/edge)")
-    p.add_argument("--sparse", type=int, metavar="K", help="store only each fact's top-K edges + node totals")
+    p.add_argument("--float16", action="store_true", help="store scores as float16, scaled per fact (2 bytes/edge; "
+                   "the default)")
+    p.add_argument("--float32", action="store_true", help="store scores as float32 (4 bytes/edge, exact)")
+    p.add_argument("--sparse", type=int, metavar="K", help="store only each fact's top-K edges + node totals (the "
+                   "file records the share of score mass they keep)")
     p.add_argument("--out", help="folder for the circuit files (default: the run's circuits folder)")
     p.add_argument("--overwrite", action="store_true", help="replace circuit files of another checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_scale_args(p)
     p.set_defaults(func=_run_extract)
+
+
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    from circuitdyn.attribution import BUFFER_DTYPES, DEFAULT_IG_GRID, IG_GRIDS
+    from circuitdyn.memory import default_threads
+
+    p.add_argument("--ig-grid", default=DEFAULT_IG_GRID, choices=IG_GRIDS,
+                   help=f"quadrature of the IG path integral (default {DEFAULT_IG_GRID}; right = circuitdyn's grid "
+                   "before, left = hannamw/EAP-IG's)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="CPU threads (default: physical cores; on a shared machine fewer can be much faster)")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 8GiB: the fact batch is chosen from it "
+                   "(and halved on an out-of-memory error)")
+    p.add_argument("--buffer-dtype", default="float32", choices=BUFFER_DTYPES,
+                   help="precision of the stored activation differences (sums stay float32)")
 
 
 def _run_extract(args: argparse.Namespace) -> int:
@@ -256,6 +275,14 @@ def _run_extract(args: argparse.Namespace) -> int:
     from circuitdyn.probes import corruption_counts
 
     t0 = time.perf_counter()
+    if args.float16 and args.float32:
+        raise CircuitdynError("--float16 and --float32 exclude each other")
+    if args.threads < 1:
+        raise CircuitdynError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_memory is not None:
+        from circuitdyn.memory import parse_memory
+
+        parse_memory(args.max_memory)
     run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype)
     facts = _facts(args, run)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
@@ -263,9 +290,10 @@ def _run_extract(args: argparse.Namespace) -> int:
           f"{'' if args.method == 'eap' else f' M={args.steps}'}, metric {args.metric}")
     results = extract_run(
         run, facts, args.out or circuits_dir(run), epochs, method=args.method, steps=args.steps, metric=args.metric,
-        seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float16" if args.float16 else "float32",
+        seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float32" if args.float32 else "float16",
         sparse_top_k=args.sparse, extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, ig_grid=args.ig_grid, buffer_dtype=args.buffer_dtype,
+        max_memory=args.max_memory, num_threads=args.threads,
     )
     for r in results:
         vals = [v for v in r.faithfulness if not math.isnan(v)]

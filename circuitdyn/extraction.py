@@ -20,7 +20,8 @@ from torch import Tensor
 
 from tqdm.auto import tqdm
 
-from circuitdyn.attribution import Method, attribute, check_method, steps_taken
+from circuitdyn.attribution import (DEFAULT_IG_GRID, BufferDtype, IGGrid, Method, attribute, check_method, grid_taken,
+                                   steps_taken)
 from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.facts import facts_hash
@@ -34,13 +35,14 @@ SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
 
 def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = 5,
-                        metric: str = "answer-logprob", seed: int = 0, noise_scale: float = NOISE_SCALE
-                        ) -> dict[str, Any]:
+                        metric: str = "answer-logprob", seed: int = 0, noise_scale: float = NOISE_SCALE,
+                        ig_grid: IGGrid = DEFAULT_IG_GRID) -> dict[str, Any]:
     """The `circuits.SETTINGS` an extraction with these arguments records (known before any work is done)."""
     return {
         "architecture": architecture,
         "method": check_method(method),
         "ig_steps": steps_taken(method, steps),
+        "ig_grid": grid_taken(method, ig_grid),
         "metric": metric_name(metric),
         "seed": seed,
         "noise_scale": noise_scale,
@@ -51,14 +53,19 @@ def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: 
 def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = 5,
                      metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8,
                      noise_scale: float = NOISE_SCALE, meta: dict[str, Any] | None = None,
-                     progress: bool = False) -> CircuitSet:
+                     progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
+                     max_memory: int | str | None = None, num_threads: int | None = None) -> CircuitSet:
     """Attribute every fact and wrap the scores with their provenance in a `CircuitSet`.
 
     `meta` adds checkpoint provenance (checkpoint_hash, step, epoch, model...); the settings
     (`extraction_settings`), the architecture's shape and each fact's corruption are filled in here.
+    `ig_grid`, `buffer_dtype`, `max_memory` (facts per batch from a memory budget, see
+    `circuitdyn.memory.fact_batch_for_memory`) and `num_threads` are passed to `attribution.attribute`.
     """
-    info = extraction_settings(model.cfg.original_architecture, facts, method, steps, metric, seed, noise_scale)
-    scores = attribute(model, facts, method, steps, metric, seed, batch_size, noise_scale, progress)
+    info = extraction_settings(model.cfg.original_architecture, facts, method, steps, metric, seed, noise_scale,
+                               ig_grid)
+    scores = attribute(model, facts, method, steps, metric, seed, batch_size, noise_scale, progress, ig_grid=ig_grid,
+                       buffer_dtype=buffer_dtype, max_memory=max_memory, num_threads=num_threads)
     cfg = model.cfg
     info.update({
         "model": cfg.model_name,
@@ -99,15 +106,18 @@ class Extracted:
 
 def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
                 method: Method = "eap-ig", steps: int = 5, metric: str = "answer-logprob", seed: int = 0,
-                batch_size: int = 8, top_n: int = 1000, store: str = "float32", sparse_top_k: int | None = None,
+                batch_size: int = 8, top_n: int = 1000, store: str = "float16", sparse_top_k: int | None = None,
                 extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
-                progress: bool = False) -> list[Extracted]:
+                progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
+                max_memory: int | str | None = None, num_threads: int | None = None) -> list[Extracted]:
     """One circuit file per epoch of a `checkpoints.Run` under `out_dir`, skipping finished ones.
 
     A file is reused when it holds the same checkpoint content hash and `settings`. Each new file's
     metadata also records the faithfulness of every fact's top-`top_n` circuit (`faithfulness`,
     `faithfulness_selection`) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
-    faithfulness is only meaningful where they differ clearly. `store`: float32 or float16 scores.
+    faithfulness is only meaningful where they differ clearly. `store`: float16 (scaled per fact, the
+    default) or float32 scores; `sparse_top_k`: keep each fact's top-k edges (`CircuitSet.save`).
+    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`.
     """
     if not facts:
         raise CircuitdynError("no facts given to attribute")
@@ -115,7 +125,7 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     epochs = list(run.epochs if epochs is None else epochs)
     for epoch in epochs:
         run.checkpoint(epoch)
-    want = extraction_settings(run.architecture, facts, method, steps, metric, seed)
+    want = extraction_settings(run.architecture, facts, method, steps, metric, seed, ig_grid=ig_grid)
     results = []
     for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
         ck = run.checkpoint(epoch)
@@ -134,7 +144,9 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
         model = run.load_model(epoch)
         meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
                 "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
-        cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress)
+        cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress,
+                              ig_grid=ig_grid, buffer_dtype=buffer_dtype, max_memory=max_memory,
+                              num_threads=num_threads)
         ev = CircuitEvaluator(model, facts, metric, seed, batch_size, NOISE_SCALE)
         selection = f"top:{top_n}"
         faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
@@ -192,7 +204,7 @@ def circuits_dir(run: Any) -> Path:
 def checkpoint_circuits(
     run: Any, epoch: int, facts: Sequence[FactPrompt] | None = None, *, folder: str | Path | None = None,
     method: Method | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
-    batch_size: int = 8, progress: bool = False,
+    batch_size: int = 8, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
 ) -> CircuitSet:
     """The circuits of one checkpoint: computed for `facts` (or reused when `folder` holds them with the same
     settings), or, without facts, the cached circuits of that checkpoint in `folder` (default `circuits_dir`)."""
@@ -201,13 +213,13 @@ def checkpoint_circuits(
     folder = Path(folder) if folder is not None else circuits_dir(run)
     if facts is not None:
         done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or 5, metric=metric,
-                           seed=seed, batch_size=batch_size, progress=progress)[0]
+                           seed=seed, batch_size=batch_size, progress=progress, ig_grid=ig_grid)[0]
         return CircuitSet.load(done.path)
     if not folder.is_dir():
         raise CircuitdynError(f"{run.path} epoch {epoch}: no cached circuits in {folder}; pass probes (--probes FILE) "
                               "to compute them, or the folder holding them (--circuits DIR)")
-    path = find_circuits(folder, [epoch], method, {epoch: run.checkpoint(epoch).content_hash}, steps,
-                         {"seed": seed})[epoch]
+    where = {"seed": seed, **({"ig_grid": ig_grid} if method == "eap-ig" else {})}
+    path = find_circuits(folder, [epoch], method, {epoch: run.checkpoint(epoch).content_hash}, steps, where)[epoch]
     return CircuitSet.load(path)
 
 

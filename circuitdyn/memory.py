@@ -38,7 +38,7 @@ WORKSPACE = 256 * 2**20
 """Bytes for everything else (allocator slack, per-layer weight copies, the contraction's chunks)."""
 
 
-def parse_memory(value: int | float | str) -> int:
+def parse_memory(value: float | str) -> int:
     """Bytes of a memory size: a number of bytes, or text like "8GiB", "500MB", "12G" (G = 10^9, GiB = 2^30)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         size = float(value)
@@ -90,7 +90,8 @@ def fixed_bytes(model_or_cfg: Any) -> int:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
     else:
         cfg = _cfg(model_or_cfg)
-        weights = (int(cfg.n_params) + 2 * int(cfg.d_vocab) * int(cfg.d_model)) * _itemsize(getattr(cfg, "dtype", "float32"))
+        n = int(cfg.n_params) + 2 * int(cfg.d_vocab) * int(cfg.d_model)
+        weights = n * _itemsize(getattr(cfg, "dtype", "float32"))
     return weights + WORKSPACE
 
 
