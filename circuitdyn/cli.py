@@ -187,13 +187,13 @@ def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: st
 
 
 def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None = "eap-ig",
-                          steps_default: int | None = 5) -> None:
-    from circuitdyn.attribution import METHODS
+                          steps_default: int | None = -1) -> None:
+    from circuitdyn.attribution import DEFAULT_IG_STEPS, METHODS
     from circuitdyn.forward import METRICS
 
     p.add_argument("--method", default=method_default, choices=METHODS, help="attribution method (default eap-ig)")
-    p.add_argument("--steps", type=int, default=steps_default,
-                   help="EAP-IG interpolation steps (default 5; the paper used 30)")
+    p.add_argument("--steps", type=int, default=DEFAULT_IG_STEPS if steps_default == -1 else steps_default,
+                   help=f"EAP-IG interpolation steps (default {DEFAULT_IG_STEPS}; the paper used 30)")
     p.add_argument("--metric", default="answer-logprob", choices=list(METRICS),
                    help="what a circuit must carry (default answer-logprob; logit-diff contrasts the corrupted "
                    "prompt's answer)")

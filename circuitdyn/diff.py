@@ -36,7 +36,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.circuits import CircuitSet
+from circuitdyn.attribution import DEFAULT_IG_STEPS
+from circuitdyn.circuits import CircuitSet, setting
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.selection import Faithfulness, Selection
@@ -637,8 +638,8 @@ def diff_checkpoints(
         reached = (picks[0][1], picks[1][1])
     noise = None
     if method_noise and facts_a is not None and facts_b is not None:
-        settings = dict(method=ca.meta.get("method", "eap-ig"), steps=int(ca.meta.get("ig_steps", steps or 5)),
-                        metric=metric, seed=seed, progress=progress)
+        settings = dict(method=ca.meta.get("method", "eap-ig"), steps=int(ca.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)),
+                        metric=metric, seed=seed, progress=progress, ig_grid=setting(ca.meta, "ig_grid"))
         if run_a.path == run_b.path:
             noise = measure_method_noise(run_a, facts_a, sorted({epoch_a, epoch_b}), sel,
                                          folder=circuits_dir or default_dir(run_a), **settings)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tqdm.auto import tqdm
 
-from circuitdyn.attribution import (DEFAULT_IG_GRID, BufferDtype, IGGrid, Method, attribute, check_method, grid_taken,
+from circuitdyn.attribution import (DEFAULT_IG_GRID, DEFAULT_IG_STEPS, BufferDtype, IGGrid, Method, attribute, check_method, grid_taken,
                                    steps_taken)
 from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
 from circuitdyn.errors import CircuitdynError
@@ -34,7 +34,7 @@ from circuitdyn.selection import Selection
 SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
 
-def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = 5,
+def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
                         metric: str = "answer-logprob", seed: int = 0, noise_scale: float = NOISE_SCALE,
                         ig_grid: IGGrid = DEFAULT_IG_GRID) -> dict[str, Any]:
     """The `circuits.SETTINGS` an extraction with these arguments records (known before any work is done)."""
@@ -50,7 +50,7 @@ def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: 
     }
 
 
-def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = 5,
+def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
                      metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8,
                      noise_scale: float = NOISE_SCALE, meta: dict[str, Any] | None = None,
                      progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
@@ -105,7 +105,7 @@ class Extracted:
 
 
 def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
-                method: Method = "eap-ig", steps: int = 5, metric: str = "answer-logprob", seed: int = 0,
+                method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0,
                 batch_size: int = 8, top_n: int = 1000, store: str = "float16", sparse_top_k: int | None = None,
                 extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
                 progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
@@ -212,7 +212,7 @@ def checkpoint_circuits(
 
     folder = Path(folder) if folder is not None else circuits_dir(run)
     if facts is not None:
-        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or 5, metric=metric,
+        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS, metric=metric,
                            seed=seed, batch_size=batch_size, progress=progress, ig_grid=ig_grid)[0]
         return CircuitSet.load(done.path)
     if not folder.is_dir():

@@ -1,10 +1,12 @@
 """Resources of an attribution: how many facts one batch can hold in a memory budget, and CPU threads.
 
 `fact_batch_for_memory` is the memory model of `circuitdyn.attribution`'s engine: a fixed part (the model's
-weights and per-layer working copies) plus, per fact, the activation differences and gradient sums it keeps
-across IG steps and one IG step's autograd state. Its constants were measured on SmolLM2-135M (peak memory
-per additional fact at batch 1 to 16, `benchmarks/scaling.py`) and are expressed per layer, position and
-d_model / d_mlp, so they carry over to other shapes of the same architecture family. A batch that runs out
+weights and per-layer working copies) plus, per fact of a pass, the activation differences and gradient sums
+it keeps across IG steps and one IG step's autograd state. Its constants were measured on SmolLM2-135M (peak
+memory per additional fact at batch 1 to 8, one pass) and are expressed per layer, position and d_model /
+d_mlp, so they carry over to other shapes of the same architecture family (an upper bound for bf16 models,
+whose autograd state is counted in float32). The facts it returns are what one pass (`attribute_batch`'s
+`pass_facts`) may hold; facts beyond a pass add only their scores (4 bytes per edge). A batch that runs out
 of memory anyway is halved and retried (`OOMBackoff`), which says so once.
 
 Threads: on a CPU, torch defaults to one thread per physical core. On a shared machine that can be much
@@ -30,12 +32,15 @@ T = TypeVar("T")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
-AUTOGRAD_RESIDUAL = 14
-"""One IG step's autograd state and captures, in float32 d_model-sized vectors per layer and position."""
+AUTOGRAD_RESIDUAL = 20
+"""One IG step's autograd state and captures, in float32 d_model-sized vectors per layer and position
+(fitted: SmolLM2-135M at 63 positions peaks 178 MiB higher per fact, batch 1 to 8, CPU)."""
 AUTOGRAD_MLP = 5
 """... and in d_mlp-sized vectors per layer and position (gate, input, activation, product, their grads)."""
-WORKSPACE = 256 * 2**20
-"""Bytes for everything else (allocator slack, per-layer weight copies, the contraction's chunks)."""
+WORKSPACE = 1280 * 2**20
+"""Bytes for everything else: the torch runtime, allocator slack, the contraction's chunks (measured on a CPU:
+SmolLM2-135M's process peaks at 2.5 GiB for one fact, of which the weights and their per-layer copies are
+about 1 GiB)."""
 
 
 def parse_memory(value: float | str) -> int:
@@ -84,7 +89,8 @@ def bytes_per_fact(model_or_cfg: Any, n_positions: int, dtype: str | torch.dtype
 
 
 def fixed_bytes(model_or_cfg: Any) -> int:
-    """Bytes an attribution needs whatever its batch: the model's weights (in their dtype) and a workspace."""
+    """Bytes an attribution needs whatever its batch: the model's weights (in their dtype) twice (the engine's
+    per-layer copies, `forward.layer_weights`) and `WORKSPACE`."""
     model = model_or_cfg if hasattr(model_or_cfg, "parameters") else None
     if model is not None:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -92,7 +98,7 @@ def fixed_bytes(model_or_cfg: Any) -> int:
         cfg = _cfg(model_or_cfg)
         n = int(cfg.n_params) + 2 * int(cfg.d_vocab) * int(cfg.d_model)
         weights = n * _itemsize(getattr(cfg, "dtype", "float32"))
-    return weights + WORKSPACE
+    return 2 * weights + WORKSPACE
 
 
 def fact_batch_for_memory(model_or_cfg: Any, n_positions: int, dtype: str | torch.dtype, budget_bytes: int,

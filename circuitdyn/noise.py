@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.selection import Selection
@@ -203,7 +204,7 @@ def change_table(observed: dict[str, np.ndarray], fact_ids: Sequence[str], noise
 
 def measure_method_noise(
     run: Any, facts: Any, epochs: Sequence[int], selection: str | Selection, *, method: str = "eap-ig",
-    steps: int = 5, metric: str = "answer-logprob", seed: int = 0, folder: str | Path | None = None,
+    steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0, folder: str | Path | None = None,
     batch_size: int = 8, progress: bool = False, ig_grid: str | None = None,
 ) -> MethodNoise:
     """Re-attribute `epochs` of `run` with every `replicates` setting (cached as circuit files in `folder`
@@ -213,7 +214,6 @@ def measure_method_noise(
     `facts` is a `circuitdyn.facts.FactSet` (its corruption variants are built from the same probes);
     `ig_grid`: the IG quadrature of every replicate (default `attribution.DEFAULT_IG_GRID`).
     """
-    from circuitdyn.attribution import DEFAULT_IG_GRID
     from circuitdyn.extraction import circuits_dir, extract_run, select_circuits
 
     if not epochs:

@@ -522,6 +522,8 @@ def load_run_timeline(
     """
     from circuitdyn.checkpoints import open_run
     from circuitdyn.extraction import circuits_dir as default_dir
+    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, grid_taken
+    from circuitdyn.circuits import setting
     from circuitdyn.extraction import extract_run, select_circuits
     from circuitdyn.facts import facts_hash
     from circuitdyn.noise import measure_method_noise
@@ -533,9 +535,10 @@ def load_run_timeline(
         raise CircuitdynError(f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)")
     where = {"seed": seed, **(where or {})}
     if facts is not None:
-        extract_run(run, facts, folder, run.epochs, method=method or "eap-ig", steps=steps or 5, metric=metric,
-                    seed=seed, progress=progress)
+        extract_run(run, facts, folder, run.epochs, method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS,
+                    metric=metric, seed=seed, progress=progress)
         where["probe_set_hash"] = facts_hash(facts)
+        where["ig_grid"] = grid_taken(method or "eap-ig", DEFAULT_IG_GRID)
     hashes = {e: run.checkpoint(e).content_hash for e in run.epochs}
     files = find_circuits(folder, run.epochs, method, hashes, steps, where)
     circuits = {e: CircuitSet.load(p) for e, p in files.items()}
@@ -561,8 +564,8 @@ def load_run_timeline(
     if facts is not None and chosen:
         cs0 = circuits[run.epochs[0]]
         noise = measure_method_noise(run, facts, chosen, sel, method=cs0.meta.get("method", "eap-ig"),
-                                     steps=int(cs0.meta.get("ig_steps", steps or 5)), metric=metric, seed=seed,
-                                     folder=folder, progress=progress)
+                                     steps=int(cs0.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)), metric=metric,
+                                     seed=seed, folder=folder, progress=progress, ig_grid=setting(cs0.meta, "ig_grid"))
     entity_of = getattr(facts, "entity_of", None)
     return build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, noise=noise, selected=selected,
                           entity_of=entity_of, fact_choice=fact_choice)

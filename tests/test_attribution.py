@@ -40,7 +40,7 @@ def test_functional_forward_matches_transformer_lens(tiny_tl):
                                                    ("eap-ig", 11, "logprob")])
 def test_scores_equal_naive_reference(tiny_tl, method, steps, metric):
     batch = Fw.make_batch(tiny_tl, tiny_facts(4))
-    ours = A.attribute_batch(tiny_tl, batch, method, steps, metric)
+    ours = A.attribute_batch(tiny_tl, batch, method, steps, metric, ig_grid="right")
     ref = reference_scores(tiny_tl, batch, steps if method == "eap-ig" else 1, metric)
     assert ours.shape == (4, Graph.from_model(tiny_tl).n_edges)
     assert ref.abs().max() > 1e-3
@@ -232,4 +232,4 @@ def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
         n = len(f.clean_tokens)
         assert abs(float(m_clean[0]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-4
         batch = Fw.make_batch(model, facts)
-        assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2), reference_scores(model, batch, 2), atol=1e-4)
+        assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2, ig_grid="right"), reference_scores(model, batch, 2), atol=1e-4)
