@@ -24,7 +24,7 @@ B = 32 alternate, so load from other jobs on a shared CPU hits both alike):
 Last line: `b32_over_b1_per_fact=X mib_per_fact=Y bytes_per_fact_edge=Z quadrature_error_ratio=Q`.
 Targets: X <= 0.6, Y <= 150, Z <= 2.1, Q <= 0.5.
 
-    .venv/bin/python benchmarks/scaling.py            # about 6 minutes on a quiet 2-core CPU
+    .venv/bin/python benchmarks/scaling.py            # ~25 min on the shared 2-core CPU under load (estimated ~6 quiet)
     .venv/bin/python benchmarks/scaling.py --quick    # B = 8 instead of 32, 1 repeat, m = 2, 3 only
 """
 
