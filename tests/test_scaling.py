@@ -130,3 +130,16 @@ def test_grid_is_a_setting_and_names_the_file(tiny_tl):
     cs = extract_circuits(tiny_tl, facts, "eap-ig", 2, ig_grid="midpoint")
     assert cs.meta["ig_grid"] == "midpoint"
     assert np.isfinite(cs.scores.numpy()).all()
+
+
+def test_cli_extract_scale_flags_are_checked(llama_run, capsys):
+    from circuitdyn.cli import main
+    from circuitdyn.probes import seed_data_dir
+
+    base = ["extract", str(llama_run), "--probes", str(seed_data_dir() / "validation_probes.json"), "--limit", "1"]
+    assert main([*base, "--max-memory", "lots"]) == 2
+    assert "memory size 'lots'" in capsys.readouterr().err
+    assert main([*base, "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main([*base, "--float16", "--float32"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
