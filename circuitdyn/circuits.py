@@ -5,16 +5,25 @@ the provenance of the scores. Score sign convention (see `circuitdyn.attribution
 m(clean run with edge e patched to its corrupted value) - m(clean run); important edges for recalling a
 fact are usually strongly negative, so selection ranks edges by |score|.
 
-File format (`.safetensors`, never pickle): tensor `scores` [fact, edge] (float32, or float16 on request:
-2 bytes/edge) and the safetensors header metadata `{"format": "circuitdyn-circuits/1", "meta": JSON,
-"edges": JSON list, "fact_ids": JSON list}`. The sparse variant (`save(path, top_k=k)`) stores instead
-`topk_index` int32 [fact, k], `topk_score` [fact, k] and per-node totals `node_in`/`node_out`
-[fact, node] computed from the dense scores; on load the dense matrix is rebuilt with zeros outside the
-top-k. Size on disk: dense = F x E x (4 or 2) bytes + the edge-name header (about 22 bytes/edge);
-sparse = F x (k x (4 + 2 or 4) + N x 2 x (2 or 4)) bytes + header. For SmolLM2-135M (E = 123,211 edges,
-N = 302 nodes) that is 493 KB/fact dense float32, 246 KB/fact dense float16 and 7.2 KB/fact sparse
-float16 with k = 1000 (plus a 2.4 MB edge-name header per file); a 1B model (16 layers x 32 heads,
-E = 386,713) with 1,000 facts x 10 epochs is 15.5 GB dense float32 vs. 81 MB sparse (k = 1000, float16).
+File format (`.safetensors`, never pickle), `circuitdyn-circuits/2`: tensor `scores` [fact, edge] and the
+safetensors header metadata `{"format", "meta": JSON, "graph": JSON {n_layers, n_heads, has_mlp},
+"edges_sha256", "fact_ids": JSON list}`. The edge names are not stored: a graph's edge list is canonical
+(`Graph.edges`), rebuilt from its shape and checked against the hash (a non-canonical edge list is written as
+JSON under "edges", as in format 1). Scores are float16 by default, stored as score / scale with a per-fact
+float32 `scores_scale` (the fact's largest |score| / 2^14), so small scores keep float16's precision instead
+of falling into its subnormal range, and read back as float32 (2 bytes per fact and edge; Spearman against
+the float32 scores is reported by `benchmarks/scaling.py`); `dtype="float32"` stores them exactly. The
+sparse variant (`save(path, top_k=k)`) stores instead `topk_index` int32 [fact, k], `topk_score` [fact, k]
+and per-node totals `node_in`/`node_out` [fact, node] computed from the dense scores, and records in `meta`
+the share of each fact's score mass (sum of |score|) the top-k keep (`sparse_mass_kept`); on load the dense
+matrix is rebuilt with zeros outside the top-k. Files of format 1 (edge names as JSON in every file, plain
+float32 or float16 scores) still load.
+
+Size on disk: dense float16 = F x E x 2 bytes + F x 4 + a header of the fact ids and metadata; sparse =
+F x (k x (4 + 2) + N x 2 x 2) bytes + header. For SmolLM2-135M (E = 123,211 edges, N = 302 nodes) that is
+246 KB per fact dense float16 (format 1 added 2.4 MB of edge names to every file) and 7.2 KB per fact sparse
+with k = 1000; a 1B model (16 layers x 32 heads, E = 386,713) with 1,000 facts x 10 epochs is 7.7 GB dense
+float16 vs. 81 MB sparse (k = 1000).
 """
 
 from __future__ import annotations
@@ -39,34 +48,47 @@ from circuitdyn.graph import Graph
 from circuitdyn.io import atomic_path
 from circuitdyn.selection import select_threshold, select_top_n, select_top_n_paths
 
-FORMAT = "circuitdyn-circuits/1"
+FORMAT = "circuitdyn-circuits/2"
+READABLE_FORMATS = ("circuitdyn-circuits/1", FORMAT)
+FLOAT16_HEADROOM = 2.0 ** 14
+"""float16 scores are stored as score / (max |score| / FLOAT16_HEADROOM): the largest is 16384, far below
+float16's maximum (65504), and scores down to ~1e-9 of the largest stay in its normal range."""
 PER_FACT_META = ("corruption", "faithfulness", "m_clean", "m_corrupted")
 """Metadata lists with one value per fact (kept aligned by `CircuitSet.subset`)."""
-SETTINGS = ("architecture", "method", "ig_steps", "metric", "seed", "noise_scale", "probe_set_hash")
+SETTINGS = ("architecture", "method", "ig_steps", "ig_grid", "metric", "seed", "noise_scale", "probe_set_hash")
 """What "the same settings" means: circuit sets (or files) that agree on these fields were extracted the
 same way from the same facts, so they can be compared across checkpoints or reused instead of recomputed.
 `probe_set_hash` is the fact set's identity (`circuitdyn.facts.FactSet.identity`)."""
+SETTING_DEFAULTS = {"ig_grid": "right"}
+"""Values of settings that files written before the field existed had (circuitdyn's IG grid was `right`)."""
+
+
+def setting(meta: dict[str, Any], key: str) -> Any:
+    """One setting of a circuit set's metadata, with `SETTING_DEFAULTS` for files that predate it."""
+    return meta.get(key, SETTING_DEFAULTS.get(key))
 
 
 def settings(meta: dict[str, Any]) -> dict[str, Any]:
     """The `SETTINGS` fields of a circuit set's metadata (the one notion of "same settings")."""
-    return {k: meta.get(k) for k in SETTINGS}
+    return {k: setting(meta, k) for k in SETTINGS}
 
 
 def settings_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     """The first `SETTINGS` field on which two metadata dicts differ, described; None when they agree."""
     for key in SETTINGS:
-        if a.get(key) != b.get(key):
-            return f"{key!r}: {a.get(key)!r} vs {b.get(key)!r}"
+        if setting(a, key) != setting(b, key):
+            return f"{key!r}: {setting(a, key)!r} vs {setting(b, key)!r}"
     return None
 
 
 def circuit_filename(epoch: int, meta: dict[str, Any]) -> str:
     """`epoch_3.eap-ig5.answer-logprob.s0.1a2b3c4d.safetensors`: the epoch and the settings (method, steps,
-    metric, seed and the fact set's hash), so that circuits of other facts or settings live side by side."""
-    method, steps = meta.get("method"), meta.get("ig_steps")
+    IG grid unless `right`, e.g. `eap-ig3-gauss`, metric, seed and the fact set's hash), so that circuits of
+    other facts or settings live side by side."""
+    method, steps, grid = meta.get("method"), meta.get("ig_steps"), setting(meta, "ig_grid")
     facts = str(meta.get("probe_set_hash", "")).split(":")[-1][:8] or "nofacts"
-    return (f"epoch_{epoch}.{method}{'' if method == 'eap' else steps}.{meta.get('metric')}"
+    steps = "" if method == "eap" else f"{steps}{'' if grid == 'right' else '-' + str(grid)}"
+    return (f"epoch_{epoch}.{method}{steps}.{meta.get('metric')}"
             f".s{meta.get('seed')}.{facts}.safetensors")
 
 
@@ -203,35 +225,45 @@ class CircuitSet:
             raise CircuitdynError(f"circuit sets cover different facts (e.g. {only} is in only one)")
 
     # --- storage -----------------------------------------------------------------------------------
-    def save(self, path: str | Path, dtype: str = "float32", top_k: int | None = None) -> Path:
-        """Write atomically to `path` (.safetensors). `dtype` float32|float16; `top_k` -> sparse file."""
+    def save(self, path: str | Path, dtype: str = "float16", top_k: int | None = None) -> Path:
+        """Write atomically to `path` (.safetensors). `dtype` float16 (scaled per fact, default) or float32
+        (exact); `top_k` -> sparse file (recording each fact's share of score mass kept)."""
         path = Path(path)
         if dtype not in ("float32", "float16"):
             raise CircuitdynError(f"dtype must be float32 or float16, got {dtype!r}")
         tdtype = getattr(torch, dtype)
         meta = dict(self.meta)
+        meta.pop("sparse_top_k", None)
+        meta.pop("sparse_mass_kept", None)
+        scores = self.scores.detach()
         if top_k is None:
-            tensors = {"scores": self.scores.detach().to(tdtype).contiguous()}
-            meta.pop("sparse_top_k", None)
+            if dtype == "float16":
+                scale = scores.float().abs().amax(1) / FLOAT16_HEADROOM
+                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+                tensors = {"scores": (scores.float() / scale[:, None]).to(tdtype).contiguous(),
+                           "scores_scale": scale.contiguous()}
+            else:
+                tensors = {"scores": scores.to(tdtype).contiguous()}
         else:
             k = min(int(top_k), len(self.edges))
             if k < 1:
                 raise CircuitdynError(f"top_k must be >= 1, got {top_k}")
-            idx = self.scores.abs().topk(k, dim=1).indices
+            idx = scores.abs().topk(k, dim=1).indices
+            kept = scores.gather(1, idx)
+            total = scores.float().abs().sum(1)
+            mass = torch.where(total > 0, kept.float().abs().sum(1) / total.clamp_min(1e-30), torch.ones_like(total))
             tensors = {
                 "topk_index": idx.to(torch.int32).contiguous(),
-                "topk_score": self.scores.gather(1, idx).detach().to(tdtype).contiguous(),
+                "topk_score": kept.to(tdtype).contiguous(),
                 "node_in": self.node_totals("in").to(tdtype).contiguous(),
                 "node_out": self.node_totals("out").to(tdtype).contiguous(),
             }
             meta["sparse_top_k"] = k
+            meta["sparse_mass_kept"] = [round(float(v), 6) for v in mass.tolist()]
         try:
-            header = {
-                "format": FORMAT,
-                "meta": json.dumps(meta, sort_keys=True),
-                "edges": json.dumps(self.edges),
-                "fact_ids": json.dumps(self.fact_ids),
-            }
+            header = {"format": FORMAT, "meta": json.dumps(meta, sort_keys=True),
+                      "fact_ids": json.dumps(self.fact_ids)}
+            header.update(_edge_header(self.edges))
         except TypeError as err:
             raise CircuitdynError(f"circuit metadata is not JSON-serialisable: {err}") from None
         with atomic_path(path) as tmp:
@@ -240,7 +272,7 @@ class CircuitSet:
 
     @classmethod
     def load(cls, path: str | Path) -> CircuitSet:
-        """Read a file written by `save` (dense or sparse)."""
+        """Read a file written by `save` (dense or sparse, format 1 or 2)."""
         path = Path(path)
         if not path.is_file():
             raise CircuitdynError(f"circuit file {path} does not exist")
@@ -250,23 +282,54 @@ class CircuitSet:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises several types for truncated/corrupt files
             raise CircuitdynError(f"circuit file {path} is not a readable safetensors file: {err}") from None
-        if header.get("format") != FORMAT:
-            raise CircuitdynError(f"circuit file {path}: header field 'format' is {header.get('format')!r}, expected {FORMAT!r}")
+        if header.get("format") not in READABLE_FORMATS:
+            raise CircuitdynError(f"circuit file {path}: header field 'format' is {header.get('format')!r}, expected "
+                                  f"one of {', '.join(READABLE_FORMATS)}")
         try:
             meta = json.loads(header["meta"])
-            edges = json.loads(header["edges"])
             fact_ids = json.loads(header["fact_ids"])
+            edges = _edges_from_header(header, path)
         except (KeyError, json.JSONDecodeError) as err:
             raise CircuitdynError(f"circuit file {path}: bad header metadata ({err})") from None
         if "scores" in tensors:
-            return cls(tensors["scores"], edges, fact_ids, meta)
+            scores = tensors["scores"]
+            if "scores_scale" in tensors:
+                scores = scores.float() * tensors["scores_scale"].float()[:, None]
+            return cls(scores, edges, fact_ids, meta)
         if not {"topk_index", "topk_score", "node_in", "node_out"} <= tensors.keys():
             raise CircuitdynError(f"circuit file {path} holds neither 'scores' nor the sparse tensors")
-        val = tensors["topk_score"]
+        val = tensors["topk_score"].float()
         scores = torch.zeros(len(fact_ids), len(edges), dtype=val.dtype)
         scores.scatter_(1, tensors["topk_index"].long(), val)
         totals = {k: tensors[k] for k in ("node_in", "node_out")}
         return cls(scores, edges, fact_ids, meta, totals)
+
+
+def edges_digest(edges: Sequence[str]) -> str:
+    """SHA-256 of an edge list (names joined by newlines): the edge index a circuit file refers to."""
+    return hashlib.sha256("\n".join(edges).encode()).hexdigest()
+
+
+def _edge_header(edges: list[str]) -> dict[str, str]:
+    """The header fields naming a file's edge list: the canonical graph's shape and the list's hash, or, for
+    an edge list that is no canonical graph's, the names themselves."""
+    try:
+        graph = Graph.from_edge_names(edges)
+    except CircuitdynError:
+        return {"edges": json.dumps(edges)}
+    shape = {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "has_mlp": graph.has_mlp}
+    return {"graph": json.dumps(shape, sort_keys=True), "edges_sha256": edges_digest(edges)}
+
+
+def _edges_from_header(header: dict[str, str], path: Path) -> list[str]:
+    if "edges" in header:
+        return json.loads(header["edges"])
+    shape = json.loads(header["graph"])
+    edges = Graph(int(shape["n_layers"]), int(shape["n_heads"]), bool(shape["has_mlp"])).edges
+    if edges_digest(edges) != header.get("edges_sha256"):
+        raise CircuitdynError(f"circuit file {path}: header field 'edges_sha256' does not match the edge list of "
+                              f"its graph {shape} (written by a version with another edge order)")
+    return edges
 
 
 # --- circuit files on disk ------------------------------------------------------------------------
@@ -275,7 +338,7 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        if header.get("format") != FORMAT:
+        if header.get("format") not in READABLE_FORMATS:
             return None
         meta = json.loads(header.get("meta", "{}"))
         meta["n_facts"] = len(json.loads(header.get("fact_ids", "[]")))
@@ -312,7 +375,7 @@ def find_circuits(
         steps_ok = not ig_steps or meta.get("ig_steps") == steps_taken(meta.get("method"), ig_steps)
         if e is None or (method and meta.get("method") != method) or not steps_ok:
             continue
-        if where and any(meta.get(k) != v for k, v in where.items()):
+        if where and any(setting(meta, k) != v for k, v in where.items()):
             continue
         if checkpoint_hashes and int(e) in checkpoint_hashes and meta.get("checkpoint_hash") not in (
                 None, checkpoint_hashes[int(e)]):

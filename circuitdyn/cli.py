@@ -352,17 +352,20 @@ def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: st
 
 
 def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None = "eap-ig",
-                          steps_default: int | None = 5) -> None:
-    from circuitdyn.attribution import METHODS
+                          steps_default: int | None = -1) -> None:
+    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, IG_GRIDS, METHODS
     from circuitdyn.forward import METRICS
 
     p.add_argument("--method", default=method_default, choices=METHODS, help="attribution method (default eap-ig)")
-    p.add_argument("--steps", type=positive_int, default=steps_default,
-                   help="EAP-IG interpolation steps (default 5; the paper used 30)")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_IG_STEPS if steps_default == -1 else steps_default,
+                   help=f"EAP-IG interpolation steps (default {DEFAULT_IG_STEPS}; the paper used 30)")
     p.add_argument("--metric", default="answer-logprob", choices=list(METRICS),
                    help="what a circuit must carry (default answer-logprob; logit-diff contrasts the corrupted "
                    "prompt's answer)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the noise corruption")
+    p.add_argument("--ig-grid", default=DEFAULT_IG_GRID if method_default else None, choices=IG_GRIDS,
+                   help=f"quadrature of the IG path integral (default {DEFAULT_IG_GRID}, or the cached circuits' own; "
+                   "right = circuitdyn's grid before, left = hannamw/EAP-IG's)")
 
 
 def _add_base_arg(p: argparse.ArgumentParser) -> None:
@@ -410,21 +413,38 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     _add_base_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--top-n", type=positive_int, default=1000, help="selection whose faithfulness is printed (default 1000)")
-    p.add_argument("--float16", action="store_true", help="store scores as float16 (2 bytes/edge)")
-    p.add_argument("--sparse", type=positive_int, metavar="K", help="store only each fact's top-K edges + node totals")
+    p.add_argument("--float16", action="store_true", help="store scores as float16, scaled per fact (2 bytes/edge; "
+                   "the default)")
+    p.add_argument("--float32", action="store_true", help="store scores as float32 (4 bytes/edge, exact)")
+    p.add_argument("--sparse", type=positive_int, metavar="K", help="store only each fact's top-K edges + node totals "
+                   "(the file records the share of score mass they keep)")
     p.add_argument("--out", help="folder for the circuit files (default: the run's circuits folder)")
     p.add_argument("--overwrite", action="store_true", help="replace circuit files of another checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_scale_args(p)
     _add_ray_args(p, "tasks of one checkpoint x one shard of facts, assembled into the same files")
-    p.add_argument("--shard-size", type=int, metavar="N", help="facts per Ray task (rounded up to a multiple of "
-                   "--batch-size; default: an even split over the cluster)")
+    p.add_argument("--shard-size", type=positive_int, metavar="N", help="facts per Ray task (rounded up to a multiple "
+                   "of --batch-size; default: an even split over the cluster)")
     p.set_defaults(func=_run_extract)
 
 
 def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
                    help=f"run on Ray ({what}): auto starts a local cluster, ADDRESS joins one (needs circuitdyn[ray])")
-    p.add_argument("--max-retries", type=int, default=3, help="with --ray: retries of a task whose worker died")
+    p.add_argument("--max-retries", type=nonnegative_int, default=3,
+                   help="with --ray: retries of a task whose worker died")
+
+
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    from circuitdyn.attribution import BUFFER_DTYPES
+    from circuitdyn.memory import default_threads
+
+    p.add_argument("--threads", type=positive_int, default=default_threads(),
+                   help="CPU threads (default: physical cores; on a shared machine fewer can be much faster)")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 8GiB: the fact batch is chosen from it "
+                   "(and halved on an out-of-memory error)")
+    p.add_argument("--buffer-dtype", default="float32", choices=BUFFER_DTYPES,
+                   help="precision of the stored activation differences (sums stay float32)")
 
 
 def _run_extract(args: argparse.Namespace) -> int:
@@ -436,16 +456,24 @@ def _run_extract(args: argparse.Namespace) -> int:
     from circuitdyn.probes import corruption_counts
 
     t0 = time.perf_counter()
+    if args.float16 and args.float32:
+        raise CircuitdynError("--float16 and --float32 exclude each other")
+    if args.max_memory is not None:
+        from circuitdyn.memory import parse_memory
+
+        parse_memory(args.max_memory)
     run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype, base=args.base)
     facts = _facts(args, run)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
-          f"{'' if args.method == 'eap' else f' M={args.steps}'}, metric {args.metric}")
+          f"{'' if args.method == 'eap' else f' M={args.steps} ({args.ig_grid} rule)'}, metric {args.metric}")
     results = extract_run(
         run, facts, args.out or circuits_dir(run), epochs, method=args.method, steps=args.steps, metric=args.metric,
-        seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float16" if args.float16 else "float32",
+        seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float32" if args.float32 else "float16",
         sparse_top_k=args.sparse, extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
-        progress=not args.no_progress, ray=args.ray, shard_size=args.shard_size, max_retries=args.max_retries,
+        progress=not args.no_progress, ig_grid=args.ig_grid, buffer_dtype=args.buffer_dtype,
+        max_memory=args.max_memory, num_threads=args.threads, ray=args.ray, shard_size=args.shard_size,
+        max_retries=args.max_retries,
     )
     for r in results:
         vals = [v for v in r.faithfulness if not math.isnan(v)]
@@ -495,7 +523,7 @@ def _run_diff(args: argparse.Namespace) -> int:
         rephrased=args.rephrased, template=args.template, selection=_selection_arg(args), method=args.method,
         steps=args.steps, metric=args.metric, seed=args.seed, circuits_dir=args.circuits, fact_ids=args.fact,
         method_noise=not args.no_noise, device=args.device, dtype=args.dtype, progress=not args.json,
-        base=args.base,
+        base=args.base, ig_grid=args.ig_grid,
     )
     out = write_diff_html(d, args.out, labels=d.labels, overwrite=args.overwrite)
     if args.json:
@@ -576,7 +604,7 @@ def _run_timeline(args: argparse.Namespace) -> int:
               else "the probe file's facts, in file order")
     tl = load_run_timeline(run, facts, selection=_selection_arg(args), circuits_dir=folder, method=args.method,
                            steps=args.steps, metric=args.metric, seed=args.seed, noise_epochs=args.noise_epochs,
-                           fact_choice=choice, progress=not args.json)
+                           fact_choice=choice, progress=not args.json, ig_grid=args.ig_grid)
     transfer = None
     if args.transfer:
         transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
@@ -613,7 +641,7 @@ def _run_timeline_across(args: argparse.Namespace) -> int:
         run = open_run(path, device=args.device, dtype=args.dtype, base=args.base)
         tl = load_run_timeline(run, _facts(args, run), selection=_selection_arg(args), circuits_dir=circuits_dir(run),
                                method=args.method, steps=args.steps, metric=args.metric, seed=args.seed,
-                               noise_epochs=args.noise_epochs, progress=not args.json)
+                               noise_epochs=args.noise_epochs, progress=not args.json, ig_grid=args.ig_grid)
         per_epoch[path] = tl.per_epoch
         changes[path] = tl.reconfiguration
     table = across_runs(per_epoch)

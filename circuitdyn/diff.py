@@ -36,7 +36,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.circuits import CircuitSet
+from circuitdyn.attribution import DEFAULT_IG_STEPS, IGGrid
+from circuitdyn.circuits import CircuitSet, setting
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.selection import Faithfulness, Selection
@@ -580,6 +581,7 @@ def diff_checkpoints(
     dtype: str = "float32",
     progress: bool = False,
     base: str | Path | None = None,
+    ig_grid: IGGrid | None = None,
 ) -> CircuitDiff:
     """`diff_circuits` of two checkpoints (`RUN:EPOCH` or a model folder) or circuit files (`.safetensors`).
 
@@ -631,7 +633,7 @@ def diff_checkpoints(
         elif sel.needs_model:
             raise CircuitdynError(f"selection {sel} evaluates circuits on their model: it needs the facts (--probes)")
         cs = checkpoint_circuits(run, epoch, facts, folder=circuits_dir, method=method, steps=steps,  # type: ignore[arg-type]
-                                 metric=metric, seed=seed, progress=progress)
+                                 metric=metric, seed=seed, progress=progress, ig_grid=ig_grid)
         if facts is not None:
             check_facts_match(cs, facts.labels, probes, spec)
         sides.append((cs, run, epoch, facts))
@@ -646,8 +648,8 @@ def diff_checkpoints(
         reached = (picks[0][1], picks[1][1])
     noise = None
     if method_noise and facts_a is not None and facts_b is not None:
-        settings = dict(method=ca.meta.get("method", "eap-ig"), steps=int(ca.meta.get("ig_steps", steps or 5)),
-                        metric=metric, seed=seed, progress=progress)
+        settings = dict(method=ca.meta.get("method", "eap-ig"), steps=int(ca.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)),
+                        metric=metric, seed=seed, progress=progress, ig_grid=setting(ca.meta, "ig_grid"))
         if run_a.path == run_b.path:
             noise = measure_method_noise(run_a, facts_a, sorted({epoch_a, epoch_b}), sel,
                                          folder=circuits_dir or default_dir(run_a), **settings)

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from tqdm.auto import tqdm
 
-from circuitdyn.attribution import Method, attribute, check_method, steps_taken
+from circuitdyn.attribution import (DEFAULT_IG_GRID, DEFAULT_IG_STEPS, BufferDtype, IGGrid, Method, attribute, check_method, grid_taken,
+                                   steps_taken)
 from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.facts import check_context, facts_hash
@@ -35,14 +36,15 @@ from circuitdyn.selection import Selection
 SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
 
-def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = 5,
-                        metric: str = "answer-logprob", seed: int = 0, noise_scale: float = NOISE_SCALE
-                        ) -> dict[str, Any]:
+def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
+                        metric: str = "answer-logprob", seed: int = 0, noise_scale: float = NOISE_SCALE,
+                        ig_grid: IGGrid = DEFAULT_IG_GRID) -> dict[str, Any]:
     """The `circuits.SETTINGS` an extraction with these arguments records (known before any work is done)."""
     return {
         "architecture": architecture,
         "method": check_method(method),
         "ig_steps": steps_taken(method, steps),
+        "ig_grid": grid_taken(method, ig_grid),
         "metric": metric_name(metric),
         "seed": seed,
         "noise_scale": noise_scale,
@@ -50,17 +52,22 @@ def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: 
     }
 
 
-def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = 5,
+def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
                      metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8,
                      noise_scale: float = NOISE_SCALE, meta: dict[str, Any] | None = None,
-                     progress: bool = False) -> CircuitSet:
+                     progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
+                     max_memory: int | str | None = None, num_threads: int | None = None) -> CircuitSet:
     """Attribute every fact and wrap the scores with their provenance in a `CircuitSet`.
 
     `meta` adds checkpoint provenance (checkpoint_hash, step, epoch, model...); the settings
     (`extraction_settings`), the architecture's shape and each fact's corruption are filled in here.
+    `ig_grid`, `buffer_dtype`, `max_memory` (facts per batch from a memory budget, see
+    `circuitdyn.memory.fact_batch_for_memory`) and `num_threads` are passed to `attribution.attribute`.
     """
-    info = extraction_settings(model.cfg.original_architecture, facts, method, steps, metric, seed, noise_scale)
-    scores = attribute(model, facts, method, steps, metric, seed, batch_size, noise_scale, progress)
+    info = extraction_settings(model.cfg.original_architecture, facts, method, steps, metric, seed, noise_scale,
+                               ig_grid)
+    scores = attribute(model, facts, method, steps, metric, seed, batch_size, noise_scale, progress, ig_grid=ig_grid,
+                       buffer_dtype=buffer_dtype, max_memory=max_memory, num_threads=num_threads)
     cfg = model.cfg
     info.update({
         "model": cfg.model_name,
@@ -117,17 +124,20 @@ def is_done(path: Path, want: dict[str, Any], checkpoint_hash: str, overwrite: b
 
 
 def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
-                method: Method = "eap-ig", steps: int = 5, metric: str = "answer-logprob", seed: int = 0,
-                batch_size: int = 8, top_n: int = 1000, store: str = "float32", sparse_top_k: int | None = None,
+                method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0,
+                batch_size: int = 8, top_n: int = 1000, store: str = "float16", sparse_top_k: int | None = None,
                 extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
-                progress: bool = False, ray: str | None = None, shard_size: int | None = None,
-                max_retries: int = 3, num_gpus: float | None = None) -> list[Extracted]:
+                progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
+                max_memory: int | str | None = None, num_threads: int | None = None, ray: str | None = None,
+                shard_size: int | None = None, max_retries: int = 3, num_gpus: float | None = None) -> list[Extracted]:
     """One circuit file per epoch of a `checkpoints.Run` under `out_dir`, skipping finished ones.
 
     A file is reused when it holds the same checkpoint content hash and `settings`. Each new file's
     metadata also records the faithfulness of every fact's top-`top_n` circuit (`faithfulness`,
     `faithfulness_selection`) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
-    faithfulness is only meaningful where they differ clearly. `store`: float32 or float16 scores.
+    faithfulness is only meaningful where they differ clearly. `store`: float16 (scaled per fact, the
+    default) or float32 scores; `sparse_top_k`: keep each fact's top-k edges (`CircuitSet.save`).
+    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`.
 
     `ray` (`"auto"` for a local cluster, or a cluster's address) runs the work as Ray tasks of one checkpoint
     x one shard of `shard_size` facts each (`extract_on_ray`): the same files, the same scores.
@@ -144,13 +154,14 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     for epoch in epochs:
         run.checkpoint(epoch)
     run.check_consistent()
-    want = extraction_settings(run.architecture, facts, method, steps, metric, seed)
+    want = extraction_settings(run.architecture, facts, method, steps, metric, seed, ig_grid=ig_grid)
     check_context(facts, run.context_length)
     if ray is not None:
         return extract_on_ray(run, facts, out, epochs, ray, method=method, steps=steps, metric=metric, seed=seed,
                               batch_size=batch_size, top_n=top_n, store=store, sparse_top_k=sparse_top_k,
-                              extra_meta=extra_meta, overwrite=overwrite, progress=progress, shard_size=shard_size,
-                              max_retries=max_retries, num_gpus=num_gpus)
+                              extra_meta=extra_meta, overwrite=overwrite, progress=progress, ig_grid=ig_grid,
+                              buffer_dtype=buffer_dtype, max_memory=max_memory, num_threads=num_threads,
+                              shard_size=shard_size, max_retries=max_retries, num_gpus=num_gpus)
     results = []
     for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
         ck = run.checkpoint(epoch)
@@ -163,7 +174,9 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
             model = run.load_model(epoch)
             meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
                     "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
-            cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress)
+            cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress,
+                                  ig_grid=ig_grid, buffer_dtype=buffer_dtype, max_memory=max_memory,
+                                  num_threads=num_threads)
             ev = CircuitEvaluator(model, facts, metric, seed, batch_size, NOISE_SCALE)
             selection = f"top:{top_n}"
             faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
@@ -236,10 +249,12 @@ def assemble(parts: Sequence[CircuitSet], facts: Sequence[FactPrompt]) -> Circui
 
 
 def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int],
-                   ray: str = "auto", *, method: Method = "eap-ig", steps: int = 5, metric: str = "answer-logprob",
-                   seed: int = 0, batch_size: int = 8, top_n: int = 1000, store: str = "float32",
+                   ray: str = "auto", *, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob",
+                   seed: int = 0, batch_size: int = 8, top_n: int = 1000, store: str = "float16",
                    sparse_top_k: int | None = None, extra_meta: dict[str, Any] | None = None,
-                   overwrite: bool = False, progress: bool = False, shard_size: int | None = None,
+                   overwrite: bool = False, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
+                   buffer_dtype: BufferDtype = "float32", max_memory: int | str | None = None,
+                   num_threads: int | None = None, shard_size: int | None = None,
                    max_retries: int = 3, num_gpus: float | None = None) -> list[Extracted]:
     """`extract_run` on a Ray cluster (`ray`: "auto" starts a local one, else the address of one to join).
 
@@ -258,11 +273,12 @@ def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, e
 
     out = Path(out_dir)
     facts = list(facts)
-    want = extraction_settings(run.architecture, facts, method, steps, metric, seed)
+    want = extraction_settings(run.architecture, facts, method, steps, metric, seed, ig_grid=ig_grid)
     finals = {e: out / circuit_filename(e, want) for e in epochs}
     todo = [e for e in epochs if not is_done(finals[e], want, run.checkpoint(e).content_hash, overwrite)]
     kwargs = {"method": method, "steps": steps, "metric": metric, "seed": seed, "batch_size": batch_size,
-              "top_n": top_n, "extra_meta": extra_meta}
+              "top_n": top_n, "extra_meta": extra_meta, "ig_grid": ig_grid, "buffer_dtype": buffer_dtype,
+              "max_memory": max_memory, "num_threads": num_threads}
     with (cluster.connected(ray) if todo else contextlib.nullcontext()) as rt:
         shards: dict[int, list[Shard]] = {}
         if todo:
@@ -279,7 +295,8 @@ def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, e
                 shards[e] = []
                 for k, i in enumerate(starts):
                     part = facts[i:i + size]
-                    part_want = extraction_settings(run.architecture, part, method, steps, metric, seed)
+                    part_want = extraction_settings(run.architecture, part, method, steps, metric, seed,
+                                                    ig_grid=ig_grid)
                     folder = out / SHARDS / finals[e].stem / f"facts_{i}-{i + len(part) - 1}"
                     sh = Shard(e, i, i + len(part), folder, folder / circuit_filename(e, part_want))
                     shards[e].append(sh)
@@ -351,22 +368,24 @@ def circuits_dir(run: Any) -> Path:
 def checkpoint_circuits(
     run: Any, epoch: int, facts: Sequence[FactPrompt] | None = None, *, folder: str | Path | None = None,
     method: Method | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
-    batch_size: int = 8, progress: bool = False,
+    batch_size: int = 8, progress: bool = False, ig_grid: IGGrid | None = None,
 ) -> CircuitSet:
     """The circuits of one checkpoint: computed for `facts` (or reused when `folder` holds them with the same
-    settings), or, without facts, the cached circuits of that checkpoint in `folder` (default `circuits_dir`)."""
+    settings; `ig_grid` default `DEFAULT_IG_GRID`), or, without facts, the cached circuits of that checkpoint
+    in `folder` (default `circuits_dir`; of grid `ig_grid` when given)."""
     from circuitdyn.circuits import find_circuits
 
     folder = Path(folder) if folder is not None else circuits_dir(run)
     if facts is not None:
-        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or 5, metric=metric,
-                           seed=seed, batch_size=batch_size, progress=progress)[0]
+        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS, metric=metric,
+                           seed=seed, batch_size=batch_size, progress=progress,
+                           ig_grid=ig_grid or DEFAULT_IG_GRID)[0]
         return CircuitSet.load(done.path)
     if not folder.is_dir():
         raise CircuitdynError(f"{run.path} epoch {epoch}: no cached circuits in {folder}; pass probes (--probes FILE) "
                               "to compute them, or the folder holding them (--circuits DIR)")
-    path = find_circuits(folder, [epoch], method, {epoch: run.checkpoint(epoch).content_hash}, steps,
-                         {"seed": seed})[epoch]
+    where = {"seed": seed, **({"ig_grid": ig_grid} if ig_grid is not None and method in (None, "eap-ig") else {})}
+    path = find_circuits(folder, [epoch], method, {epoch: run.checkpoint(epoch).content_hash}, steps, where)[epoch]
     return CircuitSet.load(path)
 
 

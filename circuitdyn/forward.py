@@ -217,6 +217,17 @@ class FactBatch:
                 moved[name] = value.to(device)
         return FactBatch(**moved)
 
+    def rows(self, start: int, stop: int) -> FactBatch:
+        """Facts start:stop of the batch, with the padding they do not need trimmed."""
+        P = max(1, int(self.valid[start:stop].sum(1).max()))
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                value = value[start:stop]
+                moved[name] = value[:, :P] if name in ("clean", "corrupted", "valid", "noise") else value
+        moved["facts"] = self.facts[start:stop]
+        return FactBatch(**moved)
+
     def repeat(self, n: int) -> FactBatch:
         """The batch repeated n times along the fact axis (block-major)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

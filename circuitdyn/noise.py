@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.selection import Selection
@@ -203,14 +204,15 @@ def change_table(observed: dict[str, np.ndarray], fact_ids: Sequence[str], noise
 
 def measure_method_noise(
     run: Any, facts: Any, epochs: Sequence[int], selection: str | Selection, *, method: str = "eap-ig",
-    steps: int = 5, metric: str = "answer-logprob", seed: int = 0, folder: str | Path | None = None,
-    batch_size: int = 8, progress: bool = False,
+    steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0, folder: str | Path | None = None,
+    batch_size: int = 8, progress: bool = False, ig_grid: str | None = None,
 ) -> MethodNoise:
     """Re-attribute `epochs` of `run` with every `replicates` setting (cached as circuit files in `folder`
     like any extraction), select each replicate's circuits with `selection` (faithfulness evaluated under
     the replicate's own corruption), and measure the distances between them.
 
-    `facts` is a `circuitdyn.facts.FactSet` (its corruption variants are built from the same probes).
+    `facts` is a `circuitdyn.facts.FactSet` (its corruption variants are built from the same probes);
+    `ig_grid`: the IG quadrature of every replicate (default `attribution.DEFAULT_IG_GRID`).
     """
     from circuitdyn.extraction import circuits_dir, extract_run, select_circuits
 
@@ -222,7 +224,8 @@ def measure_method_noise(
     for rep in replicates(method, steps):
         rep_facts = facts if rep.variant == 0 else facts.with_variant(rep.variant)
         done = extract_run(run, rep_facts, folder, list(epochs), method=method, steps=rep.steps,  # type: ignore[arg-type]
-                           metric=metric, seed=seed + rep.seed_offset, batch_size=batch_size, progress=progress)
+                           metric=metric, seed=seed + rep.seed_offset, batch_size=batch_size, progress=progress,
+                           ig_grid=ig_grid or DEFAULT_IG_GRID)  # type: ignore[arg-type]
         for r in done:
             cs = CircuitSet.load(r.path)
             masks, got = select_circuits(run, r.epoch, cs, sel, rep_facts, cache_dir=folder)

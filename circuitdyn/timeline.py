@@ -508,6 +508,7 @@ def load_run_timeline(
     noise_epochs: Sequence[int] | str | None = "ends",
     fact_choice: str = "given",
     progress: bool = False,
+    ig_grid: IGGrid | None = None,
 ) -> Timeline:
     """The timeline of a run (a `checkpoints.Run` or its folder) over every epoch.
 
@@ -522,6 +523,8 @@ def load_run_timeline(
     """
     from circuitdyn.checkpoints import open_run
     from circuitdyn.extraction import circuits_dir as default_dir
+    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, grid_taken
+    from circuitdyn.circuits import setting
     from circuitdyn.extraction import extract_run, select_circuits
     from circuitdyn.facts import facts_hash
     from circuitdyn.noise import measure_method_noise
@@ -534,9 +537,12 @@ def load_run_timeline(
     _noise_epochs(noise_epochs, run.epochs)  # unknown epochs are refused before any work
     where = {"seed": seed, **(where or {})}
     if facts is not None:
-        extract_run(run, facts, folder, run.epochs, method=method or "eap-ig", steps=steps or 5, metric=metric,
-                    seed=seed, progress=progress)
+        extract_run(run, facts, folder, run.epochs, method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS,
+                    metric=metric, seed=seed, progress=progress, ig_grid=ig_grid or DEFAULT_IG_GRID)
         where["probe_set_hash"] = facts_hash(facts)
+        where["ig_grid"] = grid_taken(method or "eap-ig", ig_grid or DEFAULT_IG_GRID)
+    elif ig_grid is not None:
+        where["ig_grid"] = grid_taken(method or "eap-ig", ig_grid)
     hashes = {e: run.checkpoint(e).content_hash for e in run.epochs}
     files = find_circuits(folder, run.epochs, method, hashes, steps, where)
     circuits = {e: CircuitSet.load(p) for e, p in files.items()}
@@ -562,8 +568,8 @@ def load_run_timeline(
     if facts is not None and chosen:
         cs0 = circuits[run.epochs[0]]
         noise = measure_method_noise(run, facts, chosen, sel, method=cs0.meta.get("method", "eap-ig"),
-                                     steps=int(cs0.meta.get("ig_steps", steps or 5)), metric=metric, seed=seed,
-                                     folder=folder, progress=progress)
+                                     steps=int(cs0.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)), metric=metric,
+                                     seed=seed, folder=folder, progress=progress, ig_grid=setting(cs0.meta, "ig_grid"))
     entity_of = getattr(facts, "entity_of", None)
     return build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, noise=noise, selected=selected,
                           entity_of=entity_of, fact_choice=fact_choice)

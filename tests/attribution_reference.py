@@ -47,8 +47,10 @@ def _run(model, x0: torch.Tensor, batch: FactBatch, metric: str):
     return _metric(logits, batch, metric), acts
 
 
-def reference_scores(model, batch: FactBatch, steps: int = 1, metric: str = "logprob") -> torch.Tensor:
-    """EAP (steps=1) / EAP-IG scores [fact, edge] the textbook way (alpha = k/steps, k = 1..steps)."""
+def reference_scores(model, batch: FactBatch, steps: int = 1, metric: str = "logprob",
+                     nodes: tuple[list[float], list[float]] | None = None) -> torch.Tensor:
+    """EAP (steps=1) / EAP-IG scores [fact, edge] the textbook way (alpha = k/steps, k = 1..steps, or the
+    interpolation points and weights `nodes`)."""
     cfg = model.cfg
     saved = {f: getattr(cfg, f) for f in _FLAGS}
     try:
@@ -72,8 +74,9 @@ def reference_scores(model, batch: FactBatch, steps: int = 1, metric: str = "log
                 src_acts.append(torch.cat(parts, dim=2))  # [B, P, S, D]
         delta = src_acts[1] - src_acts[0]
         grad_sum = None
-        for k in range(1, steps + 1):
-            x0 = corr_in + (k / steps) * (clean_in - corr_in)
+        alphas, weights = nodes or ([k / steps for k in range(1, steps + 1)], [1.0 / steps] * steps)
+        for alpha, w in zip(alphas, weights):
+            x0 = corr_in + alpha * (clean_in - corr_in)
             value, acts = _run(model, x0, batch, metric)
             wanted = []
             for layer in range(L):
@@ -91,7 +94,7 @@ def reference_scores(model, batch: FactBatch, steps: int = 1, metric: str = "log
                     parts.append(grads[i][:, :, None])
                     i += 1
             parts.append(grads[i][:, :, None])
-            g = torch.cat(parts, dim=2)  # [B, P, n_dst, D]
+            g = torch.cat(parts, dim=2) * (w * steps)  # [B, P, n_dst, D]
             grad_sum = g if grad_sum is None else grad_sum + g
         valid = batch.valid[:, :, None, None].float()
         dense = torch.einsum("bpsd,bpnd->bsn", delta * valid, grad_sum / steps)

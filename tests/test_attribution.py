@@ -40,7 +40,7 @@ def test_functional_forward_matches_transformer_lens(tiny_tl):
                                                    ("eap-ig", 11, "logprob")])
 def test_scores_equal_naive_reference(tiny_tl, method, steps, metric):
     batch = Fw.make_batch(tiny_tl, tiny_facts(4))
-    ours = A.attribute_batch(tiny_tl, batch, method, steps, metric)
+    ours = A.attribute_batch(tiny_tl, batch, method, steps, metric, ig_grid="right")
     ref = reference_scores(tiny_tl, batch, steps if method == "eap-ig" else 1, metric)
     assert ours.shape == (4, Graph.from_model(tiny_tl).n_edges)
     assert ref.abs().max() > 1e-3
@@ -68,7 +68,8 @@ def test_eap_ig_ranks_edges_like_exact_patching():
     batch = Fw.make_batch(model, facts)
     true = Pt.exact_edge_effects(model, batch)
     eap = A.attribute_batch(model, batch, "eap")
-    ig = A.attribute_batch(model, batch, "eap-ig", steps=20)
+    ig = A.attribute_batch(model, batch, "eap-ig", steps=20, ig_grid="right")
+    mid = A.attribute_batch(model, batch, "eap-ig", steps=20, ig_grid="midpoint")  # the default rule
     rho_ig, rho_eap, err_ig, err_eap = [], [], [], []
     for b in range(len(facts)):
         top = true[b].abs().topk(20).indices
@@ -78,6 +79,9 @@ def test_eap_ig_ranks_edges_like_exact_patching():
         err_eap.append(float((eap[b] - true[b]).abs().mean()))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(rho_ig) >= 0.9, (rho_ig, rho_eap)
+    rho_mid = [_spearman(mid[b, true[b].abs().topk(20).indices], true[b, true[b].abs().topk(20).indices])
+               for b in range(len(facts))]
+    assert mean(rho_mid) >= 0.85 and mean(rho_mid) > mean(rho_eap), (rho_mid, rho_eap)
     assert mean(rho_ig) > mean(rho_eap), (rho_ig, rho_eap)
     assert mean(err_ig) < mean(err_eap), (err_ig, err_eap)
 
@@ -150,7 +154,8 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
     assert "3 facts" in text and text.count("(written)") == 2
     files = sorted(out.glob("*.safetensors"))
     short_hash = CircuitSet.load(files[0]).meta["probe_set_hash"].split(":")[1][:8]
-    assert [f.name for f in files] == [f"epoch_{e}.eap-ig2.answer-logprob.s0.{short_hash}.safetensors" for e in (0, 2)]
+    assert [f.name for f in files] == [f"epoch_{e}.eap-ig2-midpoint.answer-logprob.s0.{short_hash}.safetensors"
+                                       for e in (0, 2)]
     cs = CircuitSet.load(files[1])
     assert cs.meta["epoch"] == 2 and cs.meta["checkpoint_hash"].startswith("sha256:")
     assert cs.meta["step"] == 20 and len(cs.meta["faithfulness"]) == 3 and cs.meta["ig_steps"] == 2
@@ -232,4 +237,4 @@ def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
         n = len(f.clean_tokens)
         assert abs(float(m_clean[0]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-4
         batch = Fw.make_batch(model, facts)
-        assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2), reference_scores(model, batch, 2), atol=1e-4)
+        assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2, ig_grid="right"), reference_scores(model, batch, 2), atol=1e-4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def _set(graph: Graph | None = None, seed: int = 0, meta: dict | None = None) ->
 
 def test_dense_round_trip_exact(tmp_path):
     cs = _set()
-    path = cs.save(tmp_path / "c.safetensors")
+    path = cs.save(tmp_path / "c.safetensors", dtype="float32")
     assert not (tmp_path / "c.safetensors.tmp").exists()
     back = CircuitSet.load(path)
     assert torch.equal(back.scores, cs.scores)
@@ -29,16 +31,52 @@ def test_dense_round_trip_exact(tmp_path):
     assert torch.equal(back.fact("f2"), cs.scores[1])
     assert torch.allclose(back.mean(), cs.scores.mean(0))
     assert torch.allclose(back.mean(["f3", "f1"]), cs.scores[[0, 2]].mean(0))
-    half = CircuitSet.load(cs.save(tmp_path / "h.safetensors", dtype="float16"))
-    assert half.scores.dtype == torch.float16
-    assert torch.equal(half.scores, cs.scores.half())
-    assert torch.equal(CircuitSet.load(half.save(tmp_path / "h2.safetensors", dtype="float16")).scores, half.scores)
+
+
+def test_float16_default_scaled_per_fact_and_compact(tmp_path):
+    """Default storage: float16 scaled per fact (2 bytes per score), no edge names in the file; tiny scores
+    keep their relative precision where plain float16 would flush them to zero."""
+    g = Graph(4, 4)
+    scores = torch.randn(3, g.n_edges, generator=torch.Generator().manual_seed(1))
+    scores[1] *= 1e-8  # a fact with a tiny gap: plain float16 loses it to the subnormal range
+    scores[2] = 0.0
+    cs = CircuitSet(scores, g.edges, ["f1", "f2", "f3"], dict(META))
+    path = cs.save(tmp_path / "h.safetensors")
+    back = CircuitSet.load(path)
+    assert back.scores.dtype == torch.float32 and back.edges == g.edges and back.meta == cs.meta
+    rel = ((back.scores - scores).abs() / scores.abs().amax(1, keepdim=True).clamp_min(1e-30))[:2]
+    assert float(rel.max()) < 1e-3
+    assert torch.equal(back.scores[2], scores[2])
+    assert (scores[1].half() == 0).float().mean() > 0.5 and (back.scores[1] == 0).float().mean() < 0.01
+    header = path.read_bytes()[:20000]
+    assert b"a0.h1->" not in header and b"edges_sha256" in header
+    assert path.stat().st_size < 3 * g.n_edges * 2 + 2000
+    again = CircuitSet.load(back.save(tmp_path / "h2.safetensors"))
+    assert torch.allclose(again.scores, back.scores, rtol=1e-3, atol=0)
+
+
+def test_format_1_files_still_load():
+    """Files written by circuitdyn before the compact format (edge names as JSON, format 1) load as before,
+    and their settings read as the `right` IG grid they were computed with."""
+    from circuitdyn.circuits import circuit_files, settings
+
+    folder = Path(__file__).parent / "data" / "circuits_v1"
+    g = Graph(2, 2)
+    want = torch.randn(3, g.n_edges, generator=torch.Generator().manual_seed(7))
+    dense = CircuitSet.load(folder / "epoch_1.eap-ig3.answer-logprob.s0.abc.safetensors")
+    assert torch.equal(dense.scores, want) and dense.edges == g.edges and dense.fact_ids == ["f1", "f2", "f3"]
+    assert settings(dense.meta)["ig_grid"] == "right"
+    sparse = CircuitSet.load(folder / "sparse_top5.safetensors")
+    assert sparse.sparse and torch.equal(sparse.top_n(5), dense.top_n(5))
+    assert [p.name for p, _ in circuit_files(folder)] == sorted(p.name for p in folder.glob("*.safetensors"))
 
 
 def test_sparse_keeps_top_k_and_node_totals(tmp_path):
     cs = _set()
-    sp = CircuitSet.load(cs.save(tmp_path / "s.safetensors", top_k=10))
+    sp = CircuitSet.load(cs.save(tmp_path / "s.safetensors", dtype="float32", top_k=10))
     assert sp.sparse and sp.meta["sparse_top_k"] == 10
+    kept = cs.scores.gather(1, cs.scores.abs().topk(10, dim=1).indices).abs().sum(1) / cs.scores.abs().sum(1)
+    assert sp.meta["sparse_mass_kept"] == pytest.approx(kept.tolist(), abs=1e-5)
     assert torch.equal(sp.top_n(10), cs.top_n(10))
     assert ((sp.scores != 0).sum(1) == 10).all()
     assert torch.allclose(sp.scores[sp.top_n(10)], cs.scores[cs.top_n(10)])
@@ -63,6 +101,9 @@ def test_check_compatible():
         a.check_compatible(_set(Graph(3, 2)))
     with pytest.raises(CircuitdynError, match="'metric'"):
         a.check_compatible(_set(meta={**META, "metric": "logit-diff"}))
+    a.check_compatible(_set(meta={**META, "ig_grid": "right"}))  # a file without the field is the right grid
+    with pytest.raises(CircuitdynError, match="'ig_grid': 'right' vs 'gauss'"):
+        a.check_compatible(_set(meta={**META, "ig_grid": "gauss"}))
     c = a.subset(["f3", "f1"])
     assert c.meta["corruption"] == ["entity", "entity"] and torch.equal(c.scores[0], a.scores[2])
     with pytest.raises(CircuitdynError, match="different facts"):

@@ -183,7 +183,7 @@ def test_extract_circuits_round_trip(tiny_tl, tmp_path):
     assert torch.equal(cs.scores, A.attribute(tiny_tl, facts, "eap-ig", steps=2))
     assert cs.fact_ids == [f.fact_id for f in facts] and cs.meta["epoch"] == 1
     assert cs.meta["ig_steps"] == 2 and cs.meta["corruption"] == ["entity", "noise", "entity"]
-    back = CircuitSet.load(cs.save(tmp_path / "c.safetensors"))
+    back = CircuitSet.load(cs.save(tmp_path / "c.safetensors", dtype="float32"))
     assert torch.equal(back.scores, cs.scores) and back.meta == cs.meta
     back.check_compatible(cs, same_facts=True)
     assert cs.meta["probe_set_hash"] == facts_hash(facts) != facts_hash(facts[:2])

@@ -231,3 +231,28 @@ def test_extract_then_timeline_computes_no_circuit_twice(make_run, tmp_path, cap
     assert data["selection"]["spec"] == "faith:0.5" and data["baseline"] is None
     assert len(data["transfer"]) == 4 * 2 * 2 and "transfer_summary" in data
     assert {f: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")} == written
+
+
+def test_timeline_and_diff_reuse_circuits_of_the_grid_asked_for(make_run, tmp_path, capsys):
+    """Circuits extracted with `--ig-grid right` are found by `timeline`/`diff --ig-grid right` (nothing computed
+    again); without probes, asking for another grid finds none rather than mixing grids."""
+    from circuitdyn.cli import main
+    from circuitdyn.probes import load_probes, write_probes_jsonl
+
+    run = make_run("llama", 1, name="grid-reuse-run")
+    probes = write_probes_jsonl(load_probes()[:2], tmp_path / "p.jsonl")
+    assert main(["extract", str(run), "--probes", str(probes), "--steps", "2", "--ig-grid", "right",
+                 "--no-progress"]) == 0
+    written = {f: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")}
+    assert len(written) == 2 and all(".eap-ig2." in f.name for f in written)
+    capsys.readouterr()
+    assert main(["timeline", str(run), "--top-n", "20", "--ig-grid", "right", "--json",
+                 "--out", str(tmp_path / "t.html")]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["epochs"] == [0, 1]
+    assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--ig-grid", "right",
+                 "--top-n", "20", "--no-noise", "--json"]) == 0
+    capsys.readouterr()
+    assert {f: f.stat().st_mtime_ns for f in written} == written
+    assert len(list((run / "circuits").glob("*.safetensors"))) == 2
+    assert main(["timeline", str(run), "--top-n", "20", "--ig-grid", "midpoint", "--json",
+                 "--out", str(tmp_path / "t2.html"), "--steps", "2"]) == 2
