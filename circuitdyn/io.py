@@ -24,6 +24,12 @@ from typing import Any
 from circuitdyn.errors import CircuitdynError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -49,6 +55,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual permissions
         _fsync(tmp)
         os.replace(tmp, path)
     except OSError as err:
@@ -75,6 +82,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes `target` only if the block finishes."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if target.exists():

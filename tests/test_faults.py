@@ -289,3 +289,20 @@ def test_answer_outside_the_vocabulary_is_refused(tmp_path):
                                   "answer": "Москва"}) + "\n")
     with pytest.raises(CircuitdynError, match=rf"{probes}: probe 'th/city': the answer 'Москва' .*<unk>"):
         load_facts(probes, fast, template="plain")
+
+
+def test_results_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temp file, but the result is readable as any file written there."""
+    import os
+
+    from circuitdyn.io import atomic_dir, write_text_atomic
+
+    mask = os.umask(0o022)
+    try:
+        f = write_text_atomic(tmp_path / "r.json", "{}")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
