@@ -85,7 +85,12 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-reasoning", type=int, default=16, help="SocialIQA control probes per evaluation (0 = none)")
     _add_device_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_cpt)
+    p.add_argument("--preset", choices=["paper"], help="paper: the settings of arXiv 2601.03858 (LoRA r=32, alpha=64, "
+                   "Gaussian init, q/v + embeddings, lr 1e-4, 10 epochs, seed 42, system-message probes with the "
+                   "rephrasings, all 264 math / 100 SocialIQA items); options set to other than their default override it")
+    p.add_argument("--mmlu", help="MMLU test items to score like the paper (JSON list or JSONL of question, choices, "
+                   "answer; not shipped)")
+    p.set_defaults(func=_run_cpt, cpt_defaults={a.dest: a.default for a in p._actions})
 
 
 def _run_cpt(args: argparse.Namespace) -> int:
@@ -101,7 +106,12 @@ def _run_cpt(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, strategy=args.strategy, method=args.method,
         kl_weight=args.kl_weight, template=args.template, threshold=args.threshold,
         n_math=args.n_math or None, n_reasoning=args.n_reasoning or None, device=args.device, dtype=args.dtype,
+        mmlu=args.mmlu,
     )
+    if args.preset == "paper":
+        fields = {"base": "base_model"}
+        given = {fields.get(k, k) for k, v in vars(args).items() if k in args.cpt_defaults and v != args.cpt_defaults[k]}
+        cfg = CPTConfig.paper(**{k: v for k, v in vars(cfg).items() if k in given})
     result = run_cpt(cfg, args.out, progress=not args.no_progress)
     print(f"wall time {time.perf_counter() - t0:.1f}s; best epoch {result.dynamics.best_epoch()}; run folder {result.run_dir}")
     return 0
@@ -233,12 +243,17 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "same checkpoint hash and settings. Prints each fact's faithfulness at the top-N selection.",
     )
     p.add_argument("ckpt", metavar="CKPT_OR_RUN", help="run folder (all epochs), RUN:EPOCH or a checkpoint folder")
-    _add_facts_args(p, required=True)
-    _add_attribution_args(p)
+    _add_facts_args(p, what=" (or --task)")
+    p.add_argument("--task", help="a task circuit instead of per-fact circuits: a packaged task (head-of-state) or a "
+                   "task file; the paper's protocol: metric logit-diff, EAP-IG 30 steps, top 50,000 edges, "
+                   "baseline and circuit logit diff / hit@10 in OUT/epoch_N/results.json")
+    p.add_argument("--runs", type=int, default=5, help="--task: seeded runs of attribution and evaluation (default 5)")
+    _add_attribution_args(p, steps_default=None)
     _add_device_args(p)
     p.add_argument("--epochs", help="comma-separated epochs (default: all epochs of a run, or the one given)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--top-n", type=int, default=1000, help="selection whose faithfulness is printed (default 1000)")
+    p.add_argument("--top-n", type=int, help="selection whose faithfulness is printed (default 1000); with --task "
+                   "the task circuit's size (default 50,000)")
     p.add_argument("--float16", action="store_true", help="store scores as float16 (2 bytes/edge)")
     p.add_argument("--sparse", type=int, metavar="K", help="store only each fact's top-K edges + node totals")
     p.add_argument("--out", help="folder for the circuit files (default: the run's circuits folder)")
@@ -256,7 +271,13 @@ def _run_extract(args: argparse.Namespace) -> int:
     from circuitdyn.probes import corruption_counts
 
     t0 = time.perf_counter()
+    if bool(args.task) == bool(args.probes):
+        raise CircuitdynError("extract needs exactly one of --probes FILE (per-fact circuits) or --task NAME|FILE")
     run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype)
+    if args.task:
+        return _extract_task(args, run, epochs, t0)
+    args.steps = 5 if args.steps is None else args.steps
+    args.top_n = 1000 if args.top_n is None else args.top_n
     facts = _facts(args, run)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
@@ -276,6 +297,39 @@ def _run_extract(args: argparse.Namespace) -> int:
         print(f"  {'faith':>7} {'m_clean':>9} {'m_corr':>9}  fact")
         for fid, v, mc, mx in zip(r.fact_ids, r.faithfulness, r.m_clean, r.m_corrupted):
             print(f"  {v:7.3f} {mc:9.3f} {mx:9.3f}  {fid}")
+    print(f"\nwall time {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _extract_task(args: argparse.Namespace, run, epochs: list[int], t0: float) -> int:
+    """`extract --task`: the paper's task circuit for each epoch, its results.json printed."""
+    import time
+
+    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.tasks import PAPER_STEPS, PAPER_TOP_N, extract_task_run, load_task, task_facts
+
+    if args.metric not in ("answer-logprob", "logit-diff"):
+        raise CircuitdynError(f"--task uses the paper's metric logit-diff, not {args.metric!r}")
+    if args.method == "eap":
+        raise CircuitdynError("--task uses the paper's method eap-ig (EAP-IG on inputs)")
+    if args.runs < 1:
+        raise CircuitdynError(f"--runs must be >= 1, got {args.runs}")
+    task = load_task(args.task)
+    steps = PAPER_STEPS if args.steps is None else args.steps
+    top_n = PAPER_TOP_N if args.top_n is None else args.top_n
+    tf = task_facts(task, run.tokenizer())
+    moved = "; ".join(f"{a} -> {c} (not {b})" for a, b, c in tf.substituted) or "none"
+    print(f"task {task.name}: {len(tf.facts)} prompts; epochs {epochs}; eap-ig M={steps}, metric logit-diff, "
+          f"top {top_n:,} edges, {args.runs} run(s); corruption partners moved for unequal token length: {moved}")
+    done = extract_task_run(run, task, args.out or circuits_dir(run), epochs, steps=steps, top_n=top_n, runs=args.runs,
+                            batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress)
+    for d in done:
+        r = d.results
+        print(f"\nepoch {d.epoch}: {d.circuit_path} ({'cached' if d.skipped else 'written'}), {d.results_path}")
+        print(f"  baseline  logit diff {r['baseline']['logit_diff']:.4f}  hit@10 {r['baseline']['hit_at_10']:.4f}")
+        print(f"  circuit   logit diff {r['mean']['logit_diff']:.4f} (sd {r['stdev']['logit_diff']:.4f})  "
+              f"hit@10 {r['mean']['hit_at_10']:.4f} (sd {r['stdev']['hit_at_10']:.4f})  "
+              f"edges {r['settings']['circuit_edges']}")
     print(f"\nwall time {time.perf_counter() - t0:.1f}s")
     return 0
 
