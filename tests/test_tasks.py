@@ -162,3 +162,19 @@ def test_head_of_state_on_smollm2_cli(smollm2_dir: Path, tmp_path: Path, capsys:
     assert res["settings"]["substituted_pairs"] == []  # SmolLM2 splits every pair equally
     assert 0.0 <= res["baseline"]["hit_at_10"] <= 1.0 and res["baseline"]["logit_diff"] > 0
     assert "moved for unequal token length: none" in capsys.readouterr().out
+
+
+def test_logit_diff_for_probe_facts(llama_run: Path, tmp_path: Path) -> None:
+    """`--metric logit-diff` on probe facts: the contrast is the corrupted prompt's answer (first token)."""
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.probes import load_probes, select_entities, write_probes_jsonl
+
+    probes = write_probes_jsonl(select_entities(load_probes(rephrased=False), ["Russia", "Patna"])[:6] +
+                                select_entities(load_probes(rephrased=False), ["Patna"])[:2], tmp_path / "p.jsonl")
+    out = tmp_path / "c"
+    assert main(["extract", f"{llama_run}:1", "--probes", str(probes), "--metric", "logit-diff", "--steps", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    [path] = list(out.glob("epoch_1.*.safetensors"))
+    cs = CircuitSet.load(path)
+    assert cs.meta["metric"] == "logit-diff" and len(cs.fact_ids) == 8
+    assert all(abs(a - b) > 0 for a, b in zip(cs.meta["m_clean"], cs.meta["m_corrupted"]))
