@@ -811,8 +811,10 @@ def _run_cpt(
         last_rows = rows
         trained.append(epoch)
         loss_txt = "-" if train_loss is None else f"{train_loss:.4f}"
+        controls = "".join(f", {k} {v['exact_match']:.3f} ({v['n']} items{', a subset' if v['subset'] else ''})"
+                           for k, v in control.items())
         say(f"epoch {epoch}: loss {loss_txt}, learned {len(learned)}/{len(entities(probes))} entities "
-            f"{learned}, math {info['math']}, SocialIQA {info['SocialIQA']} ({info['wall_s']:.0f}s)")
+            f"{learned}{controls} ({info['wall_s']:.0f}s)")
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 

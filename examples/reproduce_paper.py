@@ -62,14 +62,21 @@ def main() -> None:
                     "seed's run once it is finished, instead of recomputing it")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--collect", help="only gather the compact results of --out into this folder")
+    ap.add_argument("--task-noise", help="only measure the task circuit's method noise on the base model: the "
+                    "Jaccard of its --task-steps circuit with those of these comma-separated other step counts, "
+                    "written as JSON to this file (e.g. 3,10:examples/results/task_method_noise.json)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.collect is None and len(seeds) > 1:
-        raise SystemExit("run one seed per process (in parallel); --collect gathers them")
     root = Path(args.out)
     if args.collect:
         collect(root, seeds, Path(args.collect))
         return
+    if args.task_noise:
+        steps, dest = args.task_noise.split(":", 1)
+        task_noise(args.task_steps, [int(x) for x in steps.split(",")], Path(dest), args.threads)
+        return
+    if len(seeds) > 1:
+        raise SystemExit("run one seed per process (in parallel); --collect gathers them")
     torch.set_num_threads(args.threads)
     names = entities(select_entities(load_probes(rephrased=False), n=args.entities))
     task = load_task("head-of-state")
@@ -125,6 +132,25 @@ def clone_epoch0(src: Path, out: Path, seed: int) -> None:
     manifest["probe_history"] = [h for h in manifest.get("probe_history", []) if h["epoch"] == 0]
     (out / "run.json").write_text(json.dumps(manifest, indent=2))
     print(f"[seed {seed}] epoch 0 taken from {src}", flush=True)
+
+
+def task_noise(steps: int, others: list[int], dest: Path, threads: int) -> None:
+    """How much the task circuit moves when only the number of IG steps changes (same model, same prompts)."""
+    from circuitdyn.attribution import attribute
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.graph import Graph
+    from circuitdyn.tasks import task_facts
+
+    torch.set_num_threads(threads)
+    run = open_run(default_model_dir())
+    model = run.load_model(0)
+    facts = task_facts(load_task("head-of-state"), run.tokenizer()).facts
+    graph = Graph.from_model(model)
+    masks = {m: task_circuit(attribute(model, facts, "eap-ig", m, "logit-diff"), graph) for m in [steps, *others]}
+    out = {"model": "SmolLM2-135M-Instruct (epoch 0)", "steps": steps,
+           "jaccard": {str(m): jaccard(masks[steps], masks[m]) for m in others}}
+    dest.write_text(json.dumps(out, indent=1) + "\n")
+    print(out)
 
 
 def collect(root: Path, seeds: list[int], dest: Path) -> None:

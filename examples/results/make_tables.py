@@ -98,28 +98,37 @@ def main(folder: Path = HERE) -> None:
     steps = ", ".join(map(str, sorted(task["ig_steps"].unique())))
     out += ["", (f"### Head-of-state task circuit by epoch (EAP-IG {steps} steps, top 50,000 edges; full model = "
             "the paper's baseline)"), "",
-            row(["epoch", "full model logit diff", "full model hit@10", "circuit logit diff", "circuit hit@10",
-                 "Jaccard with previous epoch's circuit", "paper full model logit diff / hit@10",
-                 "paper circuit logit diff / hit@10"]), row(["---"] * 8)]
+            row(["epoch", "seeds", "full model logit diff", "full model hit@10", "circuit logit diff",
+                 "circuit hit@10", "Jaccard with previous epoch's circuit", "paper full model logit diff / hit@10",
+                 "paper circuit logit diff / hit@10"]), row(["---"] * 9)]
     for epoch in sorted(task["epoch"].unique()):
         g = {c: (t.loc[epoch] if epoch in t.index else None) for c, t in tcols.items()}
         p = paper_task.loc[epoch] if epoch in paper_task.index else None
         pb = "-" if p is None else f"{p['baseline_logit_diff']:.2f} / {p['baseline_hit_at_10']:.3f}"
         pc = "-" if p is None else f"{p['circuit_logit_diff']:.2f} / {p['circuit_hit_at_10']:.3f}"
-        out.append(row([epoch, fmt(g["baseline_logit_diff"]), fmt(g["baseline_hit_at_10"], 3),
+        out.append(row([epoch, int((task["epoch"] == epoch).sum()), fmt(g["baseline_logit_diff"]),
+                        fmt(g["baseline_hit_at_10"], 3),
                         fmt(g["circuit_logit_diff"]), fmt(g["circuit_hit_at_10"], 3), fmt(g["jaccard_prev"], 3),
                         pb, pc]))
 
+    from circuitdyn.faithfulness import MIN_GAP
+
+    facts["gap_ok"] = (facts["m_clean"] - facts["m_corrupted"]).abs() >= MIN_GAP
+    facts["faith_ok"] = facts["faithfulness"].where(facts["gap_ok"])
     fsum = facts.groupby(["seed", "epoch"]).agg(jaccard_prev=("jaccard_prev", "mean"),
-                                               faithfulness=("faithfulness", "median")).reset_index()
+                                               faithfulness=("faith_ok", "median"),
+                                               excluded=("gap_ok", lambda g: int((~g).sum()))).reset_index()
     fj, ff = across_seeds(fsum, "jaccard_prev"), across_seeds(fsum, "faithfulness")
     fsteps = ", ".join(map(str, sorted(facts["ig_steps"].unique())))
     out += ["", (f"### Per-fact circuits ({facts['fact_id'].nunique()} facts sampled before training, EAP-IG {fsteps} "
-            f"steps, {facts['selection'].iloc[0]})"), "",
-            row(["epoch", "mean Jaccard with previous epoch", "median faithfulness"]), row(["---"] * 3)]
+            f"steps, {facts['selection'].iloc[0]}; faithfulness only where the corruption moves the answer log-prob "
+            f"by >= {MIN_GAP} nat)"), "",
+            row(["epoch", "seeds", "mean Jaccard with previous epoch", "median faithfulness", "fact-seeds excluded (gap)"]),
+            row(["---"] * 5)]
     for epoch in sorted(fsum["epoch"].unique()):
-        out.append(row([epoch, fmt(fj.loc[epoch], 3) if epoch in fj.index else "-",
-                        fmt(ff.loc[epoch], 3) if epoch in ff.index else "-"]))
+        g = fsum[fsum["epoch"] == epoch]
+        out.append(row([epoch, len(g), fmt(fj.loc[epoch], 3) if epoch in fj.index else "-",
+                        fmt(ff.loc[epoch], 3) if epoch in ff.index else "-", int(g["excluded"].sum())]))
     text = "\n".join(out) + "\n"
     (folder / "tables.md").write_text(text)
     print(text)
