@@ -19,7 +19,12 @@ from circuitdyn.control_probes import (
     siqa_question,
 )
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.probes import MathProbe, ReasoningProbe, load_math_probes, load_reasoning_probes
+from circuitdyn.probes import (
+    MathProbe,
+    ReasoningProbe,
+    load_math_probes,
+    load_reasoning_probes,
+)
 
 
 def test_all_items_ship() -> None:
@@ -69,7 +74,7 @@ def test_mmlu_file(tmp_path: Path) -> None:
 
 
 def test_paper_preset_and_cli_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import circuitdyn.cpt as cpt
+    from circuitdyn import cpt
     from circuitdyn.cli import main
 
     cfg = cpt.CPTConfig.paper()
