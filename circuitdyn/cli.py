@@ -182,7 +182,12 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", help="comma-separated seeds: a sweep of one run per seed (and strategy) in "
                    "OUT/<strategy>/seed_<seed>")
     _add_ray_args(p, "one task per run of the sweep")
-    p.set_defaults(func=_run_cpt)
+    p.add_argument("--preset", choices=["paper"], help="paper: the settings of arXiv 2601.03858 (LoRA r=32, alpha=64, "
+                   "Gaussian init, q/v + embeddings, lr 1e-4, 10 epochs, seed 42, system-message probes with the "
+                   "rephrasings, all 264 math / 100 SocialIQA items); options set to other than their default override it")
+    p.add_argument("--mmlu", help="MMLU test items to score like the paper (JSON list or JSONL of question, choices, "
+                   "answer; not shipped)")
+    p.set_defaults(func=_run_cpt, cpt_defaults={a.dest: a.default for a in p._actions})
 
 
 def _run_cpt(args: argparse.Namespace) -> int:
@@ -199,7 +204,12 @@ def _run_cpt(args: argparse.Namespace) -> int:
         kl_weight=args.kl_weight, template=args.template, threshold=args.threshold,
         n_math=args.n_math or None, n_reasoning=args.n_reasoning or None, device=args.device, dtype=args.dtype,
         save=args.save,
+        mmlu=args.mmlu,
     )
+    if args.preset == "paper":
+        fields = {"base": "base_model"}
+        given = {fields.get(k, k) for k, v in vars(args).items() if k in args.cpt_defaults and v != args.cpt_defaults[k]}
+        cfg = CPTConfig.paper(**{k: v for k, v in vars(cfg).items() if k in given})
     strategies = _names(args.strategy) or ["plain"]
     if args.seeds or args.ray or len(strategies) > 1:
         return _run_sweep(args, cfg, strategies, t0)
@@ -363,9 +373,10 @@ def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None
                    help="what a circuit must carry (default answer-logprob; logit-diff contrasts the corrupted "
                    "prompt's answer)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the noise corruption")
-    p.add_argument("--ig-grid", default=DEFAULT_IG_GRID if method_default else None, choices=IG_GRIDS,
-                   help=f"quadrature of the IG path integral (default {DEFAULT_IG_GRID}, or the cached circuits' own; "
-                   "right = circuitdyn's grid before, left = hannamw/EAP-IG's)")
+    p.add_argument("--ig-grid", choices=IG_GRIDS,
+                   help=f"quadrature of the IG path integral (default {DEFAULT_IG_GRID}; the cached circuits' own for "
+                   "diff/timeline; left for --task, as the paper; right = circuitdyn's grid before, left = "
+                   "hannamw/EAP-IG's)")
 
 
 def _add_base_arg(p: argparse.ArgumentParser) -> None:
@@ -406,13 +417,18 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "same checkpoint hash and settings. Prints each fact's faithfulness at the top-N selection.",
     )
     p.add_argument("ckpt", metavar="CKPT_OR_RUN", help="run folder (all epochs), RUN:EPOCH or a checkpoint folder")
-    _add_facts_args(p, required=True)
-    _add_attribution_args(p)
+    _add_facts_args(p, what=" (or --task)")
+    p.add_argument("--task", help="a task circuit instead of per-fact circuits: a packaged task (head-of-state) or a "
+                   "task file; the paper's protocol: metric logit-diff, EAP-IG 30 steps, top 50,000 edges, "
+                   "baseline and circuit logit diff / hit@10 in OUT/epoch_N/results.json")
+    p.add_argument("--runs", type=positive_int, default=5, help="--task: seeded runs of attribution and evaluation (default 5)")
+    _add_attribution_args(p, steps_default=None)
     _add_device_args(p)
     p.add_argument("--epochs", help="comma-separated epochs (default: all epochs of a run, or the one given)")
     _add_base_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--top-n", type=positive_int, default=1000, help="selection whose faithfulness is printed (default 1000)")
+    p.add_argument("--top-n", type=positive_int, help="selection whose faithfulness is printed (default 1000); with "
+                   "--task the task circuit's size (default 50,000)")
     p.add_argument("--float16", action="store_true", help="store scores as float16, scaled per fact (2 bytes/edge; "
                    "the default)")
     p.add_argument("--float32", action="store_true", help="store scores as float32 (4 bytes/edge, exact)")
@@ -451,6 +467,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     import math
     import time
 
+    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
     from circuitdyn.checkpoints import resolve_epochs
     from circuitdyn.extraction import circuits_dir, extract_run
     from circuitdyn.probes import corruption_counts
@@ -462,7 +479,14 @@ def _run_extract(args: argparse.Namespace) -> int:
         from circuitdyn.memory import parse_memory
 
         parse_memory(args.max_memory)
+    if bool(args.task) == bool(args.probes):
+        raise CircuitdynError("extract needs exactly one of --probes FILE (per-fact circuits) or --task NAME|FILE")
     run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype, base=args.base)
+    if args.task:
+        return _extract_task(args, run, epochs, t0)
+    args.steps = DEFAULT_IG_STEPS if args.steps is None else args.steps
+    args.ig_grid = args.ig_grid or DEFAULT_IG_GRID
+    args.top_n = 1000 if args.top_n is None else args.top_n
     facts = _facts(args, run)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
@@ -484,6 +508,38 @@ def _run_extract(args: argparse.Namespace) -> int:
         print(f"  {'faith':>7} {'m_clean':>9} {'m_corr':>9}  fact")
         for fid, v, mc, mx in zip(r.fact_ids, r.faithfulness, r.m_clean, r.m_corrupted):
             print(f"  {v:7.3f} {mc:9.3f} {mx:9.3f}  {fid}")
+    print(f"\nwall time {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _extract_task(args: argparse.Namespace, run, epochs: list[int], t0: float) -> int:
+    """`extract --task`: the paper's task circuit for each epoch, its results.json printed."""
+    import time
+
+    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.tasks import PAPER_IG_GRID, PAPER_STEPS, PAPER_TOP_N, extract_task_run, load_task, task_facts
+
+    if args.metric not in ("answer-logprob", "logit-diff"):
+        raise CircuitdynError(f"--task uses the paper's metric logit-diff, not {args.metric!r}")
+    if args.method == "eap":
+        raise CircuitdynError("--task uses the paper's method eap-ig (EAP-IG on inputs)")
+    task = load_task(args.task)
+    steps = PAPER_STEPS if args.steps is None else args.steps
+    top_n = PAPER_TOP_N if args.top_n is None else args.top_n
+    tf = task_facts(task, run.tokenizer())
+    moved = "; ".join(f"{a} -> {c} (not {b})" for a, b, c in tf.substituted) or "none"
+    print(f"task {task.name}: {len(tf.facts)} prompts; epochs {epochs}; eap-ig M={steps}, metric logit-diff, "
+          f"top {top_n:,} edges, {args.runs} run(s); corruption partners moved for unequal token length: {moved}")
+    done = extract_task_run(run, task, args.out or circuits_dir(run), epochs, steps=steps, top_n=top_n, runs=args.runs,
+                            batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress,
+                            ig_grid=args.ig_grid or PAPER_IG_GRID)
+    for d in done:
+        r = d.results
+        print(f"\nepoch {d.epoch}: {d.circuit_path} ({'cached' if d.skipped else 'written'}), {d.results_path}")
+        print(f"  baseline  logit diff {r['baseline']['logit_diff']:.4f}  hit@10 {r['baseline']['hit_at_10']:.4f}")
+        print(f"  circuit   logit diff {r['mean']['logit_diff']:.4f} (sd {r['stdev']['logit_diff']:.4f})  "
+              f"hit@10 {r['mean']['hit_at_10']:.4f} (sd {r['stdev']['hit_at_10']:.4f})  "
+              f"edges {r['settings']['circuit_edges']}")
     print(f"\nwall time {time.perf_counter() - t0:.1f}s")
     return 0
 

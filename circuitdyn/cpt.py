@@ -45,13 +45,23 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from circuitdyn.checkpoints import DTYPES, resolve_device, resolve_dtype
+from circuitdyn.control_probes import MAX_NEW_TOKENS as CONTROL_MAX_NEW_TOKENS
+from circuitdyn.control_probes import SYSTEM as CONTROL_SYSTEM
+from circuitdyn.control_probes import (
+    chat_prompt,
+    load_mmlu,
+    math_hit,
+    math_question,
+    mmlu_hit,
+    mmlu_question,
+    siqa_hit,
+    siqa_question,
+)
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import (
     INSTRUCTION,
     LEARNED_THRESHOLD,
-    MathProbe,
     Probe,
-    ReasoningProbe,
     answer_text,
     entities,
     entity_documents,
@@ -59,11 +69,8 @@ from circuitdyn.probes import (
     load_math_probes,
     load_probes,
     load_reasoning_probes,
-    math_correct,
     prompt_text,
     read_jsonl,
-    reasoning_correct,
-    reasoning_prompt,
     rouge1,
     sample,
     select_entities,
@@ -107,16 +114,24 @@ class CPTConfig:
     lora_alpha: int = 64
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_init: Literal["default", "gaussian"] = "default"
+    """peft's `init_lora_weights`: `default` (Kaiming-uniform A, zero B) or `gaussian` (the paper's)."""
     train_embeddings: bool = True
     kl_weight: float = 1.0
     max_length: int = 512
     template: Literal["auto", "chat", "plain"] = "auto"
     instruction: str = INSTRUCTION
+    instruction_role: Literal["user", "system"] = "user"
+    """Where the probes' instruction goes in the chat: before the question in the user turn, or as the system
+    message with the question alone as the user turn (the paper's)."""
     threshold: float = LEARNED_THRESHOLD
     max_new_tokens: int = 25
     n_math: int | None = 32
     n_reasoning: int | None = 16
     eval_batch_size: int = 64
+    mmlu: str | None = None
+    """A file of MMLU test items (`circuitdyn.control_probes.load_mmlu`), scored like the paper when given;
+    MMLU is not shipped."""
     device: str = "auto"
     """Where the model is trained and probed: `auto` (cuda, else mps, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`.
     Not part of `identity`: a run may resume on another device."""
@@ -144,11 +159,22 @@ class CPTConfig:
             (self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1"),
             (self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {', '.join(DTYPES)}"),
             (self.save in SAVES, "save", self.save, f"must be one of {', '.join(SAVES)}"),
+            (self.lora_init in ("default", "gaussian"), "lora_init", self.lora_init, "must be default or gaussian"),
+            (self.instruction_role in ("user", "system"), "instruction_role", self.instruction_role,
+             "must be user or system"),
         ]
         for ok, name, value, why in checks:
             if not ok:
                 raise CircuitdynError(f"CPT setting '{name}' = {value!r} {why}")
         resolve_device(self.device)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> CPTConfig:
+        """The paper's settings (`--preset paper`): LoRA r=32, alpha=64, no dropout, Gaussian init, on q_proj and
+        v_proj with the input embeddings trainable, AdamW lr 1e-4 without scheduler, 10 epochs, seed 42, KL weight
+        1; probes as system-message chat with the rephrased questions (10 per entity), all 264 math and 100
+        SocialIQA control items. `overrides` replace any of these."""
+        return cls(**{**PAPER_PRESET, **overrides})
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share (all but the number of epochs and the device: the same
@@ -157,6 +183,14 @@ class CPTConfig:
         d.pop("epochs")
         d.pop("device")
         return d
+
+
+PAPER_PRESET: dict[str, Any] = {
+    "lora_r": 32, "lora_alpha": 64, "lora_dropout": 0.0, "lora_init": "gaussian", "lora_targets": ["q_proj", "v_proj"],
+    "train_embeddings": True, "method": "lora", "lr": 1e-4, "epochs": 10, "seed": 42, "kl_weight": 1.0,
+    "rephrased": True, "instruction_role": "system", "max_new_tokens": 25, "n_math": 264, "n_reasoning": 100,
+}
+"""arXiv 2601.03858's CPT and probing settings (its `subparsers/fine_tune.py` and `utils/data.py`)."""
 
 
 @dataclass(frozen=True)
@@ -297,7 +331,8 @@ def _wrap_lora(model: PreTrainedModel, cfg: CPTConfig) -> torch.nn.Module:
     peft_model = get_peft_model(
         model,
         LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                   target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM"),
+                   target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM",
+                   init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True),
     )
     if cfg.train_embeddings:
         peft_model.get_base_model().get_input_embeddings().weight.requires_grad_(True)
@@ -501,21 +536,31 @@ class Prober:
     def __init__(self, tok: PreTrainedTokenizerBase, probes: Sequence[Probe], cfg: CPTConfig, progress: bool) -> None:
         self.tok, self.probes, self.cfg, self.progress = tok, list(probes), cfg, progress
         chat = bool(getattr(tok, "chat_template", None)) and cfg.template != "plain"
-        prompts = [prompt_text(p, tok, template=cfg.template, instruction=cfg.instruction) for p in probes]
+        system = chat and cfg.instruction_role == "system"
+        prompts = [chat_prompt(tok, cfg.instruction, p.question) if system and not p.prompt
+                   else prompt_text(p, tok, template=cfg.template, instruction=cfg.instruction) for p in probes]
         # Templated prompts already hold their special tokens; plain and cloze prompts get the usual ones.
         self.prompt_ids = [tok(t, add_special_tokens=not chat or bool(p.prompt))["input_ids"]
                            for p, t in zip(probes, prompts)]
         self.answer_ids = [tok(answer_text(t, p.answer), add_special_tokens=False)["input_ids"]
                            for p, t in zip(probes, prompts)]
-        self.math: list[MathProbe] = sample(load_math_probes(), cfg.n_math) if cfg.n_math else []
-        self.siqa: list[ReasoningProbe] = sample(load_reasoning_probes(), cfg.n_reasoning) if cfg.n_reasoning else []
-
-        def control(question: str, instruction: str) -> list[int]:
-            text = prompt_text(Probe("ctrl", "-", question, "-"), tok, template=cfg.template, instruction=instruction)
-            return tok(text, add_special_tokens=not chat)["input_ids"]
-
-        self.math_ids = [control(m.question, cfg.instruction) for m in self.math]
-        self.siqa_ids = [control(reasoning_prompt(r), "") for r in self.siqa]
+        # Control probes as the paper scores them (`circuitdyn.control_probes`); fewer items = a labelled subset.
+        all_math, all_siqa = load_math_probes(), load_reasoning_probes()
+        self.control_totals = {"math": len(all_math), "SocialIQA": len(all_siqa)}
+        self.controls: dict[str, tuple[list[Any], Callable[[Any], str], Callable[[str, Any], bool]]] = {}
+        if cfg.n_math:
+            self.controls["math"] = (sample(all_math, cfg.n_math), math_question, math_hit)
+        if cfg.n_reasoning:
+            self.controls["SocialIQA"] = (sample(all_siqa, cfg.n_reasoning), siqa_question, siqa_hit)
+        if cfg.mmlu:
+            mmlu = load_mmlu(cfg.mmlu)
+            self.control_totals["MMLU"] = len(mmlu)
+            self.controls["MMLU"] = (mmlu, mmlu_question, mmlu_hit)
+        self.control_ids = {
+            name: [tok(chat_prompt(tok, CONTROL_SYSTEM[name], question(item)), add_special_tokens=not chat)["input_ids"]
+                   for item in items]
+            for name, (items, question, _) in self.controls.items()
+        }
 
     def _run(self, model: PreTrainedModel, prompts: list[list[int]], answers: list[list[int]] | None,
              max_new: int, desc: str) -> tuple[list[str], list[float | None]]:
@@ -537,18 +582,13 @@ class Prober:
                          "answer": p.answer, "generation": g, "recall": recall, "f1": f1,
                          "logprob": lp, "answer_tokens": len(a)})
         control: dict[str, Any] = {}
-        if self.math:
-            gens, _ = self._run(model, self.math_ids, None, 16, "math")
-            hits = [math_correct(g, m.answer) for g, m in zip(gens, self.math)]
-            control["math"] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
-                               "items": [{"id": m.id, "generation": g, "correct": h}
-                                         for m, g, h in zip(self.math, gens, hits)]}
-        if self.siqa:
-            gens, _ = self._run(model, self.siqa_ids, None, 4, "SocialIQA")
-            hits = [reasoning_correct(g, r) for g, r in zip(gens, self.siqa)]
-            control["SocialIQA"] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
-                                    "items": [{"id": r.id, "generation": g, "correct": h}
-                                              for r, g, h in zip(self.siqa, gens, hits)]}
+        for name, (items, _, hit) in self.controls.items():
+            gens, _ = self._run(model, self.control_ids[name], None, CONTROL_MAX_NEW_TOKENS, name)
+            hits = [hit(g, item) for g, item in zip(gens, items)]
+            control[name] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
+                             "subset": len(hits) < self.control_totals[name], "scoring": "paper",
+                             "items": [{"id": item.id, "generation": g, "correct": h}
+                                       for item, g, h in zip(items, gens, hits)]}
         return rows, control
 
 
@@ -604,6 +644,8 @@ def _check_out_dir(out: Path, cfg: CPTConfig) -> dict[str, Any] | None:
     theirs.pop("device", None)
     theirs.setdefault("dtype", "float32")  # runs from before the setting existed trained in float32
     theirs.setdefault("save", "merged")  # and stored merged models
+    for key, old in (("lora_init", "default"), ("instruction_role", "user"), ("mmlu", None)):
+        theirs.setdefault(key, old)
     ours = json.loads(json.dumps(cfg.identity()))
     if existing.get("created_by", "").split(" ")[0] != "circuitdyn" or theirs != ours:
         diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
@@ -842,8 +884,10 @@ def _run_cpt(
         last_rows = rows
         trained.append(epoch)
         loss_txt = "-" if train_loss is None else f"{train_loss:.4f}"
+        controls = "".join(f", {k} {v['exact_match']:.3f} ({v['n']} items{', a subset' if v['subset'] else ''})"
+                           for k, v in control.items())
         say(f"epoch {epoch}: loss {loss_txt}, learned {len(learned)}/{len(entities(probes))} entities "
-            f"{learned}, math {info['math']}, SocialIQA {info['SocialIQA']} ({info['wall_s']:.0f}s)")
+            f"{learned}{controls} ({info['wall_s']:.0f}s)")
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 

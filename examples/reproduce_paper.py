@@ -1,0 +1,212 @@
+"""The paper's protocol (arXiv 2601.03858) on the embedded SmolLM2-135M-Instruct, over several seeds.
+
+Per seed: `circuitdyn cpt --preset paper` on the seed documents of N entities (probes before training and
+after every epoch: 10 per entity, ROUGE-1 recall, all 264 math and 100 SocialIQA items scored as the paper
+does), and after every epoch the head-of-state task circuit (`circuitdyn.tasks`) and per-fact circuits of a
+few probe facts sampled before training. Once an epoch's circuits are extracted, the previous epoch's merged
+weights are deleted (517 MB each; the last one stays so that a killed run resumes). The compact results
+(JSON/CSV) are gathered with `--collect DIR`; `examples/results/make_tables.py` turns them into the tables.
+
+    python examples/reproduce_paper.py --out /work/wt/repro-runs --seeds 42,43,44
+    python examples/reproduce_paper.py --out /work/wt/repro-runs --seeds 42,43,44 --collect examples/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from circuitdyn.checkpoints import Checkpoint, Run, default_model_dir
+from circuitdyn.circuits import CircuitSet
+from circuitdyn.cpt import MODEL_DIR, CPTConfig, run_cpt
+from circuitdyn.extraction import extract_run
+from circuitdyn.facts import load_facts
+from circuitdyn.probes import entities, load_probes, select_entities
+from circuitdyn.tasks import extract_task_run, load_task, task_circuit
+
+
+def epoch_run(out: Path, epoch: int) -> Run:
+    """The run restricted to one epoch (earlier epochs' weights may already be deleted)."""
+    manifest = json.loads((out / "run.json").read_text())
+    entry = next(e for e in manifest["epochs"] if e["epoch"] == epoch)
+    ck = Checkpoint(epoch, out / entry["path"] / MODEL_DIR, entry.get("step"), entry.get("train_loss"),
+                    entry.get("content_hash"))
+    return Run(out, {epoch: ck}, manifest)
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = (a | b).sum().item()
+    return float((a & b).sum().item() / union) if union else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="scratch folder for the runs (outside git)")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--entities", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--task-steps", type=int, default=10, help="EAP-IG steps of the task circuit (paper: 30)")
+    ap.add_argument("--fact-steps", type=int, default=5, help="EAP-IG steps of the per-fact circuits")
+    ap.add_argument("--facts", type=int, default=6, help="probe facts sampled before training for per-fact circuits")
+    ap.add_argument("--fact-top-n", type=int, default=1000, help="per-fact circuit size for faithfulness/Jaccard")
+    ap.add_argument("--n-math", type=int, default=264, help="math items per evaluation (fewer = a labelled subset)")
+    ap.add_argument("--n-reasoning", type=int, default=100, help="SocialIQA items per evaluation")
+    ap.add_argument("--eval-batch-size", type=int, default=16, help="generation batch (smaller stops earlier at EOS)")
+    ap.add_argument("--epoch0-from", type=int, metavar="SEED",
+                    help="take epoch 0 (the base model: its probes and circuits do not depend on the seed) from this "
+                    "seed's run once it is finished, instead of recomputing it")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--collect", help="only gather the compact results of --out into this folder")
+    ap.add_argument("--task-noise", help="only measure the task circuit's method noise on the base model: the "
+                    "Jaccard of its --task-steps circuit with those of these comma-separated other step counts, "
+                    "written as JSON to this file (e.g. 3,10:examples/results/task_method_noise.json)")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root = Path(args.out)
+    if args.collect:
+        collect(root, seeds, Path(args.collect))
+        return
+    if args.task_noise:
+        steps, dest = args.task_noise.split(":", 1)
+        task_noise(args.task_steps, [int(x) for x in steps.split(",")], Path(dest), args.threads)
+        return
+    if len(seeds) > 1:
+        raise SystemExit("run one seed per process (in parallel); --collect gathers them")
+    torch.set_num_threads(args.threads)
+    names = entities(select_entities(load_probes(rephrased=False), n=args.entities))
+    task = load_task("head-of-state")
+    for seed in seeds:
+        out = root / f"seed_{seed}"
+        circuits = out / "circuits"
+        cfg = CPTConfig.paper(entities=names, seed=seed, epochs=args.epochs, device="cpu",
+                              base_model=str(default_model_dir()), n_math=args.n_math,
+                              n_reasoning=args.n_reasoning, eval_batch_size=args.eval_batch_size)
+        facts_holder: dict[str, object] = {}
+        if args.epoch0_from is not None and not (out / "run.json").exists():
+            clone_epoch0(root / f"seed_{args.epoch0_from}", out, seed)
+
+        def on_epoch_end(epoch: int, out: Path = out, circuits: Path = circuits, seed: int = seed,
+                         facts_holder: dict[str, object] = facts_holder) -> None:
+            t0 = time.perf_counter()
+            run = epoch_run(out, epoch)
+            if "facts" not in facts_holder:
+                facts_holder["facts"] = load_facts(None, run.tokenizer(), entities=names, sample_n=args.facts, seed=0)
+            [task_done] = extract_task_run(run, task, circuits / "task", [epoch], steps=args.task_steps, runs=1)
+            [fact_done] = extract_run(run, facts_holder["facts"], circuits / "facts", [epoch],  # type: ignore[arg-type]
+                                      steps=args.fact_steps, top_n=args.fact_top_n)
+            t1 = time.perf_counter()
+            if epoch > 0:
+                prev = out / f"epoch_{epoch - 1}" / MODEL_DIR
+                for f in prev.glob("*.safetensors"):
+                    f.unlink()
+            print(f"[seed {seed}] epoch {epoch}: task circuit {task_done.results['mean']}, "
+                  f"facts {fact_done.path.name}; circuits {t1 - t0:.0f}s", flush=True)
+
+        t = time.perf_counter()
+        run_cpt(cfg, out, progress=False, on_epoch_end=on_epoch_end)
+        print(f"[seed {seed}] done in {time.perf_counter() - t:.0f}s", flush=True)
+
+
+def clone_epoch0(src: Path, out: Path, seed: int) -> None:
+    """Wait for `src`'s finished epoch 0 (probes and circuits), then link it into `out` as this seed's epoch 0."""
+    import os
+    import shutil
+
+    while not (src / "run.json").is_file() or not list((src / "circuits" / "facts").glob("epoch_0.*.safetensors")):
+        time.sleep(20)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "epoch_0", out / "epoch_0", copy_function=os.link)
+    for sub in ("task", "facts"):
+        (out / "circuits" / sub).mkdir(parents=True, exist_ok=True)
+        for f in (src / "circuits" / sub).glob("epoch_0.*"):
+            os.link(f, out / "circuits" / sub / f.name)
+    shutil.copytree(src / "circuits" / "task" / "epoch_0", out / "circuits" / "task" / "epoch_0")
+    manifest = json.loads((src / "run.json").read_text())
+    manifest["config"]["seed"] = seed
+    manifest["epochs"] = [e for e in manifest["epochs"] if e["epoch"] == 0]
+    manifest["probe_history"] = [h for h in manifest.get("probe_history", []) if h["epoch"] == 0]
+    (out / "run.json").write_text(json.dumps(manifest, indent=2))
+    print(f"[seed {seed}] epoch 0 taken from {src}", flush=True)
+
+
+def task_noise(steps: int, others: list[int], dest: Path, threads: int) -> None:
+    """How much the task circuit moves when only the number of IG steps changes (same model, same prompts)."""
+    from circuitdyn.attribution import attribute
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.graph import Graph
+    from circuitdyn.tasks import task_facts
+
+    torch.set_num_threads(threads)
+    run = open_run(default_model_dir())
+    model = run.load_model(0)
+    facts = task_facts(load_task("head-of-state"), run.tokenizer()).facts
+    graph = Graph.from_model(model)
+    masks = {m: task_circuit(attribute(model, facts, "eap-ig", m, "logit-diff"), graph) for m in [steps, *others]}
+    out = {"model": "SmolLM2-135M-Instruct (epoch 0)", "steps": steps,
+           "jaccard": {str(m): jaccard(masks[steps], masks[m]) for m in others}}
+    dest.write_text(json.dumps(out, indent=1) + "\n")
+    print(out)
+
+
+def collect(root: Path, seeds: list[int], dest: Path) -> None:
+    """Compact tables of every finished epoch of every seed: entities, probes, controls, task and fact circuits."""
+    from circuitdyn.dynamics import load_dynamics
+
+    dest.mkdir(parents=True, exist_ok=True)
+    ent_rows, ctrl_rows, task_rows, fact_rows, loss_rows, dyn_rows = [], [], [], [], [], []
+    for seed in seeds:
+        out = root / f"seed_{seed}"
+        if not (out / "run.json").is_file():
+            continue
+        dyn = load_dynamics(out)
+        for r in dyn.table().drop(columns=["acquired_names", "forgotten_names"]).to_dict("records"):
+            dyn_rows.append({"seed": seed, **r})
+        for r in dyn.entity_scores.to_dict("records"):
+            ent_rows.append({"seed": seed, **r})
+        for d in sorted(out.glob("epoch_*/epoch.json")):
+            info = json.loads(d.read_text())
+            loss_rows.append({"seed": seed, "epoch": info["epoch"], "train_loss": info["train_loss"],
+                              "steps": info["steps"], "learned": len(info["learned"]), "wall_s": info["wall_s"]})
+            ctrl = json.loads((d.parent / "control_probes_results.json").read_text())
+            for name, v in ctrl.items():
+                ctrl_rows.append({"seed": seed, "epoch": info["epoch"], "set": name, "exact_match": v["exact_match"],
+                                  "n": v["n"], "subset": v.get("subset")})
+        prev_mask = None
+        for rpath in sorted((out / "circuits" / "task").glob("epoch_*/results.json"),
+                            key=lambda p: int(p.parent.name.split("_")[1])):
+            epoch = int(rpath.parent.name.split("_")[1])
+            res = json.loads(rpath.read_text())
+            cfile = next((out / "circuits" / "task").glob(f"epoch_{epoch}.*.safetensors"))
+            cs = CircuitSet.load(cfile)
+            mask = task_circuit(cs.scores, cs.graph, res["settings"]["top_n"])
+            task_rows.append({"seed": seed, "epoch": epoch, "baseline_logit_diff": res["baseline"]["logit_diff"],
+                              "baseline_hit_at_10": res["baseline"]["hit_at_10"],
+                              "circuit_logit_diff": res["mean"]["logit_diff"], "circuit_hit_at_10": res["mean"]["hit_at_10"],
+                              "circuit_edges": res["settings"]["circuit_edges"][0], "ig_steps": res["settings"]["ig_steps"],
+                              "jaccard_prev": jaccard(mask, prev_mask) if prev_mask is not None else None})
+            prev_mask = mask
+        prev = None
+        for cfile in sorted((out / "circuits" / "facts").glob("epoch_*.safetensors"),
+                            key=lambda p: int(p.name.split(".")[0].split("_")[1])):
+            cs = CircuitSet.load(cfile)
+            epoch = int(cs.meta["epoch"])
+            masks = cs.top_n(int(cs.meta["faithfulness_selection"].split(":")[1]))
+            for i, fid in enumerate(cs.fact_ids):
+                fact_rows.append({"seed": seed, "epoch": epoch, "fact_id": fid, "m_clean": cs.meta["m_clean"][i],
+                                  "m_corrupted": cs.meta["m_corrupted"][i], "faithfulness": cs.meta["faithfulness"][i],
+                                  "selection": cs.meta["faithfulness_selection"], "ig_steps": cs.meta["ig_steps"],
+                                  "jaccard_prev": jaccard(masks[i], prev[i]) if prev is not None else None})
+            prev = masks
+    for name, rows in (("dynamics", dyn_rows), ("entities", ent_rows), ("controls", ctrl_rows), ("task_circuit", task_rows),
+                       ("fact_circuits", fact_rows), ("epochs", loss_rows)):
+        pd.DataFrame(rows).to_csv(dest / f"{name}.csv", index=False)
+    print(f"collected {len(loss_rows)} seed-epochs into {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Tables (markdown) and a plot (offline HTML) of the multi-seed SmolLM2 reproduction, beside the paper's
+released Llama-3.2-1B-Instruct numbers (VFT = plain CPT).
+
+Reads the compact CSVs in this folder (written by `examples/reproduce_paper.py --collect`) and the paper's
+release in `tests/data/paper-results/llama3-i-1b/`; writes `tables.md` and `reproduction.html` here.
+Intervals are 95 % percentile bootstrap intervals over seeds (`circuitdyn.stats.bootstrap_ci`): with 3
+seeds they are close to the range of the seeds' values.
+
+    python examples/results/make_tables.py [FOLDER]   # FOLDER holding the CSVs (default: this one)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from circuitdyn.dynamics import load_dynamics
+from circuitdyn.stats import bootstrap_ci
+
+HERE = Path(__file__).resolve().parent
+PAPER = HERE.parents[1] / "tests" / "data" / "paper-results" / "llama3-i-1b"
+
+
+def across_seeds(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per epoch: mean over seeds of `column`, its 95 % interval over seeds, and the number of seeds."""
+    rows = []
+    for epoch, g in df.groupby("epoch"):
+        g = g.dropna(subset=[column])
+        if g.empty:
+            continue
+        est = bootstrap_ci(g[column].astype(float).to_numpy(), g["seed"].to_numpy())
+        rows.append({"epoch": int(epoch), "mean": est.value, "lo": est.lo, "hi": est.hi, "seeds": est.n_groups})
+    return pd.DataFrame(rows, columns=["epoch", "mean", "lo", "hi", "seeds"]).set_index("epoch")
+
+
+def fmt(row: pd.Series | None, digits: int = 2) -> str:
+    if row is None or (isinstance(row, pd.Series) and np.isnan(row["mean"])):
+        return "-"
+    if np.isnan(row["lo"]):
+        return f"{row['mean']:.{digits}f}"
+    return f"{row['mean']:.{digits}f} [{row['lo']:.{digits}f}, {row['hi']:.{digits}f}]"
+
+
+def row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def paper_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The paper's VFT dynamics table and its task-circuit results per epoch (epoch 0 = baseline)."""
+    dyn = load_dynamics(PAPER / "VFT").table().set_index("epoch")
+    rows = []
+    for epoch in range(11):
+        path = (PAPER / "baseline" if epoch == 0 else PAPER / "VFT" / f"epoch_{epoch}") / "circuits" / "results.json"
+        if path.is_file():
+            r = json.loads(path.read_text())
+            rows.append({"epoch": epoch, "baseline_logit_diff": r["baseline"]["logit_diff"],
+                         "baseline_hit_at_10": r["baseline"]["hit_at_10"],
+                         "circuit_logit_diff": r["mean"]["logit_diff"], "circuit_hit_at_10": r["mean"]["hit_at_10"]})
+    return dyn, pd.DataFrame(rows).set_index("epoch")
+
+
+def main(folder: Path = HERE) -> None:
+    dyn = pd.read_csv(folder / "dynamics.csv")
+    task = pd.read_csv(folder / "task_circuit.csv")
+    facts = pd.read_csv(folder / "fact_circuits.csv")
+    controls = pd.read_csv(folder / "controls.csv")
+    paper_dyn, paper_task = paper_tables()
+    n_entities = int(pd.read_csv(folder / "entities.csv").groupby("seed")["entity"].nunique().max())
+    seeds = sorted(dyn["seed"].unique())
+    done = dyn.groupby("seed")["epoch"].max().to_dict()
+    sub = controls.groupby("set")[["n", "subset"]].first()
+    out = [f"Seeds {', '.join(map(str, seeds))}; last finished epoch per seed: {done}; {n_entities} entities; "
+           f"control items per evaluation: " + ", ".join(f"{k} {int(v['n'])}{' (subset)' if v['subset'] else ''}"
+                                                        for k, v in sub.iterrows()) + ".", ""]
+
+    cols = {c: across_seeds(dyn, c) for c in ("learned", "acquired", "retained", "forgotten", "mean_recall",
+                                              "train_loss", "math", "SocialIQA")}
+    out += [("### Knowledge and control probes by epoch (SmolLM2-135M, mean [95 % interval] over seeds; "
+            "paper: Llama-3.2-1B VFT, one run, 100 entities)"), "",
+            row(["epoch", "seeds", f"learned (of {n_entities})", "acquired", "retained", "forgotten", "mean recall",
+                 "train loss", "math", "SocialIQA", "paper learned (of 100)", "paper acq / ret / forg", "paper math",
+                 "paper SocialIQA"]), row(["---"] * 14)]
+    for epoch in sorted(dyn["epoch"].unique()):
+        get = {c: (t.loc[epoch] if epoch in t.index else None) for c, t in cols.items()}
+        p = paper_dyn.loc[epoch] if epoch in paper_dyn.index else None
+        arf = "-" if p is None or pd.isna(p["acquired"]) else f"{p['acquired']} / {p['retained']} / {p['forgotten']}"
+        out.append(row([epoch, int(get["learned"]["seeds"]) if get["learned"] is not None else 0, fmt(get["learned"], 1),
+                        fmt(get["acquired"], 1), fmt(get["retained"], 1), fmt(get["forgotten"], 1),
+                        fmt(get["mean_recall"], 3), fmt(get["train_loss"], 3), fmt(get["math"], 3),
+                        fmt(get["SocialIQA"], 3), "-" if p is None else p["learned"], arf,
+                        "-" if p is None else f"{p['math']:.3f}", "-" if p is None else f"{p['SocialIQA']:.3f}"]))
+
+    tcols = {c: across_seeds(task, c) for c in ("baseline_logit_diff", "baseline_hit_at_10", "circuit_logit_diff",
+                                                "circuit_hit_at_10", "jaccard_prev")}
+    steps = ", ".join(map(str, sorted(task["ig_steps"].unique())))
+    out += ["", (f"### Head-of-state task circuit by epoch (EAP-IG {steps} steps, top 50,000 edges; full model = "
+            "the paper's baseline)"), "",
+            row(["epoch", "seeds", "full model logit diff", "full model hit@10", "circuit logit diff",
+                 "circuit hit@10", "Jaccard with previous epoch's circuit", "paper full model logit diff / hit@10",
+                 "paper circuit logit diff / hit@10"]), row(["---"] * 9)]
+    for epoch in sorted(task["epoch"].unique()):
+        g = {c: (t.loc[epoch] if epoch in t.index else None) for c, t in tcols.items()}
+        p = paper_task.loc[epoch] if epoch in paper_task.index else None
+        pb = "-" if p is None else f"{p['baseline_logit_diff']:.2f} / {p['baseline_hit_at_10']:.3f}"
+        pc = "-" if p is None else f"{p['circuit_logit_diff']:.2f} / {p['circuit_hit_at_10']:.3f}"
+        out.append(row([epoch, int((task["epoch"] == epoch).sum()), fmt(g["baseline_logit_diff"]),
+                        fmt(g["baseline_hit_at_10"], 3),
+                        fmt(g["circuit_logit_diff"]), fmt(g["circuit_hit_at_10"], 3), fmt(g["jaccard_prev"], 3),
+                        pb, pc]))
+
+    from circuitdyn.faithfulness import MIN_GAP
+
+    facts["gap_ok"] = (facts["m_clean"] - facts["m_corrupted"]).abs() >= MIN_GAP
+    facts["faith_ok"] = facts["faithfulness"].where(facts["gap_ok"])
+    fsum = facts.groupby(["seed", "epoch"]).agg(jaccard_prev=("jaccard_prev", "mean"),
+                                               faithfulness=("faith_ok", "median"),
+                                               excluded=("gap_ok", lambda g: int((~g).sum()))).reset_index()
+    fj, ff = across_seeds(fsum, "jaccard_prev"), across_seeds(fsum, "faithfulness")
+    fsteps = ", ".join(map(str, sorted(facts["ig_steps"].unique())))
+    out += ["", (f"### Per-fact circuits ({facts['fact_id'].nunique()} facts sampled before training, EAP-IG {fsteps} "
+            f"steps, {facts['selection'].iloc[0]}; faithfulness only where the corruption moves the answer log-prob "
+            f"by >= {MIN_GAP} nat)"), "",
+            row(["epoch", "seeds", "mean Jaccard with previous epoch", "median faithfulness", "fact-seeds excluded (gap)"]),
+            row(["---"] * 5)]
+    for epoch in sorted(fsum["epoch"].unique()):
+        g = fsum[fsum["epoch"] == epoch]
+        out.append(row([epoch, len(g), fmt(fj.loc[epoch], 3) if epoch in fj.index else "-",
+                        fmt(ff.loc[epoch], 3) if epoch in ff.index else "-", int(g["excluded"].sum())]))
+    text = "\n".join(out) + "\n"
+    (folder / "tables.md").write_text(text)
+    print(text)
+    plot(folder, cols, tcols, paper_dyn, paper_task, n_entities)
+
+
+def plot(folder: Path, cols: dict, tcols: dict, paper_dyn: pd.DataFrame, paper_task: pd.DataFrame,
+         n_entities: int) -> None:
+    """Share of entities learned, math, and the task circuit's logit difference by epoch, ours against the paper's."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("entities learned (share)", "math exact match",
+                                                        "task circuit logit diff"))
+
+    def band(t: pd.DataFrame, scale: float, name: str, col: int, color: str) -> None:
+        x = list(t.index)
+        fig.add_trace(go.Scatter(x=x, y=t["mean"] / scale, name=name, line={"color": color},
+                                 error_y={"type": "data", "symmetric": False, "array": (t["hi"] - t["mean"]) / scale,
+                                          "arrayminus": (t["mean"] - t["lo"]) / scale}), row=1, col=col)
+
+    band(cols["learned"], n_entities, "SmolLM2-135M (seeds)", 1, "#1f77b4")
+    fig.add_trace(go.Scatter(x=list(paper_dyn.index), y=paper_dyn["learned"] / 100, name="Llama-3.2-1B (paper)",
+                             line={"color": "#d62728"}), row=1, col=1)
+    band(cols["math"], 1, "SmolLM2 math", 2, "#1f77b4")
+    fig.add_trace(go.Scatter(x=list(paper_dyn.index), y=paper_dyn["math"], name="paper math",
+                             line={"color": "#d62728"}), row=1, col=2)
+    band(tcols["circuit_logit_diff"], 1, "SmolLM2 circuit", 3, "#1f77b4")
+    fig.add_trace(go.Scatter(x=list(paper_task.index), y=paper_task["circuit_logit_diff"], name="paper circuit",
+                             line={"color": "#d62728"}), row=1, col=3)
+    fig.update_layout(height=380, width=1200)
+    fig.write_html(folder / "reproduction.html", include_plotlyjs="cdn", full_html=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
