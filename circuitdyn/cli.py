@@ -818,6 +818,8 @@ def _run_view(args: argparse.Namespace) -> int:
 
 @command
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from circuitdyn.attribution import DEFAULT_IG_GRID, IG_GRIDS
+
     p = sub.add_parser(
         "demo",
         help="the whole pipeline on the embedded SmolLM2-135M-Instruct: CPT, probes and circuits every epoch, viewers",
@@ -839,6 +841,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    "(exploratory, labelled so)")
     p.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
     p.add_argument("--steps", type=positive_int, default=3, help="EAP-IG steps (default 3; the paper used 30)")
+    p.add_argument("--ig-grid", default=DEFAULT_IG_GRID, choices=IG_GRIDS,
+                   help=f"quadrature of the IG path integral (default {DEFAULT_IG_GRID}; right = circuitdyn's grid "
+                   "before)")
     p.add_argument("--select", type=selection_spec, default="faith:0.8", help="how circuits are chosen (default faith:0.8)")
     p.add_argument("--no-transfer", action="store_true",
                    help="skip evaluating every epoch's circuit on every epoch's model (saves about 3 minutes)")
@@ -854,7 +859,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     r = run_demo(args.out, n_entities=args.entities, epochs=args.epochs, lr=args.lr,
                  facts_per_entity=args.facts_per_entity, pick=args.pick, method=args.method, steps=args.steps,
-                 selection=args.select, transfer=not args.no_transfer, base_model=args.base_model,
+                 ig_grid=args.ig_grid, selection=args.select, transfer=not args.no_transfer, base_model=args.base_model,
                  device=args.device, dtype=args.dtype, progress=not args.no_progress)
     print("\n== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch")
     print(format_table(r.dynamics))

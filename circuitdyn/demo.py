@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from circuitdyn.attribution import DEFAULT_IG_GRID, IGGrid
 from circuitdyn.errors import CircuitdynError
 
 Pick = Literal["sample", "post-hoc"]
@@ -74,6 +75,7 @@ def run_demo(
     pick: Pick = "sample",
     method: str = "eap-ig",
     steps: int = 3,
+    ig_grid: IGGrid = DEFAULT_IG_GRID,
     selection: str = "faith:0.8",
     transfer: bool = True,
     base_model: str | None = None,
@@ -91,9 +93,10 @@ def run_demo(
     The default lr (1e-3, ten times `circuitdyn cpt`'s) is what makes the 135M default model acquire and
     forget single facts within 5 epochs of 4 short documents; at 1e-4 no probe's recall changes.
     `pick="sample"` (default) takes a seeded sample of each entity's probes before looking at outcomes;
-    `pick="post-hoc"` takes those whose recall flipped most (exploratory, labelled so).
+    `pick="post-hoc"` takes those whose recall flipped most (exploratory, labelled so). `ig_grid`: the IG
+    quadrature (`attribution.IG_GRIDS`).
     """
-    from circuitdyn.attribution import check_method, steps_taken
+    from circuitdyn.attribution import check_method, grid_taken, steps_taken
     from circuitdyn.checkpoints import open_run
     from circuitdyn.cpt import CPTConfig, resolve_inputs, run_cpt
     from circuitdyn.diff import diff_circuits
@@ -138,10 +141,12 @@ def run_demo(
         facts = load_facts(probes_file, run.tokenizer(), ids=chosen)
         choice = "post hoc: the probes whose recall flipped most"
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
-    say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {method} with {steps} steps, "
+    say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {method} with {steps} steps "
+        f"({grid_taken(method, ig_grid)} rule), "
         f"epochs {run.epochs}; method noise at epochs {run.epochs[0]} and {run.epochs[-1]}; circuits {selection}")
     timeline = load_run_timeline(run, facts, selection=selection, method=method, steps=steps,  # type: ignore[arg-type]
-                                 noise_epochs="ends", fact_choice=choice, progress=progress)
+                                 noise_epochs="ends", fact_choice=choice, progress=progress,
+                                 ig_grid=ig_grid)
     stage["circuits"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -107,3 +107,9 @@ def test_demo_bad_settings(tiny_base: Path, tmp_path: Path) -> None:
     with pytest.raises(CircuitdynError, match="lr"):
         run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-3, facts_per_entity=1,
                  method="eap", selection="top:10", progress=False, log=None)
+    # The IG rule is the demo's to choose, and is what its circuit files record.
+    r = run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-2, facts_per_entity=1,
+                 steps=1, ig_grid="right", selection="top:10", transfer=False, progress=False, log=None)
+    files = sorted((r.run_dir / "circuits").glob("*.safetensors"))
+    assert any(".eap-ig1." in f.name for f in files) and not any("-midpoint" in f.name for f in files)
+    assert {cs.meta["ig_grid"] for cs in r.timeline.circuits.values()} == {"right"}
