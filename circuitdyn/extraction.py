@@ -106,6 +106,13 @@ class Extracted:
                    floats("m_clean"), floats("m_corrupted"))
 
 
+def checkpoint_meta(run: Any, epoch: int) -> dict[str, Any]:
+    """What a circuit file records of the checkpoint it was extracted on (its content hash decides reuse)."""
+    ck = run.checkpoint(epoch)
+    return {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
+            "train_loss": ck.train_loss, "checkpoint_path": str(ck.path)}
+
+
 def is_done(path: Path, want: dict[str, Any], checkpoint_hash: str, overwrite: bool = False) -> bool:
     """True when `path` holds circuits of this checkpoint with the settings `want` (reuse it); False when there
     is nothing there, or something to replace with `overwrite`; else a CircuitdynError saying what is there."""
@@ -172,8 +179,7 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
                 results.append(Extracted.from_file(epoch, path, True, CircuitSet.load(path)))
                 continue
             model = run.load_model(epoch)
-            meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
-                    "train_loss": ck.train_loss, "checkpoint_path": str(ck.path), **(extra_meta or {})}
+            meta = {**checkpoint_meta(run, epoch), **(extra_meta or {})}
             cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress,
                                   ig_grid=ig_grid, buffer_dtype=buffer_dtype, max_memory=max_memory,
                                   num_threads=num_threads)

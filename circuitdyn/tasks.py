@@ -296,9 +296,9 @@ def extract_task_run(run: Any, task: Task, out_dir: str | Path, epochs: Sequence
     task) under `out_dir`, named like per-fact circuit files, and the epoch's `results.json` in
     `out_dir/epoch_N/`. An epoch whose two files already hold this checkpoint and these settings is reused;
     files of another checkpoint or other settings are replaced only with `overwrite`."""
-    from circuitdyn.circuits import circuit_filename, read_meta, settings_mismatch
-    from circuitdyn.extraction import extraction_settings
-    from circuitdyn.io import write_json_atomic
+    from circuitdyn.circuits import circuit_filename
+    from circuitdyn.extraction import checkpoint_meta, extraction_settings, is_done
+    from circuitdyn.io import file_lock, write_json_atomic
 
     tf = task_facts(task, run.tokenizer())
     want = extraction_settings(run.architecture, tf.facts, "eap-ig", steps, "logit-diff", 0, ig_grid=ig_grid)
@@ -307,26 +307,21 @@ def extract_task_run(run: Any, task: Task, out_dir: str | Path, epochs: Sequence
     for epoch in list(run.epochs if epochs is None else epochs):
         ck = run.checkpoint(epoch)
         path, rpath = out / circuit_filename(epoch, want), results_path(out, epoch)
-        if path.exists() or rpath.exists():
-            meta = read_meta(path) if path.exists() else None
+        with file_lock(path):
+            circuit_done = is_done(path, want, ck.content_hash, overwrite)  # refuses other content unless overwrite
             prior = json.loads(rpath.read_text()) if rpath.is_file() else None
-            same = (meta is not None and not settings_mismatch(meta, want)
-                    and meta.get("checkpoint_hash") == ck.content_hash and prior is not None
-                    and (prior.get("settings") or {}).get("checkpoint_hash") == ck.content_hash
-                    and {k: (prior.get("settings") or {}).get(k) for k in ("top_n", "runs")}
-                    == {"top_n": top_n, "runs": runs})
-            if same:
+            settings = (prior or {}).get("settings") or {}
+            if circuit_done and prior is not None and settings.get("checkpoint_hash") == ck.content_hash and (
+                    {k: settings.get(k) for k in ("top_n", "runs")} == {"top_n": top_n, "runs": runs}):
                 done.append(TaskExtracted(epoch, path, rpath, prior, True))
                 continue
-            if not overwrite:
-                raise CircuitdynError(f"{path if path.exists() else rpath} holds another checkpoint's task circuit or "
-                                      "other settings; choose another output folder, or pass --overwrite "
-                                      "(overwrite=True) to replace it")
-        model = run.load_model(epoch)
-        meta = {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
-                "train_loss": ck.train_loss, "checkpoint_path": str(ck.path)}
-        cs, results = extract_task(model, tf, steps, top_n, runs, batch_size, meta, progress, ig_grid)
-        cs.save(path)
-        write_json_atomic(rpath, results)
-        done.append(TaskExtracted(epoch, path, rpath, results, False))
+            if rpath.exists() and not overwrite:
+                raise CircuitdynError(f"{rpath} holds another checkpoint's task results or other settings; choose "
+                                      "another output folder, or pass --overwrite (overwrite=True) to replace it")
+            model = run.load_model(epoch)
+            cs, results = extract_task(model, tf, steps, top_n, runs, batch_size, checkpoint_meta(run, epoch),
+                                       progress, ig_grid)
+            cs.save(path)
+            write_json_atomic(rpath, results)
+            done.append(TaskExtracted(epoch, path, rpath, results, False))
     return done
