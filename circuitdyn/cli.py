@@ -46,6 +46,16 @@ def nonnegative_int(text: str) -> int:
     return _whole(text, 0)
 
 
+def memory_size(text: str) -> int:
+    """Bytes of a memory budget such as 8GiB or 500MB (`memory.parse_memory`)."""
+    from circuitdyn.memory import parse_memory
+
+    try:
+        return parse_memory(text)
+    except CircuitdynError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _finite(text: str) -> float:
     import math
 
@@ -457,7 +467,7 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--threads", type=positive_int, default=default_threads(),
                    help="CPU threads (default: physical cores; on a shared machine fewer can be much faster)")
-    p.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 8GiB: the fact batch is chosen from it "
+    p.add_argument("--max-memory", type=memory_size, metavar="SIZE", help="memory budget, e.g. 8GiB: the fact batch is chosen from it "
                    "(and halved on an out-of-memory error)")
     p.add_argument("--buffer-dtype", default="float32", choices=BUFFER_DTYPES,
                    help="precision of the stored activation differences (sums stay float32)")
@@ -475,10 +485,6 @@ def _run_extract(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.float16 and args.float32:
         raise CircuitdynError("--float16 and --float32 exclude each other")
-    if args.max_memory is not None:
-        from circuitdyn.memory import parse_memory
-
-        parse_memory(args.max_memory)
     if bool(args.task) == bool(args.probes):
         raise CircuitdynError("extract needs exactly one of --probes FILE (per-fact circuits) or --task NAME|FILE")
     run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype, base=args.base)
