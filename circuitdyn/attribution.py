@@ -6,7 +6,9 @@ where m is the per-fact metric (`circuitdyn.forward`, answer log-prob by default
 gradient along the inputs interpolated from corrupted to clean embeddings with an m-point quadrature rule
 (`ig_nodes`): `right` (alpha = k/m, k = 1..m, the EAP-IG code's earlier `range(1, steps + 1)` loop and
 circuitdyn's grid so far), `left` (k = 0..m-1, later versions of hannamw/EAP-IG), `midpoint` or `gauss`
-(Gauss-Legendre). With m = 1, EAP-IG on the right grid is EAP.
+(Gauss-Legendre) or `shifted` (alpha = (k + u)/m with an offset u in [0, 1) drawn from the extraction seed:
+a randomised midpoint rule, unbiased for the integral, whose seeds are the method-noise replicates'
+equally valid draws, see `circuitdyn.noise`). With m = 1, EAP-IG on the right grid is EAP.
 
 Why it is fast: gradients are taken only with respect to small tensors of the functional forward
 (`circuitdyn.forward.run_capture`: per-head q/k/v after projection, each MLP's input, the final residual),
@@ -61,8 +63,8 @@ from circuitdyn.probes import FactPrompt
 
 Method = Literal["eap", "eap-ig"]
 METHODS = ("eap", "eap-ig")
-IGGrid = Literal["right", "left", "midpoint", "gauss"]
-IG_GRIDS = ("right", "left", "midpoint", "gauss")
+IGGrid = Literal["right", "left", "midpoint", "gauss", "shifted"]
+IG_GRIDS = ("right", "left", "midpoint", "gauss", "shifted")
 DEFAULT_IG_GRID: IGGrid = "midpoint"
 DEFAULT_IG_STEPS = 3
 """The default IG rule and steps: the cheapest that keeps the discretisation error (distance to a 64-step
@@ -89,12 +91,18 @@ def grid_taken(method: str | None, ig_grid: str) -> IGGrid:
     return "right" if method == "eap" else ig_grid  # type: ignore[return-value]
 
 
-def ig_nodes(ig_grid: str, steps: int) -> tuple[list[float], list[float]]:
+def grid_offset(seed: int) -> float:
+    """The `shifted` rule's offset u in [0, 1) for an extraction seed (a fixed function of the seed, so a
+    replicate is reproducible from the seed its circuit file records)."""
+    return float(np.random.default_rng([int(seed), 0x5EED]).random())
+
+
+def ig_nodes(ig_grid: str, steps: int, seed: int = 0) -> tuple[list[float], list[float]]:
     """Interpolation points alpha (0 = corrupted, 1 = clean) and weights (summing to 1) of an m-step rule.
 
     `right`: k/m, k = 1..m (circuitdyn's grid so far); `left`: k/m, k = 0..m-1 (hannamw/EAP-IG);
     `midpoint`: (k + 1/2)/m; `gauss`: Gauss-Legendre nodes and weights on [0, 1] (exact for polynomials of
-    degree 2m - 1, where the Riemann sums converge as 1/m).
+    degree 2m - 1, where the Riemann sums converge as 1/m); `shifted`: (k + u)/m with u = `grid_offset(seed)`.
     """
     grid_taken("eap-ig", ig_grid)
     m = int(steps)
@@ -103,7 +111,7 @@ def ig_nodes(ig_grid: str, steps: int) -> tuple[list[float], list[float]]:
     if ig_grid == "gauss":
         x, w = np.polynomial.legendre.leggauss(m)
         return [float((a + 1) / 2) for a in x], [float(v / 2) for v in w]
-    start = {"right": 1.0, "left": 0.0, "midpoint": 0.5}[ig_grid]
+    start = grid_offset(seed) if ig_grid == "shifted" else {"right": 1.0, "left": 0.0, "midpoint": 0.5}[ig_grid]
     return [(k + start) / m for k in range(m)], [1.0 / m] * m
 
 
@@ -133,8 +141,10 @@ def default_pass_facts(device: torch.device | str, n_positions: int) -> int | No
 
 def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
                     metric: str | Metric = "answer-logprob", ig_grid: IGGrid = DEFAULT_IG_GRID,
-                    buffer_dtype: BufferDtype = "float32", pass_facts: int | None = None) -> Float[Tensor, "batch edge"]:
-    """Scores [fact, edge] (float32) for one padded batch (see the module docstring for method and sign).
+                    buffer_dtype: BufferDtype = "float32", pass_facts: int | None = None,
+                    seed: int = 0) -> Float[Tensor, "batch edge"]:
+    """Scores [fact, edge] (float32) for one padded batch (see the module docstring for method and sign);
+    `seed` sets the `shifted` grid's offset.
 
     The facts are attributed `pass_facts` at a time (default `default_pass_facts`): each pass runs the
     corrupted, clean and IG forward and backward passes and the contraction of its facts, then frees them.
@@ -142,7 +152,7 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
     check_method(method)
     get_metric(metric)
     m = steps_taken(method, steps)
-    alphas, weights = ig_nodes(grid_taken(method, ig_grid), m)
+    alphas, weights = ig_nodes(grid_taken(method, ig_grid), m, seed)
     buf = buffer_torch_dtype(buffer_dtype)
     check_supported(model)
     graph = Graph.from_model(model)
@@ -379,7 +389,7 @@ def attribute(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig"
             batch = make_batch(model, [facts[i] for i in chunk], seed, noise_scale, metric)
             per_pass = None if fit is None and not backoff.halvings else min(fit or backoff.size, backoff.size)
             scores = backoff.run(partial(attribute_batch, model, batch, method, steps, metric, ig_grid, buffer_dtype,
-                                         per_pass))
+                                         per_pass, seed))
             if scores is None:
                 continue  # out of memory: the batch was halved, retry
             for j, i in enumerate(chunk):

@@ -389,6 +389,22 @@ def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None
                    "hannamw/EAP-IG's)")
 
 
+def replicate_count(text: str) -> int:
+    """Replicates per checkpoint of the change test (a whole number >= 2)."""
+    return _whole(text, 2)
+
+
+def _add_noise_args(p: argparse.ArgumentParser) -> None:
+    from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, FAMILIES
+
+    p.add_argument("--replicates", type=replicate_count, default=DEFAULT_REPLICATES, metavar="R",
+                   help=f"method-noise replicates drawn per checkpoint for the change test (default "
+                   f"{DEFAULT_REPLICATES}: smallest per-fact p 2/252)")
+    p.add_argument("--family", default=DEFAULT_FAMILY, choices=FAMILIES,
+                   help="what a replicate varies: estimation (IG quadrature offset; default) or question (also the "
+                   "corruption's swap partner)")
+
+
 def _add_base_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model folder of adapter-only (PEFT) checkpoints, and epoch 0 of a Trainer "
                    "run (default: the adapter's base_model_name_or_path when it is a local folder)")
@@ -561,8 +577,9 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--circuits", help="folder of cached circuit files (default: RUN/circuits)")
     _add_base_arg(p)
     _add_selection_args(p)
-    p.add_argument("--no-noise", action="store_true", help="do not measure method noise (re-attribution of both "
-                   "checkpoints with 2x IG steps and another corruption); changes are then not tested against it")
+    _add_noise_args(p)
+    p.add_argument("--no-noise", action="store_true", help="do not draw method-noise replicates of both checkpoints; "
+                   "changes are then not tested against method noise")
     p.add_argument("--fact", action="append", help="compare only this fact id (repeatable)")
     p.add_argument("--out", default="diff.html", help="HTML viewer to write (default diff.html)")
     p.add_argument("--overwrite", action="store_true", help="replace a file at --out that is not a circuitdyn viewer")
@@ -585,7 +602,7 @@ def _run_diff(args: argparse.Namespace) -> int:
         rephrased=args.rephrased, template=args.template, selection=_selection_arg(args), method=args.method,
         steps=args.steps, metric=args.metric, seed=args.seed, circuits_dir=args.circuits, fact_ids=args.fact,
         method_noise=not args.no_noise, device=args.device, dtype=args.dtype, progress=not args.json,
-        base=args.base, ig_grid=args.ig_grid,
+        base=args.base, ig_grid=args.ig_grid, family=args.family, replicates=args.replicates,
     )
     out = write_diff_html(d, args.out, labels=d.labels, overwrite=args.overwrite)
     if args.json:
@@ -605,7 +622,8 @@ def print_diff(d) -> None:
 
     cols = {"n_a": "n_A", "n_b": "n_B", "faith_a": "faith_A", "faith_b": "faith_B", "gap_a": "gap_A",
             "added": "+", "removed": "-", "changed": "moved", "sign_flips": "flips", "edge_jaccard": "J",
-            "noise_q": "noise_q95", "changed_beyond_noise": "beyond", "weighted_jaccard": "wJ", "spearman": "rho"}
+            "noise_distance": "noise", "p_value": "p", "q_value": "q", "changed_beyond_noise": "beyond",
+            "weighted_jaccard": "wJ", "spearman": "rho"}
     table = d.facts[[c for c in cols if c in d.facts]].rename(columns=cols)
     table.index = [f if len(f) <= 40 else f[:37] + "..." for f in table.index]
     print(table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
@@ -629,8 +647,10 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--circuits", help="folder holding the circuit files (default: RUN/circuits)")
     _add_base_arg(p)
     _add_selection_args(p)
-    p.add_argument("--noise-epochs", default="ends", help="epochs re-attributed to measure method noise: ends "
-                   "(first and last, default), all, none, or comma-separated epochs (needs --probes)")
+    _add_noise_args(p)
+    p.add_argument("--noise-epochs", default="all", help="epochs whose method-noise replicates are drawn: all "
+                   "(default: every transition is tested), ends (first and last), none, or comma-separated epochs "
+                   "(needs --probes)")
     p.add_argument("--transfer", action="store_true", help="also evaluate every epoch's circuit on every epoch's "
                    "model (faithfulness matrix; needs --probes; cached in the circuits folder)")
     p.add_argument("--out", help="HTML viewer to write (default RUN/timeline.html)")
@@ -666,7 +686,8 @@ def _run_timeline(args: argparse.Namespace) -> int:
               else "the probe file's facts, in file order")
     tl = load_run_timeline(run, facts, selection=_selection_arg(args), circuits_dir=folder, method=args.method,
                            steps=args.steps, metric=args.metric, seed=args.seed, noise_epochs=args.noise_epochs,
-                           fact_choice=choice, progress=not args.json, ig_grid=args.ig_grid)
+                           fact_choice=choice, progress=not args.json, ig_grid=args.ig_grid, family=args.family,
+                           replicates=args.replicates)
     transfer = None
     if args.transfer:
         transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
@@ -703,7 +724,8 @@ def _run_timeline_across(args: argparse.Namespace) -> int:
         run = open_run(path, device=args.device, dtype=args.dtype, base=args.base)
         tl = load_run_timeline(run, _facts(args, run), selection=_selection_arg(args), circuits_dir=circuits_dir(run),
                                method=args.method, steps=args.steps, metric=args.metric, seed=args.seed,
-                               noise_epochs=args.noise_epochs, progress=not args.json, ig_grid=args.ig_grid)
+                               noise_epochs=args.noise_epochs, progress=not args.json, ig_grid=args.ig_grid,
+                               family=args.family, replicates=args.replicates)
         per_epoch[path] = tl.per_epoch
         changes[path] = tl.reconfiguration
     table = across_runs(per_epoch)

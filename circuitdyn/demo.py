@@ -20,6 +20,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from circuitdyn.attribution import DEFAULT_IG_GRID, IGGrid
+from circuitdyn.noise import DEFAULT_REPLICATES
 from circuitdyn.errors import CircuitdynError
 
 Pick = Literal["sample", "post-hoc"]
@@ -143,9 +144,9 @@ def run_demo(
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {method} with {steps} steps "
         f"({grid_taken(method, ig_grid)} rule), "
-        f"epochs {run.epochs}; method noise at epochs {run.epochs[0]} and {run.epochs[-1]}; circuits {selection}")
+        f"epochs {run.epochs}; {DEFAULT_REPLICATES} method-noise replicates at every epoch; circuits {selection}")
     timeline = load_run_timeline(run, facts, selection=selection, method=method, steps=steps,  # type: ignore[arg-type]
-                                 noise_epochs="ends", fact_choice=choice, progress=progress,
+                                 noise_epochs="all", fact_choice=choice, progress=progress,
                                  ig_grid=ig_grid)
     stage["circuits"] = time.perf_counter() - t
 
@@ -163,7 +164,8 @@ def run_demo(
     a, b = timeline.circuits[first], timeline.circuits[last]
     diff = diff_circuits(a, b, timeline.selection, noise=timeline.noise, labels=(f"epoch {first}", f"epoch {last}"),
                          selected=(timeline.fact_masks[first], timeline.fact_masks[last]),
-                         reached=_reached(timeline, first, last), entity_of=facts.entity_of)
+                         reached=_reached(timeline, first, last), entity_of=facts.entity_of,
+                         noise_keys=(first, last))
     diff.labels = facts.labels
     diff_html = write_diff_html(diff, out / "diff.html", labels=facts.labels)
     circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last}.html", labels=facts.labels)

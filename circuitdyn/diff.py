@@ -42,7 +42,8 @@ from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.faithfulness import MIN_GAP
-from circuitdyn.noise import MethodNoise, change_table
+from circuitdyn.change_test import ALPHA, ChangeTest, aggregate_verdict, change_table, compare_replicates
+from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
 from circuitdyn.similarity import (
     DISTANCES,
     as_rows,
@@ -207,13 +208,30 @@ class CircuitDiff:
     labels: dict[str, str] = field(default_factory=dict)
     """fact id -> readable label (entity: question), for viewers."""
     noise: MethodNoise | None = None
+    """The replicates of both checkpoints (keys `noise_keys`) and their description; the change test uses them."""
     entity_of: dict[str, str] = field(default_factory=dict)
     min_gap: float = MIN_GAP
+    noise_keys: tuple[int, int] = (0, 1)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def graph(self) -> Graph:
         return self.a.graph
+
+    @cached_property
+    def test(self) -> tuple[ChangeTest, dict[str, list[np.ndarray]]] | None:
+        """The calibrated change test (`change_test.compare_replicates`) of every included fact, with each
+        statistic's split effects for the aggregate test; None without replicates of both checkpoints. The
+        edge-set distance compares each fact's replicates at one size, the geometric mean of its two circuits'."""
+        if self.noise is None:
+            return None
+        facts = self.a.fact_ids
+        reps = [self.noise.replicates_for(k, facts) for k in self.noise_keys]
+        if reps[0] is None or reps[1] is None:
+            return None
+        n = len(facts)
+        sizes = (self.mask_a[:n].sum(1).double() * self.mask_b[:n].sum(1).double()).sqrt().round().long()
+        return compare_replicates(reps[0], reps[1], facts, sizes, included=self.included, family=self.noise.family)
 
     @property
     def rows(self) -> list[str]:
@@ -274,7 +292,7 @@ class CircuitDiff:
         deep_shift: share of importance in B minus in A; paths_kept, paths_lost: of A's strongest paths
         (`paths`); faith_a, faith_b: faithfulness reached (rules that evaluate it); gap_a, gap_b: the
         clean-corrupted metric gap; included: gap >= `min_gap` at both; changed_beyond_noise, effect,
-        noise_q: the edge-Jaccard distance against the fact's method noise (`changes`).
+        noise_distance, effect, p_value, q_value: the edge-set change test against method noise (`changes`).
         """
         code = self.status_codes
         count = {s: (code == i).sum(1).numpy() for i, s in enumerate(STATUSES)}
@@ -307,18 +325,18 @@ class CircuitDiff:
         df["included"] = [*self.included.tolist(), True]
         primary = self.changes[self.changes["statistic"] == PRIMARY].set_index("fact_id")
         df["changed_beyond_noise"] = pd.array([*primary["changed_beyond_noise"], pd.NA], dtype="boolean")
-        df["effect"] = [*primary["effect"], float("nan")]
-        df["noise_q"] = [*primary["noise_q"], float("nan")]
+        for col in ("noise_distance", "effect", "p_value", "q_value"):
+            df[col] = [*primary[col], float("nan")]
         return df.set_index("fact_id")
 
     @cached_property
     def changes(self) -> pd.DataFrame:
-        """Per fact and statistic of `similarity.DISTANCES`: the distance between A's and B's circuit, the
-        fact's method-noise median and quantile, `changed_beyond_noise`, effect size and `p_noise`
-        (`noise.change_table`); facts excluded for a small gap get NA."""
+        """Per fact and statistic of `similarity.DISTANCES`: the distance between A's and B's circuit beside
+        the calibrated change test (`change_test.change_table`: method noise, effect, p, q,
+        `changed_beyond_noise`); facts excluded for a small gap get NA."""
         n = len(self.a.fact_ids)
         observed = distances(self.scores_a[:n], self.scores_b[:n], self.mask_a[:n], self.mask_b[:n])
-        table = change_table(observed, self.a.fact_ids, self.noise)
+        table = change_table(observed, self.a.fact_ids, None if self.test is None else self.test[0])
         excluded = set(np.asarray(self.a.fact_ids)[~self.included])
         out = table["fact_id"].isin(excluded)
         table.loc[out, "changed_beyond_noise"] = pd.NA
@@ -342,11 +360,12 @@ class CircuitDiff:
     def summary(self) -> dict[str, Any]:
         """The aggregate numbers, each with the n it rests on.
 
-        n_facts / n_included / n_excluded_gap; `n_changed_beyond_noise` (edge-Jaccard distance beyond the
-        fact's method noise) out of `n_tested`, and the same per statistic; per statistic the mean distance,
-        mean noise median and mean effect (distance - noise median) with 95 % intervals from a cluster
-        bootstrap over entities; circuit sizes and faithfulness reached (median, range); `means` of the
-        edge counts and similarities.
+        n_facts / n_included / n_excluded_gap; `n_changed_beyond_noise` (facts whose edge set changed beyond
+        method noise, false discovery rate `change_test.ALPHA`) out of `n_tested`, and the same per statistic;
+        per statistic the mean distance with its interval over entities, the mean method noise, and the
+        aggregate change test (`change_test.aggregate_verdict`: mean effect with interval, stratified p,
+        verdict); circuit sizes and faithfulness reached (median, range); `means` of the edge counts and
+        similarities.
         """
         facts = self.facts.drop(index=MEAN)
         inc = facts["included"].to_numpy(bool)
@@ -361,16 +380,19 @@ class CircuitDiff:
             "n_entities": len(set(groups)),
             "method_noise": None if self.noise is None else self.noise.summary(),
         }
+        test = self.test
+        out["change_test"] = None if test is None else {"family": test[0].family, "alpha": test[0].alpha,
+                                                         "replicates_per_checkpoint": list(test[0].n_replicates)}
         for stat in DISTANCES:
             rows = ch[ch["statistic"] == stat].set_index("fact_id").reindex(facts.index[inc])
-            tested = rows["changed_beyond_noise"].dropna()
             out[stat] = {
                 "distance": bootstrap_ci(rows["distance"].to_numpy(float), groups).to_dict(),
-                "noise_median": _num(np.nanmean(rows["noise_median"])) if self.noise is not None and len(rows) else None,
-                "effect": bootstrap_ci(rows["effect"].to_numpy(float), groups).to_dict(),
-                "n_changed_beyond_noise": int(tested.sum()) if self.noise is not None else None,
-                "n_tested": int(len(tested)),
+                "noise_distance": _num(np.nanmean(rows["noise_distance"])) if test is not None and len(rows) else None,
+                "n_changed_beyond_noise": None, "n_tested": 0,
             }
+            if test is not None:
+                out[stat].update(aggregate_verdict(test[0].statistic(stat).reset_index(), test[1][stat],
+                                                   self.entities, ALPHA))
         out["n_changed_beyond_noise"] = out[PRIMARY]["n_changed_beyond_noise"]
         out["n_tested"] = out[PRIMARY]["n_tested"]
         sizes = {"a": facts.loc[inc, "n_a"], "b": facts.loc[inc, "n_b"]}
@@ -474,8 +496,8 @@ class CircuitDiff:
             if isinstance(v, (np.integer, np.bool_)):
                 return v.item()
             return v
-        changes = {f: {r["statistic"]: {k: clean(r[k]) for k in ("distance", "noise_median", "noise_q", "n_noise",
-                                                                  "changed_beyond_noise", "effect", "p_noise")}
+        changes = {f: {r["statistic"]: {k: clean(r[k]) for k in ("distance", "noise_distance", "cross", "effect", "p_value",
+                                                                  "q_value", "n_replicates", "changed_beyond_noise")}
                        for _, r in g.iterrows()} for f, g in self.changes.groupby("fact_id", sort=False)}
         return {
             "a": self.label_a, "b": self.label_b,
@@ -510,12 +532,14 @@ def diff_circuits(
     reached: tuple[Tensor, Tensor] | None = None,
     entity_of: dict[str, str] | None = None,
     min_gap: float = MIN_GAP,
+    noise_keys: tuple[int, int] = (0, 1),
 ) -> CircuitDiff:
     """Compare two circuit sets fact by fact (and their mean circuits).
 
     `a` and `b` must share the graph and settings (`CircuitSet.check_compatible`) and the facts
     compared (`fact_ids`, default: all of `a`'s, which `b` must also hold). `noise`: the facts' method
-    noise (`noise.measure_method_noise`), which change is tested against. `faithfulness_a/b` evaluate
+    noise with the replicates of both checkpoints under `noise_keys` (default 0 for a, 1 for b, as
+    `noise.merge_noise` makes them; epochs for the noise of one run), which change is tested against. `faithfulness_a/b` evaluate
     masks on each set's model and are needed only for rules that evaluate circuits (`faith:`).
     `selected`: masks [fact, edge] for `a` and `b` chosen elsewhere (e.g. `extraction.select_circuits`),
     in `fact_ids` order, replacing the rule's own selection; `reached`: the faithfulness each reached.
@@ -554,6 +578,7 @@ def diff_circuits(
         torch.cat([mask_a, mean_a[None]]), torch.cat([mask_b, mean_b[None]]),
         torch.cat([band, band.mean(0, keepdim=True)]),
         faith_a, faith_b, labels[0], labels[1], k_paths, noise=noise, entity_of=dict(entity_of or {}), min_gap=min_gap,
+        noise_keys=noise_keys,
     )
 
 
@@ -582,6 +607,8 @@ def diff_checkpoints(
     progress: bool = False,
     base: str | Path | None = None,
     ig_grid: IGGrid | None = None,
+    family: Family = DEFAULT_FAMILY,
+    replicates: int = DEFAULT_REPLICATES,
 ) -> CircuitDiff:
     """`diff_circuits` of two checkpoints (`RUN:EPOCH` or a model folder) or circuit files (`.safetensors`).
 
@@ -589,21 +616,21 @@ def diff_checkpoints(
     `template`) and their circuits are computed on each checkpoint, or reused from `circuits_dir` (default
     `extraction.circuits_dir`) when cached with the same settings; without, cached circuits are read.
     Rules that evaluate circuits (`faith:`, the default) need checkpoints and probes. With checkpoints,
-    probes and `method_noise`, both checkpoints are re-attributed with the method-noise replicates
-    (`noise.measure_method_noise`) and every change is tested against them. `base`: the base model folder of
+    probes and `method_noise`, `replicates` draws of the replicate `family` are extracted at each checkpoint
+    (`noise.measure_replicates`) and every change is tested against them (`CircuitDiff.test`). `base`: the base model folder of
     adapter-only checkpoints (`checkpoints.open_run`).
     """
     from circuitdyn.checkpoints import resolve
     from circuitdyn.extraction import checkpoint_circuits, circuits_dir as default_dir, select_circuits
     from circuitdyn.facts import load_facts
-    from circuitdyn.noise import measure_method_noise, merge_noise
+    from circuitdyn.noise import measure_replicates, merge_noise, run_draws
     from circuitdyn.probes import load_probes
 
     sel = Selection.parse(selection)
     if not str(a).endswith(".safetensors") and not str(b).endswith(".safetensors"):
         from circuitdyn.checkpoints import architecture_difference
 
-        (run_a, ea), (run_b, eb) = (resolve(str(s), device=device, dtype=dtype) for s in (a, b))
+        (run_a, ea), (run_b, eb) = (resolve(str(s), device=device, dtype=dtype, base=base) for s in (a, b))
         why = architecture_difference(run_a.checkpoint(ea), run_b.checkpoint(eb))
         if why:
             raise CircuitdynError(f"{a} and {b} cannot be compared: {why}")
@@ -648,15 +675,20 @@ def diff_checkpoints(
         reached = (picks[0][1], picks[1][1])
     noise = None
     if method_noise and facts_a is not None and facts_b is not None:
-        settings = dict(method=ca.meta.get("method", "eap-ig"), steps=int(ca.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)),
-                        metric=metric, seed=seed, progress=progress, ig_grid=setting(ca.meta, "ig_grid"))
-        if run_a.path == run_b.path:
-            noise = measure_method_noise(run_a, facts_a, sorted({epoch_a, epoch_b}), sel,
-                                         folder=circuits_dir or default_dir(run_a), **settings)
-        else:
-            noise = merge_noise([measure_method_noise(run, facts, [epoch], sel, folder=circuits_dir or default_dir(run),
-                                                      **settings)
-                                 for _, run, epoch, facts in sides])
+        masks = selected or tuple(sel.select(cs.subset(ids).scores, cs.graph)[0] for cs, *_ in sides)
+        settings = dict(family=family, method=ca.meta.get("method", "eap-ig"), metric=metric, progress=progress,
+                        steps=int(ca.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)))
+        parts = []
+        for k, ((_, run, epoch, facts), m) in enumerate(zip(sides, masks)):
+            # side B draws from side A's stream only when it is another checkpoint of the same run: then the two
+            # sides' draws are disjoint slices of one stream; otherwise from another stream, never A's draws
+            shared = k == 0 or (run_b.path == run_a.path and epoch_b != epoch_a)
+            draws = run_draws(run, [epoch], family, replicates, seed if shared else seed + 1)
+            size = dict(zip(ids, m.sum(1).tolist()))
+            sizes = torch.tensor([size.get(f, int(np.median(list(size.values())))) for f in facts.ids])
+            parts.append(measure_replicates(run, facts, draws, {epoch: sizes}, sel,
+                                            folder=circuits_dir or default_dir(run), **settings))
+        noise = merge_noise(parts)
     d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=ids, labels=(short_label(a), short_label(b)),
                       selected=selected, reached=reached, entity_of=entity_of)
     d.labels = dict(labels)

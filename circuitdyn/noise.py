@@ -1,25 +1,21 @@
-"""Method noise: how much a circuit statistic moves when nothing about the model changes.
+"""Method noise: how much a circuit moves when nothing about the model changes, drawn as replicates.
 
-A circuit is an estimate. Re-attributing the **same checkpoint** with other method settings gives another
-circuit, and the difference between the two is method noise, not learning. circuitdyn measures it with
-the **same statistic** it reports for change between checkpoints, fact by fact:
+A circuit is an estimate. circuitdyn declares a **family** of equally valid attribution settings and treats
+each checkpoint's circuit as a draw from it (`FAMILIES`):
 
-- replicates (`replicates`): the extraction as asked (IG steps m, corruption as built), EAP-IG with 2m
-  steps (the IG discretisation), and another corruption of the same kind (the second valid swap partner,
-  and a new noise draw for noise-corrupted facts). Batch order is not a source: a fact's scores do not
-  depend on its batch (tested).
-- per fact and statistic (`similarity.DISTANCES`: edge Jaccard of the selected circuits, weighted Jaccard
-  and Spearman of all scores, as distances 1 - similarity), the distances between every pair of replicates
-  of one checkpoint, pooled over the checkpoints where noise was measured: that fact's method-noise
-  distribution. A pair that came out identical for a fact (no other swap partner of the same token length
-  exists, say) measured nothing and is left out, so `per_fact` reports how many distances each fact has;
-- per fact and edge, the noise band of its score: the largest |score difference| between replicates.
+- `estimation`: the same question (the fact's corruption as built) with the IG integral evaluated on a
+  randomly shifted midpoint grid (`attribution.grid_offset`: alpha = (k + u)/m, u drawn from the replicate's
+  seed; noise-corrupted facts also get a new noise draw). It measures the estimator's own error.
+- `question`: as `estimation`, and the corruption's swap partner drawn among the first `N_VARIANTS` valid
+  ones of equal token length (`FactSet.with_variant`). It adds how much the circuit depends on which
+  counterfactual asks the question.
 
-A change between two checkpoints counts as real for a fact (`changed_beyond_noise`) only when its distance
-exceeds the `NOISE_QUANTILE` (95th percentile) of that fact's method-noise distribution. With 3 replicates
-at 2 checkpoints a fact has 6 noise distances, so the 95th percentile sits near their maximum: the rule
-asks a change to exceed (almost) every difference that method settings alone produced. A checkpoint
-compared with itself has distance 0 and never counts.
+`draw_settings` draws seeds (and variants) at random, `replicate_scores` extracts them (cached as circuit
+files like any extraction, so a re-run resumes), and `circuitdyn.change_test` tests whether the checkpoint
+matters with an exact permutation test over the replicates of two checkpoints. `MethodNoise` describes the
+same replicates: per fact and statistic, the distances between replicates of one checkpoint, and per edge
+the noise band of its score (the largest |score difference| between replicates), which diffs use to say
+whether an edge moved.
 """
 
 from __future__ import annotations
@@ -28,52 +24,97 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
+from circuitdyn.attribution import DEFAULT_IG_STEPS, Method
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.selection import Selection
+from circuitdyn.selection import Selection, top_n_by_fact
 from circuitdyn.similarity import DISTANCES, distances
 
-NOISE_QUANTILE = 0.95
-"""A change counts as real when it exceeds this quantile of the fact's method-noise distances."""
+if TYPE_CHECKING:
+    from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
+
+Family = Literal["estimation", "question"]
+FAMILIES: tuple[Family, ...] = ("estimation", "question")
+DEFAULT_FAMILY: Family = "estimation"
+DEFAULT_REPLICATES = 5
+"""Replicates per checkpoint: with r = 5 the exact permutation test's smallest p is 2/252 (r = 4: 2/70)."""
+N_VARIANTS = 3
+"""The `question` family draws the corruption's swap partner among the first 3 valid ones."""
+REPLICATE_GRID = "shifted"
+"""The IG rule of every replicate: a midpoint grid shifted by an offset drawn from the replicate's seed."""
 
 
 @dataclass(frozen=True)
-class Replicate:
-    """One re-attribution setting of the same checkpoint."""
+class Draw:
+    """One replicate's setting: the extraction seed (the grid offset, and the noise draw of noise-corrupted
+    facts) and the corruption variant (0 = the first valid swap partner)."""
 
-    name: str
-    steps: int
-    variant: int
-    seed_offset: int
+    seed: int
+    variant: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"s{self.seed}" + (f" v{self.variant}" if self.variant else "")
 
 
-def replicates(method: str, steps: int) -> list[Replicate]:
-    """The extraction as asked, then the method-noise replicates: 2m IG steps (EAP-IG only) and another
-    corruption of the same kind."""
-    out = [Replicate("as extracted", steps, 0, 0)]
-    if method == "eap-ig":
-        out.append(Replicate(f"{2 * steps} IG steps", 2 * steps, 0, 0))
-    out.append(Replicate("other corruption", steps, 1, 1))
-    if method != "eap-ig":
-        out.append(Replicate("third corruption", steps, 2, 2))
-    return out
+def check_family(family: str) -> Family:
+    if family not in FAMILIES:
+        raise CircuitdynError(f"unknown replicate family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return family  # type: ignore[return-value]
+
+
+def draw_settings(family: str, n: int, seed: int = 0) -> list[Draw]:
+    """`n` independent draws from `family` (distinct seeds, so no two replicates coincide); callers slice one
+    stream per study (e.g. draws [i r, (i + 1) r) for its i-th checkpoint), so that the replicates of any two
+    checkpoints are independent draws of one distribution."""
+    check_family(family)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CircuitdynError(f"the number of replicates must be a whole number >= 1, got {n!r}")
+    rng = np.random.default_rng([int(seed), 0xD1CE])
+    seeds: list[int] = []
+    while len(seeds) < n:
+        s = int(rng.integers(1, 2**31 - 1))
+        if s not in seeds:
+            seeds.append(s)
+    variants = rng.integers(0, N_VARIANTS, n) if family == "question" else np.zeros(n, dtype=int)
+    return [Draw(s, int(v)) for s, v in zip(seeds, variants)]
+
+
+def replicate_scores(
+    run: Run, epoch: int, facts: FactSet, draws: Sequence[Draw], folder: str | Path, *, method: Method = "eap-ig",
+    steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", batch_size: int = 8, progress: bool = False,
+) -> Float[Tensor, "rep fact edge"]:
+    """The replicate circuits of one checkpoint, one per draw, in `facts` order: extracted on the `shifted`
+    grid with each draw's seed and corruption variant, or reused from `folder` where cached."""
+    from circuitdyn.extraction import extract_run
+
+    out = []
+    for d in draws:
+        rep_facts = facts if d.variant == 0 else facts.with_variant(d.variant)
+        done = extract_run(run, rep_facts, folder, [epoch], method=method, steps=steps, metric=metric, seed=d.seed,
+                           batch_size=batch_size, progress=progress, ig_grid=REPLICATE_GRID)[0]
+        cs = CircuitSet.load(done.path)
+        out.append(cs.scores[[cs.index(f) for f in facts.ids]].float())
+    return torch.stack(out)
 
 
 @dataclass
 class MethodNoise:
-    """Method-noise distributions per fact, measured at `epochs` of a run with `replicate_names`.
+    """Method noise per fact, described from the replicates of `epochs` (`replicate_names`).
 
-    `distances`: long table (fact_id, epoch, pair, statistic, distance). `band`: [fact, edge] the largest
-    |score difference| between replicates of one checkpoint (max over the noise epochs), in `fact_ids` order.
+    `distances`: long table (fact_id, epoch, pair, statistic, distance) of every pair of replicates of one
+    checkpoint. `band`: [fact, edge] the largest |score difference| between replicates of one checkpoint (max
+    over the checkpoints), in `fact_ids` order. `replicates`: per checkpoint key (an epoch, or 0 and 1 for the
+    two sides of a diff of two runs), the replicate scores [rep, fact, edge] the change test uses.
     """
 
     fact_ids: list[str]
@@ -84,19 +125,16 @@ class MethodNoise:
     selection: str
     sizes: pd.DataFrame = field(default_factory=pd.DataFrame)
     """Per (fact_id, epoch, replicate): circuit size and faithfulness reached (when the rule evaluates it)."""
+    family: str = DEFAULT_FAMILY
+    replicates: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def per_fact(self, statistic: str = "edge_jaccard") -> pd.DataFrame:
-        """Per fact: n noise distances, their median, `NOISE_QUANTILE` quantile and max."""
+        """Per fact: n noise distances, their median and max."""
         if statistic not in DISTANCES:
             raise CircuitdynError(f"unknown statistic {statistic!r}; choose one of {', '.join(DISTANCES)}")
         d = self.distances[self.distances["statistic"] == statistic]
         g = d.astype({"distance": float}).groupby("fact_id")["distance"]
-        out = pd.DataFrame({
-            "n": g.count(),
-            "median": g.median(),
-            "q": g.quantile(NOISE_QUANTILE),
-            "max": g.max(),
-        })
+        out = pd.DataFrame({"n": g.count(), "median": g.median(), "max": g.max()})
         return out.reindex(self.fact_ids)
 
     def band_for(self, fact_ids: Sequence[str]) -> Float[Tensor, "fact edge"]:
@@ -107,14 +145,21 @@ class MethodNoise:
             raise CircuitdynError(f"method noise was not measured for fact id(s) {missing[:3]}")
         return self.band[[index[f] for f in fact_ids]]
 
+    def replicates_for(self, key: int, fact_ids: Sequence[str]) -> Tensor | None:
+        """The replicate scores [rep, fact, edge] of checkpoint `key` for these facts (None if not drawn)."""
+        if key not in self.replicates:
+            return None
+        index = {f: i for i, f in enumerate(self.fact_ids)}
+        return self.replicates[key][:, [index[f] for f in fact_ids]]
+
     def summary(self) -> dict[str, Any]:
         """Median over facts of each statistic's median noise distance, and what it rests on."""
         out: dict[str, Any] = {"epochs": self.epochs, "replicates": self.replicate_names, "selection": self.selection,
-                               "quantile": NOISE_QUANTILE, "n_facts": len(self.fact_ids)}
+                               "family": self.family, "n_facts": len(self.fact_ids)}
         for stat in DISTANCES:
             pf = self.per_fact(stat)
-            out[stat] = {"median_of_medians": _num(pf["median"].median()), "median_of_q": _num(pf["q"].median()),
-                         "n_per_fact": int(pf["n"].min()) if len(pf) else 0}
+            out[stat] = {"median_of_medians": _num(pf["median"].median()),
+                         "n_per_fact": int(pf["n"].min()) if len(pf) and pf["n"].notna().all() else 0}
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,31 +177,22 @@ def _num(x: Any) -> float | None:
 
 Replica = tuple[str, CircuitSet, Tensor, "Tensor | None"]
 """(replicate name, circuit set, selected masks [fact, edge], faithfulness reached [fact] or None)."""
+Aligned = tuple[str, Tensor, Tensor, "list[float]"]
+"""(replicate name, scores [fact, edge], masks [fact, edge], faithfulness per fact) in one fact order."""
 
 
-def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: str | Selection) -> MethodNoise:
-    """`MethodNoise` from replicate circuits of the same checkpoints: per epoch, at least two replicates over
-    the same facts (`Replica` tuples)."""
-    if not per_epoch:
-        raise CircuitdynError("method noise needs replicate circuits of at least one checkpoint")
-    first = next(iter(per_epoch.values()))
-    fact_ids, edges = list(first[0][1].fact_ids), first[0][1].edges
+def _describe(fact_ids: list[str], per_epoch: dict[int, list[Aligned]], selection: str, family: str,
+              replicates: dict[int, Tensor] | None = None) -> MethodNoise:
     rows, size_rows = [], []
-    band = torch.zeros(len(fact_ids), len(edges))
+    n_edges = next(iter(per_epoch.values()))[0][1].shape[1]
+    band = torch.zeros(len(fact_ids), n_edges)
     for epoch, reps in per_epoch.items():
         if len(reps) < 2:
             raise CircuitdynError(f"epoch {epoch}: method noise needs at least 2 replicates, got {len(reps)}")
-        aligned = []
-        for name, cs, masks, got in reps:
-            if cs.edges != edges:
-                raise CircuitdynError(f"epoch {epoch} replicate {name!r}: another graph than the other replicates")
-            order = [cs.index(f) for f in fact_ids]
-            m = masks[order]
-            faith = [float("nan")] * len(fact_ids) if got is None else got[order].tolist()
+        for name, _, m, faith in reps:
             size_rows += [{"fact_id": f, "epoch": epoch, "replicate": name, "n_edges": int(n), "faithfulness": v}
                           for f, n, v in zip(fact_ids, m.sum(1).tolist(), faith)]
-            aligned.append((name, cs.scores[order].float(), m))
-        for (na, sa, ma), (nb, sb, mb) in itertools.combinations(aligned, 2):
+        for (na, sa, ma, _), (nb, sb, mb, _) in itertools.combinations(reps, 2):
             band = torch.maximum(band, (sa - sb).abs())
             dist = distances(sa, sb, ma, mb)
             # A replicate that came out identical for a fact (e.g. no other swap partner of the same length
@@ -165,83 +201,85 @@ def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: str | 
             for stat in DISTANCES:
                 rows += [{"fact_id": f, "epoch": epoch, "pair": f"{na} vs {nb}", "statistic": stat,
                           "distance": float(v)} for f, v, eq in zip(fact_ids, dist[stat], same) if not eq]
-    names = [rep[0] for rep in first]
+    names = [rep[0] for rep in next(iter(per_epoch.values()))]
     table = pd.DataFrame(rows, columns=["fact_id", "epoch", "pair", "statistic", "distance"])
-    return MethodNoise(fact_ids, sorted(per_epoch), names, table, band, str(Selection.parse(selection)),
-                       pd.DataFrame(size_rows))
+    return MethodNoise(fact_ids, sorted(per_epoch), names, table, band, selection, pd.DataFrame(size_rows), family,
+                       dict(replicates or {}))
 
 
-def change_table(observed: dict[str, np.ndarray], fact_ids: Sequence[str], noise: MethodNoise | None
-                 ) -> pd.DataFrame:
-    """Per fact and statistic: the observed distance, the fact's noise median and quantile, whether the
-    change is beyond noise, the effect size (observed - noise median) and the share of noise distances at
-    least as large as the observed one (`p_noise`, resolution 1/(n+1))."""
-    frames = []
-    for stat in DISTANCES:
-        obs = np.asarray(observed[stat], dtype=float)
-        df = pd.DataFrame({"fact_id": list(fact_ids), "statistic": stat, "distance": obs})
-        if noise is None:
-            df["noise_median"] = df["noise_q"] = np.nan
-            df["n_noise"] = 0
-            df["changed_beyond_noise"] = pd.array([pd.NA] * len(df), dtype="boolean")
-            df["effect"] = df["p_noise"] = np.nan
-        else:
-            pf = noise.per_fact(stat).reindex(list(fact_ids))
-            dist = noise.distances[noise.distances["statistic"] == stat].groupby("fact_id")["distance"]
-            values = {f: g.to_numpy() for f, g in dist}
-            df["noise_median"] = pf["median"].to_numpy()
-            df["noise_q"] = pf["q"].to_numpy()
-            df["n_noise"] = pf["n"].fillna(0).astype(int).to_numpy()
-            defined = ~np.isnan(obs) & ~np.isnan(df["noise_q"].to_numpy())
-            df["changed_beyond_noise"] = pd.array(
-                [bool(o > q) if ok else pd.NA for o, q, ok in zip(obs, df["noise_q"], defined)], dtype="boolean")
-            df["effect"] = obs - df["noise_median"].to_numpy()
-            df["p_noise"] = [(1 + int((values.get(f, np.array([])) >= o).sum())) / (1 + len(values.get(f, [])))
-                             if not np.isnan(o) else np.nan for f, o in zip(fact_ids, obs)]
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: str | Selection,
+                          family: str = DEFAULT_FAMILY) -> MethodNoise:
+    """`MethodNoise` from replicate circuit sets of the same checkpoints: per epoch, at least two replicates
+    over the same facts (`Replica` tuples, circuits already selected). Their scores become the replicates
+    the change test draws on."""
+    if not per_epoch:
+        raise CircuitdynError("method noise needs replicate circuits of at least one checkpoint")
+    first = next(iter(per_epoch.values()))
+    fact_ids, edges = list(first[0][1].fact_ids), first[0][1].edges
+    aligned: dict[int, list[Aligned]] = {}
+    for epoch, reps in per_epoch.items():
+        for name, cs, masks, got in reps:
+            if cs.edges != edges:
+                raise CircuitdynError(f"epoch {epoch} replicate {name!r}: another graph than the other replicates")
+            order = [cs.index(f) for f in fact_ids]
+            faith = [float("nan")] * len(fact_ids) if got is None else got[order].tolist()
+            aligned.setdefault(epoch, []).append((name, cs.scores[order].float(), masks[order], faith))
+    replicates = {e: torch.stack([a[1] for a in reps]) for e, reps in aligned.items()}
+    return _describe(fact_ids, aligned, str(Selection.parse(selection)), family, replicates)
 
 
-def measure_method_noise(
-    run: Any, facts: Any, epochs: Sequence[int], selection: str | Selection, *, method: str = "eap-ig",
-    steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0, folder: str | Path | None = None,
-    batch_size: int = 8, progress: bool = False, ig_grid: str | None = None,
+def noise_from_scores(replicates: dict[int, Float[Tensor, "rep fact edge"]], fact_ids: Sequence[str],
+                      sizes: dict[int, Int[Tensor, "fact"]], selection: str | Selection,
+                      draws: dict[int, Sequence[Draw]], family: str = DEFAULT_FAMILY) -> MethodNoise:
+    """`MethodNoise` from replicate scores per checkpoint key; each replicate's circuit is its top-n edges at
+    the size of the fact's selected circuit there (`sizes`), so replicates differ only in their scores."""
+    if not replicates:
+        raise CircuitdynError("method noise needs replicate circuits of at least one checkpoint")
+    aligned: dict[int, list[Aligned]] = {}
+    for key, reps in replicates.items():
+        nan = [float("nan")] * len(fact_ids)
+        aligned[key] = [(d.name, r, top_n_by_fact(r, sizes[key]), nan) for d, r in zip(draws[key], reps)]
+    return _describe(list(fact_ids), aligned, str(Selection.parse(selection)), family, replicates)
+
+
+def run_draws(run: Run, epochs: Sequence[int], family: str = DEFAULT_FAMILY, r: int = DEFAULT_REPLICATES,
+              seed: int = 0) -> dict[int, list[Draw]]:
+    """The replicate draws of these epochs of `run`: the i-th epoch of the run takes draws [i r, (i + 1) r) of
+    the stream `seed`, so a checkpoint's replicates are the same in every study of the run (and cached once),
+    and two checkpoints never share a draw."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 2:
+        raise CircuitdynError(f"replicates per checkpoint must be a whole number >= 2, got {r!r}")
+    stream = draw_settings(family, r * len(run.epochs), seed)
+    return {e: stream[run.epochs.index(e) * r:(run.epochs.index(e) + 1) * r] for e in epochs}
+
+
+def measure_replicates(
+    run: Run, facts: FactSet, draws: dict[int, list[Draw]], sizes: dict[int, Tensor], selection: str | Selection, *,
+    family: str = DEFAULT_FAMILY, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
+    metric: str = "answer-logprob", folder: str | Path | None = None, batch_size: int = 8, progress: bool = False,
 ) -> MethodNoise:
-    """Re-attribute `epochs` of `run` with every `replicates` setting (cached as circuit files in `folder`
-    like any extraction), select each replicate's circuits with `selection` (faithfulness evaluated under
-    the replicate's own corruption), and measure the distances between them.
+    """Extract the replicates `draws` (epoch -> draws, e.g. `run_draws`) of `run` (cached in `folder`) and
+    describe them. `sizes`: per epoch, the size of each fact's selected circuit (`facts` order)."""
+    from circuitdyn.extraction import circuits_dir
 
-    `facts` is a `circuitdyn.facts.FactSet` (its corruption variants are built from the same probes);
-    `ig_grid`: the IG quadrature of every replicate (default `attribution.DEFAULT_IG_GRID`).
-    """
-    from circuitdyn.extraction import circuits_dir, extract_run, select_circuits
-
-    if not epochs:
+    if not draws:
         raise CircuitdynError("method noise needs at least one checkpoint (noise epochs)")
     folder = Path(folder) if folder is not None else circuits_dir(run)
-    sel = Selection.parse(selection)
-    per_epoch: dict[int, list[Replica]] = {}
-    for rep in replicates(method, steps):
-        rep_facts = facts if rep.variant == 0 else facts.with_variant(rep.variant)
-        done = extract_run(run, rep_facts, folder, list(epochs), method=method, steps=rep.steps,  # type: ignore[arg-type]
-                           metric=metric, seed=seed + rep.seed_offset, batch_size=batch_size, progress=progress,
-                           ig_grid=ig_grid or DEFAULT_IG_GRID)  # type: ignore[arg-type]
-        for r in done:
-            cs = CircuitSet.load(r.path)
-            masks, got = select_circuits(run, r.epoch, cs, sel, rep_facts, cache_dir=folder)
-            per_epoch.setdefault(r.epoch, []).append((rep.name, cs, masks, got))
-    return noise_from_replicates(per_epoch, sel)
+    scores = {e: replicate_scores(run, e, facts, ds, folder, method=method, steps=steps, metric=metric,
+                                  batch_size=batch_size, progress=progress) for e, ds in draws.items()}
+    return noise_from_scores(scores, facts.ids, sizes, selection, draws, family)
 
 
 def merge_noise(parts: Sequence[MethodNoise]) -> MethodNoise:
-    """Method noise measured on several runs (e.g. the two sides of a diff of two model folders), pooled."""
-    if not parts:
-        raise CircuitdynError("nothing to merge: no method noise")
-    first = parts[0]
-    for other in parts[1:]:
-        if other.fact_ids != first.fact_ids or other.band.shape != first.band.shape:
-            raise CircuitdynError("method noise of different facts or graphs cannot be pooled")
-    band = torch.stack([p.band for p in parts]).amax(0)
+    """Method noise measured on two runs (the two sides of a diff of two model folders), pooled; the first
+    part's replicates become key 0 and the second's key 1."""
+    if len(parts) != 2:
+        raise CircuitdynError(f"merge_noise pools the two sides of a diff, got {len(parts)} parts")
+    first, second = parts
+    if second.fact_ids != first.fact_ids or second.band.shape != first.band.shape:
+        raise CircuitdynError("method noise of different facts or graphs cannot be pooled")
+    band = torch.maximum(first.band, second.band)
+    reps = {k: next(iter(p.replicates.values())) for k, p in enumerate(parts) if p.replicates}
     return MethodNoise(first.fact_ids, sorted({e for p in parts for e in p.epochs}), first.replicate_names,
                        pd.concat([p.distances for p in parts], ignore_index=True), band, first.selection,
-                       pd.concat([p.sizes for p in parts], ignore_index=True))
+                       pd.concat([p.sizes for p in parts], ignore_index=True), first.family, reps)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from circuitdyn.diff import CircuitDiff
+from circuitdyn.change_test import ALPHA
+from circuitdyn.diff import PRIMARY, CircuitDiff
 from circuitdyn.similarity import DISTANCES
 from circuitdyn.timeline import Timeline
 
-ALPHA = 0.05
-"""Significance level of the tests quoted in the text."""
+FAMILIES = {"estimation": "the same question, other IG quadrature offsets",
+            "question": "other IG quadrature offsets and other swap partners of the corruption"}
 
 NAMES = {"edge_jaccard": "edge-set distance (1 - Jaccard)", "weighted_jaccard": "weighted-Jaccard distance",
          "spearman": "rank distance (1 - Spearman)"}
@@ -40,22 +41,21 @@ def _size(size: dict[str, Any], faith: dict[str, Any] | None) -> str:
     return text
 
 
-def _excess_verdict(excess: dict[str, Any], changed: int | None, tested: int) -> str:
-    lo = excess.get("lo")
-    if excess.get("value") is None or tested == 0:
+def _change_verdict(agg: dict[str, Any] | None) -> str:
+    """The aggregate change test's verdict (`change_test.aggregate_verdict`), direction checked: change is
+    claimed only for a positive effect with p below `ALPHA`."""
+    if not agg or not agg.get("n_tested"):
         return "nothing to test"
-    if lo is not None and lo > 0:
-        return (f"circuits moved more than method noise (excess interval above 0); {changed} of {tested} "
-                f"fact-level changes clear the fact's own noise")
-    if lo is None:
-        return (f"{changed} of {tested} clear the fact's own noise; too few entities for an interval, "
-                "so no claim about the mean excess")
-    if excess.get("hi") is not None and excess["hi"] < 0:
-        return (f"circuits moved less between epochs than re-attributing one checkpoint moves them (excess "
-                f"interval below 0): the change is within method noise; {changed} of {tested} fact-level changes "
-                "clear the fact's own noise")
-    return (f"no evidence that circuits moved more than method noise on average (excess interval includes 0); "
-            f"{changed} of {tested} fact-level changes clear the fact's own noise")
+    effect, p = agg["effect"], agg["p_value"]
+    counts = (f"{agg['n_changed_beyond_noise']} of {agg['n_tested']} fact-level tests clear method noise "
+              f"(false discovery rate {ALPHA:.0%})")
+    if agg.get("changed"):
+        return (f"circuits moved more than method noise (stratified permutation p = {p:.4f}, mean excess "
+                f"{estimate(effect)}); {counts}")
+    if effect.get("value") is not None and effect["value"] < 0:
+        return (f"no evidence of change: circuits moved less between the checkpoints than between replicates of "
+                f"one checkpoint (p = {p:.3f}); {counts}")
+    return f"no evidence that circuits moved more than method noise (p = {p:.3f}); {counts}"
 
 
 def describe_diff(d: CircuitDiff) -> list[str]:
@@ -66,21 +66,20 @@ def describe_diff(d: CircuitDiff) -> list[str]:
              f"{d.label_b} {_size(s['circuit_size']['b'], (s.get('faithfulness_reached') or {}).get('b'))}",
              f"facts compared: {s['n_included']} of {s['n_facts']} in {s['n_entities']} entities "
              f"({s['n_excluded_gap']} excluded: clean-corrupted metric gap below {s['min_gap']:g} at either checkpoint)"]
-    noise = s.get("method_noise")
-    if noise:
-        lines.append(f"method noise: the same checkpoints re-attributed ({', '.join(noise['replicates'])}); "
-                     f"{noise['edge_jaccard']['n_per_fact']}+ distances per fact; a change counts when it exceeds the "
-                     f"fact's {noise['quantile']:.0%} quantile")
+    noise, test = s.get("method_noise"), s.get("change_test")
+    if noise and test:
+        lines.append(f"method noise: {test['replicates_per_checkpoint'][0]} replicates per checkpoint drawn from the "
+                     f"'{test['family']}' family ({FAMILIES[test['family']]}); per fact an exact permutation test "
+                     f"of the checkpoint labels, Benjamini-Hochberg over facts")
     for stat in DISTANCES:
         st = s[stat]
         text = f"{NAMES[stat]} {d.label_a} -> {d.label_b}: {estimate(st['distance'])}"
-        if st["noise_median"] is not None:
-            text += (f"; method noise {st['noise_median']:.3f}; excess {estimate(st['effect'])}; beyond noise for "
-                     f"{st['n_changed_beyond_noise']} of {st['n_tested']} facts")
+        if st.get("noise_distance") is not None:
+            text += (f"; between replicates of one checkpoint {st['noise_distance']:.3f}; excess {estimate(st['effect'])}, "
+                     f"p = {st['p_value']:.4f}; beyond noise for {st['n_changed_beyond_noise']} of {st['n_tested']} facts")
         lines.append(text)
-    if noise:
-        lines.append("verdict: " + _excess_verdict(s["edge_jaccard"]["effect"], s["n_changed_beyond_noise"],
-                                                   s["n_tested"]))
+    if noise and test:
+        lines.append("verdict: " + _change_verdict(s[PRIMARY]))
     else:
         lines.append("no method noise measured (needs checkpoints and --probes): changes are not tested against noise")
     return lines
@@ -96,10 +95,11 @@ def describe_timeline(tl: Timeline) -> list[str]:
     noise = s.get("method_noise")
     rate = f"reconfiguration: {estimate(s['reconfiguration_rate'])} of a circuit's edges replaced per epoch"
     if noise:
-        lines.append(f"method noise at epochs {noise['epochs']} ({', '.join(noise['replicates'])}): edge-set "
-                     f"distance median {noise['edge_jaccard']['median_of_medians']:.3f} per fact")
+        lines.append(f"method noise at epochs {noise['epochs']} ({len(noise['replicates'])} replicates each, "
+                     f"'{noise['family']}' family): edge-set distance between replicates of one checkpoint, median "
+                     f"{noise['edge_jaccard']['median_of_medians']:.3f} per fact")
         lines.append(f"{rate}; excess over method noise {estimate(s['excess_over_noise'])}")
-        lines.append("verdict: " + _excess_verdict(s["excess_over_noise"], s["n_changed_beyond_noise"], s["n_tested"]))
+        lines.append("verdict: " + _change_verdict(s.get("change_test")))
     else:
         lines.append(f"{rate}; no method noise measured, so not tested against it")
     st = s.get("stability")

@@ -36,11 +36,12 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.attribution import Method
+from circuitdyn.attribution import IGGrid, Method
 from circuitdyn.circuits import CircuitSet, find_circuits
 from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
 from circuitdyn.faithfulness import MIN_GAP
-from circuitdyn.noise import MethodNoise, change_table
+from circuitdyn.change_test import ALPHA, aggregate_verdict, change_table, compare_replicates, with_fdr
+from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
 from circuitdyn.similarity import (
     jaccard,
     rank_rows,
@@ -195,25 +196,47 @@ class Timeline:
     @cached_property
     def changes(self) -> pd.DataFrame:
         """Per fact, transition (epoch vs the previous epoch) and statistic of `similarity.DISTANCES`: the
-        distance, the fact's method-noise median and quantile, `changed_beyond_noise`, effect, `p_noise`
-        (`noise.change_table`), and `included` (the gap reaches `min_gap` at both epochs)."""
+        distance beside the calibrated change test of the two epochs' replicates (`change_test.change_table`;
+        NA where either epoch has none), the false discovery rate controlled over every tested fact-transition
+        of the timeline, and `included` (the gap reaches `min_gap` at both epochs)."""
         sim = self.similarity[self.similarity["fact_id"] != MEAN].set_index(["fact_id", "epoch"])
-        frames = []
+        frames, effects = [], {}
+        n = len(self.fact_ids)
         for prev, e in zip(self.epochs, self.epochs[1:]):
             rows = sim.xs(e, level="epoch").reindex(self.fact_ids)
             before = sim.xs(prev, level="epoch").reindex(self.fact_ids)
             observed = {"edge_jaccard": 1 - rows["jaccard_prev"].to_numpy(float),
                         "weighted_jaccard": 1 - rows["weighted_jaccard_prev"].to_numpy(float),
                         "spearman": 1 - rows["spearman_prev"].to_numpy(float)}
-            table = change_table(observed, self.fact_ids, self.noise)
-            inc = dict(zip(self.fact_ids, rows["included"].to_numpy(bool) & before["included"].to_numpy(bool)))
-            table["included"] = table["fact_id"].map(inc).astype(bool)
-            table.loc[~table["included"], "changed_beyond_noise"] = pd.NA
+            inc = rows["included"].to_numpy(bool) & before["included"].to_numpy(bool)
+            test = None
+            if self.noise is not None:
+                reps = [self.noise.replicates_for(x, self.fact_ids) for x in (prev, e)]
+                if reps[0] is not None and reps[1] is not None:
+                    sizes = (self.masks[prev][:n].sum(1).double() * self.masks[e][:n].sum(1).double()).sqrt()
+                    test, split = compare_replicates(reps[0], reps[1], self.fact_ids, sizes.round().long(),
+                                                     included=inc, family=self.noise.family)
+                    for stat, arrays in split.items():
+                        effects.setdefault(stat, []).extend(arrays)
+            table = change_table(observed, self.fact_ids, test)
+            table["included"] = np.tile(inc, len(table) // n)
             table.insert(1, "epoch", e)
             frames.append(table)
+        self._cache["effects"] = effects
         if not frames:
             return pd.DataFrame(columns=["fact_id", "epoch", "statistic", "distance", "included"])
-        return pd.concat(frames, ignore_index=True)
+        return with_fdr(pd.concat(frames, ignore_index=True), ALPHA)
+
+    def change_verdict(self, statistic: str = PRIMARY) -> dict[str, Any] | None:
+        """The aggregate change test over every tested fact-transition (`change_test.aggregate_verdict`):
+        mean effect with its interval over entities, the stratified permutation p, and the verdict; None
+        without replicates at two consecutive epochs."""
+        ch = self.changes
+        effects = self._cache["effects"].get(statistic)
+        if not effects:
+            return None
+        rows = ch[ch["statistic"] == statistic].reset_index(drop=True)
+        return aggregate_verdict(rows, effects, entity_groups(list(rows["fact_id"]), self.entity_of), ALPHA)
 
     def _primary(self) -> pd.DataFrame:
         """`changes` of the primary statistic (edge-Jaccard distance) for included transitions, with entities."""
@@ -237,7 +260,7 @@ class Timeline:
             tested = d["changed_beyond_noise"].dropna()
             rows.append({
                 "epoch": e, "replaced": est.value, "replaced_lo": est.lo, "replaced_hi": est.hi,
-                "noise": float(d["noise_median"].mean()) if self.noise is not None and len(d) else np.nan,
+                "noise": float(d["noise_distance"].mean()) if self.noise is not None and len(d) else np.nan,
                 "n_changed_beyond_noise": int(tested.sum()) if self.noise is not None else pd.NA,
                 "n_tested": int(len(tested)), "n": est.n,
                 "n_excluded": int(len(self.fact_ids) - len(d)),
@@ -255,9 +278,11 @@ class Timeline:
 
     @cached_property
     def excess_over_noise(self) -> Estimate:
-        """Mean of (distance - the fact's method-noise median) over included transitions, with its interval:
-        how much more circuits moved between epochs than re-attributing one checkpoint moves them."""
+        """Mean change-test effect (mean distance between replicates of consecutive epochs - mean distance
+        within an epoch) over tested transitions, with its interval over entities: how much more circuits
+        moved between epochs than re-attributing one checkpoint moves them."""
         ch = self._primary()
+        ch = ch[ch["p_value"].notna()]
         return bootstrap_ci(ch["effect"].to_numpy(float), ch["entity"])
 
     @property
@@ -375,6 +400,7 @@ class Timeline:
             "reconfiguration_rate": self.reconfiguration_estimate.to_dict(),
             "method_noise": None if self.noise is None else self.noise.summary(),
             "excess_over_noise": self.excess_over_noise.to_dict(),
+            "change_test": self.change_verdict(),
             "n_changed_beyond_noise": int(tested.sum()) if self.noise is not None else None,
             "n_tested": int(len(tested)),
             "mean_jaccard_prev": _num(per_fact["jaccard_prev"].mean()),
@@ -505,19 +531,21 @@ def load_run_timeline(
     metric: str = "answer-logprob",
     seed: int = 0,
     where: dict[str, Any] | None = None,
-    noise_epochs: Sequence[int] | str | None = "ends",
+    noise_epochs: Sequence[int] | str | None = "all",
     fact_choice: str = "given",
     progress: bool = False,
     ig_grid: IGGrid | None = None,
+    family: Family = DEFAULT_FAMILY,
+    replicates: int = DEFAULT_REPLICATES,
 ) -> Timeline:
     """The timeline of a run (a `checkpoints.Run` or its folder) over every epoch.
 
     With `facts` (a `circuitdyn.facts.FactSet`, e.g. from `load_facts`), the circuits of exactly these
     facts are used: extracted where missing and reused where `circuits_dir` (default
     `extraction.circuits_dir(run)`) holds them with the same settings; rules that evaluate circuits
-    (`faith:`) do so on each epoch's model (cached). `noise_epochs` ("ends" = the first and last epoch, "all",
-    a list, or None) are re-attributed with the method-noise replicates (`noise.measure_method_noise`), which
-    every change is tested against. Without facts, the cached circuits of one extraction are read (`where`
+    (`faith:`) do so on each epoch's model (cached). At `noise_epochs` ("all", the default: every transition
+    is tested; "ends" = the first and last epoch; a list; or None) `replicates` draws of the replicate `family`
+    are extracted (`noise.measure_replicates`); a transition between two such epochs is tested against them. Without facts, the cached circuits of one extraction are read (`where`
     filters their metadata) and no method noise is measured. Probe outcomes and loss come from
     `circuitdyn.dynamics` when the run has probe results.
     """
@@ -527,7 +555,7 @@ def load_run_timeline(
     from circuitdyn.circuits import setting
     from circuitdyn.extraction import extract_run, select_circuits
     from circuitdyn.facts import facts_hash
-    from circuitdyn.noise import measure_method_noise
+    from circuitdyn.noise import measure_replicates, run_draws
 
     run = open_run(run) if isinstance(run, (str, Path)) else run
     folder = Path(circuits_dir) if circuits_dir is not None else default_dir(run)
@@ -567,9 +595,15 @@ def load_run_timeline(
     chosen = _noise_epochs(noise_epochs, run.epochs)
     if facts is not None and chosen:
         cs0 = circuits[run.epochs[0]]
-        noise = measure_method_noise(run, facts, chosen, sel, method=cs0.meta.get("method", "eap-ig"),
-                                     steps=int(cs0.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)), metric=metric,
-                                     seed=seed, folder=folder, progress=progress, ig_grid=setting(cs0.meta, "ig_grid"))
+        sizes = {}
+        for e in chosen:
+            masks = selected[e][0] if selected is not None else sel.select(circuits[e].scores, circuits[e].graph)[0]
+            size = dict(zip(circuits[e].fact_ids, masks.sum(1).tolist()))
+            sizes[e] = torch.tensor([size[f] for f in facts.ids])
+        noise = measure_replicates(run, facts, run_draws(run, chosen, family, replicates, seed), sizes, sel,
+                                   family=family, method=cs0.meta.get("method", "eap-ig"), metric=metric,
+                                   steps=int(cs0.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)), folder=folder,
+                                   progress=progress)
     entity_of = getattr(facts, "entity_of", None)
     return build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, noise=noise, selected=selected,
                           entity_of=entity_of, fact_choice=fact_choice)

@@ -130,33 +130,45 @@ def test_strongest_paths_and_path_changes():
     assert d.facts.loc["f0", "paths_lost"] == 1
 
 
+def replicate_sets(base: torch.Tensor, n: int, scale: float, seed: int, facts: list[str]) -> list[CircuitSet]:
+    """`n` replicate circuit sets of one checkpoint: `base` plus independent noise of size `scale`."""
+    return [make_set(base + scale * random_scores(len(facts), seed=seed + i), facts, checkpoint_hash=f"h{seed}")
+            for i in range(n)]
+
+
 def test_method_noise_decides_what_counts_as_change():
-    """Replicates of one checkpoint define each fact's noise; a diff counts a fact as changed only beyond it."""
-    s = random_scores(3, seed=1)
+    """The replicates of both checkpoints decide what counts as change: a copy of A whose replicates are just
+    new draws is not flagged; B = A moved by more than the replicates differ is flagged for every fact."""
+    facts = [f"e{i // 3}/q/{i}" for i in range(12)]
+    s = random_scores(12, seed=1)
     sel = Selection.parse("top:20")
-    reps = [make_set(s, checkpoint_hash="h"), make_set(s + 0.02 * random_scores(3, seed=2), checkpoint_hash="h"),
-            make_set(s + 0.02 * random_scores(3, seed=3), checkpoint_hash="h")]
-    noise = noise_from_replicates({0: [(f"r{i}", r, sel.select(r.scores, GRAPH)[0], None) for i, r in enumerate(reps)]},
-                                  sel)
-    assert noise.band.shape == (3, GRAPH.n_edges)
-    assert torch.allclose(noise.band, torch.stack([(x.scores - y.scores).abs() for x, y in
-                                                   [(reps[0], reps[1]), (reps[0], reps[2]), (reps[1], reps[2])]]).amax(0))
-    per_fact = noise.per_fact("edge_jaccard")
-    assert list(per_fact.index) == ["f0", "f1", "f2"] and (per_fact["n"] == 3).all()
-    # the same checkpoint against itself: distance 0, never beyond noise
-    same = diff_circuits(reps[0], reps[0], sel, noise=noise)
-    assert same.summary["n_changed_beyond_noise"] == 0 and same.summary["n_tested"] == 3
-    # a replicate pair is the noise itself: it cannot exceed its own 95th percentile... unless it is the max
-    changed = diff_circuits(reps[0], make_set(random_scores(3, seed=9), checkpoint_hash="h2"), sel, noise=noise)
-    assert changed.summary["n_changed_beyond_noise"] == 3
+    reps_a = replicate_sets(s, 5, 0.05, 100, facts)
+    null_b = replicate_sets(s, 5, 0.05, 200, facts)
+    moved = s + 0.5 * random_scores(12, seed=9)
+    reps_b = replicate_sets(moved, 5, 0.05, 300, facts)
+
+    def noise(a: list[CircuitSet], b: list[CircuitSet]) -> MethodNoise:
+        return noise_from_replicates({k: [(f"r{i}", r, sel.select(r.scores, GRAPH)[0], None) for i, r in enumerate(x)]
+                                      for k, x in enumerate((a, b))}, sel)
+
+    n = noise(reps_a, reps_b)
+    assert n.band.shape == (12, GRAPH.n_edges) and (n.per_fact("edge_jaccard")["n"] == 20).all()
+    assert torch.allclose(n.band[0], torch.stack([(x.scores[0] - y.scores[0]).abs() for k in (reps_a, reps_b)
+                                                  for i, x in enumerate(k) for y in k[i + 1:]]).amax(0))
+    changed = diff_circuits(make_set(s, facts), make_set(moved, facts), sel, noise=n)
+    assert changed.summary["n_changed_beyond_noise"] == 12 and changed.summary["n_tested"] == 12
+    assert changed.summary["edge_jaccard"]["changed"] is True
     ch = changed.changes
-    assert set(ch["statistic"]) == {"edge_jaccard", "weighted_jaccard", "spearman"}
-    row = ch[(ch["fact_id"] == "f0") & (ch["statistic"] == "edge_jaccard")].iloc[0]
-    assert row["effect"] == pytest.approx(row["distance"] - row["noise_median"])
-    assert row["p_noise"] == pytest.approx(1 / 4)  # none of its 3 noise distances reaches it
-    assert changed.summary["edge_jaccard"]["effect"]["n"] == 3
+    row = ch[(ch["fact_id"] == facts[0]) & (ch["statistic"] == "edge_jaccard")].iloc[0]
+    assert row["effect"] == pytest.approx(row["cross"] - row["noise_distance"]) and row["effect"] > 0
+    assert row["p_value"] == pytest.approx(2 / 252)  # the observed split and its mirror are the most extreme
+    assert row["n_replicates"] == 10
+    same = diff_circuits(make_set(s, facts), make_set(s, facts), sel, noise=noise(reps_a, null_b))
+    assert same.summary["n_tested"] == 12 and same.summary["n_changed_beyond_noise"] == 0
+    assert same.summary["edge_jaccard"]["changed"] is False
+    assert (same.changes["p_value"] > 2 / 252).sum() >= 30  # a null's p-values spread over (0, 1]
     with pytest.raises(CircuitdynError, match="not measured for fact"):
-        diff_circuits(make_set(random_scores(4)), make_set(random_scores(4)), sel, noise=noise)
+        diff_circuits(make_set(random_scores(4)), make_set(random_scores(4)), sel, noise=n)
 
 
 def test_small_gap_facts_are_excluded_and_counted():
@@ -361,11 +373,14 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
     assert len(list((run / "circuits").glob("*.safetensors"))) == 2  # epochs 0 and 2, nothing else
     assert main([*args, "--top-n", "20", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["baseline"]["replicates"] == ["as extracted", "4 IG steps", "other corruption"]
+    names = data["baseline"]["replicates"]
+    assert len(names) == 5 and all(n.startswith("s") for n in names) and data["baseline"]["family"] == "estimation"
     assert data["baseline"]["epochs"] == [0, 2]
+    assert data["summary"]["change_test"]["replicates_per_checkpoint"] == [5, 5]
     assert isinstance(data["n_changed_beyond_noise"], int) and data["summary"]["n_tested"] <= 3
     files = sorted((run / "circuits").glob("*.safetensors"))
-    assert len(files) == 6  # + 4 steps and another corruption, at both epochs
+    assert len(files) == 12  # + 5 replicates on shifted IG grids, at both epochs
+    assert len([f for f in files if "-shifted." in f.name]) == 10
     stamps = [f.stat().st_mtime_ns for f in files]
     assert main([*args, "--select", "faith:0.5", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -376,14 +391,20 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
     assert all(r is None or r >= 0.5 for r in reached) and any(r is not None for r in reached)  # None: undefined
     assert [f.stat().st_mtime_ns for f in sorted((run / "circuits").glob("*.safetensors"))] == stamps  # reused
     selections = sorted((run / "circuits" / "selections").glob("*.safetensors"))
-    assert len(selections) == 6  # the faith:0.5 circuits of every replicate at both epochs, cached
+    assert len(selections) == 2  # the faith:0.5 circuits at both epochs, cached; replicates are cut at their size
     sel_stamps = [f.stat().st_mtime_ns for f in selections]
     assert main([*args, "--select", "faith:0.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"] == data["summary"]
     assert [f.stat().st_mtime_ns for f in selections] == sel_stamps
-    # the cached circuits are found without --probes too; circuits of other settings are told apart
-    assert main(["diff", f"{run}:0", f"{run}:2", "--method", "eap-ig", "--top-n", "20", "--circuits",
-                 str(run / "circuits"), "--out", str(out)]) == 2
+    # the cached circuits are found without --probes too (the replicates, of other seeds, are not taken for them)
+    cached = ["diff", f"{run}:0", f"{run}:2", "--method", "eap-ig", "--top-n", "20", "--circuits",
+              str(run / "circuits"), "--out", str(out)]
+    assert main(cached) == 0
+    capsys.readouterr()
+    # circuits of other settings are told apart
+    assert main([*args, "--steps", "4", "--top-n", "20", "--no-noise"]) == 0
+    capsys.readouterr()
+    assert main(cached) == 2
     assert "several circuit files for epoch 0 with different settings" in capsys.readouterr().err
     assert main(["diff", f"{run}:0", f"{run}:2", "--steps", "2", "--top-n", "200", "--out", str(out)]) == 0
     assert "selection top:200" in capsys.readouterr().out

@@ -197,7 +197,7 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "stay put while recalled?" in text and "forgotten" in text
     assert "share of each fact's gap recovered by epoch i's circuit (rows)" in text
-    assert "method noise at epochs [0, 2]" in text
+    assert "method noise at epochs [0, 1, 2] (5 replicates each, 'estimation' family)" in text
     assert main(["timeline", str(run), "--transfer"]) == 2
     assert "--transfer needs --probes" in capsys.readouterr().err
     assert main([*args, "--select", "faith:0.5", "--out", str(tmp_path / "faith.html")]) == 0
@@ -205,7 +205,7 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     assert main(["timeline", str(run), "--select", "faith:0.5", "--steps", "1"]) == 2
     assert "selection faith:0.5 evaluates circuits on each epoch's model: it needs the facts (--probes)" in (
         capsys.readouterr().err)
-    assert len(list((run / "circuits").glob("*.safetensors"))) == 3 + 2 * 2  # + noise replicates at epochs 0, 2
+    assert len(list((run / "circuits").glob("*.safetensors"))) == 3 + 3 * 5  # + 5 replicates at every epoch
     html = (run / "timeline.html").read_text()
     assert probes[0].question.split()[0] in html
     # EAP circuits record 1 step, whatever --steps (default 5) asked for: they are still found.
