@@ -23,10 +23,8 @@ from circuitdyn.probes import (
     load_math_probes,
     load_probes,
     load_reasoning_probes,
-    math_correct,
     mention_forms,
     prompt_text,
-    reasoning_correct,
     rouge1,
     sample,
     seed_data_dir,
@@ -249,9 +247,3 @@ def test_scoring() -> None:
     recall, f1 = rouge1("Donald Byrd's group", "Trumpeter Donald Byrd's group")
     assert recall == pytest.approx(0.8) and 0.8 < f1 < 1
     assert rouge1("", "Chairman") == (0.0, 0.0)
-    assert math_correct("The answer is 62.", "62") and not math_correct("6 2", "62")
-    assert math_correct("16 + 46 = 62", "62") and not math_correct("16 + 46 =", "62")
-    assert math_correct("1,200", "1200") and not math_correct("none", "3")
-    item = load_reasoning_probes()[0]
-    assert reasoning_correct("2", item) and not reasoning_correct("Option 1", item)
-    assert reasoning_correct("get a job next", item)
