@@ -2,7 +2,7 @@
 
 Probes come from the paper's seed files (`validation_probes.json`, `math_probes.json`,
 `reasoning_probes.json`, shipped in `circuitdyn/data/`) or from our own JSONL format, one JSON
-object per line (`checkpoints_spec/probes.schema.json`):
+object per line (`circuitdyn/schemas/probes.schema.json`):
 `{"id", "entity", "question", "answer"}` plus optional `prompt` (a cloze used verbatim),
 `question_type`, `group`, `ne_label`, `ne_frequency`, `chunk` (the sentence stating the fact).
 

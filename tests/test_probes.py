@@ -12,7 +12,6 @@ import circuitdyn
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import (
     INSTRUCTION,
-    PROBES_SCHEMA_PATH,
     Probe,
     answer_text,
     build_fact_prompts,
@@ -120,10 +119,12 @@ def test_probe_file_errors(tmp_path: Path) -> None:
         load_probes(tmp_path / "dup.jsonl")
 
 
-def test_schema_copies_agree() -> None:
-    assert json.loads((REPO / "checkpoints_spec" / "probes.schema.json").read_text()) == json.loads(
-        PROBES_SCHEMA_PATH.read_text()
-    )
+def test_spec_example_manifest_is_valid() -> None:
+    """checkpoints_spec/ documents the layout; its example manifest passes the packaged schema."""
+    from circuitdyn.checkpoints import validate_manifest
+
+    example = REPO / "checkpoints_spec" / "run.example.json"
+    validate_manifest(json.loads(example.read_text()), example)
 
 
 def test_select_entities(seed_probes: list[Probe]) -> None:
