@@ -47,7 +47,6 @@ from circuitdyn.checkpoints import default_model_dir, open_run  # noqa: E402
 from circuitdyn.forward import make_batch  # noqa: E402
 from circuitdyn.probes import build_fact_prompts, load_probes  # noqa: E402
 
-
 GRID = "right"
 """The one IG grid both the engine and the reference integrate on (the reference's default, k/M, k = 1..M)."""
 

@@ -13,7 +13,6 @@ another epoch swaps weights into the same `HookedTransformer` instead of buildin
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path

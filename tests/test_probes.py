@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import circuitdyn
-
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import (
     INSTRUCTION,
