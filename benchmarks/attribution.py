@@ -8,7 +8,9 @@ On the embedded SmolLM2-135M-Instruct with a batch of seed facts (the first N se
              the fixed costs (clean/corrupted forwards, final score contraction) amortised over M steps;
 - reference: `tests/attribution_reference.py` (TransformerLens use_split_qkv_input / use_attn_result /
              use_hook_mlp_in + ungrouped GQA), total time / M at the same M.
-and checks that our scores equal the reference's. Last line:
+and checks that our scores equal the reference's: both integrate on one grid, `GRID` (right-Riemann,
+alpha = k/M, k = 1..M, the reference's own; the engine's default midpoint rule would differ by its
+discretisation error, not by a bug). Last line:
 `ours_over_hf=X reference_over_ours=Y max_abs_diff=Z`. Targets: X <= 1.5, Y >= 4, Z <= 1e-4.
 The CPU is shared: numbers move when other jobs run; the script reports the median of its repeats.
 
@@ -40,10 +42,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from attribution_reference import reference_scores  # noqa: E402
 
-from circuitdyn.attribution import attribute_batch  # noqa: E402
-from circuitdyn.forward import make_batch  # noqa: E402
+from circuitdyn.attribution import attribute_batch, ig_nodes  # noqa: E402
 from circuitdyn.checkpoints import default_model_dir, open_run  # noqa: E402
+from circuitdyn.forward import make_batch  # noqa: E402
 from circuitdyn.probes import build_fact_prompts, load_probes  # noqa: E402
+
+GRID = "right"
+"""The one IG grid both the engine and the reference integrate on (the reference's default, k/M, k = 1..M)."""
+
+
+def engine_scores(model, batch, steps: int, grid: str = GRID) -> torch.Tensor:
+    """circuitdyn's EAP-IG scores [fact, edge] on `grid`."""
+    return attribute_batch(model, batch, "eap-ig", steps, ig_grid=grid)
+
+
+def reference_on_grid(model, batch, steps: int, grid: str = GRID) -> torch.Tensor:
+    """The naive reference's EAP-IG scores [fact, edge] on the same `grid` (its points and weights)."""
+    return reference_scores(model, batch, steps, nodes=ig_nodes(grid, steps))
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -88,17 +103,17 @@ def main() -> None:
 
     if not args.quick:
         hf_step()
-        attribute_batch(model, batch, "eap-ig", 1)
+        engine_scores(model, batch, 1)
     # hf and ours alternate, so that load from other jobs on the shared CPU hits both alike
     hf_times, ours_times, ours = [], [], None
     for _ in range(repeats):
         t, _ = timed(hf_step, 1)
         hf_times.append(t)
         hf.zero_grad(set_to_none=True)
-        t, ours = timed(lambda: attribute_batch(model, batch, "eap-ig", steps), 1)
+        t, ours = timed(lambda: engine_scores(model, batch, steps), 1)
         ours_times.append(t)
     t_hf, t_ours = statistics.median(hf_times), statistics.median(ours_times)
-    t_ref, ref = timed(lambda: reference_scores(model, batch, steps), 1)
+    t_ref, ref = timed(lambda: reference_on_grid(model, batch, steps), 1)
     model.zero_grad(set_to_none=True)
     step_ours, step_ref = t_ours / steps, t_ref / steps
     diff = float((ours - ref).abs().max())
@@ -106,7 +121,8 @@ def main() -> None:
     print(f"ours EAP-IG, M={steps:<3d}      {t_ours:8.2f} s total, {step_ours:.2f} s/step "
           f"(repeats {', '.join(f'{t:.1f}' for t in ours_times)})")
     print(f"reference EAP-IG, M={steps:<3d} {t_ref:8.2f} s total, {step_ref:.2f} s/step")
-    print(f"scores: {ours.shape[1]} edges x {ours.shape[0]} facts, max |score| {float(ref.abs().max()):.3g}")
+    print(f"scores: {ours.shape[1]} edges x {ours.shape[0]} facts, max |score| {float(ref.abs().max()):.3g}, "
+          f"IG grid {GRID} for both")
     print(f"ours_over_hf={step_ours / t_hf:.2f} reference_over_ours={step_ref / step_ours:.2f} max_abs_diff={diff:.2e}")
 
 

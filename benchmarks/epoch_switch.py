@@ -56,9 +56,9 @@ def main() -> None:
         reads, switches, rebuilds = [], [], []
         for i in range(args.repeats):
             epoch = 1 - i % 2
-            reads.append(timed(lambda: load(files[epoch].read_bytes())))
-            switches.append(timed(lambda: run.load_model(epoch)))
-            rebuilds.append(timed(lambda: open_run(root).load_model(epoch)))
+            reads.append(timed(lambda e=epoch: load(files[e].read_bytes())))
+            switches.append(timed(lambda e=epoch: run.load_model(e)))
+            rebuilds.append(timed(lambda e=epoch: open_run(root).load_model(e)))
         read, switch, rebuild = (statistics.median(x) for x in (reads, switches, rebuilds))
         size = files[0].stat().st_size / 2**20
         print(f"weights {size:.0f} MiB; median of {args.repeats}: read {read:.3f}s  switch {switch:.3f}s  rebuild {rebuild:.3f}s")

@@ -124,7 +124,8 @@ def measure(name: str, path: Path, device: torch.device, n_facts: int, steps: in
         print(f"  {d:9s} {statistics.median(times[d]):7.2f} s/batch  {rate[d]:12.4g} facts*edges/s  "
               f"(repeats {', '.join(f'{t:.2f}' for t in times[d])}{mem})")
     print(f"  bf16 vs fp32 scores: Spearman over all edges, min over facts {rho:.4f}")
-    del models, batch
+    models.clear()  # run() holds the dict and the batch: free the weights and inputs before the next model
+    batch = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -13,7 +13,6 @@ another epoch swaps weights into the same `HookedTransformer` instead of buildin
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from circuitdyn.errors import CircuitdynError, CircuitdynWarning
+from circuitdyn.errors import CircuitdynError
 from circuitdyn.io import atomic_dir, atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
@@ -701,15 +701,14 @@ def _checkpoint_in(epoch: int, folder: Path, allow_pickle: bool, base: str | Pat
 def _warn_stray_epochs(run: Run) -> None:
     """Warn of `epoch_*` folders beside a run's epochs that are not among them (`epoch_x`, `epoch_-1`, or a
     folder run.json does not list); a CPT epoch still being written (`.partial`) is not warned of."""
-    import warnings
+    from circuitdyn import messages
 
     used = {p for ck in run.checkpoints.values() for p in (ck.path, ck.path.parent)}
     used |= {run.path / f"epoch_{e}" for e in run.epochs}  # an epoch whose model is a reference keeps its results here
     for child in sorted(run.path.glob("epoch_*")):
         if child.is_dir() and child not in used and not child.name.endswith(".partial"):
             why = "not an epoch_N name" if not _EPOCH_DIR.match(child.name) else f"not listed in {MANIFEST}"
-            warnings.warn(f"{child}: ignored ({why}); the run's epochs are {run.epochs}", CircuitdynWarning,
-                          stacklevel=3)
+            messages.warn(f"{child}: ignored ({why}); the run's epochs are {run.epochs}")
 
 
 def _discover_epochs(root: Path, allow_pickle: bool, base: str | Path | None = None) -> dict[int, Checkpoint]:

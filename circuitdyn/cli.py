@@ -916,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
+    from circuitdyn import messages
     from circuitdyn.errors import CircuitdynWarning
 
     try:
@@ -925,14 +926,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, CircuitdynWarning):
-            print(f"circuitdyn {args.command}: warning: {message}", file=sys.stderr)
+        if issubclass(category, CircuitdynWarning):  # from code not yet on messages.warn: shown the same way
+            messages.warn(str(message))
         else:
             shown(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
     try:
-        return int(args.func(args) or 0)
+        with messages.command(args.command):  # notices print `circuitdyn CMD: warning: ...`, once each
+            return int(args.func(args) or 0)
     except CircuitdynError as err:
         print(f"circuitdyn {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -595,7 +595,13 @@ class Prober:
 def _write_results(epoch_dir: Path, rows: list[dict[str, Any]], control: dict[str, Any], threshold: float) -> None:
     import pandas as pd
 
-    from circuitdyn.dynamics import CONTROL_RESULTS, ENTITY_RESULTS, PROBE_RESULTS, entity_results_json, entity_scores_from_probes
+    from circuitdyn.dynamics import (
+        CONTROL_RESULTS,
+        ENTITY_RESULTS,
+        PROBE_RESULTS,
+        entity_results_json,
+        entity_scores_from_probes,
+    )
 
     (epoch_dir / PROBE_RESULTS).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     df = pd.DataFrame(rows).assign(epoch=0)
@@ -731,8 +737,8 @@ def _run_cpt(
     cfg: CPTConfig, out: Path, progress: bool, on_epoch_end: Callable[[int], None] | None, say: Callable[[str], None]
 ) -> CPTResult:
     from circuitdyn.checkpoints import content_hash
-    from circuitdyn.io import write_text_atomic
     from circuitdyn.dynamics import format_table, load_dynamics
+    from circuitdyn.io import write_text_atomic
 
     t_start = time.perf_counter()
     cfg.validate()

@@ -6,5 +6,5 @@ class CircuitdynError(Exception):
 
 
 class CircuitdynWarning(UserWarning):
-    """Something accepted but likely unintended (e.g. an `epoch_x` folder beside a run's epochs); the CLI
-    prints it as one line naming the file or value."""
+    """Kept for code that filters it; circuitdyn's user-facing notices are printed by `circuitdyn.messages.warn`
+    (one stderr line, independent of Python's warning filters) and no longer raised as this warning."""

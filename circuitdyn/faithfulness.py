@@ -26,7 +26,6 @@ from circuitdyn.patching import corrupted_sources, run_patched
 from circuitdyn.probes import FactPrompt
 from circuitdyn.selection import top_n_by_fact
 
-
 MIN_GAP = 1.0
 """Smallest |m_clean - m_corrupted| (in metric units: nats for answer-logprob, logits for logit-diff) at
 which a fact's faithfulness is interpreted. Below it the corruption barely moves the metric, the ratio
@@ -55,7 +54,7 @@ class CircuitEvaluator:
                 m_corr.append(run_capture(model, corr_in, batch, metric)[0])
         self.m_clean, self.m_corr = torch.cat(m_clean).float().cpu(), torch.cat(m_corr).float().cpu()
 
-    def metric_of(self, masks: Bool[Tensor, "fact edge"]) -> Float[Tensor, "fact"]:
+    def metric_of(self, masks: Bool[Tensor, "fact edge"]) -> Float[Tensor, " fact"]:
         if masks.shape != (len(self.m_clean), self.graph.n_edges):
             raise CircuitdynError(
                 f"circuit masks have shape {tuple(masks.shape)}, expected ({len(self.m_clean)}, {self.graph.n_edges})"
@@ -67,20 +66,20 @@ class CircuitEvaluator:
             out.append(run_patched(self.model, batch, masks[chunk], self.metric, self._corr[j]).float().cpu())
         return torch.cat(out)
 
-    def faithfulness(self, masks: Bool[Tensor, "fact edge"]) -> Float[Tensor, "fact"]:
+    def faithfulness(self, masks: Bool[Tensor, "fact edge"]) -> Float[Tensor, " fact"]:
         span = self.m_clean - self.m_corr
         f = (self.metric_of(masks) - self.m_corr) / span
         return torch.where(span.abs() < 1e-6, torch.full_like(f, float("nan")), f)
 
 
 def circuit_metric(model: Any, facts: Sequence[FactPrompt], masks: Bool[Tensor, "fact edge"], metric: str | Metric = "answer-logprob",
-                   seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> Float[Tensor, "fact"]:
+                   seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> Float[Tensor, " fact"]:
     """m_circuit per fact: the metric with every edge outside `masks[fact]` patched to its corrupted value."""
     return CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale).metric_of(masks)
 
 
 def faithfulness(model: Any, facts: Sequence[FactPrompt], masks: Bool[Tensor, "fact edge"], metric: str | Metric = "answer-logprob",
-                 seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> Float[Tensor, "fact"]:
+                 seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> Float[Tensor, " fact"]:
     """Faithfulness per fact of the circuits `masks` [fact, edge] (same facts, seed and metric as attribution)."""
     return CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale).faithfulness(masks)
 

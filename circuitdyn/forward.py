@@ -206,7 +206,7 @@ class FactBatch:
     target_pos: Int[Tensor, "batch answer"]  # position whose prediction is scored (0 where padded)
     target_tok: Int[Tensor, "batch answer"]
     target_mask: Bool[Tensor, "batch answer"]
-    contrast: Int[Tensor, "batch"]
+    contrast: Int[Tensor, " batch"]
     noise: Float[Tensor, "batch pos d_model"] | None
 
     def to(self, device: torch.device | str) -> FactBatch:
@@ -320,18 +320,18 @@ def embed_inputs(model: Any, batch: FactBatch) -> tuple[Tensor, Tensor]:
     return out[0], out[1]
 
 
-def answer_logprob(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, "batch"]:
+def answer_logprob(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, " batch"]:
     """Sum over the answer tokens of their log-probability (teacher-forced): the default metric."""
     logp = logits.float().log_softmax(-1).gather(-1, batch.target_tok[..., None])[..., 0]
     return (logp * batch.target_mask).sum(-1)
 
 
-def answer_prob(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, "batch"]:
+def answer_prob(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, " batch"]:
     """Probability of the whole answer (exp of `answer_logprob`)."""
     return answer_logprob(logits, batch).exp()
 
 
-def logit_diff(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, "batch"]:
+def logit_diff(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, " batch"]:
     """Logit of the first answer token minus that of the contrast token (the corrupted prompt's answer),
     at the last prompt position: the paper's metric."""
     first = logits[:, 0].float()
@@ -339,7 +339,7 @@ def logit_diff(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) ->
     return first[ar, batch.target_tok[:, 0]] - first[ar, batch.contrast]
 
 
-Metric = Callable[[Float[Tensor, "batch answer vocab"], FactBatch], Float[Tensor, "batch"]]
+Metric = Callable[[Float[Tensor, "batch answer vocab"], FactBatch], Float[Tensor, " batch"]]
 """`metric(logits at the scored positions, batch) -> one value per fact`."""
 
 METRICS: dict[str, Metric] = {"answer-logprob": answer_logprob, "answer-prob": answer_prob, "logit-diff": logit_diff}
@@ -362,7 +362,7 @@ def get_metric(metric: str | Metric) -> Metric:
     return metric if callable(metric) else METRICS[metric_name(metric)]
 
 
-def metric_at_answers(model: Any, resid: Tensor, batch: FactBatch, metric: str | Metric) -> Float[Tensor, "batch"]:
+def metric_at_answers(model: Any, resid: Tensor, batch: FactBatch, metric: str | Metric) -> Float[Tensor, " batch"]:
     """Per-fact metric from the final residual, unembedding only the scored positions."""
     b_idx = torch.arange(resid.shape[0], device=resid.device)[:, None]
     rows = resid[b_idx, batch.target_pos]  # [B, T, D]

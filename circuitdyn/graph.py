@@ -196,7 +196,7 @@ class Graph:
                 data["score"] += value
         return g
 
-    def on_path(self, mask: Bool[Tensor, "edge"]) -> Bool[Tensor, "edge"]:
+    def on_path(self, mask: Bool[Tensor, " edge"]) -> Bool[Tensor, " edge"]:
         """Keep only selected edges that lie on some input -> logits path of selected edges."""
         return torch.from_numpy(self.on_path_np(mask.cpu().numpy().astype(bool)))
 

@@ -37,7 +37,7 @@ SPARSE_PATCH_FACTOR = 8
 
 
 def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], metric: str | Metric = "answer-logprob",
-                corrupted_sources: Tensor | None = None) -> Float[Tensor, "batch"]:
+                corrupted_sources: Tensor | None = None) -> Float[Tensor, " batch"]:
     """Metric with every edge outside `keep` patched to its corrupted value (exact, no approximation).
 
     A destination reads `resid - sum_{src not kept} (a_src(this run) - a_src(corrupted run))`: kept edges

@@ -2,7 +2,7 @@
 
 Probes come from the paper's seed files (`validation_probes.json`, `math_probes.json`,
 `reasoning_probes.json`, shipped in `circuitdyn/data/`) or from our own JSONL format, one JSON
-object per line (`checkpoints_spec/probes.schema.json`):
+object per line (`circuitdyn/schemas/probes.schema.json`):
 `{"id", "entity", "question", "answer"}` plus optional `prompt` (a cloze used verbatim),
 `question_type`, `group`, `ne_label`, `ne_frequency`, `chunk` (the sentence stating the fact).
 
@@ -613,34 +613,3 @@ def rouge1(prediction: str, reference: str) -> tuple[float, float]:
     s = _rouge().score(reference, prediction)["rouge1"]
     return float(s.recall), float(s.fmeasure)
 
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def math_correct(generation: str, answer: str) -> bool:
-    """Exact match of the generation's final number with the gold number (models often restate the
-    question first, as in "5 + 1 = 6")."""
-    found = _NUMBER.findall(generation)
-    if not found:
-        return False
-    got, gold = found[-1].replace(",", ""), answer.replace(",", "").strip()
-    try:
-        return float(got) == float(gold)
-    except ValueError:
-        return got == gold
-
-
-def reasoning_prompt(item: ReasoningProbe) -> str:
-    """The SocialIQA item as a question whose answer is the option number 1, 2 or 3."""
-    opts = "\n".join(f"{i}. {o}" for i, o in enumerate(item.options, 1))
-    return f"{item.context} {item.question}\n{opts}\nAnswer with the number of the correct option (1, 2 or 3)."
-
-
-def reasoning_correct(generation: str, item: ReasoningProbe) -> bool:
-    """Exact match: the first option number (or the option's text) in the generation is the right one."""
-    m = re.search(r"[123]", generation)
-    if m:
-        return int(m.group(0)) == item.answer
-    low = generation.strip().lower()
-    hits = [i for i, o in enumerate(item.options, 1) if o.lower() in low]
-    return hits == [item.answer]

@@ -28,7 +28,7 @@ from torch import Tensor
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 
-Faithfulness = Callable[[Bool[Tensor, "fact edge"]], Float[Tensor, "fact"]]
+Faithfulness = Callable[[Bool[Tensor, "fact edge"]], Float[Tensor, " fact"]]
 """Given per-fact edge masks, the faithfulness of each fact's circuit on one model (NaN where undefined)."""
 
 Rule = Literal["top", "paths", "abs", "faith", "pruned"]
@@ -90,7 +90,7 @@ def select_top_n_paths(scores: Float[Tensor, "*fact edge"], graph: Graph, n: int
     return torch.from_numpy(pruned(hi))
 
 
-def top_n_by_fact(scores: Float[Tensor, "fact edge"], n: Int[Tensor, "fact"], graph: Graph | None = None,
+def top_n_by_fact(scores: Float[Tensor, "fact edge"], n: Int[Tensor, " fact"], graph: Graph | None = None,
                   paths: bool = False) -> Bool[Tensor, "fact edge"]:
     """Per-fact top-n masks for per-fact sizes n (`paths`: on input->logits paths, needs `graph`)."""
     if paths:
@@ -111,7 +111,7 @@ def smallest_faithful(
     graph: Graph | None = None,
     paths: bool = False,
     rel_tol: float = 0.05,
-) -> tuple[Int[Tensor, "fact"], Bool[Tensor, "fact edge"], Float[Tensor, "fact"]]:
+) -> tuple[Int[Tensor, " fact"], Bool[Tensor, "fact edge"], Float[Tensor, " fact"]]:
     """The smallest circuit reaching faithfulness `target`, per fact: its top-n edges by |score| for the
     smallest n whose faithfulness is >= target.
 
@@ -178,7 +178,7 @@ def prune_faithful(
     rounds: int = 24,
     min_block: int = 1,
     rel_tol: float = 0.02,
-) -> tuple[Int[Tensor, "fact"], Bool[Tensor, "fact edge"], Float[Tensor, "fact"]]:
+) -> tuple[Int[Tensor, " fact"], Bool[Tensor, "fact edge"], Float[Tensor, " fact"]]:
     """A small circuit reaching faithfulness `target`, per fact: the smallest faithful top-n circuit
     (`smallest_faithful`, or `start`), pruned to input->logits paths, then greedily pruned with patched
     evaluation.
@@ -315,7 +315,7 @@ class Selection:
         return self.rule in ("faith", "pruned")
 
     def select(self, scores: Float[Tensor, "fact edge"], graph: Graph, faithfulness: Faithfulness | None = None
-               ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, "fact"] | None]:
+               ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
         """The circuits of every fact under this rule, and (for `faith:`, `pruned:`) the faithfulness each reached."""
         scores = scores.float()
         if self.rule == "top":
@@ -332,7 +332,7 @@ class Selection:
             _, masks, reached = smallest_faithful(scores, faithfulness, self.value, graph=graph)
         return masks, reached
 
-    def mean_circuit(self, mean_scores: Float[Tensor, "edge"], graph: Graph, n_mean: int) -> Bool[Tensor, "edge"]:
+    def mean_circuit(self, mean_scores: Float[Tensor, " edge"], graph: Graph, n_mean: int) -> Bool[Tensor, " edge"]:
         """The circuit of the facts' mean scores: by the rule's threshold for `abs:`, else the top `n_mean`
         edges (on paths for `paths:`), n_mean being the mean per-fact circuit size."""
         if self.rule == "abs":

@@ -62,7 +62,7 @@ def top_positions(x: Float[Tensor, "*fact edge"], depth: int) -> Tensor:
     return rows.topk(depth, dim=1, sorted=True).indices
 
 
-def rbo_from_top(top_a: Tensor, top_b: Tensor, n_edges: int, p: float = RBO_P) -> Float[Tensor, "fact"]:
+def rbo_from_top(top_a: Tensor, top_b: Tensor, n_edges: int, p: float = RBO_P) -> Float[Tensor, " fact"]:
     """Extrapolated RBO from two `top_positions` results of the same depth."""
     n_rows, depth = top_a.shape
     ar = torch.arange(depth)

@@ -27,10 +27,11 @@ from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import entity_groups, restrict
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.extraction import Evaluator
-from circuitdyn.io import write_json_atomic
 from circuitdyn.faithfulness import MIN_GAP
+from circuitdyn.io import write_json_atomic
 from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.stats import bootstrap_ci
+
 
 def transfer_matrix(
     circuits: dict[int, CircuitSet],

@@ -31,11 +31,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from circuitdyn.io import write_text_atomic
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, STATUSES, CircuitDiff
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.io import write_text_atomic
 
 STATUS_COLOURS = {"added": "#2ca02c", "removed": "#d62728", "changed": "#ff7f0e", "kept": "#7f7f7f",
                   "noise": "#d9d9d9"}

@@ -86,7 +86,7 @@ def reference_scores(model, batch: FactBatch, steps: int = 1, metric: str = "log
             wanted.append(acts[f"blocks.{L - 1}.hook_resid_post"])
             grads = torch.autograd.grad(value.sum(), wanted)
             parts, i = [], 0
-            for layer in range(L):
+            for _layer in range(L):
                 q, k_, v = grads[i:i + 3]
                 i += 3
                 parts.append(torch.stack([q, k_, v], dim=3).flatten(2, 3))  # [B, P, H*3, D] head-major

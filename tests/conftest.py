@@ -32,6 +32,94 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 """Fixtures the tests read (the paper's released results); probe sets come from the package."""
 
+
+# --- the suite never writes into the repository: `git status` before and after the session must agree ---
+_CACHES = ("__pycache__", ".pytest_cache", ".ruff_cache", ".egg-info")
+
+
+def _git_status() -> dict[str, str] | None:
+    """Every path `git status` reports in the checkout (changed, untracked, and ignored entries other than
+    Python's and pytest's caches), mapped to its status and, for files, a digest of the content; None when git
+    is missing or the tests do not run from a git checkout (an sdist, an unpacked wheel)."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    if git is None:
+        return None
+
+    def porcelain(*extra: str) -> list[str] | None:
+        try:
+            done = subprocess.run([git, "-C", str(REPO), "status", "--porcelain=v1", "-z", *extra],
+                                  capture_output=True, timeout=120, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.decode("utf-8", "surrogateescape").split("\0") if done.returncode == 0 else None
+
+    try:
+        top = subprocess.run([git, "-C", str(REPO), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO:
+        return None
+    changed = porcelain("--untracked-files=all")
+    ignored = porcelain("--ignored=traditional", "--untracked-files=normal")
+    if changed is None or ignored is None:
+        return None
+    entries: list[tuple[str, str]] = []
+    fields = iter(changed)
+    for entry in fields:
+        if entry:
+            entries.append((entry[:2], entry[3:]))
+            if entry[0] in "RC":
+                next(fields, None)  # a rename's or copy's source path, given as a field of its own
+    entries += [(e[:2], e[3:]) for e in ignored if e.startswith("!! ")]
+    out: dict[str, str] = {}
+    for status, path in entries:
+        if any(part in _CACHES or part.endswith(".egg-info") or part.endswith(".pyc")
+               for part in Path(path).parts):
+            continue
+        file = REPO / path
+        digest = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else ""
+        out[path] = f"{status} {digest}"
+    return out
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # once per run (the controller under pytest-xdist)
+        session.config.stash[_GIT_BEFORE] = _git_status()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_GIT_BEFORE, None)
+    if before is None:
+        return
+    after = _git_status()
+    if after is None:
+        return
+    written = sorted(p for p in after if after[p] != before.get(p))
+    gone = sorted(p for p in before if p not in after)
+    if written or gone:
+        lines = [f"the test session changed the repository ({REPO}); tests must write under tmp_path:"]
+        lines += [f"  {after[p][:2]} {p}" for p in written]
+        lines += [f"  gone {p}" for p in gone]
+        session.config.stash[_GIT_CHANGES] = lines
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    lines = config.stash.get(_GIT_CHANGES, None)
+    if lines:
+        terminalreporter.section("repository changed", sep="!", red=True, bold=True)
+        for line in lines:
+            terminalreporter.write_line(line, red=True)
+
+
+_GIT_BEFORE = pytest.StashKey["dict[str, str] | None"]()
+_GIT_CHANGES = pytest.StashKey["list[str]"]()
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> "
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"

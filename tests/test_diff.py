@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import circuitdyn
-
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, circuit_graph, diff_circuits, strongest_paths
 from circuitdyn.errors import CircuitdynError

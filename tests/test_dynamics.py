@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import DATA
 
 from circuitdyn.dynamics import (
     entity_results_json,
@@ -19,7 +20,6 @@ from circuitdyn.dynamics import (
     transitions,
 )
 from circuitdyn.errors import CircuitdynError
-from conftest import DATA
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_entity_dynamics_and_groups(paper: Path) -> None:
     assert set(ents.index[ents["final_learned"]]) == final
     consolidated = ents["consolidated_from"].dropna()
     assert set(consolidated.index) == final
-    for name, row in ents.iterrows():
+    for _name, row in ents.iterrows():
         assert row["never_learned"] == (row["first_learned"] is pd.NA)
         assert row["flips"] == row["acquisitions"] + row["forgettings"]
     by_freq = dyn.grouped("ne_frequency")

@@ -11,10 +11,10 @@ from conftest import tiny_facts
 from circuitdyn import attribution as A
 from circuitdyn import forward as Fw
 from circuitdyn import patching as Pt
-from circuitdyn.extraction import extract_circuits
-from circuitdyn.facts import facts_hash
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.extraction import extract_circuits
+from circuitdyn.facts import facts_hash
 from circuitdyn.faithfulness import CircuitEvaluator, circuit_metric, faithfulness, faithfulness_curve
 from circuitdyn.graph import Graph
 from circuitdyn.selection import select_top_n, select_top_n_paths, smallest_faithful

@@ -17,7 +17,7 @@ import torch
 
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.cli import main
-from circuitdyn.errors import CircuitdynError, CircuitdynWarning
+from circuitdyn.errors import CircuitdynError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,10 +266,19 @@ def test_stray_epoch_folders_are_warned_of(llama_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"warning: {run / 'epoch_x'}: ignored" in err and f"warning: {run / 'epoch_-1'}: ignored" in err
     (run / "run.json").unlink()  # discovery without a manifest warns the same
+    import warnings
+
+    from circuitdyn import messages
     from circuitdyn.checkpoints import open_run
 
-    with pytest.warns(CircuitdynWarning, match=r"epoch_(x|-1): ignored"):
+    messages.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # like PYTHONWARNINGS=ignore: user-facing notices are not Python warnings
         assert open_run(run).epochs == [0, 1, 2]
+        assert open_run(run).epochs == [0, 1, 2]
+    err = capsys.readouterr().err
+    for name in ("epoch_x", "epoch_-1"):  # once each, though the run was opened twice
+        assert err.count(f"circuitdyn: warning: {run / name}: ignored") == 1
 
 
 def test_answer_outside_the_vocabulary_is_refused(tmp_path):

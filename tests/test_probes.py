@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 
 import circuitdyn
-
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import (
     INSTRUCTION,
-    PROBES_SCHEMA_PATH,
     Probe,
     answer_text,
     build_fact_prompts,
@@ -23,10 +21,8 @@ from circuitdyn.probes import (
     load_math_probes,
     load_probes,
     load_reasoning_probes,
-    math_correct,
     mention_forms,
     prompt_text,
-    reasoning_correct,
     rouge1,
     sample,
     seed_data_dir,
@@ -122,10 +118,12 @@ def test_probe_file_errors(tmp_path: Path) -> None:
         load_probes(tmp_path / "dup.jsonl")
 
 
-def test_schema_copies_agree() -> None:
-    assert json.loads((REPO / "checkpoints_spec" / "probes.schema.json").read_text()) == json.loads(
-        PROBES_SCHEMA_PATH.read_text()
-    )
+def test_spec_example_manifest_is_valid() -> None:
+    """checkpoints_spec/ documents the layout; its example manifest passes the packaged schema."""
+    from circuitdyn.checkpoints import validate_manifest
+
+    example = REPO / "checkpoints_spec" / "run.example.json"
+    validate_manifest(json.loads(example.read_text()), example)
 
 
 def test_select_entities(seed_probes: list[Probe]) -> None:
@@ -249,9 +247,3 @@ def test_scoring() -> None:
     recall, f1 = rouge1("Donald Byrd's group", "Trumpeter Donald Byrd's group")
     assert recall == pytest.approx(0.8) and 0.8 < f1 < 1
     assert rouge1("", "Chairman") == (0.0, 0.0)
-    assert math_correct("The answer is 62.", "62") and not math_correct("6 2", "62")
-    assert math_correct("16 + 46 = 62", "62") and not math_correct("16 + 46 =", "62")
-    assert math_correct("1,200", "1200") and not math_correct("none", "3")
-    item = load_reasoning_probes()[0]
-    assert reasoning_correct("2", item) and not reasoning_correct("Option 1", item)
-    assert reasoning_correct("get a job next", item)

@@ -250,7 +250,7 @@ def test_timeline_and_diff_reuse_circuits_of_the_grid_asked_for(make_run, tmp_pa
                  "--out", str(tmp_path / "t.html")]) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["epochs"] == [0, 1]
     assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--ig-grid", "right",
-                 "--top-n", "20", "--no-noise", "--json"]) == 0
+                 "--top-n", "20", "--no-noise", "--json", "--out", str(tmp_path / "d.html")]) == 0
     capsys.readouterr()
     assert {f: f.stat().st_mtime_ns for f in written} == written
     assert len(list((run / "circuits").glob("*.safetensors"))) == 2

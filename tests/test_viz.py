@@ -12,17 +12,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_timeline import circuits_over_epochs, outcomes
 
 from circuitdyn import viz
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, diff_circuits
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.graph import Graph
 from circuitdyn.noise import noise_from_replicates
 from circuitdyn.selection import Selection
-from circuitdyn.transfer import transfer_matrix
-from circuitdyn.graph import Graph
 from circuitdyn.timeline import build_timeline
-from test_timeline import circuits_over_epochs, outcomes
+from circuitdyn.transfer import transfer_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -169,7 +169,7 @@ def test_pages_render_in_headless_chromium(pages, tmp_path):
         pytest.skip("chromium is not installed (Debian package `chromium`); the browser test needs it")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     expected_plots = {"circuit": 1, "diff": 3, "timeline": 4}
-    for name, (path, obj) in pages.items():
+    for name, (path, _obj) in pages.items():
         run = _run_chromium(binary, path.as_uri(), tmp_path / f"profile-{name}", "--dump-dom")
         dom = run.stdout
         assert run.returncode == 0 and "<html" in dom, run.stderr[-2000:]
