@@ -99,6 +99,9 @@ class CircuitSet:
     ig_steps, metric, corruption (one kind per fact), seed, noise_scale, probe_set_hash.
     """
 
+    path: Path | None = None
+    """The file the set was loaded from (`load`); None for sets built in memory."""
+
     def __init__(
         self,
         scores: Float[Tensor, "fact edge"],
@@ -204,6 +207,17 @@ class CircuitSet:
         """Per-fact masks of the edges with |score| >= t."""
         return select_threshold(self.scores, t)
 
+    # --- export ------------------------------------------------------------------------------------
+    def to_networkx(self, fact_id: str, mask: Any = None, *, circuit_only: bool = False) -> Any:
+        """One fact's circuit as a networkx DiGraph over components (`Graph.to_networkx` with this fact's
+        scores): node attributes layer, kind, head; edge attributes score (the sum over a head's q/k/v ports),
+        score_q/k/v, and with `mask` (a bool tensor [edge], a Selection or a spec such as `top:200`; no
+        `faith:`/`pruned:`) in_circuit and circuit_ports; graph attributes the metadata. `circuit_only`: keep
+        only edges with a selected port. See `circuitdyn.export`."""
+        from circuitdyn.export import circuit_graph
+
+        return circuit_graph(self, fact_id, mask, circuit_only=circuit_only)
+
     # --- compatibility -----------------------------------------------------------------------------
     def check_compatible(self, other: CircuitSet, same_facts: bool = False) -> None:
         """Raise CircuitdynError unless `other` has the same graph (edge list) and settings.
@@ -295,14 +309,18 @@ class CircuitSet:
             scores = tensors["scores"]
             if "scores_scale" in tensors:
                 scores = scores.float() * tensors["scores_scale"].float()[:, None]
-            return cls(scores, edges, fact_ids, meta)
+            loaded = cls(scores, edges, fact_ids, meta)
+            loaded.path = path
+            return loaded
         if not {"topk_index", "topk_score", "node_in", "node_out"} <= tensors.keys():
             raise CircuitdynError(f"circuit file {path} holds neither 'scores' nor the sparse tensors")
         val = tensors["topk_score"].float()
         scores = torch.zeros(len(fact_ids), len(edges), dtype=val.dtype)
         scores.scatter_(1, tensors["topk_index"].long(), val)
         totals = {k: tensors[k] for k in ("node_in", "node_out")}
-        return cls(scores, edges, fact_ids, meta, totals)
+        loaded = cls(scores, edges, fact_ids, meta, totals)
+        loaded.path = path
+        return loaded
 
 
 def edges_digest(edges: Sequence[str]) -> str:

@@ -844,6 +844,79 @@ def _run_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_selection(text: str) -> str:
+    """`all` (every edge) or a selection rule that needs no model (`top:N`, `paths:N`, `abs:T`)."""
+    if text.strip() == "all":
+        return "all"
+    from circuitdyn.export import parse_selection
+
+    try:
+        parse_selection(text)
+    except CircuitdynError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+@command
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from circuitdyn.export import DEFAULT_SELECTION, FORMATS
+
+    p = sub.add_parser(
+        "export", help="a circuit file as graph JSON, GraphML or CSV edge rows (for networkx and other tools)",
+        description="Write one fact's circuit as graph JSON (networkx node-link form, schema "
+        "circuitdyn/schemas/graph.schema.json) or GraphML, or the edge scores of one or all facts as CSV "
+        "(fact_id,source,target,port,score[,in_circuit]).",
+    )
+    p.add_argument("file", metavar="CIRCUIT_FILE", help="a circuit .safetensors file")
+    p.add_argument("--format", choices=FORMATS, help="json | graphml | csv (default: from the --out suffix)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--fact", help="the fact id to export (json/graphml: needed unless the file holds one fact)")
+    which.add_argument("--all", action="store_true", help="every fact of the file (csv only; csv's default)")
+    p.add_argument("--select", type=export_selection,
+                   help=f"which edges: top:N, paths:N, abs:T or all (default {DEFAULT_SELECTION} for json and "
+                   "graphml, all for csv; faith:/pruned: need a model: use the Python API with masks)")
+    p.add_argument("--all-edges", action="store_true",
+                   help="with --select, write every edge flagged by in_circuit instead of only the circuit's")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.export import DEFAULT_SELECTION, FORMATS, export
+    from circuitdyn.io import check_writable
+
+    out = Path(args.out)
+    fmt = args.format or {".json": "json", ".graphml": "graphml", ".csv": "csv"}.get(out.suffix.lower())
+    if fmt is None:
+        raise CircuitdynError(f"--out {out}: cannot tell the format from its suffix; pass --format "
+                              f"{'|'.join(FORMATS)}")
+    if args.all and fmt != "csv":
+        raise CircuitdynError(f"--all: a {fmt} file holds one fact; choose one with --fact, or use --format csv")
+    if out.resolve() == Path(args.file).resolve():
+        raise CircuitdynError(f"--out {out}: is the circuit file itself; choose another output file")
+    check_writable(out, "file", flag="--out")
+    if out.exists() and not args.overwrite:
+        raise CircuitdynError(f"--out {out}: exists; choose another output file, or pass --overwrite to replace it")
+    select = args.select or ("all" if fmt == "csv" else DEFAULT_SELECTION)
+    cs = CircuitSet.load(args.file)
+    if args.fact is None and fmt != "csv" and len(cs.fact_ids) != 1:
+        raise CircuitdynError(f"{args.file}: holds {len(cs.fact_ids)} facts (e.g. {cs.fact_ids[:3]}) and a {fmt} "
+                              "file holds one; choose it with --fact, or export every fact with --format csv")
+    if args.fact is not None and args.fact not in cs.fact_ids:
+        raise CircuitdynError(f"{args.file}: --fact {args.fact!r} is not one of its {len(cs.fact_ids)} fact ids "
+                              f"(e.g. {cs.fact_ids[:3]})")
+    done = export(cs, out, fmt, args.fact, None if select == "all" else select,
+                  circuit_only=not args.all_edges, overwrite=args.overwrite)
+    what = f"{done.n_nodes} nodes, {done.n_links} links" if done.n_nodes is not None else \
+        f"{done.n_links} edge rows of {done.n_facts} fact{'s' if done.n_facts != 1 else ''}"
+    print(f"wrote {what} ({done.selection or 'all edges'}) to {done.path}")
+    return 0
+
+
 @command
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from circuitdyn.attribution import DEFAULT_IG_GRID, IG_GRIDS
