@@ -1,0 +1,341 @@
+"""Calibration: the measured error rates of circuitdyn's change verdicts on a real checkpoint.
+
+A verdict is only evidence when its error rates are known. `calibrate(run, epoch, facts)` measures them
+where the truth is known by construction:
+
+- **null** (nothing changed): a pool of `2 r K` replicates of the same checkpoint, drawn from the replicate
+  family, split into K disjoint tests of r against r. `fact_fpr` is the share of per-fact tests with
+  p <= alpha; `verdict_fwer` the share of null rounds in which the Benjamini-Hochberg verdicts flag any fact;
+  `aggregate_fpr` the share of null rounds in which the aggregate test (stratified by fact) claims change,
+  over `AGGREGATE_ROUNDS` rounds that each draw every fact's 2r replicates at random from its pool (rounds share
+  replicates, so that interval is narrower than independent rounds would give).
+- **planted changes** of known size: copies of the checkpoint with one component's output scaled by
+  1 - strength (`plant`: the MLP, or the attention head, that carries most of the facts' circuits at this
+  checkpoint, chosen from the unmodified model before any test), r replicates each, tested against r null
+  replicates: `power` per strength (share of facts with p <= alpha, share flagged after BH, and whether the
+  aggregate test fires).
+- **interval coverage** by number of entities: entities resampled from the facts' own null effects; how
+  often the interval circuitdyn prints (`stats.bootstrap_ci`) covers the mean of all of them.
+
+Every rate carries its n and a Clopper-Pearson 95 % interval. Only facts whose clean - corrupted gap reaches
+`faithfulness.MIN_GAP` are tested, as in every comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from scipy import stats as sps
+from torch import Tensor
+
+from circuitdyn.attribution import DEFAULT_IG_STEPS, Method, attribute
+from circuitdyn.change_test import ALPHA, aggregate_p, compare_replicates
+from circuitdyn.circuits import CircuitSet
+from circuitdyn.diff import DEFAULT_SELECTION, PRIMARY, entity_groups, node_importance, node_kind
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.faithfulness import MIN_GAP
+from circuitdyn.io import atomic_path
+from circuitdyn.noise import (
+    DEFAULT_FAMILY,
+    DEFAULT_REPLICATES,
+    REPLICATE_GRID,
+    Draw,
+    Family,
+    check_family,
+    draw_settings,
+    replicate_scores,
+)
+from circuitdyn.selection import Selection
+from circuitdyn.similarity import DISTANCES
+from circuitdyn.stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
+
+Plant = Literal["mlp", "head"]
+AGGREGATE_ROUNDS = 200
+COVERAGE_SIMS = 1000
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What `calibrate` runs: the replicate family and count of the change test it calibrates, the null tests
+    per fact, the planted change and its strengths, the entity counts whose interval coverage is measured."""
+
+    family: Family = DEFAULT_FAMILY
+    replicates: int = DEFAULT_REPLICATES
+    null_tests: int = 5
+    plant: Plant = "mlp"
+    strengths: tuple[float, ...] = (0.1, 0.3, 1.0)
+    entity_counts: tuple[int, ...] = (3, 4, 6, 8)
+    selection: str = DEFAULT_SELECTION
+    method: Method = "eap-ig"
+    steps: int = DEFAULT_IG_STEPS
+    metric: str = "answer-logprob"
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_family(self.family)
+        for name in ("replicates", "null_tests", "batch_size", "steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "replicates" else 1):
+                raise CircuitdynError(f"calibration setting {name} must be a whole number >= "
+                                      f"{2 if name == 'replicates' else 1}, got {v!r}")
+        if self.plant not in ("mlp", "head"):
+            raise CircuitdynError(f"plant must be mlp or head, got {self.plant!r}")
+        if not self.strengths or any(not 0 < s <= 1 for s in self.strengths):
+            raise CircuitdynError(f"planted strengths must be in (0, 1], got {list(self.strengths)}")
+        if any(n < 2 for n in self.entity_counts):
+            raise CircuitdynError(f"entity counts must be >= 2, got {list(self.entity_counts)}")
+        Selection.parse(self.selection)
+
+
+def rate(k: int, n: int) -> dict[str, Any]:
+    """A measured rate k/n with its Clopper-Pearson 95 % interval."""
+    if n == 0:
+        return {"value": None, "lo": None, "hi": None, "n": 0, "k": 0}
+    ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="exact")
+    return {"value": round(k / n, 6), "lo": round(float(ci.low), 6), "hi": round(float(ci.high), 6), "n": int(n),
+            "k": int(k)}
+
+
+@dataclass
+class Calibration:
+    """The measured error rates (`to_dict()` is the `calibrate --json` output)."""
+
+    checkpoint: str
+    settings: CalibrationSettings
+    n_facts: int
+    n_tested: int
+    n_entities: int
+    statistic: str
+    fact_fpr: dict[str, Any]
+    verdict_fwer: dict[str, Any]
+    aggregate_fpr: dict[str, Any]
+    power: list[dict[str, Any]]
+    coverage: list[dict[str, Any]]
+    planted_component: str
+    per_statistic: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["settings"]["strengths"] = list(self.settings.strengths)
+        out["settings"]["entity_counts"] = list(self.settings.entity_counts)
+        return out
+
+    def summary(self) -> list[str]:
+        """What the numbers say, one line each."""
+        def r(x: dict[str, Any]) -> str:
+            if x["value"] is None:
+                return "- (n=0)"
+            return f"{x['value']:.3f} [{x['lo']:.3f}, {x['hi']:.3f}] (n={x['n']})"
+
+        s = self.settings
+        lines = [f"calibration of the change test at {self.checkpoint}: {self.n_tested} of {self.n_facts} facts tested "
+                 f"(gap >= {MIN_GAP:g}) in {self.n_entities} entities; {s.replicates} replicates per checkpoint, "
+                 f"'{s.family}' family; statistic {self.statistic}; alpha {ALPHA}",
+                 f"null (same checkpoint on both sides): per-fact false-positive rate {r(self.fact_fpr)}; "
+                 f"rounds with any fact flagged after BH {r(self.verdict_fwer)}; aggregate test "
+                 f"{r(self.aggregate_fpr)}"]
+        for p in self.power:
+            lines.append(f"planted: {self.planted_component} output x {1 - p['strength']:g}: per-fact power "
+                         f"{r(p)}, flagged after BH {p['flagged']}/{p['n']}, aggregate p = {p['aggregate_p']:.4f}")
+        for c in self.coverage:
+            lines.append(f"interval coverage with {c['n_entities']} entities ({c['data']}): " +
+                         (r(c) if c["value"] is not None else c.get("note", "no interval printed")))
+        return lines
+
+
+def _planted_component(graph: Any, scores: Tensor, plant: Plant) -> tuple[str, int, int | None]:
+    """The MLP (or attention head) with the largest mean importance over the facts' circuits: (node, layer, head)."""
+    imp = node_importance(graph, scores.float()).mean(0)
+    kind = "mlp" if plant == "mlp" else "attn"
+    candidates = [i for i, n in enumerate(graph.nodes) if node_kind(n) == kind]
+    best = max(candidates, key=lambda i: float(imp[i]))
+    node = graph.nodes[best]
+    head = int(node.split(".h")[1]) if kind == "attn" else None
+    return node, graph.layer_of(node), head
+
+
+def _scaled(model: HookedTransformer, plant: Plant, layer: int, head: int | None, factor: float
+            ) -> Callable[[], None]:
+    """Scale one component's output weights in place; returns the function that restores them."""
+    if plant == "mlp":
+        params = [model.blocks[layer].mlp.W_out, model.blocks[layer].mlp.b_out]
+        saved = [p.detach().clone() for p in params]
+        for p in params:
+            p.data.mul_(factor)
+    else:
+        params = [model.blocks[layer].attn.W_O]
+        saved = [params[0].detach().clone()]
+        params[0].data[head].mul_(factor)
+
+    def restore() -> None:
+        for p, s in zip(params, saved):
+            p.data.copy_(s)
+
+    return restore
+
+
+def _planted_scores(model: HookedTransformer, facts: FactSet, draws: Sequence[Draw], s: CalibrationSettings,
+                    cache: Path, key: dict[str, Any]) -> Tensor:
+    """Replicates of the planted model, cached per draw under `cache` (keyed by checkpoint, plant and draw)."""
+    out = []
+    for d in draws:
+        path = cache / f"planted.{key['component']}.x{key['factor']:g}.{d.name.replace(' ', '')}.safetensors"
+        want = json.dumps({**key, "draw": asdict(d)}, sort_keys=True)
+        if path.is_file():
+            cs = CircuitSet.load(path)
+            if cs.meta.get("calibration_key") == want and cs.fact_ids == facts.ids:
+                out.append(cs.scores.float())
+                continue
+        rep = facts if d.variant == 0 else facts.with_variant(d.variant)
+        scores = attribute(model, list(rep), s.method, s.steps, s.metric, d.seed, s.batch_size,
+                           ig_grid=REPLICATE_GRID)
+        cs = CircuitSet(scores, key["edges"], facts.ids, {"calibration_key": want, "method": s.method})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cs.save(path, dtype="float32")
+        out.append(scores.float())
+    return torch.stack(out)
+
+
+def _coverage(values: np.ndarray, entities: list[str], counts: Sequence[int], data: str, seed: int
+              ) -> list[dict[str, Any]]:
+    """Per entity count n: how often the interval of the mean over n entities drawn with replacement from
+    these facts' entities covers the mean over all of them."""
+    names = sorted(set(entities))
+    by = {e: values[[i for i, x in enumerate(entities) if x == e]] for e in names}
+    truth = float(values.mean())
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in counts:
+        hits = printed = 0
+        for _ in range(COVERAGE_SIMS):
+            picks = rng.choice(len(names), n, replace=True)
+            vals = np.concatenate([by[names[k]] for k in picks])
+            groups = np.concatenate([[f"{k}-{j}"] * len(by[names[k]]) for j, k in enumerate(picks)])
+            est = bootstrap_ci(vals, groups, n_boot=400, seed=int(rng.integers(1 << 31)))
+            if est.lo != est.lo:
+                continue
+            printed += 1
+            hits += est.lo <= truth <= est.hi
+        entry = {"n_entities": n, "data": data, **rate(hits, printed)}
+        if not printed:
+            entry["note"] = f"too few entities for an interval (n={n}): none printed"
+        out.append(entry)
+    return out
+
+
+def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSettings | None = None, *,
+              folder: str | Path | None = None, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> Calibration:
+    """Measure the change test's false-positive rates, power and interval coverage at one checkpoint of `run`
+    (see the module docstring). Replicates are cached in `folder` (default the run's circuits folder), so a
+    re-run resumes."""
+    from circuitdyn.extraction import checkpoint_circuits, circuits_dir, select_circuits
+
+    s = settings or CalibrationSettings()
+    say = log or (lambda text: None)
+    folder = Path(folder) if folder is not None else circuits_dir(run)
+    main = checkpoint_circuits(run, epoch, facts, folder=folder, method=s.method, steps=s.steps, metric=s.metric,
+                               batch_size=s.batch_size, progress=progress)
+    main = main.subset(facts.ids)
+    masks, _ = select_circuits(run, epoch, main, s.selection, facts, cache_dir=folder)
+    sizes = masks.sum(1).long().clamp_min(1)
+    included = main.gaps >= MIN_GAP
+    entities = entity_groups(facts.ids, facts.entity_of)
+    n_tested = int(included.sum())
+    if n_tested < 2:
+        raise CircuitdynError(f"{run.path} epoch {epoch}: only {n_tested} of {len(facts)} facts have a clean - "
+                              f"corrupted gap >= {MIN_GAP:g}; calibration needs more (choose more facts)")
+    r, k = s.replicates, s.null_tests
+    say(f"calibrate: {len(facts)} facts ({n_tested} with gap >= {MIN_GAP:g}), {2 * r * k} null replicates and "
+        f"{len(s.strengths)} x {r} planted replicates per fact")
+    pool = replicate_scores(run, epoch, facts, draw_settings(s.family, 2 * r * k, s.seed), folder, method=s.method,
+                            steps=s.steps, metric=s.metric, batch_size=s.batch_size, progress=progress)
+    inc_ids = [f for f, ok in zip(facts.ids, included) if ok]
+    inc_entities = [e for e, ok in zip(entities, included) if ok]
+
+    # the null: K disjoint tests of r against r replicates of the same checkpoint
+    null_p: dict[str, list[float]] = {stat: [] for stat in DISTANCES}
+    any_flag, null_effects = 0, []
+    for j in range(k):
+        block = pool[2 * r * j:2 * r * (j + 1)]
+        test, _ = compare_replicates(block[:r], block[r:], facts.ids, sizes, included=included, family=s.family)
+        for stat in DISTANCES:
+            null_p[stat] += test.statistic(stat)["p_value"].dropna().tolist()
+        primary = test.statistic(PRIMARY)
+        any_flag += bool(primary["changed_beyond_noise"].fillna(False).any())
+        null_effects.append(primary["effect"].to_numpy(float))
+    rng = np.random.default_rng(s.seed)
+    agg_fire = {stat: 0 for stat in DISTANCES}
+    for _ in range(AGGREGATE_ROUNDS):
+        picks = torch.stack([torch.from_numpy(rng.permutation(2 * r * k)[:2 * r]) for _ in facts.ids], 1)
+        block = pool[picks, torch.arange(len(facts.ids))[None, :]]
+        test, effects = compare_replicates(block[:r], block[r:], facts.ids, sizes, included=included)
+        for stat in DISTANCES:
+            p = aggregate_p(effects[stat], n_perm=1000, seed=int(rng.integers(1 << 31)))
+            mean_effect = float(np.nanmean(test.statistic(stat)["effect"].to_numpy(float)[included]))
+            agg_fire[stat] += p <= ALPHA and mean_effect > 0
+
+    # planted changes of known size, each against the first r null replicates
+    model = run.load_model(epoch)
+    node, layer, head = _planted_component(main.graph, main.scores[included], s.plant)
+    power = []
+    per_stat_power: dict[str, list[dict[str, Any]]] = {stat: [] for stat in DISTANCES}
+    base_key = {"checkpoint_hash": run.checkpoint(epoch).content_hash, "component": node, "plant": s.plant,
+                "steps": s.steps, "metric": s.metric, "method": s.method, "probe_set_hash": facts.identity}
+    for i, strength in enumerate(s.strengths):
+        restore = _scaled(model, s.plant, layer, head, 1 - strength)
+        try:
+            draws = draw_settings(s.family, r, s.seed + 1 + i)
+            say(f"calibrate: planted {node} output x {1 - strength:g}")
+            planted = _planted_scores(model, facts, draws, s, folder / "calibration",
+                                      {**base_key, "factor": 1 - strength, "edges": main.edges})
+        finally:
+            restore()
+        run.load_model(epoch)
+        test, effects = compare_replicates(pool[:r], planted, facts.ids, sizes, included=included, family=s.family)
+        for stat in DISTANCES:
+            t = test.statistic(stat)
+            p = t["p_value"].dropna()
+            agg = aggregate_p(effects[stat], seed=s.seed)
+            entry = {"strength": strength, **rate(int((p <= ALPHA).sum()), len(p)),
+                     "flagged": int(t["changed_beyond_noise"].fillna(False).sum()), "aggregate_p": round(agg, 6),
+                     "mean_effect": round(float(t["effect"][included].mean()), 6)}
+            per_stat_power[stat].append(entry)
+        power.append(per_stat_power[PRIMARY][-1])
+
+    mean_null = np.nanmean(np.stack(null_effects), 0)[included]
+    coverage = _coverage(mean_null, inc_entities, s.entity_counts, "null effects", s.seed)
+    strongest = per_stat_power[PRIMARY][-1]
+    del strongest  # coverage on planted effects below uses the last test's effects
+    planted_effect = test.statistic(PRIMARY)["effect"].to_numpy(float)[included]
+    coverage += _coverage(planted_effect, inc_entities, s.entity_counts, f"planted x{1 - s.strengths[-1]:g} effects",
+                          s.seed + 1)
+    per_statistic = {stat: {"fact_fpr": rate(int((np.asarray(null_p[stat]) <= ALPHA).sum()), len(null_p[stat])),
+                            "aggregate_fpr": rate(agg_fire[stat], AGGREGATE_ROUNDS), "power": per_stat_power[stat]}
+                     for stat in DISTANCES}
+    return Calibration(
+        f"{run.path}:{epoch}", s, len(facts), n_tested, len(set(inc_entities)), PRIMARY,
+        per_statistic[PRIMARY]["fact_fpr"], rate(any_flag, k), per_statistic[PRIMARY]["aggregate_fpr"], power,
+        coverage, node, per_statistic,
+    )
+
+
+def write_calibration(cal: Calibration, path: str | Path) -> Path:
+    """The calibration as JSON, written atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(cal.to_dict(), indent=1, default=str))
+    return path
