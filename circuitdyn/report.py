@@ -22,12 +22,14 @@ NAMES = {"edge_jaccard": "edge-set distance (1 - Jaccard)", "weighted_jaccard": 
 
 
 def estimate(e: dict[str, Any] | None, digits: int = 3) -> str:
-    """`0.412 [0.350, 0.470] (n=14 in 4 entities)` from an `Estimate.to_dict()`."""
+    """`0.412 [0.350, 0.470] (n=14 in 8 entities)` from an `Estimate.to_dict()`; without an interval, why
+    (`0.412 (n=9 in 3 entities; too few entities for an interval, n=3 < 7)`)."""
     if not e or e.get("value") is None:
         return f"- (n={0 if not e else e.get('n', 0)})"
     ci = ("" if e.get("lo") is None else f" [{e['lo']:.{digits}f}, {e['hi']:.{digits}f}]")
     groups = e.get("n_groups", 0)
-    return f"{e['value']:.{digits}f}{ci} (n={e['n']} in {groups} {'entity' if groups == 1 else 'entities'})"
+    note = f"; {e['interval']}" if e.get("interval") else ""
+    return f"{e['value']:.{digits}f}{ci} (n={e['n']} in {groups} {'entity' if groups == 1 else 'entities'}{note})"
 
 
 def _size(size: dict[str, Any], faith: dict[str, Any] | None) -> str:
