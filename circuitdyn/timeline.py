@@ -39,7 +39,7 @@ from torch import Tensor
 from circuitdyn.attribution import Method
 from circuitdyn.circuits import CircuitSet, find_circuits
 from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
-from circuitdyn.faithfulness import MIN_GAP
+from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.noise import MethodNoise, change_table
 from circuitdyn.similarity import (
     jaccard,
@@ -151,7 +151,7 @@ class Timeline:
             df["gap"] = [*gaps, np.nan]
             got = self.reached.get(e)
             df["faithfulness"] = [*(got.tolist() if got is not None else [np.nan] * len(gaps)), np.nan]
-            df["included"] = [*(~(np.abs(gaps) < self.min_gap)).tolist(), True]
+            df["included"] = [*gap_ok(gaps, self.min_gap).tolist(), True]
             to_first = self._pair(first, e)
             to_prev = self._pair(self.epochs[i - 1], e) if i else {k: np.full(len(self.rows), np.nan) for k in to_first}
             for k, v in to_first.items():

@@ -132,6 +132,19 @@ def test_small_gap_fact_epochs_are_excluded():
     assert tl.summary()["n_fact_epochs_excluded"] == 1
 
 
+def test_negative_gap_fact_epochs_are_excluded():
+    """'flaky' gets a gap of -1.1 nat at epoch 2 (the corruption raises its answer): excluded and counted."""
+    cs = circuits_over_epochs()
+    for e, c in cs.items():
+        c.meta.update(m_clean=[0.0, 0.0], m_corrupted=[-3.0, 1.1 if e == 2 else -3.0])
+    tl = build_timeline(cs, f"top:{N}")
+    sim = tl.similarity.set_index(["fact_id", "epoch"])
+    assert not sim.loc[("flaky", 2), "included"] and sim.loc[("flaky", 1), "included"]
+    rec = tl.reconfiguration.set_index("epoch")
+    assert rec.loc[2, "n"] == 1 and rec.loc[2, "n_excluded"] == 1 and rec.loc[3, "n"] == 1
+    assert tl.summary()["n_fact_epochs_excluded"] == 1
+
+
 def write_run_results(run: Path, graph: Graph, with_epochs: list[int]) -> None:
     """Circuits for `with_epochs` under run/circuits and per-probe results for every epoch."""
     cs = circuits_over_epochs(graph, n_epochs=3)
