@@ -287,6 +287,38 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((pos[:, None] > neg[None, :]).mean() + (pos[:, None] == neg[None, :]).mean() / 2)
 
 
+def within_stratum_auc(
+    values: Sequence[float] | np.ndarray,
+    labels: Sequence[bool] | np.ndarray,
+    strata: Sequence[Any],
+    groups: Sequence[Any],
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> Estimate:
+    """The AUC within strata (facts): per stratum holding both labels, P(a True case's value > a False
+    case's), ties half; averaged over strata weighted by their number of (True, False) pairs. So differences
+    between facts (one fact similar everywhere, another not) cannot pass for an effect, as in
+    `permutation_test`. Interval: `cluster_bootstrap` over `groups` (each stratum's entity) of the pooled
+    wins / pairs. n counts the informative strata; NaN values are dropped first."""
+    v = np.asarray(values, dtype=float)
+    lab = np.asarray(labels, dtype=bool)
+    st = np.asarray([str(x) for x in strata])
+    gr = np.asarray([str(x) for x in groups])
+    keep = ~np.isnan(v)
+    v, lab, st, gr = v[keep], lab[keep], st[keep], gr[keep]
+    wins, pairs, entity = [], [], []
+    for s in np.unique(st):
+        here = st == s
+        pos, neg = v[here & lab], v[here & ~lab]
+        if len(pos) and len(neg):
+            wins.append(float((pos[:, None] > neg[None, :]).sum() + (pos[:, None] == neg[None, :]).sum() / 2))
+            pairs.append(len(pos) * len(neg))
+            entity.append(gr[here][0])
+    w, n = np.asarray(wins), np.asarray(pairs, dtype=float)
+    return cluster_bootstrap(entity, lambda idx: float(w[idx].sum() / n[idx].sum()), n_boot=n_boot, seed=seed)
+
+
 @dataclass(frozen=True)
 class PermutationTest:
     """Observed difference of means (group 1 - group 0), its stratified-permutation p-value (two-sided),

@@ -16,6 +16,7 @@ from circuitdyn.stats import (
     permutation_test,
     t_quantile,
     wilson,
+    within_stratum_auc,
 )
 
 
@@ -153,3 +154,32 @@ def test_permutation_test_within_strata():
     assert lone.n_strata == 1 and (lone.n_1, lone.n_0) == (1, 1)
     nothing = permutation_test([1.0, 2.0], [True, True], ["a", "b"], n_perm=99)
     assert nothing.n_strata == 0 and np.isnan(nothing.p_value)
+
+
+def test_within_fact_auc_agrees_with_the_stratified_test_where_the_pooled_auc_does_not():
+    """Each of 8 informative facts (8 entities) is more similar on its retained transitions (+0.1), but
+    facts recalled throughout sit low and facts that only flip sit high, so the AUC pooled across facts says
+    the opposite (< 0.5). The within-fact AUC, like the permutation test's difference, says retained > flipped."""
+    values, labels, facts = [], [], []
+    for i in range(8):
+        base = 0.3 + 0.05 * i
+        values += [base + 0.1, base + 0.1, base]
+        labels += [True, True, False]
+        facts += [f"f{i}"] * 3
+    for i in range(6):  # retained only, low similarity
+        values += [0.05, 0.06]
+        labels += [True, True]
+        facts += [f"r{i}"] * 2
+    for i in range(6):  # flipped only, high similarity
+        values += [0.95]
+        labels += [False]
+        facts += [f"x{i}"]
+    v, lab, f = np.array(values), np.array(labels), np.array(facts)
+    pooled = auc(v[lab], v[~lab])
+    within = within_stratum_auc(v, lab, f, f, n_boot=300)
+    test = permutation_test(v, lab, f, n_perm=199)
+    assert pooled < 0.5 and test.difference > 0
+    assert within.value == 1.0 and within.n == 8 and within.lo > 0.5
+    assert np.sign(within.value - 0.5) == np.sign(test.difference)
+    ties = within_stratum_auc([1.0, 1.0, 2.0, 0.0], [True, False, True, False], ["a", "a", "b", "b"], ["a", "a", "b", "b"])
+    assert ties.value == pytest.approx((0.5 + 1.0) / 2) and not ties.has_interval  # 2 entities: no interval
