@@ -50,8 +50,8 @@ def _excess_verdict(excess: dict[str, Any], changed: int | None, tested: int) ->
         return (f"circuits moved more than method noise (excess interval above 0); {changed} of {tested} "
                 f"fact-level changes clear the fact's own noise")
     if lo is None:
-        return (f"{changed} of {tested} clear the fact's own noise; too few entities for an interval, "
-                "so no claim about the mean excess")
+        why = excess.get("interval") or "too few entities for an interval"
+        return f"{changed} of {tested} clear the fact's own noise; {why}, so no claim about the mean excess"
     if excess.get("hi") is not None and excess["hi"] < 0:
         return (f"circuits moved less between epochs than re-attributing one checkpoint moves them (excess "
                 f"interval below 0): the change is within method noise; {changed} of {tested} fact-level changes "
@@ -127,22 +127,41 @@ def describe_stability(st: dict[str, Any]) -> list[str]:
     if perm["n_strata"] == 0:
         lines.append("  not answerable on this run: no fact has both retained and flipped transitions")
         return lines
-    auc_lo, auc_hi = st["auc_ci"]
-    auc_ci = "" if auc_lo != auc_lo else f" [{auc_lo:.2f}, {auc_hi:.2f}]"
-    lines.append(f"  AUC {st['auc']:.2f}{auc_ci} (P(a retained transition's circuit is more similar than a flipped "
-                 f"one's)); permutation test within facts: difference {perm['difference']:+.3f}, p = {perm['p_value']:.3f} "
-                 f"on {perm['n_1']} retained vs {perm['n_0']} flipped transitions of {perm['n_strata']} facts "
-                 f"({st['n_entities']} entities)")
-    clear = perm["p_value"] < ALPHA and auc_lo == auc_lo and not (auc_lo <= 0.5 <= auc_hi)
-    post_hoc = "post hoc" in str(st["fact_choice"])
-    if clear:
-        verdict = "evidence that circuits stay more similar while a fact stays recalled"
-        if post_hoc:
-            verdict += " (facts were chosen after seeing outcomes: treat as exploratory)"
-    else:
-        verdict = "no evidence either way at this size (the interval includes 0.5 or p >= 0.05)"
+    lines.append(f"  AUC within facts {_auc(st)} (P(a retained transition's circuit is more similar than a flipped "
+                 f"one's of the same fact)); permutation test within facts: difference {perm['difference']:+.3f}, "
+                 f"p = {perm['p_value']:.3f} on {perm['n_1']} retained vs {perm['n_0']} flipped transitions of "
+                 f"{perm['n_strata']} facts ({st['n_entities']} entities)")
+    verdict = stability_verdict(st)
+    if verdict.startswith("evidence") and "post hoc" in str(st["fact_choice"]):
+        verdict += " (facts were chosen after seeing outcomes: treat as exploratory)"
     lines.append("  verdict: " + verdict)
     return lines
+
+
+def _auc(st: dict[str, Any]) -> str:
+    lo, hi = st["auc_ci"]
+    if lo == lo and lo is not None:
+        return f"{st['auc']:.2f} [{lo:.2f}, {hi:.2f}]"
+    return f"{st['auc']:.2f} ({st.get('auc_interval') or 'no interval'})"
+
+
+def stability_verdict(st: dict[str, Any]) -> str:
+    """The stay-put verdict, direction checked: evidence only when the test is significant and its
+    difference (retained - flipped) and the AUC interval (entirely above or below 0.5) point the same way."""
+    perm = st["permutation"]
+    diff, p = perm["difference"], perm["p_value"]
+    lo, hi = st["auc_ci"]
+    if lo is None or lo != lo:
+        return (f"no evidence either way: {st.get('auc_interval') or 'too few entities for an interval'} on the "
+                f"AUC (p = {p:.3f})")
+    if p >= ALPHA or lo <= 0.5 <= hi:
+        return "no evidence either way at this size (the AUC interval includes 0.5 or p >= 0.05)"
+    if diff > 0 and lo > 0.5:
+        return "evidence that circuits stay more similar while a fact stays recalled"
+    if diff < 0 and hi < 0.5:
+        return "evidence that circuits are *less* similar while a fact stays recalled than when recall flips"
+    return ("no evidence either way: the test's difference and the AUC interval point in opposite directions "
+            f"(difference {diff:+.3f}, AUC [{lo:.2f}, {hi:.2f}])")
 
 
 def describe_transfer(summary: dict[str, Any]) -> list[str]:
