@@ -41,8 +41,8 @@ from circuitdyn.circuits import CircuitSet, setting
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.selection import Faithfulness, Selection
-from circuitdyn.faithfulness import MIN_GAP
 from circuitdyn.change_test import ALPHA, ChangeTest, aggregate_verdict, change_table, compare_replicates
+from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
 from circuitdyn.similarity import (
     DISTANCES,
@@ -245,10 +245,9 @@ class CircuitDiff:
 
     @cached_property
     def included(self) -> np.ndarray:
-        """Per fact: True when its clean-corrupted gap is at least `min_gap` at both checkpoints (a gap not
-        recorded counts as large enough)."""
-        ga, gb = self.a.gaps, self.b.gaps
-        return ~((np.abs(ga) < self.min_gap) | (np.abs(gb) < self.min_gap))
+        """Per fact: True when its clean-corrupted gap is at least `min_gap` at both checkpoints, signed
+        (`faithfulness.gap_ok`: a negative gap is excluded; a gap not recorded counts as large enough)."""
+        return gap_ok(self.a.gaps, self.min_gap) & gap_ok(self.b.gaps, self.min_gap)
 
     @cached_property
     def scores_a(self) -> Float[Tensor, "row edge"]:

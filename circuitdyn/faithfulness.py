@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
@@ -27,10 +28,19 @@ from circuitdyn.probes import FactPrompt
 from circuitdyn.selection import top_n_by_fact
 
 MIN_GAP = 1.0
-"""Smallest |m_clean - m_corrupted| (in metric units: nats for answer-logprob, logits for logit-diff) at
+"""Smallest m_clean - m_corrupted (signed, in metric units: nats for answer-logprob, logits for logit-diff) at
 which a fact's faithfulness is interpreted. Below it the corruption barely moves the metric, the ratio
 divides by a near-zero gap (values like -7 or 66 appear), and circuits sized by it mean nothing; such facts
-are excluded from comparisons and counted."""
+are excluded from comparisons and counted. A negative gap (the corruption *raises* the answer's score) is
+excluded too, however large: the ratio's denominator then has the wrong sign."""
+
+
+def gap_ok(gaps: Sequence[float] | np.ndarray, min_gap: float = MIN_GAP) -> np.ndarray:
+    """Per fact: may its faithfulness be interpreted? True where gap = m_clean - m_corrupted >= `min_gap`
+    (signed: a corruption that raises the answer's score is excluded), and where the gap is not recorded
+    (NaN: nothing to exclude it on). Every place that filters on the gap calls this."""
+    g = np.asarray(gaps, dtype=float)
+    return np.isnan(g) | (g >= min_gap)
 
 
 class CircuitEvaluator:

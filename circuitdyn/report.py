@@ -23,12 +23,14 @@ NAMES = {"edge_jaccard": "edge-set distance (1 - Jaccard)", "weighted_jaccard": 
 
 
 def estimate(e: dict[str, Any] | None, digits: int = 3) -> str:
-    """`0.412 [0.350, 0.470] (n=14 in 4 entities)` from an `Estimate.to_dict()`."""
+    """`0.412 [0.350, 0.470] (n=14 in 8 entities)` from an `Estimate.to_dict()`; without an interval, why
+    (`0.412 (n=9 in 3 entities; too few entities for an interval, n=3 < 7)`)."""
     if not e or e.get("value") is None:
         return f"- (n={0 if not e else e.get('n', 0)})"
     ci = ("" if e.get("lo") is None else f" [{e['lo']:.{digits}f}, {e['hi']:.{digits}f}]")
     groups = e.get("n_groups", 0)
-    return f"{e['value']:.{digits}f}{ci} (n={e['n']} in {groups} {'entity' if groups == 1 else 'entities'})"
+    note = f"; {e['interval']}" if e.get("interval") else ""
+    return f"{e['value']:.{digits}f}{ci} (n={e['n']} in {groups} {'entity' if groups == 1 else 'entities'}{note})"
 
 
 def _size(size: dict[str, Any], faith: dict[str, Any] | None) -> str:
@@ -43,13 +45,14 @@ def _size(size: dict[str, Any], faith: dict[str, Any] | None) -> str:
 
 def _change_verdict(agg: dict[str, Any] | None) -> str:
     """The aggregate change test's verdict (`change_test.aggregate_verdict`), direction checked: change is
-    claimed only for a positive effect with p below `ALPHA`."""
+    claimed only for a positive mean effect (replicates of the two checkpoints further apart than replicates of
+    one) with p <= `ALPHA`; a negative effect is said to be within method noise, whatever its p."""
     if not agg or not agg.get("n_tested"):
         return "nothing to test"
     effect, p = agg["effect"], agg["p_value"]
     counts = (f"{agg['n_changed_beyond_noise']} of {agg['n_tested']} fact-level tests clear method noise "
               f"(false discovery rate {ALPHA:.0%})")
-    if agg.get("changed"):
+    if p is not None and p <= ALPHA and effect.get("value") is not None and effect["value"] > 0:
         return (f"circuits moved more than method noise (stratified permutation p = {p:.4f}, mean excess "
                 f"{estimate(effect)}); {counts}")
     if effect.get("value") is not None and effect["value"] < 0:
@@ -125,22 +128,41 @@ def describe_stability(st: dict[str, Any]) -> list[str]:
     if perm["n_strata"] == 0:
         lines.append("  not answerable on this run: no fact has both retained and flipped transitions")
         return lines
-    auc_lo, auc_hi = st["auc_ci"]
-    auc_ci = "" if auc_lo != auc_lo else f" [{auc_lo:.2f}, {auc_hi:.2f}]"
-    lines.append(f"  AUC {st['auc']:.2f}{auc_ci} (P(a retained transition's circuit is more similar than a flipped "
-                 f"one's)); permutation test within facts: difference {perm['difference']:+.3f}, p = {perm['p_value']:.3f} "
-                 f"on {perm['n_1']} retained vs {perm['n_0']} flipped transitions of {perm['n_strata']} facts "
-                 f"({st['n_entities']} entities)")
-    clear = perm["p_value"] < ALPHA and auc_lo == auc_lo and not (auc_lo <= 0.5 <= auc_hi)
-    post_hoc = "post hoc" in str(st["fact_choice"])
-    if clear:
-        verdict = "evidence that circuits stay more similar while a fact stays recalled"
-        if post_hoc:
-            verdict += " (facts were chosen after seeing outcomes: treat as exploratory)"
-    else:
-        verdict = "no evidence either way at this size (the interval includes 0.5 or p >= 0.05)"
+    lines.append(f"  AUC within facts {_auc(st)} (P(a retained transition's circuit is more similar than a flipped "
+                 f"one's of the same fact)); permutation test within facts: difference {perm['difference']:+.3f}, "
+                 f"p = {perm['p_value']:.3f} on {perm['n_1']} retained vs {perm['n_0']} flipped transitions of "
+                 f"{perm['n_strata']} facts ({st['n_entities']} entities)")
+    verdict = stability_verdict(st)
+    if verdict.startswith("evidence") and "post hoc" in str(st["fact_choice"]):
+        verdict += " (facts were chosen after seeing outcomes: treat as exploratory)"
     lines.append("  verdict: " + verdict)
     return lines
+
+
+def _auc(st: dict[str, Any]) -> str:
+    lo, hi = st["auc_ci"]
+    if lo == lo and lo is not None:
+        return f"{st['auc']:.2f} [{lo:.2f}, {hi:.2f}]"
+    return f"{st['auc']:.2f} ({st.get('auc_interval') or 'no interval'})"
+
+
+def stability_verdict(st: dict[str, Any]) -> str:
+    """The stay-put verdict, direction checked: evidence only when the test is significant and its
+    difference (retained - flipped) and the AUC interval (entirely above or below 0.5) point the same way."""
+    perm = st["permutation"]
+    diff, p = perm["difference"], perm["p_value"]
+    lo, hi = st["auc_ci"]
+    if lo is None or lo != lo:
+        return (f"no evidence either way: {st.get('auc_interval') or 'too few entities for an interval'} on the "
+                f"AUC (p = {p:.3f})")
+    if p >= ALPHA or lo <= 0.5 <= hi:
+        return "no evidence either way at this size (the AUC interval includes 0.5 or p >= 0.05)"
+    if diff > 0 and lo > 0.5:
+        return "evidence that circuits stay more similar while a fact stays recalled"
+    if diff < 0 and hi < 0.5:
+        return "evidence that circuits are *less* similar while a fact stays recalled than when recall flips"
+    return ("no evidence either way: the test's difference and the AUC interval point in opposite directions "
+            f"(difference {diff:+.3f}, AUC [{lo:.2f}, {hi:.2f}])")
 
 
 def describe_transfer(summary: dict[str, Any]) -> list[str]:

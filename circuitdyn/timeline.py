@@ -13,8 +13,8 @@
 - joined with whether the fact was recalled at each epoch (`correct`) and its transition from the
   previous epoch (retained / forgotten / acquired / unknown), next to the training loss;
 - `stability()`: does a fact's circuit stay put while it is recalled and change when recall flips?
-  Reported as the mean distance per transition kind with intervals, the AUC (P(a flipped transition
-  moved more than a retained one)) with its interval, and a permutation test stratified by fact, with the
+  Reported as the mean distance per transition kind with intervals, the AUC within facts (P(a flipped
+  transition moved more than a retained one of the same fact)) with its interval, and a permutation test stratified by fact, with the
   numbers of transitions, facts and entities it rests on.
 
 Facts whose clean-corrupted metric gap is below `faithfulness.MIN_GAP` at an epoch are left out of every
@@ -39,8 +39,8 @@ from torch import Tensor
 from circuitdyn.attribution import IGGrid, Method
 from circuitdyn.circuits import CircuitSet, find_circuits
 from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
-from circuitdyn.faithfulness import MIN_GAP
 from circuitdyn.change_test import ALPHA, aggregate_verdict, change_table, compare_replicates, with_fdr
+from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
 from circuitdyn.similarity import (
     jaccard,
@@ -50,7 +50,7 @@ from circuitdyn.similarity import (
     top_positions,
     weighted_jaccard,
 )
-from circuitdyn.stats import Estimate, auc, bootstrap_ci, cluster_bootstrap, permutation_test
+from circuitdyn.stats import Estimate, auc, bootstrap_ci, permutation_test, within_stratum_auc
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
@@ -152,7 +152,7 @@ class Timeline:
             df["gap"] = [*gaps, np.nan]
             got = self.reached.get(e)
             df["faithfulness"] = [*(got.tolist() if got is not None else [np.nan] * len(gaps)), np.nan]
-            df["included"] = [*(~(np.abs(gaps) < self.min_gap)).tolist(), True]
+            df["included"] = [*gap_ok(gaps, self.min_gap).tolist(), True]
             to_first = self._pair(first, e)
             to_prev = self._pair(self.epochs[i - 1], e) if i else {k: np.full(len(self.rows), np.nan) for k in to_first}
             for k, v in to_first.items():
@@ -318,7 +318,9 @@ class Timeline:
         forgotten / acquired / unknown) the count and the mean of `measure` (a similarity to the previous
         epoch) with a 95 % interval over entities; `gap` = retained minus flipped (forgotten + acquired),
         `gap_forgotten` = retained minus forgotten only; `auc` = P(a retained transition's similarity >
-        a flipped one's), ties half, with its interval (0.5 = no relation); `permutation`: a test of
+        a flipped one's) *within a fact*, ties half, averaged over the `auc_n_facts` facts holding both kinds
+        weighted by their pairs (`stats.within_stratum_auc`), with its interval over entities (0.5 = no
+        relation; `auc_interval` says why there is none) and `auc_pooled` across facts beside it; `permutation`: a test of
         retained vs flipped stratified by fact (labels shuffled among one fact's own transitions), with the
         transitions, facts and entities it rests on.
         """
@@ -345,10 +347,10 @@ class Timeline:
                                 if kept.any() and forgotten.any() else float("nan"))
         out["gap"] = float(vals[kept].mean() - vals[flipped].mean()) if kept.any() and flipped.any() else float("nan")
         both = kept | flipped
-        ent = t["entity"].to_numpy()[both]
         v, k = vals[both], kept[both]
-        est = cluster_bootstrap(ent, lambda idx: auc(v[idx][k[idx]], v[idx][~k[idx]]))
-        out["auc"], out["auc_ci"] = est.value, [est.lo, est.hi]
+        est = within_stratum_auc(v, k, t["fact_id"].to_numpy()[both], t["entity"].to_numpy()[both])
+        out["auc"], out["auc_ci"], out["auc_n_facts"] = est.value, [est.lo, est.hi], est.n
+        out["auc_interval"], out["auc_pooled"] = est.interval_note, auc(v[k], v[~k])
         test = permutation_test(vals[both], kept[both], t["fact_id"].to_numpy()[both])
         out["permutation"] = test.to_dict()
         return out

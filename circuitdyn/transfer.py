@@ -27,7 +27,7 @@ from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import entity_groups, restrict
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.extraction import Evaluator
-from circuitdyn.faithfulness import MIN_GAP
+from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.io import write_json_atomic
 from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.stats import bootstrap_ci
@@ -110,8 +110,7 @@ def _transfer_table(rows: list[list[Any]], circuits: dict[int, CircuitSet], min_
     table = table.astype({"faithfulness": float})  # None = undefined (NaN), even when every value is
     gaps = {(f, e): g for e, cs in circuits.items() for f, g in zip(cs.fact_ids, cs.gaps)}
     table["gap"] = [gaps.get((f, e), float("nan")) for f, e in zip(table["fact_id"], table["model_epoch"])]
-    small = table["gap"].abs() < min_gap
-    table["transfer"] = table["faithfulness"].clip(0.0, 1.0).where(~small)
+    table["transfer"] = table["faithfulness"].clip(0.0, 1.0).where(gap_ok(table["gap"].to_numpy(float), min_gap))
     return table
 
 

@@ -14,6 +14,7 @@ from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, circuit_graph, diff_circuits, strongest_paths
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.faithfulness import gap_ok
 from circuitdyn.noise import MethodNoise, noise_from_replicates
 from circuitdyn.selection import Selection, smallest_faithful
 from circuitdyn.similarity import rank_biased_overlap, spearman, weighted_jaccard
@@ -178,6 +179,17 @@ def test_small_gap_facts_are_excluded_and_counted():
     assert d.facts.loc[["f0", "f1", "f2"], "included"].tolist() == [True, False, False]
     assert d.summary["n_included"] == 1 and d.summary["n_excluded_gap"] == 2
     assert d.summary["edge_jaccard"]["distance"]["n"] == 1
+
+
+def test_negative_gap_is_excluded_and_counted():
+    """A corruption that *raises* the answer by 1.1 nat (gap -1.1) is no basis for a faithfulness ratio:
+    |gap| >= MIN_GAP used to admit it."""
+    a = make_set(random_scores(3), m_clean=[0.0, 0.0, 0.0], m_corrupted=[-5.0, 1.1, -3.0])
+    b = make_set(random_scores(3, seed=4), m_clean=[0.0, 0.0, 0.0], m_corrupted=[-5.0, 1.1, -3.0])
+    d = diff_circuits(a, b, "top:20")
+    assert d.facts.loc[["f0", "f1", "f2"], "included"].tolist() == [True, False, True]
+    assert d.summary["n_excluded_gap"] == 1 and d.summary["edge_jaccard"]["distance"]["n"] == 2
+    assert gap_ok([-1.1, 1.1, 0.99, float("nan")]).tolist() == [False, True, False, True]
 
 
 def test_selection_parsing_and_masks():

@@ -10,6 +10,7 @@ import pytest
 
 from circuitdyn.cpt import CPTConfig
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.stats import MIN_ENTITIES
 from circuitdyn.sweep import across_runs, format_across_runs, sweep_runs
 
 
@@ -32,10 +33,15 @@ def test_across_runs_means_intervals_and_n():
     t = across_runs({"a": a, "b": b}).set_index("epoch")
     assert list(t["quantity"].unique()) == ["recall"]  # non-numeric and unshared columns are left out
     assert t.loc[0, "mean"] == pytest.approx(0.2) and t.loc[1, "mean"] == pytest.approx(0.6)
-    assert (t.loc[0, "lo"], t.loc[0, "hi"]) == pytest.approx((0.1, 0.3))  # resampling 2 runs spans both values
+    assert math.isnan(t.loc[0, "lo"]) and math.isnan(t.loc[0, "hi"])  # 2 runs: no interval, not [min, max]
+    assert t.loc[0, "interval"] == f"too few runs for an interval, n=2 < {MIN_ENTITIES}"
     assert t.loc[1, "n"] == 2 and t.loc[2, "n"] == 1 and math.isnan(t.loc[2, "lo"])  # one run: no interval
     text = format_across_runs(across_runs({"a": a, "b": b}))
-    assert "0.200 [0.100, 0.300]" in text and "n runs" in text
+    assert "0.200*" in text and "n runs" in text and f"fewer than {MIN_ENTITIES} runs" in text
+    runs = {f"r{i}": pd.DataFrame({"epoch": [0], "recall": [0.1 * i]}) for i in range(MIN_ENTITIES)}
+    many = across_runs(runs).set_index("epoch")
+    assert many.loc[0, "lo"] < many.loc[0, "mean"] < many.loc[0, "hi"] and many.loc[0, "interval"] is None
+    assert "*" not in format_across_runs(across_runs(runs))
     with pytest.raises(CircuitdynError, match="no 'epoch' column"):
         across_runs({"a": a, "c": pd.DataFrame({"step": [0]})})
 

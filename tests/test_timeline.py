@@ -56,7 +56,8 @@ def test_similarity_and_reconfiguration():
     assert (rec["n"] == 2).all() and (rec["n_excluded"] == 0).all()
     assert tl.reconfiguration_rate == pytest.approx((0 + 0.5 + 0.5) / 3)
     est = tl.reconfiguration_estimate
-    assert est.n == 6 and est.n_groups == 2 and est.lo <= est.value <= est.hi
+    assert est.n == 6 and est.n_groups == 2 and not est.has_interval  # 2 entities: too few for an interval
+    assert "too few entities for an interval" in str(est)
     assert tl.summary()["n_changed_beyond_noise"] is None  # no method noise given: nothing is tested
 
 
@@ -128,6 +129,19 @@ def test_small_gap_fact_epochs_are_excluded():
     rec = tl.reconfiguration.set_index("epoch")
     assert rec.loc[1, "n"] == 2 and rec.loc[2, "n"] == 1 and rec.loc[3, "n"] == 1
     assert rec.loc[2, "n_excluded"] == 1 and rec.loc[2, "replaced"] == 0.0
+    assert tl.summary()["n_fact_epochs_excluded"] == 1
+
+
+def test_negative_gap_fact_epochs_are_excluded():
+    """'flaky' gets a gap of -1.1 nat at epoch 2 (the corruption raises its answer): excluded and counted."""
+    cs = circuits_over_epochs()
+    for e, c in cs.items():
+        c.meta.update(m_clean=[0.0, 0.0], m_corrupted=[-3.0, 1.1 if e == 2 else -3.0])
+    tl = build_timeline(cs, f"top:{N}")
+    sim = tl.similarity.set_index(["fact_id", "epoch"])
+    assert not sim.loc[("flaky", 2), "included"] and sim.loc[("flaky", 1), "included"]
+    rec = tl.reconfiguration.set_index("epoch")
+    assert rec.loc[2, "n"] == 1 and rec.loc[2, "n_excluded"] == 1 and rec.loc[3, "n"] == 1
     assert tl.summary()["n_fact_epochs_excluded"] == 1
 
 

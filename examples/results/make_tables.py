@@ -3,8 +3,11 @@ released Llama-3.2-1B-Instruct numbers (VFT = plain CPT).
 
 Reads the compact CSVs in this folder (written by `examples/reproduce_paper.py --collect`) and the paper's
 release in `tests/data/paper-results/llama3-i-1b/`; writes `tables.md` and `reproduction.html` here.
-Intervals are 95 % percentile bootstrap intervals over seeds (`circuitdyn.stats.bootstrap_ci`): with 3
-seeds they are close to the range of the seeds' values.
+Means are over seeds with a 95 % interval over seeds (`circuitdyn.stats.bootstrap_ci`, the CR1 t interval)
+only from `stats.MIN_ENTITIES` seeds on: with 3 seeds no interval is given (their range is not a 95 %
+interval). Per-fact averages use the fact-epochs every other command uses: gap m_clean - m_corrupted >=
+`faithfulness.MIN_GAP` (signed, `faithfulness.gap_ok`), and for the Jaccard with the previous epoch at both
+epochs; the excluded ones are counted.
 
     python examples/results/make_tables.py [FOLDER]   # FOLDER holding the CSVs (default: this one)
 """
@@ -18,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from circuitdyn.dynamics import load_dynamics
-from circuitdyn.stats import bootstrap_ci
+from circuitdyn.faithfulness import MIN_GAP, gap_ok
+from circuitdyn.stats import MIN_ENTITIES, bootstrap_ci
 
 HERE = Path(__file__).resolve().parent
 PAPER = HERE.parents[1] / "tests" / "data" / "paper-results" / "llama3-i-1b"
@@ -111,24 +115,32 @@ def main(folder: Path = HERE) -> None:
                         fmt(g["circuit_logit_diff"]), fmt(g["circuit_hit_at_10"], 3), fmt(g["jaccard_prev"], 3),
                         pb, pc]))
 
-    from circuitdyn.faithfulness import MIN_GAP
-
-    facts["gap_ok"] = (facts["m_clean"] - facts["m_corrupted"]).abs() >= MIN_GAP
+    facts = facts.sort_values(["seed", "fact_id", "epoch"], kind="stable")
+    facts["gap_ok"] = gap_ok((facts["m_clean"] - facts["m_corrupted"]).to_numpy(float))
+    prev_ok = facts.groupby(["seed", "fact_id"])["gap_ok"].shift(1).fillna(False).astype(bool)
     facts["faith_ok"] = facts["faithfulness"].where(facts["gap_ok"])
-    fsum = facts.groupby(["seed", "epoch"]).agg(jaccard_prev=("jaccard_prev", "mean"),
+    facts["jaccard_ok"] = facts["jaccard_prev"].where(facts["gap_ok"] & prev_ok)
+    facts["jaccard_excluded"] = facts["jaccard_prev"].notna() & facts["jaccard_ok"].isna()
+    fsum = facts.groupby(["seed", "epoch"]).agg(jaccard_prev=("jaccard_ok", "mean"),
                                                faithfulness=("faith_ok", "median"),
-                                               excluded=("gap_ok", lambda g: int((~g).sum()))).reset_index()
+                                               excluded=("gap_ok", lambda g: int((~g).sum())),
+                                               jaccard_excluded=("jaccard_excluded", "sum")).reset_index()
     fj, ff = across_seeds(fsum, "jaccard_prev"), across_seeds(fsum, "faithfulness")
     fsteps = ", ".join(map(str, sorted(facts["ig_steps"].unique())))
     out += ["", (f"### Per-fact circuits ({facts['fact_id'].nunique()} facts sampled before training, EAP-IG {fsteps} "
             f"steps, {facts['selection'].iloc[0]}; faithfulness only where the corruption moves the answer log-prob "
-            f"by >= {MIN_GAP} nat)"), "",
-            row(["epoch", "seeds", "mean Jaccard with previous epoch", "median faithfulness", "fact-seeds excluded (gap)"]),
-            row(["---"] * 5)]
+            f"by >= {MIN_GAP} nat, signed; Jaccard only where it does so at both epochs)"), "",
+            row(["epoch", "seeds", "mean Jaccard with previous epoch", "median faithfulness", "fact-seeds excluded (gap)",
+                 "Jaccards excluded (gap at either epoch)"]),
+            row(["---"] * 6)]
     for epoch in sorted(fsum["epoch"].unique()):
         g = fsum[fsum["epoch"] == epoch]
         out.append(row([epoch, len(g), fmt(fj.loc[epoch], 3) if epoch in fj.index else "-",
-                        fmt(ff.loc[epoch], 3) if epoch in ff.index else "-", int(g["excluded"].sum())]))
+                        fmt(ff.loc[epoch], 3) if epoch in ff.index else "-", int(g["excluded"].sum()),
+                        int(g["jaccard_excluded"].sum())]))
+    if len(seeds) < MIN_ENTITIES:
+        out += ["", f"No intervals: {len(seeds)} seeds are fewer than the {MIN_ENTITIES} a 95 % interval over seeds "
+                    "needs to cover (`circuitdyn.stats.MIN_ENTITIES`); cells show the mean over seeds."]
     text = "\n".join(out) + "\n"
     (folder / "tables.md").write_text(text)
     print(text)
