@@ -39,7 +39,7 @@ from circuitdyn.change_test import ALPHA, aggregate_p, compare_replicates
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import DEFAULT_SELECTION, PRIMARY, entity_groups, node_importance, node_kind
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.faithfulness import MIN_GAP
+from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.io import atomic_path
 from circuitdyn.noise import (
     DEFAULT_FAMILY,
@@ -76,7 +76,7 @@ class CalibrationSettings:
     null_tests: int = 5
     plant: Plant = "mlp"
     strengths: tuple[float, ...] = (0.1, 0.3, 1.0)
-    entity_counts: tuple[int, ...] = (3, 4, 6, 8)
+    entity_counts: tuple[int, ...] = (4, 7, 8, 12)
     selection: str = DEFAULT_SELECTION
     method: Method = "eap-ig"
     steps: int = DEFAULT_IG_STEPS
@@ -252,7 +252,7 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     main = main.subset(facts.ids)
     masks, _ = select_circuits(run, epoch, main, s.selection, facts, cache_dir=folder)
     sizes = masks.sum(1).long().clamp_min(1)
-    included = main.gaps >= MIN_GAP
+    included = gap_ok(main.gaps)
     entities = entity_groups(facts.ids, facts.entity_of)
     n_tested = int(included.sum())
     if n_tested < 2:
@@ -318,8 +318,6 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
 
     mean_null = np.nanmean(np.stack(null_effects), 0)[included]
     coverage = _coverage(mean_null, inc_entities, s.entity_counts, "null effects", s.seed)
-    strongest = per_stat_power[PRIMARY][-1]
-    del strongest  # coverage on planted effects below uses the last test's effects
     planted_effect = test.statistic(PRIMARY)["effect"].to_numpy(float)[included]
     coverage += _coverage(planted_effect, inc_entities, s.entity_counts, f"planted x{1 - s.strengths[-1]:g} effects",
                           s.seed + 1)

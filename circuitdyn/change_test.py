@@ -25,6 +25,7 @@ effect's interval over entities (`circuitdyn.stats.bootstrap_ci`). Only a positi
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.messages import warn
 from circuitdyn.similarity import DISTANCES, rank_rows, weighted_jaccard
 from circuitdyn.stats import bootstrap_ci
 
@@ -65,6 +67,12 @@ def split_effects(dist: Float[np.ndarray, "fact rep rep"], groups: np.ndarray) -
     within_pairs = n_a * (n_a - 1) / 2 + n_b * (n_b - 1) / 2
     within = (np.einsum("fij,si,sj->fs", d, g, g) + np.einsum("fij,si,sj->fs", d, h, h)) / 2 / within_pairs
     return cross - within
+
+
+def smallest_p(r_a: int, r_b: int) -> float:
+    """The smallest p the exact test can give: 1 / C(r_a + r_b, r_a), doubled when the sides are of equal size
+    (a split and its mirror give the same T)."""
+    return (2 if r_a == r_b else 1) / math.comb(r_a + r_b, r_a)
 
 
 def permutation_p(effects: np.ndarray) -> np.ndarray:
@@ -182,6 +190,9 @@ def compare_replicates(
         raise CircuitdynError(f"{len(fact_ids)} fact ids for {reps_a.shape[1]} facts of replicates")
     inc = np.ones(len(fact_ids), dtype=bool) if included is None else np.asarray(included, dtype=bool)
     groups = splits(r_a, r_b)
+    if smallest_p(r_a, r_b) > alpha:
+        warn(f"with {r_a} + {r_b} replicates the change test's smallest p is {smallest_p(r_a, r_b):.3f} > {alpha}: "
+             "no fact can be flagged (draw 4 or more replicates per checkpoint)")
     dist = replicate_distances(torch.cat([reps_a, reps_b]), sizes)
     frames, per_stat = [], {}
     for stat in DISTANCES:

@@ -808,6 +808,77 @@ def print_timeline(tl) -> None:
 
 
 @command
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from circuitdyn.calibration import CalibrationSettings
+
+    d = CalibrationSettings()
+    p = sub.add_parser("calibrate", help="measure the change test's false-positive rate, power and interval "
+                       "coverage at one checkpoint (nulls and planted changes)")
+    p.add_argument("checkpoint", metavar="RUN[:EPOCH]", help="run folder (its last epoch), RUN:EPOCH or a model folder")
+    _add_facts_args(p, what=" (default: the packaged validation probes)")
+    _add_noise_args(p)
+    _add_device_args(p)
+    _add_base_arg(p)
+    p.add_argument("--steps", type=positive_int, default=d.steps, help=f"EAP-IG steps (default {d.steps})")
+    p.add_argument("--null-tests", type=positive_int, default=d.null_tests, metavar="K",
+                   help=f"disjoint null tests per fact (2 R K replicates of the checkpoint; default {d.null_tests})")
+    p.add_argument("--plant", choices=["mlp", "head"], default=d.plant,
+                   help="component whose output is scaled in the planted changes (the one carrying most of the "
+                   "facts' circuits; default mlp)")
+    p.add_argument("--strengths", type=strength_list, default=d.strengths,
+                   help="planted strengths s, output x (1 - s), comma-separated in (0, 1] (default 0.1,0.3,1)")
+    p.add_argument("--select", type=selection_spec, default=d.selection,
+                   help=f"circuits whose size the edge-set distance uses (default {d.selection})")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="facts per attribution batch")
+    p.add_argument("--circuits", help="folder caching the replicates (default: RUN/circuits)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=_run_calibrate)
+
+
+def strength_list(text: str) -> tuple[float, ...]:
+    """Comma-separated planted strengths in (0, 1]."""
+    values = tuple(probability(x) for x in text.split(",") if x.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"needs at least one strength in (0, 1], got {text!r}")
+    return values
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from circuitdyn.calibration import CalibrationSettings, calibrate, write_calibration
+    from circuitdyn.checkpoints import resolve
+
+    settings = CalibrationSettings(family=args.family, replicates=args.replicates, null_tests=args.null_tests,
+                                   plant=args.plant, strengths=args.strengths, selection=args.select,
+                                   steps=args.steps, batch_size=args.batch_size, seed=args.sample_seed)
+    if args.out:
+        _output(args.out, "file", "--out", overwrite=True)
+    run, epoch = resolve(args.checkpoint, device=args.device, dtype=args.dtype, base=args.base)
+    facts = _facts(args, run) if args.probes else _default_facts(args, run)
+    cal = calibrate(run, epoch, facts, settings, folder=args.circuits, progress=not args.json,
+                    log=None if args.json else print)
+    if args.out:
+        write_calibration(cal, args.out)
+    if args.json:
+        print(json.dumps(cal.to_dict(), indent=1, default=str))
+        return 0
+    for line in cal.summary():
+        print(line)
+    return 0
+
+
+def _default_facts(args: argparse.Namespace, run):
+    """The packaged validation probes, chosen by the same options as --probes."""
+    from circuitdyn.facts import load_facts
+
+    return load_facts(None, run.tokenizer(), limit=args.limit, sample_n=args.sample, per_entity=args.per_entity,
+                      entities=_names(args.entities), seed=args.sample_seed, rephrased=args.rephrased,
+                      template=args.template)
+
+
+@command
 def _add_view(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("view", help="the circuit viewer for a circuit file")
     p.add_argument("file", metavar="CIRCUIT_FILE", help="a circuit .safetensors file")
