@@ -36,6 +36,7 @@ this). Scores are [fact, edge] in `Graph.edges` order.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
@@ -91,18 +92,20 @@ def grid_taken(method: str | None, ig_grid: str) -> IGGrid:
     return "right" if method == "eap" else ig_grid  # type: ignore[return-value]
 
 
-def grid_offset(seed: int) -> float:
-    """The `shifted` rule's offset u in [0, 1) for an extraction seed (a fixed function of the seed, so a
-    replicate is reproducible from the seed its circuit file records)."""
-    return float(np.random.default_rng([int(seed), 0x5EED]).random())
+def grid_offset(seed: int, fact_id: str = "") -> float:
+    """The `shifted` rule's offset u in [0, 1) for an extraction seed and a fact: a fixed function of both, so
+    a replicate is reproducible from the seed its circuit file records, and the offsets of different facts
+    are independent draws (their replicates' errors are not shared)."""
+    return float(np.random.default_rng([int(seed), zlib.crc32(fact_id.encode()), 0x5EED]).random())
 
 
-def ig_nodes(ig_grid: str, steps: int, seed: int = 0) -> tuple[list[float], list[float]]:
+def ig_nodes(ig_grid: str, steps: int, seed: int = 0, fact_id: str = "") -> tuple[list[float], list[float]]:
     """Interpolation points alpha (0 = corrupted, 1 = clean) and weights (summing to 1) of an m-step rule.
 
     `right`: k/m, k = 1..m (circuitdyn's grid so far); `left`: k/m, k = 0..m-1 (hannamw/EAP-IG);
     `midpoint`: (k + 1/2)/m; `gauss`: Gauss-Legendre nodes and weights on [0, 1] (exact for polynomials of
-    degree 2m - 1, where the Riemann sums converge as 1/m); `shifted`: (k + u)/m with u = `grid_offset(seed)`.
+    degree 2m - 1, where the Riemann sums converge as 1/m); `shifted`: (k + u)/m with u = `grid_offset(seed,
+    fact_id)`, one offset per fact.
     """
     grid_taken("eap-ig", ig_grid)
     m = int(steps)
@@ -111,7 +114,7 @@ def ig_nodes(ig_grid: str, steps: int, seed: int = 0) -> tuple[list[float], list
     if ig_grid == "gauss":
         x, w = np.polynomial.legendre.leggauss(m)
         return [float((a + 1) / 2) for a in x], [float(v / 2) for v in w]
-    start = grid_offset(seed) if ig_grid == "shifted" else {"right": 1.0, "left": 0.0, "midpoint": 0.5}[ig_grid]
+    start = grid_offset(seed, fact_id) if ig_grid == "shifted" else {"right": 1.0, "left": 0.0, "midpoint": 0.5}[ig_grid]
     return [(k + start) / m for k in range(m)], [1.0 / m] * m
 
 
@@ -152,7 +155,8 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
     check_method(method)
     get_metric(metric)
     m = steps_taken(method, steps)
-    alphas, weights = ig_nodes(grid_taken(method, ig_grid), m, seed)
+    grid = grid_taken(method, ig_grid)
+    alphas, weights = ig_nodes(grid, m, seed)
     buf = buffer_torch_dtype(buffer_dtype)
     check_supported(model)
     graph = Graph.from_model(model)
@@ -163,13 +167,18 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
         raise CircuitdynError(f"pass_facts must be >= 1, got {pass_facts}")
     out = torch.empty(B, graph.n_edges, device=batch.clean.device)
     for b0 in range(0, B, n):
-        out[b0:b0 + n] = _attribute_pass(model, batch.rows(b0, b0 + n), graph, layers, metric, alphas, weights, buf)
+        rows = batch.rows(b0, b0 + n)
+        if grid == "shifted":  # one offset per fact: (k + u_f) / m as a [fact, 1, 1] tensor per step
+            u = torch.tensor([grid_offset(seed, f.fact_id) for f in rows.facts], device=batch.clean.device)
+            alphas = [((k + u) / m).view(-1, 1, 1) for k in range(m)]
+        out[b0:b0 + n] = _attribute_pass(model, rows, graph, layers, metric, alphas, weights, buf)
     return out
 
 
 def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[LayerWeights], metric: str | Metric,
-                    alphas: list[float], weights: list[float], buf: torch.dtype) -> Float[Tensor, "batch edge"]:
-    """`attribute_batch` for the facts of one pass."""
+                    alphas: Sequence[float | Tensor], weights: list[float], buf: torch.dtype
+                    ) -> Float[Tensor, "batch edge"]:
+    """`attribute_batch` for the facts of one pass; an alpha is a number, or one per fact ([fact, 1, 1])."""
     m = len(alphas)
     # Relative weights: exactly 1.0 for the equal-weight rules, so the sums are what they always were.
     rel = [1.0] * m if len(set(weights)) == 1 else [w * m for w in weights]
@@ -178,7 +187,7 @@ def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[Lay
     # A bf16/fp16 model's rounding differs between two runs by more than the small corrupted - clean
     # differences it would be subtracted from: those two runs compute in float32 (`run_capture`'s dtype).
     low = layers[0].W_qkv.dtype != torch.float32
-    clean_step = None if low else next((k for k, a in enumerate(alphas) if a == 1.0), None)
+    clean_step = None if low else next((k for k, a in enumerate(alphas) if isinstance(a, float) and a == 1.0), None)
     with torch.no_grad():
         _, st = run_capture(model, corr_in, batch, metric, layers, torch.float32)
         diffs = _SourceDiffs(st, corr_in - clean_in, buf)
@@ -192,7 +201,7 @@ def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[Lay
     g_mlp = [torch.zeros(B, P, D, device=clean_in.device) for _ in range(0 if model.cfg.attn_only else L)]
     g_logits = torch.zeros(B, P, D, device=clean_in.device)
     for k, (alpha, u) in enumerate(zip(alphas, rel)):
-        x0 = clean_in if alpha == 1.0 else corr_in + alpha * (clean_in - corr_in)
+        x0 = clean_in if isinstance(alpha, float) and alpha == 1.0 else corr_in + alpha * (clean_in - corr_in)
         with torch.enable_grad():
             values, st = run_capture(model, x0.detach().requires_grad_(), batch, metric, layers)
             grads = list(torch.autograd.grad(values.sum(), st["q"] + st["k"] + st["v"] + st["mlp_in"] + st["final"]))

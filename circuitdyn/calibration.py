@@ -199,7 +199,8 @@ def _planted_scores(model: HookedTransformer, facts: FactSet, draws: Sequence[Dr
             if cs.meta.get("calibration_key") == want and cs.fact_ids == facts.ids:
                 out.append(cs.scores.float())
                 continue
-        rep = facts if d.variant == 0 else facts.with_variant(d.variant)
+        variants = d.variants(facts.ids)
+        rep = facts if variants is None else facts.with_variant(variants)
         scores = attribute(model, list(rep), s.method, s.steps, s.metric, d.seed, s.batch_size,
                            ig_grid=REPLICATE_GRID)
         cs = CircuitSet(scores, key["edges"], facts.ids, {"calibration_key": want, "method": s.method})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -63,8 +63,9 @@ class FactSet:
     pool: tuple[Probe, ...] = ()
     """The probe set the corruption's swap partners come from (the whole file)."""
     template: Template = "auto"
-    variant: int = 0
-    """Which valid swap partner each fact's corruption uses (0 = the first; see `build_fact_prompts`)."""
+    variant: int | tuple[tuple[str, int], ...] = 0
+    """Which valid swap partner each fact's corruption uses (0 = the first; see `build_fact_prompts`), for all
+    facts or per fact id."""
     tokenizer: PreTrainedTokenizerBase | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,14 +102,16 @@ class FactSet:
         """fact id -> "entity: question", for viewers and tables."""
         return {p.id: f"{p.entity}: {p.question}" for p in self.probes}
 
-    def with_variant(self, variant: int) -> FactSet:
-        """The same facts with another corruption of the same kind: the (variant+1)-th valid swap partner.
-        Facts corrupted by noise keep their positions; their noise changes with the extraction seed."""
+    def with_variant(self, variant: int | Mapping[str, int]) -> FactSet:
+        """The same facts with another corruption of the same kind: the (variant+1)-th valid swap partner, for
+        all facts or per fact id. Facts corrupted by noise keep their positions; their noise changes with the
+        extraction seed."""
         if self.tokenizer is None:
             raise CircuitdynError("this fact set was not built by load_facts (no tokenizer): no corruption variants")
         facts = build_fact_prompts(self.probes, self.tokenizer, template=self.template, pool=self.pool or self.probes,
                                    variant=variant)
-        return FactSet(tuple(facts), self.probes, self.source, self.pool, self.template, variant, self.tokenizer)
+        key = variant if isinstance(variant, int) else tuple(sorted(variant.items()))
+        return FactSet(tuple(facts), self.probes, self.source, self.pool, self.template, key, self.tokenizer)
 
     def by_id(self, fact_ids: Sequence[str]) -> list[FactPrompt]:
         """The facts of these ids, in that order; an unknown id is an error naming it."""

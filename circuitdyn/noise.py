@@ -5,9 +5,10 @@ each checkpoint's circuit as a draw from it (`FAMILIES`):
 
 - `estimation`: the same question (the fact's corruption as built) with the IG integral evaluated on a
   randomly shifted midpoint grid (`attribution.grid_offset`: alpha = (k + u)/m, u drawn from the replicate's
-  seed; noise-corrupted facts also get a new noise draw). It measures the estimator's own error.
-- `question`: as `estimation`, and the corruption's swap partner drawn among the first `N_VARIANTS` valid
-  ones of equal token length (`FactSet.with_variant`). It adds how much the circuit depends on which
+  seed and the fact, so facts' draws are independent; noise-corrupted facts also get a new noise draw). It
+  measures the estimator's own error.
+- `question`: as `estimation`, and each fact's swap partner drawn among its first `N_VARIANTS` valid ones
+  of equal token length (`FactSet.with_variant`, per fact). It adds how much the circuit depends on which
   counterfactual asks the question.
 
 `draw_settings` draws seeds (and variants) at random, `replicate_scores` extracts them (cached as circuit
@@ -21,6 +22,7 @@ whether an edge moved.
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,15 +57,22 @@ REPLICATE_GRID = "shifted"
 
 @dataclass(frozen=True)
 class Draw:
-    """One replicate's setting: the extraction seed (the grid offset, and the noise draw of noise-corrupted
-    facts) and the corruption variant (0 = the first valid swap partner)."""
+    """One replicate's setting: the extraction seed (each fact's grid offset, and the noise draw of
+    noise-corrupted facts) and, in the `question` family, each fact's corruption variant drawn from the seed."""
 
     seed: int
-    variant: int = 0
+    family: Family = DEFAULT_FAMILY
 
     @property
     def name(self) -> str:
-        return f"s{self.seed}" + (f" v{self.variant}" if self.variant else "")
+        return f"s{self.seed}" + (" q" if self.family == "question" else "")
+
+    def variants(self, fact_ids: Sequence[str]) -> dict[str, int] | None:
+        """Per fact, which valid swap partner its corruption uses (None: the facts as built)."""
+        if self.family != "question":
+            return None
+        return {f: int(np.random.default_rng([self.seed, zlib.crc32(f.encode()), 0xF00D]).integers(N_VARIANTS))
+                for f in fact_ids}
 
 
 def check_family(family: str) -> Family:
@@ -85,8 +94,7 @@ def draw_settings(family: str, n: int, seed: int = 0) -> list[Draw]:
         s = int(rng.integers(1, 2**31 - 1))
         if s not in seeds:
             seeds.append(s)
-    variants = rng.integers(0, N_VARIANTS, n) if family == "question" else np.zeros(n, dtype=int)
-    return [Draw(s, int(v)) for s, v in zip(seeds, variants)]
+    return [Draw(s, family) for s in seeds]  # type: ignore[arg-type]
 
 
 def replicate_scores(
@@ -99,7 +107,8 @@ def replicate_scores(
 
     out = []
     for d in draws:
-        rep_facts = facts if d.variant == 0 else facts.with_variant(d.variant)
+        variants = d.variants(facts.ids)
+        rep_facts = facts if variants is None else facts.with_variant(variants)
         done = extract_run(run, rep_facts, folder, [epoch], method=method, steps=steps, metric=metric, seed=d.seed,
                            batch_size=batch_size, progress=progress, ig_grid=REPLICATE_GRID)[0]
         cs = CircuitSet.load(done.path)

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -510,13 +510,14 @@ def build_fact_prompts(
     template: Template = "auto",
     instruction: str = INSTRUCTION,
     pool: Iterable[Probe | str] | None = None,
-    variant: int = 0,
+    variant: int | Mapping[str, int] = 0,
 ) -> list[FactPrompt]:
     """Token-level attribution inputs for each probe (order kept). Prefer `circuitdyn.facts.load_facts`,
     the one road from a probe file to facts that every command takes.
 
     `variant` k > 0 takes the (k+1)-th valid swap partner instead of the first (or the last valid one when
-    there are fewer): another corruption of the same kind, for measuring method noise.
+    there are fewer): another corruption of the same kind, for measuring method noise; a mapping gives each
+    probe id its own k (missing ids: 0).
 
     Clean prompt: `prompt_text(...)`. Answer: the gold answer's tokens as they continue the prompt.
     Corruption (recorded in `FactPrompt.corruption`):
@@ -567,6 +568,7 @@ def build_fact_prompts(
         outside = [i for i in range(len(ids)) if i not in set(positions)]
         chosen = None
         found_valid = 0
+        k = variant.get(p.id, 0) if isinstance(variant, Mapping) else variant
         for cand, other in _swap_candidates(p.id, p.entity, form, pool_map):
             pieces, last = [], 0
             for s, e in spans:
@@ -581,7 +583,7 @@ def build_fact_prompts(
             ):
                 chosen = (cand, other, cids)
                 found_valid += 1
-                if found_valid > variant:
+                if found_valid > k:
                     break
         if chosen is None:
             contrast = _contrast_token(p, text, answer[0], None, answers, tokenizer)

@@ -32,3 +32,27 @@ def test_self_diff_is_within_noise_and_different_inits_are_not(trained_pair_run,
     assert effect["value"] > 0 and effect["n"] == 6 and effect["n_groups"] == 3
     assert other["summary"]["circuit_size"]["a"]["median"] > 0
     assert other["summary"]["faithfulness_reached"]["a"]["min"] >= 0.8
+
+
+def test_a_copy_with_tiny_weight_noise_is_not_flagged(trained_pair_run, tmp_path, capsys):
+    """The same function (weights x (1 + 1e-4 noise)) diffed against the checkpoint: its circuits differ only as
+    much as replicates do, so no fact is flagged after false-discovery control and the aggregate test does not
+    fire; the replicates of the two model folders are independent draws (not one copy of the other)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run, probes = trained_pair_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "epoch_1", copy)
+    weights = copy / "model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    state = {k: v * (1 + 1e-4 * torch.randn(v.shape, generator=g)) for k, v in load_file(weights).items()}
+    save_file(state, weights, metadata={"format": "pt"})
+    assert main(["diff", f"{run}:1", str(copy), "--probes", str(probes), "--steps", "2", "--json",
+                 "--circuits", str(tmp_path / "c"), "--out", str(tmp_path / "d.html")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["summary"]["n_tested"] == 6 and d["n_changed_beyond_noise"] == 0
+    assert d["summary"]["edge_jaccard"]["changed"] is False
+    assert any(v["edge_jaccard"]["p_value"] < 1 for v in d["changes"].values())
