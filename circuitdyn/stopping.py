@@ -19,8 +19,10 @@ Rules (`RULES`, written `NAME` or `NAME:PARAM` on the command line):
 - `combined[:W]` (W=1): objective = fraction of entities learned - W x OOD drop from the base (drops only);
   stop when it has not improved for 2 epochs.
 - `loss-plateau[:R]` (R=0.01): the usual rule, for comparison: objective = -train loss; stop when the loss
-  has not fallen by more than R (relative) for one epoch. Needs the train loss (the paper's released results
-  lack it, so it does not apply to them).
+  has not fallen by more than R (relative) for one epoch. Needs the train loss: the paper's release
+  (sislab-unitn/Knowledge-Dynamics-LLMs) lists a `train_stats.json` per strategy, but circuitdyn does not
+  ship its content (`tests/data/paper-results` holds the probe, control and circuit results only) nor read
+  that file, so the rule is not evaluated on the release here.
 
 The OOD score is the mean exact match over the control tasks the run has (math, SocialIQA, MMLU).
 """

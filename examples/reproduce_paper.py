@@ -6,9 +6,16 @@ does), and after every epoch the head-of-state task circuit (`circuitdyn.tasks`)
 few probe facts sampled before training. Once an epoch's circuits are extracted, the previous epoch's merged
 weights are deleted (517 MB each; the last one stays so that a killed run resumes). The compact results
 (JSON/CSV) are gathered with `--collect DIR`; `examples/results/make_tables.py` turns them into the tables.
+Every results file records the IG grid and steps of its circuits (`ig_grid`, `ig_steps`).
 
-    python examples/reproduce_paper.py --out /work/wt/repro-runs --seeds 42,43,44
-    python examples/reproduce_paper.py --out /work/wt/repro-runs --seeds 42,43,44 --collect examples/results
+The results in `examples/results/` were computed with the task circuit on the right IG grid with 5 steps and
+per-fact circuits on the right grid with 3 steps (top-1000), 4 facts, 32 / 16 control items; the README's
+"Reproducing the paper on SmolLM2-135M" gives the exact commands. The grids default to `right` here (the
+stored results' grid), not to circuitdyn's defaults (`left` for the task, as the paper; `midpoint` per fact):
+
+    python examples/reproduce_paper.py --out RUNS --seeds 42 --epochs 10 --n-math 32 --n-reasoning 16 \
+        --task-steps 5 --task-grid right --fact-steps 3 --fact-grid right --facts 4
+    python examples/reproduce_paper.py --out RUNS --seeds 42,43,44 --collect examples/results
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from circuitdyn.attribution import IG_GRIDS, IGGrid
 from circuitdyn.checkpoints import Checkpoint, Run, default_model_dir
-from circuitdyn.circuits import CircuitSet
+from circuitdyn.circuits import CircuitSet, setting
 from circuitdyn.cpt import MODEL_DIR, CPTConfig, run_cpt
 from circuitdyn.extraction import extract_run
 from circuitdyn.facts import load_facts
@@ -51,7 +59,12 @@ def main() -> None:
     ap.add_argument("--entities", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--task-steps", type=int, default=10, help="EAP-IG steps of the task circuit (paper: 30)")
+    ap.add_argument("--task-grid", choices=IG_GRIDS, default="right",
+                    help="IG grid of the task circuit (default right, the stored results' grid; paper: left)")
     ap.add_argument("--fact-steps", type=int, default=5, help="EAP-IG steps of the per-fact circuits")
+    ap.add_argument("--fact-grid", choices=IG_GRIDS, default="right",
+                    help="IG grid of the per-fact circuits (default right, the stored results' grid; circuitdyn's "
+                    "default: midpoint)")
     ap.add_argument("--facts", type=int, default=6, help="probe facts sampled before training for per-fact circuits")
     ap.add_argument("--fact-top-n", type=int, default=1000, help="per-fact circuit size for faithfulness/Jaccard")
     ap.add_argument("--n-math", type=int, default=264, help="math items per evaluation (fewer = a labelled subset)")
@@ -63,7 +76,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--collect", help="only gather the compact results of --out into this folder")
     ap.add_argument("--task-noise", help="only measure the task circuit's method noise on the base model: the "
-                    "Jaccard of its --task-steps circuit with those of these comma-separated other step counts, "
+                    "Jaccard of its --task-steps circuit with those of these comma-separated other step counts (all on "
+                    "--task-grid), "
                     "written as JSON to this file (e.g. 3,10:examples/results/task_method_noise.json)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -73,7 +87,7 @@ def main() -> None:
         return
     if args.task_noise:
         steps, dest = args.task_noise.split(":", 1)
-        task_noise(args.task_steps, [int(x) for x in steps.split(",")], Path(dest), args.threads)
+        task_noise(args.task_steps, [int(x) for x in steps.split(",")], Path(dest), args.threads, args.task_grid)
         return
     if len(seeds) > 1:
         raise SystemExit("run one seed per process (in parallel); --collect gathers them")
@@ -96,9 +110,10 @@ def main() -> None:
             run = epoch_run(out, epoch)
             if "facts" not in facts_holder:
                 facts_holder["facts"] = load_facts(None, run.tokenizer(), entities=names, sample_n=args.facts, seed=0)
-            [task_done] = extract_task_run(run, task, circuits / "task", [epoch], steps=args.task_steps, runs=1)
+            [task_done] = extract_task_run(run, task, circuits / "task", [epoch], steps=args.task_steps, runs=1,
+                                           ig_grid=args.task_grid)
             [fact_done] = extract_run(run, facts_holder["facts"], circuits / "facts", [epoch],  # type: ignore[arg-type]
-                                      steps=args.fact_steps, top_n=args.fact_top_n)
+                                      steps=args.fact_steps, top_n=args.fact_top_n, ig_grid=args.fact_grid)
             t1 = time.perf_counter()
             if epoch > 0:
                 prev = out / f"epoch_{epoch - 1}" / MODEL_DIR
@@ -134,8 +149,9 @@ def clone_epoch0(src: Path, out: Path, seed: int) -> None:
     print(f"[seed {seed}] epoch 0 taken from {src}", flush=True)
 
 
-def task_noise(steps: int, others: list[int], dest: Path, threads: int) -> None:
-    """How much the task circuit moves when only the number of IG steps changes (same model, same prompts)."""
+def task_noise(steps: int, others: list[int], dest: Path, threads: int, ig_grid: IGGrid = "right") -> None:
+    """How much the task circuit moves when only the number of IG steps changes (same model, same prompts,
+    same grid)."""
     from circuitdyn.attribution import attribute
     from circuitdyn.checkpoints import open_run
     from circuitdyn.graph import Graph
@@ -146,11 +162,25 @@ def task_noise(steps: int, others: list[int], dest: Path, threads: int) -> None:
     model = run.load_model(0)
     facts = task_facts(load_task("head-of-state"), run.tokenizer()).facts
     graph = Graph.from_model(model)
-    masks = {m: task_circuit(attribute(model, facts, "eap-ig", m, "logit-diff"), graph) for m in [steps, *others]}
-    out = {"model": "SmolLM2-135M-Instruct (epoch 0)", "steps": steps,
+    masks = {m: task_circuit(attribute(model, facts, "eap-ig", m, "logit-diff", ig_grid=ig_grid), graph)
+             for m in [steps, *others]}
+    out = {"model": "SmolLM2-135M-Instruct (epoch 0)", "steps": steps, "ig_grid": ig_grid,
            "jaccard": {str(m): jaccard(masks[steps], masks[m]) for m in others}}
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print(out)
+
+
+def circuit_files(folder: Path) -> dict[int, Path]:
+    """Each epoch's one circuit file in `folder`; two for an epoch (other IG grid or steps) is refused, so that
+    the collected rows and Jaccards never mix settings."""
+    files: dict[int, list[Path]] = {}
+    for f in folder.glob("epoch_*.safetensors"):
+        files.setdefault(int(f.name.split(".")[0].split("_")[1]), []).append(f)
+    mixed = {e: sorted(p.name for p in fs) for e, fs in files.items() if len(fs) > 1}
+    if mixed:
+        raise SystemExit(f"{folder} holds circuits of several settings for one epoch: {mixed}; remove those of "
+                         "the other IG grid or steps before collecting")
+    return {e: fs[0] for e, fs in sorted(files.items())}
 
 
 def collect(root: Path, seeds: list[int], dest: Path) -> None:
@@ -177,22 +207,23 @@ def collect(root: Path, seeds: list[int], dest: Path) -> None:
                 ctrl_rows.append({"seed": seed, "epoch": info["epoch"], "set": name, "exact_match": v["exact_match"],
                                   "n": v["n"], "subset": v.get("subset")})
         prev_mask = None
+        task_files = circuit_files(out / "circuits" / "task")
         for rpath in sorted((out / "circuits" / "task").glob("epoch_*/results.json"),
                             key=lambda p: int(p.parent.name.split("_")[1])):
             epoch = int(rpath.parent.name.split("_")[1])
             res = json.loads(rpath.read_text())
-            cfile = next((out / "circuits" / "task").glob(f"epoch_{epoch}.*.safetensors"))
+            cfile = task_files[epoch]
             cs = CircuitSet.load(cfile)
             mask = task_circuit(cs.scores, cs.graph, res["settings"]["top_n"])
             task_rows.append({"seed": seed, "epoch": epoch, "baseline_logit_diff": res["baseline"]["logit_diff"],
                               "baseline_hit_at_10": res["baseline"]["hit_at_10"],
                               "circuit_logit_diff": res["mean"]["logit_diff"], "circuit_hit_at_10": res["mean"]["hit_at_10"],
                               "circuit_edges": res["settings"]["circuit_edges"][0], "ig_steps": res["settings"]["ig_steps"],
+                              "ig_grid": setting(res["settings"], "ig_grid"),
                               "jaccard_prev": jaccard(mask, prev_mask) if prev_mask is not None else None})
             prev_mask = mask
         prev = None
-        for cfile in sorted((out / "circuits" / "facts").glob("epoch_*.safetensors"),
-                            key=lambda p: int(p.name.split(".")[0].split("_")[1])):
+        for cfile in circuit_files(out / "circuits" / "facts").values():
             cs = CircuitSet.load(cfile)
             epoch = int(cs.meta["epoch"])
             masks = cs.top_n(int(cs.meta["faithfulness_selection"].split(":")[1]))
@@ -200,6 +231,7 @@ def collect(root: Path, seeds: list[int], dest: Path) -> None:
                 fact_rows.append({"seed": seed, "epoch": epoch, "fact_id": fid, "m_clean": cs.meta["m_clean"][i],
                                   "m_corrupted": cs.meta["m_corrupted"][i], "faithfulness": cs.meta["faithfulness"][i],
                                   "selection": cs.meta["faithfulness_selection"], "ig_steps": cs.meta["ig_steps"],
+                                  "ig_grid": setting(cs.meta, "ig_grid"),
                                   "jaccard_prev": jaccard(masks[i], prev[i]) if prev is not None else None})
             prev = masks
     for name, rows in (("dynamics", dyn_rows), ("entities", ent_rows), ("controls", ctrl_rows), ("task_circuit", task_rows),

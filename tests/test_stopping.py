@@ -42,7 +42,7 @@ def test_paper_vft_history_and_rules() -> None:
     assert bound.fired and bound.stop_epoch == 1 and bound.kept_epoch == 0 and bound.objective[3] is None
     assert hist.loc[1, "ood_drop"] > 0.1 >= hist.loc[0, "ood_drop"] == 0
     plateau = apply_rule("loss-plateau", hist)
-    assert plateau.stop_epoch is None and "train_loss" in plateau.not_applicable  # the release has no loss
+    assert plateau.stop_epoch is None and "train_loss" in plateau.not_applicable  # train_stats.json not shipped
 
 
 @pytest.mark.parametrize(("spec", "learned", "ood", "online", "stop", "fired", "kept"), [

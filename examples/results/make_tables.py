@@ -100,8 +100,9 @@ def main(folder: Path = HERE) -> None:
     tcols = {c: across_seeds(task, c) for c in ("baseline_logit_diff", "baseline_hit_at_10", "circuit_logit_diff",
                                                 "circuit_hit_at_10", "jaccard_prev")}
     steps = ", ".join(map(str, sorted(task["ig_steps"].unique())))
-    out += ["", (f"### Head-of-state task circuit by epoch (EAP-IG {steps} steps, top 50,000 edges; full model = "
-            "the paper's baseline)"), "",
+    grid = ", ".join(sorted(task["ig_grid"].unique()))
+    out += ["", (f"### Head-of-state task circuit by epoch (EAP-IG {steps} steps, {grid} grid, top 50,000 edges; "
+             "full model = the paper's baseline)"), "",
             row(["epoch", "seeds", "full model logit diff", "full model hit@10", "circuit logit diff",
                  "circuit hit@10", "Jaccard with previous epoch's circuit", "paper full model logit diff / hit@10",
                  "paper circuit logit diff / hit@10"]), row(["---"] * 9)]
@@ -127,9 +128,10 @@ def main(folder: Path = HERE) -> None:
                                                jaccard_excluded=("jaccard_excluded", "sum")).reset_index()
     fj, ff = across_seeds(fsum, "jaccard_prev"), across_seeds(fsum, "faithfulness")
     fsteps = ", ".join(map(str, sorted(facts["ig_steps"].unique())))
+    fgrid = ", ".join(sorted(facts["ig_grid"].unique()))
     out += ["", (f"### Per-fact circuits ({facts['fact_id'].nunique()} facts sampled before training, EAP-IG {fsteps} "
-            f"steps, {facts['selection'].iloc[0]}; faithfulness only where the corruption moves the answer log-prob "
-            f"by >= {MIN_GAP} nat, signed; Jaccard only where it does so at both epochs)"), "",
+            f"steps, {fgrid} grid, {facts['selection'].iloc[0]}; faithfulness only where the corruption moves the "
+            f"answer log-prob by >= {MIN_GAP} nat, signed; Jaccard only where it does so at both epochs)"), "",
             row(["epoch", "seeds", "mean Jaccard with previous epoch", "median faithfulness", "fact-seeds excluded (gap)",
                  "Jaccards excluded (gap at either epoch)"]),
             row(["---"] * 6)]
@@ -172,7 +174,7 @@ def plot(folder: Path, cols: dict, tcols: dict, paper_dyn: pd.DataFrame, paper_t
     fig.add_trace(go.Scatter(x=list(paper_task.index), y=paper_task["circuit_logit_diff"], name="paper circuit",
                              line={"color": "#d62728"}), row=1, col=3)
     fig.update_layout(height=380, width=1200)
-    fig.write_html(folder / "reproduction.html", include_plotlyjs="cdn", full_html=True)
+    fig.write_html(folder / "reproduction.html", include_plotlyjs="cdn", full_html=True, div_id="reproduction")
 
 
 if __name__ == "__main__":
