@@ -114,6 +114,44 @@ def aggregate_p(effects: Sequence[np.ndarray], n_perm: int = N_AGGREGATE_PERM, s
     return float((1 + (total >= observed - 1e-9).sum()) / (1 + n_perm))
 
 
+def joint_permutation_p(
+    dist: Float[np.ndarray, "fact rep rep"], groups: np.ndarray, pairs: Sequence[tuple[int, int]],
+    tested: np.ndarray, n_perm: int = N_AGGREGATE_PERM, seed: int = 0,
+) -> tuple[float, float]:
+    """The aggregate test of a sequence of checkpoints (a timeline): per fact, S = the sum over its tested
+    `pairs` (i, j) of groups of T_ij = mean distance between replicates of groups i and j - the mean of the
+    two groups' within distances; the null permutes all of a fact's replicates among the groups (every
+    checkpoint the same function), independently across facts (their draws are independent). `groups`: the
+    group of each replicate; `tested` [fact, pair]: which pairs count for each fact.
+
+    Returns (the observed sum of S over facts divided by the number of tested pairs, one-sided p)."""
+    n_groups = int(groups.max()) + 1
+    sizes = np.bincount(groups, minlength=n_groups)
+    within_pairs = sizes * (sizes - 1) / 2
+    rng = np.random.default_rng(seed)
+    d = np.nan_to_num(dist)
+    gi = np.asarray([i for i, _ in pairs])
+    gj = np.asarray([j for _, j in pairs])
+
+    def sums(labels: np.ndarray, f: int) -> np.ndarray:
+        member = (labels[:, None, :] == np.arange(n_groups)[None, :, None]).astype(float)  # [perm, group, rep]
+        m = np.einsum("pen,nm,pgm->peg", member, d[f], member)
+        cross = m[:, gi, gj] / (sizes[gi] * sizes[gj])
+        within = (m[:, gi, gi] / 2 / within_pairs[gi] + m[:, gj, gj] / 2 / within_pairs[gj]) / 2
+        return ((cross - within) * tested[f]).sum(1)
+
+    observed, null = 0.0, np.zeros(n_perm)
+    for f in range(d.shape[0]):
+        if not tested[f].any():
+            continue
+        observed += float(sums(groups[None], f)[0])
+        null += sums(np.stack([rng.permutation(groups) for _ in range(n_perm)]), f)
+    n_tested = int(tested.sum())
+    if not n_tested:
+        return float("nan"), float("nan")
+    return observed / n_tested, float((1 + (null >= observed - 1e-9).sum()) / (1 + n_perm))
+
+
 def replicate_distances(
     scores: Float[Tensor, "rep fact edge"], sizes: Int[Tensor, "fact"]
 ) -> dict[str, Float[np.ndarray, "fact rep rep"]]:

@@ -212,6 +212,9 @@ class CircuitDiff:
     entity_of: dict[str, str] = field(default_factory=dict)
     min_gap: float = MIN_GAP
     noise_keys: tuple[int, int] = (0, 1)
+    heldout: tuple[Tensor, Tensor] | None = None
+    """Per fact, the faithfulness of A's and B's circuits on a corruption they were not selected on
+    (`extraction.heldout_faithfulness`; `pruned:` circuits, which are pruned and scored on their own)."""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -319,6 +322,9 @@ class CircuitDiff:
         if self.faith_a is not None and self.faith_b is not None:
             df["faith_a"] = [*self.faith_a.tolist(), float("nan")]
             df["faith_b"] = [*self.faith_b.tolist(), float("nan")]
+        if self.heldout is not None:
+            df["faith_heldout_a"] = [*self.heldout[0].tolist(), float("nan")]
+            df["faith_heldout_b"] = [*self.heldout[1].tolist(), float("nan")]
         df["gap_a"] = [*self.a.gaps, float("nan")]
         df["gap_b"] = [*self.b.gaps, float("nan")]
         df["included"] = [*self.included.tolist(), True]
@@ -401,6 +407,11 @@ class CircuitDiff:
             out["faithfulness_reached"] = {k: {"median": _num(facts.loc[inc, c].median()),
                                                "min": _num(facts.loc[inc, c].min())}
                                            for k, c in (("a", "faith_a"), ("b", "faith_b"))}
+        if "faith_heldout_a" in facts:
+            out["faithfulness_heldout"] = {
+                k: {"median": _num(facts.loc[inc, c].median()), "min": _num(facts.loc[inc, c].min()),
+                    "n": int(facts.loc[inc, c].notna().sum())}
+                for k, c in (("a", "faith_heldout_a"), ("b", "faith_heldout_b"))}
         out["means"] = {k: _num(v) for k, v in self.means.items()}
         return out
 
@@ -620,7 +631,8 @@ def diff_checkpoints(
     adapter-only checkpoints (`checkpoints.open_run`).
     """
     from circuitdyn.checkpoints import resolve
-    from circuitdyn.extraction import checkpoint_circuits, circuits_dir as default_dir, select_circuits
+    from circuitdyn.extraction import checkpoint_circuits, heldout_faithfulness, select_circuits
+    from circuitdyn.extraction import circuits_dir as default_dir
     from circuitdyn.facts import load_facts
     from circuitdyn.noise import measure_replicates, merge_noise, run_draws
     from circuitdyn.probes import load_probes
@@ -665,13 +677,16 @@ def diff_checkpoints(
         sides.append((cs, run, epoch, facts))
     (ca, run_a, epoch_a, facts_a), (cb, run_b, epoch_b, facts_b) = sides
     ids = list(fact_ids or ca.fact_ids)
-    selected = reached = None
+    selected = reached = heldout = None
     if sel.needs_model:
         picks = [select_circuits(run, epoch, cs.subset(ids), sel, facts,
                                  cache_dir=circuits_dir or default_dir(run))
                  for cs, run, epoch, facts in sides]
         selected = (picks[0][0], picks[1][0])
         reached = (picks[0][1], picks[1][1])
+        if sel.rule == "pruned":
+            heldout = tuple(heldout_faithfulness(run, epoch, cs.subset(ids), m, facts)
+                            for (cs, run, epoch, facts), m in zip(sides, selected))
     noise = None
     if method_noise and facts_a is not None and facts_b is not None:
         masks = selected or tuple(sel.select(cs.subset(ids).scores, cs.graph)[0] for cs, *_ in sides)
@@ -691,6 +706,7 @@ def diff_checkpoints(
     d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=ids, labels=(short_label(a), short_label(b)),
                       selected=selected, reached=reached, entity_of=entity_of)
     d.labels = dict(labels)
+    d.heldout = heldout
     return d
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxtyping import Bool, Float
+import torch
 from torch import Tensor
 
 from tqdm.auto import tqdm
@@ -359,6 +360,22 @@ def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, see
         return current[key].faithfulness(masks)
 
     return evaluate
+
+
+def heldout_faithfulness(run: Any, epoch: int, circuits: CircuitSet, masks: Tensor, facts: Any) -> Tensor:
+    """Faithfulness of circuits selected on the facts' own corruption (e.g. `pruned:F`, pruned and scored on
+    it), evaluated on another corruption of the same kind they were not fitted to: the next valid swap partner
+    (`FactSet.with_variant(1)`), or a new noise draw for noise-corrupted facts. NaN for a fact whose only valid
+    swap partner is the one it was selected on."""
+    other = facts.with_variant(1)
+    ids = circuits.fact_ids
+    mine, theirs = facts.by_id(ids), other.by_id(ids)
+    seed = int(circuits.meta.get("seed", 0)) + 1
+    got = run_evaluator(run, other, seed=seed)(epoch, circuits, masks).float().clone()
+    same = torch.tensor([a.corruption.startswith("swap") and a.corrupted_tokens == b.corrupted_tokens
+                         for a, b in zip(mine, theirs)])
+    got[same] = float("nan")
+    return got
 
 
 def circuits_dir(run: Any) -> Path:

@@ -69,6 +69,11 @@ def describe_diff(d: CircuitDiff) -> list[str]:
              f"{d.label_b} {_size(s['circuit_size']['b'], (s.get('faithfulness_reached') or {}).get('b'))}",
              f"facts compared: {s['n_included']} of {s['n_facts']} in {s['n_entities']} entities "
              f"({s['n_excluded_gap']} excluded: clean-corrupted metric gap below {s['min_gap']:g} at either checkpoint)"]
+    held = s.get("faithfulness_heldout")
+    if held and held["a"]["n"] and held["b"]["n"]:
+        lines.append(f"on a corruption they were not selected on (the next swap partner, or a new noise draw): "
+                     f"faithfulness median {held['a']['median']:.2f} ({d.label_a}), {held['b']['median']:.2f} "
+                     f"({d.label_b}), over {held['a']['n']} facts that have one")
     noise, test = s.get("method_noise"), s.get("change_test")
     if noise and test:
         lines.append(f"method noise: {test['replicates_per_checkpoint'][0]} replicates per checkpoint drawn from the "

@@ -39,7 +39,14 @@ from torch import Tensor
 from circuitdyn.attribution import IGGrid, Method
 from circuitdyn.circuits import CircuitSet, find_circuits
 from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
-from circuitdyn.change_test import ALPHA, aggregate_verdict, change_table, compare_replicates, with_fdr
+from circuitdyn.change_test import (
+    ALPHA,
+    change_table,
+    compare_replicates,
+    joint_permutation_p,
+    replicate_distances,
+    with_fdr,
+)
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
 from circuitdyn.similarity import (
@@ -200,7 +207,7 @@ class Timeline:
         NA where either epoch has none), the false discovery rate controlled over every tested fact-transition
         of the timeline, and `included` (the gap reaches `min_gap` at both epochs)."""
         sim = self.similarity[self.similarity["fact_id"] != MEAN].set_index(["fact_id", "epoch"])
-        frames, effects = [], {}
+        frames = []
         n = len(self.fact_ids)
         for prev, e in zip(self.epochs, self.epochs[1:]):
             rows = sim.xs(e, level="epoch").reindex(self.fact_ids)
@@ -214,29 +221,46 @@ class Timeline:
                 reps = [self.noise.replicates_for(x, self.fact_ids) for x in (prev, e)]
                 if reps[0] is not None and reps[1] is not None:
                     sizes = (self.masks[prev][:n].sum(1).double() * self.masks[e][:n].sum(1).double()).sqrt()
-                    test, split = compare_replicates(reps[0], reps[1], self.fact_ids, sizes.round().long(),
-                                                     included=inc, family=self.noise.family)
-                    for stat, arrays in split.items():
-                        effects.setdefault(stat, []).extend(arrays)
+                    test, _ = compare_replicates(reps[0], reps[1], self.fact_ids, sizes.round().long(),
+                                                 included=inc, family=self.noise.family)
             table = change_table(observed, self.fact_ids, test)
             table["included"] = np.tile(inc, len(table) // n)
             table.insert(1, "epoch", e)
             frames.append(table)
-        self._cache["effects"] = effects
         if not frames:
             return pd.DataFrame(columns=["fact_id", "epoch", "statistic", "distance", "included"])
         return with_fdr(pd.concat(frames, ignore_index=True), ALPHA)
 
     def change_verdict(self, statistic: str = PRIMARY) -> dict[str, Any] | None:
-        """The aggregate change test over every tested fact-transition (`change_test.aggregate_verdict`):
-        mean effect with its interval over entities, the stratified permutation p, and the verdict; None
-        without replicates at two consecutive epochs."""
-        ch = self.changes
-        effects = self._cache["effects"].get(statistic)
-        if not effects:
+        """The aggregate change test over every tested fact-transition: the mean effect with its interval over
+        entities, and the p of a joint permutation of each fact's replicates across all epochs that have them
+        (`change_test.joint_permutation_p`: consecutive transitions share an epoch's replicates, so they are
+        not tested as independent strata); None without replicates at two consecutive epochs."""
+        if self.noise is None:
             return None
-        rows = ch[ch["statistic"] == statistic].reset_index(drop=True)
-        return aggregate_verdict(rows, effects, entity_groups(list(rows["fact_id"]), self.entity_of), ALPHA)
+        ch = self.changes
+        rows = ch[(ch["statistic"] == statistic) & ch["p_value"].notna()]
+        if not len(rows):
+            return None
+        epochs = [e for e in self.epochs if e in self.noise.replicates]
+        reps = [self.noise.replicates_for(e, self.fact_ids) for e in epochs]
+        n = len(self.fact_ids)
+        sizes = torch.stack([self.masks[e][:n].sum(1).double() for e in epochs]).log().mean(0).exp().round().long()
+        dist = replicate_distances(torch.cat(reps), sizes)[statistic]
+        groups = np.concatenate([[k] * len(r) for k, r in enumerate(reps)])
+        pairs = [(k, k + 1) for k in range(len(epochs) - 1) if self.epochs.index(epochs[k + 1]) ==
+                 self.epochs.index(epochs[k]) + 1]
+        tested = np.zeros((n, len(pairs)), dtype=bool)
+        index = {f: i for i, f in enumerate(self.fact_ids)}
+        for col, (k, _) in enumerate(pairs):
+            done = rows[rows["epoch"] == epochs[k + 1]]
+            tested[[index[f] for f in done["fact_id"]], col] = True
+        _, p = joint_permutation_p(dist, groups, pairs, tested, n_perm=2000)
+        entities = entity_groups(list(rows["fact_id"]), self.entity_of)
+        est = bootstrap_ci(rows["effect"].to_numpy(float), entities)
+        return {"effect": est.to_dict(), "p_value": None if p != p else round(p, 6), "n_tested": int(len(rows)),
+                "n_changed_beyond_noise": int(rows["changed_beyond_noise"].fillna(False).sum()),
+                "changed": bool(p <= ALPHA and est.value > 0) if p == p else None}
 
     def _primary(self) -> pd.DataFrame:
         """`changes` of the primary statistic (edge-Jaccard distance) for included transitions, with entities."""

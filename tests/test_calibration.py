@@ -128,3 +128,26 @@ def test_too_few_replicates_are_said_to_be_powerless(r, capsys):
     test, _ = compare_replicates(a, b, ["a", "b", "c", "d"], torch.full((4,), 20))
     assert not test.table["changed_beyond_noise"].any()
     assert "no fact can be flagged" in capsys.readouterr().err
+
+
+def test_joint_permutation_over_a_timeline_is_calibrated_and_finds_change():
+    """A timeline's aggregate test permutes each fact's replicates across all epochs: under the null (every
+    epoch the same function) it fires at most at its level; a change at one epoch is found."""
+    from circuitdyn.change_test import joint_permutation_p, replicate_distances
+
+    rng = np.random.default_rng(4)
+    r, epochs, n_facts = 4, 3, 6
+    groups = np.repeat(np.arange(epochs), r)
+    pairs = [(0, 1), (1, 2)]
+    tested = np.ones((n_facts, 2), dtype=bool)
+    fired = 0
+    for _ in range(60):
+        base = torch.from_numpy(rng.standard_normal((n_facts, 100))).float()
+        reps = base[None] + 0.5 * torch.from_numpy(rng.standard_normal((r * epochs, n_facts, 100))).float()
+        dist = replicate_distances(reps, torch.full((n_facts,), 10))["weighted_jaccard"]
+        fired += joint_permutation_p(dist, groups, pairs, tested, n_perm=200, seed=int(rng.integers(1 << 30)))[1] <= ALPHA
+    assert fired <= 60 * ALPHA + 2 * np.sqrt(60 * ALPHA * (1 - ALPHA)) + 1
+    reps[r * 2:] += 1.0 * torch.from_numpy(rng.standard_normal((n_facts, 100))).float()
+    dist = replicate_distances(reps, torch.full((n_facts,), 10))["weighted_jaccard"]
+    effect, p = joint_permutation_p(dist, groups, pairs, tested, n_perm=500)
+    assert effect > 0 and p <= 1 / 100

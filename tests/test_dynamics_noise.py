@@ -56,3 +56,18 @@ def test_a_copy_with_tiny_weight_noise_is_not_flagged(trained_pair_run, tmp_path
     assert d["summary"]["n_tested"] == 6 and d["n_changed_beyond_noise"] == 0
     assert d["summary"]["edge_jaccard"]["changed"] is False
     assert any(v["edge_jaccard"]["p_value"] < 1 for v in d["changes"].values())
+
+
+def test_pruned_circuits_are_checked_on_a_corruption_they_were_not_pruned_on(trained_pair_run, tmp_path, capsys):
+    """`pruned:` circuits are pruned and scored on one corruption: the diff also reports their faithfulness on
+    the next swap partner (both numbers, per fact and summarised)."""
+    run, probes = trained_pair_run
+    assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--select", "pruned:0.8",
+                 "--no-noise", "--json", "--circuits", str(tmp_path / "c"), "--out", str(tmp_path / "d.html")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    facts = [v for k, v in d["facts"].items() if not k.startswith("(")]
+    assert all(v["faith_a"] is not None and v["faith_a"] >= 0.8 for v in facts)
+    held = [v["faith_heldout_a"] for v in facts if v["faith_heldout_a"] is not None]
+    assert held and all(h != a["faith_a"] for h, a in zip(held, facts))  # another corruption: another number
+    assert d["summary"]["faithfulness_heldout"]["a"]["n"] == len(held)
+    assert any("not selected on" in line for line in d["findings"])
