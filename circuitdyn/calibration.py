@@ -35,7 +35,15 @@ from scipy import stats as sps
 from torch import Tensor
 
 from circuitdyn.attribution import DEFAULT_IG_STEPS, Method, attribute
-from circuitdyn.change_test import ALPHA, aggregate_p, compare_replicates
+from circuitdyn.change_test import (
+    ALPHA,
+    aggregate_p,
+    compare_replicates,
+    distance_test,
+    replicate_distances,
+    split_effects,
+    splits,
+)
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import DEFAULT_SELECTION, PRIMARY, entity_groups, node_importance, node_kind
 from circuitdyn.errors import CircuitdynError
@@ -267,12 +275,18 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     inc_ids = [f for f, ok in zip(facts.ids, included) if ok]
     inc_entities = [e for e, ok in zip(entities, included) if ok]
 
-    # the null: K disjoint tests of r against r replicates of the same checkpoint
+    # the null: K disjoint tests of r against r replicates of the same checkpoint (distances computed once)
+    say(f"calibrate: distances between the {2 * r * k} null replicates of every fact")
+    pool_dist = replicate_distances(pool, sizes)
+
+    def sub(idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {stat: d[:, idx][:, :, idx] for stat, d in pool_dist.items()}
+
     null_p: dict[str, list[float]] = {stat: [] for stat in DISTANCES}
     any_flag, null_effects = 0, []
     for j in range(k):
-        block = pool[2 * r * j:2 * r * (j + 1)]
-        test, _ = compare_replicates(block[:r], block[r:], facts.ids, sizes, included=included, family=s.family)
+        test, _ = distance_test(sub(np.arange(2 * r * j, 2 * r * (j + 1))), r, r, facts.ids, included=included,
+                                family=s.family)
         for stat in DISTANCES:
             null_p[stat] += test.statistic(stat)["p_value"].dropna().tolist()
         primary = test.statistic(PRIMARY)
@@ -280,14 +294,16 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
         null_effects.append(primary["effect"].to_numpy(float))
     rng = np.random.default_rng(s.seed)
     agg_fire = {stat: 0 for stat in DISTANCES}
+    n_facts = len(facts.ids)
     for _ in range(AGGREGATE_ROUNDS):
-        picks = torch.stack([torch.from_numpy(rng.permutation(2 * r * k)[:2 * r]) for _ in facts.ids], 1)
-        block = pool[picks, torch.arange(len(facts.ids))[None, :]]
-        test, effects = compare_replicates(block[:r], block[r:], facts.ids, sizes, included=included)
+        # each fact's 2r replicates drawn at random from its own pool (facts' draws are independent)
+        picks = np.stack([rng.permutation(2 * r * k)[:2 * r] for _ in range(n_facts)])
         for stat in DISTANCES:
-            p = aggregate_p(effects[stat], n_perm=1000, seed=int(rng.integers(1 << 31)))
-            mean_effect = float(np.nanmean(test.statistic(stat)["effect"].to_numpy(float)[included]))
-            agg_fire[stat] += p <= ALPHA and mean_effect > 0
+            d = pool_dist[stat][np.arange(n_facts)[:, None, None], picks[:, :, None], picks[:, None, :]]
+            effects = split_effects(d, splits(r, r))
+            tested = np.flatnonzero(included & ~np.isnan(d).any(axis=(1, 2)))
+            p = aggregate_p([effects[i] for i in tested], n_perm=1000, seed=int(rng.integers(1 << 31)))
+            agg_fire[stat] += p <= ALPHA and float(effects[tested, 0].mean()) > 0
 
     # planted changes of known size, each against the first r null replicates
     model = run.load_model(epoch)

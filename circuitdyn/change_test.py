@@ -207,7 +207,7 @@ def compare_replicates(
     reps_a: Float[Tensor, "rep fact edge"],
     reps_b: Float[Tensor, "rep fact edge"],
     fact_ids: Sequence[str],
-    sizes: Int[Tensor, "fact"],
+    sizes: Int[Tensor, " fact"],
     *,
     included: np.ndarray | None = None,
     family: str = "estimation",
@@ -221,17 +221,26 @@ def compare_replicates(
     """
     if reps_a.shape[1:] != reps_b.shape[1:]:
         raise CircuitdynError(f"replicates of different shapes: {tuple(reps_a.shape)} vs {tuple(reps_b.shape)}")
-    r_a, r_b = reps_a.shape[0], reps_b.shape[0]
-    if min(r_a, r_b) < 2:
-        raise CircuitdynError(f"the change test needs at least 2 replicates per checkpoint, got {r_a} and {r_b}")
     if len(fact_ids) != reps_a.shape[1]:
         raise CircuitdynError(f"{len(fact_ids)} fact ids for {reps_a.shape[1]} facts of replicates")
+    dist = replicate_distances(torch.cat([reps_a, reps_b]), sizes)
+    return distance_test(dist, reps_a.shape[0], reps_b.shape[0], fact_ids, included=included, family=family,
+                          alpha=alpha)
+
+
+def distance_test(
+    dist: dict[str, Float[np.ndarray, "fact rep rep"]], r_a: int, r_b: int, fact_ids: Sequence[str], *,
+    included: np.ndarray | None = None, family: str = "estimation", alpha: float = ALPHA,
+) -> tuple[ChangeTest, dict[str, list[np.ndarray]]]:
+    """`compare_replicates` from the replicates' distance matrices (`replicate_distances`; the first `r_a`
+    replicates are side A), so that many tests can share one computation of the distances."""
+    if min(r_a, r_b) < 2:
+        raise CircuitdynError(f"the change test needs at least 2 replicates per checkpoint, got {r_a} and {r_b}")
     inc = np.ones(len(fact_ids), dtype=bool) if included is None else np.asarray(included, dtype=bool)
     groups = splits(r_a, r_b)
     if smallest_p(r_a, r_b) > alpha:
         warn(f"with {r_a} + {r_b} replicates the change test's smallest p is {smallest_p(r_a, r_b):.3f} > {alpha}: "
              "no fact can be flagged (draw 4 or more replicates per checkpoint)")
-    dist = replicate_distances(torch.cat([reps_a, reps_b]), sizes)
     frames, per_stat = [], {}
     for stat in DISTANCES:
         effects = split_effects(dist[stat], groups)
