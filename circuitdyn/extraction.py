@@ -25,7 +25,7 @@ from circuitdyn.attribution import (DEFAULT_IG_GRID, DEFAULT_IG_STEPS, BufferDty
                                    steps_taken)
 from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.facts import check_context, facts_hash
+from circuitdyn.facts import check_context, facts_hash, record_facts
 from circuitdyn.faithfulness import CircuitEvaluator
 from circuitdyn.forward import NOISE_SCALE, metric_name
 from circuitdyn.graph import Graph
@@ -144,7 +144,8 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     `faithfulness_selection`) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
     faithfulness is only meaningful where they differ clearly. `store`: float16 (scaled per fact, the
     default) or float32 scores; `sparse_top_k`: keep each fact's top-k edges (`CircuitSet.save`).
-    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`.
+    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`. When `facts` is a `facts.FactSet` read from a probe
+    file, `out_dir/facts.json` records it (`facts.record_facts`), so that `facts.run_facts` can rebuild it.
 
     `ray` (`"auto"` for a local cluster, or a cluster's address) runs the work as Ray tasks of one checkpoint
     x one shard of `shard_size` facts each (`extract_on_ray`): the same files, the same scores.
@@ -163,6 +164,7 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     run.check_consistent()
     want = extraction_settings(run.architecture, facts, method, steps, metric, seed, ig_grid=ig_grid)
     check_context(facts, run.context_length)
+    record_facts(out, facts)  # type: ignore[arg-type]  # a FactSet of a probe file: the run remembers it
     if ray is not None:
         return extract_on_ray(run, facts, out, epochs, ray, method=method, steps=steps, metric=metric, seed=seed,
                               batch_size=batch_size, top_n=top_n, store=store, sparse_top_k=sparse_top_k,
