@@ -134,3 +134,68 @@ def test_calibration_to_frame_figure_and_html():
     fig = cal.figure()
     assert isinstance(fig, go.Figure) and len(fig.data[0].x) == 1 + 1 + 1 + 2 + 1  # the n=0 coverage left out
     assert "Calibration" in cal._repr_html_() and "per-fact false-positive rate" in cal._repr_html_()
+
+
+# --------------------------------------------------------------------------- a run remembers its facts; the plan
+
+def circuit_files(run) -> dict:
+    return {f.name: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")}
+
+
+def test_run_remembers_its_facts_and_commands_plan(make_run, tmp_path, capsys):
+    from circuitdyn.cli import main
+    from circuitdyn.probes import load_probes, write_probes_jsonl
+
+    run = make_run("llama", 1, name="remembers-run")
+    probes = write_probes_jsonl(load_probes()[:3], tmp_path / "p.jsonl")
+    assert main(["extract", str(run), "--probes", str(probes), "--limit", "2", "--steps", "1", "--no-progress"]) == 0
+    record = json.loads((run / "circuits" / "facts.json").read_text())
+    entry = record["fact_sets"][record["default"]]
+    assert entry["probes"] == str(probes.resolve()) and entry["n_facts"] == 2
+    assert entry["options"] == {"limit": 2, "sample_n": None, "per_entity": None, "entities": None, "ids": None,
+                                "seed": 0, "rephrased": False, "template": "auto"}
+    facts = cd.load_facts(cd.open_run(run))
+    assert facts.identity == record["default"] and len(facts) == 2 and facts.options["limit"] == 2
+    written = circuit_files(run)
+    assert len(written) == 2
+    capsys.readouterr()
+
+    # timeline without --probes: the recorded facts, every circuit reused (nothing written)
+    args = ["timeline", str(run), "--steps", "1", "--top-n", "20", "--out", str(tmp_path / "t.html")]
+    assert main([*args, "--noise-epochs", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"facts: the run's recorded facts (2 facts from {probes.resolve()})" in out
+    assert "plan: 2 facts x 2 epochs, no method-noise replicates: 2 of 2 circuit files cached, 0 to compute" in out
+    assert circuit_files(run) == written
+    # the plan counts the replicates, and what they left cached
+    assert main([*args, "--replicates", "2", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "plan: 2 facts x 2 epochs, 2 replicates per epoch: 2 of 6 circuit files cached, 4 to compute" in err
+    assert len(circuit_files(run)) == 6
+    assert main(["diff", f"{run}:0", f"{run}:1", "--steps", "1", "--top-n", "20", "--replicates", "2",
+                 "--out", str(tmp_path / "d.html")]) == 0
+    out = capsys.readouterr().out
+    assert "facts: the run's recorded facts (2 facts" in out
+    assert "plan: 2 facts x 2 checkpoints, 2 replicates per checkpoint: 6 of 6 circuit files cached, 0 to compute" in out
+    assert len(circuit_files(run)) == 6
+
+    # another fact set beside it becomes the default; the first stays recorded
+    assert main(["extract", str(run), "--probes", str(probes), "--limit", "1", "--steps", "1", "--no-progress"]) == 0
+    record = json.loads((run / "circuits" / "facts.json").read_text())
+    assert len(record["fact_sets"]) == 2 and len(cd.load_facts(cd.open_run(run))) == 1
+    assert len(cd.extract(run, steps=1)) == 2  # the recorded facts' circuits at both epochs, all cached
+
+    # the probe file moved: a clear error, not other facts
+    probes.rename(tmp_path / "moved.jsonl")
+    with pytest.raises(CircuitdynError, match="no longer there"):
+        cd.load_facts(cd.open_run(run))
+    assert main([*args, "--noise-epochs", "none"]) == 2
+    assert "no longer there" in capsys.readouterr().err
+
+
+def test_no_recorded_facts_is_a_clear_error(make_run):
+    run = cd.open_run(make_run("llama", 1, name="no-facts-run"))
+    with pytest.raises(CircuitdynError, match="no recorded facts"):
+        cd.load_facts(run)
+    with pytest.raises(CircuitdynError, match="needs a run"):
+        cd.load_facts("probes.jsonl")
