@@ -3,6 +3,9 @@
 Data flows one way: checkpoints -> model -> probes -> attribution -> circuits -> diff/timeline -> viz/cli.
 """
 
+import importlib as _importlib
+import sys as _sys
+import types as _types
 import warnings
 
 # TransformerLens 3.9 announces HookedTransformer's removal in 4.0 on every construction; we pin <4.
@@ -15,10 +18,6 @@ __version__ = "0.1.0"
 # --------------------------------------------------------------------------- the front door (for notebooks)
 # `import circuitdyn as cd` stays fast (torch, transformers and pandas load on first use): every name below is
 # imported lazily by the module-level `__getattr__`.
-
-import importlib as _importlib
-import sys as _sys
-import types as _types
 
 __all__ = [
     "open_run", "Run", "load_facts", "FactSet", "extract", "load_circuits", "CircuitSet", "Selection",

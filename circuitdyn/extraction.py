@@ -144,8 +144,9 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     `faithfulness_selection`) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
     faithfulness is only meaningful where they differ clearly. `store`: float16 (scaled per fact, the
     default) or float32 scores; `sparse_top_k`: keep each fact's top-k edges (`CircuitSet.save`).
-    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`. When `facts` is a `facts.FactSet` read from a probe
-    file, `out_dir/facts.json` records it (`facts.record_facts`), so that `facts.run_facts` can rebuild it.
+    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`. When `facts` is a
+    `facts.FactSet` read from a probe file, `out_dir/facts.json` records it (`facts.record_facts`), so that
+    `facts.run_facts` can rebuild it.
 
     `ray` (`"auto"` for a local cluster, or a cluster's address) runs the work as Ray tasks of one checkpoint
     x one shard of `shard_size` facts each (`extract_on_ray`): the same files, the same scores.

@@ -10,16 +10,14 @@ import sys
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from test_diff import make_set, random_scores, replicate_sets
+from test_timeline import FACTS, N, circuits_over_epochs, outcomes
 
 import circuitdyn as cd
 from circuitdyn.calibration import Calibration, CalibrationSettings, rate
 from circuitdyn.diff import MEAN, diff_circuits
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.timeline import build_timeline
-
-from test_diff import make_set, random_scores, replicate_sets
-from test_timeline import FACTS, N, circuits_over_epochs, outcomes
-
 
 # --------------------------------------------------------------------------- the front door
 
@@ -40,7 +38,8 @@ def test_diff_timeline_export_stay_callable_after_their_modules_are_imported():
     import circuitdyn.timeline as timeline_module
 
     assert callable(cd.diff) and cd.diff.diff_circuits is diff_circuits and cd.diff.MEAN == MEAN
-    assert callable(cd.timeline) and cd.timeline is timeline_module and callable(cd.export)
+    assert callable(cd.timeline) and cd.timeline is timeline_module
+    assert callable(cd.export) and cd.export is circuitdyn.export and cd.diff is circuitdyn.diff
     s = random_scores()
     via_module = cd.diff_circuits(make_set(s), make_set(s), "top:20")
     assert via_module.summary["n_facts"] == 3
@@ -176,7 +175,8 @@ def test_run_remembers_its_facts_and_commands_plan(make_run, tmp_path, capsys):
                  "--out", str(tmp_path / "d.html")]) == 0
     out = capsys.readouterr().out
     assert "facts: the run's recorded facts (2 facts" in out
-    assert "plan: 2 facts x 2 checkpoints, 2 replicates per checkpoint: 6 of 6 circuit files cached, 0 to compute" in out
+    assert ("plan: 2 facts x 2 checkpoints, 2 replicates per checkpoint: 6 of 6 circuit files cached, "
+            "0 to compute") in out
     assert len(circuit_files(run)) == 6
 
     # another fact set beside it becomes the default; the first stays recorded
