@@ -163,6 +163,67 @@ class Calibration:
                          (r(c) if c["value"] is not None else c.get("note", "no interval printed")))
         return lines
 
+    # ----------------------------------------------------------------------- notebooks
+
+    def to_frame(self) -> Any:
+        """A tidy pandas table, one row per measured rate: `measure` (fact_fpr, verdict_fwer, aggregate_fpr,
+        power, coverage), the `statistic` it is of, the planted `strength` (power) or `n_entities` and `data`
+        (coverage), and value, lo, hi (Clopper-Pearson 95 %), k and n."""
+        import pandas as pd
+
+        cols = ("value", "lo", "hi", "k", "n")
+        rows: list[dict[str, Any]] = []
+
+        def add(measure: str, statistic: str, x: dict[str, Any], **extra: Any) -> None:
+            rows.append({"measure": measure, "statistic": statistic, "strength": None, "n_entities": None,
+                         "data": None, **extra, **{c: x.get(c) for c in cols}})
+
+        per_stat = self.per_statistic or {self.statistic: {"fact_fpr": self.fact_fpr,
+                                                           "aggregate_fpr": self.aggregate_fpr, "power": self.power}}
+        for stat, d in per_stat.items():
+            add("fact_fpr", stat, d["fact_fpr"])
+            if stat == self.statistic:
+                add("verdict_fwer", stat, self.verdict_fwer)
+            add("aggregate_fpr", stat, d["aggregate_fpr"])
+            for p in d["power"]:
+                add("power", stat, p, strength=p["strength"])
+        for c in self.coverage:
+            add("coverage", self.statistic, c, n_entities=c["n_entities"], data=c["data"])
+        return pd.DataFrame(rows)
+
+    def describe(self) -> list[str]:
+        """What the numbers say, one line each (`summary`)."""
+        return self.summary()
+
+    def figure(self) -> Any:
+        """The measured rates with their 95 % intervals (false-positive rates, power per planted strength,
+        interval coverage) as a plotly Figure, the nominal levels drawn as dotted lines."""
+        import plotly.graph_objects as go
+
+        df = self.to_frame()
+        df = df[(df["statistic"] == self.statistic) & df["value"].notna()]
+        names = [m if m not in ("power", "coverage") else
+                 (f"power x{1 - s:g}" if m == "power" else f"coverage {int(e)} entities")
+                 for m, s, e in zip(df["measure"], df["strength"], df["n_entities"])]
+        fig = go.Figure(go.Scatter(
+            x=names, y=df["value"], mode="markers",
+            error_y={"type": "data", "symmetric": False, "array": (df["hi"] - df["value"]).tolist(),
+                     "arrayminus": (df["value"] - df["lo"]).tolist()},
+            hovertext=[f"{k}/{n}" for k, n in zip(df["k"], df["n"])]))
+        fig.add_hline(y=ALPHA, line_dash="dot", annotation_text=f"alpha {ALPHA}")
+        fig.add_hline(y=0.95, line_dash="dot", annotation_text="95 % coverage")
+        fig.update_layout(title=f"calibration at {self.checkpoint} ({self.statistic})", yaxis_range=[0, 1.05],
+                          plot_bgcolor="white")
+        return fig
+
+    def _repr_html_(self) -> str:
+        import html
+
+        lines = "".join(f"<li>{html.escape(line)}</li>" for line in self.describe())
+        table = self.to_frame().to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-", escape=True)
+        return (f"<div><b>Calibration</b> at {html.escape(self.checkpoint)}<ul>{lines}</ul>"
+                f"<details><summary>to_frame()</summary>{table}</details></div>")
+
 
 def _planted_component(graph: Any, scores: Tensor, plant: Plant) -> tuple[str, int, int | None]:
     """The MLP (or attention head) with the largest mean importance over the facts' circuits: (node, layer, head)."""

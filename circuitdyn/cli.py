@@ -433,6 +433,61 @@ def _facts(args: argparse.Namespace, run):
                       template=args.template)
 
 
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A progress line: on stdout, or on stderr under --json (stdout is the JSON then)."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
+
+
+def _recorded_facts(args: argparse.Namespace, run, folder):
+    """Without --probes: the facts last extracted for the run (`facts.run_facts`, recorded in its circuits
+    folder), with args set to their probe file and options so that every later step builds the same facts;
+    None when the run has none recorded."""
+    from circuitdyn.facts import recorded_facts, run_facts
+
+    if args.probes or recorded_facts(folder) is None:
+        return None
+    facts = run_facts(run, folder=folder)
+    o = facts.options
+    if o.get("ids") is not None or o.get("probes") is None:
+        return None  # options the command line cannot express: read the cached circuits as before
+    args.probes, args.limit, args.sample, args.per_entity = o["probes"], o["limit"], o["sample_n"], o["per_entity"]
+    args.entities = None if o["entities"] is None else ",".join(o["entities"])
+    args.sample_seed, args.rephrased, args.template = o["seed"], o["rephrased"], o["template"]
+    _say(args, f"facts: the run's recorded facts ({len(facts)} facts from {o['probes']})")
+    # settings not given are those of the facts' cached circuits (so that they are reused, not recomputed)
+    from circuitdyn.plan import cached_settings
+
+    given = {"method": args.method, "ig_steps": args.steps, "ig_grid": args.ig_grid}
+    fits = [c for c in cached_settings(folder, facts.identity, args.seed)
+            if all(v is None or c[k] == v for k, v in given.items())]
+    if len(fits) > 1:
+        raise CircuitdynError(f"{folder}: several circuit files of the run's recorded facts with different settings "
+                              f"({'; '.join(', '.join(f'{k}={v}' for k, v in c.items()) for c in fits)}); choose "
+                              "with --method / --steps / --ig-grid")
+    if fits:
+        args.method, args.steps, args.ig_grid = fits[0]["method"], fits[0]["ig_steps"], fits[0]["ig_grid"]
+    return facts
+
+
+def _diff_plan(args: argparse.Namespace) -> None:
+    """`diff` of two checkpoints: take the run's recorded facts when --probes is not given, and print the plan."""
+    from pathlib import Path
+
+    from circuitdyn.checkpoints import resolve
+    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.plan import diff_plan
+
+    if any(str(s).endswith(".safetensors") for s in (args.a, args.b)):
+        return
+    sides = [resolve(str(s), device=args.device, dtype=args.dtype, base=args.base) for s in (args.a, args.b)]
+    folders = [Path(args.circuits) if args.circuits else circuits_dir(run) for run, _ in sides]
+    facts = _facts(args, sides[0][0]) or _recorded_facts(args, sides[0][0], folders[0])
+    if facts is not None:
+        _say(args, diff_plan(sides, facts, folders, method=args.method, steps=args.steps, metric=args.metric,
+                             seed=args.seed, ig_grid=args.ig_grid, method_noise=not args.no_noise,
+                             family=args.family, replicates=args.replicates).line())
+
+
 @command
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -595,6 +650,7 @@ def _run_diff(args: argparse.Namespace) -> int:
     from circuitdyn.viz import write_diff_html
 
     _output(args.out, "file", "--out", args.overwrite)
+    _diff_plan(args)
     d = diff_checkpoints(
         args.a, args.b, args.probes, limit=args.limit, sample_n=args.sample, per_entity=args.per_entity,
         entities=_names(args.entities),
@@ -678,10 +734,15 @@ def _run_timeline(args: argparse.Namespace) -> int:
     if Path(args.run).is_dir():
         _output(html, "file", "--out" if args.out else "", args.overwrite)
     run = open_run(args.run, device=args.device, dtype=args.dtype, base=args.base)
-    facts = _facts(args, run)
     folder = Path(args.circuits) if args.circuits else circuits_dir(run)
+    facts = _facts(args, run) or _recorded_facts(args, run, folder)
     if facts is not None:
         _output(folder, "folder", "--circuits" if args.circuits else "")
+        from circuitdyn.plan import timeline_plan
+
+        _say(args, timeline_plan(run, facts, folder, method=args.method, steps=args.steps, metric=args.metric,
+                                 seed=args.seed, ig_grid=args.ig_grid, noise_epochs=args.noise_epochs,
+                                 family=args.family, replicates=args.replicates).line())
     choice = ("seeded sample, chosen before outcomes" if args.sample or args.per_entity
               else "the probe file's facts, in file order")
     tl = load_run_timeline(run, facts, selection=_selection_arg(args), circuits_dir=folder, method=args.method,

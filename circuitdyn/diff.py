@@ -521,6 +521,42 @@ class CircuitDiff:
             "paths": {f: self.paths(f).map(clean).to_dict(orient="records") for f in self.rows},
         }
 
+    # ----------------------------------------------------------------------- notebooks
+
+    def to_frame(self) -> pd.DataFrame:
+        """A tidy table: one row per (fact, statistic of `similarity.DISTANCES`), the change test of `changes`
+        joined with the fact's row of `facts` (sizes, edge counts, similarities, gaps), its entity and label."""
+        per_fact = self.facts.drop(index=MEAN)
+        per_fact = per_fact.drop(columns=[c for c in per_fact.columns if c in self.changes.columns])
+        out = self.changes.merge(per_fact, left_on="fact_id", right_index=True, how="left")
+        ids = out["fact_id"].tolist()
+        out.insert(1, "entity", entity_groups(ids, self.entity_of))
+        out.insert(2, "label", [self.labels.get(f, "") for f in ids])
+        return out.reset_index(drop=True)
+
+    def describe(self) -> list[str]:
+        """What the diff supports, in sentences (`report.describe_diff`): what the CLI prints."""
+        from circuitdyn.report import describe_diff
+
+        return describe_diff(self)
+
+    def figure(self, fact_id: str = MEAN) -> Any:
+        """The viewer's figure of one fact (default the mean circuit): both circuits on one canvas, edges coloured
+        by status (`viz.diff_figure`), a `plotly.graph_objects.Figure`."""
+        from circuitdyn.viz import diff_figure
+
+        return diff_figure(self, fact_id)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        lines = "".join(f"<li>{html.escape(line)}</li>" for line in self.describe())
+        head = self.to_frame().head(10).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-",
+                                                escape=True)
+        return (f"<div><b>CircuitDiff</b> {html.escape(self.label_a)} &rarr; {html.escape(self.label_b)}: "
+                f"{len(self.a.fact_ids)} facts, selection {html.escape(str(self.selection))}<ul>{lines}</ul>"
+                f"<details><summary>to_frame() (first 10 rows)</summary>{head}</details></div>")
+
 
 def _num(x: Any) -> float | None:
     x = float(x)

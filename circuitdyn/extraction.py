@@ -26,7 +26,7 @@ from circuitdyn.attribution import (DEFAULT_IG_GRID, DEFAULT_IG_STEPS, BufferDty
                                    steps_taken)
 from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.facts import check_context, facts_hash
+from circuitdyn.facts import check_context, facts_hash, record_facts
 from circuitdyn.faithfulness import CircuitEvaluator
 from circuitdyn.forward import NOISE_SCALE, metric_name
 from circuitdyn.graph import Graph
@@ -145,7 +145,9 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     `faithfulness_selection`) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
     faithfulness is only meaningful where they differ clearly. `store`: float16 (scaled per fact, the
     default) or float32 scores; `sparse_top_k`: keep each fact's top-k edges (`CircuitSet.save`).
-    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`.
+    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`. When `facts` is a
+    `facts.FactSet` read from a probe file, `out_dir/facts.json` then records it (`facts.record_facts`), so
+    that `facts.run_facts` can rebuild it.
 
     `ray` (`"auto"` for a local cluster, or a cluster's address) runs the work as Ray tasks of one checkpoint
     x one shard of `shard_size` facts each (`extract_on_ray`): the same files, the same scores.
@@ -165,11 +167,13 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     want = extraction_settings(run.architecture, facts, method, steps, metric, seed, ig_grid=ig_grid)
     check_context(facts, run.context_length)
     if ray is not None:
-        return extract_on_ray(run, facts, out, epochs, ray, method=method, steps=steps, metric=metric, seed=seed,
+        done = extract_on_ray(run, facts, out, epochs, ray, method=method, steps=steps, metric=metric, seed=seed,
                               batch_size=batch_size, top_n=top_n, store=store, sparse_top_k=sparse_top_k,
                               extra_meta=extra_meta, overwrite=overwrite, progress=progress, ig_grid=ig_grid,
                               buffer_dtype=buffer_dtype, max_memory=max_memory, num_threads=num_threads,
                               shard_size=shard_size, max_retries=max_retries, num_gpus=num_gpus)
+        record_facts(out, facts)  # type: ignore[arg-type]  # a FactSet of a probe file: the run remembers it
+        return done
     results = []
     for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
         ck = run.checkpoint(epoch)
@@ -193,6 +197,7 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
             cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
             cs.save(path, dtype=store, top_k=sparse_top_k)
             results.append(Extracted.from_file(epoch, path, False, cs))
+    record_facts(out, facts)  # type: ignore[arg-type]  # a FactSet of a probe file: the run remembers it
     return results
 
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import FactPrompt, Probe, Template, build_fact_prompts, load_probes, sample
@@ -67,6 +67,10 @@ class FactSet:
     """Which valid swap partner each fact's corruption uses (0 = the first; see `build_fact_prompts`), for all
     facts or per fact id."""
     tokenizer: PreTrainedTokenizerBase | None = field(default=None, compare=False, repr=False)
+    options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The arguments `load_facts` was called with (`probes`: the probe file's absolute path, or None for the
+    packaged validation probes; absent for probes given in memory), so that the facts can be rebuilt
+    (`record_facts`, `run_facts`)."""
 
     def __post_init__(self) -> None:
         if not self.facts:
@@ -111,7 +115,8 @@ class FactSet:
         facts = build_fact_prompts(self.probes, self.tokenizer, template=self.template, pool=self.pool or self.probes,
                                    variant=variant)
         key = variant if isinstance(variant, int) else tuple(sorted(variant.items()))
-        return FactSet(tuple(facts), self.probes, self.source, self.pool, self.template, key, self.tokenizer)
+        return FactSet(tuple(facts), self.probes, self.source, self.pool, self.template, key, self.tokenizer,
+                       {**self.options, "variant": key} if self.options else {})
 
     def by_id(self, fact_ids: Sequence[str]) -> list[FactPrompt]:
         """The facts of these ids, in that order; an unknown id is an error naming it."""
@@ -179,4 +184,91 @@ def load_facts(
         facts = build_fact_prompts(chosen, tokenizer, template=template, pool=pool)
     except CircuitdynError as err:
         raise CircuitdynError(f"{source}: {err}") from None
-    return FactSet(tuple(facts), tuple(chosen), source, tuple(pool), template, 0, tokenizer)
+    options: dict[str, Any] = {
+        "limit": limit, "sample_n": sample_n, "per_entity": per_entity,
+        "entities": None if entities is None else list(entities), "ids": None if ids is None else list(ids),
+        "seed": seed, "rephrased": rephrased, "template": template,
+    }
+    if probes is None or isinstance(probes, (str, Path)):
+        options = {"probes": None if probes is None else str(Path(probes).expanduser().resolve()), **options}
+    return FactSet(tuple(facts), tuple(chosen), source, tuple(pool), template, 0, tokenizer, options)
+
+
+# --------------------------------------------------------------------------- the facts a run remembers
+
+FACTS_FILE = "facts.json"
+"""In a circuits folder: the fact sets whose circuits were extracted there (probe file, options, identity)."""
+
+OPTION_KEYS = ("limit", "sample_n", "per_entity", "entities", "ids", "seed", "rephrased", "template")
+
+
+def record_facts(folder: str | Path, facts: FactSet) -> Path | None:
+    """Record in `folder/facts.json` how to rebuild `facts` (its probe file's absolute path, the `load_facts`
+    options and the fact set's identity), keyed by identity beside the fact sets recorded before; the most
+    recent becomes the `default`. Only fact sets read from a probe file (or the packaged probes) by `load_facts`
+    are recorded (None otherwise). The file is rewritten atomically, under a lock, and only when it changes."""
+    from circuitdyn.io import file_lock, write_json_atomic
+
+    options = getattr(facts, "options", None) or {}
+    if "probes" not in options or options.get("variant"):
+        return None
+    path = Path(folder) / FACTS_FILE
+    entry = {"probes": options["probes"], "options": {k: options.get(k) for k in OPTION_KEYS},
+             "n_facts": len(facts), "source": facts.source}
+    with file_lock(path):
+        data = _read_facts_file(path) if path.is_file() else {"default": None, "fact_sets": {}}
+        if data.get("default") == facts.identity and data["fact_sets"].get(facts.identity) == entry:
+            return path
+        data["fact_sets"].pop(facts.identity, None)
+        data["fact_sets"][facts.identity] = entry  # insertion order: the most recent last
+        data["default"] = facts.identity
+        write_json_atomic(path, data)
+    return path
+
+
+def _read_facts_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CircuitdynError(f"{path}: cannot read the run's recorded facts ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("fact_sets"), dict):
+        raise CircuitdynError(f"{path}: not a circuitdyn facts record (no 'fact_sets')")
+    return data
+
+
+def recorded_facts(folder: str | Path) -> dict[str, Any] | None:
+    """The contents of `folder/facts.json` (`default`: the identity of the most recent fact set; `fact_sets`:
+    identity -> probe file, options, number of facts), or None when nothing was recorded there."""
+    path = Path(folder) / FACTS_FILE
+    return _read_facts_file(path) if path.is_file() else None
+
+
+def run_facts(run: Any, *, folder: str | Path | None = None, identity: str | None = None) -> FactSet:
+    """The fact set last extracted for `run` (a `checkpoints.Run` or its folder), rebuilt from the record in its
+    circuits folder (`folder`, default `extraction.circuits_dir(run)`); `identity` picks another recorded one.
+    A clear error when nothing is recorded, the probe file moved, or it no longer gives the same facts."""
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.extraction import circuits_dir
+
+    run = open_run(run) if isinstance(run, (str, Path)) else run
+    folder = Path(folder) if folder is not None else circuits_dir(run)
+    data = recorded_facts(folder)
+    if not data or not data["fact_sets"]:
+        raise CircuitdynError(f"{run.path}: no recorded facts in {folder} (extract circuits with a probe file "
+                              "first, or pass the probe file: --probes FILE / load_facts(FILE, run))")
+    key = identity or data.get("default") or next(reversed(data["fact_sets"]))
+    if key not in data["fact_sets"]:
+        raise CircuitdynError(f"{folder / FACTS_FILE}: no recorded fact set {key!r} "
+                              f"(recorded: {list(data['fact_sets'])})")
+    entry = data["fact_sets"][key]
+    probes = entry.get("probes")
+    if probes is not None and not Path(probes).is_file():
+        raise CircuitdynError(f"{run.path}: the run's facts came from the probe file {probes}, which is no longer "
+                              "there (moved or deleted); pass the probe file again (--probes FILE)")
+    facts = load_facts(probes, run.tokenizer(), **{k: v for k, v in entry.get("options", {}).items()
+                                                   if k in OPTION_KEYS})
+    if facts.identity != key:
+        raise CircuitdynError(f"{run.path}: the probe file {probes} no longer gives the facts the run's circuits "
+                              f"were extracted for (identity {facts.identity[:19]}... vs recorded {key[:19]}...); "
+                              "it changed since; pass the probe file and options again (--probes FILE)")
+    return facts

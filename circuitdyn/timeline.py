@@ -436,6 +436,44 @@ class Timeline:
             out["stability"] = self.stability()
         return out
 
+    # ----------------------------------------------------------------------- notebooks
+
+    def to_frame(self) -> pd.DataFrame:
+        """A tidy table: one row per (fact, epoch), `table` (size, gap, faithfulness, similarity to the first and
+        previous epoch, recall and transition, training loss) joined with the change test of the edge-set
+        distance to the previous epoch (`changes`: distance, noise_distance, effect, p, q, changed_beyond_noise),
+        and the fact's entity; the mean circuit's rows left out."""
+        t = self.table[self.table["fact_id"] != MEAN].copy()
+        ch = self.changes
+        ch = ch[ch["statistic"] == PRIMARY].drop(columns=["statistic", "included"], errors="ignore")
+        ch = ch.rename(columns={"distance": "change_distance"})
+        t = t.merge(ch, on=["fact_id", "epoch"], how="left")
+        t.insert(1, "entity", entity_groups(t["fact_id"].tolist(), self.entity_of))
+        return t.sort_values(["fact_id", "epoch"], kind="stable").reset_index(drop=True)
+
+    def describe(self) -> list[str]:
+        """What the timeline supports, in sentences (`report.describe_timeline`): what the CLI prints."""
+        from circuitdyn.report import describe_timeline
+
+        return describe_timeline(self)
+
+    def figure(self, fact_id: str | None = None) -> Any:
+        """The viewer's line charts over epochs (training loss, accuracy, share of the circuit replaced against
+        method noise; with `fact_id` that fact's similarity too; `viz.timeline_figure`), a plotly Figure."""
+        from circuitdyn.viz import timeline_figure
+
+        return timeline_figure(self, fact_id)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        lines = "".join(f"<li>{html.escape(line)}</li>" for line in self.describe())
+        head = self.to_frame().head(10).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-",
+                                                escape=True)
+        return (f"<div><b>Timeline</b>: {len(self.fact_ids)} facts, epochs {self.epochs}, selection "
+                f"{html.escape(str(self.selection))}<ul>{lines}</ul>"
+                f"<details><summary>to_frame() (first 10 rows)</summary>{head}</details></div>")
+
 
 def _num(x: Any) -> float | None:
     x = float(x)

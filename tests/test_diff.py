@@ -415,6 +415,9 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
     # circuits of other settings are told apart
     assert main([*args, "--steps", "4", "--top-n", "20", "--no-noise"]) == 0
     capsys.readouterr()
+    assert main(cached) == 2  # without --probes: the run's recorded facts, whose circuits now have two settings
+    assert "several circuit files of the run's recorded facts with different settings" in capsys.readouterr().err
+    (run / "circuits" / "facts.json").unlink()
     assert main(cached) == 2
     assert "several circuit files for epoch 0 with different settings" in capsys.readouterr().err
     assert main(["diff", f"{run}:0", f"{run}:2", "--steps", "2", "--top-n", "200", "--out", str(out)]) == 0

@@ -216,10 +216,15 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     assert "--transfer needs --probes" in capsys.readouterr().err
     assert main([*args, "--select", "faith:0.5", "--out", str(tmp_path / "faith.html")]) == 0
     assert "selection faith:0.5" in capsys.readouterr().out
+    # without --probes, the run's recorded facts (those of the last extraction) are used: nothing new computed
+    assert main(["timeline", str(run), "--select", "faith:0.5", "--steps", "1", "--out", str(tmp_path / "r.html")]) == 0
+    text = capsys.readouterr().out
+    assert "facts: the run's recorded facts (2 facts from" in text and "18 of 18 circuit files cached" in text
+    assert len(list((run / "circuits").glob("*.safetensors"))) == 3 + 3 * 5  # + 5 replicates at every epoch
+    (run / "circuits" / "facts.json").unlink()  # a run with no recorded facts has only its cached circuits
     assert main(["timeline", str(run), "--select", "faith:0.5", "--steps", "1"]) == 2
     assert "selection faith:0.5 evaluates circuits on each epoch's model: it needs the facts (--probes)" in (
         capsys.readouterr().err)
-    assert len(list((run / "circuits").glob("*.safetensors"))) == 3 + 3 * 5  # + 5 replicates at every epoch
     html = (run / "timeline.html").read_text()
     assert probes[0].question.split()[0] in html
     # EAP circuits record 1 step, whatever --steps (default 5) asked for: they are still found.
@@ -260,13 +265,17 @@ def test_timeline_and_diff_reuse_circuits_of_the_grid_asked_for(make_run, tmp_pa
     written = {f: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")}
     assert len(written) == 2 and all(".eap-ig2." in f.name for f in written)
     capsys.readouterr()
-    assert main(["timeline", str(run), "--top-n", "20", "--ig-grid", "right", "--json",
+    # without --probes: the run's recorded facts, at the settings of their cached circuits (steps 2)
+    assert main(["timeline", str(run), "--top-n", "20", "--ig-grid", "right", "--json", "--noise-epochs", "none",
                  "--out", str(tmp_path / "t.html")]) == 0
-    assert json.loads(capsys.readouterr().out)["summary"]["epochs"] == [0, 1]
+    out = capsys.readouterr()
+    assert json.loads(out.out)["summary"]["epochs"] == [0, 1]
+    assert "2 of 2 circuit files cached, 0 to compute" in out.err
     assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--ig-grid", "right",
                  "--top-n", "20", "--no-noise", "--json", "--out", str(tmp_path / "d.html")]) == 0
     capsys.readouterr()
     assert {f: f.stat().st_mtime_ns for f in written} == written
     assert len(list((run / "circuits").glob("*.safetensors"))) == 2
+    (run / "circuits" / "facts.json").unlink()  # only the cached circuits, no facts to compute others for
     assert main(["timeline", str(run), "--top-n", "20", "--ig-grid", "midpoint", "--json",
                  "--out", str(tmp_path / "t2.html"), "--steps", "2"]) == 2
