@@ -37,6 +37,7 @@ from torch import Tensor
 from circuitdyn.attribution import DEFAULT_IG_STEPS, Method
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.messages import warn
 from circuitdyn.selection import Selection, top_n_by_fact
 from circuitdyn.similarity import DISTANCES, distances
 
@@ -273,6 +274,9 @@ def measure_replicates(
 
     if not draws:
         raise CircuitdynError("method noise needs at least one checkpoint (noise epochs)")
+    if method == "eap" and family == "estimation":
+        warn("EAP has no IG integral to re-estimate: its 'estimation' replicates differ only for noise-corrupted "
+             "facts, so changes of the others cannot be told from noise (use --family question)")
     folder = Path(folder) if folder is not None else circuits_dir(run)
     scores = {e: replicate_scores(run, e, facts, ds, folder, method=method, steps=steps, metric=metric,
                                   batch_size=batch_size, progress=progress) for e, ds in draws.items()}

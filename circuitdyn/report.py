@@ -43,6 +43,11 @@ def _size(size: dict[str, Any], faith: dict[str, Any] | None) -> str:
     return text
 
 
+def _fmt(x: float | None, digits: int = 3) -> str:
+    """A number, or "-" where there is none (e.g. no distances: every replicate came out identical)."""
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
 def _change_verdict(agg: dict[str, Any] | None) -> str:
     """The aggregate change test's verdict (`change_test.aggregate_verdict`), direction checked: change is
     claimed only for a positive mean effect (replicates of the two checkpoints further apart than replicates of
@@ -57,8 +62,8 @@ def _change_verdict(agg: dict[str, Any] | None) -> str:
                 f"{estimate(effect)}); {counts}")
     if effect.get("value") is not None and effect["value"] < 0:
         return (f"no evidence of change: circuits moved less between the checkpoints than between replicates of "
-                f"one checkpoint (p = {p:.3f}); {counts}")
-    return f"no evidence that circuits moved more than method noise (p = {p:.3f}); {counts}"
+                f"one checkpoint (p = {_fmt(p)}); {counts}")
+    return f"no evidence that circuits moved more than method noise (p = {_fmt(p)}); {counts}"
 
 
 def describe_diff(d: CircuitDiff) -> list[str]:
@@ -83,8 +88,8 @@ def describe_diff(d: CircuitDiff) -> list[str]:
         st = s[stat]
         text = f"{NAMES[stat]} {d.label_a} -> {d.label_b}: {estimate(st['distance'])}"
         if st.get("noise_distance") is not None:
-            text += (f"; between replicates of one checkpoint {st['noise_distance']:.3f}; excess {estimate(st['effect'])}, "
-                     f"p = {st['p_value']:.4f}; beyond noise for {st['n_changed_beyond_noise']} of {st['n_tested']} facts")
+            text += (f"; between replicates of one checkpoint {_fmt(st['noise_distance'])}; excess "
+                     f"{estimate(st['effect'])}, p = {_fmt(st['p_value'], 4)}; beyond noise for {st['n_changed_beyond_noise']} of {st['n_tested']} facts")
         lines.append(text)
     if noise and test:
         lines.append("verdict: " + _change_verdict(s[PRIMARY]))
@@ -105,7 +110,7 @@ def describe_timeline(tl: Timeline) -> list[str]:
     if noise:
         lines.append(f"method noise at epochs {noise['epochs']} ({len(noise['replicates'])} replicates each, "
                      f"'{noise['family']}' family): edge-set distance between replicates of one checkpoint, median "
-                     f"{noise['edge_jaccard']['median_of_medians']:.3f} per fact")
+                     f"{_fmt(noise['edge_jaccard']['median_of_medians'])} per fact")
         lines.append(f"{rate}; excess over method noise {estimate(s['excess_over_noise'])}")
         lines.append("verdict: " + _change_verdict(s.get("change_test")))
     else:

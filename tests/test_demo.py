@@ -58,7 +58,7 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
     assert len(r.timeline.fact_ids) == 4 and len(entities) == 2
     assert "chosen before outcomes" in r.timeline.fact_choice
     assert str(r.timeline.selection) == "faith:0.8" and r.timeline.noise is not None
-    assert r.timeline.noise.epochs == [0, 2]
+    assert r.timeline.noise.epochs == [0, 1, 2]  # replicates at every epoch: every transition is tested
     assert (r.diff.label_a, r.diff.label_b) == ("epoch 0", "epoch 2")
     assert r.diff.noise is r.timeline.noise
     assert set(r.stage_s) == {"cpt", "circuits", "transfer", "analysis"}
@@ -68,9 +68,9 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
         text = html.read_text()
         assert bundle in text and not re.search(r"<script[^>]+src=", text), html
     circuit_files = sorted((r.run_dir / "circuits").rglob("*.safetensors"))
-    # 3 epochs, + 2 method-noise replicates at epochs 0 and 2, + the cached faith:0.8 selections of all of them
-    assert len([f for f in circuit_files if f.parent.name != "selections"]) == 3 + 2 * 2
-    assert len([f for f in circuit_files if f.parent.name == "selections"]) == 3 + 2 * 2
+    # 3 epochs + 5 method-noise replicates at each; faith:0.8 selections of the 3 (replicates are cut at that size)
+    assert len([f for f in circuit_files if f.parent.name != "selections"]) == 3 + 3 * 5
+    assert len([f for f in circuit_files if f.parent.name == "selections"]) == 3
     checkpoints = sorted(r.run_dir.glob("epoch_*/**/*.safetensors"))
     assert len(checkpoints) >= 3  # one weight file per epoch at least
     reused = [*circuit_files, *checkpoints, r.out_dir / "transfer.json"]
@@ -82,7 +82,7 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
     assert code == 0
     out = capsys.readouterr().out
     for heading in ("what CPT taught", "how the facts' circuits moved", "circuit diff epoch 0 -> epoch 2",
-                    "old pathway still there?", "method noise at epochs [0, 2]", "reconfiguration:",
+                    "old pathway still there?", "method noise at epochs [0, 1, 2]", "reconfiguration:",
                     "viewers:", str(r.timeline_html)):
         assert heading in out, heading
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
