@@ -329,12 +329,16 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
         raise CircuitdynError(f"{run.path} epoch {epoch}: only {n_tested} of {len(facts)} facts have a clean - "
                               f"corrupted gap >= {MIN_GAP:g}; calibration needs more (choose more facts)")
     r, k = s.replicates, s.null_tests
-    say(f"calibrate: {len(facts)} facts ({n_tested} with gap >= {MIN_GAP:g}), {2 * r * k} null replicates and "
-        f"{len(s.strengths)} x {r} planted replicates per fact")
+    say(f"calibrate: {len(facts)} facts, {n_tested} with gap >= {MIN_GAP:g} (only these are tested and drawn): "
+        f"{2 * r * k} null replicates and {len(s.strengths)} x {r} planted replicates per fact")
+    n_all = len(facts)
+    facts = facts.subset([f for f, ok in zip(facts.ids, included) if ok])
+    sizes, entities = sizes[torch.from_numpy(included)], [e for e, ok in zip(entities, included) if ok]
+    main = main.subset(facts.ids)
+    included = np.ones(len(facts), dtype=bool)
     pool = replicate_scores(run, epoch, facts, draw_settings(s.family, 2 * r * k, s.seed), folder, method=s.method,
                             steps=s.steps, metric=s.metric, batch_size=s.batch_size, progress=progress)
-    inc_ids = [f for f, ok in zip(facts.ids, included) if ok]
-    inc_entities = [e for e, ok in zip(entities, included) if ok]
+    inc_entities = entities
 
     # the null: K disjoint tests of r against r replicates of the same checkpoint (distances computed once)
     say(f"calibrate: distances between the {2 * r * k} null replicates of every fact")
@@ -403,7 +407,7 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
                             "aggregate_fpr": rate(agg_fire[stat], AGGREGATE_ROUNDS), "power": per_stat_power[stat]}
                      for stat in DISTANCES}
     return Calibration(
-        f"{run.path}:{epoch}", s, len(facts), n_tested, len(set(inc_entities)), PRIMARY,
+        f"{run.path}:{epoch}", s, n_all, n_tested, len(set(inc_entities)), PRIMARY,
         per_statistic[PRIMARY]["fact_fpr"], rate(any_flag, k), per_statistic[PRIMARY]["aggregate_fpr"], power,
         coverage, node, per_statistic,
     )

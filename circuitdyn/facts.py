@@ -118,6 +118,14 @@ class FactSet:
         return FactSet(tuple(facts), self.probes, self.source, self.pool, self.template, key, self.tokenizer,
                        {**self.options, "variant": key} if self.options else {})
 
+    def subset(self, fact_ids: Sequence[str]) -> FactSet:
+        """These facts only (in this set's order), with the same swap pool, template and tokenizer."""
+        self.by_id(fact_ids)  # an unknown id is an error naming it
+        keep = set(fact_ids)
+        idx = [i for i, f in enumerate(self.facts) if f.fact_id in keep]
+        return dataclasses.replace(self, facts=tuple(self.facts[i] for i in idx),
+                                   probes=tuple(self.probes[i] for i in idx), options={})
+
     def by_id(self, fact_ids: Sequence[str]) -> list[FactPrompt]:
         """The facts of these ids, in that order; an unknown id is an error naming it."""
         index = {f.fact_id: f for f in self.facts}
