@@ -219,10 +219,10 @@ class Calibration:
     def _repr_html_(self) -> str:
         import html
 
-        lines = "".join(f"<li>{html.escape(line)}</li>" for line in self.describe())
-        table = self.to_frame().to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-", escape=True)
-        return (f"<div><b>Calibration</b> at {html.escape(self.checkpoint)}<ul>{lines}</ul>"
-                f"<details><summary>to_frame()</summary>{table}</details></div>")
+        from circuitdyn.report import html_block
+
+        return html_block(f"<b>Calibration</b> at {html.escape(self.checkpoint)}", self.describe(), self.to_frame(),
+                          rows=None)
 
 
 def _planted_component(graph: Any, scores: Tensor, plant: Plant) -> tuple[str, int, int | None]:
@@ -268,8 +268,7 @@ def _planted_scores(model: HookedTransformer, facts: FactSet, draws: Sequence[Dr
             if cs.meta.get("calibration_key") == want and cs.fact_ids == facts.ids:
                 out.append(cs.scores.float())
                 continue
-        variants = d.variants(facts.ids)
-        rep = facts if variants is None else facts.with_variant(variants)
+        rep = d.facts(facts)
         scores = attribute(model, list(rep), s.method, s.steps, s.metric, d.seed, s.batch_size,
                            ig_grid=REPLICATE_GRID)
         cs = CircuitSet(scores, key["edges"], facts.ids, {"calibration_key": want, "method": s.method})

@@ -550,12 +550,11 @@ class CircuitDiff:
     def _repr_html_(self) -> str:
         import html
 
-        lines = "".join(f"<li>{html.escape(line)}</li>" for line in self.describe())
-        head = self.to_frame().head(10).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-",
-                                                escape=True)
-        return (f"<div><b>CircuitDiff</b> {html.escape(self.label_a)} &rarr; {html.escape(self.label_b)}: "
-                f"{len(self.a.fact_ids)} facts, selection {html.escape(str(self.selection))}<ul>{lines}</ul>"
-                f"<details><summary>to_frame() (first 10 rows)</summary>{head}</details></div>")
+        from circuitdyn.report import html_block
+
+        return html_block(f"<b>CircuitDiff</b> {html.escape(self.label_a)} &rarr; {html.escape(self.label_b)}: "
+                          f"{len(self.a.fact_ids)} facts, selection {html.escape(str(self.selection))}",
+                          self.describe(), self.to_frame())
 
 
 def _num(x: Any) -> float | None:

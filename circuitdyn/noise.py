@@ -68,12 +68,13 @@ class Draw:
     def name(self) -> str:
         return f"s{self.seed}" + (" q" if self.family == "question" else "")
 
-    def variants(self, fact_ids: Sequence[str]) -> dict[str, int] | None:
-        """Per fact, which valid swap partner its corruption uses (None: the facts as built)."""
+    def facts(self, facts: FactSet) -> FactSet:
+        """The facts this replicate attributes: as built, or (`question` family) each with the swap partner
+        drawn for it among its first `N_VARIANTS` valid ones."""
         if self.family != "question":
-            return None
-        return {f: int(np.random.default_rng([self.seed, zlib.crc32(f.encode()), 0xF00D]).integers(N_VARIANTS))
-                for f in fact_ids}
+            return facts
+        return facts.with_variant({f: int(np.random.default_rng([self.seed, zlib.crc32(f.encode()), 0xF00D])
+                                          .integers(N_VARIANTS)) for f in facts.ids})
 
 
 def check_family(family: str) -> Family:
@@ -108,9 +109,7 @@ def replicate_scores(
 
     out = []
     for d in draws:
-        variants = d.variants(facts.ids)
-        rep_facts = facts if variants is None else facts.with_variant(variants)
-        done = extract_run(run, rep_facts, folder, [epoch], method=method, steps=steps, metric=metric, seed=d.seed,
+        done = extract_run(run, d.facts(facts), folder, [epoch], method=method, steps=steps, metric=metric, seed=d.seed,
                            batch_size=batch_size, progress=progress, ig_grid=REPLICATE_GRID)[0]
         cs = CircuitSet.load(done.path)
         out.append(cs.scores[[cs.index(f) for f in facts.ids]].float())

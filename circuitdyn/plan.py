@@ -72,8 +72,7 @@ def _checkpoint_files(run: Any, epoch: int, facts: Any, folder: Path, draws: Seq
     files = dict([_cached(run, epoch, extraction_settings(arch, facts, method, steps, metric, seed, ig_grid=ig_grid),
                           folder)])
     for d in draws:
-        rep = facts if d.variant == 0 else facts.with_variant(d.variant)
-        want = extraction_settings(arch, rep, method, steps_taken(method, steps), metric, d.seed,
+        want = extraction_settings(arch, d.facts(facts), method, steps_taken(method, steps), metric, d.seed,
                                    ig_grid=REPLICATE_GRID)
         path, done = _cached(run, epoch, want, folder)
         files[path] = done

@@ -8,7 +8,10 @@ it reads `CircuitDiff.summary`, `Timeline.summary()` / `stability()` and `transf
 
 from __future__ import annotations
 
+import html
 from typing import Any
+
+import pandas as pd
 
 from circuitdyn.change_test import ALPHA
 from circuitdyn.diff import PRIMARY, CircuitDiff
@@ -183,3 +186,12 @@ def describe_transfer(summary: dict[str, Any]) -> list[str]:
             f"{last}'s own circuit {estimate(summary['last_circuit_on_last_model'])}; "
             f"{summary['n_pairs_excluded_gap']} of {summary['n_pairs']} (fact, circuit, model) cells excluded "
             f"(gap below {summary['min_gap']:g})"]
+
+
+def html_block(title: str, lines: list[str], frame: pd.DataFrame, rows: int | None = 10) -> str:
+    """A result's notebook display: its title, verdict lines and (the first `rows` rows of) its tidy frame."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    shown = frame if rows is None else frame.head(rows)
+    table = shown.to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-", escape=True)
+    what = "to_frame()" if rows is None else f"to_frame() (first {rows} rows)"
+    return f"<div>{title}<ul>{items}</ul><details><summary>{what}</summary>{table}</details></div>"

@@ -467,12 +467,10 @@ class Timeline:
     def _repr_html_(self) -> str:
         import html
 
-        lines = "".join(f"<li>{html.escape(line)}</li>" for line in self.describe())
-        head = self.to_frame().head(10).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-",
-                                                escape=True)
-        return (f"<div><b>Timeline</b>: {len(self.fact_ids)} facts, epochs {self.epochs}, selection "
-                f"{html.escape(str(self.selection))}<ul>{lines}</ul>"
-                f"<details><summary>to_frame() (first 10 rows)</summary>{head}</details></div>")
+        from circuitdyn.report import html_block
+
+        return html_block(f"<b>Timeline</b>: {len(self.fact_ids)} facts, epochs {self.epochs}, selection "
+                          f"{html.escape(str(self.selection))}", self.describe(), self.to_frame())
 
 
 def _num(x: Any) -> float | None:
