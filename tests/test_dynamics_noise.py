@@ -71,3 +71,19 @@ def test_pruned_circuits_are_checked_on_a_corruption_they_were_not_pruned_on(tra
     assert held and all(h != a["faith_a"] for h, a in zip(held, facts))  # another corruption: another number
     assert d["summary"]["faithfulness_heldout"]["a"]["n"] == len(held)
     assert any("not selected on" in line for line in d["findings"])
+
+
+def test_question_family_draws_each_fact_its_own_swap_partner(trained_pair_run, tmp_path, capsys):
+    """`--family question` replicates vary the corruption fact by fact: their circuit files hold other fact
+    sets (another probe-set hash per draw), and the test still runs over all facts."""
+    from circuitdyn.circuits import circuit_files
+
+    run, probes = trained_pair_run
+    assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--family", "question",
+                 "--replicates", "4", "--json", "--circuits", str(tmp_path / "c"), "--out", str(tmp_path / "d.html")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["baseline"]["family"] == "question" and d["summary"]["change_test"]["family"] == "question"
+    assert all(name.endswith(" q") for name in d["baseline"]["replicates"])
+    hashes = {meta["probe_set_hash"] for path, meta in circuit_files(tmp_path / "c") if "shifted" in path.name}
+    assert len(hashes) > 1  # swap partners drawn per fact and draw
+    assert d["summary"]["n_tested"] == 6
