@@ -142,8 +142,8 @@ def main() -> None:
                 times[m][j] = dt if r == 0 else min(times[m][j], dt)  # fastest of the rounds
                 scores[m][j] = s[0].cpu()
     per_fact = {m: statistics.mean(times[m]) for m in names}
-    print("attribution time per fact (fastest of %d interleaved rounds): %s" % (
-        args.rounds, ", ".join(f"{m} {per_fact[m]:.2f} s" for m in names)), flush=True)
+    print(f"attribution time per fact (fastest of {args.rounds} interleaved rounds): "
+          f"{', '.join(f'{m} {per_fact[m]:.2f} s' for m in names)}", flush=True)
 
     # --- Spearman with exact single-edge patching -----------------------------------------------------
     rng = np.random.default_rng(args.seed)
@@ -196,8 +196,9 @@ def main() -> None:
             for m in names}
     for m in names:
         print(f"mean over {len(facts)} facts, {m:<5}: Spearman uniform {np.mean(rho[m]):.3f}, without q/k "
-              f"{np.mean(rho_vmo[m]):.3f}, top union {np.mean(rho_top[m]):.3f}; CPR {mean[m]['cpr']:.3f}, CMD {mean[m]['cmd']:.3f}, CPR (log axis) "
-              f"{mean[m]['cpr_log']:.3f}; cost {per_fact[m] / per_fact['eap']:.2f}x EAP")
+              f"{np.mean(rho_vmo[m]):.3f}, top union {np.mean(rho_top[m]):.3f}; CPR {mean[m]['cpr']:.3f}, "
+              f"CMD {mean[m]['cmd']:.3f}, CPR (log axis) {mean[m]['cpr_log']:.3f}; "
+              f"cost {per_fact[m] / per_fact['eap']:.2f}x EAP")
     print(f"wall_s={time.perf_counter() - t0:.0f}")
     print(f"relp_spearman_vs_exact={np.mean(rho['relp']):.3f} eapig_spearman_vs_exact={np.mean(rho['eapig']):.3f} "
           f"relp_cpr={mean['relp']['cpr']:.3f} eapig_cpr={mean['eapig']['cpr']:.3f} "
