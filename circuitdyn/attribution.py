@@ -1,4 +1,4 @@
-"""Edge attribution for per-fact knowledge circuits: EAP and EAP-IG (inputs).
+"""Edge attribution for per-fact knowledge circuits: EAP, EAP-IG (inputs) and RelP.
 
 Sign convention: score(e) estimates m(clean run with edge e patched to its corrupted value) - m(clean),
 where m is the per-fact metric (`circuitdyn.forward`, answer log-prob by default). EAP scores
@@ -9,6 +9,14 @@ circuitdyn's grid so far), `left` (k = 0..m-1, later versions of hannamw/EAP-IG)
 (Gauss-Legendre) or `shifted` (alpha = (k + u)/m with an offset u in [0, 1) drawn from the extraction seed:
 a randomised midpoint rule, unbiased for the integral, whose seeds are the method-noise replicates'
 equally valid draws, see `circuitdyn.noise`). With m = 1, EAP-IG on the right grid is EAP.
+
+RelP (relevance patching, Jafari et al. 2025, arXiv 2508.21258) is EAP whose one backward pass follows LRP
+rules instead of the gradient (`run_capture(..., relp=True)`): every norm's scale is a constant (ln1's in
+`_PortGrads`, which then drops its rank-one term; ln2's and the final norm's by detaching it), the attention
+pattern is a constant (relevance flows through the values only, so edges into q and k score 0), an MLP's
+activation passes act(x)/x (identity rule) and a gated MLP's gate * up product passes half the gradient through
+each factor (half rule). The forward values are unchanged, and so are the differences it multiplies. Same
+cost as EAP (one forward, one backward); recorded with `ig_steps` 1 and `ig_grid` `right`, like EAP.
 
 Why it is fast: gradients are taken only with respect to small tensors of the functional forward
 (`circuitdyn.forward.run_capture`: per-head q/k/v after projection, each MLP's input, the final residual),
@@ -62,8 +70,10 @@ from circuitdyn.forward import (
 from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
 
-Method = Literal["eap", "eap-ig"]
-METHODS = ("eap", "eap-ig")
+Method = Literal["eap", "eap-ig", "relp"]
+METHODS = ("eap", "eap-ig", "relp")
+ONE_STEP_METHODS = ("eap", "relp")
+"""Methods taking one gradient at the clean end (no interpolation: 1 step, the `right` grid recorded)."""
 IGGrid = Literal["right", "left", "midpoint", "gauss", "shifted"]
 IG_GRIDS = ("right", "left", "midpoint", "gauss", "shifted")
 DEFAULT_IG_GRID: IGGrid = "midpoint"
@@ -76,9 +86,9 @@ BUFFER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def steps_taken(method: str | None, steps: int) -> int:
-    """The interpolation steps a method really takes (and records as `ig_steps`): EAP is one gradient.
-    EAP-IG needs a whole number of steps >= 1."""
-    if method == "eap":
+    """The interpolation steps a method really takes (and records as `ig_steps`): EAP and RelP are one
+    gradient. EAP-IG needs a whole number of steps >= 1."""
+    if method in ONE_STEP_METHODS:
         return 1
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise CircuitdynError(f"steps must be a whole number >= 1 (EAP-IG interpolation steps), got {steps!r}")
@@ -86,10 +96,11 @@ def steps_taken(method: str | None, steps: int) -> int:
 
 
 def grid_taken(method: str | None, ig_grid: str) -> IGGrid:
-    """The IG grid a method really uses (and records as `ig_grid`): EAP is the gradient at the clean end."""
+    """The IG grid a method really uses (and records as `ig_grid`): EAP and RelP take the gradient at the
+    clean end (`right` with one step)."""
     if ig_grid not in IG_GRIDS:
         raise CircuitdynError(f"unknown IG grid {ig_grid!r}; choose one of {', '.join(IG_GRIDS)}")
-    return "right" if method == "eap" else ig_grid  # type: ignore[return-value]
+    return "right" if method in ONE_STEP_METHODS else ig_grid  # type: ignore[return-value]
 
 
 def grid_offset(seed: int, fact_id: str = "") -> float:
@@ -161,6 +172,9 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
     check_supported(model)
     graph = Graph.from_model(model)
     layers = layer_weights(model)
+    relp = method == "relp"
+    if relp and not model.cfg.attn_only and any(layer.mlp_t is None for layer in layers):
+        raise CircuitdynError("RelP does not support MLPs with a layer-norm activation (SoLU); use eap or eap-ig")
     B, P = batch.clean.shape
     n = pass_facts or default_pass_facts(batch.clean.device, P) or B
     if n < 1:
@@ -171,14 +185,15 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
         if grid == "shifted":  # one offset per fact: (k + u_f) / m as a [fact, 1, 1] tensor per step
             u = torch.tensor([grid_offset(seed, f.fact_id) for f in rows.facts], device=batch.clean.device)
             alphas = [((k + u) / m).view(-1, 1, 1) for k in range(m)]
-        out[b0:b0 + n] = _attribute_pass(model, rows, graph, layers, metric, alphas, weights, buf)
+        out[b0:b0 + n] = _attribute_pass(model, rows, graph, layers, metric, alphas, weights, buf, relp)
     return out
 
 
 def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[LayerWeights], metric: str | Metric,
-                    alphas: Sequence[float | Tensor], weights: list[float], buf: torch.dtype
-                    ) -> Float[Tensor, "batch edge"]:
-    """`attribute_batch` for the facts of one pass; an alpha is a number, or one per fact ([fact, 1, 1])."""
+                    alphas: Sequence[float | Tensor], weights: list[float], buf: torch.dtype,
+                    relp: bool = False) -> Float[Tensor, "batch edge"]:
+    """`attribute_batch` for the facts of one pass; an alpha is a number, or one per fact ([fact, 1, 1]);
+    `relp`: the gradient with RelP's rules."""
     m = len(alphas)
     # Relative weights: exactly 1.0 for the equal-weight rules, so the sums are what they always were.
     rel = [1.0] * m if len(set(weights)) == 1 else [w * m for w in weights]
@@ -196,15 +211,17 @@ def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[Lay
             _, st = run_capture(model, clean_in, batch, metric, layers, torch.float32)
             diffs.subtract(st)
             del st
-    acc = [_PortGrads(buf) for _ in range(L)]
+    acc = [_PortGrads(buf, constant_scale=relp) for _ in range(L)]
     B, P, D = clean_in.shape
     g_mlp = [torch.zeros(B, P, D, device=clean_in.device) for _ in range(0 if model.cfg.attn_only else L)]
     g_logits = torch.zeros(B, P, D, device=clean_in.device)
     for k, (alpha, u) in enumerate(zip(alphas, rel)):
         x0 = clean_in if isinstance(alpha, float) and alpha == 1.0 else corr_in + alpha * (clean_in - corr_in)
         with torch.enable_grad():
-            values, st = run_capture(model, x0.detach().requires_grad_(), batch, metric, layers)
-            grads = list(torch.autograd.grad(values.sum(), st["q"] + st["k"] + st["v"] + st["mlp_in"] + st["final"]))
+            values, st = run_capture(model, x0.detach().requires_grad_(), batch, metric, layers, relp=relp)
+            # RelP's constant attention pattern leaves q and k out of the graph: their gradients are zeros.
+            grads = list(torch.autograd.grad(values.sum(), st["q"] + st["k"] + st["v"] + st["mlp_in"] + st["final"],
+                                             allow_unused=relp, materialize_grads=relp))
         del values
         with torch.no_grad():
             if k == clean_step:  # the clean run: its outputs complete the differences corrupted - clean
@@ -246,6 +263,9 @@ class _SourceDiffs:
 class _PortGrads:
     """Weighted sum over IG steps of d metric / d(residual) for every head's q/k/v input of one layer.
 
+    With `constant_scale` (RelP's LN rule) the scale is a constant of the backward pass: the VJP is the main
+    term (dq Wf) / scale alone, no rank-one correction.
+
     The per-head residual gradient is the ln1 vector-Jacobian product of W^T dq: with Wf (ln weight folded
     in, centred for LN), g = (dq Wf - x_hat * <dq, q - offset> / D) / scale, where <dq, q - offset> =
     <dq Wf, x_hat> comes for free from the forward's q. The first term is linear in dq/scale, so it is
@@ -255,8 +275,9 @@ class _PortGrads:
     contraction, a chunk of positions at a time.
     """
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, constant_scale: bool = False) -> None:
         self.dtype = dtype
+        self.constant_scale = constant_scale
         self.d: Tensor | None = None
         self.outer: Tensor | None = None
         self.xs: list[Tensor] = []
@@ -271,7 +292,7 @@ class _PortGrads:
         inv = weight / scale[..., None].float()  # [B,P,1,1]
         ds = torch.stack([g.float() * inv for g in d], dim=3)  # [B,P,H,3,dh]
         B, P, H = ds.shape[:3]
-        if layer.ln_kind != "none":
+        if layer.ln_kind != "none" and not self.constant_scale:
             c = (ds * (torch.stack(qkv, dim=3).float() - layer.offset3.float())).sum(-1)  # [B,P,H,3]
             self.xs.append(xhat.to(self.dtype))
             self.cs.append(c.reshape(B, P, 3 * H) / xhat.shape[-1])

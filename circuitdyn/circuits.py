@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from circuitdyn.attribution import steps_taken
+from circuitdyn.attribution import ONE_STEP_METHODS, steps_taken
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.io import atomic_path
@@ -83,11 +83,12 @@ def settings_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str | None:
 
 def circuit_filename(epoch: int, meta: dict[str, Any]) -> str:
     """`epoch_3.eap-ig5.answer-logprob.s0.1a2b3c4d.safetensors`: the epoch and the settings (method, steps,
-    IG grid unless `right`, e.g. `eap-ig3-gauss`, metric, seed and the fact set's hash), so that circuits of
+    IG grid unless `right`, e.g. `eap-ig3-gauss`; EAP and RelP, one step, as `eap` / `relp`; metric, seed and
+    the fact set's hash), so that circuits of
     other facts or settings live side by side."""
     method, steps, grid = meta.get("method"), meta.get("ig_steps"), setting(meta, "ig_grid")
     facts = str(meta.get("probe_set_hash", "")).split(":")[-1][:8] or "nofacts"
-    steps = "" if method == "eap" else f"{steps}{'' if grid == 'right' else '-' + str(grid)}"
+    steps = "" if method in ONE_STEP_METHODS else f"{steps}{'' if grid == 'right' else '-' + str(grid)}"
     return (f"epoch_{epoch}.{method}{steps}.{meta.get('metric')}"
             f".s{meta.get('seed')}.{facts}.safetensors")
 

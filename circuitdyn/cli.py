@@ -567,7 +567,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     facts = _facts(args, run)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
     print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
-          f"{'' if args.method == 'eap' else f' M={args.steps} ({args.ig_grid} rule)'}, metric {args.metric}")
+          f"{'' if args.method in ('eap', 'relp') else f' M={args.steps} ({args.ig_grid} rule)'}, metric {args.metric}")
     results = extract_run(
         run, facts, args.out or circuits_dir(run), epochs, method=args.method, steps=args.steps, metric=args.metric,
         seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float32" if args.float32 else "float16",

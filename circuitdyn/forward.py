@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any, Literal
 
 import einops
@@ -97,14 +98,18 @@ class Norm:
         return cls(kind, None if w is None else w.detach(), None if b is None else b.detach(),
                    float(getattr(module, "eps", eps)))
 
-    def parts(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """(output in `dtype`, x_hat, scale), x_hat and scale in float32 (for the vector-Jacobian product)."""
+    def parts(self, x: Tensor, dtype: torch.dtype, constant_scale: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(output in `dtype`, x_hat, scale), x_hat and scale in float32 (for the vector-Jacobian product).
+        `constant_scale`: the scale is detached (RelP's LN rule: the norm is linear for the backward pass; the
+        centring of a LayerNorm is linear anyway and is kept)."""
         if self.kind == "none":
             return x.to(dtype), x, torch.ones_like(x[..., :1])
         x = x.float()
         if self.kind == "LN":
             x = x - x.mean(-1, keepdim=True)
         scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if constant_scale:
+            scale = scale.detach()
         xhat = x / scale
         out = xhat.to(dtype) if self.w is None else xhat.to(dtype) * self.w.to(dtype)
         if self.b is not None:
@@ -362,11 +367,16 @@ def get_metric(metric: str | Metric) -> Metric:
     return metric if callable(metric) else METRICS[metric_name(metric)]
 
 
-def metric_at_answers(model: Any, resid: Tensor, batch: FactBatch, metric: str | Metric) -> Float[Tensor, " batch"]:
-    """Per-fact metric from the final residual, unembedding only the scored positions."""
+def metric_at_answers(model: Any, resid: Tensor, batch: FactBatch, metric: str | Metric,
+                      relp: bool = False) -> Float[Tensor, " batch"]:
+    """Per-fact metric from the final residual, unembedding only the scored positions (`relp`: with the final
+    norm's scale detached, RelP's LN rule; same value)."""
     b_idx = torch.arange(resid.shape[0], device=resid.device)[:, None]
     rows = resid[b_idx, batch.target_pos]  # [B, T, D]
-    normed = model.ln_final(rows) if hasattr(model, "ln_final") else rows
+    if relp and hasattr(model, "ln_final"):
+        normed = Norm.of(model.ln_final, model.cfg.eps).parts(rows, model.W_U.dtype, constant_scale=True)[0]
+    else:
+        normed = model.ln_final(rows) if hasattr(model, "ln_final") else rows
     logits = model.unembed(normed.to(model.W_U.dtype))
     return get_metric(metric)(logits, batch)
 
@@ -390,32 +400,67 @@ def _rotary(attn: Any, x: Tensor) -> Tensor:
     return torch.cat([x_rot * cos + x_rot.roll(half, dims=-1) * sin, x[..., rd:]], dim=-1)
 
 
-def attend(model: Any, block: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention on [B, P, H, d_head] q/k/v (k/v already per query head); returns z [B, P, H, d_head]."""
+def attend(model: Any, block: Any, q: Tensor, k: Tensor, v: Tensor, relp: bool = False) -> Tensor:
+    """Causal attention on [B, P, H, d_head] q/k/v (k/v already per query head); returns z [B, P, H, d_head].
+    `relp`: the attention pattern is computed without grad (RelP's rule for attention heads: the pattern is a
+    constant of the backward pass, relevance flows through the values only; q and k get no gradient)."""
     if model.cfg.positional_embedding_type == "rotary":
         q = _rotary(block.attn, q)
         k = _rotary(block.attn, k)
+    if relp:
+        with torch.no_grad():
+            P = q.shape[1]
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / block.attn.attn_scale
+            causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
+            pattern = scores.float().masked_fill(~causal, float("-inf")).softmax(-1).to(v.dtype)
+        return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / block.attn.attn_scale
     )
     return z.transpose(1, 2)
 
 
-def mlp(block: Any, layer: LayerWeights, x: Tensor) -> Tensor:
+def mlp(block: Any, layer: LayerWeights, x: Tensor, relp: bool = False) -> Tensor:
     """block.mlp(block.ln2(x)) in the layer weights' dtype, with the transposed weights prepared once in
-    `layer_weights` (TransformerLens copies them per call); `x` is the float32 residual."""
+    `layer_weights` (TransformerLens copies them per call); `x` is the float32 residual.
+
+    `relp`: the same value, with RelP's (LRP) rules in the backward pass: ln2's scale is a constant, the
+    activation passes gradient act(x)/x (`identity_rule`), and a gated MLP's product gate * up passes half the
+    gradient through each factor (`half_rule`)."""
     dtype = layer.W_O.dtype
     assert layer.norm2 is not None
-    n, _, _ = layer.norm2.parts(x, dtype)
+    n, _, _ = layer.norm2.parts(x, dtype, constant_scale=relp)
     if layer.mlp_t is None:  # a layer-norm activation: TransformerLens' module, in the model's dtype
+        if relp:
+            raise CircuitdynError("RelP does not support MLPs with a layer-norm activation (SoLU)")
         return block.mlp(n.to(block.mlp.W_out.dtype)).to(dtype)
     W_gate_t, W_in_t, W_out_t = layer.mlp_t
-    act = block.mlp.act_fn
+    act = partial(identity_rule, block.mlp.act_fn) if relp else block.mlp.act_fn
     if W_gate_t is None:
         post = act(F.linear(n, W_in_t, layer.b_in))
+    elif relp:
+        post = half_rule(act(F.linear(n, W_gate_t)), F.linear(n, W_in_t)) + layer.b_in
     else:
         post = act(F.linear(n, W_gate_t)) * F.linear(n, W_in_t) + layer.b_in
     return F.linear(post, W_out_t, layer.b_out)
+
+
+def identity_rule(act: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """act(x), whose backward pass multiplies by act(x)/x as a constant (LRP's identity rule for an elementwise
+    nonlinearity: act(x) = x * [act(x)/x]); where |x| < 1e-6 the ratio is taken at +-1e-6 (act'(0) in the limit)."""
+    with torch.no_grad():
+        y = act(x)
+        tiny = torch.tensor(1e-6, dtype=x.dtype, device=x.device)
+        small = x.abs() < tiny
+        safe = torch.where(small, torch.where(x < 0, -tiny, tiny), x)
+        ratio = torch.where(small, act(safe), y) / safe
+    return y + (x - x.detach()) * ratio
+
+
+def half_rule(a: Tensor, b: Tensor) -> Tensor:
+    """a * b, whose backward pass sends half the gradient through each factor (LRP's half rule for a product
+    of two inputs): 0.5 (a b' + a' b) with ' = detached, the same value."""
+    return 0.5 * (a * b.detach() + a.detach() * b)
 
 
 def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -432,13 +477,16 @@ def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, layers: list[LayerWeights] | None = None,
-                dtype: torch.dtype | None = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
+                dtype: torch.dtype | None = None, relp: bool = False) -> tuple[Tensor, dict[str, list[Tensor]]]:
     """Forward from the `input` node, keeping what attribution needs; no grad taken here.
 
     Returns the per-fact metric and, per layer, z [B,P,H,dh] and the MLP output [B,P,D], plus (when grad is
     enabled) the tensors to differentiate: q/k/v (pre-rotary), ln1 state, MLP inputs, final residual.
     The residual stream is float32; the blocks compute in the model's dtype, or in `dtype` when given
     (weights cast one layer at a time: a bf16 model's activations in float32 without a float32 copy of it).
+    `relp`: the same values, with the backward pass of RelP's rules (attention pattern and every norm's scale
+    constant, `mlp`'s identity and half rules; the attribution engine's ln1 vector-Jacobian product, which
+    starts from q/k/v, holds the scale constant too). Then q and k have no gradient.
     """
     cfg = model.cfg
     layers = layers or layer_weights(model)
@@ -447,20 +495,20 @@ def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, 
     for block, layer in zip(model.blocks, layers):
         if dtype is not None and dtype != layer.W_qkv.dtype:
             layer = layer.to(dtype)
-        n, xhat, scale = ln1(layer, x)
+        n, xhat, scale = layer.norm1.parts(x, layer.W_qkv.dtype, constant_scale=relp) if relp else ln1(layer, x)
         q, k, v = _qkv(layer, cfg, n)
-        z = attend(model, block, q, k, v)
+        z = attend(model, block, q, k, v, relp)
         for key, val in (("q", q), ("k", k), ("v", v), ("xhat", xhat), ("scale", scale), ("z", z)):
             store[key].append(val)
         x = x + z.flatten(2) @ layer.W_O.flatten(0, 1) + layer.b_O
         if not cfg.attn_only:
             mlp_in = x.clone()
-            m = mlp(block, layer, mlp_in)
+            m = mlp(block, layer, mlp_in, relp)
             store["mlp_in"].append(mlp_in)
             store["mlp_out"].append(m)
             x = x + m
     store["final"] = [x]
-    return metric_at_answers(model, x, batch, metric), store
+    return metric_at_answers(model, x, batch, metric, relp), store
 
 
 def source_outputs(model: Any, x0: Tensor, store: dict[str, list[Tensor]], layers: list[LayerWeights]

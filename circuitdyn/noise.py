@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuitdyn.attribution import DEFAULT_IG_STEPS, Method
+from circuitdyn.attribution import DEFAULT_IG_STEPS, ONE_STEP_METHODS, Method
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.messages import warn
@@ -273,9 +273,9 @@ def measure_replicates(
 
     if not draws:
         raise CircuitdynError("method noise needs at least one checkpoint (noise epochs)")
-    if method == "eap" and family == "estimation":
-        warn("EAP has no IG integral to re-estimate: its 'estimation' replicates differ only for noise-corrupted "
-             "facts, so changes of the others cannot be told from noise (use --family question)")
+    if method in ONE_STEP_METHODS and family == "estimation":
+        warn(f"{method} has no IG integral to re-estimate: its 'estimation' replicates differ only for "
+             "noise-corrupted facts, so changes of the others cannot be told from noise (use --family question)")
     folder = Path(folder) if folder is not None else circuits_dir(run)
     scores = {e: replicate_scores(run, e, facts, ds, folder, method=method, steps=steps, metric=metric,
                                   batch_size=batch_size, progress=progress) for e, ds in draws.items()}

@@ -39,3 +39,20 @@ def test_attribution_benchmark_compares_engine_and_reference_on_one_grid():
     if A.DEFAULT_IG_GRID != bench.GRID:  # the comparison the benchmark used to make, which checked nothing
         default = A.attribute_batch(model, batch, "eap-ig", steps)
         assert float((default - ref).abs().max()) > 1e-4
+
+
+def test_estimators_benchmark_areas_and_tiny_run(monkeypatch, capsys):
+    """benchmarks/estimators.py: CPR / CMD are the areas under faithfulness(k) and |1 - faithfulness(k)| from
+    k = 0 (faithfulness 0) to 1, and `--tiny` runs end to end to the summary line."""
+    bench = _load("estimators")
+    cpr, cmd, cpr_log = bench.areas([0.5, 1.0], [1.0, 1.0])
+    assert abs(cpr - 0.75) < 1e-9 and abs(cmd - 0.25) < 1e-9 and cpr_log == 1.0
+    cpr, cmd, _ = bench.areas([0.5, 1.0], [1.5, 1.0])  # over-faithful: CMD counts the excess too
+    assert abs(cpr - 1.0) < 1e-9 and abs(cmd - 0.5) < 1e-9
+    monkeypatch.setattr("sys.argv", ["estimators.py", "--tiny", "--facts", "2", "--rounds", "1"])
+    bench.main()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    keys = [kv.split("=")[0] for kv in last.split()]
+    assert keys[:5] == ["relp_spearman_vs_exact", "eapig_spearman_vs_exact", "relp_cpr", "eapig_cpr",
+                        "relp_cost_over_eap"]
+    assert all(float(kv.split("=")[1]) == float(kv.split("=")[1]) for kv in last.split())  # no NaN
