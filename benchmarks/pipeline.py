@@ -1,0 +1,138 @@
+"""Faithful circuits at the price of attribution? Per-fact cost of a `faith:0.8` epoch against attribution.
+
+On the embedded SmolLM2-135M-Instruct (chat-templated seed facts, a seeded sample of the packaged probes;
+or random facts on a tiny random Llama-like model with `--tiny`), in batches of B = 8 facts, on one thread:
+
+- attribution: `attribution.attribute` (default EAP-IG: midpoint rule, 3 steps);
+- selection:   `faith:0.8` on those scores: a `faithfulness.CircuitEvaluator` on the batch (clean and
+               corrupted runs) and `selection.smallest_faithful` (exact patched evaluation);
+- replicates:  the method-noise replicates the change test needs at that epoch: 5 attributions on the
+               `shifted` grid with the seeds of `noise.draw_settings("estimation", 5)`, each cut at the
+               fact's circuit size (`top_n_by_fact`, no selection).
+
+Every round runs the three stages on every batch in a rotating order (so load from other processes hits
+them alike); a stage's time per batch is the fastest of the rounds. Then
+(a) = attribution, (b) = attribution + selection, (c) = (b) + replicates, per fact, and
+
+    selection_over_attribution = (b) / (a)       (target <= 1.5: a faithful circuit costs ~ its attribution)
+    pipeline_over_attribution  = (c) / (attribution work in (c), i.e. 1 + 5 attributions)   (target <= 2.5)
+
+(c) / (a) is printed too (`pipeline_over_one_attribution`); it is >= 6 by construction (6 attributions).
+
+    .venv/bin/python benchmarks/pipeline.py --tiny               # seconds, a check that it runs
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py --facts 8 --rounds 2
+
+Last line: `selection_over_attribution=X pipeline_over_attribution=Y pipeline_over_one_attribution=Z
+attribution_s=A selection_s=S replicates_s=R` (the last three: seconds per fact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from circuitdyn.attribution import attribute  # noqa: E402
+from circuitdyn.faithfulness import CircuitEvaluator  # noqa: E402
+from circuitdyn.noise import REPLICATE_GRID, draw_settings  # noqa: E402
+from circuitdyn.probes import FactPrompt  # noqa: E402
+from circuitdyn.selection import Selection, top_n_by_fact  # noqa: E402
+
+B = 8
+"""Facts per batch (attribution's and the evaluator's default)."""
+REPLICATES = 5
+SELECTION = "faith:0.8"
+STAGES = ("attribution", "selection", "replicates")
+
+
+def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
+    """A random Llama-like HookedTransformer (RMSNorm, rotary, gated SiLU MLP, GQA; 2 layers) and n random
+    facts (entity-swap corruption at positions 1 and 2)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=50, d_mlp=48,
+                                  act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+                                  gated_mlp=True, n_key_value_heads=2, final_rms=True, seed=seed,
+                                  original_architecture="LlamaForCausalLM")
+    model = HookedTransformer(cfg, move_to_device=False).eval()
+    gen = torch.Generator().manual_seed(seed)
+    facts = []
+    for i in range(n):
+        clean = torch.randint(1, 50, (5 + i % 4,), generator=gen).tolist()
+        corrupted = list(clean)
+        corrupted[1], corrupted[2] = corrupted[1] % 49 + 1, corrupted[2] * 7 % 49 + 1
+        answer = torch.randint(1, 50, (1,), generator=gen).tolist()
+        facts.append(FactPrompt(f"t{i}", tuple(clean), tuple(corrupted), tuple(answer), "entity"))
+    return model, facts
+
+
+def smollm2_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
+    from circuitdyn.checkpoints import default_model_dir, open_run
+    from circuitdyn.facts import load_facts
+
+    run = open_run(default_model_dir())
+    return run.load_model(0), list(load_facts(None, run.tokenizer(), sample_n=n, seed=seed))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model and random facts (a quick check)")
+    ap.add_argument("--facts", type=int, default=8, help="facts to measure (default 8: one batch)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, facts = (tiny_model_and_facts if args.tiny else smollm2_model_and_facts)(args.facts, args.seed)
+    batches = [facts[i:i + B] for i in range(0, len(facts), B)]
+    draws = draw_settings("estimation", REPLICATES)
+    sel = Selection.parse(SELECTION)
+    print(f"{'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct'}: {len(facts)} facts in "
+          f"{len(batches)} batch(es) of <= {B}, {args.rounds} round(s), {torch.get_num_threads()} thread(s)",
+          flush=True)
+
+    best: dict[str, list[float]] = {s: [float("inf")] * len(batches) for s in STAGES}
+    sizes: list[list[int]] = [[] for _ in batches]
+    for r in range(args.rounds):
+        order = list(STAGES[r % 3:] + STAGES[:r % 3])
+        for j, chunk in enumerate(batches):
+            # selection and replicates need the scores / the circuit sizes: computed (untimed) when absent
+            scores = n = None
+            for stage in order:
+                if stage in ("selection", "replicates") and scores is None:
+                    scores = attribute(model, chunk, seed=args.seed, batch_size=B)
+                if stage == "replicates" and n is None:
+                    ev = CircuitEvaluator(model, chunk, seed=args.seed, batch_size=B)
+                    n = sel.select(scores, ev.graph, ev.faithfulness)[0].sum(1)
+                t = time.perf_counter()
+                if stage == "attribution":
+                    scores = attribute(model, chunk, seed=args.seed, batch_size=B)
+                elif stage == "selection":
+                    ev = CircuitEvaluator(model, chunk, seed=args.seed, batch_size=B)
+                    masks, _ = sel.select(scores, ev.graph, ev.faithfulness)
+                    n = masks.sum(1)
+                else:
+                    for d in draws:
+                        rep = attribute(model, chunk, seed=d.seed, batch_size=B, ig_grid=REPLICATE_GRID)
+                        top_n_by_fact(rep, n)
+                best[stage][j] = min(best[stage][j], time.perf_counter() - t)
+            sizes[j] = [int(k) for k in n]  # type: ignore[union-attr]
+        print(f"round {r + 1}: " + ", ".join(f"{s} {sum(best[s]) / len(facts):.3f} s/fact" for s in STAGES),
+              flush=True)
+    per = {s: sum(best[s]) / len(facts) for s in STAGES}
+    a, b = per["attribution"], per["attribution"] + per["selection"]
+    c = b + per["replicates"]
+    print(f"circuit sizes ({SELECTION}): {[k for s in sizes for k in s]}")
+    print(f"per fact: (a) attribution {a:.3f} s, (b) + selection {b:.3f} s, (c) + {REPLICATES} replicates {c:.3f} s")
+    print(f"selection_over_attribution={b / a:.3f} pipeline_over_attribution={c / (a + per['replicates']):.3f} "
+          f"pipeline_over_one_attribution={c / a:.3f} attribution_s={a:.4f} selection_s={per['selection']:.4f} "
+          f"replicates_s={per['replicates']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
