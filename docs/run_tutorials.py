@@ -1,6 +1,7 @@
 """Execute every tutorial in docs/tutorials/ top to bottom; exit non-zero on the first error.
 
     python docs/run_tutorials.py [NAME ...]     # e.g. 01_quickstart; default: all of them
+    python docs/run_tutorials.py --keep DIR     # also write the executed notebooks (.ipynb) to DIR
 
 Each tutorial (a jupytext percent-format `.py` file) is converted to a notebook with jupytext and executed with
 nbclient on a kernel of this very Python, in a fresh temporary working directory; when jupytext, nbclient or
@@ -59,7 +60,7 @@ def kernel_spec(work: Path) -> str:
     return name
 
 
-def run_notebook(path: Path, work: Path) -> None:
+def run_notebook(path: Path, work: Path, keep: Path | None = None) -> None:
     import jupytext
     from nbclient import NotebookClient
 
@@ -71,12 +72,17 @@ def run_notebook(path: Path, work: Path) -> None:
         client = NotebookClient(nb, timeout=TIMEOUT, kernel_name=kernel_spec(work),
                                 resources={"metadata": {"path": str(work)}})
         client.execute()
+        if keep is not None:
+            import nbformat
+
+            keep.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, keep / f"{path.stem}.ipynb")
     finally:
         os.environ.clear()
         os.environ.update(saved)
 
 
-def run_script(path: Path, work: Path) -> None:
+def run_script(path: Path, work: Path, keep: Path | None = None) -> None:
     subprocess.run([sys.executable, str(path)], cwd=work, env=environment(work), check=True, timeout=TIMEOUT)
 
 
@@ -92,6 +98,11 @@ def notebook_tools() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     names = list(sys.argv[1:] if argv is None else argv)
+    keep = None
+    if "--keep" in names:
+        i = names.index("--keep")
+        keep = Path(names[i + 1]).resolve()
+        del names[i:i + 2]
     notebooks = notebook_tools()
     if not notebooks:
         print("run_tutorials: jupytext/nbclient/ipykernel missing (pip install -e '.[docs]'); running the "
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix=f"circuitdyn-{path.stem}-"))
         start = time.perf_counter()
         try:
-            (run_notebook if notebooks else run_script)(path, work)
+            (run_notebook if notebooks else run_script)(path, work, keep)
         except Exception as exc:  # a cell's error (nbclient.exceptions.CellExecutionError) or the script's
             failed.append(path.name)
             print(f"FAILED {path.name} ({time.perf_counter() - start:.0f} s):\n{exc}", file=sys.stderr)
