@@ -103,4 +103,5 @@ assert cd.load_facts(run).ids == facts.ids  # the run's recorded facts
 # make demo
 # ```
 #
-# Next: [diff and timeline](02_diff_timeline.py) compare these circuits across epochs against method noise.
+# Next: the diff and timeline tutorial (`02_diff_timeline.py`) compares these circuits across epochs against
+# method noise.
