@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok {path.name} ({time.perf_counter() - start:.0f} s, {'notebook' if notebooks else 'script'})")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"tutorials: {len(failed)} failed" if failed else "tutorials: all ran")
+    print(f"tutorials: {len(tutorials(names)) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 
