@@ -44,3 +44,12 @@ def test_api_pages_name_modules_that_exist():
         for line in page.read_text().splitlines():
             if line.startswith("::: "):
                 assert importlib.util.find_spec(line[4:].strip()) is not None, (page.name, line)
+
+
+def test_measuring_change_page_is_the_readme_section():
+    """docs/measuring-change.md copies the README section of that name: edit both, or this fails."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## How circuitdyn measures change")
+    section = readme[start:readme.index("\n## ", start + 3)].strip()
+    page = (REPO / "docs" / "measuring-change.md").read_text().strip()
+    assert page == section.replace("## ", "# ", 1)
