@@ -133,7 +133,8 @@ def is_done(path: Path, want: dict[str, Any], checkpoint_hash: str, overwrite: b
 
 def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
                 method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0,
-                batch_size: int = 8, top_n: int = 1000, store: str = "float16", sparse_top_k: int | None = None,
+                batch_size: int = 8, top_n: int | None = 1000, store: str = "float16",
+                sparse_top_k: int | None = None,
                 extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
                 progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
                 max_memory: int | str | None = None, num_threads: int | None = None, ray: str | None = None,
@@ -142,7 +143,7 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
 
     A file is reused when it holds the same checkpoint content hash and `settings`. Each new file's
     metadata also records the faithfulness of every fact's top-`top_n` circuit (`faithfulness`,
-    `faithfulness_selection`) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
+    `faithfulness_selection`; skipped with `top_n=None`, as for method-noise replicates) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
     faithfulness is only meaningful where they differ clearly. `store`: float16 (scaled per fact, the
     default) or float32 scores; `sparse_top_k`: keep each fact's top-k edges (`CircuitSet.save`).
     `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`. When `facts` is a
@@ -189,10 +190,10 @@ def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
                                   ig_grid=ig_grid, buffer_dtype=buffer_dtype, max_memory=max_memory,
                                   num_threads=num_threads)
             ev = CircuitEvaluator(model, facts, metric, seed, batch_size, NOISE_SCALE)
-            selection = f"top:{top_n}"
-            faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
-            cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
-            cs.meta["faithfulness_selection"] = selection
+            if top_n is not None:
+                faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
+                cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
+                cs.meta["faithfulness_selection"] = f"top:{top_n}"
             cs.meta["m_clean"] = [round(float(v), 6) for v in ev.m_clean.tolist()]
             cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
             cs.save(path, dtype=store, top_k=sparse_top_k)

@@ -110,7 +110,7 @@ def replicate_scores(
     out = []
     for d in draws:
         done = extract_run(run, d.facts(facts), folder, [epoch], method=method, steps=steps, metric=metric, seed=d.seed,
-                           batch_size=batch_size, progress=progress, ig_grid=REPLICATE_GRID)[0]
+                           batch_size=batch_size, progress=progress, ig_grid=REPLICATE_GRID, top_n=None)[0]
         cs = CircuitSet.load(done.path)
         out.append(cs.scores[[cs.index(f) for f in facts.ids]].float())
     return torch.stack(out)
