@@ -153,7 +153,7 @@ def joint_permutation_p(
 
 
 def replicate_distances(
-    scores: Float[Tensor, "rep fact edge"], sizes: Int[Tensor, "fact"]
+    scores: Float[Tensor, "rep fact edge"], sizes: Int[Tensor, " fact"]
 ) -> dict[str, Float[np.ndarray, "fact rep rep"]]:
     """Distances between every pair of replicate circuits of each fact, per statistic of
     `similarity.DISTANCES`: the edge-set distance of the top-`sizes[f]` edges (the fact's circuit size, the

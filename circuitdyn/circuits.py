@@ -151,11 +151,11 @@ class CircuitSet:
                 f"e.g. {self.fact_ids[:3]}"
             ) from None
 
-    def fact(self, fact_id: str) -> Float[Tensor, "edge"]:
+    def fact(self, fact_id: str) -> Float[Tensor, " edge"]:
         """The scores of one fact."""
         return self.scores[self.index(fact_id)]
 
-    def mean(self, fact_ids: list[str] | None = None) -> Float[Tensor, "edge"]:
+    def mean(self, fact_ids: list[str] | None = None) -> Float[Tensor, " edge"]:
         """Aggregate circuit: mean score over all facts (or the given group of facts)."""
         rows = self.scores if fact_ids is None else self.scores[[self.index(f) for f in fact_ids]]
         return rows.float().mean(0)

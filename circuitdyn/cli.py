@@ -964,9 +964,8 @@ def _run_view(args: argparse.Namespace) -> int:
     _output(out, "file", "--out" if args.out else "", args.overwrite)
     labels = {}
     if args.probes:
-        from circuitdyn.probes import load_probes
-
         from circuitdyn.diff import check_facts_match
+        from circuitdyn.probes import load_probes
 
         labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(args.probes)}
         check_facts_match(cs, labels, args.probes, args.file)

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import pandas as pd
 
 from circuitdyn.attribution import DEFAULT_IG_GRID, IGGrid
-from circuitdyn.noise import DEFAULT_REPLICATES
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.noise import DEFAULT_REPLICATES
 
 Pick = Literal["sample", "post-hoc"]
 

@@ -37,13 +37,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuitdyn.attribution import DEFAULT_IG_STEPS, IGGrid
-from circuitdyn.circuits import CircuitSet, setting
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
-from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.change_test import ALPHA, ChangeTest, aggregate_verdict, change_table, compare_replicates
+from circuitdyn.circuits import CircuitSet
+from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
+from circuitdyn.graph import Graph
 from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
+from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.similarity import (
     DISTANCES,
     as_rows,
@@ -133,7 +133,7 @@ def component_shares(graph: Graph, scores: Float[Tensor, "*fact edge"]) -> dict[
 # --------------------------------------------------------------------------- paths
 
 
-def circuit_graph(graph: Graph, scores: Float[Tensor, "edge"], mask: Bool[Tensor, "edge"]) -> nx.DiGraph:
+def circuit_graph(graph: Graph, scores: Float[Tensor, " edge"], mask: Bool[Tensor, " edge"]) -> nx.DiGraph:
     """The selected circuit as a component-level DiGraph; `weight` = |summed port score|."""
     g = graph.to_networkx(scores.float(), mask)
     g.remove_nodes_from([n for n in list(g.nodes) if g.degree(n) == 0])
@@ -200,8 +200,8 @@ class CircuitDiff:
     mask_b: Bool[Tensor, "row edge"]
     band: Float[Tensor, "row edge"]
     """Per edge, the method-noise band of its score (zeros without method noise)."""
-    faith_a: Float[Tensor, "fact"] | None = None
-    faith_b: Float[Tensor, "fact"] | None = None
+    faith_a: Float[Tensor, " fact"] | None = None
+    faith_b: Float[Tensor, " fact"] | None = None
     label_a: str = "A"
     label_b: str = "B"
     k_paths: int = 5
@@ -348,7 +348,7 @@ class CircuitDiff:
         table["included"] = ~out
         return table
 
-    def _changed_frac(self) -> Float[Tensor, "row"]:
+    def _changed_frac(self) -> Float[Tensor, " row"]:
         """Share of the union of both circuits that was added or removed beyond the edges' noise bands."""
         code = self.status_codes
         moved = ((code == STATUSES.index("added")) | (code == STATUSES.index("removed"))).sum(1).float()

@@ -16,14 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxtyping import Bool, Float
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
-
 from tqdm.auto import tqdm
 
-from circuitdyn.attribution import (DEFAULT_IG_GRID, DEFAULT_IG_STEPS, BufferDtype, IGGrid, Method, attribute, check_method, grid_taken,
-                                   steps_taken)
+from circuitdyn.attribution import (
+    DEFAULT_IG_GRID,
+    DEFAULT_IG_STEPS,
+    BufferDtype,
+    IGGrid,
+    Method,
+    attribute,
+    check_method,
+    grid_taken,
+    steps_taken,
+)
 from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.facts import check_context, facts_hash, record_facts
@@ -335,7 +343,7 @@ def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, e
     return results
 
 
-Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, "fact"]]
+Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, " fact"]]
 """(model epoch, circuit set, its per-fact masks) -> faithfulness of each circuit on that epoch's model."""
 
 
@@ -420,7 +428,7 @@ def checkpoint_circuits(
 def select_circuits(
     run: Any, epoch: int, circuits: CircuitSet, selection: str | Selection, facts: Sequence[FactPrompt] | None = None,
     *, cache_dir: str | Path | None = None,
-) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, "fact"] | None]:
+) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
     """Each fact's circuit under `selection` (and, for rules that evaluate on the model, the faithfulness
     reached), for circuits of `run` at `epoch`.
 

@@ -238,7 +238,7 @@ def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: str | 
 
 
 def noise_from_scores(replicates: dict[int, Float[Tensor, "rep fact edge"]], fact_ids: Sequence[str],
-                      sizes: dict[int, Int[Tensor, "fact"]], selection: str | Selection,
+                      sizes: dict[int, Int[Tensor, " fact"]], selection: str | Selection,
                       draws: dict[int, Sequence[Draw]], family: str = DEFAULT_FAMILY) -> MethodNoise:
     """`MethodNoise` from replicate scores per checkpoint key; each replicate's circuit is its top-n edges at
     the size of the fact's selected circuit there (`sizes`), so replicates differ only in their scores."""

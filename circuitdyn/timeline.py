@@ -37,8 +37,6 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuitdyn.attribution import IGGrid, Method
-from circuitdyn.circuits import CircuitSet, find_circuits
-from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
 from circuitdyn.change_test import (
     ALPHA,
     change_table,
@@ -47,8 +45,14 @@ from circuitdyn.change_test import (
     replicate_distances,
     with_fdr,
 )
+from circuitdyn.circuits import CircuitSet, find_circuits
+from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
+from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
+from circuitdyn.graph import Graph
 from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
+from circuitdyn.probes import FactPrompt
+from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.similarity import (
     jaccard,
     rank_rows,
@@ -58,10 +62,6 @@ from circuitdyn.similarity import (
     weighted_jaccard,
 )
 from circuitdyn.stats import Estimate, auc, bootstrap_ci, permutation_test, within_stratum_auc
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
-from circuitdyn.probes import FactPrompt
-from circuitdyn.selection import Faithfulness, Selection
 
 TRANSITIONS = ("retained", "forgotten", "acquired", "unknown")
 """Per (fact, epoch > first): correct before and now / before only / now only / neither."""
@@ -611,10 +611,9 @@ def load_run_timeline(
     filters their metadata) and no method noise is measured. Probe outcomes and loss come from
     `circuitdyn.dynamics` when the run has probe results.
     """
+    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, grid_taken
     from circuitdyn.checkpoints import open_run
     from circuitdyn.extraction import circuits_dir as default_dir
-    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, grid_taken
-    from circuitdyn.circuits import setting
     from circuitdyn.extraction import extract_run, select_circuits
     from circuitdyn.facts import facts_hash
     from circuitdyn.noise import measure_replicates, run_draws

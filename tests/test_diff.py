@@ -13,8 +13,8 @@ import circuitdyn
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, circuit_graph, diff_circuits, strongest_paths
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
 from circuitdyn.faithfulness import gap_ok
+from circuitdyn.graph import Graph
 from circuitdyn.noise import MethodNoise, noise_from_replicates
 from circuitdyn.selection import Selection, smallest_faithful
 from circuitdyn.similarity import rank_biased_overlap, spearman, weighted_jaccard

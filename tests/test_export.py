@@ -14,8 +14,15 @@ import torch
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.cli import main
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.export import (SCHEMA_PATH, from_graph_json, to_csv, to_graph_json, to_graphml,
-                               validate_graph_json, write_graph_json)
+from circuitdyn.export import (
+    SCHEMA_PATH,
+    from_graph_json,
+    to_csv,
+    to_graph_json,
+    to_graphml,
+    validate_graph_json,
+    write_graph_json,
+)
 from circuitdyn.graph import Graph
 from circuitdyn.selection import Selection
 
