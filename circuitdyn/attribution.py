@@ -125,7 +125,8 @@ def ig_nodes(ig_grid: str, steps: int, seed: int = 0, fact_id: str = "") -> tupl
     if ig_grid == "gauss":
         x, w = np.polynomial.legendre.leggauss(m)
         return [float((a + 1) / 2) for a in x], [float(v / 2) for v in w]
-    start = grid_offset(seed, fact_id) if ig_grid == "shifted" else {"right": 1.0, "left": 0.0, "midpoint": 0.5}[ig_grid]
+    offsets = {"right": 1.0, "left": 0.0, "midpoint": 0.5}
+    start = grid_offset(seed, fact_id) if ig_grid == "shifted" else offsets[ig_grid]
     return [(k + start) / m for k in range(m)], [1.0 / m] * m
 
 

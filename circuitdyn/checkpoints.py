@@ -159,8 +159,8 @@ def _adapter_weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
         return [folder / "adapter_model.safetensors"]
     if (folder / "adapter_model.bin").is_file():
         if not allow_pickle:
-            raise CircuitdynError(f"{folder}: the adapter is a pickle file (adapter_model.bin); pickle can run arbitrary "
-                                  "code, so it is refused. Opt in with allow_pickle=True / --allow-pickle.")
+            raise CircuitdynError(f"{folder}: the adapter is a pickle file (adapter_model.bin); pickle can run "
+                                  "arbitrary code, so it is refused. Opt in with allow_pickle=True / --allow-pickle.")
         return [folder / "adapter_model.bin"]
     raise CircuitdynError(f"{folder}: {ADAPTER_CONFIG} but no adapter weights (expected adapter_model.safetensors)")
 
@@ -403,7 +403,8 @@ def check_adapter_fits(ck: Checkpoint) -> None:
             if module is None:
                 raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: the base has no "
                                       f"module {lora.group(1)!r} (different architecture)")
-            want = getattr(module, "in_features", None) if lora.group(2) == "A" else getattr(module, "out_features", None)
+            feature = "in_features" if lora.group(2) == "A" else "out_features"
+            want = getattr(module, feature, None)
             got = shape[1] if lora.group(2) == "A" else shape[0]
             if want is not None and want != got:
                 raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: {lora.group(1)} has "
@@ -829,7 +830,8 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torc
                 epoch_dir = Path(base).expanduser() if base is not None else root / entry["model"]
                 if not (epoch_dir / "config.json").is_file():
                     raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} is the base model "
-                                          f"{entry['model']}, which is not a model folder here; pass it with --base DIR")
+                                          f"{entry['model']}, which is not a model folder here; "
+                                          "pass it with --base DIR")
             if not epoch_dir.is_dir():
                 raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} path '{entry['path']}' does not exist")
             checkpoints[entry["epoch"]] = _checkpoint_in(

@@ -122,5 +122,7 @@ def load_mmlu(path: str | Path) -> list[MMLUItem]:
                 raise ValueError(f"answer {answer} outside the {len(choices)} choices")
             items.append(MMLUItem(str(i), str(rec["question"]), choices, answer, str(rec.get("subject", ""))))
         except (KeyError, TypeError, ValueError) as err:
-            raise CircuitdynError(f"{path}: record {i} is malformed ({err!r}); fields question, choices, answer") from None
+            raise CircuitdynError(
+                f"{path}: record {i} is malformed ({err!r}); fields question, choices, answer"
+            ) from None
     return items

@@ -273,7 +273,9 @@ def resolve_inputs(cfg: CPTConfig) -> tuple[list[Document], list[Probe]]:
         if not docs:
             raise CircuitdynError("empty corpus: the chosen entities' probes have no 'chunk' sentences")
     if not probes:
-        raise CircuitdynError(f"{cfg.corpus}: no probe of {cfg.probes or 'the seed probes'} is about an entity of the corpus")
+        raise CircuitdynError(
+            f"{cfg.corpus}: no probe of {cfg.probes or 'the seed probes'} is about an entity of the corpus"
+        )
     doc_entities = {d.entity for d in docs if d.entity}
     for name in entities(probes):
         if name in doc_entities:
@@ -286,7 +288,9 @@ def resolve_inputs(cfg: CPTConfig) -> tuple[list[Document], list[Probe]]:
     return docs, probes
 
 
-def _tokenize_docs(docs: Sequence[Document], tok: PreTrainedTokenizerBase, max_length: int) -> list[tuple[int, list[int]]]:
+def _tokenize_docs(
+    docs: Sequence[Document], tok: PreTrainedTokenizerBase, max_length: int
+) -> list[tuple[int, list[int]]]:
     """(document index, token ids) windows of at most max_length tokens, EOS-terminated."""
     out = []
     for i, d in enumerate(docs):
@@ -474,7 +478,9 @@ def greedy_with_answers(
     # transformers 5 names the KV cache `cache`; 4.x names it `past_key_values`
     key = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
-    def run(ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, Any]:
+    def run(
+        ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
         return out.last_hidden_state, (out.cache if key == "cache" else out.past_key_values)
 
@@ -605,7 +611,8 @@ def _write_results(epoch_dir: Path, rows: list[dict[str, Any]], control: dict[st
 
     (epoch_dir / PROBE_RESULTS).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     df = pd.DataFrame(rows).assign(epoch=0)
-    (epoch_dir / ENTITY_RESULTS).write_text(json.dumps(entity_results_json(entity_scores_from_probes(df), threshold), indent=1))
+    entity_json = entity_results_json(entity_scores_from_probes(df), threshold)
+    (epoch_dir / ENTITY_RESULTS).write_text(json.dumps(entity_json, indent=1))
     (epoch_dir / CONTROL_RESULTS).write_text(json.dumps(control, indent=1))
 
 
@@ -656,7 +663,9 @@ def _check_out_dir(out: Path, cfg: CPTConfig) -> dict[str, Any] | None:
     if existing.get("created_by", "").split(" ")[0] != "circuitdyn" or theirs != ours:
         diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
         detail = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in diff[:3]) or "not a circuitdyn cpt run"
-        raise CircuitdynError(f"{out}: the output folder already holds a different run ({detail}); choose another --out")
+        raise CircuitdynError(
+            f"{out}: the output folder already holds a different run ({detail}); choose another --out"
+        )
     return existing
 
 
@@ -681,7 +690,8 @@ def _write_manifest(out: Path, base_name: str, cfg: CPTConfig, done: list[int]) 
         info = json.loads((out / f"epoch_{e}" / "epoch.json").read_text())
         epochs.append({"epoch": e, "path": f"epoch_{e}", "step": info["step"], "train_loss": info["train_loss"],
                        "content_hash": info["content_hash"], **({"model": info["model"]} if info.get("model") else {})})
-        history.append({"epoch": e, "learned": info["learned"], "math": info.get("math"), "SocialIQA": info.get("SocialIQA")})
+        history.append({"epoch": e, "learned": info["learned"], "math": info.get("math"),
+                        "SocialIQA": info.get("SocialIQA")})
     write_manifest(out, base_name, epochs, strategy=cfg.strategy, config=asdict(cfg), probe_history=history)
 
 

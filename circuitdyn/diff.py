@@ -506,8 +506,9 @@ class CircuitDiff:
             if isinstance(v, (np.integer, np.bool_)):
                 return v.item()
             return v
-        changes = {f: {r["statistic"]: {k: clean(r[k]) for k in ("distance", "noise_distance", "cross", "effect", "p_value",
-                                                                  "q_value", "n_replicates", "changed_beyond_noise")}
+        keys = ("distance", "noise_distance", "cross", "effect", "p_value", "q_value", "n_replicates",
+                "changed_beyond_noise")
+        changes = {f: {r["statistic"]: {k: clean(r[k]) for k in keys}
                        for _, r in g.iterrows()} for f, g in self.changes.groupby("fact_id", sort=False)}
         return {
             "a": self.label_a, "b": self.label_b,
@@ -584,8 +585,9 @@ def diff_circuits(
     `a` and `b` must share the graph and settings (`CircuitSet.check_compatible`) and the facts
     compared (`fact_ids`, default: all of `a`'s, which `b` must also hold). `noise`: the facts' method
     noise with the replicates of both checkpoints under `noise_keys` (default 0 for a, 1 for b, as
-    `noise.merge_noise` makes them; epochs for the noise of one run), which change is tested against. `faithfulness_a/b` evaluate
-    masks on each set's model and are needed only for rules that evaluate circuits (`faith:`).
+    `noise.merge_noise` makes them; epochs for the noise of one run), which change is tested against.
+    `faithfulness_a/b` evaluate masks on each set's model and are needed only for rules that evaluate
+    circuits (`faith:`).
     `selected`: masks [fact, edge] for `a` and `b` chosen elsewhere (e.g. `extraction.select_circuits`),
     in `fact_ids` order, replacing the rule's own selection; `reached`: the faithfulness each reached.
     `entity_of`: fact id -> entity, the bootstrap's resampling unit (`entity_groups`). `min_gap`: facts whose
@@ -662,8 +664,8 @@ def diff_checkpoints(
     `extraction.circuits_dir`) when cached with the same settings; without, cached circuits are read.
     Rules that evaluate circuits (`faith:`, the default) need checkpoints and probes. With checkpoints,
     probes and `method_noise`, `replicates` draws of the replicate `family` are extracted at each checkpoint
-    (`noise.measure_replicates`) and every change is tested against them (`CircuitDiff.test`). `base`: the base model folder of
-    adapter-only checkpoints (`checkpoints.open_run`).
+    (`noise.measure_replicates`) and every change is tested against them (`CircuitDiff.test`). `base`: the
+    base model folder of adapter-only checkpoints (`checkpoints.open_run`).
     """
     from circuitdyn.checkpoints import resolve
     from circuitdyn.extraction import checkpoint_circuits, heldout_faithfulness, select_circuits

@@ -45,8 +45,9 @@ from circuitdyn.selection import Selection
 SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
 
-def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-                        metric: str = "answer-logprob", seed: int = 0, noise_scale: float = NOISE_SCALE,
+def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig",
+                        steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0,
+                        noise_scale: float = NOISE_SCALE,
                         ig_grid: IGGrid = DEFAULT_IG_GRID) -> dict[str, Any]:
     """The `circuits.SETTINGS` an extraction with these arguments records (known before any work is done)."""
     return {
@@ -269,8 +270,9 @@ def assemble(parts: Sequence[CircuitSet], facts: Sequence[FactPrompt]) -> Circui
 
 
 def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int],
-                   ray: str = "auto", *, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob",
-                   seed: int = 0, batch_size: int = 8, top_n: int = 1000, store: str = "float16",
+                   ray: str = "auto", *, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
+                   metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8, top_n: int = 1000,
+                   store: str = "float16",
                    sparse_top_k: int | None = None, extra_meta: dict[str, Any] | None = None,
                    overwrite: bool = False, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
                    buffer_dtype: BufferDtype = "float32", max_memory: int | str | None = None,
@@ -413,8 +415,8 @@ def checkpoint_circuits(
 
     folder = Path(folder) if folder is not None else circuits_dir(run)
     if facts is not None:
-        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS, metric=metric,
-                           seed=seed, batch_size=batch_size, progress=progress,
+        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS,
+                           metric=metric, seed=seed, batch_size=batch_size, progress=progress,
                            ig_grid=ig_grid or DEFAULT_IG_GRID)[0]
         return CircuitSet.load(done.path)
     if not folder.is_dir():

@@ -131,7 +131,9 @@ class FactSet:
         index = {f.fact_id: f for f in self.facts}
         missing = [f for f in fact_ids if f not in index]
         if missing:
-            raise CircuitdynError(f"{self.source}: no fact with id(s) {missing[:3]} (the facts do not match the circuits)")
+            raise CircuitdynError(
+                f"{self.source}: no fact with id(s) {missing[:3]} (the facts do not match the circuits)"
+            )
         return [index[f] for f in fact_ids]
 
 
@@ -154,8 +156,8 @@ def load_facts(
     `limit` keeps the first N probes, `sample_n` a fixed seeded sample of N, `per_entity` a fixed seeded
     sample of N probes of every entity (file order kept); all are chosen before any outcome is seen.
     `entities` keeps only these entities' probes, `ids` only these probe ids (an unknown one is an error);
-    the swap pool stays the whole probe set either way. `rephrased` adds the seed's rephrased questions (off: they restate
-    the original facts). The corruption's swap pool is the whole probe set.
+    the swap pool stays the whole probe set either way. `rephrased` adds the seed's rephrased questions
+    (off: they restate the original facts). The corruption's swap pool is the whole probe set.
     """
     if limit is not None and limit < 1:
         raise CircuitdynError(f"limit must be >= 1, got {limit}")
@@ -186,7 +188,8 @@ def load_facts(
         chosen = [p for p in chosen if p.id in wanted]
     chosen = sample(chosen, sample_n, seed) if sample_n else chosen
     if per_entity:
-        keep = {p.id for e in entity_names(chosen) for p in sample([q for q in chosen if q.entity == e], per_entity, seed)}
+        keep = {p.id for e in entity_names(chosen)
+                for p in sample([q for q in chosen if q.entity == e], per_entity, seed)}
         chosen = [p for p in chosen if p.id in keep]
     try:
         facts = build_fact_prompts(chosen, tokenizer, template=template, pool=pool)

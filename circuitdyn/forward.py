@@ -269,7 +269,9 @@ def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_sca
         if bad:
             raise CircuitdynError(f"{where}: noise_positions {bad} outside the prompt (length {len(f.clean_tokens)})")
         if get_metric(metric) is logit_diff and f.contrast_token is None:
-            raise CircuitdynError(f"{where}: metric 'logit-diff' needs a contrast_token (the corrupted prompt's answer)")
+            raise CircuitdynError(
+                f"{where}: metric 'logit-diff' needs a contrast_token (the corrupted prompt's answer)"
+            )
         toks = [*f.clean_tokens, *f.corrupted_tokens, *f.answer_tokens]
         if f.contrast_token is not None:
             toks.append(f.contrast_token)
@@ -280,7 +282,9 @@ def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_sca
     B, P, T = len(facts), max(map(len, seqs)), max(len(f.answer_tokens) for f in facts)
     if P > cfg.n_ctx:
         longest = max(facts, key=lambda f: len(f.clean_tokens) + len(f.answer_tokens))
-        raise CircuitdynError(f"fact {longest.fact_id!r} needs {P} positions, more than the model's context {cfg.n_ctx}")
+        raise CircuitdynError(
+            f"fact {longest.fact_id!r} needs {P} positions, more than the model's context {cfg.n_ctx}"
+        )
     clean = torch.zeros(B, P, dtype=torch.long, device="cpu")
     corrupted = torch.zeros(B, P, dtype=torch.long, device="cpu")
     valid = torch.zeros(B, P, dtype=torch.bool, device="cpu")
@@ -476,8 +480,9 @@ def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tens
     return q.reshape(B, P, H, dh), k, v
 
 
-def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, layers: list[LayerWeights] | None = None,
-                dtype: torch.dtype | None = None, relp: bool = False) -> tuple[Tensor, dict[str, list[Tensor]]]:
+def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric,
+                layers: list[LayerWeights] | None = None, dtype: torch.dtype | None = None,
+                relp: bool = False) -> tuple[Tensor, dict[str, list[Tensor]]]:
     """Forward from the `input` node, keeping what attribution needs; no grad taken here.
 
     Returns the per-fact metric and, per layer, z [B,P,H,dh] and the MLP output [B,P,D], plus (when grad is

@@ -88,7 +88,8 @@ class Estimate:
         where = f"n={self.n} in {self.n_groups} {'entity' if self.n_groups == 1 else 'entities'}"
         dropped = f"; undefined on {self.n_dropped} of {self.n_boot} resamples" if self.n_dropped else ""
         if not self.has_interval:
-            return f"{self.value:.3f} ({where}; {self.interval_note}{dropped if self.n_groups >= self.min_groups else ''})"
+            shown = dropped if self.n_groups >= self.min_groups else ""
+            return f"{self.value:.3f} ({where}; {self.interval_note}{shown})"
         return f"{self.value:.3f} [{self.lo:.3f}, {self.hi:.3f}] ({where}{dropped})"
 
 

@@ -92,7 +92,9 @@ def load_task(name_or_path: str | Path) -> Task:
             raise CircuitdynError(f"{path}: field '{key}' is missing")
     template, subjects, answers = data["template"], data["subjects"], data["answers"]
     if not isinstance(template, str) or template.count("{}") != 1:
-        raise CircuitdynError(f"{path}: field 'template' must be a string with exactly one '{{}}' slot, got {template!r}")
+        raise CircuitdynError(
+            f"{path}: field 'template' must be a string with exactly one '{{}}' slot, got {template!r}"
+        )
     for key, values in (("subjects", subjects), ("answers", answers)):
         if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
             raise CircuitdynError(f"{path}: field '{key}' must be a non-empty list of non-empty strings")

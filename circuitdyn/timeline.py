@@ -14,8 +14,8 @@
   previous epoch (retained / forgotten / acquired / unknown), next to the training loss;
 - `stability()`: does a fact's circuit stay put while it is recalled and change when recall flips?
   Reported as the mean distance per transition kind with intervals, the AUC within facts (P(a flipped
-  transition moved more than a retained one of the same fact)) with its interval, and a permutation test stratified by fact, with the
-  numbers of transitions, facts and entities it rests on.
+  transition moved more than a retained one of the same fact)) with its interval, and a permutation test
+  stratified by fact, with the numbers of transitions, facts and entities it rests on.
 
 Facts whose clean-corrupted metric gap is below `faithfulness.MIN_GAP` at an epoch are left out of every
 transition touching that epoch, and counted. Outcomes come from `circuitdyn.dynamics`
@@ -332,7 +332,8 @@ class Timeline:
     def fact(self, fact_id: str) -> pd.DataFrame:
         """The joined table of one fact (or `MEAN`), one row per epoch."""
         if fact_id not in self.rows:
-            raise CircuitdynError(f"unknown fact id {fact_id!r}; the timeline has {len(self.fact_ids)} facts, e.g. {self.fact_ids[:3]}")
+            raise CircuitdynError(f"unknown fact id {fact_id!r}; the timeline has {len(self.fact_ids)} facts, "
+                                  f"e.g. {self.fact_ids[:3]}")
         return self.table[self.table["fact_id"] == fact_id].reset_index(drop=True)
 
     def stability(self, measure: str = "jaccard_prev") -> dict[str, Any]:
@@ -344,8 +345,8 @@ class Timeline:
         `gap_forgotten` = retained minus forgotten only; `auc` = P(a retained transition's similarity >
         a flipped one's) *within a fact*, ties half, averaged over the `auc_n_facts` facts holding both kinds
         weighted by their pairs (`stats.within_stratum_auc`), with its interval over entities (0.5 = no
-        relation; `auc_interval` says why there is none) and `auc_pooled` across facts beside it; `permutation`: a test of
-        retained vs flipped stratified by fact (labels shuffled among one fact's own transitions), with the
+        relation; `auc_interval` says why there is none) and `auc_pooled` across facts beside it; `permutation`:
+        a test of retained vs flipped stratified by fact (labels shuffled among one fact's own transitions), with the
         transitions, facts and entities it rests on.
         """
         if self.outcomes is None:
@@ -607,9 +608,9 @@ def load_run_timeline(
     `extraction.circuits_dir(run)`) holds them with the same settings; rules that evaluate circuits
     (`faith:`) do so on each epoch's model (cached). At `noise_epochs` ("all", the default: every transition
     is tested; "ends" = the first and last epoch; a list; or None) `replicates` draws of the replicate `family`
-    are extracted (`noise.measure_replicates`); a transition between two such epochs is tested against them. Without facts, the cached circuits of one extraction are read (`where`
-    filters their metadata) and no method noise is measured. Probe outcomes and loss come from
-    `circuitdyn.dynamics` when the run has probe results.
+    are extracted (`noise.measure_replicates`); a transition between two such epochs is tested against them.
+    Without facts, the cached circuits of one extraction are read (`where` filters their metadata) and no
+    method noise is measured. Probe outcomes and loss come from `circuitdyn.dynamics` when the run has probe results.
     """
     from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, grid_taken
     from circuitdyn.checkpoints import open_run
@@ -622,7 +623,9 @@ def load_run_timeline(
     folder = Path(circuits_dir) if circuits_dir is not None else default_dir(run)
     sel = Selection.parse(selection)
     if sel.needs_model and facts is None:
-        raise CircuitdynError(f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)")
+        raise CircuitdynError(
+            f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)"
+        )
     _noise_epochs(noise_epochs, run.epochs)  # unknown epochs are refused before any work
     where = {"seed": seed, **(where or {})}
     if facts is not None:
@@ -682,7 +685,9 @@ def _noise_epochs(spec: Sequence[int] | str | None, epochs: list[int]) -> list[i
         try:
             spec = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
-            raise CircuitdynError(f"noise epochs must be 'ends', 'all', 'none' or comma-separated epochs, got {spec!r}") from None
+            raise CircuitdynError(
+                f"noise epochs must be 'ends', 'all', 'none' or comma-separated epochs, got {spec!r}"
+            ) from None
     unknown = [e for e in spec if e not in epochs]
     if unknown:
         raise CircuitdynError(f"noise epoch(s) {unknown} are not epochs of the run ({epochs})")

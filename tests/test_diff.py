@@ -313,8 +313,8 @@ def test_transfer_matrix(tmp_path):
 def write_probes(path, ids):
     import json
 
-    path.write_text("".join(json.dumps({"id": i, "entity": "Ada Lovelace", "question": f"Who is {i}?", "answer": "x"}) + "\n"
-                            for i in ids))
+    path.write_text("".join(json.dumps({"id": i, "entity": "Ada Lovelace", "question": f"Who is {i}?", "answer": "x"})
+                            + "\n" for i in ids))
     return path
 
 
@@ -484,7 +484,8 @@ def test_cli_diff_checkpoints_of_different_architectures(make_run, tmp_path, cap
 
     llama, gpt2 = make_run("llama", 1, name="arch-llama"), make_run("gpt2", 1, name="arch-gpt2")
     probes = write_probes_jsonl(load_probes()[:1], tmp_path / "p.jsonl")
-    args = ["diff", f"{llama}:1", f"{gpt2}:1", "--probes", str(probes), "--method", "eap", "--out", str(tmp_path / "d.html")]
+    args = ["diff", f"{llama}:1", f"{gpt2}:1", "--probes", str(probes), "--method", "eap",
+            "--out", str(tmp_path / "d.html")]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "architecture" in err and "LlamaForCausalLM" in err and "GPT2LMHeadModel" in err
