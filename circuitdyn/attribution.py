@@ -168,6 +168,7 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
     get_metric(metric)
     m = steps_taken(method, steps)
     grid = grid_taken(method, ig_grid)
+    alphas: Sequence[float | Tensor]
     alphas, weights = ig_nodes(grid, m, seed)
     buf = buffer_torch_dtype(buffer_dtype)
     check_supported(model)
@@ -231,12 +232,12 @@ def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[Lay
                 d = (grads[i], grads[L + i], grads[2 * L + i])
                 qkv = (st["q"][i].detach(), st["k"][i].detach(), st["v"][i].detach())
                 acc[i].add(layer, d, qkv, st["xhat"][i].detach(), st["scale"][i].detach(), u)
-                grads[i] = grads[L + i] = grads[2 * L + i] = None
+                grads[i] = grads[L + i] = grads[2 * L + i] = None  # type: ignore[call-overload]  # released
                 for key in ("q", "k", "v", "xhat", "scale"):
                     st[key][i] = None  # type: ignore[call-overload]
             for i in range(len(g_mlp)):
                 g_mlp[i].add_(grads[3 * L + i], alpha=u)
-                grads[3 * L + i] = None
+                grads[3 * L + i] = None  # type: ignore[call-overload]  # released
             g_logits.add_(grads[-1], alpha=u)
         del st, grads
     with torch.no_grad():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from circuitdyn.errors import CircuitdynError
 
@@ -103,7 +104,7 @@ def selection_spec(text: str) -> str:
     return text
 
 
-def _output(path: str, kind: str, flag: str, overwrite: bool = False) -> None:
+def _output(path: str | Path, kind: str, flag: str, overwrite: bool = False) -> None:
     """Check before any work that an output can be written where asked (`circuitdyn.io.check_writable`), and
     that an existing file there is a circuitdyn viewer (regenerated) unless `--overwrite`."""
     from circuitdyn.io import check_writable
@@ -238,7 +239,7 @@ def _run_sweep(args: argparse.Namespace, cfg, strategies: list[str], t0: float) 
     from circuitdyn.sweep import run_sweep
 
     try:
-        seeds = [int(x) for x in _names(args.seeds)] if args.seeds else [args.seed]
+        seeds = [int(x) for x in _names(args.seeds) or []] if args.seeds else [args.seed]
     except ValueError:
         raise CircuitdynError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     runs = run_sweep(cfg, args.out, seeds, strategies, ray=args.ray, max_retries=args.max_retries,

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import FactPrompt, Probe, Template, build_fact_prompts, load_probes, sample
@@ -54,7 +54,7 @@ def check_context(facts: Sequence[FactPrompt], n_ctx: int) -> None:
 
 
 @dataclass(frozen=True)
-class FactSet:
+class FactSet(Sequence[FactPrompt]):
     """Facts ready for attribution, with the probes they come from (entities, questions) and their source."""
 
     facts: tuple[FactPrompt, ...]
@@ -81,10 +81,16 @@ class FactSet:
     def __len__(self) -> int:
         return len(self.facts)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[FactPrompt]:
         return iter(self.facts)
 
-    def __getitem__(self, i: int) -> FactPrompt:
+    @overload
+    def __getitem__(self, i: int) -> FactPrompt: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[FactPrompt, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> FactPrompt | tuple[FactPrompt, ...]:
         return self.facts[i]
 
     @cached_property

@@ -184,7 +184,7 @@ def layer_weights(model: Any) -> list[LayerWeights]:
         mlp = getattr(block, "mlp", None)
         norm2 = None if cfg.attn_only else Norm.of(block.ln2, cfg.eps)
         mlp_t, b_in, b_out = None, None, None
-        if type(mlp).__name__ in ("MLP", "GatedMLP") and not cfg.is_layer_norm_activation():
+        if mlp is not None and type(mlp).__name__ in ("MLP", "GatedMLP") and not cfg.is_layer_norm_activation():
             gate = mlp.W_gate.detach().T.contiguous() if type(mlp).__name__ == "GatedMLP" else None
             mlp_t = (gate, mlp.W_in.detach().T.contiguous(), mlp.W_out.detach().T.contiguous())
             b_in, b_out = mlp.b_in.detach(), mlp.b_out.detach()
@@ -439,13 +439,16 @@ def mlp(block: Any, layer: LayerWeights, x: Tensor, relp: bool = False) -> Tenso
             raise CircuitdynError("RelP does not support MLPs with a layer-norm activation (SoLU)")
         return block.mlp(n.to(block.mlp.W_out.dtype)).to(dtype)
     W_gate_t, W_in_t, W_out_t = layer.mlp_t
+    b_in = layer.b_in
     act = partial(identity_rule, block.mlp.act_fn) if relp else block.mlp.act_fn
     if W_gate_t is None:
-        post = act(F.linear(n, W_in_t, layer.b_in))
+        post = act(F.linear(n, W_in_t, b_in))
     elif relp:
-        post = half_rule(act(F.linear(n, W_gate_t)), F.linear(n, W_in_t)) + layer.b_in
+        post = half_rule(act(F.linear(n, W_gate_t)), F.linear(n, W_in_t))
     else:
-        post = act(F.linear(n, W_gate_t)) * F.linear(n, W_in_t) + layer.b_in
+        post = act(F.linear(n, W_gate_t)) * F.linear(n, W_in_t)
+    if W_gate_t is not None and b_in is not None:
+        post = post + b_in
     return F.linear(post, W_out_t, layer.b_out)
 
 

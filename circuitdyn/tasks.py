@@ -40,6 +40,7 @@ from circuitdyn.probes import DATA_DIR, FactPrompt, read_json, slug
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from circuitdyn.attribution import IGGrid
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.forward import FactBatch
 
@@ -51,7 +52,7 @@ RESULTS_FILE = "results.json"
 PAPER_STEPS = 30
 PAPER_TOP_N = 50_000
 PAPER_RUNS = 5
-PAPER_IG_GRID = "left"
+PAPER_IG_GRID: IGGrid = "left"
 """hannamw/EAP-IG's alpha grid (k/m, k = 0..m-1), which the paper's code uses."""
 
 
@@ -226,7 +227,7 @@ def summarize_runs(baseline: dict[str, float], runs: dict[str, dict[str, float]]
 
 def extract_task(model: Any, task: Task | TaskFacts, steps: int = PAPER_STEPS, top_n: int = PAPER_TOP_N,
                  runs: int = PAPER_RUNS, batch_size: int = 8, meta: dict[str, Any] | None = None,
-                 progress: bool = False, ig_grid: str = PAPER_IG_GRID) -> tuple[CircuitSet, dict[str, Any]]:
+                 progress: bool = False, ig_grid: IGGrid = PAPER_IG_GRID) -> tuple[CircuitSet, dict[str, Any]]:
     """The paper's protocol on one model: the per-prompt scores (run 0's rows, in task order, metric
     `logit-diff`) as a `CircuitSet`, and the results in the paper's `results.json` shape (plus `settings`)."""
     from circuitdyn.attribution import attribute
@@ -293,7 +294,7 @@ def results_path(out_dir: str | Path, epoch: int) -> Path:
 def extract_task_run(run: Any, task: Task, out_dir: str | Path, epochs: Sequence[int] | None = None,
                      steps: int = PAPER_STEPS, top_n: int = PAPER_TOP_N, runs: int = PAPER_RUNS, batch_size: int = 8,
                      overwrite: bool = False, progress: bool = False,
-                     ig_grid: str = PAPER_IG_GRID) -> list[TaskExtracted]:
+                     ig_grid: IGGrid = PAPER_IG_GRID) -> list[TaskExtracted]:
     """The task circuit of every epoch of a `checkpoints.Run`: the circuit file (16 rows for the paper's
     task) under `out_dir`, named like per-fact circuit files, and the epoch's `results.json` in
     `out_dir/epoch_N/`. An epoch whose two files already hold this checkpoint and these settings is reused;

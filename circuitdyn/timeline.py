@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -51,7 +51,6 @@ from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.graph import Graph
 from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
-from circuitdyn.probes import FactPrompt
 from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.similarity import (
     jaccard,
@@ -62,6 +61,10 @@ from circuitdyn.similarity import (
     weighted_jaccard,
 )
 from circuitdyn.stats import Estimate, auc, bootstrap_ci, permutation_test, within_stratum_auc
+
+if TYPE_CHECKING:
+    from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
 
 TRANSITIONS = ("retained", "forgotten", "acquired", "unknown")
 """Per (fact, epoch > first): correct before and now / before only / now only / neither."""
@@ -243,7 +246,7 @@ class Timeline:
         if not len(rows):
             return None
         epochs = [e for e in self.epochs if e in self.noise.replicates]
-        reps = [self.noise.replicates_for(e, self.fact_ids) for e in epochs]
+        reps = [r for e in epochs if (r := self.noise.replicates_for(e, self.fact_ids)) is not None]
         n = len(self.fact_ids)
         sizes = torch.stack([self.masks[e][:n].sum(1).double() for e in epochs]).log().mean(0).exp().round().long()
         dist = replicate_distances(torch.cat(reps), sizes)[statistic]
@@ -584,8 +587,8 @@ def epochs_from_dynamics(dyn: Any) -> pd.DataFrame:
 
 
 def load_run_timeline(
-    run: Any,
-    facts: Sequence[FactPrompt] | None = None,
+    run: Run,
+    facts: FactSet | None = None,
     *,
     selection: str | Selection = DEFAULT_SELECTION,
     circuits_dir: str | Path | None = None,

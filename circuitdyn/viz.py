@@ -138,8 +138,8 @@ def _edge_traces(
     traces: list[dict[str, Any]] = []
     for key in colours:
         shown = False
-        for (k, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][1]):
-            if k != key:
+        for (kind, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][1]):
+            if kind != key:
                 continue
             traces.append({"type": "scatter", "x": xs, "y": ys, "mode": "lines", "opacity": 0.75,
                            "line": {"color": colours[key], "width": width}, "hoverinfo": "skip", "name": key,
