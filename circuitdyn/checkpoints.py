@@ -555,14 +555,15 @@ class Run:
         if ck.kind == "adapter":
             import copy
 
-            return copy.deepcopy(self._adapter_merged(ck)).to(self.device, self.dtype)
+            # transformers types `to` through a decorator that drops its signature
+            return copy.deepcopy(self._adapter_merged(ck)).to(self.device, self.dtype)  # type: ignore[arg-type]
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 ck.path, dtype=self.dtype, local_files_only=True, use_safetensors=not ck.allow_pickle
             )
         except Exception as err:
             raise CircuitdynError(f"{ck.path}: cannot load the model ({err})") from None
-        return model.to(self.device)
+        return model.to(self.device)  # type: ignore[arg-type]  # as above
 
     def load_model(self, epoch: int) -> HookedTransformer:
         """The epoch as a HookedTransformer on `self.device` in `self.dtype` (no LN folding or centering).
@@ -600,8 +601,9 @@ class Run:
         if ck.kind == "adapter":
             hf = self._adapter_merged(ck)
         else:
-            hf = self._hf_skeleton
-            assert hf is not None
+            skeleton = self._hf_skeleton
+            assert skeleton is not None
+            hf = skeleton
             raw = read_weights(files)
             missing, unexpected = hf.load_state_dict(raw, strict=False, assign=True)
             missing = [k for k in missing if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)]
@@ -634,12 +636,12 @@ class Run:
         if self._base_model is None or self._base_model.name_or_path != str(ck.base):
             check_weight_headers(weight_files(ck.base, allow_pickle=ck.allow_pickle))
             try:
-                base = AutoModelForCausalLM.from_pretrained(ck.base, dtype=self.dtype, local_files_only=True,
-                                                            use_safetensors=not ck.allow_pickle)
+                loaded = AutoModelForCausalLM.from_pretrained(ck.base, dtype=self.dtype, local_files_only=True,
+                                                              use_safetensors=not ck.allow_pickle)
             except Exception as err:
                 raise CircuitdynError(f"{ck.base}: cannot load the adapter's base model ({err})") from None
-            self._base_model = base.eval()
-            self._base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+            self._base_model = loaded.eval()
+            self._base_state = {k: v.detach().clone() for k, v in loaded.state_dict().items()}
         base, pristine = self._base_model, self._base_state
         assert pristine is not None
         with torch.no_grad():
