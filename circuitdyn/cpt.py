@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,7 @@ from circuitdyn.probes import (
 )
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from circuitdyn.dynamics import Dynamics
@@ -339,7 +340,8 @@ def _wrap_lora(model: PreTrainedModel, cfg: CPTConfig) -> torch.nn.Module:
                    init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True),
     )
     if cfg.train_embeddings:
-        peft_model.get_base_model().get_input_embeddings().weight.requires_grad_(True)
+        base_model: Any = peft_model.get_base_model()  # peft types it as a plain nn.Module
+        base_model.get_input_embeddings().weight.requires_grad_(True)
     return peft_model
 
 
@@ -349,12 +351,13 @@ def merged_state_dict(train_model: torch.nn.Module, method: str) -> dict[str, to
         return {k: v.detach().clone() for k, v in train_model.state_dict().items()}
     from peft.tuners.lora import LoraLayer
 
-    base = train_model.get_base_model()
+    base: Any = cast("PeftModel", train_model).get_base_model()  # peft types it as a plain nn.Module
     merged: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
             w = module.get_base_layer().weight
-            merged[f"{name}.weight"] = (w + module.get_delta_weight("default")).detach().clone()
+            delta = module.get_delta_weight("default")  # type: ignore[attr-defined]  # on LoraLayer's subclasses
+            merged[f"{name}.weight"] = (w + delta).detach().clone()
     for key, value in base.state_dict().items():
         if "lora_" in key:
             continue
@@ -373,13 +376,14 @@ def save_adapter(train_model: torch.nn.Module, folder: Path, base_dir: Path, emb
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    state = get_peft_model_state_dict(train_model, save_embedding_layers=embeddings)
-    base = train_model.get_base_model()
+    peft_model = cast("PeftModel", train_model)
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=embeddings)
+    base: Any = peft_model.get_base_model()  # peft types it as a plain nn.Module
     out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
     if out_emb is not None and out_emb.weight is in_emb.weight:
         tied = next(f"base_model.model.{n}.weight" for n, m in base.named_modules() if m is out_emb)
         state.pop(tied, None)
-    config = copy.deepcopy(train_model.peft_config["default"])
+    config = copy.deepcopy(peft_model.peft_config["default"])
     config.base_model_name_or_path = str(Path(base_dir).resolve())
     config.inference_mode = True
     folder.mkdir(parents=True, exist_ok=True)
@@ -388,7 +392,7 @@ def save_adapter(train_model: torch.nn.Module, folder: Path, base_dir: Path, emb
               metadata={"format": "pt"})
 
 
-def _load_weights(model: torch.nn.Module, hf_dir: Path) -> None:
+def _load_weights(model: PreTrainedModel, hf_dir: Path) -> None:
     """Copy a saved HF folder's safetensors weights into a model of the same architecture."""
     from safetensors.torch import load_file
 
@@ -574,7 +578,8 @@ class Prober:
             model, prompts, answers, max_new_tokens=max_new, eos_token_id=self.tok.eos_token_id,
             pad_token_id=self.tok.pad_token_id, batch_size=self.cfg.eval_batch_size, progress=self.progress, desc=desc,
         )
-        return [self.tok.decode(g, skip_special_tokens=True).strip() for g in gens], lps
+        texts = [self.tok.decode(g, skip_special_tokens=True) for g in gens]
+        return [t.strip() for t in texts], lps  # type: ignore[union-attr]  # decode of one sequence: a str
 
     def evaluate(self, model: PreTrainedModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-probe rows and the control-probe summary for one model."""
@@ -770,7 +775,8 @@ def _run_cpt(
     if cfg.method == "lora":
         from transformers import AutoModelForCausalLM
 
-        eval_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(device)
+        eval_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True)
+        eval_model = eval_model.to(device)  # type: ignore[arg-type]  # `to` typed through a decorator
         train_model = _wrap_lora(model, cfg)
     else:
         train_model = model
@@ -815,8 +821,8 @@ def _run_cpt(
         log_lines: list[str] = []
         if epoch > 0:
             use = training_windows(windows, docs, cfg.strategy, _learned(last_rows or [], cfg.threshold))
-            trained_entities = sorted({docs[i].entity for i, _ in use if docs[i].entity})
-            ref = None
+            trained_entities = sorted({e for i, _ in use if (e := docs[i].entity)})
+            ref: PreTrainedModel | None = None
             if cfg.strategy in ("stepwise-kl", "pretrain-kl"):
                 from transformers import AutoModelForCausalLM
 
@@ -828,7 +834,7 @@ def _run_cpt(
                     from circuitdyn.checkpoints import open_run
 
                     ref = open_run(out, dtype=dtype).hf_model(ref_epoch)
-                ref = ref.to(device).eval()
+                ref = ref.to(device).eval()  # type: ignore[arg-type]  # `to` typed through a decorator
             gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
             order = torch.randperm(len(use), generator=gen, device="cpu").tolist()
             torch.manual_seed(cfg.seed * 100_003 + epoch)

@@ -121,7 +121,7 @@ def _cr1_halfwidth(v: np.ndarray, inverse: np.ndarray, n_groups: int, level: flo
 
 def mean_ci(
     values: Sequence[float] | np.ndarray,
-    groups: Sequence[Any],
+    groups: Sequence[Any] | np.ndarray,
     *,
     level: float = LEVEL,
     min_groups: int = MIN_ENTITIES,
@@ -186,7 +186,7 @@ def cluster_bootstrap(
 
 def bootstrap_ci(
     values: Sequence[float] | np.ndarray,
-    groups: Sequence[Any],
+    groups: Sequence[Any] | np.ndarray,
     statistic: Callable[[np.ndarray], float] = np.mean,
     *,
     n_boot: int = N_BOOT,
