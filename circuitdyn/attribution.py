@@ -47,7 +47,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -69,6 +69,9 @@ from circuitdyn.forward import (
 )
 from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 Method = Literal["eap", "eap-ig", "relp"]
 METHODS = ("eap", "eap-ig", "relp")
@@ -154,8 +157,9 @@ def default_pass_facts(device: torch.device | str, n_positions: int) -> int | No
     return max(1, PASS_ROWS // max(1, int(n_positions))) if torch.device(device).type == "cpu" else None
 
 
-def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-                    metric: str | Metric = "answer-logprob", ig_grid: IGGrid = DEFAULT_IG_GRID,
+def attribute_batch(model: HookedTransformer, batch: FactBatch, method: Method = "eap-ig",
+                    steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "answer-logprob",
+                    ig_grid: IGGrid = DEFAULT_IG_GRID,
                     buffer_dtype: BufferDtype = "float32", pass_facts: int | None = None,
                     seed: int = 0) -> Float[Tensor, "batch edge"]:
     """Scores [fact, edge] (float32) for one padded batch (see the module docstring for method and sign);
@@ -191,8 +195,8 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
     return out
 
 
-def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[LayerWeights], metric: str | Metric,
-                    alphas: Sequence[float | Tensor], weights: list[float], buf: torch.dtype,
+def _attribute_pass(model: HookedTransformer, batch: FactBatch, graph: Graph, layers: list[LayerWeights],
+                    metric: str | Metric, alphas: Sequence[float | Tensor], weights: list[float], buf: torch.dtype,
                     relp: bool = False) -> Float[Tensor, "batch edge"]:
     """`attribute_batch` for the facts of one pass; an alpha is a number, or one per fact ([fact, 1, 1]);
     `relp`: the gradient with RelP's rules."""
@@ -384,8 +388,9 @@ def _contract(graph: Graph, layers: list[LayerWeights], diffs: _SourceDiffs, acc
     return dense[:, graph.valid.to(device)] / m
 
 
-def attribute(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-              metric: str | Metric = "answer-logprob", seed: int = 0, batch_size: int | None = 8,
+def attribute(model: HookedTransformer, facts: Sequence[FactPrompt], method: Method = "eap-ig",
+              steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "answer-logprob", seed: int = 0,
+              batch_size: int | None = 8,
               noise_scale: float = NOISE_SCALE, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
               buffer_dtype: BufferDtype = "float32", max_memory: int | str | None = None,
               num_threads: int | None = None) -> Float[Tensor, "fact edge"]:

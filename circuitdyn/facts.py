@@ -32,6 +32,8 @@ from circuitdyn.probes import entities as entity_names
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from circuitdyn.checkpoints import Run
+
 
 def facts_hash(facts: Sequence[FactPrompt]) -> str:
     """A content hash of attribution inputs (ids, tokens, answers, corruptions, contrast tokens)."""
@@ -260,7 +262,7 @@ def recorded_facts(folder: str | Path) -> dict[str, Any] | None:
     return _read_facts_file(path) if path.is_file() else None
 
 
-def run_facts(run: Any, *, folder: str | Path | None = None, identity: str | None = None) -> FactSet:
+def run_facts(run: Run, *, folder: str | Path | None = None, identity: str | None = None) -> FactSet:
     """The fact set last extracted for `run` (a `checkpoints.Run` or its folder), rebuilt from the record in its
     circuits folder (`folder`, default `extraction.circuits_dir(run)`); `identity` picks another recorded one.
     A clear error when nothing is recorded, the probe file moved, or it no longer gives the same facts."""
