@@ -20,6 +20,7 @@ from circuitdyn.errors import CircuitdynError
 if TYPE_CHECKING:
     from circuitdyn.attribution import IGGrid, Method
     from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _cached(run: Run, epoch: int, want: dict[str, Any], folder: Path) -> tuple[P
         return path, False
 
 
-def _checkpoint_files(run: Run, epoch: int, facts: Any, folder: Path, draws: Sequence[Any], *, method: Method,
+def _checkpoint_files(run: Run, epoch: int, facts: FactSet, folder: Path, draws: Sequence[Any], *, method: Method,
                       steps: int, metric: str, seed: int, ig_grid: IGGrid) -> dict[Path, bool]:
     """The circuit file of `facts` at one checkpoint and those of its replicates `draws`."""
     from circuitdyn.attribution import steps_taken
@@ -83,8 +84,8 @@ def _checkpoint_files(run: Run, epoch: int, facts: Any, folder: Path, draws: Seq
     return files
 
 
-def timeline_plan(run: Run, facts: Any, folder: str | Path, *, method: Method | None = None, steps: int | None = None,
-                  metric: str = "answer-logprob", seed: int = 0, ig_grid: IGGrid | None = None,
+def timeline_plan(run: Run, facts: FactSet, folder: str | Path, *, method: Method | None = None,
+                  steps: int | None = None, metric: str = "answer-logprob", seed: int = 0, ig_grid: IGGrid | None = None,
                   noise_epochs: Sequence[int] | str | None = "all", family: str | None = None,
                   replicates: int | None = None) -> Plan:
     """The circuit files `timeline.load_run_timeline(run, facts, ...)` with these arguments reads or computes."""
@@ -104,7 +105,7 @@ def timeline_plan(run: Run, facts: Any, folder: str | Path, *, method: Method | 
     return Plan(len(facts), len(run.epochs), "epochs", replicates, len(chosen), files)
 
 
-def diff_plan(sides: Sequence[tuple[Run, int]], facts: Any, folders: Sequence[str | Path], *,
+def diff_plan(sides: Sequence[tuple[Run, int]], facts: FactSet, folders: Sequence[str | Path], *,
               method: Method | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
               ig_grid: IGGrid | None = None, method_noise: bool = True, family: str | None = None,
               replicates: int | None = None) -> Plan:
