@@ -85,9 +85,9 @@ def _checkpoint_files(run: Run, epoch: int, facts: FactSet, folder: Path, draws:
 
 
 def timeline_plan(run: Run, facts: FactSet, folder: str | Path, *, method: Method | None = None,
-                  steps: int | None = None, metric: str = "answer-logprob", seed: int = 0, ig_grid: IGGrid | None = None,
-                  noise_epochs: Sequence[int] | str | None = "all", family: str | None = None,
-                  replicates: int | None = None) -> Plan:
+                  steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
+                  ig_grid: IGGrid | None = None, noise_epochs: Sequence[int] | str | None = "all",
+                  family: str | None = None, replicates: int | None = None) -> Plan:
     """The circuit files `timeline.load_run_timeline(run, facts, ...)` with these arguments reads or computes."""
     from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
     from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, run_draws
