@@ -721,8 +721,8 @@ def diff_checkpoints(
     selected: tuple[Tensor, Tensor] | None = None
     reached: tuple[Tensor, Tensor] | None = None
     heldout: tuple[Tensor, Tensor] | None = None
-    if sel.needs_model:  # both sides are checkpoints: a circuit file was refused above
-        on_model = [(cs, r, e, fs) for cs, r, e, fs in sides if r is not None and e is not None]
+    if sel.needs_model:  # both sides are checkpoints with facts: anything else was refused above
+        on_model = [(cs, r, e, fs) for cs, r, e, fs in sides if r is not None and e is not None and fs is not None]
         picks = [select_circuits(r, e, cs.subset(ids), sel, fs, cache_dir=circuits_dir or default_dir(r))
                  for cs, r, e, fs in on_model]
         selected = (picks[0][0], picks[1][0])

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
 
 SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
@@ -354,7 +355,7 @@ Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor,
 """(model epoch, circuit set, its per-fact masks) -> faithfulness of each circuit on that epoch's model."""
 
 
-def run_evaluator(run: Run, facts: Sequence[Any], metric: str | None = None, seed: int | None = None,
+def run_evaluator(run: Run, facts: Sequence[FactPrompt], metric: str | None = None, seed: int | None = None,
                   batch_size: int = 8) -> Evaluator:
     """An `Evaluator` for `transfer_matrix` on a `checkpoints.Run`: loads the model epoch (weights are
     swapped in place) and evaluates circuits with `circuitdyn.faithfulness.CircuitEvaluator` on the facts
@@ -382,7 +383,7 @@ def run_evaluator(run: Run, facts: Sequence[Any], metric: str | None = None, see
     return evaluate
 
 
-def heldout_faithfulness(run: Run, epoch: int, circuits: CircuitSet, masks: Tensor, facts: Any) -> Tensor:
+def heldout_faithfulness(run: Run, epoch: int, circuits: CircuitSet, masks: Tensor, facts: FactSet) -> Tensor:
     """Faithfulness of circuits selected on the facts' own corruption (e.g. `pruned:F`, pruned and scored on
     it), evaluated on another corruption of the same kind they were not fitted to: the next valid swap partner
     (`FactSet.with_variant(1)`), or a new noise draw for noise-corrupted facts. NaN for a fact whose only valid
