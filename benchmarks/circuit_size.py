@@ -64,8 +64,8 @@ def main() -> None:
     gaps = (probe.m_clean - probe.m_corr).tolist()
     kept = [i for i, g in enumerate(gaps) if abs(g) >= args.min_gap]
     excluded = [f"{sample[i].fact_id} ({gaps[i]:.2f})" for i in range(len(sample)) if i not in kept]
-    print(f"{len(sample)} facts, {len(excluded)} excluded for |gap| < {args.min_gap:g} nats: {', '.join(excluded) or '-'}",
-          flush=True)
+    print(f"{len(sample)} facts, {len(excluded)} excluded for |gap| < {args.min_gap:g} nats: "
+          f"{', '.join(excluded) or '-'}", flush=True)
     if not kept:
         raise SystemExit("no fact left to measure")
     facts = [sample[i] for i in kept]

@@ -4,16 +4,17 @@
    plus small noise; N seed facts; EAP-IG M steps) extracted with `extract_run(...)` and with
    `extract_run(..., ray="auto")` on a local cluster of this machine's CPUs, alternately, each into a fresh
    folder; ray_over_local is the median over rounds of the ratio within a round (a round runs both back to
-   back, so load from other jobs hits both alike), ray_over_local_of_medians the ratio of the medians. The cluster is started once before the timing (its start-up time is
-   printed as ray_startup_s); one untimed round of each warms up the files and Ray's workers. Ray runs one
-   task per CPU with one thread each; the local run uses `--threads` torch threads (default 1: on this
-   shared 2-core machine two OpenMP threads ran one epoch 8x slower than one, 160 s vs. 21 s, because other
-   jobs keep a core busy and the threads wait on each other). Alongside, ray_over_local_one_task times epoch 0
-   as a single Ray task against the same epoch locally: what Ray costs without the parallelism it buys (a
-   worker, its own model load, the shard written and assembled). Ray starts its workers
-   at niceness 15 (they yield to every other process); on a machine shared with other jobs that measures the
-   other jobs, not Ray, so the cluster here runs them at niceness 0 like the local run (`worker_niceness`).
-   Scores are checked equal (max_abs_diff). Target: ray_over_local <= 1.3 on 2 CPUs.
+   back, so load from other jobs hits both alike), ray_over_local_of_medians the ratio of the medians. The
+   cluster is started once before the timing (its start-up time is printed as ray_startup_s); one untimed
+   round of each warms up the files and Ray's workers. Ray runs one task per CPU with one thread each; the
+   local run uses `--threads` torch threads (default 1: on this shared 2-core machine two OpenMP threads ran
+   one epoch 8x slower than one, 160 s vs. 21 s, because other jobs keep a core busy and the threads wait on
+   each other). Alongside, ray_over_local_one_task times epoch 0 as a single Ray task against the same epoch
+   locally: what Ray costs without the parallelism it buys (a worker, its own model load, the shard written
+   and assembled). Ray starts its workers at niceness 15 (they yield to every other process); on a machine
+   shared with other jobs that measures the other jobs, not Ray, so the cluster here runs them at niceness 0
+   like the local run (`worker_niceness`). Scores are checked equal (max_abs_diff). Target: ray_over_local
+   <= 1.3 on 2 CPUs.
 2. Cost model: from the local rounds, the measured cost of one task's model load (open_run + load_model,
    timed apart) and of one fact (attribution + faithfulness of its top-1000 circuit, per fact) on this
    machine (at --steps; scaled to --table-steps by FLOPs), and the measured bytes per fact of a dense float32
@@ -28,10 +29,11 @@
    splits them (`default_shard_size`) and run in whole rounds. Storage is computed from the file format
    (`circuitdyn.circuits`) and each model's edge count.
 
-Last line: `ray_over_local=X ray_over_local_one_task=Y ray_over_local_of_medians=Z local_s=.. ray_s=.. ray_startup_s=.. max_abs_diff=..
-fact_s=.. load_s=.. bytes_per_fact=..`.
+Last line: `ray_over_local=X ray_over_local_one_task=Y ray_over_local_of_medians=Z local_s=.. ray_s=..
+ray_startup_s=.. max_abs_diff=.. fact_s=.. load_s=.. bytes_per_fact=..`.
 
-    .venv/bin/python benchmarks/scale.py [--facts 4] [--steps 2] [--batch-size 2] [--repeats 3] [--table [--table-steps 5]]
+    .venv/bin/python benchmarks/scale.py [--facts 4] [--steps 2] [--batch-size 2] [--repeats 3] \\
+        [--table [--table-steps 5]]
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def batching(big: int, repeats: int, tmp: Path, default_threads: bool = True) ->
         return statistics.median(r[key] for r in runs[(threads, b)])
 
     for threads in sorted({t for t, _ in runs}):
-        print(f"threads {threads}: B={big} over B=1 per fact: wall {med(threads, big, 'wall_per_fact') / med(threads, 1, 'wall_per_fact'):.2f}, "
+        wall = med(threads, big, "wall_per_fact") / med(threads, 1, "wall_per_fact")
+        print(f"threads {threads}: B={big} over B=1 per fact: wall {wall:.2f}, "
               f"CPU {med(threads, big, 'cpu_per_fact') / med(threads, 1, 'cpu_per_fact'):.2f}")
     # CPU seconds at one thread: the work per fact, unmoved by other jobs on a shared CPU (wall-clock printed above)
     x = med(1, big, "cpu_per_fact") / med(1, 1, "cpu_per_fact")
@@ -128,7 +129,8 @@ def storage(scores_path: Path, tmp: Path) -> float:
     old = F * E * 4 + len(json.dumps(edges))
     print(f"storage: {F} facts x {E} edges: float16 {path.stat().st_size / 1e6:.2f} MB ({z:.3f} bytes/fact/edge; "
           f"format 1 float32: {old / 1e6:.2f} MB); Spearman vs float32 min {float(rho.min()):.6f} median "
-          f"{float(rho.median()):.6f}; sparse k=1000: {(tmp / 'sparse.safetensors').stat().st_size / F / 1e3:.1f} KB/fact, "
+          f"{float(rho.median()):.6f}; "
+          f"sparse k=1000: {(tmp / 'sparse.safetensors').stat().st_size / F / 1e3:.1f} KB/fact, "
           f"keeps {statistics.median(mass):.1%} of score mass (median, min {min(mass):.1%})")
     return z
 
@@ -166,7 +168,8 @@ def quadrature(ms: list[int], n_facts: int) -> float:
     def of_noise(k: tuple[str, int]) -> float:
         return float(np.median(err[k]["weighted_jaccard"][measured] / noise["weighted_jaccard"][measured]))
 
-    print(f"  {'rule':>8} {'m':>3} {'passes':>6} {'w-jaccard':>9} {'1-spearman':>10} {'top-200 edges':>13} {'err/noise':>9}")
+    print(f"  {'rule':>8} {'m':>3} {'passes':>6} {'w-jaccard':>9} {'1-spearman':>10} {'top-200 edges':>13} "
+          f"{'err/noise':>9}")
     for m in ms:
         for grid in IG_GRIDS:
             err[grid, m] = dist(ig(facts, grid, m), ref)
@@ -212,7 +215,8 @@ def main() -> None:
     t = time.perf_counter()
     q = quadrature([2, 3] if args.quick else [2, 3, 5, 10], 4)
     print(f"quadrature {time.perf_counter() - t:.0f}s")
-    print(f"b32_over_b1_per_fact={x:.2f} mib_per_fact={y:.0f} bytes_per_fact_edge={z:.3f} quadrature_error_ratio={q:.2f}")
+    print(f"b32_over_b1_per_fact={x:.2f} mib_per_fact={y:.0f} bytes_per_fact_edge={z:.3f} "
+          f"quadrature_error_ratio={q:.2f}")
 
 
 if __name__ == "__main__":

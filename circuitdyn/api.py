@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from circuitdyn.facts import FactSet
 
 
-def _run(run: Any) -> Run:
+def _run(run: str | Path | Run) -> Run:
     from circuitdyn.checkpoints import open_run
 
     return open_run(run) if isinstance(run, (str, Path)) else run
@@ -57,7 +57,8 @@ def load_facts(probes: Any = None, tokenizer: Any = None, **options: Any) -> Fac
     return facts_mod.load_facts(probes, tokenizer, **options)
 
 
-def extract(run: Any, facts: Any = None, *, out: str | Path | None = None, epochs: Sequence[int] | None = None,
+def extract(run: str | Path | Run, facts: FactSet | str | Path | None = None, *,
+            out: str | Path | None = None, epochs: Sequence[int] | None = None,
             **kwargs: Any) -> dict[int, CircuitSet]:
     """Per-fact circuits at every epoch of `run` (a `Run` or its folder), as {epoch: CircuitSet}.
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -69,6 +69,9 @@ from circuitdyn.forward import (
 )
 from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 Method = Literal["eap", "eap-ig", "relp"]
 METHODS = ("eap", "eap-ig", "relp")
@@ -125,7 +128,8 @@ def ig_nodes(ig_grid: str, steps: int, seed: int = 0, fact_id: str = "") -> tupl
     if ig_grid == "gauss":
         x, w = np.polynomial.legendre.leggauss(m)
         return [float((a + 1) / 2) for a in x], [float(v / 2) for v in w]
-    start = grid_offset(seed, fact_id) if ig_grid == "shifted" else {"right": 1.0, "left": 0.0, "midpoint": 0.5}[ig_grid]
+    offsets = {"right": 1.0, "left": 0.0, "midpoint": 0.5}
+    start = grid_offset(seed, fact_id) if ig_grid == "shifted" else offsets[ig_grid]
     return [(k + start) / m for k in range(m)], [1.0 / m] * m
 
 
@@ -153,8 +157,9 @@ def default_pass_facts(device: torch.device | str, n_positions: int) -> int | No
     return max(1, PASS_ROWS // max(1, int(n_positions))) if torch.device(device).type == "cpu" else None
 
 
-def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-                    metric: str | Metric = "answer-logprob", ig_grid: IGGrid = DEFAULT_IG_GRID,
+def attribute_batch(model: HookedTransformer, batch: FactBatch, method: Method = "eap-ig",
+                    steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "answer-logprob",
+                    ig_grid: IGGrid = DEFAULT_IG_GRID,
                     buffer_dtype: BufferDtype = "float32", pass_facts: int | None = None,
                     seed: int = 0) -> Float[Tensor, "batch edge"]:
     """Scores [fact, edge] (float32) for one padded batch (see the module docstring for method and sign);
@@ -167,6 +172,7 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
     get_metric(metric)
     m = steps_taken(method, steps)
     grid = grid_taken(method, ig_grid)
+    alphas: Sequence[float | Tensor]
     alphas, weights = ig_nodes(grid, m, seed)
     buf = buffer_torch_dtype(buffer_dtype)
     check_supported(model)
@@ -189,8 +195,8 @@ def attribute_batch(model: Any, batch: FactBatch, method: Method = "eap-ig", ste
     return out
 
 
-def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[LayerWeights], metric: str | Metric,
-                    alphas: Sequence[float | Tensor], weights: list[float], buf: torch.dtype,
+def _attribute_pass(model: HookedTransformer, batch: FactBatch, graph: Graph, layers: list[LayerWeights],
+                    metric: str | Metric, alphas: Sequence[float | Tensor], weights: list[float], buf: torch.dtype,
                     relp: bool = False) -> Float[Tensor, "batch edge"]:
     """`attribute_batch` for the facts of one pass; an alpha is a number, or one per fact ([fact, 1, 1]);
     `relp`: the gradient with RelP's rules."""
@@ -230,12 +236,12 @@ def _attribute_pass(model: Any, batch: FactBatch, graph: Graph, layers: list[Lay
                 d = (grads[i], grads[L + i], grads[2 * L + i])
                 qkv = (st["q"][i].detach(), st["k"][i].detach(), st["v"][i].detach())
                 acc[i].add(layer, d, qkv, st["xhat"][i].detach(), st["scale"][i].detach(), u)
-                grads[i] = grads[L + i] = grads[2 * L + i] = None
+                grads[i] = grads[L + i] = grads[2 * L + i] = None  # type: ignore[call-overload]  # released
                 for key in ("q", "k", "v", "xhat", "scale"):
                     st[key][i] = None  # type: ignore[call-overload]
             for i in range(len(g_mlp)):
                 g_mlp[i].add_(grads[3 * L + i], alpha=u)
-                grads[3 * L + i] = None
+                grads[3 * L + i] = None  # type: ignore[call-overload]  # released
             g_logits.add_(grads[-1], alpha=u)
         del st, grads
     with torch.no_grad():
@@ -382,8 +388,9 @@ def _contract(graph: Graph, layers: list[LayerWeights], diffs: _SourceDiffs, acc
     return dense[:, graph.valid.to(device)] / m
 
 
-def attribute(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-              metric: str | Metric = "answer-logprob", seed: int = 0, batch_size: int | None = 8,
+def attribute(model: HookedTransformer, facts: Sequence[FactPrompt], method: Method = "eap-ig",
+              steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "answer-logprob", seed: int = 0,
+              batch_size: int | None = 8,
               noise_scale: float = NOISE_SCALE, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
               buffer_dtype: BufferDtype = "float32", max_memory: int | str | None = None,
               num_threads: int | None = None) -> Float[Tensor, "fact edge"]:

@@ -239,13 +239,14 @@ def _planted_component(graph: Any, scores: Tensor, plant: Plant) -> tuple[str, i
 def _scaled(model: HookedTransformer, plant: Plant, layer: int, head: int | None, factor: float
             ) -> Callable[[], None]:
     """Scale one component's output weights in place; returns the function that restores them."""
+    block: Any = model.blocks[layer]  # nn.ModuleList items are typed as plain Module
     if plant == "mlp":
-        params = [model.blocks[layer].mlp.W_out, model.blocks[layer].mlp.b_out]
+        params = [block.mlp.W_out, block.mlp.b_out]
         saved = [p.detach().clone() for p in params]
         for p in params:
             p.data.mul_(factor)
     else:
-        params = [model.blocks[layer].attn.W_O]
+        params = [block.attn.W_O]
         saved = [params[0].detach().clone()]
         params[0].data[head].mul_(factor)
 
@@ -364,10 +365,10 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
         picks = np.stack([rng.permutation(2 * r * k)[:2 * r] for _ in range(n_facts)])
         for stat in DISTANCES:
             d = pool_dist[stat][np.arange(n_facts)[:, None, None], picks[:, :, None], picks[:, None, :]]
-            effects = split_effects(d, splits(r, r))
+            split = split_effects(d, splits(r, r))
             tested = np.flatnonzero(included & ~np.isnan(d).any(axis=(1, 2)))
-            p = aggregate_p([effects[i] for i in tested], n_perm=1000, seed=int(rng.integers(1 << 31)))
-            agg_fire[stat] += p <= ALPHA and float(effects[tested, 0].mean()) > 0
+            p = aggregate_p([split[i] for i in tested], n_perm=1000, seed=int(rng.integers(1 << 31)))
+            agg_fire[stat] += p <= ALPHA and float(split[tested, 0].mean()) > 0
 
     # planted changes of known size, each against the first r null replicates
     model = run.load_model(epoch)
@@ -402,9 +403,10 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     planted_effect = test.statistic(PRIMARY)["effect"].to_numpy(float)[included]
     coverage += _coverage(planted_effect, inc_entities, s.entity_counts, f"planted x{1 - s.strengths[-1]:g} effects",
                           s.seed + 1)
-    per_statistic = {stat: {"fact_fpr": rate(int((np.asarray(null_p[stat]) <= ALPHA).sum()), len(null_p[stat])),
-                            "aggregate_fpr": rate(agg_fire[stat], AGGREGATE_ROUNDS), "power": per_stat_power[stat]}
-                     for stat in DISTANCES}
+    per_statistic: dict[str, dict[str, Any]] = {
+        stat: {"fact_fpr": rate(int((np.asarray(null_p[stat]) <= ALPHA).sum()), len(null_p[stat])),
+               "aggregate_fpr": rate(agg_fire[stat], AGGREGATE_ROUNDS), "power": per_stat_power[stat]}
+        for stat in DISTANCES}
     return Calibration(
         f"{run.path}:{epoch}", s, n_all, n_tested, len(set(inc_entities)), PRIMARY,
         per_statistic[PRIMARY]["fact_fpr"], rate(any_flag, k), per_statistic[PRIMARY]["aggregate_fpr"], power,

@@ -153,7 +153,7 @@ def joint_permutation_p(
 
 
 def replicate_distances(
-    scores: Float[Tensor, "rep fact edge"], sizes: Int[Tensor, "fact"]
+    scores: Float[Tensor, "rep fact edge"], sizes: Int[Tensor, " fact"]
 ) -> dict[str, Float[np.ndarray, "fact rep rep"]]:
     """Distances between every pair of replicate circuits of each fact, per statistic of
     `similarity.DISTANCES`: the edge-set distance of the top-`sizes[f]` edges (the fact's circuit size, the
@@ -305,7 +305,7 @@ def aggregate_verdict(
     over entities, the stratified permutation p of the summed effect, and whether it clears `alpha` in the
     direction of change (a positive effect)."""
     rows = table[table["p_value"].notna()]
-    groups = [entities[i] for i in np.flatnonzero(table["p_value"].notna().to_numpy())]
+    groups = [entities[int(i)] for i in np.flatnonzero(table["p_value"].notna().to_numpy())]
     est = bootstrap_ci(rows["effect"].to_numpy(float), groups)
     p = aggregate_p(effects, seed=seed)
     return {"effect": est.to_dict(), "p_value": None if np.isnan(p) else round(p, 6), "n_tested": int(len(rows)),

@@ -159,8 +159,8 @@ def _adapter_weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
         return [folder / "adapter_model.safetensors"]
     if (folder / "adapter_model.bin").is_file():
         if not allow_pickle:
-            raise CircuitdynError(f"{folder}: the adapter is a pickle file (adapter_model.bin); pickle can run arbitrary "
-                                  "code, so it is refused. Opt in with allow_pickle=True / --allow-pickle.")
+            raise CircuitdynError(f"{folder}: the adapter is a pickle file (adapter_model.bin); pickle can run "
+                                  "arbitrary code, so it is refused. Opt in with allow_pickle=True / --allow-pickle.")
         return [folder / "adapter_model.bin"]
     raise CircuitdynError(f"{folder}: {ADAPTER_CONFIG} but no adapter weights (expected adapter_model.safetensors)")
 
@@ -403,7 +403,8 @@ def check_adapter_fits(ck: Checkpoint) -> None:
             if module is None:
                 raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: the base has no "
                                       f"module {lora.group(1)!r} (different architecture)")
-            want = getattr(module, "in_features", None) if lora.group(2) == "A" else getattr(module, "out_features", None)
+            feature = "in_features" if lora.group(2) == "A" else "out_features"
+            want = getattr(module, feature, None)
             got = shape[1] if lora.group(2) == "A" else shape[0]
             if want is not None and want != got:
                 raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: {lora.group(1)} has "
@@ -554,14 +555,15 @@ class Run:
         if ck.kind == "adapter":
             import copy
 
-            return copy.deepcopy(self._adapter_merged(ck)).to(self.device, self.dtype)
+            # transformers types `to` through a decorator that drops its signature
+            return copy.deepcopy(self._adapter_merged(ck)).to(self.device, self.dtype)  # type: ignore[arg-type]
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 ck.path, dtype=self.dtype, local_files_only=True, use_safetensors=not ck.allow_pickle
             )
         except Exception as err:
             raise CircuitdynError(f"{ck.path}: cannot load the model ({err})") from None
-        return model.to(self.device)
+        return model.to(self.device)  # type: ignore[arg-type]  # as above
 
     def load_model(self, epoch: int) -> HookedTransformer:
         """The epoch as a HookedTransformer on `self.device` in `self.dtype` (no LN folding or centering).
@@ -599,8 +601,9 @@ class Run:
         if ck.kind == "adapter":
             hf = self._adapter_merged(ck)
         else:
-            hf = self._hf_skeleton
-            assert hf is not None
+            skeleton = self._hf_skeleton
+            assert skeleton is not None
+            hf = skeleton
             raw = read_weights(files)
             missing, unexpected = hf.load_state_dict(raw, strict=False, assign=True)
             missing = [k for k in missing if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)]
@@ -633,12 +636,12 @@ class Run:
         if self._base_model is None or self._base_model.name_or_path != str(ck.base):
             check_weight_headers(weight_files(ck.base, allow_pickle=ck.allow_pickle))
             try:
-                base = AutoModelForCausalLM.from_pretrained(ck.base, dtype=self.dtype, local_files_only=True,
-                                                            use_safetensors=not ck.allow_pickle)
+                loaded = AutoModelForCausalLM.from_pretrained(ck.base, dtype=self.dtype, local_files_only=True,
+                                                              use_safetensors=not ck.allow_pickle)
             except Exception as err:
                 raise CircuitdynError(f"{ck.base}: cannot load the adapter's base model ({err})") from None
-            self._base_model = base.eval()
-            self._base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+            self._base_model = loaded.eval()
+            self._base_state = {k: v.detach().clone() for k, v in loaded.state_dict().items()}
         base, pristine = self._base_model, self._base_state
         assert pristine is not None
         with torch.no_grad():
@@ -829,7 +832,8 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torc
                 epoch_dir = Path(base).expanduser() if base is not None else root / entry["model"]
                 if not (epoch_dir / "config.json").is_file():
                     raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} is the base model "
-                                          f"{entry['model']}, which is not a model folder here; pass it with --base DIR")
+                                          f"{entry['model']}, which is not a model folder here; "
+                                          "pass it with --base DIR")
             if not epoch_dir.is_dir():
                 raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} path '{entry['path']}' does not exist")
             checkpoints[entry["epoch"]] = _checkpoint_in(

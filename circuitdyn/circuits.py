@@ -151,11 +151,11 @@ class CircuitSet:
                 f"e.g. {self.fact_ids[:3]}"
             ) from None
 
-    def fact(self, fact_id: str) -> Float[Tensor, "edge"]:
+    def fact(self, fact_id: str) -> Float[Tensor, " edge"]:
         """The scores of one fact."""
         return self.scores[self.index(fact_id)]
 
-    def mean(self, fact_ids: list[str] | None = None) -> Float[Tensor, "edge"]:
+    def mean(self, fact_ids: list[str] | None = None) -> Float[Tensor, " edge"]:
         """Aggregate circuit: mean score over all facts (or the given group of facts)."""
         rows = self.scores if fact_ids is None else self.scores[[self.index(f) for f in fact_ids]]
         return rows.float().mean(0)
@@ -231,7 +231,9 @@ class CircuitSet:
             else:
                 i = next(i for i, (a, b) in enumerate(zip(self.edges, other.edges)) if a != b)
                 what = f"edge {i} is {self.edges[i]!r} vs {other.edges[i]!r}"
-            raise CircuitdynError(f"circuit sets have different graphs ({what}); they come from different architectures")
+            raise CircuitdynError(
+                f"circuit sets have different graphs ({what}); they come from different architectures"
+            )
         differ = settings_mismatch(self.meta, other.meta)
         if differ:
             raise CircuitdynError(f"circuit sets differ in setting {differ}")
@@ -416,10 +418,12 @@ def find_circuits(
         best = max(groups.values(), key=lambda g: sum(e in g for e in wanted))
         missing = [e for e in wanted if e not in best]
         raise CircuitdynError(
-            f"{folder}: no circuits for epoch(s) {missing}{what} (have epochs {have}); run `circuitdyn extract` for them"
+            f"{folder}: no circuits for epoch(s) {missing}{what} (have epochs {have}); "
+            "run `circuitdyn extract` for them"
         )
     if len(fitting) > 1:
-        options = "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(key).items() if k in ("method", "ig_steps", "metric"))
+        shown = ("method", "ig_steps", "metric")
+        options = "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(key).items() if k in shown)
                             for key in fitting)
         raise CircuitdynError(f"{folder}: several circuit files for epoch {wanted[0]} with different settings "
                               f"({options}); choose with --method / --steps")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from circuitdyn.errors import CircuitdynError
 
@@ -103,7 +104,7 @@ def selection_spec(text: str) -> str:
     return text
 
 
-def _output(path: str, kind: str, flag: str, overwrite: bool = False) -> None:
+def _output(path: str | Path, kind: str, flag: str, overwrite: bool = False) -> None:
     """Check before any work that an output can be written where asked (`circuitdyn.io.check_writable`), and
     that an existing file there is a circuitdyn viewer (regenerated) unless `--overwrite`."""
     from circuitdyn.io import check_writable
@@ -140,7 +141,8 @@ def _run_info(args: argparse.Namespace) -> int:
           f"({kv} KV heads), d_model {info['d_model']}, d_head {info['d_head']}, d_mlp {info['d_mlp']}, "
           f"vocab {info['d_vocab']}, {info['normalization']} norm, {info['positional_embedding']} positions")
     tok = info["tokenizer"]
-    print(f"tokenizer    {tok['class']} ({tok['vocab_size']} tokens, chat template: {'yes' if tok['chat_template'] else 'no'})")
+    chat = "yes" if tok["chat_template"] else "no"
+    print(f"tokenizer    {tok['class']} ({tok['vocab_size']} tokens, chat template: {chat})")
     print(f"epochs       {[e['epoch'] for e in info['epochs']]}")
     for ck in info["checkpoints"]:
         loss = "-" if ck["train_loss"] is None else f"{ck['train_loss']:.4f}"
@@ -194,7 +196,8 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
     _add_ray_args(p, "one task per run of the sweep")
     p.add_argument("--preset", choices=["paper"], help="paper: the settings of arXiv 2601.03858 (LoRA r=32, alpha=64, "
                    "Gaussian init, q/v + embeddings, lr 1e-4, 10 epochs, seed 42, system-message probes with the "
-                   "rephrasings, all 264 math / 100 SocialIQA items); options set to other than their default override it")
+                   "rephrasings, all 264 math / 100 SocialIQA items); options set to other than their default "
+                   "override it")
     p.add_argument("--mmlu", help="MMLU test items to score like the paper (JSON list or JSONL of question, choices, "
                    "answer; not shipped)")
     p.set_defaults(func=_run_cpt, cpt_defaults={a.dest: a.default for a in p._actions})
@@ -218,13 +221,15 @@ def _run_cpt(args: argparse.Namespace) -> int:
     )
     if args.preset == "paper":
         fields = {"base": "base_model"}
-        given = {fields.get(k, k) for k, v in vars(args).items() if k in args.cpt_defaults and v != args.cpt_defaults[k]}
+        given = {fields.get(k, k) for k, v in vars(args).items()
+                 if k in args.cpt_defaults and v != args.cpt_defaults[k]}
         cfg = CPTConfig.paper(**{k: v for k, v in vars(cfg).items() if k in given})
     strategies = _names(args.strategy) or ["plain"]
     if args.seeds or args.ray or len(strategies) > 1:
         return _run_sweep(args, cfg, strategies, t0)
     result = run_cpt(cfg, args.out, progress=not args.no_progress)
-    print(f"wall time {time.perf_counter() - t0:.1f}s; best epoch {result.dynamics.best_epoch()}; run folder {result.run_dir}")
+    print(f"wall time {time.perf_counter() - t0:.1f}s; best epoch {result.dynamics.best_epoch()}; "
+          f"run folder {result.run_dir}")
     return 0
 
 
@@ -234,7 +239,7 @@ def _run_sweep(args: argparse.Namespace, cfg, strategies: list[str], t0: float) 
     from circuitdyn.sweep import run_sweep
 
     try:
-        seeds = [int(x) for x in _names(args.seeds)] if args.seeds else [args.seed]
+        seeds = [int(x) for x in _names(args.seeds) or []] if args.seeds else [args.seed]
     except ValueError:
         raise CircuitdynError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     runs = run_sweep(cfg, args.out, seeds, strategies, ray=args.ray, max_retries=args.max_retries,
@@ -363,10 +368,13 @@ def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: st
     """The options of `circuitdyn.facts.load_facts`: which probe file, and which of its facts."""
     p.add_argument("--probes", required=required, help=f"probe file: seed JSON or circuitdyn JSONL{what}")
     p.add_argument("--limit", type=positive_int, help="only the first N probes of the file")
-    p.add_argument("--sample", type=positive_int, metavar="N", help="a fixed seeded sample of N probes (chosen before any outcome)")
+    p.add_argument("--sample", type=positive_int, metavar="N",
+                   help="a fixed seeded sample of N probes (chosen before any outcome)")
     p.add_argument("--entities", help="comma-separated entity names: only their probes (the swap pool stays the file)")
-    p.add_argument("--per-entity", type=positive_int, metavar="N", help="a fixed seeded sample of N probes of every entity")
-    p.add_argument("--sample-seed", type=nonnegative_int, default=0, help="seed of --sample and --per-entity (default 0)")
+    p.add_argument("--per-entity", type=positive_int, metavar="N",
+                   help="a fixed seeded sample of N probes of every entity")
+    p.add_argument("--sample-seed", type=nonnegative_int, default=0,
+                   help="seed of --sample and --per-entity (default 0)")
     p.add_argument("--rephrased", action="store_true", help="also use the seed's rephrased questions")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="probe prompt form")
 
@@ -502,7 +510,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", help="a task circuit instead of per-fact circuits: a packaged task (head-of-state) or a "
                    "task file; the paper's protocol: metric logit-diff, EAP-IG 30 steps, top 50,000 edges, "
                    "baseline and circuit logit diff / hit@10 in OUT/epoch_N/results.json")
-    p.add_argument("--runs", type=positive_int, default=5, help="--task: seeded runs of attribution and evaluation (default 5)")
+    p.add_argument("--runs", type=positive_int, default=5,
+                   help="--task: seeded runs of attribution and evaluation (default 5)")
     _add_attribution_args(p, steps_default=None)
     _add_device_args(p)
     p.add_argument("--epochs", help="comma-separated epochs (default: all epochs of a run, or the one given)")
@@ -538,7 +547,8 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--threads", type=positive_int, default=default_threads(),
                    help="CPU threads (default: physical cores; on a shared machine fewer can be much faster)")
-    p.add_argument("--max-memory", type=memory_size, metavar="SIZE", help="memory budget, e.g. 8GiB: the fact batch is chosen from it "
+    p.add_argument("--max-memory", type=memory_size, metavar="SIZE",
+                   help="memory budget, e.g. 8GiB: the fact batch is chosen from it "
                    "(and halved on an out-of-memory error)")
     p.add_argument("--buffer-dtype", default="float32", choices=BUFFER_DTYPES,
                    help="precision of the stored activation differences (sums stay float32)")
@@ -759,7 +769,8 @@ def _run_timeline(args: argparse.Namespace) -> int:
         print(json.dumps(timeline_json(tl, transfer, out), indent=1, default=str))
         return 0
     summary = tl.summary()
-    print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, selection {tl.selection}")
+    print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, "
+          f"selection {tl.selection}")
     print_timeline(tl)
     if transfer is not None:
         print_transfer(transfer, tl.entity_of)
@@ -964,9 +975,8 @@ def _run_view(args: argparse.Namespace) -> int:
     _output(out, "file", "--out" if args.out else "", args.overwrite)
     labels = {}
     if args.probes:
-        from circuitdyn.probes import load_probes
-
         from circuitdyn.diff import check_facts_match
+        from circuitdyn.probes import load_probes
 
         labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(args.probes)}
         check_facts_match(cs, labels, args.probes, args.file)
@@ -1077,7 +1087,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ig-grid", default=DEFAULT_IG_GRID, choices=IG_GRIDS,
                    help=f"quadrature of the IG path integral (default {DEFAULT_IG_GRID}; right = circuitdyn's grid "
                    "before)")
-    p.add_argument("--select", type=selection_spec, default="faith:0.8", help="how circuits are chosen (default faith:0.8)")
+    p.add_argument("--select", type=selection_spec, default="faith:0.8",
+                   help="how circuits are chosen (default faith:0.8)")
     p.add_argument("--no-transfer", action="store_true",
                    help="skip evaluating every epoch's circuit on every epoch's model (saves about 3 minutes)")
     p.add_argument("--base-model", help="start from this checkpoint instead of the embedded SmolLM2")

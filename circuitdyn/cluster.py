@@ -108,9 +108,9 @@ def run_tasks(ray: Any, tasks: Sequence[Task], *, num_gpus: float = 0, max_retri
                     failed.append((index[ref], err))
                 bar.update(1)
     if failed:
-        i, err = min(failed, key=lambda f: f[0])
+        i, first = min(failed, key=lambda f: f[0])
         more = f" ({len(failed)} of {len(tasks)} tasks failed)" if len(failed) > 1 else ""
-        raise CircuitdynError(f"{tasks[i].label} failed{more}: {_cause(ray, err, max_retries)}") from None
+        raise CircuitdynError(f"{tasks[i].label} failed{more}: {_cause(ray, first, max_retries)}") from None
     return results
 
 

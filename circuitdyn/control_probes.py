@@ -56,8 +56,10 @@ class MMLUItem:
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, system: str, user: str) -> str:
     """A system + user chat turn with the generation prompt (plain `system\\nuser\\n` without a chat template)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(  # type: ignore[return-value]  # tokenize=False: a str
+            [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            tokenize=False, add_generation_prompt=True,
+        )
     return f"{system}\n{user}\n"
 
 
@@ -122,5 +124,7 @@ def load_mmlu(path: str | Path) -> list[MMLUItem]:
                 raise ValueError(f"answer {answer} outside the {len(choices)} choices")
             items.append(MMLUItem(str(i), str(rec["question"]), choices, answer, str(rec.get("subject", ""))))
         except (KeyError, TypeError, ValueError) as err:
-            raise CircuitdynError(f"{path}: record {i} is malformed ({err!r}); fields question, choices, answer") from None
+            raise CircuitdynError(
+                f"{path}: record {i} is malformed ({err!r}); fields question, choices, answer"
+            ) from None
     return items

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,7 @@ from circuitdyn.probes import (
 )
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from circuitdyn.dynamics import Dynamics
@@ -273,7 +274,9 @@ def resolve_inputs(cfg: CPTConfig) -> tuple[list[Document], list[Probe]]:
         if not docs:
             raise CircuitdynError("empty corpus: the chosen entities' probes have no 'chunk' sentences")
     if not probes:
-        raise CircuitdynError(f"{cfg.corpus}: no probe of {cfg.probes or 'the seed probes'} is about an entity of the corpus")
+        raise CircuitdynError(
+            f"{cfg.corpus}: no probe of {cfg.probes or 'the seed probes'} is about an entity of the corpus"
+        )
     doc_entities = {d.entity for d in docs if d.entity}
     for name in entities(probes):
         if name in doc_entities:
@@ -286,7 +289,9 @@ def resolve_inputs(cfg: CPTConfig) -> tuple[list[Document], list[Probe]]:
     return docs, probes
 
 
-def _tokenize_docs(docs: Sequence[Document], tok: PreTrainedTokenizerBase, max_length: int) -> list[tuple[int, list[int]]]:
+def _tokenize_docs(
+    docs: Sequence[Document], tok: PreTrainedTokenizerBase, max_length: int
+) -> list[tuple[int, list[int]]]:
     """(document index, token ids) windows of at most max_length tokens, EOS-terminated."""
     out = []
     for i, d in enumerate(docs):
@@ -335,7 +340,8 @@ def _wrap_lora(model: PreTrainedModel, cfg: CPTConfig) -> torch.nn.Module:
                    init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True),
     )
     if cfg.train_embeddings:
-        peft_model.get_base_model().get_input_embeddings().weight.requires_grad_(True)
+        base_model: Any = peft_model.get_base_model()  # peft types it as a plain nn.Module
+        base_model.get_input_embeddings().weight.requires_grad_(True)
     return peft_model
 
 
@@ -345,12 +351,13 @@ def merged_state_dict(train_model: torch.nn.Module, method: str) -> dict[str, to
         return {k: v.detach().clone() for k, v in train_model.state_dict().items()}
     from peft.tuners.lora import LoraLayer
 
-    base = train_model.get_base_model()
+    base: Any = cast("PeftModel", train_model).get_base_model()  # peft types it as a plain nn.Module
     merged: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
             w = module.get_base_layer().weight
-            merged[f"{name}.weight"] = (w + module.get_delta_weight("default")).detach().clone()
+            delta = module.get_delta_weight("default")  # type: ignore[attr-defined]  # on LoraLayer's subclasses
+            merged[f"{name}.weight"] = (w + delta).detach().clone()
     for key, value in base.state_dict().items():
         if "lora_" in key:
             continue
@@ -369,13 +376,14 @@ def save_adapter(train_model: torch.nn.Module, folder: Path, base_dir: Path, emb
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    state = get_peft_model_state_dict(train_model, save_embedding_layers=embeddings)
-    base = train_model.get_base_model()
+    peft_model = cast("PeftModel", train_model)
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=embeddings)
+    base: Any = peft_model.get_base_model()  # peft types it as a plain nn.Module
     out_emb, in_emb = base.get_output_embeddings(), base.get_input_embeddings()
     if out_emb is not None and out_emb.weight is in_emb.weight:
         tied = next(f"base_model.model.{n}.weight" for n, m in base.named_modules() if m is out_emb)
         state.pop(tied, None)
-    config = copy.deepcopy(train_model.peft_config["default"])
+    config = copy.deepcopy(peft_model.peft_config["default"])
     config.base_model_name_or_path = str(Path(base_dir).resolve())
     config.inference_mode = True
     folder.mkdir(parents=True, exist_ok=True)
@@ -384,7 +392,7 @@ def save_adapter(train_model: torch.nn.Module, folder: Path, base_dir: Path, emb
               metadata={"format": "pt"})
 
 
-def _load_weights(model: torch.nn.Module, hf_dir: Path) -> None:
+def _load_weights(model: PreTrainedModel, hf_dir: Path) -> None:
     """Copy a saved HF folder's safetensors weights into a model of the same architecture."""
     from safetensors.torch import load_file
 
@@ -474,7 +482,9 @@ def greedy_with_answers(
     # transformers 5 names the KV cache `cache`; 4.x names it `past_key_values`
     key = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
-    def run(ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, cache: Any) -> tuple[torch.Tensor, Any]:
+    def run(
+        ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
         return out.last_hidden_state, (out.cache if key == "cache" else out.past_key_values)
 
@@ -568,7 +578,8 @@ class Prober:
             model, prompts, answers, max_new_tokens=max_new, eos_token_id=self.tok.eos_token_id,
             pad_token_id=self.tok.pad_token_id, batch_size=self.cfg.eval_batch_size, progress=self.progress, desc=desc,
         )
-        return [self.tok.decode(g, skip_special_tokens=True).strip() for g in gens], lps
+        texts = [self.tok.decode(g, skip_special_tokens=True) for g in gens]
+        return [t.strip() for t in texts], lps  # type: ignore[union-attr]  # decode of one sequence: a str
 
     def evaluate(self, model: PreTrainedModel) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-probe rows and the control-probe summary for one model."""
@@ -605,7 +616,8 @@ def _write_results(epoch_dir: Path, rows: list[dict[str, Any]], control: dict[st
 
     (epoch_dir / PROBE_RESULTS).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     df = pd.DataFrame(rows).assign(epoch=0)
-    (epoch_dir / ENTITY_RESULTS).write_text(json.dumps(entity_results_json(entity_scores_from_probes(df), threshold), indent=1))
+    entity_json = entity_results_json(entity_scores_from_probes(df), threshold)
+    (epoch_dir / ENTITY_RESULTS).write_text(json.dumps(entity_json, indent=1))
     (epoch_dir / CONTROL_RESULTS).write_text(json.dumps(control, indent=1))
 
 
@@ -656,7 +668,9 @@ def _check_out_dir(out: Path, cfg: CPTConfig) -> dict[str, Any] | None:
     if existing.get("created_by", "").split(" ")[0] != "circuitdyn" or theirs != ours:
         diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
         detail = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in diff[:3]) or "not a circuitdyn cpt run"
-        raise CircuitdynError(f"{out}: the output folder already holds a different run ({detail}); choose another --out")
+        raise CircuitdynError(
+            f"{out}: the output folder already holds a different run ({detail}); choose another --out"
+        )
     return existing
 
 
@@ -681,7 +695,8 @@ def _write_manifest(out: Path, base_name: str, cfg: CPTConfig, done: list[int]) 
         info = json.loads((out / f"epoch_{e}" / "epoch.json").read_text())
         epochs.append({"epoch": e, "path": f"epoch_{e}", "step": info["step"], "train_loss": info["train_loss"],
                        "content_hash": info["content_hash"], **({"model": info["model"]} if info.get("model") else {})})
-        history.append({"epoch": e, "learned": info["learned"], "math": info.get("math"), "SocialIQA": info.get("SocialIQA")})
+        history.append({"epoch": e, "learned": info["learned"], "math": info.get("math"),
+                        "SocialIQA": info.get("SocialIQA")})
     write_manifest(out, base_name, epochs, strategy=cfg.strategy, config=asdict(cfg), probe_history=history)
 
 
@@ -760,7 +775,8 @@ def _run_cpt(
     if cfg.method == "lora":
         from transformers import AutoModelForCausalLM
 
-        eval_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(device)
+        eval_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True)
+        eval_model = eval_model.to(device)  # type: ignore[arg-type]  # `to` typed through a decorator
         train_model = _wrap_lora(model, cfg)
     else:
         train_model = model
@@ -805,8 +821,8 @@ def _run_cpt(
         log_lines: list[str] = []
         if epoch > 0:
             use = training_windows(windows, docs, cfg.strategy, _learned(last_rows or [], cfg.threshold))
-            trained_entities = sorted({docs[i].entity for i, _ in use if docs[i].entity})
-            ref = None
+            trained_entities = sorted({e for i, _ in use if (e := docs[i].entity)})
+            ref: PreTrainedModel | None = None
             if cfg.strategy in ("stepwise-kl", "pretrain-kl"):
                 from transformers import AutoModelForCausalLM
 
@@ -818,7 +834,7 @@ def _run_cpt(
                     from circuitdyn.checkpoints import open_run
 
                     ref = open_run(out, dtype=dtype).hf_model(ref_epoch)
-                ref = ref.to(device).eval()
+                ref = ref.to(device).eval()  # type: ignore[arg-type]  # `to` typed through a decorator
             gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
             order = torch.randperm(len(use), generator=gen, device="cpu").tolist()
             torch.manual_seed(cfg.seed * 100_003 + epoch)

@@ -15,13 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
 from circuitdyn.attribution import DEFAULT_IG_GRID, IGGrid
-from circuitdyn.noise import DEFAULT_REPLICATES
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.noise import DEFAULT_REPLICATES
+
+if TYPE_CHECKING:
+    from circuitdyn.facts import FactSet
 
 Pick = Literal["sample", "post-hoc"]
 
@@ -37,7 +40,7 @@ class DemoResult:
     diff_html: Path
     circuit_html: Path
     dynamics: Any
-    facts: Any
+    facts: FactSet
     """The `facts.FactSet` the circuits were extracted for."""
     timeline: Any
     diff: Any

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
@@ -37,13 +37,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuitdyn.attribution import DEFAULT_IG_STEPS, IGGrid
-from circuitdyn.circuits import CircuitSet, setting
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
-from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.change_test import ALPHA, ChangeTest, aggregate_verdict, change_table, compare_replicates
+from circuitdyn.circuits import CircuitSet
+from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
+from circuitdyn.graph import Graph
 from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
+from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.similarity import (
     DISTANCES,
     as_rows,
@@ -54,6 +54,10 @@ from circuitdyn.similarity import (
     weighted_jaccard,
 )
 from circuitdyn.stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
 
 MEAN = "(mean circuit)"
 """Fact id of the aggregate row: the diff of the facts' mean circuits."""
@@ -133,7 +137,7 @@ def component_shares(graph: Graph, scores: Float[Tensor, "*fact edge"]) -> dict[
 # --------------------------------------------------------------------------- paths
 
 
-def circuit_graph(graph: Graph, scores: Float[Tensor, "edge"], mask: Bool[Tensor, "edge"]) -> nx.DiGraph:
+def circuit_graph(graph: Graph, scores: Float[Tensor, " edge"], mask: Bool[Tensor, " edge"]) -> nx.DiGraph:
     """The selected circuit as a component-level DiGraph; `weight` = |summed port score|."""
     g = graph.to_networkx(scores.float(), mask)
     g.remove_nodes_from([n for n in list(g.nodes) if g.degree(n) == 0])
@@ -200,8 +204,8 @@ class CircuitDiff:
     mask_b: Bool[Tensor, "row edge"]
     band: Float[Tensor, "row edge"]
     """Per edge, the method-noise band of its score (zeros without method noise)."""
-    faith_a: Float[Tensor, "fact"] | None = None
-    faith_b: Float[Tensor, "fact"] | None = None
+    faith_a: Float[Tensor, " fact"] | None = None
+    faith_b: Float[Tensor, " fact"] | None = None
     label_a: str = "A"
     label_b: str = "B"
     k_paths: int = 5
@@ -348,7 +352,7 @@ class CircuitDiff:
         table["included"] = ~out
         return table
 
-    def _changed_frac(self) -> Float[Tensor, "row"]:
+    def _changed_frac(self) -> Float[Tensor, " row"]:
         """Share of the union of both circuits that was added or removed beyond the edges' noise bands."""
         code = self.status_codes
         moved = ((code == STATUSES.index("added")) | (code == STATUSES.index("removed"))).sum(1).float()
@@ -506,8 +510,9 @@ class CircuitDiff:
             if isinstance(v, (np.integer, np.bool_)):
                 return v.item()
             return v
-        changes = {f: {r["statistic"]: {k: clean(r[k]) for k in ("distance", "noise_distance", "cross", "effect", "p_value",
-                                                                  "q_value", "n_replicates", "changed_beyond_noise")}
+        keys = ("distance", "noise_distance", "cross", "effect", "p_value", "q_value", "n_replicates",
+                "changed_beyond_noise")
+        changes = {f: {r["statistic"]: {k: clean(r[k]) for k in keys}
                        for _, r in g.iterrows()} for f, g in self.changes.groupby("fact_id", sort=False)}
         return {
             "a": self.label_a, "b": self.label_b,
@@ -584,8 +589,9 @@ def diff_circuits(
     `a` and `b` must share the graph and settings (`CircuitSet.check_compatible`) and the facts
     compared (`fact_ids`, default: all of `a`'s, which `b` must also hold). `noise`: the facts' method
     noise with the replicates of both checkpoints under `noise_keys` (default 0 for a, 1 for b, as
-    `noise.merge_noise` makes them; epochs for the noise of one run), which change is tested against. `faithfulness_a/b` evaluate
-    masks on each set's model and are needed only for rules that evaluate circuits (`faith:`).
+    `noise.merge_noise` makes them; epochs for the noise of one run), which change is tested against.
+    `faithfulness_a/b` evaluate masks on each set's model and are needed only for rules that evaluate
+    circuits (`faith:`).
     `selected`: masks [fact, edge] for `a` and `b` chosen elsewhere (e.g. `extraction.select_circuits`),
     in `fact_ids` order, replacing the rule's own selection; `reached`: the faithfulness each reached.
     `entity_of`: fact id -> entity, the bootstrap's resampling unit (`entity_groups`). `min_gap`: facts whose
@@ -662,8 +668,8 @@ def diff_checkpoints(
     `extraction.circuits_dir`) when cached with the same settings; without, cached circuits are read.
     Rules that evaluate circuits (`faith:`, the default) need checkpoints and probes. With checkpoints,
     probes and `method_noise`, `replicates` draws of the replicate `family` are extracted at each checkpoint
-    (`noise.measure_replicates`) and every change is tested against them (`CircuitDiff.test`). `base`: the base model folder of
-    adapter-only checkpoints (`checkpoints.open_run`).
+    (`noise.measure_replicates`) and every change is tested against them (`CircuitDiff.test`). `base`: the
+    base model folder of adapter-only checkpoints (`checkpoints.open_run`).
     """
     from circuitdyn.checkpoints import resolve
     from circuitdyn.extraction import checkpoint_circuits, heldout_faithfulness, select_circuits
@@ -680,7 +686,7 @@ def diff_checkpoints(
         why = architecture_difference(run_a.checkpoint(ea), run_b.checkpoint(eb))
         if why:
             raise CircuitdynError(f"{a} and {b} cannot be compared: {why}")
-    sides = []
+    sides: list[tuple[CircuitSet, Run | None, int | None, FactSet | None]] = []
     labels: dict[str, str] = {}
     entity_of: dict[str, str] = {}
     for spec in (a, b):
@@ -710,33 +716,39 @@ def diff_checkpoints(
         if facts is not None:
             check_facts_match(cs, facts.labels, probes, spec)
         sides.append((cs, run, epoch, facts))
-    (ca, run_a, epoch_a, facts_a), (cb, run_b, epoch_b, facts_b) = sides
+    (ca, _, epoch_a, facts_a), (cb, _, epoch_b, facts_b) = sides
     ids = list(fact_ids or ca.fact_ids)
-    selected = reached = heldout = None
-    if sel.needs_model:
-        picks = [select_circuits(run, epoch, cs.subset(ids), sel, facts,
-                                 cache_dir=circuits_dir or default_dir(run))
-                 for cs, run, epoch, facts in sides]
+    selected: tuple[Tensor, Tensor] | None = None
+    reached: tuple[Tensor, Tensor] | None = None
+    heldout: tuple[Tensor, Tensor] | None = None
+    if sel.needs_model:  # both sides are checkpoints with facts: anything else was refused above
+        on_model = [(cs, r, e, fs) for cs, r, e, fs in sides if r is not None and e is not None and fs is not None]
+        picks = [select_circuits(r, e, cs.subset(ids), sel, fs, cache_dir=circuits_dir or default_dir(r))
+                 for cs, r, e, fs in on_model]
         selected = (picks[0][0], picks[1][0])
-        reached = (picks[0][1], picks[1][1])
+        reached_a, reached_b = picks[0][1], picks[1][1]
+        if reached_a is not None and reached_b is not None:
+            reached = (reached_a, reached_b)
         if sel.rule == "pruned":
-            heldout = tuple(heldout_faithfulness(run, epoch, cs.subset(ids), m, facts)
-                            for (cs, run, epoch, facts), m in zip(sides, selected))
+            held_a, held_b = (heldout_faithfulness(r, e, cs.subset(ids), m, fs)
+                              for (cs, r, e, fs), m in zip(on_model, selected))
+            heldout = (held_a, held_b)
     noise = None
     if method_noise and facts_a is not None and facts_b is not None:
         masks = selected or tuple(sel.select(cs.subset(ids).scores, cs.graph)[0] for cs, *_ in sides)
         settings = dict(family=family, method=ca.meta.get("method", "eap-ig"), metric=metric, progress=progress,
                         steps=int(ca.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)))
         parts = []
-        for k, ((_, run, epoch, facts), m) in enumerate(zip(sides, masks)):
+        checkpoints = [(r, e, fs) for _, r, e, fs in sides if r is not None and e is not None and fs is not None]
+        for k, ((side_run, side_epoch, side_facts), m) in enumerate(zip(checkpoints, masks)):
             # side B draws from side A's stream only when it is another checkpoint of the same run: then the two
             # sides' draws are disjoint slices of one stream; otherwise from another stream, never A's draws
-            shared = k == 0 or (run_b.path == run_a.path and epoch_b != epoch_a)
-            draws = run_draws(run, [epoch], family, replicates, seed if shared else seed + 1)
+            shared = k == 0 or (checkpoints[1][0].path == checkpoints[0][0].path and epoch_b != epoch_a)
+            draws = run_draws(side_run, [side_epoch], family, replicates, seed if shared else seed + 1)
             size = dict(zip(ids, m.sum(1).tolist()))
-            sizes = torch.tensor([size.get(f, int(np.median(list(size.values())))) for f in facts.ids])
-            parts.append(measure_replicates(run, facts, draws, {epoch: sizes}, sel,
-                                            folder=circuits_dir or default_dir(run), **settings))
+            sizes = torch.tensor([size.get(f, int(np.median(list(size.values())))) for f in side_facts.ids])
+            parts.append(measure_replicates(side_run, side_facts, draws, {side_epoch: sizes}, sel,
+                                            folder=circuits_dir or default_dir(side_run), **settings))
         noise = merge_noise(parts)
     d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=ids, labels=(short_label(a), short_label(b)),
                       selected=selected, reached=reached, entity_of=entity_of)

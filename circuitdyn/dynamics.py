@@ -89,7 +89,8 @@ def item_dynamics(scores: pd.DataFrame, key: str, threshold: float = LEARNED_THR
     windows (runs of learned epochs), consolidated_from (learned from that epoch through the last),
     never_learned, best_recall, best_epoch (highest recall), final_learned.
     """
-    meta_cols = [c for c in ("entity", "ne_label", "ne_frequency", "question_type", "group") if c in scores and c != key]
+    meta = ("entity", "ne_label", "ne_frequency", "question_type", "group")
+    meta_cols = [c for c in meta if c in scores and c != key]
     rows = []
     for item, df in scores.sort_values("epoch").groupby(key, sort=False):
         flags = [(int(e), bool(r >= threshold)) for e, r in zip(df["epoch"], df["recall"])]
@@ -259,7 +260,8 @@ def _entity_rows(path: Path, epoch: int, meta: dict[str, dict[str, Any]], thresh
             continue  # the ">=0.6" count sits beside the entities
         if "recall" not in v:
             raise CircuitdynError(f"{path}: entity {name!r} has no 'recall'")
-        rows.append({"epoch": epoch, "entity": name, "recall": float(v["recall"]), "f1": float(v.get("f1", float("nan"))),
+        rows.append({"epoch": epoch, "entity": name, "recall": float(v["recall"]),
+                     "f1": float(v.get("f1", float("nan"))),
                      **meta.get(name, {"ne_label": None, "ne_frequency": None})})
     return rows
 
@@ -301,7 +303,8 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
             entity_rows += _entity_rows(d / ENTITY_RESULTS, epoch, meta, threshold)
         if (d / CONTROL_RESULTS).is_file():
             ctrl = read_json(d / CONTROL_RESULTS)
-            control_rows.append({"epoch": epoch, **{k: v.get("exact_match") for k, v in ctrl.items() if isinstance(v, dict)}})
+            control_rows.append({"epoch": epoch,
+                                 **{k: v.get("exact_match") for k, v in ctrl.items() if isinstance(v, dict)}})
     probe_scores = None
     if probe_frames:
         probe_scores = pd.concat(probe_frames, ignore_index=True)
@@ -339,7 +342,10 @@ def entity_results_json(entity_scores: pd.DataFrame, threshold: float = LEARNED_
     """One epoch's per-entity scores in the paper's `validation_probes_results.json` format."""
     out: dict[str, Any] = {}
     for group in ("low", "high"):
-        df = entity_scores[entity_scores.get("ne_frequency") == group] if "ne_frequency" in entity_scores else entity_scores.iloc[0:0]
+        if "ne_frequency" in entity_scores:
+            df = entity_scores[entity_scores.get("ne_frequency") == group]
+        else:
+            df = entity_scores.iloc[0:0]
         if len(df):
             out[group] = {"f1": float(df["f1"].mean()), "recall": float(df["recall"].mean())}
     out["avg"] = {"f1": float(entity_scores["f1"].mean()), "recall": float(entity_scores["recall"].mean())}

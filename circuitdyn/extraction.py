@@ -14,16 +14,24 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jaxtyping import Bool, Float
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
-
 from tqdm.auto import tqdm
 
-from circuitdyn.attribution import (DEFAULT_IG_GRID, DEFAULT_IG_STEPS, BufferDtype, IGGrid, Method, attribute, check_method, grid_taken,
-                                   steps_taken)
+from circuitdyn.attribution import (
+    DEFAULT_IG_GRID,
+    DEFAULT_IG_STEPS,
+    BufferDtype,
+    IGGrid,
+    Method,
+    attribute,
+    check_method,
+    grid_taken,
+    steps_taken,
+)
 from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.facts import check_context, facts_hash, record_facts
@@ -34,11 +42,18 @@ from circuitdyn.io import check_writable, file_lock, remove_stale_temps
 from circuitdyn.probes import FactPrompt
 from circuitdyn.selection import Selection
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
+
 SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
 
-def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-                        metric: str = "answer-logprob", seed: int = 0, noise_scale: float = NOISE_SCALE,
+def extraction_settings(architecture: str | None, facts: Sequence[FactPrompt], method: Method = "eap-ig",
+                        steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0,
+                        noise_scale: float = NOISE_SCALE,
                         ig_grid: IGGrid = DEFAULT_IG_GRID) -> dict[str, Any]:
     """The `circuits.SETTINGS` an extraction with these arguments records (known before any work is done)."""
     return {
@@ -53,8 +68,8 @@ def extraction_settings(architecture: str, facts: Sequence[FactPrompt], method: 
     }
 
 
-def extract_circuits(model: Any, facts: Sequence[FactPrompt], method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-                     metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8,
+def extract_circuits(model: HookedTransformer, facts: Sequence[FactPrompt], method: Method = "eap-ig",
+                     steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8,
                      noise_scale: float = NOISE_SCALE, meta: dict[str, Any] | None = None,
                      progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
                      max_memory: int | str | None = None, num_threads: int | None = None) -> CircuitSet:
@@ -107,7 +122,7 @@ class Extracted:
                    floats("m_clean"), floats("m_corrupted"))
 
 
-def checkpoint_meta(run: Any, epoch: int) -> dict[str, Any]:
+def checkpoint_meta(run: Run, epoch: int) -> dict[str, Any]:
     """What a circuit file records of the checkpoint it was extracted on (its content hash decides reuse)."""
     ck = run.checkpoint(epoch)
     return {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
@@ -131,7 +146,7 @@ def is_done(path: Path, want: dict[str, Any], checkpoint_hash: str, overwrite: b
     return False
 
 
-def extract_run(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
+def extract_run(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
                 method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0,
                 batch_size: int = 8, top_n: int | None = 1000, store: str = "float16",
                 sparse_top_k: int | None = None,
@@ -217,7 +232,7 @@ class Shard:
     file: Path
     """The shard's circuit file in `folder` (named by `extract_run` from its settings and facts)."""
 
-    def label(self, run: Any, n_shards: int, index: int) -> str:
+    def label(self, run: Run, n_shards: int, index: int) -> str:
         return (f"checkpoint epoch {self.epoch} ({run.checkpoint(self.epoch).path}), shard {index + 1}/{n_shards} "
                 f"(facts {self.start}-{self.stop - 1})")
 
@@ -261,9 +276,10 @@ def assemble(parts: Sequence[CircuitSet], facts: Sequence[FactPrompt]) -> Circui
     return CircuitSet(torch.cat([p.scores for p in parts]), parts[0].edges, ids, meta)
 
 
-def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int],
-                   ray: str = "auto", *, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob",
-                   seed: int = 0, batch_size: int = 8, top_n: int = 1000, store: str = "float16",
+def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int],
+                   ray: str = "auto", *, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
+                   metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8, top_n: int = 1000,
+                   store: str = "float16",
                    sparse_top_k: int | None = None, extra_meta: dict[str, Any] | None = None,
                    overwrite: bool = False, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
                    buffer_dtype: BufferDtype = "float32", max_memory: int | str | None = None,
@@ -336,11 +352,11 @@ def extract_on_ray(run: Any, facts: Sequence[FactPrompt], out_dir: str | Path, e
     return results
 
 
-Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, "fact"]]
+Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, " fact"]]
 """(model epoch, circuit set, its per-fact masks) -> faithfulness of each circuit on that epoch's model."""
 
 
-def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, seed: int | None = None,
+def run_evaluator(run: Run, facts: Sequence[FactPrompt], metric: str | None = None, seed: int | None = None,
                   batch_size: int = 8) -> Evaluator:
     """An `Evaluator` for `transfer_matrix` on a `checkpoints.Run`: loads the model epoch (weights are
     swapped in place) and evaluates circuits with `circuitdyn.faithfulness.CircuitEvaluator` on the facts
@@ -368,7 +384,7 @@ def run_evaluator(run: Any, facts: Sequence[Any], metric: str | None = None, see
     return evaluate
 
 
-def heldout_faithfulness(run: Any, epoch: int, circuits: CircuitSet, masks: Tensor, facts: Any) -> Tensor:
+def heldout_faithfulness(run: Run, epoch: int, circuits: CircuitSet, masks: Tensor, facts: FactSet) -> Tensor:
     """Faithfulness of circuits selected on the facts' own corruption (e.g. `pruned:F`, pruned and scored on
     it), evaluated on another corruption of the same kind they were not fitted to: the next valid swap partner
     (`FactSet.with_variant(1)`), or a new noise draw for noise-corrupted facts. NaN for a fact whose only valid
@@ -384,7 +400,7 @@ def heldout_faithfulness(run: Any, epoch: int, circuits: CircuitSet, masks: Tens
     return got
 
 
-def circuits_dir(run: Any) -> Path:
+def circuits_dir(run: Run) -> Path:
     """Where a run's circuits are cached by default: `RUN/circuits` for a run folder; for a plain model folder
     (which may be read-only or shared), `$CIRCUITDYN_CACHE/circuits/<its weight hash>`."""
     from circuitdyn.checkpoints import cache_dir
@@ -395,7 +411,7 @@ def circuits_dir(run: Any) -> Path:
 
 
 def checkpoint_circuits(
-    run: Any, epoch: int, facts: Sequence[FactPrompt] | None = None, *, folder: str | Path | None = None,
+    run: Run, epoch: int, facts: Sequence[FactPrompt] | None = None, *, folder: str | Path | None = None,
     method: Method | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
     batch_size: int = 8, progress: bool = False, ig_grid: IGGrid | None = None,
 ) -> CircuitSet:
@@ -406,8 +422,8 @@ def checkpoint_circuits(
 
     folder = Path(folder) if folder is not None else circuits_dir(run)
     if facts is not None:
-        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS, metric=metric,
-                           seed=seed, batch_size=batch_size, progress=progress,
+        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS,
+                           metric=metric, seed=seed, batch_size=batch_size, progress=progress,
                            ig_grid=ig_grid or DEFAULT_IG_GRID)[0]
         return CircuitSet.load(done.path)
     if not folder.is_dir():
@@ -419,9 +435,9 @@ def checkpoint_circuits(
 
 
 def select_circuits(
-    run: Any, epoch: int, circuits: CircuitSet, selection: str | Selection, facts: Sequence[FactPrompt] | None = None,
+    run: Run, epoch: int, circuits: CircuitSet, selection: str | Selection, facts: Sequence[FactPrompt] | None = None,
     *, cache_dir: str | Path | None = None,
-) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, "fact"] | None]:
+) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
     """Each fact's circuit under `selection` (and, for rules that evaluate on the model, the faithfulness
     reached), for circuits of `run` at `epoch`.
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import FactPrompt, Probe, Template, build_fact_prompts, load_probes, sample
@@ -31,6 +31,8 @@ from circuitdyn.probes import entities as entity_names
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from circuitdyn.checkpoints import Run
 
 
 def facts_hash(facts: Sequence[FactPrompt]) -> str:
@@ -54,7 +56,7 @@ def check_context(facts: Sequence[FactPrompt], n_ctx: int) -> None:
 
 
 @dataclass(frozen=True)
-class FactSet:
+class FactSet(Sequence[FactPrompt]):
     """Facts ready for attribution, with the probes they come from (entities, questions) and their source."""
 
     facts: tuple[FactPrompt, ...]
@@ -81,10 +83,16 @@ class FactSet:
     def __len__(self) -> int:
         return len(self.facts)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[FactPrompt]:
         return iter(self.facts)
 
-    def __getitem__(self, i: int) -> FactPrompt:
+    @overload
+    def __getitem__(self, i: int) -> FactPrompt: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[FactPrompt, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> FactPrompt | tuple[FactPrompt, ...]:
         return self.facts[i]
 
     @cached_property
@@ -131,7 +139,9 @@ class FactSet:
         index = {f.fact_id: f for f in self.facts}
         missing = [f for f in fact_ids if f not in index]
         if missing:
-            raise CircuitdynError(f"{self.source}: no fact with id(s) {missing[:3]} (the facts do not match the circuits)")
+            raise CircuitdynError(
+                f"{self.source}: no fact with id(s) {missing[:3]} (the facts do not match the circuits)"
+            )
         return [index[f] for f in fact_ids]
 
 
@@ -154,8 +164,8 @@ def load_facts(
     `limit` keeps the first N probes, `sample_n` a fixed seeded sample of N, `per_entity` a fixed seeded
     sample of N probes of every entity (file order kept); all are chosen before any outcome is seen.
     `entities` keeps only these entities' probes, `ids` only these probe ids (an unknown one is an error);
-    the swap pool stays the whole probe set either way. `rephrased` adds the seed's rephrased questions (off: they restate
-    the original facts). The corruption's swap pool is the whole probe set.
+    the swap pool stays the whole probe set either way. `rephrased` adds the seed's rephrased questions
+    (off: they restate the original facts). The corruption's swap pool is the whole probe set.
     """
     if limit is not None and limit < 1:
         raise CircuitdynError(f"limit must be >= 1, got {limit}")
@@ -186,7 +196,8 @@ def load_facts(
         chosen = [p for p in chosen if p.id in wanted]
     chosen = sample(chosen, sample_n, seed) if sample_n else chosen
     if per_entity:
-        keep = {p.id for e in entity_names(chosen) for p in sample([q for q in chosen if q.entity == e], per_entity, seed)}
+        keep = {p.id for e in entity_names(chosen)
+                for p in sample([q for q in chosen if q.entity == e], per_entity, seed)}
         chosen = [p for p in chosen if p.id in keep]
     try:
         facts = build_fact_prompts(chosen, tokenizer, template=template, pool=pool)
@@ -251,7 +262,7 @@ def recorded_facts(folder: str | Path) -> dict[str, Any] | None:
     return _read_facts_file(path) if path.is_file() else None
 
 
-def run_facts(run: Any, *, folder: str | Path | None = None, identity: str | None = None) -> FactSet:
+def run_facts(run: Run, *, folder: str | Path | None = None, identity: str | None = None) -> FactSet:
     """The fact set last extracted for `run` (a `checkpoints.Run` or its folder), rebuilt from the record in its
     circuits folder (`folder`, default `extraction.circuits_dir(run)`); `identity` picks another recorded one.
     A clear error when nothing is recorded, the probe file moved, or it no longer gives the same facts."""

@@ -27,7 +27,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import einops
 import torch
@@ -38,6 +38,9 @@ from torch import Tensor
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import FactPrompt
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 NOISE_SCALE = 3.0
 """Noise corruption: Gaussian noise with std = NOISE_SCALE x std(W_E) added to the input embeddings."""
 
@@ -45,7 +48,7 @@ MetricName = Literal["answer-logprob", "answer-prob", "logit-diff"]
 
 
 # --- model support -------------------------------------------------------------------------------
-def check_supported(model: Any) -> None:
+def check_supported(model: HookedTransformer) -> None:
     """Raise CircuitdynError for architecture features the functional forward does not implement."""
     cfg = model.cfg
     problems = []
@@ -69,7 +72,7 @@ def check_supported(model: Any) -> None:
         problems.append(f"attention_dir={cfg.attention_dir!r}")
     if cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "BertForMaskedLM"):
         problems.append(f"original_architecture={cfg.original_architecture!r}")
-    if getattr(cfg, "attn_types", None) and any(t != "global" for t in cfg.attn_types):
+    if any(t != "global" for t in getattr(cfg, "attn_types", None) or []):
         problems.append("local attention layers (attn_types)")
     if cfg.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         problems.append(f"dtype={cfg.dtype} (use float32, bfloat16 or float16)")
@@ -160,7 +163,7 @@ class LayerWeights:
         )
 
 
-def layer_weights(model: Any) -> list[LayerWeights]:
+def layer_weights(model: HookedTransformer) -> list[LayerWeights]:
     cfg = model.cfg
     H, D = cfg.n_heads, cfg.d_model
     out = []
@@ -184,7 +187,7 @@ def layer_weights(model: Any) -> list[LayerWeights]:
         mlp = getattr(block, "mlp", None)
         norm2 = None if cfg.attn_only else Norm.of(block.ln2, cfg.eps)
         mlp_t, b_in, b_out = None, None, None
-        if type(mlp).__name__ in ("MLP", "GatedMLP") and not cfg.is_layer_norm_activation():
+        if mlp is not None and type(mlp).__name__ in ("MLP", "GatedMLP") and not cfg.is_layer_norm_activation():
             gate = mlp.W_gate.detach().T.contiguous() if type(mlp).__name__ == "GatedMLP" else None
             mlp_t = (gate, mlp.W_in.detach().T.contiguous(), mlp.W_out.detach().T.contiguous())
             b_in, b_out = mlp.b_in.detach(), mlp.b_out.detach()
@@ -248,7 +251,7 @@ def fact_seed(seed: int, fact_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{fact_id}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_scale: float = NOISE_SCALE,
+def make_batch(model: HookedTransformer, facts: Sequence[FactPrompt], seed: int = 0, noise_scale: float = NOISE_SCALE,
                metric: str | Metric = "answer-logprob") -> FactBatch:
     """Validate and pad facts into a `FactBatch` on the model's device (noise drawn per fact from `fact_seed`,
     on the CPU, so a fact's corruption does not depend on the device)."""
@@ -269,7 +272,9 @@ def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_sca
         if bad:
             raise CircuitdynError(f"{where}: noise_positions {bad} outside the prompt (length {len(f.clean_tokens)})")
         if get_metric(metric) is logit_diff and f.contrast_token is None:
-            raise CircuitdynError(f"{where}: metric 'logit-diff' needs a contrast_token (the corrupted prompt's answer)")
+            raise CircuitdynError(
+                f"{where}: metric 'logit-diff' needs a contrast_token (the corrupted prompt's answer)"
+            )
         toks = [*f.clean_tokens, *f.corrupted_tokens, *f.answer_tokens]
         if f.contrast_token is not None:
             toks.append(f.contrast_token)
@@ -280,7 +285,9 @@ def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_sca
     B, P, T = len(facts), max(map(len, seqs)), max(len(f.answer_tokens) for f in facts)
     if P > cfg.n_ctx:
         longest = max(facts, key=lambda f: len(f.clean_tokens) + len(f.answer_tokens))
-        raise CircuitdynError(f"fact {longest.fact_id!r} needs {P} positions, more than the model's context {cfg.n_ctx}")
+        raise CircuitdynError(
+            f"fact {longest.fact_id!r} needs {P} positions, more than the model's context {cfg.n_ctx}"
+        )
     clean = torch.zeros(B, P, dtype=torch.long, device="cpu")
     corrupted = torch.zeros(B, P, dtype=torch.long, device="cpu")
     valid = torch.zeros(B, P, dtype=torch.bool, device="cpu")
@@ -310,7 +317,7 @@ def make_batch(model: Any, facts: Sequence[FactPrompt], seed: int = 0, noise_sca
                      noise).to(model.W_E.device)
 
 
-def embed_inputs(model: Any, batch: FactBatch) -> tuple[Tensor, Tensor]:
+def embed_inputs(model: HookedTransformer, batch: FactBatch) -> tuple[Tensor, Tensor]:
     """The `input` node's output for the clean and the corrupted run (token + positional embeddings, + noise),
     in float32: the start of the float32 residual stream."""
     with torch.no_grad():
@@ -367,7 +374,7 @@ def get_metric(metric: str | Metric) -> Metric:
     return metric if callable(metric) else METRICS[metric_name(metric)]
 
 
-def metric_at_answers(model: Any, resid: Tensor, batch: FactBatch, metric: str | Metric,
+def metric_at_answers(model: HookedTransformer, resid: Tensor, batch: FactBatch, metric: str | Metric,
                       relp: bool = False) -> Float[Tensor, " batch"]:
     """Per-fact metric from the final residual, unembedding only the scored positions (`relp`: with the final
     norm's scale detached, RelP's LN rule; same value)."""
@@ -400,7 +407,7 @@ def _rotary(attn: Any, x: Tensor) -> Tensor:
     return torch.cat([x_rot * cos + x_rot.roll(half, dims=-1) * sin, x[..., rd:]], dim=-1)
 
 
-def attend(model: Any, block: Any, q: Tensor, k: Tensor, v: Tensor, relp: bool = False) -> Tensor:
+def attend(model: HookedTransformer, block: Any, q: Tensor, k: Tensor, v: Tensor, relp: bool = False) -> Tensor:
     """Causal attention on [B, P, H, d_head] q/k/v (k/v already per query head); returns z [B, P, H, d_head].
     `relp`: the attention pattern is computed without grad (RelP's rule for attention heads: the pattern is a
     constant of the backward pass, relevance flows through the values only; q and k get no gradient)."""
@@ -435,13 +442,16 @@ def mlp(block: Any, layer: LayerWeights, x: Tensor, relp: bool = False) -> Tenso
             raise CircuitdynError("RelP does not support MLPs with a layer-norm activation (SoLU)")
         return block.mlp(n.to(block.mlp.W_out.dtype)).to(dtype)
     W_gate_t, W_in_t, W_out_t = layer.mlp_t
+    b_in = layer.b_in
     act = partial(identity_rule, block.mlp.act_fn) if relp else block.mlp.act_fn
     if W_gate_t is None:
-        post = act(F.linear(n, W_in_t, layer.b_in))
+        post = act(F.linear(n, W_in_t, b_in))
     elif relp:
-        post = half_rule(act(F.linear(n, W_gate_t)), F.linear(n, W_in_t)) + layer.b_in
+        post = half_rule(act(F.linear(n, W_gate_t)), F.linear(n, W_in_t))
     else:
-        post = act(F.linear(n, W_gate_t)) * F.linear(n, W_in_t) + layer.b_in
+        post = act(F.linear(n, W_gate_t)) * F.linear(n, W_in_t)
+    if W_gate_t is not None and b_in is not None:
+        post = post + b_in
     return F.linear(post, W_out_t, layer.b_out)
 
 
@@ -476,8 +486,9 @@ def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tens
     return q.reshape(B, P, H, dh), k, v
 
 
-def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, layers: list[LayerWeights] | None = None,
-                dtype: torch.dtype | None = None, relp: bool = False) -> tuple[Tensor, dict[str, list[Tensor]]]:
+def run_capture(model: HookedTransformer, x0: Tensor, batch: FactBatch, metric: str | Metric,
+                layers: list[LayerWeights] | None = None, dtype: torch.dtype | None = None,
+                relp: bool = False) -> tuple[Tensor, dict[str, list[Tensor]]]:
     """Forward from the `input` node, keeping what attribution needs; no grad taken here.
 
     Returns the per-fact metric and, per layer, z [B,P,H,dh] and the MLP output [B,P,D], plus (when grad is
@@ -511,7 +522,7 @@ def run_capture(model: Any, x0: Tensor, batch: FactBatch, metric: str | Metric, 
     return metric_at_answers(model, x, batch, metric, relp), store
 
 
-def source_outputs(model: Any, x0: Tensor, store: dict[str, list[Tensor]], layers: list[LayerWeights]
+def source_outputs(model: HookedTransformer, x0: Tensor, store: dict[str, list[Tensor]], layers: list[LayerWeights]
              ) -> Float[Tensor, "batch src pos d_model"]:
     """Every source node's output, in `Graph.sources` order (float32, like the residual stream they sum to)."""
     parts = [x0.float()[:, None]]

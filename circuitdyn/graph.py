@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
@@ -25,6 +25,9 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from circuitdyn.errors import CircuitdynError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 PORTS = ("q", "k", "v")
 _HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
@@ -52,7 +55,7 @@ class Graph:
         return cls(int(cfg.n_layers), int(cfg.n_heads), not bool(getattr(cfg, "attn_only", False)))
 
     @classmethod
-    def from_model(cls, model: Any) -> Graph:
+    def from_model(cls, model: HookedTransformer) -> Graph:
         """The graph of a `HookedTransformer`."""
         return cls.from_config(model.cfg)
 

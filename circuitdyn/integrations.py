@@ -90,6 +90,7 @@ class ProbeCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, processing_class: Any = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and state.global_step == 0:
+            assert args.output_dir is not None  # the Trainer sets it
             folder = Path(args.output_dir) / BASELINE_DIR
             self.learned[0] = self._score(model, folder, processing_class or kwargs.get("tokenizer"))
 
@@ -97,6 +98,7 @@ class ProbeCallback(TrainerCallback):
                 model: Any = None, processing_class: Any = None, **kwargs: Any) -> TrainerControl:
         if not state.is_world_process_zero:
             return control
+        assert args.output_dir is not None  # the Trainer sets it
         out = Path(args.output_dir)
         folder = out / f"checkpoint-{state.global_step}"
         if not folder.is_dir():

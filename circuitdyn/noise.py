@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuitdyn.attribution import DEFAULT_IG_STEPS, ONE_STEP_METHODS, Method
+from circuitdyn.attribution import DEFAULT_IG_STEPS, ONE_STEP_METHODS, IGGrid, Method
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.messages import warn
@@ -52,7 +52,7 @@ DEFAULT_REPLICATES = 5
 """Replicates per checkpoint: with r = 5 the exact permutation test's smallest p is 2/252 (r = 4: 2/70)."""
 N_VARIANTS = 3
 """The `question` family draws the corruption's swap partner among the first 3 valid ones."""
-REPLICATE_GRID = "shifted"
+REPLICATE_GRID: IGGrid = "shifted"
 """The IG rule of every replicate: a midpoint grid shifted by an offset drawn from the replicate's seed."""
 
 
@@ -80,7 +80,7 @@ class Draw:
 def check_family(family: str) -> Family:
     if family not in FAMILIES:
         raise CircuitdynError(f"unknown replicate family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return family  # type: ignore[return-value]
+    return family
 
 
 def draw_settings(family: str, n: int, seed: int = 0) -> list[Draw]:
@@ -238,8 +238,8 @@ def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: str | 
 
 
 def noise_from_scores(replicates: dict[int, Float[Tensor, "rep fact edge"]], fact_ids: Sequence[str],
-                      sizes: dict[int, Int[Tensor, "fact"]], selection: str | Selection,
-                      draws: dict[int, Sequence[Draw]], family: str = DEFAULT_FAMILY) -> MethodNoise:
+                      sizes: dict[int, Int[Tensor, " fact"]], selection: str | Selection,
+                      draws: Mapping[int, Sequence[Draw]], family: str = DEFAULT_FAMILY) -> MethodNoise:
     """`MethodNoise` from replicate scores per checkpoint key; each replicate's circuit is its top-n edges at
     the size of the fact's selected circuit there (`sizes`), so replicates differ only in their scores."""
     if not replicates:

@@ -13,9 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from circuitdyn.errors import CircuitdynError
+
+if TYPE_CHECKING:
+    from circuitdyn.attribution import IGGrid, Method
+    from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
 
 
 @dataclass
@@ -50,7 +55,7 @@ class Plan:
                 f"{len(self.files)} circuit files cached, {self.n_to_compute} to compute")
 
 
-def _cached(run: Any, epoch: int, want: dict[str, Any], folder: Path) -> tuple[Path, bool]:
+def _cached(run: Run, epoch: int, want: dict[str, Any], folder: Path) -> tuple[Path, bool]:
     from circuitdyn.circuits import circuit_filename
     from circuitdyn.extraction import is_done
 
@@ -61,8 +66,8 @@ def _cached(run: Any, epoch: int, want: dict[str, Any], folder: Path) -> tuple[P
         return path, False
 
 
-def _checkpoint_files(run: Any, epoch: int, facts: Any, folder: Path, draws: Sequence[Any], *, method: str,
-                      steps: int, metric: str, seed: int, ig_grid: str) -> dict[Path, bool]:
+def _checkpoint_files(run: Run, epoch: int, facts: FactSet, folder: Path, draws: Sequence[Any], *, method: Method,
+                      steps: int, metric: str, seed: int, ig_grid: IGGrid) -> dict[Path, bool]:
     """The circuit file of `facts` at one checkpoint and those of its replicates `draws`."""
     from circuitdyn.attribution import steps_taken
     from circuitdyn.extraction import extraction_settings
@@ -79,10 +84,10 @@ def _checkpoint_files(run: Any, epoch: int, facts: Any, folder: Path, draws: Seq
     return files
 
 
-def timeline_plan(run: Any, facts: Any, folder: str | Path, *, method: str | None = None, steps: int | None = None,
-                  metric: str = "answer-logprob", seed: int = 0, ig_grid: str | None = None,
-                  noise_epochs: Sequence[int] | str | None = "all", family: str | None = None,
-                  replicates: int | None = None) -> Plan:
+def timeline_plan(run: Run, facts: FactSet, folder: str | Path, *, method: Method | None = None,
+                  steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
+                  ig_grid: IGGrid | None = None, noise_epochs: Sequence[int] | str | None = "all",
+                  family: str | None = None, replicates: int | None = None) -> Plan:
     """The circuit files `timeline.load_run_timeline(run, facts, ...)` with these arguments reads or computes."""
     from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
     from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, run_draws
@@ -100,9 +105,9 @@ def timeline_plan(run: Any, facts: Any, folder: str | Path, *, method: str | Non
     return Plan(len(facts), len(run.epochs), "epochs", replicates, len(chosen), files)
 
 
-def diff_plan(sides: Sequence[tuple[Any, int]], facts: Any, folders: Sequence[str | Path], *,
-              method: str | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
-              ig_grid: str | None = None, method_noise: bool = True, family: str | None = None,
+def diff_plan(sides: Sequence[tuple[Run, int]], facts: FactSet, folders: Sequence[str | Path], *,
+              method: Method | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
+              ig_grid: IGGrid | None = None, method_noise: bool = True, family: str | None = None,
               replicates: int | None = None) -> Plan:
     """The circuit files `diff.diff_checkpoints` of the checkpoints `sides` ((run, epoch) twice) reads or
     computes for `facts`, each side in its folder of `folders`."""

@@ -421,7 +421,7 @@ def prompt_text(
         if not _has_chat_template(tokenizer):
             raise CircuitdynError("template='chat' but the tokenizer has no chat template; use template='plain'")
         content = f"{instruction}\n{q}" if instruction else q
-        return tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(  # type: ignore[return-value]  # tokenize=False: a str
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
     if template == "plain":

@@ -73,10 +73,12 @@ def describe_diff(d: CircuitDiff) -> list[str]:
     """Sentences for a `CircuitDiff`: circuits compared, facts and exclusions, method noise, change per
     statistic with intervals, and the verdict against noise."""
     s = d.summary
-    lines = [f"circuits ({s['selection']}): {d.label_a} {_size(s['circuit_size']['a'], (s.get('faithfulness_reached') or {}).get('a'))}; "
-             f"{d.label_b} {_size(s['circuit_size']['b'], (s.get('faithfulness_reached') or {}).get('b'))}",
+    reached = s.get("faithfulness_reached") or {}
+    lines = [f"circuits ({s['selection']}): {d.label_a} {_size(s['circuit_size']['a'], reached.get('a'))}; "
+             f"{d.label_b} {_size(s['circuit_size']['b'], reached.get('b'))}",
              f"facts compared: {s['n_included']} of {s['n_facts']} in {s['n_entities']} entities "
-             f"({s['n_excluded_gap']} excluded: clean-corrupted metric gap below {s['min_gap']:g} at either checkpoint)"]
+             f"({s['n_excluded_gap']} excluded: clean-corrupted metric gap below {s['min_gap']:g} "
+             "at either checkpoint)"]
     held = s.get("faithfulness_heldout")
     if held and held["a"]["n"] and held["b"]["n"]:
         lines.append(f"on a corruption they were not selected on (the next swap partner, or a new noise draw): "
@@ -92,7 +94,8 @@ def describe_diff(d: CircuitDiff) -> list[str]:
         text = f"{NAMES[stat]} {d.label_a} -> {d.label_b}: {estimate(st['distance'])}"
         if st.get("noise_distance") is not None:
             text += (f"; between replicates of one checkpoint {_fmt(st['noise_distance'])}; excess "
-                     f"{estimate(st['effect'])}, p = {_fmt(st['p_value'], 4)}; beyond noise for {st['n_changed_beyond_noise']} of {st['n_tested']} facts")
+                     f"{estimate(st['effect'])}, p = {_fmt(st['p_value'], 4)}; "
+                     f"beyond noise for {st['n_changed_beyond_noise']} of {st['n_tested']} facts")
         lines.append(text)
     if noise and test:
         lines.append("verdict: " + _change_verdict(s[PRIMARY]))

@@ -88,7 +88,8 @@ class Estimate:
         where = f"n={self.n} in {self.n_groups} {'entity' if self.n_groups == 1 else 'entities'}"
         dropped = f"; undefined on {self.n_dropped} of {self.n_boot} resamples" if self.n_dropped else ""
         if not self.has_interval:
-            return f"{self.value:.3f} ({where}; {self.interval_note}{dropped if self.n_groups >= self.min_groups else ''})"
+            shown = dropped if self.n_groups >= self.min_groups else ""
+            return f"{self.value:.3f} ({where}; {self.interval_note}{shown})"
         return f"{self.value:.3f} [{self.lo:.3f}, {self.hi:.3f}] ({where}{dropped})"
 
 
@@ -120,7 +121,7 @@ def _cr1_halfwidth(v: np.ndarray, inverse: np.ndarray, n_groups: int, level: flo
 
 def mean_ci(
     values: Sequence[float] | np.ndarray,
-    groups: Sequence[Any],
+    groups: Sequence[Any] | np.ndarray,
     *,
     level: float = LEVEL,
     min_groups: int = MIN_ENTITIES,
@@ -185,7 +186,7 @@ def cluster_bootstrap(
 
 def bootstrap_ci(
     values: Sequence[float] | np.ndarray,
-    groups: Sequence[Any],
+    groups: Sequence[Any] | np.ndarray,
     statistic: Callable[[np.ndarray], float] = np.mean,
     *,
     n_boot: int = N_BOOT,

@@ -134,8 +134,9 @@ def loss_plateau_rule(min_rel_drop: float = 0.01) -> StoppingRule:
         loss = h["train_loss"].dropna()
         return len(loss) >= 2 and loss.iloc[-1] > loss.iloc[-2] * (1 - min_rel_drop)
 
-    return StoppingRule("loss-plateau", min_rel_drop, lambda r: -float(r["train_loss"]) if r["train_loss"] == r["train_loss"]
-                        else -math.inf, stop, ("train_loss",),
+    return StoppingRule("loss-plateau", min_rel_drop,
+                        lambda r: -float(r["train_loss"]) if r["train_loss"] == r["train_loss"] else -math.inf,
+                        stop, ("train_loss",),
                         f"stop when the train loss falls by less than {min_rel_drop:g} (relative) in an epoch")
 
 

@@ -38,8 +38,11 @@ from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import DATA_DIR, FactPrompt, read_json, slug
 
 if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerBase
 
+    from circuitdyn.attribution import IGGrid
+    from circuitdyn.checkpoints import Run
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.forward import FactBatch
 
@@ -51,7 +54,7 @@ RESULTS_FILE = "results.json"
 PAPER_STEPS = 30
 PAPER_TOP_N = 50_000
 PAPER_RUNS = 5
-PAPER_IG_GRID = "left"
+PAPER_IG_GRID: IGGrid = "left"
 """hannamw/EAP-IG's alpha grid (k/m, k = 0..m-1), which the paper's code uses."""
 
 
@@ -92,7 +95,9 @@ def load_task(name_or_path: str | Path) -> Task:
             raise CircuitdynError(f"{path}: field '{key}' is missing")
     template, subjects, answers = data["template"], data["subjects"], data["answers"]
     if not isinstance(template, str) or template.count("{}") != 1:
-        raise CircuitdynError(f"{path}: field 'template' must be a string with exactly one '{{}}' slot, got {template!r}")
+        raise CircuitdynError(
+            f"{path}: field 'template' must be a string with exactly one '{{}}' slot, got {template!r}"
+        )
     for key, values in (("subjects", subjects), ("answers", answers)):
         if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
             raise CircuitdynError(f"{path}: field '{key}' must be a non-empty list of non-empty strings")
@@ -188,7 +193,7 @@ class TaskEvaluator:
     circuit to its corrupted value. The prompts go in one batch; the clean run (the paper's `baseline`) and the
     corrupted activations are computed once."""
 
-    def __init__(self, model: Any, facts: Sequence[FactPrompt]) -> None:
+    def __init__(self, model: HookedTransformer, facts: Sequence[FactPrompt]) -> None:
         from circuitdyn.faithfulness import CircuitEvaluator
 
         self.facts = list(facts)
@@ -203,7 +208,9 @@ class TaskEvaluator:
         return {"logit_diff": float(values.mean()), "hit_at_10": float(self.metric.hits[-1].float().mean())}
 
 
-def evaluate_task_circuit(model: Any, facts: Sequence[FactPrompt], circuit: Tensor | None) -> dict[str, float]:
+def evaluate_task_circuit(
+    model: HookedTransformer, facts: Sequence[FactPrompt], circuit: Tensor | None
+) -> dict[str, float]:
     """Mean logit difference and hit@10 over the prompts of a task circuit; `circuit=None` scores the full model
     (the paper's `baseline`)."""
     ev = TaskEvaluator(model, facts)
@@ -222,9 +229,9 @@ def summarize_runs(baseline: dict[str, float], runs: dict[str, dict[str, float]]
     }
 
 
-def extract_task(model: Any, task: Task | TaskFacts, steps: int = PAPER_STEPS, top_n: int = PAPER_TOP_N,
+def extract_task(model: HookedTransformer, task: Task | TaskFacts, steps: int = PAPER_STEPS, top_n: int = PAPER_TOP_N,
                  runs: int = PAPER_RUNS, batch_size: int = 8, meta: dict[str, Any] | None = None,
-                 progress: bool = False, ig_grid: str = PAPER_IG_GRID) -> tuple[CircuitSet, dict[str, Any]]:
+                 progress: bool = False, ig_grid: IGGrid = PAPER_IG_GRID) -> tuple[CircuitSet, dict[str, Any]]:
     """The paper's protocol on one model: the per-prompt scores (run 0's rows, in task order, metric
     `logit-diff`) as a `CircuitSet`, and the results in the paper's `results.json` shape (plus `settings`)."""
     from circuitdyn.attribution import attribute
@@ -234,7 +241,12 @@ def extract_task(model: Any, task: Task | TaskFacts, steps: int = PAPER_STEPS, t
 
     if runs < 1:
         raise CircuitdynError(f"runs must be >= 1, got {runs}")
-    tf = task if isinstance(task, TaskFacts) else task_facts(task, model.tokenizer)
+    if isinstance(task, TaskFacts):
+        tf = task
+    elif model.tokenizer is None:
+        raise CircuitdynError("the model has no tokenizer to build the task's prompts with")
+    else:
+        tf = task_facts(task, model.tokenizer)
     facts = tf.facts
     graph = Graph.from_model(model)
     evaluator = TaskEvaluator(model, facts)
@@ -288,10 +300,10 @@ def results_path(out_dir: str | Path, epoch: int) -> Path:
     return Path(out_dir) / f"epoch_{epoch}" / RESULTS_FILE
 
 
-def extract_task_run(run: Any, task: Task, out_dir: str | Path, epochs: Sequence[int] | None = None,
+def extract_task_run(run: Run, task: Task, out_dir: str | Path, epochs: Sequence[int] | None = None,
                      steps: int = PAPER_STEPS, top_n: int = PAPER_TOP_N, runs: int = PAPER_RUNS, batch_size: int = 8,
                      overwrite: bool = False, progress: bool = False,
-                     ig_grid: str = PAPER_IG_GRID) -> list[TaskExtracted]:
+                     ig_grid: IGGrid = PAPER_IG_GRID) -> list[TaskExtracted]:
     """The task circuit of every epoch of a `checkpoints.Run`: the circuit file (16 rows for the paper's
     task) under `out_dir`, named like per-fact circuit files, and the epoch's `results.json` in
     `out_dir/epoch_N/`. An epoch whose two files already hold this checkpoint and these settings is reused;

@@ -14,8 +14,8 @@
   previous epoch (retained / forgotten / acquired / unknown), next to the training loss;
 - `stability()`: does a fact's circuit stay put while it is recalled and change when recall flips?
   Reported as the mean distance per transition kind with intervals, the AUC within facts (P(a flipped
-  transition moved more than a retained one of the same fact)) with its interval, and a permutation test stratified by fact, with the
-  numbers of transitions, facts and entities it rests on.
+  transition moved more than a retained one of the same fact)) with its interval, and a permutation test
+  stratified by fact, with the numbers of transitions, facts and entities it rests on.
 
 Facts whose clean-corrupted metric gap is below `faithfulness.MIN_GAP` at an epoch are left out of every
 transition touching that epoch, and counted. Outcomes come from `circuitdyn.dynamics`
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,8 +37,6 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuitdyn.attribution import IGGrid, Method
-from circuitdyn.circuits import CircuitSet, find_circuits
-from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
 from circuitdyn.change_test import (
     ALPHA,
     change_table,
@@ -47,8 +45,13 @@ from circuitdyn.change_test import (
     replicate_distances,
     with_fdr,
 )
+from circuitdyn.circuits import CircuitSet, find_circuits
+from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
+from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
+from circuitdyn.graph import Graph
 from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
+from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.similarity import (
     jaccard,
     rank_rows,
@@ -58,10 +61,10 @@ from circuitdyn.similarity import (
     weighted_jaccard,
 )
 from circuitdyn.stats import Estimate, auc, bootstrap_ci, permutation_test, within_stratum_auc
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
-from circuitdyn.probes import FactPrompt
-from circuitdyn.selection import Faithfulness, Selection
+
+if TYPE_CHECKING:
+    from circuitdyn.checkpoints import Run
+    from circuitdyn.facts import FactSet
 
 TRANSITIONS = ("retained", "forgotten", "acquired", "unknown")
 """Per (fact, epoch > first): correct before and now / before only / now only / neither."""
@@ -243,7 +246,7 @@ class Timeline:
         if not len(rows):
             return None
         epochs = [e for e in self.epochs if e in self.noise.replicates]
-        reps = [self.noise.replicates_for(e, self.fact_ids) for e in epochs]
+        reps = [r for e in epochs if (r := self.noise.replicates_for(e, self.fact_ids)) is not None]
         n = len(self.fact_ids)
         sizes = torch.stack([self.masks[e][:n].sum(1).double() for e in epochs]).log().mean(0).exp().round().long()
         dist = replicate_distances(torch.cat(reps), sizes)[statistic]
@@ -332,7 +335,8 @@ class Timeline:
     def fact(self, fact_id: str) -> pd.DataFrame:
         """The joined table of one fact (or `MEAN`), one row per epoch."""
         if fact_id not in self.rows:
-            raise CircuitdynError(f"unknown fact id {fact_id!r}; the timeline has {len(self.fact_ids)} facts, e.g. {self.fact_ids[:3]}")
+            raise CircuitdynError(f"unknown fact id {fact_id!r}; the timeline has {len(self.fact_ids)} facts, "
+                                  f"e.g. {self.fact_ids[:3]}")
         return self.table[self.table["fact_id"] == fact_id].reset_index(drop=True)
 
     def stability(self, measure: str = "jaccard_prev") -> dict[str, Any]:
@@ -344,8 +348,8 @@ class Timeline:
         `gap_forgotten` = retained minus forgotten only; `auc` = P(a retained transition's similarity >
         a flipped one's) *within a fact*, ties half, averaged over the `auc_n_facts` facts holding both kinds
         weighted by their pairs (`stats.within_stratum_auc`), with its interval over entities (0.5 = no
-        relation; `auc_interval` says why there is none) and `auc_pooled` across facts beside it; `permutation`: a test of
-        retained vs flipped stratified by fact (labels shuffled among one fact's own transitions), with the
+        relation; `auc_interval` says why there is none) and `auc_pooled` across facts beside it; `permutation`:
+        a test of retained vs flipped stratified by fact (labels shuffled among one fact's own transitions), with the
         transitions, facts and entities it rests on.
         """
         if self.outcomes is None:
@@ -583,8 +587,8 @@ def epochs_from_dynamics(dyn: Any) -> pd.DataFrame:
 
 
 def load_run_timeline(
-    run: Any,
-    facts: Sequence[FactPrompt] | None = None,
+    run: Run,
+    facts: FactSet | None = None,
     *,
     selection: str | Selection = DEFAULT_SELECTION,
     circuits_dir: str | Path | None = None,
@@ -607,14 +611,13 @@ def load_run_timeline(
     `extraction.circuits_dir(run)`) holds them with the same settings; rules that evaluate circuits
     (`faith:`) do so on each epoch's model (cached). At `noise_epochs` ("all", the default: every transition
     is tested; "ends" = the first and last epoch; a list; or None) `replicates` draws of the replicate `family`
-    are extracted (`noise.measure_replicates`); a transition between two such epochs is tested against them. Without facts, the cached circuits of one extraction are read (`where`
-    filters their metadata) and no method noise is measured. Probe outcomes and loss come from
-    `circuitdyn.dynamics` when the run has probe results.
+    are extracted (`noise.measure_replicates`); a transition between two such epochs is tested against them.
+    Without facts, the cached circuits of one extraction are read (`where` filters their metadata) and no
+    method noise is measured. Probe outcomes and loss come from `circuitdyn.dynamics` when the run has probe results.
     """
+    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, grid_taken
     from circuitdyn.checkpoints import open_run
     from circuitdyn.extraction import circuits_dir as default_dir
-    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, grid_taken
-    from circuitdyn.circuits import setting
     from circuitdyn.extraction import extract_run, select_circuits
     from circuitdyn.facts import facts_hash
     from circuitdyn.noise import measure_replicates, run_draws
@@ -623,7 +626,9 @@ def load_run_timeline(
     folder = Path(circuits_dir) if circuits_dir is not None else default_dir(run)
     sel = Selection.parse(selection)
     if sel.needs_model and facts is None:
-        raise CircuitdynError(f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)")
+        raise CircuitdynError(
+            f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)"
+        )
     _noise_epochs(noise_epochs, run.epochs)  # unknown epochs are refused before any work
     where = {"seed": seed, **(where or {})}
     if facts is not None:
@@ -683,7 +688,9 @@ def _noise_epochs(spec: Sequence[int] | str | None, epochs: list[int]) -> list[i
         try:
             spec = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
-            raise CircuitdynError(f"noise epochs must be 'ends', 'all', 'none' or comma-separated epochs, got {spec!r}") from None
+            raise CircuitdynError(
+                f"noise epochs must be 'ends', 'all', 'none' or comma-separated epochs, got {spec!r}"
+            ) from None
     unknown = [e for e in spec if e not in epochs]
     if unknown:
         raise CircuitdynError(f"noise epoch(s) {unknown} are not epochs of the run ({epochs})")

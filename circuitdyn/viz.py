@@ -138,8 +138,8 @@ def _edge_traces(
     traces: list[dict[str, Any]] = []
     for key in colours:
         shown = False
-        for (k, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][1]):
-            if k != key:
+        for (kind, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][1]):
+            if kind != key:
                 continue
             traces.append({"type": "scatter", "x": xs, "y": ys, "mode": "lines", "opacity": 0.75,
                            "line": {"color": colours[key], "width": width}, "hoverinfo": "skip", "name": key,
@@ -158,7 +158,8 @@ def _node_trace(graph: Graph, pos: dict[str, tuple[float, float]], importance: t
     imax = float(importance.max()) or 1.0
     imp = importance.tolist()
     names = graph.nodes
-    kinds = ["input" if n == "input" else "logits" if n == "logits" else "attn" if n[0] == "a" else "mlp" for n in names]
+    kinds = ["input" if n == "input" else "logits" if n == "logits" else "attn" if n[0] == "a" else "mlp"
+             for n in names]
     return {
         "type": "scatter", "mode": "markers", "name": "components", "showlegend": False, "hoverinfo": "text",
         "x": [pos[n][0] for n in names], "y": [pos[n][1] for n in names],
@@ -292,7 +293,8 @@ def layer_shift_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
             {"type": "bar", "x": df["layer"].tolist(), "y": df["share_b"].tolist(), "name": _esc(diff.label_b),
              "marker": {"color": "#3182bd"}}]
     layout = {"title": {"text": f"{_esc(fact_id)}: importance share per layer"}, "barmode": "group", "height": 320,
-              "plot_bgcolor": "white", "xaxis": {"title": {"text": "layer"}, "dtick": 1 if diff.graph.n_layers <= 16 else 2},
+              "plot_bgcolor": "white",
+              "xaxis": {"title": {"text": "layer"}, "dtick": 1 if diff.graph.n_layers <= 16 else 2},
               "yaxis": {"title": {"text": "share of |score|"}, "gridcolor": "#eee"},
               "margin": {"l": 50, "r": 20, "t": 50, "b": 40}}
     return {"data": data, "layout": layout}
@@ -624,7 +626,8 @@ def write_circuit_html(
     body = ("<div class=\"controls\"><label>fact <select id=\"fact\"></select></label>"
             "<label>edges <select id=\"size\"></select></label></div><div id=\"circuit\"></div>")
     data = {"variants": variants, "facts": _options(chosen, labels),
-            "sizes": [{"value": str(n), "label": str(n)} for n in sizes], "default_size": str(sizes[min(2, len(sizes) - 1)])}
+            "sizes": [{"value": str(n), "label": str(n)} for n in sizes],
+            "default_size": str(sizes[min(2, len(sizes) - 1)])}
     script = """
 var fact = fillSelect("fact", DATA.facts), size = fillSelect("size", DATA.sizes);
 size.value = DATA.default_size;
@@ -651,13 +654,14 @@ def write_diff_html(
     from circuitdyn.report import describe_diff
 
     cols = ["n_a", "n_b", "faith_a", "faith_b", "gap_a", "gap_b", "included", "added", "removed", "changed", "kept",
-            "sign_flips", "edge_jaccard", "noise_distance", "p_value", "q_value", "changed_beyond_noise", "effect", "weighted_jaccard", "spearman",
-            "rbo", "attn_shift", "deep_shift", "paths_lost"]
+            "sign_flips", "edge_jaccard", "noise_distance", "p_value", "q_value", "changed_beyond_noise", "effect",
+            "weighted_jaccard", "spearman", "rbo", "attn_shift", "deep_shift", "paths_lost"]
     facts_df = diff.facts[[c for c in cols if c in diff.facts]]
     findings = "".join(f"<li>{_esc(line)}</li>" for line in describe_diff(diff))
     body = (
         "<div class=\"row\"><div><h3>findings</h3><ul>" + findings + "</ul></div>"
-        "<div><h3>legend</h3><p>" + " ".join(f"<span style=\"color:{c}\">■ {s}</span>" for s, c in STATUS_COLOURS.items())
+        "<div><h3>legend</h3><p>"
+        + " ".join(f"<span style=\"color:{c}\">■ {s}</span>" for s, c in STATUS_COLOURS.items())
         + f"</p><p>selection {_esc(diff.selection)}; an edge counts as added/removed/changed only when its score moved "
         "by more than its method-noise band (the largest difference between re-attributions of one checkpoint; "
         "else: noise).</p></div></div>"
@@ -672,7 +676,8 @@ var fact = fillSelect("fact", DATA.facts);
 function update() {
   var v = DATA.variants[fact.value];
   document.getElementById("paths").innerHTML = v.paths;  // built server-side from escaped text
-  return Promise.all([draw("circuit", v.circuit), draw("sankey", v.sankey), draw("layers", v.layers)]).then(markRendered);
+  return Promise.all([draw("circuit", v.circuit), draw("sankey", v.sankey), draw("layers", v.layers)])
+    .then(markRendered);
 }
 fact.addEventListener("change", update);
 update();
@@ -691,7 +696,8 @@ def write_timeline_html(
     with `transfer` (a `diff.transfer_matrix` table) also the cross-epoch faithfulness heatmap."""
     chosen = _pick_facts(timeline.fact_ids, facts, max_facts)
     epochs = timeline.epochs
-    circuits = {f"{f}|{e}": timeline_circuit_spec(timeline, f, e, (labels or {}).get(f)) for f in chosen for e in epochs}
+    circuits = {f"{f}|{e}": timeline_circuit_spec(timeline, f, e, (labels or {}).get(f))
+                for f in chosen for e in epochs}
     lines = timeline_spec(timeline)
     fact_lines = {f: _fact_similarity_trace(timeline, f) for f in chosen if f != MEAN}
     life = timeline.lifetimes
@@ -715,7 +721,8 @@ def write_timeline_html(
         f"<label>epoch <input type=\"range\" id=\"epoch\" min=\"0\" max=\"{len(epochs) - 1}\" step=\"1\" value=\"0\">"
         "</label><span id=\"epoch-label\"></span></div>"
         "<div class=\"row\"><div id=\"circuit\"></div><div id=\"lines\"></div></div>"
-        "<div class=\"row\"><div id=\"heatmap\"></div>" + ("<div id=\"transfer\"></div>" if transfer is not None else "")
+        "<div class=\"row\"><div id=\"heatmap\"></div>"
+        + ("<div id=\"transfer\"></div>" if transfer is not None else "")
         + "</div><h3>edge lifetimes</h3><div id=\"lifetimes\"></div>"
     )
     data = {"circuits": circuits, "lines": lines, "fact_lines": fact_lines, "heatmap": heatmap_spec(timeline),

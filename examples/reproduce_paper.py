@@ -217,8 +217,10 @@ def collect(root: Path, seeds: list[int], dest: Path) -> None:
             mask = task_circuit(cs.scores, cs.graph, res["settings"]["top_n"])
             task_rows.append({"seed": seed, "epoch": epoch, "baseline_logit_diff": res["baseline"]["logit_diff"],
                               "baseline_hit_at_10": res["baseline"]["hit_at_10"],
-                              "circuit_logit_diff": res["mean"]["logit_diff"], "circuit_hit_at_10": res["mean"]["hit_at_10"],
-                              "circuit_edges": res["settings"]["circuit_edges"][0], "ig_steps": res["settings"]["ig_steps"],
+                              "circuit_logit_diff": res["mean"]["logit_diff"],
+                              "circuit_hit_at_10": res["mean"]["hit_at_10"],
+                              "circuit_edges": res["settings"]["circuit_edges"][0],
+                              "ig_steps": res["settings"]["ig_steps"],
                               "ig_grid": setting(res["settings"], "ig_grid"),
                               "jaccard_prev": jaccard(mask, prev_mask) if prev_mask is not None else None})
             prev_mask = mask
@@ -234,8 +236,8 @@ def collect(root: Path, seeds: list[int], dest: Path) -> None:
                                   "ig_grid": setting(cs.meta, "ig_grid"),
                                   "jaccard_prev": jaccard(masks[i], prev[i]) if prev is not None else None})
             prev = masks
-    for name, rows in (("dynamics", dyn_rows), ("entities", ent_rows), ("controls", ctrl_rows), ("task_circuit", task_rows),
-                       ("fact_circuits", fact_rows), ("epochs", loss_rows)):
+    for name, rows in (("dynamics", dyn_rows), ("entities", ent_rows), ("controls", ctrl_rows),
+                       ("task_circuit", task_rows), ("fact_circuits", fact_rows), ("epochs", loss_rows)):
         pd.DataFrame(rows).to_csv(dest / f"{name}.csv", index=False)
     print(f"collected {len(loss_rows)} seed-epochs into {dest}")
 

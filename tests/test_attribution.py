@@ -237,4 +237,5 @@ def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
         n = len(f.clean_tokens)
         assert abs(float(m_clean[0]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-4
         batch = Fw.make_batch(model, facts)
-        assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2, ig_grid="right"), reference_scores(model, batch, 2), atol=1e-4)
+        assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2, ig_grid="right"),
+                              reference_scores(model, batch, 2), atol=1e-4)

@@ -13,8 +13,8 @@ import circuitdyn
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, circuit_graph, diff_circuits, strongest_paths
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
 from circuitdyn.faithfulness import gap_ok
+from circuitdyn.graph import Graph
 from circuitdyn.noise import MethodNoise, noise_from_replicates
 from circuitdyn.selection import Selection, smallest_faithful
 from circuitdyn.similarity import rank_biased_overlap, spearman, weighted_jaccard
@@ -313,8 +313,8 @@ def test_transfer_matrix(tmp_path):
 def write_probes(path, ids):
     import json
 
-    path.write_text("".join(json.dumps({"id": i, "entity": "Ada Lovelace", "question": f"Who is {i}?", "answer": "x"}) + "\n"
-                            for i in ids))
+    path.write_text("".join(json.dumps({"id": i, "entity": "Ada Lovelace", "question": f"Who is {i}?", "answer": "x"})
+                            + "\n" for i in ids))
     return path
 
 
@@ -487,7 +487,8 @@ def test_cli_diff_checkpoints_of_different_architectures(make_run, tmp_path, cap
 
     llama, gpt2 = make_run("llama", 1, name="arch-llama"), make_run("gpt2", 1, name="arch-gpt2")
     probes = write_probes_jsonl(load_probes()[:1], tmp_path / "p.jsonl")
-    args = ["diff", f"{llama}:1", f"{gpt2}:1", "--probes", str(probes), "--method", "eap", "--out", str(tmp_path / "d.html")]
+    args = ["diff", f"{llama}:1", f"{gpt2}:1", "--probes", str(probes), "--method", "eap",
+            "--out", str(tmp_path / "d.html")]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "architecture" in err and "LlamaForCausalLM" in err and "GPT2LMHeadModel" in err

@@ -80,7 +80,8 @@ def test_question_family_draws_each_fact_its_own_swap_partner(trained_pair_run, 
 
     run, probes = trained_pair_run
     assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--family", "question",
-                 "--replicates", "4", "--json", "--circuits", str(tmp_path / "c"), "--out", str(tmp_path / "d.html")]) == 0
+                 "--replicates", "4", "--json", "--circuits", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "d.html")]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["baseline"]["family"] == "question" and d["summary"]["change_test"]["family"] == "question"
     assert all(name.endswith(" q") for name in d["baseline"]["replicates"])

@@ -14,8 +14,15 @@ import torch
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.cli import main
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.export import (SCHEMA_PATH, from_graph_json, to_csv, to_graph_json, to_graphml,
-                               validate_graph_json, write_graph_json)
+from circuitdyn.export import (
+    SCHEMA_PATH,
+    from_graph_json,
+    to_csv,
+    to_graph_json,
+    to_graphml,
+    validate_graph_json,
+    write_graph_json,
+)
 from circuitdyn.graph import Graph
 from circuitdyn.selection import Selection
 
@@ -113,7 +120,8 @@ def test_json_round_trip_equals_to_networkx(cs, selection):
     _same(from_graph_json(d), cs.to_networkx("f3", selection, circuit_only=True))
     # networkx reads the nodes and links of the file directly
     plain = nx.node_link_graph(d, edges="links")
-    assert isinstance(plain, nx.DiGraph) and sorted(plain.edges(data=True)) == sorted(from_graph_json(d).edges(data=True))
+    assert isinstance(plain, nx.DiGraph)
+    assert sorted(plain.edges(data=True)) == sorted(from_graph_json(d).edges(data=True))
 
 
 def test_json_all_edges_with_flags_round_trip(cs):
@@ -192,7 +200,8 @@ def test_cli_export_writes_json_graphml_and_csv(circuit_file, tmp_path, capsys):
     code, out, _ = _cli(["export", str(circuit_file), "--format", "json", "--fact", "f1", "--select", "top:5",
                          "--out", str(tmp_path / "g.json")], capsys)
     d = json.loads((tmp_path / "g.json").read_text())
-    assert code == 0 and out == f"wrote {len(d['nodes'])} nodes, {len(d['links'])} links (top:5) to {tmp_path / 'g.json'}\n"
+    assert code == 0
+    assert out == f"wrote {len(d['nodes'])} nodes, {len(d['links'])} links (top:5) to {tmp_path / 'g.json'}\n"
     validate_graph_json(d)
     assert d["metadata"]["source_file"] == str(circuit_file)
 
@@ -233,4 +242,5 @@ def test_cli_export_refuses_bad_input(circuit_file, tmp_path, capsys, extra, exp
 
 def test_cli_export_missing_circuit_file(tmp_path, capsys):
     code, _, err = _cli(["export", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.csv")], capsys)
-    assert code == 2 and err.strip() == f"circuitdyn export: error: circuit file {tmp_path / 'none.safetensors'} does not exist"
+    missing = tmp_path / "none.safetensors"
+    assert code == 2 and err.strip() == f"circuitdyn export: error: circuit file {missing} does not exist"

@@ -159,7 +159,8 @@ def test_curve_and_smallest_circuit(tiny_tl):
     assert (faith >= 0.8).all()
     check = faithfulness(tiny_tl, facts, masks)
     assert torch.allclose(check, faith, atol=1e-5)
-    assert torch.equal(masks, select_top_n(scores, 0) | torch.stack([select_top_n(s, int(k)) for s, k in zip(scores, n)]))
+    expected = select_top_n(scores, 0) | torch.stack([select_top_n(s, int(k)) for s, k in zip(scores, n)])
+    assert torch.equal(masks, expected)
 
 
 def test_undefined_faithfulness_is_nan(tiny_tl):

@@ -12,7 +12,9 @@ LESS = "evidence that circuits are *less* similar while a fact stays recalled th
 NAN = float("nan")
 
 
-def stability(difference: float, p: float, auc: float, ci: tuple[float, float], note: str | None = None) -> dict[str, Any]:
+def stability(
+    difference: float, p: float, auc: float, ci: tuple[float, float], note: str | None = None
+) -> dict[str, Any]:
     """A `Timeline.stability()` result with the given test and AUC."""
     st: dict[str, Any] = {"fact_choice": "seeded sample, before outcomes", "n_entities": 9, "auc": auc,
                           "auc_ci": list(ci), "auc_n_facts": 12, "auc_interval": note,

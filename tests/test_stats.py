@@ -181,5 +181,6 @@ def test_within_fact_auc_agrees_with_the_stratified_test_where_the_pooled_auc_do
     assert pooled < 0.5 and test.difference > 0
     assert within.value == 1.0 and within.n == 8 and within.lo > 0.5
     assert np.sign(within.value - 0.5) == np.sign(test.difference)
-    ties = within_stratum_auc([1.0, 1.0, 2.0, 0.0], [True, False, True, False], ["a", "a", "b", "b"], ["a", "a", "b", "b"])
+    ties = within_stratum_auc([1.0, 1.0, 2.0, 0.0], [True, False, True, False], ["a", "a", "b", "b"],
+                              ["a", "a", "b", "b"])
     assert ties.value == pytest.approx((0.5 + 1.0) / 2) and not ties.has_interval  # 2 entities: no interval

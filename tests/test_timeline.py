@@ -204,7 +204,8 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     probes = load_probes()[:2]
     write_probes_jsonl(probes, tmp_path / "p.jsonl")
     for e in range(3):
-        rows = [{"probe_id": p.id, "entity": p.entity, "recall": float(e != 1 or i), "f1": 1.0} for i, p in enumerate(probes)]
+        rows = [{"probe_id": p.id, "entity": p.entity, "recall": float(e != 1 or i), "f1": 1.0}
+                for i, p in enumerate(probes)]
         (run / f"epoch_{e}" / "probe_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["timeline", str(run), "--probes", str(tmp_path / "p.jsonl"), "--steps", "1", "--top-n", "30"]
     assert main([*args, "--transfer"]) == 0

@@ -62,7 +62,8 @@ def trainer_runs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_info_lists_the_trainer_checkpoints(trainer_runs, kind, capsys) -> None:
-    argv = ["info", str(trainer_runs[kind]), "--json"] + (["--base", str(trainer_runs["base"])] if kind == "full" else [])
+    base = ["--base", str(trainer_runs["base"])] if kind == "full" else []
+    argv = ["info", str(trainer_runs[kind]), "--json", *base]
     assert main(argv) == 0
     epochs = json.loads(capsys.readouterr().out)["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]  # epoch 0: the base (the adapter's own, or --base)

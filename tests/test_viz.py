@@ -48,7 +48,8 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, obj
 
     transfer = transfer_matrix(circuits, evaluate, "top:10")
     return {
-        "circuit": (viz.write_circuit_html(circuits[0], out / "circuit.html", labels=labels, sizes=(5, 10, 40)), circuits[0]),
+        "circuit": (viz.write_circuit_html(circuits[0], out / "circuit.html", labels=labels, sizes=(5, 10, 40)),
+                    circuits[0]),
         "diff": (viz.write_diff_html(d, out / "diff.html", labels=labels), d),
         "timeline": (viz.write_timeline_html(tl, out / "timeline.html", labels=labels, transfer=transfer), tl),
     }
@@ -106,9 +107,11 @@ def test_diff_and_timeline_figures():
     assert len(bars) == 2 and list(bars[0].y) == pytest.approx(shares["share_a"].tolist())
     assert list(bars[1].y) == pytest.approx(shares["share_b"].tolist())
     tl = build_timeline(cs, "top:10", outcomes=outcomes(),
-                        epochs=pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.0], "math": [1, 0.5, 0.5, 0.4]}))
+                        epochs=pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.0],
+                                             "math": [1, 0.5, 0.5, 0.4]}))
     names = {t.name for t in viz.timeline_figure(tl, "flaky").data}
-    assert {"train loss", "facts recalled", "math", "replaced vs previous epoch (mean, 95 % CI)", "flaky: replaced"} <= names
+    assert {"train loss", "facts recalled", "math", "replaced vs previous epoch (mean, 95 % CI)",
+            "flaky: replaced"} <= names
     assert not any(str(n).startswith("method noise") for n in names)  # no noise measured: no band drawn
     sel = Selection.parse("top:10")
     reps = [(f"r{i}", c, sel.select(c.scores, c.graph)[0], None) for i, c in enumerate([cs[0], cs[1]])]

@@ -91,7 +91,8 @@ def main(folder: Path = HERE) -> None:
         get = {c: (t.loc[epoch] if epoch in t.index else None) for c, t in cols.items()}
         p = paper_dyn.loc[epoch] if epoch in paper_dyn.index else None
         arf = "-" if p is None or pd.isna(p["acquired"]) else f"{p['acquired']} / {p['retained']} / {p['forgotten']}"
-        out.append(row([epoch, int(get["learned"]["seeds"]) if get["learned"] is not None else 0, fmt(get["learned"], 1),
+        seeds = int(get["learned"]["seeds"]) if get["learned"] is not None else 0
+        out.append(row([epoch, seeds, fmt(get["learned"], 1),
                         fmt(get["acquired"], 1), fmt(get["retained"], 1), fmt(get["forgotten"], 1),
                         fmt(get["mean_recall"], 3), fmt(get["train_loss"], 3), fmt(get["math"], 3),
                         fmt(get["SocialIQA"], 3), "-" if p is None else p["learned"], arf,
@@ -132,8 +133,8 @@ def main(folder: Path = HERE) -> None:
     out += ["", (f"### Per-fact circuits ({facts['fact_id'].nunique()} facts sampled before training, EAP-IG {fsteps} "
             f"steps, {fgrid} grid, {facts['selection'].iloc[0]}; faithfulness only where the corruption moves the "
             f"answer log-prob by >= {MIN_GAP} nat, signed; Jaccard only where it does so at both epochs)"), "",
-            row(["epoch", "seeds", "mean Jaccard with previous epoch", "median faithfulness", "fact-seeds excluded (gap)",
-                 "Jaccards excluded (gap at either epoch)"]),
+            row(["epoch", "seeds", "mean Jaccard with previous epoch", "median faithfulness",
+                 "fact-seeds excluded (gap)", "Jaccards excluded (gap at either epoch)"]),
             row(["---"] * 6)]
     for epoch in sorted(fsum["epoch"].unique()):
         g = fsum[fsum["epoch"] == epoch]
