@@ -158,8 +158,9 @@ def extract_run(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
 
     A file is reused when it holds the same checkpoint content hash and `settings`. Each new file's
     metadata also records the faithfulness of every fact's top-`top_n` circuit (`faithfulness`,
-    `faithfulness_selection`; skipped with `top_n=None`, as for method-noise replicates) and the metric of the clean and corrupted runs (`m_clean`, `m_corrupted`):
-    faithfulness is only meaningful where they differ clearly. `store`: float16 (scaled per fact, the
+    `faithfulness_selection`; skipped with `top_n=None`, as for method-noise replicates) and the metric of the
+    clean and corrupted runs (`m_clean`, `m_corrupted`): faithfulness is only meaningful where they differ
+    clearly. `store`: float16 (scaled per fact, the
     default) or float32 scores; `sparse_top_k`: keep each fact's top-k edges (`CircuitSet.save`).
     `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`. When `facts` is a
     `facts.FactSet` read from a probe file, `out_dir/facts.json` then records it (`facts.record_facts`), so
@@ -278,7 +279,7 @@ def assemble(parts: Sequence[CircuitSet], facts: Sequence[FactPrompt]) -> Circui
 
 def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int],
                    ray: str = "auto", *, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-                   metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8, top_n: int = 1000,
+                   metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8, top_n: int | None = 1000,
                    store: str = "float16",
                    sparse_top_k: int | None = None, extra_meta: dict[str, Any] | None = None,
                    overwrite: bool = False, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
