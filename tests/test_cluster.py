@@ -50,9 +50,8 @@ def local(run_and_facts, tmp_path_factory):
 def assert_same_files(local, folder: Path, extra_meta: dict | None = None) -> None:
     from circuitdyn.circuits import CircuitSet
 
-    recorded = {"facts.json", ".facts.json.lock"}  # the run's record of its fact set, beside the circuits
+    recorded = {"facts.json", ".facts.json.lock"}  # the run's record of a probe file's facts, beside the circuits
     assert sorted(p.name for p in folder.iterdir() if p.name not in recorded) == sorted(r.path.name for r in local)
-    assert (folder / "facts.json").is_file()
     for r in local:
         a, b = CircuitSet.load(r.path), CircuitSet.load(folder / r.path.name)
         assert a.fact_ids == b.fact_ids and a.edges == b.edges
@@ -111,6 +110,7 @@ def test_cli_extract_on_ray_writes_the_local_files(cluster, run_and_facts, local
     assert main(args) == 0
     assert capsys.readouterr().out.count("(written)") == 2
     assert_same_files(local, out, {"probe_file": str(probes)})
+    assert (out / "facts.json").is_file()  # the CLI's facts come from a probe file: the folder records them
     assert main(args) == 0  # a re-run finds every epoch's file and computes nothing
     assert capsys.readouterr().out.count("(cached)") == 2
 
