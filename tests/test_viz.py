@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +26,8 @@ from circuitdyn.timeline import build_timeline
 from circuitdyn.transfer import transfer_matrix
 
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "artifacts" / "browser"
+ARTIFACTS = Path(os.environ.get("CIRCUITDYN_ARTIFACTS") or tempfile.gettempdir()) / "circuitdyn-browser"
+"""Where the browser tests leave their screenshots: outside the repository (the suite writes nothing there)."""
 GRAPH = Graph(4, 4)
 EVIL = "fl<script>alert('x')</script>&"
 
