@@ -119,6 +119,17 @@ def _cr1_halfwidth(v: np.ndarray, inverse: np.ndarray, n_groups: int, level: flo
     return t_quantile(1 - (1 - level) / 2, n_groups - 1) * math.sqrt(var)
 
 
+def _valid(values: Sequence[float] | np.ndarray, groups: Sequence[Any] | np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Values and their groups (as text) with NaN values dropped; the two must have one length."""
+    v = np.asarray(values, dtype=float)
+    g = np.asarray([str(x) for x in groups])
+    if v.shape != g.shape:
+        raise ValueError(f"values ({v.shape}) and groups ({g.shape}) differ in length")
+    keep = ~np.isnan(v)
+    return v[keep], g[keep]
+
+
 def mean_ci(
     values: Sequence[float] | np.ndarray,
     groups: Sequence[Any] | np.ndarray,
@@ -128,12 +139,7 @@ def mean_ci(
 ) -> Estimate:
     """Mean of `values` with a cluster-robust (CR1) t interval over `groups` (entities), none below
     `min_groups` groups. NaN values are dropped first (and not counted in n)."""
-    v = np.asarray(values, dtype=float)
-    g = np.asarray([str(x) for x in groups])
-    if v.shape != g.shape:
-        raise ValueError(f"values ({v.shape}) and groups ({g.shape}) differ in length")
-    keep = ~np.isnan(v)
-    v, g = v[keep], g[keep]
+    v, g = _valid(values, groups)
     if len(v) == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0, 0, level, min_groups=min_groups)
     names, inverse = np.unique(g, return_inverse=True)
@@ -199,13 +205,8 @@ def bootstrap_ci(
     (`cluster_bootstrap`). NaN values are dropped first (and not counted in n)."""
     if statistic is np.mean:
         return mean_ci(values, groups, level=level, min_groups=min_groups)
-    v = np.asarray(values, dtype=float)
-    g = np.asarray([str(x) for x in groups])
-    if v.shape != g.shape:
-        raise ValueError(f"values ({v.shape}) and groups ({g.shape}) differ in length")
-    keep = ~np.isnan(v)
-    v, g = v[keep], g[keep]
-    return cluster_bootstrap(g, lambda idx: statistic(v[idx]), n_boot=n_boot, level=level, seed=seed,
+    v, g = _valid(values, groups)
+    return cluster_bootstrap(list(g), lambda idx: statistic(v[idx]), n_boot=n_boot, level=level, seed=seed,
                              min_groups=min_groups)
 
 
