@@ -44,6 +44,7 @@ from circuitdyn.checkpoints import default_model_dir, open_run  # noqa: E402
 from circuitdyn.facts import load_facts  # noqa: E402
 from circuitdyn.faithfulness import CircuitEvaluator  # noqa: E402
 from circuitdyn.selection import on_paths, prune_faithful, smallest_faithful  # noqa: E402
+from circuitdyn.settings import AttributionSettings  # noqa: E402
 
 
 def main() -> None:
@@ -78,7 +79,7 @@ def main() -> None:
         return ev.faithfulness(masks)
 
     t = time.perf_counter()
-    scores = attribute(model, facts, "eap-ig", steps=3)
+    scores = attribute(model, facts, AttributionSettings("eap-ig", 3))
     t_attr = time.perf_counter() - t
     print(f"EAP-IG scores of {len(facts)} facts: {t_attr:.0f} s", flush=True)
 

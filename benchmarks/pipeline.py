@@ -42,6 +42,7 @@ from circuitdyn.faithfulness import CircuitEvaluator  # noqa: E402
 from circuitdyn.noise import REPLICATE_GRID, draw_settings  # noqa: E402
 from circuitdyn.probes import FactPrompt  # noqa: E402
 from circuitdyn.selection import Selection, top_n_by_fact  # noqa: E402
+from circuitdyn.settings import AttributionSettings, Compute  # noqa: E402
 
 B = 8
 """Facts per batch (attribution's and the evaluator's default)."""
@@ -105,20 +106,21 @@ def main() -> None:
             scores = n = None
             for stage in order:
                 if stage in ("selection", "replicates") and scores is None:
-                    scores = attribute(model, chunk, seed=args.seed, batch_size=B)
+                    scores = attribute(model, chunk, AttributionSettings(seed=args.seed), Compute(batch_size=B))
                 if stage == "replicates" and n is None:
                     ev = CircuitEvaluator(model, chunk, seed=args.seed, batch_size=B)
                     n = sel.select(scores, ev.graph, ev.faithfulness)[0].sum(1)
                 t = time.perf_counter()
                 if stage == "attribution":
-                    scores = attribute(model, chunk, seed=args.seed, batch_size=B)
+                    scores = attribute(model, chunk, AttributionSettings(seed=args.seed), Compute(batch_size=B))
                 elif stage == "selection":
                     ev = CircuitEvaluator(model, chunk, seed=args.seed, batch_size=B)
                     masks, _ = sel.select(scores, ev.graph, ev.faithfulness)
                     n = masks.sum(1)
                 else:
                     for d in draws:
-                        rep = attribute(model, chunk, seed=d.seed, batch_size=B, ig_grid=REPLICATE_GRID)
+                        rep = attribute(model, chunk, AttributionSettings(ig_grid=REPLICATE_GRID, seed=d.seed),
+                                        Compute(batch_size=B))
                         top_n_by_fact(rep, n)
                 best[stage][j] = min(best[stage][j], time.perf_counter() - t)
             sizes[j] = [int(k) for k in n]  # type: ignore[union-attr]

@@ -2,7 +2,7 @@
 
 1. ray_over_local: the same grid (a two-epoch run of the embedded SmolLM2-135M-Instruct, epoch_1 = epoch_0
    plus small noise; N seed facts; EAP-IG M steps) extracted with `extract_run(...)` and with
-   `extract_run(..., ray="auto")` on a local cluster of this machine's CPUs, alternately, each into a fresh
+   `extract_run(..., Compute(ray="auto"))` on a local cluster of this machine's CPUs, alternately, each into a fresh
    folder; ray_over_local is the median over rounds of the ratio within a round (a round runs both back to
    back, so load from other jobs hits both alike), ray_over_local_of_medians the ratio of the medians. The
    cluster is started once before the timing (its start-up time is printed as ray_startup_s); one untimed
@@ -60,6 +60,7 @@ from circuitdyn.circuits import CircuitSet
 from circuitdyn.extraction import default_shard_size, extract_run
 from circuitdyn.facts import load_facts
 from circuitdyn.graph import Graph
+from circuitdyn.settings import AttributionSettings, Compute
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,10 @@ def main() -> None:
             n += 1
             out = Path(tmp) / f"out{n}"
             epochs = [0, 1] if grid == "all" else [0]
-            kw = {"steps": args.steps, "batch_size": args.batch_size,
-                  "shard_size": None if grid == "all" else args.facts}
-            wall = timed(lambda: extract_run(open_run(root), facts, out, epochs, ray="auto" if on_ray else None, **kw))
+            settings = AttributionSettings(steps=args.steps)
+            compute = Compute(args.batch_size, ray="auto" if on_ray else None,
+                              shard_size=None if grid == "all" else args.facts)
+            wall = timed(lambda: extract_run(open_run(root), facts, out, epochs, settings, compute))
             if record:
                 walls.setdefault((grid, on_ray), []).append(wall)
             return out

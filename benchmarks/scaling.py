@@ -61,12 +61,13 @@ def _model_and_facts(n: int, template: str, variant: int = 0):
 def worker(args: argparse.Namespace) -> None:
     """One timed attribution in this process: prints JSON (seconds per fact, peak memory over the baseline)."""
     from circuitdyn.attribution import attribute
+    from circuitdyn.settings import AttributionSettings, Compute
 
     torch.set_num_threads(args.threads)
     model, facts = _model_and_facts(args.facts, "auto")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     wall, cpu = time.perf_counter(), time.process_time()
-    scores = attribute(model, facts, "eap-ig", STEPS, batch_size=args.batch)
+    scores = attribute(model, facts, AttributionSettings("eap-ig", STEPS), Compute(batch_size=args.batch))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.save:
@@ -138,8 +139,9 @@ def storage(scores_path: Path, tmp: Path) -> float:
 def quadrature(ms: list[int], n_facts: int) -> float:
     import numpy as np
 
-    from circuitdyn.attribution import IG_GRIDS, attribute, ig_nodes
+    from circuitdyn.attribution import attribute, ig_nodes
     from circuitdyn.selection import select_top_n
+    from circuitdyn.settings import IG_GRIDS, AttributionSettings, Compute
     from circuitdyn.similarity import distances
 
     torch.set_num_threads(1)
@@ -150,7 +152,7 @@ def quadrature(ms: list[int], n_facts: int) -> float:
     facts, other = [facts[i] for i in keep], [other[i] for i in keep]
 
     def ig(fs, grid: str, m: int) -> torch.Tensor:
-        return attribute(model, fs, "eap-ig", m, batch_size=len(fs), ig_grid=grid)  # type: ignore[arg-type]
+        return attribute(model, fs, AttributionSettings("eap-ig", m, grid), Compute(batch_size=len(fs)))  # type: ignore[arg-type]
 
     def dist(a: torch.Tensor, b: torch.Tensor) -> dict[str, np.ndarray]:
         return distances(a, b, select_top_n(a, 200), select_top_n(b, 200))

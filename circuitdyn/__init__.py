@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 # imported lazily by the module-level `__getattr__`.
 
 __all__ = [
-    "open_run", "Run", "load_facts", "FactSet", "extract", "load_circuits", "CircuitSet", "Selection",
-    "diff", "diff_circuits", "timeline", "calibrate", "view", "export", "to_graph_json",
+    "open_run", "Run", "load_facts", "FactSet", "AttributionSettings", "Comparison", "Selection", "extract",
+    "load_circuits", "CircuitSet", "diff", "diff_circuits", "timeline", "calibrate", "view", "export", "to_graph_json",
 ]
 
 _LAZY = {
@@ -33,16 +33,19 @@ _LAZY = {
     "load_circuits": ("circuitdyn.api", "load_circuits"),
     "CircuitSet": ("circuitdyn.circuits", "CircuitSet"),
     "Selection": ("circuitdyn.selection", "Selection"),
-    "diff_circuits": ("circuitdyn.diff", "diff_circuits"),
+    "AttributionSettings": ("circuitdyn.settings", "AttributionSettings"),
+    "Comparison": ("circuitdyn.settings", "Comparison"),
+    "diff_circuits": ("circuitdyn.api", "diff_circuits"),
     "calibrate": ("circuitdyn.calibration", "calibrate"),
     "view": ("circuitdyn.api", "view"),
     "to_graph_json": ("circuitdyn.export", "to_graph_json"),
 }
 
-_CALLABLE_SUBMODULES = {"diff": "diff_checkpoints", "timeline": "load_run_timeline", "export": "export"}
+_CALLABLE_SUBMODULES = {"diff": ("circuitdyn.api", "diff"), "timeline": ("circuitdyn.api", "timeline"),
+                        "export": ("circuitdyn.export", "export")}
 """`cd.diff`, `cd.timeline` and `cd.export` are also the names of submodules, which Python binds on the package
 when they are imported; so these submodules are made callable: `cd.diff(a, b, probes)` is
-`circuitdyn.diff.diff_checkpoints(...)`, `cd.timeline(run, facts)` is `load_run_timeline`, `cd.export(cs, path,
+`circuitdyn.api.diff(...)`, `cd.timeline(run, facts)` is `circuitdyn.api.timeline`, `cd.export(cs, path,
 format)` is `circuitdyn.export.export`, and `cd.diff.diff_circuits` still reaches the module."""
 
 
@@ -50,7 +53,8 @@ class _CallableModule(_types.ModuleType):
     """A submodule that is also its main function (see `_CALLABLE_SUBMODULES`)."""
 
     def __call__(self, *args, **kwargs):
-        return getattr(self, _CALLABLE_SUBMODULES[self.__name__.rpartition(".")[2]])(*args, **kwargs)
+        module, name = _CALLABLE_SUBMODULES[self.__name__.rpartition(".")[2]]
+        return getattr(_importlib.import_module(module), name)(*args, **kwargs)
 
 
 class _Package(_types.ModuleType):

@@ -1,4 +1,4 @@
-"""The notebook's front door: thin functions over the modules, re-exported by `circuitdyn` itself.
+"""The notebook's front door, and the command line's: thin functions over the modules, re-exported by `circuitdyn`.
 
     import circuitdyn as cd
     run = cd.open_run("runs/my-run")
@@ -7,13 +7,16 @@
     tl = cd.timeline(run, facts)               # a Timeline; tl.to_frame(), tl.figure(), tl.describe()
     d = cd.diff(f"{run.path}:0", f"{run.path}:5", "probes.jsonl")
 
-Everything here accepts a run or its folder, and does nothing the modules do not: it picks the defaults the
-command line picks.
+This is where loose input becomes values: a run's folder is opened, a probe file becomes a `FactSpec` and its
+facts, a selection rule is parsed (`Selection.parse`), settings chosen only in part (a dict of
+`AttributionSettings` fields) are completed, as the command line completes them: with the settings of the
+circuits cached for the run's recorded facts, else the defaults. Everything below takes the values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +25,13 @@ from circuitdyn.errors import CircuitdynError
 if TYPE_CHECKING:
     from circuitdyn.checkpoints import Run
     from circuitdyn.circuits import CircuitSet
-    from circuitdyn.facts import FactSet
+    from circuitdyn.diff import CircuitDiff, Side
+    from circuitdyn.facts import FactSet, FactSpec
+    from circuitdyn.selection import Selection
+    from circuitdyn.settings import AttributionSettings, Comparison, Compute, Storage
+    from circuitdyn.timeline import Timeline
+
+Log = Callable[[str], None]
 
 
 def _run(run: str | Path | Run) -> Run:
@@ -57,25 +66,202 @@ def load_facts(probes: Any = None, tokenizer: Any = None, **options: Any) -> Fac
     return facts_mod.load_facts(probes, tokenizer, **options)
 
 
-def extract(run: str | Path | Run, facts: FactSet | str | Path | None = None, *,
-            out: str | Path | None = None, epochs: Sequence[int] | None = None,
-            **kwargs: Any) -> dict[int, CircuitSet]:
+def settings_of(settings: AttributionSettings | Mapping[str, Any] | None) -> AttributionSettings:
+    """Complete settings: as given, or the fields of a dict with the defaults for the others."""
+    from circuitdyn.settings import AttributionSettings
+
+    return settings if isinstance(settings, AttributionSettings) else AttributionSettings(**dict(settings or {}))
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """What a command works on, once its loose input is resolved: the facts (None: the cached circuits are read
+    as they are), the spec they come from, the complete settings, or (without facts) the metadata filter of the
+    cached circuits to read."""
+
+    facts: FactSet | None
+    spec: FactSpec | None
+    settings: AttributionSettings | None
+    where: dict[str, Any] | None
+
+    @property
+    def fact_choice(self) -> str:
+        return self.spec.choice if self.spec is not None else "given"
+
+
+def choose(run: Run, folder: Path, facts: FactSet | FactSpec | str | Path | None,
+           settings: AttributionSettings | Mapping[str, Any] | None, log: Log | None = None) -> Chosen:
+    """Resolve a command's facts and settings for `run`, whose circuits are cached in `folder`.
+
+    Facts: a `FactSet`, a `FactSpec` or a probe file (tokenized by the run), or None: the run's recorded facts
+    (`facts.run_facts`) when it has them, else none (the cached circuits are read as they are). Settings:
+    complete (`AttributionSettings`), a dict of the fields chosen, or None (nothing chosen).
+
+    With facts given, settings chosen in part get the defaults. With the run's recorded facts, they get those of
+    the facts' cached circuits when exactly one set of cached settings fits what was chosen (several: an error
+    naming them), else the defaults. Without facts, what was chosen filters the cached circuits
+    (`settings.settings_filter`)."""
+    from circuitdyn.facts import FactSet, FactSpec, recorded_facts, run_facts
+    from circuitdyn.settings import AttributionSettings, settings_filter
+
+    if isinstance(facts, FactSet):
+        return Chosen(facts, None, settings_of(settings), None)
+    if facts is not None:
+        named = facts if isinstance(facts, FactSpec) else FactSpec(facts)
+        return Chosen(named.load(run.tokenizer()), named, settings_of(settings), None)
+    complete = settings if isinstance(settings, AttributionSettings) else None
+    given = None if isinstance(settings, AttributionSettings) else dict(settings or {})
+    recorded = run_facts(run, folder=folder) if recorded_facts(folder) is not None else None
+    spec = FactSpec.of(recorded) if recorded is not None else None
+    if recorded is None or spec is None or spec.ids is not None or spec.probes is None:
+        # no facts, or facts the command line cannot name: the cached circuits are read as they are
+        if given is None:
+            return Chosen(None, None, complete, None)
+        return Chosen(None, None, None, settings_filter(given.get("method"), given.get("steps"), given.get("ig_grid"),
+                                                        given.get("seed", 0)))
+    if log is not None:
+        log(f"facts: the run's recorded facts ({len(recorded)} facts from {spec.probes})")
+    if given is None:
+        return Chosen(recorded, spec, complete, None)
+    fits = [c for c in cached_settings(folder, recorded.identity, given.get("seed", 0))
+            if all(given.get(k) is None or getattr(c, k) == given[k] for k in ("method", "steps", "ig_grid"))]
+    if len(fits) > 1:
+        options = "; ".join(f"method={c.method}, ig_steps={c.steps}, ig_grid={c.ig_grid}" for c in fits)
+        raise CircuitdynError(f"{folder}: several circuit files of the run's recorded facts with different settings "
+                              f"({options}); choose with --method / --steps / --ig-grid")
+    if fits:
+        given.update(method=fits[0].method, steps=fits[0].steps, ig_grid=fits[0].ig_grid)
+    return Chosen(recorded, spec, AttributionSettings(**given), None)
+
+
+def cached_settings(folder: str | Path, identity: str, seed: int = 0) -> list[AttributionSettings]:
+    """The distinct settings (method, steps, IG grid) of the circuit files in `folder` of the fact set `identity`
+    and extraction `seed`, method-noise replicates (`noise.REPLICATE_GRID`) left out: what a command reusing a
+    run's recorded facts can take when it is not told the settings."""
+    from circuitdyn.circuits import circuit_files, setting
+    from circuitdyn.noise import REPLICATE_GRID
+    from circuitdyn.settings import AttributionSettings
+
+    found: list[AttributionSettings] = []
+    for _, meta in circuit_files(folder) if Path(folder).is_dir() else []:
+        if meta.get("probe_set_hash") != identity or meta.get("seed") != seed:
+            continue
+        grid = setting(meta, "ig_grid")
+        if grid == REPLICATE_GRID:
+            continue
+        s = AttributionSettings(meta["method"], meta["ig_steps"], grid)
+        if s not in found:
+            found.append(s)
+    return found
+
+
+def extract(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None = None,
+            settings: AttributionSettings | Mapping[str, Any] | None = None, *, out: str | Path | None = None,
+            epochs: Sequence[int] | None = None, compute: Compute | None = None, storage: Storage | None = None,
+            progress: bool = False) -> dict[int, CircuitSet]:
     """Per-fact circuits at every epoch of `run` (a `Run` or its folder), as {epoch: CircuitSet}.
 
-    `facts`: a `FactSet`, a probe file (read with the run's tokenizer), or None for the run's recorded facts.
-    Circuits are written to `out` (default the run's circuits folder) and reused where cached;
-    other keyword arguments go to `extraction.extract_run` (method, steps, metric, seed, batch_size, ...).
+    `facts`: a `FactSet`, a `FactSpec` or a probe file (read with the run's tokenizer), or None for the run's
+    recorded facts. `settings`: `AttributionSettings`, or a dict of its fields (the others the defaults).
+    Circuits are written to `out` (default the run's circuits folder) and reused where cached
+    (`extraction.extract_run`, run as `compute` says, stored as `storage` says).
     """
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.extraction import circuits_dir, extract_run
+    from circuitdyn.facts import FactSet, FactSpec
 
     run = _run(run)
     if facts is None:
         facts = load_facts(run)
-    elif isinstance(facts, (str, Path)):
-        facts = load_facts(facts, run)
-    done = extract_run(run, facts, out if out is not None else circuits_dir(run), epochs, **kwargs)
+    elif not isinstance(facts, FactSet):
+        facts = (facts if isinstance(facts, FactSpec) else FactSpec(facts)).load(run.tokenizer())
+    done = extract_run(run, facts, out if out is not None else circuits_dir(run), epochs, settings_of(settings),
+                       compute, storage, progress=progress)
     return {r.epoch: CircuitSet.load(r.path) for r in done}
+
+
+def _side(side: str | Path | Side | tuple[Run, int]) -> Side:
+    from circuitdyn.diff import Side
+
+    if isinstance(side, Side):
+        return side
+    if isinstance(side, tuple):
+        run, epoch = side
+        return Side(f"{run.path}:{epoch}", run, epoch)
+    return Side.open(side)
+
+
+def diff(a: str | Path | Side | tuple[Run, int], b: str | Path | Side | tuple[Run, int],
+         facts: FactSpec | str | Path | None = None, settings: AttributionSettings | Mapping[str, Any] | None = None,
+         comparison: Comparison | None = None, *, circuits: str | Path | None = None,
+         fact_ids: list[str] | None = None, progress: bool = False, log: Log | None = None) -> CircuitDiff:
+    """How the circuits changed between two checkpoints (`RUN:EPOCH`, a model folder, `(run, epoch)`, a
+    `diff.Side`) or circuit files (`.safetensors`): `diff.diff_checkpoints`, circuits chosen and changes tested
+    as `comparison` says (default `Comparison()`: `faith:0.8` circuits, 5 replicates per checkpoint).
+
+    `facts`: a `FactSpec` or a probe file, tokenized by each side's run; None: the recorded facts of `a`'s run
+    when it has them (see `choose`), else the cached circuits are read (`faith:` then needs facts).
+    `settings`: see `choose`. `circuits`: the folder caching the circuits (default each run's). `log`: where
+    the facts and the plan (`plan.diff_plan`: which circuit files are cached, which to compute) are said.
+    """
+    from circuitdyn.diff import diff_checkpoints
+    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.facts import FactSpec
+    from circuitdyn.plan import diff_plan
+    from circuitdyn.settings import Comparison
+
+    sa, sb = _side(a), _side(b)
+    cmp = comparison or Comparison()
+    spec = facts if isinstance(facts, FactSpec) or facts is None else FactSpec(facts)
+    if sa.run is None or sb.run is None or sa.epoch is None or sb.epoch is None:
+        return diff_checkpoints(sa, sb, spec, settings_of(settings) if spec is not None else None, cmp,
+                                circuits_dir=circuits, fact_ids=fact_ids,
+                                where=None if spec is not None else _where(settings), progress=progress)
+    sides = [(sa.run, sa.epoch), (sb.run, sb.epoch)]
+    folders = [Path(circuits) if circuits else circuits_dir(run) for run, _ in sides]
+    chosen = choose(sa.run, folders[0], spec, settings, log)
+    if chosen.facts is not None and log is not None:
+        log(diff_plan(sides, chosen.facts, folders, chosen.settings, cmp).line())
+    return diff_checkpoints(sa, sb, chosen.spec, chosen.settings, cmp, circuits_dir=circuits, fact_ids=fact_ids,
+                            where=chosen.where, progress=progress)
+
+
+def _where(settings: AttributionSettings | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    from circuitdyn.settings import AttributionSettings, settings_filter
+
+    if settings is None or isinstance(settings, AttributionSettings):
+        return None
+    return settings_filter(settings.get("method"), settings.get("steps"), settings.get("ig_grid"),
+                           settings.get("seed", 0))
+
+
+def timeline(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None = None,
+             settings: AttributionSettings | Mapping[str, Any] | None = None, comparison: Comparison | None = None,
+             *, circuits: str | Path | None = None, progress: bool = False, log: Log | None = None) -> Timeline:
+    """The circuits of every epoch of `run` (a `Run` or its folder), joined with recall and loss and tested
+    against method noise: `timeline.load_run_timeline`, circuits chosen and changes tested as `comparison` says
+    (default `Comparison()`; its `transfer` adds the transfer matrix, `Timeline.transfer`).
+
+    `facts` and `settings`: see `choose` (None: the run's recorded facts when it has them, else its cached
+    circuits as they are). `circuits`: the folder caching the circuits (default the run's). `log`:
+    where the facts and the plan (`plan.timeline_plan`) are said.
+    """
+    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.io import check_writable
+    from circuitdyn.plan import timeline_plan
+    from circuitdyn.settings import Comparison
+    from circuitdyn.timeline import load_run_timeline
+
+    run = _run(run)
+    cmp = comparison or Comparison()
+    folder = Path(circuits) if circuits else circuits_dir(run)
+    chosen = choose(run, folder, facts, settings, log)
+    if chosen.facts is not None:
+        check_writable(folder, "folder", flag="--circuits" if circuits else "")
+        if log is not None:
+            log(timeline_plan(run, chosen.facts, folder, chosen.settings, cmp).line())
+    return load_run_timeline(run, chosen.facts, chosen.settings, cmp, circuits_dir=folder, where=chosen.where,
+                             fact_choice=chosen.fact_choice, progress=progress)
 
 
 def load_circuits(path: str | Path) -> CircuitSet:
@@ -83,6 +269,16 @@ def load_circuits(path: str | Path) -> CircuitSet:
     from circuitdyn.circuits import CircuitSet
 
     return CircuitSet.load(path)
+
+
+def diff_circuits(a: CircuitSet, b: CircuitSet, selection: str | Selection = "faith:0.8",
+                  **options: Any) -> CircuitDiff:
+    """`diff.diff_circuits` with the selection rule given as text (`top:200`, `faith:0.8`, ...) or a `Selection`;
+    `options` as `diff.diff_circuits` takes them (noise, faithfulness, fact_ids, labels, ...)."""
+    from circuitdyn.diff import diff_circuits as diff_sets
+    from circuitdyn.selection import Selection
+
+    return diff_sets(a, b, Selection.parse(selection), **options)
 
 
 def view(obj: Any, path: str | Path, **kwargs: Any) -> Path:

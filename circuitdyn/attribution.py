@@ -47,7 +47,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,7 +56,6 @@ from torch import Tensor
 
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.forward import (
-    NOISE_SCALE,
     FactBatch,
     LayerWeights,
     Metric,
@@ -69,42 +68,23 @@ from circuitdyn.forward import (
 )
 from circuitdyn.graph import Graph
 from circuitdyn.probes import FactPrompt
+from circuitdyn.settings import (
+    BUFFER_DTYPES,
+    DEFAULT_IG_GRID,
+    DEFAULT_IG_STEPS,
+    DEFAULT_SETTINGS,
+    AttributionSettings,
+    BufferDtype,
+    Compute,
+    IGGrid,
+    Method,
+    check_method,
+    grid_taken,
+    steps_taken,
+)
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
-
-Method = Literal["eap", "eap-ig", "relp"]
-METHODS = ("eap", "eap-ig", "relp")
-ONE_STEP_METHODS = ("eap", "relp")
-"""Methods taking one gradient at the clean end (no interpolation: 1 step, the `right` grid recorded)."""
-IGGrid = Literal["right", "left", "midpoint", "gauss", "shifted"]
-IG_GRIDS = ("right", "left", "midpoint", "gauss", "shifted")
-DEFAULT_IG_GRID: IGGrid = "midpoint"
-DEFAULT_IG_STEPS = 3
-"""The default IG rule and steps: the cheapest that keeps the discretisation error (distance to a 64-step
-reference) within a tenth of method noise for the median fact (`benchmarks/scaling.py` on SmolLM2: midpoint
-with 3 steps, 3x more accurate than the right-Riemann grid at 5 steps; see the README)."""
-BufferDtype = Literal["float32", "bfloat16", "float16"]
-BUFFER_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def steps_taken(method: str | None, steps: int) -> int:
-    """The interpolation steps a method really takes (and records as `ig_steps`): EAP and RelP are one
-    gradient. EAP-IG needs a whole number of steps >= 1."""
-    if method in ONE_STEP_METHODS:
-        return 1
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise CircuitdynError(f"steps must be a whole number >= 1 (EAP-IG interpolation steps), got {steps!r}")
-    return steps
-
-
-def grid_taken(method: str | None, ig_grid: str) -> IGGrid:
-    """The IG grid a method really uses (and records as `ig_grid`): EAP and RelP take the gradient at the
-    clean end (`right` with one step)."""
-    if ig_grid not in IG_GRIDS:
-        raise CircuitdynError(f"unknown IG grid {ig_grid!r}; choose one of {', '.join(IG_GRIDS)}")
-    return "right" if method in ONE_STEP_METHODS else ig_grid  # type: ignore[return-value]
-
 
 def grid_offset(seed: int, fact_id: str = "") -> float:
     """The `shifted` rule's offset u in [0, 1) for an extraction seed and a fact: a fixed function of both, so
@@ -131,13 +111,6 @@ def ig_nodes(ig_grid: str, steps: int, seed: int = 0, fact_id: str = "") -> tupl
     offsets = {"right": 1.0, "left": 0.0, "midpoint": 0.5}
     start = grid_offset(seed, fact_id) if ig_grid == "shifted" else offsets[ig_grid]
     return [(k + start) / m for k in range(m)], [1.0 / m] * m
-
-
-def check_method(method: str) -> Method:
-    """`method` if it is one of `METHODS`, else a CircuitdynError naming the choices."""
-    if method not in METHODS:
-        raise CircuitdynError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return method  # type: ignore[return-value]
 
 
 def buffer_torch_dtype(buffer_dtype: str) -> torch.dtype:
@@ -388,45 +361,45 @@ def _contract(graph: Graph, layers: list[LayerWeights], diffs: _SourceDiffs, acc
     return dense[:, graph.valid.to(device)] / m
 
 
-def attribute(model: HookedTransformer, facts: Sequence[FactPrompt], method: Method = "eap-ig",
-              steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "answer-logprob", seed: int = 0,
-              batch_size: int | None = 8,
-              noise_scale: float = NOISE_SCALE, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
-              buffer_dtype: BufferDtype = "float32", max_memory: int | str | None = None,
-              num_threads: int | None = None) -> Float[Tensor, "fact edge"]:
-    """Per-fact edge scores [len(facts), n_edges] (float32, on the CPU) in `Graph.from_model(model).edges` order.
+def attribute(model: HookedTransformer, facts: Sequence[FactPrompt], settings: AttributionSettings | None = None,
+              compute: Compute | None = None, *, progress: bool = False) -> Float[Tensor, "fact edge"]:
+    """Per-fact edge scores [len(facts), n_edges] (float32, on the CPU) in `Graph.from_model(model).edges` order,
+    attributed with `settings` (default `DEFAULT_SETTINGS`).
 
-    Facts are batched (sorted by length to limit padding); a fact's scores do not depend on its batch.
-    With `max_memory` (bytes or e.g. "8GiB", weights included), the facts per pass are chosen from the budget
-    (`circuitdyn.memory.fact_batch_for_memory`; also the batch when `batch_size` is None); a batch that runs out
-    of memory anyway is halved and retried (said once on stderr). `num_threads`: CPU threads (default:
-    torch's setting, one per physical core unless changed; `circuitdyn.memory.torch_threads`).
+    Facts are batched (`compute.batch_size`; sorted by length to limit padding); a fact's scores do not depend
+    on its batch. With `compute.max_memory` (bytes or e.g. "8GiB", weights included), the facts per pass are
+    chosen from the budget (`circuitdyn.memory.fact_batch_for_memory`; also the batch when `batch_size` is
+    None); a batch that runs out of memory anyway is halved and retried (said once on stderr).
+    `compute.num_threads`: CPU threads (default: torch's setting, one per physical core unless changed;
+    `circuitdyn.memory.torch_threads`).
     """
     from tqdm.auto import tqdm
 
     from circuitdyn.memory import OOMBackoff, fact_batch_for_memory, parse_memory, torch_threads
 
+    s = settings or DEFAULT_SETTINGS
+    c = compute or Compute()
     if not facts:
         raise CircuitdynError("no facts given to attribute")
     order = sorted(range(len(facts)), key=lambda i: len(facts[i].clean_tokens) + len(facts[i].answer_tokens))
     fit = None
-    if max_memory is not None:
+    if c.max_memory is not None:
         longest = max(len(f.clean_tokens) + len(f.answer_tokens) - 1 for f in facts)
-        fit = fact_batch_for_memory(model, longest, buffer_dtype, parse_memory(max_memory), steps_taken(method, steps))
-    size = batch_size if batch_size is not None else fit
+        fit = fact_batch_for_memory(model, longest, c.buffer_dtype, parse_memory(c.max_memory), s.steps)
+    size = c.batch_size if c.batch_size is not None else fit
     if size is None or size < 1:
-        raise CircuitdynError(f"batch_size must be >= 1 (or None with max_memory), got {batch_size}")
+        raise CircuitdynError(f"batch_size must be >= 1 (or None with max_memory), got {c.batch_size}")
     out: list[Tensor | None] = [None] * len(facts)
     backoff = OOMBackoff(size)
-    with torch_threads(num_threads), tqdm(total=len(facts), desc=f"{method} attribution", unit="fact",
+    with torch_threads(c.num_threads), tqdm(total=len(facts), desc=f"{s.method} attribution", unit="fact",
                                           disable=not progress) as bar:
         start = 0
         while start < len(order):
             chunk = order[start:start + backoff.size]
-            batch = make_batch(model, [facts[i] for i in chunk], seed, noise_scale, metric)
+            batch = make_batch(model, [facts[i] for i in chunk], s.seed, s.noise_scale, s.metric)
             per_pass = None if fit is None and not backoff.halvings else min(fit or backoff.size, backoff.size)
-            scores = backoff.run(partial(attribute_batch, model, batch, method, steps, metric, ig_grid, buffer_dtype,
-                                         per_pass, seed))
+            scores = backoff.run(partial(attribute_batch, model, batch, s.method, s.steps, s.metric, s.ig_grid,
+                                         c.buffer_dtype, per_pass, s.seed))
             if scores is None:
                 continue  # out of memory: the batch was halved, retry
             for j, i in enumerate(chunk):

@@ -23,9 +23,10 @@ Every rate carries its n and a Clopper-Pearson 95 % interval. Only facts whose c
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,7 +35,7 @@ import torch
 from scipy import stats as sps
 from torch import Tensor
 
-from circuitdyn.attribution import DEFAULT_IG_STEPS, Method, attribute
+from circuitdyn.attribution import attribute
 from circuitdyn.change_test import (
     ALPHA,
     aggregate_p,
@@ -45,21 +46,21 @@ from circuitdyn.change_test import (
     splits,
 )
 from circuitdyn.circuits import CircuitSet
-from circuitdyn.diff import DEFAULT_SELECTION, PRIMARY, entity_groups, node_importance, node_kind
+from circuitdyn.diff import PRIMARY, entity_groups, node_importance, node_kind
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.io import atomic_path
-from circuitdyn.noise import (
+from circuitdyn.noise import REPLICATE_GRID, Draw, draw_settings, replicate_scores
+from circuitdyn.selection import DEFAULT_SELECTION, Selection
+from circuitdyn.settings import (
     DEFAULT_FAMILY,
     DEFAULT_REPLICATES,
-    REPLICATE_GRID,
-    Draw,
+    DEFAULT_SETTINGS,
+    AttributionSettings,
+    Compute,
     Family,
     check_family,
-    draw_settings,
-    replicate_scores,
 )
-from circuitdyn.selection import Selection
 from circuitdyn.similarity import DISTANCES
 from circuitdyn.stats import bootstrap_ci
 
@@ -76,25 +77,25 @@ COVERAGE_SIMS = 1000
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """What `calibrate` runs: the replicate family and count of the change test it calibrates, the null tests
-    per fact, the planted change and its strengths, the entity counts whose interval coverage is measured."""
+    """What `calibrate` runs: the attribution settings of the circuits and replicates (`attribution`; replicates
+    on the `shifted` grid), the replicate family and count of the change test it calibrates, the null tests per
+    fact, the planted change and its strengths, the entity counts whose interval coverage is measured, the
+    `selection` that sizes the circuits, the attribution batch and the `seed` of the draws."""
 
+    attribution: AttributionSettings = DEFAULT_SETTINGS
     family: Family = DEFAULT_FAMILY
     replicates: int = DEFAULT_REPLICATES
     null_tests: int = 5
     plant: Plant = "mlp"
     strengths: tuple[float, ...] = (0.1, 0.3, 1.0)
     entity_counts: tuple[int, ...] = (4, 7, 8, 12)
-    selection: str = DEFAULT_SELECTION
-    method: Method = "eap-ig"
-    steps: int = DEFAULT_IG_STEPS
-    metric: str = "answer-logprob"
+    selection: Selection = DEFAULT_SELECTION
     batch_size: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_family(self.family)
-        for name in ("replicates", "null_tests", "batch_size", "steps"):
+        for name in ("replicates", "null_tests", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "replicates" else 1):
                 raise CircuitdynError(f"calibration setting {name} must be a whole number >= "
@@ -105,7 +106,20 @@ class CalibrationSettings:
             raise CircuitdynError(f"planted strengths must be in (0, 1], got {list(self.strengths)}")
         if any(n < 2 for n in self.entity_counts):
             raise CircuitdynError(f"entity counts must be >= 2, got {list(self.entity_counts)}")
-        Selection.parse(self.selection)
+        if not isinstance(self.selection, Selection):
+            raise CircuitdynError(f"calibration selection is a Selection (Selection.parse({self.selection!r}))")
+
+    @property
+    def compute(self) -> Compute:
+        return Compute(batch_size=self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as `calibrate --json` records them."""
+        a = self.attribution
+        return {"family": self.family, "replicates": self.replicates, "null_tests": self.null_tests,
+                "plant": self.plant, "strengths": list(self.strengths), "entity_counts": list(self.entity_counts),
+                "selection": str(self.selection), "method": a.method, "steps": a.steps, "metric": a.metric_name,
+                "batch_size": self.batch_size, "seed": self.seed}
 
 
 def rate(k: int, n: int) -> dict[str, Any]:
@@ -136,10 +150,8 @@ class Calibration:
     per_statistic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["settings"]["strengths"] = list(self.settings.strengths)
-        out["settings"]["entity_counts"] = list(self.settings.entity_counts)
-        return out
+        return {f.name: self.settings.to_dict() if f.name == "settings" else copy.deepcopy(getattr(self, f.name))
+                for f in fields(self)}
 
     def summary(self) -> list[str]:
         """What the numbers say, one line each."""
@@ -270,9 +282,8 @@ def _planted_scores(model: HookedTransformer, facts: FactSet, draws: Sequence[Dr
                 out.append(cs.scores.float())
                 continue
         rep = d.facts(facts)
-        scores = attribute(model, list(rep), s.method, s.steps, s.metric, d.seed, s.batch_size,
-                           ig_grid=REPLICATE_GRID)
-        cs = CircuitSet(scores, key["edges"], facts.ids, {"calibration_key": want, "method": s.method})
+        scores = attribute(model, list(rep), s.attribution.replace(ig_grid=REPLICATE_GRID, seed=d.seed), s.compute)
+        cs = CircuitSet(scores, key["edges"], facts.ids, {"calibration_key": want, "method": s.attribution.method})
         path.parent.mkdir(parents=True, exist_ok=True)
         cs.save(path, dtype="float32")
         out.append(scores.float())
@@ -317,8 +328,7 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     s = settings or CalibrationSettings()
     say = log or (lambda text: None)
     folder = Path(folder) if folder is not None else circuits_dir(run)
-    main = checkpoint_circuits(run, epoch, facts, folder=folder, method=s.method, steps=s.steps, metric=s.metric,
-                               batch_size=s.batch_size, progress=progress)
+    main = checkpoint_circuits(run, epoch, facts, s.attribution, folder=folder, compute=s.compute, progress=progress)
     main = main.subset(facts.ids)
     masks, _ = select_circuits(run, epoch, main, s.selection, facts, cache_dir=folder)
     sizes = masks.sum(1).long().clamp_min(1)
@@ -336,8 +346,8 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     sizes, entities = sizes[torch.from_numpy(included)], [e for e, ok in zip(entities, included) if ok]
     main = main.subset(facts.ids)
     included = np.ones(len(facts), dtype=bool)
-    pool = replicate_scores(run, epoch, facts, draw_settings(s.family, 2 * r * k, s.seed), folder, method=s.method,
-                            steps=s.steps, metric=s.metric, batch_size=s.batch_size, progress=progress)
+    pool = replicate_scores(run, epoch, facts, draw_settings(s.family, 2 * r * k, s.seed), folder, s.attribution,
+                            compute=s.compute, progress=progress)
     inc_entities = entities
 
     # the null: K disjoint tests of r against r replicates of the same checkpoint (distances computed once)
@@ -376,7 +386,8 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     power = []
     per_stat_power: dict[str, list[dict[str, Any]]] = {stat: [] for stat in DISTANCES}
     base_key = {"checkpoint_hash": run.checkpoint(epoch).content_hash, "component": node, "plant": s.plant,
-                "steps": s.steps, "metric": s.metric, "method": s.method, "probe_set_hash": facts.identity}
+                "steps": s.attribution.steps, "metric": s.attribution.metric_name, "method": s.attribution.method,
+                "probe_set_hash": facts.identity}
     for i, strength in enumerate(s.strengths):
         restore = _scaled(model, s.plant, layer, head, 1 - strength)
         try:

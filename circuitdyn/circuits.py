@@ -42,11 +42,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from circuitdyn.attribution import ONE_STEP_METHODS, steps_taken
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.io import atomic_path
 from circuitdyn.selection import select_threshold, select_top_n, select_top_n_paths
+from circuitdyn.settings import META_KEYS, ONE_STEP_METHODS, SETTING_DEFAULTS, AttributionSettings, steps_taken
 
 FORMAT = "circuitdyn-circuits/2"
 READABLE_FORMATS = ("circuitdyn-circuits/1", FORMAT)
@@ -55,17 +55,21 @@ FLOAT16_HEADROOM = 2.0 ** 14
 float16's maximum (65504), and scores down to ~1e-9 of the largest stay in its normal range."""
 PER_FACT_META = ("corruption", "faithfulness", "m_clean", "m_corrupted")
 """Metadata lists with one value per fact (kept aligned by `CircuitSet.subset`)."""
-SETTINGS = ("architecture", "method", "ig_steps", "ig_grid", "metric", "seed", "noise_scale", "probe_set_hash")
+SETTINGS = ("architecture", *META_KEYS.values(), "probe_set_hash")
 """What "the same settings" means: circuit sets (or files) that agree on these fields were extracted the
-same way from the same facts, so they can be compared across checkpoints or reused instead of recomputed.
-`probe_set_hash` is the fact set's identity (`circuitdyn.facts.FactSet.identity`)."""
-SETTING_DEFAULTS = {"ig_grid": "right"}
-"""Values of settings that files written before the field existed had (circuitdyn's IG grid was `right`)."""
+same way from the same facts, so they can be compared across checkpoints or reused instead of recomputed:
+the model's architecture, the `settings.AttributionSettings` (as recorded: `AttributionSettings.to_meta`) and
+`probe_set_hash`, the fact set's identity (`circuitdyn.facts.FactSet.identity`)."""
 
 
 def setting(meta: dict[str, Any], key: str) -> Any:
     """One setting of a circuit set's metadata, with `SETTING_DEFAULTS` for files that predate it."""
     return meta.get(key, SETTING_DEFAULTS.get(key))
+
+
+def recorded_settings(architecture: str | None, settings: AttributionSettings, probe_set_hash: str) -> dict[str, Any]:
+    """The `SETTINGS` a circuit file extracted with these settings records (known before any work is done)."""
+    return {"architecture": architecture, **settings.to_meta(), "probe_set_hash": probe_set_hash}
 
 
 def settings(meta: dict[str, Any]) -> dict[str, Any]:
@@ -378,17 +382,20 @@ def circuit_files(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def find_circuits(
-    folder: str | Path, epochs: Sequence[int] | None = None, method: str | None = None,
-    checkpoint_hashes: dict[int, str] | None = None, ig_steps: int | None = None, where: dict[str, Any] | None = None,
+    folder: str | Path, epochs: Sequence[int] | None = None, checkpoint_hashes: dict[int, str] | None = None,
+    where: dict[str, Any] | None = None,
 ) -> dict[int, Path]:
     """Epoch -> circuit file under `folder`, by each file's metadata (never by its name).
 
     Files are grouped by their `settings`; the group used must cover every epoch of
-    `epochs` (default: the epochs of the largest group). `method` / `ig_steps` / `where` (metadata
-    field -> required value, e.g. `probe_set_hash`) filter the groups;
-    with `checkpoint_hashes`, a file must match its epoch's weights (stale circuits are skipped).
-    Errors name the epochs without circuits, or the competing settings when several groups fit.
+    `epochs` (default: the epochs of the largest group). `where` (metadata field -> required value, e.g.
+    `method`, `probe_set_hash`; see `settings.settings_filter`) filters the groups; an `ig_steps` asked of an
+    EAP or RelP file is the one step it takes. With `checkpoint_hashes`, a file must match its epoch's weights
+    (stale circuits are skipped). Errors name the epochs without circuits, or the competing settings when
+    several groups fit.
     """
+    where = dict(where or {})
+    method, ig_steps = where.pop("method", None), where.pop("ig_steps", None)
     groups: dict[str, dict[int, list[tuple[float, Path]]]] = {}
     for path, meta in circuit_files(folder):
         e = meta.get("epoch")

@@ -346,13 +346,13 @@ def _run_dynamics_across(args: argparse.Namespace) -> int:
     return 0
 
 
-def _selection_arg(args: argparse.Namespace) -> str:
+def _selection_arg(args: argparse.Namespace):
     """--select, else --top-n N as top:N, else the default (circuits sized to faithfulness 0.8)."""
-    from circuitdyn.diff import DEFAULT_SELECTION
+    from circuitdyn.selection import DEFAULT_SELECTION, Selection
 
     if args.select:
-        return args.select
-    return f"top:{args.top_n}" if args.top_n else DEFAULT_SELECTION
+        return Selection.parse(args.select)
+    return Selection("top", args.top_n) if args.top_n else DEFAULT_SELECTION
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
@@ -381,8 +381,8 @@ def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: st
 
 def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None = "eap-ig",
                           steps_default: int | None = -1) -> None:
-    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, IG_GRIDS, METHODS
     from circuitdyn.forward import METRICS
+    from circuitdyn.settings import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, IG_GRIDS, METHODS
 
     p.add_argument("--method", default=method_default, choices=METHODS, help="attribution method (default eap-ig)")
     p.add_argument("--steps", type=positive_int, default=DEFAULT_IG_STEPS if steps_default == -1 else steps_default,
@@ -403,7 +403,7 @@ def replicate_count(text: str) -> int:
 
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
-    from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, FAMILIES
+    from circuitdyn.settings import DEFAULT_FAMILY, DEFAULT_REPLICATES, FAMILIES
 
     p.add_argument("--replicates", type=replicate_count, default=DEFAULT_REPLICATES, metavar="R",
                    help=f"method-noise replicates drawn per checkpoint for the change test (default "
@@ -429,71 +429,38 @@ def _names(text: str | None) -> list[str] | None:
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
-def _facts(args: argparse.Namespace, run):
-    """The facts of --probes (None without it), through the one road `load_facts`."""
-    if not args.probes:
-        return None
-    from circuitdyn.facts import load_facts
+def _spec(args: argparse.Namespace, packaged: bool = False):
+    """The facts --probes (and the options choosing among its probes) name, as a `FactSpec`; None without
+    --probes (with `packaged`: the packaged validation probes)."""
+    from circuitdyn.facts import FactSpec
 
-    return load_facts(args.probes, run.tokenizer(), limit=args.limit, sample_n=args.sample,
-                      per_entity=args.per_entity, entities=_names(args.entities), seed=args.sample_seed,
-                      rephrased=args.rephrased,
-                      template=args.template)
+    if not args.probes and not packaged:
+        return None
+    entities = _names(args.entities)
+    return FactSpec(args.probes or None, args.limit, args.sample, args.per_entity,
+                    None if entities is None else tuple(entities), None, args.sample_seed, args.rephrased,
+                    args.template)
+
+
+def _chosen(args: argparse.Namespace) -> dict:
+    """The attribution settings given on the command line (`AttributionSettings` fields; the others are left to
+    the cached circuits or the defaults)."""
+    fields = {"method": args.method, "steps": args.steps, "ig_grid": args.ig_grid, "metric": args.metric,
+              "seed": args.seed}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _comparison(args: argparse.Namespace, **extra):
+    """The comparison --select/--top-n, --family, --replicates (and `extra`) ask for."""
+    from circuitdyn.settings import Comparison
+
+    return Comparison(**{"selection": _selection_arg(args), "family": args.family, "replicates": args.replicates,
+                         **extra})
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
     """A progress line: on stdout, or on stderr under --json (stdout is the JSON then)."""
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
-
-
-def _recorded_facts(args: argparse.Namespace, run, folder):
-    """Without --probes: the facts last extracted for the run (`facts.run_facts`, recorded in its circuits
-    folder), with args set to their probe file and options so that every later step builds the same facts;
-    None when the run has none recorded."""
-    from circuitdyn.facts import recorded_facts, run_facts
-
-    if args.probes or recorded_facts(folder) is None:
-        return None
-    facts = run_facts(run, folder=folder)
-    o = facts.options
-    if o.get("ids") is not None or o.get("probes") is None:
-        return None  # options the command line cannot express: read the cached circuits as before
-    args.probes, args.limit, args.sample, args.per_entity = o["probes"], o["limit"], o["sample_n"], o["per_entity"]
-    args.entities = None if o["entities"] is None else ",".join(o["entities"])
-    args.sample_seed, args.rephrased, args.template = o["seed"], o["rephrased"], o["template"]
-    _say(args, f"facts: the run's recorded facts ({len(facts)} facts from {o['probes']})")
-    # settings not given are those of the facts' cached circuits (so that they are reused, not recomputed)
-    from circuitdyn.plan import cached_settings
-
-    given = {"method": args.method, "ig_steps": args.steps, "ig_grid": args.ig_grid}
-    fits = [c for c in cached_settings(folder, facts.identity, args.seed)
-            if all(v is None or c[k] == v for k, v in given.items())]
-    if len(fits) > 1:
-        raise CircuitdynError(f"{folder}: several circuit files of the run's recorded facts with different settings "
-                              f"({'; '.join(', '.join(f'{k}={v}' for k, v in c.items()) for c in fits)}); choose "
-                              "with --method / --steps / --ig-grid")
-    if fits:
-        args.method, args.steps, args.ig_grid = fits[0]["method"], fits[0]["ig_steps"], fits[0]["ig_grid"]
-    return facts
-
-
-def _diff_plan(args: argparse.Namespace) -> None:
-    """`diff` of two checkpoints: take the run's recorded facts when --probes is not given, and print the plan."""
-    from pathlib import Path
-
-    from circuitdyn.checkpoints import resolve
-    from circuitdyn.extraction import circuits_dir
-    from circuitdyn.plan import diff_plan
-
-    if any(str(s).endswith(".safetensors") for s in (args.a, args.b)):
-        return
-    sides = [resolve(str(s), device=args.device, dtype=args.dtype, base=args.base) for s in (args.a, args.b)]
-    folders = [Path(args.circuits) if args.circuits else circuits_dir(run) for run, _ in sides]
-    facts = _facts(args, sides[0][0]) or _recorded_facts(args, sides[0][0], folders[0])
-    if facts is not None:
-        _say(args, diff_plan(sides, facts, folders, method=args.method, steps=args.steps, metric=args.metric,
-                             seed=args.seed, ig_grid=args.ig_grid, method_noise=not args.no_noise,
-                             family=args.family, replicates=args.replicates).line())
 
 
 @command
@@ -542,8 +509,8 @@ def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_scale_args(p: argparse.ArgumentParser) -> None:
-    from circuitdyn.attribution import BUFFER_DTYPES
     from circuitdyn.memory import default_threads
+    from circuitdyn.settings import BUFFER_DTYPES
 
     p.add_argument("--threads", type=positive_int, default=default_threads(),
                    help="CPU threads (default: physical cores; on a shared machine fewer can be much faster)")
@@ -558,10 +525,10 @@ def _run_extract(args: argparse.Namespace) -> int:
     import math
     import time
 
-    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
     from circuitdyn.checkpoints import resolve_epochs
     from circuitdyn.extraction import circuits_dir, extract_run
     from circuitdyn.probes import corruption_counts
+    from circuitdyn.settings import AttributionSettings, Compute, Storage
 
     t0 = time.perf_counter()
     if args.float16 and args.float32:
@@ -571,21 +538,17 @@ def _run_extract(args: argparse.Namespace) -> int:
     run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype, base=args.base)
     if args.task:
         return _extract_task(args, run, epochs, t0)
-    args.steps = DEFAULT_IG_STEPS if args.steps is None else args.steps
-    args.ig_grid = args.ig_grid or DEFAULT_IG_GRID
+    settings = AttributionSettings(**_chosen(args))
     args.top_n = 1000 if args.top_n is None else args.top_n
-    facts = _facts(args, run)
+    facts = _spec(args).load(run.tokenizer())
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
-    print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {args.method}"
-          f"{'' if args.method in ('eap', 'relp') else f' M={args.steps} ({args.ig_grid} rule)'}, metric {args.metric}")
-    results = extract_run(
-        run, facts, args.out or circuits_dir(run), epochs, method=args.method, steps=args.steps, metric=args.metric,
-        seed=args.seed, batch_size=args.batch_size, top_n=args.top_n, store="float32" if args.float32 else "float16",
-        sparse_top_k=args.sparse, extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
-        progress=not args.no_progress, ig_grid=args.ig_grid, buffer_dtype=args.buffer_dtype,
-        max_memory=args.max_memory, num_threads=args.threads, ray=args.ray, shard_size=args.shard_size,
-        max_retries=args.max_retries,
-    )
+    print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {settings.describe()}")
+    compute = Compute(args.batch_size, args.buffer_dtype, args.max_memory, args.threads, args.ray, args.shard_size,
+                      args.max_retries)
+    storage = Storage("float32" if args.float32 else "float16", args.sparse, args.top_n)
+    results = extract_run(run, facts, args.out or circuits_dir(run), epochs, settings, compute, storage,
+                          extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
+                          progress=not args.no_progress)
     for r in results:
         vals = [v for v in r.faithfulness if not math.isnan(v)]
         mean = sum(vals) / len(vals) if vals else float("nan")
@@ -604,22 +567,24 @@ def _extract_task(args: argparse.Namespace, run, epochs: list[int], t0: float) -
     import time
 
     from circuitdyn.extraction import circuits_dir
-    from circuitdyn.tasks import PAPER_IG_GRID, PAPER_STEPS, PAPER_TOP_N, extract_task_run, load_task, task_facts
+    from circuitdyn.settings import PAPER_SETTINGS
+    from circuitdyn.tasks import PAPER_TOP_N, extract_task_run, load_task, task_facts
 
     if args.metric not in ("answer-logprob", "logit-diff"):
         raise CircuitdynError(f"--task uses the paper's metric logit-diff, not {args.metric!r}")
     if args.method == "eap":
         raise CircuitdynError("--task uses the paper's method eap-ig (EAP-IG on inputs)")
     task = load_task(args.task)
-    steps = PAPER_STEPS if args.steps is None else args.steps
+    settings = PAPER_SETTINGS.replace(**{k: v for k, v in (("steps", args.steps), ("ig_grid", args.ig_grid))
+                                         if v is not None})
+    steps = settings.steps
     top_n = PAPER_TOP_N if args.top_n is None else args.top_n
     tf = task_facts(task, run.tokenizer())
     moved = "; ".join(f"{a} -> {c} (not {b})" for a, b, c in tf.substituted) or "none"
     print(f"task {task.name}: {len(tf.facts)} prompts; epochs {epochs}; eap-ig M={steps}, metric logit-diff, "
           f"top {top_n:,} edges, {args.runs} run(s); corruption partners moved for unequal token length: {moved}")
-    done = extract_task_run(run, task, args.out or circuits_dir(run), epochs, steps=steps, top_n=top_n, runs=args.runs,
-                            batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress,
-                            ig_grid=args.ig_grid or PAPER_IG_GRID)
+    done = extract_task_run(run, task, args.out or circuits_dir(run), epochs, settings, top_n=top_n, runs=args.runs,
+                            batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress)
     for d in done:
         r = d.results
         print(f"\nepoch {d.epoch}: {d.circuit_path} ({'cached' if d.skipped else 'written'}), {d.results_path}")
@@ -655,21 +620,15 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
 def _run_diff(args: argparse.Namespace) -> int:
     import json
 
-    from circuitdyn.diff import diff_checkpoints
+    from circuitdyn.api import diff
+    from circuitdyn.diff import Side
     from circuitdyn.report import describe_diff
     from circuitdyn.viz import write_diff_html
 
     _output(args.out, "file", "--out", args.overwrite)
-    _diff_plan(args)
-    d = diff_checkpoints(
-        args.a, args.b, args.probes, limit=args.limit, sample_n=args.sample, per_entity=args.per_entity,
-        entities=_names(args.entities),
-        sample_seed=args.sample_seed,
-        rephrased=args.rephrased, template=args.template, selection=_selection_arg(args), method=args.method,
-        steps=args.steps, metric=args.metric, seed=args.seed, circuits_dir=args.circuits, fact_ids=args.fact,
-        method_noise=not args.no_noise, device=args.device, dtype=args.dtype, progress=not args.json,
-        base=args.base, ig_grid=args.ig_grid, family=args.family, replicates=args.replicates,
-    )
+    a, b = (Side.open(s, device=args.device, dtype=args.dtype, base=args.base) for s in (args.a, args.b))
+    d = diff(a, b, _spec(args), _chosen(args), _comparison(args, replicates=None if args.no_noise else args.replicates),
+             circuits=args.circuits, fact_ids=args.fact, progress=not args.json, log=lambda text: _say(args, text))
     out = write_diff_html(d, args.out, labels=d.labels, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({**d.to_dict(), "findings": describe_diff(d), "html": str(out)}, indent=1, default=str))
@@ -729,10 +688,8 @@ def _run_timeline(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from circuitdyn.api import timeline
     from circuitdyn.checkpoints import open_run
-    from circuitdyn.extraction import circuits_dir, run_evaluator
-    from circuitdyn.timeline import load_run_timeline
-    from circuitdyn.transfer import transfer_matrix
     from circuitdyn.viz import write_timeline_html
 
     if args.transfer and not args.probes:
@@ -744,27 +701,11 @@ def _run_timeline(args: argparse.Namespace) -> int:
     if Path(args.run).is_dir():
         _output(html, "file", "--out" if args.out else "", args.overwrite)
     run = open_run(args.run, device=args.device, dtype=args.dtype, base=args.base)
-    folder = Path(args.circuits) if args.circuits else circuits_dir(run)
-    facts = _facts(args, run) or _recorded_facts(args, run, folder)
-    if facts is not None:
-        _output(folder, "folder", "--circuits" if args.circuits else "")
-        from circuitdyn.plan import timeline_plan
-
-        _say(args, timeline_plan(run, facts, folder, method=args.method, steps=args.steps, metric=args.metric,
-                                 seed=args.seed, ig_grid=args.ig_grid, noise_epochs=args.noise_epochs,
-                                 family=args.family, replicates=args.replicates).line())
-    choice = ("seeded sample, chosen before outcomes" if args.sample or args.per_entity
-              else "the probe file's facts, in file order")
-    tl = load_run_timeline(run, facts, selection=_selection_arg(args), circuits_dir=folder, method=args.method,
-                           steps=args.steps, metric=args.metric, seed=args.seed, noise_epochs=args.noise_epochs,
-                           fact_choice=choice, progress=not args.json, ig_grid=args.ig_grid, family=args.family,
-                           replicates=args.replicates)
-    transfer = None
-    if args.transfer:
-        transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
-                                   cache=folder / "transfer.json", progress=not args.json)
-    labels = facts.labels if facts is not None else {}
-    out = write_timeline_html(tl, html, labels=labels, transfer=transfer, overwrite=args.overwrite)
+    tl = timeline(run, _spec(args), _chosen(args),
+                  _comparison(args, noise_epochs=args.noise_epochs, transfer=args.transfer),
+                  circuits=args.circuits, progress=not args.json, log=lambda text: _say(args, text))
+    transfer = tl.transfer
+    out = write_timeline_html(tl, html, labels=tl.labels, transfer=transfer, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(timeline_json(tl, transfer, out), indent=1, default=str))
         return 0
@@ -783,6 +724,7 @@ def _run_timeline_across(args: argparse.Namespace) -> int:
 
     from circuitdyn.checkpoints import open_run
     from circuitdyn.extraction import circuits_dir
+    from circuitdyn.settings import AttributionSettings, settings_filter
     from circuitdyn.sweep import across_runs, format_across_runs
     from circuitdyn.timeline import load_run_timeline
 
@@ -794,10 +736,13 @@ def _run_timeline_across(args: argparse.Namespace) -> int:
     per_epoch, changes = {}, {}
     for path in args.run:
         run = open_run(path, device=args.device, dtype=args.dtype, base=args.base)
-        tl = load_run_timeline(run, _facts(args, run), selection=_selection_arg(args), circuits_dir=circuits_dir(run),
-                               method=args.method, steps=args.steps, metric=args.metric, seed=args.seed,
-                               noise_epochs=args.noise_epochs, progress=not args.json, ig_grid=args.ig_grid,
-                               family=args.family, replicates=args.replicates)
+        spec = _spec(args)
+        tl = load_run_timeline(run, None if spec is None else spec.load(run.tokenizer()),
+                               AttributionSettings(**_chosen(args)) if spec is not None else None,
+                               _comparison(args, noise_epochs=args.noise_epochs), circuits_dir=circuits_dir(run),
+                               where=None if spec is not None else settings_filter(args.method, args.steps,
+                                                                                   args.ig_grid, args.seed),
+                               progress=not args.json)
         per_epoch[path] = tl.per_epoch
         changes[path] = tl.reconfiguration
     table = across_runs(per_epoch)
@@ -891,7 +836,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     _add_noise_args(p)
     _add_device_args(p)
     _add_base_arg(p)
-    p.add_argument("--steps", type=positive_int, default=d.steps, help=f"EAP-IG steps (default {d.steps})")
+    p.add_argument("--steps", type=positive_int, default=d.attribution.steps,
+                   help=f"EAP-IG steps (default {d.attribution.steps})")
     p.add_argument("--null-tests", type=positive_int, default=d.null_tests, metavar="K",
                    help=f"disjoint null tests per fact (2 R K replicates of the checkpoint; default {d.null_tests})")
     p.add_argument("--plant", choices=["mlp", "head"], default=d.plant,
@@ -899,7 +845,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    "facts' circuits; default mlp)")
     p.add_argument("--strengths", type=strength_list, default=d.strengths,
                    help="planted strengths s, output x (1 - s), comma-separated in (0, 1] (default 0.1,0.3,1)")
-    p.add_argument("--select", type=selection_spec, default=d.selection,
+    p.add_argument("--select", type=selection_spec, default=str(d.selection),
                    help=f"circuits whose size the edge-set distance uses (default {d.selection})")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="facts per attribution batch")
     p.add_argument("--circuits", help="folder caching the replicates (default: RUN/circuits)")
@@ -921,14 +867,17 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     from circuitdyn.calibration import CalibrationSettings, calibrate, write_calibration
     from circuitdyn.checkpoints import resolve
+    from circuitdyn.selection import Selection
+    from circuitdyn.settings import AttributionSettings
 
-    settings = CalibrationSettings(family=args.family, replicates=args.replicates, null_tests=args.null_tests,
-                                   plant=args.plant, strengths=args.strengths, selection=args.select,
-                                   steps=args.steps, batch_size=args.batch_size, seed=args.sample_seed)
+    settings = CalibrationSettings(AttributionSettings(steps=args.steps), family=args.family,
+                                   replicates=args.replicates, null_tests=args.null_tests, plant=args.plant,
+                                   strengths=args.strengths, selection=Selection.parse(args.select),
+                                   batch_size=args.batch_size, seed=args.sample_seed)
     if args.out:
         _output(args.out, "file", "--out", overwrite=True)
     run, epoch = resolve(args.checkpoint, device=args.device, dtype=args.dtype, base=args.base)
-    facts = _facts(args, run) if args.probes else _default_facts(args, run)
+    facts = _spec(args, packaged=True).load(run.tokenizer())
     cal = calibrate(run, epoch, facts, settings, folder=args.circuits, progress=not args.json,
                     log=None if args.json else print)
     if args.out:
@@ -939,15 +888,6 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     for line in cal.summary():
         print(line)
     return 0
-
-
-def _default_facts(args: argparse.Namespace, run):
-    """The packaged validation probes, chosen by the same options as --probes."""
-    from circuitdyn.facts import load_facts
-
-    return load_facts(None, run.tokenizer(), limit=args.limit, sample_n=args.sample, per_entity=args.per_entity,
-                      entities=_names(args.entities), seed=args.sample_seed, rephrased=args.rephrased,
-                      template=args.template)
 
 
 @command
@@ -1061,7 +1001,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 @command
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from circuitdyn.attribution import DEFAULT_IG_GRID, IG_GRIDS
+    from circuitdyn.settings import DEFAULT_IG_GRID, IG_GRIDS
 
     p = sub.add_parser(
         "demo",
@@ -1098,13 +1038,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from circuitdyn.demo import run_demo
+    from circuitdyn.demo import DEMO_COMPARISON, demo_config, run_demo
     from circuitdyn.dynamics import format_table
+    from circuitdyn.selection import Selection
+    from circuitdyn.settings import AttributionSettings
 
-    r = run_demo(args.out, n_entities=args.entities, epochs=args.epochs, lr=args.lr,
-                 facts_per_entity=args.facts_per_entity, pick=args.pick, method=args.method, steps=args.steps,
-                 ig_grid=args.ig_grid, selection=args.select, transfer=not args.no_transfer, base_model=args.base_model,
-                 device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    cpt = demo_config(args.entities, args.epochs, args.lr, base_model=args.base_model, device=args.device,
+                      dtype=args.dtype)
+    comparison = DEMO_COMPARISON.replace(selection=Selection.parse(args.select), transfer=not args.no_transfer)
+    r = run_demo(args.out, AttributionSettings(args.method, args.steps, args.ig_grid), cpt=cpt,
+                 facts_per_entity=args.facts_per_entity, pick=args.pick, comparison=comparison,
+                 progress=not args.no_progress)
     print("\n== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch")
     print(format_table(r.dynamics))
     print(f"\n== how the facts' circuits moved across epochs ({r.timeline.selection})")

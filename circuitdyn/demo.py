@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
-from circuitdyn.attribution import DEFAULT_IG_GRID, IGGrid
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.noise import DEFAULT_REPLICATES
+from circuitdyn.settings import DEFAULT_SETTINGS, AttributionSettings, Comparison
 
 if TYPE_CHECKING:
+    from circuitdyn.cpt import CPTConfig
     from circuitdyn.facts import FactSet
 
 Pick = Literal["sample", "post-hoc"]
@@ -69,65 +69,68 @@ def pick_facts(probes: list[Any], per_entity: int, outcomes: pd.DataFrame) -> li
     return [probes[i] for i in sorted(chosen)]
 
 
+DEMO_COMPARISON = Comparison(noise_epochs="all", transfer=True)
+"""The demo's comparison: `faith:0.8` circuits, 5 replicates at every epoch, and the transfer matrix."""
+
+
+def demo_config(n_entities: int = 4, epochs: int = 5, lr: float = 1e-3, **fields: Any) -> CPTConfig:
+    """The demo's CPT: LoRA on `n_entities` seed entities for `epochs` epochs at `lr` (other `cpt.CPTConfig`
+    fields as given, e.g. `base_model`, `device`, `dtype`).
+
+    The default lr (1e-3, ten times `circuitdyn cpt`'s) is what makes the 135M default model acquire and
+    forget single facts within 5 epochs of 4 short documents; at 1e-4 no probe's recall changes."""
+    from circuitdyn.cpt import CPTConfig
+
+    return CPTConfig(n_entities=n_entities, epochs=epochs, lr=lr, **fields)
+
+
 def run_demo(
     out_dir: str | Path = "circuitdyn-demo",
+    settings: AttributionSettings | None = None,
     *,
-    n_entities: int = 4,
-    epochs: int = 5,
-    lr: float = 1e-3,
+    cpt: CPTConfig | None = None,
     facts_per_entity: int = 3,
     pick: Pick = "sample",
-    method: str = "eap-ig",
-    steps: int = 3,
-    ig_grid: IGGrid = DEFAULT_IG_GRID,
-    selection: str = "faith:0.8",
-    transfer: bool = True,
-    base_model: str | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
+    comparison: Comparison | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> DemoResult:
-    """CPT `n_entities` seed entities for `epochs` epochs (LoRA at `lr`), extract circuits of
-    `facts_per_entity` probes per entity at every epoch, measure method noise at the first and last epoch,
-    and write the timeline, diff and circuit viewers under `out_dir`. With `transfer`, every epoch's circuit
-    is also evaluated on every epoch's model (`transfer.transfer_matrix`: does an old pathway still carry the
-    fact?), cached in `transfer.json`.
+    """CPT (`cpt`, default `demo_config()`: 4 seed entities, 5 epochs, LoRA at lr 1e-3), extract circuits of
+    `facts_per_entity` probes per entity at every epoch with `settings` (default `DEFAULT_SETTINGS`), measure
+    method noise and compare as `comparison` says (default `DEMO_COMPARISON`), and write the timeline, diff and
+    circuit viewers under `out_dir`. With `comparison.transfer`, every epoch's circuit is also evaluated on every
+    epoch's model (`transfer.transfer_matrix`: does an old pathway still carry the fact?), cached in
+    `transfer.json`.
 
-    The default lr (1e-3, ten times `circuitdyn cpt`'s) is what makes the 135M default model acquire and
-    forget single facts within 5 epochs of 4 short documents; at 1e-4 no probe's recall changes.
     `pick="sample"` (default) takes a seeded sample of each entity's probes before looking at outcomes;
-    `pick="post-hoc"` takes those whose recall flipped most (exploratory, labelled so). `ig_grid`: the IG
-    quadrature (`attribution.IG_GRIDS`).
+    `pick="post-hoc"` takes those whose recall flipped most (exploratory, labelled so).
     """
-    from circuitdyn.attribution import check_method, grid_taken, steps_taken
     from circuitdyn.checkpoints import open_run
-    from circuitdyn.cpt import CPTConfig, resolve_inputs, run_cpt
+    from circuitdyn.cpt import resolve_inputs, run_cpt
     from circuitdyn.diff import diff_circuits
     from circuitdyn.extraction import run_evaluator
     from circuitdyn.facts import load_facts
     from circuitdyn.io import check_writable
     from circuitdyn.probes import corruption_counts, load_probes, write_probes_jsonl
-    from circuitdyn.selection import Selection
     from circuitdyn.timeline import load_run_timeline, outcomes_from_dynamics
     from circuitdyn.transfer import transfer_matrix
     from circuitdyn.viz import write_circuit_html, write_diff_html, write_timeline_html
 
+    s = settings or DEFAULT_SETTINGS
+    cmp = comparison or DEMO_COMPARISON
+    cfg = cpt or demo_config()
     if facts_per_entity < 1:
         raise CircuitdynError(f"facts_per_entity must be >= 1, got {facts_per_entity}")
     if pick not in ("sample", "post-hoc"):
         raise CircuitdynError(f"pick must be 'sample' or 'post-hoc', got {pick!r}")
-    check_method(method)
-    Selection.parse(selection)
-    steps = steps_taken(method, steps)
     say = log or (lambda _m: None)
     out = check_writable(out_dir, "folder")
     t0 = time.perf_counter()
     stage: dict[str, float] = {}
 
-    cfg = CPTConfig(base_model=base_model, n_entities=n_entities, epochs=epochs, lr=lr, device=device, dtype=dtype)
-    say(f"[1/3] continual pre-training: {n_entities} seed entities, {epochs} epochs at lr {lr:g}, probes every epoch")
-    cpt = run_cpt(cfg, out / "run", progress=progress, log=log)
+    say(f"[1/3] continual pre-training: {cfg.n_entities} seed entities, {cfg.epochs} epochs at lr {cfg.lr:g}, "
+        "probes every epoch")
+    trained_run = run_cpt(cfg, out / "run", progress=progress, log=log)
     stage["cpt"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -136,50 +139,43 @@ def run_demo(
     # The swap pool is the whole probe set (more partners of the same token length); facts are the trained
     # entities'. `circuitdyn timeline RUN --probes probes.jsonl --entities ... --per-entity N` rebuilds them.
     probes_file = write_probes_jsonl(load_probes(cfg.probes, rephrased=False), out / "probes.jsonl")
-    run = open_run(cpt.run_dir, device=device, dtype=dtype)
+    run = open_run(trained_run.run_dir, device=cfg.device, dtype=cfg.dtype)
     if pick == "sample":
         facts = load_facts(probes_file, run.tokenizer(), entities=trained, per_entity=facts_per_entity)
         choice = f"seeded sample of {facts_per_entity} probes per entity, chosen before outcomes"
     else:
-        chosen = [p.id for p in pick_facts(probes, facts_per_entity, outcomes_from_dynamics(cpt.dynamics))]
+        chosen = [p.id for p in pick_facts(probes, facts_per_entity, outcomes_from_dynamics(trained_run.dynamics))]
         facts = load_facts(probes_file, run.tokenizer(), ids=chosen)
         choice = "post hoc: the probes whose recall flipped most"
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
-    say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {method} with {steps} steps "
-        f"({grid_taken(method, ig_grid)} rule), "
-        f"epochs {run.epochs}; {DEFAULT_REPLICATES} method-noise replicates at every epoch; circuits {selection}")
-    timeline = load_run_timeline(run, facts, selection=selection, method=method, steps=steps,  # type: ignore[arg-type]
-                                 noise_epochs="all", fact_choice=choice, progress=progress,
-                                 ig_grid=ig_grid)
+    say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {s.method} with {s.steps} steps "
+        f"({s.ig_grid} rule), "
+        f"epochs {run.epochs}; {cmp.replicates} method-noise replicates at every epoch; circuits {cmp.selection}")
+    timeline = load_run_timeline(run, facts, s, cmp.replace(transfer=False), fact_choice=choice, progress=progress)
     stage["circuits"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say("[3/3] timeline, transfer, diff and viewers")
     table = None
-    if transfer:
+    if cmp.transfer:
         say("      circuit transfer: each epoch's circuits on each epoch's model")
         tt = time.perf_counter()
         table = transfer_matrix(timeline.circuits, run_evaluator(run, facts), timeline.selection,
                                 selected=timeline.fact_masks, cache=out / "transfer.json", progress=progress)
+        timeline.transfer = table
         stage["transfer"] = time.perf_counter() - tt
     timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=facts.labels, transfer=table)
     first, last = timeline.epochs[0], timeline.epochs[-1]
     a, b = timeline.circuits[first], timeline.circuits[last]
     diff = diff_circuits(a, b, timeline.selection, noise=timeline.noise, labels=(f"epoch {first}", f"epoch {last}"),
-                         selected=(timeline.fact_masks[first], timeline.fact_masks[last]),
-                         reached=_reached(timeline, first, last), entity_of=facts.entity_of,
-                         noise_keys=(first, last))
+                         selected=((timeline.fact_masks[first], timeline.reached.get(first)),
+                                   (timeline.fact_masks[last], timeline.reached.get(last))),
+                         entity_of=facts.entity_of, noise_keys=(first, last))
     diff.labels = facts.labels
     diff_html = write_diff_html(diff, out / "diff.html", labels=facts.labels)
     circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last}.html", labels=facts.labels)
     stage["analysis"] = time.perf_counter() - t - stage.get("transfer", 0.0)
     return DemoResult(
-        out, run.path, probes_file, timeline_html, diff_html, circuit_html, cpt.dynamics, facts, timeline, diff,
+        out, run.path, probes_file, timeline_html, diff_html, circuit_html, trained_run.dynamics, facts, timeline, diff,
         table, time.perf_counter() - t0, stage,
     )
-
-
-def _reached(timeline: Any, first: int, last: int) -> tuple[Any, Any] | None:
-    """The faithfulness each fact's circuit reached at the two epochs (None for rules that do not evaluate it)."""
-    a, b = timeline.reached.get(first), timeline.reached.get(last)
-    return None if a is None or b is None else (a, b)

@@ -36,14 +36,14 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.attribution import DEFAULT_IG_STEPS, IGGrid
 from circuitdyn.change_test import ALPHA, ChangeTest, aggregate_verdict, change_table, compare_replicates
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.graph import Graph
-from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
+from circuitdyn.noise import MethodNoise
 from circuitdyn.selection import Faithfulness, Selection
+from circuitdyn.settings import DEFAULT_SETTINGS, AttributionSettings, Comparison
 from circuitdyn.similarity import (
     DISTANCES,
     as_rows,
@@ -57,7 +57,7 @@ from circuitdyn.stats import bootstrap_ci
 
 if TYPE_CHECKING:
     from circuitdyn.checkpoints import Run
-    from circuitdyn.facts import FactSet
+    from circuitdyn.facts import FactSet, FactSpec
 
 MEAN = "(mean circuit)"
 """Fact id of the aggregate row: the diff of the facts' mean circuits."""
@@ -70,10 +70,6 @@ noise every band is 0."""
 
 PRIMARY = "edge_jaccard"
 """The statistic of the headline `n_changed_beyond_noise`: how much of the selected circuits' edge sets differ."""
-
-DEFAULT_SELECTION = "faith:0.8"
-"""Circuits are compared at equal faithfulness on their own model, not at equal size."""
-
 
 def restrict(circuits: CircuitSet, fact_ids: list[str], graph: Graph | None = None) -> CircuitSet:
     """`circuits` limited to `fact_ids` (itself when nothing changes), sharing an already rebuilt graph.
@@ -567,38 +563,38 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(x) else round(x, 6)
 
 
+Picked = tuple[Tensor, "Tensor | None"]
+"""One side's circuits chosen elsewhere: masks [fact, edge] and the faithfulness each reached (or None)."""
+
+
 def diff_circuits(
     a: CircuitSet,
     b: CircuitSet,
-    selection: str | Selection = DEFAULT_SELECTION,
+    selection: Selection,
     *,
     noise: MethodNoise | None = None,
-    faithfulness_a: Faithfulness | None = None,
-    faithfulness_b: Faithfulness | None = None,
+    faithfulness: tuple[Faithfulness, Faithfulness] | None = None,
     fact_ids: list[str] | None = None,
     labels: tuple[str, str] = ("A", "B"),
-    k_paths: int = 5,
-    selected: tuple[Tensor, Tensor] | None = None,
-    reached: tuple[Tensor, Tensor] | None = None,
+    selected: tuple[Picked, Picked] | None = None,
     entity_of: dict[str, str] | None = None,
-    min_gap: float = MIN_GAP,
     noise_keys: tuple[int, int] = (0, 1),
 ) -> CircuitDiff:
-    """Compare two circuit sets fact by fact (and their mean circuits).
+    """Compare two circuit sets fact by fact (and their mean circuits), each fact's circuit chosen by `selection`.
 
     `a` and `b` must share the graph and settings (`CircuitSet.check_compatible`) and the facts
     compared (`fact_ids`, default: all of `a`'s, which `b` must also hold). `noise`: the facts' method
     noise with the replicates of both checkpoints under `noise_keys` (default 0 for a, 1 for b, as
     `noise.merge_noise` makes them; epochs for the noise of one run), which change is tested against.
-    `faithfulness_a/b` evaluate masks on each set's model and are needed only for rules that evaluate
-    circuits (`faith:`).
-    `selected`: masks [fact, edge] for `a` and `b` chosen elsewhere (e.g. `extraction.select_circuits`),
-    in `fact_ids` order, replacing the rule's own selection; `reached`: the faithfulness each reached.
-    `entity_of`: fact id -> entity, the bootstrap's resampling unit (`entity_groups`). `min_gap`: facts whose
-    clean-corrupted gap is below it at either checkpoint are excluded from tests and aggregates.
+    `faithfulness`: evaluators of masks on each set's model, needed only for rules that evaluate circuits
+    (`faith:`). `selected`: each side's circuits chosen elsewhere (e.g. `extraction.select_circuits`: masks
+    [fact, edge] in `fact_ids` order and the faithfulness reached, or None), replacing the rule's own selection.
+    `entity_of`: fact id -> entity, the bootstrap's resampling unit (`entity_groups`). Facts whose
+    clean-corrupted gap is below the diff's `min_gap` (`faithfulness.MIN_GAP`) at either checkpoint are
+    excluded from tests and aggregates.
     """
     a.check_compatible(b)
-    sel = Selection.parse(selection)
+    sel = selection
     facts = list(fact_ids) if fact_ids is not None else list(a.fact_ids)
     if not facts:
         raise CircuitdynError("no facts to compare")
@@ -611,147 +607,153 @@ def diff_circuits(
     band = torch.zeros(len(facts), len(a.edges)) if noise is None else noise.band_for(facts)
     faith_a = faith_b = None
     if selected is not None:
-        mask_a, mask_b = (m.bool() for m in selected)
+        (mask_a, reached_a), (mask_b, reached_b) = selected
+        mask_a, mask_b = mask_a.bool(), mask_b.bool()
         if mask_a.shape != a.scores.shape or mask_b.shape != b.scores.shape:
             raise CircuitdynError(f"selected masks have shapes {tuple(mask_a.shape)}, {tuple(mask_b.shape)}; "
                                   f"expected {tuple(a.scores.shape)}")
-        if reached is not None:
-            faith_a, faith_b = (r.float() for r in reached)
+        if reached_a is not None and reached_b is not None:
+            faith_a, faith_b = reached_a.float(), reached_b.float()
     else:
-        if sel.needs_model and (faithfulness_a is None or faithfulness_b is None):
+        if sel.needs_model and faithfulness is None:
             raise CircuitdynError(f"selection {sel} needs a faithfulness evaluator for both circuit sets")
-        mask_a, faith_a = sel.select(a.scores, a.graph, faithfulness_a)
-        mask_b, faith_b = sel.select(b.scores, a.graph, faithfulness_b)
+        eval_a, eval_b = faithfulness or (None, None)
+        mask_a, faith_a = sel.select(a.scores, a.graph, eval_a)
+        mask_b, faith_b = sel.select(b.scores, a.graph, eval_b)
     n_mean = max(1, int(round(float(torch.cat([mask_a, mask_b]).sum(1).float().mean()))))
     mean_a, mean_b = (sel.mean_circuit(x.scores.float().mean(0), a.graph, n_mean) for x in (a, b))
     return CircuitDiff(
         a, b, sel,
         torch.cat([mask_a, mean_a[None]]), torch.cat([mask_b, mean_b[None]]),
         torch.cat([band, band.mean(0, keepdim=True)]),
-        faith_a, faith_b, labels[0], labels[1], k_paths, noise=noise, entity_of=dict(entity_of or {}), min_gap=min_gap,
-        noise_keys=noise_keys,
+        faith_a, faith_b, labels[0], labels[1], noise=noise, entity_of=dict(entity_of or {}), noise_keys=noise_keys,
     )
 
 
+@dataclass(frozen=True)
+class Side:
+    """One side of a diff of checkpoints: a checkpoint of a run (`run`, `epoch`), or a circuit file (`file`);
+    `spec` is how it was named (`RUN:EPOCH`, a model folder, a `.safetensors` file), its label."""
+
+    spec: str
+    run: Run | None = None
+    epoch: int | None = None
+
+    @property
+    def file(self) -> Path | None:
+        return Path(self.spec) if self.run is None else None
+
+    @property
+    def label(self) -> str:
+        return short_label(self.spec)
+
+    @classmethod
+    def open(cls, spec: str | Path, *, device: str = "cpu", dtype: str = "float32",
+             base: str | Path | None = None) -> Side:
+        """A circuit file (`.safetensors`) as it is, else the run and epoch `checkpoints.resolve` finds (`RUN:EPOCH`,
+        `RUN:step=STEP`, a run or model folder: its last epoch), opened with `device`, `dtype` and `base`."""
+        from circuitdyn.checkpoints import resolve
+
+        if str(spec).endswith(".safetensors"):
+            return cls(str(spec))
+        run, epoch = resolve(str(spec), device=device, dtype=dtype, base=base)
+        return cls(str(spec), run, epoch)
+
+
 def diff_checkpoints(
-    a: str,
-    b: str,
-    probes: str | Path | None = None,
+    a: Side,
+    b: Side,
+    facts: FactSpec | None = None,
+    settings: AttributionSettings | None = None,
+    comparison: Comparison | None = None,
     *,
-    limit: int | None = None,
-    sample_n: int | None = None,
-    per_entity: int | None = None,
-    entities: list[str] | None = None,
-    sample_seed: int = 0,
-    rephrased: bool = False,
-    template: str = "auto",
-    selection: str | Selection = DEFAULT_SELECTION,
-    method: str | None = None,
-    steps: int | None = None,
-    metric: str = "answer-logprob",
-    seed: int = 0,
     circuits_dir: str | Path | None = None,
     fact_ids: list[str] | None = None,
-    method_noise: bool = True,
-    device: str = "cpu",
-    dtype: str = "float32",
+    where: dict[str, Any] | None = None,
     progress: bool = False,
-    base: str | Path | None = None,
-    ig_grid: IGGrid | None = None,
-    family: Family = DEFAULT_FAMILY,
-    replicates: int = DEFAULT_REPLICATES,
 ) -> CircuitDiff:
-    """`diff_circuits` of two checkpoints (`RUN:EPOCH` or a model folder) or circuit files (`.safetensors`).
+    """`diff_circuits` of two checkpoints or circuit files (`Side.open`), circuits chosen and changes tested as
+    `comparison` says (default `Comparison()`: `faith:0.8` circuits, 5 replicates per checkpoint).
 
-    With `probes`, the facts come from `circuitdyn.facts.load_facts` (`limit`, `sample_n`, `rephrased`,
-    `template`) and their circuits are computed on each checkpoint, or reused from `circuits_dir` (default
-    `extraction.circuits_dir`) when cached with the same settings; without, cached circuits are read.
-    Rules that evaluate circuits (`faith:`, the default) need checkpoints and probes. With checkpoints,
-    probes and `method_noise`, `replicates` draws of the replicate `family` are extracted at each checkpoint
-    (`noise.measure_replicates`) and every change is tested against them (`CircuitDiff.test`). `base`: the
-    base model folder of adapter-only checkpoints (`checkpoints.open_run`).
+    With `facts` (a `facts.FactSpec`, tokenized by each side's run), the circuits are computed on each checkpoint
+    with `settings` (default `DEFAULT_SETTINGS`), or reused from `circuits_dir` (default
+    `extraction.circuits_dir`) when cached with the same settings; without, the cached circuits matching `where`
+    (`settings.settings_filter`) are read. Rules that evaluate circuits (`faith:`, the default) need checkpoints
+    and facts. With checkpoints, facts and method noise (`comparison.replicates`), that many draws of the
+    replicate family are extracted at each checkpoint (`noise.measure_replicates`) and every change is tested
+    against them (`CircuitDiff.test`).
     """
-    from circuitdyn.checkpoints import resolve
+    from circuitdyn.checkpoints import architecture_difference
     from circuitdyn.extraction import checkpoint_circuits, heldout_faithfulness, select_circuits
     from circuitdyn.extraction import circuits_dir as default_dir
-    from circuitdyn.facts import load_facts
     from circuitdyn.noise import measure_replicates, merge_noise, run_draws
     from circuitdyn.probes import load_probes
 
-    sel = Selection.parse(selection)
-    if not str(a).endswith(".safetensors") and not str(b).endswith(".safetensors"):
-        from circuitdyn.checkpoints import architecture_difference
-
-        (run_a, ea), (run_b, eb) = (resolve(str(s), device=device, dtype=dtype, base=base) for s in (a, b))
-        why = architecture_difference(run_a.checkpoint(ea), run_b.checkpoint(eb))
+    cmp = comparison or Comparison()
+    sel = cmp.selection
+    s = settings or DEFAULT_SETTINGS
+    if a.run is not None and b.run is not None and a.epoch is not None and b.epoch is not None:
+        why = architecture_difference(a.run.checkpoint(a.epoch), b.run.checkpoint(b.epoch))
         if why:
-            raise CircuitdynError(f"{a} and {b} cannot be compared: {why}")
+            raise CircuitdynError(f"{a.spec} and {b.spec} cannot be compared: {why}")
     sides: list[tuple[CircuitSet, Run | None, int | None, FactSet | None]] = []
     labels: dict[str, str] = {}
     entity_of: dict[str, str] = {}
-    for spec in (a, b):
-        if str(spec).endswith(".safetensors"):
+    for side in (a, b):
+        if side.run is None or side.epoch is None:
             if sel.needs_model:
                 raise CircuitdynError(f"selection {sel} evaluates circuits on their model: give checkpoints, not "
-                                      f"the circuit file {spec} (or choose --select top:N)")
-            cs = CircuitSet.load(spec)
-            if probes is not None:
-                file_probes = load_probes(probes, rephrased=rephrased)
+                                      f"the circuit file {side.spec} (or choose --select top:N)")
+            cs = CircuitSet.load(side.spec)
+            if facts is not None:
+                file_probes = load_probes(facts.probes, rephrased=facts.rephrased)
                 labels = {p.id: f"{p.entity}: {p.question}" for p in file_probes}
                 entity_of = {p.id: p.entity for p in file_probes}
-                check_facts_match(cs, labels, probes, spec)
+                check_facts_match(cs, labels, facts.probes, side.spec)
             sides.append((cs, None, None, None))
             continue
-        run, epoch = resolve(str(spec), device=device, dtype=dtype, base=base)
-        facts = None
-        if probes is not None:
-            facts = load_facts(probes, run.tokenizer(), limit=limit, sample_n=sample_n, per_entity=per_entity,
-                               entities=entities, seed=sample_seed,
-                               rephrased=rephrased, template=template)  # type: ignore[arg-type]
-            labels, entity_of = facts.labels, facts.entity_of
+        run, epoch = side.run, side.epoch
+        fs = None
+        if facts is not None:
+            fs = facts.load(run.tokenizer())
+            labels, entity_of = fs.labels, fs.entity_of
         elif sel.needs_model:
             raise CircuitdynError(f"selection {sel} evaluates circuits on their model: it needs the facts (--probes)")
-        cs = checkpoint_circuits(run, epoch, facts, folder=circuits_dir, method=method, steps=steps,  # type: ignore[arg-type]
-                                 metric=metric, seed=seed, progress=progress, ig_grid=ig_grid)
-        if facts is not None:
-            check_facts_match(cs, facts.labels, probes, spec)
-        sides.append((cs, run, epoch, facts))
+        cs = checkpoint_circuits(run, epoch, fs, settings, folder=circuits_dir, where=where, progress=progress)
+        if fs is not None:
+            check_facts_match(cs, fs.labels, facts.probes if facts is not None else None, side.spec)
+        sides.append((cs, run, epoch, fs))
     (ca, _, epoch_a, facts_a), (cb, _, epoch_b, facts_b) = sides
     ids = list(fact_ids or ca.fact_ids)
-    selected: tuple[Tensor, Tensor] | None = None
-    reached: tuple[Tensor, Tensor] | None = None
+    selected: tuple[Picked, Picked] | None = None
     heldout: tuple[Tensor, Tensor] | None = None
     if sel.needs_model:  # both sides are checkpoints with facts: anything else was refused above
         on_model = [(cs, r, e, fs) for cs, r, e, fs in sides if r is not None and e is not None and fs is not None]
         picks = [select_circuits(r, e, cs.subset(ids), sel, fs, cache_dir=circuits_dir or default_dir(r))
                  for cs, r, e, fs in on_model]
-        selected = (picks[0][0], picks[1][0])
-        reached_a, reached_b = picks[0][1], picks[1][1]
-        if reached_a is not None and reached_b is not None:
-            reached = (reached_a, reached_b)
+        selected = (picks[0], picks[1])
         if sel.rule == "pruned":
-            held_a, held_b = (heldout_faithfulness(r, e, cs.subset(ids), m, fs)
-                              for (cs, r, e, fs), m in zip(on_model, selected))
+            held_a, held_b = (heldout_faithfulness(r, e, cs.subset(ids), pick[0], fs)
+                              for (cs, r, e, fs), pick in zip(on_model, selected))
             heldout = (held_a, held_b)
     noise = None
-    if method_noise and facts_a is not None and facts_b is not None:
-        masks = selected or tuple(sel.select(cs.subset(ids).scores, cs.graph)[0] for cs, *_ in sides)
-        settings = dict(family=family, method=ca.meta.get("method", "eap-ig"), metric=metric, progress=progress,
-                        steps=int(ca.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)))
+    if cmp.replicates is not None and facts_a is not None and facts_b is not None:
+        masks = [p[0] for p in selected] if selected else [sel.select(cs.subset(ids).scores, cs.graph)[0]
+                                                            for cs, *_ in sides]
         parts = []
         checkpoints = [(r, e, fs) for _, r, e, fs in sides if r is not None and e is not None and fs is not None]
         for k, ((side_run, side_epoch, side_facts), m) in enumerate(zip(checkpoints, masks)):
             # side B draws from side A's stream only when it is another checkpoint of the same run: then the two
             # sides' draws are disjoint slices of one stream; otherwise from another stream, never A's draws
             shared = k == 0 or (checkpoints[1][0].path == checkpoints[0][0].path and epoch_b != epoch_a)
-            draws = run_draws(side_run, [side_epoch], family, replicates, seed if shared else seed + 1)
+            draws = run_draws(side_run, [side_epoch], cmp.family, cmp.replicates, s.seed if shared else s.seed + 1)
             size = dict(zip(ids, m.sum(1).tolist()))
             sizes = torch.tensor([size.get(f, int(np.median(list(size.values())))) for f in side_facts.ids])
-            parts.append(measure_replicates(side_run, side_facts, draws, {side_epoch: sizes}, sel,
-                                            folder=circuits_dir or default_dir(side_run), **settings))
+            parts.append(measure_replicates(side_run, side_facts, draws, {side_epoch: sizes}, sel, s,
+                                            folder=circuits_dir or default_dir(side_run), progress=progress))
         noise = merge_noise(parts)
-    d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=ids, labels=(short_label(a), short_label(b)),
-                      selected=selected, reached=reached, entity_of=entity_of)
+    d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=ids, labels=(a.label, b.label), selected=selected,
+                      entity_of=entity_of)
     d.labels = dict(labels)
     d.heldout = heldout
     return d

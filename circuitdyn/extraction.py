@@ -21,26 +21,17 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuitdyn.attribution import (
-    DEFAULT_IG_GRID,
-    DEFAULT_IG_STEPS,
-    BufferDtype,
-    IGGrid,
-    Method,
-    attribute,
-    check_method,
-    grid_taken,
-    steps_taken,
-)
-from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, settings_mismatch
+from circuitdyn.attribution import attribute
+from circuitdyn.circuits import CircuitSet, circuit_filename, read_meta, recorded_settings, settings_mismatch
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.facts import check_context, facts_hash, record_facts
 from circuitdyn.faithfulness import CircuitEvaluator
-from circuitdyn.forward import NOISE_SCALE, metric_name
+from circuitdyn.forward import NOISE_SCALE
 from circuitdyn.graph import Graph
 from circuitdyn.io import check_writable, file_lock, remove_stale_temps
 from circuitdyn.probes import FactPrompt
 from circuitdyn.selection import Selection
+from circuitdyn.settings import DEFAULT_SETTINGS, AttributionSettings, Compute, Storage
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -51,39 +42,23 @@ if TYPE_CHECKING:
 SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
 
-def extraction_settings(architecture: str | None, facts: Sequence[FactPrompt], method: Method = "eap-ig",
-                        steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0,
-                        noise_scale: float = NOISE_SCALE,
-                        ig_grid: IGGrid = DEFAULT_IG_GRID) -> dict[str, Any]:
-    """The `circuits.SETTINGS` an extraction with these arguments records (known before any work is done)."""
-    return {
-        "architecture": architecture,
-        "method": check_method(method),
-        "ig_steps": steps_taken(method, steps),
-        "ig_grid": grid_taken(method, ig_grid),
-        "metric": metric_name(metric),
-        "seed": seed,
-        "noise_scale": noise_scale,
-        "probe_set_hash": facts_hash(facts),
-    }
+def extraction_settings(architecture: str | None, facts: Sequence[FactPrompt],
+                        settings: AttributionSettings | None = None) -> dict[str, Any]:
+    """The `circuits.SETTINGS` an extraction of `facts` with `settings` records (known before any work is done)."""
+    return recorded_settings(architecture, settings or DEFAULT_SETTINGS, facts_hash(facts))
 
 
-def extract_circuits(model: HookedTransformer, facts: Sequence[FactPrompt], method: Method = "eap-ig",
-                     steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8,
-                     noise_scale: float = NOISE_SCALE, meta: dict[str, Any] | None = None,
-                     progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
-                     max_memory: int | str | None = None, num_threads: int | None = None) -> CircuitSet:
-    """Attribute every fact and wrap the scores with their provenance in a `CircuitSet`.
+def extract_circuits(model: HookedTransformer, facts: Sequence[FactPrompt], settings: AttributionSettings | None = None,
+                     compute: Compute | None = None, *, meta: dict[str, Any] | None = None,
+                     progress: bool = False) -> CircuitSet:
+    """Attribute every fact with `settings` (`attribution.attribute`, run as `compute` says) and wrap the scores
+    with their provenance in a `CircuitSet`.
 
     `meta` adds checkpoint provenance (checkpoint_hash, step, epoch, model...); the settings
     (`extraction_settings`), the architecture's shape and each fact's corruption are filled in here.
-    `ig_grid`, `buffer_dtype`, `max_memory` (facts per batch from a memory budget, see
-    `circuitdyn.memory.fact_batch_for_memory`) and `num_threads` are passed to `attribution.attribute`.
     """
-    info = extraction_settings(model.cfg.original_architecture, facts, method, steps, metric, seed, noise_scale,
-                               ig_grid)
-    scores = attribute(model, facts, method, steps, metric, seed, batch_size, noise_scale, progress, ig_grid=ig_grid,
-                       buffer_dtype=buffer_dtype, max_memory=max_memory, num_threads=num_threads)
+    info = extraction_settings(model.cfg.original_architecture, facts, settings)
+    scores = attribute(model, facts, settings, compute, progress=progress)
     cfg = model.cfg
     info.update({
         "model": cfg.model_name,
@@ -147,48 +122,36 @@ def is_done(path: Path, want: dict[str, Any], checkpoint_hash: str, overwrite: b
 
 
 def extract_run(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
-                method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", seed: int = 0,
-                batch_size: int = 8, top_n: int | None = 1000, store: str = "float16",
-                sparse_top_k: int | None = None,
-                extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
-                progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID, buffer_dtype: BufferDtype = "float32",
-                max_memory: int | str | None = None, num_threads: int | None = None, ray: str | None = None,
-                shard_size: int | None = None, max_retries: int = 3, num_gpus: float | None = None) -> list[Extracted]:
-    """One circuit file per epoch of a `checkpoints.Run` under `out_dir`, skipping finished ones.
+                settings: AttributionSettings | None = None, compute: Compute | None = None,
+                storage: Storage | None = None, *, extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
+                progress: bool = False) -> list[Extracted]:
+    """One circuit file per epoch of a `checkpoints.Run` under `out_dir`, extracted with `settings` (default
+    `DEFAULT_SETTINGS`), skipping finished ones.
 
-    A file is reused when it holds the same checkpoint content hash and `settings`. Each new file's
-    metadata also records the faithfulness of every fact's top-`top_n` circuit (`faithfulness`,
+    A file is reused when it holds the same checkpoint content hash and settings (`circuits.SETTINGS`). Each new
+    file's metadata also records the faithfulness of every fact's top-`storage.top_n` circuit (`faithfulness`,
     `faithfulness_selection`; skipped with `top_n=None`, as for method-noise replicates) and the metric of the
     clean and corrupted runs (`m_clean`, `m_corrupted`): faithfulness is only meaningful where they differ
-    clearly. `store`: float16 (scaled per fact, the
-    default) or float32 scores; `sparse_top_k`: keep each fact's top-k edges (`CircuitSet.save`).
-    `ig_grid`, `buffer_dtype`, `max_memory` and `num_threads`: see `extract_circuits`. When `facts` is a
-    `facts.FactSet` read from a probe file, `out_dir/facts.json` then records it (`facts.record_facts`), so
-    that `facts.run_facts` can rebuild it.
+    clearly. `storage`: the scores' precision and sparsity (`settings.Storage`); `compute`: batch, memory,
+    threads (`settings.Compute`). When `facts` is a `facts.FactSet` read from a probe file, `out_dir/facts.json`
+    then records it (`facts.record_facts`), so that `facts.run_facts` can rebuild it.
 
-    `ray` (`"auto"` for a local cluster, or a cluster's address) runs the work as Ray tasks of one checkpoint
-    x one shard of `shard_size` facts each (`extract_on_ray`): the same files, the same scores.
+    `compute.ray` (`"auto"` for a local cluster, or a cluster's address) runs the work as Ray tasks of one
+    checkpoint x one shard of `compute.shard_size` facts each (`extract_on_ray`): the same files, the same scores.
     """
+    s, c, st = settings or DEFAULT_SETTINGS, compute or Compute(), storage or Storage()
     if not facts:
         raise CircuitdynError("no facts given to attribute")
-    for name, value in (("batch_size", batch_size), ("top_n", top_n), ("sparse_top_k", sparse_top_k)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise CircuitdynError(f"{name} must be a whole number >= 1, got {value!r}")
-    if store not in ("float32", "float16"):
-        raise CircuitdynError(f"store must be float32 or float16, got {store!r}")
     out = check_writable(out_dir, "folder")
     epochs = list(run.epochs if epochs is None else epochs)
     for epoch in epochs:
         run.checkpoint(epoch)
     run.check_consistent()
-    want = extraction_settings(run.architecture, facts, method, steps, metric, seed, ig_grid=ig_grid)
+    want = extraction_settings(run.architecture, facts, s)
     check_context(facts, run.context_length)
-    if ray is not None:
-        done = extract_on_ray(run, facts, out, epochs, ray, method=method, steps=steps, metric=metric, seed=seed,
-                              batch_size=batch_size, top_n=top_n, store=store, sparse_top_k=sparse_top_k,
-                              extra_meta=extra_meta, overwrite=overwrite, progress=progress, ig_grid=ig_grid,
-                              buffer_dtype=buffer_dtype, max_memory=max_memory, num_threads=num_threads,
-                              shard_size=shard_size, max_retries=max_retries, num_gpus=num_gpus)
+    if c.ray is not None:
+        done = extract_on_ray(run, facts, out, epochs, s, c, st, extra_meta=extra_meta, overwrite=overwrite,
+                              progress=progress)
         record_facts(out, facts)  # type: ignore[arg-type]  # a FactSet of a probe file: the run remembers it
         return done
     results = []
@@ -202,17 +165,15 @@ def extract_run(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
                 continue
             model = run.load_model(epoch)
             meta = {**checkpoint_meta(run, epoch), **(extra_meta or {})}
-            cs = extract_circuits(model, facts, method, steps, metric, seed, batch_size, meta=meta, progress=progress,
-                                  ig_grid=ig_grid, buffer_dtype=buffer_dtype, max_memory=max_memory,
-                                  num_threads=num_threads)
-            ev = CircuitEvaluator(model, facts, metric, seed, batch_size, NOISE_SCALE)
-            if top_n is not None:
-                faith = ev.faithfulness(cs.top_n(min(top_n, len(cs.edges))))
+            cs = extract_circuits(model, facts, s, c, meta=meta, progress=progress)
+            ev = CircuitEvaluator(model, facts, s.metric, s.seed, c.batch_size or 8, s.noise_scale)
+            if st.top_n is not None:
+                faith = ev.faithfulness(cs.top_n(min(st.top_n, len(cs.edges))))
                 cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
-                cs.meta["faithfulness_selection"] = f"top:{top_n}"
+                cs.meta["faithfulness_selection"] = f"top:{st.top_n}"
             cs.meta["m_clean"] = [round(float(v), 6) for v in ev.m_clean.tolist()]
             cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
-            cs.save(path, dtype=store, top_k=sparse_top_k)
+            cs.save(path, dtype=st.dtype, top_k=st.sparse_top_k)
             results.append(Extracted.from_file(epoch, path, False, cs))
     record_facts(out, facts)  # type: ignore[arg-type]  # a FactSet of a probe file: the run remembers it
     return results
@@ -249,14 +210,20 @@ def default_shard_size(n_facts: int, n_epochs: int, slots: int, batch_size: int)
 
 
 def extract_shard(run_path: str, allow_pickle: bool, device: str, dtype: str, epoch: int,
-                  facts: list[FactPrompt], folder: str, kwargs: dict[str, Any], base: str | None = None) -> str:
+                  facts: list[FactPrompt], folder: str,
+                  how: tuple[AttributionSettings, Compute, Storage, dict[str, Any] | None],
+                  base: str | None = None) -> str:
     """One task of `extract_on_ray`, on a worker: open the run (with the adapter's `base`, if any), load the
-    epoch's model once, extract the facts' circuits into `folder` (atomically, through `extract_run`) and
+    epoch's model once, extract the facts' circuits into `folder` (atomically, through `extract_run`, with the
+    settings, compute, storage and extra metadata `how`; stored exact, sparsity left to the assembled file) and
     return the file's path."""
     from circuitdyn.checkpoints import open_run
 
+    settings, compute, storage, extra_meta = how
     run = open_run(run_path, allow_pickle=allow_pickle, device=device, dtype=dtype, base=base)
-    return str(extract_run(run, facts, folder, [epoch], store="float32", overwrite=True, **kwargs)[0].path)
+    done = extract_run(run, facts, folder, [epoch], settings, compute.replace(ray=None),
+                       Storage(dtype="float32", top_n=storage.top_n), extra_meta=extra_meta, overwrite=True)
+    return str(done[0].path)
 
 
 def assemble(parts: Sequence[CircuitSet], facts: Sequence[FactPrompt]) -> CircuitSet:
@@ -278,41 +245,38 @@ def assemble(parts: Sequence[CircuitSet], facts: Sequence[FactPrompt]) -> Circui
 
 
 def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int],
-                   ray: str = "auto", *, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-                   metric: str = "answer-logprob", seed: int = 0, batch_size: int = 8, top_n: int | None = 1000,
-                   store: str = "float16",
-                   sparse_top_k: int | None = None, extra_meta: dict[str, Any] | None = None,
-                   overwrite: bool = False, progress: bool = False, ig_grid: IGGrid = DEFAULT_IG_GRID,
-                   buffer_dtype: BufferDtype = "float32", max_memory: int | str | None = None,
-                   num_threads: int | None = None, shard_size: int | None = None,
-                   max_retries: int = 3, num_gpus: float | None = None) -> list[Extracted]:
-    """`extract_run` on a Ray cluster (`ray`: "auto" starts a local one, else the address of one to join).
+                   settings: AttributionSettings | None = None, compute: Compute | None = None,
+                   storage: Storage | None = None, *, extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
+                   progress: bool = False) -> list[Extracted]:
+    """`extract_run` on a Ray cluster (`compute.ray`: "auto", the default, starts a local one, else the address of
+    one to join).
 
     The work is split into tasks of one checkpoint x one shard of consecutive facts; each task loads its model
     once and writes its shard atomically under `out_dir/.shards`, so a re-run skips finished shards and a
-    worker killed mid-task (retried by Ray up to `max_retries` times) leaves nothing half-written. When every
-    shard of an epoch is there, they are assembled into the same file a local run writes and removed.
-    Shards are whole multiples of `batch_size` facts, so each fact is batched with the same neighbours as
-    in a local run. `num_gpus` per task defaults to 1 on a cluster with GPUs (the task's model goes on its
-    GPU), else 0. `shard_size` defaults to `default_shard_size`.
+    worker killed mid-task (retried by Ray up to `compute.max_retries` times) leaves nothing half-written. When
+    every shard of an epoch is there, they are assembled into the same file a local run writes and removed.
+    Shards are whole multiples of `compute.batch_size` facts, so each fact is batched with the same neighbours
+    as in a local run. `compute.num_gpus` per task defaults to 1 on a cluster with GPUs (the task's model goes
+    on its GPU), else 0. `compute.shard_size` defaults to `default_shard_size`.
     """
     import math
     import shutil
 
     from circuitdyn import cluster
 
+    s, c, st = settings or DEFAULT_SETTINGS, compute or Compute(ray="auto"), storage or Storage()
     out = Path(out_dir)
     facts = list(facts)
-    want = extraction_settings(run.architecture, facts, method, steps, metric, seed, ig_grid=ig_grid)
+    want = extraction_settings(run.architecture, facts, s)
     finals = {e: out / circuit_filename(e, want) for e in epochs}
     todo = [e for e in epochs if not is_done(finals[e], want, run.checkpoint(e).content_hash, overwrite)]
-    kwargs = {"method": method, "steps": steps, "metric": metric, "seed": seed, "batch_size": batch_size,
-              "top_n": top_n, "extra_meta": extra_meta, "ig_grid": ig_grid, "buffer_dtype": buffer_dtype,
-              "max_memory": max_memory, "num_threads": num_threads}
-    with (cluster.connected(ray) if todo else contextlib.nullcontext()) as rt:
+    how = (s, c, st, extra_meta)
+    batch_size = c.batch_size or 8
+    with (cluster.connected(c.ray or cluster.LOCAL) if todo else contextlib.nullcontext()) as rt:
         shards: dict[int, list[Shard]] = {}
         if todo:
-            gpus = (1.0 if cluster.cluster_gpus(rt) else 0.0) if num_gpus is None else float(num_gpus)
+            gpus = (1.0 if cluster.cluster_gpus(rt) else 0.0) if c.num_gpus is None else float(c.num_gpus)
+            shard_size = c.shard_size
             if shard_size is None:
                 shard_size = default_shard_size(len(facts), len(todo), cluster.task_slots(rt, gpus), batch_size)
             if shard_size < 1:
@@ -325,18 +289,17 @@ def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, e
                 shards[e] = []
                 for k, i in enumerate(starts):
                     part = facts[i:i + size]
-                    part_want = extraction_settings(run.architecture, part, method, steps, metric, seed,
-                                                    ig_grid=ig_grid)
+                    part_want = extraction_settings(run.architecture, part, s)
                     folder = out / SHARDS / finals[e].stem / f"facts_{i}-{i + len(part) - 1}"
                     sh = Shard(e, i, i + len(part), folder, folder / circuit_filename(e, part_want))
                     shards[e].append(sh)
                     if is_done(sh.file, part_want, run.checkpoint(e).content_hash, overwrite=True):
                         continue
                     args = (str(run.path), bool(getattr(run.checkpoint(e), "allow_pickle", False)), device,
-                            str(run.dtype).removeprefix("torch."), e, part, str(folder), kwargs,
+                            str(run.dtype).removeprefix("torch."), e, part, str(folder), how,
                             str(ck.base) if (ck := run.checkpoint(e)).kind == "adapter" and ck.base else None)
                     tasks.append(cluster.Task(sh.label(run, len(starts), k), extract_shard, args))
-            cluster.run_tasks(rt, tasks, num_gpus=gpus, max_retries=max_retries, progress=progress,
+            cluster.run_tasks(rt, tasks, num_gpus=gpus, max_retries=c.max_retries, progress=progress,
                               desc="circuit shards")
     results = []
     for e in epochs:
@@ -345,7 +308,7 @@ def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, e
             continue
         parts = [CircuitSet.load(sh.file) for sh in shards[e]]
         cs = assemble(parts, facts)
-        cs.save(finals[e], dtype=store, top_k=sparse_top_k)
+        cs.save(finals[e], dtype=st.dtype, top_k=st.sparse_top_k)
         shutil.rmtree(shards[e][0].folder.parent, ignore_errors=True)
         results.append(Extracted.from_file(e, finals[e], False, cs))
     if (out / SHARDS).is_dir() and not any((out / SHARDS).iterdir()):
@@ -412,26 +375,26 @@ def circuits_dir(run: Run) -> Path:
 
 
 def checkpoint_circuits(
-    run: Run, epoch: int, facts: Sequence[FactPrompt] | None = None, *, folder: str | Path | None = None,
-    method: Method | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
-    batch_size: int = 8, progress: bool = False, ig_grid: IGGrid | None = None,
+    run: Run, epoch: int, facts: Sequence[FactPrompt] | None = None, settings: AttributionSettings | None = None, *,
+    folder: str | Path | None = None, where: dict[str, Any] | None = None, compute: Compute | None = None,
+    progress: bool = False,
 ) -> CircuitSet:
-    """The circuits of one checkpoint: computed for `facts` (or reused when `folder` holds them with the same
-    settings; `ig_grid` default `DEFAULT_IG_GRID`), or, without facts, the cached circuits of that checkpoint
-    in `folder` (default `circuits_dir`; of grid `ig_grid` when given)."""
+    """The circuits of one checkpoint: computed for `facts` with `settings` (default `DEFAULT_SETTINGS`; reused when
+    `folder` holds them), or, without facts, the cached circuits of that checkpoint in `folder` (default
+    `circuits_dir`) whose metadata matches `where` (`settings.settings_filter`; default the fields of `settings`
+    when given, else seed 0)."""
     from circuitdyn.circuits import find_circuits
 
     folder = Path(folder) if folder is not None else circuits_dir(run)
     if facts is not None:
-        done = extract_run(run, facts, folder, [epoch], method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS,
-                           metric=metric, seed=seed, batch_size=batch_size, progress=progress,
-                           ig_grid=ig_grid or DEFAULT_IG_GRID)[0]
+        done = extract_run(run, facts, folder, [epoch], settings, compute, progress=progress)[0]
         return CircuitSet.load(done.path)
     if not folder.is_dir():
         raise CircuitdynError(f"{run.path} epoch {epoch}: no cached circuits in {folder}; pass probes (--probes FILE) "
                               "to compute them, or the folder holding them (--circuits DIR)")
-    where = {"seed": seed, **({"ig_grid": ig_grid} if ig_grid is not None and method in (None, "eap-ig") else {})}
-    path = find_circuits(folder, [epoch], method, {epoch: run.checkpoint(epoch).content_hash}, steps, where)[epoch]
+    if where is None:
+        where = settings.to_meta() if settings is not None else {"seed": 0}
+    path = find_circuits(folder, [epoch], {epoch: run.checkpoint(epoch).content_hash}, where)[epoch]
     return CircuitSet.load(path)
 
 

@@ -213,6 +213,47 @@ def load_facts(
     return FactSet(tuple(facts), tuple(chosen), source, tuple(pool), template, 0, tokenizer, options)
 
 
+@dataclass(frozen=True)
+class FactSpec:
+    """Which facts to study, before there is a tokenizer: a probe file (None: the packaged validation probes) and
+    the choice among its probes, as `load_facts` takes it. `load(tokenizer)` builds the `FactSet`; a spec is
+    what a command line or a diff of two runs (each side tokenizes the same choice) carries."""
+
+    probes: str | Path | None = None
+    limit: int | None = None
+    sample_n: int | None = None
+    per_entity: int | None = None
+    entities: tuple[str, ...] | None = None
+    ids: tuple[str, ...] | None = None
+    seed: int = 0
+    rephrased: bool = False
+    template: Template = "auto"
+
+    def load(self, tokenizer: PreTrainedTokenizerBase) -> FactSet:
+        """The facts of this choice, tokenized by `tokenizer` (`load_facts`)."""
+        return load_facts(self.probes, tokenizer, limit=self.limit, sample_n=self.sample_n, per_entity=self.per_entity,
+                          entities=None if self.entities is None else list(self.entities),
+                          ids=None if self.ids is None else list(self.ids), seed=self.seed, rephrased=self.rephrased,
+                          template=self.template)
+
+    @classmethod
+    def of(cls, facts: FactSet) -> FactSpec | None:
+        """The spec `load_facts` built `facts` from (None for facts not read from a probe file or the packaged
+        probes, or of another corruption variant)."""
+        o = facts.options
+        if not o or "probes" not in o or o.get("variant"):
+            return None
+        entities, ids = (None if o[k] is None else tuple(o[k]) for k in ("entities", "ids"))
+        return cls(o["probes"], o["limit"], o["sample_n"], o["per_entity"], entities, ids, o["seed"], o["rephrased"],
+                   o["template"])
+
+    @property
+    def choice(self) -> str:
+        """How these facts are chosen, for the reader of a timeline."""
+        return ("seeded sample, chosen before outcomes" if self.sample_n or self.per_entity
+                else "the probe file's facts, in file order")
+
+
 # --------------------------------------------------------------------------- the facts a run remembers
 
 FACTS_FILE = "facts.json"

@@ -12,6 +12,7 @@ training when the probe history says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from transformers import TrainerCallback
 from circuitdyn.cpt import CPTConfig, Prober, _learned, _write_results
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import load_probes, select_entities
+from circuitdyn.settings import AttributionSettings
 from circuitdyn.stopping import StoppingRule, history_from_dynamics, parse_rule
 
 if TYPE_CHECKING:
@@ -33,32 +35,37 @@ if TYPE_CHECKING:
 BASELINE_DIR = "baseline"
 
 
+CALLBACK_SETTINGS = AttributionSettings(steps=5)
+"""The circuits `ProbeCallback(circuits=True)` extracts: EAP-IG with 5 steps on the midpoint rule."""
+
+
 class ProbeCallback(TrainerCallback):
     """Score probes on the base model and at every checkpoint save; optionally extract circuits and stop early.
 
-    `probes`: probe file (seed JSON or circuitdyn JSONL; default the packaged seed probes), narrowed to
-    `entities` (default: `n_entities` balanced seed entities). `n_math` / `n_reasoning`: out-of-domain
-    control probes (0 = none). `circuits`: also extract each saved checkpoint's per-fact circuits for
-    `facts_per_entity` probes per entity (EAP-IG with `steps` steps). `stop`: a stopping rule (`NAME[:PARAM]`
-    or a `StoppingRule`) asked after every save. `base`: the base model folder of adapter checkpoints when
-    their `base_model_name_or_path` is not a local folder. `tokenizer`: default the Trainer's.
+    `config`: the probing half of a `cpt.CPTConfig` (default `CPTConfig()`): `probes` (probe file, seed JSON or
+    circuitdyn JSONL; default the packaged seed probes), `n_entities` balanced seed entities unless `entities`
+    are named, the out-of-domain control probes `n_math` / `n_reasoning` (0 = none), `threshold`, `template`,
+    `max_new_tokens`, `eval_batch_size`, the instruction; its training fields are not used (the Trainer trains).
+    `circuits`: also extract each saved checkpoint's per-fact circuits for `facts_per_entity` probes per
+    entity, with these `AttributionSettings` (True: `CALLBACK_SETTINGS`). `stop`: a stopping rule
+    (`NAME[:PARAM]` or a `StoppingRule`) asked after every save. `base`: the base model folder of adapter
+    checkpoints when their `base_model_name_or_path` is not a local folder. `tokenizer`: default the Trainer's.
     """
 
-    def __init__(self, probes: str | Path | None = None, *, entities: Sequence[str] | None = None,
-                 n_entities: int = 8, n_math: int = 32, n_reasoning: int = 16, threshold: float = 0.6,
-                 template: str = "auto", max_new_tokens: int = 25, eval_batch_size: int = 64,
-                 circuits: bool = False, facts_per_entity: int = 3, steps: int = 5,
+    def __init__(self, config: CPTConfig | None = None, *, entities: Sequence[str] | None = None,
+                 circuits: AttributionSettings | bool = False, facts_per_entity: int = 3,
                  stop: str | StoppingRule | None = None, base: str | Path | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        self.cfg = CPTConfig(probes=None if probes is None else str(probes), n_entities=n_entities,
-                             n_math=n_math or None, n_reasoning=n_reasoning or None, threshold=threshold,
-                             template=template, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
-                             eval_batch_size=eval_batch_size)
+        cfg = config or CPTConfig()
+        self.cfg = replace(cfg, probes=None if cfg.probes is None else str(cfg.probes), n_math=cfg.n_math or None,
+                           n_reasoning=cfg.n_reasoning or None)
         self.cfg.validate()
         self.probes = select_entities(load_probes(self.cfg.probes), list(entities) if entities else None,
-                                      n=n_entities)
+                                      n=self.cfg.n_entities)
         self.entities = list(dict.fromkeys(p.entity for p in self.probes))
-        self.circuits, self.facts_per_entity, self.steps = circuits, facts_per_entity, steps
+        self.circuits: AttributionSettings | None = (
+            CALLBACK_SETTINGS if circuits is True else circuits if isinstance(circuits, AttributionSettings) else None)
+        self.facts_per_entity = facts_per_entity
         self.rule = parse_rule(stop) if stop is not None else None
         self.base = base
         self.tokenizer = tokenizer
@@ -128,4 +135,4 @@ class ProbeCallback(TrainerCallback):
         run = open_run(out, base=self.base)
         facts = load_facts(self.cfg.probes, self.tokenizer or tokenizer or run.tokenizer(), entities=self.entities,
                            per_entity=self.facts_per_entity)
-        extract_run(run, facts, circuits_dir(run), run.epochs, steps=self.steps)
+        extract_run(run, facts, circuits_dir(run), run.epochs, self.circuits)

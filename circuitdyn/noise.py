@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,22 +34,27 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuitdyn.attribution import DEFAULT_IG_STEPS, ONE_STEP_METHODS, IGGrid, Method
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.messages import warn
 from circuitdyn.selection import Selection, top_n_by_fact
+from circuitdyn.settings import (
+    DEFAULT_FAMILY,
+    DEFAULT_REPLICATES,
+    DEFAULT_SETTINGS,
+    ONE_STEP_METHODS,
+    AttributionSettings,
+    Compute,
+    Family,
+    IGGrid,
+    check_family,
+)
 from circuitdyn.similarity import DISTANCES, distances
 
 if TYPE_CHECKING:
     from circuitdyn.checkpoints import Run
     from circuitdyn.facts import FactSet
 
-Family = Literal["estimation", "question"]
-FAMILIES: tuple[Family, ...] = ("estimation", "question")
-DEFAULT_FAMILY: Family = "estimation"
-DEFAULT_REPLICATES = 5
-"""Replicates per checkpoint: with r = 5 the exact permutation test's smallest p is 2/252 (r = 4: 2/70)."""
 N_VARIANTS = 3
 """The `question` family draws the corruption's swap partner among the first 3 valid ones."""
 REPLICATE_GRID: IGGrid = "shifted"
@@ -77,12 +82,6 @@ class Draw:
                                           .integers(N_VARIANTS)) for f in facts.ids})
 
 
-def check_family(family: str) -> Family:
-    if family not in FAMILIES:
-        raise CircuitdynError(f"unknown replicate family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return family
-
-
 def draw_settings(family: str, n: int, seed: int = 0) -> list[Draw]:
     """`n` independent draws from `family` (distinct seeds, so no two replicates coincide); callers slice one
     stream per study (e.g. draws [i r, (i + 1) r) for its i-th checkpoint), so that the replicates of any two
@@ -100,17 +99,20 @@ def draw_settings(family: str, n: int, seed: int = 0) -> list[Draw]:
 
 
 def replicate_scores(
-    run: Run, epoch: int, facts: FactSet, draws: Sequence[Draw], folder: str | Path, *, method: Method = "eap-ig",
-    steps: int = DEFAULT_IG_STEPS, metric: str = "answer-logprob", batch_size: int = 8, progress: bool = False,
+    run: Run, epoch: int, facts: FactSet, draws: Sequence[Draw], folder: str | Path,
+    settings: AttributionSettings | None = None, *, compute: Compute | None = None, progress: bool = False,
 ) -> Float[Tensor, "rep fact edge"]:
-    """The replicate circuits of one checkpoint, one per draw, in `facts` order: extracted on the `shifted`
-    grid with each draw's seed and corruption variant, or reused from `folder` where cached."""
+    """The replicate circuits of one checkpoint, one per draw, in `facts` order: extracted with `settings`
+    (default `DEFAULT_SETTINGS`) on the `shifted` grid with each draw's seed and corruption variant, or reused
+    from `folder` where cached."""
     from circuitdyn.extraction import extract_run
+    from circuitdyn.settings import Storage
 
+    s = settings or DEFAULT_SETTINGS
     out = []
     for d in draws:
-        done = extract_run(run, d.facts(facts), folder, [epoch], method=method, steps=steps, metric=metric, seed=d.seed,
-                           batch_size=batch_size, progress=progress, ig_grid=REPLICATE_GRID, top_n=None)[0]
+        done = extract_run(run, d.facts(facts), folder, [epoch], s.replace(ig_grid=REPLICATE_GRID, seed=d.seed),
+                           compute, Storage(top_n=None), progress=progress)[0]
         cs = CircuitSet.load(done.path)
         out.append(cs.scores[[cs.index(f) for f in facts.ids]].float())
     return torch.stack(out)
@@ -263,22 +265,24 @@ def run_draws(run: Run, epochs: Sequence[int], family: str = DEFAULT_FAMILY, r: 
 
 
 def measure_replicates(
-    run: Run, facts: FactSet, draws: dict[int, list[Draw]], sizes: dict[int, Tensor], selection: str | Selection, *,
-    family: str = DEFAULT_FAMILY, method: Method = "eap-ig", steps: int = DEFAULT_IG_STEPS,
-    metric: str = "answer-logprob", folder: str | Path | None = None, batch_size: int = 8, progress: bool = False,
+    run: Run, facts: FactSet, draws: dict[int, list[Draw]], sizes: dict[int, Tensor], selection: Selection,
+    settings: AttributionSettings | None = None, *, folder: str | Path | None = None, compute: Compute | None = None,
+    progress: bool = False,
 ) -> MethodNoise:
-    """Extract the replicates `draws` (epoch -> draws, e.g. `run_draws`) of `run` (cached in `folder`) and
-    describe them. `sizes`: per epoch, the size of each fact's selected circuit (`facts` order)."""
+    """Extract the replicates `draws` (epoch -> draws, e.g. `run_draws`) of `run` with `settings` (cached in
+    `folder`) and describe them. `sizes`: per epoch, the size of each fact's selected circuit (`facts` order)."""
     from circuitdyn.extraction import circuits_dir
 
-    if not draws:
+    if not draws or not any(draws.values()):
         raise CircuitdynError("method noise needs at least one checkpoint (noise epochs)")
-    if method in ONE_STEP_METHODS and family == "estimation":
-        warn(f"{method} has no IG integral to re-estimate: its 'estimation' replicates differ only for "
+    s = settings or DEFAULT_SETTINGS
+    family = next(d for ds in draws.values() for d in ds).family
+    if s.method in ONE_STEP_METHODS and family == "estimation":
+        warn(f"{s.method} has no IG integral to re-estimate: its 'estimation' replicates differ only for "
              "noise-corrupted facts, so changes of the others cannot be told from noise (use --family question)")
     folder = Path(folder) if folder is not None else circuits_dir(run)
-    scores = {e: replicate_scores(run, e, facts, ds, folder, method=method, steps=steps, metric=metric,
-                                  batch_size=batch_size, progress=progress) for e, ds in draws.items()}
+    scores = {e: replicate_scores(run, e, facts, ds, folder, s, compute=compute, progress=progress)
+              for e, ds in draws.items()}
     return noise_from_scores(scores, facts.ids, sizes, selection, draws, family)
 
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from circuitdyn.errors import CircuitdynError
 
 if TYPE_CHECKING:
-    from circuitdyn.attribution import IGGrid, Method
     from circuitdyn.checkpoints import Run
     from circuitdyn.facts import FactSet
+    from circuitdyn.settings import AttributionSettings, Comparison
 
 
 @dataclass
@@ -66,81 +66,52 @@ def _cached(run: Run, epoch: int, want: dict[str, Any], folder: Path) -> tuple[P
         return path, False
 
 
-def _checkpoint_files(run: Run, epoch: int, facts: FactSet, folder: Path, draws: Sequence[Any], *, method: Method,
-                      steps: int, metric: str, seed: int, ig_grid: IGGrid) -> dict[Path, bool]:
+def _checkpoint_files(run: Run, epoch: int, facts: FactSet, folder: Path, draws: Sequence[Any],
+                      settings: AttributionSettings) -> dict[Path, bool]:
     """The circuit file of `facts` at one checkpoint and those of its replicates `draws`."""
-    from circuitdyn.attribution import steps_taken
     from circuitdyn.extraction import extraction_settings
     from circuitdyn.noise import REPLICATE_GRID
 
     arch = run.architecture
-    files = dict([_cached(run, epoch, extraction_settings(arch, facts, method, steps, metric, seed, ig_grid=ig_grid),
-                          folder)])
+    files = dict([_cached(run, epoch, extraction_settings(arch, facts, settings), folder)])
     for d in draws:
-        want = extraction_settings(arch, d.facts(facts), method, steps_taken(method, steps), metric, d.seed,
-                                   ig_grid=REPLICATE_GRID)
+        want = extraction_settings(arch, d.facts(facts), settings.replace(ig_grid=REPLICATE_GRID, seed=d.seed))
         path, done = _cached(run, epoch, want, folder)
         files[path] = done
     return files
 
 
-def timeline_plan(run: Run, facts: FactSet, folder: str | Path, *, method: Method | None = None,
-                  steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
-                  ig_grid: IGGrid | None = None, noise_epochs: Sequence[int] | str | None = "all",
-                  family: str | None = None, replicates: int | None = None) -> Plan:
-    """The circuit files `timeline.load_run_timeline(run, facts, ...)` with these arguments reads or computes."""
-    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
-    from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, run_draws
-    from circuitdyn.timeline import _noise_epochs
+def timeline_plan(run: Run, facts: FactSet, folder: str | Path, settings: AttributionSettings | None = None,
+                  comparison: Comparison | None = None) -> Plan:
+    """The circuit files `timeline.load_run_timeline(run, facts, settings, comparison)` reads or computes."""
+    from circuitdyn.noise import run_draws
+    from circuitdyn.settings import DEFAULT_SETTINGS, Comparison
+    from circuitdyn.timeline import noise_epochs
 
-    family = family or DEFAULT_FAMILY
-    replicates = replicates or DEFAULT_REPLICATES
-    chosen = _noise_epochs(noise_epochs, run.epochs)
-    draws = run_draws(run, chosen, family, replicates, seed) if chosen else {}
+    s, cmp = settings or DEFAULT_SETTINGS, comparison or Comparison()
+    chosen = noise_epochs(cmp.noise_epochs if cmp.replicates is not None else None, run.epochs)
+    replicates = cmp.replicates or 0
+    draws = run_draws(run, chosen, cmp.family, replicates, s.seed) if chosen else {}
     files: dict[Path, bool] = {}
     for e in run.epochs:
-        files.update(_checkpoint_files(run, e, facts, Path(folder), draws.get(e, []), method=method or "eap-ig",
-                                       steps=steps or DEFAULT_IG_STEPS, metric=metric, seed=seed,
-                                       ig_grid=ig_grid or DEFAULT_IG_GRID))
+        files.update(_checkpoint_files(run, e, facts, Path(folder), draws.get(e, []), s))
     return Plan(len(facts), len(run.epochs), "epochs", replicates, len(chosen), files)
 
 
-def diff_plan(sides: Sequence[tuple[Run, int]], facts: FactSet, folders: Sequence[str | Path], *,
-              method: Method | None = None, steps: int | None = None, metric: str = "answer-logprob", seed: int = 0,
-              ig_grid: IGGrid | None = None, method_noise: bool = True, family: str | None = None,
-              replicates: int | None = None) -> Plan:
+def diff_plan(sides: Sequence[tuple[Run, int]], facts: FactSet, folders: Sequence[str | Path],
+              settings: AttributionSettings | None = None, comparison: Comparison | None = None) -> Plan:
     """The circuit files `diff.diff_checkpoints` of the checkpoints `sides` ((run, epoch) twice) reads or
     computes for `facts`, each side in its folder of `folders`."""
-    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS
-    from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, run_draws
+    from circuitdyn.noise import run_draws
+    from circuitdyn.settings import DEFAULT_SETTINGS, Comparison
 
-    family = family or DEFAULT_FAMILY
-    replicates = replicates or DEFAULT_REPLICATES
+    s, cmp = settings or DEFAULT_SETTINGS, comparison or Comparison()
     (run_a, epoch_a), (run_b, epoch_b) = sides
     files: dict[Path, bool] = {}
     for k, ((run, epoch), folder) in enumerate(zip(sides, folders)):
         draws: list[Any] = []
-        if method_noise:  # as diff_checkpoints: side B shares side A's stream only for another epoch of its run
+        if cmp.replicates is not None:  # as diff_checkpoints: side B shares side A's stream only for another epoch
             shared = k == 0 or (run_b.path == run_a.path and epoch_b != epoch_a)
-            draws = run_draws(run, [epoch], family, replicates, seed if shared else seed + 1)[epoch]
-        files.update(_checkpoint_files(run, epoch, facts, Path(folder), draws, method=method or "eap-ig",
-                                       steps=steps or DEFAULT_IG_STEPS, metric=metric, seed=seed,
-                                       ig_grid=ig_grid or DEFAULT_IG_GRID))
-    return Plan(len(facts), 2, "checkpoints", replicates, 2 if method_noise else 0, files)
-
-
-def cached_settings(folder: str | Path, identity: str, seed: int = 0) -> list[dict[str, Any]]:
-    """The distinct extraction settings (method, ig_steps, ig_grid) of the circuit files in `folder` of the fact
-    set `identity` and extraction `seed`, method-noise replicates (`noise.REPLICATE_GRID`) left out: what a
-    command reusing a run's recorded facts can take when it is not told the settings."""
-    from circuitdyn.circuits import circuit_files, setting
-    from circuitdyn.noise import REPLICATE_GRID
-
-    found: list[dict[str, Any]] = []
-    for _, meta in circuit_files(folder) if Path(folder).is_dir() else []:
-        if meta.get("probe_set_hash") != identity or meta.get("seed") != seed:
-            continue
-        s = {"method": meta.get("method"), "ig_steps": meta.get("ig_steps"), "ig_grid": setting(meta, "ig_grid")}
-        if s["ig_grid"] != REPLICATE_GRID and s not in found:
-            found.append(s)
-    return found
+            draws = run_draws(run, [epoch], cmp.family, cmp.replicates, s.seed if shared else s.seed + 1)[epoch]
+        files.update(_checkpoint_files(run, epoch, facts, Path(folder), draws, s))
+    return Plan(len(facts), 2, "checkpoints", cmp.replicates or 0, 2 if cmp.replicates is not None else 0, files)

@@ -340,3 +340,7 @@ class Selection:
         if self.rule == "paths":
             return select_top_n_paths(mean_scores.float(), graph, n_mean)
         return select_top_n(mean_scores.float(), n_mean)
+
+
+DEFAULT_SELECTION = Selection("faith", 0.8)
+"""Circuits are compared at equal faithfulness on their own model, not at equal size."""

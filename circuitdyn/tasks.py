@@ -41,21 +41,19 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerBase
 
-    from circuitdyn.attribution import IGGrid
     from circuitdyn.checkpoints import Run
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.forward import FactBatch
+    from circuitdyn.settings import AttributionSettings
 
 CorruptionRule = Literal["next-subject-cyclic"]
 CORRUPTION_RULES = ("next-subject-cyclic",)
 TASKS_DIR = DATA_DIR / "tasks"
 RESULTS_FILE = "results.json"
 
-PAPER_STEPS = 30
 PAPER_TOP_N = 50_000
 PAPER_RUNS = 5
-PAPER_IG_GRID: IGGrid = "left"
-"""hannamw/EAP-IG's alpha grid (k/m, k = 0..m-1), which the paper's code uses."""
+"""The paper's task circuit: the top 50,000 edges, over 5 seeded runs; attributed with `settings.PAPER_SETTINGS`."""
 
 
 @dataclass(frozen=True)
@@ -229,16 +227,20 @@ def summarize_runs(baseline: dict[str, float], runs: dict[str, dict[str, float]]
     }
 
 
-def extract_task(model: HookedTransformer, task: Task | TaskFacts, steps: int = PAPER_STEPS, top_n: int = PAPER_TOP_N,
-                 runs: int = PAPER_RUNS, batch_size: int = 8, meta: dict[str, Any] | None = None,
-                 progress: bool = False, ig_grid: IGGrid = PAPER_IG_GRID) -> tuple[CircuitSet, dict[str, Any]]:
-    """The paper's protocol on one model: the per-prompt scores (run 0's rows, in task order, metric
-    `logit-diff`) as a `CircuitSet`, and the results in the paper's `results.json` shape (plus `settings`)."""
+def extract_task(model: HookedTransformer, task: Task | TaskFacts, settings: AttributionSettings | None = None, *,
+                 top_n: int = PAPER_TOP_N, runs: int = PAPER_RUNS, batch_size: int = 8,
+                 meta: dict[str, Any] | None = None, progress: bool = False) -> tuple[CircuitSet, dict[str, Any]]:
+    """The paper's protocol on one model: the per-prompt scores (run 0's rows, in task order, attributed with
+    `settings`, default `settings.PAPER_SETTINGS`: EAP-IG, 30 steps, left grid, metric `logit-diff`) as a
+    `CircuitSet`, and the results in the paper's `results.json` shape (plus `settings`)."""
     from circuitdyn.attribution import attribute
     from circuitdyn.extraction import extract_circuits
     from circuitdyn.facts import facts_hash
     from circuitdyn.graph import Graph
+    from circuitdyn.settings import PAPER_SETTINGS, Compute
 
+    s = settings or PAPER_SETTINGS
+    compute = Compute(batch_size=batch_size)
     if runs < 1:
         raise CircuitdynError(f"runs must be >= 1, got {runs}")
     if isinstance(task, TaskFacts):
@@ -258,13 +260,12 @@ def extract_task(model: HookedTransformer, task: Task | TaskFacts, steps: int = 
         order = torch.randperm(len(facts), generator=torch.Generator().manual_seed(r)).tolist()
         shuffled = [facts[i] for i in order]
         if r == 0:
-            cs = extract_circuits(model, shuffled, "eap-ig", steps, "logit-diff", 0, batch_size, meta=meta,
-                                  progress=progress, ig_grid=ig_grid).subset([f.fact_id for f in facts])
+            cs = extract_circuits(model, shuffled, s, compute, meta=meta, progress=progress).subset(
+                [f.fact_id for f in facts])
             cs.meta["probe_set_hash"] = facts_hash(facts)  # the task's prompts in task order, not run 0's shuffle
             scores = cs.scores
         else:
-            raw = attribute(model, shuffled, "eap-ig", steps, "logit-diff", 0, batch_size, progress=progress,
-                            ig_grid=ig_grid)
+            raw = attribute(model, shuffled, s, compute, progress=progress)
             scores = torch.empty_like(raw)
             scores[order] = raw
         circuit = task_circuit(scores, graph, top_n)
@@ -274,7 +275,8 @@ def extract_task(model: HookedTransformer, task: Task | TaskFacts, steps: int = 
     results = summarize_runs(baseline, circuits)
     results["settings"] = {
         "task": tf.task.name, "template": tf.task.template, "corruption": tf.task.corruption,
-        "method": "eap-ig", "ig_steps": steps, "ig_grid": ig_grid, "metric": "logit-diff", "top_n": top_n, "runs": runs,
+        "method": s.method, "ig_steps": s.steps, "ig_grid": s.ig_grid, "metric": s.metric_name, "top_n": top_n,
+        "runs": runs,
         "circuit_edges": sizes, "graph_edges": graph.n_edges,
         "substituted_pairs": [list(p) for p in tf.substituted],
         **{k: cs.meta.get(k) for k in ("model", "checkpoint_hash", "epoch", "step", "probe_set_hash")},
@@ -301,19 +303,21 @@ def results_path(out_dir: str | Path, epoch: int) -> Path:
 
 
 def extract_task_run(run: Run, task: Task, out_dir: str | Path, epochs: Sequence[int] | None = None,
-                     steps: int = PAPER_STEPS, top_n: int = PAPER_TOP_N, runs: int = PAPER_RUNS, batch_size: int = 8,
-                     overwrite: bool = False, progress: bool = False,
-                     ig_grid: IGGrid = PAPER_IG_GRID) -> list[TaskExtracted]:
-    """The task circuit of every epoch of a `checkpoints.Run`: the circuit file (16 rows for the paper's
-    task) under `out_dir`, named like per-fact circuit files, and the epoch's `results.json` in
-    `out_dir/epoch_N/`. An epoch whose two files already hold this checkpoint and these settings is reused;
-    files of another checkpoint or other settings are replaced only with `overwrite`."""
+                     settings: AttributionSettings | None = None, *, top_n: int = PAPER_TOP_N, runs: int = PAPER_RUNS,
+                     batch_size: int = 8, overwrite: bool = False, progress: bool = False) -> list[TaskExtracted]:
+    """The task circuit of every epoch of a `checkpoints.Run`, attributed with `settings` (default
+    `settings.PAPER_SETTINGS`): the circuit file (16 rows for the paper's task) under `out_dir`, named like
+    per-fact circuit files, and the epoch's `results.json` in `out_dir/epoch_N/`. An epoch whose two files
+    already hold this checkpoint and these settings is reused; files of another checkpoint or other settings are
+    replaced only with `overwrite`."""
     from circuitdyn.circuits import circuit_filename
     from circuitdyn.extraction import checkpoint_meta, extraction_settings, is_done
     from circuitdyn.io import file_lock, write_json_atomic
+    from circuitdyn.settings import PAPER_SETTINGS
 
+    s = settings or PAPER_SETTINGS
     tf = task_facts(task, run.tokenizer())
-    want = extraction_settings(run.architecture, tf.facts, "eap-ig", steps, "logit-diff", 0, ig_grid=ig_grid)
+    want = extraction_settings(run.architecture, tf.facts, s)
     out = Path(out_dir)
     done = []
     for epoch in list(run.epochs if epochs is None else epochs):
@@ -322,17 +326,17 @@ def extract_task_run(run: Run, task: Task, out_dir: str | Path, epochs: Sequence
         with file_lock(path):
             circuit_done = is_done(path, want, ck.content_hash, overwrite)  # refuses other content unless overwrite
             prior = json.loads(rpath.read_text()) if rpath.is_file() else None
-            settings = (prior or {}).get("settings") or {}
-            if circuit_done and prior is not None and settings.get("checkpoint_hash") == ck.content_hash and (
-                    {k: settings.get(k) for k in ("top_n", "runs")} == {"top_n": top_n, "runs": runs}):
+            recorded = (prior or {}).get("settings") or {}
+            if circuit_done and prior is not None and recorded.get("checkpoint_hash") == ck.content_hash and (
+                    {k: recorded.get(k) for k in ("top_n", "runs")} == {"top_n": top_n, "runs": runs}):
                 done.append(TaskExtracted(epoch, path, rpath, prior, True))
                 continue
             if rpath.exists() and not overwrite:
                 raise CircuitdynError(f"{rpath} holds another checkpoint's task results or other settings; choose "
                                       "another output folder, or pass --overwrite (overwrite=True) to replace it")
             model = run.load_model(epoch)
-            cs, results = extract_task(model, tf, steps, top_n, runs, batch_size, checkpoint_meta(run, epoch),
-                                       progress, ig_grid)
+            cs, results = extract_task(model, tf, s, top_n=top_n, runs=runs, batch_size=batch_size,
+                                       meta=checkpoint_meta(run, epoch), progress=progress)
             cs.save(path)
             write_json_atomic(rpath, results)
             done.append(TaskExtracted(epoch, path, rpath, results, False))

@@ -36,7 +36,6 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.attribution import IGGrid, Method
 from circuitdyn.change_test import (
     ALPHA,
     change_table,
@@ -46,12 +45,13 @@ from circuitdyn.change_test import (
     with_fdr,
 )
 from circuitdyn.circuits import CircuitSet, find_circuits
-from circuitdyn.diff import DEFAULT_SELECTION, MEAN, PRIMARY, entity_groups, layer_shares, restrict
+from circuitdyn.diff import MEAN, PRIMARY, entity_groups, layer_shares, restrict
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.graph import Graph
-from circuitdyn.noise import DEFAULT_FAMILY, DEFAULT_REPLICATES, Family, MethodNoise
+from circuitdyn.noise import MethodNoise
 from circuitdyn.selection import Faithfulness, Selection
+from circuitdyn.settings import DEFAULT_SETTINGS, AttributionSettings, Comparison
 from circuitdyn.similarity import (
     jaccard,
     rank_rows,
@@ -91,6 +91,10 @@ class Timeline:
     min_gap: float = MIN_GAP
     fact_choice: str = "given"
     """How the facts were chosen (e.g. "seeded sample, before outcomes" or "post hoc: by recall flips")."""
+    transfer: pd.DataFrame | None = None
+    """The transfer matrix of the timeline's circuits (`transfer.transfer_matrix`), when it was asked for."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """fact id -> readable label (entity: question), for viewers."""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -509,7 +513,7 @@ def _common_masks(
 
 def build_timeline(
     circuits: dict[int, CircuitSet],
-    selection: str | Selection = DEFAULT_SELECTION,
+    selection: Selection,
     *,
     outcomes: pd.DataFrame | None = None,
     epochs: pd.DataFrame | None = None,
@@ -531,7 +535,7 @@ def build_timeline(
     """
     if len(circuits) < 1:
         raise CircuitdynError("a timeline needs circuits for at least one epoch")
-    sel = Selection.parse(selection)
+    sel = selection
     order = sorted(circuits)
     first = circuits[order[0]]
     for e in order[1:]:
@@ -587,59 +591,56 @@ def epochs_from_dynamics(dyn: Any) -> pd.DataFrame:
 
 
 def load_run_timeline(
-    run: Run,
+    run: Run | str | Path,
     facts: FactSet | None = None,
+    settings: AttributionSettings | None = None,
+    comparison: Comparison | None = None,
     *,
-    selection: str | Selection = DEFAULT_SELECTION,
     circuits_dir: str | Path | None = None,
-    method: Method | None = None,
-    steps: int | None = None,
-    metric: str = "answer-logprob",
-    seed: int = 0,
     where: dict[str, Any] | None = None,
-    noise_epochs: Sequence[int] | str | None = "all",
     fact_choice: str = "given",
     progress: bool = False,
-    ig_grid: IGGrid | None = None,
-    family: Family = DEFAULT_FAMILY,
-    replicates: int = DEFAULT_REPLICATES,
 ) -> Timeline:
-    """The timeline of a run (a `checkpoints.Run` or its folder) over every epoch.
+    """The timeline of a run (a `checkpoints.Run` or its folder) over every epoch, circuits chosen and changes
+    tested as `comparison` says (default `Comparison()`).
 
     With `facts` (a `circuitdyn.facts.FactSet`, e.g. from `load_facts`), the circuits of exactly these
-    facts are used: extracted where missing and reused where `circuits_dir` (default
-    `extraction.circuits_dir(run)`) holds them with the same settings; rules that evaluate circuits
-    (`faith:`) do so on each epoch's model (cached). At `noise_epochs` ("all", the default: every transition
-    is tested; "ends" = the first and last epoch; a list; or None) `replicates` draws of the replicate `family`
-    are extracted (`noise.measure_replicates`); a transition between two such epochs is tested against them.
-    Without facts, the cached circuits of one extraction are read (`where` filters their metadata) and no
-    method noise is measured. Probe outcomes and loss come from `circuitdyn.dynamics` when the run has probe results.
+    facts are used, extracted with `settings` (default `DEFAULT_SETTINGS`) where missing and reused where
+    `circuits_dir` (default `extraction.circuits_dir(run)`) holds them; rules that evaluate circuits
+    (`faith:`) do so on each epoch's model (cached). At `comparison.noise_epochs` ("all", the default: every
+    transition is tested; "ends" = the first and last epoch; a list; or None) `comparison.replicates` draws of
+    the replicate family are extracted (`noise.measure_replicates`); a transition between two such epochs is
+    tested against them. With `comparison.transfer`, every epoch's circuit is also evaluated on every epoch's
+    model (`Timeline.transfer`, cached in the circuits folder). Without facts, the cached circuits of one
+    extraction are read (`where` filters their metadata: `settings.settings_filter`; default the fields of
+    `settings` when given, else seed 0) and no method noise is measured. Probe outcomes and loss come from
+    `circuitdyn.dynamics` when the run has probe results. `fact_choice`: how the facts were chosen (shown).
     """
-    from circuitdyn.attribution import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, grid_taken
     from circuitdyn.checkpoints import open_run
     from circuitdyn.extraction import circuits_dir as default_dir
-    from circuitdyn.extraction import extract_run, select_circuits
+    from circuitdyn.extraction import extract_run, run_evaluator, select_circuits
     from circuitdyn.facts import facts_hash
     from circuitdyn.noise import measure_replicates, run_draws
 
     run = open_run(run) if isinstance(run, (str, Path)) else run
+    cmp = comparison or Comparison()
+    s = settings or DEFAULT_SETTINGS
     folder = Path(circuits_dir) if circuits_dir is not None else default_dir(run)
-    sel = Selection.parse(selection)
+    sel = cmp.selection
     if sel.needs_model and facts is None:
         raise CircuitdynError(
             f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)"
         )
-    _noise_epochs(noise_epochs, run.epochs)  # unknown epochs are refused before any work
-    where = {"seed": seed, **(where or {})}
+    if cmp.transfer and facts is None:
+        raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
+    chosen = noise_epochs(cmp.noise_epochs if cmp.replicates is not None else None, run.epochs)
     if facts is not None:
-        extract_run(run, facts, folder, run.epochs, method=method or "eap-ig", steps=steps or DEFAULT_IG_STEPS,
-                    metric=metric, seed=seed, progress=progress, ig_grid=ig_grid or DEFAULT_IG_GRID)
-        where["probe_set_hash"] = facts_hash(facts)
-        where["ig_grid"] = grid_taken(method or "eap-ig", ig_grid or DEFAULT_IG_GRID)
-    elif ig_grid is not None:
-        where["ig_grid"] = grid_taken(method or "eap-ig", ig_grid)
+        extract_run(run, facts, folder, run.epochs, s, progress=progress)
+        where = {**s.to_meta(), "probe_set_hash": facts_hash(facts)}
+    elif where is None:
+        where = settings.to_meta() if settings is not None else {"seed": 0}
     hashes = {e: run.checkpoint(e).content_hash for e in run.epochs}
-    files = find_circuits(folder, run.epochs, method, hashes, steps, where)
+    files = find_circuits(folder, run.epochs, hashes, where)
     circuits = {e: CircuitSet.load(p) for e, p in files.items()}
     outcomes = epochs_table = None
     try:
@@ -659,24 +660,27 @@ def load_run_timeline(
     if sel.needs_model:
         selected = {e: select_circuits(run, e, cs, sel, facts, cache_dir=folder) for e, cs in circuits.items()}
     noise = None
-    chosen = _noise_epochs(noise_epochs, run.epochs)
-    if facts is not None and chosen:
-        cs0 = circuits[run.epochs[0]]
+    if facts is not None and chosen and cmp.replicates is not None:
         sizes = {}
         for e in chosen:
             masks = selected[e][0] if selected is not None else sel.select(circuits[e].scores, circuits[e].graph)[0]
             size = dict(zip(circuits[e].fact_ids, masks.sum(1).tolist()))
             sizes[e] = torch.tensor([size[f] for f in facts.ids])
-        noise = measure_replicates(run, facts, run_draws(run, chosen, family, replicates, seed), sizes, sel,
-                                   family=family, method=cs0.meta.get("method", "eap-ig"), metric=metric,
-                                   steps=int(cs0.meta.get("ig_steps", steps or DEFAULT_IG_STEPS)), folder=folder,
-                                   progress=progress)
+        noise = measure_replicates(run, facts, run_draws(run, chosen, cmp.family, cmp.replicates, s.seed), sizes, sel,
+                                   s, folder=folder, progress=progress)
     entity_of = getattr(facts, "entity_of", None)
-    return build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, noise=noise, selected=selected,
-                          entity_of=entity_of, fact_choice=fact_choice)
+    tl = build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, noise=noise, selected=selected,
+                        entity_of=entity_of, fact_choice=fact_choice)
+    tl.labels = dict(facts.labels) if facts is not None else {}
+    if cmp.transfer and facts is not None:
+        from circuitdyn.transfer import transfer_matrix
+
+        tl.transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
+                                      cache=folder / "transfer.json", progress=progress)
+    return tl
 
 
-def _noise_epochs(spec: Sequence[int] | str | None, epochs: list[int]) -> list[int]:
+def noise_epochs(spec: Sequence[int] | str | None, epochs: list[int]) -> list[int]:
     """The epochs method noise is measured at: "ends" (first and last), "all", a list, or none."""
     if spec is None or spec == "none":
         return []

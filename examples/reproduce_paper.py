@@ -28,13 +28,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from circuitdyn.attribution import IG_GRIDS, IGGrid
 from circuitdyn.checkpoints import Checkpoint, Run, default_model_dir
 from circuitdyn.circuits import CircuitSet, setting
 from circuitdyn.cpt import MODEL_DIR, CPTConfig, run_cpt
 from circuitdyn.extraction import extract_run
 from circuitdyn.facts import load_facts
 from circuitdyn.probes import entities, load_probes, select_entities
+from circuitdyn.settings import IG_GRIDS, PAPER_SETTINGS, AttributionSettings, IGGrid, Storage
 from circuitdyn.tasks import extract_task_run, load_task, task_circuit
 
 
@@ -110,10 +110,11 @@ def main() -> None:
             run = epoch_run(out, epoch)
             if "facts" not in facts_holder:
                 facts_holder["facts"] = load_facts(None, run.tokenizer(), entities=names, sample_n=args.facts, seed=0)
-            [task_done] = extract_task_run(run, task, circuits / "task", [epoch], steps=args.task_steps, runs=1,
-                                           ig_grid=args.task_grid)
+            task_settings = PAPER_SETTINGS.replace(steps=args.task_steps, ig_grid=args.task_grid)
+            [task_done] = extract_task_run(run, task, circuits / "task", [epoch], task_settings, runs=1)
+            fact_settings = AttributionSettings(steps=args.fact_steps, ig_grid=args.fact_grid)
             [fact_done] = extract_run(run, facts_holder["facts"], circuits / "facts", [epoch],  # type: ignore[arg-type]
-                                      steps=args.fact_steps, top_n=args.fact_top_n, ig_grid=args.fact_grid)
+                                      fact_settings, storage=Storage(top_n=args.fact_top_n))
             t1 = time.perf_counter()
             if epoch > 0:
                 prev = out / f"epoch_{epoch - 1}" / MODEL_DIR
@@ -162,7 +163,7 @@ def task_noise(steps: int, others: list[int], dest: Path, threads: int, ig_grid:
     model = run.load_model(0)
     facts = task_facts(load_task("head-of-state"), run.tokenizer()).facts
     graph = Graph.from_model(model)
-    masks = {m: task_circuit(attribute(model, facts, "eap-ig", m, "logit-diff", ig_grid=ig_grid), graph)
+    masks = {m: task_circuit(attribute(model, facts, PAPER_SETTINGS.replace(steps=m, ig_grid=ig_grid)), graph)
              for m in [steps, *others]}
     out = {"model": "SmolLM2-135M-Instruct (epoch 0)", "steps": steps, "ig_grid": ig_grid,
            "jaccard": {str(m): jaccard(masks[steps], masks[m]) for m in others}}

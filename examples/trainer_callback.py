@@ -52,8 +52,10 @@ def train(base: Path, out: Path, epochs: int = 3, stop: str | None = "patience:2
         TrainingArguments,
     )
 
+    from circuitdyn.cpt import CPTConfig
     from circuitdyn.integrations import ProbeCallback
     from circuitdyn.probes import entity_documents, load_probes, select_entities
+    from circuitdyn.settings import AttributionSettings
 
     tok = AutoTokenizer.from_pretrained(base)
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -67,8 +69,9 @@ def train(base: Path, out: Path, epochs: int = 3, stop: str | None = "patience:2
                              report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
-    callback = ProbeCallback(entities=ENTITIES, n_math=4, n_reasoning=0, max_new_tokens=8, circuits=circuits,
-                             facts_per_entity=2, steps=2, stop=stop)
+    probing = CPTConfig(n_math=4, n_reasoning=0, max_new_tokens=8)  # the probing half of a CPT configuration
+    callback = ProbeCallback(probing, entities=ENTITIES, circuits=circuits and AttributionSettings(steps=2),
+                             facts_per_entity=2, stop=stop)
     trainer.add_callback(callback)  # the one line circuitdyn needs
     trainer.train()
     return callback

@@ -20,6 +20,8 @@ from pathlib import Path
 from circuitdyn.checkpoints import open_run
 from circuitdyn.facts import load_facts
 from circuitdyn.probes import corruption_counts
+from circuitdyn.selection import Selection
+from circuitdyn.settings import AttributionSettings, Comparison
 
 RUN = os.environ.get("CIRCUITDYN_RUN", "circuitdyn-demo/run")
 DEMO_PROBES = Path(RUN).parent / "probes.jsonl"
@@ -27,8 +29,8 @@ PROBES = os.environ.get("CIRCUITDYN_PROBES") or (str(DEMO_PROBES) if DEMO_PROBES
 N_FACTS = int(os.environ.get("CIRCUITDYN_FACTS", "8"))
 OUT = Path(os.environ.get("CIRCUITDYN_OUT", "walkthrough-out"))
 SHOW = "ipykernel" in sys.modules  # fig.show() in notebooks; files only when run as a script
-STEPS = 3  # EAP-IG interpolation steps (the paper used 30)
-SELECTION = "faith:0.8"  # each fact's smallest circuit carrying 80 % of its metric gap on its own model
+SETTINGS = AttributionSettings(steps=3)  # EAP-IG with 3 interpolation steps (the paper used 30)
+SELECTION = Selection("faith", 0.8)  # each fact's smallest circuit carrying 80 % of its metric gap on its own model
 
 run = open_run(RUN)
 first, last = run.epochs[0], run.epochs[-1]
@@ -54,7 +56,7 @@ print(f"{len(facts)} facts, corruption kinds {corruption_counts(facts)}")
 # %%
 from circuitdyn.timeline import load_run_timeline
 
-timeline = load_run_timeline(run, facts, selection=SELECTION, steps=STEPS, noise_epochs="ends",
+timeline = load_run_timeline(run, facts, SETTINGS, Comparison(SELECTION, noise_epochs="ends"),
                              fact_choice="seeded sample, chosen before outcomes", progress=True)
 print(timeline.noise.per_fact("edge_jaccard").round(3))
 
@@ -80,7 +82,9 @@ from circuitdyn.report import describe_diff, describe_timeline
 
 diff = diff_circuits(circuits[first], circuits[last], timeline.selection, noise=timeline.noise,
                      labels=(f"epoch {first}", f"epoch {last}"),
-                     selected=(timeline.fact_masks[first], timeline.fact_masks[last]), entity_of=facts.entity_of)
+                     selected=((timeline.fact_masks[first], timeline.reached.get(first)),
+                               (timeline.fact_masks[last], timeline.reached.get(last))),
+                     entity_of=facts.entity_of)
 print("\n".join(describe_diff(diff)))
 print(diff.changes[diff.changes["statistic"] == "edge_jaccard"].round(3).to_string(index=False))
 print(diff.paths(MEAN))

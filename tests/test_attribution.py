@@ -14,6 +14,8 @@ from circuitdyn import forward as Fw
 from circuitdyn import patching as Pt
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.settings import AttributionSettings as S
+from circuitdyn.settings import Compute
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,11 +51,11 @@ def test_scores_equal_naive_reference(tiny_tl, method, steps, metric):
 
 def test_batch_equals_single_facts(tiny_tl):
     facts = tiny_facts(5)
-    together = A.attribute(tiny_tl, facts, "eap-ig", steps=3, batch_size=5)
+    together = A.attribute(tiny_tl, facts, S("eap-ig", 3), Compute(batch_size=5))
     for i, f in enumerate(facts):
-        alone = A.attribute(tiny_tl, [f], "eap-ig", steps=3)
+        alone = A.attribute(tiny_tl, [f], S("eap-ig", 3))
         assert torch.allclose(together[i], alone[0], atol=1e-5, rtol=0)
-    assert torch.allclose(A.attribute(tiny_tl, facts, "eap-ig", steps=3, batch_size=2), together, atol=1e-5)
+    assert torch.allclose(A.attribute(tiny_tl, facts, S("eap-ig", 3), Compute(batch_size=2)), together, atol=1e-5)
 
 
 def test_eap_ig_ranks_edges_like_exact_patching():
@@ -185,7 +187,7 @@ def test_smollm2_scores_match_forward_and_full_circuit(smollm2_dir):
             lp = model(torch.tensor([[*f.clean_tokens, *f.answer_tokens[:-1]]])).log_softmax(-1)[0]
         n = len(f.clean_tokens)
         assert abs(float(m_clean[b]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-3
-    scores = A.attribute(model, facts, "eap-ig", steps=2)
+    scores = A.attribute(model, facts, S("eap-ig", 2))
     assert scores.shape == (2, 123211) and torch.isfinite(scores).all()
     full = circuit_metric(model, facts, torch.ones_like(scores, dtype=torch.bool))
     empty = circuit_metric(model, facts, torch.zeros_like(scores, dtype=torch.bool))

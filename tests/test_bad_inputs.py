@@ -373,8 +373,11 @@ def _api_cases() -> list[tuple[str, Callable[[dict[str, str]], Any], list[str]]]
 
             run = open_run(h["run"])
             facts = load_facts(h["probes"], run.tokenizer())
+            from circuitdyn.settings import Compute, Storage
+
             out = _fill(kw["out"], h) if "out" in kw else Path(h["root"]) / "api-circuits"
-            return extract_run(run, facts, out, **{k: v for k, v in kw.items() if k != "out"})
+            return extract_run(run, facts, out, compute=Compute(**kw.get("compute", {})),
+                               storage=Storage(**kw.get("storage", {})))
         return go
 
     return [
@@ -394,8 +397,8 @@ def _api_cases() -> list[tuple[str, Callable[[dict[str, str]], Any], list[str]]]
         ("load_dynamics-threshold", lambda h: load_dynamics(h["run"], threshold=5), ["threshold", "5"]),
         ("circuitset-load-garbage", lambda h: CircuitSet.load(h["garbage_circuit"]), ["{garbage_circuit}"]),
         ("check_writable-file-as-folder", lambda h: check_writable(h["text"], "folder"), ["{text}"]),
-        ("extract_run-batch-size-0", extract(batch_size=0), ["batch_size", "0"]),
-        ("extract_run-sparse-neg", extract(sparse_top_k=-1), ["sparse_top_k", "-1"]),
+        ("extract_run-batch-size-0", extract(compute={"batch_size": 0}), ["batch_size", "0"]),
+        ("extract_run-sparse-neg", extract(storage={"sparse_top_k": -1}), ["sparse_top_k", "-1"]),
         ("extract_run-out-is-file", extract(out="{text}"), ["{text}", "is a file"]),
         ("open_run-random-weights", lambda h: __import__("circuitdyn.checkpoints").checkpoints.open_run(h["random"]),
          ["{random}/model.safetensors"]),

@@ -17,7 +17,11 @@ from circuitdyn.errors import CircuitdynError
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
 
-EXTRACT = {"method": "eap-ig", "steps": 2, "batch_size": 2, "top_n": 50}
+def extract_args(**compute) -> tuple:
+    """The settings, compute and storage of every extraction here (Ray options in `compute`)."""
+    from circuitdyn.settings import AttributionSettings, Compute, Storage
+
+    return AttributionSettings("eap-ig", 2), Compute(batch_size=2, **compute), Storage(top_n=50)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def local(run_and_facts, tmp_path_factory):
     from circuitdyn.extraction import extract_run
 
     run, facts = run_and_facts
-    return extract_run(run, facts, tmp_path_factory.mktemp("local"), **EXTRACT)
+    return extract_run(run, facts, tmp_path_factory.mktemp("local"), None, *extract_args())
 
 
 def assert_same_files(local, folder: Path, extra_meta: dict | None = None) -> None:
@@ -81,7 +85,7 @@ def extract_killing_one_worker(run, facts, out: Path, **kw):
 
     def work():
         try:
-            box["result"] = extract_run(run, facts, out, ray="auto", shard_size=2, **EXTRACT, **kw)
+            box["result"] = extract_run(run, facts, out, None, *extract_args(ray="auto", shard_size=2, **kw))
         except CircuitdynError as err:
             box["error"] = err
 
@@ -146,7 +150,7 @@ def test_a_repeated_failure_names_checkpoint_and_shard_and_a_rerun_resumes(clust
     monkeypatch.setattr(cluster_module, "run_tasks", counting)
     from circuitdyn.extraction import extract_run
 
-    extract_run(run, facts, out, ray="auto", shard_size=2, **EXTRACT)
+    extract_run(run, facts, out, None, *extract_args(ray="auto", shard_size=2))
     assert len(submitted) == 6 - len(shards)  # finished shards are not computed again
     assert_same_files(local, out)
 
@@ -157,7 +161,7 @@ def test_without_ray_the_error_says_what_to_install(run_and_facts, tmp_path, mon
     run, facts = run_and_facts
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(CircuitdynError, match=r"pip install 'circuitdyn\[ray\]'"):
-        extract_run(run, facts, tmp_path, ray="auto", **EXTRACT)
+        extract_run(run, facts, tmp_path, None, *extract_args(ray="auto"))
 
 
 def test_cluster_runs_tasks_in_order_and_names_the_failed_one(cluster):

@@ -23,6 +23,7 @@ from circuitdyn.cpt import (
 )
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import rouge1
+from circuitdyn.settings import AttributionSettings, Storage
 
 ENTITIES = ["Russia", "Patna"]
 
@@ -394,7 +395,8 @@ def test_adapter_saved_run_equals_the_merged_run(tiny_base: Path, tokenizer_dir:
     facts = load_facts(None, opened["merged"].tokenizer(), entities=list(ENTITIES), per_entity=2)
     scores = {}
     for save, run in opened.items():
-        results = extract_run(run, facts, tmp_path / f"circuits-{save}", [0, 2], steps=2, top_n=50)
+        results = extract_run(run, facts, tmp_path / f"circuits-{save}", [0, 2], AttributionSettings(steps=2),
+                              storage=Storage(top_n=50))
         scores[save] = [CircuitSet.load(r.path).scores for r in results]
     for a, m in zip(scores["adapter"], scores["merged"]):
         assert a.shape == m.shape and (a - m).abs().max() < 1e-5

@@ -10,9 +10,12 @@ import pytest
 from plotly.offline import get_plotlyjs
 
 from circuitdyn.cli import main
-from circuitdyn.demo import pick_facts, run_demo
+from circuitdyn.demo import DEMO_COMPARISON, demo_config, pick_facts, run_demo
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import Probe
+from circuitdyn.selection import Selection
+from circuitdyn.settings import AttributionSettings as S
+from circuitdyn.settings import Comparison
 
 
 def _probe(entity: str, i: int) -> Probe:
@@ -50,8 +53,8 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 
 
 def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    settings = dict(n_entities=2, epochs=2, lr=1e-2, facts_per_entity=2, method="eap-ig", steps=2)
-    r = run_demo(tmp_path / "demo", base_model=str(tiny_base), progress=False, log=None, **settings)
+    r = run_demo(tmp_path / "demo", S("eap-ig", 2), cpt=demo_config(2, 2, 1e-2, base_model=str(tiny_base)),
+                 facts_per_entity=2, progress=False, log=None)
     assert r.timeline.epochs == [0, 1, 2]
     # facts: a seeded sample of 2 probes of each trained entity, chosen before training outcomes
     entities = {r.facts.entity_of[f] for f in r.timeline.fact_ids}
@@ -89,27 +92,30 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
 
 
 def test_demo_bad_settings(tiny_base: Path, tmp_path: Path) -> None:
+    base = demo_config(base_model=str(tiny_base))
     with pytest.raises(CircuitdynError, match="facts_per_entity"):
-        run_demo(tmp_path / "d", base_model=str(tiny_base), facts_per_entity=0, log=None)
+        run_demo(tmp_path / "d", cpt=base, facts_per_entity=0, log=None)
     with pytest.raises(CircuitdynError, match="'exact'"):
-        run_demo(tmp_path / "d", base_model=str(tiny_base), method="exact", log=None)
+        run_demo(tmp_path / "d", S("exact"), cpt=base, log=None)  # type: ignore[arg-type]
     with pytest.raises(CircuitdynError, match="pick"):
-        run_demo(tmp_path / "d", base_model=str(tiny_base), pick="best", log=None)  # type: ignore[arg-type]
+        run_demo(tmp_path / "d", cpt=base, pick="best", log=None)  # type: ignore[arg-type]
     with pytest.raises(CircuitdynError, match="selection"):
-        run_demo(tmp_path / "d", base_model=str(tiny_base), selection="best:3", log=None)
+        run_demo(tmp_path / "d", cpt=base, comparison=Comparison(Selection.parse("best:3")), log=None)
     assert not (tmp_path / "d").exists()
-    r = run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-2, facts_per_entity=1,
-                 pick="post-hoc", method="eap", selection="top:10", transfer=False, progress=False, log=None)
+    one = demo_config(1, 1, 1e-2, base_model=str(tiny_base))
+    top10 = DEMO_COMPARISON.replace(selection=Selection("top", 10), transfer=False)
+    r = run_demo(tmp_path / "d", S("eap"), cpt=one, facts_per_entity=1, pick="post-hoc", comparison=top10,
+                 progress=False, log=None)
     assert r.transfer is None and "transfer" not in r.stage_s
     assert r.timeline.fact_choice.startswith("post hoc")
     assert "post hoc" in r.timeline.stability()["fact_choice"]
     # Resuming with another learning rate is another run: refused, naming the setting.
     with pytest.raises(CircuitdynError, match="lr"):
-        run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-3, facts_per_entity=1,
-                 method="eap", selection="top:10", progress=False, log=None)
+        run_demo(tmp_path / "d", S("eap"), cpt=demo_config(1, 1, 1e-3, base_model=str(tiny_base)),
+                 facts_per_entity=1, comparison=top10.replace(transfer=True), progress=False, log=None)
     # The IG rule is the demo's to choose, and is what its circuit files record.
-    r = run_demo(tmp_path / "d", base_model=str(tiny_base), n_entities=1, epochs=1, lr=1e-2, facts_per_entity=1,
-                 steps=1, ig_grid="right", selection="top:10", transfer=False, progress=False, log=None)
+    r = run_demo(tmp_path / "d", S("eap-ig", 1, "right"), cpt=one, facts_per_entity=1, comparison=top10,
+                 progress=False, log=None)
     files = sorted((r.run_dir / "circuits").glob("*.safetensors"))
     assert any(".eap-ig1." in f.name for f in files) and not any("-midpoint" in f.name for f in files)
     assert {cs.meta["ig_grid"] for cs in r.timeline.circuits.values()} == {"right"}

@@ -4,7 +4,6 @@ nothing on the default device, bf16 scores track fp32 ones, and `cpt` / `demo` t
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,8 @@ from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import CircuitEvaluator, faithfulness_curve
 from circuitdyn.graph import Graph
 from circuitdyn.selection import smallest_faithful
+from circuitdyn.settings import AttributionSettings as S
+from circuitdyn.settings import Compute
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,8 +104,8 @@ def test_hot_path_allocates_nothing_on_the_default_device(arch: str, bf16: bool)
 
     def everything() -> list[torch.Tensor]:
         graph = Graph.from_model(model)
-        scores = A.attribute(model, facts, "eap-ig", steps=2, batch_size=3)
-        eap = A.attribute(model, facts, "eap", metric="logit-diff")
+        scores = A.attribute(model, facts, S("eap-ig", 2), Compute(batch_size=3))
+        eap = A.attribute(model, facts, S("eap", metric="logit-diff"))
         batch = Fw.make_batch(model, facts)
         dense_patch = Pt.run_patched(model, batch, keep)
         sparse_patch = Pt.run_patched(model, batch, sparse)
@@ -132,8 +133,8 @@ def test_bf16_scores_track_fp32(arch: str) -> None:
     edges as fp32 does (Spearman >= 0.99 per fact over all edges)."""
     model = tiny_tl_model(arch)
     facts = tiny_facts(4)
-    fp32 = A.attribute(model, facts, "eap-ig", steps=3)
-    bf16 = A.attribute(_bf16(model), facts, "eap-ig", steps=3)
+    fp32 = A.attribute(model, facts, S("eap-ig", 3))
+    bf16 = A.attribute(_bf16(model), facts, S("eap-ig", 3))
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
     for b in range(len(facts)):
         assert _spearman(bf16[b], fp32[b]) >= 0.99, b
@@ -153,9 +154,9 @@ def test_smollm2_bf16_eap_ig_matches_fp32(smollm2_dir: Path) -> None:
     facts = list(load_facts(None, r32.tokenizer(), limit=1))
     m16 = r16.load_model(0)
     assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
-    s16 = A.attribute(m16, facts, "eap-ig", steps=2)
+    s16 = A.attribute(m16, facts, S("eap-ig", 2))
     del m16, r16
-    s32 = A.attribute(r32.load_model(0), facts, "eap-ig", steps=2)
+    s32 = A.attribute(r32.load_model(0), facts, S("eap-ig", 2))
     assert s16.dtype == torch.float32
     rho = _spearman(s16[0], s32[0])
     assert rho >= 0.99, rho
@@ -212,7 +213,7 @@ def test_cpt_trains_in_bf16_and_resumes_on_another_device(tmp_path: Path, tokeni
 
 
 def test_cpt_and_demo_take_device_and_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from circuitdyn.demo import run_demo
+    from circuitdyn.demo import demo_config
 
     parser = build_parser()
     for cmd in (["cpt", "--out", "x"], ["demo"]):
@@ -220,7 +221,7 @@ def test_cpt_and_demo_take_device_and_dtype(tmp_path: Path, capsys: pytest.Captu
         assert (args.device, args.dtype) == ("auto", "float32")
         args = parser.parse_args([*cmd, "--device", "cpu", "--dtype", "bfloat16"])
         assert (args.device, args.dtype) == ("cpu", "bfloat16")
-    params = inspect.signature(run_demo).parameters
-    assert params["device"].default == "auto" and params["dtype"].default == "float32"
+    cfg = demo_config()  # the demo's CPT: where and in which precision it trains and probes
+    assert (cfg.device, cfg.dtype) == ("auto", "float32")
     assert main(["cpt", "--out", str(tmp_path / "r"), "--device", "tpu"]) == 2
     assert "'tpu'" in capsys.readouterr().err and not (tmp_path / "r").exists()

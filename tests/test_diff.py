@@ -17,6 +17,7 @@ from circuitdyn.faithfulness import gap_ok
 from circuitdyn.graph import Graph
 from circuitdyn.noise import MethodNoise, noise_from_replicates
 from circuitdyn.selection import Selection, smallest_faithful
+from circuitdyn.settings import AttributionSettings
 from circuitdyn.similarity import rank_biased_overlap, spearman, weighted_jaccard
 from circuitdyn.transfer import transfer_matrix, transfer_pivot, transfer_summary
 
@@ -42,7 +43,7 @@ def band_noise(fact_ids: list[str], band: float, graph: Graph = GRAPH) -> Method
 
 def test_identical_sets_are_identical():
     s = random_scores()
-    d = diff_circuits(make_set(s), make_set(s.clone()), "top:20")
+    d = diff_circuits(make_set(s), make_set(s.clone()), Selection.parse("top:20"))
     f = d.facts
     assert list(f.index) == ["f0", "f1", "f2", MEAN]
     assert (f["kept"] == 20).all() and (f[["added", "removed", "changed", "noise", "sign_flips"]] == 0).all().all()
@@ -63,7 +64,7 @@ def test_added_removed_kept_and_sign_flip_counts():
     b[0, 10] = 3.0  # edge 10 enters
     b[0, 11] = 1.9  # within the floor of edge 3's score: crosses the cut by noise only
     a[0, 11] = 1.95
-    d = diff_circuits(make_set(a), make_set(b), "top:4", noise=band_noise(["f0"], 0.5))
+    d = diff_circuits(make_set(a), make_set(b), Selection.parse("top:4"), noise=band_noise(["f0"], 0.5))
     row = d.facts.loc["f0"]
     assert (row["added"], row["removed"], row["sign_flips"]) == (1, 1, 1)
     assert row["changed"] == 1  # edge 1 kept but moved by 8
@@ -74,7 +75,8 @@ def test_added_removed_kept_and_sign_flip_counts():
     assert bool(edges.loc[GRAPH.edges[1], "sign_flip"])
     assert row["edge_jaccard"] == pytest.approx(3 / 5)
     # the same change under a band larger than every move counts nothing as changed
-    quiet = diff_circuits(make_set(a), make_set(b), "top:4", noise=band_noise(["f0"], 100.0)).facts.loc["f0"]
+    quiet = diff_circuits(make_set(a), make_set(b), Selection.parse("top:4"),
+                          noise=band_noise(["f0"], 100.0)).facts.loc["f0"]
     assert quiet["added"] == quiet["removed"] == quiet["changed"] == quiet["sign_flips"] == 0
     assert quiet["noise"] == 2
 
@@ -100,7 +102,7 @@ def test_layer_and_component_shift():
     layer = torch.tensor([GRAPH.layer_of(node) for node in GRAPH.nodes])
     a = torch.where((layer[src] <= 0) & (layer[dst] == 0), 1.0, 0.0)[None]
     b = torch.where((layer[src] >= 1) & (layer[dst] >= 2), 1.0, 0.0)[None]
-    d = diff_circuits(make_set(a), make_set(b), "abs:0.5")
+    d = diff_circuits(make_set(a), make_set(b), Selection.parse("abs:0.5"))
     layers = d.layers[d.layers["fact_id"] == "f0"].set_index("layer")
     assert layers.loc[0, "shift"] < 0 and layers.loc[2, "shift"] > 0
     assert d.layers.groupby("fact_id")["share_a"].sum().le(1 + 1e-5).all()
@@ -123,7 +125,7 @@ def test_strongest_paths_and_path_changes():
     g = circuit_graph(GRAPH, a[0], a[0] != 0)
     top = strongest_paths(g, 3)
     assert top[0][0] == ("input", "a0.h0", "m0", "logits") and top[0][1] == pytest.approx(4 / 5 * 4 / 5)
-    d = diff_circuits(make_set(a), make_set(b), "abs:0.5")
+    d = diff_circuits(make_set(a), make_set(b), Selection.parse("abs:0.5"))
     paths = d.paths("f0").set_index("path")
     assert paths.loc["input -> a0.h0 -> m0 -> logits", "status"] == "lost"
     assert paths.loc["input -> m2 -> logits", "status"] == "new"
@@ -175,7 +177,7 @@ def test_small_gap_facts_are_excluded_and_counted():
     s = random_scores(3)
     a = make_set(s, m_clean=[0.0, 0.0, 0.0], m_corrupted=[-5.0, -0.2, -3.0])
     b = make_set(random_scores(3, seed=4), m_clean=[0.0, 0.0, 0.0], m_corrupted=[-5.0, -4.0, -0.5])
-    d = diff_circuits(a, b, "top:20")
+    d = diff_circuits(a, b, Selection.parse("top:20"))
     assert d.facts.loc[["f0", "f1", "f2"], "included"].tolist() == [True, False, False]
     assert d.summary["n_included"] == 1 and d.summary["n_excluded_gap"] == 2
     assert d.summary["edge_jaccard"]["distance"]["n"] == 1
@@ -186,7 +188,7 @@ def test_negative_gap_is_excluded_and_counted():
     |gap| >= MIN_GAP used to admit it."""
     a = make_set(random_scores(3), m_clean=[0.0, 0.0, 0.0], m_corrupted=[-5.0, 1.1, -3.0])
     b = make_set(random_scores(3, seed=4), m_clean=[0.0, 0.0, 0.0], m_corrupted=[-5.0, 1.1, -3.0])
-    d = diff_circuits(a, b, "top:20")
+    d = diff_circuits(a, b, Selection.parse("top:20"))
     assert d.facts.loc[["f0", "f1", "f2"], "included"].tolist() == [True, False, True]
     assert d.summary["n_excluded_gap"] == 1 and d.summary["edge_jaccard"]["distance"]["n"] == 2
     assert gap_ok([-1.1, 1.1, 0.99, float("nan")]).tolist() == [False, True, False, True]
@@ -222,24 +224,25 @@ def test_smallest_faithful_circuit():
         assert float(faith(top)[row]) < 0.8
     n_tol, _, _ = smallest_faithful(s, faith, 0.8, rel_tol=0.2)
     assert (n_tol >= n).all() and (n_tol <= n / 0.8 + 1).all()
-    d = diff_circuits(make_set(s), make_set(s * 0.5), "faith:0.8", faithfulness_a=faith, faithfulness_b=faith)
+    d = diff_circuits(make_set(s), make_set(s * 0.5), Selection.parse("faith:0.8"), faithfulness=(faith, faith))
     assert "faith_a" in d.facts and (d.facts.drop(index=MEAN)["faith_a"] >= 0.8).all()
     with pytest.raises(CircuitdynError, match="faithfulness"):
-        diff_circuits(make_set(s), make_set(s), "faith:0.8")
+        diff_circuits(make_set(s), make_set(s), Selection.parse("faith:0.8"))
 
 
 def test_bad_inputs():
     s = random_scores()
     other_arch = Graph(2, 2)
     with pytest.raises(CircuitdynError, match="different architectures"):
-        diff_circuits(make_set(s), make_set(random_scores(3, graph=other_arch), graph=other_arch), "top:20")
+        diff_circuits(make_set(s), make_set(random_scores(3, graph=other_arch), graph=other_arch),
+                      Selection.parse("top:20"))
     with pytest.raises(CircuitdynError, match="ig_steps"):
-        diff_circuits(make_set(s), make_set(s, ig_steps=30), "top:20")
+        diff_circuits(make_set(s), make_set(s, ig_steps=30), Selection.parse("top:20"))
     with pytest.raises(CircuitdynError, match="unknown fact id 'nope'"):
-        diff_circuits(make_set(s), make_set(s), "top:20", fact_ids=["nope"])
+        diff_circuits(make_set(s), make_set(s), Selection.parse("top:20"), fact_ids=["nope"])
     with pytest.raises(CircuitdynError, match="not in B"):
-        diff_circuits(make_set(s), make_set(s[:2]), "top:20")
-    d = diff_circuits(make_set(s), make_set(s), "top:20", labels=("epoch 0", "epoch 1"))
+        diff_circuits(make_set(s), make_set(s[:2]), Selection.parse("top:20"))
+    d = diff_circuits(make_set(s), make_set(s), Selection.parse("top:20"), labels=("epoch 0", "epoch 1"))
     with pytest.raises(CircuitdynError, match="unknown fact id"):
         d.edges("zzz")
 
@@ -247,7 +250,7 @@ def test_bad_inputs():
 def test_to_dict_is_json():
     import json
 
-    d = diff_circuits(make_set(random_scores(seed=1)), make_set(random_scores(seed=2)), "top:15")
+    d = diff_circuits(make_set(random_scores(seed=1)), make_set(random_scores(seed=2)), Selection.parse("top:15"))
     out = json.loads(json.dumps(d.to_dict()))
     assert set(out["facts"]) == {"f0", "f1", "f2", MEAN}
     assert 0 <= out["summary"]["means"]["edge_jaccard"] <= 1
@@ -433,7 +436,7 @@ def test_transfer_matrix_on_a_run(make_run):
 
     run = open_run(make_run("llama", 1, name="transfer-run"))
     facts = load_facts(load_probes()[:2], run.tokenizer())
-    done = extract_run(run, facts, run.path / "circuits", steps=1, method="eap")
+    done = extract_run(run, facts, run.path / "circuits", None, AttributionSettings("eap", 1))
     circuits = {r.epoch: CircuitSet.load(r.path) for r in done}
     n = len(circuits[0].edges)
     table = transfer_matrix(circuits, run_evaluator(run, facts), f"top:{n}")

@@ -18,6 +18,7 @@ from circuitdyn.facts import facts_hash
 from circuitdyn.faithfulness import CircuitEvaluator, circuit_metric, faithfulness, faithfulness_curve
 from circuitdyn.graph import Graph
 from circuitdyn.selection import select_top_n, select_top_n_paths, smallest_faithful
+from circuitdyn.settings import AttributionSettings as S
 
 
 def test_full_graph_is_one_and_empty_is_zero(tiny_tl):
@@ -124,7 +125,7 @@ def test_circuit_metric_equals_patching_every_other_edge_with_hooks(tiny_tl, cir
     facts = tiny_facts(2, noise_every=0)
     graph = Graph.from_model(tiny_tl)
     if circuit == "few":
-        keep = select_top_n_paths(A.attribute(tiny_tl, facts, "eap"), graph, 6)
+        keep = select_top_n_paths(A.attribute(tiny_tl, facts, S("eap")), graph, 6)
     else:
         density = 0.5 if circuit == "half" else 0.95
         keep = torch.rand(2, graph.n_edges, generator=torch.Generator().manual_seed(3)) < density
@@ -138,7 +139,7 @@ def test_circuit_metric_equals_patching_every_other_edge_with_hooks(tiny_tl, cir
 
 def test_curve_and_smallest_circuit(tiny_tl):
     facts = tiny_facts(3, noise_every=0)
-    scores = A.attribute(tiny_tl, facts, "eap-ig", steps=5)
+    scores = A.attribute(tiny_tl, facts, S("eap-ig", 5))
     E = scores.shape[1]
     curve = faithfulness_curve(tiny_tl, facts, scores, sizes=[0, 10, E])
     assert list(curve.columns) == ["fact_id", "n", "n_edges", "faithfulness"]
@@ -179,9 +180,9 @@ def test_bad_mask_shape(tiny_tl):
 
 def test_extract_circuits_round_trip(tiny_tl, tmp_path):
     facts = tiny_facts(3)
-    cs = extract_circuits(tiny_tl, facts, "eap-ig", steps=2, meta={"epoch": 1, "checkpoint_hash": "sha256:x"})
+    cs = extract_circuits(tiny_tl, facts, S("eap-ig", 2), meta={"epoch": 1, "checkpoint_hash": "sha256:x"})
     assert isinstance(cs, CircuitSet) and cs.edges == Graph.from_model(tiny_tl).edges
-    assert torch.equal(cs.scores, A.attribute(tiny_tl, facts, "eap-ig", steps=2))
+    assert torch.equal(cs.scores, A.attribute(tiny_tl, facts, S("eap-ig", 2)))
     assert cs.fact_ids == [f.fact_id for f in facts] and cs.meta["epoch"] == 1
     assert cs.meta["ig_steps"] == 2 and cs.meta["corruption"] == ["entity", "noise", "entity"]
     back = CircuitSet.load(cs.save(tmp_path / "c.safetensors", dtype="float32"))

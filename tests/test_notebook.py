@@ -17,12 +17,13 @@ import circuitdyn as cd
 from circuitdyn.calibration import Calibration, CalibrationSettings, rate
 from circuitdyn.diff import MEAN, diff_circuits
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.selection import Selection
 from circuitdyn.timeline import build_timeline
 
 # --------------------------------------------------------------------------- the front door
 
 def test_every_exported_name_resolves():
-    assert 12 <= len(cd.__all__) <= 16 and len(set(cd.__all__)) == len(cd.__all__)
+    assert 12 <= len(cd.__all__) <= 18 and len(set(cd.__all__)) == len(cd.__all__)
     for name in cd.__all__:
         assert getattr(cd, name) is not None, name
         assert name in dir(cd)
@@ -93,7 +94,7 @@ def test_diff_to_frame_describe_figure_and_html():
 
 def test_timeline_to_frame_describe_figure_and_html():
     epochs = pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.5]})
-    tl = build_timeline(circuits_over_epochs(), f"top:{N}", outcomes=outcomes(), epochs=epochs)
+    tl = build_timeline(circuits_over_epochs(), Selection.parse(f"top:{N}"), outcomes=outcomes(), epochs=epochs)
     df = tl.to_frame()
     assert len(df) == len(FACTS) * 4 and MEAN not in set(df["fact_id"])
     assert {"fact_id", "entity", "epoch", "n_edges", "jaccard_prev", "correct", "transition", "train_loss",
@@ -183,7 +184,7 @@ def test_run_remembers_its_facts_and_commands_plan(make_run, tmp_path, capsys):
     assert main(["extract", str(run), "--probes", str(probes), "--limit", "1", "--steps", "1", "--no-progress"]) == 0
     record = json.loads((run / "circuits" / "facts.json").read_text())
     assert len(record["fact_sets"]) == 2 and len(cd.load_facts(cd.open_run(run))) == 1
-    assert len(cd.extract(run, steps=1)) == 2  # the recorded facts' circuits at both epochs, all cached
+    assert len(cd.extract(run, settings={"steps": 1})) == 2  # the recorded facts' circuits at both epochs, all cached
 
     # the probe file moved: a clear error, not other facts
     probes.rename(tmp_path / "moved.jsonl")

@@ -18,6 +18,8 @@ from circuitdyn import attribution as A
 from circuitdyn import forward as Fw
 from circuitdyn import patching as Pt
 from circuitdyn.graph import Graph
+from circuitdyn.settings import METHODS, check_method, grid_taken, steps_taken
+from circuitdyn.settings import AttributionSettings as S
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,7 +50,7 @@ def test_relp_scores_shape_sign_and_determinism(tiny_tl):
     r = A.attribute_batch(tiny_tl, batch, "relp")
     assert r.shape == (4, graph.n_edges) and r.dtype == torch.float32 and torch.isfinite(r).all()
     assert torch.equal(r, A.attribute_batch(tiny_tl, batch, "relp"))
-    alone = A.attribute(tiny_tl, facts[1:2], "relp")
+    alone = A.attribute(tiny_tl, facts[1:2], S("relp"))
     assert torch.allclose(alone[0], r[1], atol=1e-5)
     qk = torch.tensor([e.endswith(("<q>", "<k>")) for e in graph.edges])
     assert qk.any() and (r[:, qk] == 0).all() and (r[:, ~qk] != 0).float().mean() > 0.9
@@ -113,8 +115,8 @@ def test_rules_keep_values_and_shape_gradients():
 def test_relp_records_one_step_on_the_right_grid():
     from circuitdyn.circuits import circuit_filename
 
-    assert "relp" in A.METHODS and A.check_method("relp") == "relp"
-    assert A.steps_taken("relp", 7) == 1 and A.grid_taken("relp", "gauss") == "right"
+    assert "relp" in METHODS and check_method("relp") == "relp"
+    assert steps_taken("relp", 7) == 1 and grid_taken("relp", "gauss") == "right"
     meta = {"method": "relp", "ig_steps": 1, "ig_grid": "right", "metric": "answer-logprob", "seed": 0,
             "probe_set_hash": "sha256:0123456789abcdef"}
     assert circuit_filename(2, meta) == "epoch_2.relp.answer-logprob.s0.01234567.safetensors"

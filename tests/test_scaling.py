@@ -15,6 +15,8 @@ from circuitdyn import forward as Fw
 from circuitdyn import memory as M
 from circuitdyn.circuits import circuit_filename
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.settings import IG_GRIDS, Compute, grid_taken
+from circuitdyn.settings import AttributionSettings as S
 from circuitdyn.similarity import spearman
 
 
@@ -29,10 +31,10 @@ def test_ig_nodes():
         assert math.isclose(sum(w * a ** (2 * m - 1) for a, w in zip(alphas, weights)), 1 / (2 * m), rel_tol=1e-9)
     with pytest.raises(CircuitdynError, match="unknown IG grid 'trapezoid'"):
         A.ig_nodes("trapezoid", 3)
-    assert A.grid_taken("eap", "gauss") == "right"
+    assert grid_taken("eap", "gauss") == "right"
 
 
-@pytest.mark.parametrize("grid", A.IG_GRIDS)
+@pytest.mark.parametrize("grid", IG_GRIDS)
 def test_every_grid_equals_the_naive_reference_with_its_nodes(tiny_tl, grid):
     batch = Fw.make_batch(tiny_tl, tiny_facts(4))
     ours = A.attribute_batch(tiny_tl, batch, "eap-ig", 3, ig_grid=grid)
@@ -88,13 +90,13 @@ def test_memory_budget_picks_the_batch(tiny_tl):
         M.fact_batch_for_memory(tiny_tl, 20, "float32", fixed + per // 2)
     facts = tiny_facts(5)
     budget = fixed + 2 * M.bytes_per_fact(tiny_tl, 40)
-    assert torch.allclose(A.attribute(tiny_tl, facts, "eap-ig", 2, max_memory=budget, batch_size=None),
-                          A.attribute(tiny_tl, facts, "eap-ig", 2), atol=1e-5, rtol=0)
+    assert torch.allclose(A.attribute(tiny_tl, facts, S("eap-ig", 2), Compute(batch_size=None, max_memory=budget)),
+                          A.attribute(tiny_tl, facts, S("eap-ig", 2)), atol=1e-5, rtol=0)
 
 
 def test_out_of_memory_halves_the_batch_once_said(tiny_tl, monkeypatch, capsys):
     facts = tiny_facts(5)
-    want = A.attribute(tiny_tl, facts, "eap-ig", 2, batch_size=5)
+    want = A.attribute(tiny_tl, facts, S("eap-ig", 2), Compute(batch_size=5))
     real = A.attribute_batch
     sizes = []
 
@@ -105,13 +107,13 @@ def test_out_of_memory_halves_the_batch_once_said(tiny_tl, monkeypatch, capsys):
         return real(model, batch, *args, **kwargs)
 
     monkeypatch.setattr(A, "attribute_batch", small_memory)
-    got = A.attribute(tiny_tl, facts, "eap-ig", 2, batch_size=5)
+    got = A.attribute(tiny_tl, facts, S("eap-ig", 2), Compute(batch_size=5))
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     assert sizes[:3] == [5, 2, 1]
     assert capsys.readouterr().err.count("out of memory") == 1
     monkeypatch.setattr(A, "attribute_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not swallowed
-        A.attribute(tiny_tl, facts, "eap-ig", 2)
+        A.attribute(tiny_tl, facts, S("eap-ig", 2))
 
 
 def test_threads_are_set_and_restored(tiny_tl, monkeypatch):
@@ -119,23 +121,23 @@ def test_threads_are_set_and_restored(tiny_tl, monkeypatch):
     real = A.attribute_batch
     monkeypatch.setattr(A, "attribute_batch", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
     before = torch.get_num_threads()
-    A.attribute(tiny_tl, tiny_facts(2), "eap", num_threads=2)
+    A.attribute(tiny_tl, tiny_facts(2), S("eap"), Compute(num_threads=2))
     assert seen == [2] and torch.get_num_threads() == before
     assert 1 <= M.default_threads() <= (len(__import__("os").sched_getaffinity(0)))
     with pytest.raises(CircuitdynError, match="threads must be >= 1"):
-        A.attribute(tiny_tl, tiny_facts(2), "eap", num_threads=0)
+        A.attribute(tiny_tl, tiny_facts(2), S("eap"), Compute(num_threads=0))
 
 
 def test_grid_is_a_setting_and_names_the_file(tiny_tl):
     from circuitdyn.extraction import extract_circuits, extraction_settings
 
     facts = tiny_facts(2)
-    meta = extraction_settings("LlamaForCausalLM", facts, "eap-ig", 3, ig_grid="gauss")
+    meta = extraction_settings("LlamaForCausalLM", facts, S("eap-ig", 3, "gauss"))
     assert meta["ig_grid"] == "gauss"
-    assert extraction_settings("LlamaForCausalLM", facts, "eap", 3, ig_grid="gauss")["ig_grid"] == "right"
+    assert extraction_settings("LlamaForCausalLM", facts, S("eap", 3, "gauss"))["ig_grid"] == "right"
     assert ".eap-ig3-gauss." in circuit_filename(1, meta)
     assert ".eap-ig3." in circuit_filename(1, {**meta, "ig_grid": "right"})
-    cs = extract_circuits(tiny_tl, facts, "eap-ig", 2, ig_grid="midpoint")
+    cs = extract_circuits(tiny_tl, facts, S("eap-ig", 2, "midpoint"))
     assert cs.meta["ig_grid"] == "midpoint"
     assert np.isfinite(cs.scores.numpy()).all()
 

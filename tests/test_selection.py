@@ -20,6 +20,7 @@ from circuitdyn.selection import (
     select_top_n,
     smallest_faithful,
 )
+from circuitdyn.settings import AttributionSettings as S
 
 GRAPH = Graph(3, 4)
 NEEDED = [  # two input->logits paths: each fact's faithfulness depends on these edges only
@@ -184,7 +185,7 @@ def test_path_pruning_leaves_the_patched_result_unchanged(tiny_tl):
 
 def test_pruned_circuits_reach_the_target_on_a_tiny_model(tiny_tl):
     facts = tiny_facts(4)
-    scores = A.attribute(tiny_tl, facts, "eap-ig", steps=3)
+    scores = A.attribute(tiny_tl, facts, S("eap-ig", 3))
     graph = Graph.from_model(tiny_tl)
     ev = CircuitEvaluator(tiny_tl, facts)
     n_top, _, _ = smallest_faithful(scores, ev.faithfulness, 0.8, rel_tol=0.0)

@@ -10,6 +10,7 @@ import torch
 
 from circuitdyn.cli import main
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.settings import PAPER_SETTINGS
 from circuitdyn.tasks import (
     Task,
     evaluate_task_circuit,
@@ -104,7 +105,7 @@ def test_task_protocol_on_a_tiny_run(llama_run: Path, tmp_path: Path) -> None:
     run = open_run(llama_run)
     task = _equal_length_task(run.tokenizer())
     model = run.load_model(0)
-    cs, res = extract_task(model, task, steps=2, top_n=200, runs=2)
+    cs, res = extract_task(model, task, PAPER_SETTINGS.replace(steps=2), top_n=200, runs=2)
     assert len(cs.fact_ids) == len(task.subjects) and cs.meta["metric"] == "logit-diff"
     assert set(res) >= {"baseline", "circuits", "mean", "stdev"} and set(res["circuits"]) == {"0", "1"}
     # runs differ only by the order of attribution: the same circuit, the same scores
@@ -134,17 +135,17 @@ def test_task_run_files_resume_and_refuse(llama_run: Path, tmp_path: Path) -> No
     task_file.write_text(json.dumps({"name": task.name, "template": task.template, "subjects": list(task.subjects),
                                      "answers": list(task.answers)}))
     out = tmp_path / "out"
-    done = extract_task_run(run, load_task(task_file), out, [0, 1], steps=1, top_n=100, runs=1)
+    done = extract_task_run(run, load_task(task_file), out, [0, 1], PAPER_SETTINGS.replace(steps=1), top_n=100, runs=1)
     assert [d.skipped for d in done] == [False, False]
     for d in done:
         assert d.results_path == results_path(out, d.epoch) and d.results_path.is_file()
         cs = CircuitSet.load(d.circuit_path)
         assert len(cs.fact_ids) == len(task.subjects) and cs.meta["metric"] == "logit-diff"
         assert cs.meta["epoch"] == d.epoch
-    again = extract_task_run(run, load_task(task_file), out, [0, 1], steps=1, top_n=100, runs=1)
+    again = extract_task_run(run, load_task(task_file), out, [0, 1], PAPER_SETTINGS.replace(steps=1), top_n=100, runs=1)
     assert [d.skipped for d in again] == [True, True]
     with pytest.raises(CircuitdynError, match="overwrite"):
-        extract_task_run(run, load_task(task_file), out, [0], steps=1, top_n=50, runs=1)
+        extract_task_run(run, load_task(task_file), out, [0], PAPER_SETTINGS.replace(steps=1), top_n=50, runs=1)
     assert main(["extract", str(llama_run), "--task", str(task_file), "--probes", "x.jsonl"]) == 2
 
 

@@ -13,6 +13,8 @@ from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
+from circuitdyn.selection import DEFAULT_SELECTION, Selection
+from circuitdyn.settings import Comparison
 from circuitdyn.timeline import build_timeline, find_circuits, load_run_timeline
 
 GRAPH = Graph(3, 2)
@@ -44,7 +46,7 @@ def outcomes() -> pd.DataFrame:
 
 
 def test_similarity_and_reconfiguration():
-    tl = build_timeline(circuits_over_epochs(), f"top:{N}")
+    tl = build_timeline(circuits_over_epochs(), Selection.parse(f"top:{N}"))
     sim = tl.similarity.set_index(["fact_id", "epoch"])
     assert (sim.loc["stable", "jaccard_prev"].dropna() == 1.0).all()
     assert sim.loc[("flaky", 1), "jaccard_prev"] == 1.0
@@ -62,7 +64,7 @@ def test_similarity_and_reconfiguration():
 
 
 def test_lifetimes():
-    tl = build_timeline(circuits_over_epochs(), f"top:{N}")
+    tl = build_timeline(circuits_over_epochs(), Selection.parse(f"top:{N}"))
     life = tl.lifetimes
     stable = life[life["fact_id"] == "stable"]
     assert len(stable) == N and (stable["birth"] == 0).all() and stable["death"].isna().all()
@@ -77,7 +79,7 @@ def test_lifetimes():
 
 def test_join_with_outcomes_and_stability_summary():
     epochs = pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.5]})
-    tl = build_timeline(circuits_over_epochs(), f"top:{N}", outcomes=outcomes(), epochs=epochs)
+    tl = build_timeline(circuits_over_epochs(), Selection.parse(f"top:{N}"), outcomes=outcomes(), epochs=epochs)
     flaky = tl.fact("flaky").set_index("epoch")
     assert list(flaky["transition"]) == ["", "retained", "forgotten", "acquired"]
     assert flaky.loc[2, "train_loss"] == 2.0
@@ -101,7 +103,7 @@ def test_join_with_outcomes_and_stability_summary():
 
 def test_bad_inputs():
     cs = circuits_over_epochs()
-    top = f"top:{N}"
+    top = Selection.parse(f"top:{N}")
     with pytest.raises(CircuitdynError, match="do not match the circuits"):
         build_timeline(cs, top, outcomes=pd.DataFrame({"fact_id": ["x"], "epoch": [0], "correct": [True]}))
     with pytest.raises(CircuitdynError, match="lack column"):
@@ -118,14 +120,14 @@ def test_bad_inputs():
     with pytest.raises(CircuitdynError, match="has no circuits"):
         build_timeline(cs, top).scores(9)
     with pytest.raises(CircuitdynError, match="faith:0.8 needs a faithfulness evaluator for epoch 0"):
-        build_timeline(cs)  # the default sizes circuits by faithfulness on each epoch's model
+        build_timeline(cs, DEFAULT_SELECTION)  # the default sizes circuits by faithfulness on each epoch's model
 
 
 def test_small_gap_fact_epochs_are_excluded():
     cs = circuits_over_epochs()
     for e, c in cs.items():  # 'flaky' has no clean-corrupted gap at epoch 2
         c.meta.update(m_clean=[0.0, 0.0], m_corrupted=[-3.0, -0.1 if e == 2 else -3.0])
-    tl = build_timeline(cs, f"top:{N}")
+    tl = build_timeline(cs, Selection.parse(f"top:{N}"))
     rec = tl.reconfiguration.set_index("epoch")
     assert rec.loc[1, "n"] == 2 and rec.loc[2, "n"] == 1 and rec.loc[3, "n"] == 1
     assert rec.loc[2, "n_excluded"] == 1 and rec.loc[2, "replaced"] == 0.0
@@ -137,7 +139,7 @@ def test_negative_gap_fact_epochs_are_excluded():
     cs = circuits_over_epochs()
     for e, c in cs.items():
         c.meta.update(m_clean=[0.0, 0.0], m_corrupted=[-3.0, 1.1 if e == 2 else -3.0])
-    tl = build_timeline(cs, f"top:{N}")
+    tl = build_timeline(cs, Selection.parse(f"top:{N}"))
     sim = tl.similarity.set_index(["fact_id", "epoch"])
     assert not sim.loc[("flaky", 2), "included"] and sim.loc[("flaky", 1), "included"]
     rec = tl.reconfiguration.set_index("epoch")
@@ -161,16 +163,16 @@ def test_load_run_timeline(make_run):
     graph = Graph(2, 4)
     write_run_results(run, graph, [0, 1])
     with pytest.raises(CircuitdynError, match=r"no circuits for epoch\(s\) \[2\]"):
-        load_run_timeline(run, selection=f"top:{N}")
+        load_run_timeline(run, comparison=Comparison(Selection.parse(f"top:{N}")))
     write_run_results(run, graph, [0, 1, 2])
-    tl = load_run_timeline(run, selection=f"top:{N}")
+    tl = load_run_timeline(run, comparison=Comparison(Selection.parse(f"top:{N}")))
     assert tl.epochs == [0, 1, 2]
     assert list(tl.fact("flaky")["transition"]) == ["", "retained", "forgotten"]
     assert tl.per_epoch.set_index("epoch").loc[2, "train_loss"] == pytest.approx(1.5)
     assert "knowledge_accuracy" in tl.per_epoch
-    assert find_circuits(run / "circuits", method="eap-ig")[1].name == "epoch_1.safetensors"
+    assert find_circuits(run / "circuits", where={"method": "eap-ig"})[1].name == "epoch_1.safetensors"
     with pytest.raises(CircuitdynError, match="no circuit files with method eap"):
-        find_circuits(run / "circuits", [0], method="eap")
+        find_circuits(run / "circuits", [0], where={"method": "eap"})
     with pytest.raises(CircuitdynError, match=r"no circuits for epoch\(s\) \[7\]"):
         find_circuits(run / "circuits", [0, 7])
 

@@ -40,8 +40,8 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, obj
     oc = outcomes()
     oc["fact_id"] = oc["fact_id"].replace("flaky", EVIL)
     epochs = pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.5], "math": [0.5, 0.4, 0.3, 0.35]})
-    tl = build_timeline(circuits, "top:10", outcomes=oc, epochs=epochs)
-    d = diff_circuits(circuits[0], circuits[3], "top:10", labels=("epoch 0", "epoch 3"))
+    tl = build_timeline(circuits, Selection.parse("top:10"), outcomes=oc, epochs=epochs)
+    d = diff_circuits(circuits[0], circuits[3], Selection.parse("top:10"), labels=("epoch 0", "epoch 3"))
     labels = {"stable": "Who <b>founded</b> X & Y?"}
 
     def evaluate(model_epoch, cs, masks):  # share of the model epoch's own |score| the circuit covers
@@ -93,7 +93,7 @@ def test_circuit_figure_colours_edges_by_sign():
 
 def test_diff_and_timeline_figures():
     cs = circuits_over_epochs(GRAPH)
-    d = diff_circuits(cs[0], cs[3], "top:10")
+    d = diff_circuits(cs[0], cs[3], Selection.parse("top:10"))
     fig = viz.diff_figure(d, "flaky")
     colours = {t.line.color for t in fig.data if t.mode == "lines"}
     assert colours == {viz.STATUS_COLOURS["added"], viz.STATUS_COLOURS["removed"]}
@@ -108,7 +108,7 @@ def test_diff_and_timeline_figures():
     shares = d.layers[d.layers["fact_id"] == "flaky"]
     assert len(bars) == 2 and list(bars[0].y) == pytest.approx(shares["share_a"].tolist())
     assert list(bars[1].y) == pytest.approx(shares["share_b"].tolist())
-    tl = build_timeline(cs, "top:10", outcomes=outcomes(),
+    tl = build_timeline(cs, Selection.parse("top:10"), outcomes=outcomes(),
                         epochs=pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.0],
                                              "math": [1, 0.5, 0.5, 0.4]}))
     names = {t.name for t in viz.timeline_figure(tl, "flaky").data}
@@ -245,7 +245,7 @@ def test_walkthrough_runs_on_a_tiny_run(make_run, tmp_path, monkeypatch, capsys)
 def test_large_circuits_are_drawn_capped(monkeypatch):
     monkeypatch.setattr(viz, "MAX_EDGES", 50)
     cs = circuits_over_epochs(GRAPH)
-    d = diff_circuits(cs[0], cs[3], "abs:0.0")  # every edge selected
+    d = diff_circuits(cs[0], cs[3], Selection.parse("abs:0.0"))  # every edge selected
     title = viz.diff_figure(d, "flaky").layout.title.text
     assert f"strongest {viz.MAX_EDGES} of {GRAPH.n_edges} drawn" in title
     hover = viz.diff_figure(d, "flaky").data[-2].hovertext

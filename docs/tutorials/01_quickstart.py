@@ -73,12 +73,13 @@ len(facts), facts.ids
 # %% [markdown]
 # ## Circuits at every epoch
 #
-# `cd.extract` runs attribution patching (EAP-IG; `steps` is the number of integrated-gradient steps, kept
-# small here) on every epoch and returns `{epoch: CircuitSet}`. Circuits are cached in the run's `circuits/`
-# folder and reused by every later call, and the run remembers the facts (`cd.load_facts(run)`).
+# `cd.extract` runs attribution patching on every epoch with the given `cd.AttributionSettings` (EAP-IG;
+# `steps` is the number of integrated-gradient steps, kept small here) and returns `{epoch: CircuitSet}`.
+# Circuits are cached in the run's `circuits/` folder and reused by every later call, and the run remembers
+# the facts (`cd.load_facts(run)`).
 
 # %%
-circuits = cd.extract(run, facts, steps=2)
+circuits = cd.extract(run, facts, cd.AttributionSettings(steps=2))
 cs = circuits[0]
 cs
 

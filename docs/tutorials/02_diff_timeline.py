@@ -42,12 +42,14 @@ run = cd.open_run(run_dir)
 facts = cd.load_facts(probes, run)
 
 # %% [markdown]
-# Settings shared by every call below: EAP-IG with 2 integral steps, the top 30 edges per fact as its circuit
-# (the default, `faith:0.8`, is the smallest circuit that carries 80 % of the fact; it costs exact patching),
-# and 4 replicates per checkpoint.
+# Settings shared by every call below: how circuits are attributed (`cd.AttributionSettings`: EAP-IG with 2
+# integral steps) and how they are compared (`cd.Comparison`: the top 30 edges per fact as its circuit, and
+# 4 replicates per checkpoint; the default selection, `faith:0.8`, is the smallest circuit that carries 80 % of
+# the fact; it costs exact patching).
 
 # %%
-SMALL = dict(steps=2, selection="top:30", replicates=4)
+settings = cd.AttributionSettings(steps=2)
+compare = cd.Comparison(cd.Selection("top", 30), replicates=4)
 
 # %% [markdown]
 # ## Diff two checkpoints
@@ -55,7 +57,7 @@ SMALL = dict(steps=2, selection="top:30", replicates=4)
 # `cd.diff("RUN:EPOCH", "RUN:EPOCH", probes)` extracts (or reuses) both checkpoints' circuits and replicates.
 
 # %%
-d = cd.diff(f"{run_dir}:0", f"{run_dir}:1", probes, **SMALL)
+d = cd.diff(f"{run_dir}:0", f"{run_dir}:1", probes, settings, compare)
 d
 
 # %% [markdown]
@@ -84,7 +86,7 @@ d.figure()
 # the run has probe results, and summarises how fast circuits reconfigure.
 
 # %%
-tl = cd.timeline(run, facts, **SMALL)
+tl = cd.timeline(run, facts, settings, compare)
 print("\n".join(tl.describe()))
 
 # %%
@@ -97,7 +99,7 @@ tl.figure()
 # Every circuit computed above is cached in the run's `circuits/` folder, so a second call costs nothing:
 
 # %%
-cd.timeline(run, facts, **SMALL).epochs
+cd.timeline(run, facts, settings, compare).epochs
 
 # %% [markdown]
 # ## What are the test's error rates here?
@@ -111,8 +113,9 @@ cd.timeline(run, facts, **SMALL).epochs
 # %%
 from circuitdyn.calibration import CalibrationSettings
 
-settings = CalibrationSettings(replicates=4, null_tests=2, strengths=(0.5, 1.0), steps=2, selection="top:30")
-cal = cd.calibrate(run, 1, facts, settings)
+calibration = CalibrationSettings(settings, replicates=4, null_tests=2, strengths=(0.5, 1.0),
+                                  selection=cd.Selection("top", 30))
+cal = cd.calibrate(run, 1, facts, calibration)
 print("\n".join(cal.describe()))
 
 # %%

@@ -68,6 +68,7 @@ len(train), docs["Patna"][:120]
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+from circuitdyn.cpt import CPTConfig
 from circuitdyn.integrations import ProbeCallback
 
 out = work / "trainer-run"
@@ -78,8 +79,9 @@ args = TrainingArguments(output_dir=str(out), num_train_epochs=3, save_strategy=
                          disable_tqdm=True, seed=0)
 trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
-callback = ProbeCallback(entities=ENTITIES, n_math=4, n_reasoning=0, max_new_tokens=8, circuits=True,
-                         facts_per_entity=2, steps=2, stop="patience:2")
+probing = CPTConfig(n_math=4, n_reasoning=0, max_new_tokens=8)  # the probing half of a CPT configuration
+callback = ProbeCallback(probing, entities=ENTITIES, circuits=cd.AttributionSettings(steps=2),
+                         facts_per_entity=2, stop="patience:2")
 trainer.add_callback(callback)  # the one line circuitdyn needs
 trainer.train()
 callback.learned, callback.stopped_at
@@ -121,7 +123,8 @@ decision.rule, decision.stop_epoch, decision.kept_epoch, decision.best_epoch
 
 # %%
 facts = cd.load_facts(run)
-tl = cd.timeline(run, facts, steps=2, selection="top:30", noise_epochs=None)
+tl = cd.timeline(run, facts, cd.AttributionSettings(steps=2),
+                 cd.Comparison(cd.Selection("top", 30), noise_epochs=None))
 print("\n".join(tl.describe()))
 tl.to_frame().head()
 
