@@ -93,15 +93,15 @@ def probability(text: str) -> float:
     return value
 
 
-def selection_spec(text: str) -> str:
-    """A selection rule (`top:N`, `paths:N`, `abs:T`, `faith:F`, `pruned:F`), checked by `Selection.parse`."""
+def selection_spec(text: str):
+    """A selection rule (`top:N`, `paths:N`, `abs:T`, `faith:F`, `pruned:F`), parsed once, here
+    (`Selection.parse`)."""
     from circuitdyn.selection import Selection
 
     try:
-        Selection.parse(text)
+        return Selection.parse(text)
     except CircuitdynError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    return text
 
 
 def _output(path: str | Path, kind: str, flag: str, overwrite: bool = False) -> None:
@@ -351,7 +351,7 @@ def _selection_arg(args: argparse.Namespace):
     from circuitdyn.selection import DEFAULT_SELECTION, Selection
 
     if args.select:
-        return Selection.parse(args.select)
+        return args.select
     return Selection("top", args.top_n) if args.top_n else DEFAULT_SELECTION
 
 
@@ -845,7 +845,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    "facts' circuits; default mlp)")
     p.add_argument("--strengths", type=strength_list, default=d.strengths,
                    help="planted strengths s, output x (1 - s), comma-separated in (0, 1] (default 0.1,0.3,1)")
-    p.add_argument("--select", type=selection_spec, default=str(d.selection),
+    p.add_argument("--select", type=selection_spec, default=d.selection,
                    help=f"circuits whose size the edge-set distance uses (default {d.selection})")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="facts per attribution batch")
     p.add_argument("--circuits", help="folder caching the replicates (default: RUN/circuits)")
@@ -867,12 +867,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     from circuitdyn.calibration import CalibrationSettings, calibrate, write_calibration
     from circuitdyn.checkpoints import resolve
-    from circuitdyn.selection import Selection
     from circuitdyn.settings import AttributionSettings
 
     settings = CalibrationSettings(AttributionSettings(steps=args.steps), family=args.family,
                                    replicates=args.replicates, null_tests=args.null_tests, plant=args.plant,
-                                   strengths=args.strengths, selection=Selection.parse(args.select),
+                                   strengths=args.strengths, selection=args.select,
                                    batch_size=args.batch_size, seed=args.sample_seed)
     if args.out:
         _output(args.out, "file", "--out", overwrite=True)
@@ -1001,6 +1000,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 @command
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from circuitdyn.selection import DEFAULT_SELECTION
     from circuitdyn.settings import DEFAULT_IG_GRID, IG_GRIDS
 
     p = sub.add_parser(
@@ -1027,7 +1027,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ig-grid", default=DEFAULT_IG_GRID, choices=IG_GRIDS,
                    help=f"quadrature of the IG path integral (default {DEFAULT_IG_GRID}; right = circuitdyn's grid "
                    "before)")
-    p.add_argument("--select", type=selection_spec, default="faith:0.8",
+    p.add_argument("--select", type=selection_spec, default=DEFAULT_SELECTION,
                    help="how circuits are chosen (default faith:0.8)")
     p.add_argument("--no-transfer", action="store_true",
                    help="skip evaluating every epoch's circuit on every epoch's model (saves about 3 minutes)")
@@ -1040,12 +1040,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from circuitdyn.demo import DEMO_COMPARISON, demo_config, run_demo
     from circuitdyn.dynamics import format_table
-    from circuitdyn.selection import Selection
     from circuitdyn.settings import AttributionSettings
 
     cpt = demo_config(args.entities, args.epochs, args.lr, base_model=args.base_model, device=args.device,
                       dtype=args.dtype)
-    comparison = DEMO_COMPARISON.replace(selection=Selection.parse(args.select), transfer=not args.no_transfer)
+    comparison = DEMO_COMPARISON.replace(selection=args.select, transfer=not args.no_transfer)
     r = run_demo(args.out, AttributionSettings(args.method, args.steps, args.ig_grid), cpt=cpt,
                  facts_per_entity=args.facts_per_entity, pick=args.pick, comparison=comparison,
                  progress=not args.no_progress)

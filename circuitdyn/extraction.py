@@ -399,7 +399,7 @@ def checkpoint_circuits(
 
 
 def select_circuits(
-    run: Run, epoch: int, circuits: CircuitSet, selection: str | Selection, facts: Sequence[FactPrompt] | None = None,
+    run: Run, epoch: int, circuits: CircuitSet, selection: Selection, facts: Sequence[FactPrompt] | None = None,
     *, cache_dir: str | Path | None = None,
 ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
     """Each fact's circuit under `selection` (and, for rules that evaluate on the model, the faithfulness
@@ -410,7 +410,7 @@ def select_circuits(
     (a small file per circuit set and rule, keyed by the scores' content, the checkpoint and the rule), so a
     re-run does not search again.
     """
-    sel = Selection.parse(selection)
+    sel = selection
     if not sel.needs_model:
         return sel.select(circuits.scores, circuits.graph)
     if facts is None:

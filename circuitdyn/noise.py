@@ -218,7 +218,7 @@ def _describe(fact_ids: list[str], per_epoch: dict[int, list[Aligned]], selectio
                        dict(replicates or {}))
 
 
-def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: str | Selection,
+def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: Selection,
                           family: str = DEFAULT_FAMILY) -> MethodNoise:
     """`MethodNoise` from replicate circuit sets of the same checkpoints: per epoch, at least two replicates
     over the same facts (`Replica` tuples, circuits already selected). Their scores become the replicates
@@ -236,11 +236,11 @@ def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: str | 
             faith = [float("nan")] * len(fact_ids) if got is None else got[order].tolist()
             aligned.setdefault(epoch, []).append((name, cs.scores[order].float(), masks[order], faith))
     replicates = {e: torch.stack([a[1] for a in reps]) for e, reps in aligned.items()}
-    return _describe(fact_ids, aligned, str(Selection.parse(selection)), family, replicates)
+    return _describe(fact_ids, aligned, str(selection), family, replicates)
 
 
 def noise_from_scores(replicates: dict[int, Float[Tensor, "rep fact edge"]], fact_ids: Sequence[str],
-                      sizes: dict[int, Int[Tensor, " fact"]], selection: str | Selection,
+                      sizes: dict[int, Int[Tensor, " fact"]], selection: Selection,
                       draws: Mapping[int, Sequence[Draw]], family: str = DEFAULT_FAMILY) -> MethodNoise:
     """`MethodNoise` from replicate scores per checkpoint key; each replicate's circuit is its top-n edges at
     the size of the fact's selected circuit there (`sizes`), so replicates differ only in their scores."""
@@ -250,7 +250,7 @@ def noise_from_scores(replicates: dict[int, Float[Tensor, "rep fact edge"]], fac
     for key, reps in replicates.items():
         nan = [float("nan")] * len(fact_ids)
         aligned[key] = [(d.name, r, top_n_by_fact(r, sizes[key]), nan) for d, r in zip(draws[key], reps)]
-    return _describe(list(fact_ids), aligned, str(Selection.parse(selection)), family, replicates)
+    return _describe(list(fact_ids), aligned, str(selection), family, replicates)
 
 
 def run_draws(run: Run, epochs: Sequence[int], family: str = DEFAULT_FAMILY, r: int = DEFAULT_REPLICATES,

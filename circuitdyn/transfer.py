@@ -32,11 +32,14 @@ from circuitdyn.io import write_json_atomic
 from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.stats import bootstrap_ci
 
+TRANSFER_SELECTION = Selection("top", 200)
+"""The circuits a transfer matrix evaluates unless told otherwise."""
+
 
 def transfer_matrix(
     circuits: dict[int, CircuitSet],
     evaluate: Evaluator,
-    selection: str | Selection = "top:200",
+    selection: Selection = TRANSFER_SELECTION,
     *,
     own_faithfulness: Callable[[int], Faithfulness] | None = None,
     selected: dict[int, Bool[Tensor, "fact edge"]] | None = None,
@@ -59,7 +62,7 @@ def transfer_matrix(
     """
     if not circuits:
         raise CircuitdynError("transfer matrix needs circuits for at least one epoch")
-    sel = Selection.parse(selection)
+    sel = selection
     epochs = sorted(circuits)
     first = circuits[epochs[0]]
     for e in epochs[1:]:

@@ -267,7 +267,7 @@ def test_transfer_matrix(tmp_path):
         own = circuits[model_epoch].subset(cs.fact_ids).scores.abs()
         return (own * masks).sum(1) / own.sum(1)
 
-    table = transfer_matrix(circuits, evaluate, "top:30")
+    table = transfer_matrix(circuits, evaluate, Selection.parse("top:30"))
     assert len(table) == 3 * 3 * 3
     pivot = transfer_pivot(table)
     assert pivot.shape == (3, 3)
@@ -286,17 +286,17 @@ def test_transfer_matrix(tmp_path):
         return evaluate(model_epoch, cs, masks)
 
     cache = tmp_path / "transfer.json"
-    pd.testing.assert_frame_equal(transfer_matrix(circuits, counting, "top:30", cache=cache), table)
+    pd.testing.assert_frame_equal(transfer_matrix(circuits, counting, Selection.parse("top:30"), cache=cache), table)
     assert len(calls) == 9
-    pd.testing.assert_frame_equal(transfer_matrix(circuits, counting, "top:30", cache=cache), table)
+    pd.testing.assert_frame_equal(transfer_matrix(circuits, counting, Selection.parse("top:30"), cache=cache), table)
     assert len(calls) == 9
-    transfer_matrix(circuits, counting, "top:31", cache=cache)
+    transfer_matrix(circuits, counting, Selection.parse("top:31"), cache=cache)
     assert len(calls) == 18
     changed = {**circuits, 2: make_set(random_scores(seed=7))}
-    transfer_matrix(changed, counting, "top:31", cache=cache)
+    transfer_matrix(changed, counting, Selection.parse("top:31"), cache=cache)
     assert len(calls) == 27
     cache.write_text("{not json")
-    transfer_matrix(changed, counting, "top:31", cache=cache)
+    transfer_matrix(changed, counting, Selection.parse("top:31"), cache=cache)
     assert len(calls) == 36
     # Faithfulness explodes where a model's clean and corrupted runs nearly agree; the bounded transfer does not.
     def spiky(model_epoch: int, cs: CircuitSet, masks: torch.Tensor) -> torch.Tensor:
@@ -304,7 +304,7 @@ def test_transfer_matrix(tmp_path):
         out[cs.fact_ids.index("f1")] = 15.0 if model_epoch == 1 else -7.0
         return out
 
-    spiked = transfer_matrix(circuits, spiky, "top:30")
+    spiked = transfer_matrix(circuits, spiky, Selection.parse("top:30"))
     assert spiked["faithfulness"].max() == 15.0 and spiked["faithfulness"].min() == -7.0
     assert spiked["transfer"].between(0, 1).all()
     assert (spiked.loc[spiked["fact_id"] == "f1", "transfer"].isin([0.0, 1.0])).all()
@@ -439,7 +439,7 @@ def test_transfer_matrix_on_a_run(make_run):
     done = extract_run(run, facts, run.path / "circuits", None, AttributionSettings("eap", 1))
     circuits = {r.epoch: CircuitSet.load(r.path) for r in done}
     n = len(circuits[0].edges)
-    table = transfer_matrix(circuits, run_evaluator(run, facts), f"top:{n}")
+    table = transfer_matrix(circuits, run_evaluator(run, facts), Selection.parse(f"top:{n}"))
     assert table.shape == (2 * 2 * 2, 6)
     assert list(table.columns) == ["fact_id", "circuit_epoch", "model_epoch", "faithfulness", "gap", "transfer"]
     # A random model barely separates clean from corrupted: every gap is below MIN_GAP, so the bounded

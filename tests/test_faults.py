@@ -18,6 +18,7 @@ import torch
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.cli import main
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.selection import Selection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,11 +248,11 @@ def test_transfer_cache_of_another_table_is_kept(tmp_path):
         return masks.float().mean(1)
 
     cache = tmp_path / "transfer.json"
-    t5 = transfer_matrix(circuits, evaluate, "top:5", cache=cache)
-    t9 = transfer_matrix(circuits, evaluate, "top:9", cache=cache)
+    t5 = transfer_matrix(circuits, evaluate, Selection.parse("top:5"), cache=cache)
+    t9 = transfer_matrix(circuits, evaluate, Selection.parse("top:9"), cache=cache)
     assert len(list(tmp_path.glob("transfer*.json"))) == 2 and len(calls) == 8
-    assert transfer_matrix(circuits, evaluate, "top:5", cache=cache).equals(t5)
-    assert transfer_matrix(circuits, evaluate, "top:9", cache=cache).equals(t9)
+    assert transfer_matrix(circuits, evaluate, Selection.parse("top:5"), cache=cache).equals(t5)
+    assert transfer_matrix(circuits, evaluate, Selection.parse("top:9"), cache=cache).equals(t9)
     assert len(calls) == 8  # both reused
 
 

@@ -48,7 +48,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, obj
         own = circuits[model_epoch].subset(cs.fact_ids).scores.abs()
         return (own * masks).sum(1) / own.sum(1)
 
-    transfer = transfer_matrix(circuits, evaluate, "top:10")
+    transfer = transfer_matrix(circuits, evaluate, Selection.parse("top:10"))
     return {
         "circuit": (viz.write_circuit_html(circuits[0], out / "circuit.html", labels=labels, sizes=(5, 10, 40)),
                     circuits[0]),
@@ -124,7 +124,7 @@ def test_diff_and_timeline_figures():
     assert heat.type == "heatmap" and [list(r) for r in heat.z] == tl.layer_epoch.to_numpy().tolist()
     assert list(heat.y) == [f"L{i}" for i in range(GRAPH.n_layers)]
     # a fake faithfulness that grows with the model epoch: rows are circuit epochs, columns model epochs
-    table = transfer_matrix(cs, lambda j, c, m: torch.full((m.shape[0],), (j + 1) / 5), "top:10")
+    table = transfer_matrix(cs, lambda j, c, m: torch.full((m.shape[0],), (j + 1) / 5), Selection.parse("top:10"))
     z = viz.transfer_figure(table).data[0].z
     assert len(z) == 4 and all(row[j] == pytest.approx((j + 1) / 5) for row in z for j in range(4))
 
