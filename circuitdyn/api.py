@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from circuitdyn.errors import CircuitdynError
 
 if TYPE_CHECKING:
+    from circuitdyn.across_runs import AcrossRuns
     from circuitdyn.checkpoints import Run
     from circuitdyn.circuits import CircuitSet
     from circuitdyn.diff import CircuitDiff, Side
@@ -297,3 +298,65 @@ def view(obj: Any, path: str | Path, **kwargs: Any) -> Path:
     if isinstance(obj, Timeline):
         return viz.write_timeline_html(obj, path, **kwargs)
     raise CircuitdynError(f"view takes a CircuitSet, CircuitDiff or Timeline, not {type(obj).__name__}")
+
+
+def timelines(runs: Sequence[str | Path | Run], facts: FactSpec | str | Path | None = None,
+              settings: AttributionSettings | Mapping[str, Any] | None = None, comparison: Comparison | None = None,
+              *, progress: bool = False) -> AcrossRuns:
+    """The timelines of several runs (e.g. the seeds of a sweep), each with its own circuits folder: per-epoch
+    means with 95 % intervals across them (`across_runs.across_runs`) of the per-epoch tables and of the share
+    of the circuit replaced per transition. `facts`: a `FactSpec` or probe file, tokenized by each run (None:
+    each run's cached circuits as they are, filtered by `settings` chosen in part)."""
+    from circuitdyn.across_runs import AcrossRuns, across_runs, records
+    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.facts import FactSpec
+    from circuitdyn.timeline import load_run_timeline
+
+    names = [str(r) if isinstance(r, (str, Path)) else str(r.path) for r in runs]
+    if len(set(names)) != len(names):
+        raise CircuitdynError(f"a run folder is given twice: {names}")
+    spec = facts if isinstance(facts, FactSpec) or facts is None else FactSpec(facts)
+    per_epoch, changes = {}, {}
+    for name, r in zip(names, runs):
+        run = _run(r)
+        tl = load_run_timeline(run, None if spec is None else spec.load(run.tokenizer()),
+                               settings_of(settings) if spec is not None else None, comparison,
+                               circuits_dir=circuits_dir(run), where=None if spec is not None else _where(settings),
+                               progress=progress)
+        per_epoch[name] = tl.per_epoch
+        changes[name] = tl.reconfiguration
+    table = across_runs(per_epoch)
+    rec = across_runs(changes, [c for c in ("replaced", "noise") if all(c in t for t in changes.values())])
+    shown = ("train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev", "jaccard_first")
+    sections = [("", table[table["quantity"].isin(shown)])]
+    if len(rec):
+        sections.append(("share of the circuit replaced per transition, and method noise, across runs:", rec))
+    return AcrossRuns(f"circuit timelines of {len(names)} runs: per-epoch mean [95 % bootstrap interval over runs]",
+                      sections, {"runs": names, "per_epoch": records(table), "reconfiguration": records(rec)})
+
+
+def view_circuits(file: str | Path, out: str | Path | None = None, *, probes: str | Path | None = None,
+                  fact_ids: Sequence[str] | None = None, overwrite: bool = False) -> tuple[CircuitSet, Path]:
+    """The circuit viewer of a circuit file, written to `out` (default the file with `.html`): its facts labelled
+    with their questions when `probes` (the probe file they come from) is given, only `fact_ids` when given
+    (beside the mean circuit). Returns the circuit set and the page."""
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.diff import MEAN, check_facts_match
+    from circuitdyn.io import check_writable
+    from circuitdyn.probes import load_probes
+    from circuitdyn.viz import check_viewer_target, write_circuit_html
+
+    page = Path(out) if out else Path(file).with_suffix(".html")
+    if page.resolve() == Path(file).resolve():
+        raise CircuitdynError(f"--out {page}: is the circuit file itself; choose another output file")
+    cs = CircuitSet.load(file)
+    flag = "--out" if out else ""
+    check_writable(page, "file", flag=flag)
+    if not overwrite:
+        check_viewer_target(page, flag=flag)
+    labels = {}
+    if probes:
+        labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(probes)}
+        check_facts_match(cs, labels, probes, str(file))
+    shown = [MEAN, *fact_ids] if fact_ids else None
+    return cs, write_circuit_html(cs, page, facts=shown, labels=labels, overwrite=overwrite)

@@ -988,3 +988,23 @@ def describe(run: Run) -> dict[str, Any]:
             for ck in (run.checkpoint(e) for e in run.epochs)
         ],
     }
+
+
+def info_text(info: dict[str, Any]) -> str:
+    """`describe`'s answer as `circuitdyn info` prints it: the run, its architecture and tokenizer, and one line
+    per checkpoint (step, loss, kind, size, content hash, weight files)."""
+    kv = info["n_key_value_heads"]
+    tok = info["tokenizer"]
+    lines = [f"run          {info['path']}",
+             f"architecture {info['architecture']}: {info['n_layers']} layers, {info['n_heads']} heads "
+             f"({kv} KV heads), d_model {info['d_model']}, d_head {info['d_head']}, d_mlp {info['d_mlp']}, "
+             f"vocab {info['d_vocab']}, {info['normalization']} norm, {info['positional_embedding']} positions",
+             f"tokenizer    {tok['class']} ({tok['vocab_size']} tokens, chat template: "
+             f"{'yes' if tok['chat_template'] else 'no'})",
+             f"epochs       {[e['epoch'] for e in info['epochs']]}"]
+    for ck in info["checkpoints"]:
+        loss = "-" if ck["train_loss"] is None else f"{ck['train_loss']:.4f}"
+        lines.append(f"  epoch {ck['epoch']:>3}  step {ck['step'] if ck['step'] is not None else '-':>6}  "
+                     f"loss {loss:>8}  {ck['kind']:>7}  {ck['bytes'] / 2**20:8.1f} MiB  {ck['content_hash'][:19]}  "
+                     f"{', '.join(ck['weight_files'])}")
+    return "\n".join(lines)

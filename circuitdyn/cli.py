@@ -1,18 +1,67 @@
 """The `circuitdyn` command line: one subcommand per job, each a thin layer over the Python API.
 
-Each subcommand is a pair: `_add_<name>(subparsers)` builds its parser, `_run_<name>(args)` runs it.
+Each subcommand is a pair: `_add_<name>(subparsers)` builds its parser, `_run_<name>(args)` turns the parsed
+options into values (a `FactSpec`, settings, a `Comparison`; selection rules are parsed by their option's type),
+calls one function of the API and prints its result's own `text()` or `to_dict()`. Nothing here analyses,
+chooses defaults or loops over runs.
+
+The API's modules are imported here, at the top: building the parser needs most of them anyway (their option
+choices and defaults), so `circuitdyn --help` costs the same either way. Modules are imported as modules
+(`cpt.run_cpt`, not `run_cpt`), so that what a test patches on a module is what the command calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from circuitdyn.errors import CircuitdynError
+from circuitdyn import (
+    api,
+    calibration,
+    checkpoints,
+    cpt,
+    demo,
+    dynamics,
+    export,
+    extraction,
+    messages,
+    sweep,
+    tasks,
+    viz,
+)
+from circuitdyn.diff import Side
+from circuitdyn.errors import CircuitdynError, CircuitdynWarning
+from circuitdyn.export import DEFAULT_SELECTION as EXPORT_SELECTION
+from circuitdyn.export import FORMATS
+from circuitdyn.facts import FactSpec
+from circuitdyn.forward import METRICS
+from circuitdyn.io import check_writable
+from circuitdyn.memory import default_threads, parse_memory
+from circuitdyn.probes import corruption_summary
+from circuitdyn.selection import DEFAULT_SELECTION, Selection
+from circuitdyn.settings import (
+    BUFFER_DTYPES,
+    DEFAULT_FAMILY,
+    DEFAULT_IG_GRID,
+    DEFAULT_IG_STEPS,
+    DEFAULT_REPLICATES,
+    FAMILIES,
+    IG_GRIDS,
+    METHODS,
+    PAPER_SETTINGS,
+    AttributionSettings,
+    Comparison,
+    Compute,
+    Storage,
+)
 
-Runner = Callable[[argparse.Namespace], int]
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
@@ -49,8 +98,6 @@ def nonnegative_int(text: str) -> int:
 
 def memory_size(text: str) -> int:
     """Bytes of a memory budget such as 8GiB or 500MB (`memory.parse_memory`)."""
-    from circuitdyn.memory import parse_memory
-
     try:
         return parse_memory(text)
     except CircuitdynError as err:
@@ -58,8 +105,6 @@ def memory_size(text: str) -> int:
 
 
 def _finite(text: str) -> float:
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -96,8 +141,6 @@ def probability(text: str) -> float:
 def selection_spec(text: str):
     """A selection rule (`top:N`, `paths:N`, `abs:T`, `faith:F`, `pruned:F`), parsed once, here
     (`Selection.parse`)."""
-    from circuitdyn.selection import Selection
-
     try:
         return Selection.parse(text)
     except CircuitdynError as err:
@@ -107,13 +150,9 @@ def selection_spec(text: str):
 def _output(path: str | Path, kind: str, flag: str, overwrite: bool = False) -> None:
     """Check before any work that an output can be written where asked (`circuitdyn.io.check_writable`), and
     that an existing file there is a circuitdyn viewer (regenerated) unless `--overwrite`."""
-    from circuitdyn.io import check_writable
-
     check_writable(path, kind, flag=flag)
     if kind == "file" and not overwrite:
-        from circuitdyn.viz import check_viewer_target
-
-        check_viewer_target(path, flag=flag)
+        viz.check_viewer_target(path, flag=flag)
 
 
 @command
@@ -127,28 +166,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    import json
-
-    from circuitdyn.checkpoints import default_model_dir, describe, open_run
-
-    info = describe(open_run(args.path or default_model_dir(), allow_pickle=args.allow_pickle, base=args.base))
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    kv = info["n_key_value_heads"]
-    print(f"run          {info['path']}")
-    print(f"architecture {info['architecture']}: {info['n_layers']} layers, {info['n_heads']} heads "
-          f"({kv} KV heads), d_model {info['d_model']}, d_head {info['d_head']}, d_mlp {info['d_mlp']}, "
-          f"vocab {info['d_vocab']}, {info['normalization']} norm, {info['positional_embedding']} positions")
-    tok = info["tokenizer"]
-    chat = "yes" if tok["chat_template"] else "no"
-    print(f"tokenizer    {tok['class']} ({tok['vocab_size']} tokens, chat template: {chat})")
-    print(f"epochs       {[e['epoch'] for e in info['epochs']]}")
-    for ck in info["checkpoints"]:
-        loss = "-" if ck["train_loss"] is None else f"{ck['train_loss']:.4f}"
-        print(f"  epoch {ck['epoch']:>3}  step {ck['step'] if ck['step'] is not None else '-':>6}  loss {loss:>8}  "
-              f"{ck['kind']:>7}  "
-              f"{ck['bytes'] / 2**20:8.1f} MiB  {ck['content_hash'][:19]}  {', '.join(ck['weight_files'])}")
+    info = checkpoints.describe(checkpoints.open_run(args.path or checkpoints.default_model_dir(),
+                                                     allow_pickle=args.allow_pickle, base=args.base))
+    print(json.dumps(info, indent=2) if args.json else checkpoints.info_text(info))
     return 0
 
 
@@ -204,50 +224,32 @@ def _add_cpt(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cpt(args: argparse.Namespace) -> int:
-    import time
-
-    from circuitdyn.cpt import CPTConfig, run_cpt
-
     t0 = time.perf_counter()
-    cfg = CPTConfig(
-        base_model=args.base, corpus=args.corpus, probes=args.probes,
-        entities=[e.strip() for e in args.entities.split(",") if e.strip()] if args.entities else None,
+    cfg = cpt.CPTConfig(
+        base_model=args.base, corpus=args.corpus, probes=args.probes, entities=_names(args.entities),
         n_entities=args.n_entities, rephrased=args.rephrased, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, strategy=args.strategy, method=args.method,
         kl_weight=args.kl_weight, template=args.template, threshold=args.threshold,
         n_math=args.n_math or None, n_reasoning=args.n_reasoning or None, device=args.device, dtype=args.dtype,
-        save=args.save,
-        mmlu=args.mmlu,
+        save=args.save, mmlu=args.mmlu,
     )
-    if args.preset == "paper":
+    if args.preset == "paper":  # the preset, but every option given on the command line wins
         fields = {"base": "base_model"}
         given = {fields.get(k, k) for k, v in vars(args).items()
                  if k in args.cpt_defaults and v != args.cpt_defaults[k]}
-        cfg = CPTConfig.paper(**{k: v for k, v in vars(cfg).items() if k in given})
+        cfg = cpt.CPTConfig.paper(**{k: v for k, v in vars(cfg).items() if k in given})
     strategies = _names(args.strategy) or ["plain"]
     if args.seeds or args.ray or len(strategies) > 1:
-        return _run_sweep(args, cfg, strategies, t0)
-    result = run_cpt(cfg, args.out, progress=not args.no_progress)
+        seeds = _integers(args.seeds, "--seeds") if args.seeds else [args.seed]
+        runs = sweep.run_sweep(cfg, args.out, seeds, strategies, ray=args.ray, max_retries=args.max_retries,
+                               progress=not args.no_progress)
+        print(f"wall time {time.perf_counter() - t0:.1f}s; {len(runs)} runs:")
+        print("\n".join(f"  {path}" for path in runs))
+        print(f"per-epoch means across seeds: circuitdyn dynamics {' '.join(str(p) for p in runs)}")
+        return 0
+    result = cpt.run_cpt(cfg, args.out, progress=not args.no_progress)
     print(f"wall time {time.perf_counter() - t0:.1f}s; best epoch {result.dynamics.best_epoch()}; "
           f"run folder {result.run_dir}")
-    return 0
-
-
-def _run_sweep(args: argparse.Namespace, cfg, strategies: list[str], t0: float) -> int:
-    import time
-
-    from circuitdyn.sweep import run_sweep
-
-    try:
-        seeds = [int(x) for x in _names(args.seeds) or []] if args.seeds else [args.seed]
-    except ValueError:
-        raise CircuitdynError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    runs = run_sweep(cfg, args.out, seeds, strategies, ray=args.ray, max_retries=args.max_retries,
-                     progress=not args.no_progress)
-    print(f"wall time {time.perf_counter() - t0:.1f}s; {len(runs)} runs:")
-    for path in runs:
-        print(f"  {path}")
-    print(f"per-epoch means across seeds: circuitdyn dynamics {' '.join(str(p) for p in runs)}")
     return 0
 
 
@@ -277,79 +279,20 @@ def _add_dynamics(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_dynamics(args: argparse.Namespace) -> int:
-    import json
-
-    from circuitdyn.dynamics import format_table, load_dynamics
-
     if len(args.run) > 1:
-        return _run_dynamics_across(args)
-    args.run = args.run[0]
-    dyn = load_dynamics(args.run, threshold=args.threshold, baseline=args.baseline)
-    stop = None
-    if args.stop:
-        from circuitdyn.stopping import apply_rule, history_from_dynamics
-
-        stop = apply_rule(args.stop, history_from_dynamics(dyn)).to_dict()
-    if args.json:
-        ents = dyn.entities()
-        ents["windows"] = ents["windows"].map(lambda w: [list(x) for x in w])
-        out = {
-            "run": str(dyn.source),
-            "threshold": dyn.threshold,
-            "best_epoch": dyn.best_epoch(),
-            "table": json.loads(dyn.table().to_json(orient="records")),
-            "entities": json.loads(ents.to_json(orient="records")),
-        }
-        if stop is not None:
-            out["stop"] = stop
-        if args.by:
-            out["grouped"] = json.loads(dyn.grouped(args.by, "probe" if args.by == "question_type" else "entity")
-                                        .to_json(orient="records"))
-        print(json.dumps(out, indent=2))
-        return 0
-    groups = dyn.grouped(args.by, "probe" if args.by == "question_type" else "entity") if args.by else None
-    print(format_table(dyn))
-    print(f"best epoch: {dyn.best_epoch()} ({len(dyn.learned[dyn.best_epoch()])} learned)")
-    if stop is not None and stop["not_applicable"]:
-        print(f"stopping rule {stop['rule']}: does not apply ({stop['not_applicable']})")
-    elif stop is not None:
-        print(f"stopping rule {stop['rule']}: {'stops after' if stop['fired'] else 'never fires; runs to'} epoch "
-              f"{stop['stop_epoch']}, keeps epoch {stop['kept_epoch']}; best in hindsight epoch {stop['best_epoch']} "
-              f"(regret {stop['regret']:.3f})")
-    if groups is not None:
-        print(groups.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
-    if args.entities:
-        cols = ["entity", "known_before", "first_acquired", "flips", "windows", "consolidated_from", "never_learned",
-                "best_recall", "best_epoch"]
-        print(dyn.entities()[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
-    return 0
-
-
-def _run_dynamics_across(args: argparse.Namespace) -> int:
-    import json
-
-    from circuitdyn.dynamics import load_dynamics
-    from circuitdyn.sweep import across_runs, format_across_runs
-
-    if len(set(args.run)) != len(args.run):
-        raise CircuitdynError(f"a run folder is given twice: {args.run}")
-    if args.stop:
-        raise CircuitdynError("--stop applies to one run; give one run folder (a stopping rule's epoch is per run)")
-    table = across_runs({run: load_dynamics(run, threshold=args.threshold, baseline=args.baseline).table()
-                         for run in args.run})
-    if args.json:
-        print(json.dumps({"runs": args.run, "threshold": args.threshold,
-                          "across_runs": json.loads(table.to_json(orient="records"))}, indent=2))
-        return 0
-    print(f"learning dynamics of {len(args.run)} runs: per-epoch mean [95 % bootstrap interval over runs]")
-    print(format_across_runs(table))
+        if args.stop:
+            raise CircuitdynError("--stop applies to one run; give one run folder (a stopping rule's epoch is per "
+                                  "run)")
+        report: Any = dynamics.dynamics_across(args.run, threshold=args.threshold, baseline=args.baseline)
+    else:
+        report = dynamics.dynamics_report(args.run[0], threshold=args.threshold, baseline=args.baseline, by=args.by,
+                                          stop=args.stop, entities=args.entities)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0
 
 
 def _selection_arg(args: argparse.Namespace):
     """--select, else --top-n N as top:N, else the default (circuits sized to faithfulness 0.8)."""
-    from circuitdyn.selection import DEFAULT_SELECTION, Selection
-
     if args.select:
         return args.select
     return Selection("top", args.top_n) if args.top_n else DEFAULT_SELECTION
@@ -381,9 +324,6 @@ def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: st
 
 def _add_attribution_args(p: argparse.ArgumentParser, method_default: str | None = "eap-ig",
                           steps_default: int | None = -1) -> None:
-    from circuitdyn.forward import METRICS
-    from circuitdyn.settings import DEFAULT_IG_GRID, DEFAULT_IG_STEPS, IG_GRIDS, METHODS
-
     p.add_argument("--method", default=method_default, choices=METHODS, help="attribution method (default eap-ig)")
     p.add_argument("--steps", type=positive_int, default=DEFAULT_IG_STEPS if steps_default == -1 else steps_default,
                    help=f"EAP-IG interpolation steps (default {DEFAULT_IG_STEPS}; the paper used 30)")
@@ -403,8 +343,6 @@ def replicate_count(text: str) -> int:
 
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
-    from circuitdyn.settings import DEFAULT_FAMILY, DEFAULT_REPLICATES, FAMILIES
-
     p.add_argument("--replicates", type=replicate_count, default=DEFAULT_REPLICATES, metavar="R",
                    help=f"method-noise replicates drawn per checkpoint for the change test (default "
                    f"{DEFAULT_REPLICATES}: smallest per-fact p 2/252)")
@@ -429,11 +367,17 @@ def _names(text: str | None) -> list[str] | None:
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
-def _spec(args: argparse.Namespace, packaged: bool = False):
+def _integers(text: str, flag: str) -> list[int]:
+    """Comma-separated whole numbers."""
+    try:
+        return [int(x) for x in _names(text) or []]
+    except ValueError:
+        raise CircuitdynError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _spec(args: argparse.Namespace, packaged: bool = False) -> FactSpec | None:
     """The facts --probes (and the options choosing among its probes) name, as a `FactSpec`; None without
     --probes (with `packaged`: the packaged validation probes)."""
-    from circuitdyn.facts import FactSpec
-
     if not args.probes and not packaged:
         return None
     entities = _names(args.entities)
@@ -442,7 +386,7 @@ def _spec(args: argparse.Namespace, packaged: bool = False):
                     args.template)
 
 
-def _chosen(args: argparse.Namespace) -> dict:
+def _chosen(args: argparse.Namespace) -> dict[str, Any]:
     """The attribution settings given on the command line (`AttributionSettings` fields; the others are left to
     the cached circuits or the defaults)."""
     fields = {"method": args.method, "steps": args.steps, "ig_grid": args.ig_grid, "metric": args.metric,
@@ -450,10 +394,8 @@ def _chosen(args: argparse.Namespace) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _comparison(args: argparse.Namespace, **extra):
+def _comparison(args: argparse.Namespace, **extra: Any) -> Comparison:
     """The comparison --select/--top-n, --family, --replicates (and `extra`) ask for."""
-    from circuitdyn.settings import Comparison
-
     return Comparison(**{"selection": _selection_arg(args), "family": args.family, "replicates": args.replicates,
                          **extra})
 
@@ -509,9 +451,6 @@ def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_scale_args(p: argparse.ArgumentParser) -> None:
-    from circuitdyn.memory import default_threads
-    from circuitdyn.settings import BUFFER_DTYPES
-
     p.add_argument("--threads", type=positive_int, default=default_threads(),
                    help="CPU threads (default: physical cores; on a shared machine fewer can be much faster)")
     p.add_argument("--max-memory", type=memory_size, metavar="SIZE",
@@ -522,76 +461,42 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    import math
-    import time
-
-    from circuitdyn.checkpoints import resolve_epochs
-    from circuitdyn.extraction import circuits_dir, extract_run
-    from circuitdyn.probes import corruption_counts
-    from circuitdyn.settings import AttributionSettings, Compute, Storage
-
     t0 = time.perf_counter()
     if args.float16 and args.float32:
         raise CircuitdynError("--float16 and --float32 exclude each other")
     if bool(args.task) == bool(args.probes):
         raise CircuitdynError("extract needs exactly one of --probes FILE (per-fact circuits) or --task NAME|FILE")
-    run, epochs = resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype, base=args.base)
+    run, epochs = checkpoints.resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype,
+                                             base=args.base)
+    out = args.out or extraction.circuits_dir(run)
     if args.task:
-        return _extract_task(args, run, epochs, t0)
-    settings = AttributionSettings(**_chosen(args))
-    args.top_n = 1000 if args.top_n is None else args.top_n
-    facts = _spec(args).load(run.tokenizer())
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
-    print(f"{len(facts)} facts ({kinds}); epochs {epochs}; {settings.describe()}")
-    compute = Compute(args.batch_size, args.buffer_dtype, args.max_memory, args.threads, args.ray, args.shard_size,
-                      args.max_retries)
-    storage = Storage("float32" if args.float32 else "float16", args.sparse, args.top_n)
-    results = extract_run(run, facts, args.out or circuits_dir(run), epochs, settings, compute, storage,
-                          extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
-                          progress=not args.no_progress)
-    for r in results:
-        vals = [v for v in r.faithfulness if not math.isnan(v)]
-        mean = sum(vals) / len(vals) if vals else float("nan")
-        status = "cached" if r.skipped else "written"
-        print(f"\nepoch {r.epoch}: {r.path} ({status})\nfaithfulness of each fact's {r.selection} circuit "
-              f"(mean {mean:.3f}); m = {args.metric} of the clean / corrupted run")
-        print(f"  {'faith':>7} {'m_clean':>9} {'m_corr':>9}  fact")
-        for fid, v, mc, mx in zip(r.fact_ids, r.faithfulness, r.m_clean, r.m_corrupted):
-            print(f"  {v:7.3f} {mc:9.3f} {mx:9.3f}  {fid}")
-    print(f"\nwall time {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
-def _extract_task(args: argparse.Namespace, run, epochs: list[int], t0: float) -> int:
-    """`extract --task`: the paper's task circuit for each epoch, its results.json printed."""
-    import time
-
-    from circuitdyn.extraction import circuits_dir
-    from circuitdyn.settings import PAPER_SETTINGS
-    from circuitdyn.tasks import PAPER_TOP_N, extract_task_run, load_task, task_facts
-
-    if args.metric not in ("answer-logprob", "logit-diff"):
-        raise CircuitdynError(f"--task uses the paper's metric logit-diff, not {args.metric!r}")
-    if args.method == "eap":
-        raise CircuitdynError("--task uses the paper's method eap-ig (EAP-IG on inputs)")
-    task = load_task(args.task)
-    settings = PAPER_SETTINGS.replace(**{k: v for k, v in (("steps", args.steps), ("ig_grid", args.ig_grid))
-                                         if v is not None})
-    steps = settings.steps
-    top_n = PAPER_TOP_N if args.top_n is None else args.top_n
-    tf = task_facts(task, run.tokenizer())
-    moved = "; ".join(f"{a} -> {c} (not {b})" for a, b, c in tf.substituted) or "none"
-    print(f"task {task.name}: {len(tf.facts)} prompts; epochs {epochs}; eap-ig M={steps}, metric logit-diff, "
-          f"top {top_n:,} edges, {args.runs} run(s); corruption partners moved for unequal token length: {moved}")
-    done = extract_task_run(run, task, args.out or circuits_dir(run), epochs, settings, top_n=top_n, runs=args.runs,
-                            batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress)
+        if args.metric not in ("answer-logprob", "logit-diff"):
+            raise CircuitdynError(f"--task uses the paper's metric logit-diff, not {args.metric!r}")
+        if args.method == "eap":
+            raise CircuitdynError("--task uses the paper's method eap-ig (EAP-IG on inputs)")
+        settings = PAPER_SETTINGS.replace(**{k: v for k, v in (("steps", args.steps), ("ig_grid", args.ig_grid))
+                                             if v is not None})
+        top_n = tasks.PAPER_TOP_N if args.top_n is None else args.top_n
+        task = tasks.load_task(args.task)
+        print(tasks.describe_task(tasks.task_facts(task, run.tokenizer()), epochs, settings, top_n, args.runs))
+        done: list[Any] = tasks.extract_task_run(run, task, out, epochs, settings, top_n=top_n, runs=args.runs,
+                                                 batch_size=args.batch_size, overwrite=args.overwrite,
+                                                 progress=not args.no_progress)
+    else:
+        settings = AttributionSettings(**_chosen(args))
+        spec = _spec(args)
+        assert spec is not None
+        facts = spec.load(run.tokenizer())
+        print(f"{len(facts)} facts ({corruption_summary(facts)}); epochs {epochs}; {settings.describe()}")
+        compute = Compute(args.batch_size, args.buffer_dtype, args.max_memory, args.threads, args.ray,
+                          args.shard_size, args.max_retries)
+        storage = Storage("float32" if args.float32 else "float16", args.sparse, 1000 if args.top_n is None
+                          else args.top_n)
+        done = extraction.extract_run(run, facts, out, epochs, settings, compute, storage,
+                                      extra_meta={"probe_file": str(args.probes)}, overwrite=args.overwrite,
+                                      progress=not args.no_progress)
     for d in done:
-        r = d.results
-        print(f"\nepoch {d.epoch}: {d.circuit_path} ({'cached' if d.skipped else 'written'}), {d.results_path}")
-        print(f"  baseline  logit diff {r['baseline']['logit_diff']:.4f}  hit@10 {r['baseline']['hit_at_10']:.4f}")
-        print(f"  circuit   logit diff {r['mean']['logit_diff']:.4f} (sd {r['stdev']['logit_diff']:.4f})  "
-              f"hit@10 {r['mean']['hit_at_10']:.4f} (sd {r['stdev']['hit_at_10']:.4f})  "
-              f"edges {r['settings']['circuit_edges']}")
+        print(f"\n{d.text()}")
     print(f"\nwall time {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -618,47 +523,19 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_diff(args: argparse.Namespace) -> int:
-    import json
-
-    from circuitdyn.api import diff
-    from circuitdyn.diff import Side
-    from circuitdyn.report import describe_diff
-    from circuitdyn.viz import write_diff_html
-
     _output(args.out, "file", "--out", args.overwrite)
     a, b = (Side.open(s, device=args.device, dtype=args.dtype, base=args.base) for s in (args.a, args.b))
-    d = diff(a, b, _spec(args), _chosen(args), _comparison(args, replicates=None if args.no_noise else args.replicates),
-             circuits=args.circuits, fact_ids=args.fact, progress=not args.json, log=lambda text: _say(args, text))
-    out = write_diff_html(d, args.out, labels=d.labels, overwrite=args.overwrite)
+    d = api.diff(a, b, _spec(args), _chosen(args),
+                 _comparison(args, replicates=None if args.no_noise else args.replicates),
+                 circuits=args.circuits, fact_ids=args.fact, progress=not args.json, log=lambda text: _say(args, text))
+    out = viz.write_diff_html(d, args.out, labels=d.labels, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps({**d.to_dict(), "findings": describe_diff(d), "html": str(out)}, indent=1, default=str))
+        print(json.dumps({**d.to_dict(), "html": str(out)}, indent=1, default=str))
         return 0
     print(f"circuit diff {args.a} -> {args.b}: {len(d.a.fact_ids)} facts, selection {d.selection}")
-    print_diff(d)
+    print(d.text())
     print(f"\nviewer: {out}")
     return 0
-
-
-def print_diff(d) -> None:
-    """The readable summary of a `CircuitDiff`: per-fact table, the findings against method noise, and the
-    strongest paths of the mean circuit."""
-    from circuitdyn.diff import MEAN
-    from circuitdyn.report import describe_diff
-
-    cols = {"n_a": "n_A", "n_b": "n_B", "faith_a": "faith_A", "faith_b": "faith_B", "gap_a": "gap_A",
-            "added": "+", "removed": "-", "changed": "moved", "sign_flips": "flips", "edge_jaccard": "J",
-            "noise_distance": "noise", "p_value": "p", "q_value": "q", "changed_beyond_noise": "beyond",
-            "weighted_jaccard": "wJ", "spearman": "rho"}
-    table = d.facts[[c for c in cols if c in d.facts]].rename(columns=cols)
-    table.index = [f if len(f) <= 40 else f[:37] + "..." for f in table.index]
-    print(table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
-    print()
-    for line in describe_diff(d):
-        print(line)
-    paths = d.paths(MEAN)
-    if len(paths):
-        print("\nstrongest input->logits paths of the mean circuit:")
-        print(paths[["path", "rank_a", "rank_b", "status"]].to_string(index=False, na_rep="-"))
 
 
 @command
@@ -685,150 +562,38 @@ def _add_timeline(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_timeline(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from circuitdyn.api import timeline
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.viz import write_timeline_html
-
     if args.transfer and not args.probes:
         raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
     if len(args.run) > 1:
-        return _run_timeline_across(args)
-    args.run = args.run[0]
-    html = args.out or Path(args.run) / "timeline.html"
-    if Path(args.run).is_dir():
-        _output(html, "file", "--out" if args.out else "", args.overwrite)
-    run = open_run(args.run, device=args.device, dtype=args.dtype, base=args.base)
-    tl = timeline(run, _spec(args), _chosen(args),
-                  _comparison(args, noise_epochs=args.noise_epochs, transfer=args.transfer),
-                  circuits=args.circuits, progress=not args.json, log=lambda text: _say(args, text))
-    transfer = tl.transfer
-    out = write_timeline_html(tl, html, labels=tl.labels, transfer=transfer, overwrite=args.overwrite)
-    if args.json:
-        print(json.dumps(timeline_json(tl, transfer, out), indent=1, default=str))
+        if args.circuits or args.out or args.transfer:
+            raise CircuitdynError("--circuits, --out and --transfer take one run; with several runs each uses its "
+                                  "own circuits folder")
+        runs = [checkpoints.open_run(path, device=args.device, dtype=args.dtype, base=args.base) for path in args.run]
+        across = api.timelines(runs, _spec(args), _chosen(args), _comparison(args, noise_epochs=args.noise_epochs),
+                               progress=not args.json)
+        print(json.dumps({**across.to_dict(), "runs": args.run}, indent=1) if args.json else across.text())
         return 0
-    summary = tl.summary()
-    print(f"circuit timeline of {args.run}: {summary['facts']} facts, epochs {summary['epochs']}, "
-          f"selection {tl.selection}")
-    print_timeline(tl)
-    if transfer is not None:
-        print_transfer(transfer, tl.entity_of)
+    path = args.run[0]
+    html = args.out or Path(path) / "timeline.html"
+    if Path(path).is_dir():
+        _output(html, "file", "--out" if args.out else "", args.overwrite)
+    run = checkpoints.open_run(path, device=args.device, dtype=args.dtype, base=args.base)
+    tl = api.timeline(run, _spec(args), _chosen(args),
+                      _comparison(args, noise_epochs=args.noise_epochs, transfer=args.transfer),
+                      circuits=args.circuits, progress=not args.json, log=lambda text: _say(args, text))
+    out = viz.write_timeline_html(tl, html, labels=tl.labels, transfer=tl.transfer, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({**tl.to_dict(), "html": str(out)}, indent=1, default=str))
+        return 0
+    print(f"circuit timeline of {path}: {len(tl.fact_ids)} facts, epochs {tl.epochs}, selection {tl.selection}")
+    print(tl.text())
     print(f"\nviewer: {out}")
     return 0
 
 
-def _run_timeline_across(args: argparse.Namespace) -> int:
-    import json
-
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.extraction import circuits_dir
-    from circuitdyn.settings import AttributionSettings, settings_filter
-    from circuitdyn.sweep import across_runs, format_across_runs
-    from circuitdyn.timeline import load_run_timeline
-
-    if args.circuits or args.out or args.transfer:
-        raise CircuitdynError("--circuits, --out and --transfer take one run; with several runs each uses its own "
-                              "circuits folder")
-    if len(set(args.run)) != len(args.run):
-        raise CircuitdynError(f"a run folder is given twice: {args.run}")
-    per_epoch, changes = {}, {}
-    for path in args.run:
-        run = open_run(path, device=args.device, dtype=args.dtype, base=args.base)
-        spec = _spec(args)
-        tl = load_run_timeline(run, None if spec is None else spec.load(run.tokenizer()),
-                               AttributionSettings(**_chosen(args)) if spec is not None else None,
-                               _comparison(args, noise_epochs=args.noise_epochs), circuits_dir=circuits_dir(run),
-                               where=None if spec is not None else settings_filter(args.method, args.steps,
-                                                                                   args.ig_grid, args.seed),
-                               progress=not args.json)
-        per_epoch[path] = tl.per_epoch
-        changes[path] = tl.reconfiguration
-    table = across_runs(per_epoch)
-    rec = across_runs(changes, [c for c in ("replaced", "noise") if all(c in t for t in changes.values())])
-    if args.json:
-        print(json.dumps({"runs": args.run, "per_epoch": json.loads(table.to_json(orient="records")),
-                          "reconfiguration": json.loads(rec.to_json(orient="records"))}, indent=1))
-        return 0
-    print(f"circuit timelines of {len(args.run)} runs: per-epoch mean [95 % bootstrap interval over runs]")
-    shown = ("train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev", "jaccard_first")
-    print(format_across_runs(table[table["quantity"].isin(shown)]))
-    if len(rec):
-        print("\nshare of the circuit replaced per transition, and method noise, across runs:")
-        print(format_across_runs(rec))
-    return 0
-
-
-def timeline_json(tl, transfer, html) -> dict:
-    """`timeline --json`: summary (intervals, n, method noise, stability test), per-epoch and per-transition
-    tables, the findings as text, and the transfer table with its summary."""
-    import json
-
-    from circuitdyn.report import describe_timeline
-    from circuitdyn.transfer import transfer_summary
-
-    out = {
-        "summary": tl.summary(),
-        "selection": {"rule": tl.selection.rule, "value": tl.selection.value, "spec": str(tl.selection)},
-        "baseline": None if tl.noise is None else tl.noise.to_dict(),
-        "reconfiguration": json.loads(tl.reconfiguration.to_json(orient="records")),
-        "changes": json.loads(tl.changes.to_json(orient="records")),
-        "per_epoch": json.loads(tl.per_epoch.to_json(orient="records")),
-        "findings": describe_timeline(tl),
-        "html": str(html),
-    }
-    out["n_changed_beyond_noise"] = out["summary"]["n_changed_beyond_noise"]
-    out["ci"] = {"reconfiguration_rate": out["summary"]["reconfiguration_rate"],
-                 "excess_over_noise": out["summary"]["excess_over_noise"]}
-    if transfer is not None:
-        out["transfer"] = json.loads(transfer.to_json(orient="records"))
-        out["transfer_summary"] = transfer_summary(transfer, tl.entity_of)
-    return out
-
-
-def print_transfer(table, entity_of: dict[str, str] | None = None) -> None:
-    """The bounded transfer matrix, and how the first epoch's circuit fares on the last model."""
-    from circuitdyn.report import describe_transfer
-    from circuitdyn.transfer import transfer_pivot, transfer_summary
-
-    pivot = transfer_pivot(table)
-    print("\nshare of each fact's gap recovered by epoch i's circuit (rows) on epoch j's model (columns), "
-          "faithfulness clipped to [0, 1], median over included facts:")
-    print(pivot.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
-    for line in describe_transfer(transfer_summary(table, entity_of)):
-        print(line)
-
-
-def print_timeline(tl) -> None:
-    """The readable summary of a `Timeline`: per-epoch table, reconfiguration against noise, stay-put answer."""
-    import pandas as pd
-
-    from circuitdyn.report import describe_timeline
-
-    cols = [c for c in ("epoch", "train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev",
-                        "jaccard_first") if c in tl.per_epoch]
-    print(tl.per_epoch[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
-    rec = tl.reconfiguration
-    if len(rec):
-        print("\nper transition: share of the circuit replaced [95 % interval], method noise, facts beyond noise")
-        for _, r in rec.iterrows():
-            ci = "" if r["replaced_lo"] != r["replaced_lo"] else f" [{r['replaced_lo']:.3f}, {r['replaced_hi']:.3f}]"
-            noise = "-" if r["noise"] != r["noise"] else f"{r['noise']:.3f}"
-            beyond = ("-" if pd.isna(r["n_changed_beyond_noise"])
-                      else f"{int(r['n_changed_beyond_noise'])}/{int(r['n_tested'])}")
-            print(f"  epoch {int(r['epoch'])}: {r['replaced']:.3f}{ci}  noise {noise}  beyond {beyond}  "
-                  f"(n={int(r['n'])}, excluded {int(r['n_excluded'])})")
-    print()
-    for line in describe_timeline(tl):
-        print(line)
-
-
 @command
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    from circuitdyn.calibration import CalibrationSettings
-
-    d = CalibrationSettings()
+    d = calibration.CalibrationSettings()
     p = sub.add_parser("calibrate", help="measure the change test's false-positive rate, power and interval "
                        "coverage at one checkpoint (nulls and planted changes)")
     p.add_argument("checkpoint", metavar="RUN[:EPOCH]", help="run folder (its last epoch), RUN:EPOCH or a model folder")
@@ -863,29 +628,20 @@ def strength_list(text: str) -> tuple[float, ...]:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    import json
-
-    from circuitdyn.calibration import CalibrationSettings, calibrate, write_calibration
-    from circuitdyn.checkpoints import resolve
-    from circuitdyn.settings import AttributionSettings
-
-    settings = CalibrationSettings(AttributionSettings(steps=args.steps), family=args.family,
-                                   replicates=args.replicates, null_tests=args.null_tests, plant=args.plant,
-                                   strengths=args.strengths, selection=args.select,
-                                   batch_size=args.batch_size, seed=args.sample_seed)
+    settings = calibration.CalibrationSettings(
+        AttributionSettings(steps=args.steps), family=args.family, replicates=args.replicates,
+        null_tests=args.null_tests, plant=args.plant, strengths=args.strengths, selection=args.select,
+        batch_size=args.batch_size, seed=args.sample_seed)
     if args.out:
         _output(args.out, "file", "--out", overwrite=True)
-    run, epoch = resolve(args.checkpoint, device=args.device, dtype=args.dtype, base=args.base)
-    facts = _spec(args, packaged=True).load(run.tokenizer())
-    cal = calibrate(run, epoch, facts, settings, folder=args.circuits, progress=not args.json,
-                    log=None if args.json else print)
+    run, epoch = checkpoints.resolve(args.checkpoint, device=args.device, dtype=args.dtype, base=args.base)
+    spec = _spec(args, packaged=True)
+    assert spec is not None
+    cal = calibration.calibrate(run, epoch, spec.load(run.tokenizer()), settings, folder=args.circuits,
+                                progress=not args.json, log=None if args.json else print)
     if args.out:
-        write_calibration(cal, args.out)
-    if args.json:
-        print(json.dumps(cal.to_dict(), indent=1, default=str))
-        return 0
-    for line in cal.summary():
-        print(line)
+        calibration.write_calibration(cal, args.out)
+    print(json.dumps(cal.to_dict(), indent=1, default=str) if args.json else "\n".join(cal.summary()))
     return 0
 
 
@@ -901,26 +657,7 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_view(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.diff import MEAN
-    from circuitdyn.viz import write_circuit_html
-
-    out = Path(args.out) if args.out else Path(args.file).with_suffix(".html")
-    if out.resolve() == Path(args.file).resolve():
-        raise CircuitdynError(f"--out {out}: is the circuit file itself; choose another output file")
-    cs = CircuitSet.load(args.file)
-    _output(out, "file", "--out" if args.out else "", args.overwrite)
-    labels = {}
-    if args.probes:
-        from circuitdyn.diff import check_facts_match
-        from circuitdyn.probes import load_probes
-
-        labels = {p.id: f"{p.entity}: {p.question}" for p in load_probes(args.probes)}
-        check_facts_match(cs, labels, args.probes, args.file)
-    facts = [MEAN, *args.fact] if args.fact else None
-    out = write_circuit_html(cs, out, facts=facts, labels=labels, overwrite=args.overwrite)
+    cs, out = api.view_circuits(args.file, args.out, probes=args.probes, fact_ids=args.fact, overwrite=args.overwrite)
     print(f"{cs}\nviewer: {out}")
     return 0
 
@@ -929,10 +666,8 @@ def export_selection(text: str) -> str:
     """`all` (every edge) or a selection rule that needs no model (`top:N`, `paths:N`, `abs:T`)."""
     if text.strip() == "all":
         return "all"
-    from circuitdyn.export import parse_selection
-
     try:
-        parse_selection(text)
+        export.parse_selection(text)
     except CircuitdynError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
@@ -940,8 +675,6 @@ def export_selection(text: str) -> str:
 
 @command
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from circuitdyn.export import DEFAULT_SELECTION, FORMATS
-
     p = sub.add_parser(
         "export", help="a circuit file as graph JSON, GraphML or CSV edge rows (for networkx and other tools)",
         description="Write one fact's circuit as graph JSON (networkx node-link form, schema "
@@ -954,7 +687,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--fact", help="the fact id to export (json/graphml: needed unless the file holds one fact)")
     which.add_argument("--all", action="store_true", help="every fact of the file (csv only; csv's default)")
     p.add_argument("--select", type=export_selection,
-                   help=f"which edges: top:N, paths:N, abs:T or all (default {DEFAULT_SELECTION} for json and "
+                   help=f"which edges: top:N, paths:N, abs:T or all (default {EXPORT_SELECTION} for json and "
                    "graphml, all for csv; faith:/pruned: need a model: use the Python API with masks)")
     p.add_argument("--all-edges", action="store_true",
                    help="with --select, write every edge flagged by in_circuit instead of only the circuit's")
@@ -964,45 +697,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.export import DEFAULT_SELECTION, FORMATS, export
-    from circuitdyn.io import check_writable
-
-    out = Path(args.out)
-    fmt = args.format or {".json": "json", ".graphml": "graphml", ".csv": "csv"}.get(out.suffix.lower())
-    if fmt is None:
-        raise CircuitdynError(f"--out {out}: cannot tell the format from its suffix; pass --format "
-                              f"{'|'.join(FORMATS)}")
-    if args.all and fmt != "csv":
-        raise CircuitdynError(f"--all: a {fmt} file holds one fact; choose one with --fact, or use --format csv")
-    if out.resolve() == Path(args.file).resolve():
-        raise CircuitdynError(f"--out {out}: is the circuit file itself; choose another output file")
-    check_writable(out, "file", flag="--out")
-    if out.exists() and not args.overwrite:
-        raise CircuitdynError(f"--out {out}: exists; choose another output file, or pass --overwrite to replace it")
-    select = args.select or ("all" if fmt == "csv" else DEFAULT_SELECTION)
-    cs = CircuitSet.load(args.file)
-    if args.fact is None and fmt != "csv" and len(cs.fact_ids) != 1:
-        raise CircuitdynError(f"{args.file}: holds {len(cs.fact_ids)} facts (e.g. {cs.fact_ids[:3]}) and a {fmt} "
-                              "file holds one; choose it with --fact, or export every fact with --format csv")
-    if args.fact is not None and args.fact not in cs.fact_ids:
-        raise CircuitdynError(f"{args.file}: --fact {args.fact!r} is not one of its {len(cs.fact_ids)} fact ids "
-                              f"(e.g. {cs.fact_ids[:3]})")
-    done = export(cs, out, fmt, args.fact, None if select == "all" else select,
-                  circuit_only=not args.all_edges, overwrite=args.overwrite)
-    what = f"{done.n_nodes} nodes, {done.n_links} links" if done.n_nodes is not None else \
-        f"{done.n_links} edge rows of {done.n_facts} fact{'s' if done.n_facts != 1 else ''}"
-    print(f"wrote {what} ({done.selection or 'all edges'}) to {done.path}")
+    done = export.export_file(args.file, args.out, args.format, fact_id=args.fact, all_facts=args.all,
+                              selection=args.select, circuit_only=not args.all_edges, overwrite=args.overwrite)
+    print(done.text())
     return 0
 
 
 @command
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from circuitdyn.selection import DEFAULT_SELECTION
-    from circuitdyn.settings import DEFAULT_IG_GRID, IG_GRIDS
-
     p = sub.add_parser(
         "demo",
         help="the whole pipeline on the embedded SmolLM2-135M-Instruct: CPT, probes and circuits every epoch, viewers",
@@ -1038,29 +740,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from circuitdyn.demo import DEMO_COMPARISON, demo_config, run_demo
-    from circuitdyn.dynamics import format_table
-    from circuitdyn.settings import AttributionSettings
-
-    cpt = demo_config(args.entities, args.epochs, args.lr, base_model=args.base_model, device=args.device,
-                      dtype=args.dtype)
-    comparison = DEMO_COMPARISON.replace(selection=args.select, transfer=not args.no_transfer)
-    r = run_demo(args.out, AttributionSettings(args.method, args.steps, args.ig_grid), cpt=cpt,
-                 facts_per_entity=args.facts_per_entity, pick=args.pick, comparison=comparison,
-                 progress=not args.no_progress)
-    print("\n== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch")
-    print(format_table(r.dynamics))
-    print(f"\n== how the facts' circuits moved across epochs ({r.timeline.selection})")
-    print_timeline(r.timeline)
-    if r.transfer is not None:
-        print_transfer(r.transfer, r.facts.entity_of)
-    print(f"\n== circuit diff {r.diff.label_a} -> {r.diff.label_b}")
-    print_diff(r.diff)
-    stages = ", ".join(f"{k} {v:.0f}s" for k, v in r.stage_s.items())
-    print(f"\nwall time {r.wall_s:.0f}s ({stages})")
-    print(f"run (checkpoints, probe results, circuits): {r.run_dir}")
-    print(f"probes: {r.probes_file}")
-    print(f"viewers: {r.timeline_html}\n         {r.diff_html}\n         {r.circuit_html}")
+    cfg = demo.demo_config(args.entities, args.epochs, args.lr, base_model=args.base_model, device=args.device,
+                           dtype=args.dtype)
+    comparison = demo.DEMO_COMPARISON.replace(selection=args.select, transfer=not args.no_transfer)
+    r = demo.run_demo(args.out, AttributionSettings(args.method, args.steps, args.ig_grid), cpt=cfg,
+                      facts_per_entity=args.facts_per_entity, pick=args.pick, comparison=comparison,
+                      progress=not args.no_progress)
+    print(r.text())
     return 0
 
 
@@ -1073,11 +759,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import warnings
-
-    from circuitdyn import messages
-    from circuitdyn.errors import CircuitdynWarning
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage and the option at fault (or --help)

@@ -49,6 +49,29 @@ class DemoResult:
     wall_s: float
     stage_s: dict[str, float] = field(default_factory=dict)
 
+    def text(self) -> str:
+        """What the demo found, as `circuitdyn demo` prints it: the learning dynamics, the timeline (with the
+        transfer matrix), the diff of the first and last epochs, the wall time and where everything is."""
+        from circuitdyn.dynamics import format_table
+
+        stages = ", ".join(f"{k} {v:.0f}s" for k, v in self.stage_s.items())
+        return "\n".join([
+            "",
+            "== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch",
+            format_table(self.dynamics),
+            "",
+            f"== how the facts' circuits moved across epochs ({self.timeline.selection})",
+            self.timeline.text(),
+            "",
+            f"== circuit diff {self.diff.label_a} -> {self.diff.label_b}",
+            self.diff.text(),
+            "",
+            f"wall time {self.wall_s:.0f}s ({stages})",
+            f"run (checkpoints, probe results, circuits): {self.run_dir}",
+            f"probes: {self.probes_file}",
+            f"viewers: {self.timeline_html}\n         {self.diff_html}\n         {self.circuit_html}",
+        ])
+
 
 def pick_facts(probes: list[Any], per_entity: int, outcomes: pd.DataFrame) -> list[Any]:
     """Post hoc choice (opt-in): `per_entity` probes of each entity in order of how often their recall flipped
@@ -111,7 +134,7 @@ def run_demo(
     from circuitdyn.extraction import run_evaluator
     from circuitdyn.facts import load_facts
     from circuitdyn.io import check_writable
-    from circuitdyn.probes import corruption_counts, load_probes, write_probes_jsonl
+    from circuitdyn.probes import corruption_summary, load_probes, write_probes_jsonl
     from circuitdyn.timeline import load_run_timeline, outcomes_from_dynamics
     from circuitdyn.transfer import transfer_matrix
     from circuitdyn.viz import write_circuit_html, write_diff_html, write_timeline_html
@@ -147,7 +170,7 @@ def run_demo(
         chosen = [p.id for p in pick_facts(probes, facts_per_entity, outcomes_from_dynamics(trained_run.dynamics))]
         facts = load_facts(probes_file, run.tokenizer(), ids=chosen)
         choice = "post hoc: the probes whose recall flipped most"
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
+    kinds = corruption_summary(facts)
     say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {s.method} with {s.steps} steps "
         f"({s.ig_grid} rule), "
         f"epochs {run.epochs}; {cmp.replicates} method-noise replicates at every epoch; circuits {cmp.selection}")

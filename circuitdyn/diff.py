@@ -497,7 +497,7 @@ class CircuitDiff:
         return self._path_table(self.row(fact_id)).copy()
 
     def to_dict(self) -> dict[str, Any]:
-        """The numbers as plain JSON-able data (for `--json`)."""
+        """The numbers as plain JSON-able data (for `--json`), with the findings (`describe`)."""
         def clean(v: Any) -> Any:
             if v is pd.NA:
                 return None
@@ -520,6 +520,7 @@ class CircuitDiff:
             "facts": {f: {k: clean(v) for k, v in row.items()} for f, row in self.facts.iterrows()},
             "changes": changes,
             "paths": {f: self.paths(f).map(clean).to_dict(orient="records") for f in self.rows},
+            "findings": self.describe(),
         }
 
     # ----------------------------------------------------------------------- notebooks
@@ -540,6 +541,12 @@ class CircuitDiff:
         from circuitdyn.report import describe_diff
 
         return describe_diff(self)
+
+    def text(self) -> str:
+        """The diff to read (`report.diff_text`): per-fact table, findings, strongest paths; what the CLI prints."""
+        from circuitdyn.report import diff_text
+
+        return diff_text(self)
 
     def figure(self, fact_id: str = MEAN) -> Any:
         """The viewer's figure of one fact (default the mean circuit): both circuits on one canvas, edges coloured

@@ -15,14 +15,17 @@ optionally `epoch_N/probe_results.jsonl` (per probe) and `epoch_N/control_probes
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from circuitdyn.across_runs import AcrossRuns, across_runs, records
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes import LEARNED_THRESHOLD, read_json, seed_data_dir
+from circuitdyn.stopping import StopDecision, apply_rule, history_from_dynamics
 
 ENTITY_RESULTS = "validation_probes_results.json"
 PROBE_RESULTS = "probe_results.jsonl"
@@ -360,3 +363,73 @@ def format_table(dyn: Dynamics) -> str:
     """The run-level table as text (what `circuitdyn dynamics` prints)."""
     t = dyn.table().drop(columns=["acquired_names", "forgotten_names"])
     return t.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-")
+
+
+@dataclass
+class DynamicsReport:
+    """What `circuitdyn dynamics RUN` shows: the run's dynamics, grouped `by` a field when asked, a stopping
+    rule's decision (`stopping.StopDecision`) when asked, and the per-entity trajectories with `show_entities`."""
+
+    dynamics: Dynamics
+    by: str | None = None
+    stop: StopDecision | None = None
+    show_entities: bool = False
+
+    def grouped(self) -> pd.DataFrame | None:
+        if not self.by:
+            return None
+        return self.dynamics.grouped(self.by, "probe" if self.by == "question_type" else "entity")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run, threshold, best epoch, per-epoch table and entities (and the stop decision, the grouping)."""
+        dyn = self.dynamics
+        ents = dyn.entities()
+        ents["windows"] = ents["windows"].map(lambda w: [list(x) for x in w])
+        out: dict[str, Any] = {
+            "run": str(dyn.source),
+            "threshold": dyn.threshold,
+            "best_epoch": dyn.best_epoch(),
+            "table": records(dyn.table()),
+            "entities": records(ents),
+        }
+        if self.stop is not None:
+            out["stop"] = self.stop.to_dict()
+        groups = self.grouped()
+        if groups is not None:
+            out["grouped"] = records(groups)
+        return out
+
+    def text(self) -> str:
+        dyn = self.dynamics
+        best = dyn.best_epoch()
+        lines = [format_table(dyn), f"best epoch: {best} ({len(dyn.learned[best])} learned)"]
+        if self.stop is not None:
+            lines.append(self.stop.text())
+        groups = self.grouped()
+        if groups is not None:
+            lines.append(groups.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
+        if self.show_entities:
+            cols = ["entity", "known_before", "first_acquired", "flips", "windows", "consolidated_from",
+                    "never_learned", "best_recall", "best_epoch"]
+            lines.append(dyn.entities()[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
+        return "\n".join(lines)
+
+
+def dynamics_report(path: str | Path, *, threshold: float = LEARNED_THRESHOLD, baseline: str | Path | None = None,
+                    by: str | None = None, stop: str | None = None, entities: bool = False) -> DynamicsReport:
+    """The dynamics of the run at `path` (`load_dynamics`), with the decision of the stopping rule `stop`
+    (`stopping.apply_rule` on the probe history) when given."""
+    dyn = load_dynamics(path, threshold=threshold, baseline=baseline)
+    decision = apply_rule(stop, history_from_dynamics(dyn)) if stop else None
+    return DynamicsReport(dyn, by, decision, entities)
+
+
+def dynamics_across(paths: Sequence[str], *, threshold: float = LEARNED_THRESHOLD,
+                    baseline: str | Path | None = None) -> AcrossRuns:
+    """The dynamics of several runs (e.g. the seeds of a sweep): per-epoch means with 95 % intervals across them
+    (`across_runs.across_runs` of each run's `Dynamics.table()`)."""
+    if len(set(paths)) != len(paths):
+        raise CircuitdynError(f"a run folder is given twice: {list(paths)}")
+    table = across_runs({run: load_dynamics(run, threshold=threshold, baseline=baseline).table() for run in paths})
+    return AcrossRuns(f"learning dynamics of {len(paths)} runs: per-epoch mean [95 % bootstrap interval over runs]",
+                      [("", table)], {"runs": list(paths), "threshold": threshold, "across_runs": records(table)})

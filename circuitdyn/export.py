@@ -74,6 +74,12 @@ class Exported:
     n_facts: int
     selection: str | None
 
+    def text(self) -> str:
+        """`wrote 12 nodes, 30 links (top:1000) to FILE`, or the edge rows of a csv."""
+        what = (f"{self.n_nodes} nodes, {self.n_links} links" if self.n_nodes is not None else
+                f"{self.n_links} edge rows of {self.n_facts} fact{'s' if self.n_facts != 1 else ''}")
+        return f"wrote {what} ({self.selection or 'all edges'}) to {self.path}"
+
 
 # --------------------------------------------------------------------------- selection
 def parse_selection(selection: Selection | str) -> Selection:
@@ -328,3 +334,37 @@ def export(cs: CircuitSet, path: str | Path, format: str, fact_id: str | None = 
         fact_id = cs.fact_ids[0]
     write = write_graph_json if format == "json" else to_graphml
     return write(cs, fact_id, path, selection, circuit_only=circuit_only, overwrite=overwrite)
+
+
+def export_file(file: str | Path, out: str | Path, format: str | None = None, *, fact_id: str | None = None,
+                all_facts: bool = False, selection: str | None = None, circuit_only: bool = True,
+                overwrite: bool = False) -> Exported:
+    """`export` of a circuit file, checked before anything is read: the format (default: from `out`'s suffix),
+    one fact for json and graphml (`fact_id`, or the file's only fact; `all_facts` asks for csv), `out` another
+    file than `file`, writable, and new unless `overwrite`. `selection`: a rule needing no model, or "all"
+    (default `DEFAULT_SELECTION` for json and graphml, every edge for csv). What `circuitdyn export` calls."""
+    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.io import check_writable
+
+    out = Path(out)
+    fmt = format or {".json": "json", ".graphml": "graphml", ".csv": "csv"}.get(out.suffix.lower())
+    if fmt is None:
+        raise CircuitdynError(f"--out {out}: cannot tell the format from its suffix; pass --format "
+                              f"{'|'.join(FORMATS)}")
+    if all_facts and fmt != "csv":
+        raise CircuitdynError(f"--all: a {fmt} file holds one fact; choose one with --fact, or use --format csv")
+    if out.resolve() == Path(file).resolve():
+        raise CircuitdynError(f"--out {out}: is the circuit file itself; choose another output file")
+    check_writable(out, "file", flag="--out")
+    if out.exists() and not overwrite:
+        raise CircuitdynError(f"--out {out}: exists; choose another output file, or pass --overwrite to replace it")
+    select = selection or ("all" if fmt == "csv" else DEFAULT_SELECTION)
+    cs = CircuitSet.load(file)
+    if fact_id is None and fmt != "csv" and len(cs.fact_ids) != 1:
+        raise CircuitdynError(f"{file}: holds {len(cs.fact_ids)} facts (e.g. {cs.fact_ids[:3]}) and a {fmt} "
+                              "file holds one; choose it with --fact, or export every fact with --format csv")
+    if fact_id is not None and fact_id not in cs.fact_ids:
+        raise CircuitdynError(f"{file}: --fact {fact_id!r} is not one of its {len(cs.fact_ids)} fact ids "
+                              f"(e.g. {cs.fact_ids[:3]})")
+    return export(cs, out, fmt, fact_id, None if select == "all" else select, circuit_only=circuit_only,
+                  overwrite=overwrite)

@@ -11,6 +11,7 @@ other facts or settings live side by side. A file that already holds the same ch
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ class Extracted:
     selection: str
     m_clean: list[float]
     m_corrupted: list[float]
+    metric: str = ""
 
     @classmethod
     def from_file(cls, epoch: int, path: Path, skipped: bool, cs: CircuitSet) -> Extracted:
@@ -94,7 +96,20 @@ class Extracted:
             return [float("nan") if v is None else float(v) for v in values]
 
         return cls(epoch, path, skipped, cs.fact_ids, floats("faithfulness"), cs.meta.get("faithfulness_selection", ""),
-                   floats("m_clean"), floats("m_corrupted"))
+                   floats("m_clean"), floats("m_corrupted"), str(cs.meta.get("metric", "")))
+
+    def text(self) -> str:
+        """The epoch's file and each fact's faithfulness and clean / corrupted metric, as `extract` prints them."""
+        vals = [v for v in self.faithfulness if not math.isnan(v)]
+        mean = sum(vals) / len(vals) if vals else float("nan")
+        status = "cached" if self.skipped else "written"
+        lines = [f"epoch {self.epoch}: {self.path} ({status})",
+                 f"faithfulness of each fact's {self.selection} circuit (mean {mean:.3f}); m = {self.metric} of the "
+                 "clean / corrupted run",
+                 f"  {'faith':>7} {'m_clean':>9} {'m_corr':>9}  fact"]
+        lines += [f"  {v:7.3f} {mc:9.3f} {mx:9.3f}  {fid}"
+                  for fid, v, mc, mx in zip(self.fact_ids, self.faithfulness, self.m_clean, self.m_corrupted)]
+        return "\n".join(lines)
 
 
 def checkpoint_meta(run: Run, epoch: int) -> dict[str, Any]:
@@ -203,8 +218,6 @@ def default_shard_size(n_facts: int, n_epochs: int, slots: int, batch_size: int)
     """Facts per task so that the epochs' shards fill the cluster's `slots` in whole rounds: each epoch is split
     into slots / gcd(slots, epochs) shards (2 slots, 3 epochs: 6 tasks in 3 full rounds, not 3 tasks in 2
     rounds with a slot idle), but no shard is smaller than a batch."""
-    import math
-
     per_epoch = min(slots // math.gcd(slots, n_epochs), math.ceil(n_facts / batch_size))
     return math.ceil(n_facts / max(1, per_epoch))
 
@@ -259,7 +272,6 @@ def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, e
     as in a local run. `compute.num_gpus` per task defaults to 1 on a cluster with GPUs (the task's model goes
     on its GPU), else 0. `compute.shard_size` defaults to `default_shard_size`.
     """
-    import math
     import shutil
 
     from circuitdyn import cluster

@@ -600,6 +600,11 @@ def corruption_counts(facts: Iterable[FactPrompt]) -> dict[str, int]:
     return dict(Counter(f.corruption.split(":", 1)[0] for f in facts))
 
 
+def corruption_summary(facts: Iterable[FactPrompt]) -> str:
+    """`swap 10, noise 2`: how many facts of each corruption kind."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(corruption_counts(facts).items()))
+
+
 # --------------------------------------------------------------------------- scoring
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from circuitdyn.change_test import ALPHA
-from circuitdyn.diff import PRIMARY, CircuitDiff
+from circuitdyn.diff import MEAN, PRIMARY, CircuitDiff
 from circuitdyn.similarity import DISTANCES
 from circuitdyn.timeline import Timeline
 
@@ -198,3 +198,59 @@ def html_block(title: str, lines: list[str], frame: pd.DataFrame, rows: int | No
     table = shown.to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-", escape=True)
     what = "to_frame()" if rows is None else f"to_frame() (first {rows} rows)"
     return f"<div>{title}<ul>{items}</ul><details><summary>{what}</summary>{table}</details></div>"
+
+
+# --------------------------------------------------------------------------- text (what the CLI prints)
+
+def _fmt3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def diff_text(d: CircuitDiff) -> str:
+    """A `CircuitDiff` to read: the per-fact table, the findings against method noise, and the strongest paths
+    of the mean circuit."""
+    cols = {"n_a": "n_A", "n_b": "n_B", "faith_a": "faith_A", "faith_b": "faith_B", "gap_a": "gap_A",
+            "added": "+", "removed": "-", "changed": "moved", "sign_flips": "flips", "edge_jaccard": "J",
+            "noise_distance": "noise", "p_value": "p", "q_value": "q", "changed_beyond_noise": "beyond",
+            "weighted_jaccard": "wJ", "spearman": "rho"}
+    table = d.facts[[c for c in cols if c in d.facts]].rename(columns=cols)
+    table.index = [f if len(f) <= 40 else f[:37] + "..." for f in table.index]
+    lines = [table.to_string(float_format=_fmt3, na_rep="-"), "", *describe_diff(d)]
+    paths = d.paths(MEAN)
+    if len(paths):
+        lines += ["", "strongest input->logits paths of the mean circuit:",
+                  paths[["path", "rank_a", "rank_b", "status"]].to_string(index=False, na_rep="-")]
+    return "\n".join(lines)
+
+
+def transfer_text(table: pd.DataFrame, entity_of: dict[str, str] | None = None) -> str:
+    """The bounded transfer matrix, and how the first epoch's circuit fares on the last model."""
+    from circuitdyn.transfer import transfer_pivot, transfer_summary
+
+    pivot = transfer_pivot(table)
+    return "\n".join(["share of each fact's gap recovered by epoch i's circuit (rows) on epoch j's model (columns), "
+                      "faithfulness clipped to [0, 1], median over included facts:",
+                      pivot.to_string(float_format=_fmt3, na_rep="-"),
+                      *describe_transfer(transfer_summary(table, entity_of))])
+
+
+def timeline_text(tl: Timeline) -> str:
+    """A `Timeline` to read: the per-epoch table, reconfiguration against method noise per transition, the
+    findings, and the transfer matrix when there is one."""
+    cols = [c for c in ("epoch", "train_loss", "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_prev",
+                        "jaccard_first") if c in tl.per_epoch]
+    lines = [tl.per_epoch[cols].to_string(index=False, float_format=_fmt3, na_rep="-")]
+    rec = tl.reconfiguration
+    if len(rec):
+        lines += ["", "per transition: share of the circuit replaced [95 % interval], method noise, facts beyond noise"]
+        for _, r in rec.iterrows():
+            ci = "" if r["replaced_lo"] != r["replaced_lo"] else f" [{r['replaced_lo']:.3f}, {r['replaced_hi']:.3f}]"
+            noise = "-" if r["noise"] != r["noise"] else f"{r['noise']:.3f}"
+            beyond = ("-" if pd.isna(r["n_changed_beyond_noise"])
+                      else f"{int(r['n_changed_beyond_noise'])}/{int(r['n_tested'])}")
+            lines.append(f"  epoch {int(r['epoch'])}: {r['replaced']:.3f}{ci}  noise {noise}  beyond {beyond}  "
+                         f"(n={int(r['n'])}, excluded {int(r['n_excluded'])})")
+    lines += ["", *describe_timeline(tl)]
+    if tl.transfer is not None:
+        lines += ["", transfer_text(tl.transfer, tl.entity_of)]
+    return "\n".join(lines)

@@ -180,6 +180,14 @@ class StopDecision:
     objective: dict[int, float | None]
     not_applicable: str | None = None
 
+    def text(self) -> str:
+        """One line: where the rule stops and what it keeps, against the best epoch in hindsight."""
+        if self.not_applicable:
+            return f"stopping rule {self.rule}: does not apply ({self.not_applicable})"
+        return (f"stopping rule {self.rule}: {'stops after' if self.fired else 'never fires; runs to'} epoch "
+                f"{self.stop_epoch}, keeps epoch {self.kept_epoch}; best in hindsight epoch {self.best_epoch} "
+                f"(regret {self.regret:.3f})")
+
     def to_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "stop_epoch": self.stop_epoch, "fired": self.fired, "kept_epoch": self.kept_epoch,
                 "best_epoch": self.best_epoch, "regret": self.regret,

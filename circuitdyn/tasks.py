@@ -296,6 +296,25 @@ class TaskExtracted:
     results: dict[str, Any]
     skipped: bool
 
+    def text(self) -> str:
+        """The epoch's files, and the full model's and the circuit's logit difference and hit@10."""
+        r = self.results
+        return "\n".join([
+            f"epoch {self.epoch}: {self.circuit_path} ({'cached' if self.skipped else 'written'}), {self.results_path}",
+            f"  baseline  logit diff {r['baseline']['logit_diff']:.4f}  hit@10 {r['baseline']['hit_at_10']:.4f}",
+            f"  circuit   logit diff {r['mean']['logit_diff']:.4f} (sd {r['stdev']['logit_diff']:.4f})  "
+            f"hit@10 {r['mean']['hit_at_10']:.4f} (sd {r['stdev']['hit_at_10']:.4f})  "
+            f"edges {r['settings']['circuit_edges']}"])
+
+
+def describe_task(tf: TaskFacts, epochs: Sequence[int], settings: AttributionSettings, top_n: int, runs: int) -> str:
+    """One line on what `extract_task_run` is about to do: the task, its prompts, epochs and protocol, and the
+    corruption partners moved for unequal token length."""
+    moved = "; ".join(f"{a} -> {c} (not {b})" for a, b, c in tf.substituted) or "none"
+    return (f"task {tf.task.name}: {len(tf.facts)} prompts; epochs {list(epochs)}; {settings.method} "
+            f"M={settings.steps}, metric {settings.metric_name}, top {top_n:,} edges, {runs} run(s); corruption "
+            f"partners moved for unequal token length: {moved}")
+
 
 def results_path(out_dir: str | Path, epoch: int) -> Path:
     """Where an epoch's task results go: `OUT/epoch_N/results.json` (the paper's per-epoch layout)."""

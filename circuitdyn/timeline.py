@@ -465,6 +465,43 @@ class Timeline:
 
         return describe_timeline(self)
 
+    def text(self) -> str:
+        """The timeline to read (`report.timeline_text`): per-epoch table, reconfiguration against method noise,
+        findings, and the transfer matrix when there is one; what the CLI prints."""
+        from circuitdyn.report import timeline_text
+
+        return timeline_text(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers as plain JSON-able data (for `--json`): summary (intervals, n, method noise, stability test),
+        per-epoch and per-transition tables, the findings, and the transfer table with its summary."""
+        import json
+
+        from circuitdyn.report import describe_timeline
+
+        def records(table: pd.DataFrame) -> list[dict[str, Any]]:
+            return json.loads(table.to_json(orient="records"))
+
+        summary = self.summary()
+        out: dict[str, Any] = {
+            "summary": summary,
+            "selection": {"rule": self.selection.rule, "value": self.selection.value, "spec": str(self.selection)},
+            "baseline": None if self.noise is None else self.noise.to_dict(),
+            "reconfiguration": records(self.reconfiguration),
+            "changes": records(self.changes),
+            "per_epoch": records(self.per_epoch),
+            "findings": describe_timeline(self),
+            "n_changed_beyond_noise": summary["n_changed_beyond_noise"],
+            "ci": {"reconfiguration_rate": summary["reconfiguration_rate"],
+                   "excess_over_noise": summary["excess_over_noise"]},
+        }
+        if self.transfer is not None:
+            from circuitdyn.transfer import transfer_summary
+
+            out["transfer"] = records(self.transfer)
+            out["transfer_summary"] = transfer_summary(self.transfer, self.entity_of)
+        return out
+
     def figure(self, fact_id: str | None = None) -> Any:
         """The viewer's line charts over epochs (training loss, accuracy, share of the circuit replaced against
         method noise; with `fact_id` that fact's similarity too; `viz.timeline_figure`), a plotly Figure."""

@@ -8,10 +8,11 @@ import math
 import pandas as pd
 import pytest
 
+from circuitdyn.across_runs import across_runs, format_across_runs
 from circuitdyn.cpt import CPTConfig
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.stats import MIN_ENTITIES
-from circuitdyn.sweep import across_runs, format_across_runs, sweep_runs
+from circuitdyn.sweep import sweep_runs
 
 
 def test_sweep_runs_are_one_folder_per_strategy_and_seed(tmp_path):
