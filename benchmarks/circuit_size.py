@@ -40,9 +40,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from circuitdyn.attribution import attribute  # noqa: E402
-from circuitdyn.checkpoints import default_model_dir, open_run  # noqa: E402
+from circuitdyn.checkpoints import open_run  # noqa: E402
 from circuitdyn.facts import load_facts  # noqa: E402
 from circuitdyn.faithfulness import CircuitEvaluator  # noqa: E402
+from circuitdyn.gguf import default_model_dir  # noqa: E402
 from circuitdyn.selection import on_paths, prune_faithful, smallest_faithful  # noqa: E402
 from circuitdyn.settings import AttributionSettings  # noqa: E402
 

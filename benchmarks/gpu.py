@@ -39,9 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from circuitdyn.attribution import attribute_batch  # noqa: E402
-from circuitdyn.checkpoints import default_model_dir, open_run, resolve_device  # noqa: E402
+from circuitdyn.checkpoints import open_run, resolve_device  # noqa: E402
 from circuitdyn.facts import load_facts  # noqa: E402
 from circuitdyn.forward import make_batch  # noqa: E402
+from circuitdyn.gguf import default_model_dir  # noqa: E402
 from circuitdyn.graph import Graph  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

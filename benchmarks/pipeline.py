@@ -73,8 +73,9 @@ def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
 
 
 def smollm2_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
-    from circuitdyn.checkpoints import default_model_dir, open_run
+    from circuitdyn.checkpoints import open_run
     from circuitdyn.facts import load_facts
+    from circuitdyn.gguf import default_model_dir
 
     run = open_run(default_model_dir())
     return run.load_model(0), list(load_facts(None, run.tokenizer(), sample_n=n, seed=seed))

@@ -50,7 +50,8 @@ STEPS = 3
 
 
 def _model_and_facts(n: int, template: str, variant: int = 0):
-    from circuitdyn.checkpoints import default_model_dir, open_run
+    from circuitdyn.checkpoints import open_run
+    from circuitdyn.gguf import default_model_dir
     from circuitdyn.probes import build_fact_prompts, load_probes
 
     model = open_run(default_model_dir()).load_model(0)
@@ -112,8 +113,9 @@ def batching(big: int, repeats: int, tmp: Path, default_threads: bool = True) ->
 
 
 def storage(scores_path: Path, tmp: Path) -> float:
-    from circuitdyn.checkpoints import default_model_dir, open_run
+    from circuitdyn.checkpoints import open_run
     from circuitdyn.circuits import CircuitSet
+    from circuitdyn.gguf import default_model_dir
     from circuitdyn.graph import Graph
     from circuitdyn.similarity import spearman
 

@@ -36,7 +36,7 @@ _LAZY = {
     "AttributionSettings": ("circuitdyn.settings", "AttributionSettings"),
     "Comparison": ("circuitdyn.settings", "Comparison"),
     "diff_circuits": ("circuitdyn.api", "diff_circuits"),
-    "calibrate": ("circuitdyn.calibration", "calibrate"),
+    "calibrate": ("circuitdyn.calibrate", "calibrate"),
     "view": ("circuitdyn.api", "view"),
     "to_graph_json": ("circuitdyn.export", "to_graph_json"),
 }

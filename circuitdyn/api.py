@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from circuitdyn.across_runs import AcrossRuns
     from circuitdyn.checkpoints import Run
     from circuitdyn.circuits import CircuitSet
-    from circuitdyn.diff import CircuitDiff, Side
+    from circuitdyn.compare import Side
+    from circuitdyn.diff import CircuitDiff
     from circuitdyn.facts import FactSet, FactSpec
     from circuitdyn.selection import Selection
     from circuitdyn.settings import AttributionSettings, Comparison, Compute, Storage
@@ -167,8 +168,9 @@ def extract(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None
     Circuits are written to `out` (default the run's circuits folder) and reused where cached
     (`extraction.extract_run`, run as `compute` says, stored as `storage` says).
     """
+    from circuitdyn.checkpoints import circuits_dir
     from circuitdyn.circuits import CircuitSet
-    from circuitdyn.extraction import circuits_dir, extract_run
+    from circuitdyn.extraction import extract_run
     from circuitdyn.facts import FactSet, FactSpec
 
     run = _run(run)
@@ -182,7 +184,7 @@ def extract(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None
 
 
 def _side(side: str | Path | Side | tuple[Run, int]) -> Side:
-    from circuitdyn.diff import Side
+    from circuitdyn.compare import Side
 
     if isinstance(side, Side):
         return side
@@ -197,7 +199,7 @@ def diff(a: str | Path | Side | tuple[Run, int], b: str | Path | Side | tuple[Ru
          comparison: Comparison | None = None, *, circuits: str | Path | None = None,
          fact_ids: list[str] | None = None, progress: bool = False, log: Log | None = None) -> CircuitDiff:
     """How the circuits changed between two checkpoints (`RUN:EPOCH`, a model folder, `(run, epoch)`, a
-    `diff.Side`) or circuit files (`.safetensors`): `diff.diff_checkpoints`, circuits chosen and changes tested
+    `compare.Side`) or circuit files (`.safetensors`): `compare.diff_checkpoints`, circuits chosen and changes tested
     as `comparison` says (default `Comparison()`: `faith:0.8` circuits, 5 replicates per checkpoint).
 
     `facts`: a `FactSpec` or a probe file, tokenized by each side's run; None: the recorded facts of `a`'s run
@@ -205,8 +207,8 @@ def diff(a: str | Path | Side | tuple[Run, int], b: str | Path | Side | tuple[Ru
     `settings`: see `choose`. `circuits`: the folder caching the circuits (default each run's). `log`: where
     the facts and the plan (`plan.diff_plan`: which circuit files are cached, which to compute) are said.
     """
-    from circuitdyn.diff import diff_checkpoints
-    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.checkpoints import circuits_dir
+    from circuitdyn.compare import diff_checkpoints
     from circuitdyn.facts import FactSpec
     from circuitdyn.plan import diff_plan
     from circuitdyn.settings import Comparison
@@ -240,18 +242,18 @@ def timeline(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | Non
              settings: AttributionSettings | Mapping[str, Any] | None = None, comparison: Comparison | None = None,
              *, circuits: str | Path | None = None, progress: bool = False, log: Log | None = None) -> Timeline:
     """The circuits of every epoch of `run` (a `Run` or its folder), joined with recall and loss and tested
-    against method noise: `timeline.load_run_timeline`, circuits chosen and changes tested as `comparison` says
+    against method noise: `compare.load_run_timeline`, circuits chosen and changes tested as `comparison` says
     (default `Comparison()`; its `transfer` adds the transfer matrix, `Timeline.transfer`).
 
     `facts` and `settings`: see `choose` (None: the run's recorded facts when it has them, else its cached
     circuits as they are). `circuits`: the folder caching the circuits (default the run's). `log`:
     where the facts and the plan (`plan.timeline_plan`) are said.
     """
-    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.checkpoints import circuits_dir
+    from circuitdyn.compare import load_run_timeline
     from circuitdyn.io import check_writable
     from circuitdyn.plan import timeline_plan
     from circuitdyn.settings import Comparison
-    from circuitdyn.timeline import load_run_timeline
 
     run = _run(run)
     cmp = comparison or Comparison()
@@ -308,9 +310,9 @@ def timelines(runs: Sequence[str | Path | Run], facts: FactSpec | str | Path | N
     of the circuit replaced per transition. `facts`: a `FactSpec` or probe file, tokenized by each run (None:
     each run's cached circuits as they are, filtered by `settings` chosen in part)."""
     from circuitdyn.across_runs import AcrossRuns, across_runs, records
-    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.checkpoints import circuits_dir
+    from circuitdyn.compare import load_run_timeline
     from circuitdyn.facts import FactSpec
-    from circuitdyn.timeline import load_run_timeline
 
     names = [str(r) if isinstance(r, (str, Path)) else str(r.path) for r in runs]
     if len(set(names)) != len(names):

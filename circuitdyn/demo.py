@@ -129,13 +129,14 @@ def run_demo(
     `pick="post-hoc"` takes those whose recall flipped most (exploratory, labelled so).
     """
     from circuitdyn.checkpoints import open_run
+    from circuitdyn.compare import load_run_timeline
     from circuitdyn.cpt import resolve_inputs, run_cpt
     from circuitdyn.diff import diff_circuits
     from circuitdyn.extraction import run_evaluator
     from circuitdyn.facts import load_facts
     from circuitdyn.io import check_writable
     from circuitdyn.probes import corruption_summary, load_probes, write_probes_jsonl
-    from circuitdyn.timeline import load_run_timeline, outcomes_from_dynamics
+    from circuitdyn.timeline import outcomes_from_dynamics
     from circuitdyn.transfer import transfer_matrix
     from circuitdyn.viz import write_circuit_html, write_diff_html, write_timeline_html
 

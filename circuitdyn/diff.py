@@ -26,7 +26,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import networkx as nx
@@ -43,7 +42,6 @@ from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.graph import Graph
 from circuitdyn.noise import MethodNoise
 from circuitdyn.selection import Faithfulness, Selection
-from circuitdyn.settings import DEFAULT_SETTINGS, AttributionSettings, Comparison
 from circuitdyn.similarity import (
     DISTANCES,
     as_rows,
@@ -56,8 +54,7 @@ from circuitdyn.similarity import (
 from circuitdyn.stats import bootstrap_ci
 
 if TYPE_CHECKING:
-    from circuitdyn.checkpoints import Run
-    from circuitdyn.facts import FactSet, FactSpec
+    pass
 
 MEAN = "(mean circuit)"
 """Fact id of the aggregate row: the diff of the facts' mean circuits."""
@@ -637,135 +634,6 @@ def diff_circuits(
     )
 
 
-@dataclass(frozen=True)
-class Side:
-    """One side of a diff of checkpoints: a checkpoint of a run (`run`, `epoch`), or a circuit file (`file`);
-    `spec` is how it was named (`RUN:EPOCH`, a model folder, a `.safetensors` file), its label."""
-
-    spec: str
-    run: Run | None = None
-    epoch: int | None = None
-
-    @property
-    def file(self) -> Path | None:
-        return Path(self.spec) if self.run is None else None
-
-    @property
-    def label(self) -> str:
-        return short_label(self.spec)
-
-    @classmethod
-    def open(cls, spec: str | Path, *, device: str = "cpu", dtype: str = "float32",
-             base: str | Path | None = None) -> Side:
-        """A circuit file (`.safetensors`) as it is, else the run and epoch `checkpoints.resolve` finds (`RUN:EPOCH`,
-        `RUN:step=STEP`, a run or model folder: its last epoch), opened with `device`, `dtype` and `base`."""
-        from circuitdyn.checkpoints import resolve
-
-        if str(spec).endswith(".safetensors"):
-            return cls(str(spec))
-        run, epoch = resolve(str(spec), device=device, dtype=dtype, base=base)
-        return cls(str(spec), run, epoch)
-
-
-def diff_checkpoints(
-    a: Side,
-    b: Side,
-    facts: FactSpec | None = None,
-    settings: AttributionSettings | None = None,
-    comparison: Comparison | None = None,
-    *,
-    circuits_dir: str | Path | None = None,
-    fact_ids: list[str] | None = None,
-    where: dict[str, Any] | None = None,
-    progress: bool = False,
-) -> CircuitDiff:
-    """`diff_circuits` of two checkpoints or circuit files (`Side.open`), circuits chosen and changes tested as
-    `comparison` says (default `Comparison()`: `faith:0.8` circuits, 5 replicates per checkpoint).
-
-    With `facts` (a `facts.FactSpec`, tokenized by each side's run), the circuits are computed on each checkpoint
-    with `settings` (default `DEFAULT_SETTINGS`), or reused from `circuits_dir` (default
-    `extraction.circuits_dir`) when cached with the same settings; without, the cached circuits matching `where`
-    (`settings.settings_filter`) are read. Rules that evaluate circuits (`faith:`, the default) need checkpoints
-    and facts. With checkpoints, facts and method noise (`comparison.replicates`), that many draws of the
-    replicate family are extracted at each checkpoint (`noise.measure_replicates`) and every change is tested
-    against them (`CircuitDiff.test`).
-    """
-    from circuitdyn.checkpoints import architecture_difference
-    from circuitdyn.extraction import checkpoint_circuits, heldout_faithfulness, select_circuits
-    from circuitdyn.extraction import circuits_dir as default_dir
-    from circuitdyn.noise import measure_replicates, merge_noise, run_draws
-    from circuitdyn.probes import load_probes
-
-    cmp = comparison or Comparison()
-    sel = cmp.selection
-    s = settings or DEFAULT_SETTINGS
-    if a.run is not None and b.run is not None and a.epoch is not None and b.epoch is not None:
-        why = architecture_difference(a.run.checkpoint(a.epoch), b.run.checkpoint(b.epoch))
-        if why:
-            raise CircuitdynError(f"{a.spec} and {b.spec} cannot be compared: {why}")
-    sides: list[tuple[CircuitSet, Run | None, int | None, FactSet | None]] = []
-    labels: dict[str, str] = {}
-    entity_of: dict[str, str] = {}
-    for side in (a, b):
-        if side.run is None or side.epoch is None:
-            if sel.needs_model:
-                raise CircuitdynError(f"selection {sel} evaluates circuits on their model: give checkpoints, not "
-                                      f"the circuit file {side.spec} (or choose --select top:N)")
-            cs = CircuitSet.load(side.spec)
-            if facts is not None:
-                file_probes = load_probes(facts.probes, rephrased=facts.rephrased)
-                labels = {p.id: f"{p.entity}: {p.question}" for p in file_probes}
-                entity_of = {p.id: p.entity for p in file_probes}
-                check_facts_match(cs, labels, facts.probes, side.spec)
-            sides.append((cs, None, None, None))
-            continue
-        run, epoch = side.run, side.epoch
-        fs = None
-        if facts is not None:
-            fs = facts.load(run.tokenizer())
-            labels, entity_of = fs.labels, fs.entity_of
-        elif sel.needs_model:
-            raise CircuitdynError(f"selection {sel} evaluates circuits on their model: it needs the facts (--probes)")
-        cs = checkpoint_circuits(run, epoch, fs, settings, folder=circuits_dir, where=where, progress=progress)
-        if fs is not None:
-            check_facts_match(cs, fs.labels, facts.probes if facts is not None else None, side.spec)
-        sides.append((cs, run, epoch, fs))
-    (ca, _, epoch_a, facts_a), (cb, _, epoch_b, facts_b) = sides
-    ids = list(fact_ids or ca.fact_ids)
-    selected: tuple[Picked, Picked] | None = None
-    heldout: tuple[Tensor, Tensor] | None = None
-    if sel.needs_model:  # both sides are checkpoints with facts: anything else was refused above
-        on_model = [(cs, r, e, fs) for cs, r, e, fs in sides if r is not None and e is not None and fs is not None]
-        picks = [select_circuits(r, e, cs.subset(ids), sel, fs, cache_dir=circuits_dir or default_dir(r))
-                 for cs, r, e, fs in on_model]
-        selected = (picks[0], picks[1])
-        if sel.rule == "pruned":
-            held_a, held_b = (heldout_faithfulness(r, e, cs.subset(ids), pick[0], fs)
-                              for (cs, r, e, fs), pick in zip(on_model, selected))
-            heldout = (held_a, held_b)
-    noise = None
-    if cmp.replicates is not None and facts_a is not None and facts_b is not None:
-        masks = [p[0] for p in selected] if selected else [sel.select(cs.subset(ids).scores, cs.graph)[0]
-                                                            for cs, *_ in sides]
-        parts = []
-        checkpoints = [(r, e, fs) for _, r, e, fs in sides if r is not None and e is not None and fs is not None]
-        for k, ((side_run, side_epoch, side_facts), m) in enumerate(zip(checkpoints, masks)):
-            # side B draws from side A's stream only when it is another checkpoint of the same run: then the two
-            # sides' draws are disjoint slices of one stream; otherwise from another stream, never A's draws
-            shared = k == 0 or (checkpoints[1][0].path == checkpoints[0][0].path and epoch_b != epoch_a)
-            draws = run_draws(side_run, [side_epoch], cmp.family, cmp.replicates, s.seed if shared else s.seed + 1)
-            size = dict(zip(ids, m.sum(1).tolist()))
-            sizes = torch.tensor([size.get(f, int(np.median(list(size.values())))) for f in side_facts.ids])
-            parts.append(measure_replicates(side_run, side_facts, draws, {side_epoch: sizes}, sel, s,
-                                            folder=circuits_dir or default_dir(side_run), progress=progress))
-        noise = merge_noise(parts)
-    d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=ids, labels=(a.label, b.label), selected=selected,
-                      entity_of=entity_of)
-    d.labels = dict(labels)
-    d.heldout = heldout
-    return d
-
-
 def check_facts_match(cs: CircuitSet, labels: dict[str, str], probes: Any, where: str) -> None:
     """Circuits read or computed for a probe file must be circuits of that file's facts."""
     missing = [f for f in cs.fact_ids if f not in labels]
@@ -774,11 +642,3 @@ def check_facts_match(cs: CircuitSet, labels: dict[str, str], probes: Any, where
             f"probe file {probes} does not match the circuits of {where}: {len(missing)} of its "
             f"{len(cs.fact_ids)} fact ids are not probe ids of the file (e.g. {missing[:3]})"
         )
-
-
-def short_label(spec: str) -> str:
-    """A short label for a checkpoint spec: `run:3` for `path/to/run:3`, the folder or file name otherwise."""
-    head, sep, tail = str(spec).rpartition(":")
-    if sep and tail.isdigit() and not Path(spec).exists():
-        return f"{Path(head).name}:{tail}"
-    return Path(spec).name or str(spec)

@@ -232,9 +232,9 @@ def _entity_meta() -> dict[str, dict[str, Any]]:
 
 def _epoch_dirs(root: Path, baseline: Path | None = None) -> dict[int, Path]:
     """Epoch folders holding results: `epoch_N/` of root (or a Trainer run's `checkpoint-STEP/`, keyed as
-    `checkpoints.trainer_checkpoints` keys them), plus `baseline` (default: a `baseline/` inside or beside root)
+    `trainer_output.trainer_checkpoints` keys them), plus `baseline` (default: a `baseline/` inside or beside root)
     as epoch 0 if needed."""
-    from circuitdyn.checkpoints import trainer_checkpoints
+    from circuitdyn.trainer_output import trainer_checkpoints
 
     found = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := _EPOCH.match(p.name))}
     if not found:
@@ -277,7 +277,7 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
     results (`circuitdyn.integrations.ProbeCallback`), or a strategy folder of the paper's release such as
     `paper-results/llama3-i-1b/VFT` (its sibling `baseline/` is epoch 0; `baseline` names another folder).
     """
-    from circuitdyn.checkpoints import trainer_checkpoints
+    from circuitdyn.trainer_output import trainer_checkpoints
 
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise CircuitdynError(f"threshold (mean ROUGE-1 recall at which an entity is learned) must be in (0, 1], "

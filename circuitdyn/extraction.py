@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from circuitdyn.io import check_writable, file_lock, remove_stale_temps
 from circuitdyn.probes import FactPrompt
 from circuitdyn.selection import Selection
 from circuitdyn.settings import DEFAULT_SETTINGS, AttributionSettings, Compute, Storage
+from circuitdyn.transfer import Evaluator
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -328,8 +329,6 @@ def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, e
     return results
 
 
-Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, " fact"]]
-"""(model epoch, circuit set, its per-fact masks) -> faithfulness of each circuit on that epoch's model."""
 
 
 def run_evaluator(run: Run, facts: Sequence[FactPrompt], metric: str | None = None, seed: int | None = None,
@@ -376,16 +375,6 @@ def heldout_faithfulness(run: Run, epoch: int, circuits: CircuitSet, masks: Tens
     return got
 
 
-def circuits_dir(run: Run) -> Path:
-    """Where a run's circuits are cached by default: `RUN/circuits` for a run folder; for a plain model folder
-    (which may be read-only or shared), `$CIRCUITDYN_CACHE/circuits/<its weight hash>`."""
-    from circuitdyn.checkpoints import cache_dir
-
-    if (Path(run.path) / "config.json").is_file():
-        return cache_dir() / "circuits" / run.checkpoint(run.epochs[0]).content_hash.split(":")[-1][:16]
-    return Path(run.path) / "circuits"
-
-
 def checkpoint_circuits(
     run: Run, epoch: int, facts: Sequence[FactPrompt] | None = None, settings: AttributionSettings | None = None, *,
     folder: str | Path | None = None, where: dict[str, Any] | None = None, compute: Compute | None = None,
@@ -395,6 +384,7 @@ def checkpoint_circuits(
     `folder` holds them), or, without facts, the cached circuits of that checkpoint in `folder` (default
     `circuits_dir`) whose metadata matches `where` (`settings.settings_filter`; default the fields of `settings`
     when given, else seed 0)."""
+    from circuitdyn.checkpoints import circuits_dir
     from circuitdyn.circuits import find_circuits
 
     folder = Path(folder) if folder is not None else circuits_dir(run)

@@ -305,10 +305,9 @@ def recorded_facts(folder: str | Path) -> dict[str, Any] | None:
 
 def run_facts(run: Run, *, folder: str | Path | None = None, identity: str | None = None) -> FactSet:
     """The fact set last extracted for `run` (a `checkpoints.Run` or its folder), rebuilt from the record in its
-    circuits folder (`folder`, default `extraction.circuits_dir(run)`); `identity` picks another recorded one.
+    circuits folder (`folder`, default `checkpoints.circuits_dir(run)`); `identity` picks another recorded one.
     A clear error when nothing is recorded, the probe file moved, or it no longer gives the same facts."""
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.extraction import circuits_dir
+    from circuitdyn.checkpoints import circuits_dir, open_run
 
     run = open_run(run) if isinstance(run, (str, Path)) else run
     folder = Path(folder) if folder is not None else circuits_dir(run)

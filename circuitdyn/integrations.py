@@ -128,8 +128,8 @@ class ProbeCallback(TrainerCallback):
 
     def _extract(self, out: Path, tokenizer: PreTrainedTokenizerBase | None) -> None:
         """Circuits of every checkpoint saved so far that has none yet (finished ones are reused)."""
-        from circuitdyn.checkpoints import open_run
-        from circuitdyn.extraction import circuits_dir, extract_run
+        from circuitdyn.checkpoints import circuits_dir, open_run
+        from circuitdyn.extraction import extract_run
         from circuitdyn.facts import load_facts
 
         run = open_run(out, base=self.base)

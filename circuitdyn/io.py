@@ -162,3 +162,8 @@ def file_lock(path: str | Path, *, wait: bool = True, what: str = "this result")
         yield
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """Where circuitdyn keeps built models and other reusable work: `$CIRCUITDYN_CACHE` or ~/.cache/circuitdyn."""
+    return Path(os.environ.get("CIRCUITDYN_CACHE") or Path.home() / ".cache" / "circuitdyn").expanduser()

@@ -11,8 +11,8 @@ each checkpoint's circuit as a draw from it (`FAMILIES`):
   of equal token length (`FactSet.with_variant`, per fact). It adds how much the circuit depends on which
   counterfactual asks the question.
 
-`draw_settings` draws seeds (and variants) at random, `replicate_scores` extracts them (cached as circuit
-files like any extraction, so a re-run resumes), and `circuitdyn.change_test` tests whether the checkpoint
+`draw_settings` draws seeds (and variants) at random, `replicates.replicate_scores` extracts them (cached as
+circuit files like any extraction, so a re-run resumes), and `circuitdyn.change_test` tests whether the checkpoint
 matters with an exact permutation test over the replicates of two checkpoints. `MethodNoise` describes the
 same replicates: per fact and statistic, the distances between replicates of one checkpoint, and per edge
 the noise band of its score (the largest |score difference| between replicates), which diffs use to say
@@ -25,7 +25,6 @@ import itertools
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,15 +35,10 @@ from torch import Tensor
 
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.messages import warn
 from circuitdyn.selection import Selection, top_n_by_fact
 from circuitdyn.settings import (
     DEFAULT_FAMILY,
     DEFAULT_REPLICATES,
-    DEFAULT_SETTINGS,
-    ONE_STEP_METHODS,
-    AttributionSettings,
-    Compute,
     Family,
     IGGrid,
     check_family,
@@ -96,26 +90,6 @@ def draw_settings(family: str, n: int, seed: int = 0) -> list[Draw]:
         if s not in seeds:
             seeds.append(s)
     return [Draw(s, family) for s in seeds]  # type: ignore[arg-type]
-
-
-def replicate_scores(
-    run: Run, epoch: int, facts: FactSet, draws: Sequence[Draw], folder: str | Path,
-    settings: AttributionSettings | None = None, *, compute: Compute | None = None, progress: bool = False,
-) -> Float[Tensor, "rep fact edge"]:
-    """The replicate circuits of one checkpoint, one per draw, in `facts` order: extracted with `settings`
-    (default `DEFAULT_SETTINGS`) on the `shifted` grid with each draw's seed and corruption variant, or reused
-    from `folder` where cached."""
-    from circuitdyn.extraction import extract_run
-    from circuitdyn.settings import Storage
-
-    s = settings or DEFAULT_SETTINGS
-    out = []
-    for d in draws:
-        done = extract_run(run, d.facts(facts), folder, [epoch], s.replace(ig_grid=REPLICATE_GRID, seed=d.seed),
-                           compute, Storage(top_n=None), progress=progress)[0]
-        cs = CircuitSet.load(done.path)
-        out.append(cs.scores[[cs.index(f) for f in facts.ids]].float())
-    return torch.stack(out)
 
 
 @dataclass
@@ -262,28 +236,6 @@ def run_draws(run: Run, epochs: Sequence[int], family: str = DEFAULT_FAMILY, r: 
         raise CircuitdynError(f"replicates per checkpoint must be a whole number >= 2, got {r!r}")
     stream = draw_settings(family, r * len(run.epochs), seed)
     return {e: stream[run.epochs.index(e) * r:(run.epochs.index(e) + 1) * r] for e in epochs}
-
-
-def measure_replicates(
-    run: Run, facts: FactSet, draws: dict[int, list[Draw]], sizes: dict[int, Tensor], selection: Selection,
-    settings: AttributionSettings | None = None, *, folder: str | Path | None = None, compute: Compute | None = None,
-    progress: bool = False,
-) -> MethodNoise:
-    """Extract the replicates `draws` (epoch -> draws, e.g. `run_draws`) of `run` with `settings` (cached in
-    `folder`) and describe them. `sizes`: per epoch, the size of each fact's selected circuit (`facts` order)."""
-    from circuitdyn.extraction import circuits_dir
-
-    if not draws or not any(draws.values()):
-        raise CircuitdynError("method noise needs at least one checkpoint (noise epochs)")
-    s = settings or DEFAULT_SETTINGS
-    family = next(d for ds in draws.values() for d in ds).family
-    if s.method in ONE_STEP_METHODS and family == "estimation":
-        warn(f"{s.method} has no IG integral to re-estimate: its 'estimation' replicates differ only for "
-             "noise-corrupted facts, so changes of the others cannot be told from noise (use --family question)")
-    folder = Path(folder) if folder is not None else circuits_dir(run)
-    scores = {e: replicate_scores(run, e, facts, ds, folder, s, compute=compute, progress=progress)
-              for e, ds in draws.items()}
-    return noise_from_scores(scores, facts.ids, sizes, selection, draws, family)
 
 
 def merge_noise(parts: Sequence[MethodNoise]) -> MethodNoise:

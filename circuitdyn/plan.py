@@ -83,7 +83,7 @@ def _checkpoint_files(run: Run, epoch: int, facts: FactSet, folder: Path, draws:
 
 def timeline_plan(run: Run, facts: FactSet, folder: str | Path, settings: AttributionSettings | None = None,
                   comparison: Comparison | None = None) -> Plan:
-    """The circuit files `timeline.load_run_timeline(run, facts, settings, comparison)` reads or computes."""
+    """The circuit files `compare.load_run_timeline(run, facts, settings, comparison)` reads or computes."""
     from circuitdyn.noise import run_draws
     from circuitdyn.settings import DEFAULT_SETTINGS, Comparison
     from circuitdyn.timeline import noise_epochs
@@ -100,7 +100,7 @@ def timeline_plan(run: Run, facts: FactSet, folder: str | Path, settings: Attrib
 
 def diff_plan(sides: Sequence[tuple[Run, int]], facts: FactSet, folders: Sequence[str | Path],
               settings: AttributionSettings | None = None, comparison: Comparison | None = None) -> Plan:
-    """The circuit files `diff.diff_checkpoints` of the checkpoints `sides` ((run, epoch) twice) reads or
+    """The circuit files `compare.diff_checkpoints` of the checkpoints `sides` ((run, epoch) twice) reads or
     computes for `facts`, each side in its folder of `folders`."""
     from circuitdyn.noise import run_draws
     from circuitdyn.settings import DEFAULT_SETTINGS, Comparison

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,14 +43,13 @@ from circuitdyn.change_test import (
     replicate_distances,
     with_fdr,
 )
-from circuitdyn.circuits import CircuitSet, find_circuits
+from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import MEAN, PRIMARY, entity_groups, layer_shares, restrict
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.graph import Graph
 from circuitdyn.noise import MethodNoise
 from circuitdyn.selection import Faithfulness, Selection
-from circuitdyn.settings import DEFAULT_SETTINGS, AttributionSettings, Comparison
 from circuitdyn.similarity import (
     jaccard,
     rank_rows,
@@ -63,8 +61,7 @@ from circuitdyn.similarity import (
 from circuitdyn.stats import Estimate, auc, bootstrap_ci, permutation_test, within_stratum_auc
 
 if TYPE_CHECKING:
-    from circuitdyn.checkpoints import Run
-    from circuitdyn.facts import FactSet
+    pass
 
 TRANSITIONS = ("retained", "forgotten", "acquired", "unknown")
 """Per (fact, epoch > first): correct before and now / before only / now only / neither."""
@@ -625,96 +622,6 @@ def epochs_from_dynamics(dyn: Any) -> pd.DataFrame:
     t["knowledge_accuracy"] = t["learned"] / t["epoch"].map(n_entities)
     drop = [c for c in ("acquired_names", "forgotten_names") if c in t]
     return t.drop(columns=drop)
-
-
-def load_run_timeline(
-    run: Run | str | Path,
-    facts: FactSet | None = None,
-    settings: AttributionSettings | None = None,
-    comparison: Comparison | None = None,
-    *,
-    circuits_dir: str | Path | None = None,
-    where: dict[str, Any] | None = None,
-    fact_choice: str = "given",
-    progress: bool = False,
-) -> Timeline:
-    """The timeline of a run (a `checkpoints.Run` or its folder) over every epoch, circuits chosen and changes
-    tested as `comparison` says (default `Comparison()`).
-
-    With `facts` (a `circuitdyn.facts.FactSet`, e.g. from `load_facts`), the circuits of exactly these
-    facts are used, extracted with `settings` (default `DEFAULT_SETTINGS`) where missing and reused where
-    `circuits_dir` (default `extraction.circuits_dir(run)`) holds them; rules that evaluate circuits
-    (`faith:`) do so on each epoch's model (cached). At `comparison.noise_epochs` ("all", the default: every
-    transition is tested; "ends" = the first and last epoch; a list; or None) `comparison.replicates` draws of
-    the replicate family are extracted (`noise.measure_replicates`); a transition between two such epochs is
-    tested against them. With `comparison.transfer`, every epoch's circuit is also evaluated on every epoch's
-    model (`Timeline.transfer`, cached in the circuits folder). Without facts, the cached circuits of one
-    extraction are read (`where` filters their metadata: `settings.settings_filter`; default the fields of
-    `settings` when given, else seed 0) and no method noise is measured. Probe outcomes and loss come from
-    `circuitdyn.dynamics` when the run has probe results. `fact_choice`: how the facts were chosen (shown).
-    """
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.extraction import circuits_dir as default_dir
-    from circuitdyn.extraction import extract_run, run_evaluator, select_circuits
-    from circuitdyn.facts import facts_hash
-    from circuitdyn.noise import measure_replicates, run_draws
-
-    run = open_run(run) if isinstance(run, (str, Path)) else run
-    cmp = comparison or Comparison()
-    s = settings or DEFAULT_SETTINGS
-    folder = Path(circuits_dir) if circuits_dir is not None else default_dir(run)
-    sel = cmp.selection
-    if sel.needs_model and facts is None:
-        raise CircuitdynError(
-            f"selection {sel} evaluates circuits on each epoch's model: it needs the facts (--probes)"
-        )
-    if cmp.transfer and facts is None:
-        raise CircuitdynError("--transfer needs --probes (the facts to evaluate the circuits on)")
-    chosen = noise_epochs(cmp.noise_epochs if cmp.replicates is not None else None, run.epochs)
-    if facts is not None:
-        extract_run(run, facts, folder, run.epochs, s, progress=progress)
-        where = {**s.to_meta(), "probe_set_hash": facts_hash(facts)}
-    elif where is None:
-        where = settings.to_meta() if settings is not None else {"seed": 0}
-    hashes = {e: run.checkpoint(e).content_hash for e in run.epochs}
-    files = find_circuits(folder, run.epochs, hashes, where)
-    circuits = {e: CircuitSet.load(p) for e, p in files.items()}
-    outcomes = epochs_table = None
-    try:
-        from circuitdyn.dynamics import load_dynamics
-
-        dyn = load_dynamics(run.path)
-    except CircuitdynError:
-        dyn = None
-    if dyn is not None:
-        epochs_table = epochs_from_dynamics(dyn)
-        if dyn.probe_scores is not None:
-            outcomes = outcomes_from_dynamics(dyn)
-    if epochs_table is None:
-        epochs_table = pd.DataFrame([{"epoch": e, "step": run.checkpoint(e).step,
-                                      "train_loss": run.checkpoint(e).train_loss} for e in run.epochs])
-    selected = None
-    if sel.needs_model:
-        selected = {e: select_circuits(run, e, cs, sel, facts, cache_dir=folder) for e, cs in circuits.items()}
-    noise = None
-    if facts is not None and chosen and cmp.replicates is not None:
-        sizes = {}
-        for e in chosen:
-            masks = selected[e][0] if selected is not None else sel.select(circuits[e].scores, circuits[e].graph)[0]
-            size = dict(zip(circuits[e].fact_ids, masks.sum(1).tolist()))
-            sizes[e] = torch.tensor([size[f] for f in facts.ids])
-        noise = measure_replicates(run, facts, run_draws(run, chosen, cmp.family, cmp.replicates, s.seed), sizes, sel,
-                                   s, folder=folder, progress=progress)
-    entity_of = getattr(facts, "entity_of", None)
-    tl = build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, noise=noise, selected=selected,
-                        entity_of=entity_of, fact_choice=fact_choice)
-    tl.labels = dict(facts.labels) if facts is not None else {}
-    if cmp.transfer and facts is not None:
-        from circuitdyn.transfer import transfer_matrix
-
-        tl.transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
-                                      cache=folder / "transfer.json", progress=progress)
-    return tl
 
 
 def noise_epochs(spec: Sequence[int] | str | None, epochs: list[int]) -> list[int]:

@@ -19,19 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitdyn.circuits import CircuitSet
 from circuitdyn.diff import entity_groups, restrict
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.extraction import Evaluator
 from circuitdyn.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.io import write_json_atomic
 from circuitdyn.selection import Faithfulness, Selection
 from circuitdyn.stats import bootstrap_ci
 
+Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, " fact"]]
+"""(model epoch, circuit set, its per-fact masks) -> faithfulness of each circuit on that epoch's model (e.g.
+`extraction.run_evaluator`)."""
 TRANSFER_SELECTION = Selection("top", 200)
 """The circuits a transfer matrix evaluates unless told otherwise."""
 

@@ -28,11 +28,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from circuitdyn.checkpoints import Checkpoint, Run, default_model_dir
+from circuitdyn.checkpoints import Checkpoint, Run
 from circuitdyn.circuits import CircuitSet, setting
 from circuitdyn.cpt import MODEL_DIR, CPTConfig, run_cpt
 from circuitdyn.extraction import extract_run
 from circuitdyn.facts import load_facts
+from circuitdyn.gguf import default_model_dir
 from circuitdyn.probes import entities, load_probes, select_entities
 from circuitdyn.settings import IG_GRIDS, PAPER_SETTINGS, AttributionSettings, IGGrid, Storage
 from circuitdyn.tasks import extract_task_run, load_task, task_circuit

@@ -28,7 +28,7 @@ def tiny_model(out: Path) -> Path:
     """A 2-layer random Llama with the embedded SmolLM2 tokenizer (local, nothing is downloaded from a hub)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from circuitdyn.checkpoints import default_model_dir
+    from circuitdyn.gguf import default_model_dir
 
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)

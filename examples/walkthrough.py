@@ -54,7 +54,7 @@ print(f"{len(facts)} facts, corruption kinds {corruption_counts(facts)}")
 # 2x IG steps and another corruption: the method-noise distribution every change is tested against.
 
 # %%
-from circuitdyn.timeline import load_run_timeline
+from circuitdyn.compare import load_run_timeline
 
 timeline = load_run_timeline(run, facts, SETTINGS, Comparison(SELECTION, noise_epochs="ends"),
                              fact_choice="seeded sample, chosen before outcomes", progress=True)

@@ -246,7 +246,7 @@ def gpt2_run(make_run: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real embedded default model (integration tests only)."""
-    from circuitdyn.checkpoints import default_model_dir
+    from circuitdyn.gguf import default_model_dir
 
     return default_model_dir()
 

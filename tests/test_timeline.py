@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from circuitdyn.circuits import CircuitSet
+from circuitdyn.circuits import CircuitSet, find_circuits
+from circuitdyn.compare import load_run_timeline
 from circuitdyn.diff import MEAN
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.graph import Graph
 from circuitdyn.selection import DEFAULT_SELECTION, Selection
 from circuitdyn.settings import Comparison
-from circuitdyn.timeline import build_timeline, find_circuits, load_run_timeline
+from circuitdyn.timeline import build_timeline
 
 GRAPH = Graph(3, 2)
 META = {"architecture": "LlamaForCausalLM", "method": "eap-ig", "ig_steps": 5, "metric": "logprob", "seed": 0}
