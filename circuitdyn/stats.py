@@ -295,20 +295,63 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((pos[:, None] > neg[None, :]).mean() + (pos[:, None] == neg[None, :]).mean() / 2)
 
 
+def ratio_ci(
+    numerators: Sequence[float] | np.ndarray,
+    denominators: Sequence[float] | np.ndarray,
+    groups: Sequence[Any] | np.ndarray,
+    *,
+    level: float = LEVEL,
+    min_groups: int = MIN_ENTITIES,
+    logit: bool = False,
+) -> Estimate:
+    """sum(numerators) / sum(denominators) with a cluster-robust (CR2) t interval over `groups` (entities): the
+    ratio's linearised residuals W_g - R N_g per group, each divided by one minus the group's share of the
+    denominator, t quantile with G - 1 degrees of freedom (`mean_ci` is the case of unit denominators).
+    `logit`: for a proportion in (0, 1), the interval is built on the logit scale (delta method) and mapped
+    back, so it stays inside (0, 1) and is asymmetric near the edges; at 0 or 1 it falls back to the plain
+    interval clipped to [0, 1]. n = number of cases (rows), n_groups = groups."""
+    w = np.asarray(numerators, dtype=float)
+    d = np.asarray(denominators, dtype=float)
+    g = np.asarray([str(x) for x in groups])
+    if not (w.shape == d.shape == g.shape):
+        raise ValueError(f"numerators {w.shape}, denominators {d.shape} and groups {g.shape} differ in length")
+    if len(w) == 0 or d.sum() <= 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), len(w), 0, level, min_groups=min_groups)
+    names, inverse = np.unique(g, return_inverse=True)
+    value = float(w.sum() / d.sum())
+    if len(names) < max(2, min_groups):
+        return Estimate(value, float("nan"), float("nan"), len(w), len(names), level, min_groups=min_groups)
+    wg = np.bincount(inverse, weights=w, minlength=len(names))
+    dg = np.bincount(inverse, weights=d, minlength=len(names))
+    share = dg / dg.sum()
+    var = float(((wg - value * dg) ** 2 / (1 - share)).sum()) / dg.sum() ** 2
+    half = t_quantile(1 - (1 - level) / 2, len(names) - 1) * math.sqrt(var)
+    if logit and 0 < value < 1:
+        centre, spread = math.log(value / (1 - value)), half / (value * (1 - value))
+        lo, hi = (1 / (1 + math.exp(-(centre + s * spread))) for s in (-1, 1))
+    else:
+        lo, hi = value - half, value + half
+        if logit:
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return Estimate(value, lo, hi, len(w), len(names), level, min_groups=min_groups)
+
+
 def within_stratum_auc(
     values: Sequence[float] | np.ndarray,
     labels: Sequence[bool] | np.ndarray,
     strata: Sequence[Any],
     groups: Sequence[Any],
     *,
-    n_boot: int = N_BOOT,
-    seed: int = 0,
+    min_groups: int = MIN_ENTITIES,
 ) -> Estimate:
     """The AUC within strata (facts): per stratum holding both labels, P(a True case's value > a False
     case's), ties half; averaged over strata weighted by their number of (True, False) pairs. So differences
     between facts (one fact similar everywhere, another not) cannot pass for an effect, as in
-    `permutation_test`. Interval: `cluster_bootstrap` over `groups` (each stratum's entity) of the pooled
-    wins / pairs. n counts the informative strata; NaN values are dropped first."""
+    `permutation_test`. Interval: `ratio_ci` of the pooled wins / pairs over `groups` (each stratum's entity),
+    on the logit scale. It replaced a percentile cluster bootstrap that covered the true AUC 0.83-0.88 at 8
+    entities and 0.90-0.95 at 30 in the stay-put simulation of `examples/study/power.py` (400 studies each,
+    AUC 0.5 / 0.7 / 0.8), where this one covers 0.930-0.937 at 8, 0.945-0.955 at 16 and 0.930-0.968 at 30.
+    n counts the informative strata; NaN values are dropped first."""
     v = np.asarray(values, dtype=float)
     lab = np.asarray(labels, dtype=bool)
     st = np.asarray([str(x) for x in strata])
@@ -323,8 +366,7 @@ def within_stratum_auc(
             wins.append(float((pos[:, None] > neg[None, :]).sum() + (pos[:, None] == neg[None, :]).sum() / 2))
             pairs.append(len(pos) * len(neg))
             entity.append(gr[here][0])
-    w, n = np.asarray(wins), np.asarray(pairs, dtype=float)
-    return cluster_bootstrap(entity, lambda idx: float(w[idx].sum() / n[idx].sum()), n_boot=n_boot, seed=seed)
+    return ratio_ci(wins, pairs, entity, min_groups=min_groups, logit=True)
 
 
 @dataclass(frozen=True)
