@@ -348,9 +348,10 @@ def within_stratum_auc(
     case's), ties half; averaged over strata weighted by their number of (True, False) pairs. So differences
     between facts (one fact similar everywhere, another not) cannot pass for an effect, as in
     `permutation_test`. Interval: `ratio_ci` of the pooled wins / pairs over `groups` (each stratum's entity),
-    on the logit scale. It replaced a percentile cluster bootstrap that covered the true AUC 0.83-0.88 at 8
-    entities and 0.90-0.95 at 30 in the stay-put simulation of `examples/study/power.py` (400 studies each,
-    AUC 0.5 / 0.7 / 0.8), where this one covers 0.930-0.937 at 8, 0.945-0.955 at 16 and 0.930-0.968 at 30.
+    on the logit scale. It replaced a percentile cluster bootstrap that covered the true AUC 0.87 (AUC 0.5) and
+    0.89 (0.75) at 8 entities in 400 simulated stay-put studies, where this one covers 0.95 and 0.95
+    (`tests/test_stats.py`); in the study's power curve it covers 0.925-0.980 at 8-60 entities
+    (`examples/study/power.py`).
     n counts the informative strata; NaN values are dropped first."""
     v = np.asarray(values, dtype=float)
     lab = np.asarray(labels, dtype=bool)
