@@ -192,8 +192,9 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
             per_stat_power[stat].append(entry)
         power.append(per_stat_power[PRIMARY][-1])
 
-    mean_null = np.nanmean(np.stack(null_effects), 0)[included]
-    covered = coverage(mean_null, inc_entities, s.entity_counts, "null effects", s.seed)
+    # null effects have a known truth: replicates of one checkpoint are exchangeable, so E[effect] = 0 per fact
+    covered = coverage(np.stack(null_effects, 1)[included], inc_entities, s.entity_counts, "null effects",
+                       s.seed, truth=0.0)
     planted_effect = test.statistic(PRIMARY)["effect"].to_numpy(float)[included]
     covered += coverage(planted_effect, inc_entities, s.entity_counts, f"planted x{1 - s.strengths[-1]:g} effects",
                         s.seed + 1)

@@ -15,8 +15,10 @@ construction:
   checkpoint, chosen from the unmodified model before any test), r replicates each, tested against r null
   replicates: `power` per strength (share of facts with p <= alpha, share flagged after BH, and whether the
   aggregate test fires).
-- **interval coverage** by number of entities: entities resampled from the facts' own null effects; how
-  often the interval circuitdyn prints (`stats.bootstrap_ci`) covers the mean of all of them (`coverage`).
+- **interval coverage** by number of entities: how often the interval circuitdyn prints (`stats.bootstrap_ci`)
+  of a mean effect over n entities, resampled with replacement from the facts' own, covers the truth: for null
+  effects (each fact's effect in one of its K null tests, drawn at random) the truth is 0, since replicates of
+  one checkpoint are exchangeable; for planted-change effects it is their mean over all facts.
 
 Every rate carries its n and a Clopper-Pearson 95 % interval. Only facts whose clean - corrupted gap reaches
 `faithfulness.MIN_GAP` are tested, as in every comparison.
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
 
 Plant = Literal["mlp", "head"]
 AGGREGATE_ROUNDS = 200
-COVERAGE_SIMS = 1000
+COVERAGE_SIMS = 4000
 
 
 @dataclass(frozen=True)
@@ -223,31 +225,66 @@ class Calibration:
                           rows=None)
 
 
-def coverage(values: np.ndarray, entities: list[str], counts: Sequence[int], data: str, seed: int
-              ) -> list[dict[str, Any]]:
-    """Per entity count n: how often the interval of the mean over n entities drawn with replacement from
-    these facts' entities covers the mean over all of them."""
+def coverage(samples: np.ndarray, entities: list[str], counts: Sequence[int], data: str, seed: int,
+             truth: float | None = None) -> list[dict[str, Any]]:
+    """Per entity count n: how often the interval circuitdyn prints (`stats.bootstrap_ci`) of the mean over n
+    entities covers `truth`. `samples` [fact, draw]: each simulated data set draws n entities with replacement
+    from these facts' entities and, for each of their facts, one of its draws at random. `truth` defaults to the
+    mean over all facts of their mean draw (the population the entities are resampled from)."""
+    samples = np.asarray(samples, dtype=float).reshape(len(entities), -1)
     names = sorted(set(entities))
-    by = {e: values[[i for i, x in enumerate(entities) if x == e]] for e in names}
-    truth = float(values.mean())
+    rows = {e: np.array([i for i, x in enumerate(entities) if x == e]) for e in names}
+    target = float(samples.mean(1).mean()) if truth is None else truth
     rng = np.random.default_rng(seed)
     out = []
     for n in counts:
         hits = printed = 0
         for _ in range(COVERAGE_SIMS):
             picks = rng.choice(len(names), n, replace=True)
-            vals = np.concatenate([by[names[k]] for k in picks])
-            groups = np.concatenate([[f"{k}-{j}"] * len(by[names[k]]) for j, k in enumerate(picks)])
+            idx = np.concatenate([rows[names[k]] for k in picks])
+            vals = samples[idx, rng.integers(0, samples.shape[1], len(idx))]
+            groups = np.concatenate([[j] * len(rows[names[k]]) for j, k in enumerate(picks)])
             est = bootstrap_ci(vals, groups, n_boot=400, seed=int(rng.integers(1 << 31)))
-            if est.lo != est.lo:
+            if not est.has_interval:
                 continue
             printed += 1
-            hits += est.lo <= truth <= est.hi
+            hits += est.lo <= target <= est.hi
         entry = {"n_entities": n, "data": data, **rate(hits, printed)}
         if not printed:
             entry["note"] = f"too few entities for an interval (n={n}): none printed"
         out.append(entry)
     return out
+
+
+STATISTIC_NAMES = {"edge_jaccard": "edge-set distance", "weighted_jaccard": "weighted-Jaccard distance",
+                   "spearman": "rank distance"}
+
+
+def markdown_table(cal: dict[str, Any]) -> str:
+    """A calibration's JSON (`Calibration.to_dict()`, as `calibrate --out` writes it) as the Markdown the README
+    quotes: one table of false-positive rates and power per statistic, then the BH and coverage lines."""
+    def r(x: dict[str, Any], digits: int = 3) -> str:
+        if x["value"] is None:
+            return x.get("note", "no interval printed")
+        return f"{x['value']:.{digits}f} [{x['lo']:.{digits}f}, {x['hi']:.{digits}f}] (k={x['k']} of n={x['n']})"
+
+    stats = list(cal["per_statistic"])
+    names = [STATISTIC_NAMES.get(x, x) + (" (primary)" if x == cal["statistic"] else "") for x in stats]
+    node = cal["planted_component"]
+    lines = [f"{cal['n_tested']} of {cal['n_facts']} facts tested (gap >= {MIN_GAP:g} nat) in {cal['n_entities']} "
+             f"entities; planted component `{node}`",
+             "| what is measured | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(stats)]
+    rows = [("per-fact test fires under the null (`fact_fpr`, p <= 0.05)", "fact_fpr"),
+            ("aggregate test fires under the null (`aggregate_fpr`)", "aggregate_fpr")]
+    for label, key in rows:
+        lines.append(f"| {label} | " + " | ".join(r(cal["per_statistic"][x][key]) for x in stats) + " |")
+    for i, p in enumerate(cal["power"]):
+        cells = [cal["per_statistic"][x]["power"][i] for x in stats]
+        lines.append(f"| power: `{node}` output x {1 - p['strength']:g} | " + " | ".join(
+            f"{r(c, 2)}; BH {c['flagged']}/{c['n']}; aggregate p {c['aggregate_p']:.4f}" for c in cells) + " |")
+    lines += ["", f"null rounds with any fact flagged after BH: {r(cal['verdict_fwer'])}"]
+    lines += [f"coverage {c['n_entities']} entities ({c['data']}): {r(c)}" for c in cal["coverage"]]
+    return "\n".join(lines)
 
 
 def write_calibration(cal: Calibration, path: str | Path) -> Path:

@@ -27,7 +27,7 @@ NAMES = {"edge_jaccard": "edge-set distance (1 - Jaccard)", "weighted_jaccard": 
 
 def estimate(e: dict[str, Any] | None, digits: int = 3) -> str:
     """`0.412 [0.350, 0.470] (n=14 in 8 entities)` from an `Estimate.to_dict()`; without an interval, why
-    (`0.412 (n=9 in 3 entities; too few entities for an interval, n=3 < 7)`)."""
+    (`0.412 (n=9 in 3 entities; too few entities for an interval, n=3 < 8)`)."""
     if not e or e.get("value") is None:
         return f"- (n={0 if not e else e.get('n', 0)})"
     ci = ("" if e.get("lo") is None else f" [{e['lo']:.{digits}f}, {e['hi']:.{digits}f}]")

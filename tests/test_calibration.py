@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from circuitdyn.calibration import coverage, markdown_table
 from circuitdyn.change_test import ALPHA, aggregate_p, benjamini_hochberg, compare_replicates
 from circuitdyn.cli import main
+from circuitdyn.stats import MIN_ENTITIES
 
 
 def test_calibrate_on_a_trained_checkpoint(trained_pair_run, tmp_path, capsys):
@@ -28,13 +31,26 @@ def test_calibrate_on_a_trained_checkpoint(trained_pair_run, tmp_path, capsys):
     # zeroing the MLP that carries most of the circuits moves every fact's circuit beyond its replicates
     assert cal["power"][-1]["value"] == 1.0 and cal["power"][-1]["aggregate_p"] <= ALPHA
     assert {c["n_entities"] for c in cal["coverage"]} == {4, 7, 8, 12}
-    assert all("note" in c for c in cal["coverage"] if c["n_entities"] < 7)
+    assert all("note" in c for c in cal["coverage"] if c["n_entities"] < MIN_ENTITIES)
     # a re-run reuses every replicate (nothing is attributed again) and gives the same numbers
     stamps = {f: f.stat().st_mtime_ns for f in (tmp_path / "c").rglob("*.safetensors")}
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "per-fact false-positive rate" in text and "planted:" in text
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "c").rglob("*.safetensors")} == stamps
+
+
+def test_coverage_counts_printed_intervals_against_the_given_truth():
+    """Null effects are checked against their known truth (0), others against the mean they are drawn from;
+    entity counts below MIN_ENTITIES print no interval and are reported as such."""
+    rng = np.random.default_rng(0)
+    entities = [f"e{i // 3}" for i in range(30)]
+    samples = 1.0 + 0.1 * rng.standard_normal((30, 5))
+    own = coverage(samples, entities, [MIN_ENTITIES - 1, MIN_ENTITIES], "planted", seed=1)
+    assert own[0]["n"] == 0 and "too few entities" in own[0]["note"]
+    assert own[1]["n"] > 0 and own[1]["value"] >= 0.9
+    zero = coverage(samples, entities, [MIN_ENTITIES], "null", seed=1, truth=0.0)
+    assert zero[0]["value"] == 0.0  # an interval around 1 never covers a truth of 0
 
 
 def test_calibrate_bad_inputs(trained_pair_run, capsys):
@@ -152,3 +168,13 @@ def test_joint_permutation_over_a_timeline_is_calibrated_and_finds_change():
     dist = replicate_distances(reps, torch.full((n_facts,), 10))["weighted_jaccard"]
     effect, p = joint_permutation_p(dist, groups, pairs, tested, n_perm=500)
     assert effect > 0 and p <= 1 / 100
+
+
+def test_readme_quotes_the_stored_calibration():
+    """The README's error-rate table is the stored calibration JSON, rendered: re-running the documented
+    command and storing its JSON without updating the README (or the reverse) fails here."""
+    repo = Path(__file__).resolve().parents[1]
+    cal = json.loads((repo / "examples" / "results" / "calibration_smollm2.json").read_text())
+    table = markdown_table(cal)
+    assert table in (repo / "README.md").read_text()
+    assert "| per-fact test fires under the null" in table and "coverage 8 entities (null effects): 0.934" in table

@@ -189,3 +189,39 @@ def test_extract_circuits_round_trip(tiny_tl, tmp_path):
     assert torch.equal(back.scores, cs.scores) and back.meta == cs.meta
     back.check_compatible(cs, same_facts=True)
     assert cs.meta["probe_set_hash"] == facts_hash(facts) != facts_hash(facts[:2])
+
+
+def test_known_circuits_cost_no_forward(tiny_tl, monkeypatch):
+    """The full graph is the clean run (faithfulness exactly 1), the empty circuit the corrupted one (0), a
+    circuit evaluated before keeps its value; only the other facts of a batch run, as a sub-batch, and
+    agree with the whole batch's forward."""
+    import circuitdyn.faithfulness as F
+
+    facts = tiny_facts(5)
+    E = Graph.from_model(tiny_tl).n_edges
+    ev = CircuitEvaluator(tiny_tl, facts, batch_size=3)
+    rows: list[int] = []
+    real = F.run_patched
+
+    def counting(model, batch, keep, *args, **kwargs):
+        rows.append(int(keep.shape[0]))
+        return real(model, batch, keep, *args, **kwargs)
+
+    monkeypatch.setattr(F, "run_patched", counting)
+    assert torch.equal(ev.faithfulness(torch.ones(5, E, dtype=torch.bool)), torch.ones(5))
+    assert torch.equal(ev.faithfulness(torch.zeros(5, E, dtype=torch.bool)), torch.zeros(5))
+    assert rows == []
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, E, generator=gen) < 0.4
+    first = ev.faithfulness(masks)
+    assert rows == [3, 2]
+    assert torch.equal(ev.faithfulness(masks.clone()), first) and rows == [3, 2]
+    masks2 = masks.clone()
+    masks2[[1, 3]] = torch.rand(2, E, generator=gen) < 0.6
+    masks2[4] = True
+    second = ev.faithfulness(masks2)
+    assert rows == [3, 2, 1, 1]  # fact 1 of the first batch, fact 3 of the second
+    monkeypatch.undo()
+    whole = faithfulness(tiny_tl, facts, masks2, batch_size=3)
+    assert torch.allclose(second, whole, atol=1e-5) and torch.equal(second[[0, 2]], first[[0, 2]])
+    assert float(second[4]) == 1.0

@@ -96,7 +96,7 @@ def test_positive_effect_above_alpha_is_no_evidence():
 def test_transfer_says_too_few_entities_for_an_interval():
     """Catches: a transfer estimate printed as if it had an interval when there are too few entities."""
     few = mean_ci([0.8, 0.9, 0.7], ["a", "b", "c"]).to_dict()
-    many = mean_ci([0.8, 0.9, 0.7, 0.6, 0.85, 0.75, 0.8], list("abcdefg")).to_dict()
+    many = mean_ci([0.8, 0.9, 0.7, 0.6, 0.85, 0.75, 0.8, 0.65], list("abcdefgh")).to_dict()
     line = describe_transfer({"first": 0, "last": 5, "first_circuit_on_last_model": few,
                               "last_circuit_on_last_model": many, "n_pairs_excluded_gap": 1, "n_pairs": 10,
                               "min_gap": 1.0})[0]

@@ -195,3 +195,67 @@ def test_pruned_circuits_reach_the_target_on_a_tiny_model(tiny_tl):
     assert (n <= n_top).all() and (n < n_top).any() and torch.equal(on_paths(masks, graph), masks)
     sel_masks, sel_reached = Selection.parse("pruned:0.8").select(scores, graph, ev.faithfulness)
     assert torch.equal(sel_masks, masks) and torch.allclose(sel_reached, reached)
+
+
+def test_smallest_faithful_keeps_its_contract_where_faithfulness_is_not_monotone():
+    """Faithfulness that rises with n but wobbles (as on SmolLM2, where it overshoots to 3 and dips back):
+    the size returned reaches the target (its value is the one reported), a tested size `lo` below it fell
+    short (or lo = 0) with n - lo <= rel_tol x n (at least 1), and a NaN fact keeps the full graph."""
+    E = GRAPH.n_edges
+    scores = torch.randn(5, E, generator=torch.Generator().manual_seed(1))
+    target = 0.8
+
+    def value(f: int, n: int) -> float:
+        return 1.1 * n / E + 0.25 * math.sin(n / (3 + f))
+
+    for rel_tol in (0.0, 0.05, 0.2):
+        tested: list[tuple[int, int, float]] = []
+
+        def faith(masks: torch.Tensor, tested: list = tested) -> torch.Tensor:
+            out = torch.tensor([value(f, int(k)) for f, k in enumerate(masks.sum(1).tolist())])
+            out[4] = float("nan")
+            tested.extend((f, int(k), float(v)) for f, (k, v) in enumerate(zip(masks.sum(1), out)))
+            return out
+
+        n, masks, reached = smallest_faithful(scores, faith, target, rel_tol=rel_tol)
+        assert torch.equal(masks.sum(1), n) and torch.equal(masks, select_top_n(scores, 0) | torch.stack(
+            [select_top_n(s, int(k)) for s, k in zip(scores, n)]))
+        for f in range(4):
+            k = int(n[f])
+            assert float(reached[f]) >= target and float(reached[f]) == pytest.approx(value(f, k))
+            short = [m for g, m, v in tested if g == f and m < k and v < target]
+            lo = max(short, default=0)
+            assert k - lo <= max(1, int(k * rel_tol)), (rel_tol, f, k, lo)
+        assert int(n[4]) == E and masks[4].all() and math.isnan(float(reached[4]))
+        assert len(tested) // 5 <= 1 + math.ceil(math.log2(E)) + 1
+
+
+def test_smallest_faithful_on_an_evaluator_runs_only_open_facts(tiny_tl, monkeypatch):
+    """With `CircuitEvaluator.faithfulness`, the full-graph check and facts whose bracket has closed cost no
+    patched forward: every fact-row run is a new (fact, size); the sizes are the ones bisection finds."""
+    import circuitdyn.faithfulness as F
+
+    facts = tiny_facts(5)
+    scores = A.attribute(tiny_tl, facts, "eap-ig", steps=3)
+    rows: list[int] = []
+    real = F.run_patched
+
+    def counting(model, batch, keep, *args, **kwargs):
+        rows.append(int(keep.shape[0]))
+        return real(model, batch, keep, *args, **kwargs)
+
+    sizes: list[list[int]] = []
+    ev = CircuitEvaluator(tiny_tl, facts, batch_size=3)
+
+    def faith(masks: torch.Tensor) -> torch.Tensor:
+        sizes.append(masks.sum(1).tolist())
+        return ev.faithfulness(masks)
+
+    monkeypatch.setattr(F, "run_patched", counting)
+    n, masks, reached = smallest_faithful(scores, faith, 0.8)
+    monkeypatch.undo()
+    E = Graph.from_model(tiny_tl).n_edges
+    distinct = {(f, k) for call in sizes for f, k in enumerate(call) if 0 < k < E}
+    assert sum(rows) == len(distinct) < 5 * (len(sizes) - 1)
+    check = faithfulness(tiny_tl, facts, masks, batch_size=3)
+    assert (reached >= 0.8).all() and torch.allclose(check, reached, atol=1e-5)

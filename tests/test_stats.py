@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import norm as sps_norm
 
 from circuitdyn.stats import (
     DISTRIBUTIONS,
@@ -31,7 +32,7 @@ def simulate(rng: np.random.Generator, n_entities: int = 12, per_entity: int = 3
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("n_entities", [MIN_ENTITIES, MIN_ENTITIES + 3, 20])
 def test_mean_interval_covers_the_truth_from_min_entities_on(distribution, n_entities):
-    """At MIN_ENTITIES entities and above, the CR1 t interval covers >= 0.93 minus sampling slack
+    """At MIN_ENTITIES entities and above, the cluster t interval covers >= 0.93 minus sampling slack
     (3 standard errors of a coverage estimated from 3,000 simulations)."""
     cov = interval_coverage(n_entities, n_sims=3000, seed=11, distribution=distribution)
     assert cov.value >= 0.93 - 3 * np.sqrt(0.93 * 0.07 / 3000)
@@ -41,7 +42,7 @@ def test_mean_interval_covers_the_truth_from_min_entities_on(distribution, n_ent
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_old_percentile_bootstrap_fails_the_same_test_at_4_entities(distribution):
     """The percentile cluster bootstrap that `bootstrap_ci` used to give covers ~0.8 at 4 entities: the same
-    bar as above rejects it (this is why the mean's interval is the CR1 t interval)."""
+    bar as above rejects it (this is why the mean's interval is the cluster t interval)."""
     cov = interval_coverage(4, n_sims=1000, seed=11, distribution=distribution, method="percentile", n_boot=300)
     assert cov.value < 0.93 - 3 * np.sqrt(0.93 * 0.07 / 1000)
     assert cov.hi < 0.9
@@ -55,8 +56,8 @@ def test_t_quantile_and_wilson_hand_values():
     assert (lo, hi) == pytest.approx((0.8882, 0.9785), abs=1e-3)
 
 
-def test_mean_ci_is_the_cr1_t_interval():
-    """Equal-sized clusters: the CR1 interval is the t interval on the entity means (G - 1 df)."""
+def test_mean_ci_with_equal_clusters_is_the_t_interval_on_entity_means():
+    """Equal-sized clusters: the CR2 (= CR1) interval is the t interval on the entity means (G - 1 df)."""
     rng = np.random.default_rng(3)
     values, groups = simulate(rng, n_entities=8)
     est = mean_ci(values, groups)
@@ -65,6 +66,22 @@ def test_mean_ci_is_the_cr1_t_interval():
     assert est.value == pytest.approx(values.mean())
     assert (est.lo, est.hi) == pytest.approx((values.mean() - half, values.mean() + half))
     assert bootstrap_ci(values, groups) == est  # the default statistic (mean) takes the same interval
+
+
+def test_mean_ci_with_unequal_clusters_is_cr2_not_cr1():
+    """Unequal clusters: each entity's squared residual sum is divided by one minus its leverage N_g / N (CR2,
+    Bell-McCaffrey), not multiplied by G / (G - 1) (CR1); values worked by hand."""
+    values = np.array([0.0, 1.0, 2.0, 4.0, 4.0, 6.0, 1.0, 3.0])
+    groups = ["a", "b", "b", "c", "c", "c", "d", "e"]
+    est = mean_ci(values, groups, min_groups=2)
+    sums = np.array([-2.625, -2.25, 6.125, -1.625, 0.375])  # residual sums per entity, mean 2.625
+    share = np.array([1, 2, 3, 1, 1]) / 8
+    assert sums.sum() == pytest.approx(0)
+    cr2 = np.sqrt((sums ** 2 / (1 - share)).sum()) / 8
+    cr1 = np.sqrt(5 / 4 * (sums ** 2).sum()) / 8
+    assert est.value == pytest.approx(2.625)
+    assert est.hi - est.value == pytest.approx(t_quantile(0.975, 4) * cr2)
+    assert abs(cr2 - cr1) > 0.01  # the two differ here, so the test tells them apart
 
 
 def test_resampling_facts_instead_of_entities_would_be_too_narrow():
@@ -176,7 +193,7 @@ def test_within_fact_auc_agrees_with_the_stratified_test_where_the_pooled_auc_do
         facts += [f"x{i}"]
     v, lab, f = np.array(values), np.array(labels), np.array(facts)
     pooled = auc(v[lab], v[~lab])
-    within = within_stratum_auc(v, lab, f, f, n_boot=300)
+    within = within_stratum_auc(v, lab, f, f)
     test = permutation_test(v, lab, f, n_perm=199)
     assert pooled < 0.5 and test.difference > 0
     assert within.value == 1.0 and within.n == 8 and within.lo > 0.5
@@ -184,3 +201,50 @@ def test_within_fact_auc_agrees_with_the_stratified_test_where_the_pooled_auc_do
     ties = within_stratum_auc([1.0, 1.0, 2.0, 0.0], [True, False, True, False], ["a", "a", "b", "b"],
                               ["a", "a", "b", "b"])
     assert ties.value == pytest.approx((0.5 + 1.0) / 2) and not ties.has_interval  # 2 entities: no interval
+
+
+def _stay_put_study(rng: np.random.Generator, n_entities: int, auc_true: float) -> tuple[np.ndarray, ...]:
+    """Facts nested in entities, each with 8 transitions labelled retained (True) or flipped at random; within a
+    fact a retained similarity beats a flipped one with probability `auc_true` (normal noise)."""
+    delta = np.sqrt(2) * 0.1 * float(sps_norm.ppf(auc_true))
+    v, lab, fact, ent = [], [], [], []
+    for e in range(n_entities):
+        u = rng.normal(0, 0.05)
+        for f in range(3):
+            kept = rng.random(8) < 0.6
+            mu = rng.normal(0.4, 0.1)
+            v += list(mu + u + rng.normal(0, 0.1, 8) - np.where(kept, 0, delta))
+            lab += list(kept)
+            fact += [f"e{e}f{f}"] * 8
+            ent += [f"e{e}"] * 8
+    return np.array(v), np.array(lab), np.array(fact), np.array(ent)
+
+
+def _pooled_auc_parts(v: np.ndarray, lab: np.ndarray, fact: np.ndarray, ent: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per informative fact: wins, pairs and its entity (what `within_stratum_auc` pools)."""
+    rows = []
+    for f in np.unique(fact):
+        pos, neg = v[(fact == f) & lab], v[(fact == f) & ~lab]
+        if len(pos) and len(neg):
+            rows.append(((pos[:, None] > neg[None, :]).sum(), len(pos) * len(neg), ent[fact == f][0]))
+    w, p, e = zip(*rows)
+    return np.array(w, float), np.array(p, float), np.array(e)
+
+
+@pytest.mark.parametrize("auc_true", [0.5, 0.75])
+def test_within_fact_auc_interval_covers_the_true_auc(auc_true):
+    """The stay-put AUC's interval (logit CR2 over entities) covers the true within-fact AUC >= 0.93 minus
+    sampling slack at MIN_ENTITIES entities; the percentile cluster bootstrap it replaced falls below that."""
+    rng = np.random.default_rng(5)
+    n = 400
+    hits = boot_hits = 0
+    for s in range(n):
+        v, lab, fact, ent = _stay_put_study(rng, MIN_ENTITIES, auc_true)
+        est = within_stratum_auc(v, lab, fact, ent)
+        hits += est.lo <= auc_true <= est.hi
+        w, p, e = _pooled_auc_parts(v, lab, fact, ent)
+        old = cluster_bootstrap(e, lambda idx, w=w, p=p: float(w[idx].sum() / p[idx].sum()), n_boot=200, seed=s)
+        boot_hits += old.lo <= auc_true <= old.hi
+    slack = 3 * np.sqrt(0.93 * 0.07 / n)
+    assert hits / n >= 0.93 - slack
+    assert boot_hits / n < hits / n
