@@ -236,7 +236,7 @@ def test_smallest_faithful_on_an_evaluator_runs_only_open_facts(tiny_tl, monkeyp
     import circuitdyn.faithfulness as F
 
     facts = tiny_facts(5)
-    scores = A.attribute(tiny_tl, facts, "eap-ig", steps=3)
+    scores = A.attribute(tiny_tl, facts, S("eap-ig", 3))
     rows: list[int] = []
     real = F.run_patched
 
