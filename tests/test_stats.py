@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from circuitdyn.stats import (
+from circuitdyn.analysis.stats import (
     DISTRIBUTIONS,
     MIN_ENTITIES,
     auc,
