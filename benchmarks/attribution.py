@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from attribution_reference import reference_scores  # noqa: E402
 
-from circuitdyn.attribution import attribute_batch, ig_nodes  # noqa: E402
-from circuitdyn.checkpoints import open_run  # noqa: E402
-from circuitdyn.forward import make_batch  # noqa: E402
-from circuitdyn.gguf import default_model_dir  # noqa: E402
-from circuitdyn.probes import build_fact_prompts, load_probes  # noqa: E402
+from circuitdyn.engine.attribution import attribute_batch, ig_nodes  # noqa: E402
+from circuitdyn.engine.forward import make_batch  # noqa: E402
+from circuitdyn.probes.probes import build_fact_prompts, load_probes  # noqa: E402
+from circuitdyn.runs.checkpoints import open_run  # noqa: E402
+from circuitdyn.runs.gguf import default_model_dir  # noqa: E402
 
 GRID = "right"
 """The one IG grid both the engine and the reference integrate on (the reference's default, k/M, k = 1..M)."""

@@ -39,13 +39,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from circuitdyn.attribution import attribute  # noqa: E402
-from circuitdyn.checkpoints import open_run  # noqa: E402
-from circuitdyn.facts import load_facts  # noqa: E402
-from circuitdyn.faithfulness import CircuitEvaluator  # noqa: E402
-from circuitdyn.gguf import default_model_dir  # noqa: E402
-from circuitdyn.selection import on_paths, prune_faithful, smallest_faithful  # noqa: E402
-from circuitdyn.settings import AttributionSettings  # noqa: E402
+from circuitdyn.engine.attribution import attribute  # noqa: E402
+from circuitdyn.engine.faithfulness import CircuitEvaluator  # noqa: E402
+from circuitdyn.engine.selection import on_paths, prune_faithful, smallest_faithful  # noqa: E402
+from circuitdyn.engine.settings import AttributionSettings  # noqa: E402
+from circuitdyn.probes.facts import load_facts  # noqa: E402
+from circuitdyn.runs.checkpoints import open_run  # noqa: E402
+from circuitdyn.runs.gguf import default_model_dir  # noqa: E402
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, load_file, save_file
 
-from circuitdyn.checkpoints import open_run, write_manifest
-from circuitdyn.gguf import default_model_dir
+from circuitdyn.runs.checkpoints import open_run, write_manifest
+from circuitdyn.runs.gguf import default_model_dir
 
 
 def make_run(root: Path) -> Path:

@@ -40,12 +40,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from circuitdyn.attribution import attribute_batch  # noqa: E402
-from circuitdyn.faithfulness import MIN_GAP, CircuitEvaluator  # noqa: E402
-from circuitdyn.forward import make_batch  # noqa: E402
-from circuitdyn.patching import exact_edge_effects  # noqa: E402
-from circuitdyn.probes import FactPrompt  # noqa: E402
-from circuitdyn.selection import select_top_n  # noqa: E402
+from circuitdyn.engine.attribution import attribute_batch  # noqa: E402
+from circuitdyn.engine.faithfulness import MIN_GAP, CircuitEvaluator  # noqa: E402
+from circuitdyn.engine.forward import make_batch  # noqa: E402
+from circuitdyn.engine.patching import exact_edge_effects  # noqa: E402
+from circuitdyn.engine.selection import select_top_n  # noqa: E402
+from circuitdyn.probes.probes import FactPrompt  # noqa: E402
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """Circuit sizes as fractions of the graph's edges (MIB's grid); k = 0 (faithfulness 0) is added for the area."""
@@ -76,9 +76,9 @@ def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
 
 
 def smollm2_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.facts import load_facts
-    from circuitdyn.gguf import default_model_dir
+    from circuitdyn.probes.facts import load_facts
+    from circuitdyn.runs.checkpoints import open_run
+    from circuitdyn.runs.gguf import default_model_dir
 
     run = open_run(default_model_dir())
     return run.load_model(0), list(load_facts(None, run.tokenizer(), sample_n=n, seed=seed))

@@ -31,12 +31,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from circuitdyn.checkpoints import open_run  # noqa: E402
-from circuitdyn.faithfulness import CircuitEvaluator  # noqa: E402
-from circuitdyn.forward import NOISE_SCALE, embed_inputs, run_capture  # noqa: E402
-from circuitdyn.gguf import default_model_dir  # noqa: E402
-from circuitdyn.probes import build_fact_prompts, load_probes  # noqa: E402
-from circuitdyn.selection import select_top_n  # noqa: E402
+from circuitdyn.engine.faithfulness import CircuitEvaluator  # noqa: E402
+from circuitdyn.engine.forward import NOISE_SCALE, embed_inputs, run_capture  # noqa: E402
+from circuitdyn.engine.selection import select_top_n  # noqa: E402
+from circuitdyn.probes.probes import build_fact_prompts, load_probes  # noqa: E402
+from circuitdyn.runs.checkpoints import open_run  # noqa: E402
+from circuitdyn.runs.gguf import default_model_dir  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:

@@ -9,7 +9,7 @@ alternately (median of the repeats, the order flipped every repeat) so that load
            (bf16) to a temporary folder with SmolLM2's tokenizer and opened with `open_run`: no hub download.
            It is fed the same token ids; what it computes is meaningless, what it costs is the 1B cost.
 Throughput = facts x edges / seconds per batch. bf16 runs the M IG steps (forward + backward) in bf16 and the
-two end runs in float32 (`circuitdyn.attribution`: the corrupted - clean differences need it), so its speedup
+two end runs in float32 (`circuitdyn.engine.attribution`: the corrupted - clean differences need it), so its speedup
 is below the raw matmul speedup and grows with M. Also printed: the Spearman correlation of the bf16 and fp32
 scores (min over facts) and, on CUDA, peak memory. Last line:
 `smollm2_bf16_over_fp32=X llama1b_bf16_over_fp32=Y smollm2_fp32=.. smollm2_bf16=.. llama1b_fp32=.. llama1b_bf16=..`
@@ -38,12 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from circuitdyn.attribution import attribute_batch  # noqa: E402
-from circuitdyn.checkpoints import open_run, resolve_device  # noqa: E402
-from circuitdyn.facts import load_facts  # noqa: E402
-from circuitdyn.forward import make_batch  # noqa: E402
-from circuitdyn.gguf import default_model_dir  # noqa: E402
-from circuitdyn.graph import Graph  # noqa: E402
+from circuitdyn.engine.attribution import attribute_batch  # noqa: E402
+from circuitdyn.engine.forward import make_batch  # noqa: E402
+from circuitdyn.engine.graph import Graph  # noqa: E402
+from circuitdyn.probes.facts import load_facts  # noqa: E402
+from circuitdyn.runs.checkpoints import open_run, resolve_device  # noqa: E402
+from circuitdyn.runs.gguf import default_model_dir  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt")

@@ -37,12 +37,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from circuitdyn.attribution import attribute  # noqa: E402
-from circuitdyn.faithfulness import CircuitEvaluator  # noqa: E402
-from circuitdyn.noise import REPLICATE_GRID, draw_settings  # noqa: E402
-from circuitdyn.probes import FactPrompt  # noqa: E402
-from circuitdyn.selection import Selection, top_n_by_fact  # noqa: E402
-from circuitdyn.settings import AttributionSettings, Compute  # noqa: E402
+from circuitdyn.analysis.noise import REPLICATE_GRID, draw_settings  # noqa: E402
+from circuitdyn.engine.attribution import attribute  # noqa: E402
+from circuitdyn.engine.faithfulness import CircuitEvaluator  # noqa: E402
+from circuitdyn.engine.selection import Selection, top_n_by_fact  # noqa: E402
+from circuitdyn.engine.settings import AttributionSettings, Compute  # noqa: E402
+from circuitdyn.probes.probes import FactPrompt  # noqa: E402
 
 B = 8
 """Facts per batch (attribution's and the evaluator's default)."""
@@ -73,9 +73,9 @@ def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
 
 
 def smollm2_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.facts import load_facts
-    from circuitdyn.gguf import default_model_dir
+    from circuitdyn.probes.facts import load_facts
+    from circuitdyn.runs.checkpoints import open_run
+    from circuitdyn.runs.gguf import default_model_dir
 
     run = open_run(default_model_dir())
     return run.load_model(0), list(load_facts(None, run.tokenizer(), sample_n=n, seed=seed))

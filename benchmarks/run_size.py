@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from circuitdyn.cpt import STATE_DIR, CPTConfig, run_cpt
+from circuitdyn.training.cpt import STATE_DIR, CPTConfig, run_cpt
 
 
 def folder_bytes(folder: Path) -> int:

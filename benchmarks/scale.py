@@ -27,7 +27,7 @@
    dense bf16 peak, which is what small batches of short prompts reach, an assumption, not a measurement);
    model load scales with parameter bytes from the measured SmolLM2 load; tasks are split as `extract --ray`
    splits them (`default_shard_size`) and run in whole rounds. Storage is computed from the file format
-   (`circuitdyn.circuits`) and each model's edge count.
+   (`circuitdyn.engine.circuits`) and each model's edge count.
 
 Last line: `ray_over_local=X ray_over_local_one_task=Y ray_over_local_of_medians=Z local_s=.. ray_s=..
 ray_startup_s=.. max_abs_diff=.. fact_s=.. load_s=.. bytes_per_fact=..`.
@@ -55,12 +55,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from epoch_switch import make_run
 
-from circuitdyn.checkpoints import open_run
-from circuitdyn.circuits import CircuitSet
-from circuitdyn.extraction import default_shard_size, extract_run
-from circuitdyn.facts import load_facts
-from circuitdyn.graph import Graph
-from circuitdyn.settings import AttributionSettings, Compute
+from circuitdyn.engine.circuits import CircuitSet
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.settings import AttributionSettings, Compute
+from circuitdyn.pipeline.extraction import default_shard_size, extract_run
+from circuitdyn.probes.facts import load_facts
+from circuitdyn.runs.checkpoints import open_run
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def timed(fn) -> float:
 
 
 def storage(shape: Shape, facts: int, epochs: int) -> dict[str, float]:
-    """Bytes on disk of facts x epochs circuits (`circuitdyn.circuits` format): dense float32 / float16, and
+    """Bytes on disk of facts x epochs circuits (`circuitdyn.engine.circuits` format): dense float32 / float16, and
     sparse top-1000 float16 with node totals; one edge-name header (~22 bytes/edge) per epoch file."""
     header = 22 * shape.edges * epochs
     return {"fp32": 4 * shape.edges * facts * epochs + header, "fp16": 2 * shape.edges * facts * epochs + header,

@@ -50,9 +50,9 @@ STEPS = 3
 
 
 def _model_and_facts(n: int, template: str, variant: int = 0):
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.gguf import default_model_dir
-    from circuitdyn.probes import build_fact_prompts, load_probes
+    from circuitdyn.probes.probes import build_fact_prompts, load_probes
+    from circuitdyn.runs.checkpoints import open_run
+    from circuitdyn.runs.gguf import default_model_dir
 
     model = open_run(default_model_dir()).load_model(0)
     probes = load_probes()
@@ -61,8 +61,8 @@ def _model_and_facts(n: int, template: str, variant: int = 0):
 
 def worker(args: argparse.Namespace) -> None:
     """One timed attribution in this process: prints JSON (seconds per fact, peak memory over the baseline)."""
-    from circuitdyn.attribution import attribute
-    from circuitdyn.settings import AttributionSettings, Compute
+    from circuitdyn.engine.attribution import attribute
+    from circuitdyn.engine.settings import AttributionSettings, Compute
 
     torch.set_num_threads(args.threads)
     model, facts = _model_and_facts(args.facts, "auto")
@@ -86,7 +86,7 @@ def run_worker(facts: int, batch: int, threads: int, save: str | None = None) ->
 
 
 def batching(big: int, repeats: int, tmp: Path, default_threads: bool = True) -> tuple[float, float, Path]:
-    from circuitdyn.memory import default_threads as cores
+    from circuitdyn.engine.memory import default_threads as cores
 
     runs: dict[tuple[int, int], list[dict]] = {}
     plan = [(1, b) for _ in range(repeats) for b in (1, big)]
@@ -113,11 +113,11 @@ def batching(big: int, repeats: int, tmp: Path, default_threads: bool = True) ->
 
 
 def storage(scores_path: Path, tmp: Path) -> float:
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.gguf import default_model_dir
-    from circuitdyn.graph import Graph
-    from circuitdyn.similarity import spearman
+    from circuitdyn.analysis.similarity import spearman
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.engine.graph import Graph
+    from circuitdyn.runs.checkpoints import open_run
+    from circuitdyn.runs.gguf import default_model_dir
 
     scores = torch.load(scores_path)
     model = open_run(default_model_dir()).load_model(0)
@@ -141,10 +141,10 @@ def storage(scores_path: Path, tmp: Path) -> float:
 def quadrature(ms: list[int], n_facts: int) -> float:
     import numpy as np
 
-    from circuitdyn.attribution import attribute, ig_nodes
-    from circuitdyn.selection import select_top_n
-    from circuitdyn.settings import IG_GRIDS, AttributionSettings, Compute
-    from circuitdyn.similarity import distances
+    from circuitdyn.analysis.similarity import distances
+    from circuitdyn.engine.attribution import attribute, ig_nodes
+    from circuitdyn.engine.selection import select_top_n
+    from circuitdyn.engine.settings import IG_GRIDS, AttributionSettings, Compute
 
     torch.set_num_threads(1)
     model, facts = _model_and_facts(4 * n_facts, "plain")

@@ -1,11 +1,21 @@
 """circuitdyn: what did continual pre-training change inside my model?
 
-Data flows one way: checkpoints -> model -> probes -> attribution -> circuits -> diff/timeline -> viz/cli.
+The package's folders follow the data, and imports flow one way down this list (`tests/test_layout.py`):
+
+- `runs/`: runs on disk (checkpoints, GGUF and the embedded default model, Trainer output folders);
+- `probes/`: probe sets, the facts attribution studies, control probes;
+- `engine/`: settings, the graph, the functional forward, attribution, patching, selection, circuit files;
+- `analysis/`: results in, tables and verdicts out (diffs, timelines, method noise, the change test,
+  dynamics, stopping rules, calibration results, text); it never opens a model;
+- `pipeline/`: what opens runs and extracts (circuits of every checkpoint, replicates, comparisons of
+  checkpoints, the paper's task circuits, calibration, Ray);
+- `training/`: continual pre-training, sweeps, the transformers Trainer callback;
+- `viz`: the HTML viewers; `api` and `demo`: the front door and the whole pipeline in one call; `cli`.
+
+`errors`, `io` and `messages` serve them all.
 """
 
 import importlib as _importlib
-import sys as _sys
-import types as _types
 import warnings
 
 # TransformerLens 3.9 announces HookedTransformer's removal in 4.0 on every construction; we pin <4.
@@ -25,51 +35,27 @@ __all__ = [
 ]
 
 _LAZY = {
-    "open_run": ("circuitdyn.checkpoints", "open_run"),
-    "Run": ("circuitdyn.checkpoints", "Run"),
+    "open_run": ("circuitdyn.runs.checkpoints", "open_run"),
+    "Run": ("circuitdyn.runs.checkpoints", "Run"),
     "load_facts": ("circuitdyn.api", "load_facts"),
-    "FactSet": ("circuitdyn.facts", "FactSet"),
+    "FactSet": ("circuitdyn.probes.facts", "FactSet"),
     "extract": ("circuitdyn.api", "extract"),
     "load_circuits": ("circuitdyn.api", "load_circuits"),
-    "CircuitSet": ("circuitdyn.circuits", "CircuitSet"),
-    "Selection": ("circuitdyn.selection", "Selection"),
-    "AttributionSettings": ("circuitdyn.settings", "AttributionSettings"),
-    "Comparison": ("circuitdyn.settings", "Comparison"),
+    "CircuitSet": ("circuitdyn.engine.circuits", "CircuitSet"),
+    "Selection": ("circuitdyn.engine.selection", "Selection"),
+    "AttributionSettings": ("circuitdyn.engine.settings", "AttributionSettings"),
+    "Comparison": ("circuitdyn.engine.settings", "Comparison"),
     "diff_circuits": ("circuitdyn.api", "diff_circuits"),
-    "calibrate": ("circuitdyn.calibrate", "calibrate"),
+    "calibrate": ("circuitdyn.pipeline.calibrate", "calibrate"),
     "view": ("circuitdyn.api", "view"),
-    "to_graph_json": ("circuitdyn.export", "to_graph_json"),
+    "to_graph_json": ("circuitdyn.engine.export", "to_graph_json"),
+    "diff": ("circuitdyn.api", "diff"),
+    "timeline": ("circuitdyn.api", "timeline"),
+    "export": ("circuitdyn.engine.export", "export"),
 }
-
-_CALLABLE_SUBMODULES = {"diff": ("circuitdyn.api", "diff"), "timeline": ("circuitdyn.api", "timeline"),
-                        "export": ("circuitdyn.export", "export")}
-"""`cd.diff`, `cd.timeline` and `cd.export` are also the names of submodules, which Python binds on the package
-when they are imported; so these submodules are made callable: `cd.diff(a, b, probes)` is
-`circuitdyn.api.diff(...)`, `cd.timeline(run, facts)` is `circuitdyn.api.timeline`, `cd.export(cs, path,
-format)` is `circuitdyn.export.export`, and `cd.diff.diff_circuits` still reaches the module."""
-
-
-class _CallableModule(_types.ModuleType):
-    """A submodule that is also its main function (see `_CALLABLE_SUBMODULES`)."""
-
-    def __call__(self, *args, **kwargs):
-        module, name = _CALLABLE_SUBMODULES[self.__name__.rpartition(".")[2]]
-        return getattr(_importlib.import_module(module), name)(*args, **kwargs)
-
-
-class _Package(_types.ModuleType):
-    def __setattr__(self, name, value):
-        if name in _CALLABLE_SUBMODULES and isinstance(value, _types.ModuleType) and type(value) is _types.ModuleType:
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):
-    if name in _CALLABLE_SUBMODULES:
-        return _importlib.import_module(f"{__name__}.{name}")  # binds it here, made callable by _Package
     if name in _LAZY:
         module, attr = _LAZY[name]
         value = getattr(_importlib.import_module(module), attr)

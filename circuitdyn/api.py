@@ -23,21 +23,21 @@ from typing import TYPE_CHECKING, Any
 from circuitdyn.errors import CircuitdynError
 
 if TYPE_CHECKING:
-    from circuitdyn.across_runs import AcrossRuns
-    from circuitdyn.checkpoints import Run
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.compare import Side
-    from circuitdyn.diff import CircuitDiff
-    from circuitdyn.facts import FactSet, FactSpec
-    from circuitdyn.selection import Selection
-    from circuitdyn.settings import AttributionSettings, Comparison, Compute, Storage
-    from circuitdyn.timeline import Timeline
+    from circuitdyn.analysis.across_runs import AcrossRuns
+    from circuitdyn.analysis.diff import CircuitDiff
+    from circuitdyn.analysis.timeline import Timeline
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.engine.selection import Selection
+    from circuitdyn.engine.settings import AttributionSettings, Comparison, Compute, Storage
+    from circuitdyn.pipeline.compare import Side
+    from circuitdyn.probes.facts import FactSet, FactSpec
+    from circuitdyn.runs.checkpoints import Run
 
 Log = Callable[[str], None]
 
 
 def _run(run: str | Path | Run) -> Run:
-    from circuitdyn.checkpoints import open_run
+    from circuitdyn.runs.checkpoints import open_run
 
     return open_run(run) if isinstance(run, (str, Path)) else run
 
@@ -47,14 +47,14 @@ def _is_run(x: Any) -> bool:
 
 
 def load_facts(probes: Any = None, tokenizer: Any = None, **options: Any) -> FactSet:
-    """The facts to study (`circuitdyn.facts.load_facts`), with a run standing in for its tokenizer:
+    """The facts to study (`circuitdyn.probes.facts.load_facts`), with a run standing in for its tokenizer:
 
     - `load_facts(run)`: the facts last extracted for the run (`facts.run_facts`, from `RUN/circuits/facts.json`);
     - `load_facts("probes.jsonl", run, per_entity=3)`: a probe file's facts, tokenized by the run's tokenizer
       (`limit`, `sample_n`, `per_entity`, `entities`, `ids`, `seed`, `rephrased`, `template`);
     - `load_facts(None, run)`: the packaged validation probes; a tokenizer may be given instead of a run.
     """
-    from circuitdyn import facts as facts_mod
+    from circuitdyn.probes import facts as facts_mod
 
     if _is_run(probes) and tokenizer is None:
         return facts_mod.run_facts(probes, **{k: v for k, v in options.items() if k in ("folder", "identity")})
@@ -70,7 +70,7 @@ def load_facts(probes: Any = None, tokenizer: Any = None, **options: Any) -> Fac
 
 def settings_of(settings: AttributionSettings | Mapping[str, Any] | None) -> AttributionSettings:
     """Complete settings: as given, or the fields of a dict with the defaults for the others."""
-    from circuitdyn.settings import AttributionSettings
+    from circuitdyn.engine.settings import AttributionSettings
 
     return settings if isinstance(settings, AttributionSettings) else AttributionSettings(**dict(settings or {}))
 
@@ -103,8 +103,8 @@ def choose(run: Run, folder: Path, facts: FactSet | FactSpec | str | Path | None
     the facts' cached circuits when exactly one set of cached settings fits what was chosen (several: an error
     naming them), else the defaults. Without facts, what was chosen filters the cached circuits
     (`settings.settings_filter`)."""
-    from circuitdyn.facts import FactSet, FactSpec, recorded_facts, run_facts
-    from circuitdyn.settings import AttributionSettings, settings_filter
+    from circuitdyn.engine.settings import AttributionSettings, settings_filter
+    from circuitdyn.probes.facts import FactSet, FactSpec, recorded_facts, run_facts
 
     if isinstance(facts, FactSet):
         return Chosen(facts, None, settings_of(settings), None)
@@ -140,9 +140,9 @@ def cached_settings(folder: str | Path, identity: str, seed: int = 0) -> list[At
     """The distinct settings (method, steps, IG grid) of the circuit files in `folder` of the fact set `identity`
     and extraction `seed`, method-noise replicates (`noise.REPLICATE_GRID`) left out: what a command reusing a
     run's recorded facts can take when it is not told the settings."""
-    from circuitdyn.circuits import circuit_files, setting
-    from circuitdyn.noise import REPLICATE_GRID
-    from circuitdyn.settings import AttributionSettings
+    from circuitdyn.analysis.noise import REPLICATE_GRID
+    from circuitdyn.engine.circuits import circuit_files, setting
+    from circuitdyn.engine.settings import AttributionSettings
 
     found: list[AttributionSettings] = []
     for _, meta in circuit_files(folder) if Path(folder).is_dir() else []:
@@ -168,10 +168,10 @@ def extract(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None
     Circuits are written to `out` (default the run's circuits folder) and reused where cached
     (`extraction.extract_run`, run as `compute` says, stored as `storage` says).
     """
-    from circuitdyn.checkpoints import circuits_dir
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.extraction import extract_run
-    from circuitdyn.facts import FactSet, FactSpec
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.pipeline.extraction import extract_run
+    from circuitdyn.probes.facts import FactSet, FactSpec
+    from circuitdyn.runs.checkpoints import circuits_dir
 
     run = _run(run)
     if facts is None:
@@ -184,7 +184,7 @@ def extract(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None
 
 
 def _side(side: str | Path | Side | tuple[Run, int]) -> Side:
-    from circuitdyn.compare import Side
+    from circuitdyn.pipeline.compare import Side
 
     if isinstance(side, Side):
         return side
@@ -207,11 +207,11 @@ def diff(a: str | Path | Side | tuple[Run, int], b: str | Path | Side | tuple[Ru
     `settings`: see `choose`. `circuits`: the folder caching the circuits (default each run's). `log`: where
     the facts and the plan (`plan.diff_plan`: which circuit files are cached, which to compute) are said.
     """
-    from circuitdyn.checkpoints import circuits_dir
-    from circuitdyn.compare import diff_checkpoints
-    from circuitdyn.facts import FactSpec
-    from circuitdyn.plan import diff_plan
-    from circuitdyn.settings import Comparison
+    from circuitdyn.engine.settings import Comparison
+    from circuitdyn.pipeline.compare import diff_checkpoints
+    from circuitdyn.pipeline.plan import diff_plan
+    from circuitdyn.probes.facts import FactSpec
+    from circuitdyn.runs.checkpoints import circuits_dir
 
     sa, sb = _side(a), _side(b)
     cmp = comparison or Comparison()
@@ -230,7 +230,7 @@ def diff(a: str | Path | Side | tuple[Run, int], b: str | Path | Side | tuple[Ru
 
 
 def _where(settings: AttributionSettings | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    from circuitdyn.settings import AttributionSettings, settings_filter
+    from circuitdyn.engine.settings import AttributionSettings, settings_filter
 
     if settings is None or isinstance(settings, AttributionSettings):
         return None
@@ -249,11 +249,11 @@ def timeline(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | Non
     circuits as they are). `circuits`: the folder caching the circuits (default the run's). `log`:
     where the facts and the plan (`plan.timeline_plan`) are said.
     """
-    from circuitdyn.checkpoints import circuits_dir
-    from circuitdyn.compare import load_run_timeline
+    from circuitdyn.engine.settings import Comparison
     from circuitdyn.io import check_writable
-    from circuitdyn.plan import timeline_plan
-    from circuitdyn.settings import Comparison
+    from circuitdyn.pipeline.compare import load_run_timeline
+    from circuitdyn.pipeline.plan import timeline_plan
+    from circuitdyn.runs.checkpoints import circuits_dir
 
     run = _run(run)
     cmp = comparison or Comparison()
@@ -269,7 +269,7 @@ def timeline(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | Non
 
 def load_circuits(path: str | Path) -> CircuitSet:
     """A circuit file (`.safetensors`) as a `CircuitSet` (`CircuitSet.load`)."""
-    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.engine.circuits import CircuitSet
 
     return CircuitSet.load(path)
 
@@ -278,8 +278,8 @@ def diff_circuits(a: CircuitSet, b: CircuitSet, selection: str | Selection = "fa
                   **options: Any) -> CircuitDiff:
     """`diff.diff_circuits` with the selection rule given as text (`top:200`, `faith:0.8`, ...) or a `Selection`;
     `options` as `diff.diff_circuits` takes them (noise, faithfulness, fact_ids, labels, ...)."""
-    from circuitdyn.diff import diff_circuits as diff_sets
-    from circuitdyn.selection import Selection
+    from circuitdyn.analysis.diff import diff_circuits as diff_sets
+    from circuitdyn.engine.selection import Selection
 
     return diff_sets(a, b, Selection.parse(selection), **options)
 
@@ -289,9 +289,9 @@ def view(obj: Any, path: str | Path, **kwargs: Any) -> Path:
     `circuitdyn.viz`: `write_circuit_html`, `write_diff_html`, `write_timeline_html`; keyword arguments go to
     them). For a figure inside the notebook, use the object's `figure()` (or `circuitdyn.viz.*_figure`)."""
     from circuitdyn import viz
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.diff import CircuitDiff
-    from circuitdyn.timeline import Timeline
+    from circuitdyn.analysis.diff import CircuitDiff
+    from circuitdyn.analysis.timeline import Timeline
+    from circuitdyn.engine.circuits import CircuitSet
 
     if isinstance(obj, CircuitSet):
         return viz.write_circuit_html(obj, path, **kwargs)
@@ -309,10 +309,10 @@ def timelines(runs: Sequence[str | Path | Run], facts: FactSpec | str | Path | N
     means with 95 % intervals across them (`across_runs.across_runs`) of the per-epoch tables and of the share
     of the circuit replaced per transition. `facts`: a `FactSpec` or probe file, tokenized by each run (None:
     each run's cached circuits as they are, filtered by `settings` chosen in part)."""
-    from circuitdyn.across_runs import AcrossRuns, across_runs, records
-    from circuitdyn.checkpoints import circuits_dir
-    from circuitdyn.compare import load_run_timeline
-    from circuitdyn.facts import FactSpec
+    from circuitdyn.analysis.across_runs import AcrossRuns, across_runs, records
+    from circuitdyn.pipeline.compare import load_run_timeline
+    from circuitdyn.probes.facts import FactSpec
+    from circuitdyn.runs.checkpoints import circuits_dir
 
     names = [str(r) if isinstance(r, (str, Path)) else str(r.path) for r in runs]
     if len(set(names)) != len(names):
@@ -342,10 +342,10 @@ def view_circuits(file: str | Path, out: str | Path | None = None, *, probes: st
     """The circuit viewer of a circuit file, written to `out` (default the file with `.html`): its facts labelled
     with their questions when `probes` (the probe file they come from) is given, only `fact_ids` when given
     (beside the mean circuit). Returns the circuit set and the page."""
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.diff import MEAN, check_facts_match
+    from circuitdyn.analysis.diff import MEAN, check_facts_match
+    from circuitdyn.engine.circuits import CircuitSet
     from circuitdyn.io import check_writable
-    from circuitdyn.probes import load_probes
+    from circuitdyn.probes.probes import load_probes
     from circuitdyn.viz import check_viewer_target, write_circuit_html
 
     page = Path(out) if out else Path(file).with_suffix(".html")

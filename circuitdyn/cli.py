@@ -22,33 +22,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from circuitdyn import (
-    api,
-    calibration,
-    checkpoints,
-    cpt,
-    demo,
-    dynamics,
-    export,
-    extraction,
-    gguf,
-    messages,
-    sweep,
-    tasks,
-    viz,
-)
-from circuitdyn.calibrate import calibrate as calibrate_checkpoint
-from circuitdyn.compare import Side
-from circuitdyn.errors import CircuitdynError, CircuitdynWarning
-from circuitdyn.export import DEFAULT_SELECTION as EXPORT_SELECTION
-from circuitdyn.export import FORMATS
-from circuitdyn.facts import FactSpec
-from circuitdyn.forward import METRICS
-from circuitdyn.io import check_writable
-from circuitdyn.memory import default_threads, parse_memory
-from circuitdyn.probes import corruption_summary
-from circuitdyn.selection import DEFAULT_SELECTION, Selection
-from circuitdyn.settings import (
+from circuitdyn import api, demo, messages, viz
+from circuitdyn.analysis import calibration, dynamics
+from circuitdyn.engine import export
+from circuitdyn.engine.export import DEFAULT_SELECTION as EXPORT_SELECTION
+from circuitdyn.engine.export import FORMATS
+from circuitdyn.engine.forward import METRICS
+from circuitdyn.engine.memory import default_threads, parse_memory
+from circuitdyn.engine.selection import DEFAULT_SELECTION, Selection
+from circuitdyn.engine.settings import (
     BUFFER_DTYPES,
     DEFAULT_FAMILY,
     DEFAULT_IG_GRID,
@@ -63,6 +45,14 @@ from circuitdyn.settings import (
     Compute,
     Storage,
 )
+from circuitdyn.errors import CircuitdynError, CircuitdynWarning
+from circuitdyn.io import check_writable
+from circuitdyn.pipeline import calibrate, extraction, tasks
+from circuitdyn.pipeline.compare import Side
+from circuitdyn.probes.facts import FactSpec
+from circuitdyn.probes.probes import corruption_summary
+from circuitdyn.runs import checkpoints, gguf
+from circuitdyn.training import cpt, sweep
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
@@ -275,8 +265,8 @@ def _add_dynamics(sub: argparse._SubParsersAction) -> None:
                    "folder inside or beside RUN)")
     p.add_argument("--stop", nargs="?", const="combined", metavar="RULE",
                    help="apply a stopping rule to the probe history: patience[:P], ood-bound[:D], combined[:W] "
-                   "(default) or loss-plateau[:R] (circuitdyn.stopping); prints stop_epoch, kept_epoch, best_epoch "
-                   "and regret")
+                   "(default) or loss-plateau[:R] (circuitdyn.analysis.stopping); prints stop_epoch, kept_epoch, "
+                   "best_epoch and regret")
     p.set_defaults(func=_run_dynamics)
 
 
@@ -310,7 +300,7 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_facts_args(p: argparse.ArgumentParser, required: bool = False, what: str = "") -> None:
-    """The options of `circuitdyn.facts.load_facts`: which probe file, and which of its facts."""
+    """The options of `circuitdyn.probes.facts.load_facts`: which probe file, and which of its facts."""
     p.add_argument("--probes", required=required, help=f"probe file: seed JSON or circuitdyn JSONL{what}")
     p.add_argument("--limit", type=positive_int, help="only the first N probes of the file")
     p.add_argument("--sample", type=positive_int, metavar="N",
@@ -639,7 +629,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     run, epoch = checkpoints.resolve(args.checkpoint, device=args.device, dtype=args.dtype, base=args.base)
     spec = _spec(args, packaged=True)
     assert spec is not None
-    cal = calibrate_checkpoint(run, epoch, spec.load(run.tokenizer()), settings, folder=args.circuits,
+    cal = calibrate.calibrate(run, epoch, spec.load(run.tokenizer()), settings, folder=args.circuits,
                                 progress=not args.json, log=None if args.json else print)
     if args.out:
         calibration.write_calibration(cal, args.out)

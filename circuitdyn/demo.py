@@ -1,6 +1,6 @@
 """The whole pipeline on the embedded default: CPT with probes every epoch, per-fact circuits every epoch,
 method noise, then the timeline, the transfer matrix and the diff of the first and last epochs, as data,
-findings (`circuitdyn.report`) and HTML viewers.
+findings (`circuitdyn.analysis.report`) and HTML viewers.
 
 Facts are chosen **before** training outcomes are seen: a fixed seeded sample of `facts_per_entity` probes
 of every trained entity (`facts.load_facts(per_entity=...)`). Choosing the facts whose recall flipped
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
+from circuitdyn.engine.settings import DEFAULT_SETTINGS, AttributionSettings, Comparison
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.settings import DEFAULT_SETTINGS, AttributionSettings, Comparison
 
 if TYPE_CHECKING:
-    from circuitdyn.cpt import CPTConfig
-    from circuitdyn.facts import FactSet
+    from circuitdyn.probes.facts import FactSet
+    from circuitdyn.training.cpt import CPTConfig
 
 Pick = Literal["sample", "post-hoc"]
 
@@ -52,7 +52,7 @@ class DemoResult:
     def text(self) -> str:
         """What the demo found, as `circuitdyn demo` prints it: the learning dynamics, the timeline (with the
         transfer matrix), the diff of the first and last epochs, the wall time and where everything is."""
-        from circuitdyn.dynamics import format_table
+        from circuitdyn.analysis.dynamics import format_table
 
         stages = ", ".join(f"{k} {v:.0f}s" for k, v in self.stage_s.items())
         return "\n".join([
@@ -102,7 +102,7 @@ def demo_config(n_entities: int = 4, epochs: int = 5, lr: float = 1e-3, **fields
 
     The default lr (1e-3, ten times `circuitdyn cpt`'s) is what makes the 135M default model acquire and
     forget single facts within 5 epochs of 4 short documents; at 1e-4 no probe's recall changes."""
-    from circuitdyn.cpt import CPTConfig
+    from circuitdyn.training.cpt import CPTConfig
 
     return CPTConfig(n_entities=n_entities, epochs=epochs, lr=lr, **fields)
 
@@ -128,16 +128,16 @@ def run_demo(
     `pick="sample"` (default) takes a seeded sample of each entity's probes before looking at outcomes;
     `pick="post-hoc"` takes those whose recall flipped most (exploratory, labelled so).
     """
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.compare import load_run_timeline
-    from circuitdyn.cpt import resolve_inputs, run_cpt
-    from circuitdyn.diff import diff_circuits
-    from circuitdyn.extraction import run_evaluator
-    from circuitdyn.facts import load_facts
+    from circuitdyn.analysis.diff import diff_circuits
+    from circuitdyn.analysis.timeline import outcomes_from_dynamics
+    from circuitdyn.analysis.transfer import transfer_matrix
     from circuitdyn.io import check_writable
-    from circuitdyn.probes import corruption_summary, load_probes, write_probes_jsonl
-    from circuitdyn.timeline import outcomes_from_dynamics
-    from circuitdyn.transfer import transfer_matrix
+    from circuitdyn.pipeline.compare import load_run_timeline
+    from circuitdyn.pipeline.extraction import run_evaluator
+    from circuitdyn.probes.facts import load_facts
+    from circuitdyn.probes.probes import corruption_summary, load_probes, write_probes_jsonl
+    from circuitdyn.runs.checkpoints import open_run
+    from circuitdyn.training.cpt import resolve_inputs, run_cpt
     from circuitdyn.viz import write_circuit_html, write_diff_html, write_timeline_html
 
     s = settings or DEFAULT_SETTINGS

@@ -31,10 +31,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from circuitdyn.circuits import CircuitSet
-from circuitdyn.diff import MEAN, STATUSES, CircuitDiff
+from circuitdyn.analysis.diff import MEAN, STATUSES, CircuitDiff
+from circuitdyn.engine.circuits import CircuitSet
+from circuitdyn.engine.graph import Graph
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
 from circuitdyn.io import write_text_atomic
 
 STATUS_COLOURS = {"added": "#2ca02c", "removed": "#d62728", "changed": "#ff7f0e", "kept": "#7f7f7f",
@@ -394,7 +394,7 @@ def heatmap_spec(timeline: Any) -> Spec:
 
 def transfer_spec(table: pd.DataFrame, fact_id: str | None = None) -> Spec:
     """`transfer_figure` as plain data: circuit epoch x model epoch faithfulness (median over facts, or one fact)."""
-    from circuitdyn.transfer import transfer_pivot
+    from circuitdyn.analysis.transfer import transfer_pivot
 
     pivot = transfer_pivot(table, fact_id)
     z = [[None if pd.isna(v) else float(v) for v in row] for row in pivot.to_numpy()]
@@ -651,7 +651,7 @@ def write_diff_html(
         paths = diff.paths(f).set_index("path")
         variants[f] = {"circuit": diff_spec(diff, f), "sankey": sankey_spec(diff, f),
                        "layers": layer_shift_spec(diff, f), "paths": _table_html(paths)}
-    from circuitdyn.report import describe_diff
+    from circuitdyn.analysis.report import describe_diff
 
     cols = ["n_a", "n_b", "faith_a", "faith_b", "gap_a", "gap_b", "included", "added", "removed", "changed", "kept",
             "sign_flips", "edge_jaccard", "noise_distance", "p_value", "q_value", "changed_beyond_noise", "effect",
@@ -708,7 +708,7 @@ def write_timeline_html(
         head = pd.concat([rows.head(8), rows.tail(8)]).drop_duplicates("edge").set_index("edge")
         lifetimes[f] = (f"<p>{len(rows)} edges were ever in this circuit; {int((rows['segments'] > 1).sum())} "
                         f"left and came back. Most and least persistent:</p>" + _table_html(head))
-    from circuitdyn.report import describe_timeline
+    from circuitdyn.analysis.report import describe_timeline
 
     findings = "".join(f"<li>{_esc(line)}</li>" for line in describe_timeline(timeline))
     rec = timeline.reconfiguration.set_index("epoch") if len(timeline.reconfiguration) else pd.DataFrame()

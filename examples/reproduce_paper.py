@@ -2,7 +2,7 @@
 
 Per seed: `circuitdyn cpt --preset paper` on the seed documents of N entities (probes before training and
 after every epoch: 10 per entity, ROUGE-1 recall, all 264 math and 100 SocialIQA items scored as the paper
-does), and after every epoch the head-of-state task circuit (`circuitdyn.tasks`) and per-fact circuits of a
+does), and after every epoch the head-of-state task circuit (`circuitdyn.pipeline.tasks`) and per-fact circuits of a
 few probe facts sampled before training. Once an epoch's circuits are extracted, the previous epoch's merged
 weights are deleted (517 MB each; the last one stays so that a killed run resumes). The compact results
 (JSON/CSV) are gathered with `--collect DIR`; `examples/results/make_tables.py` turns them into the tables.
@@ -28,15 +28,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from circuitdyn.checkpoints import Checkpoint, Run
-from circuitdyn.circuits import CircuitSet, setting
-from circuitdyn.cpt import MODEL_DIR, CPTConfig, run_cpt
-from circuitdyn.extraction import extract_run
-from circuitdyn.facts import load_facts
-from circuitdyn.gguf import default_model_dir
-from circuitdyn.probes import entities, load_probes, select_entities
-from circuitdyn.settings import IG_GRIDS, PAPER_SETTINGS, AttributionSettings, IGGrid, Storage
-from circuitdyn.tasks import extract_task_run, load_task, task_circuit
+from circuitdyn.engine.circuits import CircuitSet, setting
+from circuitdyn.engine.settings import IG_GRIDS, PAPER_SETTINGS, AttributionSettings, IGGrid, Storage
+from circuitdyn.pipeline.extraction import extract_run
+from circuitdyn.pipeline.tasks import extract_task_run, load_task, task_circuit
+from circuitdyn.probes.facts import load_facts
+from circuitdyn.probes.probes import entities, load_probes, select_entities
+from circuitdyn.runs.checkpoints import Checkpoint, Run
+from circuitdyn.runs.gguf import default_model_dir
+from circuitdyn.training.cpt import MODEL_DIR, CPTConfig, run_cpt
 
 
 def epoch_run(out: Path, epoch: int) -> Run:
@@ -154,10 +154,10 @@ def clone_epoch0(src: Path, out: Path, seed: int) -> None:
 def task_noise(steps: int, others: list[int], dest: Path, threads: int, ig_grid: IGGrid = "right") -> None:
     """How much the task circuit moves when only the number of IG steps changes (same model, same prompts,
     same grid)."""
-    from circuitdyn.attribution import attribute
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.graph import Graph
-    from circuitdyn.tasks import task_facts
+    from circuitdyn.engine.attribution import attribute
+    from circuitdyn.engine.graph import Graph
+    from circuitdyn.pipeline.tasks import task_facts
+    from circuitdyn.runs.checkpoints import open_run
 
     torch.set_num_threads(threads)
     run = open_run(default_model_dir())
@@ -187,7 +187,7 @@ def circuit_files(folder: Path) -> dict[int, Path]:
 
 def collect(root: Path, seeds: list[int], dest: Path) -> None:
     """Compact tables of every finished epoch of every seed: entities, probes, controls, task and fact circuits."""
-    from circuitdyn.dynamics import load_dynamics
+    from circuitdyn.analysis.dynamics import load_dynamics
 
     dest.mkdir(parents=True, exist_ok=True)
     ent_rows, ctrl_rows, task_rows, fact_rows, loss_rows, dyn_rows = [], [], [], [], [], []

@@ -28,7 +28,7 @@ def tiny_model(out: Path) -> Path:
     """A 2-layer random Llama with the embedded SmolLM2 tokenizer (local, nothing is downloaded from a hub)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from circuitdyn.gguf import default_model_dir
+    from circuitdyn.runs.gguf import default_model_dir
 
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
@@ -52,10 +52,10 @@ def train(base: Path, out: Path, epochs: int = 3, stop: str | None = "patience:2
         TrainingArguments,
     )
 
-    from circuitdyn.cpt import CPTConfig
-    from circuitdyn.integrations import ProbeCallback
-    from circuitdyn.probes import entity_documents, load_probes, select_entities
-    from circuitdyn.settings import AttributionSettings
+    from circuitdyn.engine.settings import AttributionSettings
+    from circuitdyn.probes.probes import entity_documents, load_probes, select_entities
+    from circuitdyn.training.cpt import CPTConfig
+    from circuitdyn.training.trainer import ProbeCallback
 
     tok = AutoTokenizer.from_pretrained(base)
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -78,8 +78,8 @@ def train(base: Path, out: Path, epochs: int = 3, stop: str | None = "patience:2
 
 
 def main(argv: list[str] | None = None) -> None:
-    from circuitdyn.dynamics import format_table, load_dynamics
-    from circuitdyn.stopping import apply_rule, history_from_dynamics
+    from circuitdyn.analysis.dynamics import format_table, load_dynamics
+    from circuitdyn.analysis.stopping import apply_rule, history_from_dynamics
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="trainer-run", help="the Trainer's output folder (default trainer-run)")

@@ -17,11 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-from circuitdyn.checkpoints import open_run
-from circuitdyn.facts import load_facts
-from circuitdyn.probes import corruption_counts
-from circuitdyn.selection import Selection
-from circuitdyn.settings import AttributionSettings, Comparison
+from circuitdyn.engine.selection import Selection
+from circuitdyn.engine.settings import AttributionSettings, Comparison
+from circuitdyn.probes.facts import load_facts
+from circuitdyn.probes.probes import corruption_counts
+from circuitdyn.runs.checkpoints import open_run
 
 RUN = os.environ.get("CIRCUITDYN_RUN", "circuitdyn-demo/run")
 DEMO_PROBES = Path(RUN).parent / "probes.jsonl"
@@ -54,7 +54,7 @@ print(f"{len(facts)} facts, corruption kinds {corruption_counts(facts)}")
 # 2x IG steps and another corruption: the method-noise distribution every change is tested against.
 
 # %%
-from circuitdyn.compare import load_run_timeline
+from circuitdyn.pipeline.compare import load_run_timeline
 
 timeline = load_run_timeline(run, facts, SETTINGS, Comparison(SELECTION, noise_epochs="ends"),
                              fact_choice="seeded sample, chosen before outcomes", progress=True)
@@ -62,7 +62,7 @@ print(timeline.noise.per_fact("edge_jaccard").round(3))
 
 # %%
 from circuitdyn import viz
-from circuitdyn.diff import MEAN
+from circuitdyn.analysis.diff import MEAN
 
 OUT.mkdir(parents=True, exist_ok=True)
 circuits = timeline.circuits
@@ -77,8 +77,8 @@ print("circuit viewer:", viz.write_circuit_html(circuits[first], OUT / "circuit.
 # counts only beyond the noise's 95th percentile. Aggregates come with 95 % intervals over entities.
 
 # %%
-from circuitdyn.diff import diff_circuits
-from circuitdyn.report import describe_diff, describe_timeline
+from circuitdyn.analysis.diff import diff_circuits
+from circuitdyn.analysis.report import describe_diff, describe_timeline
 
 diff = diff_circuits(circuits[first], circuits[last], timeline.selection, noise=timeline.noise,
                      labels=(f"epoch {first}", f"epoch {last}"),
@@ -114,9 +114,9 @@ print("timeline viewer:", viz.write_timeline_html(timeline, OUT / "timeline.html
 # clipped to [0, 1]; facts whose gap on that model is too small to mean anything are left out and counted).
 
 # %%
-from circuitdyn.extraction import run_evaluator
-from circuitdyn.report import describe_transfer
-from circuitdyn.transfer import transfer_matrix, transfer_pivot, transfer_summary
+from circuitdyn.analysis.report import describe_transfer
+from circuitdyn.analysis.transfer import transfer_matrix, transfer_pivot, transfer_summary
+from circuitdyn.pipeline.extraction import run_evaluator
 
 transfer = transfer_matrix(circuits, run_evaluator(run, facts), timeline.selection, selected=timeline.fact_masks)
 print(transfer_pivot(transfer).round(3))

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from circuitdyn.forward import FactBatch, embed_inputs
-from circuitdyn.graph import Graph
+from circuitdyn.engine.forward import FactBatch, embed_inputs
+from circuitdyn.engine.graph import Graph
 
 _FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in", "ungroup_grouped_query_attention")
 

@@ -128,7 +128,7 @@ CHAT_TEMPLATE = (
 
 def seed_sentences(limit: int = 400) -> list[str]:
     """Real text for the tiny tokenizer's vocabulary: the seed probes' questions, answers and chunks."""
-    from circuitdyn.probes import DATA_DIR
+    from circuitdyn.probes.probes import DATA_DIR
 
     data = json.loads((DATA_DIR / "validation_probes.json").read_text())
     out: list[str] = []
@@ -216,7 +216,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> C
     """Factory: a run folder of `n_epochs + 1` tiny random checkpoints (epoch_0 ... epoch_N) with run.json."""
 
     def make(arch: str = "llama", n_epochs: int = 2, manifest: bool = True, name: str | None = None) -> Path:
-        from circuitdyn.checkpoints import write_manifest
+        from circuitdyn.runs.checkpoints import write_manifest
 
         root = tmp_path_factory.mktemp(name or f"run-{arch}")
         for e in range(n_epochs + 1):
@@ -246,7 +246,7 @@ def gpt2_run(make_run: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real embedded default model (integration tests only)."""
-    from circuitdyn.gguf import default_model_dir
+    from circuitdyn.runs.gguf import default_model_dir
 
     return default_model_dir()
 
@@ -281,7 +281,7 @@ def tiny_tl_model(arch: str = "llama", seed: int = 0, n_layers: int = 2, d_vocab
 
 def tiny_facts(n: int = 4, d_vocab: int = 50, seed: int = 0, noise_every: int = 2):
     """Random FactPrompts of varied lengths (some entity-swap, some noise corruption, multi-token answers)."""
-    from circuitdyn.probes import FactPrompt
+    from circuitdyn.probes.probes import FactPrompt
 
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -323,7 +323,7 @@ PAIR_PROBES = [
 def train_to_recall(model, tokenizer, probes, seed: int, max_steps: int = 600) -> int:
     """Train `model` on the probes' prompt + answer until every answer token is its greedy prediction and
     the answer's log-prob exceeds -0.1 (teacher-forced); returns the steps taken (fails if never reached)."""
-    from circuitdyn.probes import Probe, answer_text, prompt_text
+    from circuitdyn.probes.probes import Probe, answer_text, prompt_text
 
     torch.manual_seed(seed)
     seqs, spans = [], []
@@ -365,7 +365,7 @@ def trained_pair_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
     the same six facts (three entities, two parallel questions each); returns (run folder, probe file)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from circuitdyn.checkpoints import write_manifest
+    from circuitdyn.runs.checkpoints import write_manifest
 
     root = tmp_path_factory.mktemp("trained-pair")
     probes = root / "probes.jsonl"

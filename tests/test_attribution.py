@@ -9,13 +9,13 @@ import torch
 from attribution_reference import reference_scores
 from conftest import tiny_facts, tiny_tl_model
 
-from circuitdyn import attribution as A
-from circuitdyn import forward as Fw
-from circuitdyn import patching as Pt
+from circuitdyn.engine import attribution as A
+from circuitdyn.engine import forward as Fw
+from circuitdyn.engine import patching as Pt
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.settings import AttributionSettings as S
+from circuitdyn.engine.settings import Compute
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
-from circuitdyn.settings import AttributionSettings as S
-from circuitdyn.settings import Compute
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,9 +143,9 @@ def test_unsupported_architecture_is_refused():
 
 
 def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
-    from circuitdyn.circuits import CircuitSet
     from circuitdyn.cli import main
-    from circuitdyn.probes import seed_data_dir
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.probes.probes import seed_data_dir
 
     probes = str(seed_data_dir() / "validation_probes.json")
     out = tmp_path / "circuits"
@@ -172,9 +172,9 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
 def test_smollm2_scores_match_forward_and_full_circuit(smollm2_dir):
     """On the real SmolLM2-135M-Instruct: the functional forward equals TransformerLens, EAP-IG scores are
     finite over all 123,211 edges, and patching with the full graph / no edge gives the clean / corrupted run."""
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.faithfulness import circuit_metric
-    from circuitdyn.probes import build_fact_prompts, load_probes
+    from circuitdyn.engine.faithfulness import circuit_metric
+    from circuitdyn.probes.probes import build_fact_prompts, load_probes
+    from circuitdyn.runs.checkpoints import open_run
 
     run = open_run(smollm2_dir)
     model = run.load_model(0)

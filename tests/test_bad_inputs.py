@@ -9,6 +9,7 @@ model) or DAMAGED, so a run of this file counts the outcomes of each kind.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -62,8 +63,8 @@ def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: 
     """The hostile inputs, built once: corrupt models, mismatched models, bad probe files, blocked outputs."""
     from conftest import PAIR_PROBES
 
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.graph import Graph
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.engine.graph import Graph
 
     root = tmp_path_factory.mktemp("hostile")
     model = llama_run / "epoch_0"
@@ -304,7 +305,8 @@ def _digests(h: dict[str, str]) -> dict[str, str]:
 @pytest.fixture
 def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading any model fails the case as LATE: bad input must be refused before that work."""
-    from circuitdyn import checkpoints, cpt
+    from circuitdyn.runs import checkpoints
+    from circuitdyn.training import cpt
 
     def loaded(*_a: Any, **_k: Any) -> Any:
         raise ModelLoaded
@@ -347,18 +349,18 @@ def test_cli_refuses(argv: list[str], expect: list[str], H: dict[str, str], no_m
 
 
 def _api_cases() -> list[tuple[str, Callable[[dict[str, str]], Any], list[str]]]:
-    from circuitdyn.attribution import steps_taken
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.cpt import CPTConfig
-    from circuitdyn.dynamics import load_dynamics
-    from circuitdyn.graph import Graph
-    from circuitdyn.io import check_writable
-    from circuitdyn.selection import (
+    from circuitdyn.analysis.dynamics import load_dynamics
+    from circuitdyn.engine.attribution import steps_taken
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.engine.graph import Graph
+    from circuitdyn.engine.selection import (
         Selection,
         select_threshold,
         select_top_n,
         select_top_n_paths,
     )
+    from circuitdyn.io import check_writable
+    from circuitdyn.training.cpt import CPTConfig
 
     scores = torch.randn(3, Graph(2, 2).n_edges)
 
@@ -367,13 +369,13 @@ def _api_cases() -> list[tuple[str, Callable[[dict[str, str]], Any], list[str]]]
 
     def extract(**kw: Any) -> Callable[[dict[str, str]], Any]:
         def go(h: dict[str, str]) -> Any:
-            from circuitdyn.checkpoints import open_run
-            from circuitdyn.extraction import extract_run
-            from circuitdyn.facts import load_facts
+            from circuitdyn.pipeline.extraction import extract_run
+            from circuitdyn.probes.facts import load_facts
+            from circuitdyn.runs.checkpoints import open_run
 
             run = open_run(h["run"])
             facts = load_facts(h["probes"], run.tokenizer())
-            from circuitdyn.settings import Compute, Storage
+            from circuitdyn.engine.settings import Compute, Storage
 
             out = _fill(kw["out"], h) if "out" in kw else Path(h["root"]) / "api-circuits"
             return extract_run(run, facts, out, compute=Compute(**kw.get("compute", {})),
@@ -400,7 +402,7 @@ def _api_cases() -> list[tuple[str, Callable[[dict[str, str]], Any], list[str]]]
         ("extract_run-batch-size-0", extract(compute={"batch_size": 0}), ["batch_size", "0"]),
         ("extract_run-sparse-neg", extract(storage={"sparse_top_k": -1}), ["sparse_top_k", "-1"]),
         ("extract_run-out-is-file", extract(out="{text}"), ["{text}", "is a file"]),
-        ("open_run-random-weights", lambda h: __import__("circuitdyn.checkpoints").checkpoints.open_run(h["random"]),
+        ("open_run-random-weights", lambda h: importlib.import_module("circuitdyn.runs.checkpoints").open_run(h["random"]),
          ["{random}/model.safetensors"]),
     ]
 

@@ -9,9 +9,9 @@ import torch
 from attribution_reference import reference_scores
 from conftest import tiny_facts, tiny_tl_model
 
-from circuitdyn import attribution as A
-from circuitdyn import forward as Fw
-from circuitdyn.settings import DEFAULT_IG_GRID, IG_GRIDS
+from circuitdyn.engine import attribution as A
+from circuitdyn.engine import forward as Fw
+from circuitdyn.engine.settings import DEFAULT_IG_GRID, IG_GRIDS
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from circuitdyn.calibration import coverage, markdown_table
-from circuitdyn.change_test import ALPHA, aggregate_p, benjamini_hochberg, compare_replicates
+from circuitdyn.analysis.calibration import coverage, markdown_table
+from circuitdyn.analysis.change_test import ALPHA, aggregate_p, benjamini_hochberg, compare_replicates
+from circuitdyn.analysis.stats import MIN_ENTITIES
 from circuitdyn.cli import main
-from circuitdyn.stats import MIN_ENTITIES
 
 
 def test_calibrate_on_a_trained_checkpoint(trained_pair_run, tmp_path, capsys):
@@ -85,7 +85,7 @@ def old_quantile_rule(dist: np.ndarray, r: int) -> np.ndarray:
 def test_false_positive_rate_under_an_exchangeable_null():
     """Per-fact tests on replicates that differ only by draw (600 tests): the rate of p <= 0.05 stays within
     0.05 + 2 binomial standard errors. The pre-calibration quantile rule fails the same check (~18-28 %)."""
-    from circuitdyn.change_test import replicate_distances
+    from circuitdyn.analysis.change_test import replicate_distances
 
     rng = np.random.default_rng(0)
     r, n_facts, rounds = 5, 30, 20
@@ -149,7 +149,7 @@ def test_too_few_replicates_are_said_to_be_powerless(r, capsys):
 def test_joint_permutation_over_a_timeline_is_calibrated_and_finds_change():
     """A timeline's aggregate test permutes each fact's replicates across all epochs: under the null (every
     epoch the same function) it fires at most at its level; a change at one epoch is found."""
-    from circuitdyn.change_test import joint_permutation_p, replicate_distances
+    from circuitdyn.analysis.change_test import joint_permutation_p, replicate_distances
 
     rng = np.random.default_rng(4)
     r, epochs, n_facts = 4, 3, 6

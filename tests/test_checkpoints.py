@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitdyn.checkpoints import content_hash, open_run, resolve
 from circuitdyn.cli import main
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.runs.checkpoints import content_hash, open_run, resolve
 
 
 def _ids(run, text: str = "The capital of France is Paris") -> torch.Tensor:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitdyn.circuits import CircuitSet, select_threshold, select_top_n, select_top_n_paths
+from circuitdyn.engine.circuits import CircuitSet, select_threshold, select_top_n, select_top_n_paths
+from circuitdyn.engine.graph import Graph
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
 
 META = {"method": "eap-ig", "ig_steps": 5, "metric": "logprob", "seed": 0, "architecture": "LlamaForCausalLM",
         "probe_set_hash": "sha256:abc", "epoch": 1, "corruption": ["entity", "noise", "entity"]}
@@ -58,7 +58,7 @@ def test_float16_default_scaled_per_fact_and_compact(tmp_path):
 def test_format_1_files_still_load():
     """Files written by circuitdyn before the compact format (edge names as JSON, format 1) load as before,
     and their settings read as the `right` IG grid they were computed with."""
-    from circuitdyn.circuits import circuit_files, settings
+    from circuitdyn.engine.circuits import circuit_files, settings
 
     folder = Path(__file__).parent / "data" / "circuits_v1"
     g = Graph(2, 2)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fi
 
 def extract_args(**compute) -> tuple:
     """The settings, compute and storage of every extraction here (Ray options in `compute`)."""
-    from circuitdyn.settings import AttributionSettings, Compute, Storage
+    from circuitdyn.engine.settings import AttributionSettings, Compute, Storage
 
     return AttributionSettings("eap-ig", 2), Compute(batch_size=2, **compute), Storage(top_n=50)
 
@@ -34,9 +34,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def run_and_facts(make_run):
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.facts import load_facts
-    from circuitdyn.probes import load_probes
+    from circuitdyn.probes.facts import load_facts
+    from circuitdyn.probes.probes import load_probes
+    from circuitdyn.runs.checkpoints import open_run
 
     run = open_run(make_run("llama", 1, name="ray-run"))
     return run, load_facts(load_probes()[:6], run.tokenizer())
@@ -45,14 +45,14 @@ def run_and_facts(make_run):
 @pytest.fixture(scope="module")
 def local(run_and_facts, tmp_path_factory):
     """The circuit files of a plain local run: what every Ray run must reproduce."""
-    from circuitdyn.extraction import extract_run
+    from circuitdyn.pipeline.extraction import extract_run
 
     run, facts = run_and_facts
     return extract_run(run, facts, tmp_path_factory.mktemp("local"), None, *extract_args())
 
 
 def assert_same_files(local, folder: Path, extra_meta: dict | None = None) -> None:
-    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.engine.circuits import CircuitSet
 
     recorded = {"facts.json", ".facts.json.lock"}  # the run's record of a probe file's facts, beside the circuits
     assert sorted(p.name for p in folder.iterdir() if p.name not in recorded) == sorted(r.path.name for r in local)
@@ -79,7 +79,7 @@ def busy_workers() -> list[int]:
 
 def extract_killing_one_worker(run, facts, out: Path, **kw):
     """`extract_run` on Ray while the first busy worker seen is SIGKILLed mid-task; (result or error, killed pid)."""
-    from circuitdyn.extraction import extract_run
+    from circuitdyn.pipeline.extraction import extract_run
 
     box: dict = {}
 
@@ -104,7 +104,7 @@ def extract_killing_one_worker(run, facts, out: Path, **kw):
 
 def test_cli_extract_on_ray_writes_the_local_files(cluster, run_and_facts, local, tmp_path, capsys):
     from circuitdyn.cli import main
-    from circuitdyn.probes import load_probes, write_probes_jsonl
+    from circuitdyn.probes.probes import load_probes, write_probes_jsonl
 
     run, _ = run_and_facts
     out = tmp_path / "ray"
@@ -130,7 +130,7 @@ def test_a_killed_worker_is_retried_and_the_result_is_identical(cluster, run_and
 
 def test_a_repeated_failure_names_checkpoint_and_shard_and_a_rerun_resumes(cluster, run_and_facts, local, tmp_path,
                                                                            monkeypatch):
-    from circuitdyn import cluster as cluster_module
+    from circuitdyn.pipeline import ray as cluster_module
 
     run, facts = run_and_facts
     out = tmp_path / "ray"
@@ -148,7 +148,7 @@ def test_a_repeated_failure_names_checkpoint_and_shard_and_a_rerun_resumes(clust
         return real(rt, tasks, **kw)
 
     monkeypatch.setattr(cluster_module, "run_tasks", counting)
-    from circuitdyn.extraction import extract_run
+    from circuitdyn.pipeline.extraction import extract_run
 
     extract_run(run, facts, out, None, *extract_args(ray="auto", shard_size=2))
     assert len(submitted) == 6 - len(shards)  # finished shards are not computed again
@@ -156,7 +156,7 @@ def test_a_repeated_failure_names_checkpoint_and_shard_and_a_rerun_resumes(clust
 
 
 def test_without_ray_the_error_says_what_to_install(run_and_facts, tmp_path, monkeypatch):
-    from circuitdyn.extraction import extract_run
+    from circuitdyn.pipeline.extraction import extract_run
 
     run, facts = run_and_facts
     monkeypatch.setitem(sys.modules, "ray", None)
@@ -165,7 +165,7 @@ def test_without_ray_the_error_says_what_to_install(run_and_facts, tmp_path, mon
 
 
 def test_cluster_runs_tasks_in_order_and_names_the_failed_one(cluster):
-    from circuitdyn.cluster import Task, run_tasks
+    from circuitdyn.pipeline.ray import Task, run_tasks
 
     assert run_tasks(cluster, [Task(f"t{i}", statistics.mean, ([i, 3 * i],)) for i in range(4)]) == [0, 2, 4, 6]
     with pytest.raises(CircuitdynError, match=r"^part b failed: StatisticsError: mean requires at least one"):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from circuitdyn.control_probes import (
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes.control import (
     SYSTEM,
     chat_prompt,
     letter_prediction,
@@ -18,8 +19,7 @@ from circuitdyn.control_probes import (
     siqa_hit,
     siqa_question,
 )
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.probes import (
+from circuitdyn.probes.probes import (
     MathProbe,
     ReasoningProbe,
     load_math_probes,
@@ -74,8 +74,8 @@ def test_mmlu_file(tmp_path: Path) -> None:
 
 
 def test_paper_preset_and_cli_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from circuitdyn import cpt
     from circuitdyn.cli import main
+    from circuitdyn.training import cpt
 
     cfg = cpt.CPTConfig.paper()
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_init, cfg.lora_targets, cfg.train_embeddings) == (
@@ -99,7 +99,7 @@ def test_paper_preset_and_cli_overrides(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_a_run_probes_like_the_paper(tmp_path: Path, tokenizer_dir: Path) -> None:
     from conftest import save_tiny_model
 
-    from circuitdyn.cpt import CPTConfig, run_cpt
+    from circuitdyn.training.cpt import CPTConfig, run_cpt
 
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer_dir, seed=0)
     cfg = CPTConfig.paper(base_model=str(base), entities=["Russia"], epochs=1, lr=1e-3, max_new_tokens=2,

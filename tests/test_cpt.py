@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from circuitdyn.cli import main
-from circuitdyn.cpt import (
+from circuitdyn.engine.settings import AttributionSettings, Storage
+from circuitdyn.errors import CircuitdynError
+from circuitdyn.probes.probes import rouge1
+from circuitdyn.training.cpt import (
     STATE_DIR,
     CPTConfig,
     Document,
@@ -21,9 +24,6 @@ from circuitdyn.cpt import (
     run_cpt,
     training_windows,
 )
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.probes import rouge1
-from circuitdyn.settings import AttributionSettings, Storage
 
 ENTITIES = ["Russia", "Patna"]
 
@@ -54,8 +54,8 @@ def _hashes(run_dir: Path) -> list[str]:
 
 
 def test_run_layout(reference_run: Path, cfg: CPTConfig) -> None:
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.dynamics import load_dynamics
+    from circuitdyn.analysis.dynamics import load_dynamics
+    from circuitdyn.runs.checkpoints import open_run
 
     run = open_run(reference_run)
     assert run.epochs == [0, 1, 2]
@@ -164,7 +164,7 @@ def test_kl_is_reference_to_model_over_real_tokens() -> None:
     import torch
     import torch.nn.functional as F
 
-    from circuitdyn.cpt import _kl
+    from circuitdyn.training.cpt import _kl
 
     gen = torch.Generator().manual_seed(0)
     logits, ref = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
@@ -190,7 +190,7 @@ def test_merged_state_dict_matches_peft(cfg: CPTConfig) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from circuitdyn.cpt import _wrap_lora
+    from circuitdyn.training.cpt import _wrap_lora
 
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
     peft_model = _wrap_lora(model, cfg)
@@ -325,7 +325,7 @@ def test_greedy_with_answers_equals_generate(cfg: CPTConfig) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from circuitdyn.cpt import Prober, greedy_with_answers
+    from circuitdyn.training.cpt import Prober, greedy_with_answers
 
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32).eval()
@@ -354,10 +354,10 @@ def test_adapter_saved_run_equals_the_merged_run(tiny_base: Path, tokenizer_dir:
     from conftest import tiny_hf_config
     from transformers import AutoModelForCausalLM
 
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.extraction import extract_run
-    from circuitdyn.facts import load_facts
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.pipeline.extraction import extract_run
+    from circuitdyn.probes.facts import load_facts
+    from circuitdyn.runs.checkpoints import open_run
 
     tied = tmp_path / "tied-base"
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])

@@ -11,11 +11,11 @@ from plotly.offline import get_plotlyjs
 
 from circuitdyn.cli import main
 from circuitdyn.demo import DEMO_COMPARISON, demo_config, pick_facts, run_demo
+from circuitdyn.engine.selection import Selection
+from circuitdyn.engine.settings import AttributionSettings as S
+from circuitdyn.engine.settings import Comparison
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.probes import Probe
-from circuitdyn.selection import Selection
-from circuitdyn.settings import AttributionSettings as S
-from circuitdyn.settings import Comparison
+from circuitdyn.probes.probes import Probe
 
 
 def _probe(entity: str, i: int) -> Probe:

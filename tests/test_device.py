@@ -12,17 +12,17 @@ import pytest
 import torch
 from conftest import save_tiny_model, tiny_facts, tiny_tl_model
 
-from circuitdyn import attribution as A
-from circuitdyn import forward as Fw
-from circuitdyn import patching as Pt
-from circuitdyn.checkpoints import open_run, resolve_device, resolve_dtype
 from circuitdyn.cli import build_parser, main
+from circuitdyn.engine import attribution as A
+from circuitdyn.engine import forward as Fw
+from circuitdyn.engine import patching as Pt
+from circuitdyn.engine.faithfulness import CircuitEvaluator, faithfulness_curve
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.selection import smallest_faithful
+from circuitdyn.engine.settings import AttributionSettings as S
+from circuitdyn.engine.settings import Compute
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.faithfulness import CircuitEvaluator, faithfulness_curve
-from circuitdyn.graph import Graph
-from circuitdyn.selection import smallest_faithful
-from circuitdyn.settings import AttributionSettings as S
-from circuitdyn.settings import Compute
+from circuitdyn.runs.checkpoints import open_run, resolve_device, resolve_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,7 +147,7 @@ def test_bf16_scores_track_fp32(arch: str) -> None:
 @pytest.mark.integration
 def test_smollm2_bf16_eap_ig_matches_fp32(smollm2_dir: Path) -> None:
     """On SmolLM2, bf16 and fp32 EAP-IG scores of one fact rank all edges alike (Spearman >= 0.99)."""
-    from circuitdyn.facts import load_facts
+    from circuitdyn.probes.facts import load_facts
 
     r16 = open_run(smollm2_dir, dtype="bfloat16", device="cpu")
     r32 = open_run(smollm2_dir, dtype="float32", device="cpu")
@@ -164,7 +164,7 @@ def test_smollm2_bf16_eap_ig_matches_fp32(smollm2_dir: Path) -> None:
 
 # --- cpt and demo ---------------------------------------------------------------------------------------
 def test_cpt_identity_has_dtype_not_device() -> None:
-    from circuitdyn.cpt import CPTConfig
+    from circuitdyn.training.cpt import CPTConfig
 
     cfg = CPTConfig(device="cpu")
     assert "device" not in cfg.identity() and cfg.identity()["dtype"] == "float32"
@@ -179,7 +179,7 @@ def test_cpt_identity_has_dtype_not_device() -> None:
 def test_cpt_trains_in_bf16_and_resumes_on_another_device(tmp_path: Path, tokenizer_dir: Path) -> None:
     from safetensors import safe_open
 
-    from circuitdyn.cpt import MODEL_DIR, CPTConfig, _check_out_dir, run_cpt
+    from circuitdyn.training.cpt import MODEL_DIR, CPTConfig, _check_out_dir, run_cpt
 
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer_dir, seed=0)
     cfg = CPTConfig(base_model=str(base), entities=["Russia"], epochs=1, lr=1e-2, max_new_tokens=2, n_math=None,
@@ -203,7 +203,7 @@ def test_cpt_trains_in_bf16_and_resumes_on_another_device(tmp_path: Path, tokeni
     with pytest.raises(CircuitdynError, match="dtype"):
         _check_out_dir(out, cfg)
     # adapters (the LoRA default) are merged back in the run's dtype: the same bfloat16 model as the merged run's
-    from circuitdyn.checkpoints import open_run
+    from circuitdyn.runs.checkpoints import open_run
 
     run_cpt(replace(cfg, save="adapter"), tmp_path / "adapter", progress=False, log=None)
     assert (tmp_path / "adapter" / "epoch_1" / "probe_results.jsonl").read_text() == \

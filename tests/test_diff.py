@@ -10,16 +10,16 @@ import pytest
 import torch
 
 import circuitdyn
-from circuitdyn.circuits import CircuitSet
-from circuitdyn.diff import MEAN, circuit_graph, diff_circuits, strongest_paths
+from circuitdyn.analysis.diff import MEAN, circuit_graph, diff_circuits, strongest_paths
+from circuitdyn.analysis.noise import MethodNoise, noise_from_replicates
+from circuitdyn.analysis.similarity import rank_biased_overlap, spearman, weighted_jaccard
+from circuitdyn.analysis.transfer import transfer_matrix, transfer_pivot, transfer_summary
+from circuitdyn.engine.circuits import CircuitSet
+from circuitdyn.engine.faithfulness import gap_ok
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.selection import Selection, smallest_faithful
+from circuitdyn.engine.settings import AttributionSettings
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.faithfulness import gap_ok
-from circuitdyn.graph import Graph
-from circuitdyn.noise import MethodNoise, noise_from_replicates
-from circuitdyn.selection import Selection, smallest_faithful
-from circuitdyn.settings import AttributionSettings
-from circuitdyn.similarity import rank_biased_overlap, spearman, weighted_jaccard
-from circuitdyn.transfer import transfer_matrix, transfer_pivot, transfer_summary
 
 GRAPH = Graph(3, 2)
 META = {"architecture": "LlamaForCausalLM", "method": "eap-ig", "ig_steps": 5, "metric": "logprob", "seed": 0}
@@ -375,7 +375,7 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
     import json
 
     from circuitdyn.cli import main
-    from circuitdyn.probes import load_probes, write_probes_jsonl
+    from circuitdyn.probes.probes import load_probes, write_probes_jsonl
 
     run = make_run("llama", 2, name="diff-compute-run")
     probes = write_probes_jsonl(load_probes()[:3], tmp_path / "probes.jsonl")
@@ -428,11 +428,11 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
 
 
 def test_transfer_matrix_on_a_run(make_run):
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.extraction import extract_run, run_evaluator
-    from circuitdyn.facts import load_facts
-    from circuitdyn.probes import load_probes
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.pipeline.extraction import extract_run, run_evaluator
+    from circuitdyn.probes.facts import load_facts
+    from circuitdyn.probes.probes import load_probes
+    from circuitdyn.runs.checkpoints import open_run
 
     run = open_run(make_run("llama", 1, name="transfer-run"))
     facts = load_facts(load_probes()[:2], run.tokenizer())
@@ -486,7 +486,7 @@ def test_cli_diff_on_smollm2(smollm2_dir, tmp_path, capsys):
 
 def test_cli_diff_checkpoints_of_different_architectures(make_run, tmp_path, capsys):
     from circuitdyn.cli import main
-    from circuitdyn.probes import load_probes, write_probes_jsonl
+    from circuitdyn.probes.probes import load_probes, write_probes_jsonl
 
     llama, gpt2 = make_run("llama", 1, name="arch-llama"), make_run("gpt2", 1, name="arch-gpt2")
     probes = write_probes_jsonl(load_probes()[:1], tmp_path / "p.jsonl")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import DATA
 
-from circuitdyn.dynamics import (
+from circuitdyn.analysis.dynamics import (
     entity_results_json,
     entity_scores_from_probes,
     format_table,

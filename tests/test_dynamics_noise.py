@@ -76,7 +76,7 @@ def test_pruned_circuits_are_checked_on_a_corruption_they_were_not_pruned_on(tra
 def test_question_family_draws_each_fact_its_own_swap_partner(trained_pair_run, tmp_path, capsys):
     """`--family question` replicates vary the corruption fact by fact: their circuit files hold other fact
     sets (another probe-set hash per draw), and the test still runs over all facts."""
-    from circuitdyn.circuits import circuit_files
+    from circuitdyn.engine.circuits import circuit_files
 
     run, probes = trained_pair_run
     assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--family", "question",

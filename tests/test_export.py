@@ -11,10 +11,9 @@ import networkx as nx
 import pytest
 import torch
 
-from circuitdyn.circuits import CircuitSet
 from circuitdyn.cli import main
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.export import (
+from circuitdyn.engine.circuits import CircuitSet
+from circuitdyn.engine.export import (
     SCHEMA_PATH,
     from_graph_json,
     to_csv,
@@ -23,8 +22,9 @@ from circuitdyn.export import (
     validate_graph_json,
     write_graph_json,
 )
-from circuitdyn.graph import Graph
-from circuitdyn.selection import Selection
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.selection import Selection
+from circuitdyn.errors import CircuitdynError
 
 META = {"method": "eap-ig", "ig_steps": 5, "ig_grid": "left", "metric": "answer-logprob", "seed": 0,
         "architecture": "LlamaForCausalLM", "probe_set_hash": "sha256:abc", "epoch": 2, "step": 40,

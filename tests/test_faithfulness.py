@@ -8,17 +8,17 @@ import pytest
 import torch
 from conftest import tiny_facts
 
-from circuitdyn import attribution as A
-from circuitdyn import forward as Fw
-from circuitdyn import patching as Pt
-from circuitdyn.circuits import CircuitSet
+from circuitdyn.engine import attribution as A
+from circuitdyn.engine import forward as Fw
+from circuitdyn.engine import patching as Pt
+from circuitdyn.engine.circuits import CircuitSet
+from circuitdyn.engine.faithfulness import CircuitEvaluator, circuit_metric, faithfulness, faithfulness_curve
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.selection import select_top_n, select_top_n_paths, smallest_faithful
+from circuitdyn.engine.settings import AttributionSettings as S
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.extraction import extract_circuits
-from circuitdyn.facts import facts_hash
-from circuitdyn.faithfulness import CircuitEvaluator, circuit_metric, faithfulness, faithfulness_curve
-from circuitdyn.graph import Graph
-from circuitdyn.selection import select_top_n, select_top_n_paths, smallest_faithful
-from circuitdyn.settings import AttributionSettings as S
+from circuitdyn.pipeline.extraction import extract_circuits
+from circuitdyn.probes.facts import facts_hash
 
 
 def test_full_graph_is_one_and_empty_is_zero(tiny_tl):

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitdyn.circuits import CircuitSet
 from circuitdyn.cli import main
+from circuitdyn.engine.circuits import CircuitSet
+from circuitdyn.engine.selection import Selection
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.selection import Selection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_sigkill_mid_cpt_then_resume_is_identical(tmp_path, tokenizer_dir):
 
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer_dir, seed=0)
     script = (
-        "import sys; from circuitdyn.cpt import CPTConfig, run_cpt\n"
+        "import sys; from circuitdyn.training.cpt import CPTConfig, run_cpt\n"
         f"cfg = CPTConfig(base_model={str(base)!r}, entities=['Russia', 'Patna'], epochs=3, lr=1e-2, batch_size=2, "
         "max_new_tokens=4, n_math=2, n_reasoning=2, max_length=64, device='cpu')\n"
         "run_cpt(cfg, sys.argv[1], progress=False, log=None)\n"
@@ -143,8 +143,8 @@ def test_sigkill_mid_cpt_then_resume_is_identical(tmp_path, tokenizer_dir):
 
 
 def test_second_cpt_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
-    from circuitdyn.cpt import CPTConfig, run_cpt
     from circuitdyn.io import file_lock
+    from circuitdyn.training.cpt import CPTConfig, run_cpt
 
     out = tmp_path / "run"
     with file_lock(out), pytest.raises(CircuitdynError, match=r"another circuitdyn process is writing a CPT run"):
@@ -179,7 +179,7 @@ def test_full_disk_keeps_finished_epochs_and_says_so(llama_run, probes, referenc
 
 def test_os_error_anywhere_is_one_line(monkeypatch, capsys, llama_run):
     """An OS error met where no file is named (here: the disk fails while reading a config) is one line too."""
-    from circuitdyn import checkpoints
+    from circuitdyn.runs import checkpoints
 
     def broken(_path):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(llama_run / "epoch_0" / "config.json"))
@@ -216,7 +216,7 @@ def test_other_facts_live_side_by_side_and_other_checkpoints_are_not_replaced(ll
 
 def test_viewer_replaces_only_a_viewer(tmp_path):
     """A viewer is regenerated over an earlier circuitdyn viewer; any other file at --out needs --overwrite."""
-    from circuitdyn.graph import Graph
+    from circuitdyn.engine.graph import Graph
     from circuitdyn.viz import write_circuit_html
 
     g = Graph(2, 2)
@@ -234,8 +234,8 @@ def test_viewer_replaces_only_a_viewer(tmp_path):
 
 def test_transfer_cache_of_another_table_is_kept(tmp_path):
     """Two transfer tables (other selections) cached under one name live side by side, each reused."""
-    from circuitdyn.graph import Graph
-    from circuitdyn.transfer import transfer_matrix
+    from circuitdyn.analysis.transfer import transfer_matrix
+    from circuitdyn.engine.graph import Graph
 
     g = Graph(2, 2)
     torch.manual_seed(0)
@@ -270,7 +270,7 @@ def test_stray_epoch_folders_are_warned_of(llama_run, tmp_path, capsys):
     import warnings
 
     from circuitdyn import messages
-    from circuitdyn.checkpoints import open_run
+    from circuitdyn.runs.checkpoints import open_run
 
     messages.reset()
     with warnings.catch_warnings():
@@ -287,7 +287,7 @@ def test_answer_outside_the_vocabulary_is_refused(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from circuitdyn.facts import load_facts
+    from circuitdyn.probes.facts import load_facts
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformer_lens import HookedTransformerConfig
 
+from circuitdyn.engine.graph import Graph
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
 
 
 def test_small_graph_edges_are_upstream_only():

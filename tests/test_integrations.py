@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import save_tiny_model
 
+from circuitdyn.analysis.dynamics import load_dynamics
+from circuitdyn.analysis.stopping import apply_rule, history_from_dynamics
 from circuitdyn.cli import main
-from circuitdyn.dynamics import load_dynamics
-from circuitdyn.stopping import apply_rule, history_from_dynamics
 
 REPO = Path(__file__).resolve().parents[1]
 

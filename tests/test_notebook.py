@@ -14,11 +14,11 @@ from test_diff import make_set, random_scores, replicate_sets
 from test_timeline import FACTS, N, circuits_over_epochs, outcomes
 
 import circuitdyn as cd
-from circuitdyn.calibration import Calibration, CalibrationSettings, rate
-from circuitdyn.diff import MEAN, diff_circuits
+from circuitdyn.analysis.calibration import Calibration, CalibrationSettings, rate
+from circuitdyn.analysis.diff import MEAN, diff_circuits
+from circuitdyn.analysis.timeline import build_timeline
+from circuitdyn.engine.selection import Selection
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.selection import Selection
-from circuitdyn.timeline import build_timeline
 
 # --------------------------------------------------------------------------- the front door
 
@@ -32,15 +32,17 @@ def test_every_exported_name_resolves():
         cd.no_such_name  # noqa: B018
 
 
-def test_diff_timeline_export_stay_callable_after_their_modules_are_imported():
-    """`circuitdyn.diff` is a submodule and the front door's `diff`: both work, whichever is imported first."""
-    import circuitdyn.diff
-    import circuitdyn.export
-    import circuitdyn.timeline as timeline_module
+def test_diff_timeline_export_are_the_front_doors_functions_whatever_is_imported():
+    """`cd.diff`, `cd.timeline` and `cd.export` are plain functions; the modules of those names live in the wings
+    (`circuitdyn.analysis.diff`, ...), so importing them binds nothing on the package."""
+    import circuitdyn.analysis.diff
+    import circuitdyn.analysis.timeline
+    import circuitdyn.api
+    import circuitdyn.engine.export
 
-    assert callable(cd.diff) and cd.diff.diff_circuits is diff_circuits and cd.diff.MEAN == MEAN
-    assert callable(cd.timeline) and cd.timeline is timeline_module
-    assert callable(cd.export) and cd.export is circuitdyn.export and cd.diff is circuitdyn.diff
+    assert cd.diff is circuitdyn.api.diff and cd.timeline is circuitdyn.api.timeline
+    assert cd.export is circuitdyn.engine.export.export and cd.diff_circuits is circuitdyn.api.diff_circuits
+    assert circuitdyn.analysis.diff.diff_circuits is diff_circuits and circuitdyn.analysis.diff.MEAN == MEAN
     s = random_scores()
     via_module = cd.diff_circuits(make_set(s), make_set(s), "top:20")
     assert via_module.summary["n_facts"] == 3
@@ -61,8 +63,8 @@ def moved_diff():
     facts = [f"e{i // 3}/q/{i}" for i in range(9)]
     s = random_scores(9, seed=1)
     moved = s + 0.5 * random_scores(9, seed=9)
-    from circuitdyn.noise import noise_from_replicates
-    from circuitdyn.selection import Selection
+    from circuitdyn.analysis.noise import noise_from_replicates
+    from circuitdyn.engine.selection import Selection
 
     sel = Selection.parse("top:20")
     reps = {k: [(f"r{i}", r, sel.select(r.scores, r.graph)[0], None) for i, r in enumerate(x)]
@@ -144,7 +146,7 @@ def circuit_files(run) -> dict:
 
 def test_run_remembers_its_facts_and_commands_plan(make_run, tmp_path, capsys):
     from circuitdyn.cli import main
-    from circuitdyn.probes import load_probes, write_probes_jsonl
+    from circuitdyn.probes.probes import load_probes, write_probes_jsonl
 
     run = make_run("llama", 1, name="remembers-run")
     probes = write_probes_jsonl(load_probes()[:3], tmp_path / "p.jsonl")

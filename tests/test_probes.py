@@ -9,7 +9,7 @@ import pytest
 
 import circuitdyn
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.probes import (
+from circuitdyn.probes.probes import (
     INSTRUCTION,
     Probe,
     answer_text,
@@ -120,7 +120,7 @@ def test_probe_file_errors(tmp_path: Path) -> None:
 
 def test_spec_example_manifest_is_valid() -> None:
     """checkpoints_spec/ documents the layout; its example manifest passes the packaged schema."""
-    from circuitdyn.checkpoints import validate_manifest
+    from circuitdyn.runs.checkpoints import validate_manifest
 
     example = REPO / "checkpoints_spec" / "run.example.json"
     validate_manifest(json.loads(example.read_text()), example)
@@ -210,7 +210,7 @@ def test_variant_takes_another_swap_partner(tokenizer, seed_probes: list[Probe])
 def test_swap_candidates_prefer_same_label_and_same_kind_of_mention() -> None:
     """Swap partners are ranked: same entity label first, then a mention of the same kind (full name for a
     full name; a surname before a first name for a one-word mention)."""
-    from circuitdyn.probes import _swap_candidates
+    from circuitdyn.probes.probes import _swap_candidates
 
     pool = {"Russia": "GPE", "Herbie Hancock": "PERSON", "Patna": "GPE", "Miles Davis": "PERSON"}
     full = _swap_candidates("f", "Herbie Hancock", "Herbie Hancock", pool)

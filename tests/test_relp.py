@@ -14,12 +14,12 @@ import torch
 from attribution_reference import reference_scores
 from conftest import tiny_facts
 
-from circuitdyn import attribution as A
-from circuitdyn import forward as Fw
-from circuitdyn import patching as Pt
-from circuitdyn.graph import Graph
-from circuitdyn.settings import METHODS, check_method, grid_taken, steps_taken
-from circuitdyn.settings import AttributionSettings as S
+from circuitdyn.engine import attribution as A
+from circuitdyn.engine import forward as Fw
+from circuitdyn.engine import patching as Pt
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.settings import METHODS, check_method, grid_taken, steps_taken
+from circuitdyn.engine.settings import AttributionSettings as S
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,7 +113,7 @@ def test_rules_keep_values_and_shape_gradients():
 
 
 def test_relp_records_one_step_on_the_right_grid():
-    from circuitdyn.circuits import circuit_filename
+    from circuitdyn.engine.circuits import circuit_filename
 
     assert "relp" in METHODS and check_method("relp") == "relp"
     assert steps_taken("relp", 7) == 1 and grid_taken("relp", "gauss") == "right"
@@ -135,9 +135,9 @@ def test_relp_refuses_layer_norm_activations():
 
 
 def test_cli_extract_relp(llama_run, tmp_path, capsys):
-    from circuitdyn.circuits import CircuitSet
     from circuitdyn.cli import main
-    from circuitdyn.probes import seed_data_dir
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.probes.probes import seed_data_dir
 
     probes = str(seed_data_dir() / "validation_probes.json")
     out = tmp_path / "circuits"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from circuitdyn.report import _change_verdict, describe_stability, describe_transfer, estimate
-from circuitdyn.stats import MIN_ENTITIES, mean_ci
+from circuitdyn.analysis.report import _change_verdict, describe_stability, describe_transfer, estimate
+from circuitdyn.analysis.stats import MIN_ENTITIES, mean_ci
 
 STAY = "evidence that circuits stay more similar while a fact stays recalled"
 LESS = "evidence that circuits are *less* similar while a fact stays recalled than when recall flips"

@@ -10,14 +10,14 @@ import torch
 from attribution_reference import reference_scores
 from conftest import tiny_facts
 
-from circuitdyn import attribution as A
-from circuitdyn import forward as Fw
-from circuitdyn import memory as M
-from circuitdyn.circuits import circuit_filename
+from circuitdyn.analysis.similarity import spearman
+from circuitdyn.engine import attribution as A
+from circuitdyn.engine import forward as Fw
+from circuitdyn.engine import memory as M
+from circuitdyn.engine.circuits import circuit_filename
+from circuitdyn.engine.settings import IG_GRIDS, Compute, grid_taken
+from circuitdyn.engine.settings import AttributionSettings as S
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.settings import IG_GRIDS, Compute, grid_taken
-from circuitdyn.settings import AttributionSettings as S
-from circuitdyn.similarity import spearman
 
 
 def test_ig_nodes():
@@ -129,7 +129,7 @@ def test_threads_are_set_and_restored(tiny_tl, monkeypatch):
 
 
 def test_grid_is_a_setting_and_names_the_file(tiny_tl):
-    from circuitdyn.extraction import extract_circuits, extraction_settings
+    from circuitdyn.pipeline.extraction import extract_circuits, extraction_settings
 
     facts = tiny_facts(2)
     meta = extraction_settings("LlamaForCausalLM", facts, S("eap-ig", 3, "gauss"))
@@ -144,7 +144,7 @@ def test_grid_is_a_setting_and_names_the_file(tiny_tl):
 
 def test_cli_extract_scale_flags_are_checked(llama_run, capsys):
     from circuitdyn.cli import main
-    from circuitdyn.probes import seed_data_dir
+    from circuitdyn.probes.probes import seed_data_dir
 
     base = ["extract", str(llama_run), "--probes", str(seed_data_dir() / "validation_probes.json"), "--limit", "1"]
     assert main([*base, "--max-memory", "lots"]) == 2

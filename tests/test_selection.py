@@ -8,11 +8,10 @@ import pytest
 import torch
 from conftest import tiny_facts
 
-from circuitdyn import attribution as A
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.faithfulness import CircuitEvaluator, faithfulness
-from circuitdyn.graph import Graph
-from circuitdyn.selection import (
+from circuitdyn.engine import attribution as A
+from circuitdyn.engine.faithfulness import CircuitEvaluator, faithfulness
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.selection import (
     Selection,
     helpfulness,
     on_paths,
@@ -20,7 +19,8 @@ from circuitdyn.selection import (
     select_top_n,
     smallest_faithful,
 )
-from circuitdyn.settings import AttributionSettings as S
+from circuitdyn.engine.settings import AttributionSettings as S
+from circuitdyn.errors import CircuitdynError
 
 GRAPH = Graph(3, 4)
 NEEDED = [  # two input->logits paths: each fact's faithfulness depends on these edges only

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm as sps_norm
 
-from circuitdyn.stats import (
+from circuitdyn.analysis.stats import (
     DISTRIBUTIONS,
     MIN_ENTITIES,
     auc,

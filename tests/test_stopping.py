@@ -9,16 +9,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from circuitdyn.cli import main
-from circuitdyn.dynamics import load_dynamics
-from circuitdyn.errors import CircuitdynError
-from circuitdyn.stopping import (
+from circuitdyn.analysis.dynamics import load_dynamics
+from circuitdyn.analysis.stopping import (
     RULES,
     apply_rule,
     history_from_dynamics,
     history_from_table,
     parse_rule,
 )
+from circuitdyn.cli import main
+from circuitdyn.errors import CircuitdynError
 
 PAPER = Path(__file__).parent / "data" / "paper-results" / "llama3-i-1b"
 

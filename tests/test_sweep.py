@@ -8,11 +8,11 @@ import math
 import pandas as pd
 import pytest
 
-from circuitdyn.across_runs import across_runs, format_across_runs
-from circuitdyn.cpt import CPTConfig
+from circuitdyn.analysis.across_runs import across_runs, format_across_runs
+from circuitdyn.analysis.stats import MIN_ENTITIES
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.stats import MIN_ENTITIES
-from circuitdyn.sweep import sweep_runs
+from circuitdyn.training.cpt import CPTConfig
+from circuitdyn.training.sweep import sweep_runs
 
 
 def test_sweep_runs_are_one_folder_per_strategy_and_seed(tmp_path):
@@ -51,7 +51,7 @@ def test_cli_timeline_across_runs(make_run, capsys):
     from test_timeline import N, write_run_results
 
     from circuitdyn.cli import main
-    from circuitdyn.graph import Graph
+    from circuitdyn.engine.graph import Graph
 
     runs = [make_run("llama", 2, name=f"timeline-seed-{k}") for k in range(2)]
     for run in runs:

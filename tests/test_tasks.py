@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from circuitdyn.cli import main
+from circuitdyn.engine.settings import PAPER_SETTINGS
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.settings import PAPER_SETTINGS
-from circuitdyn.tasks import (
+from circuitdyn.pipeline.tasks import (
     Task,
     evaluate_task_circuit,
     extract_task,
@@ -99,8 +99,8 @@ def _equal_length_task(tokenizer) -> Task:
 
 
 def test_task_protocol_on_a_tiny_run(llama_run: Path, tmp_path: Path) -> None:
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.graph import Graph
+    from circuitdyn.engine.graph import Graph
+    from circuitdyn.runs.checkpoints import open_run
 
     run = open_run(llama_run)
     task = _equal_length_task(run.tokenizer())
@@ -116,7 +116,7 @@ def test_task_protocol_on_a_tiny_run(llama_run: Path, tmp_path: Path) -> None:
     full = evaluate_task_circuit(model, facts, torch.ones(graph.n_edges, dtype=torch.bool))
     assert full["logit_diff"] == pytest.approx(res["baseline"]["logit_diff"], abs=1e-4)
     assert full["hit_at_10"] == res["baseline"]["hit_at_10"]
-    from circuitdyn.faithfulness import CircuitEvaluator
+    from circuitdyn.engine.faithfulness import CircuitEvaluator
 
     empty = evaluate_task_circuit(model, facts, torch.zeros(graph.n_edges, dtype=torch.bool))
     corrupted = float(CircuitEvaluator(model, facts, "logit-diff").m_corr.mean())
@@ -126,8 +126,8 @@ def test_task_protocol_on_a_tiny_run(llama_run: Path, tmp_path: Path) -> None:
 
 
 def test_task_run_files_resume_and_refuse(llama_run: Path, tmp_path: Path) -> None:
-    from circuitdyn.checkpoints import open_run
-    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.runs.checkpoints import open_run
 
     run = open_run(llama_run)
     task = _equal_length_task(run.tokenizer())
@@ -151,7 +151,7 @@ def test_task_run_files_resume_and_refuse(llama_run: Path, tmp_path: Path) -> No
 
 @pytest.mark.integration
 def test_head_of_state_on_smollm2_cli(smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from circuitdyn.circuits import CircuitSet
+    from circuitdyn.engine.circuits import CircuitSet
 
     assert main(["extract", str(smollm2_dir), "--task", "head-of-state", "--steps", "1", "--runs", "1",
                  "--out", str(tmp_path), "--no-progress"]) == 0
@@ -167,8 +167,8 @@ def test_head_of_state_on_smollm2_cli(smollm2_dir: Path, tmp_path: Path, capsys:
 
 def test_logit_diff_for_probe_facts(llama_run: Path, tmp_path: Path) -> None:
     """`--metric logit-diff` on probe facts: the contrast is the corrupted prompt's answer (first token)."""
-    from circuitdyn.circuits import CircuitSet
-    from circuitdyn.probes import load_probes, select_entities, write_probes_jsonl
+    from circuitdyn.engine.circuits import CircuitSet
+    from circuitdyn.probes.probes import load_probes, select_entities, write_probes_jsonl
 
     probes = write_probes_jsonl(select_entities(load_probes(rephrased=False), ["Russia", "Patna"])[:6] +
                                 select_entities(load_probes(rephrased=False), ["Patna"])[:2], tmp_path / "p.jsonl")

@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from circuitdyn.circuits import CircuitSet, find_circuits
-from circuitdyn.compare import load_run_timeline
-from circuitdyn.diff import MEAN
+from circuitdyn.analysis.diff import MEAN
+from circuitdyn.analysis.timeline import build_timeline
+from circuitdyn.engine.circuits import CircuitSet, find_circuits
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.selection import DEFAULT_SELECTION, Selection
+from circuitdyn.engine.settings import Comparison
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
-from circuitdyn.selection import DEFAULT_SELECTION, Selection
-from circuitdyn.settings import Comparison
-from circuitdyn.timeline import build_timeline
+from circuitdyn.pipeline.compare import load_run_timeline
 
 GRAPH = Graph(3, 2)
 META = {"architecture": "LlamaForCausalLM", "method": "eap-ig", "ig_steps": 5, "metric": "logprob", "seed": 0}
@@ -201,7 +201,7 @@ def test_cli_timeline(make_run, capsys):
 
 def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     from circuitdyn.cli import main
-    from circuitdyn.probes import load_probes, write_probes_jsonl
+    from circuitdyn.probes.probes import load_probes, write_probes_jsonl
 
     run = make_run("llama", 2, name="timeline-extract-run")
     probes = load_probes()[:2]
@@ -240,7 +240,7 @@ def test_extract_then_timeline_computes_no_circuit_twice(make_run, tmp_path, cap
     """The one road: `extract --probes F` and `timeline --probes F` build the same facts, so the timeline
     reuses every circuit file extract wrote (unchanged on disk), and `--transfer` works with `faith:`."""
     from circuitdyn.cli import main
-    from circuitdyn.probes import load_probes, write_probes_jsonl
+    from circuitdyn.probes.probes import load_probes, write_probes_jsonl
 
     run = make_run("llama", 1, name="one-road-run")
     probes = write_probes_jsonl(load_probes()[:4], tmp_path / "p.jsonl")
@@ -260,7 +260,7 @@ def test_timeline_and_diff_reuse_circuits_of_the_grid_asked_for(make_run, tmp_pa
     """Circuits extracted with `--ig-grid right` are found by `timeline`/`diff --ig-grid right` (nothing computed
     again); without probes, asking for another grid finds none rather than mixing grids."""
     from circuitdyn.cli import main
-    from circuitdyn.probes import load_probes, write_probes_jsonl
+    from circuitdyn.probes.probes import load_probes, write_probes_jsonl
 
     run = make_run("llama", 1, name="grid-reuse-run")
     probes = write_probes_jsonl(load_probes()[:2], tmp_path / "p.jsonl")

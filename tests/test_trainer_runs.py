@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import save_tiny_model, seed_sentences
 
-from circuitdyn.checkpoints import open_run, resolve
 from circuitdyn.cli import main
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.probes import seed_data_dir
+from circuitdyn.probes.probes import seed_data_dir
+from circuitdyn.runs.checkpoints import open_run, resolve
 
 PROBES = str(seed_data_dir() / "validation_probes.json")
 

@@ -16,14 +16,14 @@ import torch
 from test_timeline import circuits_over_epochs, outcomes
 
 from circuitdyn import viz
-from circuitdyn.circuits import CircuitSet
-from circuitdyn.diff import MEAN, diff_circuits
+from circuitdyn.analysis.diff import MEAN, diff_circuits
+from circuitdyn.analysis.noise import noise_from_replicates
+from circuitdyn.analysis.timeline import build_timeline
+from circuitdyn.analysis.transfer import transfer_matrix
+from circuitdyn.engine.circuits import CircuitSet
+from circuitdyn.engine.graph import Graph
+from circuitdyn.engine.selection import Selection
 from circuitdyn.errors import CircuitdynError
-from circuitdyn.graph import Graph
-from circuitdyn.noise import noise_from_replicates
-from circuitdyn.selection import Selection
-from circuitdyn.timeline import build_timeline
-from circuitdyn.transfer import transfer_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("CIRCUITDYN_ARTIFACTS") or tempfile.gettempdir()) / "circuitdyn-browser"
@@ -223,7 +223,7 @@ def test_walkthrough_runs_on_a_tiny_run(make_run, tmp_path, monkeypatch, capsys)
     import json
     import runpy
 
-    from circuitdyn.probes import load_probes, write_probes_jsonl
+    from circuitdyn.probes.probes import load_probes, write_probes_jsonl
 
     run = make_run("llama", 2, name="walkthrough-run")
     probes = load_probes()[:3]

@@ -34,7 +34,7 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest
 # ## A tiny run
 #
 # `_tiny.py` (next to this notebook) trains a small BPE tokenizer on the packaged seed probes and writes the
-# checkpoints with `circuitdyn.checkpoints.write_manifest`. It also writes the probe file: one JSON object per
+# checkpoints with `circuitdyn.runs.checkpoints.write_manifest`. It also writes the probe file: one JSON object per
 # line with `id`, `entity`, `question` and `answer`.
 
 # %%

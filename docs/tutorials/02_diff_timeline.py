@@ -111,7 +111,7 @@ cd.timeline(run, facts, settings, compare).epochs
 # often the entity-clustered intervals cover. Each rate comes with its Clopper-Pearson 95 % interval and its n.
 
 # %%
-from circuitdyn.calibration import CalibrationSettings
+from circuitdyn.analysis.calibration import CalibrationSettings
 
 calibration = CalibrationSettings(settings, replicates=4, null_tests=2, strengths=(0.5, 1.0),
                                   selection=cd.Selection("top", 30))

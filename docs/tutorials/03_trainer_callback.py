@@ -49,7 +49,7 @@ tok.save_pretrained(base)
 # The packaged seed probes come with a document per entity; the probes ask questions answered in it.
 
 # %%
-from circuitdyn.probes import entity_documents, load_probes, select_entities
+from circuitdyn.probes.probes import entity_documents, load_probes, select_entities
 
 ENTITIES = ["Russia", "Patna"]
 docs = entity_documents(select_entities(load_probes(None), ENTITIES))
@@ -61,15 +61,15 @@ len(train), docs["Patna"][:120]
 #
 # `ProbeCallback` options used here: the entities to probe, 4 out-of-domain math probes (`n_math`, to watch
 # forgetting), short generations, circuits for 2 facts per entity with 2 EAP-IG steps, and the stopping rule
-# `patience:2` (stop when the number of learned entities has not improved for two saves; `circuitdyn.stopping`
+# `patience:2` (stop when the number of learned entities has not improved for two saves; `circuitdyn.analysis.stopping`
 # lists the rules).
 
 # %%
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from circuitdyn.cpt import CPTConfig
-from circuitdyn.integrations import ProbeCallback
+from circuitdyn.training.cpt import CPTConfig
+from circuitdyn.training.trainer import ProbeCallback
 
 out = work / "trainer-run"
 model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
@@ -94,10 +94,10 @@ callback.learned, callback.stopped_at
 # ## The output folder is a run
 #
 # The checkpoints are adapter folders; `cd.open_run` finds their base model from the adapter config.
-# `circuitdyn.dynamics` reads the probe results the callback wrote: learned and forgotten entities per epoch.
+# `circuitdyn.analysis.dynamics` reads the probe results the callback wrote: learned and forgotten entities per epoch.
 
 # %%
-from circuitdyn.dynamics import format_table, load_dynamics
+from circuitdyn.analysis.dynamics import format_table, load_dynamics
 
 run = cd.open_run(out)
 print(run.epochs)
@@ -109,7 +109,7 @@ print(format_table(load_dynamics(out)))
 # The same rules apply offline to the recorded history, so you can compare rules after the fact:
 
 # %%
-from circuitdyn.stopping import apply_rule, history_from_dynamics
+from circuitdyn.analysis.stopping import apply_rule, history_from_dynamics
 
 decision = apply_rule("patience:2", history_from_dynamics(load_dynamics(out)))
 decision.rule, decision.stop_epoch, decision.kept_epoch, decision.best_epoch

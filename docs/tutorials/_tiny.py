@@ -1,7 +1,7 @@
 """Tiny models for the tutorials: a small BPE tokenizer and 2-layer Llamas, built in seconds, nothing downloaded.
 
 `tiny_run(folder)` writes a circuitdyn run: `epoch_0 ... epoch_N` model folders and a `run.json` manifest
-(`circuitdyn.checkpoints.write_manifest`), plus `probes.jsonl` with six facts about three entities. Each epoch is
+(`circuitdyn.runs.checkpoints.write_manifest`), plus `probes.jsonl` with six facts about three entities. Each epoch is
 a tiny Llama trained from its own random start until it recalls all six facts, so the circuits differ between
 epochs while every fact has a clean - corrupted gap worth attributing. It is a toy for learning the API: its
 verdicts say nothing about real continual pre-training (for that, `make demo` on the embedded SmolLM2).
@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
 
 def seed_sentences(limit: int = 400) -> list[str]:
     """Text for the tokenizer's vocabulary: the packaged seed probes' questions, answers and documents."""
-    from circuitdyn.probes import DATA_DIR
+    from circuitdyn.probes.probes import DATA_DIR
 
     data = json.loads((DATA_DIR / "validation_probes.json").read_text())
     out: list[str] = []
@@ -78,7 +78,7 @@ def tiny_llama(vocab_size: int, seed: int, hidden: int = 32):
 
 def train_to_recall(model, tokenizer, probes: list[dict], seed: int, max_steps: int = 600) -> int:
     """Train on prompt + answer until every answer token is the greedy prediction; returns the steps taken."""
-    from circuitdyn.probes import Probe, answer_text, prompt_text
+    from circuitdyn.probes.probes import Probe, answer_text, prompt_text
 
     torch.manual_seed(seed)
     seqs, spans = [], []
@@ -118,7 +118,7 @@ def tiny_run(root: str | Path, n_epochs: int = 2) -> tuple[Path, Path]:
     returns (run folder, probe file)."""
     from transformers import AutoTokenizer
 
-    from circuitdyn.checkpoints import write_manifest
+    from circuitdyn.runs.checkpoints import write_manifest
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

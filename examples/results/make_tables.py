@@ -3,7 +3,7 @@ released Llama-3.2-1B-Instruct numbers (VFT = plain CPT).
 
 Reads the compact CSVs in this folder (written by `examples/reproduce_paper.py --collect`) and the paper's
 release in `tests/data/paper-results/llama3-i-1b/`; writes `tables.md` and `reproduction.html` here.
-Means are over seeds with a 95 % interval over seeds (`circuitdyn.stats.bootstrap_ci`, the CR1 t interval)
+Means are over seeds with a 95 % interval over seeds (`circuitdyn.analysis.stats.bootstrap_ci`, the CR1 t interval)
 only from `stats.MIN_ENTITIES` seeds on: with 3 seeds no interval is given (their range is not a 95 %
 interval). Per-fact averages use the fact-epochs every other command uses: gap m_clean - m_corrupted >=
 `faithfulness.MIN_GAP` (signed, `faithfulness.gap_ok`), and for the Jaccard with the previous epoch at both
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from circuitdyn.dynamics import load_dynamics
-from circuitdyn.faithfulness import MIN_GAP, gap_ok
-from circuitdyn.stats import MIN_ENTITIES, bootstrap_ci
+from circuitdyn.analysis.dynamics import load_dynamics
+from circuitdyn.analysis.stats import MIN_ENTITIES, bootstrap_ci
+from circuitdyn.engine.faithfulness import MIN_GAP, gap_ok
 
 HERE = Path(__file__).resolve().parent
 PAPER = HERE.parents[1] / "tests" / "data" / "paper-results" / "llama3-i-1b"
@@ -143,7 +143,7 @@ def main(folder: Path = HERE) -> None:
                         int(g["jaccard_excluded"].sum())]))
     if len(seeds) < MIN_ENTITIES:
         out += ["", f"No intervals: {len(seeds)} seeds are fewer than the {MIN_ENTITIES} a 95 % interval over seeds "
-                    "needs to cover (`circuitdyn.stats.MIN_ENTITIES`); cells show the mean over seeds."]
+                    "needs to cover (`circuitdyn.analysis.stats.MIN_ENTITIES`); cells show the mean over seeds."]
     text = "\n".join(out) + "\n"
     (folder / "tables.md").write_text(text)
     print(text)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
-from circuitdyn.stats import permutation_test, within_stratum_auc
+from circuitdyn.analysis.stats import permutation_test, within_stratum_auc
 
 
 def simulate_study(rng: np.random.Generator, n_entities: int, args: argparse.Namespace, auc_true: float
