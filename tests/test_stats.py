@@ -102,14 +102,16 @@ def test_dropped_resamples_are_counted_and_too_many_refuse_the_interval():
     positive = np.zeros(12, bool)
     positive[0] = True  # one entity holds the only positive: ~1/e of resamples miss it
     values = np.linspace(0, 1, 12)
-    est = cluster_bootstrap(groups, lambda idx: auc(values[idx][positive[idx]], values[idx][~positive[idx]]),
-                            n_boot=500)
+    est = cluster_bootstrap(
+        groups, lambda idx: auc(values[idx][positive[idx]], values[idx][~positive[idx]]), n_boot=500
+    )
     assert 100 < est.n_dropped < 250 and est.n_boot == 500
     assert not est.has_interval and "undefined on" in str(est) and est.to_dict()["n_dropped"] == est.n_dropped
     ok = cluster_bootstrap(groups, lambda idx: float(values[idx].mean()), n_boot=200)
     assert ok.n_dropped == 0 and ok.has_interval
-    few = cluster_bootstrap(groups, lambda idx: float(values[idx].mean()) if 0 in idx else float("nan"),
-                            n_boot=200, max_dropped=1.0)
+    few = cluster_bootstrap(
+        groups, lambda idx: float(values[idx].mean()) if 0 in idx else float("nan"), n_boot=200, max_dropped=1.0
+    )
     assert few.has_interval and few.n_dropped > 0 and f"undefined on {few.n_dropped} of 200" in str(few)
 
 
@@ -123,8 +125,9 @@ def test_bootstrap_reports_what_it_rests_on():
     assert "n=3 in 2 entities" in str(est)
     with pytest.raises(ValueError):
         bootstrap_ci([1.0], ["a", "b"])
-    idx_mean = cluster_bootstrap(["a", "b", "b"], lambda idx: float(np.array([1.0, 2.0, 3.0])[idx].mean()),
-                                 min_groups=2)
+    idx_mean = cluster_bootstrap(
+        ["a", "b", "b"], lambda idx: float(np.array([1.0, 2.0, 3.0])[idx].mean()), min_groups=2
+    )
     assert idx_mean.value == pytest.approx(2.0) and idx_mean.lo <= 2.0 <= idx_mean.hi
     median = bootstrap_ci(np.arange(10.0), np.arange(10), np.median, n_boot=200)
     assert median.value == pytest.approx(4.5) and median.has_interval
@@ -181,6 +184,7 @@ def test_within_fact_auc_agrees_with_the_stratified_test_where_the_pooled_auc_do
     assert pooled < 0.5 and test.difference > 0
     assert within.value == 1.0 and within.n == 8 and within.lo > 0.5
     assert np.sign(within.value - 0.5) == np.sign(test.difference)
-    ties = within_stratum_auc([1.0, 1.0, 2.0, 0.0], [True, False, True, False], ["a", "a", "b", "b"],
-                              ["a", "a", "b", "b"])
+    ties = within_stratum_auc(
+        [1.0, 1.0, 2.0, 0.0], [True, False, True, False], ["a", "a", "b", "b"], ["a", "a", "b", "b"]
+    )
     assert ties.value == pytest.approx((0.5 + 1.0) / 2) and not ties.has_interval  # 2 entities: no interval
