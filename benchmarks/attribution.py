@@ -87,12 +87,15 @@ def main() -> None:
     model = run.load_model(0)
     hf = run.hf_model(0).float().eval()
     probes = load_probes()
-    facts = build_fact_prompts(probes[:n_facts], model.tokenizer, template="plain" if args.quick else "auto",
-                               pool=probes)
+    facts = build_fact_prompts(
+        probes[:n_facts], model.tokenizer, template="plain" if args.quick else "auto", pool=probes
+    )
     batch = make_batch(model, facts)
-    print(f"model SmolLM2-135M-Instruct ({model.cfg.n_layers} layers, {model.cfg.n_heads} heads, "
-          f"{model.cfg.n_key_value_heads} KV heads); batch {n_facts} x {batch.clean.shape[1]} positions; "
-          f"M = {steps}; threads {torch.get_num_threads()}; setup {time.perf_counter() - t0:.1f}s")
+    print(
+        f"model SmolLM2-135M-Instruct ({model.cfg.n_layers} layers, {model.cfg.n_heads} heads, "
+        f"{model.cfg.n_key_value_heads} KV heads); batch {n_facts} x {batch.clean.shape[1]} positions; "
+        f"M = {steps}; threads {torch.get_num_threads()}; setup {time.perf_counter() - t0:.1f}s"
+    )
 
     mask = batch.valid.long()
 
@@ -119,11 +122,15 @@ def main() -> None:
     step_ours, step_ref = t_ours / steps, t_ref / steps
     diff = float((ours - ref).abs().max())
     print(f"hf forward+backward      {t_hf:8.2f} s   (repeats {', '.join(f'{t:.1f}' for t in hf_times)})")
-    print(f"ours EAP-IG, M={steps:<3d}      {t_ours:8.2f} s total, {step_ours:.2f} s/step "
-          f"(repeats {', '.join(f'{t:.1f}' for t in ours_times)})")
+    print(
+        f"ours EAP-IG, M={steps:<3d}      {t_ours:8.2f} s total, {step_ours:.2f} s/step "
+        f"(repeats {', '.join(f'{t:.1f}' for t in ours_times)})"
+    )
     print(f"reference EAP-IG, M={steps:<3d} {t_ref:8.2f} s total, {step_ref:.2f} s/step")
-    print(f"scores: {ours.shape[1]} edges x {ours.shape[0]} facts, max |score| {float(ref.abs().max()):.3g}, "
-          f"IG grid {GRID} for both")
+    print(
+        f"scores: {ours.shape[1]} edges x {ours.shape[0]} facts, max |score| {float(ref.abs().max()):.3g}, "
+        f"IG grid {GRID} for both"
+    )
     print(f"ours_over_hf={step_ours / t_hf:.2f} reference_over_ours={step_ref / step_ours:.2f} max_abs_diff={diff:.2e}")
 
 

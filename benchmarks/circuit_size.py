@@ -66,8 +66,11 @@ def main() -> None:
     gaps = (probe.m_clean - probe.m_corr).tolist()
     kept = [i for i, g in enumerate(gaps) if abs(g) >= args.min_gap]
     excluded = [f"{sample[i].fact_id} ({gaps[i]:.2f})" for i in range(len(sample)) if i not in kept]
-    print(f"{len(sample)} facts, {len(excluded)} excluded for |gap| < {args.min_gap:g} nats: "
-          f"{', '.join(excluded) or '-'}", flush=True)
+    print(
+        f"{len(sample)} facts, {len(excluded)} excluded for |gap| < {args.min_gap:g} nats: "
+        f"{', '.join(excluded) or '-'}",
+        flush=True,
+    )
     if not kept:
         raise SystemExit("no fact left to measure")
     facts = [sample[i] for i in kept]
@@ -95,15 +98,17 @@ def main() -> None:
     print(f"pruning: {calls_opt} patched evaluations ({rounds} rounds), {t_opt:.0f} s", flush=True)
 
     faith_top, faith_opt = ev.faithfulness(top), ev.faithfulness(opt)
-    table = pd.DataFrame({
-        "fact": [f.fact_id for f in facts],
-        "gap": [gaps[i] for i in kept],
-        "n_topn": n_top.tolist(),
-        "n_topn_paths": on_paths(top, ev.graph).sum(1).tolist(),
-        "faith_topn": faith_top.tolist(),
-        "n_opt": n_opt.tolist(),
-        "faith_opt": faith_opt.tolist(),
-    })
+    table = pd.DataFrame(
+        {
+            "fact": [f.fact_id for f in facts],
+            "gap": [gaps[i] for i in kept],
+            "n_topn": n_top.tolist(),
+            "n_topn_paths": on_paths(top, ev.graph).sum(1).tolist(),
+            "faith_topn": faith_top.tolist(),
+            "n_opt": n_opt.tolist(),
+            "faith_opt": faith_opt.tolist(),
+        }
+    )
     table["ratio"] = table.n_topn / table.n_opt
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
         print(table.to_string(index=False))

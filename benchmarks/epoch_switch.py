@@ -62,8 +62,10 @@ def main() -> None:
             rebuilds.append(timed(lambda e=epoch: open_run(root).load_model(e)))
         read, switch, rebuild = (statistics.median(x) for x in (reads, switches, rebuilds))
         size = files[0].stat().st_size / 2**20
-        print(f"weights {size:.0f} MiB; median of {args.repeats}: read {read:.3f}s  switch {switch:.3f}s  "
-              f"rebuild {rebuild:.3f}s")
+        print(
+            f"weights {size:.0f} MiB; median of {args.repeats}: read {read:.3f}s  switch {switch:.3f}s  "
+            f"rebuild {rebuild:.3f}s"
+        )
         print(f"switch_over_read={switch / read:.2f} rebuild_over_switch={rebuild / switch:.1f}")
 
 

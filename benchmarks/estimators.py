@@ -59,10 +59,23 @@ def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
     facts (entity-swap corruption at positions 1 and 2)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=50, d_mlp=48,
-                                  act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-                                  gated_mlp=True, n_key_value_heads=2, final_rms=True, seed=seed,
-                                  original_architecture="LlamaForCausalLM")
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_ctx=64,
+        d_vocab=50,
+        d_mlp=48,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        n_key_value_heads=2,
+        final_rms=True,
+        seed=seed,
+        original_architecture="LlamaForCausalLM",
+    )
     model = HookedTransformer(cfg, move_to_device=False).eval()
     gen = torch.Generator().manual_seed(seed)
     facts = []
@@ -117,14 +130,17 @@ def main() -> None:
     # Keep the first `facts` facts whose corruption moves the metric by MIN_GAP or more.
     ev = CircuitEvaluator(model, pool, seed=args.seed)
     gaps = (ev.m_clean - ev.m_corr).tolist()
-    keep = [i for i, g in enumerate(gaps) if g >= MIN_GAP][:args.facts]
+    keep = [i for i, g in enumerate(gaps) if g >= MIN_GAP][: args.facts]
     skipped = [f"{pool[i].fact_id} ({gaps[i]:.2f})" for i in range(max(keep, default=-1) + 1) if i not in keep]
     facts = [pool[i] for i in keep]
     if not facts:
         raise SystemExit("no fact with a gap >= MIN_GAP")
-    print(f"{'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct'}: {len(facts)} facts "
-          f"(gaps {', '.join(f'{gaps[i]:.2f}' for i in keep)} nats); skipped for gap < {MIN_GAP:g}: "
-          f"{', '.join(skipped) or '-'}", flush=True)
+    print(
+        f"{'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct'}: {len(facts)} facts "
+        f"(gaps {', '.join(f'{gaps[i]:.2f}' for i in keep)} nats); skipped for gap < {MIN_GAP:g}: "
+        f"{', '.join(skipped) or '-'}",
+        flush=True,
+    )
     ev = CircuitEvaluator(model, facts, seed=args.seed)
     E = ev.graph.n_edges
     batches = [make_batch(model, [f], args.seed) for f in facts]
@@ -135,7 +151,7 @@ def main() -> None:
     scores: dict[str, list[torch.Tensor]] = {m: [torch.empty(0)] * len(facts) for m in names}
     for r in range(args.rounds):
         for j, batch in enumerate(batches):
-            for m in names[r % 3:] + names[:r % 3]:
+            for m in names[r % 3 :] + names[: r % 3]:
                 method, steps = METHODS[m]
                 t = time.perf_counter()
                 s = attribute_batch(model, batch, method, steps)  # type: ignore[arg-type]
@@ -143,8 +159,11 @@ def main() -> None:
                 times[m][j] = dt if r == 0 else min(times[m][j], dt)  # fastest of the rounds
                 scores[m][j] = s[0].cpu()
     per_fact = {m: statistics.mean(times[m]) for m in names}
-    print(f"attribution time per fact (fastest of {args.rounds} interleaved rounds): "
-          f"{', '.join(f'{m} {per_fact[m]:.2f} s' for m in names)}", flush=True)
+    print(
+        f"attribution time per fact (fastest of {args.rounds} interleaved rounds): "
+        f"{', '.join(f'{m} {per_fact[m]:.2f} s' for m in names)}",
+        flush=True,
+    )
 
     # --- Spearman with exact single-edge patching -----------------------------------------------------
     rng = np.random.default_rng(args.seed)
@@ -167,12 +186,18 @@ def main() -> None:
             rho[m].append(spearman(s[iu], true[iu]))
             rho_top[m].append(spearman(s[it], true[it]))
             rho_vmo[m].append(spearman(s[iv], true[iv]))
-        print(f"  {f.fact_id}: exact effects of {len(wanted)} edges; Spearman uniform "
-              f"{', '.join(f'{m} {rho[m][-1]:.3f}' for m in names)}; uniform without q/k edges ({len(iv)}) "
-              f"{', '.join(f'{m} {rho_vmo[m][-1]:.3f}' for m in names)}; top-{args.top} union ({len(top)}) "
-              f"{', '.join(f'{m} {rho_top[m][-1]:.3f}' for m in names)}", flush=True)
-    print(f"exact patching: {time.perf_counter() - t:.0f} s; Spearman over "
-          f"{f'{args.edges} edges sampled uniformly per fact (of {E})' if sampled else f'all {E} edges'}", flush=True)
+        print(
+            f"  {f.fact_id}: exact effects of {len(wanted)} edges; Spearman uniform "
+            f"{', '.join(f'{m} {rho[m][-1]:.3f}' for m in names)}; uniform without q/k edges ({len(iv)}) "
+            f"{', '.join(f'{m} {rho_vmo[m][-1]:.3f}' for m in names)}; top-{args.top} union ({len(top)}) "
+            f"{', '.join(f'{m} {rho_top[m][-1]:.3f}' for m in names)}",
+            flush=True,
+        )
+    print(
+        f"exact patching: {time.perf_counter() - t:.0f} s; Spearman over "
+        f"{f'{args.edges} edges sampled uniformly per fact (of {E})' if sampled else f'all {E} edges'}",
+        flush=True,
+    )
 
     # --- faithfulness over circuit sizes (CPR, CMD) ---------------------------------------------------
     t = time.perf_counter()
@@ -191,21 +216,28 @@ def main() -> None:
         for m in names:
             vals = " ".join(f"{v:7.3f}" for v in curve[m][j])
             cpr, cmd, cprl = res[m][j]
-            print(f"{f.fact_id[:28]:<28} {m:<6} {vals} {cpr:6.3f} {cmd:6.3f} {cprl:6.3f}  {rho[m][j]:7.3f} "
-                  f"{rho_top[m][j]:7.3f}")
-    mean = {m: {k: float(np.mean([r[i] for r in res[m]])) for i, k in enumerate(("cpr", "cmd", "cpr_log"))}
-            for m in names}
+            print(
+                f"{f.fact_id[:28]:<28} {m:<6} {vals} {cpr:6.3f} {cmd:6.3f} {cprl:6.3f}  {rho[m][j]:7.3f} "
+                f"{rho_top[m][j]:7.3f}"
+            )
+    mean = {
+        m: {k: float(np.mean([r[i] for r in res[m]])) for i, k in enumerate(("cpr", "cmd", "cpr_log"))} for m in names
+    }
     for m in names:
-        print(f"mean over {len(facts)} facts, {m:<5}: Spearman uniform {np.mean(rho[m]):.3f}, without q/k "
-              f"{np.mean(rho_vmo[m]):.3f}, top union {np.mean(rho_top[m]):.3f}; CPR {mean[m]['cpr']:.3f}, "
-              f"CMD {mean[m]['cmd']:.3f}, CPR (log axis) {mean[m]['cpr_log']:.3f}; "
-              f"cost {per_fact[m] / per_fact['eap']:.2f}x EAP")
+        print(
+            f"mean over {len(facts)} facts, {m:<5}: Spearman uniform {np.mean(rho[m]):.3f}, without q/k "
+            f"{np.mean(rho_vmo[m]):.3f}, top union {np.mean(rho_top[m]):.3f}; CPR {mean[m]['cpr']:.3f}, "
+            f"CMD {mean[m]['cmd']:.3f}, CPR (log axis) {mean[m]['cpr_log']:.3f}; "
+            f"cost {per_fact[m] / per_fact['eap']:.2f}x EAP"
+        )
     print(f"wall_s={time.perf_counter() - t0:.0f}")
-    print(f"relp_spearman_vs_exact={np.mean(rho['relp']):.3f} eapig_spearman_vs_exact={np.mean(rho['eapig']):.3f} "
-          f"relp_cpr={mean['relp']['cpr']:.3f} eapig_cpr={mean['eapig']['cpr']:.3f} "
-          f"relp_cost_over_eap={per_fact['relp'] / per_fact['eap']:.2f} "
-          f"eap_spearman_vs_exact={np.mean(rho['eap']):.3f} eap_cpr={mean['eap']['cpr']:.3f} "
-          f"eapig_cost_over_eap={per_fact['eapig'] / per_fact['eap']:.2f}")
+    print(
+        f"relp_spearman_vs_exact={np.mean(rho['relp']):.3f} eapig_spearman_vs_exact={np.mean(rho['eapig']):.3f} "
+        f"relp_cpr={mean['relp']['cpr']:.3f} eapig_cpr={mean['eapig']['cpr']:.3f} "
+        f"relp_cost_over_eap={per_fact['relp'] / per_fact['eap']:.2f} "
+        f"eap_spearman_vs_exact={np.mean(rho['eap']):.3f} eap_cpr={mean['eap']['cpr']:.3f} "
+        f"eapig_cost_over_eap={per_fact['eapig'] / per_fact['eap']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ def main() -> None:
     t_fwd = median_time(forward, repeats)
     t_small = median_time(lambda: ev.metric_of(small), repeats)
     t_half = median_time(lambda: ev.metric_of(half), repeats)
-    print(f"SmolLM2-135M, batch {n} x {clean_in.shape[1]} positions, {n_edges} edges: forward {t_fwd:.2f} s, "
-          f"top-200 circuits {t_small:.2f} s, half-graph circuits {t_half:.2f} s")
+    print(
+        f"SmolLM2-135M, batch {n} x {clean_in.shape[1]} positions, {n_edges} edges: forward {t_fwd:.2f} s, "
+        f"top-200 circuits {t_small:.2f} s, half-graph circuits {t_half:.2f} s"
+    )
     print(f"small_over_forward={t_small / t_fwd:.2f} half_over_forward={t_half / t_fwd:.2f}")
 
 

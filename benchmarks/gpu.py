@@ -45,8 +45,14 @@ from circuitdyn.probes.facts import load_facts  # noqa: E402
 from circuitdyn.runs.checkpoints import open_run, resolve_device  # noqa: E402
 from circuitdyn.runs.gguf import default_model_dir  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def sync(device: torch.device) -> None:
@@ -65,12 +71,30 @@ def build_llama1b(out: Path, device: torch.device) -> Path:
     """A random-init model of the Llama-3.2-1B shape saved as an HF folder (bf16 weights, SmolLM2 tokenizer)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                      rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=True, bos_token_id=128000,
-                      eos_token_id=128001, architectures=["LlamaForCausalLM"])
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_parameters=rope,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        architectures=["LlamaForCausalLM"],
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -82,8 +106,7 @@ def build_llama1b(out: Path, device: torch.device) -> Path:
     return out
 
 
-def measure(name: str, path: Path, device: torch.device, n_facts: int, steps: int, repeats: int
-            ) -> tuple[float, float]:
+def measure(name: str, path: Path, device: torch.device, n_facts: int, steps: int, repeats: int) -> tuple[float, float]:
     """Throughputs (facts*edges/s) of fp32 and bf16 EAP-IG on one batch, timed alternately."""
     t0 = time.perf_counter()
     models = {}
@@ -94,9 +117,11 @@ def measure(name: str, path: Path, device: torch.device, n_facts: int, steps: in
     batch = make_batch(model, facts)
     n_edges = Graph.from_model(model).n_edges
     cfg = model.cfg
-    print(f"{name}: {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_key_value_heads or cfg.n_heads} KV), "
-          f"d_model {cfg.d_model}, {n_edges} edges; batch {n_facts} x {batch.clean.shape[1]} positions; M = {steps}; "
-          f"load {time.perf_counter() - t0:.1f}s")
+    print(
+        f"{name}: {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_key_value_heads or cfg.n_heads} KV), "
+        f"d_model {cfg.d_model}, {n_edges} edges; batch {n_facts} x {batch.clean.shape[1]} positions; M = {steps}; "
+        f"load {time.perf_counter() - t0:.1f}s"
+    )
     times: dict[str, list[float]] = {d: [] for d in models}
     peak: dict[str, float] = {}
     scores: dict[str, torch.Tensor] = {}
@@ -116,14 +141,16 @@ def measure(name: str, path: Path, device: torch.device, n_facts: int, steps: in
         for dtype in models:
             attribute_batch(models[dtype], batch, "eap-ig", 1)
     for r in range(repeats):
-        for dtype in (("float32", "bfloat16") if r % 2 == 0 else ("bfloat16", "float32")):
+        for dtype in ("float32", "bfloat16") if r % 2 == 0 else ("bfloat16", "float32"):
             run(dtype)
     rate = {d: n_facts * n_edges / statistics.median(ts) for d, ts in times.items()}
     rho = min(spearman(scores["bfloat16"][b], scores["float32"][b]) for b in range(n_facts))
     for d in models:
         mem = f", peak {peak[d]:.1f} GiB" if d in peak else ""
-        print(f"  {d:9s} {statistics.median(times[d]):7.2f} s/batch  {rate[d]:12.4g} facts*edges/s  "
-              f"(repeats {', '.join(f'{t:.2f}' for t in times[d])}{mem})")
+        print(
+            f"  {d:9s} {statistics.median(times[d]):7.2f} s/batch  {rate[d]:12.4g} facts*edges/s  "
+            f"(repeats {', '.join(f'{t:.2f}' for t in times[d])}{mem})"
+        )
     print(f"  bf16 vs fp32 scores: Spearman over all edges, min over facts {rho:.4f}")
     models.clear()  # run() holds the dict and the batch: free the weights and inputs before the next model
     batch = None
@@ -149,8 +176,10 @@ def main() -> None:
     steps = args.steps or (5 if gpu and not args.quick else 2)
     repeats = args.repeats or (1 if args.quick else 5 if gpu else 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    print(f"device {device} ({name}); torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"tf32 matmul {torch.backends.cuda.matmul.allow_tf32}")
+    print(
+        f"device {device} ({name}); torch {torch.__version__}; threads {torch.get_num_threads()}; "
+        f"tf32 matmul {torch.backends.cuda.matmul.allow_tf32}"
+    )
     if not gpu:
         print("NOTE: running on the CPU. The GPU figures need a GPU: run this script on a CUDA machine.")
 
@@ -171,9 +200,19 @@ def main() -> None:
         fp32, bf16 = results[key]
         return f"{bf16 / fp32:.2f}" if i is None else f"{results[key][i]:.4g}"
 
-    print(" ".join([f"smollm2_bf16_over_fp32={fmt('smollm2', None)}", f"llama1b_bf16_over_fp32={fmt('llama1b', None)}",
-                    f"smollm2_fp32={fmt('smollm2', 0)}", f"smollm2_bf16={fmt('smollm2', 1)}",
-                    f"llama1b_fp32={fmt('llama1b', 0)}", f"llama1b_bf16={fmt('llama1b', 1)}", f"device={device.type}"]))
+    print(
+        " ".join(
+            [
+                f"smollm2_bf16_over_fp32={fmt('smollm2', None)}",
+                f"llama1b_bf16_over_fp32={fmt('llama1b', None)}",
+                f"smollm2_fp32={fmt('smollm2', 0)}",
+                f"smollm2_bf16={fmt('smollm2', 1)}",
+                f"llama1b_fp32={fmt('llama1b', 0)}",
+                f"llama1b_bf16={fmt('llama1b', 1)}",
+                f"device={device.type}",
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,10 +56,23 @@ def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
     facts (entity-swap corruption at positions 1 and 2)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=50, d_mlp=48,
-                                  act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-                                  gated_mlp=True, n_key_value_heads=2, final_rms=True, seed=seed,
-                                  original_architecture="LlamaForCausalLM")
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_ctx=64,
+        d_vocab=50,
+        d_mlp=48,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        n_key_value_heads=2,
+        final_rms=True,
+        seed=seed,
+        original_architecture="LlamaForCausalLM",
+    )
     model = HookedTransformer(cfg, move_to_device=False).eval()
     gen = torch.Generator().manual_seed(seed)
     facts = []
@@ -91,17 +104,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, facts = (tiny_model_and_facts if args.tiny else smollm2_model_and_facts)(args.facts, args.seed)
-    batches = [facts[i:i + B] for i in range(0, len(facts), B)]
+    batches = [facts[i : i + B] for i in range(0, len(facts), B)]
     draws = draw_settings("estimation", REPLICATES)
     sel = Selection.parse(SELECTION)
-    print(f"{'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct'}: {len(facts)} facts in "
-          f"{len(batches)} batch(es) of <= {B}, {args.rounds} round(s), {torch.get_num_threads()} thread(s)",
-          flush=True)
+    print(
+        f"{'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct'}: {len(facts)} facts in "
+        f"{len(batches)} batch(es) of <= {B}, {args.rounds} round(s), {torch.get_num_threads()} thread(s)",
+        flush=True,
+    )
 
     best: dict[str, list[float]] = {s: [float("inf")] * len(batches) for s in STAGES}
     sizes: list[list[int]] = [[] for _ in batches]
     for r in range(args.rounds):
-        order = list(STAGES[r % 3:] + STAGES[:r % 3])
+        order = list(STAGES[r % 3 :] + STAGES[: r % 3])
         for j, chunk in enumerate(batches):
             # selection and replicates need the scores / the circuit sizes: computed (untimed) when absent
             scores = n = None
@@ -120,21 +135,26 @@ def main() -> None:
                     n = masks.sum(1)
                 else:
                     for d in draws:
-                        rep = attribute(model, chunk, AttributionSettings(ig_grid=REPLICATE_GRID, seed=d.seed),
-                                        Compute(batch_size=B))
+                        rep = attribute(
+                            model,
+                            chunk,
+                            AttributionSettings(ig_grid=REPLICATE_GRID, seed=d.seed),
+                            Compute(batch_size=B),
+                        )
                         top_n_by_fact(rep, n)
                 best[stage][j] = min(best[stage][j], time.perf_counter() - t)
             sizes[j] = [int(k) for k in n]  # type: ignore[union-attr]
-        print(f"round {r + 1}: " + ", ".join(f"{s} {sum(best[s]) / len(facts):.3f} s/fact" for s in STAGES),
-              flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{s} {sum(best[s]) / len(facts):.3f} s/fact" for s in STAGES), flush=True)
     per = {s: sum(best[s]) / len(facts) for s in STAGES}
     a, b = per["attribution"], per["attribution"] + per["selection"]
     c = b + per["replicates"]
     print(f"circuit sizes ({SELECTION}): {[k for s in sizes for k in s]}")
     print(f"per fact: (a) attribution {a:.3f} s, (b) + selection {b:.3f} s, (c) + {REPLICATES} replicates {c:.3f} s")
-    print(f"selection_over_attribution={b / a:.3f} pipeline_over_attribution={c / (a + per['replicates']):.3f} "
-          f"pipeline_over_one_attribution={c / a:.3f} attribution_s={a:.4f} selection_s={per['selection']:.4f} "
-          f"replicates_s={per['replicates']:.4f}")
+    print(
+        f"selection_over_attribution={b / a:.3f} pipeline_over_attribution={c / (a + per['replicates']):.3f} "
+        f"pipeline_over_one_attribution={c / a:.3f} attribution_s={a:.4f} selection_s={per['selection']:.4f} "
+        f"replicates_s={per['replicates']:.4f}"
+    )
 
 
 if __name__ == "__main__":

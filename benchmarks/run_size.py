@@ -34,19 +34,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="circuitdyn-size-") as tmp:
         for save in ("adapter", "merged"):
             out = Path(tmp) / save
-            run_cpt(CPTConfig(n_entities=4, epochs=1, lr=1e-3, device="cpu", save=save), out, progress=False,
-                    log=None)
+            run_cpt(CPTConfig(n_entities=4, epochs=1, lr=1e-3, device="cpu", save=save), out, progress=False, log=None)
             state = folder_bytes(out / "epoch_1" / STATE_DIR)
-            sizes[save] = {"epoch_0": folder_bytes(out / "epoch_0"), "epoch": folder_bytes(out / "epoch_1") - state,
-                           "state": state}
-            print(f"{save}: epoch_0 {sizes[save]['epoch_0']} B, epoch_1 {sizes[save]['epoch']} B "
-                  f"(+ trainer state {state} B)")
-        same = all((Path(tmp) / "adapter" / f"epoch_{e}" / "probe_results.jsonl").read_text()
-                   == (Path(tmp) / "merged" / f"epoch_{e}" / "probe_results.jsonl").read_text() for e in (0, 1))
+            sizes[save] = {
+                "epoch_0": folder_bytes(out / "epoch_0"),
+                "epoch": folder_bytes(out / "epoch_1") - state,
+                "state": state,
+            }
+            print(
+                f"{save}: epoch_0 {sizes[save]['epoch_0']} B, epoch_1 {sizes[save]['epoch']} B "
+                f"(+ trainer state {state} B)"
+            )
+        same = all(
+            (Path(tmp) / "adapter" / f"epoch_{e}" / "probe_results.jsonl").read_text()
+            == (Path(tmp) / "merged" / f"epoch_{e}" / "probe_results.jsonl").read_text()
+            for e in (0, 1)
+        )
     projected = {s: v["epoch_0"] + args.epochs * v["epoch"] + v["state"] for s, v in sizes.items()}
     print(f"identical_probe_results={same}")
-    print(f"adapter_over_merged={projected['adapter'] / projected['merged']:.3f} "
-          f"projected_adapter_bytes={projected['adapter']} projected_merged_bytes={projected['merged']}")
+    print(
+        f"adapter_over_merged={projected['adapter'] / projected['merged']:.3f} "
+        f"projected_adapter_bytes={projected['adapter']} projected_merged_bytes={projected['merged']}"
+    )
 
 
 if __name__ == "__main__":

@@ -100,8 +100,11 @@ class Shape:
 
 
 SMOLLM2 = Shape("SmolLM2-135M", 30, 9, 3, 576, 1536, 49152)
-MODELS = (SMOLLM2, Shape("Llama-3.2-1B", 16, 32, 8, 2048, 8192, 128256),
-          Shape("Llama-3.1-8B", 32, 32, 8, 4096, 14336, 128256))
+MODELS = (
+    SMOLLM2,
+    Shape("Llama-3.2-1B", 16, 32, 8, 2048, 8192, 128256),
+    Shape("Llama-3.1-8B", 32, 32, 8, 4096, 14336, 128256),
+)
 
 
 def flops_per_fact(shape: Shape, tokens: float, steps: int) -> float:
@@ -119,8 +122,11 @@ def storage(shape: Shape, facts: int, epochs: int) -> dict[str, float]:
     """Bytes on disk of facts x epochs circuits (`circuitdyn.engine.circuits` format): dense float32 / float16, and
     sparse top-1000 float16 with node totals; one edge-name header (~22 bytes/edge) per epoch file."""
     header = 22 * shape.edges * epochs
-    return {"fp32": 4 * shape.edges * facts * epochs + header, "fp16": 2 * shape.edges * facts * epochs + header,
-            "sparse": (1000 * 6 + 4 * shape.nodes) * facts * epochs + header}
+    return {
+        "fp32": 4 * shape.edges * facts * epochs + header,
+        "fp16": 2 * shape.edges * facts * epochs + header,
+        "sparse": (1000 * 6 + 4 * shape.nodes) * facts * epochs + header,
+    }
 
 
 def human_bytes(n: float) -> str:
@@ -149,23 +155,30 @@ def projected_wall(facts: int, epochs: int, gpus: int, fact_s: float, load_s: fl
     return rounds * (load_s + min(shard, facts) * fact_s)
 
 
-def table(fact_s: float, load_s: float, tokens: float, measured_steps: int, steps: int, gpu_tflops: float,
-          batch: int) -> str:
+def table(
+    fact_s: float, load_s: float, tokens: float, measured_steps: int, steps: int, gpu_tflops: float, batch: int
+) -> str:
     cpu_rate = flops_per_fact(SMOLLM2, tokens, measured_steps) / fact_s
-    lines = [(f"Measured on this CPU for SmolLM2-135M: {fact_s:.2f} s per fact at EAP-IG M={measured_steps} "
-              f"({cpu_rate / 1e9:.1f} GFLOP/s effective), model load {load_s:.1f} s, {tokens:.0f} tokens per fact. "
-              f"Projected below: M={steps}, {gpu_tflops:g} effective TFLOP/s per GPU, batch {batch}."),
-             "",
-             "| model | facts x 10 epochs | 1 GPU | 8 GPUs | 64 GPUs | storage fp32 / fp16 / sparse top-1000 |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        (
+            f"Measured on this CPU for SmolLM2-135M: {fact_s:.2f} s per fact at EAP-IG M={measured_steps} "
+            f"({cpu_rate / 1e9:.1f} GFLOP/s effective), model load {load_s:.1f} s, {tokens:.0f} tokens per fact. "
+            f"Projected below: M={steps}, {gpu_tflops:g} effective TFLOP/s per GPU, batch {batch}."
+        ),
+        "",
+        "| model | facts x 10 epochs | 1 GPU | 8 GPUs | 64 GPUs | storage fp32 / fp16 / sparse top-1000 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for shape in MODELS:
         f_s = flops_per_fact(shape, tokens, steps) / (gpu_tflops * 1e12)
         l_s = load_s * shape.weight_bytes / SMOLLM2.weight_bytes
         for facts in (100, 1000, 10000):
             walls = [human_time(projected_wall(facts, 10, g, f_s, l_s, batch)) for g in (1, 8, 64)]
             st = storage(shape, facts, 10)
-            lines.append(f"| {shape.name} ({shape.edges:,} edges) | {facts:,} | {' | '.join(walls)} | "
-                         f"{human_bytes(st['fp32'])} / {human_bytes(st['fp16'])} / {human_bytes(st['sparse'])} |")
+            lines.append(
+                f"| {shape.name} ({shape.edges:,} edges) | {facts:,} | {' | '.join(walls)} | "
+                f"{human_bytes(st['fp32'])} / {human_bytes(st['fp16'])} / {human_bytes(st['sparse'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -192,8 +205,14 @@ def main() -> None:
         # Ray's memory monitor kills workers when the *machine* is above 95 % memory; on a machine shared with
         # other jobs that is their memory, and every kill restarts a task: this measurement leaves it off.
         os.environ["RAY_memory_monitor_refresh_ms"] = "0"
-        startup = timed(lambda: ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False,
-                                         _system_config={"worker_niceness": 0}))
+        startup = timed(
+            lambda: ray.init(
+                include_dashboard=False,
+                logging_level="warning",
+                log_to_driver=False,
+                _system_config={"worker_niceness": 0},
+            )
+        )
         load_s = statistics.median(timed(lambda e=e: open_run(root).load_model(e)) for e in (0, 1, 0))
         walls: dict[tuple[str, bool], list[float]] = {}
         n = 0
@@ -205,26 +224,31 @@ def main() -> None:
             out = Path(tmp) / f"out{n}"
             epochs = [0, 1] if grid == "all" else [0]
             settings = AttributionSettings(steps=args.steps)
-            compute = Compute(args.batch_size, ray="auto" if on_ray else None,
-                              shard_size=None if grid == "all" else args.facts)
+            compute = Compute(
+                args.batch_size, ray="auto" if on_ray else None, shard_size=None if grid == "all" else args.facts
+            )
             wall = timed(lambda: extract_run(open_run(root), facts, out, epochs, settings, compute))
             if record:
                 walls.setdefault((grid, on_ray), []).append(wall)
             return out
 
         ref, warm = once("all", False, record=False), once("all", True, record=False)
-        diff = max((CircuitSet.load(p).scores - CircuitSet.load(warm / p.name).scores).abs().max().item()
-                   for p in ref.glob("*.safetensors"))
+        diff = max(
+            (CircuitSet.load(p).scores - CircuitSet.load(warm / p.name).scores).abs().max().item()
+            for p in ref.glob("*.safetensors")
+        )
         bytes_per_fact = statistics.mean(p.stat().st_size for p in ref.glob("*.safetensors")) / args.facts
         for i in range(args.repeats):
             for grid in ("all", "one"):
-                for on_ray in ((False, True) if i % 2 == 0 else (True, False)):
+                for on_ray in (False, True) if i % 2 == 0 else (True, False):
                     shutil.rmtree(once(grid, on_ray))
         ray.shutdown()
     med = {k: statistics.median(v) for k, v in walls.items()}
     fact_s = (med[("one", False)] - load_s) / args.facts  # one epoch: a fresh model load, then the facts
-    print(f"grid: 2 epochs x {args.facts} facts of SmolLM2-135M, EAP-IG M={args.steps}, batch {args.batch_size}; "
-          f"{os.cpu_count()} CPUs; local run: torch threads {torch.get_num_threads()}; Ray: one task per CPU")
+    print(
+        f"grid: 2 epochs x {args.facts} facts of SmolLM2-135M, EAP-IG M={args.steps}, batch {args.batch_size}; "
+        f"{os.cpu_count()} CPUs; local run: torch threads {torch.get_num_threads()}; Ray: one task per CPU"
+    )
     for (grid, on_ray), v in walls.items():
         what = "both epochs" if grid == "all" else "epoch 0 as one task"
         print(f"{'Ray  ' if on_ray else 'local'} {what}: {[round(x, 1) for x in v]} s")
@@ -232,14 +256,17 @@ def main() -> None:
         print()
         print(table(fact_s, load_s, tokens, args.steps, args.table_steps, args.gpu_tflops, 8))
         print()
+
     def paired(grid: str) -> float:
         """Median over rounds of Ray's time over the local time of the same round (run back to back)."""
         return statistics.median(r / loc for r, loc in zip(walls[(grid, True)], walls[(grid, False)]))
 
-    print(f"ray_over_local={paired('all'):.3f} ray_over_local_one_task={paired('one'):.3f} "
-          f"ray_over_local_of_medians={med[('all', True)] / med[('all', False)]:.3f} "
-          f"local_s={med[('all', False)]:.1f} ray_s={med[('all', True)]:.1f} ray_startup_s={startup:.1f} "
-          f"max_abs_diff={diff:.2e} fact_s={fact_s:.3f} load_s={load_s:.2f} bytes_per_fact={bytes_per_fact:.0f}")
+    print(
+        f"ray_over_local={paired('all'):.3f} ray_over_local_one_task={paired('one'):.3f} "
+        f"ray_over_local_of_medians={med[('all', True)] / med[('all', False)]:.3f} "
+        f"local_s={med[('all', False)]:.1f} ray_s={med[('all', True)]:.1f} ray_startup_s={startup:.1f} "
+        f"max_abs_diff={diff:.2e} fact_s={fact_s:.3f} load_s={load_s:.2f} bytes_per_fact={bytes_per_fact:.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,13 +73,30 @@ def worker(args: argparse.Namespace) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.save:
         torch.save(scores, args.save)
-    print(json.dumps({"wall_per_fact": wall / len(facts), "cpu_per_fact": cpu / len(facts),
-                      "peak_mib": peak / 1024, "base_mib": base / 1024}))
+    print(
+        json.dumps(
+            {
+                "wall_per_fact": wall / len(facts),
+                "cpu_per_fact": cpu / len(facts),
+                "peak_mib": peak / 1024,
+                "base_mib": base / 1024,
+            }
+        )
+    )
 
 
 def run_worker(facts: int, batch: int, threads: int, save: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--facts", str(facts), "--batch", str(batch),
-           "--threads", str(threads)] + (["--save", save] if save else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--facts",
+        str(facts),
+        "--batch",
+        str(batch),
+        "--threads",
+        str(threads),
+    ] + (["--save", save] if save else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -96,16 +113,21 @@ def batching(big: int, repeats: int, tmp: Path, default_threads: bool = True) ->
     for threads, b in plan:
         r = run_worker(4 if b == 1 else big, b, threads, str(save) if b == big and threads == 1 else None)
         runs.setdefault((threads, b), []).append(r)
-        print(f"  threads {threads} B={b:<3d} {r['wall_per_fact']:6.2f} s/fact wall, {r['cpu_per_fact']:6.2f} s/fact "
-              f"CPU, peak {r['peak_mib']:7.0f} MiB (model loaded: {r['base_mib']:.0f})", flush=True)
+        print(
+            f"  threads {threads} B={b:<3d} {r['wall_per_fact']:6.2f} s/fact wall, {r['cpu_per_fact']:6.2f} s/fact "
+            f"CPU, peak {r['peak_mib']:7.0f} MiB (model loaded: {r['base_mib']:.0f})",
+            flush=True,
+        )
 
     def med(threads: int, b: int, key: str) -> float:
         return statistics.median(r[key] for r in runs[(threads, b)])
 
     for threads in sorted({t for t, _ in runs}):
         wall = med(threads, big, "wall_per_fact") / med(threads, 1, "wall_per_fact")
-        print(f"threads {threads}: B={big} over B=1 per fact: wall {wall:.2f}, "
-              f"CPU {med(threads, big, 'cpu_per_fact') / med(threads, 1, 'cpu_per_fact'):.2f}")
+        print(
+            f"threads {threads}: B={big} over B=1 per fact: wall {wall:.2f}, "
+            f"CPU {med(threads, big, 'cpu_per_fact') / med(threads, 1, 'cpu_per_fact'):.2f}"
+        )
     # CPU seconds at one thread: the work per fact, unmoved by other jobs on a shared CPU (wall-clock printed above)
     x = med(1, big, "cpu_per_fact") / med(1, 1, "cpu_per_fact")
     per_fact = (med(1, big, "peak_mib") - med(1, 1, "peak_mib")) / (big - 1)
@@ -130,11 +152,13 @@ def storage(scores_path: Path, tmp: Path) -> float:
     sparse = CircuitSet.load(cs.save(tmp / "sparse.safetensors", top_k=1000))
     mass = sparse.meta["sparse_mass_kept"]
     old = F * E * 4 + len(json.dumps(edges))
-    print(f"storage: {F} facts x {E} edges: float16 {path.stat().st_size / 1e6:.2f} MB ({z:.3f} bytes/fact/edge; "
-          f"format 1 float32: {old / 1e6:.2f} MB); Spearman vs float32 min {float(rho.min()):.6f} median "
-          f"{float(rho.median()):.6f}; "
-          f"sparse k=1000: {(tmp / 'sparse.safetensors').stat().st_size / F / 1e3:.1f} KB/fact, "
-          f"keeps {statistics.median(mass):.1%} of score mass (median, min {min(mass):.1%})")
+    print(
+        f"storage: {F} facts x {E} edges: float16 {path.stat().st_size / 1e6:.2f} MB ({z:.3f} bytes/fact/edge; "
+        f"format 1 float32: {old / 1e6:.2f} MB); Spearman vs float32 min {float(rho.min()):.6f} median "
+        f"{float(rho.median()):.6f}; "
+        f"sparse k=1000: {(tmp / 'sparse.safetensors').stat().st_size / F / 1e3:.1f} KB/fact, "
+        f"keeps {statistics.median(mass):.1%} of score mass (median, min {min(mass):.1%})"
+    )
     return z
 
 
@@ -163,25 +187,32 @@ def quadrature(ms: list[int], n_facts: int) -> float:
     ref = ig(facts, "gauss", 64)
     noise = dist(ref, ig(other, "gauss", 64))
     measured = noise["weighted_jaccard"] > 0  # a fact with no other swap partner measured no noise
-    print(f"quadrature: {len(facts)} facts ({int(measured.sum())} with a measured noise), 64-step reference and its "
-          f"other-corruption replicate "
-          f"{time.perf_counter() - t:.0f}s; method noise (median over facts): "
-          + ", ".join(f"{k} {np.median(v):.3f}" for k, v in noise.items()))
+    print(
+        f"quadrature: {len(facts)} facts ({int(measured.sum())} with a measured noise), 64-step reference and its "
+        f"other-corruption replicate "
+        f"{time.perf_counter() - t:.0f}s; method noise (median over facts): "
+        + ", ".join(f"{k} {np.median(v):.3f}" for k, v in noise.items())
+    )
     err: dict[tuple[str, int], dict[str, np.ndarray]] = {}
 
     def of_noise(k: tuple[str, int]) -> float:
         return float(np.median(err[k]["weighted_jaccard"][measured] / noise["weighted_jaccard"][measured]))
 
-    print(f"  {'rule':>8} {'m':>3} {'passes':>6} {'w-jaccard':>9} {'1-spearman':>10} {'top-200 edges':>13} "
-          f"{'err/noise':>9}")
+    print(
+        f"  {'rule':>8} {'m':>3} {'passes':>6} {'w-jaccard':>9} {'1-spearman':>10} {'top-200 edges':>13} "
+        f"{'err/noise':>9}"
+    )
     for m in ms:
         for grid in IG_GRIDS:
             err[grid, m] = dist(ig(facts, grid, m), ref)
             passes = m + (0 if 1.0 in ig_nodes(grid, m)[0] else 0.5)  # a clean forward is ~half a step
             ratio = of_noise((grid, m))
-            print(f"  {grid:>8} {m:>3} {passes:>6.1f} {np.median(err[grid, m]['weighted_jaccard']):9.4f} "
-                  f"{np.median(err[grid, m]['spearman']):10.4f} {np.median(err[grid, m]['edge_jaccard']):13.3f} "
-                  f"{ratio:9.3f}", flush=True)
+            print(
+                f"  {grid:>8} {m:>3} {passes:>6.1f} {np.median(err[grid, m]['weighted_jaccard']):9.4f} "
+                f"{np.median(err[grid, m]['spearman']):10.4f} {np.median(err[grid, m]['edge_jaccard']):13.3f} "
+                f"{ratio:9.3f}",
+                flush=True,
+            )
     cost = {(g, m): m + (0 if 1.0 in ig_nodes(g, m)[0] else 0.5) for g, m in err}
     ok = [k for k in err if of_noise(k) <= 0.1]
     best = min(ok, key=lambda k: (cost[k], np.median(err[k]["weighted_jaccard"]))) if ok else None
@@ -199,8 +230,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="B = 8, one repeat, m = 2 and 3 only")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of B = 1 and B = 32 at one thread")
-    ap.add_argument("--no-default-threads", action="store_true",
-                    help="skip the runs with the default threads (meaningless while other jobs load the CPU)")
+    ap.add_argument(
+        "--no-default-threads",
+        action="store_true",
+        help="skip the runs with the default threads (meaningless while other jobs load the CPU)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--facts", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -219,8 +253,9 @@ def main() -> None:
     t = time.perf_counter()
     q = quadrature([2, 3] if args.quick else [2, 3, 5, 10], 4)
     print(f"quadrature {time.perf_counter() - t:.0f}s")
-    print(f"b32_over_b1_per_fact={x:.2f} mib_per_fact={y:.0f} bytes_per_fact_edge={z:.3f} "
-          f"quadrature_error_ratio={q:.2f}")
+    print(
+        f"b32_over_b1_per_fact={x:.2f} mib_per_fact={y:.0f} bytes_per_fact_edge={z:.3f} quadrature_error_ratio={q:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,23 @@ __version__ = "0.1.0"
 # imported lazily by the module-level `__getattr__`.
 
 __all__ = [
-    "open_run", "Run", "load_facts", "FactSet", "AttributionSettings", "Comparison", "Selection", "extract",
-    "load_circuits", "CircuitSet", "diff", "diff_circuits", "timeline", "calibrate", "view", "export", "to_graph_json",
+    "open_run",
+    "Run",
+    "load_facts",
+    "FactSet",
+    "AttributionSettings",
+    "Comparison",
+    "Selection",
+    "extract",
+    "load_circuits",
+    "CircuitSet",
+    "diff",
+    "diff_circuits",
+    "timeline",
+    "calibrate",
+    "view",
+    "export",
+    "to_graph_json",
 ]
 
 _LAZY = {

@@ -59,8 +59,10 @@ def load_facts(probes: Any = None, tokenizer: Any = None, **options: Any) -> Fac
     if _is_run(probes) and tokenizer is None:
         return facts_mod.run_facts(probes, **{k: v for k, v in options.items() if k in ("folder", "identity")})
     if tokenizer is None:
-        raise CircuitdynError("load_facts needs a run (or a tokenizer) to tokenize the probes: "
-                              "load_facts(FILE, run), or load_facts(run) for the run's recorded facts")
+        raise CircuitdynError(
+            "load_facts needs a run (or a tokenizer) to tokenize the probes: "
+            "load_facts(FILE, run), or load_facts(run) for the run's recorded facts"
+        )
     if isinstance(tokenizer, (str, Path)):
         tokenizer = _run(tokenizer)
     if _is_run(tokenizer):
@@ -91,8 +93,13 @@ class Chosen:
         return self.spec.choice if self.spec is not None else "given"
 
 
-def choose(run: Run, folder: Path, facts: FactSet | FactSpec | str | Path | None,
-           settings: AttributionSettings | Mapping[str, Any] | None, log: Log | None = None) -> Chosen:
+def choose(
+    run: Run,
+    folder: Path,
+    facts: FactSet | FactSpec | str | Path | None,
+    settings: AttributionSettings | Mapping[str, Any] | None,
+    log: Log | None = None,
+) -> Chosen:
     """Resolve a command's facts and settings for `run`, whose circuits are cached in `folder`.
 
     Facts: a `FactSet`, a `FactSpec` or a probe file (tokenized by the run), or None: the run's recorded facts
@@ -119,18 +126,27 @@ def choose(run: Run, folder: Path, facts: FactSet | FactSpec | str | Path | None
         # no facts, or facts the command line cannot name: the cached circuits are read as they are
         if given is None:
             return Chosen(None, None, complete, None)
-        return Chosen(None, None, None, settings_filter(given.get("method"), given.get("steps"), given.get("ig_grid"),
-                                                        given.get("seed", 0)))
+        return Chosen(
+            None,
+            None,
+            None,
+            settings_filter(given.get("method"), given.get("steps"), given.get("ig_grid"), given.get("seed", 0)),
+        )
     if log is not None:
         log(f"facts: the run's recorded facts ({len(recorded)} facts from {spec.probes})")
     if given is None:
         return Chosen(recorded, spec, complete, None)
-    fits = [c for c in cached_settings(folder, recorded.identity, given.get("seed", 0))
-            if all(given.get(k) is None or getattr(c, k) == given[k] for k in ("method", "steps", "ig_grid"))]
+    fits = [
+        c
+        for c in cached_settings(folder, recorded.identity, given.get("seed", 0))
+        if all(given.get(k) is None or getattr(c, k) == given[k] for k in ("method", "steps", "ig_grid"))
+    ]
     if len(fits) > 1:
         options = "; ".join(f"method={c.method}, ig_steps={c.steps}, ig_grid={c.ig_grid}" for c in fits)
-        raise CircuitdynError(f"{folder}: several circuit files of the run's recorded facts with different settings "
-                              f"({options}); choose with --method / --steps / --ig-grid")
+        raise CircuitdynError(
+            f"{folder}: several circuit files of the run's recorded facts with different settings "
+            f"({options}); choose with --method / --steps / --ig-grid"
+        )
     if fits:
         given.update(method=fits[0].method, steps=fits[0].steps, ig_grid=fits[0].ig_grid)
     return Chosen(recorded, spec, AttributionSettings(**given), None)
@@ -157,10 +173,17 @@ def cached_settings(folder: str | Path, identity: str, seed: int = 0) -> list[At
     return found
 
 
-def extract(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None = None,
-            settings: AttributionSettings | Mapping[str, Any] | None = None, *, out: str | Path | None = None,
-            epochs: Sequence[int] | None = None, compute: Compute | None = None, storage: Storage | None = None,
-            progress: bool = False) -> dict[int, CircuitSet]:
+def extract(
+    run: str | Path | Run,
+    facts: FactSet | FactSpec | str | Path | None = None,
+    settings: AttributionSettings | Mapping[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    epochs: Sequence[int] | None = None,
+    compute: Compute | None = None,
+    storage: Storage | None = None,
+    progress: bool = False,
+) -> dict[int, CircuitSet]:
     """Per-fact circuits at every epoch of `run` (a `Run` or its folder), as {epoch: CircuitSet}.
 
     `facts`: a `FactSet`, a `FactSpec` or a probe file (read with the run's tokenizer), or None for the run's
@@ -178,8 +201,16 @@ def extract(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None
         facts = load_facts(run)
     elif not isinstance(facts, FactSet):
         facts = (facts if isinstance(facts, FactSpec) else FactSpec(facts)).load(run.tokenizer())
-    done = extract_run(run, facts, out if out is not None else circuits_dir(run), epochs, settings_of(settings),
-                       compute, storage, progress=progress)
+    done = extract_run(
+        run,
+        facts,
+        out if out is not None else circuits_dir(run),
+        epochs,
+        settings_of(settings),
+        compute,
+        storage,
+        progress=progress,
+    )
     return {r.epoch: CircuitSet.load(r.path) for r in done}
 
 
@@ -194,10 +225,18 @@ def _side(side: str | Path | Side | tuple[Run, int]) -> Side:
     return Side.open(side)
 
 
-def diff(a: str | Path | Side | tuple[Run, int], b: str | Path | Side | tuple[Run, int],
-         facts: FactSpec | str | Path | None = None, settings: AttributionSettings | Mapping[str, Any] | None = None,
-         comparison: Comparison | None = None, *, circuits: str | Path | None = None,
-         fact_ids: list[str] | None = None, progress: bool = False, log: Log | None = None) -> CircuitDiff:
+def diff(
+    a: str | Path | Side | tuple[Run, int],
+    b: str | Path | Side | tuple[Run, int],
+    facts: FactSpec | str | Path | None = None,
+    settings: AttributionSettings | Mapping[str, Any] | None = None,
+    comparison: Comparison | None = None,
+    *,
+    circuits: str | Path | None = None,
+    fact_ids: list[str] | None = None,
+    progress: bool = False,
+    log: Log | None = None,
+) -> CircuitDiff:
     """How the circuits changed between two checkpoints (`RUN:EPOCH`, a model folder, `(run, epoch)`, a
     `compare.Side`) or circuit files (`.safetensors`): `compare.diff_checkpoints`, circuits chosen and changes tested
     as `comparison` says (default `Comparison()`: `faith:0.8` circuits, 5 replicates per checkpoint).
@@ -217,16 +256,33 @@ def diff(a: str | Path | Side | tuple[Run, int], b: str | Path | Side | tuple[Ru
     cmp = comparison or Comparison()
     spec = facts if isinstance(facts, FactSpec) or facts is None else FactSpec(facts)
     if sa.run is None or sb.run is None or sa.epoch is None or sb.epoch is None:
-        return diff_checkpoints(sa, sb, spec, settings_of(settings) if spec is not None else None, cmp,
-                                circuits_dir=circuits, fact_ids=fact_ids,
-                                where=None if spec is not None else _where(settings), progress=progress)
+        return diff_checkpoints(
+            sa,
+            sb,
+            spec,
+            settings_of(settings) if spec is not None else None,
+            cmp,
+            circuits_dir=circuits,
+            fact_ids=fact_ids,
+            where=None if spec is not None else _where(settings),
+            progress=progress,
+        )
     sides = [(sa.run, sa.epoch), (sb.run, sb.epoch)]
     folders = [Path(circuits) if circuits else circuits_dir(run) for run, _ in sides]
     chosen = choose(sa.run, folders[0], spec, settings, log)
     if chosen.facts is not None and log is not None:
         log(diff_plan(sides, chosen.facts, folders, chosen.settings, cmp).line())
-    return diff_checkpoints(sa, sb, chosen.spec, chosen.settings, cmp, circuits_dir=circuits, fact_ids=fact_ids,
-                            where=chosen.where, progress=progress)
+    return diff_checkpoints(
+        sa,
+        sb,
+        chosen.spec,
+        chosen.settings,
+        cmp,
+        circuits_dir=circuits,
+        fact_ids=fact_ids,
+        where=chosen.where,
+        progress=progress,
+    )
 
 
 def _where(settings: AttributionSettings | Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -234,13 +290,21 @@ def _where(settings: AttributionSettings | Mapping[str, Any] | None) -> dict[str
 
     if settings is None or isinstance(settings, AttributionSettings):
         return None
-    return settings_filter(settings.get("method"), settings.get("steps"), settings.get("ig_grid"),
-                           settings.get("seed", 0))
+    return settings_filter(
+        settings.get("method"), settings.get("steps"), settings.get("ig_grid"), settings.get("seed", 0)
+    )
 
 
-def timeline(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | None = None,
-             settings: AttributionSettings | Mapping[str, Any] | None = None, comparison: Comparison | None = None,
-             *, circuits: str | Path | None = None, progress: bool = False, log: Log | None = None) -> Timeline:
+def timeline(
+    run: str | Path | Run,
+    facts: FactSet | FactSpec | str | Path | None = None,
+    settings: AttributionSettings | Mapping[str, Any] | None = None,
+    comparison: Comparison | None = None,
+    *,
+    circuits: str | Path | None = None,
+    progress: bool = False,
+    log: Log | None = None,
+) -> Timeline:
     """The circuits of every epoch of `run` (a `Run` or its folder), joined with recall and loss and tested
     against method noise: `compare.load_run_timeline`, circuits chosen and changes tested as `comparison` says
     (default `Comparison()`; its `transfer` adds the transfer matrix, `Timeline.transfer`).
@@ -263,8 +327,16 @@ def timeline(run: str | Path | Run, facts: FactSet | FactSpec | str | Path | Non
         check_writable(folder, "folder", flag="--circuits" if circuits else "")
         if log is not None:
             log(timeline_plan(run, chosen.facts, folder, chosen.settings, cmp).line())
-    return load_run_timeline(run, chosen.facts, chosen.settings, cmp, circuits_dir=folder, where=chosen.where,
-                             fact_choice=chosen.fact_choice, progress=progress)
+    return load_run_timeline(
+        run,
+        chosen.facts,
+        chosen.settings,
+        cmp,
+        circuits_dir=folder,
+        where=chosen.where,
+        fact_choice=chosen.fact_choice,
+        progress=progress,
+    )
 
 
 def load_circuits(path: str | Path) -> CircuitSet:
@@ -274,8 +346,9 @@ def load_circuits(path: str | Path) -> CircuitSet:
     return CircuitSet.load(path)
 
 
-def diff_circuits(a: CircuitSet, b: CircuitSet, selection: str | Selection = "faith:0.8",
-                  **options: Any) -> CircuitDiff:
+def diff_circuits(
+    a: CircuitSet, b: CircuitSet, selection: str | Selection = "faith:0.8", **options: Any
+) -> CircuitDiff:
     """`diff.diff_circuits` with the selection rule given as text (`top:200`, `faith:0.8`, ...) or a `Selection`;
     `options` as `diff.diff_circuits` takes them (noise, faithfulness, fact_ids, labels, ...)."""
     from circuitdyn.analysis.diff import diff_circuits as diff_sets
@@ -302,9 +375,14 @@ def view(obj: Any, path: str | Path, **kwargs: Any) -> Path:
     raise CircuitdynError(f"view takes a CircuitSet, CircuitDiff or Timeline, not {type(obj).__name__}")
 
 
-def timelines(runs: Sequence[str | Path | Run], facts: FactSpec | str | Path | None = None,
-              settings: AttributionSettings | Mapping[str, Any] | None = None, comparison: Comparison | None = None,
-              *, progress: bool = False) -> AcrossRuns:
+def timelines(
+    runs: Sequence[str | Path | Run],
+    facts: FactSpec | str | Path | None = None,
+    settings: AttributionSettings | Mapping[str, Any] | None = None,
+    comparison: Comparison | None = None,
+    *,
+    progress: bool = False,
+) -> AcrossRuns:
     """The timelines of several runs (e.g. the seeds of a sweep), each with its own circuits folder: per-epoch
     means with 95 % intervals across them (`across_runs.across_runs`) of the per-epoch tables and of the share
     of the circuit replaced per transition. `facts`: a `FactSpec` or probe file, tokenized by each run (None:
@@ -321,10 +399,15 @@ def timelines(runs: Sequence[str | Path | Run], facts: FactSpec | str | Path | N
     per_epoch, changes = {}, {}
     for name, r in zip(names, runs):
         run = _run(r)
-        tl = load_run_timeline(run, None if spec is None else spec.load(run.tokenizer()),
-                               settings_of(settings) if spec is not None else None, comparison,
-                               circuits_dir=circuits_dir(run), where=None if spec is not None else _where(settings),
-                               progress=progress)
+        tl = load_run_timeline(
+            run,
+            None if spec is None else spec.load(run.tokenizer()),
+            settings_of(settings) if spec is not None else None,
+            comparison,
+            circuits_dir=circuits_dir(run),
+            where=None if spec is not None else _where(settings),
+            progress=progress,
+        )
         per_epoch[name] = tl.per_epoch
         changes[name] = tl.reconfiguration
     table = across_runs(per_epoch)
@@ -333,12 +416,21 @@ def timelines(runs: Sequence[str | Path | Run], facts: FactSpec | str | Path | N
     sections = [("", table[table["quantity"].isin(shown)])]
     if len(rec):
         sections.append(("share of the circuit replaced per transition, and method noise, across runs:", rec))
-    return AcrossRuns(f"circuit timelines of {len(names)} runs: per-epoch mean [95 % bootstrap interval over runs]",
-                      sections, {"runs": names, "per_epoch": records(table), "reconfiguration": records(rec)})
+    return AcrossRuns(
+        f"circuit timelines of {len(names)} runs: per-epoch mean [95 % bootstrap interval over runs]",
+        sections,
+        {"runs": names, "per_epoch": records(table), "reconfiguration": records(rec)},
+    )
 
 
-def view_circuits(file: str | Path, out: str | Path | None = None, *, probes: str | Path | None = None,
-                  fact_ids: Sequence[str] | None = None, overwrite: bool = False) -> tuple[CircuitSet, Path]:
+def view_circuits(
+    file: str | Path,
+    out: str | Path | None = None,
+    *,
+    probes: str | Path | None = None,
+    fact_ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> tuple[CircuitSet, Path]:
     """The circuit viewer of a circuit file, written to `out` (default the file with `.html`): its facts labelled
     with their questions when `probes` (the probe file they come from) is given, only `fact_ids` when given
     (beside the mean circuit). Returns the circuit set and the page."""

@@ -55,22 +55,24 @@ class DemoResult:
         from circuitdyn.analysis.dynamics import format_table
 
         stages = ", ".join(f"{k} {v:.0f}s" for k, v in self.stage_s.items())
-        return "\n".join([
-            "",
-            "== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch",
-            format_table(self.dynamics),
-            "",
-            f"== how the facts' circuits moved across epochs ({self.timeline.selection})",
-            self.timeline.text(),
-            "",
-            f"== circuit diff {self.diff.label_a} -> {self.diff.label_b}",
-            self.diff.text(),
-            "",
-            f"wall time {self.wall_s:.0f}s ({stages})",
-            f"run (checkpoints, probe results, circuits): {self.run_dir}",
-            f"probes: {self.probes_file}",
-            f"viewers: {self.timeline_html}\n         {self.diff_html}\n         {self.circuit_html}",
-        ])
+        return "\n".join(
+            [
+                "",
+                "== what CPT taught: entities learned (mean ROUGE-1 recall >= threshold), loss and OOD skill per epoch",
+                format_table(self.dynamics),
+                "",
+                f"== how the facts' circuits moved across epochs ({self.timeline.selection})",
+                self.timeline.text(),
+                "",
+                f"== circuit diff {self.diff.label_a} -> {self.diff.label_b}",
+                self.diff.text(),
+                "",
+                f"wall time {self.wall_s:.0f}s ({stages})",
+                f"run (checkpoints, probe results, circuits): {self.run_dir}",
+                f"probes: {self.probes_file}",
+                f"viewers: {self.timeline_html}\n         {self.diff_html}\n         {self.circuit_html}",
+            ]
+        )
 
 
 def pick_facts(probes: list[Any], per_entity: int, outcomes: pd.DataFrame) -> list[Any]:
@@ -152,8 +154,10 @@ def run_demo(
     t0 = time.perf_counter()
     stage: dict[str, float] = {}
 
-    say(f"[1/3] continual pre-training: {cfg.n_entities} seed entities, {cfg.epochs} epochs at lr {cfg.lr:g}, "
-        "probes every epoch")
+    say(
+        f"[1/3] continual pre-training: {cfg.n_entities} seed entities, {cfg.epochs} epochs at lr {cfg.lr:g}, "
+        "probes every epoch"
+    )
     trained_run = run_cpt(cfg, out / "run", progress=progress, log=log)
     stage["cpt"] = time.perf_counter() - t0
 
@@ -172,9 +176,11 @@ def run_demo(
         facts = load_facts(probes_file, run.tokenizer(), ids=chosen)
         choice = "post hoc: the probes whose recall flipped most"
     kinds = corruption_summary(facts)
-    say(f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {s.method} with {s.steps} steps "
+    say(
+        f"[2/3] per-fact circuits: {len(facts)} facts ({kinds}; {choice}), {s.method} with {s.steps} steps "
         f"({s.ig_grid} rule), "
-        f"epochs {run.epochs}; {cmp.replicates} method-noise replicates at every epoch; circuits {cmp.selection}")
+        f"epochs {run.epochs}; {cmp.replicates} method-noise replicates at every epoch; circuits {cmp.selection}"
+    )
     timeline = load_run_timeline(run, facts, s, cmp.replace(transfer=False), fact_choice=choice, progress=progress)
     stage["circuits"] = time.perf_counter() - t
 
@@ -184,22 +190,48 @@ def run_demo(
     if cmp.transfer:
         say("      circuit transfer: each epoch's circuits on each epoch's model")
         tt = time.perf_counter()
-        table = transfer_matrix(timeline.circuits, run_evaluator(run, facts), timeline.selection,
-                                selected=timeline.fact_masks, cache=out / "transfer.json", progress=progress)
+        table = transfer_matrix(
+            timeline.circuits,
+            run_evaluator(run, facts),
+            timeline.selection,
+            selected=timeline.fact_masks,
+            cache=out / "transfer.json",
+            progress=progress,
+        )
         timeline.transfer = table
         stage["transfer"] = time.perf_counter() - tt
     timeline_html = write_timeline_html(timeline, out / "timeline.html", labels=facts.labels, transfer=table)
     first, last = timeline.epochs[0], timeline.epochs[-1]
     a, b = timeline.circuits[first], timeline.circuits[last]
-    diff = diff_circuits(a, b, timeline.selection, noise=timeline.noise, labels=(f"epoch {first}", f"epoch {last}"),
-                         selected=((timeline.fact_masks[first], timeline.reached.get(first)),
-                                   (timeline.fact_masks[last], timeline.reached.get(last))),
-                         entity_of=facts.entity_of, noise_keys=(first, last))
+    diff = diff_circuits(
+        a,
+        b,
+        timeline.selection,
+        noise=timeline.noise,
+        labels=(f"epoch {first}", f"epoch {last}"),
+        selected=(
+            (timeline.fact_masks[first], timeline.reached.get(first)),
+            (timeline.fact_masks[last], timeline.reached.get(last)),
+        ),
+        entity_of=facts.entity_of,
+        noise_keys=(first, last),
+    )
     diff.labels = facts.labels
     diff_html = write_diff_html(diff, out / "diff.html", labels=facts.labels)
     circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last}.html", labels=facts.labels)
     stage["analysis"] = time.perf_counter() - t - stage.get("transfer", 0.0)
     return DemoResult(
-        out, run.path, probes_file, timeline_html, diff_html, circuit_html, trained_run.dynamics, facts, timeline, diff,
-        table, time.perf_counter() - t0, stage,
+        out,
+        run.path,
+        probes_file,
+        timeline_html,
+        diff_html,
+        circuit_html,
+        trained_run.dynamics,
+        facts,
+        timeline,
+        diff,
+        table,
+        time.perf_counter() - t0,
+        stage,
     )

@@ -156,8 +156,10 @@ def file_lock(path: str | Path, *, wait: bool = True, what: str = "this result")
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as err:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise CircuitdynError(f"{path}: another circuitdyn process is writing {what} (lock {lock}); "
-                                      "wait for it to finish, or choose another output") from None
+                raise CircuitdynError(
+                    f"{path}: another circuitdyn process is writing {what} (lock {lock}); "
+                    "wait for it to finish, or choose another output"
+                ) from None
             raise
         yield
     finally:

@@ -37,8 +37,7 @@ from circuitdyn.engine.graph import Graph
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.io import write_text_atomic
 
-STATUS_COLOURS = {"added": "#2ca02c", "removed": "#d62728", "changed": "#ff7f0e", "kept": "#7f7f7f",
-                  "noise": "#d9d9d9"}
+STATUS_COLOURS = {"added": "#2ca02c", "removed": "#d62728", "changed": "#ff7f0e", "kept": "#7f7f7f", "noise": "#d9d9d9"}
 SIGN_COLOURS = {"negative": "#1f77b4", "positive": "#d62728"}
 """Negative score = patching the edge lowers the metric, i.e. the edge supports recall (see attribution)."""
 KIND_COLOURS = {"input": "#444444", "attn": "#9467bd", "mlp": "#17becf", "logits": "#444444"}
@@ -121,7 +120,9 @@ def _width(w: float, wmax: float) -> float:
 
 
 def _edge_traces(
-    pos: dict[str, tuple[float, float]], items: list[tuple[str, str, float, str, str]], colours: dict[str, str],
+    pos: dict[str, tuple[float, float]],
+    items: list[tuple[str, str, float, str, str]],
+    colours: dict[str, str],
 ) -> list[dict[str, Any]]:
     """Line traces for edges (src, dst, magnitude, colour key, hover text), one per colour x width bin,
     plus one invisible-marker trace at the midpoints carrying the hover text."""
@@ -141,32 +142,61 @@ def _edge_traces(
         for (kind, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][1]):
             if kind != key:
                 continue
-            traces.append({"type": "scatter", "x": xs, "y": ys, "mode": "lines", "opacity": 0.75,
-                           "line": {"color": colours[key], "width": width}, "hoverinfo": "skip", "name": key,
-                           "legendgroup": key, "showlegend": not shown})
+            traces.append(
+                {
+                    "type": "scatter",
+                    "x": xs,
+                    "y": ys,
+                    "mode": "lines",
+                    "opacity": 0.75,
+                    "line": {"color": colours[key], "width": width},
+                    "hoverinfo": "skip",
+                    "name": key,
+                    "legendgroup": key,
+                    "showlegend": not shown,
+                }
+            )
             shown = True
     if items:
-        traces.append({
-            "type": "scatter", "mode": "markers", "name": "edges", "showlegend": False, "hoverinfo": "text",
-            "x": [x for x, _ in mids], "y": [y for _, y in mids],
-            "marker": {"size": 7, "color": "rgba(0,0,0,0)"}, "hovertext": [t for *_, t in items]})
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "edges",
+                "showlegend": False,
+                "hoverinfo": "text",
+                "x": [x for x, _ in mids],
+                "y": [y for _, y in mids],
+                "marker": {"size": 7, "color": "rgba(0,0,0,0)"},
+                "hovertext": [t for *_, t in items],
+            }
+        )
     return traces
 
 
-def _node_trace(graph: Graph, pos: dict[str, tuple[float, float]], importance: torch.Tensor,
-                active: set[str]) -> dict[str, Any]:
+def _node_trace(
+    graph: Graph, pos: dict[str, tuple[float, float]], importance: torch.Tensor, active: set[str]
+) -> dict[str, Any]:
     imax = float(importance.max()) or 1.0
     imp = importance.tolist()
     names = graph.nodes
-    kinds = ["input" if n == "input" else "logits" if n == "logits" else "attn" if n[0] == "a" else "mlp"
-             for n in names]
+    kinds = [
+        "input" if n == "input" else "logits" if n == "logits" else "attn" if n[0] == "a" else "mlp" for n in names
+    ]
     return {
-        "type": "scatter", "mode": "markers", "name": "components", "showlegend": False, "hoverinfo": "text",
-        "x": [pos[n][0] for n in names], "y": [pos[n][1] for n in names],
-        "marker": {"size": [round(6 + 14 * imp[i] / imax, 2) if n in active else 5 for i, n in enumerate(names)],
-                   "color": [KIND_COLOURS[k] if n in active else "#e5e5e5" for n, k in zip(names, kinds)],
-                   "line": {"width": 0.5, "color": "#333"},
-                   "symbol": ["square" if k == "mlp" else "circle" for k in kinds]},
+        "type": "scatter",
+        "mode": "markers",
+        "name": "components",
+        "showlegend": False,
+        "hoverinfo": "text",
+        "x": [pos[n][0] for n in names],
+        "y": [pos[n][1] for n in names],
+        "marker": {
+            "size": [round(6 + 14 * imp[i] / imax, 2) if n in active else 5 for i, n in enumerate(names)],
+            "color": [KIND_COLOURS[k] if n in active else "#e5e5e5" for n, k in zip(names, kinds)],
+            "line": {"width": 0.5, "color": "#333"},
+            "symbol": ["square" if k == "mlp" else "circle" for k in kinds],
+        },
         "hovertext": [f"{_esc(n)}<br>importance {imp[i]:.4g}" for i, n in enumerate(names)],
     }
 
@@ -175,13 +205,26 @@ def _circuit_layout(graph: Graph, title: str) -> dict[str, Any]:
     ticks = [0.0] + [2.0 * L + 1.5 for L in range(graph.n_layers)] + [2.0 * graph.n_layers + 1]
     labels = ["input"] + [f"L{L}" for L in range(graph.n_layers)] + ["logits"]
     return {
-        "title": {"text": title}, "hovermode": "closest", "height": 560, "plot_bgcolor": "white",
-        "xaxis": {"tickvals": ticks, "ticktext": labels, "title": {"text": "layer"}, "zeroline": False,
-                  "gridcolor": "#eee"},
-        "yaxis": {"tickvals": [*range(graph.n_heads), graph.n_heads + 0.5],
-                  "ticktext": [*(f"h{h}" for h in range(graph.n_heads)), "MLP"], "zeroline": False,
-                  "showgrid": False, "range": [-0.7, graph.n_heads + 2.8]},
-        "legend": {"orientation": "h", "y": -0.15}, "margin": {"l": 50, "r": 20, "t": 60, "b": 60},
+        "title": {"text": title},
+        "hovermode": "closest",
+        "height": 560,
+        "plot_bgcolor": "white",
+        "xaxis": {
+            "tickvals": ticks,
+            "ticktext": labels,
+            "title": {"text": "layer"},
+            "zeroline": False,
+            "gridcolor": "#eee",
+        },
+        "yaxis": {
+            "tickvals": [*range(graph.n_heads), graph.n_heads + 0.5],
+            "ticktext": [*(f"h{h}" for h in range(graph.n_heads)), "MLP"],
+            "zeroline": False,
+            "showgrid": False,
+            "range": [-0.7, graph.n_heads + 2.8],
+        },
+        "legend": {"orientation": "h", "y": -0.15},
+        "margin": {"l": 50, "r": 20, "t": 60, "b": 60},
     }
 
 
@@ -196,8 +239,15 @@ def _signed_circuit(graph: Graph, scores: torch.Tensor, idx: list[int], title: s
     items = []
     for (src, dst), ports in folded.items():
         total = sum(s for _, s in ports)
-        items.append((src, dst, total, "negative" if total < 0 else "positive",
-                      f"{_esc(src)} → {_esc(dst)}: {total:.4g}<br>{_hover(ports)}"))
+        items.append(
+            (
+                src,
+                dst,
+                total,
+                "negative" if total < 0 else "positive",
+                f"{_esc(src)} → {_esc(dst)}: {total:.4g}<br>{_hover(ports)}",
+            )
+        )
     active = {s for s, _ in folded} | {d for _, d in folded}
     data = _edge_traces(pos, items, SIGN_COLOURS) + [_node_trace(graph, pos, _importance(graph, scores, idx), active)]
     return {"data": data, "layout": _circuit_layout(graph, title)}
@@ -219,8 +269,9 @@ def diff_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
     r = diff.row(fact_id)
     graph = diff.graph
     code = diff.status_codes[r]
-    idx, note = _strongest((code >= 0).nonzero().flatten().tolist(),
-                           torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs()))
+    idx, note = _strongest(
+        (code >= 0).nonzero().flatten().tolist(), torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs())
+    )
     sa, sb, codes = diff.scores_a[r, idx].tolist(), diff.scores_b[r, idx].tolist(), code[idx].tolist()
     groups: dict[tuple[str, str, str], list[tuple[str, float, float]]] = {}
     for i, a, b, c in zip(idx, sa, sb, codes):
@@ -236,11 +287,15 @@ def diff_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
     active = {s for s, _, _ in groups} | {d for _, d, _ in groups}
     imp = _importance(graph, torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs()), idx)
     row = diff.facts.loc[fact_id]
-    title = (f"{_esc(fact_id)}: {_esc(diff.label_a)} → {_esc(diff.label_b)} — +{int(row['added'])} / "
-             f"−{int(row['removed'])} / kept {int(row['kept'])} (changed {int(row['changed'])}), "
-             f"Jaccard {row['edge_jaccard']:.2f}{note}")
-    return {"data": _edge_traces(pos, items, STATUS_COLOURS) + [_node_trace(graph, pos, imp, active)],
-            "layout": _circuit_layout(graph, title)}
+    title = (
+        f"{_esc(fact_id)}: {_esc(diff.label_a)} → {_esc(diff.label_b)} — +{int(row['added'])} / "
+        f"−{int(row['removed'])} / kept {int(row['kept'])} (changed {int(row['changed'])}), "
+        f"Jaccard {row['edge_jaccard']:.2f}{note}"
+    )
+    return {
+        "data": _edge_traces(pos, items, STATUS_COLOURS) + [_node_trace(graph, pos, imp, active)],
+        "layout": _circuit_layout(graph, title),
+    }
 
 
 def layer_bands(n_layers: int, max_bands: int = 8) -> list[tuple[int, int]]:
@@ -273,14 +328,32 @@ def sankey_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
         flows[key] = flows.get(key, 0.0) + m
     keys = sorted(flows)
     n_left, n_right = len(left), len(right)
-    data = [{"type": "sankey", "arrangement": "fixed",
-             "node": {"label": left + right, "pad": 10, "thickness": 14, "color": "#888",
-                      "x": [0.01] * n_left + [0.99] * n_right,
-                      "y": [(i + 0.5) / n_left for i in range(n_left)] + [(i + 0.5) / n_right for i in range(n_right)]},
-             "link": {"source": [k[0] for k in keys], "target": [k[1] for k in keys], "value": [flows[k] for k in keys],
-                      "color": [STATUS_COLOURS[k[2]] for k in keys], "label": [k[2] for k in keys]}}]
-    layout = {"title": {"text": f"{_esc(fact_id)}: flow of |score| from writer to reader layers, by status"},
-              "height": 420, "margin": {"l": 20, "r": 20, "t": 50, "b": 20}}
+    data = [
+        {
+            "type": "sankey",
+            "arrangement": "fixed",
+            "node": {
+                "label": left + right,
+                "pad": 10,
+                "thickness": 14,
+                "color": "#888",
+                "x": [0.01] * n_left + [0.99] * n_right,
+                "y": [(i + 0.5) / n_left for i in range(n_left)] + [(i + 0.5) / n_right for i in range(n_right)],
+            },
+            "link": {
+                "source": [k[0] for k in keys],
+                "target": [k[1] for k in keys],
+                "value": [flows[k] for k in keys],
+                "color": [STATUS_COLOURS[k[2]] for k in keys],
+                "label": [k[2] for k in keys],
+            },
+        }
+    ]
+    layout = {
+        "title": {"text": f"{_esc(fact_id)}: flow of |score| from writer to reader layers, by status"},
+        "height": 420,
+        "margin": {"l": 20, "r": 20, "t": 50, "b": 20},
+    }
     return {"data": data, "layout": layout}
 
 
@@ -288,22 +361,53 @@ def layer_shift_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
     """`layer_shift_figure` as plain data."""
     diff.row(fact_id)
     df = diff.layers[diff.layers["fact_id"] == fact_id]
-    data = [{"type": "bar", "x": df["layer"].tolist(), "y": df["share_a"].tolist(), "name": _esc(diff.label_a),
-             "marker": {"color": "#9ecae1"}},
-            {"type": "bar", "x": df["layer"].tolist(), "y": df["share_b"].tolist(), "name": _esc(diff.label_b),
-             "marker": {"color": "#3182bd"}}]
-    layout = {"title": {"text": f"{_esc(fact_id)}: importance share per layer"}, "barmode": "group", "height": 320,
-              "plot_bgcolor": "white",
-              "xaxis": {"title": {"text": "layer"}, "dtick": 1 if diff.graph.n_layers <= 16 else 2},
-              "yaxis": {"title": {"text": "share of |score|"}, "gridcolor": "#eee"},
-              "margin": {"l": 50, "r": 20, "t": 50, "b": 40}}
+    data = [
+        {
+            "type": "bar",
+            "x": df["layer"].tolist(),
+            "y": df["share_a"].tolist(),
+            "name": _esc(diff.label_a),
+            "marker": {"color": "#9ecae1"},
+        },
+        {
+            "type": "bar",
+            "x": df["layer"].tolist(),
+            "y": df["share_b"].tolist(),
+            "name": _esc(diff.label_b),
+            "marker": {"color": "#3182bd"},
+        },
+    ]
+    layout = {
+        "title": {"text": f"{_esc(fact_id)}: importance share per layer"},
+        "barmode": "group",
+        "height": 320,
+        "plot_bgcolor": "white",
+        "xaxis": {"title": {"text": "layer"}, "dtick": 1 if diff.graph.n_layers <= 16 else 2},
+        "yaxis": {"title": {"text": "share of |score|"}, "gridcolor": "#eee"},
+        "margin": {"l": 50, "r": 20, "t": 50, "b": 40},
+    }
     return {"data": data, "layout": layout}
 
 
 def _ood_columns(per_epoch: Any) -> list[str]:
-    known = {"epoch", "step", "train_loss", "learned", "acquired", "retained", "forgotten", "mean_recall", "mean_f1",
-             "knowledge_accuracy", "fact_accuracy", "n_edges", "jaccard_first", "jaccard_prev",
-             "weighted_jaccard_prev", "changed_frac_prev"}
+    known = {
+        "epoch",
+        "step",
+        "train_loss",
+        "learned",
+        "acquired",
+        "retained",
+        "forgotten",
+        "mean_recall",
+        "mean_f1",
+        "knowledge_accuracy",
+        "fact_accuracy",
+        "n_edges",
+        "jaccard_first",
+        "jaccard_prev",
+        "weighted_jaccard_prev",
+        "changed_frac_prev",
+    }
     return [c for c in per_epoch.columns if c not in known and per_epoch[c].dtype.kind in "fi"]
 
 
@@ -313,8 +417,16 @@ def _series(values: Any) -> list[Any]:
 
 def _fact_similarity_trace(timeline: Any, fact_id: str) -> dict[str, Any]:
     f = timeline.fact(fact_id)
-    return {"type": "scatter", "mode": "lines+markers", "x": f["epoch"].tolist(), "y": _series(1 - f["jaccard_prev"]),
-            "name": f"{_esc(fact_id)}: replaced", "line": {"dash": "dot"}, "xaxis": "x4", "yaxis": "y4"}
+    return {
+        "type": "scatter",
+        "mode": "lines+markers",
+        "x": f["epoch"].tolist(),
+        "y": _series(1 - f["jaccard_prev"]),
+        "name": f"{_esc(fact_id)}: replaced",
+        "line": {"dash": "dot"},
+        "xaxis": "x4",
+        "yaxis": "y4",
+    }
 
 
 def _change_traces(timeline: Any) -> list[dict[str, Any]]:
@@ -330,18 +442,44 @@ def _change_traces(timeline: Any) -> list[dict[str, Any]]:
         med = float(timeline.noise.per_fact("edge_jaccard")["median"].mean())
         xs = [timeline.epochs[0], timeline.epochs[-1]]
         traces += [
-            {"type": "scatter", "mode": "lines", "x": xs, "y": [0, 0], "line": {"width": 0}, "showlegend": False,
-             "hoverinfo": "skip", "xaxis": "x4", "yaxis": "y4"},
-            {"type": "scatter", "mode": "lines", "x": xs, "y": [med, med], "fill": "tonexty",
-             "fillcolor": "rgba(150,150,150,0.25)", "line": {"color": "rgba(120,120,120,0.6)", "dash": "dash"},
-             "name": f"method noise: median distance between replicates of one epoch ({med:.2f})",
-             "xaxis": "x4", "yaxis": "y4"},
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "x": xs,
+                "y": [0, 0],
+                "line": {"width": 0},
+                "showlegend": False,
+                "hoverinfo": "skip",
+                "xaxis": "x4",
+                "yaxis": "y4",
+            },
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "x": xs,
+                "y": [med, med],
+                "fill": "tonexty",
+                "fillcolor": "rgba(150,150,150,0.25)",
+                "line": {"color": "rgba(120,120,120,0.6)", "dash": "dash"},
+                "name": f"method noise: median distance between replicates of one epoch ({med:.2f})",
+                "xaxis": "x4",
+                "yaxis": "y4",
+            },
         ]
     lo = (rec["replaced"] - rec["replaced_lo"]).tolist()
     hi = (rec["replaced_hi"] - rec["replaced"]).tolist()
-    traces.append({"type": "scatter", "mode": "lines+markers", "x": x, "y": _series(rec["replaced"]),
-                   "error_y": {"type": "data", "symmetric": False, "array": _series(hi), "arrayminus": _series(lo)},
-                   "name": "replaced vs previous epoch (mean, 95 % CI)", "xaxis": "x4", "yaxis": "y4"})
+    traces.append(
+        {
+            "type": "scatter",
+            "mode": "lines+markers",
+            "x": x,
+            "y": _series(rec["replaced"]),
+            "error_y": {"type": "data", "symmetric": False, "array": _series(hi), "arrayminus": _series(lo)},
+            "name": "replaced vs previous epoch (mean, 95 % CI)",
+            "xaxis": "x4",
+            "yaxis": "y4",
+        }
+    )
     return traces
 
 
@@ -349,14 +487,27 @@ def timeline_spec(timeline: Any, fact_id: str | None = None) -> Spec:
     """`timeline_figure` as plain data (four stacked panels sharing the epoch axis)."""
     pe = timeline.per_epoch
     x = pe["epoch"].tolist()
-    panels = ("training loss", "knowledge accuracy", "OOD accuracy",
-              "share of the circuit replaced vs the previous epoch (1 - edge Jaccard)")
+    panels = (
+        "training loss",
+        "knowledge accuracy",
+        "OOD accuracy",
+        "share of the circuit replaced vs the previous epoch (1 - edge Jaccard)",
+    )
     data: list[dict[str, Any]] = []
 
     def line(col: str, row: int, name: str) -> None:
         if col in pe and pe[col].notna().any():
-            data.append({"type": "scatter", "mode": "lines+markers", "x": x, "y": _series(pe[col]), "name": name,
-                         "xaxis": f"x{row}", "yaxis": f"y{row}"})
+            data.append(
+                {
+                    "type": "scatter",
+                    "mode": "lines+markers",
+                    "x": x,
+                    "y": _series(pe[col]),
+                    "name": name,
+                    "xaxis": f"x{row}",
+                    "yaxis": f"y{row}",
+                }
+            )
 
     line("train_loss", 1, "train loss")
     line("knowledge_accuracy", 2, "entities learned")
@@ -367,28 +518,60 @@ def timeline_spec(timeline: Any, fact_id: str | None = None) -> Spec:
     if fact_id is not None and fact_id != MEAN:
         data.append(_fact_similarity_trace(timeline, fact_id))
     gap, h = 0.05, (1 - 3 * 0.05) / 4
-    layout: dict[str, Any] = {"height": 760, "hovermode": "x unified", "plot_bgcolor": "white",
-                              "margin": {"l": 50, "r": 20, "t": 40, "b": 40},
-                              "legend": {"orientation": "h", "y": -0.1}, "annotations": []}
+    layout: dict[str, Any] = {
+        "height": 760,
+        "hovermode": "x unified",
+        "plot_bgcolor": "white",
+        "margin": {"l": 50, "r": 20, "t": 40, "b": 40},
+        "legend": {"orientation": "h", "y": -0.1},
+        "annotations": [],
+    }
     for i, title in enumerate(panels, 1):
         top = round(1 - (i - 1) * (h + gap), 4)
         layout[f"yaxis{i}"] = {"domain": [max(0.0, round(top - h, 4)), top], "anchor": f"x{i}", "gridcolor": "#eee"}
-        layout[f"xaxis{i}"] = {"anchor": f"y{i}", "showticklabels": i == 4, "dtick": 1, "gridcolor": "#eee",
-                               **({"matches": "x4"} if i < 4 else {"title": {"text": "epoch"}})}
-        layout["annotations"].append({"text": title, "xref": "paper", "yref": "paper", "x": 0.5, "y": top,
-                                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
+        layout[f"xaxis{i}"] = {
+            "anchor": f"y{i}",
+            "showticklabels": i == 4,
+            "dtick": 1,
+            "gridcolor": "#eee",
+            **({"matches": "x4"} if i < 4 else {"title": {"text": "epoch"}}),
+        }
+        layout["annotations"].append(
+            {
+                "text": title,
+                "xref": "paper",
+                "yref": "paper",
+                "x": 0.5,
+                "y": top,
+                "xanchor": "center",
+                "yanchor": "bottom",
+                "showarrow": False,
+            }
+        )
     return {"data": data, "layout": layout}
 
 
 def heatmap_spec(timeline: Any) -> Spec:
     """`heatmap_figure` as plain data."""
     le = timeline.layer_epoch
-    data = [{"type": "heatmap", "z": le.to_numpy().tolist(), "x": [str(c) for c in le.columns],
-             "y": [f"L{i}" for i in le.index], "colorscale": "Viridis", "colorbar": {"title": {"text": "share"}},
-             "hovertemplate": "epoch %{x}, %{y}: %{z:.3f}<extra></extra>"}]
-    layout = {"title": {"text": "importance share per layer and epoch"}, "height": 360,
-              "xaxis": {"title": {"text": "epoch"}, "type": "category"}, "yaxis": {"title": {"text": "layer"}},
-              "margin": {"l": 50, "r": 20, "t": 50, "b": 40}}
+    data = [
+        {
+            "type": "heatmap",
+            "z": le.to_numpy().tolist(),
+            "x": [str(c) for c in le.columns],
+            "y": [f"L{i}" for i in le.index],
+            "colorscale": "Viridis",
+            "colorbar": {"title": {"text": "share"}},
+            "hovertemplate": "epoch %{x}, %{y}: %{z:.3f}<extra></extra>",
+        }
+    ]
+    layout = {
+        "title": {"text": "importance share per layer and epoch"},
+        "height": 360,
+        "xaxis": {"title": {"text": "epoch"}, "type": "category"},
+        "yaxis": {"title": {"text": "layer"}},
+        "margin": {"l": 50, "r": 20, "t": 50, "b": 40},
+    }
     return {"data": data, "layout": layout}
 
 
@@ -398,16 +581,31 @@ def transfer_spec(table: pd.DataFrame, fact_id: str | None = None) -> Spec:
 
     pivot = transfer_pivot(table, fact_id)
     z = [[None if pd.isna(v) else float(v) for v in row] for row in pivot.to_numpy()]
-    data = [{"type": "heatmap", "z": z, "x": [str(c) for c in pivot.columns], "y": [str(i) for i in pivot.index],
-             "colorscale": "Viridis", "zmin": 0, "zmax": 1, "colorbar": {"title": {"text": "gap recovered"}},
-             "text": [["" if v is None else f"{v:.2f}" for v in row] for row in z], "texttemplate": "%{text}",
-             "hovertemplate": "circuit of epoch %{y} on the model of epoch %{x}: %{z:.3f}<extra></extra>"}]
+    data = [
+        {
+            "type": "heatmap",
+            "z": z,
+            "x": [str(c) for c in pivot.columns],
+            "y": [str(i) for i in pivot.index],
+            "colorscale": "Viridis",
+            "zmin": 0,
+            "zmax": 1,
+            "colorbar": {"title": {"text": "gap recovered"}},
+            "text": [["" if v is None else f"{v:.2f}" for v in row] for row in z],
+            "texttemplate": "%{text}",
+            "hovertemplate": "circuit of epoch %{y} on the model of epoch %{x}: %{z:.3f}<extra></extra>",
+        }
+    ]
     who = "median over facts" if fact_id is None else _esc(fact_id)
-    layout = {"title": {"text": f"circuit transfer, {who}: share of the fact's gap epoch i's circuit recovers on "
-                        "epoch j's model"},
-              "height": 380, "xaxis": {"title": {"text": "model epoch j"}, "type": "category"},
-              "yaxis": {"title": {"text": "circuit epoch i"}, "type": "category", "autorange": "reversed"},
-              "margin": {"l": 60, "r": 20, "t": 50, "b": 40}}
+    layout = {
+        "title": {
+            "text": f"circuit transfer, {who}: share of the fact's gap epoch i's circuit recovers on epoch j's model"
+        },
+        "height": 380,
+        "xaxis": {"title": {"text": "model epoch j"}, "type": "category"},
+        "yaxis": {"title": {"text": "circuit epoch i"}, "type": "category", "autorange": "reversed"},
+        "margin": {"l": 60, "r": 20, "t": 50, "b": 40},
+    }
     return {"data": data, "layout": layout}
 
 
@@ -479,8 +677,13 @@ def timeline_circuit_figure(timeline: Any, fact_id: str = MEAN, epoch: int | Non
 def _safe_json(obj: Any) -> str:
     """JSON safe to embed in a <script> element."""
     text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str)
-    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    return (
+        text.replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
 
 
 def _nan_to_none(obj: Any) -> Any:
@@ -557,12 +760,15 @@ def check_viewer_target(path: str | Path, *, flag: str = "") -> None:
     except OSError as err:
         raise CircuitdynError(f"{flag + ' ' if flag else ''}{path}: cannot read ({err.strerror or err})") from None
     if _VIEWER_MARK not in head:
-        raise CircuitdynError(f"{flag + ' ' if flag else ''}{path}: exists and is not a circuitdyn viewer; choose "
-                              "another output file, or pass --overwrite (overwrite=True) to replace it")
+        raise CircuitdynError(
+            f"{flag + ' ' if flag else ''}{path}: exists and is not a circuitdyn viewer; choose "
+            "another output file, or pass --overwrite (overwrite=True) to replace it"
+        )
 
 
-def _write_page(path: str | Path, title: str, subtitle: str, body: str, data: Any, script: str,
-                overwrite: bool = False) -> Path:
+def _write_page(
+    path: str | Path, title: str, subtitle: str, body: str, data: Any, script: str, overwrite: bool = False
+) -> Path:
     from plotly.offline import get_plotlyjs
 
     path = Path(path)
@@ -570,10 +776,10 @@ def _write_page(path: str | Path, title: str, subtitle: str, body: str, data: An
         check_viewer_target(path)
     page = (
         _HEAD.format(title=_esc(title), plotly=get_plotlyjs())
-        + f"<h1>{_esc(title)}</h1><div class=\"sub\">{_esc(subtitle)}</div>\n"
+        + f'<h1>{_esc(title)}</h1><div class="sub">{_esc(subtitle)}</div>\n'
         + body
-        + "\n<pre id=\"js-errors\"></pre>\n"
-        + f"<script id=\"circuitdyn-data\" type=\"application/json\">{_safe_json(_nan_to_none(data))}</script>\n"
+        + '\n<pre id="js-errors"></pre>\n'
+        + f'<script id="circuitdyn-data" type="application/json">{_safe_json(_nan_to_none(data))}</script>\n'
         + f"<script>{_COMMON_JS}\n{script}</script>\n</body></html>\n"
     )
     return write_text_atomic(path, page)
@@ -581,15 +787,19 @@ def _write_page(path: str | Path, title: str, subtitle: str, body: str, data: An
 
 def _table_html(df: Any, float_fmt: str = "{:.3f}") -> str:
     """An escaped HTML table of a DataFrame (index included)."""
+
     def cell(v: Any) -> str:
         if v is None or v is pd.NA:
             return "–"
         if isinstance(v, float):
             return "" if math.isnan(v) else float_fmt.format(v)
         return _esc(v)
+
     head = "".join(f"<th>{_esc(c)}</th>" for c in [df.index.name or "", *df.columns])
-    rows = "".join("<tr>" + f"<td>{_esc(i)}</td>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>"
-                   for i, r in zip(df.index, df.itertuples(index=False)))
+    rows = "".join(
+        "<tr>" + f"<td>{_esc(i)}</td>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>"
+        for i, r in zip(df.index, df.itertuples(index=False))
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -608,9 +818,15 @@ def _options(facts: Sequence[str], labels: dict[str, str] | None) -> list[dict[s
 
 
 def write_circuit_html(
-    circuits: CircuitSet, path: str | Path, *, facts: Sequence[str] | None = None,
-    sizes: Sequence[int] = DEFAULT_SIZES, labels: dict[str, str] | None = None, max_facts: int = MAX_FACTS,
-    title: str | None = None, overwrite: bool = False,
+    circuits: CircuitSet,
+    path: str | Path,
+    *,
+    facts: Sequence[str] | None = None,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    labels: dict[str, str] | None = None,
+    max_facts: int = MAX_FACTS,
+    title: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Circuit viewer page: choose the fact (or mean circuit) and the number of edges.
 
@@ -623,11 +839,16 @@ def write_circuit_html(
     variants = {f"{f}|{n}": circuit_spec(circuits, f, n, (labels or {}).get(f)) for f in chosen for n in sizes}
     meta = circuits.meta
     subtitle = " · ".join(f"{k} {meta[k]}" for k in ("model", "epoch", "method", "metric") if k in meta)
-    body = ("<div class=\"controls\"><label>fact <select id=\"fact\"></select></label>"
-            "<label>edges <select id=\"size\"></select></label></div><div id=\"circuit\"></div>")
-    data = {"variants": variants, "facts": _options(chosen, labels),
-            "sizes": [{"value": str(n), "label": str(n)} for n in sizes],
-            "default_size": str(sizes[min(2, len(sizes) - 1)])}
+    body = (
+        '<div class="controls"><label>fact <select id="fact"></select></label>'
+        '<label>edges <select id="size"></select></label></div><div id="circuit"></div>'
+    )
+    data = {
+        "variants": variants,
+        "facts": _options(chosen, labels),
+        "sizes": [{"value": str(n), "label": str(n)} for n in sizes],
+        "default_size": str(sizes[min(2, len(sizes) - 1)]),
+    }
     script = """
 var fact = fillSelect("fact", DATA.facts), size = fillSelect("size", DATA.sizes);
 size.value = DATA.default_size;
@@ -635,13 +856,20 @@ function update() { return draw("circuit", DATA.variants[fact.value + "|" + size
 fact.addEventListener("change", update); size.addEventListener("change", update);
 update();
 """
-    return _write_page(path, title or f"circuit viewer ({len(circuits.fact_ids)} facts)", subtitle, body, data, script,
-                       overwrite)
+    return _write_page(
+        path, title or f"circuit viewer ({len(circuits.fact_ids)} facts)", subtitle, body, data, script, overwrite
+    )
 
 
 def write_diff_html(
-    diff: CircuitDiff, path: str | Path, *, facts: Sequence[str] | None = None, labels: dict[str, str] | None = None,
-    max_facts: int = MAX_FACTS, title: str | None = None, overwrite: bool = False,
+    diff: CircuitDiff,
+    path: str | Path,
+    *,
+    facts: Sequence[str] | None = None,
+    labels: dict[str, str] | None = None,
+    max_facts: int = MAX_FACTS,
+    title: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Diff viewer page: summary numbers, per-fact table, and for the chosen fact the two circuits
     coloured by status, the layer Sankey, the layer shift and the strongest paths."""
@@ -649,25 +877,52 @@ def write_diff_html(
     variants = {}
     for f in chosen:
         paths = diff.paths(f).set_index("path")
-        variants[f] = {"circuit": diff_spec(diff, f), "sankey": sankey_spec(diff, f),
-                       "layers": layer_shift_spec(diff, f), "paths": _table_html(paths)}
+        variants[f] = {
+            "circuit": diff_spec(diff, f),
+            "sankey": sankey_spec(diff, f),
+            "layers": layer_shift_spec(diff, f),
+            "paths": _table_html(paths),
+        }
     from circuitdyn.analysis.report import describe_diff
 
-    cols = ["n_a", "n_b", "faith_a", "faith_b", "gap_a", "gap_b", "included", "added", "removed", "changed", "kept",
-            "sign_flips", "edge_jaccard", "noise_distance", "p_value", "q_value", "changed_beyond_noise", "effect",
-            "weighted_jaccard", "spearman", "rbo", "attn_shift", "deep_shift", "paths_lost"]
+    cols = [
+        "n_a",
+        "n_b",
+        "faith_a",
+        "faith_b",
+        "gap_a",
+        "gap_b",
+        "included",
+        "added",
+        "removed",
+        "changed",
+        "kept",
+        "sign_flips",
+        "edge_jaccard",
+        "noise_distance",
+        "p_value",
+        "q_value",
+        "changed_beyond_noise",
+        "effect",
+        "weighted_jaccard",
+        "spearman",
+        "rbo",
+        "attn_shift",
+        "deep_shift",
+        "paths_lost",
+    ]
     facts_df = diff.facts[[c for c in cols if c in diff.facts]]
     findings = "".join(f"<li>{_esc(line)}</li>" for line in describe_diff(diff))
     body = (
-        "<div class=\"row\"><div><h3>findings</h3><ul>" + findings + "</ul></div>"
+        '<div class="row"><div><h3>findings</h3><ul>' + findings + "</ul></div>"
         "<div><h3>legend</h3><p>"
-        + " ".join(f"<span style=\"color:{c}\">■ {s}</span>" for s, c in STATUS_COLOURS.items())
+        + " ".join(f'<span style="color:{c}">■ {s}</span>' for s, c in STATUS_COLOURS.items())
         + f"</p><p>selection {_esc(diff.selection)}; an edge counts as added/removed/changed only when its score moved "
         "by more than its method-noise band (the largest difference between re-attributions of one checkpoint; "
         "else: noise).</p></div></div>"
-        "<div class=\"controls\"><label>fact <select id=\"fact\"></select></label></div>"
-        "<div id=\"circuit\"></div><div class=\"row\"><div id=\"sankey\"></div><div id=\"layers\"></div></div>"
-        "<h3>strongest input→logits paths</h3><div id=\"paths\"></div>"
+        '<div class="controls"><label>fact <select id="fact"></select></label></div>'
+        '<div id="circuit"></div><div class="row"><div id="sankey"></div><div id="layers"></div></div>'
+        '<h3>strongest input→logits paths</h3><div id="paths"></div>'
         "<h3>per fact</h3>" + _table_html(facts_df)
     )
     data = {"variants": variants, "facts": _options(chosen, labels)}
@@ -683,21 +938,30 @@ fact.addEventListener("change", update);
 update();
 """
     sub = f"{diff.label_a} → {diff.label_b} · {len(diff.a.fact_ids)} facts · selection {diff.selection}"
-    return _write_page(path, title or f"circuit diff: {diff.label_a} → {diff.label_b}", sub, body, data, script,
-                       overwrite)
+    return _write_page(
+        path, title or f"circuit diff: {diff.label_a} → {diff.label_b}", sub, body, data, script, overwrite
+    )
 
 
 def write_timeline_html(
-    timeline: Any, path: str | Path, *, facts: Sequence[str] | None = None, labels: dict[str, str] | None = None,
-    max_facts: int = 20, title: str | None = None, transfer: pd.DataFrame | None = None, overwrite: bool = False,
+    timeline: Any,
+    path: str | Path,
+    *,
+    facts: Sequence[str] | None = None,
+    labels: dict[str, str] | None = None,
+    max_facts: int = 20,
+    title: str | None = None,
+    transfer: pd.DataFrame | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Timeline viewer page: epoch slider over the chosen fact's circuit, linked with the line charts
     (a marker follows the slider; clicking a chart point moves it) and the layer x epoch heatmap;
     with `transfer` (a `diff.transfer_matrix` table) also the cross-epoch faithfulness heatmap."""
     chosen = _pick_facts(timeline.fact_ids, facts, max_facts)
     epochs = timeline.epochs
-    circuits = {f"{f}|{e}": timeline_circuit_spec(timeline, f, e, (labels or {}).get(f))
-                for f in chosen for e in epochs}
+    circuits = {
+        f"{f}|{e}": timeline_circuit_spec(timeline, f, e, (labels or {}).get(f)) for f in chosen for e in epochs
+    }
     lines = timeline_spec(timeline)
     fact_lines = {f: _fact_similarity_trace(timeline, f) for f in chosen if f != MEAN}
     life = timeline.lifetimes
@@ -706,28 +970,37 @@ def write_timeline_html(
         rows = life[life["fact_id"] == f].drop(columns="fact_id")
         rows = rows.sort_values(["persistence", "epochs_present"], ascending=False, kind="stable")
         head = pd.concat([rows.head(8), rows.tail(8)]).drop_duplicates("edge").set_index("edge")
-        lifetimes[f] = (f"<p>{len(rows)} edges were ever in this circuit; {int((rows['segments'] > 1).sum())} "
-                        f"left and came back. Most and least persistent:</p>" + _table_html(head))
+        lifetimes[f] = (
+            f"<p>{len(rows)} edges were ever in this circuit; {int((rows['segments'] > 1).sum())} "
+            f"left and came back. Most and least persistent:</p>" + _table_html(head)
+        )
     from circuitdyn.analysis.report import describe_timeline
 
     findings = "".join(f"<li>{_esc(line)}</li>" for line in describe_timeline(timeline))
     rec = timeline.reconfiguration.set_index("epoch") if len(timeline.reconfiguration) else pd.DataFrame()
     body = (
-        "<div class=\"row\"><div><h3>findings</h3><ul>" + findings + "</ul></div>"
+        '<div class="row"><div><h3>findings</h3><ul>' + findings + "</ul></div>"
         "<div><h3>per transition</h3>" + _table_html(rec, "{:.4g}") + "<p>replaced = share of a fact's circuit "
         "not in the previous epoch's (1 - edge Jaccard), mean over included facts with its 95 % interval "
         "(entities resampled); noise = the same statistic between re-attributions of one checkpoint.</p></div></div>"
-        "<div class=\"controls\"><label>fact <select id=\"fact\"></select></label>"
-        f"<label>epoch <input type=\"range\" id=\"epoch\" min=\"0\" max=\"{len(epochs) - 1}\" step=\"1\" value=\"0\">"
-        "</label><span id=\"epoch-label\"></span></div>"
-        "<div class=\"row\"><div id=\"circuit\"></div><div id=\"lines\"></div></div>"
-        "<div class=\"row\"><div id=\"heatmap\"></div>"
-        + ("<div id=\"transfer\"></div>" if transfer is not None else "")
-        + "</div><h3>edge lifetimes</h3><div id=\"lifetimes\"></div>"
+        '<div class="controls"><label>fact <select id="fact"></select></label>'
+        f'<label>epoch <input type="range" id="epoch" min="0" max="{len(epochs) - 1}" step="1" value="0">'
+        '</label><span id="epoch-label"></span></div>'
+        '<div class="row"><div id="circuit"></div><div id="lines"></div></div>'
+        '<div class="row"><div id="heatmap"></div>'
+        + ('<div id="transfer"></div>' if transfer is not None else "")
+        + '</div><h3>edge lifetimes</h3><div id="lifetimes"></div>'
     )
-    data = {"circuits": circuits, "lines": lines, "fact_lines": fact_lines, "heatmap": heatmap_spec(timeline),
-            "epochs": epochs, "facts": _options(chosen, labels), "lifetimes": lifetimes,
-            "transfer": None if transfer is None else transfer_spec(transfer)}
+    data = {
+        "circuits": circuits,
+        "lines": lines,
+        "fact_lines": fact_lines,
+        "heatmap": heatmap_spec(timeline),
+        "epochs": epochs,
+        "facts": _options(chosen, labels),
+        "lifetimes": lifetimes,
+        "transfer": None if transfer is None else transfer_spec(transfer),
+    }
     script = """
 var fact = fillSelect("fact", DATA.facts), slider = document.getElementById("epoch");
 function epoch() { return DATA.epochs[Number(slider.value)]; }

@@ -41,11 +41,18 @@ def environment(work: Path) -> dict[str, str]:
     importable."""
     env = dict(os.environ)
     path = [str(TUTORIALS), str(REPO), env.get("PYTHONPATH", "")]
-    env.update(PYTHONPATH=os.pathsep.join(p for p in path if p), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), MPLBACKEND="Agg", TMPDIR=str(work),
-               HOME=env.get("HOME", str(work)),
-               JUPYTER_PATH=str(work / "jupyter"), JUPYTER_RUNTIME_DIR=str(work / "runtime"),
-               IPYTHONDIR=str(work / "ipython"))
+    env.update(
+        PYTHONPATH=os.pathsep.join(p for p in path if p),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+        MPLBACKEND="Agg",
+        TMPDIR=str(work),
+        HOME=env.get("HOME", str(work)),
+        JUPYTER_PATH=str(work / "jupyter"),
+        JUPYTER_RUNTIME_DIR=str(work / "runtime"),
+        IPYTHONDIR=str(work / "ipython"),
+    )
     return env
 
 
@@ -54,9 +61,15 @@ def kernel_spec(work: Path) -> str:
     name = "circuitdyn-docs"
     spec = work / "jupyter" / "kernels" / name
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "circuitdyn docs", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "circuitdyn docs",
+                "language": "python",
+            }
+        )
+    )
     return name
 
 
@@ -69,8 +82,9 @@ def run_notebook(path: Path, work: Path, keep: Path | None = None) -> None:
     saved = dict(os.environ)
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        client = NotebookClient(nb, timeout=TIMEOUT, kernel_name=kernel_spec(work),
-                                resources={"metadata": {"path": str(work)}})
+        client = NotebookClient(
+            nb, timeout=TIMEOUT, kernel_name=kernel_spec(work), resources={"metadata": {"path": str(work)}}
+        )
         client.execute()
         if keep is not None:
             import nbformat
@@ -102,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--keep" in names:
         i = names.index("--keep")
         keep = Path(names[i + 1]).resolve()
-        del names[i:i + 2]
+        del names[i : i + 2]
     notebooks = notebook_tools()
     if not notebooks:
-        print("run_tutorials: jupytext/nbclient/ipykernel missing (pip install -e '.[docs]'); running the "
-              "tutorials as plain scripts", file=sys.stderr)
+        print(
+            "run_tutorials: jupytext/nbclient/ipykernel missing (pip install -e '.[docs]'); running the "
+            "tutorials as plain scripts",
+            file=sys.stderr,
+        )
     failed = []
     for path in tutorials(names):
         work = Path(tempfile.mkdtemp(prefix=f"circuitdyn-{path.stem}-"))

@@ -43,8 +43,9 @@ def epoch_run(out: Path, epoch: int) -> Run:
     """The run restricted to one epoch (earlier epochs' weights may already be deleted)."""
     manifest = json.loads((out / "run.json").read_text())
     entry = next(e for e in manifest["epochs"] if e["epoch"] == epoch)
-    ck = Checkpoint(epoch, out / entry["path"] / MODEL_DIR, entry.get("step"), entry.get("train_loss"),
-                    entry.get("content_hash"))
+    ck = Checkpoint(
+        epoch, out / entry["path"] / MODEL_DIR, entry.get("step"), entry.get("train_loss"), entry.get("content_hash")
+    )
     return Run(out, {epoch: ck}, manifest)
 
 
@@ -60,26 +61,41 @@ def main() -> None:
     ap.add_argument("--entities", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--task-steps", type=int, default=10, help="EAP-IG steps of the task circuit (paper: 30)")
-    ap.add_argument("--task-grid", choices=IG_GRIDS, default="right",
-                    help="IG grid of the task circuit (default right, the stored results' grid; paper: left)")
+    ap.add_argument(
+        "--task-grid",
+        choices=IG_GRIDS,
+        default="right",
+        help="IG grid of the task circuit (default right, the stored results' grid; paper: left)",
+    )
     ap.add_argument("--fact-steps", type=int, default=5, help="EAP-IG steps of the per-fact circuits")
-    ap.add_argument("--fact-grid", choices=IG_GRIDS, default="right",
-                    help="IG grid of the per-fact circuits (default right, the stored results' grid; circuitdyn's "
-                    "default: midpoint)")
+    ap.add_argument(
+        "--fact-grid",
+        choices=IG_GRIDS,
+        default="right",
+        help="IG grid of the per-fact circuits (default right, the stored results' grid; circuitdyn's "
+        "default: midpoint)",
+    )
     ap.add_argument("--facts", type=int, default=6, help="probe facts sampled before training for per-fact circuits")
     ap.add_argument("--fact-top-n", type=int, default=1000, help="per-fact circuit size for faithfulness/Jaccard")
     ap.add_argument("--n-math", type=int, default=264, help="math items per evaluation (fewer = a labelled subset)")
     ap.add_argument("--n-reasoning", type=int, default=100, help="SocialIQA items per evaluation")
     ap.add_argument("--eval-batch-size", type=int, default=16, help="generation batch (smaller stops earlier at EOS)")
-    ap.add_argument("--epoch0-from", type=int, metavar="SEED",
-                    help="take epoch 0 (the base model: its probes and circuits do not depend on the seed) from this "
-                    "seed's run once it is finished, instead of recomputing it")
+    ap.add_argument(
+        "--epoch0-from",
+        type=int,
+        metavar="SEED",
+        help="take epoch 0 (the base model: its probes and circuits do not depend on the seed) from this "
+        "seed's run once it is finished, instead of recomputing it",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--collect", help="only gather the compact results of --out into this folder")
-    ap.add_argument("--task-noise", help="only measure the task circuit's method noise on the base model: the "
-                    "Jaccard of its --task-steps circuit with those of these comma-separated other step counts (all on "
-                    "--task-grid), "
-                    "written as JSON to this file (e.g. 3,10:examples/results/task_method_noise.json)")
+    ap.add_argument(
+        "--task-noise",
+        help="only measure the task circuit's method noise on the base model: the "
+        "Jaccard of its --task-steps circuit with those of these comma-separated other step counts (all on "
+        "--task-grid), "
+        "written as JSON to this file (e.g. 3,10:examples/results/task_method_noise.json)",
+    )
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     root = Path(args.out)
@@ -98,15 +114,27 @@ def main() -> None:
     for seed in seeds:
         out = root / f"seed_{seed}"
         circuits = out / "circuits"
-        cfg = CPTConfig.paper(entities=names, seed=seed, epochs=args.epochs, device="cpu",
-                              base_model=str(default_model_dir()), n_math=args.n_math,
-                              n_reasoning=args.n_reasoning, eval_batch_size=args.eval_batch_size)
+        cfg = CPTConfig.paper(
+            entities=names,
+            seed=seed,
+            epochs=args.epochs,
+            device="cpu",
+            base_model=str(default_model_dir()),
+            n_math=args.n_math,
+            n_reasoning=args.n_reasoning,
+            eval_batch_size=args.eval_batch_size,
+        )
         facts_holder: dict[str, object] = {}
         if args.epoch0_from is not None and not (out / "run.json").exists():
             clone_epoch0(root / f"seed_{args.epoch0_from}", out, seed)
 
-        def on_epoch_end(epoch: int, out: Path = out, circuits: Path = circuits, seed: int = seed,
-                         facts_holder: dict[str, object] = facts_holder) -> None:
+        def on_epoch_end(
+            epoch: int,
+            out: Path = out,
+            circuits: Path = circuits,
+            seed: int = seed,
+            facts_holder: dict[str, object] = facts_holder,
+        ) -> None:
             t0 = time.perf_counter()
             run = epoch_run(out, epoch)
             if "facts" not in facts_holder:
@@ -114,15 +142,24 @@ def main() -> None:
             task_settings = PAPER_SETTINGS.replace(steps=args.task_steps, ig_grid=args.task_grid)
             [task_done] = extract_task_run(run, task, circuits / "task", [epoch], task_settings, runs=1)
             fact_settings = AttributionSettings(steps=args.fact_steps, ig_grid=args.fact_grid)
-            [fact_done] = extract_run(run, facts_holder["facts"], circuits / "facts", [epoch],  # type: ignore[arg-type]
-                                      fact_settings, storage=Storage(top_n=args.fact_top_n))
+            [fact_done] = extract_run(
+                run,
+                facts_holder["facts"],
+                circuits / "facts",
+                [epoch],  # type: ignore[arg-type]
+                fact_settings,
+                storage=Storage(top_n=args.fact_top_n),
+            )
             t1 = time.perf_counter()
             if epoch > 0:
                 prev = out / f"epoch_{epoch - 1}" / MODEL_DIR
                 for f in prev.glob("*.safetensors"):
                     f.unlink()
-            print(f"[seed {seed}] epoch {epoch}: task circuit {task_done.results['mean']}, "
-                  f"facts {fact_done.path.name}; circuits {t1 - t0:.0f}s", flush=True)
+            print(
+                f"[seed {seed}] epoch {epoch}: task circuit {task_done.results['mean']}, "
+                f"facts {fact_done.path.name}; circuits {t1 - t0:.0f}s",
+                flush=True,
+            )
 
         t = time.perf_counter()
         run_cpt(cfg, out, progress=False, on_epoch_end=on_epoch_end)
@@ -164,10 +201,16 @@ def task_noise(steps: int, others: list[int], dest: Path, threads: int, ig_grid:
     model = run.load_model(0)
     facts = task_facts(load_task("head-of-state"), run.tokenizer()).facts
     graph = Graph.from_model(model)
-    masks = {m: task_circuit(attribute(model, facts, PAPER_SETTINGS.replace(steps=m, ig_grid=ig_grid)), graph)
-             for m in [steps, *others]}
-    out = {"model": "SmolLM2-135M-Instruct (epoch 0)", "steps": steps, "ig_grid": ig_grid,
-           "jaccard": {str(m): jaccard(masks[steps], masks[m]) for m in others}}
+    masks = {
+        m: task_circuit(attribute(model, facts, PAPER_SETTINGS.replace(steps=m, ig_grid=ig_grid)), graph)
+        for m in [steps, *others]
+    }
+    out = {
+        "model": "SmolLM2-135M-Instruct (epoch 0)",
+        "steps": steps,
+        "ig_grid": ig_grid,
+        "jaccard": {str(m): jaccard(masks[steps], masks[m]) for m in others},
+    }
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print(out)
 
@@ -180,8 +223,10 @@ def circuit_files(folder: Path) -> dict[int, Path]:
         files.setdefault(int(f.name.split(".")[0].split("_")[1]), []).append(f)
     mixed = {e: sorted(p.name for p in fs) for e, fs in files.items() if len(fs) > 1}
     if mixed:
-        raise SystemExit(f"{folder} holds circuits of several settings for one epoch: {mixed}; remove those of "
-                         "the other IG grid or steps before collecting")
+        raise SystemExit(
+            f"{folder} holds circuits of several settings for one epoch: {mixed}; remove those of "
+            "the other IG grid or steps before collecting"
+        )
     return {e: fs[0] for e, fs in sorted(files.items())}
 
 
@@ -202,29 +247,52 @@ def collect(root: Path, seeds: list[int], dest: Path) -> None:
             ent_rows.append({"seed": seed, **r})
         for d in sorted(out.glob("epoch_*/epoch.json")):
             info = json.loads(d.read_text())
-            loss_rows.append({"seed": seed, "epoch": info["epoch"], "train_loss": info["train_loss"],
-                              "steps": info["steps"], "learned": len(info["learned"]), "wall_s": info["wall_s"]})
+            loss_rows.append(
+                {
+                    "seed": seed,
+                    "epoch": info["epoch"],
+                    "train_loss": info["train_loss"],
+                    "steps": info["steps"],
+                    "learned": len(info["learned"]),
+                    "wall_s": info["wall_s"],
+                }
+            )
             ctrl = json.loads((d.parent / "control_probes_results.json").read_text())
             for name, v in ctrl.items():
-                ctrl_rows.append({"seed": seed, "epoch": info["epoch"], "set": name, "exact_match": v["exact_match"],
-                                  "n": v["n"], "subset": v.get("subset")})
+                ctrl_rows.append(
+                    {
+                        "seed": seed,
+                        "epoch": info["epoch"],
+                        "set": name,
+                        "exact_match": v["exact_match"],
+                        "n": v["n"],
+                        "subset": v.get("subset"),
+                    }
+                )
         prev_mask = None
         task_files = circuit_files(out / "circuits" / "task")
-        for rpath in sorted((out / "circuits" / "task").glob("epoch_*/results.json"),
-                            key=lambda p: int(p.parent.name.split("_")[1])):
+        for rpath in sorted(
+            (out / "circuits" / "task").glob("epoch_*/results.json"), key=lambda p: int(p.parent.name.split("_")[1])
+        ):
             epoch = int(rpath.parent.name.split("_")[1])
             res = json.loads(rpath.read_text())
             cfile = task_files[epoch]
             cs = CircuitSet.load(cfile)
             mask = task_circuit(cs.scores, cs.graph, res["settings"]["top_n"])
-            task_rows.append({"seed": seed, "epoch": epoch, "baseline_logit_diff": res["baseline"]["logit_diff"],
-                              "baseline_hit_at_10": res["baseline"]["hit_at_10"],
-                              "circuit_logit_diff": res["mean"]["logit_diff"],
-                              "circuit_hit_at_10": res["mean"]["hit_at_10"],
-                              "circuit_edges": res["settings"]["circuit_edges"][0],
-                              "ig_steps": res["settings"]["ig_steps"],
-                              "ig_grid": setting(res["settings"], "ig_grid"),
-                              "jaccard_prev": jaccard(mask, prev_mask) if prev_mask is not None else None})
+            task_rows.append(
+                {
+                    "seed": seed,
+                    "epoch": epoch,
+                    "baseline_logit_diff": res["baseline"]["logit_diff"],
+                    "baseline_hit_at_10": res["baseline"]["hit_at_10"],
+                    "circuit_logit_diff": res["mean"]["logit_diff"],
+                    "circuit_hit_at_10": res["mean"]["hit_at_10"],
+                    "circuit_edges": res["settings"]["circuit_edges"][0],
+                    "ig_steps": res["settings"]["ig_steps"],
+                    "ig_grid": setting(res["settings"], "ig_grid"),
+                    "jaccard_prev": jaccard(mask, prev_mask) if prev_mask is not None else None,
+                }
+            )
             prev_mask = mask
         prev = None
         for cfile in circuit_files(out / "circuits" / "facts").values():
@@ -232,14 +300,29 @@ def collect(root: Path, seeds: list[int], dest: Path) -> None:
             epoch = int(cs.meta["epoch"])
             masks = cs.top_n(int(cs.meta["faithfulness_selection"].split(":")[1]))
             for i, fid in enumerate(cs.fact_ids):
-                fact_rows.append({"seed": seed, "epoch": epoch, "fact_id": fid, "m_clean": cs.meta["m_clean"][i],
-                                  "m_corrupted": cs.meta["m_corrupted"][i], "faithfulness": cs.meta["faithfulness"][i],
-                                  "selection": cs.meta["faithfulness_selection"], "ig_steps": cs.meta["ig_steps"],
-                                  "ig_grid": setting(cs.meta, "ig_grid"),
-                                  "jaccard_prev": jaccard(masks[i], prev[i]) if prev is not None else None})
+                fact_rows.append(
+                    {
+                        "seed": seed,
+                        "epoch": epoch,
+                        "fact_id": fid,
+                        "m_clean": cs.meta["m_clean"][i],
+                        "m_corrupted": cs.meta["m_corrupted"][i],
+                        "faithfulness": cs.meta["faithfulness"][i],
+                        "selection": cs.meta["faithfulness_selection"],
+                        "ig_steps": cs.meta["ig_steps"],
+                        "ig_grid": setting(cs.meta, "ig_grid"),
+                        "jaccard_prev": jaccard(masks[i], prev[i]) if prev is not None else None,
+                    }
+                )
             prev = masks
-    for name, rows in (("dynamics", dyn_rows), ("entities", ent_rows), ("controls", ctrl_rows),
-                       ("task_circuit", task_rows), ("fact_circuits", fact_rows), ("epochs", loss_rows)):
+    for name, rows in (
+        ("dynamics", dyn_rows),
+        ("entities", ent_rows),
+        ("controls", ctrl_rows),
+        ("task_circuit", task_rows),
+        ("fact_circuits", fact_rows),
+        ("epochs", loss_rows),
+    ):
         pd.DataFrame(rows).to_csv(dest / f"{name}.csv", index=False)
     print(f"collected {len(loss_rows)} seed-epochs into {dest}")
 

@@ -32,10 +32,20 @@ def tiny_model(out: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id)).save_pretrained(out)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -62,16 +72,33 @@ def train(base: Path, out: Path, epochs: int = 3, stop: str | None = "patience:2
     docs = entity_documents(select_entities(load_probes(None), ENTITIES))
     data = Dataset.from_dict({"text": [docs[e] for e in ENTITIES] * 4})
     data = data.map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True, remove_columns=["text"])
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, save_strategy="epoch",
-                             logging_strategy="epoch", per_device_train_batch_size=4, learning_rate=5e-3,
-                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    args = TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=epochs,
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+    )
     probing = CPTConfig(n_math=4, n_reasoning=0, max_new_tokens=8)  # the probing half of a CPT configuration
-    callback = ProbeCallback(probing, entities=ENTITIES, circuits=circuits and AttributionSettings(steps=2),
-                             facts_per_entity=2, stop=stop)
+    callback = ProbeCallback(
+        probing, entities=ENTITIES, circuits=circuits and AttributionSettings(steps=2), facts_per_entity=2, stop=stop
+    )
     trainer.add_callback(callback)  # the one line circuitdyn needs
     trainer.train()
     return callback
@@ -92,8 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     dyn = load_dynamics(out)
     print(format_table(dyn))
     decision = apply_rule("patience:2", history_from_dynamics(dyn))
-    print(f"stopped by the callback at step {callback.stopped_at}; offline, {decision.rule} stops after epoch "
-          f"{decision.stop_epoch} and keeps epoch {decision.kept_epoch} (best {decision.best_epoch})")
+    print(
+        f"stopped by the callback at step {callback.stopped_at}; offline, {decision.rule} stops after epoch "
+        f"{decision.stop_epoch} and keeps epoch {decision.kept_epoch} (best {decision.best_epoch})"
+    )
     print(f"circuit files: {sorted(p.name for p in (out / 'circuits').glob('*.safetensors'))}")
     print(f"next: circuitdyn timeline {out} --top-n 200")
 

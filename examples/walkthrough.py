@@ -56,8 +56,14 @@ print(f"{len(facts)} facts, corruption kinds {corruption_counts(facts)}")
 # %%
 from circuitdyn.pipeline.compare import load_run_timeline
 
-timeline = load_run_timeline(run, facts, SETTINGS, Comparison(SELECTION, noise_epochs="ends"),
-                             fact_choice="seeded sample, chosen before outcomes", progress=True)
+timeline = load_run_timeline(
+    run,
+    facts,
+    SETTINGS,
+    Comparison(SELECTION, noise_epochs="ends"),
+    fact_choice="seeded sample, chosen before outcomes",
+    progress=True,
+)
 print(timeline.noise.per_fact("edge_jaccard").round(3))
 
 # %%
@@ -80,11 +86,18 @@ print("circuit viewer:", viz.write_circuit_html(circuits[first], OUT / "circuit.
 from circuitdyn.analysis.diff import diff_circuits
 from circuitdyn.analysis.report import describe_diff, describe_timeline
 
-diff = diff_circuits(circuits[first], circuits[last], timeline.selection, noise=timeline.noise,
-                     labels=(f"epoch {first}", f"epoch {last}"),
-                     selected=((timeline.fact_masks[first], timeline.reached.get(first)),
-                               (timeline.fact_masks[last], timeline.reached.get(last))),
-                     entity_of=facts.entity_of)
+diff = diff_circuits(
+    circuits[first],
+    circuits[last],
+    timeline.selection,
+    noise=timeline.noise,
+    labels=(f"epoch {first}", f"epoch {last}"),
+    selected=(
+        (timeline.fact_masks[first], timeline.reached.get(first)),
+        (timeline.fact_masks[last], timeline.reached.get(last)),
+    ),
+    entity_of=facts.entity_of,
+)
 print("\n".join(describe_diff(diff)))
 print(diff.changes[diff.changes["statistic"] == "edge_jaccard"].round(3).to_string(index=False))
 print(diff.paths(MEAN))

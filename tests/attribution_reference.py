@@ -56,11 +56,15 @@ def _relp_hooks(model) -> list:
             rule = a
         return t.detach() + (rule - rule.detach())
 
-    hooks = [(lambda name: name.endswith("hook_scale"), detach),
-             (lambda name: name.endswith("attn.hook_pattern"), detach)]
+    hooks = [
+        (lambda name: name.endswith("hook_scale"), detach),
+        (lambda name: name.endswith("attn.hook_pattern"), detach),
+    ]
     if not cfg.attn_only:
-        hooks += [(lambda name: name.endswith("mlp.hook_pre") or name.endswith("mlp.hook_pre_linear"), keep),
-                  (lambda name: name.endswith("mlp.hook_post"), post)]
+        hooks += [
+            (lambda name: name.endswith("mlp.hook_pre") or name.endswith("mlp.hook_pre_linear"), keep),
+            (lambda name: name.endswith("mlp.hook_post"), post),
+        ]
     return hooks
 
 
@@ -85,8 +89,14 @@ def _run(model, x0: torch.Tensor, batch: FactBatch, metric: str, relp: bool = Fa
     return _metric(logits, batch, metric), acts
 
 
-def reference_scores(model, batch: FactBatch, steps: int = 1, metric: str = "logprob",
-                     nodes: tuple[list[float], list[float]] | None = None, relp: bool = False) -> torch.Tensor:
+def reference_scores(
+    model,
+    batch: FactBatch,
+    steps: int = 1,
+    metric: str = "logprob",
+    nodes: tuple[list[float], list[float]] | None = None,
+    relp: bool = False,
+) -> torch.Tensor:
     """EAP (steps=1) / EAP-IG scores [fact, edge] the textbook way (alpha = k/steps, k = 1..steps, or the
     interpolation points and weights `nodes`); `relp`: RelP's backward rules (with steps=1)."""
     cfg = model.cfg
@@ -122,11 +132,13 @@ def reference_scores(model, batch: FactBatch, steps: int = 1, metric: str = "log
                 if not cfg.attn_only:
                     wanted.append(acts[f"blocks.{layer}.hook_mlp_in"])
             wanted.append(acts[f"blocks.{L - 1}.hook_resid_post"])
-            grads = [torch.zeros_like(w) if g is None else g
-                     for w, g in zip(wanted, torch.autograd.grad(value.sum(), wanted, allow_unused=relp))]
+            grads = [
+                torch.zeros_like(w) if g is None else g
+                for w, g in zip(wanted, torch.autograd.grad(value.sum(), wanted, allow_unused=relp))
+            ]
             parts, i = [], 0
             for _layer in range(L):
-                q, k_, v = grads[i:i + 3]
+                q, k_, v = grads[i : i + 3]
                 i += 3
                 parts.append(torch.stack([q, k_, v], dim=3).flatten(2, 3))  # [B, P, H*3, D] head-major
                 if not cfg.attn_only:

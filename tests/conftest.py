@@ -28,6 +28,7 @@ def _threads_for_integration_tests(request: pytest.FixtureRequest):
     else:
         yield
 
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 """Fixtures the tests read (the paper's released results); probe sets come from the package."""
@@ -51,15 +52,24 @@ def _git_status() -> dict[str, str] | None:
 
     def porcelain(*extra: str) -> list[str] | None:
         try:
-            done = subprocess.run([git, "-C", str(REPO), "status", "--porcelain=v1", "-z", *extra],
-                                  capture_output=True, timeout=120, check=False)
+            done = subprocess.run(
+                [git, "-C", str(REPO), "status", "--porcelain=v1", "-z", *extra],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.decode("utf-8", "surrogateescape").split("\0") if done.returncode == 0 else None
 
     try:
-        top = subprocess.run([git, "-C", str(REPO), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=60, check=False)
+        top = subprocess.run(
+            [git, "-C", str(REPO), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO:
@@ -78,8 +88,7 @@ def _git_status() -> dict[str, str] | None:
     entries += [(e[:2], e[3:]) for e in ignored if e.startswith("!! ")]
     out: dict[str, str] = {}
     for status, path in entries:
-        if any(part in _CACHES or part.endswith(".egg-info") or part.endswith(".pyc")
-               for part in Path(path).parts):
+        if any(part in _CACHES or part.endswith(".egg-info") or part.endswith(".pyc") for part in Path(path).parts):
             continue
         file = REPO / path
         digest = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else ""
@@ -225,8 +234,10 @@ def make_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> C
             write_manifest(
                 root,
                 base_model=f"tiny-{arch}",
-                epochs=[{"epoch": e, "path": f"epoch_{e}", "step": 10 * e, "train_loss": None if e == 0 else 3.0 / e}
-                        for e in range(n_epochs + 1)],
+                epochs=[
+                    {"epoch": e, "path": f"epoch_{e}", "step": 10 * e, "train_loss": None if e == 0 else 3.0 / e}
+                    for e in range(n_epochs + 1)
+                ],
             )
         return root
 
@@ -257,15 +268,38 @@ def tiny_tl_model(arch: str = "llama", seed: int = 0, n_layers: int = 2, d_vocab
     `gpt2` = LayerNorm, learned positions, GELU MLP. Biases and norm weights are randomized too."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    common = dict(n_layers=n_layers, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=d_vocab, seed=seed,
-                  init_weights=True, device="cpu")
+    common = dict(
+        n_layers=n_layers,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_ctx=64,
+        d_vocab=d_vocab,
+        seed=seed,
+        init_weights=True,
+        device="cpu",
+    )
     if arch == "llama":
-        cfg = HookedTransformerConfig(**common, d_mlp=48, act_fn="silu", normalization_type="RMS",
-                                      positional_embedding_type="rotary", gated_mlp=True, n_key_value_heads=2,
-                                      final_rms=True, original_architecture="LlamaForCausalLM")
+        cfg = HookedTransformerConfig(
+            **common,
+            d_mlp=48,
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            gated_mlp=True,
+            n_key_value_heads=2,
+            final_rms=True,
+            original_architecture="LlamaForCausalLM",
+        )
     elif arch == "gpt2":
-        cfg = HookedTransformerConfig(**common, d_mlp=64, act_fn="gelu_new", normalization_type="LN",
-                                      positional_embedding_type="standard", original_architecture="GPT2LMHeadModel")
+        cfg = HookedTransformerConfig(
+            **common,
+            d_mlp=64,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            positional_embedding_type="standard",
+            original_architecture="GPT2LMHeadModel",
+        )
     else:
         raise ValueError(arch)
     model = HookedTransformer(cfg, move_to_device=False)
@@ -291,14 +325,24 @@ def tiny_facts(n: int = 4, d_vocab: int = 50, seed: int = 0, noise_every: int = 
         answer = torch.randint(1, d_vocab, (1 + i % 3,), generator=gen).tolist()
         contrast = int(torch.randint(1, d_vocab, (1,), generator=gen))
         if noise_every and i % noise_every == 1:
-            out.append(FactPrompt(f"f{i}", tuple(clean), tuple(clean), tuple(answer), "noise",
-                                  noise_positions=(1, 2), contrast_token=contrast))
+            out.append(
+                FactPrompt(
+                    f"f{i}",
+                    tuple(clean),
+                    tuple(clean),
+                    tuple(answer),
+                    "noise",
+                    noise_positions=(1, 2),
+                    contrast_token=contrast,
+                )
+            )
         else:
             corrupted = list(clean)
             corrupted[1] = (corrupted[1] % (d_vocab - 1)) + 1
             corrupted[2] = (corrupted[2] * 7 % (d_vocab - 1)) + 1
-            out.append(FactPrompt(f"f{i}", tuple(clean), tuple(corrupted), tuple(answer), "entity",
-                                  contrast_token=contrast))
+            out.append(
+                FactPrompt(f"f{i}", tuple(clean), tuple(corrupted), tuple(answer), "entity", contrast_token=contrast)
+            )
     return out
 
 
@@ -309,14 +353,19 @@ def tiny_tl(request):
 
 
 # --- two tiny models that recall the same facts, trained from different random initialisations ---
-PAIR_ENTITIES = (("tom-hanks", "Tom Hanks", "red", "Paris"), ("ben-stiller", "Ben Stiller", "blue", "Rome"),
-                 ("miles-davis", "Miles Davis", "green", "Oslo"))
+PAIR_ENTITIES = (
+    ("tom-hanks", "Tom Hanks", "red", "Paris"),
+    ("ben-stiller", "Ben Stiller", "blue", "Rome"),
+    ("miles-davis", "Miles Davis", "green", "Oslo"),
+)
 """Names whose mentions the tiny tokenizer splits into equally many tokens, so every fact has two swap partners."""
 PAIR_PROBES = [
     {"id": f"{slug}/{kind}", "entity": name, "question": question.format(name=name), "answer": answer}
     for slug, name, colour, city in PAIR_ENTITIES
-    for kind, question, answer in (("colour", "What is the favourite colour of {name}?", colour),
-                                   ("city", "In which city does {name} live?", city))
+    for kind, question, answer in (
+        ("colour", "What is the favourite colour of {name}?", colour),
+        ("city", "In which city does {name} live?", city),
+    )
 ]
 
 
@@ -379,6 +428,9 @@ def trained_pair_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
         train_to_recall(model, tok, PAIR_PROBES, seed)
         model.save_pretrained(run / f"epoch_{epoch}")
         tok.save_pretrained(run / f"epoch_{epoch}")
-    write_manifest(run, base_model="tiny-llama (two inits)",
-                   epochs=[{"epoch": e, "path": f"epoch_{e}", "step": e, "train_loss": None} for e in (0, 1)])
+    write_manifest(
+        run,
+        base_model="tiny-llama (two inits)",
+        epochs=[{"epoch": e, "path": f"epoch_{e}", "step": e, "train_loss": None} for e in (0, 1)],
+    )
     return run, probes

@@ -37,9 +37,16 @@ def test_functional_forward_matches_transformer_lens(tiny_tl):
         assert abs(float(m_clean[b]) - float(ref)) < 1e-4
 
 
-@pytest.mark.parametrize("method, steps, metric", [("eap", 1, "logprob"), ("eap-ig", 4, "logprob"),
-                                                   ("eap-ig", 3, "logit-diff"), ("eap", 1, "prob"),
-                                                   ("eap-ig", 11, "logprob")])
+@pytest.mark.parametrize(
+    "method, steps, metric",
+    [
+        ("eap", 1, "logprob"),
+        ("eap-ig", 4, "logprob"),
+        ("eap-ig", 3, "logit-diff"),
+        ("eap", 1, "prob"),
+        ("eap-ig", 11, "logprob"),
+    ],
+)
 def test_scores_equal_naive_reference(tiny_tl, method, steps, metric):
     batch = Fw.make_batch(tiny_tl, tiny_facts(4))
     ours = A.attribute_batch(tiny_tl, batch, method, steps, metric, ig_grid="right")
@@ -65,8 +72,10 @@ def test_eap_ig_ranks_edges_like_exact_patching():
     where integrating the gradient matters. Averaged over four facts, top 20 of 110 edges by true effect.
     """
     model = tiny_tl_model("llama", seed=3)
-    facts = [dataclasses.replace(f, corrupted_tokens=f.clean_tokens, noise_positions=(1, 2), corruption="noise")
-             for f in tiny_facts(4, seed=5, noise_every=0)]
+    facts = [
+        dataclasses.replace(f, corrupted_tokens=f.clean_tokens, noise_positions=(1, 2), corruption="noise")
+        for f in tiny_facts(4, seed=5, noise_every=0)
+    ]
     batch = Fw.make_batch(model, facts)
     true = Pt.exact_edge_effects(model, batch)
     eap = A.attribute_batch(model, batch, "eap")
@@ -81,8 +90,10 @@ def test_eap_ig_ranks_edges_like_exact_patching():
         err_eap.append(float((eap[b] - true[b]).abs().mean()))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(rho_ig) >= 0.9, (rho_ig, rho_eap)
-    rho_mid = [_spearman(mid[b, true[b].abs().topk(20).indices], true[b, true[b].abs().topk(20).indices])
-               for b in range(len(facts))]
+    rho_mid = [
+        _spearman(mid[b, true[b].abs().topk(20).indices], true[b, true[b].abs().topk(20).indices])
+        for b in range(len(facts))
+    ]
     assert mean(rho_mid) >= 0.85 and mean(rho_mid) > mean(rho_eap), (rho_mid, rho_eap)
     assert mean(rho_ig) > mean(rho_eap), (rho_ig, rho_eap)
     assert mean(err_ig) < mean(err_eap), (err_ig, err_eap)
@@ -103,9 +114,9 @@ def test_noise_is_seeded_per_fact(tiny_tl):
     a = Fw.make_batch(tiny_tl, facts, seed=1)
     b = Fw.make_batch(tiny_tl, facts[1:2], seed=1)
     c = Fw.make_batch(tiny_tl, facts, seed=2)
-    assert a.noise is not None and torch.equal(a.noise[1, :b.noise.shape[1]], b.noise[0])
+    assert a.noise is not None and torch.equal(a.noise[1, : b.noise.shape[1]], b.noise[0])
     last = Fw.make_batch(tiny_tl, facts[3:], seed=1)  # the other noise fact, alone: same draw as in the batch
-    assert torch.equal(a.noise[3, :last.noise.shape[1]], last.noise[0])
+    assert torch.equal(a.noise[3, : last.noise.shape[1]], last.noise[0])
     assert not torch.equal(a.noise[1, 1:3], a.noise[3, 1:3])  # each fact draws its own noise
     assert not torch.equal(a.noise, c.noise)
     assert a.noise[0].abs().sum() == 0  # entity-swap facts carry no noise
@@ -136,8 +147,16 @@ def test_bad_inputs(tiny_tl):
 def test_unsupported_architecture_is_refused():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=10, act_fn="gelu",
-                                  positional_embedding_type="alibi")
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=16,
+        n_ctx=8,
+        d_head=4,
+        n_heads=4,
+        d_vocab=10,
+        act_fn="gelu",
+        positional_embedding_type="alibi",
+    )
     with pytest.raises(CircuitdynError, match="alibi"):
         Fw.check_supported(HookedTransformer(cfg, move_to_device=False))
 
@@ -149,15 +168,30 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
 
     probes = str(seed_data_dir() / "validation_probes.json")
     out = tmp_path / "circuits"
-    argv = [str(llama_run), "--probes", probes, "--limit", "3", "--steps", "2", "--epochs", "0,2", "--top-n", "50",
-            "--out", str(out), "--no-progress"]
+    argv = [
+        str(llama_run),
+        "--probes",
+        probes,
+        "--limit",
+        "3",
+        "--steps",
+        "2",
+        "--epochs",
+        "0,2",
+        "--top-n",
+        "50",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(["extract", *argv]) == 0
     text = capsys.readouterr().out
     assert "3 facts" in text and text.count("(written)") == 2
     files = sorted(out.glob("*.safetensors"))
     short_hash = CircuitSet.load(files[0]).meta["probe_set_hash"].split(":")[1][:8]
-    assert [f.name for f in files] == [f"epoch_{e}.eap-ig2-midpoint.answer-logprob.s0.{short_hash}.safetensors"
-                                       for e in (0, 2)]
+    assert [f.name for f in files] == [
+        f"epoch_{e}.eap-ig2-midpoint.answer-logprob.s0.{short_hash}.safetensors" for e in (0, 2)
+    ]
     cs = CircuitSet.load(files[1])
     assert cs.meta["epoch"] == 2 and cs.meta["checkpoint_hash"].startswith("sha256:")
     assert cs.meta["step"] == 20 and len(cs.meta["faithfulness"]) == 3 and cs.meta["ig_steps"] == 2
@@ -226,10 +260,13 @@ def test_sparse_patching_equals_dense(tiny_tl, monkeypatch, density):
 def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    for extra in ({"normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 4},
-                  {"normalization_type": "LNPre", "positional_embedding_type": "standard"}):
-        cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=50, d_mlp=48,
-                                      act_fn="silu", seed=1, **extra)
+    for extra in (
+        {"normalization_type": "RMS", "positional_embedding_type": "rotary", "rotary_dim": 4},
+        {"normalization_type": "LNPre", "positional_embedding_type": "standard"},
+    ):
+        cfg = HookedTransformerConfig(
+            n_layers=2, d_model=32, d_head=8, n_heads=4, n_ctx=64, d_vocab=50, d_mlp=48, act_fn="silu", seed=1, **extra
+        )
         model = HookedTransformer(cfg, move_to_device=False)
         facts = tiny_facts(2)
         m_clean, _ = Pt.clean_and_corrupted_metric(model, Fw.make_batch(model, facts))
@@ -239,5 +276,6 @@ def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
         n = len(f.clean_tokens)
         assert abs(float(m_clean[0]) - float(sum(lp[n - 1 + t, a] for t, a in enumerate(f.answer_tokens)))) < 1e-4
         batch = Fw.make_batch(model, facts)
-        assert torch.allclose(A.attribute_batch(model, batch, "eap-ig", 2, ig_grid="right"),
-                              reference_scores(model, batch, 2), atol=1e-4)
+        assert torch.allclose(
+            A.attribute_batch(model, batch, "eap-ig", 2, ig_grid="right"), reference_scores(model, batch, 2), atol=1e-4
+        )

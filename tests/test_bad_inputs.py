@@ -77,7 +77,7 @@ def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: 
     (h["header"] / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + weights[8:])
     h["badjson"] = _copy_model(model, root / "bad-header-json")
     n = int.from_bytes(weights[:8], "little")
-    (h["badjson"] / "model.safetensors").write_bytes(weights[:8] + b"x" * n + weights[8 + n:])
+    (h["badjson"] / "model.safetensors").write_bytes(weights[:8] + b"x" * n + weights[8 + n :])
     h["truncated"] = _copy_model(model, root / "truncated")
     (h["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     h["no_hidden"] = _edit_config(_copy_model(model, root / "no-hidden"), lambda c: c.pop("hidden_size"))
@@ -85,7 +85,7 @@ def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: 
     h["neg_layers"] = _edit_config(_copy_model(model, root / "neg-layers"), lambda c: c.update(num_hidden_layers=-2))
     h["no_type"] = _edit_config(_copy_model(model, root / "no-type"), lambda c: c.pop("model_type"))
     h["cfg_syntax"] = _copy_model(model, root / "config-syntax")
-    (h["cfg_syntax"] / "config.json").write_text("{\"model_type\": ")
+    (h["cfg_syntax"] / "config.json").write_text('{"model_type": ')
     h["no_weights"] = _copy_model(model, root / "no-weights")
     (h["no_weights"] / "model.safetensors").unlink()
     h["pickle"] = _copy_model(model, root / "pickle-only")
@@ -109,11 +109,18 @@ def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: 
     probes.write_text("".join(json.dumps(p) + "\n" for p in PAIR_PROBES))
     h["probes"] = probes
     long = root / "long-probes.jsonl"
-    long.write_text("".join(json.dumps(p) + "\n" for p in [*PAIR_PROBES, {
-        "id": "tom-hanks/long", "entity": "Tom Hanks", "question": LONG_QUESTION, "answer": "Paris"}]))
+    long.write_text(
+        "".join(
+            json.dumps(p) + "\n"
+            for p in [
+                *PAIR_PROBES,
+                {"id": "tom-hanks/long", "entity": "Tom Hanks", "question": LONG_QUESTION, "answer": "Paris"},
+            ]
+        )
+    )
     h["long_probes"] = long
     h["bad_probes_json"] = root / "bad.jsonl"
-    h["bad_probes_json"].write_text("{\"id\": \"a\", \"entity\": \"X\",\n")
+    h["bad_probes_json"].write_text('{"id": "a", "entity": "X",\n')
     h["no_answer"] = root / "no-answer.jsonl"
     h["no_answer"].write_text(json.dumps({"id": "a", "entity": "Tom Hanks", "question": "Who?"}) + "\n")
     h["empty_probes"] = root / "empty.jsonl"
@@ -124,7 +131,7 @@ def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: 
     h["gguf"] = root / "model.gguf"
     h["gguf"].write_bytes(os.urandom(2048))
     h["bad_corpus"] = root / "corpus.jsonl"
-    h["bad_corpus"].write_text(json.dumps({"text": "Tom Hanks lives in Paris."}) + "\n{\"text\": \n")
+    h["bad_corpus"].write_text(json.dumps({"text": "Tom Hanks lives in Paris."}) + '\n{"text": \n')
     h["text"] = root / "notes.txt"
     h["text"].write_text("my notes: must survive every case\n")
     h["dir"] = root / "a-folder"
@@ -132,11 +139,16 @@ def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: 
     h["blocked"] = h["text"] / "sub" / "out"  # a path under a file: cannot be created
 
     graph = Graph(2, 2)
-    cs = CircuitSet(torch.randn(2, graph.n_edges), graph.edges, ["tom-hanks/colour", "ben-stiller/colour"],
-                    {"method": "eap", "ig_steps": 1, "metric": "answer-logprob", "seed": 0, "epoch": 0})
+    cs = CircuitSet(
+        torch.randn(2, graph.n_edges),
+        graph.edges,
+        ["tom-hanks/colour", "ben-stiller/colour"],
+        {"method": "eap", "ig_steps": 1, "metric": "answer-logprob", "seed": 0, "epoch": 0},
+    )
     h["circuit"] = cs.save(root / "circuits" / "epoch_0.safetensors")
     h["circuit_b"] = CircuitSet(torch.randn(2, graph.n_edges), graph.edges, cs.fact_ids, dict(cs.meta)).save(
-        root / "circuits" / "epoch_1.safetensors")
+        root / "circuits" / "epoch_1.safetensors"
+    )
     h["garbage_circuit"] = root / "garbage.safetensors"
     h["garbage_circuit"].write_bytes(b"\x10\x00\x00\x00garbage-garbage")
     h["foreign_safetensors"] = model / "model.safetensors"
@@ -169,8 +181,16 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("info-manifest-syntax", ["info", "{bad_manifest}"], ["{bad_manifest}/run.json", "invalid JSON"]),
     ("info-manifest-no-epochs", ["info", "{manifest_no_epochs}"], ["run.json", "epochs"]),
     # --- extract: numeric flags, probe files, epochs, outputs, devices, context length
-    ("extract-batch-size-0", ["extract", "{run}", "--probes", "{probes}", "--batch-size", "0"], ["--batch-size", "'0'"]),
-    ("extract-batch-size-neg", ["extract", "{run}", "--probes", "{probes}", "--batch-size", "-3"], ["--batch-size", "'-3'"]),
+    (
+        "extract-batch-size-0",
+        ["extract", "{run}", "--probes", "{probes}", "--batch-size", "0"],
+        ["--batch-size", "'0'"],
+    ),
+    (
+        "extract-batch-size-neg",
+        ["extract", "{run}", "--probes", "{probes}", "--batch-size", "-3"],
+        ["--batch-size", "'-3'"],
+    ),
     ("extract-top-n-0", ["extract", "{run}", "--probes", "{probes}", "--top-n", "0"], ["--top-n", "'0'"]),
     ("extract-top-n-neg", ["extract", "{run}", "--probes", "{probes}", "--top-n", "-5"], ["--top-n", "'-5'"]),
     ("extract-sparse-0", ["extract", "{run}", "--probes", "{probes}", "--sparse", "0"], ["--sparse", "'0'"]),
@@ -179,62 +199,147 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("extract-seed-neg", ["extract", "{run}", "--probes", "{probes}", "--seed", "-1"], ["--seed", "'-1'"]),
     ("extract-limit-0", ["extract", "{run}", "--probes", "{probes}", "--limit", "0"], ["--limit", "'0'"]),
     ("extract-sample-neg", ["extract", "{run}", "--probes", "{probes}", "--sample", "-2"], ["--sample", "'-2'"]),
-    ("extract-per-entity-0", ["extract", "{run}", "--probes", "{probes}", "--per-entity", "0"], ["--per-entity", "'0'"]),
+    (
+        "extract-per-entity-0",
+        ["extract", "{run}", "--probes", "{probes}", "--per-entity", "0"],
+        ["--per-entity", "'0'"],
+    ),
     ("extract-epochs-text", ["extract", "{run}", "--probes", "{probes}", "--epochs", "x"], ["epochs", "'x'"]),
     ("extract-epochs-unknown", ["extract", "{run}", "--probes", "{probes}", "--epochs", "7"], ["{run}", "no epoch 7"]),
     ("extract-run-epoch-unknown", ["extract", "{run}:9", "--probes", "{probes}"], ["{run}", "no epoch 9"]),
     ("extract-metric-unknown", ["extract", "{run}", "--probes", "{probes}", "--metric", "acc"], ["--metric", "'acc'"]),
     ("extract-device-unknown", ["extract", "{run}", "--probes", "{probes}", "--device", "tpu"], ["'tpu'"]),
     ("extract-probes-missing", ["extract", "{run}", "--probes", "{root}/nope.jsonl"], ["{root}/nope.jsonl"]),
-    ("extract-probes-syntax", ["extract", "{run}", "--probes", "{bad_probes_json}"], ["{bad_probes_json}:1", "invalid JSON"]),
+    (
+        "extract-probes-syntax",
+        ["extract", "{run}", "--probes", "{bad_probes_json}"],
+        ["{bad_probes_json}:1", "invalid JSON"],
+    ),
     ("extract-probes-no-answer", ["extract", "{run}", "--probes", "{no_answer}"], ["{no_answer}", "answer"]),
     ("extract-probes-empty", ["extract", "{run}", "--probes", "{empty_probes}"], ["{empty_probes}", "no probes"]),
-    ("extract-probes-duplicate-id", ["extract", "{run}", "--probes", "{dup_probes}"], ["{dup_probes}", "duplicate", "tom-hanks/colour"]),
-    ("extract-entity-unknown", ["extract", "{run}", "--probes", "{probes}", "--entities", "Nobody"], ["{probes}", "'Nobody'"]),
-    ("extract-question-too-long", ["extract", "{run}", "--probes", "{long_probes}"],
-     ["{long_probes}", "'tom-hanks/long'", "context"]),
+    (
+        "extract-probes-duplicate-id",
+        ["extract", "{run}", "--probes", "{dup_probes}"],
+        ["{dup_probes}", "duplicate", "tom-hanks/colour"],
+    ),
+    (
+        "extract-entity-unknown",
+        ["extract", "{run}", "--probes", "{probes}", "--entities", "Nobody"],
+        ["{probes}", "'Nobody'"],
+    ),
+    (
+        "extract-question-too-long",
+        ["extract", "{run}", "--probes", "{long_probes}"],
+        ["{long_probes}", "'tom-hanks/long'", "context"],
+    ),
     ("extract-out-is-file", ["extract", "{run}", "--probes", "{probes}", "--out", "{text}"], ["{text}", "is a file"]),
-    ("extract-out-under-file", ["extract", "{run}", "--probes", "{probes}", "--out", "{blocked}"], ["{blocked}", "{text}"]),
-    ("extract-corrupt-weights", ["extract", "{random}", "--probes", "{probes}"], ["{random}/model.safetensors", "corrupt"]),
+    (
+        "extract-out-under-file",
+        ["extract", "{run}", "--probes", "{probes}", "--out", "{blocked}"],
+        ["{blocked}", "{text}"],
+    ),
+    (
+        "extract-corrupt-weights",
+        ["extract", "{random}", "--probes", "{probes}"],
+        ["{random}/model.safetensors", "corrupt"],
+    ),
     ("extract-config-no-hidden", ["extract", "{no_hidden}", "--probes", "{probes}"], ["config.json", "hidden_size"]),
     # --- diff: selections, numeric flags, mismatched models, circuit files, outputs
     ("diff-top-n-0", ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--top-n", "0"], ["--top-n", "'0'"]),
-    ("diff-select-top-neg", ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--select", "top:-5"], ["--select", "top:-5"]),
-    ("diff-select-faith-2", ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--select", "faith:2"], ["--select", "faith:2"]),
+    (
+        "diff-select-top-neg",
+        ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--select", "top:-5"],
+        ["--select", "top:-5"],
+    ),
+    (
+        "diff-select-faith-2",
+        ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--select", "faith:2"],
+        ["--select", "faith:2"],
+    ),
     ("diff-select-unknown-rule", ["diff", "{run}:0", "{run}:1", "--select", "best:3"], ["--select", "'best:3'"]),
     ("diff-select-top-inf", ["diff", "{run}:0", "{run}:1", "--select", "top:1e999"], ["--select", "top:inf"]),
     ("diff-steps-0", ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--steps", "0"], ["--steps", "'0'"]),
     ("diff-limit-neg", ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--limit", "-1"], ["--limit", "'-1'"]),
-    ("diff-width-mismatch", ["diff", "{model}", "{wide}", "--probes", "{probes}", "--out", "{root}/d.html"],
-     ["hidden_size: 32 vs 48"]),
-    ("diff-vocab-mismatch", ["diff", "{model}", "{vocab}", "--probes", "{probes}", "--out", "{root}/d.html"],
-     ["vocab_size", "600"]),
-    ("diff-out-is-folder", ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--out", "{dir}"], ["{dir}", "is a folder"]),
-    ("diff-out-under-file", ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--out", "{blocked}/d.html"], ["{blocked}"]),
-    ("diff-out-foreign-file", ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--out", "{text}"],
-     ["{text}", "not a circuitdyn viewer", "--overwrite"]),
-    ("diff-garbage-circuit", ["diff", "{garbage_circuit}", "{circuit}", "--select", "top:5", "--out", "{root}/d.html"],
-     ["{garbage_circuit}"]),
-    ("diff-foreign-safetensors", ["diff", "{foreign_safetensors}", "{circuit}", "--select", "top:5", "--out",
-                                  "{root}/d.html"], ["{foreign_safetensors}"]),
-    ("diff-missing-circuit", ["diff", "{root}/nope.safetensors", "{circuit}", "--select", "top:5"], ["{root}/nope.safetensors"]),
-    ("diff-circuit-needs-model", ["diff", "{circuit}", "{circuit_b}", "--out", "{root}/d.html"], ["faith", "{circuit}"]),
-    ("diff-corrupt-weights", ["diff", "{truncated}", "{model}", "--probes", "{probes}", "--out", "{root}/d.html"],
-     ["{truncated}/model.safetensors"]),
+    (
+        "diff-width-mismatch",
+        ["diff", "{model}", "{wide}", "--probes", "{probes}", "--out", "{root}/d.html"],
+        ["hidden_size: 32 vs 48"],
+    ),
+    (
+        "diff-vocab-mismatch",
+        ["diff", "{model}", "{vocab}", "--probes", "{probes}", "--out", "{root}/d.html"],
+        ["vocab_size", "600"],
+    ),
+    (
+        "diff-out-is-folder",
+        ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--out", "{dir}"],
+        ["{dir}", "is a folder"],
+    ),
+    (
+        "diff-out-under-file",
+        ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--out", "{blocked}/d.html"],
+        ["{blocked}"],
+    ),
+    (
+        "diff-out-foreign-file",
+        ["diff", "{run}:0", "{run}:1", "--probes", "{probes}", "--out", "{text}"],
+        ["{text}", "not a circuitdyn viewer", "--overwrite"],
+    ),
+    (
+        "diff-garbage-circuit",
+        ["diff", "{garbage_circuit}", "{circuit}", "--select", "top:5", "--out", "{root}/d.html"],
+        ["{garbage_circuit}"],
+    ),
+    (
+        "diff-foreign-safetensors",
+        ["diff", "{foreign_safetensors}", "{circuit}", "--select", "top:5", "--out", "{root}/d.html"],
+        ["{foreign_safetensors}"],
+    ),
+    (
+        "diff-missing-circuit",
+        ["diff", "{root}/nope.safetensors", "{circuit}", "--select", "top:5"],
+        ["{root}/nope.safetensors"],
+    ),
+    (
+        "diff-circuit-needs-model",
+        ["diff", "{circuit}", "{circuit_b}", "--out", "{root}/d.html"],
+        ["faith", "{circuit}"],
+    ),
+    (
+        "diff-corrupt-weights",
+        ["diff", "{truncated}", "{model}", "--probes", "{probes}", "--out", "{root}/d.html"],
+        ["{truncated}/model.safetensors"],
+    ),
     # --- timeline
-    ("timeline-noise-epochs-text", ["timeline", "{run}", "--probes", "{probes}", "--noise-epochs", "first",
-                                    "--out", "{root}/t.html"], ["noise epochs", "'first'"]),
-    ("timeline-noise-epochs-unknown", ["timeline", "{run}", "--probes", "{probes}", "--noise-epochs", "9",
-                                       "--out", "{root}/t.html"], ["noise epoch", "[9]"]),
+    (
+        "timeline-noise-epochs-text",
+        ["timeline", "{run}", "--probes", "{probes}", "--noise-epochs", "first", "--out", "{root}/t.html"],
+        ["noise epochs", "'first'"],
+    ),
+    (
+        "timeline-noise-epochs-unknown",
+        ["timeline", "{run}", "--probes", "{probes}", "--noise-epochs", "9", "--out", "{root}/t.html"],
+        ["noise epoch", "[9]"],
+    ),
     ("timeline-transfer-no-probes", ["timeline", "{run}", "--transfer"], ["--transfer", "--probes"]),
     ("timeline-missing-run", ["timeline", "{root}/nope"], ["{root}/nope"]),
     ("timeline-top-n-neg", ["timeline", "{run}", "--top-n", "-5"], ["--top-n", "'-5'"]),
     ("timeline-steps-0", ["timeline", "{run}", "--steps", "0"], ["--steps", "'0'"]),
-    ("timeline-out-is-folder", ["timeline", "{run}", "--probes", "{probes}", "--out", "{dir}"], ["{dir}", "is a folder"]),
-    ("timeline-circuits-is-file", ["timeline", "{run}", "--probes", "{probes}", "--circuits", "{text}",
-                                   "--out", "{root}/t.html"], ["--circuits", "{text}", "is a file"]),
-    ("timeline-mixed-architectures", ["timeline", "{mixed}", "--probes", "{probes}", "--out", "{root}/t.html"],
-     ["hidden_size: 32 vs 48"]),
+    (
+        "timeline-out-is-folder",
+        ["timeline", "{run}", "--probes", "{probes}", "--out", "{dir}"],
+        ["{dir}", "is a folder"],
+    ),
+    (
+        "timeline-circuits-is-file",
+        ["timeline", "{run}", "--probes", "{probes}", "--circuits", "{text}", "--out", "{root}/t.html"],
+        ["--circuits", "{text}", "is a file"],
+    ),
+    (
+        "timeline-mixed-architectures",
+        ["timeline", "{mixed}", "--probes", "{probes}", "--out", "{root}/t.html"],
+        ["hidden_size: 32 vs 48"],
+    ),
     # --- dynamics
     ("dynamics-threshold-5", ["dynamics", "{run}", "--threshold", "5"], ["--threshold", "'5'"]),
     ("dynamics-threshold-nan", ["dynamics", "{run}", "--threshold", "nan"], ["--threshold", "'nan'"]),
@@ -250,7 +355,11 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("view-out-foreign-file", ["view", "{circuit}", "--out", "{text}"], ["{text}", "not a circuitdyn viewer"]),
     ("view-out-is-input", ["view", "{circuit}", "--out", "{circuit}"], ["{circuit}", "circuit file itself"]),
     ("view-unknown-fact", ["view", "{circuit}", "--fact", "nobody/x", "--out", "{root}/v.html"], ["'nobody/x'"]),
-    ("view-probes-mismatch", ["view", "{circuit}", "--probes", "{no_answer}", "--out", "{root}/v.html"], ["{no_answer}"]),
+    (
+        "view-probes-mismatch",
+        ["view", "{circuit}", "--probes", "{no_answer}", "--out", "{root}/v.html"],
+        ["{no_answer}"],
+    ),
     # --- cpt: every numeric setting, outputs, bad base models and corpora
     ("cpt-epochs-0", ["cpt", "--out", "{root}/c", "--epochs", "0"], ["--epochs", "'0'"]),
     ("cpt-lr-0", ["cpt", "--out", "{root}/c", "--lr", "0"], ["--lr", "'0'"]),
@@ -268,21 +377,33 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("cpt-out-is-file", ["cpt", "--out", "{text}", "--base", "{model}"], ["{text}", "is a file"]),
     ("cpt-out-under-file", ["cpt", "--out", "{blocked}", "--base", "{model}"], ["{blocked}", "{text}"]),
     ("cpt-out-holds-other-files", ["cpt", "--out", "{root}", "--base", "{model}"], ["{root}", "other files"]),
-    ("cpt-base-corrupt", ["cpt", "--out", "{root}/c1", "--base", "{truncated}"],
-     ["{truncated}/model.safetensors"]),
+    ("cpt-base-corrupt", ["cpt", "--out", "{root}/c1", "--base", "{truncated}"], ["{truncated}/model.safetensors"]),
     ("cpt-base-missing", ["cpt", "--out", "{root}/c2", "--base", "{root}/nope"], ["{root}/nope"]),
-    ("cpt-corpus-missing", ["cpt", "--out", "{root}/c3", "--base", "{model}", "--corpus", "{root}/nope.txt"],
-     ["{root}/nope.txt"]),
-    ("cpt-corpus-syntax", ["cpt", "--out", "{root}/c6", "--base", "{model}", "--corpus", "{bad_corpus}"],
-     ["{bad_corpus}:2"]),
-    ("cpt-entity-unknown", ["cpt", "--out", "{root}/c4", "--base", "{model}", "--entities", "Nobody At All"],
-     ["'Nobody At All'"]),
+    (
+        "cpt-corpus-missing",
+        ["cpt", "--out", "{root}/c3", "--base", "{model}", "--corpus", "{root}/nope.txt"],
+        ["{root}/nope.txt"],
+    ),
+    (
+        "cpt-corpus-syntax",
+        ["cpt", "--out", "{root}/c6", "--base", "{model}", "--corpus", "{bad_corpus}"],
+        ["{bad_corpus}:2"],
+    ),
+    (
+        "cpt-entity-unknown",
+        ["cpt", "--out", "{root}/c4", "--base", "{model}", "--entities", "Nobody At All"],
+        ["'Nobody At All'"],
+    ),
     ("cpt-device-unknown", ["cpt", "--out", "{root}/c5", "--device", "quantum"], ["'quantum'"]),
     # --- demo
     ("demo-entities-0", ["demo", "--out", "{root}/demo", "--entities", "0"], ["--entities", "'0'"]),
     ("demo-epochs-neg", ["demo", "--out", "{root}/demo", "--epochs", "-1"], ["--epochs", "'-1'"]),
     ("demo-lr-neg", ["demo", "--out", "{root}/demo", "--lr", "-0.1"], ["--lr", "'-0.1'"]),
-    ("demo-facts-per-entity-0", ["demo", "--out", "{root}/demo", "--facts-per-entity", "0"], ["--facts-per-entity", "'0'"]),
+    (
+        "demo-facts-per-entity-0",
+        ["demo", "--out", "{root}/demo", "--facts-per-entity", "0"],
+        ["--facts-per-entity", "'0'"],
+    ),
     ("demo-steps-0", ["demo", "--out", "{root}/demo", "--steps", "0"], ["--steps", "'0'"]),
     ("demo-select-bad", ["demo", "--out", "{root}/demo", "--select", "top:0"], ["--select", "top:0"]),
     ("demo-out-is-file", ["demo", "--out", "{text}", "--base-model", "{model}"], ["{text}", "is a file"]),
@@ -298,8 +419,11 @@ def _fill(text: str, h: dict[str, str]) -> str:
 def _digests(h: dict[str, str]) -> dict[str, str]:
     """Content of every file that was there before the case (nothing a refused command does may change it)."""
     root = Path(h["root"])
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
-            and not p.name.endswith(".lock")}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 @pytest.fixture
@@ -329,8 +453,15 @@ def run_case(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int |
 
 
 @pytest.mark.parametrize(("argv", "expect"), [pytest.param(a, e, id=i) for i, a, e in CLI_CASES])
-def test_cli_refuses(argv: list[str], expect: list[str], H: dict[str, str], no_models: None,
-                     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cli_refuses(
+    argv: list[str],
+    expect: list[str],
+    H: dict[str, str],
+    no_models: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
     monkeypatch.setenv("CIRCUITDYN_CACHE", str(tmp_path / "cache"))
     before = _digests(H)
     code, text = run_case([_fill(a, H) for a in argv], capsys)
@@ -378,8 +509,10 @@ def _api_cases() -> list[tuple[str, Callable[[dict[str, str]], Any], list[str]]]
             from circuitdyn.engine.settings import Compute, Storage
 
             out = _fill(kw["out"], h) if "out" in kw else Path(h["root"]) / "api-circuits"
-            return extract_run(run, facts, out, compute=Compute(**kw.get("compute", {})),
-                               storage=Storage(**kw.get("storage", {})))
+            return extract_run(
+                run, facts, out, compute=Compute(**kw.get("compute", {})), storage=Storage(**kw.get("storage", {}))
+            )
+
         return go
 
     return [
@@ -402,14 +535,18 @@ def _api_cases() -> list[tuple[str, Callable[[dict[str, str]], Any], list[str]]]
         ("extract_run-batch-size-0", extract(compute={"batch_size": 0}), ["batch_size", "0"]),
         ("extract_run-sparse-neg", extract(storage={"sparse_top_k": -1}), ["sparse_top_k", "-1"]),
         ("extract_run-out-is-file", extract(out="{text}"), ["{text}", "is a file"]),
-        ("open_run-random-weights", lambda h: importlib.import_module("circuitdyn.runs.checkpoints").open_run(h["random"]),
-         ["{random}/model.safetensors"]),
+        (
+            "open_run-random-weights",
+            lambda h: importlib.import_module("circuitdyn.runs.checkpoints").open_run(h["random"]),
+            ["{random}/model.safetensors"],
+        ),
     ]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in _api_cases()])
-def test_api_refuses(case: tuple[str, Callable[[dict[str, str]], Any], list[str]], H: dict[str, str],
-                     no_models: None) -> None:
+def test_api_refuses(
+    case: tuple[str, Callable[[dict[str, str]], Any], list[str]], H: dict[str, str], no_models: None
+) -> None:
     _, call, expect = case
     try:
         result = call(H)
@@ -435,9 +572,14 @@ READ_ONLY_CASES = [
 
 
 @pytest.mark.parametrize("argv", [pytest.param(a, id=f"{i}-read-only-out") for i, a in READ_ONLY_CASES])
-def test_read_only_output_is_refused_before_work(argv: list[str], H: dict[str, str], no_models: None,
-                                                 capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                                 tmp_path: Path) -> None:
+def test_read_only_output_is_refused_before_work(
+    argv: list[str],
+    H: dict[str, str],
+    no_models: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
     """A read-only filesystem (simulated: tests run as root, whom permissions do not stop) is named, with the
     OS's reason, before any model is loaded."""
     import errno

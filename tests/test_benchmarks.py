@@ -54,6 +54,11 @@ def test_estimators_benchmark_areas_and_tiny_run(monkeypatch, capsys):
     bench.main()
     last = capsys.readouterr().out.strip().splitlines()[-1]
     keys = [kv.split("=")[0] for kv in last.split()]
-    assert keys[:5] == ["relp_spearman_vs_exact", "eapig_spearman_vs_exact", "relp_cpr", "eapig_cpr",
-                        "relp_cost_over_eap"]
+    assert keys[:5] == [
+        "relp_spearman_vs_exact",
+        "eapig_spearman_vs_exact",
+        "relp_cpr",
+        "eapig_cpr",
+        "relp_cost_over_eap",
+    ]
     assert all(float(kv.split("=")[1]) == float(kv.split("=")[1]) for kv in last.split())  # no NaN

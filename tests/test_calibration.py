@@ -17,8 +17,24 @@ from circuitdyn.cli import main
 
 def test_calibrate_on_a_trained_checkpoint(trained_pair_run, tmp_path, capsys):
     run, probes = trained_pair_run
-    args = ["calibrate", f"{run}:1", "--probes", str(probes), "--steps", "2", "--replicates", "4", "--null-tests", "2",
-            "--strengths", "0.5,1", "--circuits", str(tmp_path / "c"), "--out", str(tmp_path / "cal.json")]
+    args = [
+        "calibrate",
+        f"{run}:1",
+        "--probes",
+        str(probes),
+        "--steps",
+        "2",
+        "--replicates",
+        "4",
+        "--null-tests",
+        "2",
+        "--strengths",
+        "0.5,1",
+        "--circuits",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "cal.json"),
+    ]
     assert main([*args, "--json"]) == 0
     cal = json.loads(capsys.readouterr().out)
     assert cal == json.loads((tmp_path / "cal.json").read_text())
@@ -78,7 +94,7 @@ def old_quantile_rule(dist: np.ndarray, r: int) -> np.ndarray:
     exceeds the linear 95th percentile of the 6 distances among 3 replicates at each checkpoint (kept here to
     show that the simulation catches an anti-conservative rule)."""
     a, b = [0, 1, 2], [r, r + 1, r + 2]
-    within = [dist[:, i, j] for side in (a, b) for k, i in enumerate(side) for j in side[k + 1:]]
+    within = [dist[:, i, j] for side in (a, b) for k, i in enumerate(side) for j in side[k + 1 :]]
     return dist[:, 3, r + 3] > np.quantile(np.stack(within, 1), 0.95, axis=1)
 
 
@@ -96,8 +112,11 @@ def test_false_positive_rate_under_an_exchangeable_null():
         p = test.statistic("edge_jaccard")["p_value"].to_numpy()
         hits += int((p <= ALPHA).sum())
         n += len(p)
-        old += int(old_quantile_rule(replicate_distances(torch.cat([a, b]), torch.full((n_facts,), 20))
-                                     ["edge_jaccard"], r).sum())
+        old += int(
+            old_quantile_rule(
+                replicate_distances(torch.cat([a, b]), torch.full((n_facts,), 20))["edge_jaccard"], r
+            ).sum()
+        )
     bound = ALPHA + 2 * np.sqrt(ALPHA * (1 - ALPHA) / n)
     assert hits / n <= bound, f"per-fact false-positive rate {hits / n:.3f} over {n} null tests"
     assert old / n > bound, "the simulation must be able to catch an anti-conservative rule"
@@ -113,8 +132,9 @@ def test_power_against_a_planted_shift_and_fdr_over_facts():
     assert (t["p_value"] <= ALPHA).all() and t["changed_beyond_noise"].all() and (t["effect"] > 0).all()
     assert aggregate_p(effects["weighted_jaccard"]) <= 1 / 1000
     null_a, null_b = _null_and_moved(rng, 20, 5, 0.0)
-    mixed = compare_replicates(torch.cat([a, null_a], 1), torch.cat([b, null_b], 1), [f"f{i}" for i in range(40)],
-                               torch.full((40,), 20))[0].statistic("weighted_jaccard")
+    mixed = compare_replicates(
+        torch.cat([a, null_a], 1), torch.cat([b, null_b], 1), [f"f{i}" for i in range(40)], torch.full((40,), 20)
+    )[0].statistic("weighted_jaccard")
     assert mixed["changed_beyond_noise"].iloc[:20].all() and mixed["changed_beyond_noise"].iloc[20:].sum() <= 1
 
 
@@ -164,7 +184,7 @@ def test_joint_permutation_over_a_timeline_is_calibrated_and_finds_change():
         p = joint_permutation_p(dist, groups, pairs, tested, n_perm=200, seed=int(rng.integers(1 << 30)))[1]
         fired += p <= ALPHA
     assert fired <= 60 * ALPHA + 2 * np.sqrt(60 * ALPHA * (1 - ALPHA)) + 1
-    reps[r * 2:] += 1.0 * torch.from_numpy(rng.standard_normal((n_facts, 100))).float()
+    reps[r * 2 :] += 1.0 * torch.from_numpy(rng.standard_normal((n_facts, 100))).float()
     dist = replicate_distances(reps, torch.full((n_facts,), 10))["weighted_jaccard"]
     effect, p = joint_permutation_p(dist, groups, pairs, tested, n_perm=500)
     assert effect > 0 and p <= 1 / 100

@@ -11,8 +11,16 @@ from circuitdyn.engine.circuits import CircuitSet, select_threshold, select_top_
 from circuitdyn.engine.graph import Graph
 from circuitdyn.errors import CircuitdynError
 
-META = {"method": "eap-ig", "ig_steps": 5, "metric": "logprob", "seed": 0, "architecture": "LlamaForCausalLM",
-        "probe_set_hash": "sha256:abc", "epoch": 1, "corruption": ["entity", "noise", "entity"]}
+META = {
+    "method": "eap-ig",
+    "ig_steps": 5,
+    "metric": "logprob",
+    "seed": 0,
+    "architecture": "LlamaForCausalLM",
+    "probe_set_hash": "sha256:abc",
+    "epoch": 1,
+    "corruption": ["entity", "noise", "entity"],
+}
 
 
 def _set(graph: Graph | None = None, seed: int = 0, meta: dict | None = None) -> CircuitSet:

@@ -17,6 +17,7 @@ from circuitdyn.errors import CircuitdynError
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
 
+
 def extract_args(**compute) -> tuple:
     """The settings, compute and storage of every extraction here (Ray options in `compute`)."""
     from circuitdyn.engine.settings import AttributionSettings, Compute, Storage
@@ -109,8 +110,26 @@ def test_cli_extract_on_ray_writes_the_local_files(cluster, run_and_facts, local
     run, _ = run_and_facts
     out = tmp_path / "ray"
     probes = write_probes_jsonl(load_probes()[:6], tmp_path / "probes.jsonl")
-    args = ["extract", str(run.path), "--probes", str(probes), "--steps", "2", "--batch-size", "2",
-            "--top-n", "50", "--out", str(out), "--no-progress", "--device", "cpu", "--ray", "--shard-size", "3"]
+    args = [
+        "extract",
+        str(run.path),
+        "--probes",
+        str(probes),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--top-n",
+        "50",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--ray",
+        "--shard-size",
+        "3",
+    ]
     assert main(args) == 0
     assert capsys.readouterr().out.count("(written)") == 2
     assert_same_files(local, out, {"probe_file": str(probes)})
@@ -128,8 +147,9 @@ def test_a_killed_worker_is_retried_and_the_result_is_identical(cluster, run_and
     assert_same_files(local, tmp_path / "ray")
 
 
-def test_a_repeated_failure_names_checkpoint_and_shard_and_a_rerun_resumes(cluster, run_and_facts, local, tmp_path,
-                                                                           monkeypatch):
+def test_a_repeated_failure_names_checkpoint_and_shard_and_a_rerun_resumes(
+    cluster, run_and_facts, local, tmp_path, monkeypatch
+):
     from circuitdyn.pipeline import ray as cluster_module
 
     run, facts = run_and_facts
@@ -180,9 +200,31 @@ def test_cpt_sweep_on_ray_and_dynamics_across_seeds(cluster, tokenizer_dir, tmp_
     from circuitdyn.cli import main
 
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer_dir, seed=0)
-    args = ["cpt", "--out", str(tmp_path / "sweep"), "--base", str(base), "--entities", "Russia,Patna", "--epochs", "1",
-            "--lr", "1e-2", "--batch-size", "2", "--n-math", "0", "--n-reasoning", "0", "--no-progress",
-            "--seeds", "0,1", "--strategy", "plain,stepwise-kl", "--ray"]
+    args = [
+        "cpt",
+        "--out",
+        str(tmp_path / "sweep"),
+        "--base",
+        str(base),
+        "--entities",
+        "Russia,Patna",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "2",
+        "--n-math",
+        "0",
+        "--n-reasoning",
+        "0",
+        "--no-progress",
+        "--seeds",
+        "0,1",
+        "--strategy",
+        "plain,stepwise-kl",
+        "--ray",
+    ]
     assert main(args) == 0
     runs = [tmp_path / "sweep" / s / f"seed_{k}" for s in ("plain", "stepwise-kl") for k in (0, 1)]
     printed = capsys.readouterr().out

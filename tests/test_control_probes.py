@@ -60,8 +60,12 @@ def test_chat_prompt_puts_the_instruction_in_the_system_turn(tokenizer_dir: Path
 
 def test_mmlu_file(tmp_path: Path) -> None:
     path = tmp_path / "mmlu.jsonl"
-    path.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": 1, "subject": "math"})
-                    + "\n" + json.dumps({"question": "x", "choices": ["a", "b", "c", "d"], "answer": "D"}) + "\n")
+    path.write_text(
+        json.dumps({"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": 1, "subject": "math"})
+        + "\n"
+        + json.dumps({"question": "x", "choices": ["a", "b", "c", "d"], "answer": "D"})
+        + "\n"
+    )
     items = load_mmlu(path)
     assert [i.answer for i in items] == [1, 3]
     assert mmlu_hit("B", items[0]) and not mmlu_hit("A", items[0])
@@ -79,7 +83,12 @@ def test_paper_preset_and_cli_overrides(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
     cfg = cpt.CPTConfig.paper()
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_init, cfg.lora_targets, cfg.train_embeddings) == (
-        32, 64, "gaussian", ["q_proj", "v_proj"], True)
+        32,
+        64,
+        "gaussian",
+        ["q_proj", "v_proj"],
+        True,
+    )
     assert (cfg.lr, cfg.epochs, cfg.seed, cfg.kl_weight, cfg.lora_dropout) == (1e-4, 10, 42, 1.0, 0.0)
     assert cfg.rephrased and cfg.instruction_role == "system" and (cfg.n_math, cfg.n_reasoning) == (264, 100)
     seen = {}
@@ -102,8 +111,16 @@ def test_a_run_probes_like_the_paper(tmp_path: Path, tokenizer_dir: Path) -> Non
     from circuitdyn.training.cpt import CPTConfig, run_cpt
 
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer_dir, seed=0)
-    cfg = CPTConfig.paper(base_model=str(base), entities=["Russia"], epochs=1, lr=1e-3, max_new_tokens=2,
-                          n_math=3, n_reasoning=2, max_length=32)
+    cfg = CPTConfig.paper(
+        base_model=str(base),
+        entities=["Russia"],
+        epochs=1,
+        lr=1e-3,
+        max_new_tokens=2,
+        n_math=3,
+        n_reasoning=2,
+        max_length=32,
+    )
     run_cpt(cfg, tmp_path / "run", progress=False, log=None)
     ctrl = json.loads((tmp_path / "run" / "epoch_1" / "control_probes_results.json").read_text())
     assert ctrl["math"]["n"] == 3 and ctrl["math"]["subset"] is True and ctrl["math"]["scoring"] == "paper"

@@ -37,8 +37,17 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 
 @pytest.fixture(scope="module")
 def cfg(tiny_base: Path) -> CPTConfig:
-    return CPTConfig(base_model=str(tiny_base), entities=list(ENTITIES), epochs=2, lr=1e-2, batch_size=2,
-                     max_new_tokens=4, n_math=2, n_reasoning=2, max_length=64)
+    return CPTConfig(
+        base_model=str(tiny_base),
+        entities=list(ENTITIES),
+        epochs=2,
+        lr=1e-2,
+        batch_size=2,
+        max_new_tokens=4,
+        n_math=2,
+        n_reasoning=2,
+        max_length=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,18 +138,23 @@ def test_extend_run(reference_run: Path, cfg: CPTConfig, tmp_path: Path) -> None
     assert steps[3] == 3 * steps[1]
 
 
-@pytest.mark.parametrize(("strategy", "method", "epochs"), [("stepwise-kl", "full", 2), ("pretrain-kl", "lora", 2),
-                                                            ("annotated", "lora", 1), ("curriculum", "full", 1)])
+@pytest.mark.parametrize(
+    ("strategy", "method", "epochs"),
+    [("stepwise-kl", "full", 2), ("pretrain-kl", "lora", 2), ("annotated", "lora", 1), ("curriculum", "full", 1)],
+)
 def test_strategies(cfg: CPTConfig, tmp_path: Path, strategy: str, method: str, epochs: int) -> None:
     """Every strategy trains; the KL strategies add kl_weight x KL to the loss, against the previous epoch's
     model (stepwise: KL 0 at each epoch's first step) or the base model (pretrain: KL > 0 from epoch 2 on).
     Stepwise runs full fine-tuning: with LoRA, dropout on the trained adapters makes that first KL nonzero."""
-    c = replace(cfg, strategy=strategy, method=method, epochs=epochs, lr=1e-3, n_math=None, n_reasoning=None,
-                kl_weight=0.5)
+    c = replace(
+        cfg, strategy=strategy, method=method, epochs=epochs, lr=1e-3, n_math=None, n_reasoning=None, kl_weight=0.5
+    )
     result = run_cpt(c, tmp_path / "run", progress=False, log=None)
     assert result.trained_epochs == list(range(epochs + 1))
-    logs = {e: [json.loads(x) for x in (tmp_path / "run" / f"epoch_{e}" / "train_log.jsonl").read_text().splitlines()]
-            for e in range(1, epochs + 1)}
+    logs = {
+        e: [json.loads(x) for x in (tmp_path / "run" / f"epoch_{e}" / "train_log.jsonl").read_text().splitlines()]
+        for e in range(1, epochs + 1)
+    }
     assert all(len(steps) > 1 for steps in logs.values())
     steps = [s for e in logs for s in logs[e]]
     if strategy.endswith("-kl"):
@@ -247,8 +261,12 @@ def test_bad_inputs(cfg: CPTConfig, tmp_path: Path) -> None:
     probes.write_text('{"id": "a1", "entity": "Atlantis", "question": "Where is Atlantis?", "answer": "Sea"}\n')
     (tmp_path / "c.txt").write_text("Moscow is the capital of Russia.\n")
     with pytest.raises(CircuitdynError, match="unknown entity 'Atlantis'"):
-        run_cpt(replace(cfg, probes=str(probes), corpus=str(tmp_path / "c.txt"), entities=None), tmp_path / "o3",
-                progress=False, log=None)
+        run_cpt(
+            replace(cfg, probes=str(probes), corpus=str(tmp_path / "c.txt"), entities=None),
+            tmp_path / "o3",
+            progress=False,
+            log=None,
+        )
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(CircuitdynError, match="cannot load the base model"):
@@ -302,8 +320,24 @@ def test_cli(reference_run: Path, cfg: CPTConfig, tmp_path: Path, capsys: pytest
     assert main(["dynamics", str(reference_run), "--json", "--by", "question_type"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [r["epoch"] for r in data["table"]] == [0, 1, 2] and data["grouped"]
-    args = ["cpt", "--out", str(tmp_path / "cli"), "--base", cfg.base_model, "--entities", ",".join(ENTITIES),
-            "--epochs", "1", "--lr", "1e-2", "--n-math", "0", "--n-reasoning", "0", "--no-progress"]
+    args = [
+        "cpt",
+        "--out",
+        str(tmp_path / "cli"),
+        "--base",
+        cfg.base_model,
+        "--entities",
+        ",".join(ENTITIES),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--n-math",
+        "0",
+        "--n-reasoning",
+        "0",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert "wall time" in capsys.readouterr().out
     assert (tmp_path / "cli" / "epoch_1" / "adapter" / "adapter_config.json").is_file()  # LoRA: adapters by default
@@ -331,15 +365,23 @@ def test_greedy_with_answers_equals_generate(cfg: CPTConfig) -> None:
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32).eval()
     _, probes = resolve_inputs(cfg)
     prober = Prober(tok, probes[:6], cfg, progress=False)
-    gens, lps = greedy_with_answers(model, prober.prompt_ids, prober.answer_ids, max_new_tokens=6,
-                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, batch_size=4)
+    gens, lps = greedy_with_answers(
+        model,
+        prober.prompt_ids,
+        prober.answer_ids,
+        max_new_tokens=6,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        batch_size=4,
+    )
     assert len(gens) == len(lps) == len(prober.prompt_ids) == 6
-    gen_cfg = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     for prompt, answer, g, lp in zip(prober.prompt_ids, prober.answer_ids, gens, lps):
         ids = torch.tensor([prompt])
         want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
-        assert g == want[0, len(prompt):].tolist()
+        assert g == want[0, len(prompt) :].tolist()
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
         ref = sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
@@ -367,8 +409,17 @@ def test_adapter_saved_run_equals_the_merged_run(tiny_base: Path, tokenizer_dir:
     AutoModelForCausalLM.from_config(config).save_pretrained(tied)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, tied / f.name)
-    c = CPTConfig(base_model=str(tied), entities=list(ENTITIES), epochs=2, lr=1e-2, batch_size=2, max_new_tokens=4,
-                  n_math=None, n_reasoning=None, max_length=64)
+    c = CPTConfig(
+        base_model=str(tied),
+        entities=list(ENTITIES),
+        epochs=2,
+        lr=1e-2,
+        batch_size=2,
+        max_new_tokens=4,
+        n_math=None,
+        n_reasoning=None,
+        max_length=64,
+    )
     runs = {save: tmp_path / save for save in ("adapter", "merged")}
     for save, out in runs.items():
         run_cpt(replace(c, save=save), out, progress=False, log=None)
@@ -395,8 +446,9 @@ def test_adapter_saved_run_equals_the_merged_run(tiny_base: Path, tokenizer_dir:
     facts = load_facts(None, opened["merged"].tokenizer(), entities=list(ENTITIES), per_entity=2)
     scores = {}
     for save, run in opened.items():
-        results = extract_run(run, facts, tmp_path / f"circuits-{save}", [0, 2], AttributionSettings(steps=2),
-                              storage=Storage(top_n=50))
+        results = extract_run(
+            run, facts, tmp_path / f"circuits-{save}", [0, 2], AttributionSettings(steps=2), storage=Storage(top_n=50)
+        )
         scores[save] = [CircuitSet.load(r.path).scores for r in results]
     for a, m in zip(scores["adapter"], scores["merged"]):
         assert a.shape == m.shape and (a - m).abs().max() < 1e-5

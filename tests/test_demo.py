@@ -53,8 +53,14 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 
 
 def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    r = run_demo(tmp_path / "demo", S("eap-ig", 2), cpt=demo_config(2, 2, 1e-2, base_model=str(tiny_base)),
-                 facts_per_entity=2, progress=False, log=None)
+    r = run_demo(
+        tmp_path / "demo",
+        S("eap-ig", 2),
+        cpt=demo_config(2, 2, 1e-2, base_model=str(tiny_base)),
+        facts_per_entity=2,
+        progress=False,
+        log=None,
+    )
     assert r.timeline.epochs == [0, 1, 2]
     # facts: a seeded sample of 2 probes of each trained entity, chosen before training outcomes
     entities = {r.facts.entity_of[f] for f in r.timeline.fact_ids}
@@ -80,13 +86,38 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
     stamps = {f: f.stat().st_mtime_ns for f in reused}
 
     # A second run (from the shell) reuses every checkpoint, circuit and selection, and prints the findings.
-    code = main(["demo", "--out", str(tmp_path / "demo"), "--base-model", str(tiny_base), "--entities", "2",
-                 "--epochs", "2", "--lr", "1e-2", "--facts-per-entity", "2", "--steps", "2", "--no-progress"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--base-model",
+            str(tiny_base),
+            "--entities",
+            "2",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--facts-per-entity",
+            "2",
+            "--steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
-    for heading in ("what CPT taught", "how the facts' circuits moved", "circuit diff epoch 0 -> epoch 2",
-                    "old pathway still there?", "method noise at epochs [0, 1, 2]", "reconfiguration:",
-                    "viewers:", str(r.timeline_html)):
+    for heading in (
+        "what CPT taught",
+        "how the facts' circuits moved",
+        "circuit diff epoch 0 -> epoch 2",
+        "old pathway still there?",
+        "method noise at epochs [0, 1, 2]",
+        "reconfiguration:",
+        "viewers:",
+        str(r.timeline_html),
+    ):
         assert heading in out, heading
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
 
@@ -104,18 +135,34 @@ def test_demo_bad_settings(tiny_base: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
     one = demo_config(1, 1, 1e-2, base_model=str(tiny_base))
     top10 = DEMO_COMPARISON.replace(selection=Selection("top", 10), transfer=False)
-    r = run_demo(tmp_path / "d", S("eap"), cpt=one, facts_per_entity=1, pick="post-hoc", comparison=top10,
-                 progress=False, log=None)
+    r = run_demo(
+        tmp_path / "d",
+        S("eap"),
+        cpt=one,
+        facts_per_entity=1,
+        pick="post-hoc",
+        comparison=top10,
+        progress=False,
+        log=None,
+    )
     assert r.transfer is None and "transfer" not in r.stage_s
     assert r.timeline.fact_choice.startswith("post hoc")
     assert "post hoc" in r.timeline.stability()["fact_choice"]
     # Resuming with another learning rate is another run: refused, naming the setting.
     with pytest.raises(CircuitdynError, match="lr"):
-        run_demo(tmp_path / "d", S("eap"), cpt=demo_config(1, 1, 1e-3, base_model=str(tiny_base)),
-                 facts_per_entity=1, comparison=top10.replace(transfer=True), progress=False, log=None)
+        run_demo(
+            tmp_path / "d",
+            S("eap"),
+            cpt=demo_config(1, 1, 1e-3, base_model=str(tiny_base)),
+            facts_per_entity=1,
+            comparison=top10.replace(transfer=True),
+            progress=False,
+            log=None,
+        )
     # The IG rule is the demo's to choose, and is what its circuit files record.
-    r = run_demo(tmp_path / "d", S("eap-ig", 1, "right"), cpt=one, facts_per_entity=1, comparison=top10,
-                 progress=False, log=None)
+    r = run_demo(
+        tmp_path / "d", S("eap-ig", 1, "right"), cpt=one, facts_per_entity=1, comparison=top10, progress=False, log=None
+    )
     files = sorted((r.run_dir / "circuits").glob("*.safetensors"))
     assert any(".eap-ig1." in f.name for f in files) and not any("-midpoint" in f.name for f in files)
     assert {cs.meta["ig_grid"] for cs in r.timeline.circuits.values()} == {"right"}

@@ -115,8 +115,19 @@ def test_hot_path_allocates_nothing_on_the_default_device(arch: str, bf16: bool)
         n, masks, reached = smallest_faithful(scores, ev.faithfulness, 0.8)
         n_paths, _, _ = smallest_faithful(scores, ev.faithfulness, 0.8, graph=graph, paths=True)
         curve = faithfulness_curve(model, facts, scores, sizes=[5, 50])
-        return [scores, eap, dense_patch, sparse_patch, single, faith, n, masks, reached, n_paths,
-                torch.tensor(curve["faithfulness"].to_numpy(), device="cpu")]
+        return [
+            scores,
+            eap,
+            dense_patch,
+            sparse_patch,
+            single,
+            faith,
+            n,
+            masks,
+            reached,
+            n_paths,
+            torch.tensor(curve["faithfulness"].to_numpy(), device="cpu"),
+        ]
 
     expected = everything()
     with torch.device("meta"):
@@ -182,8 +193,19 @@ def test_cpt_trains_in_bf16_and_resumes_on_another_device(tmp_path: Path, tokeni
     from circuitdyn.training.cpt import MODEL_DIR, CPTConfig, _check_out_dir, run_cpt
 
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer_dir, seed=0)
-    cfg = CPTConfig(base_model=str(base), entities=["Russia"], epochs=1, lr=1e-2, max_new_tokens=2, n_math=None,
-                    n_reasoning=None, max_length=32, device="cpu", dtype="bfloat16", save="merged")
+    cfg = CPTConfig(
+        base_model=str(base),
+        entities=["Russia"],
+        epochs=1,
+        lr=1e-2,
+        max_new_tokens=2,
+        n_math=None,
+        n_reasoning=None,
+        max_length=32,
+        device="cpu",
+        dtype="bfloat16",
+        save="merged",
+    )
     out = tmp_path / "run"
     run_cpt(cfg, out, progress=False, log=None)
     for epoch in (0, 1):
@@ -206,8 +228,9 @@ def test_cpt_trains_in_bf16_and_resumes_on_another_device(tmp_path: Path, tokeni
     from circuitdyn.runs.checkpoints import open_run
 
     run_cpt(replace(cfg, save="adapter"), tmp_path / "adapter", progress=False, log=None)
-    assert (tmp_path / "adapter" / "epoch_1" / "probe_results.jsonl").read_text() == \
-        (out / "epoch_1" / "probe_results.jsonl").read_text()
+    assert (tmp_path / "adapter" / "epoch_1" / "probe_results.jsonl").read_text() == (
+        out / "epoch_1" / "probe_results.jsonl"
+    ).read_text()
     merged, adapter = (open_run(d, dtype="bfloat16").hf_model(1) for d in (out, tmp_path / "adapter"))
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), adapter.state_dict().values()))
 

@@ -75,8 +75,9 @@ def test_added_removed_kept_and_sign_flip_counts():
     assert bool(edges.loc[GRAPH.edges[1], "sign_flip"])
     assert row["edge_jaccard"] == pytest.approx(3 / 5)
     # the same change under a band larger than every move counts nothing as changed
-    quiet = diff_circuits(make_set(a), make_set(b), Selection.parse("top:4"),
-                          noise=band_noise(["f0"], 100.0)).facts.loc["f0"]
+    quiet = diff_circuits(
+        make_set(a), make_set(b), Selection.parse("top:4"), noise=band_noise(["f0"], 100.0)
+    ).facts.loc["f0"]
     assert quiet["added"] == quiet["removed"] == quiet["changed"] == quiet["sign_flips"] == 0
     assert quiet["noise"] == 2
 
@@ -115,8 +116,13 @@ def test_strongest_paths_and_path_changes():
     n = GRAPH.n_edges
     idx = GRAPH.edge_index
     a = torch.zeros(1, n)
-    for e, w in [("input->a0.h0<q>", 5.0), ("a0.h0->m0", 4.0), ("m0->logits", 4.0), ("input->a1.h1<v>", 1.0),
-                 ("a1.h1->logits", 1.0)]:
+    for e, w in [
+        ("input->a0.h0<q>", 5.0),
+        ("a0.h0->m0", 4.0),
+        ("m0->logits", 4.0),
+        ("input->a1.h1<v>", 1.0),
+        ("a1.h1->logits", 1.0),
+    ]:
         a[0, idx[e]] = w
     b = a.clone()
     b[0, idx["m0->logits"]] = 0.0  # breaks the strongest path
@@ -134,8 +140,10 @@ def test_strongest_paths_and_path_changes():
 
 def replicate_sets(base: torch.Tensor, n: int, scale: float, seed: int, facts: list[str]) -> list[CircuitSet]:
     """`n` replicate circuit sets of one checkpoint: `base` plus independent noise of size `scale`."""
-    return [make_set(base + scale * random_scores(len(facts), seed=seed + i), facts, checkpoint_hash=f"h{seed}")
-            for i in range(n)]
+    return [
+        make_set(base + scale * random_scores(len(facts), seed=seed + i), facts, checkpoint_hash=f"h{seed}")
+        for i in range(n)
+    ]
 
 
 def test_method_noise_decides_what_counts_as_change():
@@ -150,13 +158,22 @@ def test_method_noise_decides_what_counts_as_change():
     reps_b = replicate_sets(moved, 5, 0.05, 300, facts)
 
     def noise(a: list[CircuitSet], b: list[CircuitSet]) -> MethodNoise:
-        return noise_from_replicates({k: [(f"r{i}", r, sel.select(r.scores, GRAPH)[0], None) for i, r in enumerate(x)]
-                                      for k, x in enumerate((a, b))}, sel)
+        return noise_from_replicates(
+            {
+                k: [(f"r{i}", r, sel.select(r.scores, GRAPH)[0], None) for i, r in enumerate(x)]
+                for k, x in enumerate((a, b))
+            },
+            sel,
+        )
 
     n = noise(reps_a, reps_b)
     assert n.band.shape == (12, GRAPH.n_edges) and (n.per_fact("edge_jaccard")["n"] == 20).all()
-    assert torch.allclose(n.band[0], torch.stack([(x.scores[0] - y.scores[0]).abs() for k in (reps_a, reps_b)
-                                                  for i, x in enumerate(k) for y in k[i + 1:]]).amax(0))
+    assert torch.allclose(
+        n.band[0],
+        torch.stack(
+            [(x.scores[0] - y.scores[0]).abs() for k in (reps_a, reps_b) for i, x in enumerate(k) for y in k[i + 1 :]]
+        ).amax(0),
+    )
     changed = diff_circuits(make_set(s, facts), make_set(moved, facts), sel, noise=n)
     assert changed.summary["n_changed_beyond_noise"] == 12 and changed.summary["n_tested"] == 12
     assert changed.summary["edge_jaccard"]["changed"] is True
@@ -212,6 +229,7 @@ def test_selection_parsing_and_masks():
 
 def test_smallest_faithful_circuit():
     s = random_scores(2)
+
     # a fake faithfulness: fraction of total |score| captured, so larger circuits are more faithful
     def faith(masks: torch.Tensor) -> torch.Tensor:
         return (s.abs() * masks).sum(1) / s.abs().sum(1)
@@ -234,8 +252,9 @@ def test_bad_inputs():
     s = random_scores()
     other_arch = Graph(2, 2)
     with pytest.raises(CircuitdynError, match="different architectures"):
-        diff_circuits(make_set(s), make_set(random_scores(3, graph=other_arch), graph=other_arch),
-                      Selection.parse("top:20"))
+        diff_circuits(
+            make_set(s), make_set(random_scores(3, graph=other_arch), graph=other_arch), Selection.parse("top:20")
+        )
     with pytest.raises(CircuitdynError, match="ig_steps"):
         diff_circuits(make_set(s), make_set(s, ig_steps=30), Selection.parse("top:20"))
     with pytest.raises(CircuitdynError, match="unknown fact id 'nope'"):
@@ -298,6 +317,7 @@ def test_transfer_matrix(tmp_path):
     cache.write_text("{not json")
     transfer_matrix(changed, counting, Selection.parse("top:31"), cache=cache)
     assert len(calls) == 36
+
     # Faithfulness explodes where a model's clean and corrupted runs nearly agree; the bounded transfer does not.
     def spiky(model_epoch: int, cs: CircuitSet, masks: torch.Tensor) -> torch.Tensor:
         out = evaluate(model_epoch, cs, masks)
@@ -316,8 +336,12 @@ def test_transfer_matrix(tmp_path):
 def write_probes(path, ids):
     import json
 
-    path.write_text("".join(json.dumps({"id": i, "entity": "Ada Lovelace", "question": f"Who is {i}?", "answer": "x"})
-                            + "\n" for i in ids))
+    path.write_text(
+        "".join(
+            json.dumps({"id": i, "entity": "Ada Lovelace", "question": f"Who is {i}?", "answer": "x"}) + "\n"
+            for i in ids
+        )
+    )
     return path
 
 
@@ -411,8 +435,19 @@ def test_cli_diff_computes_reuses_and_selects_by_faithfulness(make_run, tmp_path
     assert json.loads(capsys.readouterr().out)["summary"] == data["summary"]
     assert [f.stat().st_mtime_ns for f in selections] == sel_stamps
     # the cached circuits are found without --probes too (the replicates, of other seeds, are not taken for them)
-    cached = ["diff", f"{run}:0", f"{run}:2", "--method", "eap-ig", "--top-n", "20", "--circuits",
-              str(run / "circuits"), "--out", str(out)]
+    cached = [
+        "diff",
+        f"{run}:0",
+        f"{run}:2",
+        "--method",
+        "eap-ig",
+        "--top-n",
+        "20",
+        "--circuits",
+        str(run / "circuits"),
+        "--out",
+        str(out),
+    ]
     assert main(cached) == 0
     capsys.readouterr()
     # circuits of other settings are told apart
@@ -466,9 +501,24 @@ def test_cli_diff_on_smollm2(smollm2_dir, tmp_path, capsys):
     from circuitdyn.cli import main
 
     out = tmp_path / "diff.html"
-    args = ["diff", str(smollm2_dir), str(smollm2_dir), "--sample", "1", "--probes",
-            str(Path(circuitdyn.__file__).parent / "data" / "validation_probes.json"), "--steps", "2", "--top-n", "200",
-            "--circuits", str(tmp_path / "circuits"), "--out", str(out), "--json"]
+    args = [
+        "diff",
+        str(smollm2_dir),
+        str(smollm2_dir),
+        "--sample",
+        "1",
+        "--probes",
+        str(Path(circuitdyn.__file__).parent / "data" / "validation_probes.json"),
+        "--steps",
+        "2",
+        "--top-n",
+        "200",
+        "--circuits",
+        str(tmp_path / "circuits"),
+        "--out",
+        str(out),
+        "--json",
+    ]
     assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
     s = data["summary"]
@@ -490,8 +540,17 @@ def test_cli_diff_checkpoints_of_different_architectures(make_run, tmp_path, cap
 
     llama, gpt2 = make_run("llama", 1, name="arch-llama"), make_run("gpt2", 1, name="arch-gpt2")
     probes = write_probes_jsonl(load_probes()[:1], tmp_path / "p.jsonl")
-    args = ["diff", f"{llama}:1", f"{gpt2}:1", "--probes", str(probes), "--method", "eap",
-            "--out", str(tmp_path / "d.html")]
+    args = [
+        "diff",
+        f"{llama}:1",
+        f"{gpt2}:1",
+        "--probes",
+        str(probes),
+        "--method",
+        "eap",
+        "--out",
+        str(tmp_path / "d.html"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "architecture" in err and "LlamaForCausalLM" in err and "GPT2LMHeadModel" in err

@@ -75,15 +75,27 @@ def test_entity_dynamics_and_groups(paper: Path) -> None:
 def _probe_rows() -> pd.DataFrame:
     # two entities (a: low frequency, b: high), two probes each, three epochs
     recall = {
-        ("a", 0): [0.0, 0.2], ("a", 1): [1.0, 0.8], ("a", 2): [0.4, 0.4],
-        ("b", 0): [1.0, 1.0], ("b", 1): [1.0, 0.0], ("b", 2): [1.0, 0.6],
+        ("a", 0): [0.0, 0.2],
+        ("a", 1): [1.0, 0.8],
+        ("a", 2): [0.4, 0.4],
+        ("b", 0): [1.0, 1.0],
+        ("b", 1): [1.0, 0.0],
+        ("b", 2): [1.0, 0.6],
     }
     rows = []
     for (ent, epoch), rs in recall.items():
         for i, r in enumerate(rs):
-            rows.append({"epoch": epoch, "probe_id": f"{ent}/{i}", "entity": ent, "recall": r, "f1": r / 2,
-                         "question_type": "factual" if i == 0 else "temporal",
-                         "ne_frequency": "low" if ent == "a" else "high"})
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "probe_id": f"{ent}/{i}",
+                    "entity": ent,
+                    "recall": r,
+                    "f1": r / 2,
+                    "question_type": "factual" if i == 0 else "temporal",
+                    "ne_frequency": "low" if ent == "a" else "high",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -151,8 +163,11 @@ def test_entity_results_json_roundtrip(tmp_path: Path) -> None:
     assert first["avg"] == pytest.approx({"recall": 0.55, "f1": 0.275})
     back = load_dynamics(tmp_path)
     assert back.learned == {0: {"b"}, 1: {"a"}, 2: {"b"}}
-    pd.testing.assert_frame_equal(back.entity_scores.set_index(["epoch", "entity"])[["recall", "f1"]],
-                                  ents.set_index(["epoch", "entity"])[["recall", "f1"]], check_like=True)
+    pd.testing.assert_frame_equal(
+        back.entity_scores.set_index(["epoch", "entity"])[["recall", "f1"]],
+        ents.set_index(["epoch", "entity"])[["recall", "f1"]],
+        check_like=True,
+    )
 
 
 def test_bad_results(tmp_path: Path) -> None:

@@ -50,8 +50,25 @@ def test_a_copy_with_tiny_weight_noise_is_not_flagged(trained_pair_run, tmp_path
     g = torch.Generator().manual_seed(0)
     state = {k: v * (1 + 1e-4 * torch.randn(v.shape, generator=g)) for k, v in load_file(weights).items()}
     save_file(state, weights, metadata={"format": "pt"})
-    assert main(["diff", f"{run}:1", str(copy), "--probes", str(probes), "--steps", "2", "--json",
-                 "--circuits", str(tmp_path / "c"), "--out", str(tmp_path / "d.html")]) == 0
+    assert (
+        main(
+            [
+                "diff",
+                f"{run}:1",
+                str(copy),
+                "--probes",
+                str(probes),
+                "--steps",
+                "2",
+                "--json",
+                "--circuits",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "d.html"),
+            ]
+        )
+        == 0
+    )
     d = json.loads(capsys.readouterr().out)
     assert d["summary"]["n_tested"] == 6 and d["n_changed_beyond_noise"] == 0
     assert d["summary"]["edge_jaccard"]["changed"] is False
@@ -62,8 +79,28 @@ def test_pruned_circuits_are_checked_on_a_corruption_they_were_not_pruned_on(tra
     """`pruned:` circuits are pruned and scored on one corruption: the diff also reports their faithfulness on
     the next swap partner (both numbers, per fact and summarised)."""
     run, probes = trained_pair_run
-    assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--select", "pruned:0.8",
-                 "--no-noise", "--json", "--circuits", str(tmp_path / "c"), "--out", str(tmp_path / "d.html")]) == 0
+    assert (
+        main(
+            [
+                "diff",
+                f"{run}:0",
+                f"{run}:1",
+                "--probes",
+                str(probes),
+                "--steps",
+                "2",
+                "--select",
+                "pruned:0.8",
+                "--no-noise",
+                "--json",
+                "--circuits",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "d.html"),
+            ]
+        )
+        == 0
+    )
     d = json.loads(capsys.readouterr().out)
     facts = [v for k, v in d["facts"].items() if not k.startswith("(")]
     assert all(v["faith_a"] is not None and v["faith_a"] >= 0.8 for v in facts)
@@ -79,9 +116,29 @@ def test_question_family_draws_each_fact_its_own_swap_partner(trained_pair_run, 
     from circuitdyn.engine.circuits import circuit_files
 
     run, probes = trained_pair_run
-    assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--family", "question",
-                 "--replicates", "4", "--json", "--circuits", str(tmp_path / "c"),
-                 "--out", str(tmp_path / "d.html")]) == 0
+    assert (
+        main(
+            [
+                "diff",
+                f"{run}:0",
+                f"{run}:1",
+                "--probes",
+                str(probes),
+                "--steps",
+                "2",
+                "--family",
+                "question",
+                "--replicates",
+                "4",
+                "--json",
+                "--circuits",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "d.html"),
+            ]
+        )
+        == 0
+    )
     d = json.loads(capsys.readouterr().out)
     assert d["baseline"]["family"] == "question" and d["summary"]["change_test"]["family"] == "question"
     assert all(name.endswith(" q") for name in d["baseline"]["replicates"])

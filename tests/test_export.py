@@ -26,10 +26,20 @@ from circuitdyn.engine.graph import Graph
 from circuitdyn.engine.selection import Selection
 from circuitdyn.errors import CircuitdynError
 
-META = {"method": "eap-ig", "ig_steps": 5, "ig_grid": "left", "metric": "answer-logprob", "seed": 0,
-        "architecture": "LlamaForCausalLM", "probe_set_hash": "sha256:abc", "epoch": 2, "step": 40,
-        "checkpoint_hash": "sha256:" + "0" * 64, "corruption": ["entity", "noise", "entity"],
-        "faithfulness": [0.9, float("nan"), 0.7]}
+META = {
+    "method": "eap-ig",
+    "ig_steps": 5,
+    "ig_grid": "left",
+    "metric": "answer-logprob",
+    "seed": 0,
+    "architecture": "LlamaForCausalLM",
+    "probe_set_hash": "sha256:abc",
+    "epoch": 2,
+    "step": 40,
+    "checkpoint_hash": "sha256:" + "0" * 64,
+    "corruption": ["entity", "noise", "entity"],
+    "faithfulness": [0.9, float("nan"), 0.7],
+}
 
 
 def _set() -> CircuitSet:
@@ -75,7 +85,13 @@ def test_to_networkx_nodes_edges_scores_and_metadata(cs):
     assert g.graph["fact_id"] == "f2" and g.graph["selection"] is None and g.graph["corruption"] == "noise"
     assert g.graph["faithfulness"] is None  # NaN is no JSON value
     assert {k: g.graph[k] for k in ("epoch", "step", "method", "ig_steps", "ig_grid", "metric")} == {
-        "epoch": 2, "step": 40, "method": "eap-ig", "ig_steps": 5, "ig_grid": "left", "metric": "answer-logprob"}
+        "epoch": 2,
+        "step": 40,
+        "method": "eap-ig",
+        "ig_steps": 5,
+        "ig_grid": "left",
+        "metric": "answer-logprob",
+    }
     assert g.graph["circuitdyn_version"] and g.graph["source_file"] is None
 
 
@@ -197,8 +213,21 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_cli_export_writes_json_graphml_and_csv(circuit_file, tmp_path, capsys):
-    code, out, _ = _cli(["export", str(circuit_file), "--format", "json", "--fact", "f1", "--select", "top:5",
-                         "--out", str(tmp_path / "g.json")], capsys)
+    code, out, _ = _cli(
+        [
+            "export",
+            str(circuit_file),
+            "--format",
+            "json",
+            "--fact",
+            "f1",
+            "--select",
+            "top:5",
+            "--out",
+            str(tmp_path / "g.json"),
+        ],
+        capsys,
+    )
     d = json.loads((tmp_path / "g.json").read_text())
     assert code == 0
     assert out == f"wrote {len(d['nodes'])} nodes, {len(d['links'])} links (top:5) to {tmp_path / 'g.json'}\n"
@@ -208,29 +237,44 @@ def test_cli_export_writes_json_graphml_and_csv(circuit_file, tmp_path, capsys):
     code, out, _ = _cli(["export", str(circuit_file), "--fact", "f2", "--out", str(tmp_path / "g.graphml")], capsys)
     assert code == 0 and "(top:1000)" in out and nx.read_graphml(tmp_path / "g.graphml").graph["fact_id"] == "f2"
 
-    code, out, _ = _cli(["export", str(circuit_file), "--format", "csv", "--all", "--out", str(tmp_path / "e.csv")],
-                        capsys)
+    code, out, _ = _cli(
+        ["export", str(circuit_file), "--format", "csv", "--all", "--out", str(tmp_path / "e.csv")], capsys
+    )
     n = 3 * len(CircuitSet.load(circuit_file).edges)
     assert code == 0 and out.startswith(f"wrote {n} edge rows of 3 facts (all edges)")
     assert len((tmp_path / "e.csv").read_text().splitlines()) == n + 1
 
-    code, _, _ = _cli(["export", str(circuit_file), "--fact", "f1", "--out", str(tmp_path / "g.json"), "--overwrite"],
-                      capsys)
+    code, _, _ = _cli(
+        ["export", str(circuit_file), "--fact", "f1", "--out", str(tmp_path / "g.json"), "--overwrite"], capsys
+    )
     assert code == 0 and json.loads((tmp_path / "g.json").read_text())["metadata"]["selection"] == "top:1000"
 
 
-@pytest.mark.parametrize(("extra", "expect"), [
-    (["--fact", "nope", "--out", "{out}/x.json"], "--fact 'nope' is not one of its 3 fact ids"),
-    (["--fact", "f1", "--select", "faith:0.8", "--out", "{out}/x.json"], "needs a model"),
-    (["--fact", "f1", "--select", "pruned:0.9", "--out", "{out}/x.json"], "use top:N, paths:N or abs:T"),
-    (["--fact", "f1", "--out", "{out}/exists.json"], "exists; choose another output file, or pass --overwrite"),
-    (["--fact", "f1", "--format", "xml", "--out", "{out}/x.json"], "invalid choice: 'xml'"),
-    (["--fact", "f1", "--out", "{out}/x.txt"], "cannot tell the format from its suffix"),
-    (["--out", "{out}/x.json"], "holds 3 facts"),
-    (["--all", "--out", "{out}/x.json"], "--all: a json file holds one fact"),
-    (["--fact", "f1", "--select", "top:0", "--out", "{out}/x.json"], "whole number of edges >= 1"),
-], ids=["unknown-fact", "faith", "pruned", "existing-output", "unknown-format", "unknown-suffix", "which-fact",
-        "all-json", "top-0"])
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (["--fact", "nope", "--out", "{out}/x.json"], "--fact 'nope' is not one of its 3 fact ids"),
+        (["--fact", "f1", "--select", "faith:0.8", "--out", "{out}/x.json"], "needs a model"),
+        (["--fact", "f1", "--select", "pruned:0.9", "--out", "{out}/x.json"], "use top:N, paths:N or abs:T"),
+        (["--fact", "f1", "--out", "{out}/exists.json"], "exists; choose another output file, or pass --overwrite"),
+        (["--fact", "f1", "--format", "xml", "--out", "{out}/x.json"], "invalid choice: 'xml'"),
+        (["--fact", "f1", "--out", "{out}/x.txt"], "cannot tell the format from its suffix"),
+        (["--out", "{out}/x.json"], "holds 3 facts"),
+        (["--all", "--out", "{out}/x.json"], "--all: a json file holds one fact"),
+        (["--fact", "f1", "--select", "top:0", "--out", "{out}/x.json"], "whole number of edges >= 1"),
+    ],
+    ids=[
+        "unknown-fact",
+        "faith",
+        "pruned",
+        "existing-output",
+        "unknown-format",
+        "unknown-suffix",
+        "which-fact",
+        "all-json",
+        "top-0",
+    ],
+)
 def test_cli_export_refuses_bad_input(circuit_file, tmp_path, capsys, extra, expect):
     (tmp_path / "exists.json").write_text("{}")
     code, out, err = _cli(["export", str(circuit_file), *[a.format(out=tmp_path) for a in extra]], capsys)

@@ -53,7 +53,7 @@ def _patched_metric_with_hooks(model, fact, dropped: list[str]) -> float:
                 return f"blocks.{L - 1}.hook_resid_post", None
             if dst.startswith("m"):
                 return f"blocks.{dst[1:]}.hook_mlp_in", None
-            layer, head = (int(x) for x in dst[1:dst.index("<")].split(".h"))
+            layer, head = (int(x) for x in dst[1 : dst.index("<")].split(".h"))
             return f"blocks.{layer}.hook_{dst[-2]}_input", head
 
         into: dict[str, list[tuple[int | None, str]]] = {}

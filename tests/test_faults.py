@@ -36,15 +36,40 @@ def probes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _extract_argv(run: Path, probes: Path, out: Path, *extra: str) -> list[str]:
-    return ["extract", str(run), "--probes", str(probes), "--out", str(out), "--method", "eap-ig", "--steps", "2",
-            "--top-n", "50", "--no-progress", *extra]
+    return [
+        "extract",
+        str(run),
+        "--probes",
+        str(probes),
+        "--out",
+        str(out),
+        "--method",
+        "eap-ig",
+        "--steps",
+        "2",
+        "--top-n",
+        "50",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _cli_process(argv: list[str], cache: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CIRCUITDYN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", "import sys; from circuitdyn.cli import main; sys.exit(main())",
-                             *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CIRCUITDYN_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys; from circuitdyn.cli import main; sys.exit(main())", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _files(folder: Path) -> dict[str, CircuitSet]:
@@ -120,8 +145,13 @@ def test_sigkill_mid_cpt_then_resume_is_identical(tmp_path, tokenizer_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def cpt(out: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", script, str(out)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", script, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     reference = cpt(whole)
@@ -137,8 +167,9 @@ def test_sigkill_mid_cpt_then_resume_is_identical(tmp_path, tokenizer_dir):
     hashes = [[e["content_hash"] for e in json.loads((d / "run.json").read_text())["epochs"]] for d in (killed, whole)]
     assert hashes[0] == hashes[1] and len(hashes[0]) == 4
     for e in range(4):
-        assert ((killed / f"epoch_{e}" / "probe_results.jsonl").read_text()
-                == (whole / f"epoch_{e}" / "probe_results.jsonl").read_text())
+        assert (killed / f"epoch_{e}" / "probe_results.jsonl").read_text() == (
+            whole / f"epoch_{e}" / "probe_results.jsonl"
+        ).read_text()
     assert not _leftovers(killed)
 
 
@@ -239,8 +270,9 @@ def test_transfer_cache_of_another_table_is_kept(tmp_path):
 
     g = Graph(2, 2)
     torch.manual_seed(0)
-    circuits = {e: CircuitSet(torch.randn(2, g.n_edges), g.edges, ["a", "b"], {"method": "eap", "epoch": e})
-                for e in range(2)}
+    circuits = {
+        e: CircuitSet(torch.randn(2, g.n_edges), g.edges, ["a", "b"], {"method": "eap", "epoch": e}) for e in range(2)
+    }
     calls = []
 
     def evaluate(model_epoch, cs, masks):
@@ -295,8 +327,12 @@ def test_answer_outside_the_vocabulary_is_refused(tmp_path):
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
     probes = tmp_path / "p.jsonl"
-    probes.write_text(json.dumps({"id": "th/city", "entity": "Tom Hanks", "question": "Where does Tom Hanks live?",
-                                  "answer": "Москва"}) + "\n")
+    probes.write_text(
+        json.dumps(
+            {"id": "th/city", "entity": "Tom Hanks", "question": "Where does Tom Hanks live?", "answer": "Москва"}
+        )
+        + "\n"
+    )
     with pytest.raises(CircuitdynError, match=rf"{probes}: probe 'th/city': the answer 'Москва' .*<unk>"):
         load_facts(probes, fast, template="plain")
 

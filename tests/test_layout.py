@@ -19,9 +19,16 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "circuitdyn"
 WINGS = ("foundation", "runs", "probes", "engine", "analysis", "pipeline", "training", "viz", "front", "cli")
-TOP_LEVEL = {"circuitdyn": "foundation", "circuitdyn.errors": "foundation", "circuitdyn.io": "foundation",
-             "circuitdyn.messages": "foundation", "circuitdyn.viz": "viz", "circuitdyn.api": "front",
-             "circuitdyn.demo": "front", "circuitdyn.cli": "cli"}
+TOP_LEVEL = {
+    "circuitdyn": "foundation",
+    "circuitdyn.errors": "foundation",
+    "circuitdyn.io": "foundation",
+    "circuitdyn.messages": "foundation",
+    "circuitdyn.viz": "viz",
+    "circuitdyn.api": "front",
+    "circuitdyn.demo": "front",
+    "circuitdyn.cli": "cli",
+}
 OPENS_MODELS = {"circuitdyn.runs.checkpoints", "circuitdyn.runs.gguf"}
 HOOKS = {
     ("circuitdyn.engine.circuits", "CircuitSet.to_networkx", "circuitdyn.engine.export"),
@@ -86,8 +93,12 @@ def edges(sources: dict[str, str], runtime: bool = False) -> list[tuple[str, str
     """(module, where, target) for every import between modules of `sources` (module -> source text); with
     `runtime`, only the imports that run (not those under `TYPE_CHECKING`)."""
     known = set(sources)
-    return [(m, where, t) for m, src in sources.items() for t, where, typing_only in imports(src, known)
-            if t != m and not (runtime and typing_only)]
+    return [
+        (m, where, t)
+        for m, src in sources.items()
+        for t, where, typing_only in imports(src, known)
+        if t != m and not (runtime and typing_only)
+    ]
 
 
 def hook(module: str, where: str, target: str) -> bool:
@@ -96,9 +107,11 @@ def hook(module: str, where: str, target: str) -> bool:
 
 def backwards(sources: dict[str, str]) -> list[str]:
     """Every import that points to a higher wing than its own (hooks aside)."""
-    return [f"{m} ({where or 'module level'}) imports {t}: {wing(m)} -> {wing(t)}"
-            for m, where, t in edges(sources)
-            if WINGS.index(wing(t)) > WINGS.index(wing(m)) and not hook(m, where, t)]
+    return [
+        f"{m} ({where or 'module level'}) imports {t}: {wing(m)} -> {wing(t)}"
+        for m, where, t in edges(sources)
+        if WINGS.index(wing(t)) > WINGS.index(wing(m)) and not hook(m, where, t)
+    ]
 
 
 def cycles(sources: dict[str, str]) -> list[list[str]]:
@@ -193,17 +206,26 @@ def test_a_backwards_import_a_cycle_and_a_model_reached_are_caught():
     sources = package_sources()
     bad = {**sources, "circuitdyn.analysis.extra": "from circuitdyn.pipeline.extraction import extract_run\n"}
     assert backwards(bad) == [
-        "circuitdyn.analysis.extra (module level) imports circuitdyn.pipeline.extraction: analysis -> pipeline"]
+        "circuitdyn.analysis.extra (module level) imports circuitdyn.pipeline.extraction: analysis -> pipeline"
+    ]
     lazy = {**sources, "circuitdyn.engine.extra": "def f():\n    from circuitdyn import viz\n"}
     assert backwards(lazy) == ["circuitdyn.engine.extra (f) imports circuitdyn.viz: engine -> viz"]
-    loop = {**sources, "circuitdyn.engine.a": "import circuitdyn.engine.b\n", "circuitdyn.engine.b":
-            "from circuitdyn.engine import a\n"}
+    loop = {
+        **sources,
+        "circuitdyn.engine.a": "import circuitdyn.engine.b\n",
+        "circuitdyn.engine.b": "from circuitdyn.engine import a\n",
+    }
     assert cycles(loop) == [["circuitdyn.engine.a", "circuitdyn.engine.b"]]
     opens = {**sources, "circuitdyn.analysis.extra": "from circuitdyn.probes.facts import run_facts\n"}
     assert "circuitdyn.runs.checkpoints" in reach(opens, "circuitdyn.analysis.extra")
-    typed = {**sources, "circuitdyn.analysis.extra": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-             "    from circuitdyn.runs.checkpoints import Run\n"}
+    typed = {
+        **sources,
+        "circuitdyn.analysis.extra": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from circuitdyn.runs.checkpoints import Run\n",
+    }
     assert "circuitdyn.runs.checkpoints" not in reach(typed, "circuitdyn.analysis.extra")
-    not_a_hook = {**sources, "circuitdyn.analysis.extra": "class R:\n    def figure(self):\n"
-                  "        from circuitdyn import viz\n"}
+    not_a_hook = {
+        **sources,
+        "circuitdyn.analysis.extra": "class R:\n    def figure(self):\n        from circuitdyn import viz\n",
+    }
     assert backwards(not_a_hook) == ["circuitdyn.analysis.extra (R.figure) imports circuitdyn.viz: analysis -> viz"]

@@ -22,6 +22,7 @@ from circuitdyn.errors import CircuitdynError
 
 # --------------------------------------------------------------------------- the front door
 
+
 def test_every_exported_name_resolves():
     assert 12 <= len(cd.__all__) <= 18 and len(set(cd.__all__)) == len(cd.__all__)
     for name in cd.__all__:
@@ -59,6 +60,7 @@ def test_import_is_fast_and_lists_the_names():
 
 # --------------------------------------------------------------------------- result objects
 
+
 def moved_diff():
     facts = [f"e{i // 3}/q/{i}" for i in range(9)]
     s = random_scores(9, seed=1)
@@ -67,10 +69,17 @@ def moved_diff():
     from circuitdyn.engine.selection import Selection
 
     sel = Selection.parse("top:20")
-    reps = {k: [(f"r{i}", r, sel.select(r.scores, r.graph)[0], None) for i, r in enumerate(x)]
-            for k, x in enumerate((replicate_sets(s, 5, 0.05, 100, facts), replicate_sets(moved, 5, 0.05, 300, facts)))}
-    d = diff_circuits(make_set(s, facts), make_set(moved, facts), sel, noise=noise_from_replicates(reps, sel),
-                      labels=("run:0", "run:5"))
+    reps = {
+        k: [(f"r{i}", r, sel.select(r.scores, r.graph)[0], None) for i, r in enumerate(x)]
+        for k, x in enumerate((replicate_sets(s, 5, 0.05, 100, facts), replicate_sets(moved, 5, 0.05, 300, facts)))
+    }
+    d = diff_circuits(
+        make_set(s, facts),
+        make_set(moved, facts),
+        sel,
+        noise=noise_from_replicates(reps, sel),
+        labels=("run:0", "run:5"),
+    )
     d.labels = {f: f"entity {f[1]}: question <{f}>" for f in facts}
     return d
 
@@ -79,8 +88,17 @@ def test_diff_to_frame_describe_figure_and_html():
     d = moved_diff()
     df = d.to_frame()
     assert len(df) == 9 * 3 and set(df["statistic"]) == {"edge_jaccard", "weighted_jaccard", "spearman"}
-    assert {"fact_id", "entity", "label", "distance", "p_value", "changed_beyond_noise", "n_a", "added",
-            "gap_a"} <= set(df.columns)
+    assert {
+        "fact_id",
+        "entity",
+        "label",
+        "distance",
+        "p_value",
+        "changed_beyond_noise",
+        "n_a",
+        "added",
+        "gap_a",
+    } <= set(df.columns)
     assert MEAN not in set(df["fact_id"]) and df["entity"].iloc[0] == "e0"
     row = df[(df["fact_id"] == "e0/q/0") & (df["statistic"] == "edge_jaccard")].iloc[0]
     assert row["n_a"] == d.facts.loc["e0/q/0", "n_a"] and bool(row["changed_beyond_noise"])
@@ -99,8 +117,17 @@ def test_timeline_to_frame_describe_figure_and_html():
     tl = build_timeline(circuits_over_epochs(), Selection.parse(f"top:{N}"), outcomes=outcomes(), epochs=epochs)
     df = tl.to_frame()
     assert len(df) == len(FACTS) * 4 and MEAN not in set(df["fact_id"])
-    assert {"fact_id", "entity", "epoch", "n_edges", "jaccard_prev", "correct", "transition", "train_loss",
-            "change_distance"} <= set(df.columns)
+    assert {
+        "fact_id",
+        "entity",
+        "epoch",
+        "n_edges",
+        "jaccard_prev",
+        "correct",
+        "transition",
+        "train_loss",
+        "change_distance",
+    } <= set(df.columns)
     flaky = df[df["fact_id"] == "flaky"].set_index("epoch")
     assert flaky.loc[2, "change_distance"] == pytest.approx(1.0) and flaky.loc[2, "transition"] == "forgotten"
     assert pd.isna(flaky.loc[0, "change_distance"])
@@ -112,15 +139,33 @@ def test_timeline_to_frame_describe_figure_and_html():
 
 
 def make_calibration() -> Calibration:
-    power = [{"strength": s, **rate(k, 10), "flagged": k, "aggregate_p": 0.01, "mean_effect": 0.1}
-             for s, k in ((0.1, 2), (1.0, 9))]
-    per_stat = {stat: {"fact_fpr": rate(1, 40), "aggregate_fpr": rate(8, 200), "power": power}
-                for stat in ("edge_jaccard", "weighted_jaccard", "spearman")}
-    coverage = [{"n_entities": 4, "data": "null effects", **rate(0, 0), "note": "no interval below 7 entities"},
-                {"n_entities": 8, "data": "null effects", **rate(930, 1000)}]
-    return Calibration("run:3", CalibrationSettings(strengths=(0.1, 1.0)), 12, 10, 8, "edge_jaccard",
-                       per_stat["edge_jaccard"]["fact_fpr"], rate(1, 5), per_stat["edge_jaccard"]["aggregate_fpr"],
-                       power, coverage, "m1", per_stat)
+    power = [
+        {"strength": s, **rate(k, 10), "flagged": k, "aggregate_p": 0.01, "mean_effect": 0.1}
+        for s, k in ((0.1, 2), (1.0, 9))
+    ]
+    per_stat = {
+        stat: {"fact_fpr": rate(1, 40), "aggregate_fpr": rate(8, 200), "power": power}
+        for stat in ("edge_jaccard", "weighted_jaccard", "spearman")
+    }
+    coverage = [
+        {"n_entities": 4, "data": "null effects", **rate(0, 0), "note": "no interval below 7 entities"},
+        {"n_entities": 8, "data": "null effects", **rate(930, 1000)},
+    ]
+    return Calibration(
+        "run:3",
+        CalibrationSettings(strengths=(0.1, 1.0)),
+        12,
+        10,
+        8,
+        "edge_jaccard",
+        per_stat["edge_jaccard"]["fact_fpr"],
+        rate(1, 5),
+        per_stat["edge_jaccard"]["aggregate_fpr"],
+        power,
+        coverage,
+        "m1",
+        per_stat,
+    )
 
 
 def test_calibration_to_frame_figure_and_html():
@@ -140,6 +185,7 @@ def test_calibration_to_frame_figure_and_html():
 
 # --------------------------------------------------------------------------- a run remembers its facts; the plan
 
+
 def circuit_files(run) -> dict:
     return {f.name: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")}
 
@@ -154,8 +200,16 @@ def test_run_remembers_its_facts_and_commands_plan(make_run, tmp_path, capsys):
     record = json.loads((run / "circuits" / "facts.json").read_text())
     entry = record["fact_sets"][record["default"]]
     assert entry["probes"] == str(probes.resolve()) and entry["n_facts"] == 2
-    assert entry["options"] == {"limit": 2, "sample_n": None, "per_entity": None, "entities": None, "ids": None,
-                                "seed": 0, "rephrased": False, "template": "auto"}
+    assert entry["options"] == {
+        "limit": 2,
+        "sample_n": None,
+        "per_entity": None,
+        "entities": None,
+        "ids": None,
+        "seed": 0,
+        "rephrased": False,
+        "template": "auto",
+    }
     facts = cd.load_facts(cd.open_run(run))
     assert facts.identity == record["default"] and len(facts) == 2 and facts.options["limit"] == 2
     written = circuit_files(run)
@@ -174,12 +228,29 @@ def test_run_remembers_its_facts_and_commands_plan(make_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "plan: 2 facts x 2 epochs, 2 replicates per epoch: 2 of 6 circuit files cached, 4 to compute" in err
     assert len(circuit_files(run)) == 6
-    assert main(["diff", f"{run}:0", f"{run}:1", "--steps", "1", "--top-n", "20", "--replicates", "2",
-                 "--out", str(tmp_path / "d.html")]) == 0
+    assert (
+        main(
+            [
+                "diff",
+                f"{run}:0",
+                f"{run}:1",
+                "--steps",
+                "1",
+                "--top-n",
+                "20",
+                "--replicates",
+                "2",
+                "--out",
+                str(tmp_path / "d.html"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "facts: the run's recorded facts (2 facts" in out
-    assert ("plan: 2 facts x 2 checkpoints, 2 replicates per checkpoint: 6 of 6 circuit files cached, "
-            "0 to compute") in out
+    assert (
+        "plan: 2 facts x 2 checkpoints, 2 replicates per checkpoint: 6 of 6 circuit files cached, 0 to compute"
+    ) in out
     assert len(circuit_files(run)) == 6
 
     # another fact set beside it becomes the default; the first stays recorded

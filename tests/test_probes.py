@@ -63,8 +63,9 @@ def test_seed_probes_ids_and_fields(seed_probes: list[Probe]) -> None:
     assert (first.ne_label, first.ne_frequency, first.group) == ("PERSON", "low", "original")
     assert len(entities(seed_probes)) == 100
     rephrased = [p for p in seed_probes if p.group == "rephrased"]
-    assert rephrased and all(p.question_type in {"factual", "time-sensitive", "temporal", "entity-linking"}
-                             for p in rephrased)
+    assert rephrased and all(
+        p.question_type in {"factual", "time-sensitive", "temporal", "entity-linking"} for p in rephrased
+    )
     assert sum(p.chunk is not None for p in rephrased) > 0.9 * len(rephrased)
     assert load_probes() == seed_probes  # deterministic
     assert len(load_probes(rephrased=False)) == 1000 - len(rephrased)
@@ -185,8 +186,11 @@ def test_build_fact_prompts(tokenizer, seed_probes: list[Probe], template: str) 
             # logit-diff contrast: an answer of the swapped-in entity, never the gold answer's first token
             (swapped_in,) = [e for e in entities(probes) if other in mention_forms(e)]
             text = prompt_text(p, tokenizer, template=template)
-            theirs = {tokenizer(answer_text(text, q.answer), add_special_tokens=False)["input_ids"][0]
-                      for q in probes if q.entity == swapped_in}
+            theirs = {
+                tokenizer(answer_text(text, q.answer), add_special_tokens=False)["input_ids"][0]
+                for q in probes
+                if q.entity == swapped_in
+            }
             assert f.contrast_token in theirs and f.contrast_token != f.answer_tokens[0]
         else:
             assert f.corruption in {"noise", "noise-question"}

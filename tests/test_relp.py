@@ -60,10 +60,12 @@ def test_relp_scores_shape_sign_and_determinism(tiny_tl):
     for b in range(4):
         top = (true[b].abs() * ~qk).topk(5).indices  # the biggest edges RelP scores at all
         agree.append((torch.sign(r[b, top]) == torch.sign(true[b, top])).float().mean())
-        print(f"{tiny_tl.cfg.original_architecture} fact {b}: Spearman vs exact patching, all edges: "
-              f"relp {_spearman(r[b], true[b]):.3f} eap {_spearman(eap[b], true[b]):.3f}; "
-              f"v/mlp/logits edges: relp {_spearman(r[b, ~qk], true[b, ~qk]):.3f} "
-              f"eap {_spearman(eap[b, ~qk], true[b, ~qk]):.3f}")
+        print(
+            f"{tiny_tl.cfg.original_architecture} fact {b}: Spearman vs exact patching, all edges: "
+            f"relp {_spearman(r[b], true[b]):.3f} eap {_spearman(eap[b], true[b]):.3f}; "
+            f"v/mlp/logits edges: relp {_spearman(r[b, ~qk], true[b, ~qk]):.3f} "
+            f"eap {_spearman(eap[b, ~qk], true[b, ~qk]):.3f}"
+        )
     assert sum(agree) / len(agree) >= 0.8, agree
 
 
@@ -72,11 +74,29 @@ def test_relp_equals_eap_where_the_rules_change_nothing():
     every RelP rule is the gradient, so RelP is EAP, edge for edge."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_ctx=16, d_vocab=50, d_mlp=48,
-                                  act_fn="relu", normalization_type=None, seed=2)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        n_ctx=16,
+        d_vocab=50,
+        d_mlp=48,
+        act_fn="relu",
+        normalization_type=None,
+        seed=2,
+    )
     model = HookedTransformer(cfg, move_to_device=False)
-    facts = [dataclasses.replace(f, clean_tokens=f.clean_tokens[:1], corrupted_tokens=(f.clean_tokens[0] % 49 + 1,),
-                                 answer_tokens=f.answer_tokens[:1], noise_positions=()) for f in tiny_facts(4)]
+    facts = [
+        dataclasses.replace(
+            f,
+            clean_tokens=f.clean_tokens[:1],
+            corrupted_tokens=(f.clean_tokens[0] % 49 + 1,),
+            answer_tokens=f.answer_tokens[:1],
+            noise_positions=(),
+        )
+        for f in tiny_facts(4)
+    ]
     batch = Fw.make_batch(model, facts)
     assert batch.clean.shape[1] == 1
     eap = A.attribute_batch(model, batch, "eap")
@@ -117,8 +137,14 @@ def test_relp_records_one_step_on_the_right_grid():
 
     assert "relp" in METHODS and check_method("relp") == "relp"
     assert steps_taken("relp", 7) == 1 and grid_taken("relp", "gauss") == "right"
-    meta = {"method": "relp", "ig_steps": 1, "ig_grid": "right", "metric": "answer-logprob", "seed": 0,
-            "probe_set_hash": "sha256:0123456789abcdef"}
+    meta = {
+        "method": "relp",
+        "ig_steps": 1,
+        "ig_grid": "right",
+        "metric": "answer-logprob",
+        "seed": 0,
+        "probe_set_hash": "sha256:0123456789abcdef",
+    }
     assert circuit_filename(2, meta) == "epoch_2.relp.answer-logprob.s0.01234567.safetensors"
 
 
@@ -127,8 +153,18 @@ def test_relp_refuses_layer_norm_activations():
 
     from circuitdyn.errors import CircuitdynError
 
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, d_head=4, n_heads=4, n_ctx=16, d_vocab=50, d_mlp=32,
-                                  act_fn="solu_ln", normalization_type="LN", seed=0)
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=16,
+        d_head=4,
+        n_heads=4,
+        n_ctx=16,
+        d_vocab=50,
+        d_mlp=32,
+        act_fn="solu_ln",
+        normalization_type="LN",
+        seed=0,
+    )
     model = HookedTransformer(cfg, move_to_device=False)
     with pytest.raises(CircuitdynError, match="RelP"):
         A.attribute_batch(model, Fw.make_batch(model, tiny_facts(1)), "relp")
@@ -141,8 +177,22 @@ def test_cli_extract_relp(llama_run, tmp_path, capsys):
 
     probes = str(seed_data_dir() / "validation_probes.json")
     out = tmp_path / "circuits"
-    argv = [str(llama_run), "--probes", probes, "--limit", "3", "--method", "relp", "--epochs", "1", "--top-n", "50",
-            "--out", str(out), "--no-progress"]
+    argv = [
+        str(llama_run),
+        "--probes",
+        probes,
+        "--limit",
+        "3",
+        "--method",
+        "relp",
+        "--epochs",
+        "1",
+        "--top-n",
+        "50",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(["extract", *argv]) == 0
     text = capsys.readouterr().out
     assert "relp, metric" in text and text.count("(written)") == 1

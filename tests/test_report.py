@@ -16,10 +16,22 @@ def stability(
     difference: float, p: float, auc: float, ci: tuple[float, float], note: str | None = None
 ) -> dict[str, Any]:
     """A `Timeline.stability()` result with the given test and AUC."""
-    st: dict[str, Any] = {"fact_choice": "seeded sample, before outcomes", "n_entities": 9, "auc": auc,
-                          "auc_ci": list(ci), "auc_n_facts": 12, "auc_interval": note,
-                          "permutation": {"difference": difference, "p_value": p, "n_1": 30, "n_0": 10,
-                                          "n_strata": 12, "n_permutations": 5000}}
+    st: dict[str, Any] = {
+        "fact_choice": "seeded sample, before outcomes",
+        "n_entities": 9,
+        "auc": auc,
+        "auc_ci": list(ci),
+        "auc_n_facts": 12,
+        "auc_interval": note,
+        "permutation": {
+            "difference": difference,
+            "p_value": p,
+            "n_1": 30,
+            "n_0": 10,
+            "n_strata": 12,
+            "n_permutations": 5000,
+        },
+    }
     for name in ("retained", "forgotten", "acquired", "unknown"):
         st |= {f"mean_{name}": 0.5, f"ci_{name}": [0.4, 0.6], f"n_{name}": 10}
     return st
@@ -69,8 +81,13 @@ def test_no_auc_interval_is_no_evidence_and_says_why():
 
 def aggregate(value: float, p: float, n_changed: int = 3) -> dict[str, Any]:
     """An aggregate change-test result (`change_test.aggregate_verdict`) with the given mean effect and p."""
-    return {"effect": {"value": value, "lo": value - 0.05, "hi": value + 0.05, "n": 30, "n_groups": 9},
-            "p_value": p, "n_tested": 20, "n_changed_beyond_noise": n_changed, "changed": None}
+    return {
+        "effect": {"value": value, "lo": value - 0.05, "hi": value + 0.05, "n": 30, "n_groups": 9},
+        "p_value": p,
+        "n_tested": 20,
+        "n_changed_beyond_noise": n_changed,
+        "changed": None,
+    }
 
 
 def test_change_claimed_only_for_a_positive_effect_below_alpha():
@@ -97,8 +114,16 @@ def test_transfer_says_too_few_entities_for_an_interval():
     """Catches: a transfer estimate printed as if it had an interval when there are too few entities."""
     few = mean_ci([0.8, 0.9, 0.7], ["a", "b", "c"]).to_dict()
     many = mean_ci([0.8, 0.9, 0.7, 0.6, 0.85, 0.75, 0.8, 0.65], list("abcdefgh")).to_dict()
-    line = describe_transfer({"first": 0, "last": 5, "first_circuit_on_last_model": few,
-                              "last_circuit_on_last_model": many, "n_pairs_excluded_gap": 1, "n_pairs": 10,
-                              "min_gap": 1.0})[0]
+    line = describe_transfer(
+        {
+            "first": 0,
+            "last": 5,
+            "first_circuit_on_last_model": few,
+            "last_circuit_on_last_model": many,
+            "n_pairs_excluded_gap": 1,
+            "n_pairs": 10,
+            "min_gap": 1.0,
+        }
+    )[0]
     assert f"0.800 (n=3 in 3 entities; too few entities for an interval, n=3 < {MIN_ENTITIES})" in line
     assert estimate(many) in line and "[" in estimate(many)

@@ -40,8 +40,12 @@ def test_every_grid_equals_the_naive_reference_with_its_nodes(tiny_tl, grid):
     ours = A.attribute_batch(tiny_tl, batch, "eap-ig", 3, ig_grid=grid)
     if grid == "shifted":  # each fact's grid has its own offset: compare fact by fact
         facts = tiny_facts(4)
-        ref = torch.cat([reference_scores(tiny_tl, Fw.make_batch(tiny_tl, [f]), 3,
-                                          nodes=A.ig_nodes(grid, 3, 0, f.fact_id)) for f in facts])
+        ref = torch.cat(
+            [
+                reference_scores(tiny_tl, Fw.make_batch(tiny_tl, [f]), 3, nodes=A.ig_nodes(grid, 3, 0, f.fact_id))
+                for f in facts
+            ]
+        )
         order = {f.fact_id: i for i, f in enumerate(facts)}
         ref = ref[[order[f.fact_id] for f in batch.facts]]
         assert len({A.grid_offset(0, f.fact_id) for f in facts}) == len(facts)
@@ -56,8 +60,10 @@ def test_right_grid_reproduces_todays_scores_and_gauss_converges_faster(tiny_tl)
     right = A.attribute_batch(tiny_tl, batch, "eap-ig", 3, ig_grid="right")
     assert torch.allclose(right, reference_scores(tiny_tl, batch, 3), atol=1e-4, rtol=0)
     fine = A.attribute_batch(tiny_tl, batch, "eap-ig", 32, ig_grid="gauss")
-    err = {g: float((A.attribute_batch(tiny_tl, batch, "eap-ig", 3, ig_grid=g) - fine).abs().sum())
-           for g in ("right", "left", "gauss")}
+    err = {
+        g: float((A.attribute_batch(tiny_tl, batch, "eap-ig", 3, ig_grid=g) - fine).abs().sum())
+        for g in ("right", "left", "gauss")
+    }
     assert err["gauss"] < 0.5 * min(err["right"], err["left"]), err
 
 
@@ -90,8 +96,12 @@ def test_memory_budget_picks_the_batch(tiny_tl):
         M.fact_batch_for_memory(tiny_tl, 20, "float32", fixed + per // 2)
     facts = tiny_facts(5)
     budget = fixed + 2 * M.bytes_per_fact(tiny_tl, 40)
-    assert torch.allclose(A.attribute(tiny_tl, facts, S("eap-ig", 2), Compute(batch_size=None, max_memory=budget)),
-                          A.attribute(tiny_tl, facts, S("eap-ig", 2)), atol=1e-5, rtol=0)
+    assert torch.allclose(
+        A.attribute(tiny_tl, facts, S("eap-ig", 2), Compute(batch_size=None, max_memory=budget)),
+        A.attribute(tiny_tl, facts, S("eap-ig", 2)),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_out_of_memory_halves_the_batch_once_said(tiny_tl, monkeypatch, capsys):

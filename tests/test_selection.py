@@ -218,8 +218,9 @@ def test_smallest_faithful_keeps_its_contract_where_faithfulness_is_not_monotone
             return out
 
         n, masks, reached = smallest_faithful(scores, faith, target, rel_tol=rel_tol)
-        assert torch.equal(masks.sum(1), n) and torch.equal(masks, select_top_n(scores, 0) | torch.stack(
-            [select_top_n(s, int(k)) for s, k in zip(scores, n)]))
+        assert torch.equal(masks.sum(1), n) and torch.equal(
+            masks, select_top_n(scores, 0) | torch.stack([select_top_n(s, int(k)) for s, k in zip(scores, n)])
+        )
         for f in range(4):
             k = int(n[f])
             assert float(reached[f]) >= target and float(reached[f]) == pytest.approx(value(f, k))

@@ -77,8 +77,8 @@ def test_mean_ci_with_unequal_clusters_is_cr2_not_cr1():
     sums = np.array([-2.625, -2.25, 6.125, -1.625, 0.375])  # residual sums per entity, mean 2.625
     share = np.array([1, 2, 3, 1, 1]) / 8
     assert sums.sum() == pytest.approx(0)
-    cr2 = np.sqrt((sums ** 2 / (1 - share)).sum()) / 8
-    cr1 = np.sqrt(5 / 4 * (sums ** 2).sum()) / 8
+    cr2 = np.sqrt((sums**2 / (1 - share)).sum()) / 8
+    cr1 = np.sqrt(5 / 4 * (sums**2).sum()) / 8
     assert est.value == pytest.approx(2.625)
     assert est.hi - est.value == pytest.approx(t_quantile(0.975, 4) * cr2)
     assert abs(cr2 - cr1) > 0.01  # the two differ here, so the test tells them apart
@@ -119,14 +119,16 @@ def test_dropped_resamples_are_counted_and_too_many_refuse_the_interval():
     positive = np.zeros(12, bool)
     positive[0] = True  # one entity holds the only positive: ~1/e of resamples miss it
     values = np.linspace(0, 1, 12)
-    est = cluster_bootstrap(groups, lambda idx: auc(values[idx][positive[idx]], values[idx][~positive[idx]]),
-                            n_boot=500)
+    est = cluster_bootstrap(
+        groups, lambda idx: auc(values[idx][positive[idx]], values[idx][~positive[idx]]), n_boot=500
+    )
     assert 100 < est.n_dropped < 250 and est.n_boot == 500
     assert not est.has_interval and "undefined on" in str(est) and est.to_dict()["n_dropped"] == est.n_dropped
     ok = cluster_bootstrap(groups, lambda idx: float(values[idx].mean()), n_boot=200)
     assert ok.n_dropped == 0 and ok.has_interval
-    few = cluster_bootstrap(groups, lambda idx: float(values[idx].mean()) if 0 in idx else float("nan"),
-                            n_boot=200, max_dropped=1.0)
+    few = cluster_bootstrap(
+        groups, lambda idx: float(values[idx].mean()) if 0 in idx else float("nan"), n_boot=200, max_dropped=1.0
+    )
     assert few.has_interval and few.n_dropped > 0 and f"undefined on {few.n_dropped} of 200" in str(few)
 
 
@@ -140,8 +142,9 @@ def test_bootstrap_reports_what_it_rests_on():
     assert "n=3 in 2 entities" in str(est)
     with pytest.raises(ValueError):
         bootstrap_ci([1.0], ["a", "b"])
-    idx_mean = cluster_bootstrap(["a", "b", "b"], lambda idx: float(np.array([1.0, 2.0, 3.0])[idx].mean()),
-                                 min_groups=2)
+    idx_mean = cluster_bootstrap(
+        ["a", "b", "b"], lambda idx: float(np.array([1.0, 2.0, 3.0])[idx].mean()), min_groups=2
+    )
     assert idx_mean.value == pytest.approx(2.0) and idx_mean.lo <= 2.0 <= idx_mean.hi
     median = bootstrap_ci(np.arange(10.0), np.arange(10), np.median, n_boot=200)
     assert median.value == pytest.approx(4.5) and median.has_interval
@@ -198,8 +201,9 @@ def test_within_fact_auc_agrees_with_the_stratified_test_where_the_pooled_auc_do
     assert pooled < 0.5 and test.difference > 0
     assert within.value == 1.0 and within.n == 8 and within.lo > 0.5
     assert np.sign(within.value - 0.5) == np.sign(test.difference)
-    ties = within_stratum_auc([1.0, 1.0, 2.0, 0.0], [True, False, True, False], ["a", "a", "b", "b"],
-                              ["a", "a", "b", "b"])
+    ties = within_stratum_auc(
+        [1.0, 1.0, 2.0, 0.0], [True, False, True, False], ["a", "a", "b", "b"], ["a", "a", "b", "b"]
+    )
     assert ties.value == pytest.approx((0.5 + 1.0) / 2) and not ties.has_interval  # 2 entities: no interval
 
 

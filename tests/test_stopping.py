@@ -23,8 +23,9 @@ from circuitdyn.errors import CircuitdynError
 PAPER = Path(__file__).parent / "data" / "paper-results" / "llama3-i-1b"
 
 
-def _history(learned: list[int], ood: list[float] | None = None, loss: list[float | None] | None = None,
-             n: int = 10) -> pd.DataFrame:
+def _history(
+    learned: list[int], ood: list[float] | None = None, loss: list[float | None] | None = None, n: int = 10
+) -> pd.DataFrame:
     table = pd.DataFrame({"epoch": range(len(learned)), "learned": learned})
     if ood is not None:
         table["math"] = ood
@@ -45,17 +46,20 @@ def test_paper_vft_history_and_rules() -> None:
     assert plateau.stop_epoch is None and "train_loss" in plateau.not_applicable  # train_stats.json not shipped
 
 
-@pytest.mark.parametrize(("spec", "learned", "ood", "online", "stop", "fired", "kept"), [
-    # best 5 at epoch 2; epochs 3, 4 (4, 4) do not beat it -> stop after epoch 4 (not 3, not 5); kept epoch 2.
-    # Online, epochs 5 and 6 would not stop: 6 at epoch 5 beats 5, so only the first firing counts
-    ("patience:2", [1, 3, 5, 4, 4, 6, 2], None, [False, False, False, True, False, False], 4, True, 2),
-    # 2 at epoch 2 does not beat the 2 of epoch 1 -> stop after epoch 2; the tie keeps the earlier epoch 1
-    ("patience:1", [0, 2, 2, 3], None, [False, True, False], 2, True, 1),
-    # OOD drops 0, 0.05, 0.11, 0.2 below the base: the bound (0.1) is first crossed at epoch 2
-    ("ood-bound:0.1", [0, 2, 4, 5], [0.9, 0.85, 0.79, 0.7], [False, True, True], 2, True, 1),
-    # a new best every epoch: never fires, runs to the last epoch and keeps it
-    ("patience:2", [0, 1, 2, 3], None, [False, False, False], 3, False, 3),
-])
+@pytest.mark.parametrize(
+    ("spec", "learned", "ood", "online", "stop", "fired", "kept"),
+    [
+        # best 5 at epoch 2; epochs 3, 4 (4, 4) do not beat it -> stop after epoch 4 (not 3, not 5); kept epoch 2.
+        # Online, epochs 5 and 6 would not stop: 6 at epoch 5 beats 5, so only the first firing counts
+        ("patience:2", [1, 3, 5, 4, 4, 6, 2], None, [False, False, False, True, False, False], 4, True, 2),
+        # 2 at epoch 2 does not beat the 2 of epoch 1 -> stop after epoch 2; the tie keeps the earlier epoch 1
+        ("patience:1", [0, 2, 2, 3], None, [False, True, False], 2, True, 1),
+        # OOD drops 0, 0.05, 0.11, 0.2 below the base: the bound (0.1) is first crossed at epoch 2
+        ("ood-bound:0.1", [0, 2, 4, 5], [0.9, 0.85, 0.79, 0.7], [False, True, True], 2, True, 1),
+        # a new best every epoch: never fires, runs to the last epoch and keeps it
+        ("patience:2", [0, 1, 2, 3], None, [False, False, False], 3, False, 3),
+    ],
+)
 def test_online_and_offline_answers_known_by_hand(spec, learned, ood, online, stop, fired, kept) -> None:
     """Per prefix ending at epoch 1, 2, ... the online `should_stop` answers computed by hand, and the offline
     stop/kept epochs; the first two cases fail if `apply_rule` stopped one epoch early or late."""
@@ -84,10 +88,15 @@ def test_synthetic_histories() -> None:
         parse_rule("ood-bound").should_stop(_history([0, 1]))
 
 
-@pytest.mark.parametrize(("spec", "match"), [("nope", "unknown stopping rule 'nope'"),
-                                              ("patience:x", "parameter 'x' is not a number"),
-                                              ("patience:0", "patience must be >= 1"),
-                                              ("ood-bound:2", r"ood-bound must be in \[0, 1\]")])
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("nope", "unknown stopping rule 'nope'"),
+        ("patience:x", "parameter 'x' is not a number"),
+        ("patience:0", "patience must be >= 1"),
+        ("ood-bound:2", r"ood-bound must be in \[0, 1\]"),
+    ],
+)
 def test_bad_rules(spec: str, match: str) -> None:
     with pytest.raises(CircuitdynError, match=match):
         parse_rule(spec)

@@ -33,8 +33,24 @@ def test_power_curve_runs_and_a_null_claims_rarely(monkeypatch, capsys, tmp_path
     nearly always, and the JSON it writes renders to the same table as its rows."""
     power = _power()
     out = tmp_path / "curve.json"
-    monkeypatch.setattr(sys, "argv", ["power.py", "--studies", "20", "--entities", "30", "--aucs", "0.5", "0.9",
-                                      "--n-perm", "99", "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "power.py",
+            "--studies",
+            "20",
+            "--entities",
+            "30",
+            "--aucs",
+            "0.5",
+            "0.9",
+            "--n-perm",
+            "99",
+            "--out",
+            str(out),
+        ],
+    )
     power.main()
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("entities_for_width_0.3=")

@@ -18,9 +18,17 @@ from circuitdyn.training.sweep import sweep_runs
 def test_sweep_runs_are_one_folder_per_strategy_and_seed(tmp_path):
     runs = sweep_runs(CPTConfig(strategy="plain"), tmp_path, [0, 2], ["plain", "stepwise-kl"])
     assert [p.relative_to(tmp_path).as_posix() for p in runs] == [
-        "plain/seed_0", "plain/seed_2", "stepwise-kl/seed_0", "stepwise-kl/seed_2"]
-    assert [(c.strategy, c.seed) for c in runs.values()] == [("plain", 0), ("plain", 2), ("stepwise-kl", 0),
-                                                             ("stepwise-kl", 2)]
+        "plain/seed_0",
+        "plain/seed_2",
+        "stepwise-kl/seed_0",
+        "stepwise-kl/seed_2",
+    ]
+    assert [(c.strategy, c.seed) for c in runs.values()] == [
+        ("plain", 0),
+        ("plain", 2),
+        ("stepwise-kl", 0),
+        ("stepwise-kl", 2),
+    ]
     assert list(sweep_runs(CPTConfig(strategy="curriculum"), tmp_path, [5])) == [tmp_path / "curriculum" / "seed_5"]
     with pytest.raises(CircuitdynError, match="unknown strategy 'fancy'"):
         sweep_runs(CPTConfig(), tmp_path, [0], ["fancy"])

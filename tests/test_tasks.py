@@ -62,13 +62,16 @@ def test_a_subject_without_an_equal_length_partner_is_an_error() -> None:
         task_facts(Task("t", "x {} y", ("a", "b", "c d e"), (" A", " B", " C")), WordTokenizer())
 
 
-@pytest.mark.parametrize(("patch", "message"), [
-    ({"template": "no slot"}, "'template'"),
-    ({"answers": [" A"]}, "'answers' has 1 entries for 2 subjects"),
-    ({"subjects": ["a", "a"]}, "repeats a subject"),
-    ({"corruption": "random"}, "'corruption'"),
-    ({"subjects": "a"}, "'subjects' must be"),
-])
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"template": "no slot"}, "'template'"),
+        ({"answers": [" A"]}, "'answers' has 1 entries for 2 subjects"),
+        ({"subjects": ["a", "a"]}, "repeats a subject"),
+        ({"corruption": "random"}, "'corruption'"),
+        ({"subjects": "a"}, "'subjects' must be"),
+    ],
+)
 def test_bad_task_files_name_the_field(tmp_path: Path, patch: dict, message: str) -> None:
     data = {"template": "x {} y", "subjects": ["a", "b"], "answers": [" A", " B"], **patch}
     path = tmp_path / "task.json"
@@ -132,8 +135,16 @@ def test_task_run_files_resume_and_refuse(llama_run: Path, tmp_path: Path) -> No
     run = open_run(llama_run)
     task = _equal_length_task(run.tokenizer())
     task_file = tmp_path / "task.json"
-    task_file.write_text(json.dumps({"name": task.name, "template": task.template, "subjects": list(task.subjects),
-                                     "answers": list(task.answers)}))
+    task_file.write_text(
+        json.dumps(
+            {
+                "name": task.name,
+                "template": task.template,
+                "subjects": list(task.subjects),
+                "answers": list(task.answers),
+            }
+        )
+    )
     out = tmp_path / "out"
     done = extract_task_run(run, load_task(task_file), out, [0, 1], PAPER_SETTINGS.replace(steps=1), top_n=100, runs=1)
     assert [d.skipped for d in done] == [False, False]
@@ -153,8 +164,24 @@ def test_task_run_files_resume_and_refuse(llama_run: Path, tmp_path: Path) -> No
 def test_head_of_state_on_smollm2_cli(smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from circuitdyn.engine.circuits import CircuitSet
 
-    assert main(["extract", str(smollm2_dir), "--task", "head-of-state", "--steps", "1", "--runs", "1",
-                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(smollm2_dir),
+                "--task",
+                "head-of-state",
+                "--steps",
+                "1",
+                "--runs",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     [path] = list(tmp_path.glob("epoch_0.*.safetensors"))
     cs = CircuitSet.load(path)
     assert len(cs.fact_ids) == 16 and cs.meta["metric"] == "logit-diff"
@@ -170,11 +197,30 @@ def test_logit_diff_for_probe_facts(llama_run: Path, tmp_path: Path) -> None:
     from circuitdyn.engine.circuits import CircuitSet
     from circuitdyn.probes.probes import load_probes, select_entities, write_probes_jsonl
 
-    probes = write_probes_jsonl(select_entities(load_probes(rephrased=False), ["Russia", "Patna"])[:6] +
-                                select_entities(load_probes(rephrased=False), ["Patna"])[:2], tmp_path / "p.jsonl")
+    probes = write_probes_jsonl(
+        select_entities(load_probes(rephrased=False), ["Russia", "Patna"])[:6]
+        + select_entities(load_probes(rephrased=False), ["Patna"])[:2],
+        tmp_path / "p.jsonl",
+    )
     out = tmp_path / "c"
-    assert main(["extract", f"{llama_run}:1", "--probes", str(probes), "--metric", "logit-diff", "--steps", "1",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                f"{llama_run}:1",
+                "--probes",
+                str(probes),
+                "--metric",
+                "logit-diff",
+                "--steps",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     [path] = list(out.glob("epoch_1.*.safetensors"))
     cs = CircuitSet.load(path)
     assert cs.meta["metric"] == "logit-diff" and len(cs.fact_ids) == 8

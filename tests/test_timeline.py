@@ -33,7 +33,7 @@ def circuits_over_epochs(graph: Graph = GRAPH, facts: list[str] = FACTS, n_epoch
         s = base.clone()
         s[0, :N] = torch.linspace(2, 1, N)
         block = 0 if e < 2 else (1 if e == 2 else 2)
-        s[1, N * block:N * (block + 1)] = torch.linspace(2, 1, N)
+        s[1, N * block : N * (block + 1)] = torch.linspace(2, 1, N)
         out[e] = CircuitSet(s, graph.edges, list(facts), {**META, "epoch": e})
     return out
 
@@ -154,8 +154,10 @@ def write_run_results(run: Path, graph: Graph, with_epochs: list[int]) -> None:
     for e in with_epochs:
         cs[e].save(run / "circuits" / f"epoch_{e}.safetensors")
     for e in range(3):
-        rows = [{"probe_id": "stable", "entity": "A", "recall": 1.0, "f1": 1.0},
-                {"probe_id": "flaky", "entity": "B", "recall": 1.0 if e != 2 else 0.0, "f1": 1.0}]
+        rows = [
+            {"probe_id": "stable", "entity": "A", "recall": 1.0, "f1": 1.0},
+            {"probe_id": "flaky", "entity": "B", "recall": 1.0 if e != 2 else 0.0, "f1": 1.0},
+        ]
         (run / f"epoch_{e}" / "probe_results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
@@ -207,8 +209,10 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     probes = load_probes()[:2]
     write_probes_jsonl(probes, tmp_path / "p.jsonl")
     for e in range(3):
-        rows = [{"probe_id": p.id, "entity": p.entity, "recall": float(e != 1 or i), "f1": 1.0}
-                for i, p in enumerate(probes)]
+        rows = [
+            {"probe_id": p.id, "entity": p.entity, "recall": float(e != 1 or i), "f1": 1.0}
+            for i, p in enumerate(probes)
+        ]
         (run / f"epoch_{e}" / "probe_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["timeline", str(run), "--probes", str(tmp_path / "p.jsonl"), "--steps", "1", "--top-n", "30"]
     assert main([*args, "--transfer"]) == 0
@@ -228,7 +232,8 @@ def test_cli_timeline_extracts_with_probes(make_run, tmp_path, capsys):
     (run / "circuits" / "facts.json").unlink()  # a run with no recorded facts has only its cached circuits
     assert main(["timeline", str(run), "--select", "faith:0.5", "--steps", "1"]) == 2
     assert "selection faith:0.5 evaluates circuits on each epoch's model: it needs the facts (--probes)" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     html = (run / "timeline.html").read_text()
     assert probes[0].question.split()[0] in html
     # EAP circuits record 1 step, whatever --steps (default 5) asked for: they are still found.
@@ -248,8 +253,27 @@ def test_extract_then_timeline_computes_no_circuit_twice(make_run, tmp_path, cap
     capsys.readouterr()
     written = {f: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")}
     assert len(written) == 2
-    assert main(["timeline", str(run), "--probes", str(probes), "--steps", "2", "--noise-epochs", "none",
-                 "--select", "faith:0.5", "--transfer", "--json", "--out", str(tmp_path / "t.html")]) == 0
+    assert (
+        main(
+            [
+                "timeline",
+                str(run),
+                "--probes",
+                str(probes),
+                "--steps",
+                "2",
+                "--noise-epochs",
+                "none",
+                "--select",
+                "faith:0.5",
+                "--transfer",
+                "--json",
+                "--out",
+                str(tmp_path / "t.html"),
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["selection"]["spec"] == "faith:0.5" and data["baseline"] is None
     assert len(data["transfer"]) == 4 * 2 * 2 and "transfer_summary" in data
@@ -264,22 +288,75 @@ def test_timeline_and_diff_reuse_circuits_of_the_grid_asked_for(make_run, tmp_pa
 
     run = make_run("llama", 1, name="grid-reuse-run")
     probes = write_probes_jsonl(load_probes()[:2], tmp_path / "p.jsonl")
-    assert main(["extract", str(run), "--probes", str(probes), "--steps", "2", "--ig-grid", "right",
-                 "--no-progress"]) == 0
+    assert (
+        main(["extract", str(run), "--probes", str(probes), "--steps", "2", "--ig-grid", "right", "--no-progress"]) == 0
+    )
     written = {f: f.stat().st_mtime_ns for f in (run / "circuits").glob("*.safetensors")}
     assert len(written) == 2 and all(".eap-ig2." in f.name for f in written)
     capsys.readouterr()
     # without --probes: the run's recorded facts, at the settings of their cached circuits (steps 2)
-    assert main(["timeline", str(run), "--top-n", "20", "--ig-grid", "right", "--json", "--noise-epochs", "none",
-                 "--out", str(tmp_path / "t.html")]) == 0
+    assert (
+        main(
+            [
+                "timeline",
+                str(run),
+                "--top-n",
+                "20",
+                "--ig-grid",
+                "right",
+                "--json",
+                "--noise-epochs",
+                "none",
+                "--out",
+                str(tmp_path / "t.html"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert json.loads(out.out)["summary"]["epochs"] == [0, 1]
     assert "2 of 2 circuit files cached, 0 to compute" in out.err
-    assert main(["diff", f"{run}:0", f"{run}:1", "--probes", str(probes), "--steps", "2", "--ig-grid", "right",
-                 "--top-n", "20", "--no-noise", "--json", "--out", str(tmp_path / "d.html")]) == 0
+    assert (
+        main(
+            [
+                "diff",
+                f"{run}:0",
+                f"{run}:1",
+                "--probes",
+                str(probes),
+                "--steps",
+                "2",
+                "--ig-grid",
+                "right",
+                "--top-n",
+                "20",
+                "--no-noise",
+                "--json",
+                "--out",
+                str(tmp_path / "d.html"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert {f: f.stat().st_mtime_ns for f in written} == written
     assert len(list((run / "circuits").glob("*.safetensors"))) == 2
     (run / "circuits" / "facts.json").unlink()  # only the cached circuits, no facts to compute others for
-    assert main(["timeline", str(run), "--top-n", "20", "--ig-grid", "midpoint", "--json",
-                 "--out", str(tmp_path / "t2.html"), "--steps", "2"]) == 2
+    assert (
+        main(
+            [
+                "timeline",
+                str(run),
+                "--top-n",
+                "20",
+                "--ig-grid",
+                "midpoint",
+                "--json",
+                "--out",
+                str(tmp_path / "t2.html"),
+                "--steps",
+                "2",
+            ]
+        )
+        == 2
+    )

@@ -38,13 +38,29 @@ def train_with_trainer(out: Path, base: Path, kind: str, epochs: int = 3, callba
     if kind == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, save_strategy="epoch",
-                             logging_strategy="epoch", per_device_train_batch_size=8, learning_rate=3e-3,
-                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
-    Trainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=callbacks or [],
-            data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        )
+    args = TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=epochs,
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=callbacks or [],
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+    ).train()
     return out
 
 
@@ -56,8 +72,11 @@ def _steps(run: Path) -> list[int]:
 def trainer_runs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trainer")
     base = save_tiny_model(root / "base", "llama", tokenizer_dir, seed=0)
-    return {"base": base, "lora": train_with_trainer(root / "lora", base, "lora"),
-            "full": train_with_trainer(root / "full", base, "full")}
+    return {
+        "base": base,
+        "lora": train_with_trainer(root / "lora", base, "lora"),
+        "full": train_with_trainer(root / "full", base, "full"),
+    }
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -84,9 +103,10 @@ def test_adapter_checkpoints_are_merged_by_peft_and_share_the_base(trainer_runs,
     run = open_run(trainer_runs["lora"])
     ids = torch.tensor([[3, 17, 42, 9, 101, 7]])
     for epoch in (3, 1):  # an independent merge of each adapter into a fresh base is the reference
-        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trainer_runs["base"]),
-                                        trainer_runs["lora"] / f"checkpoint-{_steps(trainer_runs['lora'])[epoch - 1]}"
-                                        ).merge_and_unload()
+        ref = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(trainer_runs["base"]),
+            trainer_runs["lora"] / f"checkpoint-{_steps(trainer_runs['lora'])[epoch - 1]}",
+        ).merge_and_unload()
         with torch.no_grad():
             assert (run.load_model(epoch)(ids) - ref(ids).logits).abs().max() < 1e-4
             assert (run.hf_model(epoch)(ids).logits - ref(ids).logits).abs().max() < 1e-5
@@ -135,12 +155,43 @@ def test_extract_diff_timeline_on_trainer_runs(trainer_runs, kind, tmp_path, cap
     facts = ["--probes", PROBES, "--limit", "3", "--steps", "2"]
     assert main(["extract", run, *facts, *base, "--epochs", "1,3", "--top-n", "50", "--no-progress"]) == 0
     assert capsys.readouterr().out.count("(written)") == 2
-    assert main(["diff", f"{run}:1", f"{run}:3", *facts, *base, "--top-n", "50", "--json",
-                 "--out", str(tmp_path / "d.html")]) == 0
+    assert (
+        main(
+            [
+                "diff",
+                f"{run}:1",
+                f"{run}:3",
+                *facts,
+                *base,
+                "--top-n",
+                "50",
+                "--json",
+                "--out",
+                str(tmp_path / "d.html"),
+            ]
+        )
+        == 0
+    )
     d = json.loads(capsys.readouterr().out)
     assert d["summary"]["n_facts"] == 3 and d["baseline"]["epochs"] == [1, 3]
-    assert main(["timeline", run, *facts, *base, "--top-n", "50", "--noise-epochs", "none", "--json",
-                 "--out", str(tmp_path / "t.html")]) == 0
+    assert (
+        main(
+            [
+                "timeline",
+                run,
+                *facts,
+                *base,
+                "--top-n",
+                "50",
+                "--noise-epochs",
+                "none",
+                "--json",
+                "--out",
+                str(tmp_path / "t.html"),
+            ]
+        )
+        == 0
+    )
     tl = json.loads(capsys.readouterr().out)
     assert tl["summary"]["epochs"] == [0, 1, 2, 3]
     losses = [r["train_loss"] for r in tl["per_epoch"]]

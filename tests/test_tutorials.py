@@ -50,6 +50,6 @@ def test_measuring_change_page_is_the_readme_section():
     """docs/measuring-change.md copies the README section of that name: edit both, or this fails."""
     readme = (REPO / "README.md").read_text()
     start = readme.index("## How circuitdyn measures change")
-    section = readme[start:readme.index("\n## ", start + 3)].strip()
+    section = readme[start : readme.index("\n## ", start + 3)].strip()
     page = (REPO / "docs" / "measuring-change.md").read_text().strip()
     assert page == section.replace("## ", "# ", 1)

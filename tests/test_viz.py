@@ -50,8 +50,10 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, obj
 
     transfer = transfer_matrix(circuits, evaluate, Selection.parse("top:10"))
     return {
-        "circuit": (viz.write_circuit_html(circuits[0], out / "circuit.html", labels=labels, sizes=(5, 10, 40)),
-                    circuits[0]),
+        "circuit": (
+            viz.write_circuit_html(circuits[0], out / "circuit.html", labels=labels, sizes=(5, 10, 40)),
+            circuits[0],
+        ),
         "diff": (viz.write_diff_html(d, out / "diff.html", labels=labels), d),
         "timeline": (viz.write_timeline_html(tl, out / "timeline.html", labels=labels, transfer=transfer), tl),
     }
@@ -87,8 +89,10 @@ def test_circuit_figure_colours_edges_by_sign():
     fig = viz.circuit_figure(CircuitSet(scores, GRAPH.edges, ["f"]), "f", n=2)
     pos = viz.node_positions(GRAPH)
     drawn = {t.line.color: [x for x in t.x if x is not None] for t in fig.data if t.mode == "lines"}
-    assert drawn == {viz.SIGN_COLOURS["negative"]: [pos["input"][0], pos["a0.h0"][0]],
-                     viz.SIGN_COLOURS["positive"]: [pos["m3"][0], pos["logits"][0]]}
+    assert drawn == {
+        viz.SIGN_COLOURS["negative"]: [pos["input"][0], pos["a0.h0"][0]],
+        viz.SIGN_COLOURS["positive"]: [pos["m3"][0], pos["logits"][0]],
+    }
 
 
 def test_diff_and_timeline_figures():
@@ -108,12 +112,20 @@ def test_diff_and_timeline_figures():
     shares = d.layers[d.layers["fact_id"] == "flaky"]
     assert len(bars) == 2 and list(bars[0].y) == pytest.approx(shares["share_a"].tolist())
     assert list(bars[1].y) == pytest.approx(shares["share_b"].tolist())
-    tl = build_timeline(cs, Selection.parse("top:10"), outcomes=outcomes(),
-                        epochs=pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.0],
-                                             "math": [1, 0.5, 0.5, 0.4]}))
+    tl = build_timeline(
+        cs,
+        Selection.parse("top:10"),
+        outcomes=outcomes(),
+        epochs=pd.DataFrame({"epoch": range(4), "train_loss": [None, 3.0, 2.0, 1.0], "math": [1, 0.5, 0.5, 0.4]}),
+    )
     names = {t.name for t in viz.timeline_figure(tl, "flaky").data}
-    assert {"train loss", "facts recalled", "math", "replaced vs previous epoch (mean, 95 % CI)",
-            "flaky: replaced"} <= names
+    assert {
+        "train loss",
+        "facts recalled",
+        "math",
+        "replaced vs previous epoch (mean, 95 % CI)",
+        "flaky: replaced",
+    } <= names
     assert not any(str(n).startswith("method noise") for n in names)  # no noise measured: no band drawn
     sel = Selection.parse("top:10")
     reps = [(f"r{i}", c, sel.select(c.scores, c.graph)[0], None) for i, c in enumerate([cs[0], cs[1]])]
@@ -156,9 +168,19 @@ def _chromium() -> str | None:
 
 
 def _run_chromium(binary: str, url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-             "--virtual-time-budget=20000", "--hide-scrollbars", "--window-size=1400,2400"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=20000",
+        "--hide-scrollbars",
+        "--window-size=1400,2400",
+    ]
     return subprocess.run([binary, *flags, *extra, url], capture_output=True, text=True, timeout=180)
 
 
@@ -200,7 +222,7 @@ def test_browser_check_catches_javascript_errors(tmp_path):
     binary = _chromium()
     if binary is None:
         pytest.skip("chromium is not installed (Debian package `chromium`); the browser test needs it")
-    page = viz._write_page(tmp_path / "broken.html", "broken", "", "<div id=\"x\"></div>", {}, "undefinedFunction();")
+    page = viz._write_page(tmp_path / "broken.html", "broken", "", '<div id="x"></div>', {}, "undefinedFunction();")
     dom = _run_chromium(binary, page.as_uri(), tmp_path / "profile", "--dump-dom").stdout
     assert _attr(dom, "data-js-errors") == 1 and _attr(dom, "data-rendered") is None
 
@@ -229,8 +251,10 @@ def test_walkthrough_runs_on_a_tiny_run(make_run, tmp_path, monkeypatch, capsys)
     probes = load_probes()[:3]
     write_probes_jsonl(probes, tmp_path / "probes.jsonl")
     for e in range(3):
-        rows = [{"probe_id": p.id, "entity": p.entity, "recall": float((i + e) % 2), "f1": 0.5}
-                for i, p in enumerate(probes)]
+        rows = [
+            {"probe_id": p.id, "entity": p.entity, "recall": float((i + e) % 2), "f1": 0.5}
+            for i, p in enumerate(probes)
+        ]
         (run / f"epoch_{e}" / "probe_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("CIRCUITDYN_RUN", str(run))
     monkeypatch.setenv("CIRCUITDYN_PROBES", str(tmp_path / "probes.jsonl"))

@@ -20,8 +20,9 @@ from circuitdyn.analysis.stats import MIN_ENTITIES, mean_ci
 from circuitdyn.errors import CircuitdynError
 
 
-def across_runs(tables: Mapping[str, pd.DataFrame], columns: Sequence[str] | None = None,
-                key: str = "epoch") -> pd.DataFrame:
+def across_runs(
+    tables: Mapping[str, pd.DataFrame], columns: Sequence[str] | None = None, key: str = "epoch"
+) -> pd.DataFrame:
     """Per `key` (epoch) and column: the mean over runs, its 95 % interval over runs, and n runs.
 
     `tables`: run name -> its per-epoch table. `columns`: the numeric columns to summarise (default: every
@@ -44,16 +45,29 @@ def across_runs(tables: Mapping[str, pd.DataFrame], columns: Sequence[str] | Non
         for col in columns:
             vals = pd.to_numeric(df[col], errors="coerce").astype(float).to_numpy()
             est = mean_ci(vals, df["_run"].to_numpy())
-            why = (f"too few runs for an interval, n={est.n_groups} < {MIN_ENTITIES}"
-                   if est.n and not est.has_interval else None)
-            rows.append({key: value, "quantity": col, "mean": est.value, "lo": est.lo, "hi": est.hi, "n": est.n,
-                         "interval": why})
+            why = (
+                f"too few runs for an interval, n={est.n_groups} < {MIN_ENTITIES}"
+                if est.n and not est.has_interval
+                else None
+            )
+            rows.append(
+                {
+                    key: value,
+                    "quantity": col,
+                    "mean": est.value,
+                    "lo": est.lo,
+                    "hi": est.hi,
+                    "n": est.n,
+                    "interval": why,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def format_across_runs(table: pd.DataFrame, key: str = "epoch") -> str:
     """`across_runs` as text: one row per epoch, one `mean [lo, hi]` cell per quantity, and n runs; a cell
     without an interval is marked `*`, and a last line says why."""
+
     def cell(r: pd.Series) -> str:
         if np.isnan(r["mean"]):
             return "-"
@@ -65,8 +79,10 @@ def format_across_runs(table: pd.DataFrame, key: str = "epoch") -> str:
     wide["n runs"] = table.groupby(key)["n"].max()
     text = wide.reset_index().to_string(index=False)
     if "interval" in table and table["interval"].notna().any():
-        text += (f"\n* no interval: fewer than {MIN_ENTITIES} runs (a mean over so few runs has no trustworthy "
-                 "95 % interval)")
+        text += (
+            f"\n* no interval: fewer than {MIN_ENTITIES} runs (a mean over so few runs has no trustworthy "
+            "95 % interval)"
+        )
     return text
 
 

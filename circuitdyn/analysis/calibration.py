@@ -55,7 +55,6 @@ from circuitdyn.errors import CircuitdynError
 from circuitdyn.io import atomic_path
 
 if TYPE_CHECKING:
-
     pass
 
 Plant = Literal["mlp", "head"]
@@ -86,8 +85,10 @@ class CalibrationSettings:
         for name in ("replicates", "null_tests", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "replicates" else 1):
-                raise CircuitdynError(f"calibration setting {name} must be a whole number >= "
-                                      f"{2 if name == 'replicates' else 1}, got {v!r}")
+                raise CircuitdynError(
+                    f"calibration setting {name} must be a whole number >= "
+                    f"{2 if name == 'replicates' else 1}, got {v!r}"
+                )
         if self.plant not in ("mlp", "head"):
             raise CircuitdynError(f"plant must be mlp or head, got {self.plant!r}")
         if not self.strengths or any(not 0 < s <= 1 for s in self.strengths):
@@ -104,10 +105,20 @@ class CalibrationSettings:
     def to_dict(self) -> dict[str, Any]:
         """The settings as `calibrate --json` records them."""
         a = self.attribution
-        return {"family": self.family, "replicates": self.replicates, "null_tests": self.null_tests,
-                "plant": self.plant, "strengths": list(self.strengths), "entity_counts": list(self.entity_counts),
-                "selection": str(self.selection), "method": a.method, "steps": a.steps, "metric": a.metric_name,
-                "batch_size": self.batch_size, "seed": self.seed}
+        return {
+            "family": self.family,
+            "replicates": self.replicates,
+            "null_tests": self.null_tests,
+            "plant": self.plant,
+            "strengths": list(self.strengths),
+            "entity_counts": list(self.entity_counts),
+            "selection": str(self.selection),
+            "method": a.method,
+            "steps": a.steps,
+            "metric": a.metric_name,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
 
 
 def rate(k: int, n: int) -> dict[str, Any]:
@@ -115,8 +126,13 @@ def rate(k: int, n: int) -> dict[str, Any]:
     if n == 0:
         return {"value": None, "lo": None, "hi": None, "n": 0, "k": 0}
     ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="exact")
-    return {"value": round(k / n, 6), "lo": round(float(ci.low), 6), "hi": round(float(ci.high), 6), "n": int(n),
-            "k": int(k)}
+    return {
+        "value": round(k / n, 6),
+        "lo": round(float(ci.low), 6),
+        "hi": round(float(ci.high), 6),
+        "n": int(n),
+        "k": int(k),
+    }
 
 
 @dataclass
@@ -138,29 +154,38 @@ class Calibration:
     per_statistic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: self.settings.to_dict() if f.name == "settings" else copy.deepcopy(getattr(self, f.name))
-                for f in fields(self)}
+        return {
+            f.name: self.settings.to_dict() if f.name == "settings" else copy.deepcopy(getattr(self, f.name))
+            for f in fields(self)
+        }
 
     def summary(self) -> list[str]:
         """What the numbers say, one line each."""
+
         def r(x: dict[str, Any]) -> str:
             if x["value"] is None:
                 return "- (n=0)"
             return f"{x['value']:.3f} [{x['lo']:.3f}, {x['hi']:.3f}] (n={x['n']})"
 
         s = self.settings
-        lines = [f"calibration of the change test at {self.checkpoint}: {self.n_tested} of {self.n_facts} facts tested "
-                 f"(gap >= {MIN_GAP:g}) in {self.n_entities} entities; {s.replicates} replicates per checkpoint, "
-                 f"'{s.family}' family; statistic {self.statistic}; alpha {ALPHA}",
-                 f"null (same checkpoint on both sides): per-fact false-positive rate {r(self.fact_fpr)}; "
-                 f"rounds with any fact flagged after BH {r(self.verdict_fwer)}; aggregate test "
-                 f"{r(self.aggregate_fpr)}"]
+        lines = [
+            f"calibration of the change test at {self.checkpoint}: {self.n_tested} of {self.n_facts} facts tested "
+            f"(gap >= {MIN_GAP:g}) in {self.n_entities} entities; {s.replicates} replicates per checkpoint, "
+            f"'{s.family}' family; statistic {self.statistic}; alpha {ALPHA}",
+            f"null (same checkpoint on both sides): per-fact false-positive rate {r(self.fact_fpr)}; "
+            f"rounds with any fact flagged after BH {r(self.verdict_fwer)}; aggregate test "
+            f"{r(self.aggregate_fpr)}",
+        ]
         for p in self.power:
-            lines.append(f"planted: {self.planted_component} output x {1 - p['strength']:g}: per-fact power "
-                         f"{r(p)}, flagged after BH {p['flagged']}/{p['n']}, aggregate p = {p['aggregate_p']:.4f}")
+            lines.append(
+                f"planted: {self.planted_component} output x {1 - p['strength']:g}: per-fact power "
+                f"{r(p)}, flagged after BH {p['flagged']}/{p['n']}, aggregate p = {p['aggregate_p']:.4f}"
+            )
         for c in self.coverage:
-            lines.append(f"interval coverage with {c['n_entities']} entities ({c['data']}): " +
-                         (r(c) if c["value"] is not None else c.get("note", "no interval printed")))
+            lines.append(
+                f"interval coverage with {c['n_entities']} entities ({c['data']}): "
+                + (r(c) if c["value"] is not None else c.get("note", "no interval printed"))
+            )
         return lines
 
     # ----------------------------------------------------------------------- notebooks
@@ -175,11 +200,21 @@ class Calibration:
         rows: list[dict[str, Any]] = []
 
         def add(measure: str, statistic: str, x: dict[str, Any], **extra: Any) -> None:
-            rows.append({"measure": measure, "statistic": statistic, "strength": None, "n_entities": None,
-                         "data": None, **extra, **{c: x.get(c) for c in cols}})
+            rows.append(
+                {
+                    "measure": measure,
+                    "statistic": statistic,
+                    "strength": None,
+                    "n_entities": None,
+                    "data": None,
+                    **extra,
+                    **{c: x.get(c) for c in cols},
+                }
+            )
 
-        per_stat = self.per_statistic or {self.statistic: {"fact_fpr": self.fact_fpr,
-                                                           "aggregate_fpr": self.aggregate_fpr, "power": self.power}}
+        per_stat = self.per_statistic or {
+            self.statistic: {"fact_fpr": self.fact_fpr, "aggregate_fpr": self.aggregate_fpr, "power": self.power}
+        }
         for stat, d in per_stat.items():
             add("fact_fpr", stat, d["fact_fpr"])
             if stat == self.statistic:
@@ -202,18 +237,31 @@ class Calibration:
 
         df = self.to_frame()
         df = df[(df["statistic"] == self.statistic) & df["value"].notna()]
-        names = [m if m not in ("power", "coverage") else
-                 (f"power x{1 - s:g}" if m == "power" else f"coverage {int(e)} entities")
-                 for m, s, e in zip(df["measure"], df["strength"], df["n_entities"])]
-        fig = go.Figure(go.Scatter(
-            x=names, y=df["value"], mode="markers",
-            error_y={"type": "data", "symmetric": False, "array": (df["hi"] - df["value"]).tolist(),
-                     "arrayminus": (df["value"] - df["lo"]).tolist()},
-            hovertext=[f"{k}/{n}" for k, n in zip(df["k"], df["n"])]))
+        names = [
+            m
+            if m not in ("power", "coverage")
+            else (f"power x{1 - s:g}" if m == "power" else f"coverage {int(e)} entities")
+            for m, s, e in zip(df["measure"], df["strength"], df["n_entities"])
+        ]
+        fig = go.Figure(
+            go.Scatter(
+                x=names,
+                y=df["value"],
+                mode="markers",
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (df["hi"] - df["value"]).tolist(),
+                    "arrayminus": (df["value"] - df["lo"]).tolist(),
+                },
+                hovertext=[f"{k}/{n}" for k, n in zip(df["k"], df["n"])],
+            )
+        )
         fig.add_hline(y=ALPHA, line_dash="dot", annotation_text=f"alpha {ALPHA}")
         fig.add_hline(y=0.95, line_dash="dot", annotation_text="95 % coverage")
-        fig.update_layout(title=f"calibration at {self.checkpoint} ({self.statistic})", yaxis_range=[0, 1.05],
-                          plot_bgcolor="white")
+        fig.update_layout(
+            title=f"calibration at {self.checkpoint} ({self.statistic})", yaxis_range=[0, 1.05], plot_bgcolor="white"
+        )
         return fig
 
     def _repr_html_(self) -> str:
@@ -221,12 +269,14 @@ class Calibration:
 
         from circuitdyn.analysis.report import html_block
 
-        return html_block(f"<b>Calibration</b> at {html.escape(self.checkpoint)}", self.describe(), self.to_frame(),
-                          rows=None)
+        return html_block(
+            f"<b>Calibration</b> at {html.escape(self.checkpoint)}", self.describe(), self.to_frame(), rows=None
+        )
 
 
-def coverage(samples: np.ndarray, entities: list[str], counts: Sequence[int], data: str, seed: int,
-             truth: float | None = None) -> list[dict[str, Any]]:
+def coverage(
+    samples: np.ndarray, entities: list[str], counts: Sequence[int], data: str, seed: int, truth: float | None = None
+) -> list[dict[str, Any]]:
     """Per entity count n: how often the interval circuitdyn prints (`stats.bootstrap_ci`) of the mean over n
     entities covers `truth`. `samples` [fact, draw]: each simulated data set draws n entities with replacement
     from these facts' entities and, for each of their facts, one of its draws at random. `truth` defaults to the
@@ -256,13 +306,17 @@ def coverage(samples: np.ndarray, entities: list[str], counts: Sequence[int], da
     return out
 
 
-STATISTIC_NAMES = {"edge_jaccard": "edge-set distance", "weighted_jaccard": "weighted-Jaccard distance",
-                   "spearman": "rank distance"}
+STATISTIC_NAMES = {
+    "edge_jaccard": "edge-set distance",
+    "weighted_jaccard": "weighted-Jaccard distance",
+    "spearman": "rank distance",
+}
 
 
 def markdown_table(cal: dict[str, Any]) -> str:
     """A calibration's JSON (`Calibration.to_dict()`, as `calibrate --out` writes it) as the Markdown the README
     quotes: one table of false-positive rates and power per statistic, then the BH and coverage lines."""
+
     def r(x: dict[str, Any], digits: int = 3) -> str:
         if x["value"] is None:
             return x.get("note", "no interval printed")
@@ -271,17 +325,25 @@ def markdown_table(cal: dict[str, Any]) -> str:
     stats = list(cal["per_statistic"])
     names = [STATISTIC_NAMES.get(x, x) + (" (primary)" if x == cal["statistic"] else "") for x in stats]
     node = cal["planted_component"]
-    lines = [f"{cal['n_tested']} of {cal['n_facts']} facts tested (gap >= {MIN_GAP:g} nat) in {cal['n_entities']} "
-             f"entities; planted component `{node}`",
-             "| what is measured | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(stats)]
-    rows = [("per-fact test fires under the null (`fact_fpr`, p <= 0.05)", "fact_fpr"),
-            ("aggregate test fires under the null (`aggregate_fpr`)", "aggregate_fpr")]
+    lines = [
+        f"{cal['n_tested']} of {cal['n_facts']} facts tested (gap >= {MIN_GAP:g} nat) in {cal['n_entities']} "
+        f"entities; planted component `{node}`",
+        "| what is measured | " + " | ".join(names) + " |",
+        "| --- |" + " --- |" * len(stats),
+    ]
+    rows = [
+        ("per-fact test fires under the null (`fact_fpr`, p <= 0.05)", "fact_fpr"),
+        ("aggregate test fires under the null (`aggregate_fpr`)", "aggregate_fpr"),
+    ]
     for label, key in rows:
         lines.append(f"| {label} | " + " | ".join(r(cal["per_statistic"][x][key]) for x in stats) + " |")
     for i, p in enumerate(cal["power"]):
         cells = [cal["per_statistic"][x]["power"][i] for x in stats]
-        lines.append(f"| power: `{node}` output x {1 - p['strength']:g} | " + " | ".join(
-            f"{r(c, 2)}; BH {c['flagged']}/{c['n']}; aggregate p {c['aggregate_p']:.4f}" for c in cells) + " |")
+        lines.append(
+            f"| power: `{node}` output x {1 - p['strength']:g} | "
+            + " | ".join(f"{r(c, 2)}; BH {c['flagged']}/{c['n']}; aggregate p {c['aggregate_p']:.4f}" for c in cells)
+            + " |"
+        )
     lines += ["", f"null rounds with any fact flagged after BH: {r(cal['verdict_fwer'])}"]
     lines += [f"coverage {c['n_entities']} entities ({c['data']}): {r(c)}" for c in cal["coverage"]]
     return "\n".join(lines)

@@ -115,8 +115,12 @@ def aggregate_p(effects: Sequence[np.ndarray], n_perm: int = N_AGGREGATE_PERM, s
 
 
 def joint_permutation_p(
-    dist: Float[np.ndarray, "fact rep rep"], groups: np.ndarray, pairs: Sequence[tuple[int, int]],
-    tested: np.ndarray, n_perm: int = N_AGGREGATE_PERM, seed: int = 0,
+    dist: Float[np.ndarray, "fact rep rep"],
+    groups: np.ndarray,
+    pairs: Sequence[tuple[int, int]],
+    tested: np.ndarray,
+    n_perm: int = N_AGGREGATE_PERM,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """The aggregate test of a sequence of checkpoints (a timeline): per fact, S = the sum over its tested
     `pairs` (i, j) of groups of T_ij = mean distance between replicates of groups i and j - the mean of the
@@ -224,13 +228,20 @@ def compare_replicates(
     if len(fact_ids) != reps_a.shape[1]:
         raise CircuitdynError(f"{len(fact_ids)} fact ids for {reps_a.shape[1]} facts of replicates")
     dist = replicate_distances(torch.cat([reps_a, reps_b]), sizes)
-    return distance_test(dist, reps_a.shape[0], reps_b.shape[0], fact_ids, included=included, family=family,
-                          alpha=alpha)
+    return distance_test(
+        dist, reps_a.shape[0], reps_b.shape[0], fact_ids, included=included, family=family, alpha=alpha
+    )
 
 
 def distance_test(
-    dist: dict[str, Float[np.ndarray, "fact rep rep"]], r_a: int, r_b: int, fact_ids: Sequence[str], *,
-    included: np.ndarray | None = None, family: str = "estimation", alpha: float = ALPHA,
+    dist: dict[str, Float[np.ndarray, "fact rep rep"]],
+    r_a: int,
+    r_b: int,
+    fact_ids: Sequence[str],
+    *,
+    included: np.ndarray | None = None,
+    family: str = "estimation",
+    alpha: float = ALPHA,
 ) -> tuple[ChangeTest, dict[str, list[np.ndarray]]]:
     """`compare_replicates` from the replicates' distance matrices (`replicate_distances`; the first `r_a`
     replicates are side A), so that many tests can share one computation of the distances."""
@@ -239,8 +250,10 @@ def distance_test(
     inc = np.ones(len(fact_ids), dtype=bool) if included is None else np.asarray(included, dtype=bool)
     groups = splits(r_a, r_b)
     if smallest_p(r_a, r_b) > alpha:
-        warn(f"with {r_a} + {r_b} replicates the change test's smallest p is {smallest_p(r_a, r_b):.3f} > {alpha}: "
-             "no fact can be flagged (draw 4 or more replicates per checkpoint)")
+        warn(
+            f"with {r_a} + {r_b} replicates the change test's smallest p is {smallest_p(r_a, r_b):.3f} > {alpha}: "
+            "no fact can be flagged (draw 4 or more replicates per checkpoint)"
+        )
     frames, per_stat = [], {}
     for stat in DISTANCES:
         effects = split_effects(dist[stat], groups)
@@ -248,11 +261,19 @@ def distance_test(
         tested = inc & ~undefined
         obs = groups[0].astype(float)
         cross = np.einsum("fij,i,j->f", np.nan_to_num(dist[stat]), obs, 1 - obs) / (r_a * r_b)
-        frames.append(pd.DataFrame({
-            "fact_id": list(fact_ids), "statistic": stat, "cross": cross, "within": cross - effects[:, 0],
-            "effect": np.where(undefined, np.nan, effects[:, 0]),
-            "p_value": np.where(tested, permutation_p(effects), np.nan), "included": inc,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "fact_id": list(fact_ids),
+                    "statistic": stat,
+                    "cross": cross,
+                    "within": cross - effects[:, 0],
+                    "effect": np.where(undefined, np.nan, effects[:, 0]),
+                    "p_value": np.where(tested, permutation_p(effects), np.nan),
+                    "included": inc,
+                }
+            )
+        )
         per_stat[stat] = [effects[i] for i in np.flatnonzero(tested)]
     table = with_fdr(pd.concat(frames, ignore_index=True), alpha)
     return ChangeTest(table, (r_a, r_b), family, alpha), per_stat
@@ -270,7 +291,8 @@ def with_fdr(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
         rejected, adjusted = benjamini_hochberg(p, alpha)
         out.iloc[rows, out.columns.get_loc("q_value")] = adjusted
         out.iloc[rows, out.columns.get_loc("changed_beyond_noise")] = pd.array(
-            [bool(x) if not np.isnan(v) else pd.NA for x, v in zip(rejected, p)], dtype="boolean")
+            [bool(x) if not np.isnan(v) else pd.NA for x, v in zip(rejected, p)], dtype="boolean"
+        )
     return out
 
 
@@ -280,8 +302,9 @@ def change_table(observed: dict[str, np.ndarray], fact_ids: Sequence[str], test:
     `q_value`, `changed_beyond_noise`); without a test these are NA."""
     frames = []
     for stat in DISTANCES:
-        df = pd.DataFrame({"fact_id": list(fact_ids), "statistic": stat,
-                           "distance": np.asarray(observed[stat], dtype=float)})
+        df = pd.DataFrame(
+            {"fact_id": list(fact_ids), "statistic": stat, "distance": np.asarray(observed[stat], dtype=float)}
+        )
         if test is None:
             for col in ("noise_distance", "cross", "effect", "p_value", "q_value"):
                 df[col] = np.nan
@@ -308,6 +331,10 @@ def aggregate_verdict(
     groups = [entities[int(i)] for i in np.flatnonzero(table["p_value"].notna().to_numpy())]
     est = bootstrap_ci(rows["effect"].to_numpy(float), groups)
     p = aggregate_p(effects, seed=seed)
-    return {"effect": est.to_dict(), "p_value": None if np.isnan(p) else round(p, 6), "n_tested": int(len(rows)),
-            "n_changed_beyond_noise": int(rows["changed_beyond_noise"].fillna(False).sum()),
-            "changed": bool(p <= alpha and est.value > 0) if not np.isnan(p) else None}
+    return {
+        "effect": est.to_dict(),
+        "p_value": None if np.isnan(p) else round(p, 6),
+        "n_tested": int(len(rows)),
+        "n_changed_beyond_noise": int(rows["changed_beyond_noise"].fillna(False).sum()),
+        "changed": bool(p <= alpha and est.value > 0) if not np.isnan(p) else None,
+    }

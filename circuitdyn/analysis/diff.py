@@ -68,6 +68,7 @@ noise every band is 0."""
 PRIMARY = "edge_jaccard"
 """The statistic of the headline `n_changed_beyond_noise`: how much of the selected circuits' edge sets differ."""
 
+
 def restrict(circuits: CircuitSet, fact_ids: list[str], graph: Graph | None = None) -> CircuitSet:
     """`circuits` limited to `fact_ids` (itself when nothing changes), sharing an already rebuilt graph.
 
@@ -297,22 +298,24 @@ class CircuitDiff:
         count = {s: (code == i).sum(1).numpy() for i, s in enumerate(STATUSES)}
         g = self.graph
         sh_a, sh_b = component_shares(g, self.scores_a), component_shares(g, self.scores_b)
-        df = pd.DataFrame({
-            "fact_id": self.rows,
-            "n_a": self.mask_a.sum(1).numpy(),
-            "n_b": self.mask_b.sum(1).numpy(),
-            **count,
-            "sign_flips": self.sign_flips.sum(1).numpy(),
-            "edge_jaccard": jaccard(self.mask_a, self.mask_b).numpy(),
-            "node_jaccard": jaccard(node_mask(g, self.mask_a), node_mask(g, self.mask_b)).numpy(),
-            "weighted_jaccard": weighted_jaccard(self.scores_a, self.scores_b).numpy(),
-            "spearman": spearman(self.scores_a, self.scores_b).numpy(),
-            "rbo": rank_biased_overlap(self.scores_a, self.scores_b).numpy(),
-            "changed_frac": self._changed_frac().numpy(),
-            "attn_shift": (sh_b["attn"] - sh_a["attn"]).numpy(),
-            "mlp_shift": (sh_b["mlp"] - sh_a["mlp"]).numpy(),
-            "deep_shift": (sh_b["deep"] - sh_a["deep"]).numpy(),
-        })
+        df = pd.DataFrame(
+            {
+                "fact_id": self.rows,
+                "n_a": self.mask_a.sum(1).numpy(),
+                "n_b": self.mask_b.sum(1).numpy(),
+                **count,
+                "sign_flips": self.sign_flips.sum(1).numpy(),
+                "edge_jaccard": jaccard(self.mask_a, self.mask_b).numpy(),
+                "node_jaccard": jaccard(node_mask(g, self.mask_a), node_mask(g, self.mask_b)).numpy(),
+                "weighted_jaccard": weighted_jaccard(self.scores_a, self.scores_b).numpy(),
+                "spearman": spearman(self.scores_a, self.scores_b).numpy(),
+                "rbo": rank_biased_overlap(self.scores_a, self.scores_b).numpy(),
+                "changed_frac": self._changed_frac().numpy(),
+                "attn_shift": (sh_b["attn"] - sh_a["attn"]).numpy(),
+                "mlp_shift": (sh_b["mlp"] - sh_a["mlp"]).numpy(),
+                "deep_shift": (sh_b["deep"] - sh_a["deep"]).numpy(),
+            }
+        )
         paths = [self._path_table(r) for r in range(len(self.rows))]
         df["paths_kept"] = [int((p["status"] == "kept").sum()) if len(p) else 0 for p in paths]
         df["paths_lost"] = [int((p["status"] == "lost").sum()) if len(p) else 0 for p in paths]
@@ -383,32 +386,53 @@ class CircuitDiff:
             "method_noise": None if self.noise is None else self.noise.summary(),
         }
         test = self.test
-        out["change_test"] = None if test is None else {"family": test[0].family, "alpha": test[0].alpha,
-                                                         "replicates_per_checkpoint": list(test[0].n_replicates)}
+        out["change_test"] = (
+            None
+            if test is None
+            else {
+                "family": test[0].family,
+                "alpha": test[0].alpha,
+                "replicates_per_checkpoint": list(test[0].n_replicates),
+            }
+        )
         for stat in DISTANCES:
             rows = ch[ch["statistic"] == stat].set_index("fact_id").reindex(facts.index[inc])
             out[stat] = {
                 "distance": bootstrap_ci(rows["distance"].to_numpy(float), groups).to_dict(),
                 "noise_distance": _num(np.nanmean(rows["noise_distance"])) if test is not None and len(rows) else None,
-                "n_changed_beyond_noise": None, "n_tested": 0,
+                "n_changed_beyond_noise": None,
+                "n_tested": 0,
             }
             if test is not None:
-                out[stat].update(aggregate_verdict(test[0].statistic(stat).reset_index(), test[1][stat],
-                                                   self.entities, ALPHA))
+                out[stat].update(
+                    aggregate_verdict(test[0].statistic(stat).reset_index(), test[1][stat], self.entities, ALPHA)
+                )
         out["n_changed_beyond_noise"] = out[PRIMARY]["n_changed_beyond_noise"]
         out["n_tested"] = out[PRIMARY]["n_tested"]
         sizes = {"a": facts.loc[inc, "n_a"], "b": facts.loc[inc, "n_b"]}
-        out["circuit_size"] = {k: {"median": _num(v.median()), "min": _num(v.min()), "max": _num(v.max()),
-                                   "share_of_graph": _num(v.median() / len(self.a.edges))} for k, v in sizes.items()}
+        out["circuit_size"] = {
+            k: {
+                "median": _num(v.median()),
+                "min": _num(v.min()),
+                "max": _num(v.max()),
+                "share_of_graph": _num(v.median() / len(self.a.edges)),
+            }
+            for k, v in sizes.items()
+        }
         if "faith_a" in facts:
-            out["faithfulness_reached"] = {k: {"median": _num(facts.loc[inc, c].median()),
-                                               "min": _num(facts.loc[inc, c].min())}
-                                           for k, c in (("a", "faith_a"), ("b", "faith_b"))}
+            out["faithfulness_reached"] = {
+                k: {"median": _num(facts.loc[inc, c].median()), "min": _num(facts.loc[inc, c].min())}
+                for k, c in (("a", "faith_a"), ("b", "faith_b"))
+            }
         if "faith_heldout_a" in facts:
             out["faithfulness_heldout"] = {
-                k: {"median": _num(facts.loc[inc, c].median()), "min": _num(facts.loc[inc, c].min()),
-                    "n": int(facts.loc[inc, c].notna().sum())}
-                for k, c in (("a", "faith_heldout_a"), ("b", "faith_heldout_b"))}
+                k: {
+                    "median": _num(facts.loc[inc, c].median()),
+                    "min": _num(facts.loc[inc, c].min()),
+                    "n": int(facts.loc[inc, c].notna().sum()),
+                }
+                for k, c in (("a", "faith_heldout_a"), ("b", "faith_heldout_b"))
+            }
         out["means"] = {k: _num(v) for k, v in self.means.items()}
         return out
 
@@ -423,16 +447,18 @@ class CircuitDiff:
         idx = keep.nonzero().flatten()
         names = [self.a.edges[i] for i in idx.tolist()]
         sa, sb = self.scores_a[r, idx], self.scores_b[r, idx]
-        df = pd.DataFrame({
-            "edge": names,
-            "src": [n.split("->")[0] for n in names],
-            "dst": [n.split("->")[1] for n in names],
-            "score_a": sa.numpy(),
-            "score_b": sb.numpy(),
-            "delta": (sb - sa).numpy(),
-            "status": [STATUSES[c] if c >= 0 else "none" for c in code[idx].tolist()],
-            "sign_flip": self.sign_flips[r, idx].numpy(),
-        })
+        df = pd.DataFrame(
+            {
+                "edge": names,
+                "src": [n.split("->")[0] for n in names],
+                "dst": [n.split("->")[1] for n in names],
+                "score_a": sa.numpy(),
+                "score_b": sb.numpy(),
+                "delta": (sb - sa).numpy(),
+                "status": [STATUSES[c] if c >= 0 else "none" for c in code[idx].tolist()],
+                "sign_flip": self.sign_flips[r, idx].numpy(),
+            }
+        )
         df["layer"] = [self.graph.layer_of(d) for d in df["dst"]]
         return df.sort_values("delta", key=lambda s: -s.abs(), kind="stable").reset_index(drop=True)
 
@@ -441,27 +467,41 @@ class CircuitDiff:
         """Long table (fact_id, layer, share_a, share_b, shift): importance share of each block."""
         la, lb = layer_shares(self.graph, self.scores_a), layer_shares(self.graph, self.scores_b)
         rows, L = len(self.rows), self.graph.n_layers
-        return pd.DataFrame({
-            "fact_id": np.repeat(self.rows, L),
-            "layer": np.tile(np.arange(L), rows),
-            "share_a": la.flatten().numpy(),
-            "share_b": lb.flatten().numpy(),
-            "shift": (lb - la).flatten().numpy(),
-        })
+        return pd.DataFrame(
+            {
+                "fact_id": np.repeat(self.rows, L),
+                "layer": np.tile(np.arange(L), rows),
+                "share_a": la.flatten().numpy(),
+                "share_b": lb.flatten().numpy(),
+                "shift": (lb - la).flatten().numpy(),
+            }
+        )
 
     @cached_property
     def components(self) -> pd.DataFrame:
         """Long table (fact_id, component, share_a, share_b, shift) for input/attn/mlp/logits/shallow/deep."""
         ca, cb = component_shares(self.graph, self.scores_a), component_shares(self.graph, self.scores_b)
-        parts = [pd.DataFrame({"fact_id": self.rows, "component": k, "share_a": ca[k].numpy(),
-                               "share_b": cb[k].numpy(), "shift": (cb[k] - ca[k]).numpy()}) for k in ca]
+        parts = [
+            pd.DataFrame(
+                {
+                    "fact_id": self.rows,
+                    "component": k,
+                    "share_a": ca[k].numpy(),
+                    "share_b": cb[k].numpy(),
+                    "shift": (cb[k] - ca[k]).numpy(),
+                }
+            )
+            for k in ca
+        ]
         return pd.concat(parts, ignore_index=True)
 
     def circuit_graphs(self, fact_id: str = MEAN) -> tuple[nx.DiGraph, nx.DiGraph]:
         """The two selected circuits of one fact as component-level DiGraphs."""
         r = self.row(fact_id)
-        return (circuit_graph(self.graph, self.scores_a[r], self.mask_a[r]),
-                circuit_graph(self.graph, self.scores_b[r], self.mask_b[r]))
+        return (
+            circuit_graph(self.graph, self.scores_a[r], self.mask_a[r]),
+            circuit_graph(self.graph, self.scores_b[r], self.mask_b[r]),
+        )
 
     def _path_table(self, r: int) -> pd.DataFrame:
         key = f"paths{r}"
@@ -474,14 +514,31 @@ class CircuitDiff:
             records = []
             for p in list(rank_a) + [p for p in rank_b if p not in rank_a]:
                 sa, sb = path_strength(ga, p), path_strength(gb, p)
-                status = ("kept" if p in rank_a and p in rank_b else
-                          "lost" if p in rank_a and math.isnan(sb) else
-                          "demoted" if p in rank_a else
-                          "new" if math.isnan(sa) else "promoted")
-                records.append({"path": " -> ".join(p), "length": len(p) - 1, "rank_a": rank_a.get(p),
-                                "rank_b": rank_b.get(p), "strength_a": sa, "strength_b": sb, "status": status})
-            self._cache[key] = pd.DataFrame(records, columns=["path", "length", "rank_a", "rank_b",
-                                                              "strength_a", "strength_b", "status"])
+                status = (
+                    "kept"
+                    if p in rank_a and p in rank_b
+                    else "lost"
+                    if p in rank_a and math.isnan(sb)
+                    else "demoted"
+                    if p in rank_a
+                    else "new"
+                    if math.isnan(sa)
+                    else "promoted"
+                )
+                records.append(
+                    {
+                        "path": " -> ".join(p),
+                        "length": len(p) - 1,
+                        "rank_a": rank_a.get(p),
+                        "rank_b": rank_b.get(p),
+                        "strength_a": sa,
+                        "strength_b": sb,
+                        "status": status,
+                    }
+                )
+            self._cache[key] = pd.DataFrame(
+                records, columns=["path", "length", "rank_a", "rank_b", "strength_a", "strength_b", "status"]
+            )
         return self._cache[key]
 
     def paths(self, fact_id: str = MEAN) -> pd.DataFrame:
@@ -495,6 +552,7 @@ class CircuitDiff:
 
     def to_dict(self) -> dict[str, Any]:
         """The numbers as plain JSON-able data (for `--json`), with the findings (`describe`)."""
+
         def clean(v: Any) -> Any:
             if v is pd.NA:
                 return None
@@ -503,12 +561,24 @@ class CircuitDiff:
             if isinstance(v, (np.integer, np.bool_)):
                 return v.item()
             return v
-        keys = ("distance", "noise_distance", "cross", "effect", "p_value", "q_value", "n_replicates",
-                "changed_beyond_noise")
-        changes = {f: {r["statistic"]: {k: clean(r[k]) for k in keys}
-                       for _, r in g.iterrows()} for f, g in self.changes.groupby("fact_id", sort=False)}
+
+        keys = (
+            "distance",
+            "noise_distance",
+            "cross",
+            "effect",
+            "p_value",
+            "q_value",
+            "n_replicates",
+            "changed_beyond_noise",
+        )
+        changes = {
+            f: {r["statistic"]: {k: clean(r[k]) for k in keys} for _, r in g.iterrows()}
+            for f, g in self.changes.groupby("fact_id", sort=False)
+        }
         return {
-            "a": self.label_a, "b": self.label_b,
+            "a": self.label_a,
+            "b": self.label_b,
             "selection": {"rule": self.selection.rule, "value": self.selection.value, "spec": str(self.selection)},
             "summary": self.summary,
             "n_changed_beyond_noise": self.summary["n_changed_beyond_noise"],
@@ -557,9 +627,12 @@ class CircuitDiff:
 
         from circuitdyn.analysis.report import html_block
 
-        return html_block(f"<b>CircuitDiff</b> {html.escape(self.label_a)} &rarr; {html.escape(self.label_b)}: "
-                          f"{len(self.a.fact_ids)} facts, selection {html.escape(str(self.selection))}",
-                          self.describe(), self.to_frame())
+        return html_block(
+            f"<b>CircuitDiff</b> {html.escape(self.label_a)} &rarr; {html.escape(self.label_b)}: "
+            f"{len(self.a.fact_ids)} facts, selection {html.escape(str(self.selection))}",
+            self.describe(),
+            self.to_frame(),
+        )
 
 
 def _num(x: Any) -> float | None:
@@ -614,8 +687,10 @@ def diff_circuits(
         (mask_a, reached_a), (mask_b, reached_b) = selected
         mask_a, mask_b = mask_a.bool(), mask_b.bool()
         if mask_a.shape != a.scores.shape or mask_b.shape != b.scores.shape:
-            raise CircuitdynError(f"selected masks have shapes {tuple(mask_a.shape)}, {tuple(mask_b.shape)}; "
-                                  f"expected {tuple(a.scores.shape)}")
+            raise CircuitdynError(
+                f"selected masks have shapes {tuple(mask_a.shape)}, {tuple(mask_b.shape)}; "
+                f"expected {tuple(a.scores.shape)}"
+            )
         if reached_a is not None and reached_b is not None:
             faith_a, faith_b = reached_a.float(), reached_b.float()
     else:
@@ -627,10 +702,19 @@ def diff_circuits(
     n_mean = max(1, int(round(float(torch.cat([mask_a, mask_b]).sum(1).float().mean()))))
     mean_a, mean_b = (sel.mean_circuit(x.scores.float().mean(0), a.graph, n_mean) for x in (a, b))
     return CircuitDiff(
-        a, b, sel,
-        torch.cat([mask_a, mean_a[None]]), torch.cat([mask_b, mean_b[None]]),
+        a,
+        b,
+        sel,
+        torch.cat([mask_a, mean_a[None]]),
+        torch.cat([mask_b, mean_b[None]]),
         torch.cat([band, band.mean(0, keepdim=True)]),
-        faith_a, faith_b, labels[0], labels[1], noise=noise, entity_of=dict(entity_of or {}), noise_keys=noise_keys,
+        faith_a,
+        faith_b,
+        labels[0],
+        labels[1],
+        noise=noise,
+        entity_of=dict(entity_of or {}),
+        noise_keys=noise_keys,
     )
 
 

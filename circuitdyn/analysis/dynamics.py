@@ -190,8 +190,10 @@ class Dynamics:
         """The run-level table: per epoch learned / acquired / retained / forgotten, mean recall and F1,
         train loss and control-probe accuracy."""
         t = transitions(self.learned)
-        means = self.entity_scores.groupby("epoch")[["recall", "f1"]].mean().rename(
-            columns={"recall": "mean_recall", "f1": "mean_f1"}
+        means = (
+            self.entity_scores.groupby("epoch")[["recall", "f1"]]
+            .mean()
+            .rename(columns={"recall": "mean_recall", "f1": "mean_f1"})
         )
         t = t.join(means, on="epoch")
         if not self.loss.empty:
@@ -263,14 +265,21 @@ def _entity_rows(path: Path, epoch: int, meta: dict[str, dict[str, Any]], thresh
             continue  # the ">=0.6" count sits beside the entities
         if "recall" not in v:
             raise CircuitdynError(f"{path}: entity {name!r} has no 'recall'")
-        rows.append({"epoch": epoch, "entity": name, "recall": float(v["recall"]),
-                     "f1": float(v.get("f1", float("nan"))),
-                     **meta.get(name, {"ne_label": None, "ne_frequency": None})})
+        rows.append(
+            {
+                "epoch": epoch,
+                "entity": name,
+                "recall": float(v["recall"]),
+                "f1": float(v.get("f1", float("nan"))),
+                **meta.get(name, {"ne_label": None, "ne_frequency": None}),
+            }
+        )
     return rows
 
 
-def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
-                  baseline: str | Path | None = None) -> Dynamics:
+def load_dynamics(
+    path: str | Path, *, threshold: float = LEARNED_THRESHOLD, baseline: str | Path | None = None
+) -> Dynamics:
     """Read a run's (or the paper's released) per-epoch probe results into a `Dynamics`.
 
     `path` is a run folder written by `circuitdyn cpt`, a Trainer output folder whose checkpoints hold probe
@@ -280,8 +289,9 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
     from circuitdyn.runs.trainer_output import trainer_checkpoints
 
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise CircuitdynError(f"threshold (mean ROUGE-1 recall at which an entity is learned) must be in (0, 1], "
-                              f"got {threshold!r}")
+        raise CircuitdynError(
+            f"threshold (mean ROUGE-1 recall at which an entity is learned) must be in (0, 1], got {threshold!r}"
+        )
     root = Path(path)
     if not root.is_dir():
         raise CircuitdynError(f"{root}: no such run folder")
@@ -306,8 +316,9 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
             entity_rows += _entity_rows(d / ENTITY_RESULTS, epoch, meta, threshold)
         if (d / CONTROL_RESULTS).is_file():
             ctrl = read_json(d / CONTROL_RESULTS)
-            control_rows.append({"epoch": epoch,
-                                 **{k: v.get("exact_match") for k, v in ctrl.items() if isinstance(v, dict)}})
+            control_rows.append(
+                {"epoch": epoch, **{k: v.get("exact_match") for k, v in ctrl.items() if isinstance(v, dict)}}
+            )
     probe_scores = None
     if probe_frames:
         probe_scores = pd.concat(probe_frames, ignore_index=True)
@@ -321,12 +332,16 @@ def load_dynamics(path: str | Path, *, threshold: float = LEARNED_THRESHOLD,
     loss = pd.DataFrame()
     manifest = root / "run.json"
     if manifest.is_file():
-        rows = [{"epoch": e["epoch"], "step": e.get("step"), "train_loss": e.get("train_loss")}
-                for e in read_json(manifest).get("epochs", [])]
+        rows = [
+            {"epoch": e["epoch"], "step": e.get("step"), "train_loss": e.get("train_loss")}
+            for e in read_json(manifest).get("epochs", [])
+        ]
         loss = pd.DataFrame(rows)
     elif trainer := trainer_checkpoints(root):
-        loss = pd.DataFrame([{"epoch": 0, "step": 0, "train_loss": None}]
-                            + [{"epoch": c.epoch, "step": c.step, "train_loss": c.loss} for c in trainer])
+        loss = pd.DataFrame(
+            [{"epoch": 0, "step": 0, "train_loss": None}]
+            + [{"epoch": c.epoch, "step": c.step, "train_loss": c.loss} for c in trainer]
+        )
     control = pd.DataFrame(control_rows)
     return Dynamics(root, entity_scores, probe_scores, control, loss, threshold)
 
@@ -335,7 +350,9 @@ def entity_scores_from_probes(probe_scores: pd.DataFrame) -> pd.DataFrame:
     """Per (epoch, entity) means of the probe scores (the paper's per-entity recall and F1)."""
     meta = [c for c in ("ne_label", "ne_frequency") if c in probe_scores]
     agg = probe_scores.groupby(["epoch", "entity"], sort=False).agg(
-        recall=("recall", "mean"), f1=("f1", "mean"), n_probes=("recall", "size"),
+        recall=("recall", "mean"),
+        f1=("f1", "mean"),
+        n_probes=("recall", "size"),
         **{c: (c, "first") for c in meta},
     )
     return agg.reset_index()
@@ -409,14 +426,30 @@ class DynamicsReport:
         if groups is not None:
             lines.append(groups.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
         if self.show_entities:
-            cols = ["entity", "known_before", "first_acquired", "flips", "windows", "consolidated_from",
-                    "never_learned", "best_recall", "best_epoch"]
+            cols = [
+                "entity",
+                "known_before",
+                "first_acquired",
+                "flips",
+                "windows",
+                "consolidated_from",
+                "never_learned",
+                "best_recall",
+                "best_epoch",
+            ]
             lines.append(dyn.entities()[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
         return "\n".join(lines)
 
 
-def dynamics_report(path: str | Path, *, threshold: float = LEARNED_THRESHOLD, baseline: str | Path | None = None,
-                    by: str | None = None, stop: str | None = None, entities: bool = False) -> DynamicsReport:
+def dynamics_report(
+    path: str | Path,
+    *,
+    threshold: float = LEARNED_THRESHOLD,
+    baseline: str | Path | None = None,
+    by: str | None = None,
+    stop: str | None = None,
+    entities: bool = False,
+) -> DynamicsReport:
     """The dynamics of the run at `path` (`load_dynamics`), with the decision of the stopping rule `stop`
     (`stopping.apply_rule` on the probe history) when given."""
     dyn = load_dynamics(path, threshold=threshold, baseline=baseline)
@@ -424,12 +457,16 @@ def dynamics_report(path: str | Path, *, threshold: float = LEARNED_THRESHOLD, b
     return DynamicsReport(dyn, by, decision, entities)
 
 
-def dynamics_across(paths: Sequence[str], *, threshold: float = LEARNED_THRESHOLD,
-                    baseline: str | Path | None = None) -> AcrossRuns:
+def dynamics_across(
+    paths: Sequence[str], *, threshold: float = LEARNED_THRESHOLD, baseline: str | Path | None = None
+) -> AcrossRuns:
     """The dynamics of several runs (e.g. the seeds of a sweep): per-epoch means with 95 % intervals across them
     (`across_runs.across_runs` of each run's `Dynamics.table()`)."""
     if len(set(paths)) != len(paths):
         raise CircuitdynError(f"a run folder is given twice: {list(paths)}")
     table = across_runs({run: load_dynamics(run, threshold=threshold, baseline=baseline).table() for run in paths})
-    return AcrossRuns(f"learning dynamics of {len(paths)} runs: per-epoch mean [95 % bootstrap interval over runs]",
-                      [("", table)], {"runs": list(paths), "threshold": threshold, "across_runs": records(table)})
+    return AcrossRuns(
+        f"learning dynamics of {len(paths)} runs: per-epoch mean [95 % bootstrap interval over runs]",
+        [("", table)],
+        {"runs": list(paths), "threshold": threshold, "across_runs": records(table)},
+    )

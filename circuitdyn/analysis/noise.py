@@ -72,8 +72,12 @@ class Draw:
         drawn for it among its first `N_VARIANTS` valid ones."""
         if self.family != "question":
             return facts
-        return facts.with_variant({f: int(np.random.default_rng([self.seed, zlib.crc32(f.encode()), 0xF00D])
-                                          .integers(N_VARIANTS)) for f in facts.ids})
+        return facts.with_variant(
+            {
+                f: int(np.random.default_rng([self.seed, zlib.crc32(f.encode()), 0xF00D]).integers(N_VARIANTS))
+                for f in facts.ids
+            }
+        )
 
 
 def draw_settings(family: str, n: int, seed: int = 0) -> list[Draw]:
@@ -139,19 +143,30 @@ class MethodNoise:
 
     def summary(self) -> dict[str, Any]:
         """Median over facts of each statistic's median noise distance, and what it rests on."""
-        out: dict[str, Any] = {"epochs": self.epochs, "replicates": self.replicate_names, "selection": self.selection,
-                               "family": self.family, "n_facts": len(self.fact_ids)}
+        out: dict[str, Any] = {
+            "epochs": self.epochs,
+            "replicates": self.replicate_names,
+            "selection": self.selection,
+            "family": self.family,
+            "n_facts": len(self.fact_ids),
+        }
         for stat in DISTANCES:
             pf = self.per_fact(stat)
-            out[stat] = {"median_of_medians": _num(pf["median"].median()),
-                         "n_per_fact": int(pf["n"].min()) if len(pf) and pf["n"].notna().all() else 0}
+            out[stat] = {
+                "median_of_medians": _num(pf["median"].median()),
+                "n_per_fact": int(pf["n"].min()) if len(pf) and pf["n"].notna().all() else 0,
+            }
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """`summary()` plus each fact's distribution (for `--json`)."""
-        per_fact = {stat: {f: [_num(x) for x in g["distance"]] for f, g in
-                           self.distances[self.distances["statistic"] == stat].groupby("fact_id")}
-                    for stat in DISTANCES}
+        per_fact = {
+            stat: {
+                f: [_num(x) for x in g["distance"]]
+                for f, g in self.distances[self.distances["statistic"] == stat].groupby("fact_id")
+            }
+            for stat in DISTANCES
+        }
         return {**self.summary(), "per_fact": per_fact}
 
 
@@ -166,8 +181,13 @@ Aligned = tuple[str, Tensor, Tensor, "list[float]"]
 """(replicate name, scores [fact, edge], masks [fact, edge], faithfulness per fact) in one fact order."""
 
 
-def _describe(fact_ids: list[str], per_epoch: dict[int, list[Aligned]], selection: str, family: str,
-              replicates: dict[int, Tensor] | None = None) -> MethodNoise:
+def _describe(
+    fact_ids: list[str],
+    per_epoch: dict[int, list[Aligned]],
+    selection: str,
+    family: str,
+    replicates: dict[int, Tensor] | None = None,
+) -> MethodNoise:
     rows, size_rows = [], []
     n_edges = next(iter(per_epoch.values()))[0][1].shape[1]
     band = torch.zeros(len(fact_ids), n_edges)
@@ -175,8 +195,10 @@ def _describe(fact_ids: list[str], per_epoch: dict[int, list[Aligned]], selectio
         if len(reps) < 2:
             raise CircuitdynError(f"epoch {epoch}: method noise needs at least 2 replicates, got {len(reps)}")
         for name, _, m, faith in reps:
-            size_rows += [{"fact_id": f, "epoch": epoch, "replicate": name, "n_edges": int(n), "faithfulness": v}
-                          for f, n, v in zip(fact_ids, m.sum(1).tolist(), faith)]
+            size_rows += [
+                {"fact_id": f, "epoch": epoch, "replicate": name, "n_edges": int(n), "faithfulness": v}
+                for f, n, v in zip(fact_ids, m.sum(1).tolist(), faith)
+            ]
         for (na, sa, ma, _), (nb, sb, mb, _) in itertools.combinations(reps, 2):
             band = torch.maximum(band, (sa - sb).abs())
             dist = distances(sa, sb, ma, mb)
@@ -184,16 +206,29 @@ def _describe(fact_ids: list[str], per_epoch: dict[int, list[Aligned]], selectio
             # exists) measured nothing: it is left out rather than counted as zero noise.
             same = (sa == sb).all(1).tolist()
             for stat in DISTANCES:
-                rows += [{"fact_id": f, "epoch": epoch, "pair": f"{na} vs {nb}", "statistic": stat,
-                          "distance": float(v)} for f, v, eq in zip(fact_ids, dist[stat], same) if not eq]
+                rows += [
+                    {"fact_id": f, "epoch": epoch, "pair": f"{na} vs {nb}", "statistic": stat, "distance": float(v)}
+                    for f, v, eq in zip(fact_ids, dist[stat], same)
+                    if not eq
+                ]
     names = [rep[0] for rep in next(iter(per_epoch.values()))]
     table = pd.DataFrame(rows, columns=["fact_id", "epoch", "pair", "statistic", "distance"])
-    return MethodNoise(fact_ids, sorted(per_epoch), names, table, band, selection, pd.DataFrame(size_rows), family,
-                       dict(replicates or {}))
+    return MethodNoise(
+        fact_ids,
+        sorted(per_epoch),
+        names,
+        table,
+        band,
+        selection,
+        pd.DataFrame(size_rows),
+        family,
+        dict(replicates or {}),
+    )
 
 
-def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: Selection,
-                          family: str = DEFAULT_FAMILY) -> MethodNoise:
+def noise_from_replicates(
+    per_epoch: dict[int, list[Replica]], selection: Selection, family: str = DEFAULT_FAMILY
+) -> MethodNoise:
     """`MethodNoise` from replicate circuit sets of the same checkpoints: per epoch, at least two replicates
     over the same facts (`Replica` tuples, circuits already selected). Their scores become the replicates
     the change test draws on."""
@@ -213,9 +248,14 @@ def noise_from_replicates(per_epoch: dict[int, list[Replica]], selection: Select
     return _describe(fact_ids, aligned, str(selection), family, replicates)
 
 
-def noise_from_scores(replicates: dict[int, Float[Tensor, "rep fact edge"]], fact_ids: Sequence[str],
-                      sizes: dict[int, Int[Tensor, " fact"]], selection: Selection,
-                      draws: Mapping[int, Sequence[Draw]], family: str = DEFAULT_FAMILY) -> MethodNoise:
+def noise_from_scores(
+    replicates: dict[int, Float[Tensor, "rep fact edge"]],
+    fact_ids: Sequence[str],
+    sizes: dict[int, Int[Tensor, " fact"]],
+    selection: Selection,
+    draws: Mapping[int, Sequence[Draw]],
+    family: str = DEFAULT_FAMILY,
+) -> MethodNoise:
     """`MethodNoise` from replicate scores per checkpoint key; each replicate's circuit is its top-n edges at
     the size of the fact's selected circuit there (`sizes`), so replicates differ only in their scores."""
     if not replicates:
@@ -227,15 +267,16 @@ def noise_from_scores(replicates: dict[int, Float[Tensor, "rep fact edge"]], fac
     return _describe(list(fact_ids), aligned, str(selection), family, replicates)
 
 
-def run_draws(run: Run, epochs: Sequence[int], family: str = DEFAULT_FAMILY, r: int = DEFAULT_REPLICATES,
-              seed: int = 0) -> dict[int, list[Draw]]:
+def run_draws(
+    run: Run, epochs: Sequence[int], family: str = DEFAULT_FAMILY, r: int = DEFAULT_REPLICATES, seed: int = 0
+) -> dict[int, list[Draw]]:
     """The replicate draws of these epochs of `run`: the i-th epoch of the run takes draws [i r, (i + 1) r) of
     the stream `seed`, so a checkpoint's replicates are the same in every study of the run (and cached once),
     and two checkpoints never share a draw."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 2:
         raise CircuitdynError(f"replicates per checkpoint must be a whole number >= 2, got {r!r}")
     stream = draw_settings(family, r * len(run.epochs), seed)
-    return {e: stream[run.epochs.index(e) * r:(run.epochs.index(e) + 1) * r] for e in epochs}
+    return {e: stream[run.epochs.index(e) * r : (run.epochs.index(e) + 1) * r] for e in epochs}
 
 
 def merge_noise(parts: Sequence[MethodNoise]) -> MethodNoise:
@@ -248,6 +289,14 @@ def merge_noise(parts: Sequence[MethodNoise]) -> MethodNoise:
         raise CircuitdynError("method noise of different facts or graphs cannot be pooled")
     band = torch.maximum(first.band, second.band)
     reps = {k: next(iter(p.replicates.values())) for k, p in enumerate(parts) if p.replicates}
-    return MethodNoise(first.fact_ids, sorted({e for p in parts for e in p.epochs}), first.replicate_names,
-                       pd.concat([p.distances for p in parts], ignore_index=True), band, first.selection,
-                       pd.concat([p.sizes for p in parts], ignore_index=True), first.family, reps)
+    return MethodNoise(
+        first.fact_ids,
+        sorted({e for p in parts for e in p.epochs}),
+        first.replicate_names,
+        pd.concat([p.distances for p in parts], ignore_index=True),
+        band,
+        first.selection,
+        pd.concat([p.sizes for p in parts], ignore_index=True),
+        first.family,
+        reps,
+    )

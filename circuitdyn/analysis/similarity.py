@@ -19,6 +19,7 @@ from torch import Tensor
 RBO_P = 0.99
 """RBO persistence: the top 1/(1-p) = 100 edges carry about 63 % of the weight."""
 
+
 def as_rows(x: Tensor) -> Tensor:
     return x.float().reshape(-1, x.shape[-1])
 
@@ -111,8 +112,10 @@ the selected circuits' edge sets, their |score| magnitudes, and the rank order o
 
 
 def similarities(
-    scores_a: Float[Tensor, "row edge"], scores_b: Float[Tensor, "row edge"],
-    mask_a: Bool[Tensor, "row edge"], mask_b: Bool[Tensor, "row edge"],
+    scores_a: Float[Tensor, "row edge"],
+    scores_b: Float[Tensor, "row edge"],
+    mask_a: Bool[Tensor, "row edge"],
+    mask_b: Bool[Tensor, "row edge"],
 ) -> dict[str, np.ndarray]:
     """Per row: edge Jaccard of the selected circuits, weighted Jaccard and Spearman of all scores, RBO."""
     return {
@@ -124,8 +127,10 @@ def similarities(
 
 
 def distances(
-    scores_a: Float[Tensor, "row edge"], scores_b: Float[Tensor, "row edge"],
-    mask_a: Bool[Tensor, "row edge"], mask_b: Bool[Tensor, "row edge"],
+    scores_a: Float[Tensor, "row edge"],
+    scores_b: Float[Tensor, "row edge"],
+    mask_a: Bool[Tensor, "row edge"],
+    mask_b: Bool[Tensor, "row edge"],
 ) -> dict[str, np.ndarray]:
     """Per row, 1 - similarity for each of `DISTANCES`."""
     sims = similarities(scores_a, scores_b, mask_a, mask_b)

@@ -106,7 +106,7 @@ def t_quantile(p: float, df: int) -> float:
 
     def cdf(x: float) -> float:
         xs = np.linspace(0.0, x, 4001)
-        f = c * (1 + xs ** 2 / df) ** (-(df + 1) / 2)
+        f = c * (1 + xs**2 / df) ** (-(df + 1) / 2)
         return 0.5 + x / 12000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
 
     lo, hi = 0.0, 1e3
@@ -122,12 +122,11 @@ def _cr2_halfwidth(v: np.ndarray, inverse: np.ndarray, n_groups: int, level: flo
     mean (Bell and McCaffrey 2002); with equal clusters it is (G - 1)/G, and this is the CR1 interval."""
     sums = np.bincount(inverse, weights=v - v.mean(), minlength=n_groups)
     leverage = np.bincount(inverse, minlength=n_groups) / len(v)
-    var = float((sums ** 2 / (1 - leverage)).sum()) / len(v) ** 2
+    var = float((sums**2 / (1 - leverage)).sum()) / len(v) ** 2
     return t_quantile(1 - (1 - level) / 2, n_groups - 1) * math.sqrt(var)
 
 
-def _valid(values: Sequence[float] | np.ndarray, groups: Sequence[Any] | np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _valid(values: Sequence[float] | np.ndarray, groups: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Values and their groups (as text) with NaN values dropped; the two must have one length."""
     v = np.asarray(values, dtype=float)
     g = np.asarray([str(x) for x in groups])
@@ -213,12 +212,14 @@ def bootstrap_ci(
     if statistic is np.mean:
         return mean_ci(values, groups, level=level, min_groups=min_groups)
     v, g = _valid(values, groups)
-    return cluster_bootstrap(list(g), lambda idx: statistic(v[idx]), n_boot=n_boot, level=level, seed=seed,
-                             min_groups=min_groups)
+    return cluster_bootstrap(
+        list(g), lambda idx: statistic(v[idx]), n_boot=n_boot, level=level, seed=seed, min_groups=min_groups
+    )
 
 
-def simulate_clustered(rng: np.random.Generator, n_sims: int, n_entities: int, facts_per_entity: int,
-                       distribution: str) -> tuple[np.ndarray, float]:
+def simulate_clustered(
+    rng: np.random.Generator, n_sims: int, n_entities: int, facts_per_entity: int, distribution: str
+) -> tuple[np.ndarray, float]:
     """`n_sims` data sets [sim, entity, fact] of facts nested in entities, and their true mean.
 
     normal: 0.3 + entity effect N(0, 0.15) + fact noise N(0, 0.1). beta: distances in [0, 1]; the entity's

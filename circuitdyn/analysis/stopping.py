@@ -99,8 +99,14 @@ def patience_rule(patience: float = 2) -> StoppingRule:
     p = int(patience)
     if p < 1:
         raise CircuitdynError(f"patience must be >= 1, got {patience}")
-    return StoppingRule("patience", p, lambda r: float(r["learned"]), lambda h: _stale(h["learned"], p),
-                        ("learned",), f"stop when entities learned has not beaten its best for {p} epochs")
+    return StoppingRule(
+        "patience",
+        p,
+        lambda r: float(r["learned"]),
+        lambda h: _stale(h["learned"], p),
+        ("learned",),
+        f"stop when entities learned has not beaten its best for {p} epochs",
+    )
 
 
 def ood_bound_rule(max_drop: float = 0.1) -> StoppingRule:
@@ -110,8 +116,14 @@ def ood_bound_rule(max_drop: float = 0.1) -> StoppingRule:
     def objective(r: pd.Series) -> float:
         return float(r["learned"]) if r["ood_drop"] <= max_drop + 1e-12 else -math.inf
 
-    return StoppingRule("ood-bound", max_drop, objective, lambda h: h["ood_drop"].iloc[-1] > max_drop + 1e-12,
-                        ("learned", "ood"), f"stop once OOD exact match falls more than {max_drop:g} below the base")
+    return StoppingRule(
+        "ood-bound",
+        max_drop,
+        objective,
+        lambda h: h["ood_drop"].iloc[-1] > max_drop + 1e-12,
+        ("learned", "ood"),
+        f"stop once OOD exact match falls more than {max_drop:g} below the base",
+    )
 
 
 def combined_rule(weight: float = 1.0, patience: int = 2) -> StoppingRule:
@@ -121,9 +133,14 @@ def combined_rule(weight: float = 1.0, patience: int = 2) -> StoppingRule:
     def objective(r: pd.Series) -> float:
         return float(r["learned_frac"] - weight * max(0.0, r["ood_drop"]))
 
-    return StoppingRule("combined", weight, objective,
-                        lambda h: _stale(h.apply(objective, axis=1), patience), ("learned", "ood"),
-                        f"stop when learned fraction - {weight:g} x OOD drop has not improved for {patience} epochs")
+    return StoppingRule(
+        "combined",
+        weight,
+        objective,
+        lambda h: _stale(h.apply(objective, axis=1), patience),
+        ("learned", "ood"),
+        f"stop when learned fraction - {weight:g} x OOD drop has not improved for {patience} epochs",
+    )
 
 
 def loss_plateau_rule(min_rel_drop: float = 0.01) -> StoppingRule:
@@ -134,14 +151,20 @@ def loss_plateau_rule(min_rel_drop: float = 0.01) -> StoppingRule:
         loss = h["train_loss"].dropna()
         return len(loss) >= 2 and loss.iloc[-1] > loss.iloc[-2] * (1 - min_rel_drop)
 
-    return StoppingRule("loss-plateau", min_rel_drop,
-                        lambda r: -float(r["train_loss"]) if r["train_loss"] == r["train_loss"] else -math.inf,
-                        stop, ("train_loss",),
-                        f"stop when the train loss falls by less than {min_rel_drop:g} (relative) in an epoch")
+    return StoppingRule(
+        "loss-plateau",
+        min_rel_drop,
+        lambda r: -float(r["train_loss"]) if r["train_loss"] == r["train_loss"] else -math.inf,
+        stop,
+        ("train_loss",),
+        f"stop when the train loss falls by less than {min_rel_drop:g} (relative) in an epoch",
+    )
 
 
 RULES: dict[str, Callable[..., StoppingRule]] = {
-    "patience": patience_rule, "ood-bound": ood_bound_rule, "combined": combined_rule,
+    "patience": patience_rule,
+    "ood-bound": ood_bound_rule,
+    "combined": combined_rule,
     "loss-plateau": loss_plateau_rule,
 }
 DEFAULT_RULE = "combined"
@@ -184,14 +207,23 @@ class StopDecision:
         """One line: where the rule stops and what it keeps, against the best epoch in hindsight."""
         if self.not_applicable:
             return f"stopping rule {self.rule}: does not apply ({self.not_applicable})"
-        return (f"stopping rule {self.rule}: {'stops after' if self.fired else 'never fires; runs to'} epoch "
-                f"{self.stop_epoch}, keeps epoch {self.kept_epoch}; best in hindsight epoch {self.best_epoch} "
-                f"(regret {self.regret:.3f})")
+        return (
+            f"stopping rule {self.rule}: {'stops after' if self.fired else 'never fires; runs to'} epoch "
+            f"{self.stop_epoch}, keeps epoch {self.kept_epoch}; best in hindsight epoch {self.best_epoch} "
+            f"(regret {self.regret:.3f})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "stop_epoch": self.stop_epoch, "fired": self.fired, "kept_epoch": self.kept_epoch,
-                "best_epoch": self.best_epoch, "regret": self.regret,
-                "objective": {str(e): v for e, v in self.objective.items()}, "not_applicable": self.not_applicable}
+        return {
+            "rule": self.rule,
+            "stop_epoch": self.stop_epoch,
+            "fired": self.fired,
+            "kept_epoch": self.kept_epoch,
+            "best_epoch": self.best_epoch,
+            "regret": self.regret,
+            "objective": {str(e): v for e, v in self.objective.items()},
+            "not_applicable": self.not_applicable,
+        }
 
 
 def _argmax(values: dict[int, float]) -> int | None:

@@ -194,15 +194,17 @@ class Timeline:
         death = pd.array([ep[i + 1] if i + 1 < n_ep else pd.NA for i in last_i.tolist()], dtype="Int64")
         n_present = present.sum(1)
         names = self.circuits[self.epochs[0]].edges
-        return pd.DataFrame({
-            "fact_id": [self.rows[r] for r in rows.tolist()],
-            "edge": [names[i] for i in edges.tolist()],
-            "birth": ep[birth_i.numpy()],
-            "death": death,
-            "epochs_present": n_present.numpy(),
-            "persistence": (n_present / (n_ep - birth_i)).numpy(),
-            "segments": starts.sum(1).numpy(),
-        })
+        return pd.DataFrame(
+            {
+                "fact_id": [self.rows[r] for r in rows.tolist()],
+                "edge": [names[i] for i in edges.tolist()],
+                "birth": ep[birth_i.numpy()],
+                "death": death,
+                "epochs_present": n_present.numpy(),
+                "persistence": (n_present / (n_ep - birth_i)).numpy(),
+                "segments": starts.sum(1).numpy(),
+            }
+        )
 
     @cached_property
     def changes(self) -> pd.DataFrame:
@@ -216,17 +218,20 @@ class Timeline:
         for prev, e in zip(self.epochs, self.epochs[1:]):
             rows = sim.xs(e, level="epoch").reindex(self.fact_ids)
             before = sim.xs(prev, level="epoch").reindex(self.fact_ids)
-            observed = {"edge_jaccard": 1 - rows["jaccard_prev"].to_numpy(float),
-                        "weighted_jaccard": 1 - rows["weighted_jaccard_prev"].to_numpy(float),
-                        "spearman": 1 - rows["spearman_prev"].to_numpy(float)}
+            observed = {
+                "edge_jaccard": 1 - rows["jaccard_prev"].to_numpy(float),
+                "weighted_jaccard": 1 - rows["weighted_jaccard_prev"].to_numpy(float),
+                "spearman": 1 - rows["spearman_prev"].to_numpy(float),
+            }
             inc = rows["included"].to_numpy(bool) & before["included"].to_numpy(bool)
             test = None
             if self.noise is not None:
                 reps = [self.noise.replicates_for(x, self.fact_ids) for x in (prev, e)]
                 if reps[0] is not None and reps[1] is not None:
                     sizes = (self.masks[prev][:n].sum(1).double() * self.masks[e][:n].sum(1).double()).sqrt()
-                    test, _ = compare_replicates(reps[0], reps[1], self.fact_ids, sizes.round().long(),
-                                                 included=inc, family=self.noise.family)
+                    test, _ = compare_replicates(
+                        reps[0], reps[1], self.fact_ids, sizes.round().long(), included=inc, family=self.noise.family
+                    )
             table = change_table(observed, self.fact_ids, test)
             table["included"] = np.tile(inc, len(table) // n)
             table.insert(1, "epoch", e)
@@ -252,8 +257,11 @@ class Timeline:
         sizes = torch.stack([self.masks[e][:n].sum(1).double() for e in epochs]).log().mean(0).exp().round().long()
         dist = replicate_distances(torch.cat(reps), sizes)[statistic]
         groups = np.concatenate([[k] * len(r) for k, r in enumerate(reps)])
-        pairs = [(k, k + 1) for k in range(len(epochs) - 1) if self.epochs.index(epochs[k + 1]) ==
-                 self.epochs.index(epochs[k]) + 1]
+        pairs = [
+            (k, k + 1)
+            for k in range(len(epochs) - 1)
+            if self.epochs.index(epochs[k + 1]) == self.epochs.index(epochs[k]) + 1
+        ]
         tested = np.zeros((n, len(pairs)), dtype=bool)
         index = {f: i for i, f in enumerate(self.fact_ids)}
         for col, (k, _) in enumerate(pairs):
@@ -262,9 +270,13 @@ class Timeline:
         _, p = joint_permutation_p(dist, groups, pairs, tested, n_perm=2000)
         entities = entity_groups(list(rows["fact_id"]), self.entity_of)
         est = bootstrap_ci(rows["effect"].to_numpy(float), entities)
-        return {"effect": est.to_dict(), "p_value": None if p != p else round(p, 6), "n_tested": int(len(rows)),
-                "n_changed_beyond_noise": int(rows["changed_beyond_noise"].fillna(False).sum()),
-                "changed": bool(p <= ALPHA and est.value > 0) if p == p else None}
+        return {
+            "effect": est.to_dict(),
+            "p_value": None if p != p else round(p, 6),
+            "n_tested": int(len(rows)),
+            "n_changed_beyond_noise": int(rows["changed_beyond_noise"].fillna(False).sum()),
+            "changed": bool(p <= ALPHA and est.value > 0) if p == p else None,
+        }
 
     def _primary(self) -> pd.DataFrame:
         """`changes` of the primary statistic (edge-Jaccard distance) for included transitions, with entities."""
@@ -286,15 +298,21 @@ class Timeline:
             d = ch[ch["epoch"] == e]
             est = bootstrap_ci(d["distance"].to_numpy(float), d["entity"])
             tested = d["changed_beyond_noise"].dropna()
-            rows.append({
-                "epoch": e, "replaced": est.value, "replaced_lo": est.lo, "replaced_hi": est.hi,
-                "noise": float(d["noise_distance"].mean()) if self.noise is not None and len(d) else np.nan,
-                "n_changed_beyond_noise": int(tested.sum()) if self.noise is not None else pd.NA,
-                "n_tested": int(len(tested)), "n": est.n,
-                "n_excluded": int(len(self.fact_ids) - len(d)),
-                "changed_frac": float(sim.loc[sim["epoch"] == e, "changed_frac_prev"].mean()),
-                "weighted_jaccard": float(sim.loc[sim["epoch"] == e, "weighted_jaccard_prev"].mean()),
-            })
+            rows.append(
+                {
+                    "epoch": e,
+                    "replaced": est.value,
+                    "replaced_lo": est.lo,
+                    "replaced_hi": est.hi,
+                    "noise": float(d["noise_distance"].mean()) if self.noise is not None and len(d) else np.nan,
+                    "n_changed_beyond_noise": int(tested.sum()) if self.noise is not None else pd.NA,
+                    "n_tested": int(len(tested)),
+                    "n": est.n,
+                    "n_excluded": int(len(self.fact_ids) - len(d)),
+                    "changed_frac": float(sim.loc[sim["epoch"] == e, "changed_frac_prev"].mean()),
+                    "weighted_jaccard": float(sim.loc[sim["epoch"] == e, "weighted_jaccard_prev"].mean()),
+                }
+            )
         return pd.DataFrame(rows)
 
     @cached_property
@@ -336,8 +354,9 @@ class Timeline:
     def fact(self, fact_id: str) -> pd.DataFrame:
         """The joined table of one fact (or `MEAN`), one row per epoch."""
         if fact_id not in self.rows:
-            raise CircuitdynError(f"unknown fact id {fact_id!r}; the timeline has {len(self.fact_ids)} facts, "
-                                  f"e.g. {self.fact_ids[:3]}")
+            raise CircuitdynError(
+                f"unknown fact id {fact_id!r}; the timeline has {len(self.fact_ids)} facts, e.g. {self.fact_ids[:3]}"
+            )
         return self.table[self.table["fact_id"] == fact_id].reset_index(drop=True)
 
     def stability(self, measure: str = "jaccard_prev") -> dict[str, Any]:
@@ -360,8 +379,12 @@ class Timeline:
         inc = self.changes[self.changes["statistic"] == PRIMARY].set_index(["fact_id", "epoch"])["included"]
         t = t[[bool(inc.get((f, e), False)) for f, e in zip(t["fact_id"], t["epoch"])]]
         t["entity"] = entity_groups(list(t["fact_id"]), self.entity_of)
-        out: dict[str, Any] = {"measure": measure, "fact_choice": self.fact_choice,
-                               "n_facts": int(t["fact_id"].nunique()), "n_entities": int(t["entity"].nunique())}
+        out: dict[str, Any] = {
+            "measure": measure,
+            "fact_choice": self.fact_choice,
+            "n_facts": int(t["fact_id"].nunique()),
+            "n_entities": int(t["entity"].nunique()),
+        }
         for name in TRANSITIONS:
             sub = t[t["transition"] == name]
             est = bootstrap_ci(sub[measure].to_numpy(float), sub["entity"])
@@ -372,8 +395,9 @@ class Timeline:
         flipped = t["transition"].isin(["forgotten", "acquired"]).to_numpy()
         forgotten = (t["transition"] == "forgotten").to_numpy()
         vals = t[measure].to_numpy(float)
-        out["gap_forgotten"] = (float(vals[kept].mean() - vals[forgotten].mean())
-                                if kept.any() and forgotten.any() else float("nan"))
+        out["gap_forgotten"] = (
+            float(vals[kept].mean() - vals[forgotten].mean()) if kept.any() and forgotten.any() else float("nan")
+        )
         out["gap"] = float(vals[kept].mean() - vals[flipped].mean()) if kept.any() and flipped.any() else float("nan")
         both = kept | flipped
         v, k = vals[both], kept[both]
@@ -397,8 +421,13 @@ class Timeline:
         """Per epoch: the run's numbers (step, train_loss, knowledge/OOD accuracy when known) with the mean
         circuit similarity to the first and previous epochs and the share of facts recalled."""
         sim = self.similarity[self.similarity["fact_id"] != MEAN]
-        df = sim.groupby("epoch")[["n_edges", "jaccard_first", "jaccard_prev", "weighted_jaccard_prev",
-                                   "changed_frac_prev"]].mean().reset_index()
+        df = (
+            sim.groupby("epoch")[
+                ["n_edges", "jaccard_first", "jaccard_prev", "weighted_jaccard_prev", "changed_frac_prev"]
+            ]
+            .mean()
+            .reset_index()
+        )
         if self.outcomes is not None:
             o = self.outcomes[self.outcomes["fact_id"].isin(self.fact_ids)]
             acc = o.groupby("epoch")["correct"].mean().rename("fact_accuracy").reset_index()
@@ -418,14 +447,21 @@ class Timeline:
         tested = ch["changed_beyond_noise"].dropna()
         last = sim[(sim["epoch"] == self.epochs[-1]) & sim["included"]]
         out: dict[str, Any] = {
-            "facts": len(self.fact_ids), "fact_choice": self.fact_choice, "epochs": self.epochs,
+            "facts": len(self.fact_ids),
+            "fact_choice": self.fact_choice,
+            "epochs": self.epochs,
             "selection": str(self.selection),
             "n_entities": len(set(entity_groups(self.fact_ids, self.entity_of))),
-            "circuit_size": {"median": _num(per_fact["n_edges"].median()), "min": _num(per_fact["n_edges"].min()),
-                             "max": _num(per_fact["n_edges"].max()),
-                             "share_of_graph": _num(per_fact["n_edges"].median() / len(self.graph.edges))},
-            "faithfulness_reached": {"median": _num(per_fact["faithfulness"].median()),
-                                     "min": _num(per_fact["faithfulness"].min())},
+            "circuit_size": {
+                "median": _num(per_fact["n_edges"].median()),
+                "min": _num(per_fact["n_edges"].min()),
+                "max": _num(per_fact["n_edges"].max()),
+                "share_of_graph": _num(per_fact["n_edges"].median() / len(self.graph.edges)),
+            },
+            "faithfulness_reached": {
+                "median": _num(per_fact["faithfulness"].median()),
+                "min": _num(per_fact["faithfulness"].min()),
+            },
             "min_gap": self.min_gap,
             "n_fact_epochs_excluded": int((~sim["included"]).sum()),
             "reconfiguration_rate": self.reconfiguration_estimate.to_dict(),
@@ -489,8 +525,10 @@ class Timeline:
             "per_epoch": records(self.per_epoch),
             "findings": describe_timeline(self),
             "n_changed_beyond_noise": summary["n_changed_beyond_noise"],
-            "ci": {"reconfiguration_rate": summary["reconfiguration_rate"],
-                   "excess_over_noise": summary["excess_over_noise"]},
+            "ci": {
+                "reconfiguration_rate": summary["reconfiguration_rate"],
+                "excess_over_noise": summary["excess_over_noise"],
+            },
         }
         if self.transfer is not None:
             from circuitdyn.analysis.transfer import transfer_summary
@@ -511,8 +549,12 @@ class Timeline:
 
         from circuitdyn.analysis.report import html_block
 
-        return html_block(f"<b>Timeline</b>: {len(self.fact_ids)} facts, epochs {self.epochs}, selection "
-                          f"{html.escape(str(self.selection))}", self.describe(), self.to_frame())
+        return html_block(
+            f"<b>Timeline</b>: {len(self.fact_ids)} facts, epochs {self.epochs}, selection "
+            f"{html.escape(str(self.selection))}",
+            self.describe(),
+            self.to_frame(),
+        )
 
 
 def _num(x: Any) -> float | None:
@@ -527,7 +569,9 @@ def _transition(prev: Any, cur: Any) -> str:
 
 
 def _common_masks(
-    circuits: dict[int, CircuitSet], sel: Selection, faithfulness: dict[int, Faithfulness] | None,
+    circuits: dict[int, CircuitSet],
+    sel: Selection,
+    faithfulness: dict[int, Faithfulness] | None,
     selected: dict[int, tuple[Tensor, Tensor | None]] | None,
 ) -> tuple[dict[int, Tensor], dict[int, Tensor | None]]:
     """Per epoch, the selected circuits [fact + mean row, edge] and (for `faith:`) the faithfulness reached."""
@@ -595,8 +639,9 @@ def build_timeline(
     band = torch.zeros(len(facts), len(first.edges)) if noise is None else noise.band_for(facts)
     band = torch.cat([band, band.mean(0, keepdim=True)])
     masks, reached = _common_masks(circuits, sel, faithfulness, selected)
-    return Timeline(circuits, sel, masks, band, outcomes, epochs, reached, noise, dict(entity_of or {}), min_gap,
-                    fact_choice)
+    return Timeline(
+        circuits, sel, masks, band, outcomes, epochs, reached, noise, dict(entity_of or {}), min_gap, fact_choice
+    )
 
 
 # --------------------------------------------------------------------------- inputs from a run

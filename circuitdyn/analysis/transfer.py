@@ -124,8 +124,11 @@ def _transfer_key(circuits: dict[int, CircuitSet], facts: list[str], sel: Select
     per_epoch = {}
     for e in sorted(circuits):
         cs = circuits[e]
-        per_epoch[str(e)] = {"scores_sha256": cs.scores_digest, "fact_ids": list(cs.fact_ids),
-                             **{k: cs.meta.get(k) for k in ("checkpoint_hash", "metric", "seed", "noise_scale")}}
+        per_epoch[str(e)] = {
+            "scores_sha256": cs.scores_digest,
+            "fact_ids": list(cs.fact_ids),
+            **{k: cs.meta.get(k) for k in ("checkpoint_hash", "metric", "seed", "noise_scale")},
+        }
     return {"selection": str(sel), "facts": facts, "circuits": per_epoch}
 
 
@@ -136,8 +139,7 @@ def transfer_pivot(table: pd.DataFrame, fact_id: str | None = None, value: str =
         if fact_id not in set(table["fact_id"]):
             raise CircuitdynError(f"unknown fact id {fact_id!r} in the transfer table")
         table = table[table["fact_id"] == fact_id]
-    return table.pivot_table(index="circuit_epoch", columns="model_epoch", values=value, aggfunc="median",
-                             dropna=False)
+    return table.pivot_table(index="circuit_epoch", columns="model_epoch", values=value, aggfunc="median", dropna=False)
 
 
 def transfer_summary(table: pd.DataFrame, entity_of: dict[str, str] | None = None) -> dict[str, Any]:
@@ -150,7 +152,13 @@ def transfer_summary(table: pd.DataFrame, entity_of: dict[str, str] | None = Non
         sub = table[(table["circuit_epoch"] == i) & (table["model_epoch"] == j)]
         return bootstrap_ci(sub["transfer"].to_numpy(float), entity_groups(list(sub["fact_id"]), entity_of)).to_dict()
 
-    return {"first_circuit_on_last_model": cell(first, last), "last_circuit_on_last_model": cell(last, last),
-            "first_circuit_on_first_model": cell(first, first), "first": first, "last": last,
-            "n_pairs_excluded_gap": int(table["transfer"].isna().sum()), "n_pairs": len(table),
-            "min_gap": MIN_GAP}
+    return {
+        "first_circuit_on_last_model": cell(first, last),
+        "last_circuit_on_last_model": cell(last, last),
+        "first_circuit_on_first_model": cell(first, first),
+        "first": first,
+        "last": last,
+        "n_pairs_excluded_gap": int(table["transfer"].isna().sum()),
+        "n_pairs": len(table),
+        "min_gap": MIN_GAP,
+    }

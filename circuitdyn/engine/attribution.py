@@ -86,6 +86,7 @@ from circuitdyn.probes.probes import FactPrompt
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+
 def grid_offset(seed: int, fact_id: str = "") -> float:
     """The `shifted` rule's offset u in [0, 1) for an extraction seed and a fact: a fixed function of both, so
     a replicate is reproducible from the seed its circuit file records, and the offsets of different facts
@@ -130,11 +131,17 @@ def default_pass_facts(device: torch.device | str, n_positions: int) -> int | No
     return max(1, PASS_ROWS // max(1, int(n_positions))) if torch.device(device).type == "cpu" else None
 
 
-def attribute_batch(model: HookedTransformer, batch: FactBatch, method: Method = "eap-ig",
-                    steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "answer-logprob",
-                    ig_grid: IGGrid = DEFAULT_IG_GRID,
-                    buffer_dtype: BufferDtype = "float32", pass_facts: int | None = None,
-                    seed: int = 0) -> Float[Tensor, "batch edge"]:
+def attribute_batch(
+    model: HookedTransformer,
+    batch: FactBatch,
+    method: Method = "eap-ig",
+    steps: int = DEFAULT_IG_STEPS,
+    metric: str | Metric = "answer-logprob",
+    ig_grid: IGGrid = DEFAULT_IG_GRID,
+    buffer_dtype: BufferDtype = "float32",
+    pass_facts: int | None = None,
+    seed: int = 0,
+) -> Float[Tensor, "batch edge"]:
     """Scores [fact, edge] (float32) for one padded batch (see the module docstring for method and sign);
     `seed` sets the `shifted` grid's offset.
 
@@ -164,13 +171,21 @@ def attribute_batch(model: HookedTransformer, batch: FactBatch, method: Method =
         if grid == "shifted":  # one offset per fact: (k + u_f) / m as a [fact, 1, 1] tensor per step
             u = torch.tensor([grid_offset(seed, f.fact_id) for f in rows.facts], device=batch.clean.device)
             alphas = [((k + u) / m).view(-1, 1, 1) for k in range(m)]
-        out[b0:b0 + n] = _attribute_pass(model, rows, graph, layers, metric, alphas, weights, buf, relp)
+        out[b0 : b0 + n] = _attribute_pass(model, rows, graph, layers, metric, alphas, weights, buf, relp)
     return out
 
 
-def _attribute_pass(model: HookedTransformer, batch: FactBatch, graph: Graph, layers: list[LayerWeights],
-                    metric: str | Metric, alphas: Sequence[float | Tensor], weights: list[float], buf: torch.dtype,
-                    relp: bool = False) -> Float[Tensor, "batch edge"]:
+def _attribute_pass(
+    model: HookedTransformer,
+    batch: FactBatch,
+    graph: Graph,
+    layers: list[LayerWeights],
+    metric: str | Metric,
+    alphas: Sequence[float | Tensor],
+    weights: list[float],
+    buf: torch.dtype,
+    relp: bool = False,
+) -> Float[Tensor, "batch edge"]:
     """`attribute_batch` for the facts of one pass; an alpha is a number, or one per fact ([fact, 1, 1]);
     `relp`: the gradient with RelP's rules."""
     m = len(alphas)
@@ -199,8 +214,14 @@ def _attribute_pass(model: HookedTransformer, batch: FactBatch, graph: Graph, la
         with torch.enable_grad():
             values, st = run_capture(model, x0.detach().requires_grad_(), batch, metric, layers, relp=relp)
             # RelP's constant attention pattern leaves q and k out of the graph: their gradients are zeros.
-            grads = list(torch.autograd.grad(values.sum(), st["q"] + st["k"] + st["v"] + st["mlp_in"] + st["final"],
-                                             allow_unused=relp, materialize_grads=relp))
+            grads = list(
+                torch.autograd.grad(
+                    values.sum(),
+                    st["q"] + st["k"] + st["v"] + st["mlp_in"] + st["final"],
+                    allow_unused=relp,
+                    materialize_grads=relp,
+                )
+            )
         del values
         with torch.no_grad():
             if k == clean_step:  # the clean run: its outputs complete the differences corrupted - clean
@@ -264,8 +285,15 @@ class _PortGrads:
         self.x_all: Tensor | None = None
         self.c_all: Tensor | None = None
 
-    def add(self, layer: LayerWeights, d: tuple[Tensor, ...], qkv: tuple[Tensor, ...], xhat: Tensor, scale: Tensor,
-            weight: float = 1.0) -> None:
+    def add(
+        self,
+        layer: LayerWeights,
+        d: tuple[Tensor, ...],
+        qkv: tuple[Tensor, ...],
+        xhat: Tensor,
+        scale: Tensor,
+        weight: float = 1.0,
+    ) -> None:
         """One step's gradients wrt q, k, v [B,P,H,dh] (pre-rotary; k/v per query head), the forward's q/k/v,
         ln1's x_hat and scale, and the step's quadrature weight."""
         inv = weight / scale[..., None].float()  # [B,P,1,1]
@@ -312,8 +340,16 @@ CONTRACT_COLUMNS = 128
 """Destination columns per matrix product at least (layers are grouped to reach it)."""
 
 
-def _contract(graph: Graph, layers: list[LayerWeights], diffs: _SourceDiffs, acc: list[_PortGrads],
-              g_mlp: list[Tensor], g_logits: Tensor, valid: Tensor, m: int) -> Float[Tensor, "batch edge"]:
+def _contract(
+    graph: Graph,
+    layers: list[LayerWeights],
+    diffs: _SourceDiffs,
+    acc: list[_PortGrads],
+    g_mlp: list[Tensor],
+    g_logits: Tensor,
+    valid: Tensor,
+    m: int,
+) -> Float[Tensor, "batch edge"]:
     """scores[b, src, dst] = sum_p delta[b, src, p] . g_dst[b, p] / m, for valid (src upstream of dst) only.
 
     Fact by fact, over chunks of its real (unpadded) positions: the chunk's source outputs [S, K] and, per
@@ -340,7 +376,7 @@ def _contract(graph: Graph, layers: list[LayerWeights], diffs: _SourceDiffs, acc
             src[0] = diffs.input[b, p0:p1]
             for j in range(L):
                 base = 1 + j * per_src
-                torch.bmm(diffs.z[j][b, p0:p1].transpose(0, 1).float(), W_O[j], out=src[base:base + H])
+                torch.bmm(diffs.z[j][b, p0:p1].transpose(0, 1).float(), W_O[j], out=src[base : base + H])
                 if graph.has_mlp:
                     src[base + H] = diffs.mlp[j][b, p0:p1]
             src = src.reshape(S, n * D)
@@ -350,19 +386,25 @@ def _contract(graph: Graph, layers: list[LayerWeights], diffs: _SourceDiffs, acc
                 dst = torch.empty(cols, n, D, device=device)
                 for i in range(a, e):
                     c = (i - a) * per_dst
-                    acc[i].expand(Wf[i], b, p0, p1, dst[c:c + 3 * H])
+                    acc[i].expand(Wf[i], b, p0, p1, dst[c : c + 3 * H])
                     if graph.has_mlp:
                         dst[c + 3 * H] = g_mlp[i][b, p0:p1]
                 if last:
                     dst[-1] = g_logits[b, p0:p1]
                 n_src = S if last else 1 + (e - 1) * per_src + (H if graph.has_mlp else 0)
                 c0 = a * per_dst
-                dense[b, :n_src, c0:c0 + cols].addmm_(src[:n_src], dst.reshape(cols, n * D).T)
+                dense[b, :n_src, c0 : c0 + cols].addmm_(src[:n_src], dst.reshape(cols, n * D).T)
     return dense[:, graph.valid.to(device)] / m
 
 
-def attribute(model: HookedTransformer, facts: Sequence[FactPrompt], settings: AttributionSettings | None = None,
-              compute: Compute | None = None, *, progress: bool = False) -> Float[Tensor, "fact edge"]:
+def attribute(
+    model: HookedTransformer,
+    facts: Sequence[FactPrompt],
+    settings: AttributionSettings | None = None,
+    compute: Compute | None = None,
+    *,
+    progress: bool = False,
+) -> Float[Tensor, "fact edge"]:
     """Per-fact edge scores [len(facts), n_edges] (float32, on the CPU) in `Graph.from_model(model).edges` order,
     attributed with `settings` (default `DEFAULT_SETTINGS`).
 
@@ -391,15 +433,29 @@ def attribute(model: HookedTransformer, facts: Sequence[FactPrompt], settings: A
         raise CircuitdynError(f"batch_size must be >= 1 (or None with max_memory), got {c.batch_size}")
     out: list[Tensor | None] = [None] * len(facts)
     backoff = OOMBackoff(size)
-    with torch_threads(c.num_threads), tqdm(total=len(facts), desc=f"{s.method} attribution", unit="fact",
-                                          disable=not progress) as bar:
+    with (
+        torch_threads(c.num_threads),
+        tqdm(total=len(facts), desc=f"{s.method} attribution", unit="fact", disable=not progress) as bar,
+    ):
         start = 0
         while start < len(order):
-            chunk = order[start:start + backoff.size]
+            chunk = order[start : start + backoff.size]
             batch = make_batch(model, [facts[i] for i in chunk], s.seed, s.noise_scale, s.metric)
             per_pass = None if fit is None and not backoff.halvings else min(fit or backoff.size, backoff.size)
-            scores = backoff.run(partial(attribute_batch, model, batch, s.method, s.steps, s.metric, s.ig_grid,
-                                         c.buffer_dtype, per_pass, s.seed))
+            scores = backoff.run(
+                partial(
+                    attribute_batch,
+                    model,
+                    batch,
+                    s.method,
+                    s.steps,
+                    s.metric,
+                    s.ig_grid,
+                    c.buffer_dtype,
+                    per_pass,
+                    s.seed,
+                )
+            )
             if scores is None:
                 continue  # out of memory: the batch was halved, retry
             for j, i in enumerate(chunk):

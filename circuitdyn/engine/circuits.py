@@ -50,7 +50,7 @@ from circuitdyn.io import atomic_path
 
 FORMAT = "circuitdyn-circuits/2"
 READABLE_FORMATS = ("circuitdyn-circuits/1", FORMAT)
-FLOAT16_HEADROOM = 2.0 ** 14
+FLOAT16_HEADROOM = 2.0**14
 """float16 scores are stored as score / (max |score| / FLOAT16_HEADROOM): the largest is 16384, far below
 float16's maximum (65504), and scores down to ~1e-9 of the largest stay in its normal range."""
 PER_FACT_META = ("corruption", "faithfulness", "m_clean", "m_corrupted")
@@ -93,8 +93,7 @@ def circuit_filename(epoch: int, meta: dict[str, Any]) -> str:
     method, steps, grid = meta.get("method"), meta.get("ig_steps"), setting(meta, "ig_grid")
     facts = str(meta.get("probe_set_hash", "")).split(":")[-1][:8] or "nofacts"
     steps = "" if method in ONE_STEP_METHODS else f"{steps}{'' if grid == 'right' else '-' + str(grid)}"
-    return (f"epoch_{epoch}.{method}{steps}.{meta.get('metric')}"
-            f".s{meta.get('seed')}.{facts}.safetensors")
+    return f"epoch_{epoch}.{method}{steps}.{meta.get('metric')}.s{meta.get('seed')}.{facts}.safetensors"
 
 
 class CircuitSet:
@@ -261,8 +260,10 @@ class CircuitSet:
             if dtype == "float16":
                 scale = scores.float().abs().amax(1) / FLOAT16_HEADROOM
                 scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-                tensors = {"scores": (scores.float() / scale[:, None]).to(tdtype).contiguous(),
-                           "scores_scale": scale.contiguous()}
+                tensors = {
+                    "scores": (scores.float() / scale[:, None]).to(tdtype).contiguous(),
+                    "scores_scale": scale.contiguous(),
+                }
             else:
                 tensors = {"scores": scores.to(tdtype).contiguous()}
         else:
@@ -282,8 +283,7 @@ class CircuitSet:
             meta["sparse_top_k"] = k
             meta["sparse_mass_kept"] = [round(float(v), 6) for v in mass.tolist()]
         try:
-            header = {"format": FORMAT, "meta": json.dumps(meta, sort_keys=True),
-                      "fact_ids": json.dumps(self.fact_ids)}
+            header = {"format": FORMAT, "meta": json.dumps(meta, sort_keys=True), "fact_ids": json.dumps(self.fact_ids)}
             header.update(_edge_header(self.edges))
         except TypeError as err:
             raise CircuitdynError(f"circuit metadata is not JSON-serialisable: {err}") from None
@@ -304,8 +304,10 @@ class CircuitSet:
         except Exception as err:  # safetensors raises several types for truncated/corrupt files
             raise CircuitdynError(f"circuit file {path} is not a readable safetensors file: {err}") from None
         if header.get("format") not in READABLE_FORMATS:
-            raise CircuitdynError(f"circuit file {path}: header field 'format' is {header.get('format')!r}, expected "
-                                  f"one of {', '.join(READABLE_FORMATS)}")
+            raise CircuitdynError(
+                f"circuit file {path}: header field 'format' is {header.get('format')!r}, expected "
+                f"one of {', '.join(READABLE_FORMATS)}"
+            )
         try:
             meta = json.loads(header["meta"])
             fact_ids = json.loads(header["fact_ids"])
@@ -352,8 +354,10 @@ def _edges_from_header(header: dict[str, str], path: Path) -> list[str]:
     shape = json.loads(header["graph"])
     edges = Graph(int(shape["n_layers"]), int(shape["n_heads"]), bool(shape["has_mlp"])).edges
     if edges_digest(edges) != header.get("edges_sha256"):
-        raise CircuitdynError(f"circuit file {path}: header field 'edges_sha256' does not match the edge list of "
-                              f"its graph {shape} (written by a version with another edge order)")
+        raise CircuitdynError(
+            f"circuit file {path}: header field 'edges_sha256' does not match the edge list of "
+            f"its graph {shape} (written by a version with another edge order)"
+        )
     return edges
 
 
@@ -382,7 +386,9 @@ def circuit_files(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def find_circuits(
-    folder: str | Path, epochs: Sequence[int] | None = None, checkpoint_hashes: dict[int, str] | None = None,
+    folder: str | Path,
+    epochs: Sequence[int] | None = None,
+    checkpoint_hashes: dict[int, str] | None = None,
     where: dict[str, Any] | None = None,
 ) -> dict[int, Path]:
     """Epoch -> circuit file under `folder`, by each file's metadata (never by its name).
@@ -405,8 +411,11 @@ def find_circuits(
             continue
         if where and any(setting(meta, k) != v for k, v in where.items()):
             continue
-        if checkpoint_hashes and int(e) in checkpoint_hashes and meta.get("checkpoint_hash") not in (
-                None, checkpoint_hashes[int(e)]):
+        if (
+            checkpoint_hashes
+            and int(e) in checkpoint_hashes
+            and meta.get("checkpoint_hash") not in (None, checkpoint_hashes[int(e)])
+        ):
             continue
         key = json.dumps(settings(meta), sort_keys=True)
         groups.setdefault(key, {}).setdefault(int(e), []).append((path.stat().st_mtime, path))
@@ -430,9 +439,10 @@ def find_circuits(
         )
     if len(fitting) > 1:
         shown = ("method", "ig_steps", "metric")
-        options = "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(key).items() if k in shown)
-                            for key in fitting)
-        raise CircuitdynError(f"{folder}: several circuit files for epoch {wanted[0]} with different settings "
-                              f"({options}); choose with --method / --steps")
+        options = "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(key).items() if k in shown) for key in fitting)
+        raise CircuitdynError(
+            f"{folder}: several circuit files for epoch {wanted[0]} with different settings "
+            f"({options}); choose with --method / --steps"
+        )
     group = groups[fitting[0]]
     return {e: max(group[e])[1] for e in wanted}

@@ -76,8 +76,11 @@ class Exported:
 
     def text(self) -> str:
         """`wrote 12 nodes, 30 links (top:1000) to FILE`, or the edge rows of a csv."""
-        what = (f"{self.n_nodes} nodes, {self.n_links} links" if self.n_nodes is not None else
-                f"{self.n_links} edge rows of {self.n_facts} fact{'s' if self.n_facts != 1 else ''}")
+        what = (
+            f"{self.n_nodes} nodes, {self.n_links} links"
+            if self.n_nodes is not None
+            else f"{self.n_links} edge rows of {self.n_facts} fact{'s' if self.n_facts != 1 else ''}"
+        )
         return f"wrote {what} ({self.selection or 'all edges'}) to {self.path}"
 
 
@@ -105,16 +108,19 @@ def fact_masks(cs: CircuitSet, mask: Mask, fact_ids: list[str]) -> tuple[Tensor 
         masks, _ = sel.select(cs.scores[rows], cs.graph)
         return masks.bool().cpu(), str(sel)
     if not isinstance(mask, Tensor):
-        raise CircuitdynError(f"mask must be a bool tensor, a Selection or a spec such as top:100, got "
-                              f"{type(mask).__name__}")
+        raise CircuitdynError(
+            f"mask must be a bool tensor, a Selection or a spec such as top:100, got {type(mask).__name__}"
+        )
     n_edges = len(cs.edges)
     if mask.ndim == 1 and mask.shape[0] == n_edges and len(rows) == 1:
         out = mask[None]
     elif mask.ndim == 2 and tuple(mask.shape) == (len(cs.fact_ids), n_edges):
         out = mask[rows]
     else:
-        raise CircuitdynError(f"mask has shape {tuple(mask.shape)}; expected [{n_edges}] (one fact's edges) or "
-                              f"[{len(cs.fact_ids)}, {n_edges}] (every fact's)")
+        raise CircuitdynError(
+            f"mask has shape {tuple(mask.shape)}; expected [{n_edges}] (one fact's edges) or "
+            f"[{len(cs.fact_ids)}, {n_edges}] (every fact's)"
+        )
     if out.dtype != torch.bool and not ((out == 0) | (out == 1)).all():
         raise CircuitdynError(f"mask of dtype {out.dtype} holds values other than 0 and 1")
     return out.bool().cpu(), "mask"
@@ -132,8 +138,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def graph_metadata(cs: CircuitSet, fact_id: str, selection: str | None = None,
-                   n_selected: int | None = None) -> dict[str, Any]:
+def graph_metadata(
+    cs: CircuitSet, fact_id: str, selection: str | None = None, n_selected: int | None = None
+) -> dict[str, Any]:
     """The metadata of one fact's exported circuit: the fact, the circuit file's metadata (per-fact lists
     reduced to this fact's value; settings that predate a field get their default, e.g. `ig_grid`), the
     graph's shape, the selection, the circuitdyn version and the file the circuits came from."""
@@ -143,16 +150,26 @@ def graph_metadata(cs: CircuitSet, fact_id: str, selection: str | None = None,
     i = cs.index(fact_id)
     meta: dict[str, Any] = {"fact_id": fact_id}
     for key, value in cs.meta.items():
-        if (key in PER_FACT_META or key == "sparse_mass_kept") and isinstance(value, list) \
-                and len(value) == len(cs.fact_ids):
+        if (
+            (key in PER_FACT_META or key == "sparse_mass_kept")
+            and isinstance(value, list)
+            and len(value) == len(cs.fact_ids)
+        ):
             value = value[i]
         meta[key] = value
     for key in SETTINGS:
         meta[key] = setting(cs.meta, key)
     g = cs.graph
-    meta.update(n_layers=g.n_layers, n_heads=g.n_heads, has_mlp=g.has_mlp, n_edges=g.n_edges,
-                selection=selection, n_circuit_edges=n_selected, circuitdyn_version=__version__,
-                source_file=None if getattr(cs, "path", None) is None else str(cs.path))
+    meta.update(
+        n_layers=g.n_layers,
+        n_heads=g.n_heads,
+        has_mlp=g.has_mlp,
+        n_edges=g.n_edges,
+        selection=selection,
+        n_circuit_edges=n_selected,
+        circuitdyn_version=__version__,
+        source_file=None if getattr(cs, "path", None) is None else str(cs.path),
+    )
     return _plain(meta)
 
 
@@ -196,8 +213,7 @@ def circuit_graph(cs: CircuitSet, fact_id: str, mask: Mask = None, *, circuit_on
 
 
 # --------------------------------------------------------------------------- graph JSON
-def to_graph_json(cs: CircuitSet, fact_id: str, selection: Mask = None, *, circuit_only: bool = True
-                  ) -> dict[str, Any]:
+def to_graph_json(cs: CircuitSet, fact_id: str, selection: Mask = None, *, circuit_only: bool = True) -> dict[str, Any]:
     """One fact's circuit as graph JSON (format `circuitdyn-graph`, version 1; module docstring): every edge
     without `selection`, else the circuit's edges (`circuit_only`) or every edge with `in_circuit`."""
     g = circuit_graph(cs, fact_id, selection, circuit_only=circuit_only)
@@ -207,7 +223,10 @@ def to_graph_json(cs: CircuitSet, fact_id: str, selection: Mask = None, *, circu
 def graph_to_json(g: nx.DiGraph) -> dict[str, Any]:
     """Graph JSON of a graph made by `circuit_graph` / `CircuitSet.to_networkx`."""
     return {
-        "format": FORMAT, "version": VERSION, "directed": True, "multigraph": False,
+        "format": FORMAT,
+        "version": VERSION,
+        "directed": True,
+        "multigraph": False,
         "metadata": _plain(dict(g.graph)),
         "nodes": [{"id": n, **data} for n, data in g.nodes(data=True)],
         "links": [{"source": u, "target": v, **data} for u, v, data in g.edges(data=True)],
@@ -243,12 +262,20 @@ def _check_target(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise CircuitdynError(f"{path}: is a folder; a file is expected here")
     if path.exists() and not overwrite:
-        raise CircuitdynError(f"{path}: exists; choose another output file, or pass --overwrite (overwrite=True) "
-                              "to replace it")
+        raise CircuitdynError(
+            f"{path}: exists; choose another output file, or pass --overwrite (overwrite=True) to replace it"
+        )
 
 
-def write_graph_json(cs: CircuitSet, fact_id: str, path: str | Path, selection: Mask = None, *,
-                     circuit_only: bool = True, overwrite: bool = False) -> Exported:
+def write_graph_json(
+    cs: CircuitSet,
+    fact_id: str,
+    path: str | Path,
+    selection: Mask = None,
+    *,
+    circuit_only: bool = True,
+    overwrite: bool = False,
+) -> Exported:
     """Write `to_graph_json` to `path` atomically (an existing file only with `overwrite`)."""
     path = Path(path)
     _check_target(path, overwrite)
@@ -276,8 +303,15 @@ def graphml_ready(g: nx.DiGraph) -> nx.DiGraph:
     return h
 
 
-def to_graphml(cs: CircuitSet, fact_id: str, path: str | Path, selection: Mask = None, *,
-               circuit_only: bool = True, overwrite: bool = False) -> Exported:
+def to_graphml(
+    cs: CircuitSet,
+    fact_id: str,
+    path: str | Path,
+    selection: Mask = None,
+    *,
+    circuit_only: bool = True,
+    overwrite: bool = False,
+) -> Exported:
     """Write one fact's circuit as GraphML (`networkx.write_graphml`; `networkx.read_graphml` reads it)."""
     path = Path(path)
     _check_target(path, overwrite)
@@ -287,8 +321,15 @@ def to_graphml(cs: CircuitSet, fact_id: str, path: str | Path, selection: Mask =
     return Exported(path, "graphml", g.number_of_nodes(), g.number_of_edges(), 1, g.graph.get("selection"))
 
 
-def to_csv(cs: CircuitSet, path: str | Path, fact_ids: list[str] | None = None, selection: Mask = None, *,
-           circuit_only: bool = True, overwrite: bool = False) -> Exported:
+def to_csv(
+    cs: CircuitSet,
+    path: str | Path,
+    fact_ids: list[str] | None = None,
+    selection: Mask = None,
+    *,
+    circuit_only: bool = True,
+    overwrite: bool = False,
+) -> Exported:
     """Write edge rows `fact_id,source,target,port,score[,in_circuit]` for `fact_ids` (default: every fact):
     one row per graph edge (`port` q/k/v for edges into a head, else empty); with `selection`, only the
     circuit's edges (`circuit_only`) or every edge with `in_circuit` (true/false)."""
@@ -318,27 +359,46 @@ def to_csv(cs: CircuitSet, path: str | Path, fact_ids: list[str] | None = None, 
     return Exported(path, "csv", None, n_rows, len(fact_ids), spec)
 
 
-def export(cs: CircuitSet, path: str | Path, format: str, fact_id: str | None = None, selection: Mask = None, *,
-           circuit_only: bool = True, overwrite: bool = False) -> Exported:
+def export(
+    cs: CircuitSet,
+    path: str | Path,
+    format: str,
+    fact_id: str | None = None,
+    selection: Mask = None,
+    *,
+    circuit_only: bool = True,
+    overwrite: bool = False,
+) -> Exported:
     """Write `cs` as `format` (json, graphml: one fact, `fact_id` or the file's only fact; csv: `fact_id` or
     every fact). What `circuitdyn export` calls."""
     if format not in FORMATS:
         raise CircuitdynError(f"export format {format!r} is unknown; use one of {', '.join(FORMATS)}")
     if format == "csv":
-        return to_csv(cs, path, None if fact_id is None else [fact_id], selection,
-                      circuit_only=circuit_only, overwrite=overwrite)
+        return to_csv(
+            cs, path, None if fact_id is None else [fact_id], selection, circuit_only=circuit_only, overwrite=overwrite
+        )
     if fact_id is None:
         if len(cs.fact_ids) != 1:
-            raise CircuitdynError(f"{format} export holds one fact and this circuit set has {len(cs.fact_ids)} "
-                                  f"(e.g. {cs.fact_ids[:3]}); choose one (--fact), or export all as csv")
+            raise CircuitdynError(
+                f"{format} export holds one fact and this circuit set has {len(cs.fact_ids)} "
+                f"(e.g. {cs.fact_ids[:3]}); choose one (--fact), or export all as csv"
+            )
         fact_id = cs.fact_ids[0]
     write = write_graph_json if format == "json" else to_graphml
     return write(cs, fact_id, path, selection, circuit_only=circuit_only, overwrite=overwrite)
 
 
-def export_file(file: str | Path, out: str | Path, format: str | None = None, *, fact_id: str | None = None,
-                all_facts: bool = False, selection: str | None = None, circuit_only: bool = True,
-                overwrite: bool = False) -> Exported:
+def export_file(
+    file: str | Path,
+    out: str | Path,
+    format: str | None = None,
+    *,
+    fact_id: str | None = None,
+    all_facts: bool = False,
+    selection: str | None = None,
+    circuit_only: bool = True,
+    overwrite: bool = False,
+) -> Exported:
     """`export` of a circuit file, checked before anything is read: the format (default: from `out`'s suffix),
     one fact for json and graphml (`fact_id`, or the file's only fact; `all_facts` asks for csv), `out` another
     file than `file`, writable, and new unless `overwrite`. `selection`: a rule needing no model, or "all"
@@ -349,8 +409,7 @@ def export_file(file: str | Path, out: str | Path, format: str | None = None, *,
     out = Path(out)
     fmt = format or {".json": "json", ".graphml": "graphml", ".csv": "csv"}.get(out.suffix.lower())
     if fmt is None:
-        raise CircuitdynError(f"--out {out}: cannot tell the format from its suffix; pass --format "
-                              f"{'|'.join(FORMATS)}")
+        raise CircuitdynError(f"--out {out}: cannot tell the format from its suffix; pass --format {'|'.join(FORMATS)}")
     if all_facts and fmt != "csv":
         raise CircuitdynError(f"--all: a {fmt} file holds one fact; choose one with --fact, or use --format csv")
     if out.resolve() == Path(file).resolve():
@@ -361,10 +420,14 @@ def export_file(file: str | Path, out: str | Path, format: str | None = None, *,
     select = selection or ("all" if fmt == "csv" else DEFAULT_SELECTION)
     cs = CircuitSet.load(file)
     if fact_id is None and fmt != "csv" and len(cs.fact_ids) != 1:
-        raise CircuitdynError(f"{file}: holds {len(cs.fact_ids)} facts (e.g. {cs.fact_ids[:3]}) and a {fmt} "
-                              "file holds one; choose it with --fact, or export every fact with --format csv")
+        raise CircuitdynError(
+            f"{file}: holds {len(cs.fact_ids)} facts (e.g. {cs.fact_ids[:3]}) and a {fmt} "
+            "file holds one; choose it with --fact, or export every fact with --format csv"
+        )
     if fact_id is not None and fact_id not in cs.fact_ids:
-        raise CircuitdynError(f"{file}: --fact {fact_id!r} is not one of its {len(cs.fact_ids)} fact ids "
-                              f"(e.g. {cs.fact_ids[:3]})")
-    return export(cs, out, fmt, fact_id, None if select == "all" else select, circuit_only=circuit_only,
-                  overwrite=overwrite)
+        raise CircuitdynError(
+            f"{file}: --fact {fact_id!r} is not one of its {len(cs.fact_ids)} fact ids (e.g. {cs.fact_ids[:3]})"
+        )
+    return export(
+        cs, out, fmt, fact_id, None if select == "all" else select, circuit_only=circuit_only, overwrite=overwrite
+    )

@@ -53,8 +53,15 @@ class CircuitEvaluator:
     evaluated before (its first value) cost no forward, and only the other facts of a batch run: a search
     such as `selection.smallest_faithful` pays only for the facts whose bracket is still open."""
 
-    def __init__(self, model: Any, facts: Sequence[FactPrompt], metric: str | Metric = "answer-logprob", seed: int = 0,
-                 batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> None:
+    def __init__(
+        self,
+        model: Any,
+        facts: Sequence[FactPrompt],
+        metric: str | Metric = "answer-logprob",
+        seed: int = 0,
+        batch_size: int = 8,
+        noise_scale: float = NOISE_SCALE,
+    ) -> None:
         if not facts:
             raise CircuitdynError("no facts given to evaluate")
         self.model, self.metric = model, metric
@@ -125,22 +132,44 @@ def _fact_rows(batch: FactBatch, corr: Tensor, sel: list[int]) -> tuple[FactBatc
     return FactBatch(**parts), corr[idx][:, :, :P]
 
 
-def circuit_metric(model: Any, facts: Sequence[FactPrompt], masks: Bool[Tensor, "fact edge"], metric: str | Metric = "answer-logprob",
-                   seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> Float[Tensor, " fact"]:
+def circuit_metric(
+    model: Any,
+    facts: Sequence[FactPrompt],
+    masks: Bool[Tensor, "fact edge"],
+    metric: str | Metric = "answer-logprob",
+    seed: int = 0,
+    batch_size: int = 8,
+    noise_scale: float = NOISE_SCALE,
+) -> Float[Tensor, " fact"]:
     """m_circuit per fact: the metric with every edge outside `masks[fact]` patched to its corrupted value."""
     return CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale).metric_of(masks)
 
 
-def faithfulness(model: Any, facts: Sequence[FactPrompt], masks: Bool[Tensor, "fact edge"], metric: str | Metric = "answer-logprob",
-                 seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE) -> Float[Tensor, " fact"]:
+def faithfulness(
+    model: Any,
+    facts: Sequence[FactPrompt],
+    masks: Bool[Tensor, "fact edge"],
+    metric: str | Metric = "answer-logprob",
+    seed: int = 0,
+    batch_size: int = 8,
+    noise_scale: float = NOISE_SCALE,
+) -> Float[Tensor, " fact"]:
     """Faithfulness per fact of the circuits `masks` [fact, edge] (same facts, seed and metric as attribution)."""
     return CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale).faithfulness(masks)
 
 
-def faithfulness_curve(model: Any, facts: Sequence[FactPrompt], scores: Float[Tensor, "fact edge"],
-                       sizes: Sequence[int] | None = None, paths: bool = False, metric: str | Metric = "answer-logprob",
-                       seed: int = 0, batch_size: int = 8, noise_scale: float = NOISE_SCALE,
-                       progress: bool = False) -> pd.DataFrame:
+def faithfulness_curve(
+    model: Any,
+    facts: Sequence[FactPrompt],
+    scores: Float[Tensor, "fact edge"],
+    sizes: Sequence[int] | None = None,
+    paths: bool = False,
+    metric: str | Metric = "answer-logprob",
+    seed: int = 0,
+    batch_size: int = 8,
+    noise_scale: float = NOISE_SCALE,
+    progress: bool = False,
+) -> pd.DataFrame:
     """Faithfulness of each fact's top-n circuit for several n (default: 10 sizes log-spaced up to all edges).
 
     Columns: fact_id, n (requested), n_edges (selected; differs from n with `paths=True`), faithfulness.
@@ -158,6 +187,7 @@ def faithfulness_curve(model: Any, facts: Sequence[FactPrompt], scores: Float[Te
         masks = top_n_by_fact(scores, torch.full((len(facts),), int(n), device=scores.device), ev.graph, paths)
         faith = ev.faithfulness(masks)
         for i, f in enumerate(facts):
-            rows.append({"fact_id": f.fact_id, "n": int(n), "n_edges": int(masks[i].sum()),
-                         "faithfulness": float(faith[i])})
+            rows.append(
+                {"fact_id": f.fact_id, "n": int(n), "n_edges": int(masks[i].sum()), "faithfulness": float(faith[i])}
+            )
     return pd.DataFrame(rows)

@@ -56,9 +56,17 @@ def check_supported(model: HookedTransformer) -> None:
         problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre", None):
         problems.append(f"normalization_type={cfg.normalization_type!r}")
-    for flag in ("parallel_attn_mlp", "use_local_attn", "use_qk_norm", "use_normalization_before_and_after",
-                 "post_embedding_ln", "use_attention_sinks", "use_logn_attn", "use_dynamic_ntk_rope",
-                 "load_in_4bit"):
+    for flag in (
+        "parallel_attn_mlp",
+        "use_local_attn",
+        "use_qk_norm",
+        "use_normalization_before_and_after",
+        "post_embedding_ln",
+        "use_attention_sinks",
+        "use_logn_attn",
+        "use_dynamic_ntk_rope",
+        "load_in_4bit",
+    ):
         if getattr(cfg, flag, False):
             problems.append(f"{flag}=True")
     for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
@@ -98,8 +106,12 @@ class Norm:
         name = type(module).__name__
         kind = "LN" if name in ("LayerNorm", "LayerNormPre") else "RMS" if name in ("RMSNorm", "RMSNormPre") else "none"
         w, b = getattr(module, "w", None), getattr(module, "b", None)
-        return cls(kind, None if w is None else w.detach(), None if b is None else b.detach(),
-                   float(getattr(module, "eps", eps)))
+        return cls(
+            kind,
+            None if w is None else w.detach(),
+            None if b is None else b.detach(),
+            float(getattr(module, "eps", eps)),
+        )
 
     def parts(self, x: Tensor, dtype: torch.dtype, constant_scale: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """(output in `dtype`, x_hat, scale), x_hat and scale in float32 (for the vector-Jacobian product).
@@ -156,10 +168,16 @@ class LayerWeights:
     def to(self, dtype: torch.dtype) -> LayerWeights:
         """The weights `run_capture` reads, cast to `dtype` (the rest left as they are)."""
         return replace(
-            self, W_qkv=self.W_qkv.to(dtype), b_qkv=self.b_qkv.to(dtype), W_O=self.W_O.to(dtype),
-            b_O=self.b_O.to(dtype), norm1=self.norm1.to(dtype), norm2=self.norm2 and self.norm2.to(dtype),
+            self,
+            W_qkv=self.W_qkv.to(dtype),
+            b_qkv=self.b_qkv.to(dtype),
+            W_O=self.W_O.to(dtype),
+            b_O=self.b_O.to(dtype),
+            norm1=self.norm1.to(dtype),
+            norm2=self.norm2 and self.norm2.to(dtype),
             mlp_t=self.mlp_t and tuple(_cast(t, dtype) for t in self.mlp_t),  # type: ignore[arg-type]
-            b_in=_cast(self.b_in, dtype), b_out=_cast(self.b_out, dtype),
+            b_in=_cast(self.b_in, dtype),
+            b_out=_cast(self.b_out, dtype),
         )
 
 
@@ -191,8 +209,23 @@ def layer_weights(model: HookedTransformer) -> list[LayerWeights]:
             gate = mlp.W_gate.detach().T.contiguous() if type(mlp).__name__ == "GatedMLP" else None
             mlp_t = (gate, mlp.W_in.detach().T.contiguous(), mlp.W_out.detach().T.contiguous())
             b_in, b_out = mlp.b_in.detach(), mlp.b_out.detach()
-        out.append(LayerWeights(W_qkv.detach(), b_qkv.detach(), W3, b3, attn.W_O.detach(), attn.b_O.detach(), norm1,
-                                Wf.contiguous(), offset3, norm2, mlp_t, b_in, b_out))
+        out.append(
+            LayerWeights(
+                W_qkv.detach(),
+                b_qkv.detach(),
+                W3,
+                b3,
+                attn.W_O.detach(),
+                attn.b_O.detach(),
+                norm1,
+                Wf.contiguous(),
+                offset3,
+                norm2,
+                mlp_t,
+                b_in,
+                b_out,
+            )
+        )
     return out
 
 
@@ -251,8 +284,13 @@ def fact_seed(seed: int, fact_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{fact_id}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def make_batch(model: HookedTransformer, facts: Sequence[FactPrompt], seed: int = 0, noise_scale: float = NOISE_SCALE,
-               metric: str | Metric = "answer-logprob") -> FactBatch:
+def make_batch(
+    model: HookedTransformer,
+    facts: Sequence[FactPrompt],
+    seed: int = 0,
+    noise_scale: float = NOISE_SCALE,
+    metric: str | Metric = "answer-logprob",
+) -> FactBatch:
     """Validate and pad facts into a `FactBatch` on the model's device (noise drawn per fact from `fact_seed`,
     on the CPU, so a fact's corruption does not depend on the device)."""
     if not facts:
@@ -313,8 +351,9 @@ def make_batch(model: HookedTransformer, facts: Sequence[FactPrompt], seed: int 
             gen = torch.Generator(device="cpu").manual_seed(fact_seed(seed, f.fact_id))
             pos = torch.tensor(sorted(set(f.noise_positions)), device="cpu")
             noise[b, pos] = torch.randn(len(pos), cfg.d_model, generator=gen, device="cpu") * std
-    return FactBatch(list(facts), clean, corrupted, valid, target_pos, target_tok, target_mask, contrast,
-                     noise).to(model.W_E.device)
+    return FactBatch(list(facts), clean, corrupted, valid, target_pos, target_tok, target_mask, contrast, noise).to(
+        model.W_E.device
+    )
 
 
 def embed_inputs(model: HookedTransformer, batch: FactBatch) -> tuple[Tensor, Tensor]:
@@ -374,8 +413,9 @@ def get_metric(metric: str | Metric) -> Metric:
     return metric if callable(metric) else METRICS[metric_name(metric)]
 
 
-def metric_at_answers(model: HookedTransformer, resid: Tensor, batch: FactBatch, metric: str | Metric,
-                      relp: bool = False) -> Float[Tensor, " batch"]:
+def metric_at_answers(
+    model: HookedTransformer, resid: Tensor, batch: FactBatch, metric: str | Metric, relp: bool = False
+) -> Float[Tensor, " batch"]:
     """Per-fact metric from the final residual, unembedding only the scored positions (`relp`: with the final
     norm's scale detached, RelP's LN rule; same value)."""
     b_idx = torch.arange(resid.shape[0], device=resid.device)[:, None]
@@ -397,8 +437,9 @@ def _rotary(attn: Any, x: Tensor) -> Tensor:
         return attn.apply_rotary(x)
     rd = cfg.rotary_dim
     half = rd // 2
-    sign = torch.cat([-torch.ones(half, dtype=x.dtype, device=x.device),
-                      torch.ones(rd - half, dtype=x.dtype, device=x.device)])
+    sign = torch.cat(
+        [-torch.ones(half, dtype=x.dtype, device=x.device), torch.ones(rd - half, dtype=x.dtype, device=x.device)]
+    )
     cos = attn.rotary_cos[None, :P, None, :]
     sin = (attn.rotary_sin[:P] * sign)[None, :, None, :]
     if rd == x.shape[-1]:
@@ -486,9 +527,15 @@ def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tens
     return q.reshape(B, P, H, dh), k, v
 
 
-def run_capture(model: HookedTransformer, x0: Tensor, batch: FactBatch, metric: str | Metric,
-                layers: list[LayerWeights] | None = None, dtype: torch.dtype | None = None,
-                relp: bool = False) -> tuple[Tensor, dict[str, list[Tensor]]]:
+def run_capture(
+    model: HookedTransformer,
+    x0: Tensor,
+    batch: FactBatch,
+    metric: str | Metric,
+    layers: list[LayerWeights] | None = None,
+    dtype: torch.dtype | None = None,
+    relp: bool = False,
+) -> tuple[Tensor, dict[str, list[Tensor]]]:
     """Forward from the `input` node, keeping what attribution needs; no grad taken here.
 
     Returns the per-fact metric and, per layer, z [B,P,H,dh] and the MLP output [B,P,D], plus (when grad is
@@ -522,16 +569,18 @@ def run_capture(model: HookedTransformer, x0: Tensor, batch: FactBatch, metric: 
     return metric_at_answers(model, x, batch, metric, relp), store
 
 
-def source_outputs(model: HookedTransformer, x0: Tensor, store: dict[str, list[Tensor]], layers: list[LayerWeights]
-             ) -> Float[Tensor, "batch src pos d_model"]:
+def source_outputs(
+    model: HookedTransformer, x0: Tensor, store: dict[str, list[Tensor]], layers: list[LayerWeights]
+) -> Float[Tensor, "batch src pos d_model"]:
     """Every source node's output, in `Graph.sources` order (float32, like the residual stream they sum to)."""
     parts = [x0.float()[:, None]]
     for i, layer in enumerate(layers):
         z = store["z"][i]
-        parts.append(einops.einsum(z, layer.W_O.to(z.dtype), "batch pos head dh, head dh d_model -> "
-                                   "batch head pos d_model").float())
+        parts.append(
+            einops.einsum(
+                z, layer.W_O.to(z.dtype), "batch pos head dh, head dh d_model -> batch head pos d_model"
+            ).float()
+        )
         if store["mlp_out"]:
             parts.append(store["mlp_out"][i].float()[:, None])
     return torch.cat(parts, dim=1)
-
-

@@ -29,8 +29,22 @@ from circuitdyn.errors import CircuitdynError
 
 T = TypeVar("T")
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 AUTOGRAD_RESIDUAL = 20
 """One IG step's autograd state and captures, in float32 d_model-sized vectors per layer and position
@@ -101,16 +115,19 @@ def fixed_bytes(model_or_cfg: Any) -> int:
     return 2 * weights + WORKSPACE
 
 
-def fact_batch_for_memory(model_or_cfg: Any, n_positions: int, dtype: str | torch.dtype, budget_bytes: int,
-                          steps: int = 5) -> int:
+def fact_batch_for_memory(
+    model_or_cfg: Any, n_positions: int, dtype: str | torch.dtype, budget_bytes: int, steps: int = 5
+) -> int:
     """The largest fact batch whose attribution fits `budget_bytes` (weights included), by the memory model
     above, for facts of up to `n_positions` positions; a CircuitdynError when not even one fact fits."""
     per_fact = bytes_per_fact(model_or_cfg, n_positions, dtype, steps)
     free = int(budget_bytes) - fixed_bytes(model_or_cfg)
     if free < per_fact:
         need = (fixed_bytes(model_or_cfg) + per_fact) / 2**30
-        raise CircuitdynError(f"max memory {budget_bytes / 2**30:.2f} GiB is too small: one fact of {n_positions} "
-                              f"positions needs about {need:.2f} GiB with this model")
+        raise CircuitdynError(
+            f"max memory {budget_bytes / 2**30:.2f} GiB is too small: one fact of {n_positions} "
+            f"positions needs about {need:.2f} GiB with this model"
+        )
     return max(1, free // per_fact)
 
 
@@ -120,8 +137,11 @@ def is_out_of_memory(err: BaseException) -> bool:
         return True
     text = str(err).lower()
     return isinstance(err, (RuntimeError, MemoryError)) and (
-        isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
-        or "failed to allocate" in text)
+        isinstance(err, MemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+        or "failed to allocate" in text
+    )
 
 
 class OOMBackoff:
@@ -144,8 +164,10 @@ class OOMBackoff:
         self.size = max(1, self.size // 2)
         self.halvings += 1
         if self.halvings == 1:
-            print(f"circuitdyn: out of memory; halving the fact batch (now {self.size}) and retrying",
-                  file=self.stream or sys.stderr)
+            print(
+                f"circuitdyn: out of memory; halving the fact batch (now {self.size}) and retrying",
+                file=self.stream or sys.stderr,
+            )
         return None
 
 
@@ -174,4 +196,3 @@ def torch_threads(num_threads: int | None) -> Iterator[int]:
         yield n
     finally:
         torch.set_num_threads(before)
-

@@ -36,8 +36,13 @@ SPARSE_PATCH_FACTOR = 8
 """A patched read sums only the kept (or only the patched) edges when that side holds under 1/8 of them."""
 
 
-def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], metric: str | Metric = "answer-logprob",
-                corrupted_sources: Tensor | None = None) -> Float[Tensor, " batch"]:
+def run_patched(
+    model: Any,
+    batch: FactBatch,
+    keep: Bool[Tensor, "batch edge"],
+    metric: str | Metric = "answer-logprob",
+    corrupted_sources: Tensor | None = None,
+) -> Float[Tensor, " batch"]:
     """Metric with every edge outside `keep` patched to its corrupted value (exact, no approximation).
 
     A destination reads `resid - sum_{src not kept} (a_src(this run) - a_src(corrupted run))`: kept edges
@@ -72,8 +77,9 @@ def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], 
             n_drop = int(d.sum())
             n_keep = d.numel() - n_drop
             if min(n_drop, n_keep) * SPARSE_PATCH_FACTOR >= d.numel():  # both sides dense: one contraction
-                return x[:, :, None] - einops.einsum(diffs[:, :n_src], d, "batch src pos d_model, batch src dest -> "
-                                                     "batch pos dest d_model")
+                return x[:, :, None] - einops.einsum(
+                    diffs[:, :n_src], d, "batch src pos d_model, batch src dest -> batch pos dest d_model"
+                )
             # Sum over the sparser side only: a small circuit keeps few edges, so
             # x - sum_s diff[s] + sum_{kept s} diff[s] touches just the kept (fact, source, destination) triples.
             if n_drop <= n_keep:
@@ -96,14 +102,18 @@ def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], 
             ins = read(x, n_src, slice(col, col + 3 * H)).reshape(B, P, H, 3, D)
             col += 3 * H
             n, _, _ = ln1(layer, ins)
-            qkv = einops.einsum(n, layer.W3, "batch pos head port d_model, head port dh d_model -> "
-                                "batch pos head port dh") + layer.b3
+            qkv = (
+                einops.einsum(
+                    n, layer.W3, "batch pos head port d_model, head port dh d_model -> batch pos head port dh"
+                )
+                + layer.b3
+            )
             z = attend(model, block, qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2])
             heads = einops.einsum(z, layer.W_O, "batch pos head dh, head dh d_model -> batch head pos d_model")
             x = x + heads.sum(1) + layer.b_O
             s0 = 1 + i * per_layer
-            diffs[:, s0:s0 + H] = heads - corrupted_sources[:, s0:s0 + H]
-            diff_sum = diff_sum + diffs[:, s0:s0 + H].sum(1)
+            diffs[:, s0 : s0 + H] = heads - corrupted_sources[:, s0 : s0 + H]
+            diff_sum = diff_sum + diffs[:, s0 : s0 + H].sum(1)
             if graph.has_mlp:
                 mlp_in = read(x, s0 + H, slice(col, col + 1))[:, :, 0]
                 col += 1
@@ -115,14 +125,18 @@ def run_patched(model: Any, batch: FactBatch, keep: Bool[Tensor, "batch edge"], 
         return metric_at_answers(model, final, batch, metric)
 
 
-def clean_and_corrupted_metric(model: Any, batch: FactBatch, metric: str | Metric = "answer-logprob") -> tuple[Tensor, Tensor]:
+def clean_and_corrupted_metric(
+    model: Any, batch: FactBatch, metric: str | Metric = "answer-logprob"
+) -> tuple[Tensor, Tensor]:
     """m(clean) and m(corrupted) per fact, from the functional forward."""
     clean_in, corr_in = embed_inputs(model, batch)
     with torch.no_grad():
         return run_capture(model, clean_in, batch, metric)[0], run_capture(model, corr_in, batch, metric)[0]
 
 
-def corrupted_sources(model: Any, batch: FactBatch, metric: str | Metric = "answer-logprob") -> Float[Tensor, "batch src pos d_model"]:
+def corrupted_sources(
+    model: Any, batch: FactBatch, metric: str | Metric = "answer-logprob"
+) -> Float[Tensor, "batch src pos d_model"]:
     """Every source node's output in the corrupted run (reused across many `run_patched` calls)."""
     layers = layer_weights(model)
     _, corr_in = embed_inputs(model, batch)
@@ -131,16 +145,22 @@ def corrupted_sources(model: Any, batch: FactBatch, metric: str | Metric = "answ
         return source_outputs(model, corr_in, st, layers)
 
 
-def exact_edge_effects(model: Any, batch: FactBatch, edges: Sequence[int] | None = None, metric: str | Metric = "answer-logprob",
-                       chunk: int = 64) -> Float[Tensor, "batch edge"]:
+def exact_edge_effects(
+    model: Any,
+    batch: FactBatch,
+    edges: Sequence[int] | None = None,
+    metric: str | Metric = "answer-logprob",
+    chunk: int = 64,
+) -> Float[Tensor, "batch edge"]:
     """True effect of patching each single edge: m(clean with e corrupted) - m(clean), [fact, len(edges)]."""
     graph = Graph.from_model(model)
     idx = list(range(graph.n_edges)) if edges is None else list(edges)
     return _exact_effects(model, batch, [[i] for i in idx], metric, chunk)
 
 
-def exact_node_effects(model: Any, batch: FactBatch, metric: str | Metric = "answer-logprob", chunk: int = 64
-                       ) -> Float[Tensor, "batch source"]:
+def exact_node_effects(
+    model: Any, batch: FactBatch, metric: str | Metric = "answer-logprob", chunk: int = 64
+) -> Float[Tensor, "batch source"]:
     """True effect of patching each source node (all its outgoing edges), in `Graph.sources` order."""
     graph = Graph.from_model(model)
     src, _ = graph.edge_src_dst
@@ -156,11 +176,11 @@ def _exact_effects(model: Any, batch: FactBatch, groups: list[list[int]], metric
     out = torch.zeros(B, len(groups), device=m_clean.device)
     per = max(1, chunk // B)
     for start in range(0, len(groups), per):
-        part = groups[start:start + per]
+        part = groups[start : start + per]
         keep = torch.ones(len(part), B, graph.n_edges, dtype=torch.bool, device=m_clean.device)
         for j, edges in enumerate(part):
             keep[j, :, edges] = False
         rep = batch.repeat(len(part))
         vals = run_patched(model, rep, keep.reshape(-1, graph.n_edges), metric, corr.repeat(len(part), 1, 1, 1))
-        out[:, start:start + len(part)] = (vals.reshape(len(part), B) - m_clean).T
+        out[:, start : start + len(part)] = (vals.reshape(len(part), B) - m_clean).T
     return out

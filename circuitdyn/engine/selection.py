@@ -90,8 +90,9 @@ def select_top_n_paths(scores: Float[Tensor, "*fact edge"], graph: Graph, n: int
     return torch.from_numpy(pruned(hi))
 
 
-def top_n_by_fact(scores: Float[Tensor, "fact edge"], n: Int[Tensor, " fact"], graph: Graph | None = None,
-                  paths: bool = False) -> Bool[Tensor, "fact edge"]:
+def top_n_by_fact(
+    scores: Float[Tensor, "fact edge"], n: Int[Tensor, " fact"], graph: Graph | None = None, paths: bool = False
+) -> Bool[Tensor, "fact edge"]:
     """Per-fact top-n masks for per-fact sizes n (`paths`: on input->logits paths, needs `graph`)."""
     if paths:
         if graph is None:
@@ -273,9 +274,13 @@ class Selection:
     rule: Rule
     value: float
 
-    RULES = {"top": "top-n edges", "paths": "top-n edges on input->logits paths",
-             "abs": "|score| threshold", "faith": "smallest top-n circuit reaching a faithfulness",
-             "pruned": "greedily pruned circuit reaching a faithfulness"}
+    RULES = {
+        "top": "top-n edges",
+        "paths": "top-n edges on input->logits paths",
+        "abs": "|score| threshold",
+        "faith": "smallest top-n circuit reaching a faithfulness",
+        "pruned": "greedily pruned circuit reaching a faithfulness",
+    }
 
     def __post_init__(self) -> None:
         if self.rule not in self.RULES:
@@ -314,8 +319,9 @@ class Selection:
         """True for rules that evaluate circuits on a model (`faith:`, `pruned:`)."""
         return self.rule in ("faith", "pruned")
 
-    def select(self, scores: Float[Tensor, "fact edge"], graph: Graph, faithfulness: Faithfulness | None = None
-               ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
+    def select(
+        self, scores: Float[Tensor, "fact edge"], graph: Graph, faithfulness: Faithfulness | None = None
+    ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
         """The circuits of every fact under this rule, and (for `faith:`, `pruned:`) the faithfulness each reached."""
         scores = scores.float()
         if self.rule == "top":

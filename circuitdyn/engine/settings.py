@@ -117,8 +117,9 @@ class AttributionSettings:
 
     def to_meta(self) -> dict[str, Any]:
         """The fields a circuit file records, under their metadata names (`steps` is recorded as `ig_steps`)."""
-        return {META_KEYS[f.name]: (self.metric_name if f.name == "metric" else getattr(self, f.name))
-                for f in fields(self)}
+        return {
+            META_KEYS[f.name]: (self.metric_name if f.name == "metric" else getattr(self, f.name)) for f in fields(self)
+        }
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> AttributionSettings:
@@ -137,8 +138,10 @@ META_KEYS = {f.name: "ig_steps" if f.name == "steps" else f.name for f in fields
 SETTING_DEFAULTS = {"ig_grid": "right"}
 """Values of settings that files written before the field existed had (circuitdyn's IG grid was `right`)."""
 
-def settings_filter(method: str | None = None, steps: int | None = None, ig_grid: str | None = None,
-                    seed: int = 0) -> dict[str, Any]:
+
+def settings_filter(
+    method: str | None = None, steps: int | None = None, ig_grid: str | None = None, seed: int = 0
+) -> dict[str, Any]:
     """The metadata filter (`circuits.find_circuits`' `where`) of settings chosen only in part, for reading
     cached circuits: the fields given (None: any) and the extraction seed."""
     where: dict[str, Any] = {"seed": seed}
@@ -182,8 +185,9 @@ class Compute:
     def __post_init__(self) -> None:
         _whole("batch_size", self.batch_size)
         if self.buffer_dtype not in BUFFER_DTYPES:
-            raise CircuitdynError(f"unknown buffer dtype {self.buffer_dtype!r}; choose one of "
-                                  f"{', '.join(BUFFER_DTYPES)}")
+            raise CircuitdynError(
+                f"unknown buffer dtype {self.buffer_dtype!r}; choose one of {', '.join(BUFFER_DTYPES)}"
+            )
 
     def replace(self, **changes: Any) -> Compute:
         return dataclasses.replace(self, **changes)
@@ -224,8 +228,9 @@ class Comparison:
         if not isinstance(self.selection, Selection):
             raise CircuitdynError(f"a comparison's selection is a Selection (Selection.parse({self.selection!r}))")
         check_family(self.family)
-        if self.replicates is not None and (isinstance(self.replicates, bool) or not isinstance(self.replicates, int)
-                                            or self.replicates < 2):
+        if self.replicates is not None and (
+            isinstance(self.replicates, bool) or not isinstance(self.replicates, int) or self.replicates < 2
+        ):
             raise CircuitdynError(f"replicates per checkpoint must be a whole number >= 2, got {self.replicates!r}")
         if isinstance(self.noise_epochs, list):
             object.__setattr__(self, "noise_epochs", tuple(self.noise_epochs))

@@ -57,8 +57,7 @@ def _planted_component(graph: Any, scores: Tensor, plant: Plant) -> tuple[str, i
     return node, graph.layer_of(node), head
 
 
-def _scaled(model: HookedTransformer, plant: Plant, layer: int, head: int | None, factor: float
-            ) -> Callable[[], None]:
+def _scaled(model: HookedTransformer, plant: Plant, layer: int, head: int | None, factor: float) -> Callable[[], None]:
     """Scale one component's output weights in place; returns the function that restores them."""
     block: Any = model.blocks[layer]  # nn.ModuleList items are typed as plain Module
     if plant == "mlp":
@@ -78,8 +77,14 @@ def _scaled(model: HookedTransformer, plant: Plant, layer: int, head: int | None
     return restore
 
 
-def _planted_scores(model: HookedTransformer, facts: FactSet, draws: Sequence[Draw], s: CalibrationSettings,
-                    cache: Path, key: dict[str, Any]) -> Tensor:
+def _planted_scores(
+    model: HookedTransformer,
+    facts: FactSet,
+    draws: Sequence[Draw],
+    s: CalibrationSettings,
+    cache: Path,
+    key: dict[str, Any],
+) -> Tensor:
     """Replicates of the planted model, cached per draw under `cache` (keyed by checkpoint, plant and draw)."""
     out = []
     for d in draws:
@@ -99,9 +104,16 @@ def _planted_scores(model: HookedTransformer, facts: FactSet, draws: Sequence[Dr
     return torch.stack(out)
 
 
-def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSettings | None = None, *,
-              folder: str | Path | None = None, progress: bool = False,
-              log: Callable[[str], None] | None = None) -> Calibration:
+def calibrate(
+    run: Run,
+    epoch: int,
+    facts: FactSet,
+    settings: CalibrationSettings | None = None,
+    *,
+    folder: str | Path | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Calibration:
     """Measure the change test's false-positive rates, power and interval coverage at one checkpoint of `run`
     (see the module docstring). Replicates are cached in `folder` (default the run's circuits folder), so a
     re-run resumes."""
@@ -119,18 +131,30 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     entities = entity_groups(facts.ids, facts.entity_of)
     n_tested = int(included.sum())
     if n_tested < 2:
-        raise CircuitdynError(f"{run.path} epoch {epoch}: only {n_tested} of {len(facts)} facts have a clean - "
-                              f"corrupted gap >= {MIN_GAP:g}; calibration needs more (choose more facts)")
+        raise CircuitdynError(
+            f"{run.path} epoch {epoch}: only {n_tested} of {len(facts)} facts have a clean - "
+            f"corrupted gap >= {MIN_GAP:g}; calibration needs more (choose more facts)"
+        )
     r, k = s.replicates, s.null_tests
-    say(f"calibrate: {len(facts)} facts, {n_tested} with gap >= {MIN_GAP:g} (only these are tested and drawn): "
-        f"{2 * r * k} null replicates and {len(s.strengths)} x {r} planted replicates per fact")
+    say(
+        f"calibrate: {len(facts)} facts, {n_tested} with gap >= {MIN_GAP:g} (only these are tested and drawn): "
+        f"{2 * r * k} null replicates and {len(s.strengths)} x {r} planted replicates per fact"
+    )
     n_all = len(facts)
     facts = facts.subset([f for f, ok in zip(facts.ids, included) if ok])
     sizes, entities = sizes[torch.from_numpy(included)], [e for e, ok in zip(entities, included) if ok]
     main = main.subset(facts.ids)
     included = np.ones(len(facts), dtype=bool)
-    pool = replicate_scores(run, epoch, facts, draw_settings(s.family, 2 * r * k, s.seed), folder, s.attribution,
-                            compute=s.compute, progress=progress)
+    pool = replicate_scores(
+        run,
+        epoch,
+        facts,
+        draw_settings(s.family, 2 * r * k, s.seed),
+        folder,
+        s.attribution,
+        compute=s.compute,
+        progress=progress,
+    )
     inc_entities = entities
 
     # the null: K disjoint tests of r against r replicates of the same checkpoint (distances computed once)
@@ -143,8 +167,9 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     null_p: dict[str, list[float]] = {stat: [] for stat in DISTANCES}
     any_flag, null_effects = 0, []
     for j in range(k):
-        test, _ = distance_test(sub(np.arange(2 * r * j, 2 * r * (j + 1))), r, r, facts.ids, included=included,
-                                family=s.family)
+        test, _ = distance_test(
+            sub(np.arange(2 * r * j, 2 * r * (j + 1))), r, r, facts.ids, included=included, family=s.family
+        )
         for stat in DISTANCES:
             null_p[stat] += test.statistic(stat)["p_value"].dropna().tolist()
         primary = test.statistic(PRIMARY)
@@ -155,7 +180,7 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     n_facts = len(facts.ids)
     for _ in range(AGGREGATE_ROUNDS):
         # each fact's 2r replicates drawn at random from its own pool (facts' draws are independent)
-        picks = np.stack([rng.permutation(2 * r * k)[:2 * r] for _ in range(n_facts)])
+        picks = np.stack([rng.permutation(2 * r * k)[: 2 * r] for _ in range(n_facts)])
         for stat in DISTANCES:
             d = pool_dist[stat][np.arange(n_facts)[:, None, None], picks[:, :, None], picks[:, None, :]]
             split = split_effects(d, splits(r, r))
@@ -168,16 +193,28 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
     node, layer, head = _planted_component(main.graph, main.scores[included], s.plant)
     power = []
     per_stat_power: dict[str, list[dict[str, Any]]] = {stat: [] for stat in DISTANCES}
-    base_key = {"checkpoint_hash": run.checkpoint(epoch).content_hash, "component": node, "plant": s.plant,
-                "steps": s.attribution.steps, "metric": s.attribution.metric_name, "method": s.attribution.method,
-                "probe_set_hash": facts.identity}
+    base_key = {
+        "checkpoint_hash": run.checkpoint(epoch).content_hash,
+        "component": node,
+        "plant": s.plant,
+        "steps": s.attribution.steps,
+        "metric": s.attribution.metric_name,
+        "method": s.attribution.method,
+        "probe_set_hash": facts.identity,
+    }
     for i, strength in enumerate(s.strengths):
         restore = _scaled(model, s.plant, layer, head, 1 - strength)
         try:
             draws = draw_settings(s.family, r, s.seed + 1 + i)
             say(f"calibrate: planted {node} output x {1 - strength:g}")
-            planted = _planted_scores(model, facts, draws, s, folder / "calibration",
-                                      {**base_key, "factor": 1 - strength, "edges": main.edges})
+            planted = _planted_scores(
+                model,
+                facts,
+                draws,
+                s,
+                folder / "calibration",
+                {**base_key, "factor": 1 - strength, "edges": main.edges},
+            )
         finally:
             restore()
         run.load_model(epoch)
@@ -186,24 +223,44 @@ def calibrate(run: Run, epoch: int, facts: FactSet, settings: CalibrationSetting
             t = test.statistic(stat)
             p = t["p_value"].dropna()
             agg = aggregate_p(effects[stat], seed=s.seed)
-            entry = {"strength": strength, **rate(int((p <= ALPHA).sum()), len(p)),
-                     "flagged": int(t["changed_beyond_noise"].fillna(False).sum()), "aggregate_p": round(agg, 6),
-                     "mean_effect": round(float(t["effect"][included].mean()), 6)}
+            entry = {
+                "strength": strength,
+                **rate(int((p <= ALPHA).sum()), len(p)),
+                "flagged": int(t["changed_beyond_noise"].fillna(False).sum()),
+                "aggregate_p": round(agg, 6),
+                "mean_effect": round(float(t["effect"][included].mean()), 6),
+            }
             per_stat_power[stat].append(entry)
         power.append(per_stat_power[PRIMARY][-1])
 
     # null effects have a known truth: replicates of one checkpoint are exchangeable, so E[effect] = 0 per fact
-    covered = coverage(np.stack(null_effects, 1)[included], inc_entities, s.entity_counts, "null effects",
-                       s.seed, truth=0.0)
+    covered = coverage(
+        np.stack(null_effects, 1)[included], inc_entities, s.entity_counts, "null effects", s.seed, truth=0.0
+    )
     planted_effect = test.statistic(PRIMARY)["effect"].to_numpy(float)[included]
-    covered += coverage(planted_effect, inc_entities, s.entity_counts, f"planted x{1 - s.strengths[-1]:g} effects",
-                        s.seed + 1)
+    covered += coverage(
+        planted_effect, inc_entities, s.entity_counts, f"planted x{1 - s.strengths[-1]:g} effects", s.seed + 1
+    )
     per_statistic: dict[str, dict[str, Any]] = {
-        stat: {"fact_fpr": rate(int((np.asarray(null_p[stat]) <= ALPHA).sum()), len(null_p[stat])),
-               "aggregate_fpr": rate(agg_fire[stat], AGGREGATE_ROUNDS), "power": per_stat_power[stat]}
-        for stat in DISTANCES}
+        stat: {
+            "fact_fpr": rate(int((np.asarray(null_p[stat]) <= ALPHA).sum()), len(null_p[stat])),
+            "aggregate_fpr": rate(agg_fire[stat], AGGREGATE_ROUNDS),
+            "power": per_stat_power[stat],
+        }
+        for stat in DISTANCES
+    }
     return Calibration(
-        f"{run.path}:{epoch}", s, n_all, n_tested, len(set(inc_entities)), PRIMARY,
-        per_statistic[PRIMARY]["fact_fpr"], rate(any_flag, k), per_statistic[PRIMARY]["aggregate_fpr"], power,
-        covered, node, per_statistic,
+        f"{run.path}:{epoch}",
+        s,
+        n_all,
+        n_tested,
+        len(set(inc_entities)),
+        PRIMARY,
+        per_statistic[PRIMARY]["fact_fpr"],
+        rate(any_flag, k),
+        per_statistic[PRIMARY]["aggregate_fpr"],
+        power,
+        covered,
+        node,
+        per_statistic,
     )

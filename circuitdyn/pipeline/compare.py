@@ -52,8 +52,9 @@ class Side:
         return short_label(self.spec)
 
     @classmethod
-    def open(cls, spec: str | Path, *, device: str = "cpu", dtype: str = "float32",
-             base: str | Path | None = None) -> Side:
+    def open(
+        cls, spec: str | Path, *, device: str = "cpu", dtype: str = "float32", base: str | Path | None = None
+    ) -> Side:
         """A circuit file (`.safetensors`) as it is, else the run and epoch `checkpoints.resolve` finds (`RUN:EPOCH`,
         `RUN:step=STEP`, a run or model folder: its last epoch), opened with `device`, `dtype` and `base`."""
         from circuitdyn.runs.checkpoints import resolve
@@ -107,8 +108,10 @@ def diff_checkpoints(
     for side in (a, b):
         if side.run is None or side.epoch is None:
             if sel.needs_model:
-                raise CircuitdynError(f"selection {sel} evaluates circuits on their model: give checkpoints, not "
-                                      f"the circuit file {side.spec} (or choose --select top:N)")
+                raise CircuitdynError(
+                    f"selection {sel} evaluates circuits on their model: give checkpoints, not "
+                    f"the circuit file {side.spec} (or choose --select top:N)"
+                )
             cs = CircuitSet.load(side.spec)
             if facts is not None:
                 file_probes = load_probes(facts.probes, rephrased=facts.rephrased)
@@ -134,17 +137,24 @@ def diff_checkpoints(
     heldout: tuple[Tensor, Tensor] | None = None
     if sel.needs_model:  # both sides are checkpoints with facts: anything else was refused above
         on_model = [(cs, r, e, fs) for cs, r, e, fs in sides if r is not None and e is not None and fs is not None]
-        picks = [select_circuits(r, e, cs.subset(ids), sel, fs, cache_dir=circuits_dir or default_dir(r))
-                 for cs, r, e, fs in on_model]
+        picks = [
+            select_circuits(r, e, cs.subset(ids), sel, fs, cache_dir=circuits_dir or default_dir(r))
+            for cs, r, e, fs in on_model
+        ]
         selected = (picks[0], picks[1])
         if sel.rule == "pruned":
-            held_a, held_b = (heldout_faithfulness(r, e, cs.subset(ids), pick[0], fs)
-                              for (cs, r, e, fs), pick in zip(on_model, selected))
+            held_a, held_b = (
+                heldout_faithfulness(r, e, cs.subset(ids), pick[0], fs)
+                for (cs, r, e, fs), pick in zip(on_model, selected)
+            )
             heldout = (held_a, held_b)
     noise = None
     if cmp.replicates is not None and facts_a is not None and facts_b is not None:
-        masks = [p[0] for p in selected] if selected else [sel.select(cs.subset(ids).scores, cs.graph)[0]
-                                                            for cs, *_ in sides]
+        masks = (
+            [p[0] for p in selected]
+            if selected
+            else [sel.select(cs.subset(ids).scores, cs.graph)[0] for cs, *_ in sides]
+        )
         parts = []
         checkpoints = [(r, e, fs) for _, r, e, fs in sides if r is not None and e is not None and fs is not None]
         for k, ((side_run, side_epoch, side_facts), m) in enumerate(zip(checkpoints, masks)):
@@ -154,11 +164,22 @@ def diff_checkpoints(
             draws = run_draws(side_run, [side_epoch], cmp.family, cmp.replicates, s.seed if shared else s.seed + 1)
             size = dict(zip(ids, m.sum(1).tolist()))
             sizes = torch.tensor([size.get(f, int(np.median(list(size.values())))) for f in side_facts.ids])
-            parts.append(measure_replicates(side_run, side_facts, draws, {side_epoch: sizes}, sel, s,
-                                            folder=circuits_dir or default_dir(side_run), progress=progress))
+            parts.append(
+                measure_replicates(
+                    side_run,
+                    side_facts,
+                    draws,
+                    {side_epoch: sizes},
+                    sel,
+                    s,
+                    folder=circuits_dir or default_dir(side_run),
+                    progress=progress,
+                )
+            )
         noise = merge_noise(parts)
-    d = diff_circuits(ca, cb, sel, noise=noise, fact_ids=ids, labels=(a.label, b.label), selected=selected,
-                      entity_of=entity_of)
+    d = diff_circuits(
+        ca, cb, sel, noise=noise, fact_ids=ids, labels=(a.label, b.label), selected=selected, entity_of=entity_of
+    )
     d.labels = dict(labels)
     d.heldout = heldout
     return d
@@ -237,8 +258,12 @@ def load_run_timeline(
         if dyn.probe_scores is not None:
             outcomes = outcomes_from_dynamics(dyn)
     if epochs_table is None:
-        epochs_table = pd.DataFrame([{"epoch": e, "step": run.checkpoint(e).step,
-                                      "train_loss": run.checkpoint(e).train_loss} for e in run.epochs])
+        epochs_table = pd.DataFrame(
+            [
+                {"epoch": e, "step": run.checkpoint(e).step, "train_loss": run.checkpoint(e).train_loss}
+                for e in run.epochs
+            ]
+        )
     selected = None
     if sel.needs_model:
         selected = {e: select_circuits(run, e, cs, sel, facts, cache_dir=folder) for e, cs in circuits.items()}
@@ -249,15 +274,37 @@ def load_run_timeline(
             masks = selected[e][0] if selected is not None else sel.select(circuits[e].scores, circuits[e].graph)[0]
             size = dict(zip(circuits[e].fact_ids, masks.sum(1).tolist()))
             sizes[e] = torch.tensor([size[f] for f in facts.ids])
-        noise = measure_replicates(run, facts, run_draws(run, chosen, cmp.family, cmp.replicates, s.seed), sizes, sel,
-                                   s, folder=folder, progress=progress)
+        noise = measure_replicates(
+            run,
+            facts,
+            run_draws(run, chosen, cmp.family, cmp.replicates, s.seed),
+            sizes,
+            sel,
+            s,
+            folder=folder,
+            progress=progress,
+        )
     entity_of = getattr(facts, "entity_of", None)
-    tl = build_timeline(circuits, sel, outcomes=outcomes, epochs=epochs_table, noise=noise, selected=selected,
-                        entity_of=entity_of, fact_choice=fact_choice)
+    tl = build_timeline(
+        circuits,
+        sel,
+        outcomes=outcomes,
+        epochs=epochs_table,
+        noise=noise,
+        selected=selected,
+        entity_of=entity_of,
+        fact_choice=fact_choice,
+    )
     tl.labels = dict(facts.labels) if facts is not None else {}
     if cmp.transfer and facts is not None:
         from circuitdyn.analysis.transfer import transfer_matrix
 
-        tl.transfer = transfer_matrix(tl.circuits, run_evaluator(run, facts), tl.selection, selected=tl.fact_masks,
-                                      cache=folder / "transfer.json", progress=progress)
+        tl.transfer = transfer_matrix(
+            tl.circuits,
+            run_evaluator(run, facts),
+            tl.selection,
+            selected=tl.fact_masks,
+            cache=folder / "transfer.json",
+            progress=progress,
+        )
     return tl

@@ -44,15 +44,22 @@ if TYPE_CHECKING:
 SIGN = "score(e) ~ m(clean with e patched to corrupted) - m(clean)"
 
 
-def extraction_settings(architecture: str | None, facts: Sequence[FactPrompt],
-                        settings: AttributionSettings | None = None) -> dict[str, Any]:
+def extraction_settings(
+    architecture: str | None, facts: Sequence[FactPrompt], settings: AttributionSettings | None = None
+) -> dict[str, Any]:
     """The `circuits.SETTINGS` an extraction of `facts` with `settings` records (known before any work is done)."""
     return recorded_settings(architecture, settings or DEFAULT_SETTINGS, facts_hash(facts))
 
 
-def extract_circuits(model: HookedTransformer, facts: Sequence[FactPrompt], settings: AttributionSettings | None = None,
-                     compute: Compute | None = None, *, meta: dict[str, Any] | None = None,
-                     progress: bool = False) -> CircuitSet:
+def extract_circuits(
+    model: HookedTransformer,
+    facts: Sequence[FactPrompt],
+    settings: AttributionSettings | None = None,
+    compute: Compute | None = None,
+    *,
+    meta: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> CircuitSet:
     """Attribute every fact with `settings` (`attribution.attribute`, run as `compute` says) and wrap the scores
     with their provenance in a `CircuitSet`.
 
@@ -62,16 +69,18 @@ def extract_circuits(model: HookedTransformer, facts: Sequence[FactPrompt], sett
     info = extraction_settings(model.cfg.original_architecture, facts, settings)
     scores = attribute(model, facts, settings, compute, progress=progress)
     cfg = model.cfg
-    info.update({
-        "model": cfg.model_name,
-        "n_layers": cfg.n_layers,
-        "n_heads": cfg.n_heads,
-        "n_key_value_heads": cfg.n_key_value_heads,
-        "d_model": cfg.d_model,
-        "dtype": str(cfg.dtype).removeprefix("torch."),
-        "corruption": [f.corruption for f in facts],
-        "sign": SIGN,
-    })
+    info.update(
+        {
+            "model": cfg.model_name,
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+            "n_key_value_heads": cfg.n_key_value_heads,
+            "d_model": cfg.d_model,
+            "dtype": str(cfg.dtype).removeprefix("torch."),
+            "corruption": [f.corruption for f in facts],
+            "sign": SIGN,
+        }
+    )
     info.update(meta or {})
     return CircuitSet(scores, Graph.from_model(model).edges, [f.fact_id for f in facts], info)
 
@@ -96,28 +105,47 @@ class Extracted:
             values = cs.meta.get(key) or [None] * len(cs.fact_ids)
             return [float("nan") if v is None else float(v) for v in values]
 
-        return cls(epoch, path, skipped, cs.fact_ids, floats("faithfulness"), cs.meta.get("faithfulness_selection", ""),
-                   floats("m_clean"), floats("m_corrupted"), str(cs.meta.get("metric", "")))
+        return cls(
+            epoch,
+            path,
+            skipped,
+            cs.fact_ids,
+            floats("faithfulness"),
+            cs.meta.get("faithfulness_selection", ""),
+            floats("m_clean"),
+            floats("m_corrupted"),
+            str(cs.meta.get("metric", "")),
+        )
 
     def text(self) -> str:
         """The epoch's file and each fact's faithfulness and clean / corrupted metric, as `extract` prints them."""
         vals = [v for v in self.faithfulness if not math.isnan(v)]
         mean = sum(vals) / len(vals) if vals else float("nan")
         status = "cached" if self.skipped else "written"
-        lines = [f"epoch {self.epoch}: {self.path} ({status})",
-                 f"faithfulness of each fact's {self.selection} circuit (mean {mean:.3f}); m = {self.metric} of the "
-                 "clean / corrupted run",
-                 f"  {'faith':>7} {'m_clean':>9} {'m_corr':>9}  fact"]
-        lines += [f"  {v:7.3f} {mc:9.3f} {mx:9.3f}  {fid}"
-                  for fid, v, mc, mx in zip(self.fact_ids, self.faithfulness, self.m_clean, self.m_corrupted)]
+        lines = [
+            f"epoch {self.epoch}: {self.path} ({status})",
+            f"faithfulness of each fact's {self.selection} circuit (mean {mean:.3f}); m = {self.metric} of the "
+            "clean / corrupted run",
+            f"  {'faith':>7} {'m_clean':>9} {'m_corr':>9}  fact",
+        ]
+        lines += [
+            f"  {v:7.3f} {mc:9.3f} {mx:9.3f}  {fid}"
+            for fid, v, mc, mx in zip(self.fact_ids, self.faithfulness, self.m_clean, self.m_corrupted)
+        ]
         return "\n".join(lines)
 
 
 def checkpoint_meta(run: Run, epoch: int) -> dict[str, Any]:
     """What a circuit file records of the checkpoint it was extracted on (its content hash decides reuse)."""
     ck = run.checkpoint(epoch)
-    return {"model": run.base_model, "checkpoint_hash": ck.content_hash, "step": ck.step, "epoch": epoch,
-            "train_loss": ck.train_loss, "checkpoint_path": str(ck.path)}
+    return {
+        "model": run.base_model,
+        "checkpoint_hash": ck.content_hash,
+        "step": ck.step,
+        "epoch": epoch,
+        "train_loss": ck.train_loss,
+        "checkpoint_path": str(ck.path),
+    }
 
 
 def is_done(path: Path, want: dict[str, Any], checkpoint_hash: str, overwrite: bool = False) -> bool:
@@ -129,18 +157,34 @@ def is_done(path: Path, want: dict[str, Any], checkpoint_hash: str, overwrite: b
     if meta is not None and not settings_mismatch(meta, want) and meta.get("checkpoint_hash") == checkpoint_hash:
         return True
     if not overwrite:
-        why = "is not a circuit file" if meta is None else (
-            f"holds circuits of another checkpoint ({meta.get('checkpoint_hash')})"
-            if not settings_mismatch(meta, want) else f"holds other settings ({settings_mismatch(meta, want)})")
-        raise CircuitdynError(f"{path} {why}; choose another output folder, or pass --overwrite "
-                              "(overwrite=True) to replace it")
+        why = (
+            "is not a circuit file"
+            if meta is None
+            else (
+                f"holds circuits of another checkpoint ({meta.get('checkpoint_hash')})"
+                if not settings_mismatch(meta, want)
+                else f"holds other settings ({settings_mismatch(meta, want)})"
+            )
+        )
+        raise CircuitdynError(
+            f"{path} {why}; choose another output folder, or pass --overwrite (overwrite=True) to replace it"
+        )
     return False
 
 
-def extract_run(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int] | None = None,
-                settings: AttributionSettings | None = None, compute: Compute | None = None,
-                storage: Storage | None = None, *, extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
-                progress: bool = False) -> list[Extracted]:
+def extract_run(
+    run: Run,
+    facts: Sequence[FactPrompt],
+    out_dir: str | Path,
+    epochs: Sequence[int] | None = None,
+    settings: AttributionSettings | None = None,
+    compute: Compute | None = None,
+    storage: Storage | None = None,
+    *,
+    extra_meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> list[Extracted]:
     """One circuit file per epoch of a `checkpoints.Run` under `out_dir`, extracted with `settings` (default
     `DEFAULT_SETTINGS`), skipping finished ones.
 
@@ -166,8 +210,9 @@ def extract_run(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epoc
     want = extraction_settings(run.architecture, facts, s)
     check_context(facts, run.context_length)
     if c.ray is not None:
-        done = extract_on_ray(run, facts, out, epochs, s, c, st, extra_meta=extra_meta, overwrite=overwrite,
-                              progress=progress)
+        done = extract_on_ray(
+            run, facts, out, epochs, s, c, st, extra_meta=extra_meta, overwrite=overwrite, progress=progress
+        )
         record_facts(out, facts)  # type: ignore[arg-type]  # a FactSet of a probe file: the run remembers it
         return done
     results = []
@@ -211,8 +256,10 @@ class Shard:
     """The shard's circuit file in `folder` (named by `extract_run` from its settings and facts)."""
 
     def label(self, run: Run, n_shards: int, index: int) -> str:
-        return (f"checkpoint epoch {self.epoch} ({run.checkpoint(self.epoch).path}), shard {index + 1}/{n_shards} "
-                f"(facts {self.start}-{self.stop - 1})")
+        return (
+            f"checkpoint epoch {self.epoch} ({run.checkpoint(self.epoch).path}), shard {index + 1}/{n_shards} "
+            f"(facts {self.start}-{self.stop - 1})"
+        )
 
 
 def default_shard_size(n_facts: int, n_epochs: int, slots: int, batch_size: int) -> int:
@@ -223,10 +270,17 @@ def default_shard_size(n_facts: int, n_epochs: int, slots: int, batch_size: int)
     return math.ceil(n_facts / max(1, per_epoch))
 
 
-def extract_shard(run_path: str, allow_pickle: bool, device: str, dtype: str, epoch: int,
-                  facts: list[FactPrompt], folder: str,
-                  how: tuple[AttributionSettings, Compute, Storage, dict[str, Any] | None],
-                  base: str | None = None) -> str:
+def extract_shard(
+    run_path: str,
+    allow_pickle: bool,
+    device: str,
+    dtype: str,
+    epoch: int,
+    facts: list[FactPrompt],
+    folder: str,
+    how: tuple[AttributionSettings, Compute, Storage, dict[str, Any] | None],
+    base: str | None = None,
+) -> str:
     """One task of `extract_on_ray`, on a worker: open the run (with the adapter's `base`, if any), load the
     epoch's model once, extract the facts' circuits into `folder` (atomically, through `extract_run`, with the
     settings, compute, storage and extra metadata `how`; stored exact, sparsity left to the assembled file) and
@@ -235,8 +289,17 @@ def extract_shard(run_path: str, allow_pickle: bool, device: str, dtype: str, ep
 
     settings, compute, storage, extra_meta = how
     run = open_run(run_path, allow_pickle=allow_pickle, device=device, dtype=dtype, base=base)
-    done = extract_run(run, facts, folder, [epoch], settings, compute.replace(ray=None),
-                       Storage(dtype="float32", top_n=storage.top_n), extra_meta=extra_meta, overwrite=True)
+    done = extract_run(
+        run,
+        facts,
+        folder,
+        [epoch],
+        settings,
+        compute.replace(ray=None),
+        Storage(dtype="float32", top_n=storage.top_n),
+        extra_meta=extra_meta,
+        overwrite=True,
+    )
     return str(done[0].path)
 
 
@@ -258,10 +321,19 @@ def assemble(parts: Sequence[CircuitSet], facts: Sequence[FactPrompt]) -> Circui
     return CircuitSet(torch.cat([p.scores for p in parts]), parts[0].edges, ids, meta)
 
 
-def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, epochs: Sequence[int],
-                   settings: AttributionSettings | None = None, compute: Compute | None = None,
-                   storage: Storage | None = None, *, extra_meta: dict[str, Any] | None = None, overwrite: bool = False,
-                   progress: bool = False) -> list[Extracted]:
+def extract_on_ray(
+    run: Run,
+    facts: Sequence[FactPrompt],
+    out_dir: str | Path,
+    epochs: Sequence[int],
+    settings: AttributionSettings | None = None,
+    compute: Compute | None = None,
+    storage: Storage | None = None,
+    *,
+    extra_meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> list[Extracted]:
     """`extract_run` on a Ray cluster (`compute.ray`: "auto", the default, starts a local one, else the address of
     one to join).
 
@@ -285,7 +357,7 @@ def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, e
     todo = [e for e in epochs if not is_done(finals[e], want, run.checkpoint(e).content_hash, overwrite)]
     how = (s, c, st, extra_meta)
     batch_size = c.batch_size or 8
-    with (ray_tasks.connected(c.ray or ray_tasks.LOCAL) if todo else contextlib.nullcontext()) as rt:
+    with ray_tasks.connected(c.ray or ray_tasks.LOCAL) if todo else contextlib.nullcontext() as rt:
         shards: dict[int, list[Shard]] = {}
         if todo:
             gpus = (1.0 if ray_tasks.cluster_gpus(rt) else 0.0) if c.num_gpus is None else float(c.num_gpus)
@@ -301,19 +373,28 @@ def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, e
                 starts = range(0, len(facts), size)
                 shards[e] = []
                 for k, i in enumerate(starts):
-                    part = facts[i:i + size]
+                    part = facts[i : i + size]
                     part_want = extraction_settings(run.architecture, part, s)
                     folder = out / SHARDS / finals[e].stem / f"facts_{i}-{i + len(part) - 1}"
                     sh = Shard(e, i, i + len(part), folder, folder / circuit_filename(e, part_want))
                     shards[e].append(sh)
                     if is_done(sh.file, part_want, run.checkpoint(e).content_hash, overwrite=True):
                         continue
-                    args = (str(run.path), bool(getattr(run.checkpoint(e), "allow_pickle", False)), device,
-                            str(run.dtype).removeprefix("torch."), e, part, str(folder), how,
-                            str(ck.base) if (ck := run.checkpoint(e)).kind == "adapter" and ck.base else None)
+                    args = (
+                        str(run.path),
+                        bool(getattr(run.checkpoint(e), "allow_pickle", False)),
+                        device,
+                        str(run.dtype).removeprefix("torch."),
+                        e,
+                        part,
+                        str(folder),
+                        how,
+                        str(ck.base) if (ck := run.checkpoint(e)).kind == "adapter" and ck.base else None,
+                    )
                     tasks.append(ray_tasks.Task(sh.label(run, len(starts), k), extract_shard, args))
-            ray_tasks.run_tasks(rt, tasks, num_gpus=gpus, max_retries=c.max_retries, progress=progress,
-                              desc="circuit shards")
+            ray_tasks.run_tasks(
+                rt, tasks, num_gpus=gpus, max_retries=c.max_retries, progress=progress, desc="circuit shards"
+            )
     results = []
     for e in epochs:
         if e not in shards:
@@ -329,10 +410,9 @@ def extract_on_ray(run: Run, facts: Sequence[FactPrompt], out_dir: str | Path, e
     return results
 
 
-
-
-def run_evaluator(run: Run, facts: Sequence[FactPrompt], metric: str | None = None, seed: int | None = None,
-                  batch_size: int = 8) -> Evaluator:
+def run_evaluator(
+    run: Run, facts: Sequence[FactPrompt], metric: str | None = None, seed: int | None = None, batch_size: int = 8
+) -> Evaluator:
     """An `Evaluator` for `transfer_matrix` on a `checkpoints.Run`: loads the model epoch (weights are
     swapped in place) and evaluates circuits with `circuitdyn.engine.faithfulness.CircuitEvaluator` on the facts
     (`FactPrompt`s) of the circuit set, with the set's own metric, seed and noise scale unless given.
@@ -369,15 +449,22 @@ def heldout_faithfulness(run: Run, epoch: int, circuits: CircuitSet, masks: Tens
     mine, theirs = facts.by_id(ids), other.by_id(ids)
     seed = int(circuits.meta.get("seed", 0)) + 1
     got = run_evaluator(run, other, seed=seed)(epoch, circuits, masks).float().clone()
-    same = torch.tensor([a.corruption.startswith("swap") and a.corrupted_tokens == b.corrupted_tokens
-                         for a, b in zip(mine, theirs)])
+    same = torch.tensor(
+        [a.corruption.startswith("swap") and a.corrupted_tokens == b.corrupted_tokens for a, b in zip(mine, theirs)]
+    )
     got[same] = float("nan")
     return got
 
 
 def checkpoint_circuits(
-    run: Run, epoch: int, facts: Sequence[FactPrompt] | None = None, settings: AttributionSettings | None = None, *,
-    folder: str | Path | None = None, where: dict[str, Any] | None = None, compute: Compute | None = None,
+    run: Run,
+    epoch: int,
+    facts: Sequence[FactPrompt] | None = None,
+    settings: AttributionSettings | None = None,
+    *,
+    folder: str | Path | None = None,
+    where: dict[str, Any] | None = None,
+    compute: Compute | None = None,
     progress: bool = False,
 ) -> CircuitSet:
     """The circuits of one checkpoint: computed for `facts` with `settings` (default `DEFAULT_SETTINGS`; reused when
@@ -392,8 +479,10 @@ def checkpoint_circuits(
         done = extract_run(run, facts, folder, [epoch], settings, compute, progress=progress)[0]
         return CircuitSet.load(done.path)
     if not folder.is_dir():
-        raise CircuitdynError(f"{run.path} epoch {epoch}: no cached circuits in {folder}; pass probes (--probes FILE) "
-                              "to compute them, or the folder holding them (--circuits DIR)")
+        raise CircuitdynError(
+            f"{run.path} epoch {epoch}: no cached circuits in {folder}; pass probes (--probes FILE) "
+            "to compute them, or the folder holding them (--circuits DIR)"
+        )
     if where is None:
         where = settings.to_meta() if settings is not None else {"seed": 0}
     path = find_circuits(folder, [epoch], {epoch: run.checkpoint(epoch).content_hash}, where)[epoch]
@@ -401,8 +490,13 @@ def checkpoint_circuits(
 
 
 def select_circuits(
-    run: Run, epoch: int, circuits: CircuitSet, selection: Selection, facts: Sequence[FactPrompt] | None = None,
-    *, cache_dir: str | Path | None = None,
+    run: Run,
+    epoch: int,
+    circuits: CircuitSet,
+    selection: Selection,
+    facts: Sequence[FactPrompt] | None = None,
+    *,
+    cache_dir: str | Path | None = None,
 ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
     """Each fact's circuit under `selection` (and, for rules that evaluate on the model, the faithfulness
     reached), for circuits of `run` at `epoch`.
@@ -417,8 +511,12 @@ def select_circuits(
         return sel.select(circuits.scores, circuits.graph)
     if facts is None:
         raise CircuitdynError(f"selection {sel} evaluates circuits on the model: it needs the facts (--probes)")
-    key = {"scores_sha256": circuits.scores_digest, "selection": str(sel),
-           "checkpoint_hash": run.checkpoint(epoch).content_hash, "fact_ids": circuits.fact_ids}
+    key = {
+        "scores_sha256": circuits.scores_digest,
+        "selection": str(sel),
+        "checkpoint_hash": run.checkpoint(epoch).content_hash,
+        "fact_ids": circuits.fact_ids,
+    }
     path = None
     if cache_dir is not None:
         name = f"select.{circuits.scores_digest[:12]}.{str(sel).replace(':', '')}.e{epoch}.safetensors"

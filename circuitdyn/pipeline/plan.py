@@ -51,8 +51,10 @@ class Plan:
             noise = f", {self.replicates} replicates per {one}"
         else:
             noise = f", {self.replicates} replicates at {self.n_noise} of the {self.unit}"
-        return (f"plan: {self.n_facts} facts x {self.n_points} {self.unit}{noise}: {self.n_cached} of "
-                f"{len(self.files)} circuit files cached, {self.n_to_compute} to compute")
+        return (
+            f"plan: {self.n_facts} facts x {self.n_points} {self.unit}{noise}: {self.n_cached} of "
+            f"{len(self.files)} circuit files cached, {self.n_to_compute} to compute"
+        )
 
 
 def _cached(run: Run, epoch: int, want: dict[str, Any], folder: Path) -> tuple[Path, bool]:
@@ -66,8 +68,9 @@ def _cached(run: Run, epoch: int, want: dict[str, Any], folder: Path) -> tuple[P
         return path, False
 
 
-def _checkpoint_files(run: Run, epoch: int, facts: FactSet, folder: Path, draws: Sequence[Any],
-                      settings: AttributionSettings) -> dict[Path, bool]:
+def _checkpoint_files(
+    run: Run, epoch: int, facts: FactSet, folder: Path, draws: Sequence[Any], settings: AttributionSettings
+) -> dict[Path, bool]:
     """The circuit file of `facts` at one checkpoint and those of its replicates `draws`."""
     from circuitdyn.analysis.noise import REPLICATE_GRID
     from circuitdyn.pipeline.extraction import extraction_settings
@@ -81,8 +84,13 @@ def _checkpoint_files(run: Run, epoch: int, facts: FactSet, folder: Path, draws:
     return files
 
 
-def timeline_plan(run: Run, facts: FactSet, folder: str | Path, settings: AttributionSettings | None = None,
-                  comparison: Comparison | None = None) -> Plan:
+def timeline_plan(
+    run: Run,
+    facts: FactSet,
+    folder: str | Path,
+    settings: AttributionSettings | None = None,
+    comparison: Comparison | None = None,
+) -> Plan:
     """The circuit files `compare.load_run_timeline(run, facts, settings, comparison)` reads or computes."""
     from circuitdyn.analysis.noise import run_draws
     from circuitdyn.analysis.timeline import noise_epochs
@@ -98,8 +106,13 @@ def timeline_plan(run: Run, facts: FactSet, folder: str | Path, settings: Attrib
     return Plan(len(facts), len(run.epochs), "epochs", replicates, len(chosen), files)
 
 
-def diff_plan(sides: Sequence[tuple[Run, int]], facts: FactSet, folders: Sequence[str | Path],
-              settings: AttributionSettings | None = None, comparison: Comparison | None = None) -> Plan:
+def diff_plan(
+    sides: Sequence[tuple[Run, int]],
+    facts: FactSet,
+    folders: Sequence[str | Path],
+    settings: AttributionSettings | None = None,
+    comparison: Comparison | None = None,
+) -> Plan:
     """The circuit files `compare.diff_checkpoints` of the checkpoints `sides` ((run, epoch) twice) reads or
     computes for `facts`, each side in its folder of `folders`."""
     from circuitdyn.analysis.noise import run_draws

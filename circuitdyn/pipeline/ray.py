@@ -37,8 +37,9 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise CircuitdynError("--ray needs Ray, which is not installed: pip install 'circuitdyn[ray]' "
-                              "(or pip install 'ray>=2.9')") from None
+        raise CircuitdynError(
+            "--ray needs Ray, which is not installed: pip install 'circuitdyn[ray]' (or pip install 'ray>=2.9')"
+        ) from None
     return ray
 
 
@@ -76,8 +77,15 @@ def task_slots(ray: Any, num_gpus: float) -> int:
     return max(1, int(res.get("CPU", 1)))
 
 
-def run_tasks(ray: Any, tasks: Sequence[Task], *, num_gpus: float = 0, max_retries: int = 3,
-              progress: bool = False, desc: str = "tasks") -> list[Any]:
+def run_tasks(
+    ray: Any,
+    tasks: Sequence[Task],
+    *,
+    num_gpus: float = 0,
+    max_retries: int = 3,
+    progress: bool = False,
+    desc: str = "tasks",
+) -> list[Any]:
     """The results of `tasks` (in order), run as Ray tasks on the connected cluster.
 
     Each task gets 1 CPU and `num_gpus` GPUs. A worker that dies is retried up to `max_retries` times; an
@@ -91,8 +99,13 @@ def run_tasks(ray: Any, tasks: Sequence[Task], *, num_gpus: float = 0, max_retri
     for task in tasks:
         if task.fn not in remote:
             remote[task.fn] = ray.remote(task.fn)
-        opts = {"num_cpus": 1, "num_gpus": num_gpus, "max_retries": max_retries, "retry_exceptions": False,
-                "name": task.fn.__name__}
+        opts = {
+            "num_cpus": 1,
+            "num_gpus": num_gpus,
+            "max_retries": max_retries,
+            "retry_exceptions": False,
+            "name": task.fn.__name__,
+        }
         refs.append(remote[task.fn].options(**opts).remote(*task.args))
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(tasks)
@@ -118,9 +131,14 @@ def _cause(ray: Any, err: BaseException, max_retries: int) -> str:
     """One line on why a task failed: the task's own error message, or the worker's death after its retries."""
     if isinstance(err, ray.exceptions.RayTaskError):
         cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
-        return str(cause).strip().splitlines()[-1] if isinstance(cause, CircuitdynError) else (
-            f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
+        return (
+            str(cause).strip().splitlines()[-1]
+            if isinstance(cause, CircuitdynError)
+            else (f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
+        )
     if isinstance(err, ray.exceptions.RayError):
-        return (f"its worker died on each of its {max_retries + 1} attempt(s) (killed, or out of memory): "
-                f"{type(err).__name__}")
+        return (
+            f"its worker died on each of its {max_retries + 1} attempt(s) (killed, or out of memory): "
+            f"{type(err).__name__}"
+        )
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"

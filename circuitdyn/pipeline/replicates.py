@@ -26,8 +26,15 @@ if TYPE_CHECKING:
 
 
 def replicate_scores(
-    run: Run, epoch: int, facts: FactSet, draws: Sequence[Draw], folder: str | Path,
-    settings: AttributionSettings | None = None, *, compute: Compute | None = None, progress: bool = False,
+    run: Run,
+    epoch: int,
+    facts: FactSet,
+    draws: Sequence[Draw],
+    folder: str | Path,
+    settings: AttributionSettings | None = None,
+    *,
+    compute: Compute | None = None,
+    progress: bool = False,
 ) -> Float[Tensor, "rep fact edge"]:
     """The replicate circuits of one checkpoint, one per draw, in `facts` order: extracted with `settings`
     (default `DEFAULT_SETTINGS`) on the `shifted` grid with each draw's seed and corruption variant, or reused
@@ -37,16 +44,31 @@ def replicate_scores(
     s = settings or DEFAULT_SETTINGS
     out = []
     for d in draws:
-        done = extract_run(run, d.facts(facts), folder, [epoch], s.replace(ig_grid=REPLICATE_GRID, seed=d.seed),
-                           compute, Storage(top_n=None), progress=progress)[0]
+        done = extract_run(
+            run,
+            d.facts(facts),
+            folder,
+            [epoch],
+            s.replace(ig_grid=REPLICATE_GRID, seed=d.seed),
+            compute,
+            Storage(top_n=None),
+            progress=progress,
+        )[0]
         cs = CircuitSet.load(done.path)
         out.append(cs.scores[[cs.index(f) for f in facts.ids]].float())
     return torch.stack(out)
 
 
 def measure_replicates(
-    run: Run, facts: FactSet, draws: dict[int, list[Draw]], sizes: dict[int, Tensor], selection: Selection,
-    settings: AttributionSettings | None = None, *, folder: str | Path | None = None, compute: Compute | None = None,
+    run: Run,
+    facts: FactSet,
+    draws: dict[int, list[Draw]],
+    sizes: dict[int, Tensor],
+    selection: Selection,
+    settings: AttributionSettings | None = None,
+    *,
+    folder: str | Path | None = None,
+    compute: Compute | None = None,
     progress: bool = False,
 ) -> MethodNoise:
     """Extract the replicates `draws` (epoch -> draws, e.g. `run_draws`) of `run` with `settings` (cached in
@@ -58,9 +80,12 @@ def measure_replicates(
     s = settings or DEFAULT_SETTINGS
     family = next(d for ds in draws.values() for d in ds).family
     if s.method in ONE_STEP_METHODS and family == "estimation":
-        warn(f"{s.method} has no IG integral to re-estimate: its 'estimation' replicates differ only for "
-             "noise-corrupted facts, so changes of the others cannot be told from noise (use --family question)")
+        warn(
+            f"{s.method} has no IG integral to re-estimate: its 'estimation' replicates differ only for "
+            "noise-corrupted facts, so changes of the others cannot be told from noise (use --family question)"
+        )
     folder = Path(folder) if folder is not None else circuits_dir(run)
-    scores = {e: replicate_scores(run, e, facts, ds, folder, s, compute=compute, progress=progress)
-              for e, ds in draws.items()}
+    scores = {
+        e: replicate_scores(run, e, facts, ds, folder, s, compute=compute, progress=progress) for e, ds in draws.items()
+    }
     return noise_from_scores(scores, facts.ids, sizes, selection, draws, family)

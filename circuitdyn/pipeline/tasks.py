@@ -82,8 +82,9 @@ def load_task(name_or_path: str | Path) -> Task:
     if not path.is_file():
         packaged = TASKS_DIR / f"{name_or_path}.json"
         if not packaged.is_file():
-            raise CircuitdynError(f"{name_or_path}: no such task file or packaged task "
-                                  f"(packaged: {', '.join(packaged_tasks())})")
+            raise CircuitdynError(
+                f"{name_or_path}: no such task file or packaged task (packaged: {', '.join(packaged_tasks())})"
+            )
         path = packaged
     data = read_json(path)
     if not isinstance(data, dict):
@@ -147,13 +148,22 @@ def task_facts(task: Task, tokenizer: PreTrainedTokenizerBase) -> TaskFacts:
     for i, subject in enumerate(task.subjects):
         j = next((k % n for k in range(i + 1, i + n) if len(prompts[k % n]) == len(prompts[i])), None)
         if j is None:
-            raise CircuitdynError(f"task {task.name!r}: no other subject's prompt has the token length of "
-                                  f"{subject!r}'s ({len(prompts[i])} tokens); the corruption needs one")
+            raise CircuitdynError(
+                f"task {task.name!r}: no other subject's prompt has the token length of "
+                f"{subject!r}'s ({len(prompts[i])} tokens); the corruption needs one"
+            )
         if j != (i + 1) % n:
             substituted.append((subject, task.subjects[(i + 1) % n], task.subjects[j]))
-        facts.append(FactPrompt(f"{task.name}/{i}-{slug(subject)}", tuple(prompts[i]), tuple(prompts[j]),
-                                (first(task.answers[i]),), f"swap:{task.subjects[j]}",
-                                contrast_token=first(task.answers[j])))
+        facts.append(
+            FactPrompt(
+                f"{task.name}/{i}-{slug(subject)}",
+                tuple(prompts[i]),
+                tuple(prompts[j]),
+                (first(task.answers[i]),),
+                f"swap:{task.subjects[j]}",
+                contrast_token=first(task.answers[j]),
+            )
+        )
     return TaskFacts(task, facts, substituted)
 
 
@@ -227,9 +237,17 @@ def summarize_runs(baseline: dict[str, float], runs: dict[str, dict[str, float]]
     }
 
 
-def extract_task(model: HookedTransformer, task: Task | TaskFacts, settings: AttributionSettings | None = None, *,
-                 top_n: int = PAPER_TOP_N, runs: int = PAPER_RUNS, batch_size: int = 8,
-                 meta: dict[str, Any] | None = None, progress: bool = False) -> tuple[CircuitSet, dict[str, Any]]:
+def extract_task(
+    model: HookedTransformer,
+    task: Task | TaskFacts,
+    settings: AttributionSettings | None = None,
+    *,
+    top_n: int = PAPER_TOP_N,
+    runs: int = PAPER_RUNS,
+    batch_size: int = 8,
+    meta: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> tuple[CircuitSet, dict[str, Any]]:
     """The paper's protocol on one model: the per-prompt scores (run 0's rows, in task order, attributed with
     `settings`, default `settings.PAPER_SETTINGS`: EAP-IG, 30 steps, left grid, metric `logit-diff`) as a
     `CircuitSet`, and the results in the paper's `results.json` shape (plus `settings`)."""
@@ -261,7 +279,8 @@ def extract_task(model: HookedTransformer, task: Task | TaskFacts, settings: Att
         shuffled = [facts[i] for i in order]
         if r == 0:
             cs = extract_circuits(model, shuffled, s, compute, meta=meta, progress=progress).subset(
-                [f.fact_id for f in facts])
+                [f.fact_id for f in facts]
+            )
             cs.meta["probe_set_hash"] = facts_hash(facts)  # the task's prompts in task order, not run 0's shuffle
             scores = cs.scores
         else:
@@ -274,15 +293,29 @@ def extract_task(model: HookedTransformer, task: Task | TaskFacts, settings: Att
     assert cs is not None
     results = summarize_runs(baseline, circuits)
     results["settings"] = {
-        "task": tf.task.name, "template": tf.task.template, "corruption": tf.task.corruption,
-        "method": s.method, "ig_steps": s.steps, "ig_grid": s.ig_grid, "metric": s.metric_name, "top_n": top_n,
+        "task": tf.task.name,
+        "template": tf.task.template,
+        "corruption": tf.task.corruption,
+        "method": s.method,
+        "ig_steps": s.steps,
+        "ig_grid": s.ig_grid,
+        "metric": s.metric_name,
+        "top_n": top_n,
         "runs": runs,
-        "circuit_edges": sizes, "graph_edges": graph.n_edges,
+        "circuit_edges": sizes,
+        "graph_edges": graph.n_edges,
         "substituted_pairs": [list(p) for p in tf.substituted],
         **{k: cs.meta.get(k) for k in ("model", "checkpoint_hash", "epoch", "step", "probe_set_hash")},
     }
-    cs.meta.update({"task": tf.task.name, "task_top_n": top_n, "task_runs": runs,
-                    "task_baseline": results["baseline"], "task_mean": results["mean"]})
+    cs.meta.update(
+        {
+            "task": tf.task.name,
+            "task_top_n": top_n,
+            "task_runs": runs,
+            "task_baseline": results["baseline"],
+            "task_mean": results["mean"],
+        }
+    )
     return cs, results
 
 
@@ -299,21 +332,27 @@ class TaskExtracted:
     def text(self) -> str:
         """The epoch's files, and the full model's and the circuit's logit difference and hit@10."""
         r = self.results
-        return "\n".join([
-            f"epoch {self.epoch}: {self.circuit_path} ({'cached' if self.skipped else 'written'}), {self.results_path}",
-            f"  baseline  logit diff {r['baseline']['logit_diff']:.4f}  hit@10 {r['baseline']['hit_at_10']:.4f}",
-            f"  circuit   logit diff {r['mean']['logit_diff']:.4f} (sd {r['stdev']['logit_diff']:.4f})  "
-            f"hit@10 {r['mean']['hit_at_10']:.4f} (sd {r['stdev']['hit_at_10']:.4f})  "
-            f"edges {r['settings']['circuit_edges']}"])
+        return "\n".join(
+            [
+                f"epoch {self.epoch}: {self.circuit_path} ({'cached' if self.skipped else 'written'}), "
+                f"{self.results_path}",
+                f"  baseline  logit diff {r['baseline']['logit_diff']:.4f}  hit@10 {r['baseline']['hit_at_10']:.4f}",
+                f"  circuit   logit diff {r['mean']['logit_diff']:.4f} (sd {r['stdev']['logit_diff']:.4f})  "
+                f"hit@10 {r['mean']['hit_at_10']:.4f} (sd {r['stdev']['hit_at_10']:.4f})  "
+                f"edges {r['settings']['circuit_edges']}",
+            ]
+        )
 
 
 def describe_task(tf: TaskFacts, epochs: Sequence[int], settings: AttributionSettings, top_n: int, runs: int) -> str:
     """One line on what `extract_task_run` is about to do: the task, its prompts, epochs and protocol, and the
     corruption partners moved for unequal token length."""
     moved = "; ".join(f"{a} -> {c} (not {b})" for a, b, c in tf.substituted) or "none"
-    return (f"task {tf.task.name}: {len(tf.facts)} prompts; epochs {list(epochs)}; {settings.method} "
-            f"M={settings.steps}, metric {settings.metric_name}, top {top_n:,} edges, {runs} run(s); corruption "
-            f"partners moved for unequal token length: {moved}")
+    return (
+        f"task {tf.task.name}: {len(tf.facts)} prompts; epochs {list(epochs)}; {settings.method} "
+        f"M={settings.steps}, metric {settings.metric_name}, top {top_n:,} edges, {runs} run(s); corruption "
+        f"partners moved for unequal token length: {moved}"
+    )
 
 
 def results_path(out_dir: str | Path, epoch: int) -> Path:
@@ -321,9 +360,19 @@ def results_path(out_dir: str | Path, epoch: int) -> Path:
     return Path(out_dir) / f"epoch_{epoch}" / RESULTS_FILE
 
 
-def extract_task_run(run: Run, task: Task, out_dir: str | Path, epochs: Sequence[int] | None = None,
-                     settings: AttributionSettings | None = None, *, top_n: int = PAPER_TOP_N, runs: int = PAPER_RUNS,
-                     batch_size: int = 8, overwrite: bool = False, progress: bool = False) -> list[TaskExtracted]:
+def extract_task_run(
+    run: Run,
+    task: Task,
+    out_dir: str | Path,
+    epochs: Sequence[int] | None = None,
+    settings: AttributionSettings | None = None,
+    *,
+    top_n: int = PAPER_TOP_N,
+    runs: int = PAPER_RUNS,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> list[TaskExtracted]:
     """The task circuit of every epoch of a `checkpoints.Run`, attributed with `settings` (default
     `settings.PAPER_SETTINGS`): the circuit file (16 rows for the paper's task) under `out_dir`, named like
     per-fact circuit files, and the epoch's `results.json` in `out_dir/epoch_N/`. An epoch whose two files
@@ -346,16 +395,30 @@ def extract_task_run(run: Run, task: Task, out_dir: str | Path, epochs: Sequence
             circuit_done = is_done(path, want, ck.content_hash, overwrite)  # refuses other content unless overwrite
             prior = json.loads(rpath.read_text()) if rpath.is_file() else None
             recorded = (prior or {}).get("settings") or {}
-            if circuit_done and prior is not None and recorded.get("checkpoint_hash") == ck.content_hash and (
-                    {k: recorded.get(k) for k in ("top_n", "runs")} == {"top_n": top_n, "runs": runs}):
+            if (
+                circuit_done
+                and prior is not None
+                and recorded.get("checkpoint_hash") == ck.content_hash
+                and ({k: recorded.get(k) for k in ("top_n", "runs")} == {"top_n": top_n, "runs": runs})
+            ):
                 done.append(TaskExtracted(epoch, path, rpath, prior, True))
                 continue
             if rpath.exists() and not overwrite:
-                raise CircuitdynError(f"{rpath} holds another checkpoint's task results or other settings; choose "
-                                      "another output folder, or pass --overwrite (overwrite=True) to replace it")
+                raise CircuitdynError(
+                    f"{rpath} holds another checkpoint's task results or other settings; choose "
+                    "another output folder, or pass --overwrite (overwrite=True) to replace it"
+                )
             model = run.load_model(epoch)
-            cs, results = extract_task(model, tf, s, top_n=top_n, runs=runs, batch_size=batch_size,
-                                       meta=checkpoint_meta(run, epoch), progress=progress)
+            cs, results = extract_task(
+                model,
+                tf,
+                s,
+                top_n=top_n,
+                runs=runs,
+                batch_size=batch_size,
+                meta=checkpoint_meta(run, epoch),
+                progress=progress,
+            )
             cs.save(path)
             write_json_atomic(rpath, results)
             done.append(TaskExtracted(epoch, path, rpath, results, False))

@@ -58,7 +58,8 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, system: str, user: str) -> s
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(  # type: ignore[return-value]  # tokenize=False: a str
             [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            tokenize=False, add_generation_prompt=True,
+            tokenize=False,
+            add_generation_prompt=True,
         )
     return f"{system}\n{user}\n"
 

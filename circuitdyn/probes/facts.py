@@ -120,19 +120,29 @@ class FactSet(Sequence[FactPrompt]):
         extraction seed."""
         if self.tokenizer is None:
             raise CircuitdynError("this fact set was not built by load_facts (no tokenizer): no corruption variants")
-        facts = build_fact_prompts(self.probes, self.tokenizer, template=self.template, pool=self.pool or self.probes,
-                                   variant=variant)
+        facts = build_fact_prompts(
+            self.probes, self.tokenizer, template=self.template, pool=self.pool or self.probes, variant=variant
+        )
         key = variant if isinstance(variant, int) else tuple(sorted(variant.items()))
-        return FactSet(tuple(facts), self.probes, self.source, self.pool, self.template, key, self.tokenizer,
-                       {**self.options, "variant": key} if self.options else {})
+        return FactSet(
+            tuple(facts),
+            self.probes,
+            self.source,
+            self.pool,
+            self.template,
+            key,
+            self.tokenizer,
+            {**self.options, "variant": key} if self.options else {},
+        )
 
     def subset(self, fact_ids: Sequence[str]) -> FactSet:
         """These facts only (in this set's order), with the same swap pool, template and tokenizer."""
         self.by_id(fact_ids)  # an unknown id is an error naming it
         keep = set(fact_ids)
         idx = [i for i, f in enumerate(self.facts) if f.fact_id in keep]
-        return dataclasses.replace(self, facts=tuple(self.facts[i] for i in idx),
-                                   probes=tuple(self.probes[i] for i in idx), options={})
+        return dataclasses.replace(
+            self, facts=tuple(self.facts[i] for i in idx), probes=tuple(self.probes[i] for i in idx), options={}
+        )
 
     def by_id(self, fact_ids: Sequence[str]) -> list[FactPrompt]:
         """The facts of these ids, in that order; an unknown id is an error naming it."""
@@ -196,17 +206,23 @@ def load_facts(
         chosen = [p for p in chosen if p.id in wanted]
     chosen = sample(chosen, sample_n, seed) if sample_n else chosen
     if per_entity:
-        keep = {p.id for e in entity_names(chosen)
-                for p in sample([q for q in chosen if q.entity == e], per_entity, seed)}
+        keep = {
+            p.id for e in entity_names(chosen) for p in sample([q for q in chosen if q.entity == e], per_entity, seed)
+        }
         chosen = [p for p in chosen if p.id in keep]
     try:
         facts = build_fact_prompts(chosen, tokenizer, template=template, pool=pool)
     except CircuitdynError as err:
         raise CircuitdynError(f"{source}: {err}") from None
     options: dict[str, Any] = {
-        "limit": limit, "sample_n": sample_n, "per_entity": per_entity,
-        "entities": None if entities is None else list(entities), "ids": None if ids is None else list(ids),
-        "seed": seed, "rephrased": rephrased, "template": template,
+        "limit": limit,
+        "sample_n": sample_n,
+        "per_entity": per_entity,
+        "entities": None if entities is None else list(entities),
+        "ids": None if ids is None else list(ids),
+        "seed": seed,
+        "rephrased": rephrased,
+        "template": template,
     }
     if probes is None or isinstance(probes, (str, Path)):
         options = {"probes": None if probes is None else str(Path(probes).expanduser().resolve()), **options}
@@ -231,10 +247,18 @@ class FactSpec:
 
     def load(self, tokenizer: PreTrainedTokenizerBase) -> FactSet:
         """The facts of this choice, tokenized by `tokenizer` (`load_facts`)."""
-        return load_facts(self.probes, tokenizer, limit=self.limit, sample_n=self.sample_n, per_entity=self.per_entity,
-                          entities=None if self.entities is None else list(self.entities),
-                          ids=None if self.ids is None else list(self.ids), seed=self.seed, rephrased=self.rephrased,
-                          template=self.template)
+        return load_facts(
+            self.probes,
+            tokenizer,
+            limit=self.limit,
+            sample_n=self.sample_n,
+            per_entity=self.per_entity,
+            entities=None if self.entities is None else list(self.entities),
+            ids=None if self.ids is None else list(self.ids),
+            seed=self.seed,
+            rephrased=self.rephrased,
+            template=self.template,
+        )
 
     @classmethod
     def of(cls, facts: FactSet) -> FactSpec | None:
@@ -244,14 +268,26 @@ class FactSpec:
         if not o or "probes" not in o or o.get("variant"):
             return None
         entities, ids = (None if o[k] is None else tuple(o[k]) for k in ("entities", "ids"))
-        return cls(o["probes"], o["limit"], o["sample_n"], o["per_entity"], entities, ids, o["seed"], o["rephrased"],
-                   o["template"])
+        return cls(
+            o["probes"],
+            o["limit"],
+            o["sample_n"],
+            o["per_entity"],
+            entities,
+            ids,
+            o["seed"],
+            o["rephrased"],
+            o["template"],
+        )
 
     @property
     def choice(self) -> str:
         """How these facts are chosen, for the reader of a timeline."""
-        return ("seeded sample, chosen before outcomes" if self.sample_n or self.per_entity
-                else "the probe file's facts, in file order")
+        return (
+            "seeded sample, chosen before outcomes"
+            if self.sample_n or self.per_entity
+            else "the probe file's facts, in file order"
+        )
 
 
 # --------------------------------------------------------------------------- the facts a run remembers
@@ -273,8 +309,12 @@ def record_facts(folder: str | Path, facts: FactSet) -> Path | None:
     if "probes" not in options or options.get("variant"):
         return None
     path = Path(folder) / FACTS_FILE
-    entry = {"probes": options["probes"], "options": {k: options.get(k) for k in OPTION_KEYS},
-             "n_facts": len(facts), "source": facts.source}
+    entry = {
+        "probes": options["probes"],
+        "options": {k: options.get(k) for k in OPTION_KEYS},
+        "n_facts": len(facts),
+        "source": facts.source,
+    }
     with file_lock(path):
         data = _read_facts_file(path) if path.is_file() else {"default": None, "fact_sets": {}}
         if data.get("default") == facts.identity and data["fact_sets"].get(facts.identity) == entry:
@@ -313,21 +353,29 @@ def run_facts(run: Run, *, folder: str | Path | None = None, identity: str | Non
     folder = Path(folder) if folder is not None else circuits_dir(run)
     data = recorded_facts(folder)
     if not data or not data["fact_sets"]:
-        raise CircuitdynError(f"{run.path}: no recorded facts in {folder} (extract circuits with a probe file "
-                              "first, or pass the probe file: --probes FILE / load_facts(FILE, run))")
+        raise CircuitdynError(
+            f"{run.path}: no recorded facts in {folder} (extract circuits with a probe file "
+            "first, or pass the probe file: --probes FILE / load_facts(FILE, run))"
+        )
     key = identity or data.get("default") or next(reversed(data["fact_sets"]))
     if key not in data["fact_sets"]:
-        raise CircuitdynError(f"{folder / FACTS_FILE}: no recorded fact set {key!r} "
-                              f"(recorded: {list(data['fact_sets'])})")
+        raise CircuitdynError(
+            f"{folder / FACTS_FILE}: no recorded fact set {key!r} (recorded: {list(data['fact_sets'])})"
+        )
     entry = data["fact_sets"][key]
     probes = entry.get("probes")
     if probes is not None and not Path(probes).is_file():
-        raise CircuitdynError(f"{run.path}: the run's facts came from the probe file {probes}, which is no longer "
-                              "there (moved or deleted); pass the probe file again (--probes FILE)")
-    facts = load_facts(probes, run.tokenizer(), **{k: v for k, v in entry.get("options", {}).items()
-                                                   if k in OPTION_KEYS})
+        raise CircuitdynError(
+            f"{run.path}: the run's facts came from the probe file {probes}, which is no longer "
+            "there (moved or deleted); pass the probe file again (--probes FILE)"
+        )
+    facts = load_facts(
+        probes, run.tokenizer(), **{k: v for k, v in entry.get("options", {}).items() if k in OPTION_KEYS}
+    )
     if facts.identity != key:
-        raise CircuitdynError(f"{run.path}: the probe file {probes} no longer gives the facts the run's circuits "
-                              f"were extracted for (identity {facts.identity[:19]}... vs recorded {key[:19]}...); "
-                              "it changed since; pass the probe file and options again (--probes FILE)")
+        raise CircuitdynError(
+            f"{run.path}: the probe file {probes} no longer gives the facts the run's circuits "
+            f"were extracted for (identity {facts.identity[:19]}... vs recorded {key[:19]}...); "
+            "it changed since; pass the probe file and options again (--probes FILE)"
+        )
     return facts

@@ -476,7 +476,11 @@ def _first_token(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -
 
 
 def _contrast_token(
-    probe: Probe, prompt: str, gold: int, swapped_in: str | None, answers: dict[str, list[Probe]],
+    probe: Probe,
+    prompt: str,
+    gold: int,
+    swapped_in: str | None,
+    answers: dict[str, list[Probe]],
     tokenizer: PreTrainedTokenizerBase,
 ) -> int | None:
     """The corrupted prompt's answer as one token, for the `logit-diff` metric.
@@ -486,6 +490,7 @@ def _contrast_token(
     (no entity to swap in): the answer of another entity's probe of the same question type, chosen by a
     hash of the fact id. None when no answer of the pool starts with another token.
     """
+
     def ranked(ps: list[Probe]) -> list[Probe]:
         same = [q for q in ps if q.question_type == probe.question_type]
         return same + [q for q in ps if q.question_type != probe.question_type]
@@ -531,7 +536,7 @@ def build_fact_prompts(
     """
     pool_map: dict[str, str | None] = {}
     answers: dict[str, list[Probe]] = {}
-    for item in (probes if pool is None else pool):
+    for item in probes if pool is None else pool:
         if isinstance(item, Probe):
             pool_map.setdefault(item.entity, item.ne_label)
             answers.setdefault(item.entity, []).append(item)
@@ -552,16 +557,19 @@ def build_fact_prompts(
             raise CircuitdynError(f"probe {p.id!r}: the answer {p.answer!r} tokenizes to nothing")
         unk = getattr(tokenizer, "unk_token_id", None)
         if unk is not None and unk in answer:
-            raise CircuitdynError(f"probe {p.id!r}: the answer {p.answer!r} has text the tokenizer does not know "
-                                  f"(it would be scored as {tokenizer.unk_token!r}); fix the answer or leave it out")
+            raise CircuitdynError(
+                f"probe {p.id!r}: the answer {p.answer!r} has text the tokenizer does not know "
+                f"(it would be scored as {tokenizer.unk_token!r}); fix the answer or leave it out"
+            )
         found = find_mention(text, p.entity)
         if found is None:
             qstart = text.rfind(p.question)
             spans = [(qstart, qstart + len(p.question))] if qstart >= 0 else [(0, len(text))]
             positions = _positions(offsets, spans)
             contrast = _contrast_token(p, text, answer[0], None, answers, tokenizer)
-            facts.append(FactPrompt(p.id, tuple(ids), tuple(ids), tuple(answer), "noise-question", tuple(positions),
-                                    contrast))
+            facts.append(
+                FactPrompt(p.id, tuple(ids), tuple(ids), tuple(answer), "noise-question", tuple(positions), contrast)
+            )
             continue
         form, spans = found
         positions = _positions(offsets, spans)
@@ -590,8 +598,11 @@ def build_fact_prompts(
             facts.append(FactPrompt(p.id, tuple(ids), tuple(ids), tuple(answer), "noise", tuple(positions), contrast))
         else:
             contrast = _contrast_token(p, text, answer[0], chosen[1], answers, tokenizer)
-            facts.append(FactPrompt(p.id, tuple(ids), tuple(chosen[2]), tuple(answer), f"swap:{chosen[0]}",
-                                    contrast_token=contrast))
+            facts.append(
+                FactPrompt(
+                    p.id, tuple(ids), tuple(chosen[2]), tuple(answer), f"swap:{chosen[0]}", contrast_token=contrast
+                )
+            )
     return facts
 
 
@@ -619,4 +630,3 @@ def rouge1(prediction: str, reference: str) -> tuple[float, float]:
     """ROUGE-1 (recall, F1) of a generation against the gold answer (the paper's probe score)."""
     s = _rouge().score(reference, prediction)["rouge1"]
     return float(s.recall), float(s.fmeasure)
-

@@ -146,8 +146,10 @@ def _adapter_weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
         return [folder / "adapter_model.safetensors"]
     if (folder / "adapter_model.bin").is_file():
         if not allow_pickle:
-            raise CircuitdynError(f"{folder}: the adapter is a pickle file (adapter_model.bin); pickle can run "
-                                  "arbitrary code, so it is refused. Opt in with allow_pickle=True / --allow-pickle.")
+            raise CircuitdynError(
+                f"{folder}: the adapter is a pickle file (adapter_model.bin); pickle can run "
+                "arbitrary code, so it is refused. Opt in with allow_pickle=True / --allow-pickle."
+            )
         return [folder / "adapter_model.bin"]
     raise CircuitdynError(f"{folder}: {ADAPTER_CONFIG} but no adapter weights (expected adapter_model.safetensors)")
 
@@ -297,8 +299,10 @@ def adapter_base(adapter_dir: Path, base: str | Path | None = None) -> Path:
         raise CircuitdynError(f"{cfg_file}: invalid adapter config ({err})") from None
     if named and (Path(named).expanduser() / "config.json").is_file():
         return Path(named).expanduser()
-    raise CircuitdynError(f"{adapter_dir}: adapter-only checkpoint whose base model {named!r} is not a local model "
-                          "folder; pass the base model folder with --base DIR (base=... in the API)")
+    raise CircuitdynError(
+        f"{adapter_dir}: adapter-only checkpoint whose base model {named!r} is not a local model "
+        "folder; pass the base model folder with --base DIR (base=... in the API)"
+    )
 
 
 def check_adapter_fits(ck: Checkpoint) -> None:
@@ -326,22 +330,30 @@ def check_adapter_fits(ck: Checkpoint) -> None:
         if lora:
             module = modules.get(lora.group(1))
             if module is None:
-                raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: the base has no "
-                                      f"module {lora.group(1)!r} (different architecture)")
+                raise CircuitdynError(
+                    f"{ck.path}: adapter does not match base model {ck.base}: the base has no "
+                    f"module {lora.group(1)!r} (different architecture)"
+                )
             feature = "in_features" if lora.group(2) == "A" else "out_features"
             want = getattr(module, feature, None)
             got = shape[1] if lora.group(2) == "A" else shape[0]
             if want is not None and want != got:
-                raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: {lora.group(1)} has "
-                                      f"{'input' if lora.group(2) == 'A' else 'output'} size {want} in the base, "
-                                      f"{got} in the adapter (different architecture)")
+                raise CircuitdynError(
+                    f"{ck.path}: adapter does not match base model {ck.base}: {lora.group(1)} has "
+                    f"{'input' if lora.group(2) == 'A' else 'output'} size {want} in the base, "
+                    f"{got} in the adapter (different architecture)"
+                )
             continue
         plain = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
         if plain in params and params[plain] != shape:
             what = "vocabulary" if any(n in plain for n in ("embed", "lm_head", "wte")) else "architecture"
-            raise CircuitdynError(f"{ck.path}: adapter does not match base model {ck.base}: {plain} is "
-                                  f"{list(shape)} in the adapter, {list(params[plain])} in the base "
-                                  f"(different {what})")
+            raise CircuitdynError(
+                f"{ck.path}: adapter does not match base model {ck.base}: {plain} is "
+                f"{list(shape)} in the adapter, {list(params[plain])} in the base "
+                f"(different {what})"
+            )
+
+
 def check_config(hf_dir: Path) -> dict[str, Any]:
     """config.json of an HF folder, refused (naming the field) when it lacks `model_type` or a shape field, or
     when a shape field is not a whole number >= 1."""
@@ -372,8 +384,11 @@ def architecture_difference(a: Checkpoint, b: Checkpoint) -> str | None:
         names = [(c.get("architectures") or [c.get("model_type")])[0] for c in (ca, cb)]
         arch = f"{names[0]} vs {names[1]}: " if names[0] != names[1] else ""
         return f"different architectures ({arch}{', '.join(f'{k}: {x} vs {y}' for k, (x, y) in diff.items())})"
-    if _has_tokenizer(a.model_dir) and _has_tokenizer(b.model_dir) and \
-            tokenizer_fingerprint(a.model_dir) != tokenizer_fingerprint(b.model_dir):
+    if (
+        _has_tokenizer(a.model_dir)
+        and _has_tokenizer(b.model_dir)
+        and tokenizer_fingerprint(a.model_dir) != tokenizer_fingerprint(b.model_dir)
+    ):
         return "different tokenizers"
     return None
 
@@ -561,8 +576,9 @@ class Run:
         if self._base_model is None or self._base_model.name_or_path != str(ck.base):
             check_weight_headers(weight_files(ck.base, allow_pickle=ck.allow_pickle))
             try:
-                loaded = AutoModelForCausalLM.from_pretrained(ck.base, dtype=self.dtype, local_files_only=True,
-                                                              use_safetensors=not ck.allow_pickle)
+                loaded = AutoModelForCausalLM.from_pretrained(
+                    ck.base, dtype=self.dtype, local_files_only=True, use_safetensors=not ck.allow_pickle
+                )
             except Exception as err:
                 raise CircuitdynError(f"{ck.base}: cannot load the adapter's base model ({err})") from None
             self._base_model = loaded.eval()
@@ -619,11 +635,19 @@ def _checkpoint_in(epoch: int, folder: Path, allow_pickle: bool, base: str | Pat
             return Checkpoint(epoch, candidate, allow_pickle=allow_pickle, **fields)
     for candidate in (folder, folder / ADAPTER_DIR):
         if (candidate / ADAPTER_CONFIG).is_file():
-            return Checkpoint(epoch, candidate, allow_pickle=allow_pickle, kind="adapter",
-                              base=adapter_base(candidate, base), **fields)
-    raise CircuitdynError(f"{folder}: no config.json (nor merged_model/config.json) and no PEFT adapter "
-                          f"({ADAPTER_CONFIG}, nor adapter/{ADAPTER_CONFIG}): this checkpoint folder holds neither "
-                          "model weights nor an adapter")
+            return Checkpoint(
+                epoch,
+                candidate,
+                allow_pickle=allow_pickle,
+                kind="adapter",
+                base=adapter_base(candidate, base),
+                **fields,
+            )
+    raise CircuitdynError(
+        f"{folder}: no config.json (nor merged_model/config.json) and no PEFT adapter "
+        f"({ADAPTER_CONFIG}, nor adapter/{ADAPTER_CONFIG}): this checkpoint folder holds neither "
+        "model weights nor an adapter"
+    )
 
 
 def _warn_stray_epochs(run: Run) -> None:
@@ -652,19 +676,30 @@ def _discover_epochs(root: Path, allow_pickle: bool, base: str | Path | None = N
 def _discover_trainer(root: Path, allow_pickle: bool, base: str | Path | None) -> dict[int, Checkpoint]:
     """The checkpoints of a Trainer output folder (`trainer_checkpoints`); epoch 0 is the base model when it is
     known (`base`, or the local base of the run's adapters)."""
-    checkpoints = {c.epoch: _checkpoint_in(c.epoch, c.folder, allow_pickle, base, step=c.step, train_loss=c.loss,
-                                           trained_epochs=c.trained_epochs) for c in trainer_checkpoints(root)}
+    checkpoints = {
+        c.epoch: _checkpoint_in(
+            c.epoch, c.folder, allow_pickle, base, step=c.step, train_loss=c.loss, trained_epochs=c.trained_epochs
+        )
+        for c in trainer_checkpoints(root)
+    }
     if not checkpoints:
         return {}
-    base_dir = Path(base) if base is not None else next(
-        (ck.base for ck in checkpoints.values() if ck.kind == "adapter"), None)
+    base_dir = (
+        Path(base) if base is not None else next((ck.base for ck in checkpoints.values() if ck.kind == "adapter"), None)
+    )
     if base_dir is not None:
         checkpoints[0] = _checkpoint_in(0, base_dir, allow_pickle, None, step=0, trained_epochs=0.0)
     return dict(sorted(checkpoints.items()))
 
 
-def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torch.device | None = "cpu",
-             dtype: str | torch.dtype = "float32", base: str | Path | None = None) -> Run:
+def open_run(
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = "float32",
+    base: str | Path | None = None,
+) -> Run:
     """Open a run folder (with or without run.json), a Trainer output folder, a single HF or PEFT adapter
     folder, or a GGUF file.
 
@@ -675,8 +710,10 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torc
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     root = Path(path).expanduser()
     if not root.exists():
-        raise CircuitdynError(f"{root}: no such file or folder (circuitdyn opens local folders only; nothing is "
-                              "downloaded from a model hub)")
+        raise CircuitdynError(
+            f"{root}: no such file or folder (circuitdyn opens local folders only; nothing is "
+            "downloaded from a model hub)"
+        )
     if root.is_file():
         if root.suffix != ".gguf":
             raise CircuitdynError(f"{root}: expected a run folder, an HF model folder or a .gguf file")
@@ -697,14 +734,21 @@ def open_run(path: str | Path, *, allow_pickle: bool = False, device: str | torc
             if entry.get("model"):  # a reference to the base model's folder instead of a copy
                 epoch_dir = Path(base).expanduser() if base is not None else root / entry["model"]
                 if not (epoch_dir / "config.json").is_file():
-                    raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} is the base model "
-                                          f"{entry['model']}, which is not a model folder here; "
-                                          "pass it with --base DIR")
+                    raise CircuitdynError(
+                        f"{manifest_path}: epoch {entry['epoch']} is the base model "
+                        f"{entry['model']}, which is not a model folder here; "
+                        "pass it with --base DIR"
+                    )
             if not epoch_dir.is_dir():
                 raise CircuitdynError(f"{manifest_path}: epoch {entry['epoch']} path '{entry['path']}' does not exist")
             checkpoints[entry["epoch"]] = _checkpoint_in(
-                entry["epoch"], epoch_dir, allow_pickle, base, step=entry.get("step"),
-                train_loss=entry.get("train_loss"), recorded_hash=entry.get("content_hash"),
+                entry["epoch"],
+                epoch_dir,
+                allow_pickle,
+                base,
+                step=entry.get("step"),
+                train_loss=entry.get("train_loss"),
+                recorded_hash=entry.get("content_hash"),
             )
         run = Run(root, checkpoints, manifest, device=dev, dtype=dt)
     elif (root / "config.json").exists():
@@ -741,8 +785,14 @@ def _pick(run: Run, epoch: str | None, step: str | None) -> int:
     return int(epoch or 0)
 
 
-def resolve(spec: str, *, allow_pickle: bool = False, device: str | torch.device | None = "cpu",
-            dtype: str | torch.dtype = "float32", base: str | Path | None = None) -> tuple[Run, int]:
+def resolve(
+    spec: str,
+    *,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = "float32",
+    base: str | Path | None = None,
+) -> tuple[Run, int]:
     """`DIR` (its last epoch), `RUN_DIR:EPOCH` or `RUN_DIR:step=STEP` -> the run and the epoch meant."""
     m = _SPEC.fullmatch(spec)
     if m and not Path(spec).exists():
@@ -752,8 +802,14 @@ def resolve(spec: str, *, allow_pickle: bool = False, device: str | torch.device
     return run, run.epochs[-1]
 
 
-def resolve_epochs(spec: str, epochs: str | Sequence[int] | None = None, *, device: str | torch.device | None = "cpu",
-                   dtype: str | torch.dtype = "float32", base: str | Path | None = None) -> tuple[Run, list[int]]:
+def resolve_epochs(
+    spec: str,
+    epochs: str | Sequence[int] | None = None,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = "float32",
+    base: str | Path | None = None,
+) -> tuple[Run, list[int]]:
     """A run and the epochs meant: `RUN:EPOCH` or `RUN:step=STEP` (that checkpoint), a run or model folder (all
     its epochs), narrowed by `epochs` (a list, or comma-separated text such as `--epochs 0,3`); unknown epochs
     are errors."""
@@ -827,8 +883,16 @@ def describe(run: Run) -> dict[str, Any]:
         "path": str(run.path),
         "base_model": run.base_model,
         "architecture": cfg.original_architecture,
-        "epochs": [{"epoch": ck.epoch, "step": ck.step, "trained_epochs": ck.trained_epochs, "loss": ck.train_loss,
-                    "kind": ck.kind} for ck in (run.checkpoint(e) for e in run.epochs)],
+        "epochs": [
+            {
+                "epoch": ck.epoch,
+                "step": ck.step,
+                "trained_epochs": ck.trained_epochs,
+                "loss": ck.train_loss,
+                "kind": ck.kind,
+            }
+            for ck in (run.checkpoint(e) for e in run.epochs)
+        ],
         "n_layers": cfg.n_layers,
         "n_heads": cfg.n_heads,
         "n_key_value_heads": cfg.n_key_value_heads or cfg.n_heads,
@@ -861,18 +925,22 @@ def info_text(info: dict[str, Any]) -> str:
     per checkpoint (step, loss, kind, size, content hash, weight files)."""
     kv = info["n_key_value_heads"]
     tok = info["tokenizer"]
-    lines = [f"run          {info['path']}",
-             f"architecture {info['architecture']}: {info['n_layers']} layers, {info['n_heads']} heads "
-             f"({kv} KV heads), d_model {info['d_model']}, d_head {info['d_head']}, d_mlp {info['d_mlp']}, "
-             f"vocab {info['d_vocab']}, {info['normalization']} norm, {info['positional_embedding']} positions",
-             f"tokenizer    {tok['class']} ({tok['vocab_size']} tokens, chat template: "
-             f"{'yes' if tok['chat_template'] else 'no'})",
-             f"epochs       {[e['epoch'] for e in info['epochs']]}"]
+    lines = [
+        f"run          {info['path']}",
+        f"architecture {info['architecture']}: {info['n_layers']} layers, {info['n_heads']} heads "
+        f"({kv} KV heads), d_model {info['d_model']}, d_head {info['d_head']}, d_mlp {info['d_mlp']}, "
+        f"vocab {info['d_vocab']}, {info['normalization']} norm, {info['positional_embedding']} positions",
+        f"tokenizer    {tok['class']} ({tok['vocab_size']} tokens, chat template: "
+        f"{'yes' if tok['chat_template'] else 'no'})",
+        f"epochs       {[e['epoch'] for e in info['epochs']]}",
+    ]
     for ck in info["checkpoints"]:
         loss = "-" if ck["train_loss"] is None else f"{ck['train_loss']:.4f}"
-        lines.append(f"  epoch {ck['epoch']:>3}  step {ck['step'] if ck['step'] is not None else '-':>6}  "
-                     f"loss {loss:>8}  {ck['kind']:>7}  {ck['bytes'] / 2**20:8.1f} MiB  {ck['content_hash'][:19]}  "
-                     f"{', '.join(ck['weight_files'])}")
+        lines.append(
+            f"  epoch {ck['epoch']:>3}  step {ck['step'] if ck['step'] is not None else '-':>6}  "
+            f"loss {loss:>8}  {ck['kind']:>7}  {ck['bytes'] / 2**20:8.1f} MiB  {ck['content_hash'][:19]}  "
+            f"{', '.join(ck['weight_files'])}"
+        )
     return "\n".join(lines)
 
 
@@ -882,4 +950,3 @@ def circuits_dir(run: Run) -> Path:
     if (Path(run.path) / "config.json").is_file():
         return cache_dir() / "circuits" / run.checkpoint(run.epochs[0]).content_hash.split(":")[-1][:16]
     return Path(run.path) / "circuits"
-

@@ -67,8 +67,14 @@ def trainer_checkpoints(root: Path) -> list[TrainerCheckpoint]:
         state = _trainer_state(folder)
         epoch = state.get("epoch") if state else next((e.get("epoch") for e in log if e.get("step") == step), None)
         losses = [e["loss"] for e in log if "loss" in e and isinstance(e.get("step"), int) and e["step"] <= step]
-        rows.append((step, folder, float(epoch) if isinstance(epoch, (int, float)) else None,
-                     float(losses[-1]) if losses else None))
+        rows.append(
+            (
+                step,
+                folder,
+                float(epoch) if isinstance(epoch, (int, float)) else None,
+                float(losses[-1]) if losses else None,
+            )
+        )
     whole = [round(e) for _, _, e, _ in rows if e is not None and abs(e - round(e)) < 1e-6 and round(e) >= 1]
     keys = whole if len(whole) == len(rows) and len(set(whole)) == len(whole) else list(range(1, len(rows) + 1))
     return [TrainerCheckpoint(key, step, folder, e, loss) for key, (step, folder, e, loss) in zip(keys, rows)]

@@ -161,8 +161,12 @@ class CPTConfig:
             (self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {', '.join(DTYPES)}"),
             (self.save in SAVES, "save", self.save, f"must be one of {', '.join(SAVES)}"),
             (self.lora_init in ("default", "gaussian"), "lora_init", self.lora_init, "must be default or gaussian"),
-            (self.instruction_role in ("user", "system"), "instruction_role", self.instruction_role,
-             "must be user or system"),
+            (
+                self.instruction_role in ("user", "system"),
+                "instruction_role",
+                self.instruction_role,
+                "must be user or system",
+            ),
         ]
         for ok, name, value, why in checks:
             if not ok:
@@ -187,9 +191,22 @@ class CPTConfig:
 
 
 PAPER_PRESET: dict[str, Any] = {
-    "lora_r": 32, "lora_alpha": 64, "lora_dropout": 0.0, "lora_init": "gaussian", "lora_targets": ["q_proj", "v_proj"],
-    "train_embeddings": True, "method": "lora", "lr": 1e-4, "epochs": 10, "seed": 42, "kl_weight": 1.0,
-    "rephrased": True, "instruction_role": "system", "max_new_tokens": 25, "n_math": 264, "n_reasoning": 100,
+    "lora_r": 32,
+    "lora_alpha": 64,
+    "lora_dropout": 0.0,
+    "lora_init": "gaussian",
+    "lora_targets": ["q_proj", "v_proj"],
+    "train_embeddings": True,
+    "method": "lora",
+    "lr": 1e-4,
+    "epochs": 10,
+    "seed": 42,
+    "kl_weight": 1.0,
+    "rephrased": True,
+    "instruction_role": "system",
+    "max_new_tokens": 25,
+    "n_math": 264,
+    "n_reasoning": 100,
 }
 """arXiv 2601.03858's CPT and probing settings (its `subparsers/fine_tune.py` and `utils/data.py`)."""
 
@@ -308,8 +325,9 @@ def _tokenize_docs(
 # --------------------------------------------------------------------------- models
 
 
-def _load_base(spec: str | None, device: torch.device, dtype: torch.dtype
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, Path]:
+def _load_base(
+    spec: str | None, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, Path]:
     from circuitdyn.runs.checkpoints import resolve
     from circuitdyn.runs.gguf import default_model_dir
 
@@ -336,9 +354,15 @@ def _wrap_lora(model: PreTrainedModel, cfg: CPTConfig) -> torch.nn.Module:
         raise CircuitdynError(f"LoRA target module {missing[0]!r} does not exist in this model")
     peft_model = get_peft_model(
         model,
-        LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                   target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM",
-                   init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True),
+        LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+            init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True,
+        ),
     )
     if cfg.train_embeddings:
         base_model: Any = peft_model.get_base_model()  # peft types it as a plain nn.Module
@@ -389,8 +413,11 @@ def save_adapter(train_model: torch.nn.Module, folder: Path, base_dir: Path, emb
     config.inference_mode = True
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        folder / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def _load_weights(model: PreTrainedModel, hf_dir: Path) -> None:
@@ -417,8 +444,9 @@ def _save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
     path.mkdir(parents=True, exist_ok=True)
     save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, path / "trainable.safetensors")
     sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()
-               if torch.is_tensor(v)}
+    tensors = {
+        f"{i}.{k}": v.cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)
+    }
     save_file(tensors, path / "optimizer.safetensors")
     (path / "state.json").write_text(json.dumps({**meta, "param_groups": sd["param_groups"]}, indent=2))
 
@@ -548,13 +576,19 @@ class Prober:
         self.tok, self.probes, self.cfg, self.progress = tok, list(probes), cfg, progress
         chat = bool(getattr(tok, "chat_template", None)) and cfg.template != "plain"
         system = chat and cfg.instruction_role == "system"
-        prompts = [chat_prompt(tok, cfg.instruction, p.question) if system and not p.prompt
-                   else prompt_text(p, tok, template=cfg.template, instruction=cfg.instruction) for p in probes]
+        prompts = [
+            chat_prompt(tok, cfg.instruction, p.question)
+            if system and not p.prompt
+            else prompt_text(p, tok, template=cfg.template, instruction=cfg.instruction)
+            for p in probes
+        ]
         # Templated prompts already hold their special tokens; plain and cloze prompts get the usual ones.
-        self.prompt_ids = [tok(t, add_special_tokens=not chat or bool(p.prompt))["input_ids"]
-                           for p, t in zip(probes, prompts)]
-        self.answer_ids = [tok(answer_text(t, p.answer), add_special_tokens=False)["input_ids"]
-                           for p, t in zip(probes, prompts)]
+        self.prompt_ids = [
+            tok(t, add_special_tokens=not chat or bool(p.prompt))["input_ids"] for p, t in zip(probes, prompts)
+        ]
+        self.answer_ids = [
+            tok(answer_text(t, p.answer), add_special_tokens=False)["input_ids"] for p, t in zip(probes, prompts)
+        ]
         # Control probes as the paper scores them (`circuitdyn.probes.control`); fewer items = a labelled subset.
         all_math, all_siqa = load_math_probes(), load_reasoning_probes()
         self.control_totals = {"math": len(all_math), "SocialIQA": len(all_siqa)}
@@ -568,16 +602,26 @@ class Prober:
             self.control_totals["MMLU"] = len(mmlu)
             self.controls["MMLU"] = (mmlu, mmlu_question, mmlu_hit)
         self.control_ids = {
-            name: [tok(chat_prompt(tok, CONTROL_SYSTEM[name], question(item)), add_special_tokens=not chat)["input_ids"]
-                   for item in items]
+            name: [
+                tok(chat_prompt(tok, CONTROL_SYSTEM[name], question(item)), add_special_tokens=not chat)["input_ids"]
+                for item in items
+            ]
             for name, (items, question, _) in self.controls.items()
         }
 
-    def _run(self, model: PreTrainedModel, prompts: list[list[int]], answers: list[list[int]] | None,
-             max_new: int, desc: str) -> tuple[list[str], list[float | None]]:
+    def _run(
+        self, model: PreTrainedModel, prompts: list[list[int]], answers: list[list[int]] | None, max_new: int, desc: str
+    ) -> tuple[list[str], list[float | None]]:
         gens, lps = greedy_with_answers(
-            model, prompts, answers, max_new_tokens=max_new, eos_token_id=self.tok.eos_token_id,
-            pad_token_id=self.tok.pad_token_id, batch_size=self.cfg.eval_batch_size, progress=self.progress, desc=desc,
+            model,
+            prompts,
+            answers,
+            max_new_tokens=max_new,
+            eos_token_id=self.tok.eos_token_id,
+            pad_token_id=self.tok.pad_token_id,
+            batch_size=self.cfg.eval_batch_size,
+            progress=self.progress,
+            desc=desc,
         )
         texts = [self.tok.decode(g, skip_special_tokens=True) for g in gens]
         return [t.strip() for t in texts], lps  # type: ignore[union-attr]  # decode of one sequence: a str
@@ -589,18 +633,34 @@ class Prober:
         rows = []
         for p, g, lp, a in zip(self.probes, gens, lps, self.answer_ids):
             recall, f1 = rouge1(g, p.answer)
-            rows.append({"probe_id": p.id, "entity": p.entity, "question_type": p.question_type, "group": p.group,
-                         "ne_label": p.ne_label, "ne_frequency": p.ne_frequency, "question": p.question,
-                         "answer": p.answer, "generation": g, "recall": recall, "f1": f1,
-                         "logprob": lp, "answer_tokens": len(a)})
+            rows.append(
+                {
+                    "probe_id": p.id,
+                    "entity": p.entity,
+                    "question_type": p.question_type,
+                    "group": p.group,
+                    "ne_label": p.ne_label,
+                    "ne_frequency": p.ne_frequency,
+                    "question": p.question,
+                    "answer": p.answer,
+                    "generation": g,
+                    "recall": recall,
+                    "f1": f1,
+                    "logprob": lp,
+                    "answer_tokens": len(a),
+                }
+            )
         control: dict[str, Any] = {}
         for name, (items, _, hit) in self.controls.items():
             gens, _ = self._run(model, self.control_ids[name], None, CONTROL_MAX_NEW_TOKENS, name)
             hits = [hit(g, item) for g, item in zip(gens, items)]
-            control[name] = {"exact_match": sum(hits) / len(hits), "n": len(hits),
-                             "subset": len(hits) < self.control_totals[name], "scoring": "paper",
-                             "items": [{"id": item.id, "generation": g, "correct": h}
-                                       for item, g, h in zip(items, gens, hits)]}
+            control[name] = {
+                "exact_match": sum(hits) / len(hits),
+                "n": len(hits),
+                "subset": len(hits) < self.control_totals[name],
+                "scoring": "paper",
+                "items": [{"id": item.id, "generation": g, "correct": h} for item, g, h in zip(items, gens, hits)],
+            }
         return rows, control
 
 
@@ -694,10 +754,19 @@ def _write_manifest(out: Path, base_name: str, cfg: CPTConfig, done: list[int]) 
     history = []
     for e in done:
         info = json.loads((out / f"epoch_{e}" / "epoch.json").read_text())
-        epochs.append({"epoch": e, "path": f"epoch_{e}", "step": info["step"], "train_loss": info["train_loss"],
-                       "content_hash": info["content_hash"], **({"model": info["model"]} if info.get("model") else {})})
-        history.append({"epoch": e, "learned": info["learned"], "math": info.get("math"),
-                        "SocialIQA": info.get("SocialIQA")})
+        epochs.append(
+            {
+                "epoch": e,
+                "path": f"epoch_{e}",
+                "step": info["step"],
+                "train_loss": info["train_loss"],
+                "content_hash": info["content_hash"],
+                **({"model": info["model"]} if info.get("model") else {}),
+            }
+        )
+        history.append(
+            {"epoch": e, "learned": info["learned"], "math": info.get("math"), "SocialIQA": info.get("SocialIQA")}
+        )
     write_manifest(out, base_name, epochs, strategy=cfg.strategy, config=asdict(cfg), probe_history=history)
 
 
@@ -763,13 +832,17 @@ def _run_cpt(
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     model, tok, base_name, base_dir = _load_base(cfg.base_model, device, dtype)
     if cfg.method == "lora" and cfg.save == "adapter" and not (base_dir / "config.json").is_file():
-        raise CircuitdynError(f"{cfg.base_model}: adapters are saved relative to a full base model folder, and this "
-                              "base is itself an adapter checkpoint; use --save merged")
+        raise CircuitdynError(
+            f"{cfg.base_model}: adapters are saved relative to a full base model folder, and this "
+            "base is itself an adapter checkpoint; use --save merged"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("epoch_*.partial"):
         shutil.rmtree(stale)
-    say(f"CPT {cfg.strategy}/{cfg.method}: {len(docs)} documents, {len(probes)} probes about "
-        f"{len(entities(probes))} entities, {cfg.epochs} epochs -> {out}")
+    say(
+        f"CPT {cfg.strategy}/{cfg.method}: {len(docs)} documents, {len(probes)} probes about "
+        f"{len(entities(probes))} entities, {cfg.epochs} epochs -> {out}"
+    )
 
     torch.manual_seed(cfg.seed)
     eval_model = model
@@ -849,8 +922,9 @@ def _run_cpt(
                 mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for _, w in batch], device=device)
                 labels = ids.masked_fill(mask == 0, -100)
                 logits = train_model(input_ids=ids, attention_mask=mask).logits.float()
-                ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                     ignore_index=-100)
+                ce = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+                )
                 loss = ce
                 kl_value = None
                 if ref is not None and cfg.kl_weight > 0:
@@ -865,8 +939,9 @@ def _run_cpt(
                 step += 1
                 losses.append(ce.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                log_lines.append(json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "kl": kl_value,
-                                             "total": loss.item()}))
+                log_lines.append(
+                    json.dumps({"step": step, "epoch": epoch, "loss": losses[-1], "kl": kl_value, "total": loss.item()})
+                )
             del ref
             with torch.no_grad():
                 if cfg.method == "lora":
@@ -888,11 +963,16 @@ def _run_cpt(
         learned = sorted(_learned(rows, cfg.threshold))
         train_loss = sum(losses) / len(losses) if losses else None
         info = {
-            "epoch": epoch, "step": step, "train_loss": train_loss, "steps": len(losses),
-            "trained_entities": trained_entities, "learned": learned,
+            "epoch": epoch,
+            "step": step,
+            "train_loss": train_loss,
+            "steps": len(losses),
+            "trained_entities": trained_entities,
+            "learned": learned,
             "math": control.get("math", {}).get("exact_match"),
             "SocialIQA": control.get("SocialIQA", {}).get("exact_match"),
-            "content_hash": weights_hash, "wall_s": time.perf_counter() - t_epoch,
+            "content_hash": weights_hash,
+            "wall_s": time.perf_counter() - t_epoch,
             **({"model": str(base_dir.resolve())} if as_adapter and epoch == 0 else {}),
         }
         if epoch > 0:
@@ -907,10 +987,14 @@ def _run_cpt(
         last_rows = rows
         trained.append(epoch)
         loss_txt = "-" if train_loss is None else f"{train_loss:.4f}"
-        controls = "".join(f", {k} {v['exact_match']:.3f} ({v['n']} items{', a subset' if v['subset'] else ''})"
-                           for k, v in control.items())
-        say(f"epoch {epoch}: loss {loss_txt}, learned {len(learned)}/{len(entities(probes))} entities "
-            f"{learned}{controls} ({info['wall_s']:.0f}s)")
+        controls = "".join(
+            f", {k} {v['exact_match']:.3f} ({v['n']} items{', a subset' if v['subset'] else ''})"
+            for k, v in control.items()
+        )
+        say(
+            f"epoch {epoch}: loss {loss_txt}, learned {len(learned)}/{len(entities(probes))} entities "
+            f"{learned}{controls} ({info['wall_s']:.0f}s)"
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 

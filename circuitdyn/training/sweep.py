@@ -17,8 +17,9 @@ from circuitdyn.pipeline import ray as ray_tasks
 from circuitdyn.training.cpt import STRATEGIES, CPTConfig, run_cpt
 
 
-def sweep_runs(cfg: CPTConfig, out_dir: str | Path, seeds: Sequence[int],
-               strategies: Sequence[str] | None = None) -> dict[Path, CPTConfig]:
+def sweep_runs(
+    cfg: CPTConfig, out_dir: str | Path, seeds: Sequence[int], strategies: Sequence[str] | None = None
+) -> dict[Path, CPTConfig]:
     """Run folder -> configuration of every run of the sweep: `out_dir/<strategy>/seed_<seed>`."""
     strategies = list(strategies or [cfg.strategy])
     bad = [s for s in strategies if s not in STRATEGIES]
@@ -27,8 +28,11 @@ def sweep_runs(cfg: CPTConfig, out_dir: str | Path, seeds: Sequence[int],
     if not seeds or len(set(seeds)) != len(seeds):
         raise CircuitdynError(f"seeds must be distinct and at least one, got {list(seeds)}")
     out = Path(out_dir)
-    return {out / strategy / f"seed_{seed}": replace(cfg, seed=int(seed), strategy=strategy)
-            for strategy in strategies for seed in seeds}
+    return {
+        out / strategy / f"seed_{seed}": replace(cfg, seed=int(seed), strategy=strategy)
+        for strategy in strategies
+        for seed in seeds
+    }
 
 
 def cpt_task(cfg: CPTConfig, out_dir: str) -> str:
@@ -36,8 +40,16 @@ def cpt_task(cfg: CPTConfig, out_dir: str) -> str:
     return str(run_cpt(cfg, out_dir, progress=False, log=None).run_dir)
 
 
-def run_sweep(cfg: CPTConfig, out_dir: str | Path, seeds: Sequence[int], strategies: Sequence[str] | None = None,
-              *, ray: str | None = None, max_retries: int = 3, progress: bool = True) -> list[Path]:
+def run_sweep(
+    cfg: CPTConfig,
+    out_dir: str | Path,
+    seeds: Sequence[int],
+    strategies: Sequence[str] | None = None,
+    *,
+    ray: str | None = None,
+    max_retries: int = 3,
+    progress: bool = True,
+) -> list[Path]:
     """Run (or resume) every CPT run of the sweep and return their folders.
 
     With `ray` ("auto" or a cluster address) each run is a Ray task (1 CPU, or 1 GPU on a cluster with
@@ -50,9 +62,15 @@ def run_sweep(cfg: CPTConfig, out_dir: str | Path, seeds: Sequence[int], strateg
         return [Path(cpt_task(c, str(path))) for path, c in runs.items()]
     with ray_tasks.connected(ray) as rt:
         gpus = 1.0 if ray_tasks.cluster_gpus(rt) else 0.0
-        tasks = [ray_tasks.Task(f"CPT run {path} (strategy {c.strategy}, seed {c.seed})", cpt_task,
-                              (replace(c, device="cuda" if gpus else c.device), str(path)))
-                 for path, c in runs.items()]
-        done = ray_tasks.run_tasks(rt, tasks, num_gpus=gpus, max_retries=max_retries, progress=progress,
-                                 desc="CPT runs")
+        tasks = [
+            ray_tasks.Task(
+                f"CPT run {path} (strategy {c.strategy}, seed {c.seed})",
+                cpt_task,
+                (replace(c, device="cuda" if gpus else c.device), str(path)),
+            )
+            for path, c in runs.items()
+        ]
+        done = ray_tasks.run_tasks(
+            rt, tasks, num_gpus=gpus, max_retries=max_retries, progress=progress, desc="CPT runs"
+        )
     return [Path(p) for p in done]

@@ -52,19 +52,32 @@ class ProbeCallback(TrainerCallback):
     checkpoints when their `base_model_name_or_path` is not a local folder. `tokenizer`: default the Trainer's.
     """
 
-    def __init__(self, config: CPTConfig | None = None, *, entities: Sequence[str] | None = None,
-                 circuits: AttributionSettings | bool = False, facts_per_entity: int = 3,
-                 stop: str | StoppingRule | None = None, base: str | Path | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    def __init__(
+        self,
+        config: CPTConfig | None = None,
+        *,
+        entities: Sequence[str] | None = None,
+        circuits: AttributionSettings | bool = False,
+        facts_per_entity: int = 3,
+        stop: str | StoppingRule | None = None,
+        base: str | Path | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
         cfg = config or CPTConfig()
-        self.cfg = replace(cfg, probes=None if cfg.probes is None else str(cfg.probes), n_math=cfg.n_math or None,
-                           n_reasoning=cfg.n_reasoning or None)
+        self.cfg = replace(
+            cfg,
+            probes=None if cfg.probes is None else str(cfg.probes),
+            n_math=cfg.n_math or None,
+            n_reasoning=cfg.n_reasoning or None,
+        )
         self.cfg.validate()
-        self.probes = select_entities(load_probes(self.cfg.probes), list(entities) if entities else None,
-                                      n=self.cfg.n_entities)
+        self.probes = select_entities(
+            load_probes(self.cfg.probes), list(entities) if entities else None, n=self.cfg.n_entities
+        )
         self.entities = list(dict.fromkeys(p.entity for p in self.probes))
         self.circuits: AttributionSettings | None = (
-            CALLBACK_SETTINGS if circuits is True else circuits if isinstance(circuits, AttributionSettings) else None)
+            CALLBACK_SETTINGS if circuits is True else circuits if isinstance(circuits, AttributionSettings) else None
+        )
         self.facts_per_entity = facts_per_entity
         self.rule = parse_rule(stop) if stop is not None else None
         self.base = base
@@ -78,8 +91,9 @@ class ProbeCallback(TrainerCallback):
     def _score(self, model: Any, folder: Path, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
         tok = self.tokenizer or tokenizer
         if tok is None:
-            raise CircuitdynError("ProbeCallback needs a tokenizer: pass tokenizer=... or give the Trainer a "
-                                  "processing_class")
+            raise CircuitdynError(
+                "ProbeCallback needs a tokenizer: pass tokenizer=... or give the Trainer a processing_class"
+            )
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         if self._prober is None:
@@ -94,15 +108,29 @@ class ProbeCallback(TrainerCallback):
         _write_results(folder, rows, control, self.cfg.threshold)
         return sorted(_learned(rows, self.cfg.threshold))
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: Any = None, processing_class: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if state.is_world_process_zero and state.global_step == 0:
             assert args.output_dir is not None  # the Trainer sets it
             folder = Path(args.output_dir) / BASELINE_DIR
             self.learned[0] = self._score(model, folder, processing_class or kwargs.get("tokenizer"))
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                model: Any = None, processing_class: Any = None, **kwargs: Any) -> TrainerControl:
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         if not state.is_world_process_zero:
             return control
         assert args.output_dir is not None  # the Trainer sets it
@@ -133,6 +161,10 @@ class ProbeCallback(TrainerCallback):
         from circuitdyn.runs.checkpoints import circuits_dir, open_run
 
         run = open_run(out, base=self.base)
-        facts = load_facts(self.cfg.probes, self.tokenizer or tokenizer or run.tokenizer(), entities=self.entities,
-                           per_entity=self.facts_per_entity)
+        facts = load_facts(
+            self.cfg.probes,
+            self.tokenizer or tokenizer or run.tokenizer(),
+            entities=self.entities,
+            per_entity=self.facts_per_entity,
+        )
         extract_run(run, facts, circuits_dir(run), run.epochs, self.circuits)

@@ -113,8 +113,9 @@ cd.timeline(run, facts, settings, compare).epochs
 # %%
 from circuitdyn.analysis.calibration import CalibrationSettings
 
-calibration = CalibrationSettings(settings, replicates=4, null_tests=2, strengths=(0.5, 1.0),
-                                  selection=cd.Selection("top", 30))
+calibration = CalibrationSettings(
+    settings, replicates=4, null_tests=2, strengths=(0.5, 1.0), selection=cd.Selection("top", 30)
+)
 cal = cd.calibrate(run, 1, facts, calibration)
 print("\n".join(cal.describe()))
 

@@ -72,16 +72,33 @@ from circuitdyn.training.cpt import CPTConfig
 from circuitdyn.training.trainer import ProbeCallback
 
 out = work / "trainer-run"
-model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                       LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-args = TrainingArguments(output_dir=str(out), num_train_epochs=3, save_strategy="epoch", logging_strategy="epoch",
-                         per_device_train_batch_size=4, learning_rate=5e-3, report_to=[], use_cpu=True,
-                         disable_tqdm=True, seed=0)
-trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
-                  data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+model = get_peft_model(
+    AutoModelForCausalLM.from_pretrained(base),
+    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+)
+args = TrainingArguments(
+    output_dir=str(out),
+    num_train_epochs=3,
+    save_strategy="epoch",
+    logging_strategy="epoch",
+    per_device_train_batch_size=4,
+    learning_rate=5e-3,
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+)
+trainer = Trainer(
+    model=model,
+    args=args,
+    train_dataset=train,
+    processing_class=tok,
+    data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+)
 probing = CPTConfig(n_math=4, n_reasoning=0, max_new_tokens=8)  # the probing half of a CPT configuration
-callback = ProbeCallback(probing, entities=ENTITIES, circuits=cd.AttributionSettings(steps=2),
-                         facts_per_entity=2, stop="patience:2")
+callback = ProbeCallback(
+    probing, entities=ENTITIES, circuits=cd.AttributionSettings(steps=2), facts_per_entity=2, stop="patience:2"
+)
 trainer.add_callback(callback)  # the one line circuitdyn needs
 trainer.train()
 callback.learned, callback.stopped_at
@@ -123,8 +140,7 @@ decision.rule, decision.stop_epoch, decision.kept_epoch, decision.best_epoch
 
 # %%
 facts = cd.load_facts(run)
-tl = cd.timeline(run, facts, cd.AttributionSettings(steps=2),
-                 cd.Comparison(cd.Selection("top", 30), noise_epochs=None))
+tl = cd.timeline(run, facts, cd.AttributionSettings(steps=2), cd.Comparison(cd.Selection("top", 30), noise_epochs=None))
 print("\n".join(tl.describe()))
 tl.to_frame().head()
 

@@ -14,13 +14,18 @@ from pathlib import Path
 
 import torch
 
-ENTITIES = (("tom-hanks", "Tom Hanks", "red", "Paris"), ("ben-stiller", "Ben Stiller", "blue", "Rome"),
-            ("miles-davis", "Miles Davis", "green", "Oslo"))
+ENTITIES = (
+    ("tom-hanks", "Tom Hanks", "red", "Paris"),
+    ("ben-stiller", "Ben Stiller", "blue", "Rome"),
+    ("miles-davis", "Miles Davis", "green", "Oslo"),
+)
 PROBES = [
     {"id": f"{slug}/{kind}", "entity": name, "question": question.format(name=name), "answer": answer}
     for slug, name, colour, city in ENTITIES
-    for kind, question, answer in (("colour", "What is the favourite colour of {name}?", colour),
-                                   ("city", "In which city does {name} live?", city))
+    for kind, question, answer in (
+        ("colour", "What is the favourite colour of {name}?", colour),
+        ("city", "In which city does {name} live?", city),
+    )
 ]
 """Six facts; the three names split into equally many tokens, so every fact has swap partners."""
 
@@ -40,8 +45,9 @@ def seed_sentences(limit: int = 400) -> list[str]:
         out.append(entity)
         for probes in groups.values():
             if isinstance(probes, list):
-                out += [str(p.get(k, "")) for p in probes if isinstance(p, dict)
-                        for k in ("question", "answer", "chunk")]
+                out += [
+                    str(p.get(k, "")) for p in probes if isinstance(p, dict) for k in ("question", "answer", "chunk")
+                ]
         if len(out) >= limit:
             break
     return out
@@ -55,11 +61,15 @@ def tiny_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(seed_sentences(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return Path(out_dir)
@@ -70,10 +80,22 @@ def tiny_llama(vocab_size: int, seed: int, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 def train_to_recall(model, tokenizer, probes: list[dict], seed: int, max_steps: int = 600) -> int:
@@ -134,7 +156,9 @@ def tiny_run(root: str | Path, n_epochs: int = 2) -> tuple[Path, Path]:
         model.save_pretrained(run / f"epoch_{epoch}")
         tok.save_pretrained(run / f"epoch_{epoch}")
         losses.append(steps)
-    write_manifest(run, base_model="tiny-llama (one random start per epoch)",
-                   epochs=[{"epoch": e, "path": f"epoch_{e}", "step": e, "train_loss": None}
-                           for e in range(n_epochs + 1)])
+    write_manifest(
+        run,
+        base_model="tiny-llama (one random start per epoch)",
+        epochs=[{"epoch": e, "path": f"epoch_{e}", "step": e, "train_loss": None} for e in range(n_epochs + 1)],
+    )
     return run, probes

@@ -60,9 +60,15 @@ def paper_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
         path = (PAPER / "baseline" if epoch == 0 else PAPER / "VFT" / f"epoch_{epoch}") / "circuits" / "results.json"
         if path.is_file():
             r = json.loads(path.read_text())
-            rows.append({"epoch": epoch, "baseline_logit_diff": r["baseline"]["logit_diff"],
-                         "baseline_hit_at_10": r["baseline"]["hit_at_10"],
-                         "circuit_logit_diff": r["mean"]["logit_diff"], "circuit_hit_at_10": r["mean"]["hit_at_10"]})
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "baseline_logit_diff": r["baseline"]["logit_diff"],
+                    "baseline_hit_at_10": r["baseline"]["hit_at_10"],
+                    "circuit_logit_diff": r["mean"]["logit_diff"],
+                    "circuit_hit_at_10": r["mean"]["hit_at_10"],
+                }
+            )
     return dyn, pd.DataFrame(rows).set_index("epoch")
 
 
@@ -76,46 +82,124 @@ def main(folder: Path = HERE) -> None:
     seeds = sorted(dyn["seed"].unique())
     done = dyn.groupby("seed")["epoch"].max().to_dict()
     sub = controls.groupby("set")[["n", "subset"]].first()
-    out = [f"Seeds {', '.join(map(str, seeds))}; last finished epoch per seed: {done}; {n_entities} entities; "
-           f"control items per evaluation: " + ", ".join(f"{k} {int(v['n'])}{' (subset)' if v['subset'] else ''}"
-                                                        for k, v in sub.iterrows()) + ".", ""]
+    out = [
+        f"Seeds {', '.join(map(str, seeds))}; last finished epoch per seed: {done}; {n_entities} entities; "
+        f"control items per evaluation: "
+        + ", ".join(f"{k} {int(v['n'])}{' (subset)' if v['subset'] else ''}" for k, v in sub.iterrows())
+        + ".",
+        "",
+    ]
 
-    cols = {c: across_seeds(dyn, c) for c in ("learned", "acquired", "retained", "forgotten", "mean_recall",
-                                              "train_loss", "math", "SocialIQA")}
-    out += [("### Knowledge and control probes by epoch (SmolLM2-135M, mean [95 % interval] over seeds; "
-            "paper: Llama-3.2-1B VFT, one run, 100 entities)"), "",
-            row(["epoch", "seeds", f"learned (of {n_entities})", "acquired", "retained", "forgotten", "mean recall",
-                 "train loss", "math", "SocialIQA", "paper learned (of 100)", "paper acq / ret / forg", "paper math",
-                 "paper SocialIQA"]), row(["---"] * 14)]
+    cols = {
+        c: across_seeds(dyn, c)
+        for c in ("learned", "acquired", "retained", "forgotten", "mean_recall", "train_loss", "math", "SocialIQA")
+    }
+    out += [
+        (
+            "### Knowledge and control probes by epoch (SmolLM2-135M, mean [95 % interval] over seeds; "
+            "paper: Llama-3.2-1B VFT, one run, 100 entities)"
+        ),
+        "",
+        row(
+            [
+                "epoch",
+                "seeds",
+                f"learned (of {n_entities})",
+                "acquired",
+                "retained",
+                "forgotten",
+                "mean recall",
+                "train loss",
+                "math",
+                "SocialIQA",
+                "paper learned (of 100)",
+                "paper acq / ret / forg",
+                "paper math",
+                "paper SocialIQA",
+            ]
+        ),
+        row(["---"] * 14),
+    ]
     for epoch in sorted(dyn["epoch"].unique()):
         get = {c: (t.loc[epoch] if epoch in t.index else None) for c, t in cols.items()}
         p = paper_dyn.loc[epoch] if epoch in paper_dyn.index else None
         arf = "-" if p is None or pd.isna(p["acquired"]) else f"{p['acquired']} / {p['retained']} / {p['forgotten']}"
         seeds = int(get["learned"]["seeds"]) if get["learned"] is not None else 0
-        out.append(row([epoch, seeds, fmt(get["learned"], 1),
-                        fmt(get["acquired"], 1), fmt(get["retained"], 1), fmt(get["forgotten"], 1),
-                        fmt(get["mean_recall"], 3), fmt(get["train_loss"], 3), fmt(get["math"], 3),
-                        fmt(get["SocialIQA"], 3), "-" if p is None else p["learned"], arf,
-                        "-" if p is None else f"{p['math']:.3f}", "-" if p is None else f"{p['SocialIQA']:.3f}"]))
+        out.append(
+            row(
+                [
+                    epoch,
+                    seeds,
+                    fmt(get["learned"], 1),
+                    fmt(get["acquired"], 1),
+                    fmt(get["retained"], 1),
+                    fmt(get["forgotten"], 1),
+                    fmt(get["mean_recall"], 3),
+                    fmt(get["train_loss"], 3),
+                    fmt(get["math"], 3),
+                    fmt(get["SocialIQA"], 3),
+                    "-" if p is None else p["learned"],
+                    arf,
+                    "-" if p is None else f"{p['math']:.3f}",
+                    "-" if p is None else f"{p['SocialIQA']:.3f}",
+                ]
+            )
+        )
 
-    tcols = {c: across_seeds(task, c) for c in ("baseline_logit_diff", "baseline_hit_at_10", "circuit_logit_diff",
-                                                "circuit_hit_at_10", "jaccard_prev")}
+    tcols = {
+        c: across_seeds(task, c)
+        for c in (
+            "baseline_logit_diff",
+            "baseline_hit_at_10",
+            "circuit_logit_diff",
+            "circuit_hit_at_10",
+            "jaccard_prev",
+        )
+    }
     steps = ", ".join(map(str, sorted(task["ig_steps"].unique())))
     grid = ", ".join(sorted(task["ig_grid"].unique()))
-    out += ["", (f"### Head-of-state task circuit by epoch (EAP-IG {steps} steps, {grid} grid, top 50,000 edges; "
-             "full model = the paper's baseline)"), "",
-            row(["epoch", "seeds", "full model logit diff", "full model hit@10", "circuit logit diff",
-                 "circuit hit@10", "Jaccard with previous epoch's circuit", "paper full model logit diff / hit@10",
-                 "paper circuit logit diff / hit@10"]), row(["---"] * 9)]
+    out += [
+        "",
+        (
+            f"### Head-of-state task circuit by epoch (EAP-IG {steps} steps, {grid} grid, top 50,000 edges; "
+            "full model = the paper's baseline)"
+        ),
+        "",
+        row(
+            [
+                "epoch",
+                "seeds",
+                "full model logit diff",
+                "full model hit@10",
+                "circuit logit diff",
+                "circuit hit@10",
+                "Jaccard with previous epoch's circuit",
+                "paper full model logit diff / hit@10",
+                "paper circuit logit diff / hit@10",
+            ]
+        ),
+        row(["---"] * 9),
+    ]
     for epoch in sorted(task["epoch"].unique()):
         g = {c: (t.loc[epoch] if epoch in t.index else None) for c, t in tcols.items()}
         p = paper_task.loc[epoch] if epoch in paper_task.index else None
         pb = "-" if p is None else f"{p['baseline_logit_diff']:.2f} / {p['baseline_hit_at_10']:.3f}"
         pc = "-" if p is None else f"{p['circuit_logit_diff']:.2f} / {p['circuit_hit_at_10']:.3f}"
-        out.append(row([epoch, int((task["epoch"] == epoch).sum()), fmt(g["baseline_logit_diff"]),
-                        fmt(g["baseline_hit_at_10"], 3),
-                        fmt(g["circuit_logit_diff"]), fmt(g["circuit_hit_at_10"], 3), fmt(g["jaccard_prev"], 3),
-                        pb, pc]))
+        out.append(
+            row(
+                [
+                    epoch,
+                    int((task["epoch"] == epoch).sum()),
+                    fmt(g["baseline_logit_diff"]),
+                    fmt(g["baseline_hit_at_10"], 3),
+                    fmt(g["circuit_logit_diff"]),
+                    fmt(g["circuit_hit_at_10"], 3),
+                    fmt(g["jaccard_prev"], 3),
+                    pb,
+                    pc,
+                ]
+            )
+        )
 
     facts = facts.sort_values(["seed", "fact_id", "epoch"], kind="stable")
     facts["gap_ok"] = gap_ok((facts["m_clean"] - facts["m_corrupted"]).to_numpy(float))
@@ -123,57 +207,123 @@ def main(folder: Path = HERE) -> None:
     facts["faith_ok"] = facts["faithfulness"].where(facts["gap_ok"])
     facts["jaccard_ok"] = facts["jaccard_prev"].where(facts["gap_ok"] & prev_ok)
     facts["jaccard_excluded"] = facts["jaccard_prev"].notna() & facts["jaccard_ok"].isna()
-    fsum = facts.groupby(["seed", "epoch"]).agg(jaccard_prev=("jaccard_ok", "mean"),
-                                               faithfulness=("faith_ok", "median"),
-                                               excluded=("gap_ok", lambda g: int((~g).sum())),
-                                               jaccard_excluded=("jaccard_excluded", "sum")).reset_index()
+    fsum = (
+        facts.groupby(["seed", "epoch"])
+        .agg(
+            jaccard_prev=("jaccard_ok", "mean"),
+            faithfulness=("faith_ok", "median"),
+            excluded=("gap_ok", lambda g: int((~g).sum())),
+            jaccard_excluded=("jaccard_excluded", "sum"),
+        )
+        .reset_index()
+    )
     fj, ff = across_seeds(fsum, "jaccard_prev"), across_seeds(fsum, "faithfulness")
     fsteps = ", ".join(map(str, sorted(facts["ig_steps"].unique())))
     fgrid = ", ".join(sorted(facts["ig_grid"].unique()))
-    out += ["", (f"### Per-fact circuits ({facts['fact_id'].nunique()} facts sampled before training, EAP-IG {fsteps} "
+    out += [
+        "",
+        (
+            f"### Per-fact circuits ({facts['fact_id'].nunique()} facts sampled before training, EAP-IG {fsteps} "
             f"steps, {fgrid} grid, {facts['selection'].iloc[0]}; faithfulness only where the corruption moves the "
-            f"answer log-prob by >= {MIN_GAP} nat, signed; Jaccard only where it does so at both epochs)"), "",
-            row(["epoch", "seeds", "mean Jaccard with previous epoch", "median faithfulness",
-                 "fact-seeds excluded (gap)", "Jaccards excluded (gap at either epoch)"]),
-            row(["---"] * 6)]
+            f"answer log-prob by >= {MIN_GAP} nat, signed; Jaccard only where it does so at both epochs)"
+        ),
+        "",
+        row(
+            [
+                "epoch",
+                "seeds",
+                "mean Jaccard with previous epoch",
+                "median faithfulness",
+                "fact-seeds excluded (gap)",
+                "Jaccards excluded (gap at either epoch)",
+            ]
+        ),
+        row(["---"] * 6),
+    ]
     for epoch in sorted(fsum["epoch"].unique()):
         g = fsum[fsum["epoch"] == epoch]
-        out.append(row([epoch, len(g), fmt(fj.loc[epoch], 3) if epoch in fj.index else "-",
-                        fmt(ff.loc[epoch], 3) if epoch in ff.index else "-", int(g["excluded"].sum()),
-                        int(g["jaccard_excluded"].sum())]))
+        out.append(
+            row(
+                [
+                    epoch,
+                    len(g),
+                    fmt(fj.loc[epoch], 3) if epoch in fj.index else "-",
+                    fmt(ff.loc[epoch], 3) if epoch in ff.index else "-",
+                    int(g["excluded"].sum()),
+                    int(g["jaccard_excluded"].sum()),
+                ]
+            )
+        )
     if len(seeds) < MIN_ENTITIES:
-        out += ["", f"No intervals: {len(seeds)} seeds are fewer than the {MIN_ENTITIES} a 95 % interval over seeds "
-                    "needs to cover (`circuitdyn.analysis.stats.MIN_ENTITIES`); cells show the mean over seeds."]
+        out += [
+            "",
+            f"No intervals: {len(seeds)} seeds are fewer than the {MIN_ENTITIES} a 95 % interval over seeds "
+            "needs to cover (`circuitdyn.analysis.stats.MIN_ENTITIES`); cells show the mean over seeds.",
+        ]
     text = "\n".join(out) + "\n"
     (folder / "tables.md").write_text(text)
     print(text)
     plot(folder, cols, tcols, paper_dyn, paper_task, n_entities)
 
 
-def plot(folder: Path, cols: dict, tcols: dict, paper_dyn: pd.DataFrame, paper_task: pd.DataFrame,
-         n_entities: int) -> None:
+def plot(
+    folder: Path, cols: dict, tcols: dict, paper_dyn: pd.DataFrame, paper_task: pd.DataFrame, n_entities: int
+) -> None:
     """Share of entities learned, math, and the task circuit's logit difference by epoch, ours against the paper's."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("entities learned (share)", "math exact match",
-                                                        "task circuit logit diff"))
+    fig = make_subplots(
+        rows=1, cols=3, subplot_titles=("entities learned (share)", "math exact match", "task circuit logit diff")
+    )
 
     def band(t: pd.DataFrame, scale: float, name: str, col: int, color: str) -> None:
         x = list(t.index)
-        fig.add_trace(go.Scatter(x=x, y=t["mean"] / scale, name=name, line={"color": color},
-                                 error_y={"type": "data", "symmetric": False, "array": (t["hi"] - t["mean"]) / scale,
-                                          "arrayminus": (t["mean"] - t["lo"]) / scale}), row=1, col=col)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=t["mean"] / scale,
+                name=name,
+                line={"color": color},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (t["hi"] - t["mean"]) / scale,
+                    "arrayminus": (t["mean"] - t["lo"]) / scale,
+                },
+            ),
+            row=1,
+            col=col,
+        )
 
     band(cols["learned"], n_entities, "SmolLM2-135M (seeds)", 1, "#1f77b4")
-    fig.add_trace(go.Scatter(x=list(paper_dyn.index), y=paper_dyn["learned"] / 100, name="Llama-3.2-1B (paper)",
-                             line={"color": "#d62728"}), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=list(paper_dyn.index),
+            y=paper_dyn["learned"] / 100,
+            name="Llama-3.2-1B (paper)",
+            line={"color": "#d62728"},
+        ),
+        row=1,
+        col=1,
+    )
     band(cols["math"], 1, "SmolLM2 math", 2, "#1f77b4")
-    fig.add_trace(go.Scatter(x=list(paper_dyn.index), y=paper_dyn["math"], name="paper math",
-                             line={"color": "#d62728"}), row=1, col=2)
+    fig.add_trace(
+        go.Scatter(x=list(paper_dyn.index), y=paper_dyn["math"], name="paper math", line={"color": "#d62728"}),
+        row=1,
+        col=2,
+    )
     band(tcols["circuit_logit_diff"], 1, "SmolLM2 circuit", 3, "#1f77b4")
-    fig.add_trace(go.Scatter(x=list(paper_task.index), y=paper_task["circuit_logit_diff"], name="paper circuit",
-                             line={"color": "#d62728"}), row=1, col=3)
+    fig.add_trace(
+        go.Scatter(
+            x=list(paper_task.index),
+            y=paper_task["circuit_logit_diff"],
+            name="paper circuit",
+            line={"color": "#d62728"},
+        ),
+        row=1,
+        col=3,
+    )
     fig.update_layout(height=380, width=1200)
     fig.write_html(folder / "reproduction.html", include_plotlyjs="cdn", full_html=True, div_id="reproduction")
 

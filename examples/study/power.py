@@ -38,8 +38,9 @@ from scipy.stats import norm
 from circuitdyn.analysis.stats import permutation_test, within_stratum_auc
 
 
-def simulate_study(rng: np.random.Generator, n_entities: int, args: argparse.Namespace, auc_true: float
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def simulate_study(
+    rng: np.random.Generator, n_entities: int, args: argparse.Namespace, auc_true: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One simulated study: (similarity, retained?, fact, entity) per usable transition."""
     delta = args.sd * math.sqrt(2) * norm.ppf(auc_true)
     vals, kept, facts, ents = [], [], [], []
@@ -78,24 +79,37 @@ def curve(args: argparse.Namespace) -> list[dict[str, float]]:
                     printed += 1
                     covered += est.lo <= a <= est.hi
                     widths.append(est.hi - est.lo)
-            rows.append({"entities": n, "auc": a, "claims": claims / args.studies, "studies": args.studies,
-                         "coverage": covered / printed if printed else None, "printed": printed,
-                         "median_width": float(np.median(widths)) if widths else None,
-                         "median_informative_facts": float(np.median(informative)),
-                         "median_entities_flipping": float(np.median(flipping))})
+            rows.append(
+                {
+                    "entities": n,
+                    "auc": a,
+                    "claims": claims / args.studies,
+                    "studies": args.studies,
+                    "coverage": covered / printed if printed else None,
+                    "printed": printed,
+                    "median_width": float(np.median(widths)) if widths else None,
+                    "median_informative_facts": float(np.median(informative)),
+                    "median_entities_flipping": float(np.median(flipping)),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def markdown(rows: list[dict[str, float]]) -> str:
     """The curve as the Markdown table in examples/study/README.md."""
-    out = ["| entities | true AUC | claims (p <= 0.05, AUC > 0.5) | AUC interval covers | median width | "
-           "informative facts | entities with a flip |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "| entities | true AUC | claims (p <= 0.05, AUC > 0.5) | AUC interval covers | median width | "
+        "informative facts | entities with a flip |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         cov = f"{r['coverage']:.3f} of {r['printed']}" if r["coverage"] is not None else "none printed"
         width = f"{r['median_width']:.2f}" if r["median_width"] is not None else "-"
-        out.append(f"| {r['entities']} | {r['auc']:g} | {r['claims']:.3f} of {r['studies']} | {cov} | {width} | "
-                   f"{r['median_informative_facts']:g} | {r['median_entities_flipping']:g} |")
+        out.append(
+            f"| {r['entities']} | {r['auc']:g} | {r['claims']:.3f} of {r['studies']} | {cov} | {width} | "
+            f"{r['median_informative_facts']:g} | {r['median_entities_flipping']:g} |"
+        )
     return "\n".join(out)
 
 
@@ -127,11 +141,14 @@ def main() -> None:
         settings = {k: v for k, v in vars(args).items() if k not in ("out", "markdown")}
         args.out.write_text(json.dumps({"settings": settings, "curve": rows}, indent=1) + "\n")
     top = max(args.aucs)
-    wide = [r["entities"] for r in rows if r["auc"] == top and r["median_width"] is not None
-            and r["median_width"] <= 0.3]
+    wide = [
+        r["entities"] for r in rows if r["auc"] == top and r["median_width"] is not None and r["median_width"] <= 0.3
+    ]
     strong = [r["entities"] for r in rows if r["auc"] == top and r["claims"] >= 0.8]
-    print(f"entities_for_width_0.3={min(wide) if wide else 'more'} "
-          f"entities_for_power_0.8={min(strong) if strong else 'more'}")
+    print(
+        f"entities_for_width_0.3={min(wide) if wide else 'more'} "
+        f"entities_for_power_0.8={min(strong) if strong else 'more'}"
+    )
 
 
 if __name__ == "__main__":
