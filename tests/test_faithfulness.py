@@ -195,7 +195,7 @@ def test_known_circuits_cost_no_forward(tiny_tl, monkeypatch):
     """The full graph is the clean run (faithfulness exactly 1), the empty circuit the corrupted one (0), a
     circuit evaluated before keeps its value; only the other facts of a batch run, as a sub-batch, and
     agree with the whole batch's forward."""
-    import circuitdyn.faithfulness as F
+    import circuitdyn.engine.faithfulness as F
 
     facts = tiny_facts(5)
     E = Graph.from_model(tiny_tl).n_edges

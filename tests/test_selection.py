@@ -234,7 +234,7 @@ def test_smallest_faithful_keeps_its_contract_where_faithfulness_is_not_monotone
 def test_smallest_faithful_on_an_evaluator_runs_only_open_facts(tiny_tl, monkeypatch):
     """With `CircuitEvaluator.faithfulness`, the full-graph check and facts whose bracket has closed cost no
     patched forward: every fact-row run is a new (fact, size); the sizes are the ones bisection finds."""
-    import circuitdyn.faithfulness as F
+    import circuitdyn.engine.faithfulness as F
 
     facts = tiny_facts(5)
     scores = A.attribute(tiny_tl, facts, S("eap-ig", 3))
