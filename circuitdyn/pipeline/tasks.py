@@ -30,6 +30,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -207,13 +208,28 @@ class TaskEvaluator:
         self.facts = list(facts)
         self.metric = _LogitDiffAndHits()
         self.evaluator = CircuitEvaluator(model, self.facts, self.metric, 0, len(self.facts))
-        clean_hits = self.metric.hits[0]  # the evaluator runs the clean prompts first
-        self.baseline = {"logit_diff": float(self.evaluator.m_clean.mean()), "hit_at_10": float(clean_hits.mean())}
+        # the evaluator runs the clean prompts first, then the corrupted ones
+        self.clean_hits, self.corrupted_hits = self.metric.hits[0], self.metric.hits[1]
+        self.baseline = {"logit_diff": float(self.evaluator.m_clean.mean()), "hit_at_10": float(self.clean_hits.mean())}
+        self._seen: dict[bytes, dict[str, float]] = {}
 
     def circuit(self, circuit: Tensor) -> dict[str, float]:
-        """Mean logit difference and hit@10 over the prompts with only `circuit`'s edges clean."""
+        """Mean logit difference and hit@10 over the prompts with only `circuit`'s edges clean. The evaluator
+        runs no forward for the full graph (the clean run), the empty circuit (the corrupted run) or a circuit it
+        has seen, so hit@10 is taken from those runs then, not from the metric's last call."""
+        key = bytes(np.packbits(circuit.detach().cpu().numpy()))
+        if key in self._seen:
+            return dict(self._seen[key])
+        before = len(self.metric.hits)
         values = self.evaluator.metric_of(circuit.expand(len(self.facts), -1).contiguous())
-        return {"logit_diff": float(values.mean()), "hit_at_10": float(self.metric.hits[-1].float().mean())}
+        if len(self.metric.hits) > before:
+            hits = self.metric.hits[-1]
+        elif bool(circuit.all()) or not bool(circuit.any()):
+            hits = self.clean_hits if bool(circuit.all()) else self.corrupted_hits
+        else:
+            raise RuntimeError("a task circuit was served from the evaluator's cache without its hit@10")
+        self._seen[key] = {"logit_diff": float(values.mean()), "hit_at_10": float(hits.float().mean())}
+        return dict(self._seen[key])
 
 
 def evaluate_task_circuit(
