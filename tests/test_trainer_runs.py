@@ -141,8 +141,24 @@ def test_checkpoint_by_step_and_clear_errors(trainer_runs, tmp_path) -> None:
         open_run(moved)
     assert open_run(moved, base=trainer_runs["base"]).epochs == [0, 1, 2, 3]
     # the README's `circuitdyn diff RUN:1 RUN:3 --base DIR` on such a run
-    args = ["diff", f"{moved}:1", f"{moved}:3", "--base", str(trainer_runs["base"]), "--probes", PROBES,
-            "--limit", "2", "--steps", "2", "--top-n", "20", "--replicates", "2", "--json"]
+    args = [
+        "diff",
+        f"{moved}:1",
+        f"{moved}:3",
+        "--base",
+        str(trainer_runs["base"]),
+        "--probes",
+        PROBES,
+        "--limit",
+        "2",
+        "--steps",
+        "2",
+        "--top-n",
+        "20",
+        "--replicates",
+        "2",
+        "--json",
+    ]
     assert main(args) == 0
 
     wide = shutil.copytree(trainer_runs["base"], tmp_path / "wide")
