@@ -116,16 +116,6 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def _cr2_halfwidth(v: np.ndarray, inverse: np.ndarray, n_groups: int, level: float) -> float:
-    """Half-width of the CR2 t interval of mean(v): sqrt(sum_g (sum of residuals in g)^2 / (1 - N_g/N)) / N
-    times the t quantile with G - 1 degrees of freedom. 1 - N_g/N is one minus cluster g's leverage for the
-    mean (Bell and McCaffrey 2002); with equal clusters it is (G - 1)/G, and this is the CR1 interval."""
-    sums = np.bincount(inverse, weights=v - v.mean(), minlength=n_groups)
-    leverage = np.bincount(inverse, minlength=n_groups) / len(v)
-    var = float((sums**2 / (1 - leverage)).sum()) / len(v) ** 2
-    return t_quantile(1 - (1 - level) / 2, n_groups - 1) * math.sqrt(var)
-
-
 def _valid(values: Sequence[float] | np.ndarray, groups: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Values and their groups (as text) with NaN values dropped; the two must have one length."""
     v = np.asarray(values, dtype=float)
@@ -144,16 +134,11 @@ def mean_ci(
     min_groups: int = MIN_ENTITIES,
 ) -> Estimate:
     """Mean of `values` with a cluster-robust (CR2) t interval over `groups` (entities), none below
-    `min_groups` groups. NaN values are dropped first (and not counted in n)."""
+    `min_groups` groups: `ratio_ci` with unit denominators, so each entity's squared residual sum is divided by
+    one minus its share of the facts (Bell and McCaffrey 2002; with equal entities this is CR1). NaN values are
+    dropped first (and not counted in n)."""
     v, g = _valid(values, groups)
-    if len(v) == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), 0, 0, level, min_groups=min_groups)
-    names, inverse = np.unique(g, return_inverse=True)
-    value = float(v.mean())
-    if len(names) < max(2, min_groups):
-        return Estimate(value, float("nan"), float("nan"), len(v), len(names), level, min_groups=min_groups)
-    half = _cr2_halfwidth(v, inverse, len(names), level)
-    return Estimate(value, value - half, value + half, len(v), len(names), level, min_groups=min_groups)
+    return ratio_ci(v, np.ones_like(v), g, level=level, min_groups=min_groups)
 
 
 def cluster_bootstrap(
