@@ -158,6 +158,8 @@ def test_checkpoint_by_step_and_clear_errors(trainer_runs, tmp_path) -> None:
         "--replicates",
         "2",
         "--json",
+        "--out",
+        str(tmp_path / "moved.html"),
     ]
     assert main(args) == 0
 
