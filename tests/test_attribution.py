@@ -279,3 +279,52 @@ def test_partial_rotary_and_lnpre_forward_match_transformer_lens():
         assert torch.allclose(
             A.attribute_batch(model, batch, "eap-ig", 2, ig_grid="right"), reference_scores(model, batch, 2), atol=1e-4
         )
+
+
+def _prefixed_facts(n: int = 4, prefix_len: int = 6) -> list:
+    """Facts sharing a prompt prefix (as chat-templated probes do), corrupted only after it."""
+    from circuitdyn.probes.probes import FactPrompt
+
+    shared = tuple(range(3, 3 + prefix_len))
+    out = []
+    for f in tiny_facts(n):
+        clean = shared + f.clean_tokens
+        if f.corruption == "noise":
+            out.append(
+                dataclasses.replace(f, clean_tokens=clean, corrupted_tokens=clean, noise_positions=(prefix_len + 1,))
+            )
+        else:
+            out.append(
+                FactPrompt(
+                    f.fact_id, clean, shared + f.corrupted_tokens, f.answer_tokens, "entity", (), f.contrast_token
+                )
+            )
+    return out
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.95, 1.0])
+def test_patching_after_a_shared_prefix_is_exact(tiny_tl, density):
+    """Patched runs start after the batch's shared prefix, on the clean run's cached keys and values: the same
+    metric as patching every position."""
+    facts = _prefixed_facts()
+    batch = Fw.make_batch(tiny_tl, facts)
+    assert Pt.shared_prefix(batch) == 7  # the 6 shared tokens and each fact's first own token
+    keep = (
+        torch.rand(len(facts), Graph.from_model(tiny_tl).n_edges, generator=torch.Generator().manual_seed(2)) < density
+    )
+    whole = Pt.run_patched(tiny_tl, batch, keep, base=Pt.patch_base(tiny_tl, batch, start=0))
+    shared = Pt.run_patched(tiny_tl, batch, keep)
+    assert torch.allclose(shared, whole, atol=1e-5), (shared, whole)
+    m_clean, m_corr = Pt.clean_and_corrupted_metric(tiny_tl, batch)
+    if density in (0.0, 1.0):
+        assert torch.allclose(shared, m_corr if density == 0.0 else m_clean, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "relp"])
+def test_attribution_after_a_shared_prefix_is_exact(tiny_tl, monkeypatch, method):
+    """Attribution runs only the positions after the batch's shared prefix: the same scores as running all."""
+    batch = Fw.make_batch(tiny_tl, _prefixed_facts())
+    shared = A.attribute_batch(tiny_tl, batch, method, 3)
+    monkeypatch.setattr(A, "shared_prefix", lambda batch: 0)
+    whole = A.attribute_batch(tiny_tl, batch, method, 3)
+    assert torch.allclose(shared, whole, atol=1e-5, rtol=1e-4), (shared - whole).abs().max()

@@ -59,11 +59,13 @@ from circuitdyn.engine.forward import (
     LayerWeights,
     Metric,
     check_supported,
+    clean_prefix,
     embed_inputs,
     get_metric,
     layer_weights,
     make_batch,
     run_capture,
+    shared_prefix,
 )
 from circuitdyn.engine.graph import Graph
 from circuitdyn.engine.settings import (
@@ -193,16 +195,28 @@ def _attribute_pass(
     rel = [1.0] * m if len(set(weights)) == 1 else [w * m for w in weights]
     L = model.cfg.n_layers
     clean_in, corr_in = embed_inputs(model, batch)
+    # Every run starts after the batch's shared prefix (where clean and corrupted runs agree, so every score's
+    # activation difference is zero there), on the clean run's keys and values of it.
+    start = shared_prefix(batch)
+    past = past32 = None
+    if start:
+        past = clean_prefix(model, clean_in[:, :start], layers)
+        past32 = (
+            past
+            if layers[0].W_qkv.dtype == torch.float32
+            else clean_prefix(model, clean_in[:, :start], layers, torch.float32)
+        )
+        batch, clean_in, corr_in = batch.suffix(start), clean_in[:, start:], corr_in[:, start:]
     # A bf16/fp16 model's rounding differs between two runs by more than the small corrupted - clean
     # differences it would be subtracted from: those two runs compute in float32 (`run_capture`'s dtype).
     low = layers[0].W_qkv.dtype != torch.float32
     clean_step = None if low else next((k for k, a in enumerate(alphas) if isinstance(a, float) and a == 1.0), None)
     with torch.no_grad():
-        _, st = run_capture(model, corr_in, batch, metric, layers, torch.float32)
+        _, st = run_capture(model, corr_in, batch, metric, layers, torch.float32, past=past32)
         diffs = _SourceDiffs(st, corr_in - clean_in, buf)
         del st
         if clean_step is None:
-            _, st = run_capture(model, clean_in, batch, metric, layers, torch.float32)
+            _, st = run_capture(model, clean_in, batch, metric, layers, torch.float32, past=past32)
             diffs.subtract(st)
             del st
     acc = [_PortGrads(buf, constant_scale=relp) for _ in range(L)]
@@ -212,7 +226,7 @@ def _attribute_pass(
     for k, (alpha, u) in enumerate(zip(alphas, rel)):
         x0 = clean_in if isinstance(alpha, float) and alpha == 1.0 else corr_in + alpha * (clean_in - corr_in)
         with torch.enable_grad():
-            values, st = run_capture(model, x0.detach().requires_grad_(), batch, metric, layers, relp=relp)
+            values, st = run_capture(model, x0.detach().requires_grad_(), batch, metric, layers, relp=relp, past=past)
             # RelP's constant attention pattern leaves q and k out of the graph: their gradients are zeros.
             grads = list(
                 torch.autograd.grad(
@@ -415,9 +429,8 @@ def attribute(
     `compute.num_threads`: CPU threads (default: torch's setting, one per physical core unless changed;
     `circuitdyn.engine.memory.torch_threads`).
     """
-    from tqdm.auto import tqdm
-
     from circuitdyn.engine.memory import OOMBackoff, fact_batch_for_memory, parse_memory, torch_threads
+    from circuitdyn.progress import progress_bar
 
     s = settings or DEFAULT_SETTINGS
     c = compute or Compute()
@@ -435,7 +448,7 @@ def attribute(
     backoff = OOMBackoff(size)
     with (
         torch_threads(c.num_threads),
-        tqdm(total=len(facts), desc=f"{s.method} attribution", unit="fact", disable=not progress) as bar,
+        progress_bar(total=len(facts), desc=f"{s.method} attribution", unit="fact", disable=not progress) as bar,
     ):
         start = 0
         while start < len(order):

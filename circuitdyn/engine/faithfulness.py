@@ -22,9 +22,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.engine.forward import NOISE_SCALE, FactBatch, Metric, embed_inputs, make_batch, run_capture
+from circuitdyn.engine.forward import NOISE_SCALE, FactBatch, Metric, make_batch
 from circuitdyn.engine.graph import Graph
-from circuitdyn.engine.patching import corrupted_sources, run_patched
+from circuitdyn.engine.patching import PatchBase, clean_and_corrupted_metric, patch_base, run_patched
 from circuitdyn.engine.selection import top_n_by_fact
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes.probes import FactPrompt
@@ -47,7 +47,8 @@ def gap_ok(gaps: Sequence[float] | np.ndarray, min_gap: float = MIN_GAP) -> np.n
 
 class CircuitEvaluator:
     """Evaluates many circuits of the same facts on one model: m_clean / m_corr per fact are computed once,
-    corrupted activations once per batch (on first use). `metric_of(masks)`, `faithfulness(masks)`.
+    each batch's `patching.PatchBase` (corrupted activations, the shared prefix's clean keys and values) once,
+    on first use. `metric_of(masks)`, `faithfulness(masks)`.
 
     A fact's full graph (m_clean: faithfulness exactly 1), its empty circuit (m_corr: 0) and a circuit it
     evaluated before (its first value) cost no forward, and only the other facts of a batch run: a search
@@ -68,15 +69,11 @@ class CircuitEvaluator:
         self.graph = Graph.from_model(model)
         self.chunks = [list(range(i, min(i + batch_size, len(facts)))) for i in range(0, len(facts), batch_size)]
         self.batches = [make_batch(model, [facts[i] for i in c], seed, noise_scale, metric) for c in self.chunks]
-        self._corr: dict[int, Tensor] = {}
         self._seen: list[dict[bytes, float]] = [{} for _ in facts]  # per fact: mask digest -> m_circuit
-        m_clean, m_corr = [], []
-        for batch in self.batches:
-            clean_in, corr_in = embed_inputs(model, batch)
-            with torch.no_grad():
-                m_clean.append(run_capture(model, clean_in, batch, metric)[0])
-                m_corr.append(run_capture(model, corr_in, batch, metric)[0])
-        self.m_clean, self.m_corr = torch.cat(m_clean).float().cpu(), torch.cat(m_corr).float().cpu()
+        self._base: dict[int, PatchBase] = {}  # per batch, on first use: a metric alone needs none of it
+        runs = [clean_and_corrupted_metric(model, batch, metric) for batch in self.batches]
+        self.m_clean = torch.cat([m for m, _ in runs]).float().cpu()
+        self.m_corr = torch.cat([m for _, m in runs]).float().cpu()
 
     def metric_of(self, masks: Bool[Tensor, "fact edge"]) -> Float[Tensor, " fact"]:
         if masks.shape != (len(self.m_clean), self.graph.n_edges):
@@ -100,11 +97,12 @@ class CircuitEvaluator:
             sel = [k for k, i in enumerate(chunk) if todo[i]]
             if not sel:
                 continue
-            if j not in self._corr:
-                self._corr[j] = corrupted_sources(self.model, batch, self.metric)
-            sub, corr = (batch, self._corr[j]) if len(sel) == len(chunk) else _fact_rows(batch, self._corr[j], sel)
+            if j not in self._base:
+                self._base[j] = patch_base(self.model, batch, self.metric)
+            base = self._base[j]
+            sub, base = (batch, base) if len(sel) == len(chunk) else _fact_rows(batch, base, sel)
             idx = [chunk[k] for k in sel]
-            vals = run_patched(self.model, sub, masks[idx], self.metric, corr).float().cpu()
+            vals = run_patched(self.model, sub, masks[idx], self.metric, base).float().cpu()
             for i, v in zip(idx, vals.tolist()):
                 out[i] = v
                 self._seen[i][keys[i]] = v
@@ -116,9 +114,9 @@ class CircuitEvaluator:
         return torch.where(span.abs() < 1e-6, torch.full_like(f, float("nan")), f)
 
 
-def _fact_rows(batch: FactBatch, corr: Tensor, sel: list[int]) -> tuple[FactBatch, Tensor]:
-    """Facts `sel` of a batch and of its corrupted source outputs, without the padding they do not need
-    (the batch is right-padded and attention causal, so trimming changes no kept position)."""
+def _fact_rows(batch: FactBatch, base: PatchBase, sel: list[int]) -> tuple[FactBatch, PatchBase]:
+    """Facts `sel` of a batch and of its patch base, without the padding they do not need (the batch is
+    right-padded and attention causal, so trimming changes no kept position)."""
     P = max(1, int(batch.valid[sel].sum(1).max()))
     idx = torch.tensor(sel, device=batch.clean.device)
     parts = {}
@@ -129,7 +127,7 @@ def _fact_rows(batch: FactBatch, corr: Tensor, sel: list[int]) -> tuple[FactBatc
             value = value[:, :P] if f.name in ("clean", "corrupted", "valid", "noise") else value
         parts[f.name] = value
     parts["facts"] = [batch.facts[k] for k in sel]
-    return FactBatch(**parts), corr[idx][:, :, :P]
+    return FactBatch(**parts), base.rows(sel, P)
 
 
 def circuit_metric(
@@ -174,7 +172,7 @@ def faithfulness_curve(
 
     Columns: fact_id, n (requested), n_edges (selected; differs from n with `paths=True`), faithfulness.
     """
-    from tqdm.auto import tqdm
+    from circuitdyn.progress import progress_bar
 
     ev = CircuitEvaluator(model, facts, metric, seed, batch_size, noise_scale)
     E = ev.graph.n_edges
@@ -183,7 +181,7 @@ def faithfulness_curve(
     if sizes is None:
         sizes = sorted({max(1, int(round(E ** (i / 9)))) for i in range(10)})
     rows = []
-    for n in tqdm(list(sizes), desc="faithfulness curve", unit="size", disable=not progress):
+    for n in progress_bar(list(sizes), desc="faithfulness curve", unit="size", disable=not progress):
         masks = top_n_by_fact(scores, torch.full((len(facts),), int(n), device=scores.device), ev.graph, paths)
         faith = ev.faithfulness(masks)
         for i, f in enumerate(facts):

@@ -269,6 +269,16 @@ class FactBatch:
         moved["facts"] = self.facts[start:stop]
         return FactBatch(**moved)
 
+    def suffix(self, start: int) -> FactBatch:
+        """Positions start: of every fact, scored positions shifted to match (for a run after a cached prefix
+        of `start` positions; `start` must not exceed the first scored position)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("clean", "corrupted", "valid", "noise"):
+            if moved[name] is not None:
+                moved[name] = moved[name][:, start:]
+        moved["target_pos"] = (self.target_pos - start).clamp(min=0)
+        return FactBatch(**moved)
+
     def repeat(self, n: int) -> FactBatch:
         """The batch repeated n times along the fact axis (block-major)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -371,6 +381,34 @@ def embed_inputs(model: HookedTransformer, batch: FactBatch) -> tuple[Tensor, Te
     return out[0], out[1]
 
 
+def shared_prefix(batch: FactBatch) -> int:
+    """The number of leading positions where no fact's corrupted run differs from its clean run (no token
+    swapped, no noise added), capped at the first scored position.
+
+    With causal attention every activation there is the same in both runs, so every edge's patch (and every
+    attribution score's activation difference) is zero there: patching and attribution run only the positions
+    after it, on the clean run's keys and values of the prefix (`clean_prefix`). Exact, not an approximation.
+    On chat-templated probes the shared prefix (system prompt, question start) is about two thirds of a prompt.
+    """
+    differs = (batch.clean != batch.corrupted) & batch.valid
+    if batch.noise is not None:
+        differs |= batch.noise.ne(0).any(-1)
+    first = int(differs.any(0).float().argmax()) if bool(differs.any()) else batch.clean.shape[1]
+    return min(first, int(batch.target_pos[:, 0].min()))
+
+
+def clean_prefix(
+    model: HookedTransformer, x0: Tensor, layers: list[LayerWeights], dtype: torch.dtype | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the keys (rotated) and values, per query head [B, S, H, dh], of a run of the first S
+    positions `x0` [B, S, D] (the `input` node's output there), for `run_capture(..., past=)`."""
+    with torch.no_grad():
+        _, st = run_capture(model, x0, None, None, layers, dtype)
+    if model.cfg.positional_embedding_type != "rotary":
+        return list(zip(st["k"], st["v"]))
+    return [(rotary(block.attn, k), v) for block, k, v in zip(model.blocks, st["k"], st["v"])]
+
+
 def answer_logprob(logits: Float[Tensor, "batch answer vocab"], batch: FactBatch) -> Float[Tensor, " batch"]:
     """Sum over the answer tokens of their log-probability (teacher-forced): the default metric."""
     logp = logits.float().log_softmax(-1).gather(-1, batch.target_tok[..., None])[..., 0]
@@ -424,46 +462,75 @@ def metric_at_answers(
         normed = Norm.of(model.ln_final, model.cfg.eps).parts(rows, model.W_U.dtype, constant_scale=True)[0]
     else:
         normed = model.ln_final(rows) if hasattr(model, "ln_final") else rows
-    logits = model.unembed(normed.to(model.W_U.dtype))
+    logits = F.linear(normed.to(model.W_U.dtype), unembed_weight(model), model.unembed.b_U)
     return get_metric(metric)(logits, batch)
 
 
+def unembed_weight(model: HookedTransformer) -> Tensor:
+    """The unembedding as `F.linear` takes it ([d_vocab, d_model], contiguous): what TransformerLens' `Unembed`
+    computes, without its copy of W_U (~100 MB for a 50k vocabulary) at every call. Copied once per version
+    of the weight (an in-place update, e.g. an optimizer step, makes a new copy)."""
+    W = model.unembed.W_U
+    key = (W.data_ptr(), W._version, W.dtype, W.device)
+    cached = model.unembed.__dict__.get("_circuitdyn_weight")
+    if cached is None or cached[0] != key:
+        cached = (key, W.detach().T.contiguous())
+        model.unembed.__dict__["_circuitdyn_weight"] = cached
+    return cached[1]
+
+
 # --- the functional forward -----------------------------------------------------------------------
-def _rotary(attn: Any, x: Tensor) -> Tensor:
+def rotary(attn: Any, x: Tensor, offset: int = 0) -> Tensor:
     """TransformerLens' rotary embedding (same tables, bit-identical result), cheaper to differentiate:
-    the half-rotation [-x2, x1] is a roll of x with the sign folded into the sine table."""
+    the half-rotation [-x2, x1] is a roll of x with the sign folded into the sine table. `offset`: the
+    position of x's first row (a suffix run after a cached prefix)."""
     cfg, P = attn.cfg, x.shape[1]
-    if cfg.rotary_adjacent_pairs or P > attn.rotary_cos.shape[0]:
-        return attn.apply_rotary(x)
+    if cfg.rotary_adjacent_pairs or offset + P > attn.rotary_cos.shape[0]:
+        return attn.apply_rotary(x, offset)
     rd = cfg.rotary_dim
     half = rd // 2
     sign = torch.cat(
         [-torch.ones(half, dtype=x.dtype, device=x.device), torch.ones(rd - half, dtype=x.dtype, device=x.device)]
     )
-    cos = attn.rotary_cos[None, :P, None, :]
-    sin = (attn.rotary_sin[:P] * sign)[None, :, None, :]
+    cos = attn.rotary_cos[None, offset : offset + P, None, :]
+    sin = (attn.rotary_sin[offset : offset + P] * sign)[None, :, None, :]
     if rd == x.shape[-1]:
         return x * cos + x.roll(half, dims=-1) * sin
     x_rot = x[..., :rd]
     return torch.cat([x_rot * cos + x_rot.roll(half, dims=-1) * sin, x[..., rd:]], dim=-1)
 
 
-def attend(model: HookedTransformer, block: Any, q: Tensor, k: Tensor, v: Tensor, relp: bool = False) -> Tensor:
+def attend(
+    model: HookedTransformer,
+    block: Any,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    relp: bool = False,
+    past: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Causal attention on [B, P, H, d_head] q/k/v (k/v already per query head); returns z [B, P, H, d_head].
     `relp`: the attention pattern is computed without grad (RelP's rule for attention heads: the pattern is a
-    constant of the backward pass, relevance flows through the values only; q and k get no gradient)."""
+    constant of the backward pass, relevance flows through the values only; q and k get no gradient).
+    `past`: keys (rotated) and values of the positions before q's, [B, S, H, d_head]: q, k, v are then
+    positions S..S+P-1 and attend to the past as well."""
+    S = 0 if past is None else past[0].shape[1]
     if model.cfg.positional_embedding_type == "rotary":
-        q = _rotary(block.attn, q)
-        k = _rotary(block.attn, k)
+        q = rotary(block.attn, q, S)
+        k = rotary(block.attn, k, S)
+    if past is not None and S:
+        k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+    P = q.shape[1]
+    ar = torch.arange(S + P, device=q.device)
+    causal = ar[None, :] <= ar[S:, None]  # [P, S + P]: query i (position S + i) sees keys up to S + i
     if relp:
         with torch.no_grad():
-            P = q.shape[1]
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / block.attn.attn_scale
-            causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
             pattern = scores.float().masked_fill(~causal, float("-inf")).softmax(-1).to(v.dtype)
         return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+    mask = {"is_causal": True} if not S else {"attn_mask": causal}
     z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / block.attn.attn_scale
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0 / block.attn.attn_scale, **mask
     )
     return z.transpose(1, 2)
 
@@ -530,13 +597,17 @@ def _qkv(layer: LayerWeights, cfg: Any, n: Tensor) -> tuple[Tensor, Tensor, Tens
 def run_capture(
     model: HookedTransformer,
     x0: Tensor,
-    batch: FactBatch,
-    metric: str | Metric,
+    batch: FactBatch | None,
+    metric: str | Metric | None,
     layers: list[LayerWeights] | None = None,
     dtype: torch.dtype | None = None,
     relp: bool = False,
+    past: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, dict[str, list[Tensor]]]:
     """Forward from the `input` node, keeping what attribution needs; no grad taken here.
+    (`metric=None`: no metric, an empty tensor in its place, e.g. for a prompt prefix without answers.
+    `past`: per layer, the keys and values of a cached prefix (`clean_prefix`); x0 and `batch` are then the
+    positions after it, as `FactBatch.suffix` cuts them.)
 
     Returns the per-fact metric and, per layer, z [B,P,H,dh] and the MLP output [B,P,D], plus (when grad is
     enabled) the tensors to differentiate: q/k/v (pre-rotary), ln1 state, MLP inputs, final residual.
@@ -555,7 +626,7 @@ def run_capture(
             layer = layer.to(dtype)
         n, xhat, scale = layer.norm1.parts(x, layer.W_qkv.dtype, constant_scale=relp) if relp else ln1(layer, x)
         q, k, v = _qkv(layer, cfg, n)
-        z = attend(model, block, q, k, v, relp)
+        z = attend(model, block, q, k, v, relp, None if past is None else past[len(store["z"])])
         for key, val in (("q", q), ("k", k), ("v", v), ("xhat", xhat), ("scale", scale), ("z", z)):
             store[key].append(val)
         x = x + z.flatten(2) @ layer.W_O.flatten(0, 1) + layer.b_O
@@ -566,6 +637,8 @@ def run_capture(
             store["mlp_out"].append(m)
             x = x + m
     store["final"] = [x]
+    if metric is None or batch is None:
+        return x.new_empty(0), store
     return metric_at_answers(model, x, batch, metric, relp), store
 
 

@@ -150,9 +150,10 @@ class Graph:
         idx = self.valid.nonzero().tolist()
         return [f"{self.sources[s]}->{self.destinations[d]}" for s, d in idx]
 
-    @property
+    @cached_property
     def n_edges(self) -> int:
-        return len(self.edges)
+        """The number of edges (counted without naming them: a circuit check must not build 10^5 strings)."""
+        return int(self.valid.sum())
 
     @cached_property
     def edge_index(self) -> dict[str, int]:

@@ -9,7 +9,8 @@ patch one edge (or one node's outgoing edges) at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import einops
 import torch
@@ -18,49 +19,99 @@ from torch import Tensor
 
 from circuitdyn.engine.forward import (
     FactBatch,
+    LayerWeights,
     Metric,
     attend,
     check_supported,
+    clean_prefix,
     embed_inputs,
     layer_weights,
     ln1,
     metric_at_answers,
     mlp,
     run_capture,
+    shared_prefix,
     source_outputs,
 )
 from circuitdyn.engine.graph import Graph
 from circuitdyn.errors import CircuitdynError
 
-SPARSE_PATCH_FACTOR = 8
-"""A patched read sums only the kept (or only the patched) edges when that side holds under 1/8 of them."""
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+SPARSE_PATCH_FACTOR = 32
+"""A patched read sums only the kept (or only the patched) edges when that side holds under 1/32 of them
+(gathering a source's output per edge costs ~30x a dense multiply-add: on SmolLM2 the sparse path wins only
+below ~3 % of edges, `benchmarks/pipeline.py`)."""
+
+
+@dataclass(frozen=True)
+class PatchBase:
+    """What every patched run of one batch shares, computed once (`patch_base`) and reused across circuits:
+    the weights, the clean run's keys and values of the batch's shared prefix (`forward.shared_prefix`: there
+    every patch is zero, so patched runs start after it) and the corrupted run's source outputs after it."""
+
+    start: int
+    layers: list[LayerWeights]
+    """The model's weights in the functional forward's shapes (prepared once, not per circuit)."""
+    prefix: list[tuple[Tensor, Tensor]]
+    """Per layer, the clean run's keys (rotated) and values at positions < start, per query head [B, start, H, dh]."""
+    corrupted: Float[Tensor, "batch src pos d_model"]
+    """Every source's output in the corrupted run at positions >= start."""
+
+    def rows(self, idx: Sequence[int], n_pos: int) -> PatchBase:
+        """Facts `idx` only, cut to `n_pos` positions in all (a sub-batch trimmed of padding)."""
+        sel = torch.tensor(list(idx), device=self.corrupted.device)
+        prefix = [(k[sel], v[sel]) for k, v in self.prefix]
+        return PatchBase(self.start, self.layers, prefix, self.corrupted[sel][:, :, : n_pos - self.start])
+
+    def repeat(self, n: int) -> PatchBase:
+        """The base of `FactBatch.repeat(n)`."""
+        prefix = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in self.prefix]
+        return PatchBase(self.start, self.layers, prefix, self.corrupted.repeat(n, 1, 1, 1))
+
+
+def patch_base(
+    model: HookedTransformer, batch: FactBatch, metric: str | Metric = "answer-logprob", start: int | None = None
+) -> PatchBase:
+    """The shared prefix's clean keys and values and the corrupted run's source outputs after it (the corrupted
+    run and a clean run of the prefix). `start`: share fewer positions (0: none)."""
+    check_supported(model)
+    layers = layer_weights(model)
+    s = shared_prefix(batch) if start is None else min(start, shared_prefix(batch))
+    clean_in, corr_in = embed_inputs(model, batch)
+    with torch.no_grad():
+        _, st = run_capture(model, corr_in, batch, metric, layers)
+        corrupted = source_outputs(model, corr_in, st, layers)[:, :, s:].contiguous()
+        del st
+    prefix = clean_prefix(model, clean_in[:, :s], layers) if s else []
+    return PatchBase(s, layers, prefix, corrupted)
 
 
 def run_patched(
-    model: Any,
+    model: HookedTransformer,
     batch: FactBatch,
     keep: Bool[Tensor, "batch edge"],
     metric: str | Metric = "answer-logprob",
-    corrupted_sources: Tensor | None = None,
+    base: PatchBase | None = None,
 ) -> Float[Tensor, " batch"]:
     """Metric with every edge outside `keep` patched to its corrupted value (exact, no approximation).
 
     A destination reads `resid - sum_{src not kept} (a_src(this run) - a_src(corrupted run))`: kept edges
     carry this run's activations, the others the corrupted run's. All edges kept = the clean run; none
-    kept = the corrupted run.
+    kept = the corrupted run. `base` (`patch_base`, computed here when absent) is what circuits of the
+    same batch share: the run covers only the positions after the batch's shared prefix.
     """
     check_supported(model)
     cfg = model.cfg
     graph = Graph.from_model(model)
-    layers = layer_weights(model)
     if keep.shape != (batch.clean.shape[0], graph.n_edges):
         raise CircuitdynError(f"circuit mask shape {tuple(keep.shape)} != ({batch.clean.shape[0]}, {graph.n_edges})")
-    clean_in, corr_in = embed_inputs(model, batch)
+    if base is None:
+        base = patch_base(model, batch, metric)
+    start, corrupted_sources, layers = base.start, base.corrupted, base.layers
+    clean_in = embed_inputs(model, batch)[0][:, start:]
     with torch.no_grad():
-        if corrupted_sources is None:
-            _, st = run_capture(model, corr_in, batch, metric, layers)
-            corrupted_sources = source_outputs(model, corr_in, st, layers)
-            del st
         B, P, D = clean_in.shape
         H = cfg.n_heads
         drop = torch.zeros(B, *graph.valid.shape, device=clean_in.device, dtype=clean_in.dtype)
@@ -72,14 +123,13 @@ def run_patched(
 
         def read(x: Tensor, n_src: int, cols: slice) -> Tensor:
             """What each destination in `cols` (reading all `n_src` sources written so far) reads:
-            x - sum_s drop[s] * diff[s], as [B, P, n_dest, D]."""
+            x - sum_s drop[s] * diff[s], as [B, n_dest, P, D]."""
             d = drop[:, :n_src, cols]
             n_drop = int(d.sum())
             n_keep = d.numel() - n_drop
-            if min(n_drop, n_keep) * SPARSE_PATCH_FACTOR >= d.numel():  # both sides dense: one contraction
-                return x[:, :, None] - einops.einsum(
-                    diffs[:, :n_src], d, "batch src pos d_model, batch src dest -> batch pos dest d_model"
-                )
+            if min(n_drop, n_keep) * SPARSE_PATCH_FACTOR >= d.numel():  # both sides dense: one fused contraction
+                flat = diffs[:, :n_src].reshape(B, n_src, P * D)
+                return torch.baddbmm(x.reshape(B, 1, P * D), d.transpose(1, 2), flat, alpha=-1.0).view(B, -1, P, D)
             # Sum over the sparser side only: a small circuit keeps few edges, so
             # x - sum_s diff[s] + sum_{kept s} diff[s] touches just the kept (fact, source, destination) triples.
             if n_drop <= n_keep:
@@ -93,36 +143,37 @@ def run_patched(
             for i in range(0, len(b), 1024):  # bounded memory for the gathered source outputs
                 j = slice(i, i + 1024)
                 flat.index_add_(0, b[j] * N + dst[j], diffs[b[j], src[j]], alpha=sign)
-            return out.permute(0, 2, 1, 3)
+            return out
 
         x = clean_in
         col = 0
         for i, (block, layer) in enumerate(zip(model.blocks, layers)):
             n_src = 1 + i * per_layer
-            ins = read(x, n_src, slice(col, col + 3 * H)).reshape(B, P, H, 3, D)
+            ins = read(x, n_src, slice(col, col + 3 * H)).view(B, H, 3, P, D)
             col += 3 * H
             n, _, _ = ln1(layer, ins)
             qkv = (
                 einops.einsum(
-                    n, layer.W3, "batch pos head port d_model, head port dh d_model -> batch pos head port dh"
+                    n, layer.W3, "batch head port pos d_model, head port dh d_model -> batch pos head port dh"
                 )
                 + layer.b3
             )
-            z = attend(model, block, qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2])
+            past = base.prefix[i] if start else None
+            z = attend(model, block, qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], past=past)
             heads = einops.einsum(z, layer.W_O, "batch pos head dh, head dh d_model -> batch head pos d_model")
             x = x + heads.sum(1) + layer.b_O
             s0 = 1 + i * per_layer
             diffs[:, s0 : s0 + H] = heads - corrupted_sources[:, s0 : s0 + H]
             diff_sum = diff_sum + diffs[:, s0 : s0 + H].sum(1)
             if graph.has_mlp:
-                mlp_in = read(x, s0 + H, slice(col, col + 1))[:, :, 0]
+                mlp_in = read(x, s0 + H, slice(col, col + 1))[:, 0]
                 col += 1
                 out = mlp(block, layer, mlp_in)
                 x = x + out
                 diffs[:, s0 + H] = out - corrupted_sources[:, s0 + H]
                 diff_sum = diff_sum + diffs[:, s0 + H]
-        final = read(x, len(graph.sources), slice(col, col + 1))[:, :, 0]
-        return metric_at_answers(model, final, batch, metric)
+        final = read(x, len(graph.sources), slice(col, col + 1))[:, 0]
+        return metric_at_answers(model, final, batch.suffix(start), metric)
 
 
 def clean_and_corrupted_metric(
@@ -132,17 +183,6 @@ def clean_and_corrupted_metric(
     clean_in, corr_in = embed_inputs(model, batch)
     with torch.no_grad():
         return run_capture(model, clean_in, batch, metric)[0], run_capture(model, corr_in, batch, metric)[0]
-
-
-def corrupted_sources(
-    model: Any, batch: FactBatch, metric: str | Metric = "answer-logprob"
-) -> Float[Tensor, "batch src pos d_model"]:
-    """Every source node's output in the corrupted run (reused across many `run_patched` calls)."""
-    layers = layer_weights(model)
-    _, corr_in = embed_inputs(model, batch)
-    with torch.no_grad():
-        _, st = run_capture(model, corr_in, batch, metric, layers)
-        return source_outputs(model, corr_in, st, layers)
 
 
 def exact_edge_effects(
@@ -172,7 +212,7 @@ def _exact_effects(model: Any, batch: FactBatch, groups: list[list[int]], metric
     graph = Graph.from_model(model)
     B = batch.clean.shape[0]
     m_clean, _ = clean_and_corrupted_metric(model, batch, metric)
-    corr = corrupted_sources(model, batch, metric)
+    base = patch_base(model, batch, metric)
     out = torch.zeros(B, len(groups), device=m_clean.device)
     per = max(1, chunk // B)
     for start in range(0, len(groups), per):
@@ -181,6 +221,6 @@ def _exact_effects(model: Any, batch: FactBatch, groups: list[list[int]], metric
         for j, edges in enumerate(part):
             keep[j, :, edges] = False
         rep = batch.repeat(len(part))
-        vals = run_patched(model, rep, keep.reshape(-1, graph.n_edges), metric, corr.repeat(len(part), 1, 1, 1))
+        vals = run_patched(model, rep, keep.reshape(-1, graph.n_edges), metric, base.repeat(len(part)))
         out[:, start : start + len(part)] = (vals.reshape(len(part), B) - m_clean).T
     return out
