@@ -5,7 +5,10 @@ or random facts on a tiny random Llama-like model with `--tiny`), in batches of 
 
 - attribution: `attribution.attribute` (default EAP-IG: midpoint rule, 3 steps);
 - selection:   `faith:0.8` on those scores: a `faithfulness.CircuitEvaluator` on the batch (clean and
-               corrupted runs) and `selection.smallest_faithful` (exact patched evaluation);
+               corrupted runs) and `selection.smallest_faithful` (exact patched evaluation), cold (a run's
+               first epoch);
+- warm:        the same search started from the previous epoch's sizes, as a run's later epochs are searched
+               (only with `--run RUN --epoch E`: E's facts searched from E - 1's circuit sizes);
 - replicates:  the method-noise replicates the change test needs at that epoch: 5 attributions on the
                `shifted` grid with the seeds of `noise.draw_settings("estimation", 5)`, each cut at the
                fact's circuit size (`top_n_by_fact`, no selection).
@@ -18,12 +21,16 @@ them alike); a stage's time per batch is the fastest of the rounds. Then
     pipeline_over_attribution  = (c) / (attribution work in (c), i.e. 1 + 5 attributions)   (target <= 2.5)
 
 (c) / (a) is printed too (`pipeline_over_one_attribution`); it is >= 6 by construction (6 attributions).
+With `--run`, (b) and (c) use the warm search (`selection_over_attribution`) and the cold one is printed
+beside it (`cold_selection_over_attribution`); without, both are the cold search.
 
     .venv/bin/python benchmarks/pipeline.py --tiny               # seconds, a check that it runs
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py --facts 8 --rounds 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py --run circuitdyn-demo/run --epoch 1 --rounds 2
 
 Last line: `selection_over_attribution=X pipeline_over_attribution=Y pipeline_over_one_attribution=Z
-attribution_s=A selection_s=S replicates_s=R` (the last three: seconds per fact).
+cold_selection_over_attribution=C attribution_s=A selection_s=S warm_selection_s=W replicates_s=R` (the last
+four: seconds per fact).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ B = 8
 """Facts per batch (attribution's and the evaluator's default)."""
 REPLICATES = 5
 SELECTION = "faith:0.8"
-STAGES = ("attribution", "selection", "replicates")
+STAGES = ("attribution", "selection", "warm", "replicates")
 
 
 def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
@@ -94,6 +101,15 @@ def smollm2_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt
     return run.load_model(0), list(load_facts(None, run.tokenizer(), sample_n=n, seed=seed))
 
 
+def run_model_and_facts(path: str, epoch: int, n: int) -> tuple[Any, Any, list[FactPrompt]]:
+    """Epochs `epoch - 1` and `epoch` of a CPT run and the first n facts it last extracted circuits for."""
+    from circuitdyn.probes.facts import run_facts
+    from circuitdyn.runs.checkpoints import open_run
+
+    run = open_run(path)
+    return run.load_model(epoch - 1), run.load_model(epoch), list(run_facts(run))[:n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny random model and random facts (a quick check)")
@@ -101,9 +117,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run", help="a CPT run folder (e.g. circuitdyn-demo/run): measure on its facts and epochs")
+    ap.add_argument("--epoch", type=int, default=1, help="with --run: the epoch measured (>= 1; default 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, facts = (tiny_model_and_facts if args.tiny else smollm2_model_and_facts)(args.facts, args.seed)
+    previous = None
+    if args.run:
+        previous, model, facts = run_model_and_facts(args.run, args.epoch, args.facts)
+    else:
+        model, facts = (tiny_model_and_facts if args.tiny else smollm2_model_and_facts)(args.facts, args.seed)
     batches = [facts[i : i + B] for i in range(0, len(facts), B)]
     draws = draw_settings("estimation", REPLICATES)
     sel = Selection.parse(SELECTION)
@@ -113,15 +135,24 @@ def main() -> None:
         flush=True,
     )
 
-    best: dict[str, list[float]] = {s: [float("inf")] * len(batches) for s in STAGES}
+    stages = [s for s in STAGES if s != "warm" or previous is not None]
+    best: dict[str, list[float]] = {s: [float("inf")] * len(batches) for s in stages}
     sizes: list[list[int]] = [[] for _ in batches]
+    guesses = []
+    for chunk in batches:  # the previous epoch's circuit sizes, for the warm search (untimed)
+        if previous is None:
+            guesses.append(None)
+            continue
+        prev_scores = attribute(previous, chunk, AttributionSettings(seed=args.seed), Compute(batch_size=B))
+        prev_ev = CircuitEvaluator(previous, chunk, seed=args.seed, batch_size=B)
+        guesses.append(sel.select(prev_scores, prev_ev.graph, prev_ev.faithfulness)[0].sum(1))
     for r in range(args.rounds):
-        order = list(STAGES[r % 3 :] + STAGES[: r % 3])
+        order = stages[r % len(stages) :] + stages[: r % len(stages)]
         for j, chunk in enumerate(batches):
             # selection and replicates need the scores / the circuit sizes: computed (untimed) when absent
             scores = n = None
             for stage in order:
-                if stage in ("selection", "replicates") and scores is None:
+                if stage in ("selection", "warm", "replicates") and scores is None:
                     scores = attribute(model, chunk, AttributionSettings(seed=args.seed), Compute(batch_size=B))
                 if stage == "replicates" and n is None:
                     ev = CircuitEvaluator(model, chunk, seed=args.seed, batch_size=B)
@@ -129,9 +160,9 @@ def main() -> None:
                 t = time.perf_counter()
                 if stage == "attribution":
                     scores = attribute(model, chunk, AttributionSettings(seed=args.seed), Compute(batch_size=B))
-                elif stage == "selection":
+                elif stage in ("selection", "warm"):
                     ev = CircuitEvaluator(model, chunk, seed=args.seed, batch_size=B)
-                    masks, _ = sel.select(scores, ev.graph, ev.faithfulness)
+                    masks, _ = sel.select(scores, ev.graph, ev.faithfulness, guesses[j] if stage == "warm" else None)
                     n = masks.sum(1)
                 else:
                     for d in draws:
@@ -144,15 +175,21 @@ def main() -> None:
                         top_n_by_fact(rep, n)
                 best[stage][j] = min(best[stage][j], time.perf_counter() - t)
             sizes[j] = [int(k) for k in n]  # type: ignore[union-attr]
-        print(f"round {r + 1}: " + ", ".join(f"{s} {sum(best[s]) / len(facts):.3f} s/fact" for s in STAGES), flush=True)
-    per = {s: sum(best[s]) / len(facts) for s in STAGES}
-    a, b = per["attribution"], per["attribution"] + per["selection"]
+        print(f"round {r + 1}: " + ", ".join(f"{s} {sum(best[s]) / len(facts):.3f} s/fact" for s in stages), flush=True)
+    per = {s: sum(best[s]) / len(facts) for s in stages}
+    per.setdefault("warm", per["selection"])
+    a, b = per["attribution"], per["attribution"] + per["warm"]
     c = b + per["replicates"]
     print(f"circuit sizes ({SELECTION}): {[k for s in sizes for k in s]}")
-    print(f"per fact: (a) attribution {a:.3f} s, (b) + selection {b:.3f} s, (c) + {REPLICATES} replicates {c:.3f} s")
+    print(
+        f"per fact: (a) attribution {a:.3f} s, (b) + selection {b:.3f} s "
+        f"({'warm-started' if previous is not None else 'cold'}; cold {a + per['selection']:.3f} s), "
+        f"(c) + {REPLICATES} replicates {c:.3f} s"
+    )
     print(
         f"selection_over_attribution={b / a:.3f} pipeline_over_attribution={c / (a + per['replicates']):.3f} "
-        f"pipeline_over_one_attribution={c / a:.3f} attribution_s={a:.4f} selection_s={per['selection']:.4f} "
+        f"pipeline_over_one_attribution={c / a:.3f} cold_selection_over_attribution={1 + per['selection'] / a:.3f} "
+        f"attribution_s={a:.4f} selection_s={per['selection']:.4f} warm_selection_s={per['warm']:.4f} "
         f"replicates_s={per['replicates']:.4f}"
     )
 

@@ -242,6 +242,24 @@ def test_smallest_faithful_circuit():
         assert float(faith(top)[row]) < 0.8
     n_tol, _, _ = smallest_faithful(s, faith, 0.8, rel_tol=0.2)
     assert (n_tol >= n).all() and (n_tol <= n / 0.8 + 1).all()
+    calls = []
+
+    def counted(masks: torch.Tensor) -> torch.Tensor:
+        calls.append(masks.sum(1))
+        return faith(masks)
+
+    smallest_faithful(s, counted, 0.8, rel_tol=0.05)
+    cold_rounds = len(calls)
+    exact, _, _ = smallest_faithful(s, faith, 0.8, rel_tol=0.0)
+    for moved in (0.9, 1.1, 0.3, 3.0):  # a guess off by 10 % (as between epochs) and one far off
+        calls.clear()
+        n_warm, masks_warm, reached_warm = smallest_faithful(
+            s, counted, 0.8, rel_tol=0.05, guess=(exact * moved).long()
+        )
+        assert (reached_warm >= 0.8).all() and torch.equal(masks_warm.sum(1), n_warm)
+        assert (n_warm >= exact).all() and (n_warm <= exact / 0.95 + 1).all()  # the same contract as cold
+        if moved in (0.9, 1.1):
+            assert len(calls) <= 5 < cold_rounds, (len(calls), cold_rounds)
     d = diff_circuits(make_set(s), make_set(s * 0.5), Selection.parse("faith:0.8"), faithfulness=(faith, faith))
     assert "faith_a" in d.facts and (d.facts.drop(index=MEAN)["faith_a"] >= 0.8).all()
     with pytest.raises(CircuitdynError, match="faithfulness"):

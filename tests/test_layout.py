@@ -1,8 +1,8 @@
 """The package's wings, and the one direction its imports flow (read from the source with `ast`, nothing imported).
 
-Wings, lowest first: the foundation (`errors`, `io`, `messages`), `runs/`, `probes/`, `engine/`, `analysis/`,
-`pipeline/`, `training/`, `viz`, the front door (`api`, `demo`), `cli`. A module may import its own wing and the
-wings below it, never one above; `analysis/` never reaches a module that opens a model (`runs/checkpoints`,
+Wings, lowest first: the foundation (`errors`, `io`, `messages`, `progress`), `runs/`, `probes/`, `engine/`,
+`analysis/`, `pipeline/`, `training/`, `viz`, the front door (`api`, `demo`), `cli`. A module may import its own
+wing and the wings below it, never one above; `analysis/` never reaches a module that opens a model (`runs/checkpoints`,
 `runs/gguf`), not even through another module; and the imports have no cycle. Every import counts: at the top of
 a module, inside a function, under `TYPE_CHECKING` (which, running nothing, does not count for what `analysis/`
 reaches).
@@ -24,6 +24,7 @@ TOP_LEVEL = {
     "circuitdyn.errors": "foundation",
     "circuitdyn.io": "foundation",
     "circuitdyn.messages": "foundation",
+    "circuitdyn.progress": "foundation",
     "circuitdyn.viz": "viz",
     "circuitdyn.api": "front",
     "circuitdyn.demo": "front",

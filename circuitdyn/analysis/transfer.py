@@ -21,7 +21,6 @@ from typing import Any
 import pandas as pd
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from circuitdyn.analysis.diff import entity_groups, restrict
 from circuitdyn.analysis.stats import bootstrap_ci
@@ -30,6 +29,7 @@ from circuitdyn.engine.faithfulness import MIN_GAP, gap_ok
 from circuitdyn.engine.selection import Faithfulness, Selection
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.io import write_json_atomic
+from circuitdyn.progress import progress_bar
 
 Evaluator = Callable[[int, CircuitSet, Bool[Tensor, "fact edge"]], Float[Tensor, " fact"]]
 """(model epoch, circuit set, its per-fact masks) -> faithfulness of each circuit on that epoch's model (e.g.
@@ -92,7 +92,7 @@ def transfer_matrix(
             masks[i] = (cs, sel.select(cs.scores, first.graph, faith)[0])
     rows: list[list[Any]] = []
     pairs = [(j, i) for j in epochs for i in epochs]  # model epoch outermost: one model loaded per row
-    for j, i in tqdm(pairs, desc="circuit transfer", unit="pair", disable=not progress):
+    for j, i in progress_bar(pairs, desc="circuit transfer", unit="pair", disable=not progress):
         cs, m = masks[i]
         f = evaluate(j, cs, m).float().reshape(len(facts))
         rows += [[fid, i, j, None if math.isnan(v) else v] for fid, v in zip(facts, f.tolist())]

@@ -98,10 +98,21 @@ def top_n_by_fact(
         if graph is None:
             raise CircuitdynError("paths selection needs the graph")
         return torch.stack([select_top_n_paths(s, graph, int(k)) for s, k in zip(scores, n)])
+    return score_ranks(scores) < n.to(scores.device)[:, None]
+
+
+def score_ranks(scores: Float[Tensor, "fact edge"]) -> Int[Tensor, "fact edge"]:
+    """Each edge's rank by |score| within its fact (0 = largest; ties in edge order): edge e is in the top-n
+    circuit iff its rank < n."""
     order = scores.float().abs().argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1))
-    return rank < n.to(scores.device)[:, None]
+    return rank
+
+
+WARM_STEP = 1.2
+"""A warm-started search (`smallest_faithful(..., guess=)`) first steps this factor away from the guess,
+doubling the step's exponent until the target is bracketed."""
 
 
 def smallest_faithful(
@@ -112,36 +123,58 @@ def smallest_faithful(
     graph: Graph | None = None,
     paths: bool = False,
     rel_tol: float = 0.05,
+    guess: Int[Tensor, " fact"] | None = None,
 ) -> tuple[Int[Tensor, " fact"], Bool[Tensor, "fact edge"], Float[Tensor, " fact"]]:
     """The smallest circuit reaching faithfulness `target`, per fact: its top-n edges by |score| for the
     smallest n whose faithfulness is >= target.
 
-    Searched by bisection over n for all facts at once (one `faithfulness` call per round, ~log2(E) rounds):
-    `hi` is the smallest n seen to reach the target (the full graph reaches 1 by definition), `lo` the
-    largest seen to fall short, and the search stops when hi - lo <= rel_tol x hi. Faithfulness is not
-    exactly monotone in n, so the size found reaches the target, and no size below `lo` was tested.
-    A fact whose faithfulness is undefined (NaN: clean and corrupted runs agree) keeps the full graph,
-    with NaN reached. Returns (n [fact], masks [fact, edge], faithfulness reached [fact]).
+    All facts are searched at once (one `faithfulness` call per round): `hi` is the smallest n seen to reach
+    the target (the full graph reaches 1 by definition), `lo` the largest seen to fall short (the empty
+    circuit: 0), and the search stops when hi - lo <= rel_tol x hi. Cold, it bisects [0, E] (~log2(E / (rel_tol
+    x n)) rounds). With a `guess` per fact (e.g. the previous epoch's sizes; <= 0 for none), it tries the guess,
+    steps away from it by WARM_STEP, WARM_STEP^2, WARM_STEP^4, ... until the target is bracketed, then bisects
+    geometrically: about 4 rounds when the size moved by under 20 %. Faithfulness is not exactly monotone in n,
+    so the size found reaches the target, and no size below `lo` was tested. A fact whose faithfulness is
+    undefined (NaN: clean and corrupted runs agree) keeps the full graph, with NaN reached.
+    Returns (n [fact], masks [fact, edge], faithfulness reached [fact]).
     """
     if not 0 < target <= 1.5:
         raise CircuitdynError(f"target faithfulness must be in (0, 1.5], got {target}")
     n_fact, n_edges = scores.shape
+    ranks = None if paths else score_ranks(scores)
+
+    def circuits(n: Tensor) -> Tensor:
+        return top_n_by_fact(scores, n, graph, paths) if ranks is None else ranks < n.to(ranks.device)[:, None]
+
     hi = torch.full((n_fact,), n_edges, dtype=torch.long, device="cpu")
     full = faithfulness(torch.ones(n_fact, n_edges, dtype=torch.bool, device=scores.device)).float().cpu()
     undefined = full.isnan()
     lo = torch.where(undefined, hi, torch.zeros_like(hi))
     reached = torch.where(undefined, float("nan"), full)
+    # Per fact, the next size to try while the target is not yet bracketed around the guess (0: bisect).
+    probe = torch.zeros(n_fact, dtype=torch.long, device="cpu")
+    if guess is not None:
+        probe = torch.where(undefined, 0, guess.detach().cpu().long().clamp(0, n_edges))
+        probe = torch.where(probe >= n_edges, 0, probe)
+    step = torch.full((n_fact,), WARM_STEP, device="cpu")
     while True:
         open_ = (hi - lo) > torch.clamp((hi.float() * rel_tol).long(), min=1)
         if not open_.any():
             break
-        mid = torch.where(open_, (lo + hi) // 2, hi)
-        faith = faithfulness(top_n_by_fact(scores, mid, graph, paths)).float().cpu()
+        bracketing = open_ & (probe > lo) & (probe < hi)
+        geometric = (lo.float() * hi.float()).sqrt().long()
+        mid = torch.where(lo > 0, geometric, (lo + hi) // 2).clamp(min=lo + 1, max=hi - 1)
+        mid = torch.where(bracketing, probe, torch.where(open_, mid, hi))
+        faith = faithfulness(circuits(mid)).float().cpu()
         ok = faith >= target
         hi = torch.where(open_ & ok, mid, hi)
         reached = torch.where(open_ & ok, faith, reached)
         lo = torch.where(open_ & ~ok, mid, lo)
-    return hi, top_n_by_fact(scores, hi, graph, paths), reached
+        # A bracketing probe that passed steps down, one that failed steps up, each step the square of the last.
+        nxt = torch.where(ok, (mid.float() / step).floor(), (mid.float() * step).ceil()).long()
+        probe = torch.where(bracketing, nxt, torch.zeros_like(probe))
+        step = torch.where(bracketing, step * step, step)
+    return hi, circuits(hi), reached
 
 
 def on_paths(masks: Bool[Tensor, "fact edge"], graph: Graph) -> Bool[Tensor, "fact edge"]:
@@ -179,10 +212,11 @@ def prune_faithful(
     rounds: int = 24,
     min_block: int = 1,
     rel_tol: float = 0.02,
+    guess: Int[Tensor, " fact"] | None = None,
 ) -> tuple[Int[Tensor, " fact"], Bool[Tensor, "fact edge"], Float[Tensor, " fact"]]:
     """A small circuit reaching faithfulness `target`, per fact: the smallest faithful top-n circuit
-    (`smallest_faithful`, or `start`), pruned to input->logits paths, then greedily pruned with patched
-    evaluation.
+    (`smallest_faithful`, warm-started from `guess` sizes when given, or `start`), pruned to input->logits
+    paths, then greedily pruned with patched evaluation.
 
     Why: ranking by |score| keeps edges that only matter in the full model and edges that work against the
     answer (which the circuit must then outweigh), so it needs many edges; removing blocks and checking
@@ -219,7 +253,9 @@ def prune_faithful(
         return faithfulness(torch.from_numpy(masks).to(device)).float().cpu()
 
     if start is None:
-        _, start, start_reached = smallest_faithful(scores, faithfulness, target, graph=graph, rel_tol=rel_tol)
+        _, start, start_reached = smallest_faithful(
+            scores, faithfulness, target, graph=graph, rel_tol=rel_tol, guess=guess
+        )
         first = on_paths(start, graph).cpu().numpy()
     else:
         if start.shape != scores.shape:
@@ -320,9 +356,14 @@ class Selection:
         return self.rule in ("faith", "pruned")
 
     def select(
-        self, scores: Float[Tensor, "fact edge"], graph: Graph, faithfulness: Faithfulness | None = None
+        self,
+        scores: Float[Tensor, "fact edge"],
+        graph: Graph,
+        faithfulness: Faithfulness | None = None,
+        guess: Int[Tensor, " fact"] | None = None,
     ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
-        """The circuits of every fact under this rule, and (for `faith:`, `pruned:`) the faithfulness each reached."""
+        """The circuits of every fact under this rule, and (for `faith:`, `pruned:`) the faithfulness each reached.
+        `guess`: per fact, a size to start the faithfulness search from (e.g. the previous epoch's; <= 0: none)."""
         scores = scores.float()
         if self.rule == "top":
             return select_top_n(scores, int(self.value)), None
@@ -333,9 +374,9 @@ class Selection:
         if faithfulness is None:
             raise CircuitdynError(f"selection {self} needs a model to evaluate faithfulness; none was given")
         if self.rule == "pruned":
-            _, masks, reached = prune_faithful(scores, faithfulness, self.value, graph)
+            _, masks, reached = prune_faithful(scores, faithfulness, self.value, graph, guess=guess)
         else:
-            _, masks, reached = smallest_faithful(scores, faithfulness, self.value, graph=graph)
+            _, masks, reached = smallest_faithful(scores, faithfulness, self.value, graph=graph, guess=guess)
         return masks, reached
 
     def mean_circuit(self, mean_scores: Float[Tensor, " edge"], graph: Graph, n_mean: int) -> Bool[Tensor, " edge"]:

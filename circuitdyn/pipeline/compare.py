@@ -137,10 +137,13 @@ def diff_checkpoints(
     heldout: tuple[Tensor, Tensor] | None = None
     if sel.needs_model:  # both sides are checkpoints with facts: anything else was refused above
         on_model = [(cs, r, e, fs) for cs, r, e, fs in sides if r is not None and e is not None and fs is not None]
-        picks = [
-            select_circuits(r, e, cs.subset(ids), sel, fs, cache_dir=circuits_dir or default_dir(r))
-            for cs, r, e, fs in on_model
-        ]
+        picks: list[Picked] = []
+        for cs, r, e, fs in on_model:  # B's search starts from A's sizes
+            guess = dict(zip(ids, picks[0][0].sum(1).tolist())) if picks else None
+            folder = circuits_dir or default_dir(r)
+            picks.append(
+                select_circuits(r, e, cs.subset(ids), sel, fs, cache_dir=folder, guess=guess, progress=progress)
+            )
         selected = (picks[0], picks[1])
         if sel.rule == "pruned":
             held_a, held_b = (
@@ -266,7 +269,10 @@ def load_run_timeline(
         )
     selected = None
     if sel.needs_model:
-        selected = {e: select_circuits(run, e, cs, sel, facts, cache_dir=folder) for e, cs in circuits.items()}
+        selected, guess = {}, None
+        for e, cs in circuits.items():  # each epoch's search starts from the previous epoch's sizes
+            selected[e] = select_circuits(run, e, cs, sel, facts, cache_dir=folder, guess=guess, progress=progress)
+            guess = dict(zip(cs.fact_ids, selected[e][0].sum(1).tolist()))
     noise = None
     if facts is not None and chosen and cmp.replicates is not None:
         sizes = {}

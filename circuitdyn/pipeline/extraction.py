@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from circuitdyn.analysis.transfer import Evaluator
 from circuitdyn.engine.attribution import attribute
@@ -34,6 +33,7 @@ from circuitdyn.errors import CircuitdynError
 from circuitdyn.io import check_writable, file_lock, remove_stale_temps
 from circuitdyn.probes.facts import check_context, facts_hash, record_facts
 from circuitdyn.probes.probes import FactPrompt
+from circuitdyn.progress import progress_bar
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -216,7 +216,7 @@ def extract_run(
         record_facts(out, facts)  # type: ignore[arg-type]  # a FactSet of a probe file: the run remembers it
         return done
     results = []
-    for epoch in tqdm(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
+    for epoch in progress_bar(epochs, desc="epochs", unit="epoch", disable=not progress or len(epochs) < 2):
         ck = run.checkpoint(epoch)
         path = out / circuit_filename(epoch, want)
         with file_lock(path):  # a second run extracting the same file waits here, then reuses the first's file
@@ -497,9 +497,12 @@ def select_circuits(
     facts: Sequence[FactPrompt] | None = None,
     *,
     cache_dir: str | Path | None = None,
+    guess: dict[str, int] | None = None,
+    progress: bool = False,
 ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
     """Each fact's circuit under `selection` (and, for rules that evaluate on the model, the faithfulness
-    reached), for circuits of `run` at `epoch`.
+    reached), for circuits of `run` at `epoch`. `guess`: fact id -> a circuit size to start the faithfulness
+    search from (the previous epoch's: a warm start needs about half the patched runs of a cold search).
 
     Rules that need the model (`faith:`) evaluate circuits with the set's own metric, seed and corruption,
     so `facts` must be the facts the circuits were extracted from. Their result is cached in `cache_dir`
@@ -525,7 +528,16 @@ def select_circuits(
         if hit is not None:
             return hit
     evaluate = run_evaluator(run, facts)
-    masks, reached = sel.select(circuits.scores, circuits.graph, lambda m: evaluate(epoch, circuits, m))
+    start = None if guess is None else torch.tensor([guess.get(f, 0) for f in circuits.fact_ids])
+    label = f"{sel} selection, epoch {epoch} ({len(circuits.fact_ids)} facts, {'warm' if guess else 'cold'} start)"
+    with progress_bar(desc=label, unit="round", disable=not progress, leave=False) as bar:
+
+        def faithfulness(masks: Tensor) -> Tensor:
+            out = evaluate(epoch, circuits, masks)
+            bar.update(1)
+            return out
+
+        masks, reached = sel.select(circuits.scores, circuits.graph, faithfulness, start)
     if path is not None:
         _write_selection(path, key, masks, reached)
     return masks, reached

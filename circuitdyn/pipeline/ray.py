@@ -92,7 +92,7 @@ def run_tasks(
     exception raised by the task is not retried. When a task fails for good, the others still run to their end,
     then a CircuitdynError names the failed task (and how many failed) with its cause.
     """
-    from tqdm.auto import tqdm
+    from circuitdyn.progress import progress_bar
 
     remote = {}
     refs = []
@@ -111,7 +111,7 @@ def run_tasks(
     results: list[Any] = [None] * len(tasks)
     failed: list[tuple[int, BaseException]] = []
     pending = list(refs)
-    with tqdm(total=len(refs), desc=desc, unit="task", disable=not progress) as bar:
+    with progress_bar(total=len(refs), desc=desc, unit="task", disable=not progress) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:

@@ -19,6 +19,7 @@ from circuitdyn.engine.selection import Selection
 from circuitdyn.engine.settings import DEFAULT_SETTINGS, ONE_STEP_METHODS, AttributionSettings, Compute, Storage
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.messages import warn
+from circuitdyn.progress import progress_bar
 
 if TYPE_CHECKING:
     from circuitdyn.probes.facts import FactSet
@@ -43,7 +44,8 @@ def replicate_scores(
 
     s = settings or DEFAULT_SETTINGS
     out = []
-    for d in draws:
+    label = f"method-noise replicates, epoch {epoch}"
+    for d in progress_bar(draws, desc=label, unit="replicate", disable=not progress, leave=False):
         done = extract_run(
             run,
             d.facts(facts),

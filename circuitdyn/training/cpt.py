@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes.control import MAX_NEW_TOKENS as CONTROL_MAX_NEW_TOKENS
@@ -74,6 +73,7 @@ from circuitdyn.probes.probes import (
     sample,
     select_entities,
 )
+from circuitdyn.progress import progress_bar
 from circuitdyn.runs.checkpoints import DTYPES, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -525,7 +525,7 @@ def greedy_with_answers(
     gens: list[list[int]] = []
     logprobs: list[float | None] = []
     order = range(0, len(prompts), batch_size)
-    for s in tqdm(order, desc=desc, disable=not progress, leave=False):
+    for s in progress_bar(order, desc=desc, disable=not progress, leave=False):
         suffixes = [list(p[n0:]) for p in prompts[s : s + batch_size]]
         ans = [list(a) for a in answers[s : s + batch_size]] if answers is not None else [[] for _ in suffixes]
         b = len(suffixes)
@@ -914,7 +914,7 @@ def _run_cpt(
             torch.manual_seed(cfg.seed * 100_003 + epoch)
             train_model.train()
             batches = [[use[j] for j in order[s : s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)]
-            bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+            bar = progress_bar(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
             for batch in bar:
                 width = max(len(w) for _, w in batch)
                 pad = tok.pad_token_id
