@@ -49,7 +49,7 @@ from circuitdyn.errors import CircuitdynError, CircuitdynWarning
 from circuitdyn.io import check_writable
 from circuitdyn.pipeline import calibrate, extraction, tasks
 from circuitdyn.pipeline.compare import Side
-from circuitdyn.probes.facts import FactSpec
+from circuitdyn.probes.facts import FactSpec, run_facts
 from circuitdyn.probes.probes import corruption_summary
 from circuitdyn.runs import checkpoints, gguf
 from circuitdyn.training import cpt, sweep
@@ -597,8 +597,8 @@ def _run_extract(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.float16 and args.float32:
         raise CircuitdynError("--float16 and --float32 exclude each other")
-    if bool(args.task) == bool(args.probes):
-        raise CircuitdynError("extract needs exactly one of --probes FILE (per-fact circuits) or --task NAME|FILE")
+    if args.task and args.probes:
+        raise CircuitdynError("extract takes --probes FILE (per-fact circuits) or --task NAME|FILE, not both")
     run, epochs = checkpoints.resolve_epochs(
         args.ckpt, args.epochs, device=args.device, dtype=args.dtype, base=args.base
     )
@@ -629,9 +629,10 @@ def _run_extract(args: argparse.Namespace) -> int:
     else:
         settings = AttributionSettings(**_chosen(args))
         spec = _spec(args)
-        assert spec is not None
-        facts = spec.load(run.tokenizer())
-        print(f"{len(facts)} facts ({corruption_summary(facts)}); epochs {epochs}; {settings.describe()}")
+        facts = spec.load(run.tokenizer()) if spec is not None else run_facts(run)
+        source = args.probes or facts.options.get("probes") or "the packaged validation probes"
+        recorded = "" if args.probes else ", the run's recorded facts"
+        print(f"{len(facts)} facts ({corruption_summary(facts)}{recorded}); epochs {epochs}; {settings.describe()}")
         compute = Compute(
             args.batch_size,
             args.buffer_dtype,
@@ -652,7 +653,7 @@ def _run_extract(args: argparse.Namespace) -> int:
             settings,
             compute,
             storage,
-            extra_meta={"probe_file": str(args.probes)},
+            extra_meta={"probe_file": str(source)},
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )

@@ -55,6 +55,9 @@ class DemoResult:
         from circuitdyn.analysis.dynamics import format_table
 
         stages = ", ".join(f"{k} {v:.0f}s" for k, v in self.stage_s.items())
+        entities = sorted({str(e) for e in self.facts.entity_of.values()})
+        first, last = self.timeline.epochs[0], self.timeline.epochs[-1]
+        run = self.run_dir
         return "\n".join(
             [
                 "",
@@ -71,6 +74,14 @@ class DemoResult:
                 f"run (checkpoints, probe results, circuits): {self.run_dir}",
                 f"probes: {self.probes_file}",
                 f"viewers: {self.timeline_html}\n         {self.diff_html}\n         {self.circuit_html}",
+                f"facts: {len(self.facts.ids)} ({len(entities)} trained entities: {', '.join(entities)}), "
+                f"recorded in the run: commands and notebooks reuse its circuits",
+                "",
+                "== explore (each reuses the circuits above: seconds, not minutes)",
+                f"  circuitdyn diff {run}:{first} {run}:{last} --out diff.html",
+                f"  circuitdyn timeline {run} --out timeline.html",
+                f"  circuitdyn dynamics {run} --stop",
+                f"  python -c \"import circuitdyn as cd; print(cd.diff('{run}:{first}', '{run}:{last}').text())\"",
             ]
         )
 

@@ -117,8 +117,15 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
         "reconfiguration:",
         "viewers:",
         str(r.timeline_html),
+        f"2 trained entities: {', '.join(sorted(entities))}",
+        f"circuitdyn diff {r.run_dir}:0 {r.run_dir}:2",
+        f"circuitdyn timeline {r.run_dir}",
     ):
         assert heading in out, heading
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+
+    # The printed explore commands reuse the demo's circuits: the diff runs without computing anything.
+    assert main(["diff", f"{r.run_dir}:0", f"{r.run_dir}:2", "--out", str(tmp_path / "d.html")]) == 0
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
 
 
