@@ -2,17 +2,22 @@
 
 Figures (each returns a `plotly.graph_objects.Figure`):
 - `circuit_figure(circuits, fact_id, n)`: a circuit in a layered layout (layer on x, component on y;
-  `input` left, `logits` right), edge width by |score|, colour by sign, hover with names and scores.
+  `input` left, `logits` right), edge width by |score| (a second legend maps widths to |score|), colour by
+  sign, hover with names and scores; the title's second line says exactly which edges are drawn.
 - `diff_figure(diff, fact_id)`: both circuits of a `CircuitDiff` on one canvas, edges coloured
-  added / removed / changed / kept / noise; `sankey_figure(diff, fact_id)`: layer-to-layer flow of
-  |score| by status; `layer_shift_figure(diff, fact_id)`: importance share per layer, A vs B.
+  added / removed / changed / kept / noise; each status present gets a share of the `MAX_EDGES` cap
+  (`status_shares`) and the title says how many of each are drawn out of how many exist;
+  `sankey_figure(diff, fact_id)`: layer-to-layer flow of |score| by status, nodes stacked so that labels
+  never collide; `layer_shift_figure(diff, fact_id)`: importance share per layer, A vs B.
 - `timeline_figure(timeline, fact_id)`: training loss, knowledge accuracy, OOD accuracy and circuit
   similarity over epochs; `heatmap_figure(timeline)`: layer x epoch importance.
 
 Pages (`write_circuit_html`, `write_diff_html`, `write_timeline_html`) embed plotly.js (no network
 needed), carry the precomputed figure variants as JSON, and switch between them with plain controls:
 fact and edge count for circuits, fact for diffs, fact and an epoch slider for timelines (the slider
-also moves a marker across the line charts; clicking a chart point moves the slider). All probe text
+also moves a marker across the line charts; clicking a chart point moves the slider). Tables scroll sideways
+instead of being cut off, every title starts below plotly's mode bar (`MODEBAR_PX`), and a page showing
+faithfulness values says once what a value above 1 means (`FAITH_NOTE`). All probe text
 (fact ids, labels) is HTML-escaped, and the JSON is embedded with `<`, `>`, `&` escaped. Each page
 records JavaScript errors in `data-js-errors` and the number of drawn plots in `data-rendered` on
 `<html>`, which the headless-browser test reads.
@@ -38,13 +43,31 @@ from circuitdyn.errors import CircuitdynError
 from circuitdyn.io import write_text_atomic
 
 STATUS_COLOURS = {"added": "#2ca02c", "removed": "#d62728", "changed": "#ff7f0e", "kept": "#7f7f7f", "noise": "#d9d9d9"}
+DRAW_ORDER = ("noise", "kept", "changed", "added", "removed")
+"""Order in which a diff graph draws its statuses: the many kept and noise edges underneath, the few added and
+removed ones on top where they stay visible."""
 SIGN_COLOURS = {"negative": "#1f77b4", "positive": "#d62728"}
 """Negative score = patching the edge lowers the metric, i.e. the edge supports recall (see attribution)."""
 KIND_COLOURS = {"input": "#444444", "attn": "#9467bd", "mlp": "#17becf", "logits": "#444444"}
 WIDTHS = (1.0, 2.0, 3.5, 6.0)
 DEFAULT_SIZES = (25, 50, 100, 200, 500)
 MAX_EDGES = 600
-"""Drawn port-level edges per circuit at most (the strongest); larger circuits say how many are shown."""
+"""Drawn port-level edges per circuit at most (the strongest); larger circuits say how many are shown. A diff
+splits this cap between the statuses present (`status_shares`), so that no status is crowded out."""
+WIDTH_COLOUR = "#555555"
+"""Colour of the edge-width scale's legend entries (width, not colour, is what they explain)."""
+MODEBAR_PX = 36
+"""Pixels kept free at the top of every figure for plotly's mode bar (toolbar); titles start below it."""
+TITLE_LINE_PX = 20
+"""Height of one title line (15 px font): the top margin grows with the title's lines."""
+FAITH_NOTE = (
+    "faithfulness = share of the full model's clean-vs-corrupted metric gap that the circuit alone recovers. "
+    "Values above 1 mean the circuit recovers more than the full model's gap: edges outside it work against "
+    "the answer."
+)
+"""Shown once wherever a viewer shows faithfulness values (a value above 1 is otherwise puzzling)."""
+SANKEY_PAD = 18
+"""Pixels between the Sankey's nodes in a column: more than a label's height, so labels cannot collide."""
 MAX_FACTS = 40
 """Pages carry at most this many facts (plus the mean circuit) to stay small; pass `facts=` to choose."""
 
@@ -103,15 +126,57 @@ def _importance(graph: Graph, weights: torch.Tensor, idx: list[int]) -> torch.Te
     return out.index_add_(0, src[sel], w).index_add_(0, dst[sel], w)
 
 
-def _strongest(idx: list[int], weight: torch.Tensor, limit: int | None = None) -> tuple[list[int], str]:
-    """At most `limit` (default `MAX_EDGES`) of the edges `idx`, largest |weight| first, and a note when
-    some were left out."""
+def _strongest(idx: list[int], weight: torch.Tensor, limit: int | None = None) -> list[int]:
+    """At most `limit` (default `MAX_EDGES`) of the edges `idx`, largest |weight| first."""
     limit = MAX_EDGES if limit is None else limit
     if len(idx) <= limit:
-        return idx, ""
+        return idx
     sel = torch.tensor(idx)
-    keep = sel[weight[sel].abs().topk(limit).indices].tolist()
-    return keep, f" (strongest {limit} of {len(idx)} drawn)"
+    return sel[weight[sel].abs().topk(limit).indices].tolist()
+
+
+def status_shares(counts: dict[str, int], limit: int) -> dict[str, int]:
+    """How many edges of each status a diff graph draws under a cap of `limit`: equal shares of the cap for the
+    statuses present; a status with fewer edges than its share is drawn whole and the rest of its share goes to
+    the others. Ranking all edges by |score| alone lets thousands of strong kept edges crowd out the few removed
+    ones; with shares every status present is drawn (given `limit` >= the number of statuses present)."""
+    out = dict.fromkeys(counts, 0)
+    pending = sorted((s for s, c in counts.items() if c > 0), key=lambda s: counts[s])
+    left = limit
+    while pending:
+        share, extra = divmod(left, len(pending))
+        if counts[pending[0]] <= share:
+            status = pending.pop(0)
+            out[status] = counts[status]
+            left -= counts[status]
+            continue
+        for i, status in enumerate(pending):
+            out[status] = share + int(i < extra)
+        break
+    return out
+
+
+def _strongest_by_status(
+    code: torch.Tensor, weight: torch.Tensor, limit: int | None = None
+) -> tuple[list[int], dict[str, int], dict[str, int]]:
+    """The edges a diff graph draws: per status (`code` indexes `STATUSES`, -1 = in neither circuit) its share
+    of the cap (`status_shares`, cap default `MAX_EDGES`), largest |weight| first. Returns the edge indices and
+    the drawn and existing counts per status."""
+    limit = MAX_EDGES if limit is None else limit
+    pools = {s: (code == i).nonzero().flatten() for i, s in enumerate(STATUSES)}
+    counts = {s: len(pool) for s, pool in pools.items()}
+    drawn = status_shares(counts, limit)
+    idx: list[int] = []
+    for status, pool in pools.items():
+        k = drawn[status]
+        idx += pool.tolist() if k >= len(pool) else pool[weight[pool].abs().topk(k).indices].tolist()
+    return sorted(idx), drawn, counts
+
+
+def _drawn_note(drawn: dict[str, int], counts: dict[str, int]) -> str:
+    """The title line "drawn: 120 of 2,890 kept · 60 of 60 removed ..." for the statuses present."""
+    parts = [f"{drawn[s]:,} of {counts[s]:,} {s}" for s in STATUSES if counts.get(s)]
+    return "drawn: " + " · ".join(parts) if parts else "drawn: nothing (no edge in either circuit)"
 
 
 def _width(w: float, wmax: float) -> float:
@@ -119,13 +184,35 @@ def _width(w: float, wmax: float) -> float:
     return WIDTHS[min(len(WIDTHS) - 1, int(frac * len(WIDTHS)))]
 
 
+def _width_scale(wmax: float) -> list[dict[str, Any]]:
+    """Entries of the second legend (`legend2`, titled by the layout) mapping line width to |score|, one per
+    bin of `_width`: bin k spans k/n to (k+1)/n of the largest drawn magnitude `wmax`."""
+    n = len(WIDTHS)
+    return [
+        {
+            "type": "scatter",
+            "x": [None],
+            "y": [None],
+            "mode": "lines",
+            "line": {"color": WIDTH_COLOUR, "width": width},
+            "name": f"{wmax * k / n:.2g}–{wmax * (k + 1) / n:.2g}",
+            "legend": "legend2",
+            "hoverinfo": "skip",
+        }
+        for k, width in enumerate(WIDTHS)
+    ]
+
+
 def _edge_traces(
     pos: dict[str, tuple[float, float]],
     items: list[tuple[str, str, float, str, str]],
     colours: dict[str, str],
+    draw_order: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Line traces for edges (src, dst, magnitude, colour key, hover text), one per colour x width bin,
-    plus one invisible-marker trace at the midpoints carrying the hover text."""
+    """Line traces for edges (src, dst, magnitude, colour key, hover text), one per colour x width bin, the
+    edge-width scale (`_width_scale`), and last one invisible-marker trace at the midpoints carrying the hover
+    text. Colours are drawn in `draw_order` (later on top; default the order of `colours`), listed in the
+    legend in the order of `colours`."""
     wmax = max((abs(w) for _, _, w, _, _ in items), default=0.0)
     groups: dict[tuple[str, float], tuple[list, list]] = {}
     mids: list[tuple[float, float]] = []
@@ -137,7 +224,8 @@ def _edge_traces(
         k = len(sx) // 2
         mids.append(((sx[0] + sx[-1]) / 2, sy[k] if len(sx) > 2 else (sy[0] + sy[-1]) / 2))
     traces: list[dict[str, Any]] = []
-    for key in colours:
+    rank = {key: i for i, key in enumerate(colours)}
+    for key in draw_order or colours:
         shown = False
         for (kind, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][1]):
             if kind != key:
@@ -153,11 +241,13 @@ def _edge_traces(
                     "hoverinfo": "skip",
                     "name": key,
                     "legendgroup": key,
+                    "legendrank": rank[key],
                     "showlegend": not shown,
                 }
             )
             shown = True
     if items:
+        traces += _width_scale(wmax)
         traces.append(
             {
                 "type": "scatter",
@@ -201,13 +291,40 @@ def _node_trace(
     }
 
 
-def _circuit_layout(graph: Graph, title: str) -> dict[str, Any]:
+def _titled(text: str, margin: dict[str, int]) -> dict[str, Any]:
+    """Layout entries for a title clear of the mode bar (plotly's toolbar, top right): left-aligned with the plot
+    area, starting `MODEBAR_PX` below the figure's top, in a top margin that fits all its lines (`<br>`)."""
+    title = {
+        "text": text,
+        "font": {"size": 15},
+        "x": 0,
+        "xref": "paper",
+        "xanchor": "left",
+        "y": 1,
+        "yref": "container",
+        "yanchor": "top",
+        "pad": {"t": MODEBAR_PX},
+    }
+    lines = text.count("<br>") + 1
+    return {"title": title, "margin": {**margin, "t": MODEBAR_PX + lines * TITLE_LINE_PX + 10}}
+
+
+def _small(text: str) -> str:
+    """A title's second line: smaller and grey (plotly titles take this much HTML)."""
+    return f'<br><span style="font-size:12px;color:#555">{text}</span>'
+
+
+def _circuit_layout(graph: Graph, title: str, scale_title: str) -> dict[str, Any]:
+    """Layout of a circuit graph: the colour legend below the layer axis, and under it the edge-width scale
+    (`legend2`, titled `scale_title`), each on its own row so that they never overlap."""
     ticks = [0.0] + [2.0 * L + 1.5 for L in range(graph.n_layers)] + [2.0 * graph.n_layers + 1]
     labels = ["input"] + [f"L{L}" for L in range(graph.n_layers)] + ["logits"]
+    height, head = 640, _titled(title, {"l": 50, "r": 20, "b": 110})
+    plot_px = height - head["margin"]["t"] - head["margin"]["b"]
     return {
-        "title": {"text": title},
+        **head,
         "hovermode": "closest",
-        "height": 560,
+        "height": height,
         "plot_bgcolor": "white",
         "xaxis": {
             "tickvals": ticks,
@@ -223,8 +340,14 @@ def _circuit_layout(graph: Graph, title: str) -> dict[str, Any]:
             "showgrid": False,
             "range": [-0.7, graph.n_heads + 2.8],
         },
-        "legend": {"orientation": "h", "y": -0.15},
-        "margin": {"l": 50, "r": 20, "t": 60, "b": 60},
+        "legend": {"orientation": "h", "x": 0, "y": -48 / plot_px, "yanchor": "top"},
+        "legend2": {
+            "orientation": "h",
+            "x": 0,
+            "y": -78 / plot_px,
+            "yanchor": "top",
+            "title": {"text": scale_title, "side": "left"},
+        },
     }
 
 
@@ -250,28 +373,55 @@ def _signed_circuit(graph: Graph, scores: torch.Tensor, idx: list[int], title: s
         )
     active = {s for s, _ in folded} | {d for _, d in folded}
     data = _edge_traces(pos, items, SIGN_COLOURS) + [_node_trace(graph, pos, _importance(graph, scores, idx), active)]
-    return {"data": data, "layout": _circuit_layout(graph, title)}
+    return {"data": data, "layout": _circuit_layout(graph, title, "line width = |sum of the port scores|:")}
 
 
 # --------------------------------------------------------------------------- figure specs
 
 
-def circuit_spec(circuits: CircuitSet, fact_id: str = MEAN, n: int = 100, label: str | None = None) -> Spec:
-    """`circuit_figure` as plain data."""
+def circuit_spec(
+    circuits: CircuitSet,
+    fact_id: str = MEAN,
+    n: int = 100,
+    label: str | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    selection: str | None = None,
+) -> Spec:
+    """`circuit_figure` as plain data; the title's second line says exactly which edges are drawn."""
     scores = circuits.mean() if fact_id == MEAN else circuits.fact(fact_id).float()
-    n = max(1, min(int(n), scores.shape[0]))
-    idx = scores.abs().topk(n).indices.tolist()
-    return _signed_circuit(circuits.graph, scores, idx, f"{_esc(label or fact_id)}: top {n} edges")
+    n_graph = scores.shape[0]
+    if mask is None:
+        n = max(1, min(int(n), n_graph))
+        idx = scores.abs().topk(n).indices.tolist()
+        ranked = f"|mean score| (mean over the {len(circuits.fact_ids):,} facts)" if fact_id == MEAN else "|score|"
+        caption = (
+            f"drawn: the {n:,} edges with the largest {ranked}, of all {n_graph:,} scored edges of the graph "
+            "(not a selected circuit)"
+        )
+    else:
+        pool = mask.bool().nonzero().flatten()
+        circuit = f"the {_esc(selection)} circuit" if selection else "the selected circuit"
+        n = min(max(1, int(n)), len(pool))
+        idx = pool[scores[pool].abs().topk(n).indices].tolist()
+        if not len(pool):
+            caption = f"drawn: nothing, {circuit} of this fact is empty"
+        elif n == len(pool):
+            caption = f"drawn: all {n:,} edges of {circuit}"
+        else:
+            caption = f"drawn: the {n:,} edges of {circuit} with the largest |score|, of {len(pool):,} in the circuit"
+    title = f"{_esc(label or fact_id)}: top {n} edges" + _small(caption)
+    return _signed_circuit(circuits.graph, scores, idx, title)
 
 
 def diff_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
-    """`diff_figure` as plain data."""
+    """`diff_figure` as plain data: every status present gets its share of the edge cap (`status_shares`), and
+    the title says how many edges of each status are drawn out of how many there are."""
     r = diff.row(fact_id)
     graph = diff.graph
     code = diff.status_codes[r]
-    idx, note = _strongest(
-        (code >= 0).nonzero().flatten().tolist(), torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs())
-    )
+    strength = torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs())
+    idx, drawn, counts = _strongest_by_status(code, strength)
     sa, sb, codes = diff.scores_a[r, idx].tolist(), diff.scores_b[r, idx].tolist(), code[idx].tolist()
     groups: dict[tuple[str, str, str], list[tuple[str, float, float]]] = {}
     for i, a, b, c in zip(idx, sa, sb, codes):
@@ -285,16 +435,16 @@ def diff_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
         items.append((src, dst, mag, status, f"<b>{status}</b> {_esc(src)} → {_esc(dst)}<br>{text}"))
     pos = node_positions(graph)
     active = {s for s, _, _ in groups} | {d for _, d, _ in groups}
-    imp = _importance(graph, torch.maximum(diff.scores_a[r].abs(), diff.scores_b[r].abs()), idx)
+    imp = _importance(graph, strength, idx)
     row = diff.facts.loc[fact_id]
+    la, lb = _esc(diff.label_a), _esc(diff.label_b)
     title = (
-        f"{_esc(fact_id)}: {_esc(diff.label_a)} → {_esc(diff.label_b)} — +{int(row['added'])} / "
-        f"−{int(row['removed'])} / kept {int(row['kept'])} (changed {int(row['changed'])}), "
-        f"Jaccard {row['edge_jaccard']:.2f}{note}"
+        f"{_esc(fact_id)}: {la} → {lb} · circuits of {int(row['n_a']):,} ({la}) and {int(row['n_b']):,} ({lb}) "
+        f"edges · edge Jaccard {row['edge_jaccard']:.2f}" + _small(f"{_drawn_note(drawn, counts)} (strongest first)")
     )
     return {
-        "data": _edge_traces(pos, items, STATUS_COLOURS) + [_node_trace(graph, pos, imp, active)],
-        "layout": _circuit_layout(graph, title),
+        "data": _edge_traces(pos, items, STATUS_COLOURS, DRAW_ORDER) + [_node_trace(graph, pos, imp, active)],
+        "layout": _circuit_layout(graph, title, "line width = largest max(|score A|, |score B|) of the ports:"),
     }
 
 
@@ -304,9 +454,24 @@ def layer_bands(n_layers: int, max_bands: int = 8) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n_layers) - 1) for lo in range(0, n_layers, size)]
 
 
+def _stack(values: list[float], pad: float, scale: float) -> list[float]:
+    """Centres (fractions of the plot height, from the top) of nodes stacked in one column: heights
+    value x `scale`, `pad` between neighbours, the stack centred vertically."""
+    y = (1 - scale * sum(values) - pad * (len(values) - 1)) / 2
+    centres = []
+    for v in values:
+        centres.append(y + scale * v / 2)
+        y += scale * v + pad
+    return centres
+
+
 def sankey_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
     """`sankey_figure` as plain data: writers (left: input and layer bands) to readers (right: layer bands
-    and logits), link width = summed max(|score A|, |score B|), colour = status."""
+    and logits), link width = summed max(|score A|, |score B|), colour = status.
+
+    Nodes keep layer order and are stacked as plotly sizes them (height = flow x the scale that fits the fuller
+    column, `SANKEY_PAD` px apart), so neither nodes nor their labels overlap; nodes without flow are left out.
+    Labels are short ("L0–3"); the columns are named once above them and hovering a node says what it is."""
     r = diff.row(fact_id)
     graph = diff.graph
     code = diff.status_codes[r]
@@ -315,44 +480,62 @@ def sankey_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
     bands = layer_bands(graph.n_layers)
     band_of = {L: i for i, (lo, hi) in enumerate(bands) for L in range(lo, hi + 1)}
     names = [f"L{lo}" if lo == hi else f"L{lo}–{hi}" for lo, hi in bands]
-    left = ["input"] + [f"{n} writes" for n in names]
-    right = [f"{n} reads" for n in names] + ["logits"]
+    left = ["input", *names]
+    right = [*names, "logits"]
     src_node, dst_node = graph.edge_node_ids
     layer_of = [graph.layer_of(n) for n in graph.nodes]
     flows: dict[tuple[int, int, str], float] = {}
     for i, m, c in zip(idx, mag, code[idx].tolist()):
         ls, ld = layer_of[int(src_node[i])], layer_of[int(dst_node[i])]
         s_ = 0 if ls < 0 else 1 + band_of[ls]
-        d_ = len(left) + (len(bands) if ld >= graph.n_layers else band_of[ld])
+        d_ = len(bands) if ld >= graph.n_layers else band_of[ld]
         key = (s_, d_, STATUSES[c])
         flows[key] = flows.get(key, 0.0) + m
+    out_of, into = [0.0] * len(left), [0.0] * len(right)
+    for (s_, d_, _), v in flows.items():
+        out_of[s_] += v
+        into[d_] += v
+    shown_left = [i for i, v in enumerate(out_of) if v > 0]
+    shown_right = [i for i, v in enumerate(into) if v > 0]
+    node_of = {("L", i): k for k, i in enumerate(shown_left)}
+    node_of |= {("R", i): len(shown_left) + k for k, i in enumerate(shown_right)}
+    layout = _titled(f"{_esc(fact_id)}: flow of |score| from writer to reader layers, by status", {"l": 10, "r": 10})
+    layout["margin"] |= {"t": layout["margin"]["t"] + 28, "b": 10}
+    height = 440
+    pad = SANKEY_PAD / (height - layout["margin"]["t"] - layout["margin"]["b"])
+    columns = ([out_of[i] for i in shown_left], [into[i] for i in shown_right])
+    scale = min(((1 - pad * (len(c) - 1)) / sum(c) for c in columns if c), default=1.0)
     keys = sorted(flows)
-    n_left, n_right = len(left), len(right)
     data = [
         {
             "type": "sankey",
             "arrangement": "fixed",
             "node": {
-                "label": left + right,
-                "pad": 10,
+                "label": [left[i] for i in shown_left] + [right[i] for i in shown_right],
+                "customdata": [f"{left[i]} writes" for i in shown_left] + [f"{right[i]} reads" for i in shown_right],
+                "hovertemplate": "%{customdata}: |score| %{value:.3g}<extra></extra>",
+                "pad": SANKEY_PAD,
                 "thickness": 14,
                 "color": "#888",
-                "x": [0.01] * n_left + [0.99] * n_right,
-                "y": [(i + 0.5) / n_left for i in range(n_left)] + [(i + 0.5) / n_right for i in range(n_right)],
+                "x": [0.01] * len(shown_left) + [0.99] * len(shown_right),
+                "y": _stack(columns[0], pad, scale) + _stack(columns[1], pad, scale),
             },
             "link": {
-                "source": [k[0] for k in keys],
-                "target": [k[1] for k in keys],
+                "source": [node_of["L", k[0]] for k in keys],
+                "target": [node_of["R", k[1]] for k in keys],
                 "value": [flows[k] for k in keys],
                 "color": [STATUS_COLOURS[k[2]] for k in keys],
                 "label": [k[2] for k in keys],
             },
         }
     ]
-    layout = {
-        "title": {"text": f"{_esc(fact_id)}: flow of |score| from writer to reader layers, by status"},
-        "height": 420,
-        "margin": {"l": 20, "r": 20, "t": 50, "b": 20},
+    header = {"xref": "paper", "yref": "paper", "y": 1, "yanchor": "bottom", "yshift": 8, "showarrow": False}
+    layout |= {
+        "height": height,
+        "annotations": [
+            {**header, "text": "writer layers (edge source)", "x": 0, "xanchor": "left"},
+            {**header, "text": "reader layers (edge destination)", "x": 1, "xanchor": "right"},
+        ],
     }
     return {"data": data, "layout": layout}
 
@@ -378,13 +561,12 @@ def layer_shift_spec(diff: CircuitDiff, fact_id: str = MEAN) -> Spec:
         },
     ]
     layout = {
-        "title": {"text": f"{_esc(fact_id)}: importance share per layer"},
+        **_titled(f"{_esc(fact_id)}: importance share per layer", {"l": 50, "r": 20, "b": 40}),
         "barmode": "group",
         "height": 320,
         "plot_bgcolor": "white",
         "xaxis": {"title": {"text": "layer"}, "dtick": 1 if diff.graph.n_layers <= 16 else 2},
         "yaxis": {"title": {"text": "share of |score|"}, "gridcolor": "#eee"},
-        "margin": {"l": 50, "r": 20, "t": 50, "b": 40},
     }
     return {"data": data, "layout": layout}
 
@@ -522,7 +704,7 @@ def timeline_spec(timeline: Any, fact_id: str | None = None) -> Spec:
         "height": 760,
         "hovermode": "x unified",
         "plot_bgcolor": "white",
-        "margin": {"l": 50, "r": 20, "t": 40, "b": 40},
+        "margin": {"l": 50, "r": 20, "t": MODEBAR_PX + TITLE_LINE_PX + 10, "b": 40},
         "legend": {"orientation": "h", "y": -0.1},
         "annotations": [],
     }
@@ -566,11 +748,10 @@ def heatmap_spec(timeline: Any) -> Spec:
         }
     ]
     layout = {
-        "title": {"text": "importance share per layer and epoch"},
-        "height": 360,
+        **_titled("importance share per layer and epoch", {"l": 50, "r": 20, "b": 40}),
+        "height": 380,
         "xaxis": {"title": {"text": "epoch"}, "type": "category"},
         "yaxis": {"title": {"text": "layer"}},
-        "margin": {"l": 50, "r": 20, "t": 50, "b": 40},
     }
     return {"data": data, "layout": layout}
 
@@ -598,13 +779,14 @@ def transfer_spec(table: pd.DataFrame, fact_id: str | None = None) -> Spec:
     ]
     who = "median over facts" if fact_id is None else _esc(fact_id)
     layout = {
-        "title": {
-            "text": f"circuit transfer, {who}: share of the fact's gap epoch i's circuit recovers on epoch j's model"
-        },
-        "height": 380,
+        **_titled(
+            f"circuit transfer, {who}: share of the fact's gap epoch i's circuit recovers on epoch j's model"
+            + _small("faithfulness clipped to [0, 1]"),
+            {"l": 60, "r": 20, "b": 40},
+        ),
+        "height": 400,
         "xaxis": {"title": {"text": "model epoch j"}, "type": "category"},
         "yaxis": {"title": {"text": "circuit epoch i"}, "type": "category", "autorange": "reversed"},
-        "margin": {"l": 60, "r": 20, "t": 50, "b": 40},
     }
     return {"data": data, "layout": layout}
 
@@ -617,23 +799,37 @@ def timeline_circuit_spec(timeline: Any, fact_id: str, epoch: int, label: str | 
     scores = timeline.scores(epoch)[r]
     idx = timeline.masks[epoch][r].nonzero().flatten().tolist()
     n_edges = len(idx)
-    idx, note = _strongest(idx, scores)
+    idx = _strongest(idx, scores)
     state = ""
     if timeline.outcomes is not None and fact_id != MEAN:
         row = timeline.fact(fact_id).set_index("epoch")
         correct = row.loc[epoch, "correct"] if epoch in row.index else None
         if correct is not None and not pd.isna(correct):
             state = " — recalled" if bool(correct) else " — not recalled"
-    title = f"{_esc(label or fact_id)} at epoch {epoch}: {n_edges} edges{state}{note}"
+    circuit = f"its {_esc(timeline.selection)} circuit"
+    if len(idx) < n_edges:
+        caption = f"drawn: the {len(idx):,} edges of {circuit} with the largest |score|, of {n_edges:,}"
+    else:
+        caption = f"drawn: all {n_edges:,} edges of {circuit}"
+    title = f"{_esc(label or fact_id)} at epoch {epoch}: {n_edges:,} edges{state}" + _small(caption)
     return _signed_circuit(timeline.graph, scores, idx, title)
 
 
 # --------------------------------------------------------------------------- figures (notebooks)
 
 
-def circuit_figure(circuits: CircuitSet, fact_id: str = MEAN, n: int = 100, label: str | None = None) -> go.Figure:
-    """One fact's circuit (or the mean circuit, `MEAN`): the n edges with the largest |score|."""
-    return go.Figure(circuit_spec(circuits, fact_id, n, label))
+def circuit_figure(
+    circuits: CircuitSet,
+    fact_id: str = MEAN,
+    n: int = 100,
+    label: str | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    selection: str | None = None,
+) -> go.Figure:
+    """One fact's circuit (or the mean circuit, `MEAN`): the n edges with the largest |score|, among the edges of
+    `mask` (the fact's selected circuit, chosen by the rule `selection`) when given, else among all edges."""
+    return go.Figure(circuit_spec(circuits, fact_id, n, label, mask=mask, selection=selection))
 
 
 def diff_figure(diff: CircuitDiff, fact_id: str = MEAN) -> go.Figure:
@@ -718,6 +914,8 @@ table {{ border-collapse: collapse; font-size: 12px; margin: 8px 0; }}
 td, th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: right; }} th {{ background: #f4f4f4; }}
 td:first-child, th:first-child {{ text-align: left; }}
 .row {{ display: flex; gap: 12px; flex-wrap: wrap; }} .row > div {{ flex: 1 1 480px; min-width: 420px; }}
+.table-scroll {{ overflow-x: auto; max-width: 100%; margin: 8px 0; }} .table-scroll table {{ margin: 0; }}
+.note {{ color: #555; font-size: 13px; max-width: 1100px; }}
 #js-errors {{ color: #b00; }}
 </style></head><body>
 """
@@ -786,7 +984,8 @@ def _write_page(
 
 
 def _table_html(df: Any, float_fmt: str = "{:.3f}") -> str:
-    """An escaped HTML table of a DataFrame (index included)."""
+    """An escaped HTML table of a DataFrame (index included), in a box that scrolls sideways when the table is
+    wider than the page (instead of being cut off)."""
 
     def cell(v: Any) -> str:
         if v is None or v is pd.NA:
@@ -800,7 +999,18 @@ def _table_html(df: Any, float_fmt: str = "{:.3f}") -> str:
         "<tr>" + f"<td>{_esc(i)}</td>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>"
         for i, r in zip(df.index, df.itertuples(index=False))
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    return f'<div class="table-scroll" style="overflow-x:auto">{table}</div>'
+
+
+def _mentions_faith(lines: Sequence[str]) -> bool:
+    """Whether findings lines quote faithfulness values (they then need `FAITH_NOTE`)."""
+    return any("faithfulness" in line for line in lines)
+
+
+def _faith_note(shown: bool) -> str:
+    """`FAITH_NOTE` as a page paragraph where faithfulness values are `shown`, else nothing."""
+    return f'<p class="note faith-note">{_esc(FAITH_NOTE)}</p>' if shown else ""
 
 
 def _pick_facts(all_facts: Sequence[str], facts: Sequence[str] | None, max_facts: int) -> list[str]:
@@ -817,6 +1027,15 @@ def _options(facts: Sequence[str], labels: dict[str, str] | None) -> list[dict[s
     return [{"value": f, "label": f if f not in labels else f"{f} — {labels[f]}"} for f in facts]
 
 
+_CIRCUIT_NOTE = (
+    "Each line joins two components (attention heads as circles, MLPs as squares); it stands for one or more "
+    "port-level edges (e.g. into a head's q, k and v), listed with their scores on hover. Line width = |sum of "
+    "their scores|, binned as the legend's width entries show; blue = negative score (patching the edge lowers "
+    "the metric: it supports recall), red = positive. Node size = the |score| of the drawn edges at that component."
+)
+"""The circuit viewer's key, under the plot: what a line, its width and colour, and a node's size stand for."""
+
+
 def write_circuit_html(
     circuits: CircuitSet,
     path: str | Path,
@@ -827,21 +1046,37 @@ def write_circuit_html(
     max_facts: int = MAX_FACTS,
     title: str | None = None,
     overwrite: bool = False,
+    masks: torch.Tensor | None = None,
+    selection: str | None = None,
 ) -> Path:
     """Circuit viewer page: choose the fact (or mean circuit) and the number of edges.
 
-    `labels`: optional fact id -> text (e.g. the probe question), shown escaped in the selector.
+    `labels`: optional fact id -> text (e.g. the probe question), shown escaped in the selector. `masks`: the
+    selected circuits ([fact, edge] bool, in `circuits.fact_ids` order, e.g. a timeline's `fact_masks[epoch]`)
+    and `selection` the rule that chose them (e.g. "faith:0.8"): each fact then shows the strongest edges of
+    its circuit; without them (and always for the mean circuit) the strongest edges of all scores. Each plot's
+    caption says which.
     """
     chosen = _pick_facts(circuits.fact_ids, facts, max_facts)
     sizes = sorted({min(int(n), len(circuits.edges)) for n in sizes if int(n) >= 1})
     if not sizes:
         raise CircuitdynError("the circuit viewer needs at least one edge count >= 1")
-    variants = {f"{f}|{n}": circuit_spec(circuits, f, n, (labels or {}).get(f)) for f in chosen for n in sizes}
+    if masks is not None and tuple(masks.shape) != tuple(circuits.scores.shape):
+        raise CircuitdynError(
+            f"masks have shape {tuple(masks.shape)}; expected {tuple(circuits.scores.shape)} (fact, edge)"
+        )
+
+    def spec(f: str, n: int) -> Spec:
+        mask = None if masks is None or f == MEAN else masks[circuits.index(f)]
+        return circuit_spec(circuits, f, n, (labels or {}).get(f), mask=mask, selection=selection)
+
+    variants = {f"{f}|{n}": spec(f, n) for f in chosen for n in sizes}
     meta = circuits.meta
     subtitle = " · ".join(f"{k} {meta[k]}" for k in ("model", "epoch", "method", "metric") if k in meta)
     body = (
         '<div class="controls"><label>fact <select id="fact"></select></label>'
         '<label>edges <select id="size"></select></label></div><div id="circuit"></div>'
+        f'<p class="note">{_CIRCUIT_NOTE}</p>'
     )
     data = {
         "variants": variants,
@@ -912,7 +1147,10 @@ def write_diff_html(
         "paths_lost",
     ]
     facts_df = diff.facts[[c for c in cols if c in diff.facts]]
-    findings = "".join(f"<li>{_esc(line)}</li>" for line in describe_diff(diff))
+    found = describe_diff(diff)
+    findings = "".join(f"<li>{_esc(line)}</li>" for line in found)
+    faith_cols = [c for c in ("faith_a", "faith_b") if c in facts_df]
+    shows_faith = bool(faith_cols and facts_df[faith_cols].notna().any().any()) or _mentions_faith(found)
     body = (
         '<div class="row"><div><h3>findings</h3><ul>' + findings + "</ul></div>"
         "<div><h3>legend</h3><p>"
@@ -923,7 +1161,7 @@ def write_diff_html(
         '<div class="controls"><label>fact <select id="fact"></select></label></div>'
         '<div id="circuit"></div><div class="row"><div id="sankey"></div><div id="layers"></div></div>'
         '<h3>strongest input→logits paths</h3><div id="paths"></div>'
-        "<h3>per fact</h3>" + _table_html(facts_df)
+        "<h3>per fact</h3>" + _faith_note(shows_faith) + _table_html(facts_df)
     )
     data = {"variants": variants, "facts": _options(chosen, labels)}
     script = """
@@ -976,11 +1214,17 @@ def write_timeline_html(
         )
     from circuitdyn.analysis.report import describe_timeline
 
-    findings = "".join(f"<li>{_esc(line)}</li>" for line in describe_timeline(timeline))
+    found = describe_timeline(timeline)
+    findings = "".join(f"<li>{_esc(line)}</li>" for line in found)
     rec = timeline.reconfiguration.set_index("epoch") if len(timeline.reconfiguration) else pd.DataFrame()
     body = (
-        '<div class="row"><div><h3>findings</h3><ul>' + findings + "</ul></div>"
-        "<div><h3>per transition</h3>" + _table_html(rec, "{:.4g}") + "<p>replaced = share of a fact's circuit "
+        '<div class="row"><div><h3>findings</h3><ul>'
+        + findings
+        + "</ul>"
+        + _faith_note(_mentions_faith(found) or transfer is not None)
+        + "</div><div><h3>per transition</h3>"
+        + _table_html(rec, "{:.4g}")
+        + "<p>replaced = share of a fact's circuit "
         "not in the previous epoch's (1 - edge Jaccard), mean over included facts with its 95 % interval "
         "(entities resampled); noise = the same statistic between re-attributions of one checkpoint.</p></div></div>"
         '<div class="controls"><label>fact <select id="fact"></select></label>'

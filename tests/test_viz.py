@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_timeline import circuits_over_epochs, outcomes
+from test_timeline import META, circuits_over_epochs, outcomes
 
 from circuitdyn import viz
 from circuitdyn.analysis.diff import MEAN, diff_circuits
@@ -64,7 +65,7 @@ def test_circuit_figure():
     fig = viz.circuit_figure(cs, "stable", n=10)
     nodes = fig.data[-1]
     assert len(nodes.x) == len(GRAPH.nodes)
-    lines = [t for t in fig.data if t.mode == "lines"]
+    lines = _edge_lines(fig)
     assert lines and {t.line.color for t in lines} <= set(viz.SIGN_COLOURS.values())
     hover = fig.data[-2].hovertext
     assert sum(text.count("-&gt;") for text in hover) == 10  # every selected port-level edge is listed (escaped)
@@ -88,7 +89,7 @@ def test_circuit_figure_colours_edges_by_sign():
     scores[0, GRAPH.edge_index["m3->logits"]] = 2.0
     fig = viz.circuit_figure(CircuitSet(scores, GRAPH.edges, ["f"]), "f", n=2)
     pos = viz.node_positions(GRAPH)
-    drawn = {t.line.color: [x for x in t.x if x is not None] for t in fig.data if t.mode == "lines"}
+    drawn = {t.line.color: [x for x in t.x if x is not None] for t in _edge_lines(fig)}
     assert drawn == {
         viz.SIGN_COLOURS["negative"]: [pos["input"][0], pos["a0.h0"][0]],
         viz.SIGN_COLOURS["positive"]: [pos["m3"][0], pos["logits"][0]],
@@ -99,7 +100,7 @@ def test_diff_and_timeline_figures():
     cs = circuits_over_epochs(GRAPH)
     d = diff_circuits(cs[0], cs[3], Selection.parse("top:10"))
     fig = viz.diff_figure(d, "flaky")
-    colours = {t.line.color for t in fig.data if t.mode == "lines"}
+    colours = {t.line.color for t in _edge_lines(fig)}
     assert colours == {viz.STATUS_COLOURS["added"], viz.STATUS_COLOURS["removed"]}
     sankey = viz.sankey_figure(d, "flaky").data[0]
     assert set(sankey.link.label) == {"added", "removed"}
@@ -157,6 +158,35 @@ def test_pages_are_offline_and_escaped(pages):
         assert "Who <b>founded" not in ours
     with pytest.raises(CircuitdynError, match="unknown fact id"):
         viz.write_circuit_html(pages["circuit"][1], pages["circuit"][0].parent / "x.html", facts=["nope"])
+
+
+def _kept_and_removed(reached: tuple[float, float] | None = None, n_kept: int = 200, n_removed: int = 5):
+    """A diff of one fact "f" whose circuit keeps `n_kept` strong edges (the same score at A and B) and loses
+    `n_removed` weak ones (score 0.5 at A, 0 at B); `reached`: the faithfulness each side's circuit reached."""
+    a = torch.rand(1, GRAPH.n_edges, generator=torch.Generator().manual_seed(1)) * 0.01
+    a[0, :n_kept] = torch.linspace(5, 1, n_kept)
+    gone = slice(n_kept, n_kept + n_removed)
+    a[0, gone] = 0.5
+    b = a.clone()
+    b[0, gone] = 0.0
+    mask_a = torch.zeros(1, GRAPH.n_edges, dtype=torch.bool)
+    mask_a[0, : n_kept + n_removed] = True
+    mask_b = mask_a.clone()
+    mask_b[0, gone] = False
+    fa, fb = (None, None) if reached is None else (torch.tensor([reached[0]]), torch.tensor([reached[1]]))
+    sets = [CircuitSet(x, GRAPH.edges, ["f"], META) for x in (a, b)]
+    return diff_circuits(*sets, Selection.parse("faith:0.8"), selected=((mask_a, fa), (mask_b, fb)))
+
+
+def _edge_lines(fig) -> list:
+    """The line traces that draw edges (not the legend-only entries of the edge-width scale)."""
+    return [t for t in fig.data if t.mode == "lines" and t.legend != "legend2"]
+
+
+def _drawn_counts(title: str) -> dict[str, tuple[int, int]]:
+    """status -> (drawn, existing) from a diff title's "drawn: 12 of 2,890 kept · ..." line."""
+    found = re.findall(r"([\d,]+) of ([\d,]+) (\w+)", title.split("drawn:")[1])
+    return {s: (int(n.replace(",", "")), int(m.replace(",", ""))) for n, m, s in found}
 
 
 def _chromium() -> str | None:
@@ -271,6 +301,187 @@ def test_large_circuits_are_drawn_capped(monkeypatch):
     cs = circuits_over_epochs(GRAPH)
     d = diff_circuits(cs[0], cs[3], Selection.parse("abs:0.0"))  # every edge selected
     title = viz.diff_figure(d, "flaky").layout.title.text
-    assert f"strongest {viz.MAX_EDGES} of {GRAPH.n_edges} drawn" in title
+    drawn = _drawn_counts(title)
+    assert sum(n for n, _ in drawn.values()) == viz.MAX_EDGES
+    assert sum(m for _, m in drawn.values()) == GRAPH.n_edges
     hover = viz.diff_figure(d, "flaky").data[-2].hovertext
     assert sum(t.count("-&gt;") for t in hover) == viz.MAX_EDGES
+
+
+def test_status_shares():
+    """Equal shares of the cap for the statuses present; a small status is drawn whole, its leftover shared."""
+    assert viz.status_shares({"added": 556, "removed": 488, "kept": 16742}, 600) == {
+        "added": 200,
+        "removed": 200,
+        "kept": 200,
+    }
+    few = viz.status_shares({"added": 0, "removed": 5, "changed": 30, "kept": 9000, "noise": 700}, 600)
+    assert few == {"added": 0, "removed": 5, "changed": 30, "kept": 282, "noise": 283}
+    assert viz.status_shares({"kept": 3, "removed": 2}, 600) == {"kept": 3, "removed": 2}
+    assert sum(viz.status_shares({"kept": 10, "removed": 10}, 5).values()) == 5
+
+
+def test_diff_draws_removed_edges_among_many_strong_kept_ones(monkeypatch):
+    """Ranked by |score| alone, the 50 drawn edges would all be kept ones; each status now has a share."""
+    monkeypatch.setattr(viz, "MAX_EDGES", 50)
+    fig = viz.diff_figure(_kept_and_removed(), "f")
+    assert viz.STATUS_COLOURS["removed"] in {t.line.color for t in _edge_lines(fig)}
+    removed = [t for t in fig.data[-2].hovertext if t.startswith("<b>removed</b>")]
+    assert sum(t.count("-&gt;") for t in removed) == 5
+    assert _drawn_counts(fig.layout.title.text) == {"removed": (5, 5), "kept": (45, 200)}
+    assert "circuits of 205 (A) and 200 (B) edges" in fig.layout.title.text
+    on_top = [t.name for t in _edge_lines(fig)]
+    assert on_top.index("removed") > on_top.index("kept")  # drawn over the kept edges, not hidden under them
+
+
+def _tables_wrapped(text: str) -> list[bool]:
+    """For each table of a page (its HTML and the HTML fragments in its embedded JSON): is it in a box that
+    scrolls sideways?"""
+    data = re.search(r'<script id="circuitdyn-data" type="application/json">(.*?)</script>', text, re.S)
+    fragments = [text.replace(data.group(0), "")]
+
+    def strings(obj) -> None:
+        if isinstance(obj, str):
+            fragments.append(obj)
+        for value in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []:
+            strings(value)
+
+    strings(json.loads(data.group(1)))
+    box = '<div class="table-scroll" style="overflow-x:auto">'
+    return [frag[: m.start()].endswith(box) for frag in fragments for m in re.finditer("<table", frag)]
+
+
+def test_tables_scroll_instead_of_clipping(pages):
+    from plotly.offline import get_plotlyjs
+
+    bundle = get_plotlyjs()
+    for name in ("diff", "timeline"):
+        wrapped = _tables_wrapped(pages[name][0].read_text().replace(bundle, ""))
+        assert len(wrapped) >= 2 and all(wrapped), name
+
+
+def test_titles_sit_below_the_mode_bar(pages):
+    d, tl = pages["diff"][1], pages["timeline"][1]
+    cs = circuits_over_epochs(GRAPH)
+    table = transfer_matrix(cs, lambda j, c, m: torch.full((m.shape[0],), 0.5), Selection.parse("top:10"))
+    specs = {
+        "circuit": viz.circuit_spec(cs[0], "flaky", 10),
+        "diff": viz.diff_spec(d, "stable"),
+        "sankey": viz.sankey_spec(d, "stable"),
+        "layers": viz.layer_shift_spec(d, "stable"),
+        "heatmap": viz.heatmap_spec(tl),
+        "transfer": viz.transfer_spec(table),
+        "timeline circuit": viz.timeline_circuit_spec(tl, "stable", 1),
+    }
+    for name, spec in specs.items():
+        layout = spec["layout"]
+        title = layout["title"]
+        assert (title["yref"], title["yanchor"], title["xanchor"], title["x"]) == ("container", "top", "left", 0), name
+        assert title["pad"]["t"] >= viz.MODEBAR_PX, name
+        lines = title["text"].count("<br>") + 1
+        assert layout["margin"]["t"] >= viz.MODEBAR_PX + lines * viz.TITLE_LINE_PX, name
+    assert viz.timeline_spec(tl)["layout"]["margin"]["t"] >= viz.MODEBAR_PX + viz.TITLE_LINE_PX
+
+
+def test_faithfulness_above_one_is_explained(pages, tmp_path):
+    note = html.escape(viz.FAITH_NOTE)
+    shown = viz.write_diff_html(_kept_and_removed(reached=(1.22, 1.07)), tmp_path / "faith.html").read_text()
+    assert shown.count(note) == 1 and "1.220" in shown
+    plain = viz.write_diff_html(_kept_and_removed(), tmp_path / "plain.html").read_text()
+    assert note not in plain  # no faithfulness on the page: no note
+    assert pages["timeline"][0].read_text().count(note) == 1  # the transfer heatmap shows faithfulness
+
+
+def test_circuit_caption_says_what_is_drawn(tmp_path):
+    cs = circuits_over_epochs(GRAPH, facts=["stable", "flaky"])[0]
+    title = viz.circuit_figure(cs, "stable", n=10).layout.title.text
+    assert (
+        f"drawn: the 10 edges with the largest |score|, of all {GRAPH.n_edges:,} scored edges of the graph "
+        "(not a selected circuit)" in title
+    )
+    assert (
+        "the 10 edges with the largest |mean score| (mean over the 2 facts)"
+        in viz.circuit_figure(cs, n=10).layout.title.text
+    )
+    mask = torch.zeros(GRAPH.n_edges, dtype=torch.bool)
+    mask[[0, 5, 7, 9, 11, 40]] = True  # the top 4 by |score| are 0, 5, 7, 9
+    spec = viz.circuit_spec(cs, "stable", 4, mask=mask, selection="faith:0.8")
+    caption = "drawn: the 4 edges of the faith:0.8 circuit with the largest |score|, of 6 in the circuit"
+    assert caption in spec["layout"]["title"]["text"]
+    hover = "".join(spec["data"][-2]["hovertext"])
+    assert hover.count("-&gt;") == 4 and all(html.escape(GRAPH.edges[i]) in hover for i in (0, 5, 7, 9))
+    whole = viz.circuit_spec(cs, "stable", 100, mask=mask, selection="faith:0.8")["layout"]["title"]["text"]
+    assert "drawn: all 6 edges of the faith:0.8 circuit" in whole
+    masks = torch.stack([mask, mask])
+    page = viz.write_circuit_html(cs, tmp_path / "c.html", masks=masks, selection="faith:0.8", sizes=(4,))
+    text = page.read_text()
+    assert caption in text and "Line width = |sum of their scores|" in text
+    with pytest.raises(CircuitdynError, match="masks have shape"):
+        viz.write_circuit_html(cs, tmp_path / "x.html", masks=mask[None])
+
+
+def test_edge_width_scale():
+    """The second legend maps each line width to its |score| range (bins of the largest drawn magnitude)."""
+    cs = circuits_over_epochs(GRAPH, facts=["stable", "flaky"])[0]
+    fig = viz.circuit_figure(cs, "stable", n=10)
+    scale = [t for t in fig.data if t.legend == "legend2"]
+    assert [t.line.width for t in scale] == list(viz.WIDTHS)
+    assert fig.layout.legend2.title.text.startswith("line width = |sum of the port scores|")
+    idx = cs.fact("stable").abs().topk(10).indices.tolist()
+    wmax = max(abs(sum(v for _, v in ports)) for ports in viz._fold(GRAPH, cs.fact("stable"), idx).values())
+    assert scale[0].name.startswith("0–") and scale[-1].name.endswith(f"{wmax:.2g}")
+    drawn = {t.line.width for t in _edge_lines(fig)}
+    assert drawn <= set(viz.WIDTHS) and max(drawn) == viz.WIDTHS[-1]
+    diff_scale = viz.diff_figure(_kept_and_removed(), "f").layout.legend2.title.text
+    assert "max(|score A|, |score B|)" in diff_scale
+
+
+def test_sankey_labels_are_short():
+    d = diff_circuits(*[c for c in circuits_over_epochs(Graph(16, 2), n_epochs=2).values()], Selection.parse("top:40"))
+    node = viz.sankey_figure(d, "flaky").data[0].node
+    assert all(len(label) <= 6 for label in node.label)  # "input", "L0–1", "logits": no "writes"/"reads"
+    assert any(c.endswith("writes") for c in node.customdata) and any(c.endswith("reads") for c in node.customdata)
+
+
+def _sankey_nodes(dom: str) -> dict[float, list[tuple[float, float, float]]]:
+    """Rendered Sankey nodes by column x: (top y, height, label centre y) in pixels."""
+    found = re.findall(
+        r'<g class="sankey-node" transform="translate\(([-\d.]+),([-\d.]+)\)"[^>]*><rect class="node-rect" '
+        r'width="[\d.]+" height="([\d.]+)".*?<text class="node-label"[^>]*?transform="translate\([-\d.]+,([-\d.]+)\)"',
+        dom,
+    )
+    columns: dict[float, list[tuple[float, float, float]]] = {}
+    for x, y, h, ly in found:
+        columns.setdefault(round(float(x)), []).append((float(y), float(h), float(y) + float(ly)))
+    return columns
+
+
+@pytest.mark.browser
+def test_sankey_and_titles_do_not_collide_in_headless_chromium(tmp_path):
+    """On a dense diff, rendered Sankey nodes of a column do not overlap and their labels sit a line apart;
+    every plot title starts below the mode bar."""
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed (Debian package `chromium`); the browser test needs it")
+    g = Graph(16, 4)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, g.n_edges, generator=gen) ** 3
+    b = a * (1 + 0.5 * torch.randn(2, g.n_edges, generator=gen))
+    sets = [CircuitSet(x, g.edges, ["x", "y"], META) for x in (a, b)]
+    page = viz.write_diff_html(diff_circuits(*sets, Selection.parse("top:600")), tmp_path / "dense.html")
+    dom = _run_chromium(binary, page.as_uri(), tmp_path / "profile", "--dump-dom").stdout
+    assert _attr(dom, "data-js-errors") == 0 and _attr(dom, "data-rendered") == 3
+    columns = _sankey_nodes(dom)
+    assert len(columns) == 2 and all(len(nodes) >= 8 for nodes in columns.values()), columns
+    for nodes in columns.values():
+        nodes.sort()
+        for (y0, h0, label0), (y1, _, label1) in zip(nodes, nodes[1:]):
+            assert y1 >= y0 + h0 - 0.5, f"nodes overlap: {nodes}"
+            assert label1 - label0 >= 12, f"labels collide: {nodes}"
+    tops = [float(y) for y in re.findall(r'<text class="gtitle" x="[\d.]+" y="([\d.]+)"', dom)]
+    assert len(tops) == 3 and min(tops) >= viz.MODEBAR_PX - 1, tops
+    shot = ARTIFACTS / "dense-diff.png"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot.unlink(missing_ok=True)
+    _run_chromium(binary, page.as_uri(), tmp_path / "profile-shot", f"--screenshot={shot}")
+    assert shot.is_file()
