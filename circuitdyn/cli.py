@@ -955,9 +955,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="the whole pipeline on the embedded SmolLM2-135M-Instruct: CPT, probes and circuits every epoch, viewers",
         description="Continually pre-train the embedded default model on a few seed entities with probes every "
         "epoch, extract a seeded sample of their probe facts' circuits at every epoch (sized to faithfulness "
-        "0.8), measure method noise at the first and last epoch, then print what the numbers support and write "
-        "(HTML) the timeline, the transfer matrix and the diff of the first and last epochs. A second run reuses "
-        "all finished work.",
+        "0.8), measure method noise at every epoch (5 replicates) and test every transition against it, then "
+        "print what the numbers support and write (HTML) the timeline, the transfer matrix and the diff of the "
+        "first and last epochs. A second run reuses all finished work.",
     )
     p.add_argument("--out", default="circuitdyn-demo", help="output folder (default ./circuitdyn-demo)")
     p.add_argument("--entities", type=positive_int, default=4, help="seed entities to train on (default 4)")

@@ -229,7 +229,13 @@ def run_demo(
     )
     diff.labels = facts.labels
     diff_html = write_diff_html(diff, out / "diff.html", labels=facts.labels)
-    circuit_html = write_circuit_html(b, out / f"circuit_epoch_{last}.html", labels=facts.labels)
+    circuit_html = write_circuit_html(
+        b,
+        out / f"circuit_epoch_{last}.html",
+        labels=facts.labels,
+        masks=timeline.fact_masks[last],
+        selection=str(timeline.selection),
+    )
     stage["analysis"] = time.perf_counter() - t - stage.get("transfer", 0.0)
     return DemoResult(
         out,
