@@ -4,8 +4,9 @@
 method-noise replicates of the noise epochs), with the same settings, draws and file names the command uses
 (`extraction.extraction_settings`, `noise.run_draws`, `circuits.circuit_filename`), and check with
 `extraction.is_done` which of them already hold the right checkpoint's circuits. `Plan.line()` is the one line
-the CLI prints, e.g. `plan: 12 facts x 6 epochs, 5 replicates per epoch: 36 of 42 circuit files cached, 6 to
-compute`. Selections cached by `faith:` rules and the transfer matrix are not counted.
+the CLI prints, e.g. `plan: 12 facts x 6 epochs, 5 replicates per epoch: 6 of 36 circuit files cached, 30 to
+compute (about 7 min at SmolLM2-135M CPU speed)`. Selections cached by `faith:` rules and the transfer matrix
+are not counted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ if TYPE_CHECKING:
     from circuitdyn.engine.settings import AttributionSettings, Comparison
     from circuitdyn.probes.facts import FactSet
     from circuitdyn.runs.checkpoints import Run
+
+
+SECONDS_PER_FACT_FILE = 1.1
+"""Seconds to attribute one fact for one circuit file: SmolLM2-135M, EAP-IG midpoint 3, one CPU thread
+(`benchmarks/pipeline.py`, 2026-12-03). The plan's time estimate uses it: a GPU is far faster, a larger model
+slower (about in proportion to its parameters), a `faith:` search adds about two of it per fact and checkpoint."""
 
 
 @dataclass
@@ -51,10 +58,18 @@ class Plan:
             noise = f", {self.replicates} replicates per {one}"
         else:
             noise = f", {self.replicates} replicates at {self.n_noise} of the {self.unit}"
-        return (
+        line = (
             f"plan: {self.n_facts} facts x {self.n_points} {self.unit}{noise}: {self.n_cached} of "
             f"{len(self.files)} circuit files cached, {self.n_to_compute} to compute"
         )
+        if self.n_to_compute:
+            line += f" (about {self.estimate_s / 60:.0f} min at SmolLM2-135M CPU speed)"
+        return line
+
+    @property
+    def estimate_s(self) -> float:
+        """Seconds of attribution the files to compute take at `SECONDS_PER_FACT_FILE`."""
+        return self.n_to_compute * self.n_facts * SECONDS_PER_FACT_FILE
 
 
 def _cached(run: Run, epoch: int, want: dict[str, Any], folder: Path) -> tuple[Path, bool]:
