@@ -1,21 +1,27 @@
-"""Tables (markdown) and a plot (offline HTML) of the multi-seed SmolLM2 reproduction, beside the paper's
-released Llama-3.2-1B-Instruct numbers (VFT = plain CPT).
+"""Tables (markdown) and a plot (HTML; plotly.js from its CDN) of the multi-seed SmolLM2 reproduction, beside the
+paper's released Llama-3.2-1B-Instruct numbers (VFT = plain CPT).
 
 Reads the compact CSVs in this folder (written by `examples/reproduce_paper.py --collect`) and the paper's
-release in `tests/data/paper-results/llama3-i-1b/`; writes `tables.md` and `reproduction.html` here.
+release in `tests/data/paper-results/llama3-i-1b/`; writes `tables.md` and `reproduction.html` here (or into
+`--out DIR`).
 Means are over seeds with a 95 % interval over seeds (`circuitdyn.analysis.stats.bootstrap_ci`, the CR1 t interval)
 only from `stats.MIN_ENTITIES` seeds on: with 3 seeds no interval is given (their range is not a 95 %
 interval). Per-fact averages use the fact-epochs every other command uses: gap m_clean - m_corrupted >=
 `faithfulness.MIN_GAP` (signed, `faithfulness.gap_ok`), and for the Jaccard with the previous epoch at both
-epochs; the excluded ones are counted.
+epochs; the excluded ones are counted. Because the set of facts passing that filter changes over the epochs,
+the per-fact table also gives the same summaries over the facts that pass it at every epoch in every seed,
+and each fact's gap and faithfulness per seed and epoch.
 
-    python examples/results/make_tables.py [FOLDER]   # FOLDER holding the CSVs (default: this one)
+    python examples/results/make_tables.py [FOLDER] [--out DIR]   # FOLDER: the CSVs (default: this one);
+                                                                  # DIR: where to write (default: FOLDER)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -72,7 +78,33 @@ def paper_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     return dyn, pd.DataFrame(rows).set_index("epoch")
 
 
-def main(folder: Path = HERE) -> None:
+def per_fact_trajectories(facts: pd.DataFrame) -> list[str]:
+    """Markdown lines: each fact's gap and gap-filtered faithfulness per seed and epoch."""
+    epochs = sorted(facts["epoch"].unique())
+    keyed = facts.set_index(["fact_id", "seed", "epoch"])
+    pairs = sorted({(f, int(s)) for f, s in zip(facts["fact_id"], facts["seed"], strict=True)})
+    lines: list[str] = []
+    for title, cell in (
+        (
+            f"### Per-fact gap m_clean - m_corrupted by epoch (nat; a fact's faithfulness is read where it is "
+            f">= {MIN_GAP})",
+            lambda r: f"{r['m_clean'] - r['m_corrupted']:.2f}",
+        ),
+        (
+            f"### Per-fact faithfulness by epoch ({', '.join(sorted(facts['selection'].unique()))} circuit; - where "
+            "the gap filter excludes the fact)",
+            lambda r: f"{r['faithfulness']:.2f}" if r["gap_ok"] else "-",
+        ),
+    ):
+        lines += ["", title, "", row(["fact", "seed", *epochs]), row(["---"] * (2 + len(epochs)))]
+        for fact, seed in pairs:
+            cells = [cell(keyed.loc[(fact, seed, e)]) if (fact, seed, e) in keyed.index else "" for e in epochs]
+            lines.append(row([fact, seed, *cells]))
+    return lines
+
+
+def tables(folder: Path = HERE) -> tuple[str, dict[str, Any]]:
+    """The text of `tables.md` from the CSVs in `folder`, and the keyword arguments of `plot`."""
     dyn = pd.read_csv(folder / "dynamics.csv")
     task = pd.read_csv(folder / "task_circuit.csv")
     facts = pd.read_csv(folder / "fact_circuits.csv")
@@ -124,12 +156,12 @@ def main(folder: Path = HERE) -> None:
         get = {c: (t.loc[epoch] if epoch in t.index else None) for c, t in cols.items()}
         p = paper_dyn.loc[epoch] if epoch in paper_dyn.index else None
         arf = "-" if p is None or pd.isna(p["acquired"]) else f"{p['acquired']} / {p['retained']} / {p['forgotten']}"
-        seeds = int(get["learned"]["seeds"]) if get["learned"] is not None else 0
+        n_seeds = int(get["learned"]["seeds"]) if get["learned"] is not None else 0
         out.append(
             row(
                 [
                     epoch,
-                    seeds,
+                    n_seeds,
                     fmt(get["learned"], 1),
                     fmt(get["acquired"], 1),
                     fmt(get["retained"], 1),
@@ -207,17 +239,25 @@ def main(folder: Path = HERE) -> None:
     facts["faith_ok"] = facts["faithfulness"].where(facts["gap_ok"])
     facts["jaccard_ok"] = facts["jaccard_prev"].where(facts["gap_ok"] & prev_ok)
     facts["jaccard_excluded"] = facts["jaccard_prev"].notna() & facts["jaccard_ok"].isna()
+    # the facts that pass the gap filter at every epoch in every seed: summaries over a set that does not change
+    always = sorted(f for f, ok in facts.groupby("fact_id")["gap_ok"].all().items() if ok)
+    fixed = facts["fact_id"].isin(always)
+    facts["faith_fixed"] = facts["faith_ok"].where(fixed)
+    facts["jaccard_fixed"] = facts["jaccard_ok"].where(fixed)
     fsum = (
         facts.groupby(["seed", "epoch"])
         .agg(
             jaccard_prev=("jaccard_ok", "mean"),
             faithfulness=("faith_ok", "median"),
+            jaccard_fixed=("jaccard_fixed", "mean"),
+            faith_fixed=("faith_fixed", "median"),
             excluded=("gap_ok", lambda g: int((~g).sum())),
             jaccard_excluded=("jaccard_excluded", "sum"),
         )
         .reset_index()
     )
     fj, ff = across_seeds(fsum, "jaccard_prev"), across_seeds(fsum, "faithfulness")
+    fjx, ffx = across_seeds(fsum, "jaccard_fixed"), across_seeds(fsum, "faith_fixed")
     fsteps = ", ".join(map(str, sorted(facts["ig_steps"].unique())))
     fgrid = ", ".join(sorted(facts["ig_grid"].unique()))
     out += [
@@ -236,9 +276,11 @@ def main(folder: Path = HERE) -> None:
                 "median faithfulness",
                 "fact-seeds excluded (gap)",
                 "Jaccards excluded (gap at either epoch)",
+                "mean Jaccard, same facts throughout",
+                "median faithfulness, same facts throughout",
             ]
         ),
-        row(["---"] * 6),
+        row(["---"] * 8),
     ]
     for epoch in sorted(fsum["epoch"].unique()):
         g = fsum[fsum["epoch"] == epoch]
@@ -251,19 +293,32 @@ def main(folder: Path = HERE) -> None:
                     fmt(ff.loc[epoch], 3) if epoch in ff.index else "-",
                     int(g["excluded"].sum()),
                     int(g["jaccard_excluded"].sum()),
+                    fmt(fjx.loc[epoch], 3) if epoch in fjx.index else "-",
+                    fmt(ffx.loc[epoch], 3) if epoch in ffx.index else "-",
                 ]
             )
         )
+    out += [
+        "",
+        "Same facts throughout: the facts that pass the gap filter at every epoch in every seed ("
+        + (", ".join(always) if always else "none")
+        + "); the other columns summarise whichever facts pass at that epoch.",
+    ]
     if len(seeds) < MIN_ENTITIES:
         out += [
             "",
             f"No intervals: {len(seeds)} seeds are fewer than the {MIN_ENTITIES} a 95 % interval over seeds "
             "needs to cover (`circuitdyn.analysis.stats.MIN_ENTITIES`); cells show the mean over seeds.",
         ]
+    out += per_fact_trajectories(facts)
     text = "\n".join(out) + "\n"
-    (folder / "tables.md").write_text(text)
-    print(text)
-    plot(folder, cols, tcols, paper_dyn, paper_task, n_entities)
+    return text, {
+        "cols": cols,
+        "tcols": tcols,
+        "paper_dyn": paper_dyn,
+        "paper_task": paper_task,
+        "n_entities": n_entities,
+    }
 
 
 def plot(
@@ -328,7 +383,18 @@ def plot(
     fig.write_html(folder / "reproduction.html", include_plotlyjs="cdn", full_html=True, div_id="reproduction")
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", nargs="?", type=Path, default=HERE, help="folder holding the CSVs (default: this one)")
+    ap.add_argument("--out", type=Path, help="folder to write tables.md and reproduction.html into (default: FOLDER)")
+    args = ap.parse_args(argv)
+    out = args.out if args.out is not None else args.folder
+    out.mkdir(parents=True, exist_ok=True)
+    text, data = tables(args.folder)
+    (out / "tables.md").write_text(text)
+    print(text, end="")
+    plot(out, **data)
 
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
+
+if __name__ == "__main__":
+    main()
