@@ -49,6 +49,15 @@ class DemoResult:
     wall_s: float
     stage_s: dict[str, float] = field(default_factory=dict)
 
+    def to_frame(self) -> pd.DataFrame:
+        """The timeline's tidy table (per fact and epoch)."""
+        return self.timeline.to_frame()
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<pre>{html.escape(self.text())}</pre>"
+
     def text(self) -> str:
         """What the demo found, as `circuitdyn demo` prints it: the learning dynamics, the timeline (with the
         transfer matrix), the diff of the first and last epochs, the wall time and where everything is."""

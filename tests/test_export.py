@@ -288,3 +288,23 @@ def test_cli_export_missing_circuit_file(tmp_path, capsys):
     code, _, err = _cli(["export", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.csv")], capsys)
     missing = tmp_path / "none.safetensors"
     assert code == 2 and err.strip() == f"circuitdyn export: error: circuit file {missing} does not exist"
+
+
+def test_circuit_set_frame_and_notebook_display() -> None:
+    """A notebook shows a CircuitSet as its settings and strongest edges; to_frame is tidy, strongest first."""
+    scores = torch.tensor([[0.1, -0.9, 0.3], [0.5, 0.0, -0.2]])
+    cs = CircuitSet(scores, ["input->a0.h0<q>", "input->m0", "a0.h0->logits"], ["f0", "f1"], {"method": "eap-ig"})
+    df = cs.to_frame(top=2)
+    assert list(df.columns) == ["fact_id", "rank", "edge", "source", "destination", "score"]
+    first = df.iloc[0]
+    assert (first.fact_id, first["rank"], first.edge, first.source, first.destination) == (
+        "f0",
+        1,
+        "input->m0",
+        "input",
+        "m0",
+    )
+    assert abs(first.score + 0.9) < 1e-6
+    assert df.groupby("fact_id").size().tolist() == [2, 2] and df.iloc[2]["edge"] == "input->a0.h0<q>"
+    html = cs._repr_html_()
+    assert "eap-ig" in html and "input-&gt;m0" in html

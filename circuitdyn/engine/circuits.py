@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from safetensors import safe_open
@@ -133,6 +134,37 @@ class CircuitSet:
 
     def __len__(self) -> int:
         return len(self.fact_ids)
+
+    def to_frame(self, top: int = 20) -> pd.DataFrame:
+        """Each fact's `top` edges by |score|, tidy: fact_id, rank (1 = strongest), edge, source, destination,
+        score (the whole set is `scores` [fact, edge] with `edges` and `fact_ids`)."""
+        k = min(max(int(top), 1), len(self.edges))
+        idx = self.scores.float().abs().topk(k, dim=1).indices
+        rows = []
+        for i, fact in enumerate(self.fact_ids):
+            for r, e in enumerate(idx[i].tolist()):
+                src, _, dst = self.edges[e].partition("->")
+                rows.append(
+                    {
+                        "fact_id": fact,
+                        "rank": r + 1,
+                        "edge": self.edges[e],
+                        "source": src,
+                        "destination": dst,
+                        "score": float(self.scores[i, e]),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        meta = "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(self.meta[k]))}</td></tr>"
+            for k in ("model", "epoch", "method", "ig_steps", "ig_grid", "metric", "seed")
+            if k in self.meta
+        )
+        return f"<p>{html.escape(repr(self))}</p><table>{meta}</table>" + self.to_frame(top=3).to_html(index=False)
 
     @cached_property
     def graph(self) -> Graph:

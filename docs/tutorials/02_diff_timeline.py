@@ -102,6 +102,26 @@ tl.figure()
 cd.timeline(run, facts, settings, compare).epochs
 
 # %% [markdown]
+# ## Take a circuit out: networkx, graph JSON, files
+#
+# Each epoch's `CircuitSet` (`tl.circuits[epoch]`) gives one fact's circuit as a networkx graph over components
+# (`to_networkx`: nodes with layer and kind, edges with their score), as graph JSON (`cd.to_graph_json`; the
+# schema ships as `circuitdyn/schemas/graph.schema.json`) or as a file (`cd.export`; in the shell
+# `circuitdyn export CIRCUIT_FILE --format json|graphml|csv`).
+
+# %%
+cs = tl.circuits[1]
+fact = cs.fact_ids[0]
+g = cs.to_networkx(fact, "top:30", circuit_only=True)
+src, dst, data = max(g.edges(data=True), key=lambda e: abs(e[2]["score"]))
+print(f"{g.number_of_nodes()} nodes, {g.number_of_edges()} edges; strongest {src} -> {dst}: {data['score']:.4f}")
+
+# %%
+doc = cd.to_graph_json(cs, fact, "top:30")
+print(sorted(doc), len(doc["links"]), "links")
+cd.export(cs, Path(tempfile.mkdtemp()) / "circuit.graphml", "graphml", fact, "top:30")
+
+# %% [markdown]
 # ## What are the test's error rates here?
 #
 # `cd.calibrate(run, epoch, facts, settings)` measures, at one checkpoint, how often the change test fires when
