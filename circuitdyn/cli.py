@@ -47,7 +47,7 @@ from circuitdyn.engine.settings import (
 )
 from circuitdyn.errors import CircuitdynError, CircuitdynWarning
 from circuitdyn.io import check_writable
-from circuitdyn.pipeline import calibrate, extraction, tasks
+from circuitdyn.pipeline import calibrate, extraction, plan, tasks
 from circuitdyn.pipeline.compare import Side
 from circuitdyn.probes.facts import FactSpec, run_facts
 from circuitdyn.probes.probes import corruption_summary
@@ -629,10 +629,19 @@ def _run_extract(args: argparse.Namespace) -> int:
     else:
         settings = AttributionSettings(**_chosen(args))
         spec = _spec(args)
-        facts = spec.load(run.tokenizer()) if spec is not None else run_facts(run)
+        chooses = [
+            f"--{k.replace('_', '-')}" for k in ("limit", "sample", "per_entity", "entities") if getattr(args, k)
+        ]
+        if spec is None and chooses:
+            raise CircuitdynError(
+                f"extract: {', '.join(chooses)} choose among --probes FILE's probes; without --probes the run's "
+                "recorded facts are used as they are"
+            )
+        facts = spec.load(run.tokenizer()) if spec is not None else run_facts(run, folder=out)
         source = args.probes or facts.options.get("probes") or "the packaged validation probes"
         recorded = "" if args.probes else ", the run's recorded facts"
         print(f"{len(facts)} facts ({corruption_summary(facts)}{recorded}); epochs {epochs}; {settings.describe()}")
+        print(plan.extract_plan(run, facts, out, epochs, settings).line())
         compute = Compute(
             args.batch_size,
             args.buffer_dtype,

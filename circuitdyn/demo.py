@@ -156,9 +156,10 @@ def run_demo(
     from circuitdyn.io import check_writable
     from circuitdyn.pipeline.compare import load_run_timeline
     from circuitdyn.pipeline.extraction import run_evaluator
+    from circuitdyn.pipeline.plan import timeline_plan
     from circuitdyn.probes.facts import load_facts
     from circuitdyn.probes.probes import corruption_summary, load_probes, write_probes_jsonl
-    from circuitdyn.runs.checkpoints import open_run
+    from circuitdyn.runs.checkpoints import circuits_dir, open_run
     from circuitdyn.training.cpt import resolve_inputs, run_cpt
     from circuitdyn.viz import write_circuit_html, write_diff_html, write_timeline_html
 
@@ -201,6 +202,7 @@ def run_demo(
         f"({s.ig_grid} rule), "
         f"epochs {run.epochs}; {cmp.replicates} method-noise replicates at every epoch; circuits {cmp.selection}"
     )
+    say("      " + timeline_plan(run, facts, circuits_dir(run), s, cmp).line())
     timeline = load_run_timeline(run, facts, s, cmp.replace(transfer=False), fact_choice=choice, progress=progress)
     stage["circuits"] = time.perf_counter() - t
 

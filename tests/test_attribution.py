@@ -187,6 +187,7 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
     assert main(["extract", *argv]) == 0
     text = capsys.readouterr().out
     assert "3 facts" in text and text.count("(written)") == 2
+    assert "plan: 3 facts x 2 epochs, no method-noise replicates: 0 of 2 circuit files cached, 2 to compute" in text
     files = sorted(out.glob("*.safetensors"))
     short_hash = CircuitSet.load(files[0]).meta["probe_set_hash"].split(":")[1][:8]
     assert [f.name for f in files] == [
@@ -197,7 +198,14 @@ def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):
     assert cs.meta["step"] == 20 and len(cs.meta["faithfulness"]) == 3 and cs.meta["ig_steps"] == 2
     assert len(cs.meta["m_clean"]) == len(cs.meta["m_corrupted"]) == 3
     assert main(["extract", *argv]) == 0
+    text = capsys.readouterr().out
+    assert text.count("(cached)") == 2 and "2 of 2 circuit files cached, 0 to compute" in text
+    # without --probes: the run's recorded facts (the same 3), their circuits reused
+    bare = [a for a in argv if a not in ("--probes", probes, "--limit", "3")]
+    assert main(["extract", *bare]) == 0
     assert capsys.readouterr().out.count("(cached)") == 2
+    assert main(["extract", *bare, "--limit", "2"]) == 2
+    assert "--limit choose among --probes FILE's probes" in capsys.readouterr().err
     assert main(["extract", str(llama_run), "--probes", probes, "--epochs", "x", "--out", str(out)]) == 2
     assert "epochs must be comma-separated integers, got 'x'" in capsys.readouterr().err
 

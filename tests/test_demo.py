@@ -118,6 +118,7 @@ def test_demo_end_to_end_and_resume(tiny_base: Path, tmp_path: Path, capsys: pyt
         "viewers:",
         str(r.timeline_html),
         f"2 trained entities: {', '.join(sorted(entities))}",
+        "plan: 4 facts x 3 epochs, 5 replicates per epoch: 18 of 18 circuit files cached, 0 to compute",
         f"circuitdyn diff {r.run_dir}:0 {r.run_dir}:2",
         f"circuitdyn timeline {r.run_dir}",
     ):

@@ -143,3 +143,16 @@ def diff_plan(
             draws = run_draws(run, [epoch], cmp.family, cmp.replicates, s.seed if shared else s.seed + 1)[epoch]
         files.update(_checkpoint_files(run, epoch, facts, Path(folder), draws, s))
     return Plan(len(facts), 2, "checkpoints", cmp.replicates or 0, 2 if cmp.replicates is not None else 0, files)
+
+
+def extract_plan(
+    run: Run, facts: FactSet, folder: str | Path, epochs: Sequence[int], settings: AttributionSettings | None = None
+) -> Plan:
+    """The circuit files `extraction.extract_run(run, facts, folder, epochs, settings)` reads or computes."""
+    from circuitdyn.engine.settings import DEFAULT_SETTINGS
+
+    s = settings or DEFAULT_SETTINGS
+    files: dict[Path, bool] = {}
+    for e in epochs:
+        files.update(_checkpoint_files(run, e, facts, Path(folder), [], s))
+    return Plan(len(facts), len(epochs), "epochs", 0, 0, files)
