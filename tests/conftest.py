@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,6 +136,18 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> "
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
+
+
+def load_script(path: Path, name: str | None = None) -> types.ModuleType:
+    """A script of the repository (a benchmark, an example, the tutorial runner) imported as a module, registered
+    in sys.modules under `name` (default: the file's stem) so that its dataclasses resolve."""
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def seed_sentences(limit: int = 400) -> list[str]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from attribution_reference import reference_scores
-from conftest import tiny_facts, tiny_tl_model
+from conftest import load_script, tiny_facts, tiny_tl_model
 
 from circuitdyn.engine import attribution as A
 from circuitdyn.engine import forward as Fw
@@ -17,10 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARKS / f"{name}.py", f"benchmark_{name}")
 
 
 def test_attribution_benchmark_compares_engine_and_reference_on_one_grid():

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model
+from conftest import load_script, save_tiny_model
 
 from circuitdyn.analysis.dynamics import load_dynamics
 from circuitdyn.analysis.stopping import apply_rule, history_from_dynamics
@@ -18,10 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("trainer_callback", REPO / "examples" / "trainer_callback.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "examples" / "trainer_callback.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,17 @@ committed reproduction.html) byte for byte from the committed CSVs, writing only
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 RESULTS = Path(__file__).resolve().parents[1] / "examples" / "results"
 
 
 def _make_tables():
-    spec = importlib.util.spec_from_file_location("reproduction_make_tables", RESULTS / "make_tables.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduction_make_tables"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RESULTS / "make_tables.py", "reproduction_make_tables")
 
 
 def test_committed_tables_md_is_what_make_tables_prints():

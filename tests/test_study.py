@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import load_script
 
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "study"
 
 
 def _power():
-    spec = importlib.util.spec_from_file_location("study_power", STUDY / "power.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study_power"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STUDY / "power.py", "study_power")
 
 
 def test_readme_quotes_the_stored_power_curve():

@@ -7,15 +7,14 @@ import ast
 import importlib.util
 from pathlib import Path
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((REPO / "docs" / "tutorials").glob("[0-9]*.py"))
 
 
 def runner():
-    spec = importlib.util.spec_from_file_location("run_tutorials", REPO / "docs" / "run_tutorials.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "docs" / "run_tutorials.py")
 
 
 def test_tutorials_are_percent_notebooks_in_the_site():
