@@ -431,6 +431,7 @@ class Run:
     _architecture: str | None = field(default=None, repr=False)
     _base_model: PreTrainedModel | None = field(default=None, repr=False)
     _base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _consistent: tuple[tuple[int, str], ...] | None = field(default=None, repr=False)
 
     @property
     def epochs(self) -> list[int]:
@@ -466,7 +467,11 @@ class Run:
         raise CircuitdynError(f"{self.path}: no checkpoint at step {step} (steps: {steps})")
 
     def check_consistent(self) -> None:
-        """All epochs must share architecture (every shape-fixing config field) and tokenizer."""
+        """All epochs must share architecture (every shape-fixing config field) and tokenizer (checked once per
+        opened run: every extraction asks, and an adapter's check builds its base model's skeleton)."""
+        checked = tuple((e, str(self.checkpoints[e].path)) for e in self.epochs)
+        if self._consistent == checked:
+            return
         first = self.checkpoint(self.epochs[0])
         for e in self.epochs:
             ck = self.checkpoint(e)
@@ -475,6 +480,7 @@ class Run:
             why = architecture_difference(first, ck) if e != first.epoch else None
             if why:
                 raise CircuitdynError(f"{self.path}: epoch {first.epoch} and epoch {e} have {why}")
+        self._consistent = checked
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
