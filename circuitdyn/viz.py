@@ -50,9 +50,10 @@ SIGN_COLOURS = {"negative": "#1f77b4", "positive": "#d62728"}
 """Negative score = patching the edge lowers the metric, i.e. the edge supports recall (see attribution)."""
 KIND_COLOURS = {"input": "#444444", "attn": "#9467bd", "mlp": "#17becf", "logits": "#444444"}
 WIDTHS = (1.0, 2.0, 3.5, 6.0)
-DEFAULT_SIZES = (25, 50, 100, 200, 500)
-MAX_EDGES = 600
-"""Drawn port-level edges per circuit at most (the strongest); larger circuits say how many are shown. A diff
+DEFAULT_SIZES = (25, 50, 100, 200)
+MAX_EDGES = 200
+"""Drawn port-level edges per circuit at most (the strongest; more than ~200 lines over 30 layers is a hairball,
+as headless-Chromium screenshots showed at 600); larger circuits say how many are shown. A diff
 splits this cap between the statuses present (`status_shares`), so that no status is crowded out."""
 WIDTH_COLOUR = "#555555"
 """Colour of the edge-width scale's legend entries (width, not colour, is what they explain)."""
