@@ -9,6 +9,7 @@ method-noise replicates, transfer), so a user can tell which one is running.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -18,12 +19,9 @@ T = TypeVar("T")
 
 
 def in_notebook() -> bool:
-    """True inside a Jupyter kernel (IPython with a kernel app)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
+    """True inside a Jupyter kernel (IPython with a kernel app; IPython is not imported where nothing has)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
