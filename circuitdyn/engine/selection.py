@@ -363,7 +363,7 @@ class Selection:
         guess: Int[Tensor, " fact"] | None = None,
     ) -> tuple[Bool[Tensor, "fact edge"], Float[Tensor, " fact"] | None]:
         """The circuits of every fact under this rule, and (for `faith:`, `pruned:`) the faithfulness each reached.
-        `guess`: per fact, a size to start the faithfulness search from (e.g. the previous epoch's; <= 0: none)."""
+        `guess`: per fact, a size to start the `faith:` search from (e.g. the previous epoch's; <= 0: none)."""
         scores = scores.float()
         if self.rule == "top":
             return select_top_n(scores, int(self.value)), None
@@ -373,8 +373,8 @@ class Selection:
             return select_threshold(scores, self.value), None
         if faithfulness is None:
             raise CircuitdynError(f"selection {self} needs a model to evaluate faithfulness; none was given")
-        if self.rule == "pruned":
-            _, masks, reached = prune_faithful(scores, faithfulness, self.value, graph, guess=guess)
+        if self.rule == "pruned":  # a pruned circuit's size is no guess for the top-n search it starts from
+            _, masks, reached = prune_faithful(scores, faithfulness, self.value, graph)
         else:
             _, masks, reached = smallest_faithful(scores, faithfulness, self.value, graph=graph, guess=guess)
         return masks, reached
