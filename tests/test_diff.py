@@ -572,3 +572,16 @@ def test_cli_diff_checkpoints_of_different_architectures(make_run, tmp_path, cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "architecture" in err and "LlamaForCausalLM" in err and "GPT2LMHeadModel" in err
+
+
+def test_method_noise_shows_itself_in_a_notebook():
+    distances = pd.DataFrame(
+        [
+            {"fact_id": f, "epoch": 0, "pair": "a-b", "statistic": "edge_jaccard", "distance": d}
+            for f, d in (("f0", 0.1), ("f1", 0.3))
+        ]
+    )
+    noise = MethodNoise(["f0", "f1"], [0], ["a", "b"], distances, torch.zeros(2, GRAPH.n_edges), "faith:0.8")
+    assert noise.to_frame().equals(distances) and noise.to_frame() is not noise.distances
+    html = noise._repr_html_()
+    assert "2 replicates" in html and "faith:0.8" in html and "0.300" in html

@@ -126,6 +126,19 @@ class MethodNoise:
         out = pd.DataFrame({"n": g.count(), "median": g.median(), "max": g.max()})
         return out.reindex(self.fact_ids)
 
+    def to_frame(self) -> pd.DataFrame:
+        """The tidy table of every replicate pair's distance (fact_id, epoch, pair, statistic, distance)."""
+        return self.distances.copy()
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head = (
+            f"method noise: {len(self.replicate_names)} replicates ('{self.family}' family) at epochs {self.epochs}, "
+            f"{len(self.fact_ids)} facts, circuits {self.selection}; per fact, edge-set distance between replicates:"
+        )
+        return f"<p>{html.escape(head)}</p>" + self.per_fact().to_html(float_format="{:.3f}".format)
+
     def band_for(self, fact_ids: Sequence[str]) -> Float[Tensor, "fact edge"]:
         """The per-edge score noise band of these facts."""
         index = {f: i for i, f in enumerate(self.fact_ids)}
