@@ -31,13 +31,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
-from typing import Any
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_models import smollm2_model_and_facts, tiny_model_and_facts  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from circuitdyn.engine.attribution import attribute_batch  # noqa: E402
@@ -45,56 +48,12 @@ from circuitdyn.engine.faithfulness import MIN_GAP, CircuitEvaluator  # noqa: E4
 from circuitdyn.engine.forward import make_batch  # noqa: E402
 from circuitdyn.engine.patching import exact_edge_effects  # noqa: E402
 from circuitdyn.engine.selection import select_top_n  # noqa: E402
-from circuitdyn.probes.probes import FactPrompt  # noqa: E402
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """Circuit sizes as fractions of the graph's edges (MIB's grid); k = 0 (faithfulness 0) is added for the area."""
 
 METHODS = {"eap": ("eap", 1), "eapig": ("eap-ig", 3), "relp": ("relp", 1)}
 """Name in the output -> (attribution method, steps); EAP-IG on the default midpoint rule."""
-
-
-def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
-    """A random Llama-like HookedTransformer (RMSNorm, rotary, gated SiLU MLP, GQA; 2 layers) and n random
-    facts (entity-swap corruption at positions 1 and 2)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        d_head=8,
-        n_heads=4,
-        n_ctx=64,
-        d_vocab=50,
-        d_mlp=48,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        gated_mlp=True,
-        n_key_value_heads=2,
-        final_rms=True,
-        seed=seed,
-        original_architecture="LlamaForCausalLM",
-    )
-    model = HookedTransformer(cfg, move_to_device=False).eval()
-    gen = torch.Generator().manual_seed(seed)
-    facts = []
-    for i in range(n):
-        clean = torch.randint(1, 50, (5 + i % 4,), generator=gen).tolist()
-        corrupted = list(clean)
-        corrupted[1], corrupted[2] = corrupted[1] % 49 + 1, corrupted[2] * 7 % 49 + 1
-        answer = torch.randint(1, 50, (1,), generator=gen).tolist()
-        facts.append(FactPrompt(f"t{i}", tuple(clean), tuple(corrupted), tuple(answer), "entity"))
-    return model, facts
-
-
-def smollm2_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
-    from circuitdyn.probes.facts import load_facts
-    from circuitdyn.runs.checkpoints import open_run
-    from circuitdyn.runs.gguf import default_model_dir
-
-    run = open_run(default_model_dir())
-    return run.load_model(0), list(load_facts(None, run.tokenizer(), sample_n=n, seed=seed))
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

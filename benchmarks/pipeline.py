@@ -37,12 +37,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_models import smollm2_model_and_facts, tiny_model_and_facts  # noqa: E402
 
 from circuitdyn.analysis.noise import REPLICATE_GRID, draw_settings  # noqa: E402
 from circuitdyn.engine.attribution import attribute  # noqa: E402
@@ -56,49 +60,6 @@ B = 8
 REPLICATES = 5
 SELECTION = "faith:0.8"
 STAGES = ("attribution", "selection", "warm", "replicates")
-
-
-def tiny_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
-    """A random Llama-like HookedTransformer (RMSNorm, rotary, gated SiLU MLP, GQA; 2 layers) and n random
-    facts (entity-swap corruption at positions 1 and 2)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        d_head=8,
-        n_heads=4,
-        n_ctx=64,
-        d_vocab=50,
-        d_mlp=48,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        gated_mlp=True,
-        n_key_value_heads=2,
-        final_rms=True,
-        seed=seed,
-        original_architecture="LlamaForCausalLM",
-    )
-    model = HookedTransformer(cfg, move_to_device=False).eval()
-    gen = torch.Generator().manual_seed(seed)
-    facts = []
-    for i in range(n):
-        clean = torch.randint(1, 50, (5 + i % 4,), generator=gen).tolist()
-        corrupted = list(clean)
-        corrupted[1], corrupted[2] = corrupted[1] % 49 + 1, corrupted[2] * 7 % 49 + 1
-        answer = torch.randint(1, 50, (1,), generator=gen).tolist()
-        facts.append(FactPrompt(f"t{i}", tuple(clean), tuple(corrupted), tuple(answer), "entity"))
-    return model, facts
-
-
-def smollm2_model_and_facts(n: int, seed: int = 0) -> tuple[Any, list[FactPrompt]]:
-    from circuitdyn.probes.facts import load_facts
-    from circuitdyn.runs.checkpoints import open_run
-    from circuitdyn.runs.gguf import default_model_dir
-
-    run = open_run(default_model_dir())
-    return run.load_model(0), list(load_facts(None, run.tokenizer(), sample_n=n, seed=seed))
 
 
 def run_model_and_facts(path: str, epoch: int, n: int) -> tuple[Any, Any, list[FactPrompt]]:
