@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.engine.forward import NOISE_SCALE, FactBatch, Metric, make_batch
+from circuitdyn.engine.forward import NOISE_SCALE, Metric, make_batch
 from circuitdyn.engine.graph import Graph
 from circuitdyn.engine.patching import PatchBase, clean_and_corrupted_metric, patch_base, run_patched
 from circuitdyn.engine.selection import top_n_by_fact
@@ -100,9 +99,11 @@ class CircuitEvaluator:
             if j not in self._base:
                 self._base[j] = patch_base(self.model, batch, self.metric)
             base = self._base[j]
-            sub, base = (batch, base) if len(sel) == len(chunk) else _fact_rows(batch, base, sel)
+            if len(sel) < len(chunk):  # only the open facts, without the padding they do not need
+                batch = batch.take(sel)
+                base = base.rows(sel, batch.clean.shape[1])
             idx = [chunk[k] for k in sel]
-            vals = run_patched(self.model, sub, masks[idx], self.metric, base).float().cpu()
+            vals = run_patched(self.model, batch, masks[idx], self.metric, base).float().cpu()
             for i, v in zip(idx, vals.tolist()):
                 out[i] = v
                 self._seen[i][keys[i]] = v
@@ -112,22 +113,6 @@ class CircuitEvaluator:
         span = self.m_clean - self.m_corr
         f = (self.metric_of(masks) - self.m_corr) / span
         return torch.where(span.abs() < 1e-6, torch.full_like(f, float("nan")), f)
-
-
-def _fact_rows(batch: FactBatch, base: PatchBase, sel: list[int]) -> tuple[FactBatch, PatchBase]:
-    """Facts `sel` of a batch and of its patch base, without the padding they do not need (the batch is
-    right-padded and attention causal, so trimming changes no kept position)."""
-    P = max(1, int(batch.valid[sel].sum(1).max()))
-    idx = torch.tensor(sel, device=batch.clean.device)
-    parts = {}
-    for f in fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor):
-            value = value[idx]
-            value = value[:, :P] if f.name in ("clean", "corrupted", "valid", "noise") else value
-        parts[f.name] = value
-    parts["facts"] = [batch.facts[k] for k in sel]
-    return FactBatch(**parts), base.rows(sel, P)
 
 
 def circuit_metric(

@@ -260,13 +260,19 @@ class FactBatch:
 
     def rows(self, start: int, stop: int) -> FactBatch:
         """Facts start:stop of the batch, with the padding they do not need trimmed."""
-        P = max(1, int(self.valid[start:stop].sum(1).max()))
+        return self.take(range(start, min(stop, len(self.facts))))
+
+    def take(self, idx: Sequence[int]) -> FactBatch:
+        """Facts `idx` of the batch, with the padding they do not need trimmed (the batch is right-padded and
+        attention causal, so trimming changes no kept position)."""
+        sel = torch.tensor(list(idx), dtype=torch.long, device=self.clean.device)
+        P = max(1, int(self.valid[sel].sum(1).max()))
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if isinstance(value, Tensor):
-                value = value[start:stop]
+                value = value[sel]
                 moved[name] = value[:, :P] if name in ("clean", "corrupted", "valid", "noise") else value
-        moved["facts"] = self.facts[start:stop]
+        moved["facts"] = [self.facts[i] for i in idx]
         return FactBatch(**moved)
 
     def suffix(self, start: int) -> FactBatch:
