@@ -28,7 +28,6 @@ float16 vs. 81 MB sparse (k = 1000).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -381,20 +380,12 @@ def _edge_header(edges: list[str]) -> dict[str, str]:
     return {"graph": json.dumps(shape, sort_keys=True), "edges_sha256": edges_digest(edges)}
 
 
-@functools.lru_cache(maxsize=8)
-def _graph_edges(n_layers: int, n_heads: int, has_mlp: bool) -> tuple[tuple[str, ...], str]:
-    """The edge names of a graph shape and their digest, built once (123k names take ~0.25 s)."""
-    edges = Graph(n_layers, n_heads, has_mlp).edges
-    return tuple(edges), edges_digest(edges)
-
-
 def _edges_from_header(header: dict[str, str], path: Path) -> list[str]:
     if "edges" in header:
         return json.loads(header["edges"])
     shape = json.loads(header["graph"])
-    names, digest = _graph_edges(int(shape["n_layers"]), int(shape["n_heads"]), bool(shape["has_mlp"]))
-    edges = list(names)
-    if digest != header.get("edges_sha256"):
+    edges = list(Graph.of(shape["n_layers"], shape["n_heads"], shape["has_mlp"]).edges)
+    if edges_digest(edges) != header.get("edges_sha256"):
         raise CircuitdynError(
             f"circuit file {path}: header field 'edges_sha256' does not match the edge list of "
             f"its graph {shape} (written by a version with another edge order)"

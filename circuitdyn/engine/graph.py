@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
 import networkx as nx
@@ -48,11 +48,17 @@ class Graph:
             raise CircuitdynError(f"graph needs n_layers >= 1 and n_heads >= 1, got {self.n_layers}, {self.n_heads}")
 
     @classmethod
+    def of(cls, n_layers: int, n_heads: int, has_mlp: bool = True) -> Graph:
+        """The graph of this shape, one instance per process: its edge names (10^5 strings for a 135M model)
+        and tables are built once, however many circuit files, patched runs and viewers ask."""
+        return _shared_graph(int(n_layers), int(n_heads), bool(has_mlp))
+
+    @classmethod
     def from_config(cls, cfg: Any) -> Graph:
         """The graph of a `HookedTransformerConfig` (sequential attention then MLP per block)."""
         if getattr(cfg, "parallel_attn_mlp", False):
             raise CircuitdynError("config field parallel_attn_mlp=True is not supported by the attribution graph")
-        return cls(int(cfg.n_layers), int(cfg.n_heads), not bool(getattr(cfg, "attn_only", False)))
+        return cls.of(cfg.n_layers, cfg.n_heads, not getattr(cfg, "attn_only", False))
 
     @classmethod
     def from_model(cls, model: HookedTransformer) -> Graph:
@@ -76,7 +82,7 @@ class Graph:
                     raise CircuitdynError(f"edge name {name!r} has an unknown node {node!r}")
         if n_layers == 0 or n_heads == 0:
             raise CircuitdynError("edge list names no attention heads; cannot rebuild the graph")
-        graph = cls(n_layers, n_heads, has_mlp)
+        graph = cls.of(n_layers, n_heads, has_mlp)
         if list(edges) != graph.edges:
             missing = sorted(set(graph.edges) - set(edges))[:3]
             extra = sorted(set(edges) - set(graph.edges))[:3]
@@ -224,3 +230,8 @@ class Graph:
     def edge_node_ids_np(self) -> tuple[np.ndarray, np.ndarray]:
         src, dst = self.edge_node_ids
         return src.numpy(), dst.numpy()
+
+
+@lru_cache(maxsize=16)
+def _shared_graph(n_layers: int, n_heads: int, has_mlp: bool) -> Graph:
+    return Graph(n_layers, n_heads, has_mlp)
