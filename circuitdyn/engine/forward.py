@@ -627,12 +627,12 @@ def run_capture(
     layers = layers or layer_weights(model)
     store: dict[str, list[Tensor]] = {k: [] for k in ("q", "k", "v", "xhat", "scale", "z", "mlp_in", "mlp_out")}
     x = x0.float()
-    for block, layer in zip(model.blocks, layers):
+    for i, (block, layer) in enumerate(zip(model.blocks, layers)):
         if dtype is not None and dtype != layer.W_qkv.dtype:
             layer = layer.to(dtype)
         n, xhat, scale = layer.norm1.parts(x, layer.W_qkv.dtype, constant_scale=relp) if relp else ln1(layer, x)
         q, k, v = _qkv(layer, cfg, n)
-        z = attend(model, block, q, k, v, relp, None if past is None else past[len(store["z"])])
+        z = attend(model, block, q, k, v, relp, None if past is None else past[i])
         for key, val in (("q", q), ("k", k), ("v", v), ("xhat", xhat), ("scale", scale), ("z", z)):
             store[key].append(val)
         x = x + z.flatten(2) @ layer.W_O.flatten(0, 1) + layer.b_O
