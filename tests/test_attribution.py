@@ -326,6 +326,9 @@ def test_patching_after_a_shared_prefix_is_exact(tiny_tl, density):
     m_clean, m_corr = Pt.clean_and_corrupted_metric(tiny_tl, batch)
     if density in (0.0, 1.0):
         assert torch.allclose(shared, m_corr if density == 0.0 else m_clean, atol=1e-5)
+    base = Pt.patch_base(tiny_tl, batch)  # its two ends, from the prefix run and the two runs after it
+    assert base.start == 7
+    assert torch.allclose(base.m_clean, m_clean, atol=1e-5) and torch.allclose(base.m_corr, m_corr, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig", "relp"])

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from circuitdyn.engine.forward import NOISE_SCALE, Metric, make_batch
 from circuitdyn.engine.graph import Graph
-from circuitdyn.engine.patching import PatchBase, clean_and_corrupted_metric, patch_base, run_patched
+from circuitdyn.engine.patching import PatchBase, patch_base, run_patched
 from circuitdyn.engine.selection import top_n_by_fact
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes.probes import FactPrompt
@@ -44,10 +44,15 @@ def gap_ok(gaps: Sequence[float] | np.ndarray, min_gap: float = MIN_GAP) -> np.n
     return np.isnan(g) | (g >= min_gap)
 
 
+BASE_BUDGET_BYTES = 4 * 2**30
+"""Memory an evaluator keeps for its batches' `patching.PatchBase`s (~190 MB per 8 chat-templated SmolLM2
+facts); a batch past it recomputes its base when a circuit of it is evaluated, so memory stays bounded."""
+
+
 class CircuitEvaluator:
-    """Evaluates many circuits of the same facts on one model: m_clean / m_corr per fact are computed once,
-    each batch's `patching.PatchBase` (corrupted activations, the shared prefix's clean keys and values) once,
-    on first use. `metric_of(masks)`, `faithfulness(masks)`.
+    """Evaluates many circuits of the same facts on one model: each batch's `patching.PatchBase` (m_clean and
+    m_corr per fact, the corrupted activations, the shared prefix's clean keys and values) is computed once,
+    up front, and kept within BASE_BUDGET_BYTES. `metric_of(masks)`, `faithfulness(masks)`.
 
     A fact's full graph (m_clean: faithfulness exactly 1), its empty circuit (m_corr: 0) and a circuit it
     evaluated before (its first value) cost no forward, and only the other facts of a batch run: a search
@@ -69,10 +74,16 @@ class CircuitEvaluator:
         self.chunks = [list(range(i, min(i + batch_size, len(facts)))) for i in range(0, len(facts), batch_size)]
         self.batches = [make_batch(model, [facts[i] for i in c], seed, noise_scale, metric) for c in self.chunks]
         self._seen: list[dict[bytes, float]] = [{} for _ in facts]  # per fact: mask digest -> m_circuit
-        self._base: dict[int, PatchBase] = {}  # per batch, on first use: a metric alone needs none of it
-        runs = [clean_and_corrupted_metric(model, batch, metric) for batch in self.batches]
-        self.m_clean = torch.cat([m for m, _ in runs]).float().cpu()
-        self.m_corr = torch.cat([m for _, m in runs]).float().cpu()
+        self._base: dict[int, PatchBase] = {}  # per batch, while they fit BASE_BUDGET_BYTES
+        m_clean, m_corr, kept = [], [], 0
+        for j, batch in enumerate(self.batches):
+            base = patch_base(model, batch, metric)
+            m_clean.append(base.m_clean)
+            m_corr.append(base.m_corr)
+            if kept + base.nbytes <= BASE_BUDGET_BYTES:
+                self._base[j], kept = base, kept + base.nbytes
+        self.m_clean = torch.cat(m_clean).cpu()
+        self.m_corr = torch.cat(m_corr).cpu()
 
     def metric_of(self, masks: Bool[Tensor, "fact edge"]) -> Float[Tensor, " fact"]:
         if masks.shape != (len(self.m_clean), self.graph.n_edges):
@@ -96,9 +107,7 @@ class CircuitEvaluator:
             sel = [k for k, i in enumerate(chunk) if todo[i]]
             if not sel:
                 continue
-            if j not in self._base:
-                self._base[j] = patch_base(self.model, batch, self.metric)
-            base = self._base[j]
+            base = self._base[j] if j in self._base else patch_base(self.model, batch, self.metric)
             if len(sel) < len(chunk):  # only the open facts, without the padding they do not need
                 batch = batch.take(sel)
                 base = base.rows(sel, batch.clean.shape[1])
