@@ -220,8 +220,21 @@ def test_known_circuits_cost_no_forward(tiny_tl, monkeypatch):
     masks2[[1, 3]] = torch.rand(2, E, generator=gen) < 0.6
     masks2[4] = True
     second = ev.faithfulness(masks2)
-    assert rows == [3, 2, 1, 1]  # fact 1 of the first batch, fact 3 of the second
+    open_per_batch = [sum(i in (1, 3) for i in chunk) for chunk in ev.chunks]  # batches are cut by length
+    assert rows == [3, 2] + [n for n in open_per_batch if n]
     monkeypatch.undo()
     whole = faithfulness(tiny_tl, facts, masks2, batch_size=3)
     assert torch.allclose(second, whole, atol=1e-5) and torch.equal(second[[0, 2]], first[[0, 2]])
     assert float(second[4]) == 1.0
+
+
+def test_a_facts_faithfulness_does_not_depend_on_its_batch(tiny_tl):
+    """The evaluator cuts its batches from the facts sorted by length: every fact gets the value it gets alone."""
+    facts = tiny_facts(5)
+    E = Graph.from_model(tiny_tl).n_edges
+    masks = torch.rand(5, E, generator=torch.Generator().manual_seed(3)) < 0.5
+    together = CircuitEvaluator(tiny_tl, facts, batch_size=2)
+    assert sorted(i for c in together.chunks for i in c) == list(range(5))
+    alone = torch.cat([faithfulness(tiny_tl, [f], masks[i : i + 1]) for i, f in enumerate(facts)])
+    assert torch.allclose(together.faithfulness(masks), alone, atol=1e-5)
+    assert torch.allclose(together.m_clean, CircuitEvaluator(tiny_tl, facts, batch_size=5).m_clean, atol=1e-5)

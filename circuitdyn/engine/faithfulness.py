@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdyn.engine.forward import NOISE_SCALE, Metric, make_batch
+from circuitdyn.engine.forward import NOISE_SCALE, Metric, by_length, make_batch
 from circuitdyn.engine.graph import Graph
 from circuitdyn.engine.patching import PatchBase, patch_base, run_patched
 from circuitdyn.engine.selection import top_n_by_fact
@@ -71,19 +71,18 @@ class CircuitEvaluator:
             raise CircuitdynError("no facts given to evaluate")
         self.model, self.metric = model, metric
         self.graph = Graph.from_model(model)
-        self.chunks = [list(range(i, min(i + batch_size, len(facts)))) for i in range(0, len(facts), batch_size)]
+        order = by_length(facts)
+        self.chunks = [order[i : i + batch_size] for i in range(0, len(facts), batch_size)]
         self.batches = [make_batch(model, [facts[i] for i in c], seed, noise_scale, metric) for c in self.chunks]
         self._seen: list[dict[bytes, float]] = [{} for _ in facts]  # per fact: mask digest -> m_circuit
         self._base: dict[int, PatchBase] = {}  # per batch, while they fit BASE_BUDGET_BYTES
-        m_clean, m_corr, kept = [], [], 0
-        for j, batch in enumerate(self.batches):
+        self.m_clean, self.m_corr = torch.empty(len(facts), device="cpu"), torch.empty(len(facts), device="cpu")
+        kept = 0
+        for j, (chunk, batch) in enumerate(zip(self.chunks, self.batches)):
             base = patch_base(model, batch, metric)
-            m_clean.append(base.m_clean)
-            m_corr.append(base.m_corr)
+            self.m_clean[chunk], self.m_corr[chunk] = base.m_clean.cpu(), base.m_corr.cpu()
             if kept + base.nbytes <= BASE_BUDGET_BYTES:
                 self._base[j], kept = base, kept + base.nbytes
-        self.m_clean = torch.cat(m_clean).cpu()
-        self.m_corr = torch.cat(m_corr).cpu()
 
     def metric_of(self, masks: Bool[Tensor, "fact edge"]) -> Float[Tensor, " fact"]:
         if masks.shape != (len(self.m_clean), self.graph.n_edges):

@@ -300,6 +300,12 @@ def fact_seed(seed: int, fact_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{fact_id}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def by_length(facts: Sequence[FactPrompt]) -> list[int]:
+    """Fact indices shortest first (prompt + answer tokens): batches cut from this order carry little padding,
+    and a fact's result does not depend on its batch."""
+    return sorted(range(len(facts)), key=lambda i: len(facts[i].clean_tokens) + len(facts[i].answer_tokens))
+
+
 def make_batch(
     model: HookedTransformer,
     facts: Sequence[FactPrompt],
