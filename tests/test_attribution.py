@@ -339,3 +339,23 @@ def test_attribution_after_a_shared_prefix_is_exact(tiny_tl, monkeypatch, method
     monkeypatch.setattr(A, "shared_prefix", lambda batch: 0)
     whole = A.attribute_batch(tiny_tl, batch, method, 3)
     assert torch.allclose(shared, whole, atol=1e-5, rtol=1e-4), (shared - whole).abs().max()
+
+
+@pytest.mark.parametrize(
+    ("method", "grid"), [("eap", "midpoint"), ("eap-ig", "right"), ("eap-ig", "midpoint"), ("relp", "midpoint")]
+)
+def test_attribution_reports_the_runs_it_was_computed_between(tiny_tl, method, grid):
+    """`attribute_with_ends` gives m_clean and m_corr of the runs attribution made anyway (the right grid's
+    clean run is its last IG step): the same as running them on their own, in the facts' order."""
+    from circuitdyn.engine.settings import AttributionSettings, Compute
+
+    facts = _prefixed_facts() + tiny_facts(3)
+    done = A.attribute_with_ends(
+        tiny_tl, facts, AttributionSettings(method=method, ig_grid=grid), Compute(batch_size=2)
+    )
+    m_clean, m_corr = Pt.clean_and_corrupted_metric(tiny_tl, Fw.make_batch(tiny_tl, facts))
+    assert torch.allclose(done.m_clean, m_clean, atol=1e-5) and torch.allclose(done.m_corr, m_corr, atol=1e-5)
+    assert torch.equal(
+        done.scores,
+        A.attribute(tiny_tl, facts, AttributionSettings(method=method, ig_grid=grid), Compute(batch_size=2)),
+    )

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,7 @@ from circuitdyn.engine.forward import (
     FactBatch,
     LayerWeights,
     Metric,
+    by_length,
     check_supported,
     clean_prefix,
     embed_inputs,
@@ -87,6 +89,16 @@ from circuitdyn.probes.probes import FactPrompt
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Edge scores and the two runs they were computed between: m_clean and m_corr per fact (the metric of the
+    clean and the corrupted run; attribution runs both, so they come free)."""
+
+    scores: Float[Tensor, "fact edge"]
+    m_clean: Float[Tensor, " fact"]
+    m_corr: Float[Tensor, " fact"]
 
 
 def grid_offset(seed: int, fact_id: str = "") -> float:
@@ -143,9 +155,10 @@ def attribute_batch(
     buffer_dtype: BufferDtype = "float32",
     pass_facts: int | None = None,
     seed: int = 0,
+    ends: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "batch edge"]:
     """Scores [fact, edge] (float32) for one padded batch (see the module docstring for method and sign);
-    `seed` sets the `shifted` grid's offset.
+    `seed` sets the `shifted` grid's offset; `ends`: two [fact] tensors to fill with m_clean and m_corr.
 
     The facts are attributed `pass_facts` at a time (default `default_pass_facts`): each pass runs the
     corrupted, clean and IG forward and backward passes and the contraction of its facts, then frees them.
@@ -173,7 +186,10 @@ def attribute_batch(
         if grid == "shifted":  # one offset per fact: (k + u_f) / m as a [fact, 1, 1] tensor per step
             u = torch.tensor([grid_offset(seed, f.fact_id) for f in rows.facts], device=batch.clean.device)
             alphas = [((k + u) / m).view(-1, 1, 1) for k in range(m)]
-        out[b0 : b0 + n] = _attribute_pass(model, rows, graph, layers, metric, alphas, weights, buf, relp)
+        done = _attribute_pass(model, rows, graph, layers, metric, alphas, weights, buf, relp)
+        out[b0 : b0 + n] = done.scores
+        if ends is not None:
+            ends[0][b0 : b0 + n], ends[1][b0 : b0 + n] = done.m_clean, done.m_corr
     return out
 
 
@@ -187,7 +203,7 @@ def _attribute_pass(
     weights: list[float],
     buf: torch.dtype,
     relp: bool = False,
-) -> Float[Tensor, "batch edge"]:
+) -> Attribution:
     """`attribute_batch` for the facts of one pass; an alpha is a number, or one per fact ([fact, 1, 1]);
     `relp`: the gradient with RelP's rules."""
     m = len(alphas)
@@ -212,11 +228,11 @@ def _attribute_pass(
     low = layers[0].W_qkv.dtype != torch.float32
     clean_step = None if low else next((k for k, a in enumerate(alphas) if isinstance(a, float) and a == 1.0), None)
     with torch.no_grad():
-        _, st = run_capture(model, corr_in, batch, metric, layers, torch.float32, past=past32)
+        m_corr, st = run_capture(model, corr_in, batch, metric, layers, torch.float32, past=past32)
         diffs = _SourceDiffs(st, corr_in - clean_in, buf)
         del st
         if clean_step is None:
-            _, st = run_capture(model, clean_in, batch, metric, layers, torch.float32, past=past32)
+            m_clean, st = run_capture(model, clean_in, batch, metric, layers, torch.float32, past=past32)
             diffs.subtract(st)
             del st
     acc = [_PortGrads(buf, constant_scale=relp) for _ in range(L)]
@@ -236,6 +252,8 @@ def _attribute_pass(
                     materialize_grads=relp,
                 )
             )
+        if k == clean_step:
+            m_clean = values.detach()
         del values
         with torch.no_grad():
             if k == clean_step:  # the clean run: its outputs complete the differences corrupted - clean
@@ -255,7 +273,8 @@ def _attribute_pass(
     with torch.no_grad():
         for a in acc:
             a.finish()
-        return _contract(graph, layers, diffs, acc, g_mlp, g_logits, batch.valid, m)
+        scores = _contract(graph, layers, diffs, acc, g_mlp, g_logits, batch.valid, m)
+    return Attribution(scores, m_clean.float(), m_corr.float())
 
 
 class _SourceDiffs:
@@ -419,6 +438,18 @@ def attribute(
     *,
     progress: bool = False,
 ) -> Float[Tensor, "fact edge"]:
+    """Per-fact edge scores [len(facts), n_edges]: `attribute_with_ends(...).scores`."""
+    return attribute_with_ends(model, facts, settings, compute, progress=progress).scores
+
+
+def attribute_with_ends(
+    model: HookedTransformer,
+    facts: Sequence[FactPrompt],
+    settings: AttributionSettings | None = None,
+    compute: Compute | None = None,
+    *,
+    progress: bool = False,
+) -> Attribution:
     """Per-fact edge scores [len(facts), n_edges] (float32, on the CPU) in `Graph.from_model(model).edges` order,
     attributed with `settings` (default `DEFAULT_SETTINGS`).
 
@@ -436,7 +467,7 @@ def attribute(
     c = compute or Compute()
     if not facts:
         raise CircuitdynError("no facts given to attribute")
-    order = sorted(range(len(facts)), key=lambda i: len(facts[i].clean_tokens) + len(facts[i].answer_tokens))
+    order = by_length(facts)
     fit = None
     if c.max_memory is not None:
         longest = max(len(f.clean_tokens) + len(f.answer_tokens) - 1 for f in facts)
@@ -445,6 +476,7 @@ def attribute(
     if size is None or size < 1:
         raise CircuitdynError(f"batch_size must be >= 1 (or None with max_memory), got {c.batch_size}")
     out: list[Tensor | None] = [None] * len(facts)
+    m_clean, m_corr = torch.empty(len(facts), device="cpu"), torch.empty(len(facts), device="cpu")
     backoff = OOMBackoff(size)
     with (
         torch_threads(c.num_threads),
@@ -455,6 +487,10 @@ def attribute(
             chunk = order[start : start + backoff.size]
             batch = make_batch(model, [facts[i] for i in chunk], s.seed, s.noise_scale, s.metric)
             per_pass = None if fit is None and not backoff.halvings else min(fit or backoff.size, backoff.size)
+            ends = (
+                torch.empty(len(chunk), device=batch.clean.device),
+                torch.empty(len(chunk), device=batch.clean.device),
+            )
             scores = backoff.run(
                 partial(
                     attribute_batch,
@@ -467,12 +503,14 @@ def attribute(
                     c.buffer_dtype,
                     per_pass,
                     s.seed,
+                    ends,
                 )
             )
             if scores is None:
                 continue  # out of memory: the batch was halved, retry
             for j, i in enumerate(chunk):
                 out[i] = scores[j].cpu()
+            m_clean[chunk], m_corr[chunk] = ends[0].cpu(), ends[1].cpu()
             start += len(chunk)
             bar.update(len(chunk))
-    return torch.stack(out)  # type: ignore[arg-type]
+    return Attribution(torch.stack(out), m_clean, m_corr)  # type: ignore[arg-type]

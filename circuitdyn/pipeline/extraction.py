@@ -22,7 +22,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuitdyn.analysis.transfer import Evaluator
-from circuitdyn.engine.attribution import attribute
+from circuitdyn.engine.attribution import attribute_with_ends
 from circuitdyn.engine.circuits import CircuitSet, circuit_filename, read_meta, recorded_settings, settings_mismatch
 from circuitdyn.engine.faithfulness import CircuitEvaluator
 from circuitdyn.engine.forward import NOISE_SCALE
@@ -67,7 +67,7 @@ def extract_circuits(
     (`extraction_settings`), the architecture's shape and each fact's corruption are filled in here.
     """
     info = extraction_settings(model.cfg.original_architecture, facts, settings)
-    scores = attribute(model, facts, settings, compute, progress=progress)
+    done = attribute_with_ends(model, facts, settings, compute, progress=progress)
     cfg = model.cfg
     info.update(
         {
@@ -79,10 +79,12 @@ def extract_circuits(
             "dtype": str(cfg.dtype).removeprefix("torch."),
             "corruption": [f.corruption for f in facts],
             "sign": SIGN,
+            "m_clean": [round(float(v), 6) for v in done.m_clean.tolist()],
+            "m_corrupted": [round(float(v), 6) for v in done.m_corr.tolist()],
         }
     )
     info.update(meta or {})
-    return CircuitSet(scores, Graph.from_model(model).edges, [f.fact_id for f in facts], info)
+    return CircuitSet(done.scores, Graph.from_model(model).edges, [f.fact_id for f in facts], info)
 
 
 @dataclass
@@ -227,13 +229,11 @@ def extract_run(
             model = run.load_model(epoch)
             meta = {**checkpoint_meta(run, epoch), **(extra_meta or {})}
             cs = extract_circuits(model, facts, s, c, meta=meta, progress=progress)
-            ev = CircuitEvaluator(model, facts, s.metric, s.seed, c.batch_size or 8, s.noise_scale)
             if st.top_n is not None:
+                ev = CircuitEvaluator(model, facts, s.metric, s.seed, c.batch_size or 8, s.noise_scale)
                 faith = ev.faithfulness(cs.top_n(min(st.top_n, len(cs.edges))))
                 cs.meta["faithfulness"] = [None if v != v else round(float(v), 6) for v in faith.tolist()]
                 cs.meta["faithfulness_selection"] = f"top:{st.top_n}"
-            cs.meta["m_clean"] = [round(float(v), 6) for v in ev.m_clean.tolist()]
-            cs.meta["m_corrupted"] = [round(float(v), 6) for v in ev.m_corr.tolist()]
             cs.save(path, dtype=st.dtype, top_k=st.sparse_top_k)
             results.append(Extracted.from_file(epoch, path, False, cs))
     record_facts(out, facts)  # type: ignore[arg-type]  # a FactSet of a probe file: the run remembers it
