@@ -28,6 +28,10 @@ beside it (`cold_selection_over_attribution`); without, both are the cold search
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py --facts 8 --rounds 2
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py --run circuitdyn-demo/run --epoch 1 --rounds 2
 
+`--curve N` instead samples each fact's faithfulness at N sizes log-spaced from 50 edges to all of them and
+prints, per fact, the search's answer, the first and the largest sampled size below the target, and whether
+every sampled size at or above the answer reaches it (how smooth is the curve a search brackets?).
+
 Last line: `selection_over_attribution=X pipeline_over_attribution=Y pipeline_over_one_attribution=Z
 cold_selection_over_attribution=C attribution_s=A selection_s=S warm_selection_s=W replicates_s=R` (the last
 four: seconds per fact).
@@ -80,6 +84,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run", help="a CPT run folder (e.g. circuitdyn-demo/run): measure on its facts and epochs")
     ap.add_argument("--epoch", type=int, default=1, help="with --run: the epoch measured (>= 1; default 1)")
+    ap.add_argument("--curve", type=int, metavar="N", help="sample the faithfulness curve at N sizes instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     previous = None
@@ -87,6 +92,8 @@ def main() -> None:
         previous, model, facts = run_model_and_facts(args.run, args.epoch, args.facts)
     else:
         model, facts = (tiny_model_and_facts if args.tiny else smollm2_model_and_facts)(args.facts, args.seed)
+    if args.curve:
+        return curve(model, facts, args.curve, args.seed)
     batches = [facts[i : i + B] for i in range(0, len(facts), B)]
     draws = draw_settings("estimation", REPLICATES)
     sel = Selection.parse(SELECTION)
@@ -153,6 +160,35 @@ def main() -> None:
         f"attribution_s={a:.4f} selection_s={per['selection']:.4f} warm_selection_s={per['warm']:.4f} "
         f"replicates_s={per['replicates']:.4f}"
     )
+
+
+def curve(model: Any, facts: list[FactPrompt], n: int, seed: int) -> None:
+    """Where the `faith:0.8` search's answer sits on each fact's sampled faithfulness curve."""
+    import numpy as np
+
+    from circuitdyn.engine.faithfulness import faithfulness_curve
+
+    target = Selection.parse(SELECTION).value
+    scores = attribute(model, facts, AttributionSettings(seed=seed), Compute(batch_size=B))
+    ev = CircuitEvaluator(model, facts, seed=seed, batch_size=B)
+    found = Selection.parse(SELECTION).select(scores, ev.graph, ev.faithfulness)[0].sum(1).tolist()
+    sizes = sorted({int(round(x)) for x in np.geomspace(50, ev.graph.n_edges, n)})
+    df = faithfulness_curve(model, facts, scores, sizes, seed=seed, batch_size=B)
+    print(f"{len(sizes)} sizes from {sizes[0]} to {sizes[-1]} (ratio {sizes[-1] / sizes[-2]:.3f} at the top)")
+    stays = 0
+    for f, k in zip(facts, found):
+        rows = df[df.fact_id == f.fact_id]
+        reach = rows[rows.faithfulness >= target].n
+        short = rows[rows.faithfulness < target].n
+        above = rows[rows.n >= k].faithfulness
+        stays += bool((above >= target).all())
+        print(
+            f"{f.fact_id}: found {k}, first sampled >= {target}: {reach.min() if len(reach) else '-'}, "
+            f"largest sampled < {target}: {short.max() if len(short) else '-'}, "
+            f"range [{rows.faithfulness.min():.2f}, {rows.faithfulness.max():.2f}], "
+            f"all sampled sizes >= found reach it: {bool((above >= target).all())}"
+        )
+    print(f"facts_staying_faithful_above_found={stays} of {len(facts)}")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,19 @@ def test_estimators_benchmark_areas_and_tiny_run(monkeypatch, capsys):
         "relp_cost_over_eap",
     ]
     assert all(float(kv.split("=")[1]) == float(kv.split("=")[1]) for kv in last.split())  # no NaN
+
+
+def test_pipeline_benchmark_tiny_run_and_curve(monkeypatch, capsys):
+    """benchmarks/pipeline.py `--tiny` prints its ratios; `--curve N` places each fact's search answer on its
+    sampled faithfulness curve (one line per fact and a count)."""
+    bench = _load("pipeline")
+    monkeypatch.setattr("sys.argv", ["pipeline.py", "--tiny", "--facts", "2", "--rounds", "1"])
+    bench.main()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert [kv.split("=")[0] for kv in last.split()][:2] == ["selection_over_attribution", "pipeline_over_attribution"]
+    assert float(last.split()[0].split("=")[1]) >= 1.0
+    monkeypatch.setattr("sys.argv", ["pipeline.py", "--tiny", "--facts", "3", "--curve", "6"])
+    bench.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("facts_staying_faithful_above_found=") and lines[-1].endswith("of 3")
+    assert sum(" found " in line for line in lines) == 3
