@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 from attribution_reference import reference_scores
-from conftest import tiny_facts, tiny_tl_model
 
 from circuitdyn.engine import attribution as A
 from circuitdyn.engine import forward as Fw
@@ -16,6 +15,7 @@ from circuitdyn.engine.graph import Graph
 from circuitdyn.engine.settings import AttributionSettings as S
 from circuitdyn.engine.settings import Compute
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.testing import tiny_facts, tiny_tl_model
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:

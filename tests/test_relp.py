@@ -12,7 +12,6 @@ import dataclasses
 import pytest
 import torch
 from attribution_reference import reference_scores
-from conftest import tiny_facts
 
 from circuitdyn.engine import attribution as A
 from circuitdyn.engine import forward as Fw
@@ -20,6 +19,7 @@ from circuitdyn.engine import patching as Pt
 from circuitdyn.engine.graph import Graph
 from circuitdyn.engine.settings import METHODS, check_method, grid_taken, steps_taken
 from circuitdyn.engine.settings import AttributionSettings as S
+from circuitdyn.testing import tiny_facts
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
