@@ -32,15 +32,15 @@ import torch
 
 torch.set_num_threads(1)
 
-from _tiny import tiny_llama, tiny_tokenizer
 from transformers import AutoTokenizer
 
 import circuitdyn as cd
+from circuitdyn.testing import tiny_hf_model, tiny_tokenizer
 
 work = Path(tempfile.mkdtemp(prefix="circuitdyn-tutorial-"))
 tok = AutoTokenizer.from_pretrained(tiny_tokenizer(work / "tokenizer"))
 base = work / "base"
-tiny_llama(len(tok), seed=0, hidden=64).save_pretrained(base)
+tiny_hf_model(len(tok), seed=0, hidden=64).save_pretrained(base)
 tok.save_pretrained(base)
 
 # %% [markdown]
