@@ -37,8 +37,8 @@ def tutorials(names: list[str]) -> list[Path]:
 
 
 def environment(work: Path) -> dict[str, str]:
-    """The tutorials' environment: offline, one thread, temporary files under `work`, the package and `_tiny.py`
-    importable."""
+    """The tutorials' environment: offline, one thread, temporary files under `work`, the tutorials' folder and
+    the repository (the package, `examples/`) on the path."""
     env = dict(os.environ)
     path = [str(TUTORIALS), str(REPO), env.get("PYTHONPATH", "")]
     env.update(

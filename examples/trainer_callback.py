@@ -17,9 +17,17 @@ This example runs in about a minute on a CPU: a tiny random Llama (the embedded 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase, Trainer
+
+    from circuitdyn.training.trainer import ProbeCallback
 
 ENTITIES = ["Russia", "Patna"]
 
@@ -50,28 +58,14 @@ def tiny_model(out: Path) -> Path:
     return out
 
 
-def train(base: Path, out: Path, epochs: int = 3, stop: str | None = "patience:2", circuits: bool = True):
-    """LoRA-train `base` on the seed documents of ENTITIES with the Trainer, circuitdyn's callback attached."""
-    from datasets import Dataset
+def lora_trainer(
+    base: Path, out: Path, data: Dataset | Sequence[Mapping[str, Any]], tok: PreTrainedTokenizerBase, epochs: int = 3
+) -> Trainer:
+    """A plain `transformers.Trainer` for LoRA (peft, rank 8 on q_proj and v_proj) on tokenized `data`, saving a
+    checkpoint every epoch: the Trainer of your own script, before circuitdyn's callback is added to it."""
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainingArguments,
-    )
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from circuitdyn.engine.settings import AttributionSettings
-    from circuitdyn.probes.probes import entity_documents, load_probes, select_entities
-    from circuitdyn.training.cpt import CPTConfig
-    from circuitdyn.training.trainer import ProbeCallback
-
-    tok = AutoTokenizer.from_pretrained(base)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    docs = entity_documents(select_entities(load_probes(None), ENTITIES))
-    data = Dataset.from_dict({"text": [docs[e] for e in ENTITIES] * 4})
-    data = data.map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True, remove_columns=["text"])
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base),
         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
@@ -88,13 +82,33 @@ def train(base: Path, out: Path, epochs: int = 3, stop: str | None = "patience:2
         disable_tqdm=True,
         seed=0,
     )
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=args,
         train_dataset=data,
         processing_class=tok,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
     )
+
+
+def train(
+    base: Path, out: Path, epochs: int = 3, stop: str | None = "patience:2", circuits: bool = True
+) -> ProbeCallback:
+    """LoRA-train `base` on the seed documents of ENTITIES with the Trainer, circuitdyn's callback attached."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from circuitdyn.engine.settings import AttributionSettings
+    from circuitdyn.probes.probes import entity_documents, load_probes, select_entities
+    from circuitdyn.training.cpt import CPTConfig
+    from circuitdyn.training.trainer import ProbeCallback
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    docs = entity_documents(select_entities(load_probes(None), ENTITIES))
+    data = Dataset.from_dict({"text": [docs[e] for e in ENTITIES] * 4})
+    data = data.map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True, remove_columns=["text"])
+    trainer = lora_trainer(base, out, data, tok, epochs)
     probing = CPTConfig(n_math=4, n_reasoning=0, max_new_tokens=8)  # the probing half of a CPT configuration
     callback = ProbeCallback(
         probing, entities=ENTITIES, circuits=circuits and AttributionSettings(steps=2), facts_per_entity=2, stop=stop

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from circuitdyn.testing import tiny_hf_model, tiny_run, tiny_tl_model, tiny_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -132,11 +134,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 _GIT_BEFORE = pytest.StashKey["dict[str, str] | None"]()
 _GIT_CHANGES = pytest.StashKey["list[str]"]()
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> "
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-)
-
 
 def load_script(path: Path, name: str | None = None) -> types.ModuleType:
     """A script of the repository (a benchmark, an example, the tutorial runner) imported as a module, registered
@@ -150,81 +147,12 @@ def load_script(path: Path, name: str | None = None) -> types.ModuleType:
     return module
 
 
-def seed_sentences(limit: int = 400) -> list[str]:
-    """Real text for the tiny tokenizer's vocabulary: the seed probes' questions, answers and chunks."""
-    from circuitdyn.probes.probes import DATA_DIR
-
-    data = json.loads((DATA_DIR / "validation_probes.json").read_text())
-    out: list[str] = []
-    for entity, groups in data.items():
-        out.append(entity)
-        for probes in groups.values():
-            if isinstance(probes, list):
-                for p in probes:
-                    if isinstance(p, dict):
-                        out += [str(p.get(k, "")) for k in ("question", "answer", "chunk")]
-        if len(out) >= limit:
-            break
-    return out
-
-
-def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
-    """A small byte-level BPE tokenizer trained on seed text, saved as an HF tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(seed_sentences(), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out_dir)
-    return out_dir
-
-
-def tiny_hf_config(arch: str, vocab_size: int):
-    """A 2-layer model config: `llama` has grouped-query attention (4 heads, 2 KV heads)."""
-    from transformers import GPT2Config, LlamaConfig
-
-    if arch == "llama":
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-    if arch == "gpt2":
-        return GPT2Config(
-            vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
-        )
-    raise ValueError(arch)
-
-
 def save_tiny_model(out_dir: Path, arch: str, tokenizer_dir: Path, seed: int) -> Path:
     """Save a randomly initialised tiny model (+ tokenizer files) as an HF folder."""
     import shutil
 
-    from transformers import AutoModelForCausalLM
-
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(arch, vocab), dtype=torch.float32)
-    model.save_pretrained(out_dir)
+    tiny_hf_model(vocab, seed, arch).save_pretrained(out_dir)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, out_dir / f.name)
     return out_dir
@@ -232,7 +160,7 @@ def save_tiny_model(out_dir: Path, arch: str, tokenizer_dir: Path, seed: int) ->
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -277,175 +205,14 @@ def smollm2_dir() -> Path:
     return default_model_dir()
 
 
-# --- tiny HookedTransformers for the attribution engine (built directly from a config, random weights) ---
-def tiny_tl_model(arch: str = "llama", seed: int = 0, n_layers: int = 2, d_vocab: int = 50):
-    """A random HookedTransformer: `llama` = RMSNorm, rotary, gated SiLU MLP, GQA (4 heads, 2 KV heads);
-    `gpt2` = LayerNorm, learned positions, GELU MLP. Biases and norm weights are randomized too."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    common = dict(
-        n_layers=n_layers,
-        d_model=32,
-        d_head=8,
-        n_heads=4,
-        n_ctx=64,
-        d_vocab=d_vocab,
-        seed=seed,
-        init_weights=True,
-        device="cpu",
-    )
-    if arch == "llama":
-        cfg = HookedTransformerConfig(
-            **common,
-            d_mlp=48,
-            act_fn="silu",
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            gated_mlp=True,
-            n_key_value_heads=2,
-            final_rms=True,
-            original_architecture="LlamaForCausalLM",
-        )
-    elif arch == "gpt2":
-        cfg = HookedTransformerConfig(
-            **common,
-            d_mlp=64,
-            act_fn="gelu_new",
-            normalization_type="LN",
-            positional_embedding_type="standard",
-            original_architecture="GPT2LMHeadModel",
-        )
-    else:
-        raise ValueError(arch)
-    model = HookedTransformer(cfg, move_to_device=False)
-    gen = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.split(".")[-1].startswith("b") or name.endswith(".w"):
-                base = 1.0 if name.endswith(".w") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-    model.eval()
-    return model
-
-
-def tiny_facts(n: int = 4, d_vocab: int = 50, seed: int = 0, noise_every: int = 2):
-    """Random FactPrompts of varied lengths (some entity-swap, some noise corruption, multi-token answers)."""
-    from circuitdyn.probes.probes import FactPrompt
-
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = 4 + (i * 3) % 5
-        clean = torch.randint(1, d_vocab, (length,), generator=gen).tolist()
-        answer = torch.randint(1, d_vocab, (1 + i % 3,), generator=gen).tolist()
-        contrast = int(torch.randint(1, d_vocab, (1,), generator=gen))
-        if noise_every and i % noise_every == 1:
-            out.append(
-                FactPrompt(
-                    f"f{i}",
-                    tuple(clean),
-                    tuple(clean),
-                    tuple(answer),
-                    "noise",
-                    noise_positions=(1, 2),
-                    contrast_token=contrast,
-                )
-            )
-        else:
-            corrupted = list(clean)
-            corrupted[1] = (corrupted[1] % (d_vocab - 1)) + 1
-            corrupted[2] = (corrupted[2] * 7 % (d_vocab - 1)) + 1
-            out.append(
-                FactPrompt(f"f{i}", tuple(clean), tuple(corrupted), tuple(answer), "entity", contrast_token=contrast)
-            )
-    return out
-
-
 @pytest.fixture(scope="session", params=["llama", "gpt2"])
 def tiny_tl(request):
     """Each tiny attribution model in turn (session-scoped: do not modify its weights)."""
     return tiny_tl_model(request.param)
 
 
-# --- two tiny models that recall the same facts, trained from different random initialisations ---
-PAIR_ENTITIES = (
-    ("tom-hanks", "Tom Hanks", "red", "Paris"),
-    ("ben-stiller", "Ben Stiller", "blue", "Rome"),
-    ("miles-davis", "Miles Davis", "green", "Oslo"),
-)
-"""Names whose mentions the tiny tokenizer splits into equally many tokens, so every fact has two swap partners."""
-PAIR_PROBES = [
-    {"id": f"{slug}/{kind}", "entity": name, "question": question.format(name=name), "answer": answer}
-    for slug, name, colour, city in PAIR_ENTITIES
-    for kind, question, answer in (
-        ("colour", "What is the favourite colour of {name}?", colour),
-        ("city", "In which city does {name} live?", city),
-    )
-]
-
-
-def train_to_recall(model, tokenizer, probes, seed: int, max_steps: int = 600) -> int:
-    """Train `model` on the probes' prompt + answer until every answer token is its greedy prediction and
-    the answer's log-prob exceeds -0.1 (teacher-forced); returns the steps taken (fails if never reached)."""
-    from circuitdyn.probes.probes import Probe, answer_text, prompt_text
-
-    torch.manual_seed(seed)
-    seqs, spans = [], []
-    for rec in probes:
-        p = Probe(**rec)
-        text = prompt_text(p, tokenizer, template="chat")
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer_text(text, p.answer), add_special_tokens=False)["input_ids"]
-        seqs.append(prompt_ids + answer_ids)
-        spans.append((len(prompt_ids), len(prompt_ids) + len(answer_ids)))
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-    labels = torch.full_like(ids, -100)
-    for i, (a, b) in enumerate(spans):
-        labels[i, a:b] = ids[i, a:b]
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(1, max_steps + 1):
-        logits = model(input_ids=ids).logits
-        logp = logits[:, :-1].log_softmax(-1)
-        target = labels[:, 1:]
-        mask = target != -100
-        token_logp = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0] * mask
-        loss = -(token_logp.sum() / mask.sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            greedy = (logits[:, :-1].argmax(-1) == target) | ~mask
-            if greedy.all() and bool((token_logp.sum(1) > -0.1).all()):
-                model.eval()
-                return step
-    raise AssertionError(f"the tiny model (seed {seed}) did not learn the probes in {max_steps} steps")
-
-
 @pytest.fixture(scope="session")
 def trained_pair_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
     """A run whose epoch 0 and epoch 1 are tiny Llamas trained from different random inits until both recall
     the same six facts (three entities, two parallel questions each); returns (run folder, probe file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from circuitdyn.runs.checkpoints import write_manifest
-
-    root = tmp_path_factory.mktemp("trained-pair")
-    probes = root / "probes.jsonl"
-    probes.write_text("".join(json.dumps(p) + "\n" for p in PAIR_PROBES))
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    run = root / "run"
-    for epoch, seed in ((0, 11), (1, 12)):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_hf_config("llama", vocab), dtype=torch.float32)
-        train_to_recall(model, tok, PAIR_PROBES, seed)
-        model.save_pretrained(run / f"epoch_{epoch}")
-        tok.save_pretrained(run / f"epoch_{epoch}")
-    write_manifest(
-        run,
-        base_model="tiny-llama (two inits)",
-        epochs=[{"epoch": e, "path": f"epoch_{e}", "step": e, "train_loss": None} for e in (0, 1)],
-    )
-    return run, probes
+    return tiny_run(tmp_path_factory.mktemp("trained-pair"), n_epochs=1, tokenizer_dir=tokenizer_dir)

@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 from attribution_reference import reference_scores
-from conftest import tiny_facts, tiny_tl_model
 
 from circuitdyn.engine import attribution as A
 from circuitdyn.engine import forward as Fw
@@ -16,6 +15,7 @@ from circuitdyn.engine.graph import Graph
 from circuitdyn.engine.settings import AttributionSettings as S
 from circuitdyn.engine.settings import Compute
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.testing import tiny_facts, tiny_tl_model
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,20 +145,9 @@ def test_bad_inputs(tiny_tl):
 
 
 def test_unsupported_architecture_is_refused():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=16,
-        n_ctx=8,
-        d_head=4,
-        n_heads=4,
-        d_vocab=10,
-        act_fn="gelu",
-        positional_embedding_type="alibi",
-    )
+    model = tiny_tl_model("gpt2", n_layers=1, positional_embedding_type="alibi")
     with pytest.raises(CircuitdynError, match="alibi"):
-        Fw.check_supported(HookedTransformer(cfg, move_to_device=False))
+        Fw.check_supported(model)
 
 
 def test_cli_extract_writes_and_skips(llama_run, tmp_path, capsys):

@@ -37,8 +37,9 @@ def _copy_model(src: Path, dst: Path) -> Path:
 
 def _save_variant(dst: Path, tokenizer_dir: Path, **changes: Any) -> Path:
     """A tiny random Llama whose config differs from the fixtures' by `changes` (e.g. hidden_size=48)."""
-    from conftest import tiny_hf_config
     from transformers import AutoModelForCausalLM
+
+    from circuitdyn.testing import tiny_hf_config
 
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     cfg = tiny_hf_config("llama", vocab)
@@ -61,10 +62,9 @@ def _edit_config(folder: Path, edit: Callable[[dict], None]) -> Path:
 @pytest.fixture(scope="module")
 def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: Path) -> dict[str, str]:
     """The hostile inputs, built once: corrupt models, mismatched models, bad probe files, blocked outputs."""
-    from conftest import PAIR_PROBES
-
     from circuitdyn.engine.circuits import CircuitSet
     from circuitdyn.engine.graph import Graph
+    from circuitdyn.testing import TINY_PROBES
 
     root = tmp_path_factory.mktemp("hostile")
     model = llama_run / "epoch_0"
@@ -106,14 +106,14 @@ def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: 
     h["manifest_no_epochs"] = no_epochs
 
     probes = root / "probes.jsonl"
-    probes.write_text("".join(json.dumps(p) + "\n" for p in PAIR_PROBES))
+    probes.write_text("".join(json.dumps(p) + "\n" for p in TINY_PROBES))
     h["probes"] = probes
     long = root / "long-probes.jsonl"
     long.write_text(
         "".join(
             json.dumps(p) + "\n"
             for p in [
-                *PAIR_PROBES,
+                *TINY_PROBES,
                 {"id": "tom-hanks/long", "entity": "Tom Hanks", "question": LONG_QUESTION, "answer": "Paris"},
             ]
         )
@@ -126,7 +126,7 @@ def H(tmp_path_factory: pytest.TempPathFactory, llama_run: Path, tokenizer_dir: 
     h["empty_probes"] = root / "empty.jsonl"
     h["empty_probes"].write_text("")
     h["dup_probes"] = root / "dup.jsonl"
-    h["dup_probes"].write_text((json.dumps(PAIR_PROBES[0]) + "\n") * 2)
+    h["dup_probes"].write_text((json.dumps(TINY_PROBES[0]) + "\n") * 2)
 
     h["gguf"] = root / "model.gguf"
     h["gguf"].write_bytes(os.urandom(2048))

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 from attribution_reference import reference_scores
-from conftest import load_script, tiny_facts, tiny_tl_model
+from conftest import load_script
 
 from circuitdyn.engine import attribution as A
 from circuitdyn.engine import forward as Fw
 from circuitdyn.engine.settings import DEFAULT_IG_GRID, IG_GRIDS
+from circuitdyn.testing import tiny_facts, tiny_tl_model
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

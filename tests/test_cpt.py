@@ -393,13 +393,13 @@ def test_adapter_saved_run_equals_the_merged_run(tiny_base: Path, tokenizer_dir:
     to the base, and everything downstream (probe results, models, circuits) equals the merged run's. The base
     ties its output embedding to the trained input embedding: stored once, and the tie survives the reload."""
     import torch
-    from conftest import tiny_hf_config
     from transformers import AutoModelForCausalLM
 
     from circuitdyn.engine.circuits import CircuitSet
     from circuitdyn.pipeline.extraction import extract_run
     from circuitdyn.probes.facts import load_facts
     from circuitdyn.runs.checkpoints import open_run
+    from circuitdyn.testing import tiny_hf_config
 
     tied = tmp_path / "tied-base"
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model, tiny_facts, tiny_tl_model
+from conftest import save_tiny_model
 
 from circuitdyn.cli import build_parser, main
 from circuitdyn.engine import attribution as A
@@ -23,6 +23,7 @@ from circuitdyn.engine.settings import AttributionSettings as S
 from circuitdyn.engine.settings import Compute
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.runs.checkpoints import open_run, resolve_device, resolve_dtype
+from circuitdyn.testing import tiny_facts, tiny_tl_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

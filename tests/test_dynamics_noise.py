@@ -5,8 +5,22 @@ models that recall the same facts but were trained from different random inits h
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from circuitdyn.cli import main
+
+
+def diff_json(
+    a: str, b: str, probes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *options: str
+) -> dict[str, Any]:
+    """`circuitdyn diff A B` on the probe file with 2 IG steps and `options`, circuits and viewer under tmp_path:
+    the JSON it prints (the command must succeed)."""
+    argv = ["diff", a, b, "--probes", str(probes), "--steps", "2", *options, "--json"]
+    assert main([*argv, "--circuits", str(tmp_path / "c"), "--out", str(tmp_path / "d.html")]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 def test_self_diff_is_within_noise_and_different_inits_are_not(trained_pair_run, capsys):
@@ -50,26 +64,7 @@ def test_a_copy_with_tiny_weight_noise_is_not_flagged(trained_pair_run, tmp_path
     g = torch.Generator().manual_seed(0)
     state = {k: v * (1 + 1e-4 * torch.randn(v.shape, generator=g)) for k, v in load_file(weights).items()}
     save_file(state, weights, metadata={"format": "pt"})
-    assert (
-        main(
-            [
-                "diff",
-                f"{run}:1",
-                str(copy),
-                "--probes",
-                str(probes),
-                "--steps",
-                "2",
-                "--json",
-                "--circuits",
-                str(tmp_path / "c"),
-                "--out",
-                str(tmp_path / "d.html"),
-            ]
-        )
-        == 0
-    )
-    d = json.loads(capsys.readouterr().out)
+    d = diff_json(f"{run}:1", str(copy), probes, tmp_path, capsys)
     assert d["summary"]["n_tested"] == 6 and d["n_changed_beyond_noise"] == 0
     assert d["summary"]["edge_jaccard"]["changed"] is False
     assert any(v["edge_jaccard"]["p_value"] < 1 for v in d["changes"].values())
@@ -79,29 +74,7 @@ def test_pruned_circuits_are_checked_on_a_corruption_they_were_not_pruned_on(tra
     """`pruned:` circuits are pruned and scored on one corruption: the diff also reports their faithfulness on
     the next swap partner (both numbers, per fact and summarised)."""
     run, probes = trained_pair_run
-    assert (
-        main(
-            [
-                "diff",
-                f"{run}:0",
-                f"{run}:1",
-                "--probes",
-                str(probes),
-                "--steps",
-                "2",
-                "--select",
-                "pruned:0.8",
-                "--no-noise",
-                "--json",
-                "--circuits",
-                str(tmp_path / "c"),
-                "--out",
-                str(tmp_path / "d.html"),
-            ]
-        )
-        == 0
-    )
-    d = json.loads(capsys.readouterr().out)
+    d = diff_json(f"{run}:0", f"{run}:1", probes, tmp_path, capsys, "--select", "pruned:0.8", "--no-noise")
     facts = [v for k, v in d["facts"].items() if not k.startswith("(")]
     assert all(v["faith_a"] is not None and v["faith_a"] >= 0.8 for v in facts)
     held = [v["faith_heldout_a"] for v in facts if v["faith_heldout_a"] is not None]
@@ -116,30 +89,7 @@ def test_question_family_draws_each_fact_its_own_swap_partner(trained_pair_run, 
     from circuitdyn.engine.circuits import circuit_files
 
     run, probes = trained_pair_run
-    assert (
-        main(
-            [
-                "diff",
-                f"{run}:0",
-                f"{run}:1",
-                "--probes",
-                str(probes),
-                "--steps",
-                "2",
-                "--family",
-                "question",
-                "--replicates",
-                "4",
-                "--json",
-                "--circuits",
-                str(tmp_path / "c"),
-                "--out",
-                str(tmp_path / "d.html"),
-            ]
-        )
-        == 0
-    )
-    d = json.loads(capsys.readouterr().out)
+    d = diff_json(f"{run}:0", f"{run}:1", probes, tmp_path, capsys, "--family", "question", "--replicates", "4")
     assert d["baseline"]["family"] == "question" and d["summary"]["change_test"]["family"] == "question"
     assert all(name.endswith(" q") for name in d["baseline"]["replicates"])
     hashes = {meta["probe_set_hash"] for path, meta in circuit_files(tmp_path / "c") if "shifted" in path.name}

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_facts
 
 from circuitdyn.engine import attribution as A
 from circuitdyn.engine import forward as Fw
@@ -19,6 +18,7 @@ from circuitdyn.engine.settings import AttributionSettings as S
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.pipeline.extraction import extract_circuits
 from circuitdyn.probes.facts import facts_hash
+from circuitdyn.testing import tiny_facts
 
 
 def test_full_graph_is_one_and_empty_is_zero(tiny_tl):

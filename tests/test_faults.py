@@ -26,12 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two probe files of the tiny tokenizer's entities: A (colour questions) and B (city questions)."""
-    from conftest import PAIR_PROBES
+    from circuitdyn.testing import TINY_PROBES
 
     root = tmp_path_factory.mktemp("fault-probes")
     a, b = root / "a.jsonl", root / "b.jsonl"
-    a.write_text("".join(json.dumps(p) + "\n" for p in PAIR_PROBES if p["id"].endswith("colour")))
-    b.write_text("".join(json.dumps(p) + "\n" for p in PAIR_PROBES if p["id"].endswith("city")))
+    a.write_text("".join(json.dumps(p) + "\n" for p in TINY_PROBES if p["id"].endswith("colour")))
+    b.write_text("".join(json.dumps(p) + "\n" for p in TINY_PROBES if p["id"].endswith("city")))
     return a, b
 
 

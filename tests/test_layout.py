@@ -1,11 +1,11 @@
 """The package's wings, and the one direction its imports flow (read from the source with `ast`, nothing imported).
 
 Wings, lowest first: the foundation (`errors`, `io`, `messages`, `progress`), `runs/`, `probes/`, `engine/`,
-`analysis/`, `pipeline/`, `training/`, `viz`, the front door (`api`, `demo`), `cli`. A module may import its own
-wing and the wings below it, never one above; `analysis/` never reaches a module that opens a model (`runs/checkpoints`,
-`runs/gguf`), not even through another module; and the imports have no cycle. Every import counts: at the top of
-a module, inside a function, under `TYPE_CHECKING` (which, running nothing, does not count for what `analysis/`
-reaches).
+`analysis/`, `pipeline/`, `training/`, `viz`, the front door (`api`, `demo`, `testing`), `cli`. A module may import
+its own wing and the wings below it, never one above; `analysis/` never reaches a module that opens a model
+(`runs/checkpoints`, `runs/gguf`), not even through another module; and the imports have no cycle. Every import
+counts: at the top of a module, inside a function, under `TYPE_CHECKING` (which, running nothing, does not count for
+what `analysis/` reaches).
 
 One exception, named in `HOOKS`: a result that presents itself (`CircuitDiff.figure`, `Timeline.text`,
 `CircuitSet.to_networkx`, ...) imports the module that draws or writes it inside that method, so that notebooks
@@ -28,6 +28,7 @@ TOP_LEVEL = {
     "circuitdyn.viz": "viz",
     "circuitdyn.api": "front",
     "circuitdyn.demo": "front",
+    "circuitdyn.testing": "front",
     "circuitdyn.cli": "cli",
 }
 OPENS_MODELS = {"circuitdyn.runs.checkpoints", "circuitdyn.runs.gguf"}

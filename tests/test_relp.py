@@ -12,7 +12,6 @@ import dataclasses
 import pytest
 import torch
 from attribution_reference import reference_scores
-from conftest import tiny_facts
 
 from circuitdyn.engine import attribution as A
 from circuitdyn.engine import forward as Fw
@@ -20,6 +19,7 @@ from circuitdyn.engine import patching as Pt
 from circuitdyn.engine.graph import Graph
 from circuitdyn.engine.settings import METHODS, check_method, grid_taken, steps_taken
 from circuitdyn.engine.settings import AttributionSettings as S
+from circuitdyn.testing import tiny_facts, tiny_tl_model
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,21 +72,7 @@ def test_relp_scores_shape_sign_and_determinism(tiny_tl):
 def test_relp_equals_eap_where_the_rules_change_nothing():
     """No norms, a ReLU MLP (act(x)/x is its derivative), one position (the pattern is 1 whatever q and k):
     every RelP rule is the gradient, so RelP is EAP, edge for edge."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        d_head=8,
-        n_heads=4,
-        n_ctx=16,
-        d_vocab=50,
-        d_mlp=48,
-        act_fn="relu",
-        normalization_type=None,
-        seed=2,
-    )
-    model = HookedTransformer(cfg, move_to_device=False)
+    model = tiny_tl_model("gpt2", seed=2, act_fn="relu", normalization_type=None)
     facts = [
         dataclasses.replace(
             f,
@@ -149,23 +135,9 @@ def test_relp_records_one_step_on_the_right_grid():
 
 
 def test_relp_refuses_layer_norm_activations():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     from circuitdyn.errors import CircuitdynError
 
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=16,
-        d_head=4,
-        n_heads=4,
-        n_ctx=16,
-        d_vocab=50,
-        d_mlp=32,
-        act_fn="solu_ln",
-        normalization_type="LN",
-        seed=0,
-    )
-    model = HookedTransformer(cfg, move_to_device=False)
+    model = tiny_tl_model("gpt2", n_layers=1, act_fn="solu_ln")
     with pytest.raises(CircuitdynError, match="RelP"):
         A.attribute_batch(model, Fw.make_batch(model, tiny_facts(1)), "relp")
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from attribution_reference import reference_scores
-from conftest import tiny_facts
 
 from circuitdyn.analysis.similarity import spearman
 from circuitdyn.engine import attribution as A
@@ -18,6 +17,7 @@ from circuitdyn.engine.circuits import circuit_filename
 from circuitdyn.engine.settings import IG_GRIDS, Compute, grid_taken
 from circuitdyn.engine.settings import AttributionSettings as S
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.testing import tiny_facts
 
 
 def test_ig_nodes():

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_facts
 
 from circuitdyn.engine import attribution as A
 from circuitdyn.engine.faithfulness import CircuitEvaluator, faithfulness
@@ -21,6 +20,7 @@ from circuitdyn.engine.selection import (
 )
 from circuitdyn.engine.settings import AttributionSettings as S
 from circuitdyn.errors import CircuitdynError
+from circuitdyn.testing import tiny_facts
 
 GRAPH = Graph(3, 4)
 NEEDED = [  # two input->logits paths: each fact's faithfulness depends on these edges only

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model, seed_sentences
+from conftest import save_tiny_model
 
 from circuitdyn.cli import main
 from circuitdyn.errors import CircuitdynError
 from circuitdyn.probes.probes import seed_data_dir
 from circuitdyn.runs.checkpoints import open_run, resolve
+from circuitdyn.testing import seed_sentences
 
 PROBES = str(seed_data_dir() / "validation_probes.json")
 

@@ -33,7 +33,7 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest
 # %% [markdown]
 # ## A tiny run
 #
-# `_tiny.py` (next to this notebook) trains a small BPE tokenizer on the packaged seed probes and writes the
+# `circuitdyn.testing.tiny_run` trains a small BPE tokenizer on the packaged seed probes and writes the
 # checkpoints with `circuitdyn.runs.checkpoints.write_manifest`. It also writes the probe file: one JSON object per
 # line with `id`, `entity`, `question` and `answer`.
 
@@ -41,9 +41,8 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest
 import tempfile
 from pathlib import Path
 
-from _tiny import tiny_run
-
 import circuitdyn as cd
+from circuitdyn.testing import tiny_run
 
 work = Path(tempfile.mkdtemp(prefix="circuitdyn-tutorial-"))
 run_dir, probes = tiny_run(work, n_epochs=2)

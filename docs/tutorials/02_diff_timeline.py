@@ -33,9 +33,8 @@ import torch
 
 torch.set_num_threads(1)
 
-from _tiny import tiny_run
-
 import circuitdyn as cd
+from circuitdyn.testing import tiny_run
 
 run_dir, probes = tiny_run(Path(tempfile.mkdtemp(prefix="circuitdyn-tutorial-")), n_epochs=2)
 run = cd.open_run(run_dir)

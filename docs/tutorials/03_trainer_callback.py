@@ -19,7 +19,7 @@
 # command.
 #
 # Here: a tiny random Llama with LoRA (peft) on the seed documents of two entities, three epochs, in seconds.
-# (`examples/trainer_callback.py` is the same as a script.)
+# (`examples/trainer_callback.py` is the same as a script; this notebook borrows its Trainer.)
 
 # %%
 import os
@@ -32,15 +32,15 @@ import torch
 
 torch.set_num_threads(1)
 
-from _tiny import tiny_llama, tiny_tokenizer
 from transformers import AutoTokenizer
 
 import circuitdyn as cd
+from circuitdyn.testing import tiny_hf_model, tiny_tokenizer
 
 work = Path(tempfile.mkdtemp(prefix="circuitdyn-tutorial-"))
 tok = AutoTokenizer.from_pretrained(tiny_tokenizer(work / "tokenizer"))
 base = work / "base"
-tiny_llama(len(tok), seed=0, hidden=64).save_pretrained(base)
+tiny_hf_model(len(tok), seed=0, hidden=64).save_pretrained(base)
 tok.save_pretrained(base)
 
 # %% [markdown]
@@ -59,42 +59,22 @@ len(train), docs["Patna"][:120]
 # %% [markdown]
 # ## The Trainer, with circuitdyn's callback
 #
+# `lora_trainer` (from `examples/trainer_callback.py`) is the Trainer of any LoRA script, nothing of circuitdyn
+# in it: peft on `q_proj` and `v_proj`, and `TrainingArguments` that save a checkpoint every epoch
+# (`save_strategy="epoch"`), which is when the callback probes and extracts circuits.
+#
 # `ProbeCallback` options used here: the entities to probe, 4 out-of-domain math probes (`n_math`, to watch
 # forgetting), short generations, circuits for 2 facts per entity with 2 EAP-IG steps, and the stopping rule
 # `patience:2` (stop when the number of learned entities has not improved for two saves; `circuitdyn.analysis.stopping`
 # lists the rules).
 
 # %%
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
-
 from circuitdyn.training.cpt import CPTConfig
 from circuitdyn.training.trainer import ProbeCallback
+from examples.trainer_callback import lora_trainer
 
 out = work / "trainer-run"
-model = get_peft_model(
-    AutoModelForCausalLM.from_pretrained(base),
-    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-)
-args = TrainingArguments(
-    output_dir=str(out),
-    num_train_epochs=3,
-    save_strategy="epoch",
-    logging_strategy="epoch",
-    per_device_train_batch_size=4,
-    learning_rate=5e-3,
-    report_to=[],
-    use_cpu=True,
-    disable_tqdm=True,
-    seed=0,
-)
-trainer = Trainer(
-    model=model,
-    args=args,
-    train_dataset=train,
-    processing_class=tok,
-    data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-)
+trainer = lora_trainer(base, out, train, tok, epochs=3)
 probing = CPTConfig(n_math=4, n_reasoning=0, max_new_tokens=8)  # the probing half of a CPT configuration
 callback = ProbeCallback(
     probing, entities=ENTITIES, circuits=cd.AttributionSettings(steps=2), facts_per_entity=2, stop="patience:2"
