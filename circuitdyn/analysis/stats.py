@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -98,22 +97,11 @@ class Estimate:
         return f"{self.value:.3f} [{self.lo:.3f}, {self.hi:.3f}] ({where}{dropped})"
 
 
-@lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
-    """The p quantile (p > 0.5) of Student's t with `df` degrees of freedom: bisection on its CDF, integrated
-    with Simpson's rule (no scipy dependency; accurate to ~1e-9)."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    """The p quantile of Student's t with `df` degrees of freedom (scipy.stats)."""
+    from scipy import stats
 
-    def cdf(x: float) -> float:
-        xs = np.linspace(0.0, x, 4001)
-        f = c * (1 + xs**2 / df) ** (-(df + 1) / 2)
-        return 0.5 + x / 12000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-
-    lo, hi = 0.0, 1e3
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
+    return float(stats.t.ppf(p, df))
 
 
 def _valid(values: Sequence[float] | np.ndarray, groups: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,19 +214,13 @@ def simulate_clustered(
 
 def wilson(hits: int, n: int, level: float = LEVEL) -> tuple[float, float]:
     """Wilson score interval of a proportion hits / n."""
-    z = math.sqrt(2) * _erfinv(level)
+    from scipy import stats
+
+    z = float(stats.norm.ppf(0.5 + level / 2))
     p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
-
-
-def _erfinv(y: float) -> float:
-    lo, hi = 0.0, 10.0
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
-    return (lo + hi) / 2
 
 
 def interval_coverage(
