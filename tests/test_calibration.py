@@ -198,3 +198,6 @@ def test_readme_quotes_the_stored_calibration():
     table = markdown_table(cal)
     assert table in (repo / "README.md").read_text()
     assert "| per-fact test fires under the null" in table and "coverage 8 entities (null effects): 0.934" in table
+    question = json.loads((repo / "examples" / "results" / "calibration_smollm2_question.json").read_text())
+    assert question["settings"]["family"] == "question"
+    assert markdown_table(question) in (repo / "docs" / "measuring-change.md").read_text()
