@@ -168,10 +168,11 @@ def curve(model: Any, facts: list[FactPrompt], n: int, seed: int) -> None:
 
     from circuitdyn.engine.faithfulness import faithfulness_curve
 
-    target = Selection.parse(SELECTION).value
+    sel = Selection.parse(SELECTION)
+    target = sel.value
     scores = attribute(model, facts, AttributionSettings(seed=seed), Compute(batch_size=B))
     ev = CircuitEvaluator(model, facts, seed=seed, batch_size=B)
-    found = Selection.parse(SELECTION).select(scores, ev.graph, ev.faithfulness)[0].sum(1).tolist()
+    found = sel.select(scores, ev.graph, ev.faithfulness)[0].sum(1).tolist()
     sizes = sorted({int(round(x)) for x in np.geomspace(50, ev.graph.n_edges, n)})
     df = faithfulness_curve(model, facts, scores, sizes, seed=seed, batch_size=B)
     print(f"{len(sizes)} sizes from {sizes[0]} to {sizes[-1]} (ratio {sizes[-1] / sizes[-2]:.3f} at the top)")
@@ -180,13 +181,13 @@ def curve(model: Any, facts: list[FactPrompt], n: int, seed: int) -> None:
         rows = df[df.fact_id == f.fact_id]
         reach = rows[rows.faithfulness >= target].n
         short = rows[rows.faithfulness < target].n
-        above = rows[rows.n >= k].faithfulness
-        stays += bool((above >= target).all())
+        stays_faithful = bool((rows[rows.n >= k].faithfulness >= target).all())
+        stays += stays_faithful
         print(
             f"{f.fact_id}: found {k}, first sampled >= {target}: {reach.min() if len(reach) else '-'}, "
             f"largest sampled < {target}: {short.max() if len(short) else '-'}, "
             f"range [{rows.faithfulness.min():.2f}, {rows.faithfulness.max():.2f}], "
-            f"all sampled sizes >= found reach it: {bool((above >= target).all())}"
+            f"all sampled sizes >= found reach it: {stays_faithful}"
         )
     print(f"facts_staying_faithful_above_found={stays} of {len(facts)}")
 
